@@ -1,0 +1,28 @@
+"""Full fine-tuning of the bundled jaxft-tiny on SST-2: every weight trains.
+
+  python -m jaxft.train --config=configs/full.py
+A few minutes on 2 CPU cores. The export is a Hugging Face LlamaForSequenceClassification directory.
+"""
+
+from jaxft.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.path = "jaxft-tiny"
+    c.method.name = "full"
+
+    # Data section.
+    c.data.name = "sst2"
+    c.data.seq_len = 64
+
+    # Training section.
+    c.train.steps = 600
+    c.train.batch_size = 32
+    c.train.log_every_steps = 50
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.warmup_steps = 30
+    c.optimizer.weight_decay = 0.01
+    c.eval.every_steps = 200
+    c.checkpoint.every_steps = 200
+    return c

@@ -1,0 +1,134 @@
+"""The shared defaults every config file starts from, and their validation.
+
+Config files (`configs/*.py`) call `base_config()` and change what their run needs; CLI overrides
+(`--config.train.steps=100`) apply on top. `validate` turns impossible values into one-line errors
+before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxft.errors import JaxftError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # Model section.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "jaxft-tiny"  # HF directory, bundled name, or hub name (online); "" = from `model.init`
+    c.model.init = ml_collections.ConfigDict()  # HF config.json keys of a model to build from scratch
+    c.model.tokenizer = ""  # default: the model directory
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    c.model.head = ""  # "", causal_lm or classification ("" = from the task)
+    c.model.scan_layers = True
+    c.model.remat = False
+
+    # Method section: which parameters train and how the model is hooked.
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "full"  # full | head | lora | ptuning_v2, or several joined by '+'
+    c.method.rank = 8
+    c.method.alpha = 16.0
+    c.method.dropout = 0.0
+    c.method.targets = "q_proj,v_proj"  # comma-separated module names, or a regex on the dotted path
+    c.method.rslora = False
+    c.method.num_virtual_tokens = 16
+    c.method.projection = False  # P-Tuning v2 reparameterisation MLP
+    c.method.projection_hidden = 512
+    c.method.prompt_dropout = 0.0
+    c.method.init_std = 1.0  # P-Tuning v2 prefix initialisation scale
+
+    # Data section.
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
+    c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
+    c.data.task = ""  # "", classification or causal_lm ("" = classification when labels exist)
+    c.data.text_field = ""
+    c.data.label_field = ""
+    c.data.seq_len = 64
+    c.data.max_train_examples = 0  # 0 = all
+    c.data.max_eval_examples = 0
+    c.data.synthetic_examples = 4096
+    c.data.synthetic_labels = 0  # >0: synthetic classification with this many classes
+
+    # Training section.
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 32  # global, across all processes
+    c.train.grad_accum = 1
+    c.train.seed = 0
+    c.train.log_every_steps = 50
+
+    # Optimizer section.
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = "cosine"  # cosine | linear | constant
+    c.optimizer.end_lr_fraction = 0.0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip = 1.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+
+    # Eval section.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = only at the end
+    c.eval.batch_size = 0  # 0 = train.batch_size
+
+    # Checkpoint section.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 2
+
+    # Export section: at the end, a HF model directory (methods that train base weights) or a HF PEFT
+    # adapter directory (methods that add parameters), so the result serves anywhere.
+    c.export = ml_collections.ConfigDict()
+    c.export.enabled = True
+    c.export.dir = ""  # "" = <workdir>/export
+
+    # Mesh section: sizes of the data, fsdp and tensor axes; -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.head": ("", "causal_lm", "classification"),
+    "data.task": ("", "causal_lm", "classification"),
+    "optimizer.schedule": ("cosine", "linear", "constant"),
+}
+POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps")
+NON_NEGATIVE = ("checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
+                "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples")
+
+
+def get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config) -> None:
+    for key, allowed in CHOICES.items():
+        if get(config, key) not in allowed:
+            raise JaxftError(f"{key}={get(config, key)!r}: expected one of {', '.join(map(repr, allowed))}")
+    for key in POSITIVE:
+        if int(get(config, key)) <= 0:
+            raise JaxftError(f"{key}={get(config, key)}: expected a positive integer")
+    for key in NON_NEGATIVE:
+        if int(get(config, key)) < 0:
+            raise JaxftError(f"{key}={get(config, key)}: expected zero or a positive integer")
+    if config.train.batch_size % config.train.grad_accum:
+        raise JaxftError(
+            f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={config.train.grad_accum}"
+        )
+    if not config.model.path and not config.model.init:
+        raise JaxftError("model.path is empty and model.init is not set: expected a model directory or HF config keys")
+    if float(config.optimizer.learning_rate) < 0:
+        raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")

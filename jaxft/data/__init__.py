@@ -1,0 +1,1 @@
+"""Data: sources (files, bundled sets, hub), tasks (tokenised fixed-shape arrays), the batch iterator."""

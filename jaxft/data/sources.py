@@ -1,0 +1,143 @@
+"""Where examples come from: bundled datasets, local files (jsonl/json/csv/tsv/parquet), the hub.
+
+Every record keeps its file and line, so a malformed one is reported as `file:line: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxft.errors import JaxftError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundled:
+    train: Path
+    eval: Path | None
+    text_field: str
+    label_field: str | None
+
+
+BUNDLED = {
+    "sst2": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", "label"),
+}
+FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+@dataclasses.dataclass
+class Records:
+    rows: list[dict]
+    where: list[str]  # "file:line" of each row, for error messages
+
+
+def read_file(path: str | Path) -> Records:
+    p = Path(path)
+    if not p.is_file():
+        raise JaxftError(f"data file {str(p)!r}: not found")
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise JaxftError(f"data file {str(p)!r}: unknown format {suffix!r} (expected one of {', '.join(FORMATS)})")
+    rows, where = [], []
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:
+            raise JaxftError(f"{p}: unreadable parquet file ({e})") from None
+        return Records(rows, [f"{p}:row {i + 1}" for i in range(len(rows))])
+    text = p.read_text(encoding="utf-8-sig")
+    if suffix in (".csv", ".tsv"):
+        reader = csv.reader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",",
+                            quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise JaxftError(f"{p}: empty file (expected a header line)") from None
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise JaxftError(
+                    f"{p}:{reader.line_num}: {len(fields)} fields, expected {len(header)} ({', '.join(header)})"
+                )
+            rows.append(dict(zip(header, fields)))
+            where.append(f"{p}:{reader.line_num}")
+        return Records(rows, where)
+    stripped = text.lstrip()
+    if suffix == ".json" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise JaxftError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise JaxftError(f"{p}: item {i}: expected a JSON object, got {type(row).__name__}")
+        return Records(data, [f"{p}:item {i}" for i in range(len(data))])
+    for n, line in enumerate(text.splitlines(), 1):  # JSON lines (also .json files written as lines)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JaxftError(f"{p}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise JaxftError(f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"{p}:{n}")
+    return Records(rows, where)
+
+
+def _hub(name: str, split: str) -> Records:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise JaxftError(f"data.name {name!r}: not bundled, not a local file, and the hub load failed ({e})") from None
+    return Records(list(ds), [f"{name}[{split}] row {i}" for i in range(len(ds))])
+
+
+def resolve(data_cfg) -> tuple[Records, Records | None, str, str | None]:
+    """-> (train records, eval records or None, text field, label field)."""
+    name = str(data_cfg.name)
+    text_field = data_cfg.get("text_field") or None
+    label_field = data_cfg.get("label_field") or None
+    if name in BUNDLED:
+        b = BUNDLED[name]
+        train, ev = read_file(b.train), read_file(b.eval) if b.eval else None
+        return train, ev, text_field or b.text_field, label_field or b.label_field
+    eval_name = data_cfg.get("eval_name") or ""
+    if Path(name).suffix.lower() in FORMATS or Path(name).exists():
+        train = read_file(name)
+        ev = read_file(eval_name) if eval_name else None
+    else:
+        train = _hub(name, "train")
+        ev = _hub(name, eval_name or "validation") if eval_name != "none" else None
+    return train, ev, text_field or "text", label_field or "label"
+
+
+def field(records: Records, i: int, name: str):
+    row = records.rows[i]
+    if name not in row or row[name] is None:
+        raise JaxftError(f"{records.where[i]}: missing field {name!r} (fields: {', '.join(map(str, row))})")
+    return row[name]
+
+
+def load_texts(name: str, text_field: str | None = None) -> list[str]:
+    if name in BUNDLED:
+        records, text_field = read_file(BUNDLED[name].train), text_field or BUNDLED[name].text_field
+    else:
+        records, text_field = read_file(name), text_field or "text"
+    texts = []
+    for i in range(len(records.rows)):
+        t = field(records, i, text_field)
+        if not isinstance(t, str):
+            raise JaxftError(f"{records.where[i]}: field {text_field!r} is {type(t).__name__}, expected text")
+        texts.append(t)
+    return texts

@@ -1,0 +1,282 @@
+"""Hugging Face checkpoint I/O: config.json + safetensors (single file or sharded) <-> our params.
+
+Weights are read with safetensors only (no pickle). Our parameter names mirror HF's module names,
+so the mapping is mechanical: drop the `model.` prefix, stack per-layer tensors along a leading
+`layers` axis when the model scans its layers, and store linear kernels as [in, out].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+from flax import traverse_util
+
+from jaxft.errors import JaxftError
+from jaxft.models.llama import LlamaConfig, LlamaModel
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_MODELS = {"jaxft-tiny": ASSETS / "jaxft-tiny"}
+SUPPORTED = ("llama", "qwen2", "mistral")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def resolve(path: str) -> Path:
+    """A bundled name, a local directory, or (when online) a hub name downloaded to the HF cache."""
+    if path in BUNDLED_MODELS:
+        return BUNDLED_MODELS[path]
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not p.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+            return Path(snapshot_download(path, allow_patterns=patterns))
+        except Exception as e:  # offline, unknown repo, gated, ...
+            raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({e})") from None
+    raise JaxftError(f"model.path {path!r}: no such directory (expected a HF model directory or 'jaxft-tiny')")
+
+
+def read_config(path: Path, **overrides) -> LlamaConfig:
+    """config.json of a HF directory (or the file itself) -> LlamaConfig."""
+    file = path if path.suffix == ".json" else path / "config.json"
+    try:
+        c = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise JaxftError(f"{file}: missing (expected a Hugging Face config.json)") from None
+    except json.JSONDecodeError as e:
+        raise JaxftError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return config_from_dict(c, str(file), **overrides)
+
+
+def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
+    """A HF config dict (as in config.json) -> LlamaConfig; unknown architectures are an error."""
+    mtype = c.get("model_type")
+    if mtype not in SUPPORTED:
+        raise JaxftError(f"{file}: model_type {mtype!r} is not supported (expected one of {', '.join(SUPPORTED)})")
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = {}
+    window = c.get("sliding_window")
+    if mtype == "qwen2":
+        window = window if c.get("use_sliding_window") else None
+        if window is not None:  # as transformers: layer_types, else sliding from max_window_layers on
+            n, first = c["num_hidden_layers"], c.get("max_window_layers", 28)
+            types = set(c.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)])
+            if types == {"full_attention"}:
+                window = None
+            elif types != {"sliding_attention"}:
+                raise JaxftError(f"{file}: Qwen2 with mixed sliding/full attention layers is not supported")
+    archs = c.get("architectures") or []
+    classify = any(a.endswith("ForSequenceClassification") for a in archs)
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in c]
+    if missing:
+        raise JaxftError(f"{file}: missing {', '.join(missing)}")
+    cfg = LlamaConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        head_dim=c.get("head_dim") or 0,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(rope.items())) or None,
+        max_position_embeddings=c.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=mtype == "qwen2" or bool(c.get("attention_bias", False)),
+        o_bias=mtype != "qwen2" and bool(c.get("attention_bias", False)),
+        mlp_bias=bool(c.get("mlp_bias", False)),
+        sliding_window=window,
+        model_type=mtype,
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_id=c.get("eos_token_id") if not isinstance(c.get("eos_token_id"), list) else c["eos_token_id"][0],
+        pad_token_id=c.get("pad_token_id"),
+        head="classification" if classify else "causal_lm",
+        num_labels=len(c.get("id2label") or {0: 0, 1: 1}),
+    )
+    return cfg.replace(**overrides)
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise JaxftError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors are read)")
+    out = {}
+    for name in files:
+        try:
+            with safe_open(str(path / name), framework="flax") as f:
+                for key in f.keys():
+                    out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        except (OSError, ValueError, Exception) as e:
+            if isinstance(e, JaxftError):
+                raise
+            raise JaxftError(f"{path / name}: unreadable safetensors file ({e})") from None
+    return out
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _from_hf_key(key: str):
+    """HF key -> (our path, layer index or None, transpose?). None for keys we do not use."""
+    if key == "model.embed_tokens.weight":
+        return ("embed_tokens",), None, False
+    if key == "model.norm.weight":
+        return ("norm", "weight"), None, False
+    if key in ("lm_head.weight", "score.weight"):
+        return (key.split(".")[0], "kernel"), None, True
+    m = _LAYER.fullmatch(key)
+    if not m:
+        return None
+    mods = tuple(m[2].split("."))
+    if m[3] == "bias":
+        return mods + ("bias",), int(m[1]), False
+    is_linear = mods[-1].endswith("_proj")
+    return mods + ("kernel" if is_linear else "weight",), int(m[1]), is_linear
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = "checkpoint") -> dict:
+    flat, layers = {}, {}
+    for key, value in tensors.items():
+        hit = _from_hf_key(key)
+        if hit is None:
+            continue
+        path, layer, transpose = hit
+        value = value.T if transpose else value
+        if layer is None:
+            flat[path] = value
+        else:
+            layers.setdefault(path, {})[layer] = value
+    for path, per_layer in layers.items():
+        missing = set(range(cfg.num_layers)) - set(per_layer)
+        if missing:
+            raise JaxftError(f"{where}: layer {min(missing)} has no {'.'.join(path)}")
+        if cfg.scan_layers:
+            flat[("layers",) + path] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
+        else:
+            for i in range(cfg.num_layers):
+                flat[(f"layers_{i}",) + path] = per_layer[i]
+    if cfg.tie_word_embeddings:
+        flat.pop(("lm_head", "kernel"), None)
+    return traverse_util.unflatten_dict(flat)
+
+
+def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value, dtype=np.float32)
+        if path[0] == "embed_tokens":
+            out["model.embed_tokens.weight"] = value
+        elif path[0] == "norm":
+            out["model.norm.weight"] = value
+        elif path[0] in ("lm_head", "score"):
+            out[f"{path[0]}.weight"] = value.T
+        elif path[0] == "layers" or path[0].startswith("layers_"):
+            per_layer = enumerate(value) if path[0] == "layers" else [(int(path[0][7:]), value)]
+            *mods, leaf = path[1:]
+            for i, v in per_layer:
+                name = "bias" if leaf == "bias" else "weight"
+                out[f"model.layers.{i}.{'.'.join(mods)}.{name}"] = v.T if leaf == "kernel" else v
+        else:
+            raise ValueError(f"no Hugging Face name for parameter {'/'.join(path)}")
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def hf_config_dict(cfg: LlamaConfig) -> dict:
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[cfg.model_type]
+    classify = cfg.head == "classification"
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope.update(dict(cfg.rope_scaling or {}))
+    c = {
+        "architectures": [f"{arch}{'ForSequenceClassification' if classify else 'ForCausalLM'}"],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": "float32",
+    }
+    if cfg.rope_scaling:
+        c["rope_scaling"] = rope
+    if cfg.model_type == "qwen2":
+        sliding = cfg.sliding_window is not None
+        c.update(
+            use_sliding_window=sliding,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=0 if sliding else cfg.num_layers,  # every layer slides, or none
+            layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
+        )
+    else:
+        c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+        if cfg.model_type == "mistral":
+            c["sliding_window"] = cfg.sliding_window
+    if classify:
+        c["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        c["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    return c
+
+
+def load(path: str, adapter: str | None = None, **overrides):
+    """Read a HF model directory -> (LlamaModel, params). `adapter`: a HF PEFT adapter directory.
+
+    `overrides` replace LlamaConfig fields (e.g. dtype="bfloat16", scan_layers=False).
+    """
+    root = resolve(str(path))
+    cfg = read_config(root, **overrides)
+    params = params_from_hf(_read_tensors(root), cfg, where=str(root))
+    model = LlamaModel(cfg)
+    if adapter is not None:
+        from jaxft.peft.hf_peft import load_adapter
+
+        model, params = load_adapter(model, params, adapter)
+    return model, params
+
+
+def save(model: LlamaModel, params: dict, out_dir: str, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write a directory that `transformers` loads (config.json + model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    from jaxft.peft.partition import base_params
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    tensors = params_to_hf(base_params(params), cfg)
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists() and src.resolve() != (out / name).resolve():
+                shutil.copy(src, out / name)
+    return out

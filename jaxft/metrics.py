@@ -1,0 +1,52 @@
+"""Metric sinks: TensorBoard event files (no TensorFlow needed) and metrics.jsonl, process 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+
+
+class MetricWriter:
+    def __init__(self, workdir: str | Path):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._tb = EventFileWriter(str(Path(workdir) / "tensorboard"))
+        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: dict[str, float]):
+        if not self.enabled:
+            return
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def flush(self):
+        if self.enabled:
+            self._tb.flush()
+            self._jsonl.flush()
+
+    def close(self):
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def summarize(sums: dict[str, float], prefix: str, perplexity: bool) -> dict[str, float]:
+    """Summed loss/correct/count -> mean loss, accuracy and (for token losses) perplexity."""
+    import math
+
+    count = max(sums["count"], 1.0)
+    loss = sums["loss_sum"] / count
+    out = {f"{prefix}/loss": loss, f"{prefix}/accuracy": sums["correct"] / count}
+    if perplexity:
+        out[f"{prefix}/perplexity"] = math.exp(min(loss, 50.0))
+    return out

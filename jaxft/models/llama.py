@@ -1,0 +1,182 @@
+"""The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Mistral.
+
+Differences between the variants are data in `LlamaConfig` (q/k/v bias, explicit head_dim, rope
+scaling, tied embeddings, sliding window), not subclasses. Module names follow Hugging Face
+(`self_attn.q_proj`, `mlp.gate_proj`, ...) so checkpoint and PEFT keys map one to one.
+
+Methods hook in at named points: every `Linear` (see `layers.py`) and `prefix`, which returns
+per-layer key/value prefixes (P-Tuning v2) that attention prepends to its keys and values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxft.models.layers import Linear, RMSNorm, apply_rope, attention, param_with_axes, rope_inv_freq
+
+HEADS = ("causal_lm", "classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None  # sorted (key, value) pairs of HF's rope parameters
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    # What jaxft adds on top of the architecture:
+    head: str = "causal_lm"
+    num_labels: int = 2
+    dtype: str = "float32"  # compute dtype; parameters stay fp32 (master weights)
+    scan_layers: bool = True
+    remat: bool = False
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    hooks: Sequence[Any] = ()
+
+    @nn.compact
+    def __call__(self, x, mask, positions, prefix):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+        b, t, _ = x.shape
+        proj = lambda n, f, ax, bias: Linear(f, ax, bias, dt, self.hooks, name=n)  # noqa: E731
+        q = proj("q_proj", h * d, ("embed", "heads"), cfg.qkv_bias)(x).reshape(b, t, h, d)
+        k = proj("k_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
+        v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
+        inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if prefix is not None:  # learned keys/values, no rotary: they are not at a position
+            k = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
+            v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
+        out = attention(q, k, v, mask, dt)
+        return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)(out)
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+    hooks: Sequence[Any] = ()
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        proj = lambda n, f, ax: Linear(f, ax, cfg.mlp_bias, dt, self.hooks, name=n)  # noqa: E731
+        gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+    hooks: Sequence[Any] = ()
+
+    @nn.compact
+    def __call__(self, h, mask, positions, prefix):
+        cfg = self.cfg
+        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(h)
+        h = h + Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(h)
+        h = h + MLP(cfg, self.hooks, name="mlp")(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+        return h, None
+
+
+def causal_mask(mask, num_prefix: int, sliding_window: int | None):
+    """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window; prefixes always visible."""
+    t = mask.shape[1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = j <= i
+    if sliding_window:
+        allowed &= i - j < sliding_window
+    full = allowed[None] & mask[:, None, :].astype(bool)
+    if num_prefix:
+        full = jnp.concatenate([jnp.ones((mask.shape[0], t, num_prefix), bool), full], axis=-1)
+    return full
+
+
+class LlamaModel(nn.Module):
+    """`apply({"params": p}, input_ids, attention_mask)` -> logits [B, T, V] or [B, num_labels]."""
+
+    cfg: LlamaConfig
+    hooks: Sequence[Any] = ()
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        embed = param_with_axes(
+            self, "embed_tokens", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
+        )
+        h = jnp.take(embed, input_ids, axis=0).astype(dt)
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+
+        prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]
+        prefix = None
+        if prefixes:  # each: (keys, values) of shape [layers, B, P, KV, D]
+            prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
+        num_prefix = prefix[0].shape[2] if prefix is not None else 0
+        mask = causal_mask(attention_mask, num_prefix, cfg.sliding_window)
+
+        layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else DecoderLayer
+        if cfg.scan_layers:
+            stack = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            h, _ = stack(cfg, self.hooks, name="layers")(h, mask, position_ids, prefix)
+        else:
+            for i in range(cfg.num_layers):
+                p = None if prefix is None else (prefix[0][i], prefix[1][i])
+                h, _ = layer(cfg, self.hooks, name=f"layers_{i}")(h, mask, position_ids, p)
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="norm")(h)
+
+        if cfg.head == "classification":
+            last = h.shape[1] - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)  # last real token
+            pooled = h[jnp.arange(h.shape[0]), last]
+            return Linear(cfg.num_labels, ("embed", None), False, dt, self.hooks, name="score")(pooled).astype(
+                jnp.float32
+            )
+        if cfg.tie_word_embeddings:
+            logits = jnp.dot(h, embed.astype(dt).T)
+        else:
+            logits = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, name="lm_head")(h)
+        return logits.astype(jnp.float32)

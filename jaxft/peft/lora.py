@@ -1,0 +1,67 @@
+"""LoRA (Hu et al. 2021) and rsLoRA (Kalajdzievski 2023) as a hook on named linear layers.
+
+y = W x + scale * B(A x), never materialising W + BA (as in levanter). A is Kaiming-uniform like
+PEFT's default, B starts at zero so training starts from the base model exactly.
+scale = alpha / rank, or alpha / sqrt(rank) with rsLoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxft.models.layers import param_with_axes
+
+
+def parse_targets(targets: str):
+    """'q_proj,v_proj' -> module names matched exactly; anything else is a regex on the dotted path."""
+    targets = targets.strip()
+    if re.fullmatch(r"[\w\s,]+", targets):
+        names = frozenset(t.strip() for t in targets.split(",") if t.strip())
+        return lambda path: path.split(".")[-1] in names
+    rx = re.compile(targets)
+    return lambda path: rx.fullmatch(path) is not None
+
+
+def dropout(module: nn.Module, x, rate: float):
+    """Inverted dropout, active only when the caller passed a 'dropout' rng (training)."""
+    if rate <= 0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def module_path(module: nn.Module) -> str:
+    """Dotted path of a module in the model, without the scan's per-layer index (`layers_3` -> `layers`)."""
+    return ".".join(module.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraHook:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "q_proj,v_proj"
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def linear(self, module, x, y, kernel):
+        if not parse_targets(self.targets)(module_path(module)):
+            return y
+        d_in, d_out = kernel.shape[-2], kernel.shape[-1]
+        init_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        a = param_with_axes(module, "lora_a", init_a, (d_in, self.rank), (module.axes[0], None))
+        b = param_with_axes(module, "lora_b", nn.initializers.zeros, (self.rank, d_out), (None, module.axes[1]))
+        h = dropout(module, x, self.dropout).astype(y.dtype)
+        return y + (h @ a.astype(y.dtype) @ b.astype(y.dtype)) * self.scale
+
+    def prefix(self, model, batch_size):
+        return None

@@ -1,0 +1,70 @@
+"""P-Tuning v2 (Liu et al. 2022): deep prompts, learned key/value prefixes at every layer.
+
+The prefix is laid out as PEFT's prefix encoder does, [tokens, layers, 2, kv_heads, head_dim]
+flattened, so an export maps one to one. With `projection` the prefix is reparameterised by an MLP
+(embedding -> tanh -> layers*2*kv_width), as in the paper's reparameterisation option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxft.models.layers import param_with_axes
+from jaxft.peft.lora import dropout
+
+
+class PrefixEncoder(nn.Module):
+    num_tokens: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int  # embedding width when projecting
+    projection: bool
+    projection_hidden: int
+    dropout: float
+    init_std: float
+
+    @nn.compact
+    def __call__(self, batch_size: int):
+        width = self.num_layers * 2 * self.kv_heads * self.head_dim
+        if self.projection:
+            e = param_with_axes(self, "embedding", nn.initializers.normal(1.0), (self.num_tokens, self.hidden), (None, None))
+            h = nn.Dense(self.projection_hidden, name="transform_0")(e)
+            p = nn.Dense(width, name="transform_2")(jnp.tanh(h))
+        else:
+            init = nn.initializers.normal(self.init_std)
+            p = param_with_axes(self, "embedding", init, (self.num_tokens, width), (None, None))
+        p = dropout(self, p, self.dropout)
+        p = p.reshape(self.num_tokens, self.num_layers, 2, self.kv_heads, self.head_dim).transpose(1, 2, 0, 3, 4)
+        p = jnp.broadcast_to(p[:, :, None], (self.num_layers, 2, batch_size) + p.shape[2:])
+        return p[:, 0], p[:, 1]  # keys, values: [layers, B, P, KV, D]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixHook:
+    num_virtual_tokens: int = 16
+    projection: bool = False
+    projection_hidden: int = 512
+    dropout: float = 0.0
+    init_std: float = 1.0
+
+    def linear(self, module, x, y, kernel):
+        return y
+
+    def prefix(self, model, batch_size):
+        cfg = model.cfg
+        return PrefixEncoder(
+            self.num_virtual_tokens,
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.dim_per_head,
+            cfg.hidden_size,
+            self.projection,
+            self.projection_hidden,
+            self.dropout,
+            self.init_std,
+            name="prefix_encoder",
+        )(batch_size)

@@ -1,0 +1,142 @@
+"""The jitted train and eval steps, and what they need: state, optimizer, losses.
+
+The step differentiates with respect to the trainable tree only; the frozen tree enters as a plain
+input, so no gradient or optimizer buffer ever exists for a frozen base. Nothing here knows which
+PEFT method is running.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxft.peft.partition import merge
+
+# Parameters that take no weight decay: norms, biases, prefixes and embeddings of prompts.
+NO_DECAY = ("norm", "bias", "layernorm", "prefix_encoder")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any  # the trainable leaves only
+    opt_state: Any
+    rng: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer section.
+
+
+def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    lr, warmup = float(opt_cfg.learning_rate), int(opt_cfg.warmup_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    end = lr * float(opt_cfg.get("end_lr_fraction", 0.0))
+    if opt_cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
+    elif opt_cfg.schedule == "linear":
+        decay = optax.linear_schedule(lr, end, decay_steps)
+    else:  # constant
+        decay = optax.constant_schedule(lr)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(opt_cfg, total_steps)
+
+    def decay_mask(params):
+        def keep(path, _):
+            names = [str(getattr(k, "key", k)).lower() for k in path]
+            return not any(n in NO_DECAY or n.endswith("layernorm") for n in names) and names[-1] != "embed_tokens"
+
+        return jax.tree_util.tree_map_with_path(keep, params)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(opt_cfg.grad_clip)) if opt_cfg.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                    weight_decay=float(opt_cfg.weight_decay), mask=decay_mask),
+    )
+    return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: sums and counts, so micro-batches and devices add up exactly.
+
+
+def classification_loss(logits, batch):
+    w = batch["weight"]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(nll * w), "count": jnp.sum(w), "correct": jnp.sum(correct * w)}
+
+
+def causal_lm_loss(logits, batch):
+    mask = batch["attention_mask"][:, 1:] * batch.get("loss_mask", batch["attention_mask"])[:, 1:]
+    w = mask.astype(jnp.float32) * batch["weight"][:, None]
+    targets = batch["input_ids"][:, 1:]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(nll * w), "count": jnp.sum(w), "correct": jnp.sum(correct * w)}
+
+
+LOSSES: dict[str, Callable] = {"classification": classification_loss, "causal_lm": causal_lm_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# Primary training / eval step functions.
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int):
+    loss_fn_of_head = LOSSES[model.cfg.head]
+
+    def forward(trainable, frozen, batch, rng):
+        logits = model.apply(
+            {"params": merge(trainable, frozen)}, batch["input_ids"], batch["attention_mask"], rngs={"dropout": rng}
+        )
+        sums = loss_fn_of_head(logits, batch)
+        return sums["loss_sum"], sums
+
+    def train_step(state: TrainState, frozen, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+        grad_fn = jax.grad(forward, has_aux=True)
+
+        def accumulate(carry, xs):
+            grads, sums = carry
+            mb, i = xs
+            g, s = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, i))
+            return (jax.tree_util.tree_map(jnp.add, grads, g), jax.tree_util.tree_map(jnp.add, sums, s)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        zero_sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum)))
+        count = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / count, grads)  # mean over every token/example
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums["loss_sum"] / count,
+            "accuracy": sums["correct"] / count,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+    return train_step
+
+
+def make_eval_step(model):
+    loss_fn_of_head = LOSSES[model.cfg.head]
+
+    def eval_step(trainable, frozen, batch):
+        logits = model.apply({"params": merge(trainable, frozen)}, batch["input_ids"], batch["attention_mask"])
+        return loss_fn_of_head(logits, batch)
+
+    return eval_step

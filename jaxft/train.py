@@ -1,0 +1,391 @@
+"""Train and evaluate: `python -m jaxft.train --config=configs/NAME.py [--config.KEY=VALUE] [--workdir=DIR]`.
+
+Running the same command again resumes from the newest checkpoint in the workdir. SIGTERM
+(preemption) saves a checkpoint and exits cleanly. Bad input stops with a one-line error before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and exports go (default: runs/<config>).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def log(*args):
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: model, data, parameters.
+
+
+@dataclasses.dataclass
+class Data:
+    train: dict
+    eval: dict | None
+    task: str
+    labels: list | None
+    tokenizer: object | None
+
+
+def load_model_config(config):
+    """-> (LlamaConfig, base parameters or None, tokenizer path or None)."""
+    from jaxft import hf
+
+    if config.model.path:
+        root = hf.resolve(config.model.path)
+        cfg = hf.read_config(root)
+        return cfg, root, config.model.tokenizer or str(root)
+    return hf.config_from_dict(config.model.init.to_dict(), "model.init"), None, config.model.tokenizer or None
+
+
+def load_data(config, cfg, tokenizer_path) -> Data:
+    from jaxft.data import sources, tasks
+    from jaxft.errors import JaxftError
+    from jaxft.tokenizer import Tokenizer
+
+    d, seq_len = config.data, config.data.seq_len
+    if d.name == "synthetic":
+        n_labels = int(d.synthetic_labels)
+        make = lambda n, s: tasks.synthetic(n, seq_len, cfg.vocab_size, s, n_labels)  # noqa: E731
+        train = make(int(d.synthetic_examples), config.train.seed)
+        ev = make(max(int(d.synthetic_examples) // 8, config.train.batch_size), config.train.seed + 1)
+        return Data(train, ev, "classification" if n_labels else "causal_lm", list(range(n_labels)) or None, None)
+    if not tokenizer_path:
+        raise JaxftError("model.tokenizer is empty: a model built from model.init needs a tokenizer for real data")
+    tok = Tokenizer(tokenizer_path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise JaxftError(f"tokenizer {tokenizer_path}: {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
+    train_rec, eval_rec, text_field, label_field = sources.resolve(d)
+    if d.max_train_examples:
+        train_rec = sources.Records(train_rec.rows[: d.max_train_examples], train_rec.where[: d.max_train_examples])
+    if eval_rec is not None and d.max_eval_examples:
+        eval_rec = sources.Records(eval_rec.rows[: d.max_eval_examples], eval_rec.where[: d.max_eval_examples])
+    if not train_rec.rows:
+        raise JaxftError(f"data.name={d.name!r}: no training examples")
+    task = d.task or ("classification" if label_field in train_rec.rows[0] else "causal_lm")
+    if task == "classification":
+        labels = tasks.label_vocab(train_rec, label_field)
+        train, cut = tasks.classification(train_rec, tok, seq_len, text_field, label_field, labels)
+        ev = tasks.classification(eval_rec, tok, seq_len, text_field, label_field, labels)[0] if eval_rec else None
+        if cut:
+            log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
+        return Data(train, ev, task, labels, tok)
+    train = tasks.causal_lm(train_rec, tok, seq_len, text_field)[0]
+    ev = tasks.causal_lm(eval_rec, tok, seq_len, text_field)[0] if eval_rec else None
+    return Data(train, ev, task, None, tok)
+
+
+def init_params(model, base_root, mesh, seed: int):
+    """Random init of everything (sharded), then the base checkpoint's weights where they fit."""
+    import flax.linen as nn
+
+    from jaxft import hf, sharding
+    from jaxft.errors import JaxftError
+    from jaxft.peft.partition import ADDED_PARAMS, flat, unflat
+
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    abstract = jax.eval_shape(lambda r: model.init(r, dummy), jax.random.PRNGKey(0))["params"]
+    shardings = sharding.param_shardings(abstract, mesh)
+    init = jax.jit(lambda r: nn.unbox(model.init(r, dummy)["params"]), out_shardings=shardings)
+    params = init(jax.random.PRNGKey(seed))
+    if base_root is None:
+        return params, shardings
+    loaded = flat(hf.params_from_hf(hf._read_tensors(base_root), model.cfg, where=str(base_root)))
+    target, shard_flat = flat(params), flat(shardings)
+    for path in target:
+        if path in loaded:
+            value = loaded[path]
+            if value.shape != target[path].shape:
+                raise JaxftError(f"{base_root}: {path} has shape {value.shape}, the model expects {target[path].shape}")
+            target[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
+        elif not ADDED_PARAMS.search(path) and not path.startswith(("score/", "lm_head/")):
+            raise JaxftError(f"{base_root}: no weight for {path} in the checkpoint")
+    return unflat(target), shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop.
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop saves and exits at the next step boundary (all processes agree)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+
+def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool) -> dict:
+    from jaxft import sharding
+    from jaxft.data.iterator import eval_batches
+    from jaxft.metrics import summarize
+
+    totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    rows = sharding.local_rows(mesh, batch_size)
+    for local in eval_batches(arrays, batch_size, rows):
+        out = jax.device_get(eval_step(state.params, frozen, sharding.to_global(mesh, local, batch_size)))
+        totals = {k: totals[k] + float(out[k]) for k in totals}
+    return summarize(totals, "eval", perplexity)
+
+
+def gather(tree):
+    """Host numpy copies of (possibly multi-host sharded) arrays."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def export(config, workdir, model, method, trainable, frozen, tokenizer_path):
+    from jaxft import hf
+    from jaxft.peft import hf_peft
+    from jaxft.peft.partition import added_params, merge
+
+    trainable = gather(trainable)
+    if jax.process_index() != 0:
+        return None
+    out = Path(config.export.dir or Path(workdir) / "export")
+    params = merge(trainable, frozen)
+    if added_params(params):  # PEFT: adapter-only weights
+        return hf_peft.save_adapter(model, method, trainable, out, base=config.model.path)
+    return hf.save(model, jax.device_get(params), str(out), tokenizer_dir=tokenizer_path)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """The one entry point: build everything from `config`, train, evaluate, checkpoint, export."""
+    from tqdm import tqdm
+
+    from jaxft import sharding
+    from jaxft.checkpoint import Checkpoints
+    from jaxft.config import validate
+    from jaxft.data.iterator import Batches
+    from jaxft.errors import JaxftError
+    from jaxft.metrics import MetricWriter
+    from jaxft.models.llama import LlamaModel
+    from jaxft.peft import build
+    from jaxft.peft.partition import count, split
+    from jaxft.step import TrainState, make_eval_step, make_optimizer, make_train_step
+
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, accum = config.train.batch_size, config.train.grad_accum
+    eval_batch = config.eval.batch_size or batch
+    if (batch // accum) % shards or eval_batch % shards:
+        raise JaxftError(
+            f"train.batch_size={batch} (per micro-batch {batch // accum}) and eval batch {eval_batch} must be "
+            f"divisible by the {shards} data-parallel shards of mesh {dict(mesh.shape)}"
+        )
+
+    cfg, base_root, tokenizer_path = load_model_config(config)
+    data = load_data(config, cfg, tokenizer_path)
+    head = config.model.head or data.task
+    if head != data.task:
+        raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
+    cfg = cfg.replace(
+        head=head,
+        num_labels=len(data.labels) if data.labels else cfg.num_labels,
+        dtype=config.model.dtype,
+        scan_layers=config.model.scan_layers,
+        remat=config.model.remat,
+        pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
+    )
+    method = build(config.method, cfg)
+    model = LlamaModel(cfg, hooks=method.hooks)
+
+    params, shardings = init_params(model, base_root, mesh, config.train.seed)
+    trainable, frozen = split(params, method.trainable)
+    del params
+    n_train, n_total = count(trainable), count(trainable) + count(frozen)
+    log(
+        f"model: {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size} head={cfg.head} | method: {method.name} | "
+        f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%) | "
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)"
+    )
+    if n_train == 0:
+        raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
+
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=trainable,
+        opt_state=jax.jit(tx.init)(trainable),
+        rng=jax.random.PRNGKey(config.train.seed),
+    )
+    state = jax.device_put(state, jax.tree_util.tree_map(lambda x: x.sharding, state))
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+    # Only now, with every input checked, does the run write anything.
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoints(workdir, config.checkpoint.every_steps or config.train.steps, config.checkpoint.keep)
+    meta = {"method": method.name, "trainable": sorted(jax.tree_util.tree_leaves(jax.tree_util.tree_map_with_path(
+        lambda p, _: jax.tree_util.keystr(p), trainable)))}
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        state, saved_meta = ckpt.restore(latest, abstract)
+        if saved_meta.get("trainable") != meta["trainable"]:
+            raise JaxftError(f"{ckpt.directory}: checkpoint trains other parameters than method {method.name!r}")
+        start = int(saved_meta["data_position"])
+        log(f"resuming from step {latest} in {ckpt.directory}")
+
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, accum),
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+    )
+    eval_step = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
+    batches = Batches(data.train, batch, config.train.seed)
+    rows = sharding.local_rows(mesh, batch)
+    writer = MetricWriter(workdir)
+    perplexity = cfg.head == "causal_lm"
+    preemption = Preemption()
+    eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
+
+    def run_eval(step):
+        if data.eval is None:
+            return {}
+        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity)
+        writer.write(step, metrics)
+        writer.flush()
+        return metrics
+
+    total = config.train.steps
+    bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    t_start = time.time()
+    t_log, tokens, compiled = time.time(), 0.0, None
+    last = {}
+    eval_metrics = {}
+    step = start
+    for step in range(start, total):
+        local = batches.local(step, rows)
+        state, metrics = train_step(state, frozen, sharding.to_global(mesh, local, batch))
+        if compiled is None:
+            compiled = train_step._cache_size()
+            log(f"compiled the train step in {time.time() - t_start:.1f}s (batch {batch} x {config.data.seq_len})")
+            t_log = time.time()
+        elif train_step._cache_size() != compiled:
+            compiled = train_step._cache_size()
+            log(f"warning: the train step recompiled at step {step} (a shape or dtype changed)")
+        tokens += float(local["attention_mask"].sum()) * jax.process_count()
+        done = step + 1
+        if done % log_every == 0 or done == total:
+            m = jax.device_get(metrics)
+            now = time.time()
+            last = {f"train/{k}": float(m[k]) for k in ("loss", "accuracy", "grad_norm", "learning_rate")}
+            last["train/tokens_per_second"] = tokens / max(now - t_log, 1e-9)
+            t_log, tokens = now, 0.0
+            writer.write(done, last)
+            writer.flush()
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}", refresh=False)
+        if eval_every and done % eval_every == 0 and done != total:
+            eval_metrics = run_eval(done)
+            log(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+        bar.update(1)
+        ckpt.save(done, state, {**meta, "data_position": done})
+        if preemption.agreed():
+            ckpt.save(done, state, {**meta, "data_position": done}, force=True)
+            ckpt.close()
+            bar.close()
+            log(f"preempted (SIGTERM): saved step {done} to {ckpt.directory}; run the same command to resume")
+            writer.close()
+            return {"preempted_at": done}
+    bar.close()
+    if start < total:
+        ckpt.save(total, state, {**meta, "data_position": total}, force=True)
+    eval_metrics = run_eval(total)
+    ckpt.close()
+    writer.close()
+    exported = None
+    if config.export.enabled:
+        exported = export(config, workdir, model, method, state.params, frozen, tokenizer_path)
+    summary = {**last, **eval_metrics, "steps": total, "seconds": time.time() - t_start}
+    log(
+        f"done: {method.name} on {config.data.name}, {total} steps in {summary['seconds']:.0f}s | "
+        + " ".join(f"{k}={v:.4f}" for k, v in {**last, **eval_metrics}.items() if not k.endswith("per_second"))
+        + (f" | exported to {exported}" if exported else "")
+    )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def init_distributed():
+    """Explicit flags, else auto-detection on TPU pods and SLURM; a single process otherwise."""
+    explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise SystemExit("error: --coordinator_address, --num_processes and --process_id go together")
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    from jaxft.errors import JaxftError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config=configs/NAME.py is required")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    init_distributed()
+    workdir = FLAGS.workdir or str(Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
+    try:
+        train_and_evaluate(FLAGS.config, workdir)
+    except JaxftError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run():
+    try:
+        app.run(main)
+    except Exception as e:  # config file errors raised while absl parses flags
+        from jaxft.errors import JaxftError
+
+        if isinstance(e, JaxftError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    run()

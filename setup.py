@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxft",
+    version="0.1.0",
+    description="Fine-tuning language models in JAX/Flax: full, head, LoRA, P-Tuning v2, sharded and resumable.",
+    packages=find_packages(include=["jaxft", "jaxft.*"]),
+    package_data={"jaxft": ["assets/**/*", "assets/*/*", "assets/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "ml-collections>=0.1.1",
+        "absl-py",
+        "tensorboard>=2.15",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        # torch is pinned: on the project's machines 2.13.0 is a local CPU wheel.
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13"],
+    },
+)

@@ -1,0 +1,414 @@
+"""Oracle tests: our Llama-family model and HF checkpoint I/O against transformers' PyTorch models.
+
+Every reference is a tiny randomly initialised transformers model written with `save_pretrained`
+to a pytest tmp_path; no hub access. Weights are re-randomised (larger std than HF's default, norm
+weights away from 1, biases non-zero) so that a wrong mapping, rope or mask cannot pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jaxft.hf as hf  # noqa: E402
+from jaxft.errors import JaxftError  # noqa: E402
+from jaxft.models.layers import rope_inv_freq  # noqa: E402
+
+TOL = 1e-5  # max abs error / max abs reference, fp32
+VOCAB = 128
+
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.2,  # non-uniform attention, so rope and masks matter
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # small, so scaling changes the frequencies we use
+}
+
+# name -> (transformers config class name, config kwargs)
+VARIANTS = {
+    "llama2_mha": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama2_bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
+    "llama3_rope_gqa": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=dict(LLAMA3_ROPE))),
+    "llama_mqa_tied": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen2_bias_gqa": (
+        "Qwen2Config",
+        dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
+    "qwen2_tied_sliding": (
+        "Qwen2Config",
+        dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=0),
+    ),
+    "mistral_head_dim": ("MistralConfig", dict(head_dim=24, num_key_value_heads=2, sliding_window=None)),
+    "mistral_sliding_mqa": ("MistralConfig", dict(head_dim=8, num_key_value_heads=1, sliding_window=6)),
+}
+CAUSAL = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "MistralConfig": "MistralForCausalLM"}
+
+
+def _config(cls_name: str, **kw):
+    return getattr(transformers, cls_name)(**{**BASE, **kw})
+
+
+def _randomise(model, seed: int):
+    """Norm weights around 1 (not 1), biases non-zero; other weights keep the config's init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def build_hf(tmp_path, config, model_cls: str, seed: int = 0, sub: str = "hf", **save_kw):
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_cls)(config).eval()
+    _randomise(model, seed + 1)
+    d = tmp_path / sub
+    model.save_pretrained(d, **save_kw)
+    return model, d
+
+
+def hf_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def ids(batch: int, length: int, seed: int = 0, low: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, VOCAB, size=(batch, length)).astype(np.int32)
+
+
+def torch_logits(model, input_ids, mask=None, position_ids=None) -> np.ndarray:
+    kw = {}
+    if mask is not None:
+        kw["attention_mask"] = torch.tensor(np.asarray(mask), dtype=torch.long)
+    if position_ids is not None:
+        kw["position_ids"] = torch.tensor(np.asarray(position_ids), dtype=torch.long)
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(input_ids), dtype=torch.long), **kw).logits.float().numpy()
+
+
+def our_logits(model, params, input_ids, mask=None) -> np.ndarray:
+    input_ids = jnp.asarray(input_ids)
+    mask = jnp.ones_like(input_ids) if mask is None else jnp.asarray(mask)
+    return np.asarray(model.apply({"params": params}, input_ids, attention_mask=mask))
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert np.all(np.isfinite(ours))
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. logits, per variant
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(tmp_path, variant):
+    cls_name, kw = VARIANTS[variant]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+    cfg = model.cfg
+    assert cfg.model_type == ref_model.config.model_type
+    assert cfg.head == "causal_lm"
+    assert cfg.num_kv_heads == ref_model.config.num_key_value_heads
+    assert cfg.dim_per_head == hf_head_dim(ref_model.config)
+    assert cfg.tie_word_embeddings == bool(kw.get("tie_word_embeddings", False))
+    assert ("lm_head" in params) != cfg.tie_word_embeddings
+
+    x = ids(2, 40, seed=1)
+    ref = torch_logits(ref_model, x)
+    ours = our_logits(model, params, x)
+    assert ours.shape == (2, 40, VOCAB)
+    assert ours.dtype == np.float32
+    assert rel_err(ours, ref) <= TOL
+
+
+def test_llama3_rope_scaling_changes_logits_and_matches_hf_frequencies(tmp_path):
+    """The llama3 variant's test is meaningful: scaling changes the frequencies and the logits."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cls_name, kw = VARIANTS["llama3_rope_gqa"]
+    config = _config(cls_name, **kw)
+    ref_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ref_model, d = build_hf(tmp_path, config, CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+    assert model.cfg.rope_theta == LLAMA3_ROPE["rope_theta"]
+    ours_inv = np.asarray(rope_inv_freq(model.cfg.dim_per_head, model.cfg.rope_theta, model.cfg.rope_scaling))
+    np.testing.assert_allclose(ours_inv, ref_inv.numpy(), rtol=1e-6)
+    plain = np.asarray(rope_inv_freq(model.cfg.dim_per_head, model.cfg.rope_theta, None))
+    assert np.max(np.abs(plain - ours_inv) / plain) > 0.5  # scaling really moves the frequencies
+
+    x = ids(2, 40, seed=2)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(our_logits(model, params, x), ref) <= TOL
+    unscaled = model.clone(cfg=model.cfg.replace(rope_scaling=None))
+    assert rel_err(our_logits(unscaled, params, x), ref) > 1e-3
+
+
+def test_mistral_sliding_window_matters(tmp_path):
+    """The sliding-window variant would fail if our model ignored the window."""
+    cls_name, kw = VARIANTS["mistral_sliding_mqa"]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+    assert model.cfg.sliding_window == 6
+    x = ids(1, 24, seed=3)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(our_logits(model, params, x), ref) <= TOL
+    full = model.clone(cfg=model.cfg.replace(sliding_window=None))
+    assert rel_err(our_logits(full, params, x), ref) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. left padding
+
+
+@pytest.mark.parametrize("variant", ["llama3_rope_gqa", "qwen2_bias_gqa"])
+def test_left_padded_batch(tmp_path, variant):
+    cls_name, kw = VARIANTS[variant]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+
+    x = ids(3, 24, seed=4)
+    mask = np.ones_like(x)
+    mask[1, :7] = 0
+    mask[2, :15] = 0
+    x = np.where(mask == 1, x, 0).astype(np.int32)
+    pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    ref = torch_logits(ref_model, x, mask, pos)
+    ours = our_logits(model, params, x, mask)
+    real = mask == 1
+    assert rel_err(ours[real], ref[real]) <= TOL
+
+    # Each padded row equals the same tokens run alone, unpadded.
+    for row in (1, 2):
+        alone = our_logits(model, params, x[row : row + 1, real[row]])
+        assert rel_err(ours[row][real[row]], alone[0]) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. sequence classification
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_sequence_classification_right_padded(tmp_path, scan):
+    pad = 0
+    config = _config("LlamaConfig", num_key_value_heads=2, num_labels=3, pad_token_id=pad)
+    ref_model, d = build_hf(tmp_path, config, "LlamaForSequenceClassification")
+    model, params = hf.load(str(d), scan_layers=scan)
+    assert model.cfg.head == "classification"
+    assert model.cfg.num_labels == 3
+    assert model.cfg.pad_token_id == pad
+    assert "lm_head" not in params and "score" in params
+
+    x = ids(4, 16, seed=5)  # ids >= 3: no pad token among the real ones
+    lengths = [16, 11, 5, 1]
+    mask = (np.arange(16)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
+    x = np.where(mask == 1, x, pad).astype(np.int32)
+    ref = torch_logits(ref_model, x, mask)
+    ours = our_logits(model, params, x, mask)
+    assert ours.shape == (4, 3)
+    assert rel_err(ours, ref) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. unscanned layers
+
+
+@pytest.mark.parametrize("variant", ["llama2_bias", "qwen2_bias_gqa", "mistral_head_dim"])
+def test_scan_layers_false_matches_scanned(tmp_path, variant):
+    cls_name, kw = VARIANTS[variant]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    scanned, p_scan = hf.load(str(d))
+    loop, p_loop = hf.load(str(d), scan_layers=False)
+    assert scanned.cfg.scan_layers and not loop.cfg.scan_layers
+    assert "layers" in p_scan and "layers_0" in p_loop and "layers_1" in p_loop and "layers" not in p_loop
+    x = ids(2, 20, seed=6)
+    a, b = our_logits(scanned, p_scan, x), our_logits(loop, p_loop, x)
+    assert rel_err(b, a) <= TOL  # same maths; only XLA's fusion differs (observed ~1e-6)
+    assert rel_err(b, torch_logits(ref_model, x)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. sharded checkpoints
+
+
+def test_sharded_checkpoint(tmp_path):
+    cls_name, kw = VARIANTS["qwen2_bias_gqa"]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name], max_shard_size="20KB")
+    index = d / "model.safetensors.index.json"
+    assert index.exists() and not (d / "model.safetensors").exists()
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert len(shards) > 1
+    model, params = hf.load(str(d))
+    x = ids(2, 20, seed=7)
+    assert rel_err(our_logits(model, params, x), torch_logits(ref_model, x)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. save round trip
+
+
+@pytest.mark.parametrize(
+    "variant,scan",
+    [
+        ("llama2_bias", True),
+        ("llama3_rope_gqa", True),
+        ("llama_mqa_tied", False),
+        ("qwen2_bias_gqa", True),
+        ("qwen2_tied_sliding", False),
+        ("mistral_head_dim", True),
+        ("mistral_sliding_mqa", True),
+    ],
+)
+def test_save_round_trip(tmp_path, variant, scan):
+    cls_name, kw = VARIANTS[variant]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d), scan_layers=scan)
+    out = hf.save(model, params, str(tmp_path / "saved"))
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), output_loading_info=True, attn_implementation="eager"
+    )
+    reloaded.eval()
+    assert type(reloaded).__name__ == type(ref_model).__name__
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    rc, oc = reloaded.config, ref_model.config
+    assert hf_head_dim(rc) == hf_head_dim(oc) and rc.num_key_value_heads == oc.num_key_value_heads
+    assert rc.tie_word_embeddings == oc.tie_word_embeddings
+    assert getattr(rc, "sliding_window", None) == getattr(oc, "sliding_window", None)
+    assert rc.rope_parameters == oc.rope_parameters
+
+    x = ids(2, 30, seed=8)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(torch_logits(reloaded, x), ref) <= TOL
+    # ... and we read our own output back.
+    again, p_again = hf.load(str(out))
+    assert rel_err(our_logits(again, p_again, x), ref) <= TOL
+
+
+def test_save_round_trip_classification(tmp_path):
+    config = _config("Qwen2Config", num_labels=3, pad_token_id=0)
+    ref_model, d = build_hf(tmp_path, config, "Qwen2ForSequenceClassification")
+    model, params = hf.load(str(d))
+    out = hf.save(model, params, str(tmp_path / "saved"))
+    reloaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(out), output_loading_info=True, attn_implementation="eager"
+    )
+    reloaded.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert reloaded.config.num_labels == 3 and reloaded.config.pad_token_id == 0
+    x = ids(2, 12, seed=9)
+    mask = np.ones_like(x)
+    mask[1, 8:] = 0
+    x = np.where(mask == 1, x, 0).astype(np.int32)
+    ref = torch_logits(ref_model, x, mask)
+    assert rel_err(torch_logits(reloaded, x, mask), ref) <= TOL
+    assert rel_err(our_logits(model, params, x, mask), ref) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. bf16 compute
+
+
+def test_bf16_compute_close_to_fp32(tmp_path):
+    cls_name, kw = VARIANTS["llama3_rope_gqa"]
+    # HF's default init (std 0.02): bf16 error grows with activation scale, for torch as for us.
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw, initializer_range=0.02), CAUSAL[cls_name])
+    m32, p32 = hf.load(str(d))
+    m16, p16 = hf.load(str(d), dtype="bfloat16")
+    assert m16.cfg.compute_dtype == jnp.bfloat16 and m16.cfg.dtype == "bfloat16"
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(p16))  # master weights
+    x = ids(2, 24, seed=10)
+    ours16 = our_logits(m16, p16, x)
+    assert ours16.dtype == np.float32  # logits are returned in fp32
+    ours32 = our_logits(m32, p32, x)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(ours32, ref) <= TOL
+    err = rel_err(ours16, ours32)
+    assert 0 < err <= 5e-2  # > 0: bf16 compute really happened
+    # No worse than transformers' own bf16 model (observed: about equal), with margin.
+    torch16 = copy.deepcopy(ref_model).to(torch.bfloat16)
+    assert err <= 3 * rel_err(torch_logits(torch16, x), ref)
+    # Gradients with respect to the fp32 parameters are fp32 too.
+    grads = jax.grad(lambda p: m16.apply({"params": p}, jnp.asarray(x)).sum())(p16)
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. errors
+
+
+def test_unsupported_model_type(tmp_path):
+    d = tmp_path / "neox"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 64}))
+    with pytest.raises(JaxftError) as e:
+        hf.load(str(d))
+    msg = str(e.value)
+    assert str(d / "config.json") in msg
+    assert "gpt_neox" in msg
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(JaxftError) as e:
+        hf.load(str(tmp_path / "does-not-exist"))
+    assert "does-not-exist" in str(e.value)
+
+
+@pytest.mark.parametrize("max_window_layers", [0, 1, 2])
+def test_qwen2_sliding_config_without_layer_types(tmp_path, max_window_layers):
+    """Older Qwen2 configs carry no layer_types: read max_window_layers as transformers does."""
+    c = {
+        **BASE,
+        "model_type": "qwen2",
+        "use_sliding_window": True,
+        "sliding_window": 5,
+        "max_window_layers": max_window_layers,
+    }
+    c.pop("initializer_range")
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    hf_types = set(transformers.Qwen2Config(**{k: v for k, v in c.items() if k != "model_type"}).layer_types)
+    if hf_types == {"sliding_attention", "full_attention"}:
+        with pytest.raises(JaxftError, match="mixed"):
+            hf.read_config(tmp_path)
+    else:
+        expected = 5 if hf_types == {"sliding_attention"} else None
+        assert hf.read_config(tmp_path).sliding_window == expected
+
+
+def test_dir_without_config_or_weights(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(JaxftError, match="config.json"):
+        hf.load(str(empty))
+    config = _config("LlamaConfig")
+    config.save_pretrained(empty)
+    with pytest.raises(JaxftError, match="safetensors"):
+        hf.load(str(empty))
