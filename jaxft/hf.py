@@ -69,7 +69,8 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
         window = window if c.get("use_sliding_window") else None
         if window is not None:  # as transformers: layer_types, else sliding from max_window_layers on
             n, first = c["num_hidden_layers"], c.get("max_window_layers", 28)
-            types = set(c.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)])
+            default = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+            types = set(c.get("layer_types") or default)
             if types == {"full_attention"}:
                 window = None
             elif types != {"sliding_attention"}:

@@ -61,22 +61,30 @@ def train_sentencepiece(texts, out_dir: str | Path, vocab_size: int) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=0.9995,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        num_threads=1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=0.9995,
+            # No NFKC and no whitespace folding, as in Llama's own model and in what transformers'
+            # LlamaTokenizer (no normalizer) does: text round-trips and the HF tokenizer gives the same ids.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # vocab_size too small for the characters or too large for the data, no text
+        reason = str(e).strip().splitlines()[-1]
+        raise JaxftError(f"sentencepiece training (vocab_size={vocab_size}): {reason}") from None
     (out / "tokenizer.model").write_bytes(model.getvalue())
     config = {
         "tokenizer_class": "LlamaTokenizer",

@@ -236,14 +236,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=trainable,
-        opt_state=jax.jit(tx.init)(trainable),
-        rng=jax.random.PRNGKey(config.train.seed),
+    replicated = sharding.replicated(mesh)
+    step0, rng0 = jax.jit(
+        lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(config.train.seed)), out_shardings=replicated
+    )()
+    state = TrainState(step=step0, params=trainable, opt_state=jax.jit(tx.init)(trainable), rng=rng0)
+    # Optimizer buffers follow their parameters; anything else (counters) is replicated on the mesh.
+    state_shardings = jax.tree_util.tree_map(
+        lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else replicated, state
     )
-    state = jax.device_put(state, jax.tree_util.tree_map(lambda x: x.sharding, state))
-    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    state = jax.jit(lambda s: s, out_shardings=state_shardings)(state)
 
     # Only now, with every input checked, does the run write anything.
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -265,9 +267,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step = jax.jit(
         make_train_step(model, tx, schedule, accum),
         donate_argnums=(0,),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        out_shardings=(state_shardings, replicated),
     )
-    eval_step = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
+    eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
     batches = Batches(data.train, batch, config.train.seed)
     rows = sharding.local_rows(mesh, batch)
     writer = MetricWriter(workdir)

@@ -195,6 +195,12 @@ for (( i = 0; i < num_processes; i++ )); do
     tee_pid=$!
   fi
 
+  # With setsid each process runs in its own session, so a Ctrl-C on the
+  # terminal reaches only this script, which forwards it once (see on_signal).
+  # setsid keeps the pid, as the subshell is not a process group leader.
+  if command -v setsid >/dev/null; then
+    cmd=(setsid "${cmd[@]}")
+  fi
   # Background commands of a script ignore SIGINT; `trap - INT` undoes that
   # so that a forwarded Ctrl-C reaches Python as KeyboardInterrupt.
   ( trap - INT TERM; exec "${cmd[@]}" ) >>"$output" 2>&1 </dev/null &

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -51,23 +52,35 @@ def read_file(path: str | Path) -> Records:
         except Exception as e:
             raise JaxftError(f"{p}: unreadable parquet file ({e})") from None
         return Records(rows, [f"{p}:row {i + 1}" for i in range(len(rows))])
-    text = p.read_text(encoding="utf-8-sig")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise JaxftError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text did
     if suffix in (".csv", ".tsv"):
-        reader = csv.reader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",",
+        # Lines split on "\n" only (not str.splitlines, which also splits on U+2028, \x1c, ... inside
+        # fields), and with their ends kept, so a quoted CSV field keeps its newlines.
+        reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",",
                             quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
         try:
             header = next(reader)
+            while True:
+                start = reader.line_num + 1  # a quoted field may span lines: report where the row starts
+                fields = next(reader, None)
+                if fields is None:
+                    break
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise JaxftError(f"{p}:{start}: {len(fields)} fields, expected {len(header)} ({', '.join(header)})")
+                rows.append(dict(zip(header, fields)))
+                where.append(f"{p}:{start}")
         except StopIteration:
             raise JaxftError(f"{p}: empty file (expected a header line)") from None
-        for fields in reader:
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise JaxftError(
-                    f"{p}:{reader.line_num}: {len(fields)} fields, expected {len(header)} ({', '.join(header)})"
-                )
-            rows.append(dict(zip(header, fields)))
-            where.append(f"{p}:{reader.line_num}")
+        except csv.Error as e:
+            raise JaxftError(f"{p}:{reader.line_num}: {e}") from None
         return Records(rows, where)
     stripped = text.lstrip()
     if suffix == ".json" and stripped.startswith("["):
@@ -79,7 +92,7 @@ def read_file(path: str | Path) -> Records:
             if not isinstance(row, dict):
                 raise JaxftError(f"{p}: item {i}: expected a JSON object, got {type(row).__name__}")
         return Records(data, [f"{p}:item {i}" for i in range(len(data))])
-    for n, line in enumerate(text.splitlines(), 1):  # JSON lines (also .json files written as lines)
+    for n, line in enumerate(text.split("\n"), 1):  # JSON lines (also .json files written as lines)
         if not line.strip():
             continue
         try:

@@ -7,6 +7,8 @@ Every array set carries `weight` (1 for a real example) so padded eval batches c
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from jaxft.data.sources import Records, field
@@ -20,13 +22,16 @@ def _text(records: Records, i: int, name: str) -> str:
     return t
 
 
+def _label(v):
+    """Integer-like strings ("0", " 1", "-2") are integers; ASCII digits only, so int() cannot fail."""
+    return int(v) if isinstance(v, str) and re.fullmatch(r"\s*-?[0-9]+\s*", v) else v
+
+
 def label_vocab(records: Records, label_field: str) -> list:
     """Sorted distinct labels; integers 0..C-1 keep their meaning."""
     values = []
     for i in range(len(records.rows)):
-        v = field(records, i, label_field)
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            v = int(v)
+        v = _label(field(records, i, label_field))
         if not isinstance(v, (int, str)) or isinstance(v, bool):
             raise JaxftError(f"{records.where[i]}: label {v!r} is {type(v).__name__}, expected an integer or a string")
         values.append(v)
@@ -50,8 +55,7 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
             toks = toks[: seq_len - 1] + [tok.eos_id]
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
-        v = field(records, i, label_field)
-        v = int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v
+        v = _label(field(records, i, label_field))
         if v not in index:
             raise JaxftError(f"{records.where[i]}: label {v!r} is not one of the training labels {labels}")
         y[i] = index[v]
@@ -65,7 +69,8 @@ def causal_lm(records: Records, tok, seq_len: int, text_field: str):
         stream += [tok.bos_id] + tok.encode(_text(records, i, text_field)) + [tok.eos_id]
     n = len(stream) // seq_len
     if n == 0:
-        raise JaxftError(f"{records.where[0].split(':')[0]}: {len(stream)} tokens, fewer than one block of {seq_len}")
+        source = records.where[0].split(":")[0] if records.where else "data"  # no records at all: no where[0]
+        raise JaxftError(f"{source}: {len(stream)} tokens, fewer than one block of {seq_len}")
     ids = np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "weight": np.ones((n,), np.float32)}, 0
 

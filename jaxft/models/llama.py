@@ -137,8 +137,6 @@ class LlamaModel(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        if position_ids is None:
-            position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
         embed = param_with_axes(
             self, "embed_tokens", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
         )
@@ -151,6 +149,8 @@ class LlamaModel(nn.Module):
             prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
         num_prefix = prefix[0].shape[2] if prefix is not None else 0
         mask = causal_mask(attention_mask, num_prefix, cfg.sliding_window)
+        if position_ids is None:  # real tokens count from 0 after the prefix, as they do after a KV cache
+            position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0) + num_prefix
 
         layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else DecoderLayer
         if cfg.scan_layers:

@@ -1,0 +1,475 @@
+"""Data: file formats and their error messages, label vocabularies, tokenised task arrays, batch order.
+
+The tokenizer is a small SentencePiece model trained once per session on synthetic English and
+Chinese sentences; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from jaxft.config import base_config
+from jaxft.data import iterator, sources, tasks
+from jaxft.data.sources import Records, read_file
+from jaxft.errors import JaxftError
+from jaxft.tokenizer import Tokenizer, train_sentencepiece
+
+EN = "the a movie film is was very good bad funny boring story actor charming , . it 's not and of".split()
+ZH = "我们今天电影很好看不喜欢"  # few distinct characters: vocab_size=300 must hold them next to 256 bytes
+
+
+def synthetic_texts(n=400, seed=0):
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n // 2):
+        texts.append(" ".join(rng.choice(EN) for _ in range(rng.randint(3, 12))))
+        texts.append("".join(rng.choice(ZH) for _ in range(rng.randint(4, 12))))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    d = train_sentencepiece(synthetic_texts(), tmp_path_factory.mktemp("tok"), vocab_size=300)
+    return Tokenizer(d)
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def records(rows, name="mem.jsonl"):
+    return Records(list(rows), [f"{name}:{i + 1}" for i in range(len(rows))])
+
+
+def raises(match_parts, fn, *args, **kwargs):
+    """fn raises JaxftError and every part (file name, line number, value) is in its message."""
+    with pytest.raises(JaxftError) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value)
+    for part in match_parts:
+        assert str(part) in msg, f"{part!r} not in {msg!r}"
+    return msg
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading each format
+
+
+def test_jsonl_rows_and_lines(tmp_path):
+    p = write(tmp_path / "d.jsonl", '{"text": "hello", "label": 1}\n\n{"text": "你好，世界", "label": 0}\n')
+    r = read_file(p)
+    assert r.rows == [{"text": "hello", "label": 1}, {"text": "你好，世界", "label": 0}]
+    assert r.where == [f"{p}:1", f"{p}:3"]  # the blank line still counts
+
+
+def test_json_array(tmp_path):
+    rows = [{"text": "a, b", "label": "pos"}, {"text": "中文", "label": "neg"}]
+    p = write(tmp_path / "d.json", "\n  " + json.dumps(rows, ensure_ascii=False, indent=2))
+    r = read_file(p)
+    assert r.rows == rows
+    assert r.where == [f"{p}:item 0", f"{p}:item 1"]  # an array has no per-record line: the item names it
+
+
+def test_json_file_with_json_lines(tmp_path):
+    p = write(tmp_path / "d.json", '{"text": "one"}\n{"text": "二"}\n')
+    r = read_file(p)
+    assert r.rows == [{"text": "one"}, {"text": "二"}]
+    assert r.where == [f"{p}:1", f"{p}:2"]
+
+
+def test_csv_quotes_chinese_and_bom(tmp_path):
+    text = 'text,label\n"hello, world",1\n"他说：""好""，然后走了",0\nplain,1\n'
+    p = write(tmp_path / "d.csv", "\ufeff" + text)  # Excel writes a BOM: the header must not keep it
+    r = read_file(p)
+    assert list(r.rows[0]) == ["text", "label"]
+    assert [row["text"] for row in r.rows] == ["hello, world", '他说："好"，然后走了', "plain"]
+    assert [row["label"] for row in r.rows] == ["1", "0", "1"]
+    assert r.where == [f"{p}:2", f"{p}:3", f"{p}:4"]
+
+
+def test_csv_crlf_and_newline_inside_quotes(tmp_path):
+    p = write(tmp_path / "d.csv", 'text,label\r\n"line one\r\nline two",1\r\nnext,0\r\n')
+    r = read_file(p)
+    assert [row["text"] for row in r.rows] == ["line one\nline two", "next"]
+    assert r.where == [f"{p}:2", f"{p}:4"]  # a record is named by the line it starts on
+
+
+def test_tsv_keeps_quotes_literally(tmp_path):
+    p = write(tmp_path / "d.tsv", 'sentence\tlabel\nhe said "hi" , then left\t1\n"quoted whole"\t0\n" lone\t1\n')
+    r = read_file(p)
+    assert [row["sentence"] for row in r.rows] == ['he said "hi" , then left', '"quoted whole"', '" lone']
+    assert [row["label"] for row in r.rows] == ["1", "0", "1"]
+    assert r.where == [f"{p}:2", f"{p}:3", f"{p}:4"]
+
+
+def test_unicode_line_separators_inside_text_are_text(tmp_path):
+    # str.splitlines would split on these; they are ordinary characters inside a record.
+    odd = "a\u2028b\u2029c\x1cd\x85e\x0bf\x0cg"
+    p = write(tmp_path / "d.jsonl", json.dumps({"text": odd}, ensure_ascii=False) + "\n" + '{"text": "x"}\n')
+    r = read_file(p)
+    assert [row["text"] for row in r.rows] == [odd, "x"]
+    assert r.where == [f"{p}:1", f"{p}:2"]
+    p = write(tmp_path / "d.tsv", f"sentence\tlabel\n{odd}\t1\n")
+    assert read_file(p).rows == [{"sentence": odd, "label": "1"}]
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["good film", "很好看", "bad"], "label": [1, 1, 0]}), p)
+    r = read_file(p)
+    assert r.rows == [{"text": "good film", "label": 1}, {"text": "很好看", "label": 1}, {"text": "bad", "label": 0}]
+    assert r.where == [f"{p}:row 1", f"{p}:row 2", f"{p}:row 3"]
+
+
+def test_extension_is_case_insensitive(tmp_path):
+    p = write(tmp_path / "D.JSONL", '{"text": "x"}\n')
+    assert read_file(p).rows == [{"text": "x"}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed input: JaxftError naming the file and the line
+
+
+def test_invalid_json_line(tmp_path):
+    p = write(tmp_path / "bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c",, }\n{"text": "d"}\n')
+    raises([f"{p}:3:", "invalid JSON"], read_file, p)
+
+
+def test_json_line_not_an_object(tmp_path):
+    p = write(tmp_path / "bad.jsonl", '{"text": "a"}\n["text", "b"]\n')
+    raises([f"{p}:2:", "expected a JSON object", "list"], read_file, p)
+
+
+def test_invalid_json_array(tmp_path):
+    p = write(tmp_path / "bad.json", '[\n  {"text": "a"},\n  {"text": "b"\n]\n')
+    raises([f"{p}:4:", "invalid JSON"], read_file, p)
+    p = write(tmp_path / "bad2.json", '[{"text": "a"}, 3]')
+    raises([str(p), "item 1", "expected a JSON object"], read_file, p)
+
+
+def test_tsv_wrong_field_count(tmp_path):
+    p = write(tmp_path / "bad.tsv", "sentence\tlabel\nfine\t1\nno label here\nx\t1\n")
+    raises([f"{p}:3:", "1 fields, expected 2", "sentence, label"], read_file, p)
+    p = write(tmp_path / "bad2.tsv", "sentence\tlabel\nfine\t1\ntoo\tmany\t1\n")
+    raises([f"{p}:3:", "3 fields, expected 2"], read_file, p)
+
+
+def test_csv_wrong_field_count(tmp_path):
+    p = write(tmp_path / "bad.csv", 'text,label\n"a, b",1\nunquoted, comma,0\n')
+    raises([f"{p}:3:", "3 fields, expected 2"], read_file, p)
+
+
+def test_empty_csv(tmp_path):
+    p = write(tmp_path / "empty.csv", "")
+    raises([str(p), "empty file"], read_file, p)
+
+
+def test_not_utf8(tmp_path):
+    p = write(tmp_path / "latin.csv", "text,label\nok,1\ncafé,0\n", encoding="latin-1")
+    raises([f"{p}:3:", "not UTF-8"], read_file, p)
+
+
+def test_unknown_extension(tmp_path):
+    p = write(tmp_path / "data.txt", "hello\n")
+    raises([str(p), "unknown format", ".txt", ".jsonl"], read_file, p)
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.jsonl"
+    raises([str(p), "not found"], read_file, p)
+    raises([str(tmp_path), "not found"], read_file, tmp_path)  # a directory is not a data file
+
+
+def test_missing_text_and_label_fields(tmp_path, tok):
+    p = write(tmp_path / "d.jsonl", '{"text": "good", "label": 1}\n{"txt": "typo", "label": 0}\n')
+    raises([f"{p}:2:", "missing field 'text'", "txt, label"], tasks.classification,
+           read_file(p), tok, 16, "text", "label", [0, 1])
+    p = write(tmp_path / "d2.jsonl", '{"text": "good", "label": 1}\n\n{"text": "no label"}\n')
+    raises([f"{p}:3:", "missing field 'label'"], tasks.classification, read_file(p), tok, 16, "text", "label", [0, 1])
+    p = write(tmp_path / "d3.jsonl", '{"text": "good", "label": 1}\n{"text": null, "label": 1}\n')
+    raises([f"{p}:2:", "missing field 'text'"], tasks.classification, read_file(p), tok, 16, "text", "label", [0, 1])
+
+
+def test_text_field_not_text(tmp_path, tok):
+    p = write(tmp_path / "d.jsonl", '{"text": "good", "label": 1}\n{"text": 5, "label": 1}\n')
+    raises([f"{p}:2:", "'text' is int", "expected text"], tasks.classification,
+           read_file(p), tok, 16, "text", "label", [1])
+    raises([f"{p}:2:", "'text' is int"], tasks.causal_lm, read_file(p), tok, 4, "text")
+
+
+def test_label_not_seen_in_training(tmp_path, tok):
+    train = read_file(write(tmp_path / "train.csv", "text,label\na,pos\nb,neg\n"))
+    labels = tasks.label_vocab(train, "label")
+    assert labels == ["neg", "pos"]
+    ev = write(tmp_path / "eval.csv", "text,label\nc,pos\nd,neutral\n")
+    raises([f"{ev}:3:", "'neutral'", "not one of the training labels", "['neg', 'pos']"], tasks.classification,
+           read_file(ev), tok, 16, "text", "label", labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Label vocabularies
+
+
+def test_label_vocab_integer_like_strings_sort_numerically():
+    r = records([{"label": v} for v in ["10", "2", "1", "2", " 0 ", "-3"]])
+    labels = tasks.label_vocab(r, "label")
+    assert labels == [-3, 0, 1, 2, 10]
+    assert all(type(v) is int for v in labels)
+
+
+def test_label_vocab_ints_and_int_strings_are_the_same_label():
+    assert tasks.label_vocab(records([{"label": 1}, {"label": "1"}, {"label": 0}]), "label") == [0, 1]
+
+
+def test_label_vocab_strings_sort():
+    r = records([{"label": v} for v in ["positive", "negative", "neutral", "negative"]])
+    assert tasks.label_vocab(r, "label") == ["negative", "neutral", "positive"]
+
+
+def test_label_vocab_mixed_is_an_error():
+    r = records([{"label": "1"}, {"label": "pos"}], name="mix.jsonl")
+    raises(["mix.jsonl", "mix integers and strings"], tasks.label_vocab, r, "label")
+
+
+def test_label_vocab_rejects_other_types():
+    for bad in (True, 1.5, None, [1]):
+        r = records([{"label": 0}, {"label": bad}], name="t.jsonl")
+        raises(["t.jsonl:2:"], tasks.label_vocab, r, "label")
+
+
+def test_label_vocab_digit_lookalikes_are_strings():
+    # "²" and "١" pass str.isdigit but are not ASCII integers: they must stay strings, not crash int().
+    assert tasks.label_vocab(records([{"label": "²"}, {"label": "--1"}]), "label") == ["--1", "²"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenised task arrays
+
+
+def test_classification_shapes_bos_eos_padding(tok):
+    texts = ["the movie was good", "电影很好看", "a", ""]
+    r = records([{"text": t, "label": lab} for t, lab in zip(texts, ["1", "0", "1", "0"])])
+    labels = tasks.label_vocab(r, "label")
+    arrays, truncated = tasks.classification(r, tok, 24, "text", "label", labels)
+    assert truncated == 0
+    assert set(arrays) == {"input_ids", "attention_mask", "labels", "weight"}
+    assert arrays["input_ids"].shape == arrays["attention_mask"].shape == (4, 24)
+    assert arrays["input_ids"].dtype == arrays["attention_mask"].dtype == arrays["labels"].dtype == np.int32
+    np.testing.assert_array_equal(arrays["labels"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(arrays["weight"], np.ones(4, np.float32))
+    assert tok.pad_id == 3 and tok.pad_id not in (tok.bos_id, tok.eos_id)
+    for i, t in enumerate(texts):
+        ids, mask = arrays["input_ids"][i], arrays["attention_mask"][i]
+        expected = [tok.bos_id] + tok.encode(t) + [tok.eos_id]
+        n = len(expected)
+        assert n < 24
+        assert ids[:n].tolist() == expected
+        assert ids[0] == tok.bos_id and ids[n - 1] == tok.eos_id  # EOS at the last real position
+        assert (ids[n:] == tok.pad_id).all()  # right padding
+        assert mask.tolist() == [1] * n + [0] * (24 - n)
+
+
+def test_classification_truncation_keeps_eos(tok):
+    long = " ".join(["the charming movie was very good"] * 8)
+    short = "good"
+    r = records([{"text": long, "label": 1}, {"text": short, "label": 0}, {"text": long + " 电影", "label": 0}])
+    seq_len = 10
+    arrays, truncated = tasks.classification(r, tok, seq_len, "text", "label", [0, 1])
+    assert truncated == 2
+    assert arrays["input_ids"].shape == (3, seq_len)
+    for i in (0, 2):
+        ids = arrays["input_ids"][i].tolist()
+        text = r.rows[i]["text"]
+        assert ids == [tok.bos_id] + tok.encode(text)[: seq_len - 2] + [tok.eos_id]
+        assert arrays["attention_mask"][i].tolist() == [1] * seq_len
+    n = len(tok.encode(short)) + 2
+    assert arrays["input_ids"][1, n - 1] == tok.eos_id and arrays["attention_mask"][1].sum() == n
+    # Exactly full is not truncated.
+    exact = records([{"text": short, "label": 0}])
+    _, truncated = tasks.classification(exact, tok, n, "text", "label", [0])
+    assert truncated == 0
+
+
+def test_causal_lm_packs_blocks(tok):
+    texts = ["the movie was good", "电影很好看", "a funny story , not boring .", "我们喜欢"]
+    r = records([{"text": t} for t in texts])
+    stream = []
+    for t in texts:
+        stream += [tok.bos_id] + tok.encode(t) + [tok.eos_id]
+    seq_len = 8
+    arrays, truncated = tasks.causal_lm(r, tok, seq_len, "text")
+    n = len(stream) // seq_len
+    assert n >= 2 and truncated == 0
+    assert set(arrays) == {"input_ids", "attention_mask", "weight"}
+    assert arrays["input_ids"].shape == (n, seq_len) and arrays["input_ids"].dtype == np.int32
+    assert arrays["input_ids"].reshape(-1).tolist() == stream[: n * seq_len]
+    assert (arrays["attention_mask"] == 1).all() and arrays["attention_mask"].shape == (n, seq_len)
+    np.testing.assert_array_equal(arrays["weight"], np.ones(n, np.float32))
+
+
+def test_causal_lm_too_short(tmp_path, tok):
+    p = write(tmp_path / "short.jsonl", '{"text": "a"}\n')
+    raises([str(p), "fewer than one block of 512"], tasks.causal_lm, read_file(p), tok, 512, "text")
+    p = write(tmp_path / "blank.jsonl", "\n\n")  # no records at all
+    raises(["0 tokens", "fewer than one block"], tasks.causal_lm, read_file(p), tok, 8, "text")
+
+
+def test_synthetic_deterministic():
+    a = tasks.synthetic(64, 16, 100, seed=3, num_labels=5)
+    b = tasks.synthetic(64, 16, 100, seed=3, num_labels=5)
+    c = tasks.synthetic(64, 16, 100, seed=4, num_labels=5)
+    assert set(a) == {"input_ids", "attention_mask", "weight", "labels"}
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["input_ids"], c["input_ids"])
+    assert a["input_ids"].shape == (64, 16) and a["input_ids"].dtype == np.int32
+    assert a["input_ids"].min() >= 0 and a["input_ids"].max() < 100
+    assert a["labels"].shape == (64,) and set(a["labels"].tolist()) <= set(range(5))
+    assert (a["attention_mask"] == 1).all() and (a["weight"] == 1).all()
+    assert "labels" not in tasks.synthetic(8, 4, 10, seed=0, num_labels=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+
+
+def test_bundled_sst2_resolves():
+    train, ev, text_field, label_field = sources.resolve(base_config().data)
+    assert (text_field, label_field) == ("sentence", "label")
+    assert len(train.rows) == len(train.where) == 60614
+    assert len(ev.rows) == len(ev.where) == 872
+    assert set(train.rows[0]) == set(ev.rows[0]) == {"sentence", "label"}
+    assert train.where[0].endswith("train.tsv:2") and ev.where[-1].endswith("dev.tsv:873")
+    assert tasks.label_vocab(train, "label") == [0, 1]
+    assert tasks.label_vocab(ev, "label") == [0, 1]
+
+
+def test_resolve_local_files(tmp_path):
+    import ml_collections
+
+    tr = write(tmp_path / "train.jsonl", '{"body": "x", "y": "a"}\n')
+    ev = write(tmp_path / "eval.csv", "body,y\nz,a\n")
+    cfg = ml_collections.ConfigDict({"name": str(tr), "eval_name": str(ev), "text_field": "body", "label_field": "y"})
+    train, evr, text_field, label_field = sources.resolve(cfg)
+    assert train.rows == [{"body": "x", "y": "a"}] and evr.rows == [{"body": "z", "y": "a"}]
+    assert (text_field, label_field) == ("body", "y")
+    cfg = ml_collections.ConfigDict({"name": str(tr), "eval_name": "", "text_field": "", "label_field": ""})
+    train, evr, text_field, label_field = sources.resolve(cfg)
+    assert evr is None and (text_field, label_field) == ("text", "label")
+    cfg = ml_collections.ConfigDict({"name": str(tmp_path / "missing.jsonl"), "eval_name": ""})
+    raises(["missing.jsonl", "not found"], sources.resolve, cfg)
+
+
+def test_load_texts(tmp_path):
+    p = write(tmp_path / "t.jsonl", '{"text": "a"}\n{"text": "二"}\n')
+    assert sources.load_texts(str(p)) == ["a", "二"]
+    p = write(tmp_path / "t2.jsonl", '{"text": "a"}\n{"text": ["b"]}\n')
+    raises([f"{p}:2:", "expected text"], sources.load_texts, str(p))
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch order
+
+
+def index_arrays(n):
+    x = np.arange(n * 3).reshape(n, 3).astype(np.float32)
+    return {"idx": np.arange(n), "x": x, "weight": np.ones(n, np.float32)}
+
+
+def test_batches_pure_function_of_seed_and_position():
+    arrays = index_arrays(10)
+    a = iterator.Batches(arrays, 4, seed=7)
+    positions = [0, 1, 2, 3, 7, 25, 3, 0, 12]  # any order, repeats, far ahead (epoch wraps)
+    first = {p: a.local(p, (0, 4)) for p in positions}
+    b = iterator.Batches(arrays, 4, seed=7)  # a fresh object, as after a restart
+    for p in reversed(positions):
+        got = b.local(p, (0, 4))
+        for k in arrays:
+            np.testing.assert_array_equal(got[k], first[p][k])
+        np.testing.assert_array_equal(got["idx"], a.indices(p))
+    c = iterator.Batches(arrays, 4, seed=8)
+    assert any(not np.array_equal(c.indices(p), a.indices(p)) for p in range(5))
+
+
+def test_resume_mid_run_sees_the_same_batches():
+    arrays = index_arrays(13)
+    run = iterator.Batches(arrays, 5, seed=0)
+    uninterrupted = [run.indices(s) for s in range(12)]
+    resumed = iterator.Batches(arrays, 5, seed=0)
+    for s in range(7, 12):
+        np.testing.assert_array_equal(resumed.indices(s), uninterrupted[s])
+
+
+@pytest.mark.parametrize("n,gb", [(12, 4), (10, 4), (7, 3), (5, 8)])
+def test_each_epoch_sees_every_example_once(n, gb):
+    b = iterator.Batches(index_arrays(n), gb, seed=1)
+    epochs = 3
+    num_batches = -(-epochs * n // gb)
+    flat = np.concatenate([b.indices(s) for s in range(num_batches)])
+    assert all(len(b.indices(s)) == gb for s in range(num_batches))
+    orders = [flat[e * n : (e + 1) * n] for e in range(epochs)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(n))
+    if n >= 7:
+        assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+
+
+def test_epochs_reshuffle():
+    n = 64
+    b = iterator.Batches(index_arrays(n), 16, seed=0)
+    epoch = lambda e: np.concatenate([b.indices(s) for s in range(4 * e, 4 * e + 4)])  # noqa: E731
+    e0, e1, e2 = epoch(0), epoch(1), epoch(2)
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(n))
+    assert not np.array_equal(e0, e1) and not np.array_equal(e1, e2)
+    assert not np.array_equal(e0, np.arange(n))
+
+
+def test_no_shuffle_is_sequential():
+    b = iterator.Batches(index_arrays(6), 4, seed=0, shuffle=False)
+    assert [b.indices(s).tolist() for s in range(3)] == [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]
+
+
+def test_local_rows_concatenate_to_the_global_batch():
+    arrays = index_arrays(20)
+    b = iterator.Batches(arrays, 8, seed=3)
+    for p in (0, 1, 2, 5):
+        full = b.local(p, (0, 8))
+        lo, hi = iterator.Batches(arrays, 8, seed=3).local(p, (0, 4)), b.local(p, (4, 8))  # each process its own
+        for k in arrays:
+            assert lo[k].shape[0] == hi[k].shape[0] == 4
+            np.testing.assert_array_equal(np.concatenate([lo[k], hi[k]]), full[k])
+            np.testing.assert_array_equal(full[k], arrays[k][b.indices(p)])
+
+
+@pytest.mark.parametrize("n,gb", [(10, 4), (8, 4), (3, 4), (1, 1)])
+def test_eval_batches_cover_every_example_once(n, gb):
+    arrays = index_arrays(n)
+    batches = list(iterator.eval_batches(arrays, gb, (0, gb)))
+    assert len(batches) == -(-n // gb)
+    seen = []
+    for batch in batches:
+        assert all(v.shape[0] == gb for v in batch.values())
+        seen += batch["idx"][batch["weight"] == 1].tolist()
+        assert set(batch["weight"].tolist()) <= {0.0, 1.0}
+    assert seen == list(range(n))  # in order, once each, weight 1
+    pad = gb * len(batches) - n
+    last = batches[-1]
+    assert (last["weight"][gb - pad :] == 0).all() and (last["weight"][: gb - pad] == 1).all()
+    assert (last["idx"][gb - pad :] == 0).all()  # padding copies row 0
+    assert sum(float(b["weight"].sum()) for b in batches) == n
+
+
+def test_eval_batches_per_process_rows():
+    arrays = index_arrays(10)
+    whole = list(iterator.eval_batches(arrays, 4, (0, 4)))
+    halves = zip(iterator.eval_batches(arrays, 4, (0, 2)), iterator.eval_batches(arrays, 4, (2, 4)))
+    for full, (a, b) in zip(whole, halves, strict=True):
+        for k in arrays:
+            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), full[k])

@@ -1,0 +1,170 @@
+"""PEFT methods against the `peft` library: same logits from our adapters and from PEFT's."""
+
+import flax.linen as nn
+import copy
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+from jaxft import hf
+from jaxft.config import base_config
+from jaxft.errors import JaxftError
+from jaxft.models.llama import LlamaModel
+from jaxft.peft import build
+from jaxft.peft.hf_peft import save_adapter
+from jaxft.peft.partition import added_params, base_params, count, flat, merge, split, unflat
+
+HF_CFG = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0)
+
+
+def method_cfg(**kw) -> ml_collections.ConfigDict:
+    m = base_config().method
+    for k, v in kw.items():
+        m[k] = v
+    return m
+
+
+@pytest.fixture(scope="module")
+def torch_models(tmp_path_factory):
+    torch.manual_seed(0)
+    out = {}
+    for name, cls in (("causal", LlamaForCausalLM), ("cls", LlamaForSequenceClassification)):
+        m = cls(HFLlamaConfig(**HF_CFG)).eval()
+        d = tmp_path_factory.mktemp(name)
+        m.save_pretrained(d)
+        out[name] = (m, d)
+    return out
+
+
+def hooked(base_dir, method_kw, seed=1):
+    """Base weights from disk + the method's parameters, randomised so that they matter."""
+    model, params = hf.load(base_dir)
+    method = build(method_cfg(**method_kw), model.cfg)
+    model = LlamaModel(model.cfg, hooks=method.hooks)
+    fresh = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+    added = {k: 0.3 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
+             for i, (k, v) in enumerate(flat(added_params(fresh)).items())}
+    return model, method, merge(params, unflat(added))
+
+
+def batch():
+    ids = np.random.RandomState(0).randint(1, 96, (3, 9))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    ids[1, 6:] = 0
+    return ids, mask
+
+
+def torch_logits(m, ids, mask):
+    with torch.no_grad():
+        return m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+LORA_Q_V = dict(name="lora", rank=4, alpha=8.0, targets="q_proj,v_proj")
+LORA_REGEX = dict(name="lora", rank=2, alpha=4.0, rslora=True, targets=r".*self_attn\.(k|o)_proj|.*mlp\.down_proj")
+PREFIX = dict(name="ptuning_v2", num_virtual_tokens=5)
+
+
+# PEFT 0.21 cannot run prefix tuning on transformers 5 sequence classifiers ("Model does not support
+# past key values"), so the classifier + prefix case is checked by round trip below instead.
+@pytest.mark.parametrize("kind,method_kw", [
+    ("causal", LORA_Q_V), ("cls", LORA_Q_V), ("causal", LORA_REGEX), ("cls", LORA_REGEX), ("causal", PREFIX),
+])
+def test_adapter_matches_peft(torch_models, tmp_path, kind, method_kw):
+    base, base_dir = torch_models[kind]
+    model, method, params = hooked(base_dir, method_kw)
+    trainable, _ = split(params, method.trainable)
+    if kind == "cls":
+        assert "score" in trainable  # a new classifier head always trains
+    save_adapter(model, method, trainable, tmp_path / "adapter")
+    ids, mask = batch()
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    plain = torch_logits(base, ids, mask)
+    ref = torch_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval(), ids, mask)
+    real = mask.astype(bool) if kind == "causal" else slice(None)
+    assert np.abs(ref[real] - plain[real]).max() > 1e-3  # the adapter changes the output
+    np.testing.assert_allclose(ours[real], ref[real], rtol=1e-4, atol=1e-5)
+
+    # And back: hf.load(base, adapter=...) rebuilds the same model.
+    model2, params2 = hf.load(base_dir, adapter=str(tmp_path / "adapter"))
+    np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, ids, mask))[real], ours[real],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_prefix_adapter_round_trip(torch_models, tmp_path):
+    _, base_dir = torch_models["cls"]
+    model, method, params = hooked(base_dir, PREFIX)
+    trainable, _ = split(params, method.trainable)
+    save_adapter(model, method, trainable, tmp_path / "adapter")
+    ids, mask = batch()
+    model2, params2 = hf.load(base_dir, adapter=str(tmp_path / "adapter"))
+    plain_model, plain = hf.load(base_dir)
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, ids, mask)), ours, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(plain_model.apply({"params": plain}, ids, mask)) - ours).max() > 1e-3
+
+
+def test_lora_starts_at_base_model(torch_models):
+    base, base_dir = torch_models["causal"]
+    model, params = hf.load(base_dir)
+    method = build(method_cfg(name="lora", targets=".*"), model.cfg)
+    hooked_model = LlamaModel(model.cfg, hooks=method.hooks)
+    fresh = nn.unbox(hooked_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    ids, mask = batch()
+    np.testing.assert_allclose(hooked_model.apply({"params": merge(params, added_params(fresh))}, ids, mask),
+                               model.apply({"params": params}, ids, mask), atol=1e-6)
+    # every linear layer got an adapter (7 per layer + lm_head), and base_params strips them again
+    assert sum(k.endswith("lora_a") for k in flat(fresh)) == 8
+    assert flat(base_params(fresh)).keys() == flat(params).keys()
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("full", lambda p: True),
+    ("head", lambda p: p.startswith("score/")),
+    ("lora", lambda p: p.endswith(("lora_a", "lora_b")) or p.startswith("score/")),
+    ("ptuning_v2", lambda p: p.startswith(("prefix_encoder/", "score/"))),
+    ("lora+ptuning_v2", lambda p: p.endswith(("lora_a", "lora_b")) or p.startswith(("prefix_encoder/", "score/"))),
+])
+def test_partitions(torch_models, name, expect):
+    _, base_dir = torch_models["cls"]
+    model, _ = hf.load(base_dir)
+    method = build(method_cfg(name=name), model.cfg)
+    params = nn.unbox(LlamaModel(model.cfg, hooks=method.hooks).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    trainable, frozen = split(params, method.trainable)
+    assert set(flat(trainable)) == {p for p in flat(params) if expect(p)}
+    assert count(trainable) + count(frozen) == count(params)
+    assert not set(flat(trainable)) & set(flat(frozen))
+
+
+def test_prefix_reparameterisation_exports_plain_prefix(torch_models, tmp_path):
+    base, base_dir = torch_models["causal"]
+    model, method, params = hooked(base_dir, dict(name="ptuning_v2", num_virtual_tokens=3, projection=True,
+                                                  projection_hidden=16))
+    assert "transform_0" in params["prefix_encoder"]
+    trainable, _ = split(params, method.trainable)
+    save_adapter(model, method, trainable, tmp_path / "a")
+    ids, mask = batch()
+    real = mask.astype(bool)
+    ref = torch_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval(), ids, mask)
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    np.testing.assert_allclose(ours[real], ref[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(name="dora"), "unknown method"),
+    (dict(name="lora", rank=0), "method.rank=0"),
+    (dict(name="lora", targets="q_proj(["), "method.targets"),
+    (dict(name="ptuning_v2", num_virtual_tokens=0), "num_virtual_tokens"),
+])
+def test_bad_method_config(torch_models, kw, match):
+    model, _ = hf.load(torch_models["causal"][1])
+    with pytest.raises(JaxftError, match=match):
+        build(method_cfg(**kw), model.cfg)

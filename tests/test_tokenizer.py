@@ -1,0 +1,205 @@
+"""SentencePiece training and the Tokenizer: determinism, exact round trips, special ids, the HF view, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from jaxft.errors import JaxftError
+from jaxft.tokenizer import Tokenizer, train_sentencepiece
+
+EN = "the a movie film is was very good bad funny boring story actor charming , . it 's not and of".split()
+ZH = "我们今天电影很好看不喜欢"  # few distinct characters: vocab_size=300 must hold them next to 256 bytes
+
+
+def synthetic_texts(n=400, seed=0):
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n // 2):
+        texts.append(" ".join(rng.choice(EN) for _ in range(rng.randint(3, 12))))
+        texts.append("".join(rng.choice(ZH) for _ in range(rng.randint(4, 12))))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return train_sentencepiece(synthetic_texts(), tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return Tokenizer(tok_dir)
+
+
+# Seen and unseen text. Nothing below is normalised away: no NFKC (full-width punctuation stays),
+# no whitespace folding (runs of spaces, tabs, newlines stay), unseen characters go to bytes.
+ROUND_TRIP = [
+    "the movie was good",
+    "It's a CHARMING film, not boring.",
+    "电影很好看",
+    "我们今天不喜欢这个故事。",
+    "今天天气很好，我们去看电影！（真的）",  # full-width ， ！ （ ）: NFKC would turn them ASCII
+    "emoji 😀👍🏽 and rare 龘 𠀀 Ωμέγα",
+    "ＡＢＣ① x² ﬁ",  # NFKC-foldable
+    "mixed 中文 and English 123",
+    "two  spaces,   three, trailing  ",
+    "tab\there\nnew line\r\n",
+    "",
+]
+
+
+def test_training_is_deterministic(tmp_path):
+    texts = synthetic_texts(seed=1)
+    a = train_sentencepiece(texts, tmp_path / "a", vocab_size=300)
+    b = train_sentencepiece(list(texts), tmp_path / "b", vocab_size=300)
+    assert (a / "tokenizer.model").read_bytes() == (b / "tokenizer.model").read_bytes()
+    assert (a / "tokenizer_config.json").read_bytes() == (b / "tokenizer_config.json").read_bytes()
+
+
+def test_special_ids(tok, tok_dir):
+    import sentencepiece as spm
+
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
+    assert tok.vocab_size == 300
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert sp.unk_id() == 0
+    assert sp.id_to_piece(4) == "<0x00>" and sp.id_to_piece(259) == "<0xFF>"  # byte fallback pieces
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"], cfg["unk_token"]) == ("<s>", "</s>", "<pad>", "<unk>")
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
+    assert 0 not in ids  # byte fallback: nothing becomes <unk>
+    assert not {tok.bos_id, tok.eos_id, tok.pad_id} & set(ids)  # encode adds no special tokens
+    assert tok.decode(ids) == text
+
+
+def test_unseen_characters_use_bytes(tok):
+    text = "😀"
+    ids = tok.encode(text)
+    pieces = [i for i in ids if 4 <= i < 260]  # the 256 byte pieces <0x00>..<0xFF>
+    assert [i - 4 for i in pieces] == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    # Seen Chinese characters are whole pieces, not bytes.
+    assert all(not 4 <= i < 260 for i in tok.encode("电影很好看"))
+
+
+def test_not_normalised(tok):
+    assert tok.encode("a  b") != tok.encode("a b")
+    assert tok.encode("好，") != tok.encode("好,")  # full-width comma is not folded to ASCII
+
+
+def test_training_errors_are_jaxft_errors(tmp_path):
+    with pytest.raises(JaxftError, match="vocab_size=100"):  # fewer than the 256 byte pieces
+        train_sentencepiece(synthetic_texts(), tmp_path / "small", vocab_size=100)
+    with pytest.raises(JaxftError, match="vocab_size=5000"):  # more pieces than these texts can give
+        train_sentencepiece(synthetic_texts(), tmp_path / "big", vocab_size=5000)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' view of the same directory
+
+HF_SAME = [
+    "the movie was good",
+    "It's a CHARMING film, not boring.",
+    "电影很好看",
+    "今天天气很好，我们去看电影！（真的）",
+    "the movie. 电影很好看",
+    "emoji 😀 and rare 龘",
+    "a  b\tc\nd",
+    "trailing  ",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def test_hf_loads_with_same_special_tokens(hf_tok, tok):
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == (1, 2, 3, 0)
+    assert len(hf_tok) == tok.vocab_size
+
+
+@pytest.mark.parametrize("text", HF_SAME)
+def test_hf_encodes_the_same_ids(hf_tok, tok, text):
+    ids = tok.encode(text)
+    assert hf_tok.encode(text, add_special_tokens=False) == ids
+    assert hf_tok.encode(text) == [tok.bos_id] + ids  # add_bos_token, no EOS
+    assert hf_tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("text", [" leading", "  two leading", " "])
+def test_hf_leading_space_difference(hf_tok, tok, text):
+    """SentencePiece always adds the dummy-prefix "▁"; the Metaspace pre-tokenizer of transformers'
+    LlamaTokenizer (prepend_scheme="first") adds it only when the text does not already start with a space
+    (" x" -> "▁x", not "▁▁x"; noted in huggingface/transformers PR #47862). So for text with leading
+    spaces the HF ids are ours without the first "▁". Ours are SentencePiece's, the reference, and decode
+    back to the text exactly. Any other difference fails test_hf_encodes_the_same_ids."""
+    ids = tok.encode(text)
+    space = hf_tok.convert_tokens_to_ids("▁")
+    assert ids[0] == space
+    assert hf_tok.encode(text, add_special_tokens=False) == ids[1:]
+    assert tok.decode(ids) == text
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxft.tokenizer", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_trains_from_jsonl(tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n"
+                            for i, t in enumerate(synthetic_texts())), encoding="utf-8")
+    out = tmp_path / "out"
+    r = run_cli(f"--data={data}", "--field=text", "--vocab_size=300", f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    assert "tokenizer.model" in r.stdout and "400 texts" in r.stdout
+    assert (out / "tokenizer.model").is_file() and (out / "tokenizer_config.json").is_file()
+    # Same texts through the library: the same model, byte for byte.
+    lib = train_sentencepiece(synthetic_texts(), tmp_path / "lib", vocab_size=300)
+    assert (out / "tokenizer.model").read_bytes() == (lib / "tokenizer.model").read_bytes()
+    t = Tokenizer(out)
+    assert t.decode(t.encode("电影 good 😀")) == "电影 good 😀"
+
+
+def one_line_error(r, *parts):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+def test_cli_missing_data_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    one_line_error(run_cli(f"--data={missing}", "--field=text", "--vocab_size=300", f"--out={tmp_path / 'o'}"),
+                   str(missing), "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_field_and_bad_vocab_size(tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "a b c"}\n{"body": "d"}\n')
+    one_line_error(run_cli(f"--data={data}", "--field=text", "--vocab_size=300", f"--out={tmp_path / 'o'}"),
+                   f"{data}:2:", "missing field 'text'")
+    one_line_error(run_cli(f"--data={data}", "--field=body", "--vocab_size=4096", f"--out={tmp_path / 'o'}"),
+                   f"{data}:1:", "missing field 'body'")
+    data.write_text('{"text": "a b c"}\n')
+    one_line_error(run_cli(f"--data={data}", "--field=text", "--vocab_size=4096", f"--out={tmp_path / 'o'}"),
+                   "sentencepiece", "vocab_size=4096")
