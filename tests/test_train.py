@@ -1,0 +1,158 @@
+"""End to end through the CLI: resume after kill -9 and SIGTERM, bad input, TensorBoard, exports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "configs/tiny_test.py"
+
+
+def cli(workdir, *overrides, config=TINY, devices=1, wait=True, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def adapter(workdir):
+    return load_file(str(Path(workdir) / "export" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+LONG = ("--config.train.steps=60", "--config.checkpoint.every_steps=5", "--config.train.log_every_steps=1",
+        "--config.method.dropout=0.1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("straight")
+    r = cli(wd, *LONG)
+    assert r.returncode == 0, r.stderr
+    assert "done: lora on synthetic, 60 steps" in r.stdout
+    return wd
+
+
+def kill_after_first_checkpoint(wd, sig):
+    proc = cli(wd, *LONG, wait=False)
+    ckpts = Path(wd) / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_resume_after_kill_9_is_exact(uninterrupted, tmp_path):
+    code, _, _ = kill_after_first_checkpoint(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) < 60  # really interrupted mid-run
+    r = cli(tmp_path, *LONG)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from step {max(steps)}" in r.stdout
+    assert_same_adapter(adapter(tmp_path), adapter(uninterrupted))
+    assert losses(tmp_path)[60] == losses(uninterrupted)[60]
+
+
+def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
+    code, out, _ = kill_after_first_checkpoint(tmp_path, signal.SIGTERM)
+    assert code == 0
+    assert "preempted (SIGTERM): saved step" in out
+    saved = int(out.split("saved step ")[1].split()[0])
+    assert saved < 60 and (tmp_path / "checkpoints" / str(saved)).is_dir()
+    r = cli(tmp_path, *LONG)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from step {saved}" in r.stdout
+    assert_same_adapter(adapter(tmp_path), adapter(uninterrupted))
+
+
+def test_rerun_of_finished_run_changes_nothing(uninterrupted, tmp_path):
+    before = adapter(uninterrupted)
+    r = cli(uninterrupted, *LONG)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step 60" in r.stdout
+    assert_same_adapter(adapter(uninterrupted), before)
+
+
+def test_tensorboard_tags(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(uninterrupted / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "eval/loss",
+                "eval/accuracy", "eval/perplexity"}
+    assert expected <= tags
+    assert [e.step for e in acc.Scalars("train/loss")][-1] == 60
+    assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_second"))
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    base = ("--config.train.steps=3", "--config.train.log_every_steps=1")
+    a = cli(tmp_path / "a", *base)
+    b = cli(tmp_path / "b", *base, "--config.train.grad_accum=4")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert la.keys() == lb.keys() == {1, 2, 3}
+    np.testing.assert_allclose([la[s] for s in la], [lb[s] for s in lb], rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.method.name=dora"], "method.name='dora': unknown method"),
+    (["--config.model.path=/nonexistent/model", "--config.data.name=synthetic"], "model.path '/nonexistent/model'"),
+    (["--config.train.batch_size=0"], "train.batch_size=0: expected a positive integer"),
+    (["--config.data.seq_len=0"], "data.seq_len=0: expected a positive integer"),
+    (["--config.mesh.data=3"], "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 2 are available"),
+    (["--config.train.batch_size=6", "--config.mesh.data=4"], "mesh {'data': 4"),
+    (["--config.model.dtype=float16"], "model.dtype='float16'"),
+    (["--config.train.batch_size=3"], "divisible by the 2 data-parallel shards"),
+])
+def test_bad_config_is_one_line_error(tmp_path, overrides, message):
+    wd = tmp_path / "run"
+    r = cli(wd, *overrides, devices=2)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not wd.exists()  # nothing written half-way
+
+
+def test_malformed_data_names_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "good", "label": 1}\n{"text": "fine", "label": 0}\n{"text": "broken", \n')
+    wd = tmp_path / "run"
+    r = cli(wd, "--config.model.path=jaxft-tiny", f"--config.data.name={data}", "--config.method.name=head")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f"{data}:3: invalid JSON" in r.stderr
+    assert not wd.exists()
+
+
+def test_missing_field_names_file_and_line(tmp_path):
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\nnice,1\n")
+    r = cli(tmp_path / "run", "--config.model.path=jaxft-tiny", f"--config.data.name={data}",
+            "--config.data.text_field=sentence")
+    assert r.returncode == 2 and f"{data}:2: missing field 'sentence'" in r.stderr
