@@ -156,3 +156,20 @@ def test_missing_field_names_file_and_line(tmp_path):
     r = cli(tmp_path / "run", "--config.model.path=jaxft-tiny", f"--config.data.name={data}",
             "--config.data.text_field=sentence")
     assert r.returncode == 2 and f"{data}:2: missing field 'sentence'" in r.stderr
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--config.method.name=full", "--config.model.dtype=bfloat16"],
+    ["--config.method.name=head", "--config.data.synthetic_labels=3"],
+    ["--config.method.name=ptuning_v2", "--config.method.projection=True", "--config.method.prompt_dropout=0.1"],
+    ["--config.method.name=lora+ptuning_v2", "--config.model.scan_layers=False", "--config.model.remat=True"],
+])
+def test_methods_and_model_options_train(tmp_path, overrides):
+    # 8 examples = one batch seen every step, so any method can fit it a little.
+    r = cli(tmp_path, "--config.train.steps=6", "--config.train.log_every_steps=1", "--config.data.synthetic_examples=8",
+            "--config.optimizer.learning_rate=1e-2", *overrides)
+    assert r.returncode == 0, r.stderr
+    got = losses(tmp_path)
+    assert all(np.isfinite(v) for v in got.values())
+    assert got[6] < got[1]  # it learns something
+    assert (tmp_path / "export").is_dir()
