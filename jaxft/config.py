@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.seq_len = 64
+    c.data.length_buckets = True  # classification: pad each batch to 16, 32, ... up to seq_len, not always seq_len
     c.data.max_train_examples = 0  # 0 = all
     c.data.max_eval_examples = 0
     c.data.synthetic_examples = 4096

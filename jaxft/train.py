@@ -28,9 +28,13 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_con
 FLAGS = flags.FLAGS
 
 
-def log(*args):
+def log(message: str):
+    """Process 0 prints; through tqdm, so a running progress bar is not broken."""
     if jax.process_index() == 0:
-        print(*args, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(message)
+        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +274,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         out_shardings=(state_shardings, replicated),
     )
     eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
-    batches = Batches(data.train, batch, config.train.seed)
+    buckets = ()
+    if config.data.length_buckets and data.task == "classification":
+        buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < config.data.seq_len) + (config.data.seq_len,)
+    batches = Batches(data.train, batch, config.train.seed, buckets=buckets)
     rows = sharding.local_rows(mesh, batch)
     writer = MetricWriter(workdir)
     perplexity = cfg.head == "causal_lm"
@@ -288,20 +295,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     total = config.train.steps
     bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     t_start = time.time()
-    t_log, tokens, compiled = time.time(), 0.0, None
+    t_log, tokens, shapes = time.time(), 0.0, set()
     last = {}
     eval_metrics = {}
     step = start
     for step in range(start, total):
         local = batches.local(step, rows)
+        width, t0 = local["input_ids"].shape[1], time.time()
         state, metrics = train_step(state, frozen, sharding.to_global(mesh, local, batch))
-        if compiled is None:
-            compiled = train_step._cache_size()
-            log(f"compiled the train step in {time.time() - t_start:.1f}s (batch {batch} x {config.data.seq_len})")
-            t_log = time.time()
-        elif train_step._cache_size() != compiled:
-            compiled = train_step._cache_size()
-            log(f"warning: the train step recompiled at step {step} (a shape or dtype changed)")
+        if width not in shapes:  # each batch shape compiles once; say so, so a slow step is explained
+            jax.block_until_ready(metrics)
+            shapes.add(width)
+            log(f"compiled the train step for batch {batch} x {width} in {time.time() - t0:.1f}s")
+            t_log, tokens = time.time(), 0.0
         tokens += float(local["attention_mask"].sum()) * jax.process_count()
         done = step + 1
         if done % log_every == 0 or done == total:

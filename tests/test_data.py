@@ -473,3 +473,32 @@ def test_eval_batches_per_process_rows():
     for full, (a, b) in zip(whole, halves, strict=True):
         for k in arrays:
             np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), full[k])
+
+
+def test_length_buckets_cut_padding_and_stay_deterministic():
+    rng = np.random.default_rng(0)
+    n, width = 1000, 64
+    lengths = rng.integers(2, width + 1, n)
+    mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    arrays = {"input_ids": np.arange(n * width).reshape(n, width), "attention_mask": mask,
+              "labels": np.arange(n), "weight": np.ones(n, np.float32)}
+    buckets = (16, 32, 64)
+    a, b = iterator.Batches(arrays, 32, seed=3, buckets=buckets), iterator.Batches(arrays, 32, seed=3, buckets=buckets)
+    per_epoch = n // 32
+    seen, widths, padding = [], set(), 0
+    for pos in range(per_epoch):
+        batch = a.local(pos, (0, 32))
+        np.testing.assert_array_equal(batch["input_ids"], b.local(pos, (0, 32))["input_ids"])
+        w = batch["input_ids"].shape[1]
+        widths.add(w)
+        longest = batch["attention_mask"].sum(1).max()
+        assert longest <= w and (w == 16 or longest > w // 2)  # the smallest bucket that fits
+        assert (batch["attention_mask"].sum(1) == lengths[batch["labels"]]).all()  # nothing real was cut
+        halves = [a.local(pos, (0, 16)), a.local(pos, (16, 32))]
+        assert all(h["input_ids"].shape[1] == w for h in halves)  # processes agree on the width
+        seen += list(batch["labels"])
+        padding += w * 32 - batch["attention_mask"].sum()
+    assert widths == set(buckets)
+    assert len(seen) == len(set(seen)) == per_epoch * 32  # each example at most once per epoch
+    assert padding < 0.25 * per_epoch * 32 * width  # far less than padding everything to 64
+    assert not np.array_equal(a.indices(0), a.indices(per_epoch))  # the next epoch reshuffles

@@ -11,28 +11,56 @@ import numpy as np
 
 
 class Batches:
-    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool = True):
+    """Global batch number `position` -> example indices, and this process's rows of it.
+
+    With `buckets` (ascending widths), each epoch groups examples of similar length (sorted within
+    chunks of 64 batches, then the batches shuffled), and a batch is cut to the smallest bucket that
+    holds its longest example: a handful of shapes, each compiled once, and little padding.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool = True,
+                 buckets: tuple[int, ...] = ()):
         self.arrays, self.global_batch, self.seed, self.shuffle = arrays, global_batch, seed, shuffle
         self.size = len(next(iter(arrays.values())))
+        self.lengths = arrays["attention_mask"].sum(axis=1) if "attention_mask" in arrays else None
+        self.buckets = tuple(sorted(buckets)) if self.size >= global_batch else ()
         self._epoch, self._perm = None, None
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch != epoch:
             self._epoch = epoch
-            self._perm = (
-                np.random.default_rng([self.seed, epoch]).permutation(self.size) if self.shuffle else np.arange(self.size)
-            )
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+            if self.buckets:
+                n = self.size // self.global_batch * self.global_batch  # whole batches per epoch
+                chunk = self.global_batch * 64
+                perm = np.concatenate([
+                    perm[i : min(i + chunk, n)][np.argsort(self.lengths[perm[i : min(i + chunk, n)]], kind="stable")]
+                    for i in range(0, n, chunk)
+                ])
+                batches = perm.reshape(-1, self.global_batch)
+                perm = batches[rng.permutation(len(batches))].reshape(-1)
+            self._perm = perm
         return self._perm
 
     def indices(self, position: int) -> np.ndarray:
         """Example indices of global batch number `position` (epochs wrap with a fresh shuffle)."""
+        if self.buckets:
+            per_epoch = self.size // self.global_batch
+            epoch, i = divmod(position, per_epoch)
+            return self._order(epoch)[i * self.global_batch : (i + 1) * self.global_batch]
         flat = np.arange(position * self.global_batch, (position + 1) * self.global_batch)
         epochs, within = flat // self.size, flat % self.size
         return np.concatenate([self._order(e)[within[epochs == e]] for e in np.unique(epochs)])
 
     def local(self, position: int, rows: tuple[int, int]) -> dict[str, np.ndarray]:
-        idx = self.indices(position)[rows[0] : rows[1]]
-        return {k: v[idx] for k, v in self.arrays.items()}
+        idx = self.indices(position)
+        batch = {k: v[idx[rows[0] : rows[1]]] for k, v in self.arrays.items()}
+        if self.buckets:  # the width is decided on the global batch, so all processes agree
+            longest = int(self.lengths[idx].max())
+            width = next((b for b in self.buckets if b >= longest), self.buckets[-1])
+            batch = {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+        return batch
 
 
 def eval_batches(arrays: dict[str, np.ndarray], global_batch: int, rows: tuple[int, int]):
