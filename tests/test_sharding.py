@@ -1,5 +1,6 @@
 """Same losses whatever the layout: 1 vs 8 devices (data, FSDP, tensor parallel), 1 vs 2 processes."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -59,3 +60,14 @@ def test_two_processes_match_one(tmp_path):
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     np.testing.assert_allclose([two[s] for s in two], [one[s] for s in one], rtol=2e-5)
     assert (wd / "checkpoints" / "4").is_dir()
+
+
+def test_local_launcher_runs_two_processes(tmp_path):
+    port = free_port()
+    r = subprocess.run(["launch/local_multiprocess.sh", "2", "2", TINY, str(tmp_path), *RUN], cwd=ROOT,
+                       env={**os.environ, "PORT": str(port)}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "over 4 devices, 2 process(es)" in r.stdout
+    assert (tmp_path / "logs" / "process_1.log").exists()
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
