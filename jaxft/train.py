@@ -78,7 +78,8 @@ def load_data(config, cfg, tokenizer_path) -> Data:
     tok = Tokenizer(tokenizer_path)
     if tok.vocab_size > cfg.vocab_size:
         raise JaxftError(f"tokenizer {tokenizer_path}: {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
-    train_rec, eval_rec, text_field, label_field = sources.resolve(d)
+    first, *extra = str(d.name).split("+")
+    train_rec, eval_rec, text_field, label_field = sources.resolve(d, first)
     if d.max_train_examples:
         train_rec = sources.Records(train_rec.rows[: d.max_train_examples], train_rec.where[: d.max_train_examples])
     if eval_rec is not None and d.max_eval_examples:
@@ -86,6 +87,8 @@ def load_data(config, cfg, tokenizer_path) -> Data:
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
     task = d.task or ("classification" if label_field in train_rec.rows[0] else "causal_lm")
+    if task == "classification" and extra:
+        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm only")
     if task == "classification":
         labels = tasks.label_vocab(train_rec, label_field)
         train, cut = tasks.classification(train_rec, tok, seq_len, text_field, label_field, labels)
@@ -93,9 +96,17 @@ def load_data(config, cfg, tokenizer_path) -> Data:
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
         return Data(train, ev, task, labels, tok)
-    train = tasks.causal_lm(train_rec, tok, seq_len, text_field)[0]
-    ev = tasks.causal_lm(eval_rec, tok, seq_len, text_field)[0] if eval_rec else None
-    return Data(train, ev, task, None, tok)
+    # Language modelling may mix sources ('sst2+c4_demo'): each is packed, then the blocks are pooled.
+    parts, evals = [tasks.causal_lm(train_rec, tok, seq_len, text_field)[0]], []
+    if eval_rec:
+        evals.append(tasks.causal_lm(eval_rec, tok, seq_len, text_field)[0])
+    for name in extra:
+        rec, ev_rec, field, _ = sources.resolve(d, name)
+        parts.append(tasks.causal_lm(rec, tok, seq_len, field)[0])
+        if ev_rec:
+            evals.append(tasks.causal_lm(ev_rec, tok, seq_len, field)[0])
+    join = lambda arrays: {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}  # noqa: E731
+    return Data(join(parts), join(evals) if evals else None, task, None, tok)
 
 
 def init_params(model, base_root, mesh, seed: int):
@@ -371,8 +382,6 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.config is None:
-        raise app.UsageError("--config=configs/NAME.py is required")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     init_distributed()
     workdir = FLAGS.workdir or str(Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
@@ -383,16 +392,25 @@ def main(argv):
         sys.exit(2)
 
 
-def run():
+def parse_flags(argv):
+    """absl parsing, but a bad config file or override is one line and exit status 2, not a traceback."""
     try:
-        app.run(main)
-    except Exception as e:  # config file errors raised while absl parses flags
-        from jaxft.errors import JaxftError
+        args = FLAGS(argv)
+        if not any(a.startswith("--config=") for a in argv[1:]):
+            raise ValueError("--config=configs/NAME.py is required")
+        name = config_flags.get_config_filename(FLAGS["config"])
+        if name and not Path(name.split(":")[0]).is_file():
+            raise FileNotFoundError(f"--config={name}: no such config file")
+        FLAGS.config  # noqa: B018  (the config file is executed lazily; fail here, not mid-run)
+        return args
+    except Exception as e:  # flags.Error, or what the config file / an override raised
+        detail = " ".join(str(e).replace("\\n", " ").split())
+        print(f"error: {detail}", file=sys.stderr)
+        sys.exit(2)
 
-        if isinstance(e, JaxftError):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+
+def run():
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,18 @@ def test_methods_and_model_options_train(tmp_path, overrides):
     assert all(np.isfinite(v) for v in got.values())
     assert got[6] < got[1]  # it learns something
     assert (tmp_path / "export").is_dir()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/nope.py"], "--config=configs/nope.py: no such config file"),
+    ([f"--config={TINY}", "--config.train.stepz=3"], "Did you mean \"steps\""),
+    ([f"--config={TINY}", "--config.train.steps=abc"], "--config.train.steps=abc"),
+    ([], "--config=configs/NAME.py is required"),
+])
+def test_bad_command_line_is_one_line_error(tmp_path, args, message):
+    wd = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "jaxft.train", f"--workdir={wd}", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert not wd.exists()

@@ -26,6 +26,7 @@ class Bundled:
 
 BUNDLED = {
     "sst2": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", "label"),
+    "c4_demo": Bundled(ASSETS / "c4_demo" / "c4_demo.jsonl", None, "text", None),
 }
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -116,9 +117,9 @@ def _hub(name: str, split: str) -> Records:
     return Records(list(ds), [f"{name}[{split}] row {i}" for i in range(len(ds))])
 
 
-def resolve(data_cfg) -> tuple[Records, Records | None, str, str | None]:
-    """-> (train records, eval records or None, text field, label field)."""
-    name = str(data_cfg.name)
+def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None, str, str | None]:
+    """-> (train records, eval records or None, text field, label field) of one source."""
+    name = str(data_cfg.name) if name is None else name
     text_field = data_cfg.get("text_field") or None
     label_field = data_cfg.get("label_field") or None
     if name in BUNDLED:
@@ -143,14 +144,16 @@ def field(records: Records, i: int, name: str):
 
 
 def load_texts(name: str, text_field: str | None = None) -> list[str]:
-    if name in BUNDLED:
-        records, text_field = read_file(BUNDLED[name].train), text_field or BUNDLED[name].text_field
-    else:
-        records, text_field = read_file(name), text_field or "text"
+    """All texts of one or more sources joined by '+' (e.g. `sst2+c4_demo`), for tokenizer training."""
     texts = []
-    for i in range(len(records.rows)):
-        t = field(records, i, text_field)
-        if not isinstance(t, str):
-            raise JaxftError(f"{records.where[i]}: field {text_field!r} is {type(t).__name__}, expected text")
-        texts.append(t)
+    for one in name.split("+"):
+        if one in BUNDLED:
+            records, field_name = read_file(BUNDLED[one].train), text_field or BUNDLED[one].text_field
+        else:
+            records, field_name = read_file(one), text_field or "text"
+        for i in range(len(records.rows)):
+            t = field(records, i, field_name)
+            if not isinstance(t, str):
+                raise JaxftError(f"{records.where[i]}: field {field_name!r} is {type(t).__name__}, expected text")
+            texts.append(t)
     return texts
