@@ -7,7 +7,6 @@ Chinese sentences; nothing is downloaded.
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -16,25 +15,11 @@ from jaxft.config import base_config
 from jaxft.data import iterator, sources, tasks
 from jaxft.data.sources import Records, read_file
 from jaxft.errors import JaxftError
-from jaxft.tokenizer import Tokenizer, train_sentencepiece
-
-EN = "the a movie film is was very good bad funny boring story actor charming , . it 's not and of".split()
-ZH = "我们今天电影很好看不喜欢"  # few distinct characters: vocab_size=300 must hold them next to 256 bytes
-
-
-def synthetic_texts(n=400, seed=0):
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(n // 2):
-        texts.append(" ".join(rng.choice(EN) for _ in range(rng.randint(3, 12))))
-        texts.append("".join(rng.choice(ZH) for _ in range(rng.randint(4, 12))))
-    return texts
-
+from jaxft.tokenizer import Tokenizer
 
 @pytest.fixture(scope="session")
-def tok(tmp_path_factory):
-    d = train_sentencepiece(synthetic_texts(), tmp_path_factory.mktemp("tok"), vocab_size=300)
-    return Tokenizer(d)
+def tok(tok_dir):
+    return Tokenizer(tok_dir)
 
 
 def write(path, text, encoding="utf-8"):

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
 import pytest
 
 from jaxft.errors import JaxftError
+from conftest import synthetic_texts
 from jaxft.tokenizer import Tokenizer, train_sentencepiece
-
-EN = "the a movie film is was very good bad funny boring story actor charming , . it 's not and of".split()
-ZH = "我们今天电影很好看不喜欢"  # few distinct characters: vocab_size=300 must hold them next to 256 bytes
-
-
-def synthetic_texts(n=400, seed=0):
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(n // 2):
-        texts.append(" ".join(rng.choice(EN) for _ in range(rng.randint(3, 12))))
-        texts.append("".join(rng.choice(ZH) for _ in range(rng.randint(4, 12))))
-    return texts
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return train_sentencepiece(synthetic_texts(), tmp_path_factory.mktemp("tok"), vocab_size=300)
 
 
 @pytest.fixture(scope="module")

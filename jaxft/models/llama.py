@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxft.models.layers import Linear, RMSNorm, apply_rope, attention, param_with_axes, rope_inv_freq
