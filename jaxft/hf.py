@@ -273,6 +273,7 @@ def save(model: LlamaModel, params: dict, out_dir: str, tokenizer_dir: str | os.
     tensors = params_to_hf(base_params(params), cfg)
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     if tokenizer_dir is not None:
