@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.projection = False  # P-Tuning v2 reparameterisation MLP
     c.method.projection_hidden = 512
     c.method.prompt_dropout = 0.0
-    c.method.init_std = 1.0  # P-Tuning v2 prefix initialisation scale
+    c.method.init_std = 1.0  # P-Tuning v2 random prefix initialisation scale
+    c.method.init_from_tokens = False  # P-Tuning v2: start from the frozen model's keys/values of real tokens
 
     # Data section.
     c.data = ml_collections.ConfigDict()

@@ -239,6 +239,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = LlamaModel(cfg, hooks=method.hooks)
 
     params, shardings = init_params(model, base_root, mesh, config.train.seed)
+    sample = {k: v[:64] for k, v in data.train.items()}
+    for hook in method.hooks:
+        params = hook.initialize(model, params, sample)
     trainable, frozen = split(params, method.trainable)
     del params
     n_train, n_total = count(trainable), count(trainable) + count(frozen)

@@ -168,3 +168,26 @@ def test_bad_method_config(torch_models, kw, match):
     model, _ = hf.load(torch_models["causal"][1])
     with pytest.raises(JaxftError, match=match):
         build(method_cfg(**kw), model.cfg)
+
+
+def test_prefix_init_from_tokens_uses_real_keys_and_values(torch_models):
+    """The prefix starts as the frozen model's own keys/values of real tokens (Li & Liang 2021)."""
+    _, base_dir = torch_models["causal"]
+    model, params = hf.load(base_dir)
+    method = build(method_cfg(name="ptuning_v2", num_virtual_tokens=4, init_from_tokens=True), model.cfg)
+    hooked_model = LlamaModel(model.cfg, hooks=method.hooks)
+    fresh = nn.unbox(hooked_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = merge(params, added_params(fresh))
+    ids = np.array([[5, 6, 7, 8, 9, 0], [11, 12, 0, 0, 0, 0]])
+    sample = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32)}
+    (hook,) = method.hooks
+    out = hook.initialize(hooked_model, params, sample)
+    # Keys/values of tokens 5..8 from transformers' own model, read through its cache.
+    base = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        cache = base(torch.tensor([[5, 6, 7, 8]]), use_cache=True).past_key_values
+    emb = np.asarray(out["prefix_encoder"]["embedding"]).reshape(4, 2, 2, 2, 16)  # [P, L, k/v, KV, D]
+    for layer in range(2):
+        k, v = cache.layers[layer].keys[0].numpy(), cache.layers[layer].values[0].numpy()  # [KV, P, D]
+        np.testing.assert_allclose(emb[:, layer, 0], k.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(emb[:, layer, 1], v.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)

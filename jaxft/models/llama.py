@@ -77,6 +77,7 @@ class Attention(nn.Module):
         v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
         inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        self.sow("intermediates", "keys_values", (k, v))  # stored only when asked for (e.g. prefix init)
         if prefix is not None:  # learned keys/values, no rotary: they are not at a position
             k = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
             v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
@@ -155,7 +156,7 @@ class LlamaModel(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 layer,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,

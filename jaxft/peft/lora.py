@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.models.layers import param_with_axes
+from jaxft.peft.hook import Hook
 
 
 def parse_targets(targets: str):
@@ -42,7 +43,7 @@ def module_path(module: nn.Module) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraHook:
+class LoraHook(Hook):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -62,6 +63,3 @@ class LoraHook:
         b = param_with_axes(module, "lora_b", nn.initializers.zeros, (self.rank, d_out), (None, module.axes[1]))
         h = dropout(module, x, self.dropout).astype(y.dtype)
         return y + (h @ a.astype(y.dtype) @ b.astype(y.dtype)) * self.scale
-
-    def prefix(self, model, batch_size):
-        return None

@@ -53,6 +53,7 @@ def _ptuning_v2(m, cfg) -> Method:
         int(m.get("projection_hidden", 512)),
         float(m.get("prompt_dropout", 0.0)),
         float(m.get("init_std", 1.0)),
+        bool(m.get("init_from_tokens", False)),
     )
     return Method("ptuning_v2", (r"^prefix_encoder/",), (hook,))
 

@@ -3,6 +3,11 @@
 The prefix is laid out as PEFT's prefix encoder does, [tokens, layers, 2, kv_heads, head_dim]
 flattened, so an export maps one to one. With `projection` the prefix is reparameterised by an MLP
 (embedding -> tanh -> layers*2*kv_width), as in the paper's reparameterisation option.
+
+Random prefixes can start "dead" on a small frozen model: its queries put (almost) no attention on
+random keys, so the prefix gets no gradient. `init_from_tokens` starts instead from the keys and
+values the frozen model computes for real tokens of the training data, the initialisation Li & Liang
+(2021) found to matter for prefix tuning.
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxft.models.layers import param_with_axes
+from jaxft.peft.hook import Hook
 from jaxft.peft.lora import dropout
 
 
@@ -44,15 +52,35 @@ class PrefixEncoder(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefixHook:
+class PrefixHook(Hook):
     num_virtual_tokens: int = 16
     projection: bool = False
     projection_hidden: int = 512
     dropout: float = 0.0
     init_std: float = 1.0
+    init_from_tokens: bool = False
 
-    def linear(self, module, x, y, kernel):
-        return y
+    def initialize(self, model, params, sample):
+        if not self.init_from_tokens or self.projection:
+            return params
+        from jaxft.models.llama import LlamaModel
+        from jaxft.peft.partition import base_params
+
+        tokens = np.asarray(sample["input_ids"])[np.asarray(sample["attention_mask"]) == 1]
+        tokens = np.resize(tokens, self.num_virtual_tokens)[None]  # the first real tokens, repeated if few
+        base = LlamaModel(model.cfg)
+        _, state = base.apply({"params": base_params(params)}, tokens, mutable=["intermediates"])
+        inter = state["intermediates"]
+        if "layers" in inter:  # scanned: one entry with a leading layer axis
+            k, v = inter["layers"]["self_attn"]["keys_values"][0]
+        else:
+            kv = [inter[f"layers_{i}"]["self_attn"]["keys_values"][0] for i in range(model.cfg.num_layers)]
+            k, v = jnp.stack([x[0] for x in kv]), jnp.stack([x[1] for x in kv])
+        kv = jnp.stack([k[:, 0], v[:, 0]], axis=1)  # [L, 2, P, KV, D]
+        emb = np.asarray(kv.transpose(2, 0, 1, 3, 4).reshape(self.num_virtual_tokens, -1), np.float32)
+        old = params["prefix_encoder"]["embedding"]
+        new = jax.make_array_from_callback(old.shape, old.sharding, lambda i: emb[i])
+        return {**params, "prefix_encoder": {**params["prefix_encoder"], "embedding": new}}
 
     def prefix(self, model, batch_size):
         cfg = model.cfg

@@ -1,0 +1,18 @@
+"""The named points where a method acts on the model. Each defaults to doing nothing, so a method
+implements only the points it needs and the model calls every hook at every point."""
+
+from __future__ import annotations
+
+
+class Hook:
+    def linear(self, module, x, y, kernel):
+        """After each `Linear`: return the (possibly changed) output y = x @ kernel."""
+        return y
+
+    def prefix(self, model, batch_size: int):
+        """Per-layer (keys, values), each [layers, batch, tokens, kv_heads, head_dim], or None."""
+        return None
+
+    def initialize(self, model, params: dict, sample: dict) -> dict:
+        """Once before training, with a few real examples: adjust this method's initial parameters."""
+        return params
