@@ -487,3 +487,22 @@ def test_length_buckets_cut_padding_and_stay_deterministic():
     assert len(seen) == len(set(seen)) == per_epoch * 32  # each example at most once per epoch
     assert padding < 0.25 * per_epoch * 32 * width  # far less than padding everything to 64
     assert not np.array_equal(a.indices(0), a.indices(per_epoch))  # the next epoch reshuffles
+
+
+def test_group_phrases_puts_sub_phrases_after_their_sentence(tok):
+    rows = ["a b c d e f", "c d e", "x y z", "b c d e f", "x y", "q"]
+    rec = Records([{"sentence": r} for r in rows], [f"f:{i + 2}" for i in range(len(rows))])
+    grouped = sources.group_phrases(rec, "sentence")
+    assert [r["sentence"] for r in grouped.rows] == [["a b c d e f", "b c d e f", "c d e"], ["x y z", "x y"], ["q"]]
+    assert grouped.where == ["f:2", "f:4", "f:7"]
+    arrays, _ = tasks.causal_lm(grouped, tok, 4, "sentence")
+    stream = arrays["input_ids"].reshape(-1)
+    first = [tok.bos_id] + tok.encode("a b c d e f") + [tok.eos_id] + tok.encode("b c d e f") + [tok.eos_id]
+    np.testing.assert_array_equal(stream[: len(first)], first[: len(stream)])  # BOS s1 EOS s2 EOS ...
+
+
+def test_bundled_grouped_sst2_keeps_every_phrase():
+    train, ev, text_field, label_field = sources.resolve(base_config().data, "sst2_grouped")
+    assert label_field is None and len(ev.rows) == 872
+    assert sum(len(r[text_field]) for r in train.rows) == 60614
+    assert all(s in r[text_field][0] for r in train.rows for s in r[text_field])  # each phrase inside its sentence

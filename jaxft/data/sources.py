@@ -22,11 +22,14 @@ class Bundled:
     eval: Path | None
     text_field: str
     label_field: str | None
+    group_phrases: bool = False  # see `group_phrases`
 
 
 BUNDLED = {
     "sst2": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", "label"),
     "c4_demo": Bundled(ASSETS / "c4_demo" / "c4_demo.jsonl", None, "text", None),
+    # SST-2 training sentences for language modelling, each treebank sentence with its sub-phrases.
+    "sst2_grouped": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", None, True),
 }
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -125,6 +128,8 @@ def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None,
     if name in BUNDLED:
         b = BUNDLED[name]
         train, ev = read_file(b.train), read_file(b.eval) if b.eval else None
+        if b.group_phrases:
+            train = group_phrases(train, text_field or b.text_field)
         return train, ev, text_field or b.text_field, label_field or b.label_field
     eval_name = data_cfg.get("eval_name") or ""
     if Path(name).suffix.lower() in FORMATS or Path(name).exists():
@@ -134,6 +139,31 @@ def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None,
         train = _hub(name, "train")
         ev = _hub(name, eval_name or "validation") if eval_name != "none" else None
     return train, ev, text_field or "text", label_field or "label"
+
+
+def group_phrases(records: Records, text_field: str, n: int = 3) -> Records:
+    """SST-2's training set is treebank phrases: join each sentence with the phrases inside it.
+
+    One record per longest phrase, its text a list [sentence, sub-phrase, ...] (longest first). A
+    language model trained on them (segments separated by EOS) has to carry what a sentence said
+    past its EOS to predict the next related phrase, so the EOS state summarises the sentence:
+    the token a classifier head reads. Unsupervised: labels are not looked at.
+    """
+    texts = [str(field(records, i, text_field)).strip() for i in range(len(records.rows))]
+    index, roots, children = {}, [], {}
+    for i in sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i)):
+        words = texts[i].split()
+        parent = next((j for j in index.get(tuple(words[:n]), ()) if f" {texts[i]} " in f" {texts[j]} "), None)
+        if parent is not None:
+            children[parent].append(i)
+            continue
+        roots.append(i)
+        children[i] = []
+        for m in range(1, n + 1):  # every m-gram, m <= n: the keys of the phrases it may contain
+            for s in range(len(words) - m + 1):
+                index.setdefault(tuple(words[s : s + m]), []).append(i)
+    rows = [{text_field: [texts[i]] + [texts[c] for c in children[i]]} for i in roots]
+    return Records(rows, [records.where[i] for i in roots])
 
 
 def field(records: Records, i: int, name: str):

@@ -1,7 +1,8 @@
 """Records -> fixed-shape numpy arrays, so the train step compiles once.
 
 classification: [BOS] text [EOS] right-padded to seq_len, plus `labels`.
-causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, no padding).
+causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, no padding); a text
+                that is a list of segments becomes BOS seg1 EOS seg2 EOS ...
 Every array set carries `weight` (1 for a real example) so padded eval batches count nothing.
 """
 
@@ -65,8 +66,12 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
 
 def causal_lm(records: Records, tok, seq_len: int, text_field: str):
     stream = []
-    for i in range(len(records.rows)):
-        stream += [tok.bos_id] + tok.encode(_text(records, i, text_field)) + [tok.eos_id]
+    for i in range(len(records.rows)):  # a record's text may be a list of segments, each ended by EOS
+        value = field(records, i, text_field)
+        segments = value if isinstance(value, list) else [_text(records, i, text_field)]
+        stream.append(tok.bos_id)
+        for segment in segments:
+            stream += tok.encode(str(segment)) + [tok.eos_id]
     n = len(stream) // seq_len
     if n == 0:
         source = records.where[0].split(":")[0] if records.where else "data"  # no records at all: no where[0]
