@@ -123,7 +123,7 @@ def init_params(model, base_root, mesh, seed: int):
     init = jax.jit(lambda r: nn.unbox(model.init(r, dummy)["params"]), out_shardings=shardings)
     params = init(jax.random.PRNGKey(seed))
     if base_root is None:
-        return params, shardings
+        return params
     loaded = flat(hf.params_from_hf(hf._read_tensors(base_root), model.cfg, where=str(base_root)))
     target, shard_flat = flat(params), flat(shardings)
     for path in target:
@@ -134,7 +134,7 @@ def init_params(model, base_root, mesh, seed: int):
             target[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
         elif not ADDED_PARAMS.search(path) and not path.startswith(("score/", "lm_head/")):
             raise JaxftError(f"{base_root}: no weight for {path} in the checkpoint")
-    return unflat(target), shardings
+    return unflat(target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from jaxft.metrics import MetricWriter
     from jaxft.models.llama import LlamaModel
     from jaxft.peft import build
-    from jaxft.peft.partition import count, split
+    from jaxft.peft.partition import count, flat, split
     from jaxft.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
     validate(config)
@@ -238,7 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     method = build(config.method, cfg)
     model = LlamaModel(cfg, hooks=method.hooks)
 
-    params, shardings = init_params(model, base_root, mesh, config.train.seed)
+    params = init_params(model, base_root, mesh, config.train.seed)
     sample = {k: v[:64] for k, v in data.train.items()}
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)
@@ -268,8 +268,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Only now, with every input checked, does the run write anything.
     Path(workdir).mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(workdir, config.checkpoint.every_steps or config.train.steps, config.checkpoint.keep)
-    meta = {"method": method.name, "trainable": sorted(jax.tree_util.tree_leaves(jax.tree_util.tree_map_with_path(
-        lambda p, _: jax.tree_util.keystr(p), trainable)))}
+    meta = {"method": method.name, "trainable": sorted(flat(trainable))}
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
@@ -298,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     preemption = Preemption()
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
 
-    def run_eval(step):
+    def run_eval(state, step):
         if data.eval is None:
             return {}
         metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity)
@@ -311,8 +310,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_start = time.time()
     t_log, tokens, shapes = time.time(), 0.0, set()
     last = {}
-    eval_metrics = {}
-    step = start
     for step in range(start, total):
         local = batches.local(step, rows)
         width, t0 = local["input_ids"].shape[1], time.time()
@@ -334,7 +331,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             writer.flush()
             bar.set_postfix(loss=f"{last['train/loss']:.4f}", refresh=False)
         if eval_every and done % eval_every == 0 and done != total:
-            eval_metrics = run_eval(done)
+            eval_metrics = run_eval(state, done)
             log(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         bar.update(1)
         ckpt.save(done, state, {**meta, "data_position": done})
@@ -348,7 +345,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     bar.close()
     if start < total:
         ckpt.save(total, state, {**meta, "data_position": total}, force=True)
-    eval_metrics = run_eval(total)
+    eval_metrics = run_eval(state, total)
     ckpt.close()
     writer.close()
     exported = None
