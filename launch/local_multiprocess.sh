@@ -52,18 +52,8 @@ log() { echo "[launch] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 usage_error() { echo "error: $*" >&2; echo >&2; usage >&2; exit 2; }
 
-# Prints a command so that it can be copied into a shell.
-quote_cmd() {
-  local arg out=""
-  for arg in "$@"; do
-    if [[ $arg =~ ^[[:alnum:]_./:=@%+,-]+$ ]]; then
-      out+=" $arg"
-    else
-      out+=" '${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  echo "${out# }"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 is_positive_int() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 

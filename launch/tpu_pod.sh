@@ -61,18 +61,8 @@ EOF
 log() { echo "[tpu_pod] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# Prints a command so that it can be copied into a shell.
-quote_cmd() {
-  local arg out=""
-  for arg in "$@"; do
-    if [[ $arg =~ ^[[:alnum:]_./:=@%+,-]+$ ]]; then
-      out+=" $arg"
-    else
-      out+=" '${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  echo "${out# }"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Prints a command, then runs it unless DRY_RUN=1.
 run() {

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxft.errors import JaxftError
 from jaxft.peft.lora import LoraHook
-from jaxft.peft.partition import flat
+from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
 
 LORA_KEY = re.compile(r"base_model\.model\.(?:model\.)?(.+)\.lora_([AB])\.weight")
@@ -85,8 +85,6 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
                 tensors["base_model.model.score.weight"] = np.asarray(score, np.float32).T
         else:
             prefix = {k[len("prefix_encoder/"):]: v for k, v in params.items() if k.startswith("prefix_encoder/")}
-            from jaxft.peft.partition import unflat
-
             tensors["prompt_embeddings"] = _prefix_embeddings(model, hook, unflat(prefix))
             config = {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": hook.num_virtual_tokens,
                       "token_dim": cfg.num_kv_heads * cfg.dim_per_head, "num_layers": cfg.num_layers,
@@ -104,7 +102,6 @@ def load_adapter(model, params: dict, adapter_dir):
     from safetensors.numpy import load_file
 
     from jaxft.models.llama import LlamaModel
-    from jaxft.peft.partition import merge, unflat
 
     root = Path(adapter_dir)
     try:
