@@ -39,8 +39,9 @@ def get_config():
     )
     c.method.name = "full"
 
-    # Data section: SST-2 training sentences (labels unused) and 300 C4 web documents, packed.
-    c.data.name = "sst2+c4_demo"
+    # Data section: SST-2 training sentences (labels unused; each treebank sentence followed by its
+    # sub-phrases, see `sources.group_phrases`) and 300 C4 web documents, packed.
+    c.data.name = "sst2_grouped+c4_demo"
     c.data.task = "causal_lm"
     c.data.seq_len = 64
 
