@@ -108,7 +108,8 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
     return cfg.replace(**overrides)
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a HF directory's safetensors file(s), as fp32 numpy arrays."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -124,9 +125,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
             with safe_open(str(path / name), framework="flax") as f:
                 for key in f.keys():
                     out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
-        except (OSError, ValueError, Exception) as e:
-            if isinstance(e, JaxftError):
-                raise
+        except Exception as e:  # truncated, corrupt or not safetensors at all
             raise JaxftError(f"{path / name}: unreadable safetensors file ({e})") from None
     return out
 
@@ -252,7 +251,7 @@ def load(path: str, adapter: str | None = None, **overrides):
     """
     root = resolve(str(path))
     cfg = read_config(root, **overrides)
-    params = params_from_hf(_read_tensors(root), cfg, where=str(root))
+    params = params_from_hf(read_tensors(root), cfg, where=str(root))
     model = LlamaModel(cfg)
     if adapter is not None:
         from jaxft.peft.hf_peft import load_adapter

@@ -124,7 +124,7 @@ def init_params(model, base_root, mesh, seed: int):
     params = init(jax.random.PRNGKey(seed))
     if base_root is None:
         return params
-    loaded = flat(hf.params_from_hf(hf._read_tensors(base_root), model.cfg, where=str(base_root)))
+    loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
     target, shard_flat = flat(params), flat(shardings)
     for path in target:
         if path in loaded:
