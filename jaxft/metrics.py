@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,8 +43,6 @@ class MetricWriter:
 
 def summarize(sums: dict[str, float], prefix: str, perplexity: bool) -> dict[str, float]:
     """Summed loss/correct/count -> mean loss, accuracy and (for token losses) perplexity."""
-    import math
-
     count = max(sums["count"], 1.0)
     loss = sums["loss_sum"] / count
     out = {f"{prefix}/loss": loss, f"{prefix}/accuracy": sums["correct"] / count}

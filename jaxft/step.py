@@ -17,7 +17,7 @@ import optax
 from jaxft.peft.partition import merge
 
 # Parameters that take no weight decay: norms, biases, prefixes and embeddings of prompts.
-NO_DECAY = ("norm", "bias", "layernorm", "prefix_encoder")
+NO_DECAY = ("norm", "bias", "prefix_encoder")  # and every "*layernorm" module
 
 
 class TrainState(flax.struct.PyTreeNode):

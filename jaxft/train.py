@@ -97,14 +97,10 @@ def load_data(config, cfg, tokenizer_path) -> Data:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
         return Data(train, ev, task, labels, tok)
     # Language modelling may mix sources ('sst2+c4_demo'): each is packed, then the blocks are pooled.
-    parts, evals = [tasks.causal_lm(train_rec, tok, seq_len, text_field)[0]], []
-    if eval_rec:
-        evals.append(tasks.causal_lm(eval_rec, tok, seq_len, text_field)[0])
-    for name in extra:
-        rec, ev_rec, field, _ = sources.resolve(d, name)
-        parts.append(tasks.causal_lm(rec, tok, seq_len, field)[0])
-        if ev_rec:
-            evals.append(tasks.causal_lm(ev_rec, tok, seq_len, field)[0])
+    resolved = [(train_rec, eval_rec, text_field)] + [sources.resolve(d, name)[:3] for name in extra]
+    pack = lambda records, field: tasks.causal_lm(records, tok, seq_len, field)[0]  # noqa: E731
+    parts = [pack(records, field) for records, _, field in resolved]
+    evals = [pack(records, field) for _, records, field in resolved if records]
     join = lambda arrays: {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}  # noqa: E731
     return Data(join(parts), join(evals) if evals else None, task, None, tok)
 
