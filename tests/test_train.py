@@ -129,6 +129,8 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     (["--config.train.batch_size=6", "--config.mesh.data=4"], "mesh {'data': 4"),
     (["--config.model.dtype=float16"], "model.dtype='float16'"),
     (["--config.train.batch_size=3"], "divisible by the 2 data-parallel shards"),
+    (["--config.method.name=ptuning_v2", "--config.method.init_from_tokens=True", "--config.method.projection=True"],
+     "method.init_from_tokens=True needs method.projection=False"),
 ])
 def test_bad_config_is_one_line_error(tmp_path, overrides, message):
     wd = tmp_path / "run"

@@ -47,6 +47,9 @@ def _lora(m, cfg) -> Method:
 def _ptuning_v2(m, cfg) -> Method:
     if m.num_virtual_tokens <= 0:
         raise JaxftError(f"method.num_virtual_tokens={m.num_virtual_tokens}: expected a positive integer")
+    if m.get("init_from_tokens", False) and m.get("projection", False):
+        # The MLP's output is shared weights, not per-token values a real token's keys could seed.
+        raise JaxftError("method.init_from_tokens=True needs method.projection=False")
     hook = PrefixHook(
         m.num_virtual_tokens,
         bool(m.get("projection", False)),

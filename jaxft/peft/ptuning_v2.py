@@ -61,7 +61,7 @@ class PrefixHook(Hook):
     init_from_tokens: bool = False
 
     def initialize(self, model, params, sample):
-        if not self.init_from_tokens or self.projection:
+        if not self.init_from_tokens:
             return params
         from jaxft.models.llama import LlamaModel
         from jaxft.peft.partition import base_params
