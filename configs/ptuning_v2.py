@@ -6,8 +6,8 @@ About 4.5 minutes on 2 CPU cores. Only the prefixes (32 tokens x 4 layers x keys
 the 2-way head train: 33,280 of 4,229,888 parameters. Measured on 2026-11-25: SST-2 dev accuracy
 0.665 (4,000 steps, 266 s of training, 4 min 32 s wall). The target of 0.80 is not reached yet: the
 frozen 4M-parameter jaxft-tiny is the limit (see the README's "Results").
-The prefixes start from the frozen model's keys/values of real tokens (`init_from_tokens`): with
-random prefixes the tiny model puts no attention on them and they never learn.
+The prefixes start from the frozen model's keys/values of real tokens (`init_from_tokens`): a
+faster start than random prefixes (0.624 against 0.609 after 1,000 steps), the same end (0.665).
 """
 
 from jaxft.config import base_config

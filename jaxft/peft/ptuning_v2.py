@@ -4,8 +4,8 @@ The prefix is laid out as PEFT's prefix encoder does, [tokens, layers, 2, kv_hea
 flattened, so an export maps one to one. With `projection` the prefix is reparameterised by an MLP
 (embedding -> tanh -> layers*2*kv_width), as in the paper's reparameterisation option.
 
-Random prefixes can start "dead" on a small frozen model: its queries put (almost) no attention on
-random keys, so the prefix gets no gradient. `init_from_tokens` starts instead from the keys and
+Random prefixes can start "dead" on a small frozen model: if its queries put (almost) no attention
+on random keys, the prefix gets no gradient. `init_from_tokens` starts instead from the keys and
 values the frozen model computes for real tokens of the training data, the initialisation Li & Liang
 (2021) found to matter for prefix tuning.
 """
