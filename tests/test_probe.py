@@ -31,8 +31,8 @@ def test_probe_pools_the_state_the_head_reads_and_separates_a_lexical_task(tmp_p
     args = probe.parse_args(argv)
     model, params, train, ev = probe.load(args)
     feats = probe.features(model, params, ev, batch=32)
-    # Oracle: with tied embeddings, the final-norm last-token state times the embedding matrix is
-    # the causal LM's logits at the last real token.
+    # Cross-check: with tied embeddings, the final-norm last-token state times the embedding matrix
+    # is the causal LM's logits at the last real token.
     logits = np.asarray(model.apply({"params": params}, ev["input_ids"], ev["attention_mask"]))
     last = ev["attention_mask"].sum(1) - 1
     expected = logits[np.arange(len(last)), last]

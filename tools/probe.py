@@ -72,8 +72,10 @@ def features(model, params, arrays, batch: int):
         m = mask[..., None].astype(jnp.float32)
         return [(h[jnp.arange(h.shape[0]), last], (h * m).sum(1) / m.sum(1)) for h in hs]
 
+    from tqdm import tqdm
+
     out = {}
-    for i in range(0, len(arrays["labels"]), batch):
+    for i in tqdm(range(0, len(arrays["labels"]), batch), desc="features", unit="batch", leave=False):
         hs = run(arrays["input_ids"][i : i + batch], arrays["attention_mask"][i : i + batch])
         for layer, (last, mean) in enumerate(hs):
             name = "final norm" if layer == num_layers else f"layer {layer}"
