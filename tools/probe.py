@@ -61,22 +61,24 @@ def load(args):
 
 def features(model, params, arrays, batch: int):
     """-> {name: [N, D]}: each layer's output (and the final norm) at the last real token and averaged."""
+    from tqdm import tqdm
+
+    from jaxft.models.llama import last_token
+
     num_layers = model.cfg.num_layers
 
     @jax.jit
-    def run(ids, mask):
+    def run(params, ids, mask):
         _, state = model.apply({"params": params}, ids, mask, capture_intermediates=True)
         inter = state["intermediates"]
         hs = [inter[f"layers_{i}"]["__call__"][0][0] for i in range(num_layers)] + [inter["norm"]["__call__"][0]]
-        last = ids.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+        last = last_token(mask)
         m = mask[..., None].astype(jnp.float32)
         return [(h[jnp.arange(h.shape[0]), last], (h * m).sum(1) / m.sum(1)) for h in hs]
 
-    from tqdm import tqdm
-
     out = {}
     for i in tqdm(range(0, len(arrays["labels"]), batch), desc="features", unit="batch", leave=False):
-        hs = run(arrays["input_ids"][i : i + batch], arrays["attention_mask"][i : i + batch])
+        hs = run(params, arrays["input_ids"][i : i + batch], arrays["attention_mask"][i : i + batch])
         for layer, (last, mean) in enumerate(hs):
             name = "final norm" if layer == num_layers else f"layer {layer}"
             out.setdefault(f"{name}, last token", []).append(np.asarray(last))

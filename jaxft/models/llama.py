@@ -113,6 +113,11 @@ class DecoderLayer(nn.Module):
         return h, None
 
 
+def last_token(mask):
+    """[B, T] padding mask -> index of each row's last real token, the state a classifier head reads."""
+    return mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+
+
 def causal_mask(mask, num_prefix: int, sliding_window: int | None):
     """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window; prefixes always visible."""
     t = mask.shape[1]
@@ -170,8 +175,7 @@ class LlamaModel(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, dt, name="norm")(h)
 
         if cfg.head == "classification":
-            last = h.shape[1] - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)  # last real token
-            pooled = h[jnp.arange(h.shape[0]), last]
+            pooled = h[jnp.arange(h.shape[0]), last_token(attention_mask)]
             return Linear(cfg.num_labels, ("embed", None), False, dt, self.hooks, name="score")(pooled).astype(
                 jnp.float32
             )
