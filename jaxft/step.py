@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxft.cross_entropy import fused_cross_entropy, token_stats
 from jaxft.peft.partition import merge
 
 # Parameters that take no weight decay: norms, biases, prefixes and embeddings of prompts.
@@ -69,19 +70,18 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
 
 
 def classification_loss(logits, batch):
-    w = batch["weight"]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(nll * w), "count": jnp.sum(w), "correct": jnp.sum(correct * w)}
+    return token_stats(logits, batch["labels"], batch["weight"])
 
 
-def causal_lm_loss(logits, batch):
+def causal_lm_loss(outputs, batch):
+    """outputs: logits [B, T, V], or (hidden, output embedding) to fuse the projection with the loss."""
     mask = batch["attention_mask"][:, 1:] * batch.get("loss_mask", batch["attention_mask"])[:, 1:]
     w = mask.astype(jnp.float32) * batch["weight"][:, None]
     targets = batch["input_ids"][:, 1:]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-    correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(nll * w), "count": jnp.sum(w), "correct": jnp.sum(correct * w)}
+    if isinstance(outputs, tuple):
+        hidden, embedding = outputs
+        return fused_cross_entropy(hidden[:, :-1], embedding, targets, w, hidden.dtype)
+    return token_stats(outputs[:, :-1], targets, w)
 
 
 LOSSES: dict[str, Callable] = {"classification": classification_loss, "causal_lm": causal_lm_loss}
@@ -95,10 +95,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     loss_fn_of_head = LOSSES[model.cfg.head]
 
     def forward(trainable, frozen, batch, rng):
-        logits = model.apply(
-            {"params": merge(trainable, frozen)}, batch["input_ids"], batch["attention_mask"], rngs={"dropout": rng}
+        params = {"params": merge(trainable, frozen)}
+        outputs = model.apply(
+            params, batch["input_ids"], batch["attention_mask"], return_hidden=True, rngs={"dropout": rng}
         )
-        sums = loss_fn_of_head(logits, batch)
+        sums = loss_fn_of_head(outputs, batch)
         return sums["loss_sum"], sums
 
     def train_step(state: TrainState, frozen, batch):
@@ -136,7 +137,8 @@ def make_eval_step(model):
     loss_fn_of_head = LOSSES[model.cfg.head]
 
     def eval_step(trainable, frozen, batch):
-        logits = model.apply({"params": merge(trainable, frozen)}, batch["input_ids"], batch["attention_mask"])
-        return loss_fn_of_head(logits, batch)
+        params = {"params": merge(trainable, frozen)}
+        outputs = model.apply(params, batch["input_ids"], batch["attention_mask"], return_hidden=True)
+        return loss_fn_of_head(outputs, batch)
 
     return eval_step

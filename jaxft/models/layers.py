@@ -34,10 +34,13 @@ class Linear(nn.Module):
     init_std: float = 0.02
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, kernel_only: bool = False):
+        """`kernel_only`: return the kernel [in, out] itself, for a caller that fuses the product."""
         kernel = param_with_axes(
             self, "kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.axes
         )
+        if kernel_only:
+            return kernel
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],))

@@ -138,7 +138,10 @@ class LlamaModel(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False):
+        """`return_hidden` (causal LM): return (final hidden states [B, T, D], output embedding [V, D])
+        instead of logits, for a loss that fuses the vocabulary projection (`jaxft.cross_entropy`).
+        Logits come back as usual where a method hooks the LM head, and for classification."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -180,7 +183,8 @@ class LlamaModel(nn.Module):
                 jnp.float32
             )
         if cfg.tie_word_embeddings:
-            logits = jnp.dot(h, embed.astype(dt).T)
-        else:
-            logits = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, name="lm_head")(h)
-        return logits.astype(jnp.float32)
+            return (h, embed) if return_hidden else jnp.dot(h, embed.astype(dt).T).astype(jnp.float32)
+        lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, name="lm_head")
+        if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
+            return h, lm_head(h, kernel_only=True).T
+        return lm_head(h).astype(jnp.float32)

@@ -9,6 +9,12 @@ class Hook:
         """After each `Linear`: return the (possibly changed) output y = x @ kernel."""
         return y
 
+    def acts_on(self, path: str) -> bool:
+        """Whether `linear` may change the output of the Linear at this dotted module path. The model
+        skips a Linear's output only where no hook acts (the LM head fused with the loss); the default
+        is to assume any hook that overrides `linear` acts everywhere."""
+        return type(self).linear is not Hook.linear
+
     def prefix(self, model, batch_size: int):
         """Per-layer (keys, values), each [layers, batch, tokens, kv_heads, head_dim], or None."""
         return None

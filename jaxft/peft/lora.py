@@ -54,8 +54,11 @@ class LoraHook(Hook):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    def acts_on(self, path: str) -> bool:
+        return parse_targets(self.targets)(path)
+
     def linear(self, module, x, y, kernel):
-        if not parse_targets(self.targets)(module_path(module)):
+        if not self.acts_on(module_path(module)):
             return y
         d_in, d_out = kernel.shape[-2], kernel.shape[-1]
         init_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

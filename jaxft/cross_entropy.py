@@ -1,0 +1,114 @@
+"""Cross-entropy over a vocabulary, fused with the output projection.
+
+A causal LM's logits are the largest tensor of a step: [batch, length, vocab] in fp32, 262 MB for
+8 x 256 tokens and a 32k vocabulary, 8 GB for 8 x 2048 tokens and Llama 3's 128k. Plain autodiff
+writes them, reads them back for the softmax, writes their gradient and reads it again. Here the
+projection, softmax, loss and both gradients are computed chunk by chunk along the sequence, inside
+one forward pass (as in Liger's fused linear cross-entropy and Apple's cut cross-entropy): logits
+never exist beyond one chunk, and the backward pass only scales gradients already computed. On 2
+CPU cores this makes the LM head + loss of `tools/benchmark.py` ~35% faster (see BENCHMARKS.md).
+
+Chunks run along the length axis with the whole batch in each, so a batch sharded over devices
+stays sharded. The gradient of the output embedding is only computed when it is trained.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Positions per chunk: at least 64 (per-device chunks stay big when the batch is sharded over many
+# devices), or 512 tokens' worth for small batches; larger chunks gained nothing on CPU.
+MIN_CHUNK_LENGTH, CHUNK_TOKENS = 64, 512
+
+
+def token_stats(logits, targets, weights):
+    """Per-token NLL and correctness from fp32 logits [..., V]; `correct` means the target has the
+    highest logit (ties count as correct). An argmax pass would cost as much as the softmax."""
+    m = jnp.max(logits, axis=-1)
+    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll, correct = lse - target, (target >= m).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(nll * weights), "count": jnp.sum(weights), "correct": jnp.sum(correct * weights)}
+
+
+def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32):
+    """Sums of NLL, weight and correct predictions of `hidden @ embedding.T` against `targets`.
+
+    hidden [B, T, D]; embedding [V, D] (the output embedding, tied or not); targets [B, T] int;
+    weights [B, T] float (0 drops a token). The projection runs in `dtype` and the softmax in fp32,
+    as the unfused `logits.astype(float32)` path does. Differentiable in hidden and embedding.
+    """
+    b, t, _ = hidden.shape
+    length = min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b))
+    sums = _fused(hidden, embedding, targets, weights.astype(jnp.float32), length, jnp.dtype(dtype))
+    return {"loss_sum": sums[0], "count": jnp.sum(weights), "correct": sums[1]}
+
+
+def _chunks(x, length: int):
+    """[B, T, ...] -> [T / length, B, length, ...], padding T with zeros (weight 0)."""
+    b, t = x.shape[:2]
+    pad = -t % length
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, (t + pad) // length, length) + x.shape[2:]), 1, 0)
+
+
+def _unchunk(x, t: int):
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :t]
+
+
+def _forward(hidden, embedding, targets, weights, length, dtype, hidden_grad: bool, embedding_grad: bool):
+    """Loss sums, and the gradients of the NLL sum (for a cotangent of 1) asked for, in one pass."""
+    e = embedding.astype(dtype)
+
+    def chunk(grad_e, xs):
+        h, y, w = (x.reshape((-1,) + x.shape[2:]) for x in xs)  # [B * length, ...]: plain 2-D matmuls
+        logits = jnp.einsum("nd,vd->nv", h.astype(dtype), e).astype(jnp.float32)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        p = jnp.exp(logits - m)
+        s = jnp.sum(p, axis=-1, keepdims=True)
+        target = jnp.take_along_axis(logits, y[..., None], axis=-1)
+        nll = (jnp.log(s) + m - target)[..., 0]
+        correct = (target >= m)[..., 0].astype(jnp.float32)
+        sums = (jnp.sum(nll * w), jnp.sum(correct * w))
+        if not (hidden_grad or embedding_grad):
+            return grad_e, (sums, None)
+        d_logits = ((p / s - jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * w[..., None]).astype(dtype)
+        d_h = jnp.einsum("nv,vd->nd", d_logits, e).reshape(xs[0].shape) if hidden_grad else None
+        if embedding_grad:
+            grad_e = grad_e + jnp.einsum("nv,nd->vd", d_logits, h.astype(dtype), preferred_element_type=jnp.float32)
+        return grad_e, (sums, d_h)
+
+    grad_e = jnp.zeros(embedding.shape, jnp.float32) if embedding_grad else None
+    xs = (_chunks(hidden, length), _chunks(targets, length), _chunks(weights, length))
+    grad_e, ((nll, correct), d_h) = jax.lax.scan(chunk, grad_e, xs)
+    d_h = None if d_h is None else _unchunk(d_h, hidden.shape[1]).astype(hidden.dtype)
+    grad_e = None if grad_e is None else grad_e.astype(embedding.dtype)
+    return (jnp.sum(nll), jnp.sum(correct)), (d_h, grad_e)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(hidden, embedding, targets, weights, length, dtype):
+    return _forward(hidden, embedding, targets, weights, length, dtype, False, False)[0]
+
+
+def _fused_fwd(hidden, embedding, targets, weights, length, dtype):
+    # With symbolic zeros, each primal says whether it is differentiated: a frozen embedding
+    # (LoRA, P-Tuning v2, head-only) costs no [V, D] gradient matmul.
+    h, e, y, w = hidden.value, embedding.value, targets.value, weights.value
+    return _forward(h, e, y, w, length, dtype, hidden.perturbed, embedding.perturbed)
+
+
+def _fused_bwd(length, dtype, residuals, cotangents):
+    d_h, grad_e = residuals
+    g = cotangents[0]  # d(loss) / d(NLL sum); the count of correct predictions has no gradient
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
+    scale = lambda x: None if x is None else (g * x).astype(x.dtype)  # noqa: E731
+    return scale(d_h), scale(grad_e), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
