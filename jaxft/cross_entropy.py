@@ -24,13 +24,20 @@ import jax.numpy as jnp
 MIN_CHUNK_LENGTH, CHUNK_TOKENS = 64, 512
 
 
+def _softmax_nll(logits, targets):
+    """fp32 logits [..., V] -> NLL and correct [...], and the softmax as numerators p / denominator s.
+    Correct means the target has the highest logit (ties count): an argmax pass would cost as much as
+    the softmax."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - m)
+    s = jnp.sum(p, axis=-1, keepdims=True)
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+    return (jnp.log(s) + m - target)[..., 0], (target >= m)[..., 0].astype(jnp.float32), p, s
+
+
 def token_stats(logits, targets, weights):
-    """Sums of NLL, weight and correct predictions from fp32 logits [..., V]. Correct means the target
-    has the highest logit (ties count): an argmax pass would cost as much as the softmax."""
-    m = jnp.max(logits, axis=-1)
-    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
-    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll, correct = lse - target, (target >= m).astype(jnp.float32)
+    """Sums of NLL, weight and correct predictions from fp32 logits [..., V]."""
+    nll, correct, _, _ = _softmax_nll(logits, targets)
     return {"loss_sum": jnp.sum(nll * weights), "count": jnp.sum(weights), "correct": jnp.sum(correct * weights)}
 
 
@@ -67,12 +74,7 @@ def _forward(hidden, embedding, targets, weights, length, dtype, hidden_grad: bo
     def chunk(grad_e, xs):
         h, y, w = (x.reshape((-1,) + x.shape[2:]) for x in xs)  # [B * length, ...]: plain 2-D matmuls
         logits = jnp.einsum("nd,vd->nv", h.astype(dtype), e).astype(jnp.float32)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        p = jnp.exp(logits - m)
-        s = jnp.sum(p, axis=-1, keepdims=True)
-        target = jnp.take_along_axis(logits, y[..., None], axis=-1)
-        nll = (jnp.log(s) + m - target)[..., 0]
-        correct = (target >= m)[..., 0].astype(jnp.float32)
+        nll, correct, p, s = _softmax_nll(logits, y)
         sums = (jnp.sum(nll * w), jnp.sum(correct * w))
         if not (hidden_grad or embedding_grad):
             return grad_e, (sums, None)
