@@ -49,7 +49,7 @@ def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32):
     as the unfused `logits.astype(float32)` path does. Differentiable in hidden and embedding.
     """
     b, t, _ = hidden.shape
-    length = min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b))
+    length = max(1, min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b)))  # t = 0: no targets, sums of 0
     sums = _fused(hidden, embedding, targets, weights.astype(jnp.float32), length, jnp.dtype(dtype))
     return {"loss_sum": sums[0], "count": jnp.sum(weights), "correct": sums[1]}
 

@@ -62,6 +62,15 @@ def load_model_config(config):
 
 
 def load_data(config, cfg, tokenizer_path) -> Data:
+    from jaxft.errors import JaxftError
+
+    data = _load_data(config, cfg, tokenizer_path)
+    if data.task == "causal_lm" and config.data.seq_len < 2:
+        raise JaxftError(f"data.seq_len={config.data.seq_len}: a causal LM needs at least 2 tokens per sequence")
+    return data
+
+
+def _load_data(config, cfg, tokenizer_path) -> Data:
     from jaxft.data import sources, tasks
     from jaxft.errors import JaxftError
     from jaxft.tokenizer import Tokenizer

@@ -125,6 +125,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     (["--config.model.path=/nonexistent/model", "--config.data.name=synthetic"], "model.path '/nonexistent/model'"),
     (["--config.train.batch_size=0"], "train.batch_size=0: expected a positive integer"),
     (["--config.data.seq_len=0"], "data.seq_len=0: expected a positive integer"),
+    (["--config.data.seq_len=1"], "data.seq_len=1: a causal LM needs at least 2 tokens per sequence"),
     (["--config.mesh.data=3"], "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 2 are available"),
     (["--config.train.batch_size=6", "--config.mesh.data=4"], "mesh {'data': 4"),
     (["--config.model.dtype=float16"], "model.dtype='float16'"),
