@@ -11,11 +11,11 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 from jaxft import cross_entropy, hf
-from jaxft.config import base_config
 from jaxft.models.llama import LlamaModel
 from jaxft.peft import build
 from jaxft.peft.partition import split
 from jaxft.step import TrainState, make_eval_step, make_train_step
+from test_peft import method_cfg
 
 B, T, D, V = 3, 37, 16, 50
 
@@ -99,14 +99,6 @@ def tiny_dirs(tmp_path_factory):
     return out
 
 
-def method(name, model_cfg, **kw):
-    c = base_config().method
-    c.name = name
-    for k, v in kw.items():
-        c[k] = v
-    return build(c, model_cfg)
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_return_hidden_gives_what_logits_are_made_of(tiny_dirs, tied):
     model, params = hf.load(tiny_dirs[tied][1])
@@ -118,7 +110,7 @@ def test_return_hidden_gives_what_logits_are_made_of(tiny_dirs, tied):
 
 def test_hooked_lm_head_returns_logits(tiny_dirs):
     model, params = hf.load(tiny_dirs[False][1])
-    m = method("lora", model.cfg, targets="lm_head,q_proj")
+    m = build(method_cfg(name="lora", targets="lm_head,q_proj"), model.cfg)
     hooked = LlamaModel(model.cfg, hooks=m.hooks)
     ids = np.random.RandomState(0).randint(1, V, (2, 7))
     p = nn.unbox(hooked.init(jax.random.PRNGKey(0), ids)["params"])
@@ -140,7 +132,7 @@ def test_step_loss_and_update_match_transformers(tiny_dirs, tied):
     out = torch_model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask), labels=labels)
     out.loss.backward()
 
-    m = method("full", model.cfg)
+    m = build(method_cfg(name="full"), model.cfg)
     trainable, frozen = split(params, m.trainable)
     sums = jax.jit(make_eval_step(model))(trainable, frozen, batch)
     np.testing.assert_allclose(sums["loss_sum"] / sums["count"], out.loss.item(), rtol=1e-5)
