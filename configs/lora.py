@@ -1,7 +1,7 @@
 """LoRA (rank 8 on q/v, alpha 16) on SST-2 over the frozen bundled jaxft-tiny, plus a classifier head.
 
   python -m jaxft.train --config=configs/lora.py
-About 1 minute on 2 CPU cores; SST-2 dev accuracy 0.709 (2026-11-25). Target other layers with `--config.method.targets=q_proj,k_proj,v_proj,o_proj`
+About 1 minute on 2 CPU cores; SST-2 dev accuracy 0.727 (2026-11-25), with the mean-pooling head. Target other layers with `--config.method.targets=q_proj,k_proj,v_proj,o_proj`
 or a regex such as `--config.method.targets='.*mlp\\..*_proj'`; rsLoRA with `--config.method.rslora=True`.
 """
 
@@ -11,6 +11,7 @@ from jaxft.config import base_config
 def get_config():
     c = base_config()
     c.model.path = "jaxft-tiny"
+    c.model.pooling = "mean"  # the head reads the mean of the final states (see `jaxft.models.llama.pool`)
 
     # Method section.
     c.method.name = "lora"

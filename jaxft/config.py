@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer = ""  # default: the model directory
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     c.model.head = ""  # "", causal_lm or classification ("" = from the task)
+    c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
     c.model.scan_layers = True
     c.model.remat = False
 
@@ -101,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.head": ("", "causal_lm", "classification"),
+    "model.pooling": ("", "last", "mean"),
     "data.task": ("", "causal_lm", "classification"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }

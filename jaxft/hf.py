@@ -17,11 +17,12 @@ import numpy as np
 from flax import traverse_util
 
 from jaxft.errors import JaxftError
-from jaxft.models.llama import LlamaConfig, LlamaModel
+from jaxft.models.llama import POOLING, LlamaConfig, LlamaModel
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODELS = {"jaxft-tiny": ASSETS / "jaxft-tiny"}
 SUPPORTED = ("llama", "qwen2", "mistral")
+POOLING_KEY = "classifier_pooling"  # the config.json key (ModernBERT's name for the same choice)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -77,6 +78,9 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
                 raise JaxftError(f"{file}: Qwen2 with mixed sliding/full attention layers is not supported")
     archs = c.get("architectures") or []
     classify = any(a.endswith("ForSequenceClassification") for a in archs)
+    pooling = c.get(POOLING_KEY, "last")
+    if pooling not in POOLING:
+        raise JaxftError(f"{file}: {POOLING_KEY}={pooling!r}: expected one of {', '.join(map(repr, POOLING))}")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in c]
     if missing:
@@ -104,6 +108,7 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
         pad_token_id=c.get("pad_token_id"),
         head="classification" if classify else "causal_lm",
         num_labels=len(c.get("id2label") or {0: 0, 1: 1}),
+        pooling=pooling,
     )
     return cfg.replace(**overrides)
 
@@ -241,6 +246,8 @@ def hf_config_dict(cfg: LlamaConfig) -> dict:
     if classify:
         c["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         c["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        if cfg.pooling != "last":  # transformers ignores it and pools the last token: see README
+            c[POOLING_KEY] = cfg.pooling
     return c
 
 

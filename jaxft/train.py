@@ -235,6 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     cfg = cfg.replace(
         head=head,
         num_labels=len(data.labels) if data.labels else cfg.num_labels,
+        pooling=config.model.pooling or cfg.pooling,
         dtype=config.model.dtype,
         scan_layers=config.model.scan_layers,
         remat=config.model.remat,

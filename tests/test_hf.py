@@ -235,6 +235,34 @@ def test_sequence_classification_right_padded(tmp_path, scan):
     assert rel_err(ours, ref) <= TOL
 
 
+def test_sequence_classification_mean_pooling(tmp_path):
+    config = _config("LlamaConfig", num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    ref_model, d = build_hf(tmp_path, config, "LlamaForSequenceClassification")
+    model, params = hf.load(str(d), pooling="mean")
+    x = ids(3, 12, seed=4)
+    mask = (np.arange(12)[None, :] < np.array([[12], [7], [2]])).astype(np.int32)
+    x = np.where(mask == 1, x, 0).astype(np.int32)
+    with torch.no_grad():  # the mean over real tokens of transformers' final (normed) states
+        h = ref_model.model(input_ids=torch.tensor(x), attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
+        m = torch.tensor(mask, dtype=h.dtype)[..., None]
+        ref = ref_model.score((h * m).sum(1) / m.sum(1)).numpy()
+    ours = our_logits(model, params, x, mask)
+    assert rel_err(ours, ref) <= TOL
+    assert np.abs(ours - torch_logits(ref_model, x, mask)).max() > 1e-3  # not the last token's logits
+
+    # Saved and read back, the model still pools the mean; transformers loads the directory.
+    out = hf.save(model, params, str(tmp_path / "saved"))
+    assert json.loads((out / "config.json").read_text())["classifier_pooling"] == "mean"
+    again, p_again = hf.load(str(out))
+    assert again.cfg.pooling == "mean" and rel_err(our_logits(again, p_again, x, mask), ref) <= TOL
+    transformers.AutoModelForSequenceClassification.from_pretrained(str(out))
+
+    bad = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**bad, "classifier_pooling": "cls"}))
+    with pytest.raises(JaxftError, match=r"config\.json: classifier_pooling='cls': expected one of 'last', 'mean'"):
+        hf.load(str(out))
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. unscanned layers
 

@@ -44,9 +44,9 @@ def torch_models(tmp_path_factory):
     return out
 
 
-def hooked(base_dir, method_kw, seed=1):
+def hooked(base_dir, method_kw, seed=1, **overrides):
     """Base weights from disk + the method's parameters, randomised so that they matter."""
-    model, params = hf.load(base_dir)
+    model, params = hf.load(base_dir, **overrides)
     method = build(method_cfg(**method_kw), model.cfg)
     model = LlamaModel(model.cfg, hooks=method.hooks)
     fresh = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
@@ -100,21 +100,30 @@ def test_adapter_matches_peft(torch_models, tmp_path, kind, method_kw):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_classifier_prefix_adapter_matches_peft_prompt(torch_models, tmp_path):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_classifier_prefix_adapter_matches_peft_prompt(torch_models, tmp_path, pooling):
     base, base_dir = torch_models["cls"]
-    model, method, params = hooked(base_dir, PREFIX)
+    model, method, params = hooked(base_dir, PREFIX, pooling=pooling)
     trainable, _ = split(params, method.trainable)
     save_adapter(model, method, trainable, tmp_path / "adapter")
     ids, mask = batch()
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
-    with torch.no_grad():  # the workaround README.md documents for serving such an adapter
+    with torch.no_grad():  # the workarounds README.md documents for serving such an adapter
         n = PREFIX["num_virtual_tokens"]
         full_mask = torch.tensor(np.concatenate([np.ones((len(ids), n), mask.dtype), mask], axis=1))
-        ref = peft_model.base_model(input_ids=torch.tensor(ids), attention_mask=full_mask,
-                                    cache=peft_model.get_prompt(batch_size=len(ids))).logits.numpy()
+        prompt = peft_model.get_prompt(batch_size=len(ids))
+        if pooling == "last":
+            ref = peft_model.base_model(input_ids=torch.tensor(ids), attention_mask=full_mask, cache=prompt).logits
+        else:
+            h = peft_model.base_model.model(input_ids=torch.tensor(ids), attention_mask=full_mask,
+                                            cache=prompt).last_hidden_state
+            m = torch.tensor(mask, dtype=h.dtype)[..., None]
+            ref = peft_model.base_model.score((h * m).sum(1) / m.sum(1))
+    ref = ref.numpy()
     ours = np.asarray(model.apply({"params": params}, ids, mask))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
     model2, params2 = hf.load(base_dir, adapter=str(tmp_path / "adapter"))
+    assert model2.cfg.pooling == pooling  # the adapter says how it pools
     plain_model, plain = hf.load(base_dir)
     np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, ids, mask)), ours, rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(plain_model.apply({"params": plain}, ids, mask)) - ours).max() > 1e-3

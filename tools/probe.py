@@ -63,7 +63,7 @@ def features(model, params, arrays, batch: int):
     """-> {name: [N, D]}: each layer's output (and the final norm) at the last real token and averaged."""
     from tqdm import tqdm
 
-    from jaxft.models.llama import last_token
+    from jaxft.models.llama import pool
 
     num_layers = model.cfg.num_layers
 
@@ -72,9 +72,7 @@ def features(model, params, arrays, batch: int):
         _, state = model.apply({"params": params}, ids, mask, capture_intermediates=True)
         inter = state["intermediates"]
         hs = [inter[f"layers_{i}"]["__call__"][0][0] for i in range(num_layers)] + [inter["norm"]["__call__"][0]]
-        last = last_token(mask)
-        m = mask[..., None].astype(jnp.float32)
-        return [(h[jnp.arange(h.shape[0]), last], (h * m).sum(1) / m.sum(1)) for h in hs]
+        return [(pool(h, mask, "last"), pool(h, mask, "mean")) for h in hs]
 
     out = {}
     for i in tqdm(range(0, len(arrays["labels"]), batch), desc="features", unit="batch", leave=False):

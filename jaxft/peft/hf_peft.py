@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.errors import JaxftError
+from jaxft.hf import POOLING_KEY
+from jaxft.models.llama import POOLING
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
@@ -65,6 +67,8 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
         target.mkdir(parents=True, exist_ok=True)
         common = {"base_model_name_or_path": base, "task_type": task, "inference_mode": True, "revision": None,
                   "modules_to_save": ["score"] if score is not None else None}
+        if score is not None and cfg.pooling != "last":  # PEFT warns that it ignores it: see README
+            common[POOLING_KEY] = cfg.pooling
         tensors = {}
         if isinstance(hook, LoraHook):
             modules = _lora_modules(trainable)
@@ -114,7 +118,10 @@ def load_adapter(model, params: dict, adapter_dir):
     new = {}
     score = tensors.get("base_model.model.score.weight", tensors.get("base_model.score.weight"))
     if score is not None:
-        cfg = cfg.replace(head="classification", num_labels=score.shape[0])
+        pooling = config.get(POOLING_KEY, cfg.pooling)
+        if pooling not in POOLING:
+            raise JaxftError(f"{root}/adapter_config.json: {POOLING_KEY}={pooling!r}: expected one of {POOLING}")
+        cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling)
         new["score/kernel"] = score.T
     if kind == "LORA":
         if config.get("use_dora") or config.get("bias", "none") != "none":
