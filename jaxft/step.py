@@ -74,14 +74,19 @@ def classification_loss(logits, batch):
 
 
 def causal_lm_loss(outputs, batch):
-    """outputs: logits [B, T, V], or (hidden, output embedding) to fuse the projection with the loss."""
-    mask = batch["attention_mask"][:, 1:] * batch.get("loss_mask", batch["attention_mask"])[:, 1:]
-    w = mask.astype(jnp.float32) * batch["weight"][:, None]
-    targets = batch["input_ids"][:, 1:]
+    """outputs: logits [B, T, V], or (hidden, output embedding) to fuse the projection with the loss.
+
+    Position t predicts token t + 1. The targets are shifted instead of the outputs, and the last
+    position gets weight 0, so the [B, T, ...] outputs are used whole rather than copied as a slice.
+    """
+    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
+    keep = batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"])
+    w = shift(keep).astype(jnp.float32) * batch["weight"][:, None]
+    targets = shift(batch["input_ids"])
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
-        return fused_cross_entropy(hidden[:, :-1], embedding, targets, w, hidden.dtype)
-    return token_stats(outputs[:, :-1], targets, w)
+        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype)
+    return token_stats(outputs, targets, w)
 
 
 LOSSES: dict[str, Callable] = {"classification": classification_loss, "causal_lm": causal_lm_loss}

@@ -128,10 +128,12 @@ def pool(h, mask, how: str):
     token, not to summarise the sentence; the mean lets every token's own features (and what a method
     writes into them) reach the head (P-Tuning v2 on jaxft-tiny: 0.764 against 0.672 SST-2 dev accuracy).
     """
-    if how == "mean":
-        m = mask.astype(h.dtype)[..., None]
-        return (h * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)
-    return h[jnp.arange(h.shape[0]), last_token(mask)]
+    if how == "last":
+        return h[jnp.arange(h.shape[0]), last_token(mask)]
+    if how == "mean":  # summed in fp32: bf16 sums of long sequences lose the low bits
+        m = mask.astype(jnp.float32)[..., None]
+        return ((h.astype(jnp.float32) * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)).astype(h.dtype)
+    raise ValueError(f"pooling={how!r}: expected one of {POOLING}")
 
 
 def causal_mask(mask, num_prefix: int, sliding_window: int | None):
