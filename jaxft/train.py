@@ -252,7 +252,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     del params
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
     log(
-        f"model: {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size} head={cfg.head} | method: {method.name} | "
+        f"model: {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size} head={cfg.head}"
+        f"{f' ({cfg.pooling} pooling)' if cfg.head == 'classification' else ''} | method: {method.name} | "
         f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%) | "
         f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)"
     )
