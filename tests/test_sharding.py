@@ -33,6 +33,21 @@ def test_eight_devices_match_one(single_device, tmp_path, mesh):
     np.testing.assert_allclose([got[s] for s in got], [single_device[s] for s in single_device], rtol=2e-5)
 
 
+def test_mean_pooling_classifier_eight_devices_match_one(tmp_path):
+    """Deep prompts and a mean-pooling head: the pooled sum runs over a batch split across devices."""
+    run = (*RUN[1:], "--config.method.name=ptuning_v2", "--config.data.synthetic_labels=2",
+           "--config.model.pooling=mean")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    r = cli(one, *run, "--config.mesh.data=1")
+    assert r.returncode == 0, r.stderr
+    assert "head=classification (mean pooling) | method: ptuning_v2" in r.stdout
+    r = cli(eight, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", devices=8)
+    assert r.returncode == 0, r.stderr
+    ref, got = losses(one), losses(eight)
+    assert got.keys() == ref.keys() == {1, 2, 3, 4}
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
