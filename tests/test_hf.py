@@ -243,7 +243,8 @@ def test_sequence_classification_mean_pooling(tmp_path):
     mask = (np.arange(12)[None, :] < np.array([[12], [7], [2]])).astype(np.int32)
     x = np.where(mask == 1, x, 0).astype(np.int32)
     with torch.no_grad():  # the mean over real tokens of transformers' final (normed) states
-        h = ref_model.model(input_ids=torch.tensor(x), attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
+        h = ref_model.model(input_ids=torch.tensor(x),
+                            attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
         m = torch.tensor(mask, dtype=h.dtype)[..., None]
         ref = ref_model.score((h * m).sum(1) / m.sum(1)).numpy()
     ours = our_logits(model, params, x, mask)
