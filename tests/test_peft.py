@@ -1,8 +1,9 @@
 """PEFT methods against the `peft` library: same logits from our adapters and from PEFT's."""
 
-import flax.linen as nn
 import copy
+import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -127,6 +128,13 @@ def test_classifier_prefix_adapter_matches_peft_prompt(torch_models, tmp_path, p
     plain_model, plain = hf.load(base_dir)
     np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, ids, mask)), ours, rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(plain_model.apply({"params": plain}, ids, mask)) - ours).max() > 1e-3
+
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    written = json.loads(config_file.read_text())
+    assert written.get("classifier_pooling") == (None if pooling == "last" else pooling)  # no PEFT warning for last
+    config_file.write_text(json.dumps({**written, "classifier_pooling": "max"}))
+    with pytest.raises(JaxftError, match=r"adapter_config\.json: classifier_pooling='max': expected one of"):
+        hf.load(base_dir, adapter=str(tmp_path / "adapter"))
 
 
 def test_lora_starts_at_base_model(torch_models):
