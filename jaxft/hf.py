@@ -56,6 +56,20 @@ def read_config(path: Path, **overrides) -> LlamaConfig:
     return config_from_dict(c, str(file), **overrides)
 
 
+def read_pooling(c: dict, file: str, default: str = "last") -> str:
+    """The classifier pooling a config.json or adapter_config.json records."""
+    pooling = c.get(POOLING_KEY, default)
+    if pooling not in POOLING:
+        raise JaxftError(f"{file}: {POOLING_KEY}={pooling!r}: expected one of {', '.join(map(repr, POOLING))}")
+    return pooling
+
+
+def pooling_entry(cfg: LlamaConfig) -> dict:
+    """What config.json / adapter_config.json record of the pooling: nothing for HF's own (last token).
+    transformers and PEFT ignore the key and pool the last token (PEFT warns): see README."""
+    return {POOLING_KEY: cfg.pooling} if cfg.pooling != "last" else {}
+
+
 def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
     """A HF config dict (as in config.json) -> LlamaConfig; unknown architectures are an error."""
     mtype = c.get("model_type")
@@ -78,9 +92,7 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
                 raise JaxftError(f"{file}: Qwen2 with mixed sliding/full attention layers is not supported")
     archs = c.get("architectures") or []
     classify = any(a.endswith("ForSequenceClassification") for a in archs)
-    pooling = c.get(POOLING_KEY, "last")
-    if pooling not in POOLING:
-        raise JaxftError(f"{file}: {POOLING_KEY}={pooling!r}: expected one of {', '.join(map(repr, POOLING))}")
+    pooling = read_pooling(c, file)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in c]
     if missing:
@@ -246,8 +258,7 @@ def hf_config_dict(cfg: LlamaConfig) -> dict:
     if classify:
         c["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         c["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
-        if cfg.pooling != "last":  # transformers ignores it and pools the last token: see README
-            c[POOLING_KEY] = cfg.pooling
+        c.update(pooling_entry(cfg))
     return c
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.hf import POOLING_KEY
-from jaxft.models.llama import POOLING
+from jaxft.hf import pooling_entry, read_pooling
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
@@ -66,9 +65,8 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
         target = out / type(hook).__name__.replace("Hook", "").lower() if len(hooks) > 1 else out
         target.mkdir(parents=True, exist_ok=True)
         common = {"base_model_name_or_path": base, "task_type": task, "inference_mode": True, "revision": None,
-                  "modules_to_save": ["score"] if score is not None else None}
-        if score is not None and cfg.pooling != "last":  # PEFT warns that it ignores it: see README
-            common[POOLING_KEY] = cfg.pooling
+                  "modules_to_save": ["score"] if score is not None else None,
+                  **(pooling_entry(cfg) if score is not None else {})}
         tensors = {}
         if isinstance(hook, LoraHook):
             modules = _lora_modules(trainable)
@@ -118,9 +116,7 @@ def load_adapter(model, params: dict, adapter_dir):
     new = {}
     score = tensors.get("base_model.model.score.weight", tensors.get("base_model.score.weight"))
     if score is not None:
-        pooling = config.get(POOLING_KEY, cfg.pooling)
-        if pooling not in POOLING:
-            raise JaxftError(f"{root}/adapter_config.json: {POOLING_KEY}={pooling!r}: expected one of {POOLING}")
+        pooling = read_pooling(config, f"{root}/adapter_config.json", default=cfg.pooling)
         cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling)
         new["score/kernel"] = score.T
     if kind == "LORA":
