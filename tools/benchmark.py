@@ -1,9 +1,9 @@
-"""Training throughput of jaxft against HF PEFT + PyTorch, same model, same CPU, one run.
+"""Training throughput of jaxft against HF PEFT + PyTorch, same model, same device (CPU or GPU), one run.
 
 It trains one Llama (random weights, causal LM loss on fixed random token ids) with each method
 (LoRA r=8 on q_proj/v_proj, full fine-tuning, P-Tuning v2) in both frameworks and prints, per
 (framework, method): trainable parameters, compile time, tokens/s, jaxft's ratio to PEFT, peak RSS
-and MFU against a matmul peak measured on the same machine. Results go into BENCHMARKS.md.
+and MFU. Results go into BENCHMARKS.md.
 
     python tools/benchmark.py --layers 8 --hidden 512 --heads 8 --kv_heads 8 --intermediate 1376 \
         --vocab 32000 --batch 8 --seq 256 --steps 10 --warmup 2 --methods lora,full,ptuning_v2 \
@@ -19,16 +19,23 @@ What each side runs:
   by `peft.get_peft_model` (LoraConfig / PrefixTuningConfig, PEFT's prefix tuning being P-Tuning
   v2's deep prompts) or left plain for full; `torch.optim.AdamW` (lr 1e-4, no weight decay) with
   `clip_grad_norm_(1.0)`, `torch.set_num_threads(os.cpu_count())`, loss from `labels=input_ids`.
-  With --dtype bfloat16 it runs under `torch.autocast("cpu", torch.bfloat16)`, so both sides keep
-  fp32 master weights and compute in bf16. Eager: no compile time.
+  With --dtype bfloat16 it runs under `torch.autocast(device, torch.bfloat16)`, so both sides keep
+  fp32 master weights and compute in bf16. Eager: no compile time. On a GPU, model, data and
+  optimizer live on the GPU (CUDA) and attention is PyTorch's SDPA (flash / memory-efficient
+  kernels); timing synchronises the device.
+
+On a GPU (`jax.default_backend() == "gpu"` and `torch.cuda.is_available()`), jaxft runs with
+`--attention` (default `auto`: cuDNN flash attention in bf16) and `--remat`; the memory column is the
+device's peak bytes in use (JAX's `memory_stats`, PyTorch's `max_memory_allocated`).
 
 Each (framework, method) runs in its own subprocess, importing only its own framework, so the peak
 RSS (VmHWM) belongs to that configuration alone. jaxft rows also give XLA's own estimate
 of the step's memory (argument + temporary buffers) from `memory_analysis()`.
 
-MFU = model FLOPs per second (the formula in `flops_per_token`, the same for both frameworks) over
-the machine's peak: the best n x n matmul FLOP/s in --dtype measured once at start, the faster of
-JAX and PyTorch. Run it on an otherwise idle machine: PyTorch's OpenMP threads slow down by orders
+MFU = model FLOPs per second (`jaxft.flops.train_flops_per_token`, the same for both frameworks:
+per matmul, causal attention halved) over the device's peak: on a GPU or TPU its datasheet peak
+(`jaxft.flops.PEAK_FLOPS`; the measured matmul rate is printed next to it); on a CPU the best
+n x n matmul FLOP/s in --dtype measured once at start, the faster of JAX and PyTorch. Run it on an otherwise idle machine: PyTorch's OpenMP threads slow down by orders
 of magnitude when other processes hold the cores, XLA's thread pool much less.
 """
 
@@ -66,6 +73,9 @@ def parse_args(argv):
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--num_virtual_tokens", type=int, default=16)
+    p.add_argument("--attention", default="auto", help="jaxft model.attention (xla, cudnn, splash, flash, auto)")
+    p.add_argument("--remat", default="none", help="jaxft model.remat (none, full, save_dots, offload)")
+    p.add_argument("--param_dtype", default="float32", help="jaxft model.param_dtype of the frozen base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_n", type=int, default=2048, help="matmul size for the measured FLOP/s peak")
     p.add_argument("--peak_reps", type=int, default=10, help="matmuls timed for the peak (best one counts)")
@@ -86,31 +96,41 @@ def parse_args(argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model FLOPs: one formula, applied to both frameworks.
+# Model FLOPs: one formula (jaxft.flops), applied to both frameworks.
+
+
+def model_config(args, method: str = "full"):
+    """The benchmark's Llama as a jaxft LlamaConfig; the jaxft-only settings only where this jaxft has them."""
+    import dataclasses
+
+    from jaxft.models.llama import LlamaConfig
+
+    extra = {"attention": args.attention, "remat": args.remat, "param_dtype": args.param_dtype}
+    fields = {f.name: f for f in dataclasses.fields(LlamaConfig)}
+    extra = {k: v for k, v in extra.items() if k in fields and not isinstance(fields[k].default, bool)}
+    if "remat" in fields and isinstance(fields["remat"].default, bool):  # older jaxft: remat on/off
+        extra["remat"] = args.remat != "none"
+    return LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+        max_position_embeddings=max(2048, args.seq + args.num_virtual_tokens),
+        head="causal_lm", dtype=args.dtype, **extra,
+    )
 
 
 def flops_per_token(args, method: str) -> float:
-    """Training FLOPs per token of the model as defined, whatever a framework does to run it.
+    """Training FLOPs per token of the model as defined (`jaxft.flops`), whatever a framework runs:
+    full 6N, frozen base 4N + 6 x LoRA's A and B, attention 3x its causal (halved) forward, with the
+    P-Tuning v2 prefix columns visible to every query."""
+    from jaxft.flops import train_flops_per_token
 
-    N     = matmul weights: per layer q, k, v, o, gate, up, down, plus lm_head (the embedding is a
-            lookup, not a matmul: 0 FLOPs).
-    attn  = per layer 2 * 2 * S * H*D forward (Q K^T and P V over S keys, the full masked matrix as
-            both frameworks compute it); S = seq, plus num_virtual_tokens for P-Tuning v2.
-    full:           6 N + 3 attn   (forward 2N, backward to activations 2N, to weights 2N)
-    lora/ptuning:   4 N + 6 A + 3 attn   (frozen base: no weight gradients; A = LoRA's matmul
-                                          weights r * (d_in + d_out) on each q and v; 0 for prefixes)
-    """
+    cfg = model_config(args, method)
     d = args.hidden // args.heads
-    q_width, kv_width = args.heads * d, args.kv_heads * d
-    per_layer = args.hidden * q_width + 2 * args.hidden * kv_width + q_width * args.hidden
-    per_layer += 3 * args.hidden * args.intermediate
-    n = args.layers * per_layer + args.hidden * args.vocab
-    keys = args.seq + (args.num_virtual_tokens if method == "ptuning_v2" else 0)
-    attn = args.layers * 2 * 2 * keys * q_width
-    if method == "full":
-        return 6 * n + 3 * attn
-    adapter = args.layers * LORA_RANK * ((args.hidden + q_width) + (args.hidden + kv_width)) if method == "lora" else 0
-    return 4 * n + 6 * adapter + 3 * attn
+    lora = args.layers * LORA_RANK * ((args.hidden + args.heads * d) + (args.hidden + args.kv_heads * d))
+    return train_flops_per_token(
+        cfg, args.seq, trains_base=method == "full", adapter_weights=lora if method == "lora" else 0,
+        num_prefix=args.num_virtual_tokens if method == "ptuning_v2" else 0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +166,7 @@ def run_jaxft(args, method_name: str) -> dict:
     import jax.numpy as jnp
 
     from jaxft.config import base_config
-    from jaxft.models.llama import LlamaConfig, LlamaModel
+    from jaxft.models.llama import LlamaModel
     from jaxft.peft import build
     from jaxft.peft.partition import count, split
     from jaxft.step import TrainState, make_optimizer, make_train_step
@@ -158,12 +178,7 @@ def run_jaxft(args, method_name: str) -> dict:
     c.method.num_virtual_tokens = args.num_virtual_tokens
     c.optimizer.learning_rate, c.optimizer.schedule = LEARNING_RATE, "constant"
     c.optimizer.warmup_steps, c.optimizer.weight_decay, c.optimizer.grad_clip = 0, 0.0, GRAD_CLIP
-    cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq + args.num_virtual_tokens),
-        head="causal_lm", dtype=args.dtype,
-    )
+    cfg = model_config(args, method_name)
     method = build(c.method, cfg)
     model = LlamaModel(cfg, hooks=method.hooks)
 
@@ -171,6 +186,8 @@ def run_jaxft(args, method_name: str) -> dict:
     params = jax.jit(lambda r: nn.unbox(model.init(r, ids[:1])["params"]))(jax.random.PRNGKey(args.seed))
     trainable, frozen = split(params, method.trainable)
     del params
+    if args.param_dtype != "float32":  # the frozen base stored in bf16; trainable leaves stay fp32
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(args.param_dtype), frozen)
     tx, schedule = make_optimizer(c.optimizer, 1 + args.warmup + args.steps)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=trainable, opt_state=jax.jit(tx.init)(trainable),
@@ -206,8 +223,20 @@ def run_jaxft(args, method_name: str) -> dict:
         "trainable_params": count(state.params), "total_params": count(state.params) + count(frozen),
         "compile_s": compile_s, "xla_compile_s": xla_compile_s, "step_s": elapsed / args.steps,
         "loss_first": loss_first, "loss_last": float(metrics["loss"]), "xla_mib": xla_mib,
-        "base_rss_mib": base_rss, "versions": {"jax": jax.__version__},
+        "base_rss_mib": base_rss, "device_mib": device_peak_mib_jax(), "versions": {"jax": jax.__version__},
+        "attention": getattr(cfg, "attention", "xla"), "remat": cfg.remat,
     }
+
+
+def device_peak_mib_jax():
+    """Peak bytes in use on the accelerator (None on CPU, where peak RSS is the figure)."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**20 or None
 
 
 def run_peft(args, method_name: str) -> dict:
@@ -221,13 +250,15 @@ def run_peft(args, method_name: str) -> dict:
     base_rss = rss_mib()
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_cfg = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=max(2048, args.seq + args.num_virtual_tokens), rms_norm_eps=1e-6,
         tie_word_embeddings=False, attn_implementation="sdpa",
     )
-    model = transformers.LlamaForCausalLM(hf_cfg)
+    with torch.device(device):  # weights created where they train
+        model = transformers.LlamaForCausalLM(hf_cfg)
     if method_name == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
@@ -237,31 +268,37 @@ def run_peft(args, method_name: str) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
-    ids = torch.from_numpy(token_ids(args)).long()
+    model.to(device)  # PEFT's added parameters too
+    ids = torch.from_numpy(token_ids(args)).long().to(device)
     mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
     t0 = time.perf_counter()
-    loss_first = step()
+    loss_first = float(step())
     first_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss_last = step()
+    sync()
     elapsed = time.perf_counter() - t0
+    loss_last = float(loss_last)
     return {
         "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in model.parameters()),
         "compile_s": None, "first_step_s": first_s, "step_s": elapsed / args.steps,
         "loss_first": loss_first, "loss_last": loss_last, "xla_mib": None, "base_rss_mib": base_rss,
+        "device_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None, "device": device,
         "attn_implementation": model.config._attn_implementation,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }
@@ -269,6 +306,9 @@ def run_peft(args, method_name: str) -> dict:
 
 def run_one(args) -> None:
     framework, method = args._one.split(":")
+    if framework == "peak":  # in a child too: the parent holds no device memory while the others run
+        print(RESULT + json.dumps(matmul_peak(args.dtype, args.peak_n, args.peak_reps)), flush=True)
+        return
     row = (run_jaxft if framework == "jaxft" else run_peft)(args, method)
     row.update(framework=framework, method=method, peak_rss_mib=rss_mib(),
                tokens_per_s=args.batch * args.seq / row["step_s"])
@@ -280,10 +320,13 @@ def run_one(args) -> None:
 
 
 def matmul_peak(dtype: str, n: int, reps: int) -> dict:
-    """Best FLOP/s of an n x n matmul, jitted in JAX and in PyTorch; the larger is the machine's peak."""
+    """Best FLOP/s of an n x n matmul, jitted in JAX and in PyTorch, on the device each trains on; and
+    the device's peak for MFU: the datasheet's on a GPU/TPU (`jaxft.flops`), else the faster measured."""
     import jax
     import jax.numpy as jnp
     import torch
+
+    from jaxft.flops import peak_flops
 
     torch.set_num_threads(os.cpu_count())
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
@@ -294,16 +337,22 @@ def matmul_peak(dtype: str, n: int, reps: int) -> dict:
         t0 = time.perf_counter()
         mm(a, a).block_until_ready()
         best_jax = min(best_jax, time.perf_counter() - t0)
-    t = torch.randn(n, n, dtype=getattr(torch, dtype))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
     torch.mm(t, t)
+    sync()
     best_torch = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(t, t)
+        sync()
         best_torch = min(best_torch, time.perf_counter() - t0)
     flops = 2 * n**3
-    out = {"jax_flops": flops / best_jax, "torch_flops": flops / best_torch}
-    out["peak_flops"] = max(out.values())
+    dev = jax.devices()[0]
+    out = {"jax_flops": flops / best_jax, "torch_flops": flops / best_torch, "platform": dev.platform,
+           "device_kind": dev.device_kind, "datasheet_flops": peak_flops(dev.device_kind, dtype)}
+    out["peak_flops"] = out["datasheet_flops"] or max(out["jax_flops"], out["torch_flops"])
     return out
 
 
@@ -333,7 +382,8 @@ def fmt(x, spec: str) -> str:
 
 
 def print_table(rows) -> None:
-    cols = ("framework", "method", "trainable", "compile s", "tokens/s", "vs PEFT", "peak RSS MiB", "XLA MiB", "MFU %")
+    cols = ("framework", "method", "trainable", "compile s", "tokens/s", "vs PEFT", "peak RSS MiB", "XLA MiB",
+            "device MiB", "MFU %")
     lines = []
     for r in rows:
         if "error" in r:
@@ -342,7 +392,8 @@ def print_table(rows) -> None:
         lines.append((
             r["framework"], r["method"], f"{r['trainable_params']:,}", fmt(r["compile_s"], ".1f"),
             f"{r['tokens_per_s']:,.0f}", fmt(r.get("ratio_to_peft"), ".2f") + ("x" if r.get("ratio_to_peft") else ""),
-            f"{r['peak_rss_mib']:,.0f}", fmt(r["xla_mib"], ",.0f"), f"{100 * r['mfu']:.1f}",
+            f"{r['peak_rss_mib']:,.0f}", fmt(r["xla_mib"], ",.0f"), fmt(r.get("device_mib"), ",.0f"),
+            f"{100 * r['mfu']:.1f}",
         ))
     widths = [max([len(c)] + [len(line[i]) for line in lines]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -360,7 +411,9 @@ def main(argv=None) -> None:
     import jax
     import torch
 
-    peak = matmul_peak(args.dtype, args.peak_n, args.peak_reps)
+    peak = run_child(argv, "peak", "matmul")
+    if "error" in peak:
+        raise SystemExit(f"error: measuring the matmul peak failed ({peak['error']})")
     header = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
         "dtype": args.dtype, "matmul_n": args.peak_n, **peak,
@@ -368,12 +421,15 @@ def main(argv=None) -> None:
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
         "num_virtual_tokens": args.num_virtual_tokens,
     }
-    print(f"CPU: {header['cpu']} | {header['cores']} cores | jax {jax.__version__} | torch {torch.__version__} | "
-          f"{args.dtype} matmul peak {peak['peak_flops'] / 1e9:,.1f} GFLOP/s "
-          f"(jax {peak['jax_flops'] / 1e9:,.1f}, torch {peak['torch_flops'] / 1e9:,.1f}; {args.peak_n}^2)")
+    where = f"{peak['device_kind']} ({peak['platform']})" if peak["platform"] != "cpu" else "CPU"
+    basis = "datasheet" if peak["datasheet_flops"] else "measured"
+    print(f"{where}: {header['cpu']} | {header['cores']} cores | jax {jax.__version__} | torch {torch.__version__} | "
+          f"{args.dtype} peak for MFU {peak['peak_flops'] / 1e9:,.1f} GFLOP/s ({basis}; measured {args.peak_n}^2 matmul: "
+          f"jax {peak['jax_flops'] / 1e9:,.1f}, torch {peak['torch_flops'] / 1e9:,.1f})")
     print(f"Llama {args.layers}x{args.hidden} (heads {args.heads}/{args.kv_heads}, mlp {args.intermediate}, "
           f"vocab {args.vocab}) | batch {args.batch} x {args.seq} tokens | {args.steps} timed steps after "
-          f"{args.warmup} warm-up | PEFT attention: sdpa", flush=True)
+          f"{args.warmup} warm-up | PEFT attention: sdpa | jaxft attention: {args.attention}, remat: {args.remat}, "
+          f"frozen base: {args.param_dtype}", flush=True)
 
     rows = []
     for method in args.methods:

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU check: one script, under 8 minutes on one H100/H200, that
+#   1. records the machine (nvidia-smi, library versions),
+#   2. runs the attention kernels' tests on the GPU (tests/test_attention.py: cuDNN against XLA),
+#   3. times each attention implementation (tools/attention_bench.py),
+#   4. runs tools/benchmark.py on a ~1.1B Llama (TinyLlama's shape: 22 x 2048, 32/4 heads, MLP 5632,
+#      32k vocab) in bf16, batch 8 x 2048 tokens: jaxft full / LoRA / P-Tuning v2 against HF PEFT +
+#      PyTorch (CUDA, bf16 autocast, SDPA) on the same GPU,
+# and writes its figures to OUT/gpu_check.json (plus one log per part). BENCHMARKS.md holds the results.
+#
+#   tools/gpu_check.sh [OUT]          # OUT defaults to $OUT, else ./gpu_check_out
+#
+# Settings (environment): STEPS (timed steps, 10), WARMUP (2), METHODS (full,lora,ptuning_v2),
+# ATTENTION (jaxft model.attention, auto), REMAT (none), BATCH (8), SEQ (2048), PARAM_DTYPE (float32).
+# Wheels for packages the machine lacks (an offline GPU box) may be put in .whl/; they are installed
+# into /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+STEPS=${STEPS:-10} WARMUP=${WARMUP:-2} METHODS=${METHODS:-full,lora,ptuning_v2}
+ATTENTION=${ATTENTION:-auto} REMAT=${REMAT:-none} BATCH=${BATCH:-8} SEQ=${SEQ:-2048} PARAM_DTYPE=${PARAM_DTYPE:-float32}
+t0=$SECONDS
+
+echo "== 1. machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.csv"
+python3 - <<'EOF' | tee "$OUT/versions.txt"
+import importlib
+for m in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "transformers", "peft"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:  # noqa: BLE001
+        print(m, "missing:", type(e).__name__, e)
+import jax
+print("devices", jax.devices())
+EOF
+
+echo "== 2. attention tests on the GPU ($((SECONDS - t0)) s)"
+attn_rc=-1
+if [ -f tests/test_attention.py ]; then
+  JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -rs 2>&1 \
+    | tee "$OUT/test_attention.log" | tail -25
+  attn_rc=${PIPESTATUS[0]}
+fi
+
+echo "== 3. attention micro-benchmark ($((SECONDS - t0)) s)"
+if [ -f tools/attention_bench.py ]; then
+  timeout 90 python3 tools/attention_bench.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention_bench.log" | tail -15
+fi
+
+echo "== 4. training throughput, jaxft vs PEFT ($((SECONDS - t0)) s)"
+timeout 360 python3 tools/benchmark.py --layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 \
+  --vocab 32000 --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 \
+  --methods "$METHODS" --frameworks jaxft,peft --num_virtual_tokens 16 --peak_n 8192 --peak_reps 5 \
+  --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --json "$OUT/benchmark.json" 2>&1 \
+  | tee "$OUT/benchmark.log" | grep -v "^running "
+
+python3 - "$OUT" "$attn_rc" "$((SECONDS - t0))" <<'EOF'
+import json, os, sys
+out, attn_rc, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def read(name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+summary = {"seconds": seconds, "attention_tests_exit_status": None if attn_rc < 0 else attn_rc,
+           "versions": open(os.path.join(out, "versions.txt")).read().splitlines(),
+           "nvidia_smi": open(os.path.join(out, "nvidia_smi.csv")).read().splitlines(),
+           "attention_bench": read("attention.json"), "benchmark": read("benchmark.json")}
+json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
+print(f"wrote {out}/gpu_check.json ({seconds} s)")
+EOF
