@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxft.errors import JaxftError
+from jaxft.models.layers import ROPE_TYPES
 from jaxft.models.llama import POOLING, LlamaConfig, LlamaModel
 
 ASSETS = Path(__file__).parent / "assets"
@@ -77,8 +78,7 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
         raise JaxftError(f"{file}: model_type {mtype!r} is not supported (expected one of {', '.join(SUPPORTED)})")
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
-    if rope.get("rope_type", rope.get("type", "default")) == "default":
-        rope = {}
+    rope = _rope_scaling(rope, c, file)
     window = c.get("sliding_window")
     if mtype == "qwen2":
         window = window if c.get("use_sliding_window") else None
@@ -123,6 +123,33 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
         pooling=pooling,
     )
     return cfg.replace(**overrides)
+
+
+ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
+    """config.json's rope parameters -> what `rope_inv_freq` reads; unsupported types are an error here,
+    not a traceback mid-trace."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind not in ROPE_TYPES:
+        raise JaxftError(f"{file}: rope_type {kind!r} is not supported (expected one of {', '.join(ROPE_TYPES)})")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise JaxftError(f"{file}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported (expected 1.0)")
+    rope = {**rope, "rope_type": kind}
+    rope.pop("type", None)
+    if kind == "yarn":  # transformers' defaults, made explicit
+        rope.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings")
+                        or c.get("max_position_embeddings", 2048))
+        if rope.get("factor") is None:
+            rope["factor"] = c.get("max_position_embeddings", 2048) / rope["original_max_position_embeddings"]
+    missing = [k for k in ROPE_KEYS[kind] if rope.get(k) is None]
+    if missing:
+        raise JaxftError(f"{file}: rope_type {kind!r} needs {', '.join(missing)} in rope_parameters")
+    return rope
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
