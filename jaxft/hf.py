@@ -27,22 +27,67 @@ POOLING_KEY = "classifier_pooling"  # the config.json key (ModernBERT's name for
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def offline_reason(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE, no network), or None.
+
+    One quick connection, so that an offline run fails at once with one line instead of after half
+    a minute of retries that log a warning each."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} unreachable: {e.strerror or e}"
+    return None
+
+
+def first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def is_hub_name(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).expanduser().exists()
+
+
 def resolve(path: str) -> Path:
-    """A bundled name, a local directory, or (when online) a hub name downloaded to the HF cache."""
+    """A bundled name, a local directory, or a hub name: from the HF cache, downloaded when online."""
     if path in BUNDLED_MODELS:
         return BUNDLED_MODELS[path]
     p = Path(path).expanduser()
     if p.is_dir():
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not p.exists():
+    if is_hub_name(path):
+        offline = offline_reason()
         try:
             from huggingface_hub import snapshot_download
 
             patterns = ["*.json", "*.safetensors", "tokenizer.model"]
-            return Path(snapshot_download(path, allow_patterns=patterns))
-        except Exception as e:  # offline, unknown repo, gated, ...
-            raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({e})") from None
+            return Path(snapshot_download(path, allow_patterns=patterns, local_files_only=offline is not None))
+        except Exception as e:  # unknown repo, gated, not cached while offline, ...
+            if offline:
+                raise JaxftError(f"model.path {path!r}: no such directory, not in the Hugging Face cache, and the hub "
+                                 f"cannot be reached ({offline})") from None
+            raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({first_line(e)})") from None
     raise JaxftError(f"model.path {path!r}: no such directory (expected a HF model directory or 'jaxft-tiny')")
+
+
+def base_reference(path: str) -> str:
+    """What an adapter names as its base (`base_model_name_or_path`): something PEFT and transformers
+    load with `from_pretrained`: a hub name as given, else the absolute directory (the installed one
+    for the bundled jaxft-tiny)."""
+    if not path:
+        return ""
+    if path not in BUNDLED_MODELS and is_hub_name(path):
+        return path
+    return str(resolve(path).resolve())
 
 
 def read_config(path: Path, **overrides) -> LlamaConfig:
