@@ -95,7 +95,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         eval_rec = sources.Records(eval_rec.rows[: d.max_eval_examples], eval_rec.where[: d.max_eval_examples])
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
-    task = d.task or ("classification" if label_field in train_rec.rows[0] else "causal_lm")
+    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field))
     if task == "classification" and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm only")
     if task == "classification":
