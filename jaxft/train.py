@@ -131,14 +131,22 @@ def init_params(model, base_root, mesh, seed: int):
         return params
     loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
     target, shard_flat = flat(params), flat(shardings)
+    # Missing base weights are an error (a random frozen layer trains nothing useful), except the
+    # classifier head that a classification run puts on a checkpoint that has none.
+    new_head = model.cfg.head == "classification" and hf.read_config(base_root).head != "classification"
     for path in target:
         if path in loaded:
             value = loaded[path]
             if value.shape != target[path].shape:
                 raise JaxftError(f"{base_root}: {path} has shape {value.shape}, the model expects {target[path].shape}")
             target[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
-        elif not ADDED_PARAMS.search(path) and not path.startswith(("score/", "lm_head/")):
-            raise JaxftError(f"{base_root}: no weight for {path} in the checkpoint")
+        elif path.startswith("score/") and new_head:
+            log(f"new classification head {path} {tuple(target[path].shape)}: random init, trains "
+                f"({base_root} is not a sequence classifier)")
+        elif not ADDED_PARAMS.search(path):
+            hf_name = next(iter(hf.params_to_hf(unflat({path: np.zeros((1,) * target[path].ndim)}), model.cfg)), path)
+            tied = " (its config.json has tie_word_embeddings=false)" if path.startswith("lm_head/") else ""
+            raise JaxftError(f"{base_root}: the checkpoint has no {hf_name}{tied}: expected every base weight of the model")
     return unflat(target)
 
 
