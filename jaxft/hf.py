@@ -116,6 +116,24 @@ def pooling_entry(cfg: LlamaConfig) -> dict:
     return {POOLING_KEY: cfg.pooling} if cfg.pooling != "last" else {}
 
 
+def label_entries(cfg: LlamaConfig) -> dict:
+    """id2label / label2id as transformers reads them: the class names the run trained on."""
+    names = list(cfg.labels or [f"LABEL_{i}" for i in range(cfg.num_labels)])
+    return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def read_labels(c: dict, file: str) -> tuple[str, ...] | None:
+    """The class names of a config's id2label; None for transformers' defaults (LABEL_0, ...)."""
+    id2label = c.get("id2label")
+    if not id2label:
+        return None
+    try:
+        names = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
+    except KeyError:
+        raise JaxftError(f"{file}: id2label keys are not 0..{len(id2label) - 1}") from None
+    return None if names == tuple(f"LABEL_{i}" for i in range(len(names))) else names
+
+
 def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
     """A HF config dict (as in config.json) -> LlamaConfig; unknown architectures are an error."""
     mtype = c.get("model_type")
@@ -165,6 +183,7 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
         pad_token_id=c.get("pad_token_id"),
         head="classification" if classify else "causal_lm",
         num_labels=len(c.get("id2label") or {0: 0, 1: 1}),
+        labels=read_labels(c, file),
         pooling=pooling,
     )
     return cfg.replace(**overrides)
@@ -328,8 +347,7 @@ def hf_config_dict(cfg: LlamaConfig) -> dict:
         if cfg.model_type == "mistral":
             c["sliding_window"] = cfg.sliding_window
     if classify:
-        c["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        c["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        c.update(label_entries(cfg))
         c.update(pooling_entry(cfg))
     return c
 

@@ -172,17 +172,18 @@ class Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
-def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool) -> dict:
+def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool, labels=None) -> dict:
+    """Loss, accuracy and (classification) per-class precision/recall/F1 named by `labels`."""
     from jaxft import sharding
     from jaxft.data.iterator import eval_batches
     from jaxft.metrics import summarize
 
-    totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    totals = {}
     rows = sharding.local_rows(mesh, batch_size)
     for local in eval_batches(arrays, batch_size, rows):
         out = jax.device_get(eval_step(state.params, frozen, sharding.to_global(mesh, local, batch_size)))
-        totals = {k: totals[k] + float(out[k]) for k in totals}
-    return summarize(totals, "eval", perplexity)
+        totals = {k: totals.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
+    return summarize(totals, "eval", perplexity, labels)
 
 
 def gather(tree):
@@ -205,7 +206,7 @@ def export(config, workdir, model, method, trainable, frozen, tokenizer_path):
     out = Path(config.export.dir or Path(workdir) / "export")
     params = merge(trainable, frozen)
     if added_params(params):  # PEFT: adapter-only weights
-        return hf_peft.save_adapter(model, method, trainable, out, base=config.model.path)
+        return hf_peft.save_adapter(model, method, trainable, out, base=hf.base_reference(config.model.path))
     return hf.save(model, jax.device_get(params), str(out), tokenizer_dir=tokenizer_path)
 
 
@@ -243,6 +244,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     cfg = cfg.replace(
         head=head,
         num_labels=len(data.labels) if data.labels else cfg.num_labels,
+        labels=tuple(str(v) for v in data.labels) if data.labels else cfg.labels,
         pooling=config.model.pooling or cfg.pooling,
         dtype=config.model.dtype,
         scan_layers=config.model.scan_layers,
@@ -315,7 +317,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def run_eval(state, step):
         if data.eval is None:
             return {}
-        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity)
+        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels)
         writer.write(step, metrics)
         writer.flush()
         return metrics

@@ -48,6 +48,7 @@ class LlamaConfig:
     head: str = "causal_lm"
     num_labels: int = 2
     pooling: str = "last"  # classification: the state the head reads (see `pool`)
+    labels: tuple[str, ...] | None = None  # classification: the class names (HF id2label); None: LABEL_0, ...
     dtype: str = "float32"  # compute dtype; parameters stay fp32 (master weights)
     scan_layers: bool = True
     remat: bool = False

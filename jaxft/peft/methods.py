@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from jaxft.errors import JaxftError
 from jaxft.peft.hook import Hook
-from jaxft.peft.lora import LoraHook, module_path, parse_targets
+from jaxft.peft.lora import LoraHook, module_path, parse_targets, target_names
 from jaxft.peft.ptuning_v2 import PrefixHook
 
 
@@ -90,18 +90,22 @@ def linear_paths(model_cfg) -> list[str]:
 
 
 def check_hooks(method: Method, model_cfg) -> None:
-    """Every hook that acts on Linear layers must act on at least one: a typo in `method.targets`
-    would otherwise train only the classifier head and export a full model."""
+    """Every hook that acts on Linear layers must act on at least one, and each name of a
+    `method.targets` list must name a module: a typo would otherwise quietly train less (with none
+    left, only the classifier head) and export a full model."""
     linear_hooks = [h for h in method.hooks if type(h).linear is not Hook.linear]
     if not linear_hooks:
         return
     paths = linear_paths(model_cfg)
+    names = sorted({p.split(".")[-1] for p in paths})
+    known = f"module names: {', '.join(names)}; full paths such as {paths[0]!r} for a regex"
     for hook in linear_hooks:
+        what = f"method.targets={hook.targets!r}" if isinstance(hook, LoraHook) else type(hook).__name__
         if not any(hook.acts_on(p) for p in paths):
-            names = ", ".join(sorted({p.split(".")[-1] for p in paths}))
-            what = f"method.targets={hook.targets!r}" if isinstance(hook, LoraHook) else type(hook).__name__
-            raise JaxftError(f"{what} matches no module of this model (module names: {names}; "
-                             f"full paths such as {paths[0]!r} for a regex)")
+            raise JaxftError(f"{what} matches no module of this model ({known})")
+        unknown = sorted((target_names(hook.targets) or set()) - set(names)) if isinstance(hook, LoraHook) else []
+        if unknown:
+            raise JaxftError(f"{what}: {', '.join(map(repr, unknown))} names no module of this model ({known})")
 
 
 def build(method_config, model_cfg) -> Method:
