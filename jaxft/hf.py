@@ -75,7 +75,8 @@ def resolve(path: str) -> Path:
             if offline:
                 raise JaxftError(f"model.path {path!r}: no such directory, not in the Hugging Face cache, and the hub "
                                  f"cannot be reached ({offline})") from None
-            raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({first_line(e)})") from None
+            reason = first_line(e)
+            raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({reason})") from None
     raise JaxftError(f"model.path {path!r}: no such directory (expected a HF model directory or 'jaxft-tiny')")
 
 
@@ -202,7 +203,8 @@ def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
     if kind not in ROPE_TYPES:
         raise JaxftError(f"{file}: rope_type {kind!r} is not supported (expected one of {', '.join(ROPE_TYPES)})")
     if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise JaxftError(f"{file}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported (expected 1.0)")
+        raise JaxftError(f"{file}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported "
+                         "(expected 1.0)")
     rope = {**rope, "rope_type": kind}
     rope.pop("type", None)
     if kind == "yarn":  # transformers' defaults, made explicit

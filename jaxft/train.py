@@ -146,7 +146,8 @@ def init_params(model, base_root, mesh, seed: int):
         elif not ADDED_PARAMS.search(path):
             hf_name = next(iter(hf.params_to_hf(unflat({path: np.zeros((1,) * target[path].ndim)}), model.cfg)), path)
             tied = " (its config.json has tie_word_embeddings=false)" if path.startswith("lm_head/") else ""
-            raise JaxftError(f"{base_root}: the checkpoint has no {hf_name}{tied}: expected every base weight of the model")
+            raise JaxftError(f"{base_root}: the checkpoint has no {hf_name}{tied}: expected every base weight "
+                             "of the model")
     return unflat(target)
 
 

@@ -141,7 +141,8 @@ def test_missing_untied_lm_head_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("rope", [
-    {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "original_max_position_embeddings": 32},
+    {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+     "original_max_position_embeddings": 32},
     {"rope_type": "proportional", "factor": 2.0},
 ])
 def test_unsupported_rope_type_is_one_line(tmp_path, rope):
@@ -258,7 +259,8 @@ def test_full_export_keeps_label_names_and_eval_reports_each_class(tmp_path, nam
     pred, true = logits.argmax(-1), arrays["labels"]
     assert 0 < (pred == 1).sum() < len(pred)  # both classes predicted: the figures are not degenerate
     for k, name in LABELS.items():
-        tp, fp, fn = np.sum((pred == k) & (true == k)), np.sum((pred == k) & (true != k)), np.sum((pred != k) & (true == k))
+        tp = np.sum((pred == k) & (true == k))
+        fp, fn = np.sum((pred == k) & (true != k)), np.sum((pred != k) & (true == k))
         precision, recall = tp / (tp + fp), tp / (tp + fn)
         assert metrics[f"eval/precision/{name}"] == pytest.approx(precision, abs=1e-9)
         assert metrics[f"eval/recall/{name}"] == pytest.approx(recall, abs=1e-9)
@@ -289,5 +291,6 @@ def test_adapter_names_a_loadable_base_and_keeps_label_names(tmp_path, named_dat
     mask = (np.arange(6)[None] < np.array([[6], [3]])).astype(np.int32)
     ours = np.asarray(model.apply({"params": params}, ids, mask))
     with torch.no_grad():
-        ref = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+        ref = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+    ref = ref.numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)

@@ -128,7 +128,8 @@ def _hub(name: str, split: str) -> Records:
         if offline:
             raise JaxftError(f"data.name {name!r}: not bundled, not a local file, not in the Hugging Face cache, and "
                              f"the hub cannot be reached ({offline})") from None
-        raise JaxftError(f"data.name {name!r}: not bundled, not a local file, and the hub load failed ({first_line(e)})") from None
+        reason = first_line(e)
+        raise JaxftError(f"data.name {name!r}: not bundled, not a local file, and the hub load failed ({reason})") from None
     return Records(list(ds), [f"{name}[{split}] row {i}" for i in range(len(ds))])
 
 

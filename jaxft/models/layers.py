@@ -89,7 +89,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> jnp.nda
     if kind == "yarn":  # YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones
         factor, old_len = s["factor"], s["original_max_position_embeddings"]
         beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
-        dim_of = lambda rotations: head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+        def dim_of(rotations):  # the dimension that turns `rotations` times over the original length
+            return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
         low, high = dim_of(beta_fast), dim_of(beta_slow)
         if s.get("truncate", True):
             low, high = math.floor(low), math.ceil(high)

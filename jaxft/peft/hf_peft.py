@@ -126,7 +126,8 @@ def load_adapter(model, params: dict, adapter_dir):
         pooling = read_pooling(config, f"{root}/adapter_config.json", default=cfg.pooling)
         labels = read_labels(config, f"{root}/adapter_config.json")
         if labels is not None and len(labels) != score.shape[0]:
-            raise JaxftError(f"{root}/adapter_config.json: {len(labels)} labels in id2label, the score head has {score.shape[0]}")
+            raise JaxftError(f"{root}/adapter_config.json: {len(labels)} labels in id2label, "
+                             f"the score head has {score.shape[0]}")
         cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling, labels=labels)
         new["score/kernel"] = score.T
     if kind == "LORA":
