@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxft.errors import JaxftError
+from jaxft.models.layers import ROPE_TYPES
 from jaxft.models.llama import POOLING, LlamaConfig, LlamaModel
 
 ASSETS = Path(__file__).parent / "assets"
@@ -26,22 +27,68 @@ POOLING_KEY = "classifier_pooling"  # the config.json key (ModernBERT's name for
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def offline_reason(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE, no network), or None.
+
+    One quick connection, so that an offline run fails at once with one line instead of after half
+    a minute of retries that log a warning each."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} unreachable: {e.strerror or e}"
+    return None
+
+
+def first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def is_hub_name(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).expanduser().exists()
+
+
 def resolve(path: str) -> Path:
-    """A bundled name, a local directory, or (when online) a hub name downloaded to the HF cache."""
+    """A bundled name, a local directory, or a hub name: from the HF cache, downloaded when online."""
     if path in BUNDLED_MODELS:
         return BUNDLED_MODELS[path]
     p = Path(path).expanduser()
     if p.is_dir():
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not p.exists():
+    if is_hub_name(path):
+        offline = offline_reason()
         try:
             from huggingface_hub import snapshot_download
 
             patterns = ["*.json", "*.safetensors", "tokenizer.model"]
-            return Path(snapshot_download(path, allow_patterns=patterns))
-        except Exception as e:  # offline, unknown repo, gated, ...
-            raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({e})") from None
+            return Path(snapshot_download(path, allow_patterns=patterns, local_files_only=offline is not None))
+        except Exception as e:  # unknown repo, gated, not cached while offline, ...
+            if offline:
+                raise JaxftError(f"model.path {path!r}: no such directory, not in the Hugging Face cache, and the hub "
+                                 f"cannot be reached ({offline})") from None
+            reason = first_line(e)
+            raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({reason})") from None
     raise JaxftError(f"model.path {path!r}: no such directory (expected a HF model directory or 'jaxft-tiny')")
+
+
+def base_reference(path: str) -> str:
+    """What an adapter names as its base (`base_model_name_or_path`): something PEFT and transformers
+    load with `from_pretrained`: a hub name as given, else the absolute directory (the installed one
+    for the bundled jaxft-tiny)."""
+    if not path:
+        return ""
+    if path not in BUNDLED_MODELS and is_hub_name(path):
+        return path
+    return str(resolve(path).resolve())
 
 
 def read_config(path: Path, **overrides) -> LlamaConfig:
@@ -70,6 +117,24 @@ def pooling_entry(cfg: LlamaConfig) -> dict:
     return {POOLING_KEY: cfg.pooling} if cfg.pooling != "last" else {}
 
 
+def label_entries(cfg: LlamaConfig) -> dict:
+    """id2label / label2id as transformers reads them: the class names the run trained on."""
+    names = list(cfg.labels or [f"LABEL_{i}" for i in range(cfg.num_labels)])
+    return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def read_labels(c: dict, file: str) -> tuple[str, ...] | None:
+    """The class names of a config's id2label; None for transformers' defaults (LABEL_0, ...)."""
+    id2label = c.get("id2label")
+    if not id2label:
+        return None
+    try:
+        names = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
+    except KeyError:
+        raise JaxftError(f"{file}: id2label keys are not 0..{len(id2label) - 1}") from None
+    return None if names == tuple(f"LABEL_{i}" for i in range(len(names))) else names
+
+
 def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
     """A HF config dict (as in config.json) -> LlamaConfig; unknown architectures are an error."""
     mtype = c.get("model_type")
@@ -77,8 +142,7 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
         raise JaxftError(f"{file}: model_type {mtype!r} is not supported (expected one of {', '.join(SUPPORTED)})")
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
-    if rope.get("rope_type", rope.get("type", "default")) == "default":
-        rope = {}
+    rope = _rope_scaling(rope, c, file)
     window = c.get("sliding_window")
     if mtype == "qwen2":
         window = window if c.get("use_sliding_window") else None
@@ -120,9 +184,38 @@ def config_from_dict(c: dict, file: str = "config", **overrides) -> LlamaConfig:
         pad_token_id=c.get("pad_token_id"),
         head="classification" if classify else "causal_lm",
         num_labels=len(c.get("id2label") or {0: 0, 1: 1}),
+        labels=read_labels(c, file),
         pooling=pooling,
     )
     return cfg.replace(**overrides)
+
+
+ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
+    """config.json's rope parameters -> what `rope_inv_freq` reads; unsupported types are an error here,
+    not a traceback mid-trace."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind not in ROPE_TYPES:
+        raise JaxftError(f"{file}: rope_type {kind!r} is not supported (expected one of {', '.join(ROPE_TYPES)})")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise JaxftError(f"{file}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported "
+                         "(expected 1.0)")
+    rope = {**rope, "rope_type": kind}
+    rope.pop("type", None)
+    if kind == "yarn":  # transformers' defaults, made explicit
+        rope.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings")
+                        or c.get("max_position_embeddings", 2048))
+        if rope.get("factor") is None:
+            rope["factor"] = c.get("max_position_embeddings", 2048) / rope["original_max_position_embeddings"]
+    missing = [k for k in ROPE_KEYS[kind] if rope.get(k) is None]
+    if missing:
+        raise JaxftError(f"{file}: rope_type {kind!r} needs {', '.join(missing)} in rope_parameters")
+    return rope
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -256,8 +349,7 @@ def hf_config_dict(cfg: LlamaConfig) -> dict:
         if cfg.model_type == "mistral":
             c["sliding_window"] = cfg.sliding_window
     if classify:
-        c["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        c["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        c.update(label_entries(cfg))
         c.update(pooling_entry(cfg))
     return c
 

@@ -41,11 +41,27 @@ class MetricWriter:
             self._jsonl.close()
 
 
-def summarize(sums: dict[str, float], prefix: str, perplexity: bool) -> dict[str, float]:
-    """Summed loss/correct/count -> mean loss, accuracy and (for token losses) perplexity."""
-    count = max(sums["count"], 1.0)
-    loss = sums["loss_sum"] / count
-    out = {f"{prefix}/loss": loss, f"{prefix}/accuracy": sums["correct"] / count}
+def summarize(sums: dict, prefix: str, perplexity: bool, labels=None) -> dict[str, float]:
+    """Summed loss/correct/count -> mean loss, accuracy and (for token losses) perplexity; with a
+    confusion matrix (rows: true class, columns: predicted), precision, recall and F1 per class named
+    by `labels`, and their macro average. A class never predicted (or never present) scores 0."""
+    count = max(float(sums["count"]), 1.0)
+    loss = float(sums["loss_sum"]) / count
+    out = {f"{prefix}/loss": loss, f"{prefix}/accuracy": float(sums["correct"]) / count}
     if perplexity:
         out[f"{prefix}/perplexity"] = math.exp(min(loss, 50.0))
+    if "confusion" in sums:
+        confusion = [[float(v) for v in row] for row in sums["confusion"]]
+        names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(len(confusion))]
+        f1s = []
+        for i, name in enumerate(names):
+            hit = confusion[i][i]
+            predicted, actual = sum(row[i] for row in confusion), sum(confusion[i])
+            precision = hit / predicted if predicted else 0.0
+            recall = hit / actual if actual else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            out.update({f"{prefix}/precision/{name}": precision, f"{prefix}/recall/{name}": recall,
+                        f"{prefix}/f1/{name}": f1})
+            f1s.append(f1)
+        out[f"{prefix}/f1_macro"] = sum(f1s) / len(f1s)
     return out

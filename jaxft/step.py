@@ -144,6 +144,11 @@ def make_eval_step(model):
     def eval_step(trainable, frozen, batch):
         params = {"params": merge(trainable, frozen)}
         outputs = model.apply(params, batch["input_ids"], batch["attention_mask"], return_hidden=True)
-        return loss_fn_of_head(outputs, batch)
+        sums = loss_fn_of_head(outputs, batch)
+        if model.cfg.head == "classification":  # weights of (true, predicted) pairs, for per-class figures
+            c = model.cfg.num_labels
+            pred = jnp.argmax(outputs, axis=-1)
+            sums["confusion"] = jnp.zeros((c, c), jnp.float32).at[batch["labels"], pred].add(batch["weight"])
+        return sums
 
     return eval_step

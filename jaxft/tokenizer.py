@@ -13,7 +13,10 @@ from jaxft.errors import JaxftError
 
 
 class Tokenizer:
-    """encode(text) -> ids without special tokens; bos/eos/pad ids; vocab_size."""
+    """encode(text) -> ids without special tokens; bos/eos/pad ids; vocab_size.
+
+    `bos_id` / `eos_id` are None where the tokenizer has no such token (Qwen2 has no BOS); `bos` and
+    `eos` are then empty lists, so `tok.bos + ids + tok.eos` adds only the tokens that exist."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -27,6 +30,7 @@ class Tokenizer:
             pad = self._sp.pad_id()
             self.pad_id = pad if pad >= 0 else self.eos_id
             self._hf = None
+            self._specials()
             return
         if not path.is_dir():
             raise JaxftError(f"tokenizer {str(path)!r}: no such directory or tokenizer.model file")
@@ -41,6 +45,16 @@ class Tokenizer:
         self.bos_id, self.eos_id = self._hf.bos_token_id, self._hf.eos_token_id
         pad = self._hf.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self._specials()
+
+    def _specials(self):
+        """SentencePiece says -1 and transformers None for a missing special token: None for both."""
+        self.bos_id = self.bos_id if self.bos_id is not None and self.bos_id >= 0 else None
+        self.eos_id = self.eos_id if self.eos_id is not None and self.eos_id >= 0 else None
+        if self.pad_id is None or self.pad_id < 0:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
+        self.bos = [self.bos_id] if self.bos_id is not None else []
+        self.eos = [self.eos_id] if self.eos_id is not None else []
 
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:

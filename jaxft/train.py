@@ -95,7 +95,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         eval_rec = sources.Records(eval_rec.rows[: d.max_eval_examples], eval_rec.where[: d.max_eval_examples])
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
-    task = d.task or ("classification" if label_field in train_rec.rows[0] else "causal_lm")
+    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field))
     if task == "classification" and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm only")
     if task == "classification":
@@ -131,14 +131,23 @@ def init_params(model, base_root, mesh, seed: int):
         return params
     loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
     target, shard_flat = flat(params), flat(shardings)
+    # Missing base weights are an error (a random frozen layer trains nothing useful), except the
+    # classifier head that a classification run puts on a checkpoint that has none.
+    new_head = model.cfg.head == "classification" and hf.read_config(base_root).head != "classification"
     for path in target:
         if path in loaded:
             value = loaded[path]
             if value.shape != target[path].shape:
                 raise JaxftError(f"{base_root}: {path} has shape {value.shape}, the model expects {target[path].shape}")
             target[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
-        elif not ADDED_PARAMS.search(path) and not path.startswith(("score/", "lm_head/")):
-            raise JaxftError(f"{base_root}: no weight for {path} in the checkpoint")
+        elif path.startswith("score/") and new_head:
+            log(f"new classification head {path} {tuple(target[path].shape)}: random init, trains "
+                f"({base_root} is not a sequence classifier)")
+        elif not ADDED_PARAMS.search(path):
+            hf_name = next(iter(hf.params_to_hf(unflat({path: np.zeros((1,) * target[path].ndim)}), model.cfg)), path)
+            tied = " (its config.json has tie_word_embeddings=false)" if path.startswith("lm_head/") else ""
+            raise JaxftError(f"{base_root}: the checkpoint has no {hf_name}{tied}: expected every base weight "
+                             "of the model")
     return unflat(target)
 
 
@@ -164,17 +173,18 @@ class Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
-def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool) -> dict:
+def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool, labels=None) -> dict:
+    """Loss, accuracy and (classification) per-class precision/recall/F1 named by `labels`."""
     from jaxft import sharding
     from jaxft.data.iterator import eval_batches
     from jaxft.metrics import summarize
 
-    totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    totals = {}
     rows = sharding.local_rows(mesh, batch_size)
     for local in eval_batches(arrays, batch_size, rows):
         out = jax.device_get(eval_step(state.params, frozen, sharding.to_global(mesh, local, batch_size)))
-        totals = {k: totals[k] + float(out[k]) for k in totals}
-    return summarize(totals, "eval", perplexity)
+        totals = {k: totals.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
+    return summarize(totals, "eval", perplexity, labels)
 
 
 def gather(tree):
@@ -197,7 +207,7 @@ def export(config, workdir, model, method, trainable, frozen, tokenizer_path):
     out = Path(config.export.dir or Path(workdir) / "export")
     params = merge(trainable, frozen)
     if added_params(params):  # PEFT: adapter-only weights
-        return hf_peft.save_adapter(model, method, trainable, out, base=config.model.path)
+        return hf_peft.save_adapter(model, method, trainable, out, base=hf.base_reference(config.model.path))
     return hf.save(model, jax.device_get(params), str(out), tokenizer_dir=tokenizer_path)
 
 
@@ -235,6 +245,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     cfg = cfg.replace(
         head=head,
         num_labels=len(data.labels) if data.labels else cfg.num_labels,
+        labels=tuple(str(v) for v in data.labels) if data.labels else cfg.labels,
         pooling=config.model.pooling or cfg.pooling,
         dtype=config.model.dtype,
         scan_layers=config.model.scan_layers,
@@ -307,7 +318,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def run_eval(state, step):
         if data.eval is None:
             return {}
-        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity)
+        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels)
         writer.write(step, metrics)
         writer.flush()
         return metrics

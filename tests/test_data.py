@@ -352,6 +352,49 @@ def test_resolve_local_files(tmp_path):
     raises(["missing.jsonl", "not found"], sources.resolve, cfg)
 
 
+@pytest.mark.parametrize("rows,task,label_field,given,expect", [
+    ([{"text": "a", "label": 1}], "", "label", False, "classification"),
+    ([{"text": "a"}], "", "label", False, "causal_lm"),  # the text is the only column
+    ([{"text": "a", "url": "u"}], "causal_lm", "label", False, "causal_lm"),
+    ([{"sentence": ["a", "b"]}], "", None, False, "causal_lm"),  # a bundled source without labels
+    ([{"text": "a", "stars": 5}], "", "stars", True, "classification"),
+    ([{"text": "a", "sentiment": "pos"}], "", "label", False, "data.task is empty and there is no 'label' column "
+                                                             "(columns found: text, sentiment)"),
+    ([{"text": "a", "sentiment": "pos"}], "classification", "label", False,
+     "no label column 'label' for classification (columns found: text, sentiment)"),
+    ([{"text": "a"}], "", "stars", True, "no label column 'stars'"),
+    ([{"text": "a"}], "classification", None, False, "no label field for classification"),
+])
+def test_choose_task(rows, task, label_field, given, expect):
+    """data.task, else only what the data says unambiguously (issue 10: a label column under another
+    name used to train a causal LM on the text)."""
+    args = (task, records(rows), "src.jsonl", "text" if "text" in rows[0] else "sentence", label_field, given)
+    if expect in ("classification", "causal_lm"):
+        assert tasks.choose_task(*args) == expect
+    else:
+        raises(["data.name='src.jsonl'", expect], tasks.choose_task, *args)
+
+
+def test_tokenizer_without_bos_or_eos(tok):
+    """Qwen2's tokenizer has no BOS: tasks add only the special tokens that exist."""
+    class NoSpecials:
+        bos, eos, bos_id, eos_id, pad_id = [], [7], None, 7, 7
+
+        def encode(self, text):
+            return tok.encode(text)
+
+    t = NoSpecials()
+    r = records([{"text": "hello world", "label": 0}])
+    arrays, _ = tasks.classification(r, t, 16, "text", "label", [0])
+    n = len(tok.encode("hello world"))
+    assert arrays["input_ids"][0, : n + 1].tolist() == tok.encode("hello world") + [7]
+    t.eos, t.eos_id = [], None
+    arrays, cut = tasks.classification(records([{"text": "hello world " * 20, "label": 0}]), t, 8, "text", "label", [0])
+    assert cut == 1 and arrays["input_ids"][0].tolist() == tok.encode("hello world " * 20)[:8]
+    lm, _ = tasks.causal_lm(records([{"text": "hello world " * 5}]), t, 4, "text")
+    assert lm["input_ids"].reshape(-1).tolist() == tok.encode("hello world " * 5)[: lm["input_ids"].size]
+
+
 def test_load_texts(tmp_path):
     p = write(tmp_path / "t.jsonl", '{"text": "a"}\n{"text": "二"}\n')
     assert sources.load_texts(str(p)) == ["a", "二"]

@@ -437,3 +437,60 @@ def test_dir_without_config_or_weights(tmp_path):
     config.save_pretrained(empty)
     with pytest.raises(JaxftError, match="safetensors"):
         hf.load(str(empty))
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. rope scaling types
+
+
+ROPE_VARIANTS = {
+    "llama_yarn": ("LlamaConfig", dict(max_position_embeddings=64, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2_yarn_mscale": ("Qwen2Config", dict(num_key_value_heads=2, max_position_embeddings=64, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": 8,
+        "mscale": 0.8, "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2})),
+    "mistral_yarn_attention_factor": ("MistralConfig", dict(head_dim=16, num_key_value_heads=2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 12,
+        "attention_factor": 1.3, "truncate": False})),
+    "llama_dynamic": ("LlamaConfig", dict(max_position_embeddings=16, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 3.0})),
+    "llama_linear": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0})),
+}
+
+
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_rope_types_match_transformers(tmp_path, variant):
+    """Each rope type against transformers, within and (dynamic) beyond max_position_embeddings; and
+    the scaling really changes the logits, so the test would catch it being ignored."""
+    cls_name, kw = ROPE_VARIANTS[variant]
+    model, params = None, None
+    for length in (12, 40):  # a fresh torch model per length: its dynamic rope keeps state between calls
+        ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name], sub=f"hf{length}")
+        model, params = hf.load(str(d))
+        x = ids(2, length, seed=length)
+        ref = torch_logits(ref_model, x)
+        assert rel_err(our_logits(model, params, x), ref) <= TOL, length
+        unscaled = model.clone(cfg=model.cfg.replace(rope_scaling=None))
+        moved = rel_err(our_logits(unscaled, params, x), ref)
+        if variant == "llama_dynamic" and length <= 16:
+            assert moved <= TOL  # dynamic NTK leaves sequences within max_position_embeddings alone
+        else:
+            assert moved > 1e-3
+    # Saved and read back by transformers with the same rope parameters.
+    out = hf.save(model, params, str(tmp_path / "saved"))
+    again = transformers.AutoConfig.from_pretrained(str(out))
+    assert again.rope_parameters["rope_type"] == kw["rope_parameters"]["rope_type"]
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}, "rope_type 'longrope' is not supported"),
+    ({"type": "su"}, "rope_type 'su' is not supported"),
+    ({"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+    ({"rope_type": "dynamic"}, "rope_type 'dynamic' needs factor"),
+])
+def test_unsupported_rope_is_one_line_error(tmp_path, rope, message):
+    c = {**BASE, "model_type": "llama", "rope_scaling": rope}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(JaxftError, match=message) as e:
+        hf.read_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)

@@ -188,6 +188,10 @@ def test_prefix_reparameterisation_exports_plain_prefix(torch_models, tmp_path):
     (dict(name="lora", rank=0), "method.rank=0"),
     (dict(name="lora", targets="q_proj(["), "method.targets"),
     (dict(name="ptuning_v2", num_virtual_tokens=0), "num_virtual_tokens"),
+    (dict(name="lora", targets="q_prj"), r"method.targets='q_prj' matches no module of this model \(module names: "
+                                          r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    (dict(name="lora", targets="q_proj,v_prj"), r"'v_prj' names no module"),
+    (dict(name="lora", targets=r".*attn\.qproj"), r"matches no module .*'layers\.self_attn\.q_proj'"),
 ])
 def test_bad_method_config(torch_models, kw, match):
     model, _ = hf.load(torch_models["causal"][1])

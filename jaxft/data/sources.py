@@ -111,12 +111,25 @@ def read_file(path: str | Path) -> Records:
 
 
 def _hub(name: str, split: str) -> Records:
+    import os
+    import sys
+
+    from jaxft.hf import first_line, offline_reason
+
+    offline = offline_reason()
+    if offline and "datasets" not in sys.modules:  # read the cache only: no retries against an unreachable hub
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
         import datasets
 
+        datasets.logging.set_verbosity_error()
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise JaxftError(f"data.name {name!r}: not bundled, not a local file, and the hub load failed ({e})") from None
+        if offline:
+            raise JaxftError(f"data.name {name!r}: not bundled, not a local file, not in the Hugging Face cache, and "
+                             f"the hub cannot be reached ({offline})") from None
+        reason = first_line(e)
+        raise JaxftError(f"data.name {name!r}: not bundled, not a local file, and the hub load failed ({reason})") from None
     return Records(list(ds), [f"{name}[{split}] row {i}" for i in range(len(ds))])
 
 

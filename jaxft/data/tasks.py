@@ -1,6 +1,7 @@
 """Records -> fixed-shape numpy arrays, so the train step compiles once.
 
-classification: [BOS] text [EOS] right-padded to seq_len, plus `labels`.
+classification: [BOS] text [EOS] right-padded to seq_len, plus `labels` (BOS and EOS where the
+                tokenizer has them: Qwen2's has no BOS).
 causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, no padding); a text
                 that is a list of segments becomes BOS seg1 EOS seg2 EOS ...
 Every array set carries `weight` (1 for a real example) so padded eval batches count nothing.
@@ -14,6 +15,32 @@ import numpy as np
 
 from jaxft.data.sources import Records, field
 from jaxft.errors import JaxftError
+
+
+def choose_task(task: str, records: Records, source: str, text_field: str, label_field: str | None,
+                label_given: bool) -> str:
+    """`data.task`, else what the data says when it says it unambiguously: classification when the label
+    column is there, causal_lm when the text column is the only one. A label column under another name
+    must not turn a classification run into a language model of the text, so anything else is an error."""
+    columns = list(records.rows[0]) if records.rows else []
+    found = f"columns found: {', '.join(map(str, columns)) or 'none'}"
+    if task == "classification" or (not task and label_given):
+        if not label_field:
+            raise JaxftError(f"data.name={source!r}: no label field for classification: set data.label_field ({found})")
+        if label_field not in columns:
+            raise JaxftError(f"data.name={source!r}: no label column {label_field!r} for classification ({found}); "
+                             f"set data.label_field")
+        return "classification"
+    if task:
+        return task
+    if label_field is None or not columns:  # a source without labels by definition (c4_demo)
+        return "causal_lm"
+    if label_field in columns:
+        return "classification"
+    if set(columns) <= {text_field}:
+        return "causal_lm"
+    raise JaxftError(f"data.name={source!r}: data.task is empty and there is no {label_field!r} column ({found}): set "
+                     f"data.task=classification with data.label_field=COLUMN, or data.task=causal_lm")
 
 
 def _text(records: Records, i: int, name: str) -> str:
@@ -50,10 +77,10 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
     index = {v: k for k, v in enumerate(labels)}
     truncated = 0
     for i in range(n):
-        toks = [tok.bos_id] + tok.encode(_text(records, i, text_field)) + [tok.eos_id]
+        toks = tok.bos + tok.encode(_text(records, i, text_field)) + tok.eos
         if len(toks) > seq_len:
             truncated += 1
-            toks = toks[: seq_len - 1] + [tok.eos_id]
+            toks = toks[: seq_len - len(tok.eos)] + tok.eos
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
         v = _label(field(records, i, label_field))
@@ -69,9 +96,9 @@ def causal_lm(records: Records, tok, seq_len: int, text_field: str):
     for i in range(len(records.rows)):  # a record's text may be a list of segments, each ended by EOS
         value = field(records, i, text_field)
         segments = value if isinstance(value, list) else [_text(records, i, text_field)]
-        stream.append(tok.bos_id)
+        stream += tok.bos
         for segment in segments:
-            stream += tok.encode(str(segment)) + [tok.eos_id]
+            stream += tok.encode(str(segment)) + tok.eos
     n = len(stream) // seq_len
     if n == 0:
         source = records.where[0].split(":")[0] if records.where else "data"  # no records at all: no where[0]

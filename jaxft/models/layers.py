@@ -63,14 +63,17 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * x32.astype(self.dtype)
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # as transformers computes them
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> jnp.ndarray:
-    """Inverse frequencies, with HF's `linear` and `llama3` rope scaling."""
+    """Inverse frequencies, with HF's `linear`, `llama3` and `yarn` rope scaling (`dynamic`: see `rope`)."""
     inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if not scaling:
         return inv
     s = dict(scaling)
     kind = s.get("rope_type", s.get("type", "default"))
-    if kind == "default":
+    if kind in ("default", "dynamic"):  # dynamic NTK changes only past max_position_embeddings
         return inv
     if kind == "linear":
         return inv / s["factor"]
@@ -83,14 +86,53 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> jnp.nda
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return jnp.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_type {kind!r}: expected default, linear or llama3")
+    if kind == "yarn":  # YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones
+        factor, old_len = s["factor"], s["original_max_position_embeddings"]
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+        def dim_of(rotations):  # the dimension that turns `rotations` times over the original length
+            return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(beta_fast), dim_of(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / ((high - low) or 0.001), 0, 1)
+        return inv / factor * ramp + inv * (1 - ramp)
+    raise ValueError(f"unsupported rope_type {kind!r}: expected one of {', '.join(ROPE_TYPES)}")
 
 
-def apply_rope(x, positions, inv_freq):
+def rope_attention_factor(scaling: tuple | None) -> float:
+    """YaRN scales cos and sin (so the attention logits) by this factor; 1 for the other types."""
+    s = dict(scaling or ())
+    if s.get("rope_type", s.get("type")) != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    mscale = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])
+
+
+def rope(q, k, positions, head_dim: int, theta: float, scaling: tuple | None, max_positions: int):
+    """q and k rotated. Dynamic NTK scaling raises the base once the longest position passes
+    `max_positions`, from the positions of this batch, as transformers does (stateless here)."""
+    inv = rope_inv_freq(head_dim, theta, scaling)
+    s = dict(scaling or ())
+    if s.get("rope_type", s.get("type")) == "dynamic":
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_positions).astype(jnp.float32)
+        factor = s["factor"]
+        base = theta * ((factor * seq_len / max_positions) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    scale = rope_attention_factor(scaling)
+    return apply_rope(q, positions, inv, scale), apply_rope(k, positions, inv, scale)
+
+
+def apply_rope(x, positions, inv_freq, scale: float = 1.0):
     """Rotate-half rotary embedding (HF Llama layout). x: [B, T, H, D], positions: [B, T]."""
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    cos, sin = jnp.cos(emb) * scale, jnp.sin(emb) * scale
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)

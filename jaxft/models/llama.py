@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft.models.layers import Linear, RMSNorm, apply_rope, attention, param_with_axes, rope_inv_freq
+from jaxft.models.layers import Linear, RMSNorm, attention, param_with_axes, rope
 
 HEADS = ("causal_lm", "classification")
 POOLING = ("last", "mean")
@@ -48,6 +48,7 @@ class LlamaConfig:
     head: str = "causal_lm"
     num_labels: int = 2
     pooling: str = "last"  # classification: the state the head reads (see `pool`)
+    labels: tuple[str, ...] | None = None  # classification: the class names (HF id2label); None: LABEL_0, ...
     dtype: str = "float32"  # compute dtype; parameters stay fp32 (master weights)
     scan_layers: bool = True
     remat: bool = False
@@ -77,8 +78,7 @@ class Attention(nn.Module):
         q = proj("q_proj", h * d, ("embed", "heads"), cfg.qkv_bias)(x).reshape(b, t, h, d)
         k = proj("k_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
         v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
-        inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = rope(q, k, positions, d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.sow("intermediates", "keys_values", (k, v))  # stored only when asked for (e.g. prefix init)
         if prefix is not None:  # learned keys/values, no rotary: they are not at a position
             k = jnp.concatenate([prefix[0].astype(dt), k], axis=1)

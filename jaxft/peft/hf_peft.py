@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.hf import pooling_entry, read_pooling
+from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
@@ -51,6 +51,12 @@ def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
     return kv.transpose(2, 0, 1, 3, 4).reshape(hook.num_virtual_tokens, -1)
 
 
+def named_labels(cfg) -> bool:
+    """Whether the classes have names worth writing: PEFT ignores (and warns about) keys it does not
+    know, so integer classes 0..C-1 (nothing to say beyond their index) are not written."""
+    return cfg.labels is not None and cfg.labels != tuple(str(i) for i in range(cfg.num_labels))
+
+
 def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
     """Write each of the method's hooks as a HF PEFT adapter (one subdirectory each if several)."""
     from safetensors.numpy import save_file
@@ -64,9 +70,10 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
     for hook in hooks:
         target = out / type(hook).__name__.replace("Hook", "").lower() if len(hooks) > 1 else out
         target.mkdir(parents=True, exist_ok=True)
-        common = {"base_model_name_or_path": base, "task_type": task, "inference_mode": True, "revision": None,
-                  "modules_to_save": ["score"] if score is not None else None,
-                  **(pooling_entry(cfg) if score is not None else {})}
+        common = {"base_model_name_or_path": base or None, "task_type": task, "inference_mode": True,
+                  "revision": None, "modules_to_save": ["score"] if score is not None else None,
+                  **(pooling_entry(cfg) if score is not None else {}),
+                  **(label_entries(cfg) if score is not None and named_labels(cfg) else {})}
         tensors = {}
         if isinstance(hook, LoraHook):
             modules = _lora_modules(trainable)
@@ -117,7 +124,11 @@ def load_adapter(model, params: dict, adapter_dir):
     score = tensors.get("base_model.model.score.weight", tensors.get("base_model.score.weight"))
     if score is not None:
         pooling = read_pooling(config, f"{root}/adapter_config.json", default=cfg.pooling)
-        cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling)
+        labels = read_labels(config, f"{root}/adapter_config.json")
+        if labels is not None and len(labels) != score.shape[0]:
+            raise JaxftError(f"{root}/adapter_config.json: {len(labels)} labels in id2label, "
+                             f"the score head has {score.shape[0]}")
+        cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling, labels=labels)
         new["score/kernel"] = score.T
     if kind == "LORA":
         if config.get("use_dora") or config.get("bias", "none") != "none":

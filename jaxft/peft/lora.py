@@ -19,12 +19,20 @@ from jaxft.models.layers import param_with_axes
 from jaxft.peft.hook import Hook
 
 
-def parse_targets(targets: str):
-    """'q_proj,v_proj' -> module names matched exactly; anything else is a regex on the dotted path."""
+def target_names(targets: str) -> frozenset[str] | None:
+    """The module names of a 'q_proj,v_proj' list; None for a regex."""
     targets = targets.strip()
     if re.fullmatch(r"[\w\s,]+", targets):
-        names = frozenset(t.strip() for t in targets.split(",") if t.strip())
+        return frozenset(t.strip() for t in targets.split(",") if t.strip())
+    return None
+
+
+def parse_targets(targets: str):
+    """'q_proj,v_proj' -> module names matched exactly; anything else is a regex on the dotted path."""
+    names = target_names(targets)
+    if names is not None:
         return lambda path: path.split(".")[-1] in names
+    targets = targets.strip()
     rx = re.compile(targets)
     return lambda path: rx.fullmatch(path) is not None
 

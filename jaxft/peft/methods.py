@@ -9,7 +9,8 @@ import dataclasses
 from typing import Any, Callable
 
 from jaxft.errors import JaxftError
-from jaxft.peft.lora import LoraHook, parse_targets
+from jaxft.peft.hook import Hook
+from jaxft.peft.lora import LoraHook, module_path, parse_targets, target_names
 from jaxft.peft.ptuning_v2 import PrefixHook
 
 
@@ -64,6 +65,49 @@ def _ptuning_v2(m, cfg) -> Method:
 METHODS: dict[str, Callable] = {"full": _full, "head": _head, "lora": _lora, "ptuning_v2": _ptuning_v2}
 
 
+class _Recorder(Hook):
+    """Notes the path of every Linear the model calls, and changes nothing."""
+
+    def __init__(self):
+        self.paths = []
+
+    def linear(self, module, x, y, kernel):
+        self.paths.append(module_path(module))
+        return y
+
+
+def linear_paths(model_cfg) -> list[str]:
+    """Dotted paths of this model's Linear layers, as hooks see them (traced, not run)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxft.models.llama import LlamaModel
+
+    recorder = _Recorder()
+    model = LlamaModel(model_cfg, hooks=(recorder,))
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    return list(dict.fromkeys(recorder.paths))
+
+
+def check_hooks(method: Method, model_cfg) -> None:
+    """Every hook that acts on Linear layers must act on at least one, and each name of a
+    `method.targets` list must name a module: a typo would otherwise quietly train less (with none
+    left, only the classifier head) and export a full model."""
+    linear_hooks = [h for h in method.hooks if type(h).linear is not Hook.linear]
+    if not linear_hooks:
+        return
+    paths = linear_paths(model_cfg)
+    names = sorted({p.split(".")[-1] for p in paths})
+    known = f"module names: {', '.join(names)}; full paths such as {paths[0]!r} for a regex"
+    for hook in linear_hooks:
+        what = f"method.targets={hook.targets!r}" if isinstance(hook, LoraHook) else type(hook).__name__
+        if not any(hook.acts_on(p) for p in paths):
+            raise JaxftError(f"{what} matches no module of this model ({known})")
+        unknown = sorted((target_names(hook.targets) or set()) - set(names)) if isinstance(hook, LoraHook) else []
+        if unknown:
+            raise JaxftError(f"{what}: {', '.join(map(repr, unknown))} names no module of this model ({known})")
+
+
 def build(method_config, model_cfg) -> Method:
     """config.method -> Method. Several methods compose: `method.name='lora+ptuning_v2'`."""
     parts = [n.strip() for n in str(method_config.name).split("+")]
@@ -74,4 +118,6 @@ def build(method_config, model_cfg) -> Method:
     trainable = tuple(p for m in built for p in m.trainable)
     if model_cfg.head == "classification":  # a new classifier head always trains
         trainable += (r"^score/",)
-    return Method("+".join(parts), tuple(dict.fromkeys(trainable)), tuple(h for m in built for h in m.hooks))
+    method = Method("+".join(parts), tuple(dict.fromkeys(trainable)), tuple(h for m in built for h in m.hooks))
+    check_hooks(method, model_cfg)
+    return method

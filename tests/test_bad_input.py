@@ -1,0 +1,296 @@
+"""Exit 0 means the result is right (issue 10): each case runs through the real CLI.
+
+A bad input must end with exit status 2, exactly one line on stderr starting with "error:", and
+nothing written (the workdir absent, or byte for byte as before). An input that used to crash or
+to train something silently wrong must now do the right thing, checked against an oracle:
+transformers and PEFT, or a confusion matrix computed here by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "configs/tiny_test.py"
+SST2 = ROOT / "jaxft" / "assets" / "sst2"
+
+
+def cli(workdir, *overrides, config=TINY, env=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def checksums(workdir) -> dict:
+    root = Path(workdir)
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def assert_one_line_error(r, *fragments):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def tiny_hf_model(directory, model_cls="LlamaForCausalLM", config_cls="LlamaConfig", vocab=128, **kw):
+    """A random transformers model saved to `directory` (safetensors + config.json)."""
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=64, **kw)
+    getattr(transformers, model_cls)(config).save_pretrained(directory)
+    return Path(directory)
+
+
+def sst2_rows(split: str, n: int):
+    with open(SST2 / f"{split}.tsv", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : n + 1]
+    return [(text.strip(), int(label)) for text, label in rows]
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The task is data.task, or what the data says unambiguously.
+
+
+@pytest.mark.parametrize("rows", [2, 300])
+def test_label_column_under_another_name_is_an_error(tmp_path, rows):
+    """Was: 2 rows -> "fewer than one block of 64"; 300 rows -> exit 0, a causal LM of the text."""
+    data = write_csv(tmp_path / "reviews.csv", ["text", "sentiment"],
+                     [(t, "pos" if y else "neg") for t, y in sst2_rows("train", rows)])
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, "data.task is empty", "no 'label' column", "columns found: text, sentiment")
+    assert "fewer than one block" not in r.stderr
+    assert checksums(wd) == {}
+
+
+def test_classification_without_its_label_column_lists_the_columns(tmp_path):
+    data = write_csv(tmp_path / "reviews.csv", ["text", "sentiment"], [("good", "pos"), ("bad", "neg")])
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.data.task=classification", "--config.data.label_field=stars",
+            config="configs/lora.py")
+    assert_one_line_error(r, "no label column 'stars' for classification", "columns found: text, sentiment")
+    assert checksums(wd) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A method must hook something.
+
+
+def test_lora_targets_matching_nothing_is_an_error_and_the_old_run_is_untouched(tmp_path):
+    """Was: exit 0, only the head trained (here: nothing), a full model exported."""
+    wd = tmp_path / "run"
+    assert cli(wd).returncode == 0
+    before = checksums(wd)
+    assert before
+    r = cli(wd, "--config.method.targets=q_prj,v_prj")
+    assert_one_line_error(r, "method.targets='q_prj,v_prj' matches no module",
+                          "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    assert checksums(wd) == before
+    r = cli(wd, "--config.method.targets=q_proj,v_prj")  # one typo: LoRA on q_proj only, quietly
+    assert_one_line_error(r, "method.targets='q_proj,v_prj': 'v_prj' names no module")
+    assert checksums(wd) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. A missing base weight.
+
+
+def test_missing_untied_lm_head_is_an_error(tmp_path):
+    """Was: exit 0 with a random, frozen output layer."""
+    d = tiny_hf_model(tmp_path / "base", tie_word_embeddings=False)
+    tensors = load_file(str(d / "model.safetensors"))
+    assert "lm_head.weight" in tensors
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.model.path={d}")
+    assert_one_line_error(r, f"{d}: the checkpoint has no lm_head.weight", "tie_word_embeddings=false")
+    assert checksums(wd) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input that ended in a traceback.
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "proportional", "factor": 2.0},
+])
+def test_unsupported_rope_type_is_one_line(tmp_path, rope):
+    """Was: a ValueError traceback from inside the traced model."""
+    d = tiny_hf_model(tmp_path / "base")
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = {**rope, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(config))
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.model.path={d}")
+    assert_one_line_error(r, f"rope_type {rope['rope_type']!r} is not supported", "expected one of default")
+    assert checksums(wd) == {}
+
+
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # the discard port: refused at once, no network needed
+
+
+@pytest.mark.parametrize("overrides,env,fragment", [
+    (["--config.model.path=nobody/no-such-model"], UNREACHABLE, "model.path 'nobody/no-such-model'"),
+    (["--config.model.path=nobody/no-such-model"], {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE=1"),
+    (["--config.data.name=nobody/no-such-dataset"], UNREACHABLE, "data.name 'nobody/no-such-dataset'"),
+], ids=["model-no-network", "model-hf-hub-offline", "dataset-no-network"])
+def test_unreachable_hub_name_is_one_line_at_once(tmp_path, overrides, env, fragment):
+    """Was: 26 s of retries and 23 lines for the dataset, a two-line message for the model."""
+    wd = tmp_path / "run"
+    t0 = time.time()
+    r = cli(wd, *overrides, config="configs/lora.py", env={"HF_HOME": str(tmp_path / "hf"), **env})
+    assert time.time() - t0 < 20  # start-up included; retries took 26 s
+    assert_one_line_error(r, fragment, "the hub cannot be reached")
+    assert checksums(wd) == {}
+
+
+def no_bos_tokenizer(directory) -> Path:
+    """A tiny HF tokenizer with an EOS and no BOS token, as Qwen2's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for t, _ in sst2_rows("train", 400) + sst2_rows("dev", 100) for w in t.split()})
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words[:500])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                pad_token="<|endoftext|>", unk_token="<unk>")
+    assert fast.bos_token is None and fast.bos_token_id is None
+    fast.save_pretrained(directory)
+    return Path(directory)
+
+
+def test_tokenizer_without_bos_trains(tmp_path):
+    """Was: TypeError (None in the token list). Now: no BOS, EOS at the end, and the run trains."""
+    from jaxft.data import tasks
+    from jaxft.data.sources import Records
+    from jaxft.tokenizer import Tokenizer
+
+    tok_dir = no_bos_tokenizer(tmp_path / "tok")
+    tok = Tokenizer(tok_dir)
+    assert tok.bos_id is None and tok.eos_id == 0
+    arrays, _ = tasks.classification(Records([{"text": "a charming journey", "label": 1}], ["x:1"]), tok, 8, "text",
+                                     "label", [0, 1])
+    expected = tok.encode("a charming journey") + [0]
+    assert arrays["input_ids"][0, : len(expected)].tolist() == expected and arrays["attention_mask"][0].sum() == 4
+
+    base = tiny_hf_model(tmp_path / "qwen", "Qwen2ForCausalLM", "Qwen2Config", vocab=512, eos_token_id=0,
+                         bos_token_id=None, pad_token_id=0)
+    data = write_csv(tmp_path / "train.csv", ["text", "label"], sst2_rows("train", 64))
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.model.path={base}", f"--config.model.tokenizer={tok_dir}", f"--config.data.name={data}",
+            "--config.data.seq_len=32", "--config.train.steps=4", "--config.method.name=lora")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (wd / "export" / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Label names, 8. adapters that point somewhere.
+
+LABELS = {0: "negative", 1: "positive"}
+
+
+@pytest.fixture(scope="module")
+def named_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("named")
+    train = write_csv(d / "train.csv", ["text", "label"], [(t, LABELS[y]) for t, y in sst2_rows("train", 256)])
+    dev = write_csv(d / "dev.csv", ["text", "label"], [(t, LABELS[y]) for t, y in sst2_rows("dev", 96)])
+    return train, dev
+
+
+def run_named(workdir, named_data, *overrides):
+    train, dev = named_data
+    r = cli(workdir, f"--config.data.name={train}", f"--config.data.eval_name={dev}", "--config.train.steps=30",
+            "--config.train.log_every_steps=10", "--config.checkpoint.every_steps=0", "--config.model.pooling=last",
+            *overrides, config="configs/lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return r, [row for row in rows if "eval/loss" in row][-1]
+
+
+def test_full_export_keeps_label_names_and_eval_reports_each_class(tmp_path, named_data):
+    from jaxft import hf
+    from jaxft.data import sources, tasks
+    from jaxft.tokenizer import Tokenizer
+
+    r, metrics = run_named(tmp_path, named_data, "--config.method.name=full", "--config.optimizer.learning_rate=1e-3")
+    assert "new classification head score/kernel" in r.stdout  # the head the config creates, named at start-up
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert config["label2id"] == {"negative": 0, "positive": 1}
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "export").id2label == {0: "negative", 1: "positive"}
+
+    # Per-class figures against a confusion matrix computed here from the exported model's predictions.
+    model, params = hf.load(str(tmp_path / "export"))
+    assert model.cfg.labels == ("negative", "positive")
+    dev = sources.read_file(named_data[1])
+    arrays, _ = tasks.classification(dev, Tokenizer(tmp_path / "export"), 64, "text", "label", ["negative", "positive"])
+    logits = np.asarray(model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"]))
+    pred, true = logits.argmax(-1), arrays["labels"]
+    assert 0 < (pred == 1).sum() < len(pred)  # both classes predicted: the figures are not degenerate
+    for k, name in LABELS.items():
+        tp = np.sum((pred == k) & (true == k))
+        fp, fn = np.sum((pred == k) & (true != k)), np.sum((pred != k) & (true == k))
+        precision, recall = tp / (tp + fp), tp / (tp + fn)
+        assert metrics[f"eval/precision/{name}"] == pytest.approx(precision, abs=1e-9)
+        assert metrics[f"eval/recall/{name}"] == pytest.approx(recall, abs=1e-9)
+        assert metrics[f"eval/f1/{name}"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-9)
+    assert metrics["eval/accuracy"] == pytest.approx(np.mean(pred == true), abs=1e-6)
+
+
+def test_adapter_names_a_loadable_base_and_keeps_label_names(tmp_path, named_data):
+    from peft import PeftModel
+
+    from jaxft import hf
+
+    run_named(tmp_path, named_data, "--config.method.name=lora")
+    export = tmp_path / "export"
+    config = json.loads((export / "adapter_config.json").read_text())
+    base = config["base_model_name_or_path"]
+    assert Path(base).is_absolute() and Path(base) == (ROOT / "jaxft" / "assets" / "jaxft-tiny").resolve()
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+
+    # What a PEFT user does: the base by the adapter's own reference, the labels from its config.
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    torch_base = transformers.AutoModelForSequenceClassification.from_pretrained(base, id2label=id2label)
+    peft_model = PeftModel.from_pretrained(torch_base, export).eval()
+
+    model, params = hf.load(base, adapter=str(export))
+    assert model.cfg.labels == ("negative", "positive")
+    ids = np.array([[1, 45, 300, 12, 7, 2], [1, 99, 2, 3, 3, 3]], np.int32)
+    mask = (np.arange(6)[None] < np.array([[6], [3]])).astype(np.int32)
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+    ref = ref.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
