@@ -246,9 +246,11 @@ def _on_shards(fn, q, k, v, mask):
         batch.pop()
     heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names and k.shape[2] % mesh.shape[HEAD_AXIS] == 0 else None
     spec = PartitionSpec(tuple(batch) or None, None, heads, None)
-    return jax.shard_map(
-        fn, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(spec[0], None)), out_specs=spec, check_vma=False
-    )(q, k, v, mask)
+    specs = (spec, spec, spec, PartitionSpec(spec[0], None))
+    args = (q, k, v, mask)
+    if not mesh.are_all_axes_auto:  # explicit axes: shard_map takes its inputs laid out as its specs
+        args = tuple(jax.sharding.reshard(x, s) for x, s in zip(args, specs))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
 IMPLS = {"xla": xla, "cudnn": cudnn, "splash": splash, "flash": flash}
