@@ -110,14 +110,15 @@ def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
 
 
 def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn"):
-    """cuDNN flash attention through `jax.nn.dot_product_attention`, with its own masks only: causal
-    (top-left), key lengths (right padding) and a window counted in rows, so no dense mask exists.
+    """cuDNN flash attention through `jax.nn.dot_product_attention`, with its plain causal mask (top-left,
+    tiles above the diagonal skipped) and window: no dense mask, no sequence lengths.
     `implementation="xla"` runs the same call on any backend (the tests' CPU check).
 
-    - Padding becomes right padding: each row's real tokens move to the front, in order (a permutation,
-      undone on the output). Exact for any mask without a window, and with one for left or right padding.
+    - Each row's real tokens move to the front, in order (a permutation, undone on the output): padding
+      ends up after every real token, where the causal mask already hides it from real queries. Exact for
+      any padding mask without a window, and with one for left or right padding (index gaps are kept).
     - P prefix columns get P dummy query rows in front, so queries and keys have one length and the
-      top-left causal mask lets row P+i see the whole prefix and the tokens up to i; dummies are dropped.
+      causal mask lets row P+i see the whole prefix and the tokens up to i; the dummies are dropped.
     - A window with prefix columns is not expressible: the kernel's window would hide the prefix from
       rows far from it, and a dense bias has no batched gradient in cuDNN. That combination runs the xla
       reference (exact, dense).
@@ -131,10 +132,8 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
     rows = lambda x: _permute(x, order, inverse)  # noqa: E731
     q = _prepend(jnp.zeros((b, p, h, d), q.dtype), rows(q))
     k, v = (_prepend(x[:, :p], rows(x[:, p:])) for x in (k, v))
-    lengths = jnp.maximum(p + jnp.sum(mask, axis=1, dtype=jnp.int32), 1)  # an all-padding row sees key 0
     out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, key_value_seq_lengths=lengths,
-        local_window_size=(window - 1, 0) if window else None, implementation=implementation,
+        q, k, v, is_causal=True, local_window_size=(window - 1, 0) if window else None, implementation=implementation
     )
     return _permute(out[:, p:], inverse, order)
 
