@@ -43,7 +43,7 @@ def case_id(case):
     return f"{'gqa' if kv < h else 'mha'}-window{window or 0}-prefix{prefix}"
 
 
-def inputs(dtype, heads=(4, 2), prefix=0, t=24, d=16, seed=0):
+def inputs(dtype, heads=(4, 2), prefix=0, t=24, d=64, seed=0):
     """q [3, t, H, d]; k, v [3, prefix + t, KV, d]; mask [3, t]: left padding, right padding, none."""
     h, kv = heads
     r = np.random.RandomState(seed)
@@ -95,7 +95,8 @@ def test_cudnn_matches_xla(case):
 # (splash: causal, offset, window, window OR prefix, one query head per kv head; flash: dummy query rows,
 # repeated kv heads, the xla fallback for windows), and bf16 on the fullest one.
 GQA, MHA = (4, 2), (4, 4)
-PALLAS_CASES = [("splash", c, "float32") for c in ((GQA, None, 0), (GQA, None, 3), (GQA, 5, 0), (GQA, 5, 3), (MHA, 5, 3))]
+PALLAS_CASES = [("splash", c, "float32")
+                for c in ((GQA, None, 0), (GQA, None, 3), (GQA, 5, 0), (GQA, 5, 3), (MHA, 5, 3))]
 PALLAS_CASES += [("flash", c, "float32") for c in ((GQA, None, 0), (GQA, None, 3), (MHA, None, 3), (GQA, 5, 3))]
 PALLAS_CASES += [("splash", (GQA, 5, 3), "bfloat16"), ("flash", (GQA, None, 3), "bfloat16")]
 
@@ -156,7 +157,7 @@ def test_cudnn_runs_the_fused_causal_kernel():
 
 def tiny_model(attention, dtype, window, prefix=3):
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                      sliding_window=window, dtype=dtype, attention=attention)
+                      head_dim=64, sliding_window=window, dtype=dtype, attention=attention)
     if not prefix:
         return LlamaModel(cfg)
     method = base_config().method
