@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
     c.model.scan_layers = True
     c.model.remat = False
+    c.model.attention = "auto"  # xla, cudnn, splash, flash, or auto: the fastest the backend runs (see README)
 
     # Method section: which parameters train and how the model is hooked.
     c.method = ml_collections.ConfigDict()
@@ -101,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "model.head": ("", "causal_lm", "classification"),
     "model.pooling": ("", "last", "mean"),
     "data.task": ("", "causal_lm", "classification"),

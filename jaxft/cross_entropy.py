@@ -73,7 +73,7 @@ def _forward(hidden, embedding, targets, weights, length, dtype, hidden_grad: bo
 
     def chunk(grad_e, xs):
         h, y, w = (x.reshape((-1,) + x.shape[2:]) for x in xs)  # [B * length, ...]: plain 2-D matmuls
-        logits = jnp.einsum("nd,vd->nv", h.astype(dtype), e).astype(jnp.float32)
+        logits = jnp.einsum("nd,vd->nv", h.astype(dtype), e, preferred_element_type=jnp.float32)
         nll, correct, p, s = _softmax_nll(logits, y)
         sums = (jnp.sum(nll * w), jnp.sum(correct * w))
         if not (hidden_grad or embedding_grad):

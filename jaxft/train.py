@@ -250,6 +250,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         dtype=config.model.dtype,
         scan_layers=config.model.scan_layers,
         remat=config.model.remat,
+        attention=config.model.attention,
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
     method = build(config.method, cfg)

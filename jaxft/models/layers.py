@@ -1,4 +1,4 @@
-"""Layers shared by the model families: hookable linear, RMSNorm, rotary embeddings, attention.
+"""Layers shared by the model families: hookable linear, RMSNorm, rotary embeddings.
 
 Every parameter is created with logical axis names (see `jaxft.sharding`), so one rules table
 decides how it is laid out on the mesh. `Linear` is the named point where PEFT methods that
@@ -32,6 +32,7 @@ class Linear(nn.Module):
     dtype: Dtype = jnp.float32
     hooks: Sequence[Any] = ()
     init_std: float = 0.02
+    preferred_element_type: Dtype | None = None  # e.g. float32 for logits: accumulate and return them in fp32
 
     @nn.compact
     def __call__(self, x, kernel_only: bool = False):
@@ -41,7 +42,8 @@ class Linear(nn.Module):
         )
         if kernel_only:
             return kernel
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), 
+                    preferred_element_type=self.preferred_element_type)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],))
             y = y + bias.astype(self.dtype)
@@ -137,14 +139,3 @@ def apply_rope(x, positions, inv_freq, scale: float = 1.0):
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
-
-def attention(q, k, v, mask, dtype):
-    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D]; mask: [B, T, S] bool."""
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft.models.layers import Linear, RMSNorm, attention, param_with_axes, rope
+from jaxft.models.attention import attention
+from jaxft.models.layers import Linear, RMSNorm, param_with_axes, rope
 
 HEADS = ("causal_lm", "classification")
 POOLING = ("last", "mean")
@@ -52,6 +53,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype; parameters stay fp32 (master weights)
     scan_layers: bool = True
     remat: bool = False
+    attention: str = "xla"  # xla | cudnn | splash | flash | auto: see `jaxft.models.attention`
 
     @property
     def dim_per_head(self) -> int:
@@ -71,6 +73,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, positions, prefix):
+        """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         b, t, _ = x.shape
@@ -80,10 +83,12 @@ class Attention(nn.Module):
         v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
         q, k = rope(q, k, positions, d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.sow("intermediates", "keys_values", (k, v))  # stored only when asked for (e.g. prefix init)
+        num_prefix = 0
         if prefix is not None:  # learned keys/values, no rotary: they are not at a position
+            num_prefix = prefix[0].shape[1]
             k = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
             v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
-        out = attention(q, k, v, mask, dt)
+        out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention)
         return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)(out)
 
 
@@ -136,19 +141,6 @@ def pool(h, mask, how: str):
     raise ValueError(f"pooling={how!r}: expected one of {POOLING}")
 
 
-def causal_mask(mask, num_prefix: int, sliding_window: int | None):
-    """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window; prefixes always visible."""
-    t = mask.shape[1]
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    allowed = j <= i
-    if sliding_window:
-        allowed &= i - j < sliding_window
-    full = allowed[None] & mask[:, None, :].astype(bool)
-    if num_prefix:
-        full = jnp.concatenate([jnp.ones((mask.shape[0], t, num_prefix), bool), full], axis=-1)
-    return full
-
-
 class LlamaModel(nn.Module):
     """`apply({"params": p}, input_ids, attention_mask)` -> logits [B, T, V] or [B, num_labels]."""
 
@@ -174,7 +166,7 @@ class LlamaModel(nn.Module):
         if prefixes:  # each: (keys, values) of shape [layers, B, P, KV, D]
             prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
         num_prefix = prefix[0].shape[2] if prefix is not None else 0
-        mask = causal_mask(attention_mask, num_prefix, cfg.sliding_window)
+        mask = attention_mask  # [B, T]: attention derives causality, window and prefix from it, no dense mask
         if position_ids is None:  # real tokens count from 0 after the prefix, as they do after a KV cache
             position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0) + num_prefix
 
@@ -197,12 +189,13 @@ class LlamaModel(nn.Module):
 
         if cfg.head == "classification":
             pooled = pool(h, attention_mask, cfg.pooling)
-            return Linear(cfg.num_labels, ("embed", None), False, dt, self.hooks, name="score")(pooled).astype(
-                jnp.float32
-            )
+            score = Linear(cfg.num_labels, ("embed", None), False, dt, self.hooks, preferred_element_type=jnp.float32,
+                           name="score")
+            return score(pooled).astype(jnp.float32)
         if cfg.tie_word_embeddings:
-            return (h, embed) if return_hidden else jnp.dot(h, embed.astype(dt).T).astype(jnp.float32)
-        lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, name="lm_head")
+            return (h, embed) if return_hidden else jnp.dot(h, embed.astype(dt).T, preferred_element_type=jnp.float32)
+        lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, preferred_element_type=jnp.float32,
+                         name="lm_head")
         if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
             return h, lm_head(h, kernel_only=True).T
         return lm_head(h).astype(jnp.float32)

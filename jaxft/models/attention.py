@@ -1,0 +1,255 @@
+"""Attention behind one call: the XLA einsum reference and the fused kernels, picked by `model.attention`.
+
+`xla`: einsum scores accumulated in fp32 and a dense mask; the reference, and what CPUs run.
+`cudnn`: flash attention through `jax.nn.dot_product_attention` on NVIDIA GPUs (bf16/fp16).
+`splash`, `flash`: the Pallas TPU kernels (`jax.experimental.pallas.ops.tpu`).
+`auto`: cudnn on a GPU computing in bf16/fp16, splash on a TPU, xla otherwise.
+
+Every implementation gets the same structured mask, not a dense one: the [B, T] padding mask, the number
+P of prefix key/value columns in front of the keys (P-Tuning v2) and the sliding window. Query i sees key
+column c when c < P (a prefix is always visible), or c = P + j with token j real, j <= i and i - j <
+window. The fused kernels build this from their own causal masks and skip the masked tiles; rows of
+padding queries are finite but may differ between implementations (nothing downstream reads them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from jaxft.errors import JaxftError
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "flash")
+CHOICES = ("auto",) + IMPLEMENTATIONS
+BLOCK = 128  # the Pallas TPU kernels' tile along both sequence axes: lengths are padded to a multiple
+BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # as jaxft.sharding's rules lay out batch and heads
+_INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
+
+
+def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dtype=jnp.float32, impl: str = "xla"):
+    """q [B, T, H, D]; k, v [B, P+T, KV, D] with the P prefix columns first; mask [B, T] (1 = real token)
+    -> [B, T, H*D] in `dtype`. H may be a multiple of KV (grouped-query attention)."""
+    b, t, h, d = q.shape
+    impl = resolve(impl, dtype, d)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None)
+    return out.reshape(b, t, h * d)
+
+
+def resolve(impl: str, dtype, head_dim: int) -> str:
+    """`model.attention` -> the implementation this backend runs. One it cannot run is an error, never a
+    silent fallback; `auto` picks the fastest it can."""
+    backend, half = jax.default_backend(), jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "auto":
+        if backend == "gpu" and half and _cudnn_head_dim(head_dim):
+            return "cudnn"
+        return "splash" if backend == "tpu" else "xla"
+    if impl not in IMPLEMENTATIONS:
+        raise JaxftError(f"model.attention={impl!r}: expected one of {', '.join(map(repr, CHOICES))}")
+    if impl == "cudnn" and not (backend == "gpu" and half):
+        raise JaxftError(
+            f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 (cuDNN flash attention): "
+            f"this run has backend {backend!r} and dtype {jnp.dtype(dtype).name}"
+        )
+    if impl in ("splash", "flash") and backend != "tpu" and not _INTERPRET.get():
+        raise JaxftError(f"model.attention={impl!r} is a Pallas TPU kernel: this run's backend is {backend!r}")
+    return impl
+
+
+def _cudnn_head_dim(d: int) -> bool:
+    """cuDNN's flash attention takes head dims that are multiples of 8, up to 256 from Hopper on, else 128."""
+    cc = tuple(int(x) for x in getattr(jax.local_devices()[0], "compute_capability", "0.0").split("."))
+    return d % 8 == 0 and d <= (256 if cc >= (9, 0) else 128)
+
+
+@contextlib.contextmanager
+def pallas_interpret():
+    """Run the Pallas TPU kernels (splash, flash) in TPU interpret mode on any backend: slow, for tests."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    token = _INTERPRET.set(True)
+    try:
+        with pltpu.force_tpu_interpret_mode():
+            yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def causal_mask(mask, num_prefix: int, sliding_window: int | None):
+    """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window; prefixes always visible."""
+    t = mask.shape[1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = j <= i
+    if sliding_window:
+        allowed &= i - j < sliding_window
+    full = allowed[None] & mask[:, None, :].astype(bool)
+    if num_prefix:
+        full = jnp.concatenate([jnp.ones((mask.shape[0], t, num_prefix), bool), full], axis=-1)
+    return full
+
+
+def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+    """The reference: scores accumulated in fp32 (not rounded to bf16 first), a dense [B, T, P+T] mask,
+    softmax in fp32. q [B, T, H, D], k, v [B, P+T, KV, D] -> [B, T, H, D]."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    allowed = causal_mask(mask, num_prefix, window)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(v.dtype)
+
+
+def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn"):
+    """cuDNN flash attention through `jax.nn.dot_product_attention`, with its plain causal mask (top-left,
+    tiles above the diagonal skipped) and window: no dense mask, no sequence lengths.
+    `implementation="xla"` runs the same call on any backend (the tests' CPU check).
+
+    - Each row's real tokens move to the front, in order (a permutation, undone on the output): padding
+      ends up after every real token, where the causal mask already hides it from real queries. Exact for
+      any padding mask without a window, and with one for left or right padding (index gaps are kept).
+    - P prefix columns get P dummy query rows in front, so queries and keys have one length and the
+      causal mask lets row P+i see the whole prefix and the tokens up to i; the dummies are dropped.
+    - A window with prefix columns is not expressible: the kernel's window would hide the prefix from
+      rows far from it, and a dense bias has no batched gradient in cuDNN. That combination runs the xla
+      reference (exact, dense).
+    """
+    if window and num_prefix:
+        return xla(q, k, v, mask, num_prefix, window)
+    b, t, h, d = q.shape
+    p = num_prefix
+    order = jnp.argsort(1 - mask.astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
+    inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
+    rows = lambda x: _permute(x, order, inverse)  # noqa: E731
+    q = _prepend(jnp.zeros((b, p, h, d), q.dtype), rows(q))
+    k, v = (_prepend(x[:, :p], rows(x[:, p:])) for x in (k, v))
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(window - 1, 0) if window else None, implementation=implementation
+    )
+    return _permute(out[:, p:], inverse, order)
+
+
+def _prepend(head, x):
+    return jnp.concatenate([head, x], axis=1) if head.shape[1] else x
+
+
+@jax.custom_vjp
+def _permute(x, order, inverse):
+    """x[b, order[b]] along axis 1. Its gradient is the inverse permutation: a gather, not a scatter."""
+    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+_permute.defvjp(
+    lambda x, order, inverse: (_permute(x, order, inverse), (order, inverse)),
+    lambda res, g: (_permute(g, res[1], res[0]), None, None),
+)
+
+
+def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+    """Pallas TPU splash attention. Its static masks are block-sparse (fully masked tiles are skipped):
+    causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window, OR-ed with the
+    prefix columns when both; padding is segment ids (1 real, 0 padding). No dense mask is built."""
+    return _on_shards(functools.partial(_splash, num_prefix=num_prefix, window=window), q, k, v, mask)
+
+
+def _splash(q, k, v, mask, num_prefix, window):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, d = q.shape
+    kv, p = k.shape[2], num_prefix
+    tq, s = _round(t), _round(p + _round(t))  # queries and keys padded at the end to whole tiles
+    q = _pad(q * jnp.asarray(1 / math.sqrt(d), q.dtype), tq)  # the kernel does not scale the scores
+    k, v = _pad(k, s), _pad(v, s)
+    # Padding queries (segment 0) see padding keys up to themselves, never an empty row; the columns
+    # added past P + tq are beyond every row's causal reach.
+    seg_q = _pad(mask.astype(jnp.int32), tq)
+    seg_kv = _pad(jnp.concatenate([jnp.ones((b, p), jnp.int32), mask.astype(jnp.int32)], axis=1), s)
+    if window:
+        m = sm.LocalMask((tq, s), (window - 1, 0), offset=p)
+        if p:  # the prefix lies outside far rows' windows but stays visible
+            m = m | sm.NumpyMask(np.broadcast_to(np.arange(s) < p, (tq, s)).copy())
+    else:
+        m = sm.CausalMask((tq, s), offset=p)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (h // kv)))
+    heads = lambda x, n: x.transpose(0, 2, 1, 3).reshape((b, kv, n) + x.shape[1:2] + (d,))  # noqa: E731
+    per_kv_head = _vmap(lambda q, k, v, seg: kernel(q, k, v, seg), broadcast_last=True)
+    k, v = heads(k, 1)[:, :, 0], heads(v, 1)[:, :, 0]
+    out = _vmap(per_kv_head)(heads(q, h // kv), k, v, sk.SegmentIds(seg_q, seg_kv))
+    return out.reshape(b, h, tq, d).transpose(0, 2, 1, 3)[:, :t]
+
+
+def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+    """Pallas TPU flash attention (the older kernel; splash is the one `auto` picks). Its causal mask is
+    top-left, so P prefix columns get P dummy query rows in front; padding is segment ids. It takes equal
+    head counts: grouped keys and values are repeated per query head. It has no window: with one, this
+    runs the xla reference (exact, dense)."""
+    if window:
+        return xla(q, k, v, mask, num_prefix, window)
+    return _on_shards(functools.partial(_flash, num_prefix=num_prefix), q, k, v, mask)
+
+
+def _flash(q, k, v, mask, num_prefix):
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, t, h, d = q.shape
+    p, s = num_prefix, _round(num_prefix + t)
+    q = _pad(_prepend(jnp.zeros((b, p, h, d), q.dtype), q), s)
+    k, v = (_pad(jnp.repeat(x, h // x.shape[2], axis=2), s) for x in (k, v))
+    # Dummy rows see prefix columns up to themselves; padding rows see padding keys up to themselves.
+    seg = _pad(jnp.concatenate([jnp.ones((b, p), jnp.int32), mask.astype(jnp.int32)], axis=1), s)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    out = fa.flash_attention(
+        heads_first(q), heads_first(k), heads_first(v), segment_ids=fa.SegmentIds(seg, seg), causal=True,
+        sm_scale=1 / math.sqrt(d),
+    )
+    return heads_first(out)[:, p : p + t]
+
+
+def _vmap(fn, broadcast_last: bool = False):
+    """vmap over the leading axis of every argument (but the last, if `broadcast_last`). In interpret mode a
+    loop instead: TPU interpret mode does not take a kernel whose grid vmap has extended."""
+    if not _INTERPRET.get():
+        return jax.vmap(fn, in_axes=(0,) * 3 + (None if broadcast_last else 0,))
+    if broadcast_last:
+        return lambda *xs: jax.lax.map(lambda a: fn(*a, xs[-1]), xs[:-1])
+    return lambda *xs: jax.lax.map(lambda a: fn(*a), xs)
+
+
+def _round(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def _pad(x, length: int):
+    """Zeros at the end of axis 1 up to `length`."""
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _on_shards(fn, q, k, v, mask):
+    """A Pallas kernel sees one device's arrays: under a mesh (`jax.set_mesh`), run `fn` per shard with
+    the batch over the data axes and heads over the tensor axis where they divide; else as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, mask)
+    batch = [a for a in BATCH_AXES if a in mesh.axis_names]
+    while batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+        batch.pop()
+    heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names and k.shape[2] % mesh.shape[HEAD_AXIS] == 0 else None
+    spec = PartitionSpec(tuple(batch) or None, None, heads, None)
+    specs = (spec, spec, spec, PartitionSpec(spec[0], None))
+    args = (q, k, v, mask)
+    if not mesh.are_all_axes_auto:  # explicit axes: shard_map takes its inputs laid out as its specs
+        args = tuple(jax.sharding.reshard(x, s) for x, s in zip(args, specs))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
+
+
+IMPLS = {"xla": xla, "cudnn": cudnn, "splash": splash, "flash": flash}

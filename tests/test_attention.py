@@ -1,0 +1,270 @@
+"""Every attention implementation against the xla reference (`jaxft.models.attention`).
+
+One grid: a left-padded, a right-padded and a full row in every batch; grouped-query and multi-head
+attention; with and without a sliding window; with and without P-Tuning v2 prefix columns; fp32 and bf16.
+On CPU it checks the cudnn call convention through `jax.nn.dot_product_attention(implementation="xla")`
+and the Pallas TPU kernels (splash, flash) in TPU interpret mode. On an NVIDIA GPU it checks the real cuDNN
+kernel in bf16: `JAX_PLATFORMS=cuda python -m pytest -q tests/test_attention.py`. No torch or
+transformers, so it runs anywhere.
+"""
+
+import contextlib
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxft import sharding
+from jaxft.config import CHOICES, base_config, validate
+from jaxft.cross_entropy import fused_cross_entropy
+from jaxft.errors import JaxftError
+from jaxft.models import attention as A
+from jaxft.models.llama import LlamaConfig, LlamaModel
+from jaxft.peft import build
+
+BACKEND = jax.default_backend()
+GPU = BACKEND == "gpu"
+# The TPU kernels run natively on a TPU and in TPU interpret mode on CPU (not offered on GPUs here).
+PALLAS = BACKEND in ("cpu", "tpu")
+needs_gpu = pytest.mark.skipif(not GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
+needs_pallas = pytest.mark.skipif(not PALLAS, reason="the Pallas TPU kernels run on TPU, or interpreted on CPU")
+# fp32 matmuls run as TF32 on GPUs by default, hence the looser accelerator tolerance.
+TOL = {"float32": 2e-5 if BACKEND == "cpu" else 5e-3, "bfloat16": 3e-2}
+
+GRID = [(heads, window, prefix) for heads in ((4, 2), (4, 4)) for window in (None, 5) for prefix in (0, 3)]
+
+
+def case_id(case):
+    (h, kv), window, prefix = case
+    return f"{'gqa' if kv < h else 'mha'}-window{window or 0}-prefix{prefix}"
+
+
+def inputs(dtype, heads=(4, 2), prefix=0, t=24, d=64, seed=0):
+    """q [3, t, H, d]; k, v [3, prefix + t, KV, d]; mask [3, t]: left padding, right padding, none."""
+    h, kv = heads
+    r = np.random.RandomState(seed)
+    q, k, v = r.randn(3, t, h, d), r.randn(3, prefix + t, kv, d), r.randn(3, prefix + t, kv, d)
+    mask = np.ones((3, t), bool)
+    mask[0, :9] = False
+    mask[1, 15:] = False
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v)) + (jnp.asarray(mask),)
+
+
+def interpreted():
+    """TPU interpret mode off a TPU; the real kernels on one."""
+    return A.pallas_interpret() if BACKEND != "tpu" else contextlib.nullcontext()
+
+
+def run(fn, q, k, v, mask, prefix, window):
+    return jax.jit(fn, static_argnums=(4, 5))(q, k, v, mask, prefix, window)
+
+
+def assert_matches(got, ref, mask, dtype):
+    """Equal on real query rows; finite everywhere (padding rows may differ: nothing reads them)."""
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(got).all()
+    real = np.asarray(mask).reshape(mask.shape + (1,) * (got.ndim - 2))
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def check(fn, case, dtype):
+    heads, window, prefix = case
+    q, k, v, mask = inputs(dtype, heads, prefix)
+    ref = run(A.xla, q, k, v, mask, prefix, window)
+    assert_matches(run(fn, q, k, v, mask, prefix, window), ref, mask, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_dot_product_attention_call_matches_xla(case, dtype):
+    """The cudnn path's masks, offsets and permutations, through jax.nn's own XLA implementation."""
+    check(functools.partial(A.cudnn, implementation="xla"), case, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_cudnn_matches_xla(case):
+    check(A.cudnn, case, "bfloat16")
+
+
+# Interpret mode compiles for seconds per case: each kernel gets the cases that take its different paths
+# (splash: causal, offset, window, window OR prefix, one query head per kv head; flash: dummy query rows,
+# repeated kv heads, the xla fallback for windows), and bf16 on the fullest one.
+GQA, MHA = (4, 2), (4, 4)
+PALLAS_CASES = [("splash", c, "float32")
+                for c in ((GQA, None, 0), (GQA, None, 3), (GQA, 5, 0), (GQA, 5, 3), (MHA, 5, 3))]
+PALLAS_CASES += [("flash", c, "float32") for c in ((GQA, None, 0), (GQA, None, 3), (MHA, None, 3), (GQA, 5, 3))]
+PALLAS_CASES += [("splash", (GQA, 5, 3), "bfloat16"), ("flash", (GQA, None, 3), "bfloat16")]
+
+
+@needs_pallas
+@pytest.mark.parametrize("kernel,case,dtype", PALLAS_CASES, 
+                         ids=[f"{k}-{case_id(c)}-{d}" for k, c, d in PALLAS_CASES])
+def test_pallas_kernel_matches_xla(kernel, case, dtype):
+    with interpreted():
+        check(getattr(A, kernel), case, dtype)
+
+
+def grads(fn, q, k, v, mask, prefix, window):
+    """Gradients wrt q, k, v of a weighted sum of the real rows' outputs."""
+    w = jnp.asarray(np.random.RandomState(1).randn(*q.shape), jnp.float32) * mask[:, :, None, None]
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, mask, prefix, window).astype(jnp.float32) * w)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+GRAD_IMPLS = {
+    "dot_product_xla": (functools.partial(A.cudnn, implementation="xla"), True),
+    "cudnn": (A.cudnn, GPU),
+    "splash": (A.splash, PALLAS),
+    "flash": (A.flash, PALLAS),
+}
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+@pytest.mark.parametrize("impl", list(GRAD_IMPLS))
+def test_gradients_match_xla(impl, prefix):
+    """Causal attention over padded rows, grouped-query, with and without prefix columns."""
+    fn, available = GRAD_IMPLS[impl]
+    if not available:
+        pytest.skip(f"{impl} does not run on {BACKEND}")
+    if impl in ("splash", "flash") and prefix == 0:
+        pytest.skip("interpret mode is slow: the kernels' backward passes are checked with a prefix")
+    dtype = "bfloat16" if impl == "cudnn" else "float32"
+    q, k, v, mask = inputs(dtype, (4, 2), prefix)
+    with interpreted() if impl in ("splash", "flash") else contextlib.nullcontext():
+        got = grads(fn, q, k, v, mask, prefix, None)
+    ref = grads(A.xla, q, k, v, mask, prefix, None)
+    for name, g, r in zip("qkv", got, ref):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        scale = float(np.max(np.abs(np.asarray(r, np.float32))))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   atol=TOL[dtype] * scale, rtol=TOL[dtype], err_msg=name)
+
+
+@needs_gpu
+def test_cudnn_runs_the_fused_causal_kernel():
+    """cuDNN's own causal mask, not a dense one: it skips the masked half, forward and backward."""
+    q, k, v, mask = inputs("bfloat16", (4, 2), 3)
+    fwd = jax.jit(A.cudnn, static_argnums=(4, 5)).lower(q, k, v, mask, 3, None).as_text()
+    bwd = jax.jit(lambda q: jax.grad(lambda q: A.cudnn(q, k, v, mask, 3).astype(jnp.float32).sum())(q)).lower(q)
+    for text in (fwd, bwd.as_text()):
+        assert "__cudnn$fmha" in text and "CAUSAL" in text
+
+
+def tiny_model(attention, dtype, window, prefix=3):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=64, sliding_window=window, dtype=dtype, attention=attention)
+    if not prefix:
+        return LlamaModel(cfg)
+    method = base_config().method
+    method.name, method.num_virtual_tokens = "ptuning_v2", prefix
+    return LlamaModel(cfg, hooks=build(method, cfg).hooks)
+
+
+# cudnn runs a window with a prefix as xla, so its window case has no prefix (the kernel's own window).
+# flash's model case would repeat its grid cases at interpret mode's cost: splash's covers the model path.
+MODEL_CASES = [("cudnn", None, 3, "bfloat16", GPU), ("cudnn", 6, 0, "bfloat16", GPU),
+               ("splash", 6, 3, "float32", PALLAS)]
+
+
+@pytest.mark.parametrize("impl,window,prefix,dtype,available", MODEL_CASES,
+                         ids=[f"{c[0]}-window{c[1] or 0}-prefix{c[2]}" for c in MODEL_CASES])
+def test_model_logits_match_xla(impl, window, prefix, dtype, available):
+    """A whole Llama (P-Tuning v2 prefix, padded on either side): the same logits whatever the attention."""
+    if not available:
+        pytest.skip(f"{impl} does not run on {BACKEND}")
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 64, (3, 24)))
+    mask = inputs("float32")[3].astype(jnp.int32)
+    ref_model = tiny_model("xla", dtype, window, prefix)
+    params = nn.unbox(jax.jit(ref_model.init)(jax.random.PRNGKey(0), ids, mask)["params"])
+    ref = jax.jit(ref_model.apply)({"params": params}, ids, mask)
+    with interpreted() if impl in ("splash", "flash") else contextlib.nullcontext():
+        got = jax.jit(tiny_model(impl, dtype, window, prefix).apply)({"params": params}, ids, mask)
+    # bf16 differences go through two layers and the LM head: compare against the logits' spread.
+    tol = TOL[dtype] * (1 if dtype == "float32" else float(np.std(np.asarray(ref))) * 4)
+    got, ref = np.asarray(got), np.asarray(ref)
+    real = np.asarray(mask, bool)[:, :, None]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0), atol=tol, rtol=TOL[dtype])
+
+
+@needs_pallas
+@pytest.mark.parametrize("axes", ["auto", "explicit"])
+def test_splash_per_shard_under_a_mesh(axes):
+    """Under `jax.set_mesh` the kernel runs per shard (batch over data/fsdp, heads over tensor): on
+    jaxft's mesh (automatic axes) and on one with explicit axes (`jax.make_mesh`'s default)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh_cfg = {"data": 2, "fsdp": 2, "tensor": 2}
+    mesh = sharding.make_mesh(mesh_cfg) if axes == "auto" else jax.make_mesh((2, 2, 2), sharding.MESH_AXES)
+    q, k, v, mask = inputs("float32", (4, 2), 3)
+    q, k, v, mask = (jnp.concatenate([x, x[:1]]) for x in (q, k, v, mask))  # 4 rows: over data x fsdp
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES)))  # noqa: E731
+    ref = run(A.xla, q, k, v, mask, 3, None)
+    with interpreted(), jax.set_mesh(mesh):
+        fn = jax.jit(A.splash, static_argnums=(4, 5))
+        args = tuple(map(put, (q, k, v, mask)))
+        assert "shard_map" in str(jax.make_jaxpr(fn, static_argnums=(4, 5))(*args, 3, None))
+        got = fn(*args, 3, None)
+    assert_matches(got, ref, mask, "float32")
+
+
+def dot_generals(jaxpr):
+    """Every dot_general of a jaxpr, inside scans, custom_vjps and pjits too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from dot_generals(sub)
+
+
+def test_scores_and_logits_accumulate_in_fp32():
+    """In bf16, attention scores and every logit come out of their matmuls in fp32, not rounded to bf16."""
+    q, k, v, mask = inputs("bfloat16", (4, 2), 3)
+    dots = list(dot_generals(jax.make_jaxpr(lambda *a: A.xla(*a, 3, None))(q, k, v, mask).jaxpr))
+    assert dots and all(e.params["preferred_element_type"] == jnp.float32 for e in dots)
+
+    ids = jnp.ones((2, 8), jnp.int32)
+    for kw in ({}, {"tie_word_embeddings": True}, {"head": "classification", "num_labels": 3}):
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
+                          num_kv_heads=2, dtype="bfloat16", **kw)
+        model = LlamaModel(cfg)
+        params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids)["params"]))
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params).jaxpr
+        width = cfg.num_labels if cfg.head == "classification" else cfg.vocab_size
+        heads = [e for e in dot_generals(jaxpr) if e.outvars[0].aval.shape[-1] == width]
+        assert heads and all(e.outvars[0].aval.dtype == jnp.float32 for e in heads), kw
+
+    hidden, emb = jnp.ones((2, 8, 32), jnp.bfloat16), jnp.ones((64, 32), jnp.float32)
+    targets, weights = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8))
+    jaxpr = jax.make_jaxpr(lambda h, e: fused_cross_entropy(h, e, targets, weights, jnp.bfloat16))(hidden, emb).jaxpr
+    logits = [e for e in dot_generals(jaxpr) if e.outvars[0].aval.shape[-1] == 64]
+    assert logits and all(e.outvars[0].aval.dtype == jnp.float32 for e in logits)
+
+
+def test_choice_and_errors():
+    """`auto` picks what the backend runs; a choice it cannot run is a one-line error naming it."""
+    assert CHOICES["model.attention"] == A.CHOICES
+    assert A.resolve("auto", jnp.float32, 64) in (("splash",) if BACKEND == "tpu" else ("xla",))
+    assert A.resolve("auto", jnp.bfloat16, 64) == {"gpu": "cudnn", "tpu": "splash"}.get(BACKEND, "xla")
+    with pytest.raises(JaxftError, match="model.attention='cudnn'.*float32"):
+        A.resolve("cudnn", jnp.float32, 64)
+    if BACKEND != "tpu":
+        for kernel in ("splash", "flash"):
+            with pytest.raises(JaxftError, match=f"model.attention='{kernel}'.*{BACKEND}"):
+                A.resolve(kernel, jnp.bfloat16, 64)
+    if not GPU:
+        with pytest.raises(JaxftError, match=f"model.attention='cudnn'.*{BACKEND}"):
+            A.resolve("cudnn", jnp.bfloat16, 64)
+    config = base_config()
+    assert config.model.attention == "auto"
+    config.model.attention = "fast"
+    with pytest.raises(JaxftError, match="model.attention='fast'"):
+        validate(config)
