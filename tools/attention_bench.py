@@ -12,6 +12,7 @@ forward, over all T positions. Default implementations: those the backend runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ def main(argv=None):
     p.add_argument("--impls", default="", help="comma-separated; default: every one the backend runs")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default="", help="also append the rows (one JSON object per line) to this file")
     args = p.parse_args(argv)
 
     b, t, h, kv, d, n = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim, args.prefix
@@ -71,6 +73,12 @@ def main(argv=None):
         jax.block_until_ready(out)
         sec = (time.perf_counter() - start) / args.steps
         print(f"{impl:>7}: {sec * 1e3:8.2f} ms  {flops / sec / 1e12:8.3g} TFLOP/s")
+        if args.json:
+            row = {k: getattr(args, k) for k in ("batch", "seq", "heads", "kv_heads", "head_dim", "dtype",
+                                                 "left_pad", "prefix", "window")}
+            with open(args.json, "a") as f:
+                f.write(json.dumps({**row, "impl": impl, "ms": sec * 1e3, "tflops": flops / sec / 1e12,
+                                    "device_kind": jax.devices()[0].device_kind}) + "\n")
 
 
 def runs(impl: str, dtype: str, head_dim: int) -> bool:

@@ -50,7 +50,11 @@ fi
 
 echo "== 3. attention micro-benchmark ($((SECONDS - t0)) s)"
 if [ -f tools/attention_bench.py ]; then
-  timeout 90 python3 tools/attention_bench.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention_bench.log" | tail -15
+  rm -f "$OUT/attention.jsonl"
+  for extra in "" "--left_pad 512 --prefix 16" "--window 1024"; do  # plain causal; padding + prefix; window
+    timeout 60 python3 tools/attention_bench.py --kv_heads 4 $extra --json "$OUT/attention.jsonl" 2>&1 \
+      | tee -a "$OUT/attention_bench.log" | tail -6
+  done
 fi
 
 echo "== 4. training throughput, jaxft vs PEFT ($((SECONDS - t0)) s)"
@@ -65,11 +69,15 @@ import json, os, sys
 out, attn_rc, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def read(name):
     path = os.path.join(out, name)
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in open(path)]
+    return json.load(open(path))
 summary = {"seconds": seconds, "attention_tests_exit_status": None if attn_rc < 0 else attn_rc,
            "versions": open(os.path.join(out, "versions.txt")).read().splitlines(),
            "nvidia_smi": open(os.path.join(out, "nvidia_smi.csv")).read().splitlines(),
-           "attention_bench": read("attention.json"), "benchmark": read("benchmark.json")}
+           "attention_bench": read("attention.jsonl"), "benchmark": read("benchmark.json")}
 json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 print(f"wrote {out}/gpu_check.json ({seconds} s)")
 EOF
