@@ -65,7 +65,7 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
     """Devices laid out as the (data, fsdp, tensor) mesh; one-line JaxftError if that cannot be built.
 
     `mesh.data/fsdp/tensor` are sizes within a slice (ICI); `mesh.dcn_data` / `mesh.dcn_fsdp` > 1
-    make a multi-slice mesh whose data / fsdp axes span that many slices (DCN), tensor never does.
+    make a multi-slice mesh whose data / fsdp axes also span that many slices (DCN); tensor never does.
     """
     dcn = (int(mesh_cfg.get("dcn_data", 1)), int(mesh_cfg.get("dcn_fsdp", 1)), 1)
     if min(dcn) < 1:
@@ -74,13 +74,17 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
     if len(devices) % slices:
         raise JaxftError(f"mesh.dcn_data x mesh.dcn_fsdp = {slices} slices do not divide the {len(devices)} devices")
     shape = mesh_shape(mesh_cfg, len(devices) // slices)
+    found = {getattr(d, "slice_index", 0) for d in devices}
+    if slices == 1 and devices[0].platform == "tpu" and len(found) > 1:  # a multi-slice mesh laid out as one
+        raise JaxftError(f"the {len(devices)} devices span {len(found)} slices: set mesh.dcn_data and mesh.dcn_fsdp "
+                         f"so that their product is {len(found)}")
     what = f"mesh {dict(zip(MESH_AXES, shape))}" + (f" x dcn {dict(zip(MESH_AXES, dcn))}" if slices > 1 else "")
     try:
         if slices == 1:
             return mesh_utils.create_device_mesh(shape, devices=devices)
         return mesh_utils.create_hybrid_device_mesh(shape, dcn, devices=devices)
     except (AssertionError, ValueError, NotImplementedError, AttributeError, KeyError) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise JaxftError(f"{what}: cannot be laid out on {len(devices)} {devices[0].device_kind} devices ({reason})") from None
 
 
