@@ -85,7 +85,8 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
         return mesh_utils.create_hybrid_device_mesh(shape, dcn, devices=devices)
     except (AssertionError, ValueError, NotImplementedError, AttributeError, KeyError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise JaxftError(f"{what}: cannot be laid out on {len(devices)} {devices[0].device_kind} devices ({reason})") from None
+        kind = devices[0].device_kind
+        raise JaxftError(f"{what}: cannot be laid out on {len(devices)} {kind} devices ({reason})") from None
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -15,8 +15,6 @@ import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -179,6 +177,10 @@ def test_layout_collectives(compiled):
         assert_gathers_only_parameters(step)
         if mesh == TENSOR:
             assert not ops(step, "all-gather"), describe(step)
+        # No collective at all moves the heads' activations ([.., heads x head_dim] or [.., heads, head_dim])
+        # or the MLP's hidden units ([.., mlp]): they stay split between the two projections.
+        acts = [s for s in operands(step.collectives) if is_activation(s)]
+        assert not [s for s in acts if s[-1] in (HEADS_X_DIM, MLP) or len(s) == 4], describe(step)
         acts = collections.Counter(s for s in operands(ops(step, "all-reduce", in_layer=True)) if is_activation(s))
         rows = B // (mesh[0] * mesh[1])
         # The activations reduced in a layer are the residual stream [rows, T, hidden] and, with LoRA,
