@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Multi-slice TPU: the data / fsdp axes also span this many slices (DCN); the sizes above are per slice.
+    c.mesh.dcn_data = 1
+    c.mesh.dcn_fsdp = 1
     return c
 
 
@@ -108,7 +111,8 @@ CHOICES = {
     "data.task": ("", "causal_lm", "classification"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }
-POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps")
+POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps",
+            "mesh.dcn_data", "mesh.dcn_fsdp")
 NON_NEGATIVE = ("checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
                 "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples")
 

@@ -2,15 +2,19 @@
 
 Models name their axes (`embed`, `heads`, `mlp`, ...); this table alone maps them to mesh axes, so
 changing the parallelism is changing the table or `config.mesh`, never the model (as in MaxText).
+Parameters are laid out by `param_shardings`; activations by `constrain`, active while a step is
+traced under `axis_rules(mesh)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -30,6 +34,11 @@ RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    # Activations: attention heads and the MLP's hidden units stay split over the tensor axis between
+    # the column-parallel projections that make them and the row-parallel ones that consume them.
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
 )
 
 
@@ -52,14 +61,36 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_cfg, len(devices))
+def device_grid(mesh_cfg, devices) -> np.ndarray:
+    """Devices laid out as the (data, fsdp, tensor) mesh; one-line JaxftError if that cannot be built.
+
+    `mesh.data/fsdp/tensor` are sizes within a slice (ICI); `mesh.dcn_data` / `mesh.dcn_fsdp` > 1
+    make a multi-slice mesh whose data / fsdp axes also span that many slices (DCN); tensor never does.
+    """
+    dcn = (int(mesh_cfg.get("dcn_data", 1)), int(mesh_cfg.get("dcn_fsdp", 1)), 1)
+    if min(dcn) < 1:
+        raise JaxftError(f"mesh.dcn_data={dcn[0]}, mesh.dcn_fsdp={dcn[1]}: expected positive numbers of slices")
+    slices = math.prod(dcn)
+    if len(devices) % slices:
+        raise JaxftError(f"mesh.dcn_data x mesh.dcn_fsdp = {slices} slices do not divide the {len(devices)} devices")
+    shape = mesh_shape(mesh_cfg, len(devices) // slices)
+    found = {getattr(d, "slice_index", 0) for d in devices}
+    if slices == 1 and devices[0].platform == "tpu" and len(found) > 1:  # a multi-slice mesh laid out as one
+        raise JaxftError(f"the {len(devices)} devices span {len(found)} slices: set mesh.dcn_data and mesh.dcn_fsdp "
+                         f"so that their product is {len(found)}")
+    what = f"mesh {dict(zip(MESH_AXES, shape))}" + (f" x dcn {dict(zip(MESH_AXES, dcn))}" if slices > 1 else "")
     try:
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (AssertionError, ValueError, NotImplementedError):
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+        if slices == 1:
+            return mesh_utils.create_device_mesh(shape, devices=devices)
+        return mesh_utils.create_hybrid_device_mesh(shape, dcn, devices=devices)
+    except (AssertionError, ValueError, NotImplementedError, AttributeError, KeyError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        kind = devices[0].device_kind
+        raise JaxftError(f"{what}: cannot be laid out on {len(devices)} {kind} devices ({reason})") from None
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    return Mesh(device_grid(mesh_cfg, jax.devices() if devices is None else devices), MESH_AXES)
 
 
 def _fit(spec: P, shape, mesh: Mesh) -> P:
@@ -82,6 +113,38 @@ def param_shardings(abstract_variables, mesh: Mesh):
         return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
 
     return jax.tree_util.tree_map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params, shardings, mesh: Mesh):
+    """The optimizer state's shardings: each moment like its parameter, the rest (counts) replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract, shardings, transform_non_params=lambda _: replicated(mesh)
+    )
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh | None):
+    """While a step is traced: logical activation constraints (`constrain`) act on `mesh`.
+
+    Without a mesh (a single-device tool, a unit test) every constraint is a no-op.
+    """
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(RULES):
+        yield
+
+
+def constrain(x, logical: tuple):
+    """Constrain an activation to its logical axes, dropping mesh axes that do not divide a dimension
+    (e.g. 2 key/value heads on 4-way tensor parallelism), which XLA would otherwise pad."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    spec = _fit(nn.logical_to_mesh_axes(logical, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

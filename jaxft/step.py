@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxft import sharding
 from jaxft.cross_entropy import fused_cross_entropy, token_stats
 from jaxft.peft.partition import merge
 
@@ -26,6 +27,23 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any  # the trainable leaves only
     opt_state: Any
     rng: jax.Array
+
+
+def init_state(tx: optax.GradientTransformation, params, seed: int, mesh) -> tuple[TrainState, TrainState]:
+    """-> (state, its shardings), created directly in that layout: the optimizer's moments split like
+    their parameters (under FSDP, 2x the trainable parameters in fp32 never sit on one device), the
+    step counter and rng replicated. Parameters not yet on `mesh` are replicated onto it."""
+    rep = sharding.replicated(mesh)
+    on_mesh = lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else rep  # noqa: E731
+    param_shardings = jax.tree_util.tree_map(on_mesh, params)
+    shardings = TrainState(
+        step=rep, params=param_shardings, rng=rep,
+        opt_state=sharding.opt_state_shardings(tx, params, param_shardings, mesh),
+    )
+    params = jax.device_put(params, param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)), out_shardings=rep)()
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng), shardings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +114,10 @@ LOSSES: dict[str, Callable] = {"classification": classification_loss, "causal_lm
 # Primary training / eval step functions.
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int):
+def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, mesh=None,
+                    param_shardings=None):
+    """`mesh` turns on the model's activation constraints and keeps every micro-batch spread over the
+    data/FSDP shards; `param_shardings` holds the gradient carry to the parameters' layout."""
     loss_fn_of_head = LOSSES[model.cfg.head]
 
     def forward(trainable, frozen, batch, rng):
@@ -107,18 +128,32 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         sums = loss_fn_of_head(outputs, batch)
         return sums["loss_sum"], sums
 
+    def like_params(grads):
+        return grads if param_shardings is None else jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    def micro_batches(x):
+        # Micro-batch i takes rows i, i + grad_accum, ...: each device's rows split evenly between the
+        # micro-batches, so every micro-batch stays on all data/FSDP shards and nothing moves.
+        x = x.reshape((-1, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
     def train_step(state: TrainState, frozen, batch):
+        with sharding.axis_rules(mesh):
+            return _train_step(state, frozen, batch)
+
+    def _train_step(state: TrainState, frozen, batch):
         rng, step_rng = jax.random.split(state.rng)
-        micro = jax.tree_util.tree_map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+        micro = jax.tree_util.tree_map(micro_batches, batch)
         grad_fn = jax.grad(forward, has_aux=True)
 
         def accumulate(carry, xs):
             grads, sums = carry
             mb, i = xs
             g, s = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, i))
-            return (jax.tree_util.tree_map(jnp.add, grads, g), jax.tree_util.tree_map(jnp.add, sums, s)), None
+            grads = like_params(jax.tree_util.tree_map(jnp.add, grads, g))
+            return (grads, jax.tree_util.tree_map(jnp.add, sums, s)), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        zeros = like_params(jax.tree_util.tree_map(jnp.zeros_like, state.params))
         zero_sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum)))
         count = jnp.maximum(sums["count"], 1.0)
@@ -138,12 +173,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, mesh=None):
     loss_fn_of_head = LOSSES[model.cfg.head]
 
     def eval_step(trainable, frozen, batch):
         params = {"params": merge(trainable, frozen)}
-        outputs = model.apply(params, batch["input_ids"], batch["attention_mask"], return_hidden=True)
+        with sharding.axis_rules(mesh):
+            outputs = model.apply(params, batch["input_ids"], batch["attention_mask"], return_hidden=True)
         sums = loss_fn_of_head(outputs, batch)
         if model.cfg.head == "classification":  # weights of (true, predicted) pairs, for per-class figures
             c = model.cfg.num_labels

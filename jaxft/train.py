@@ -224,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from jaxft.models.llama import LlamaModel
     from jaxft.peft import build
     from jaxft.peft.partition import count, flat, split
-    from jaxft.step import TrainState, make_eval_step, make_optimizer, make_train_step
+    from jaxft.step import init_state, make_eval_step, make_optimizer, make_train_step
 
     validate(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -274,15 +274,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
     replicated = sharding.replicated(mesh)
-    step0, rng0 = jax.jit(
-        lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(config.train.seed)), out_shardings=replicated
-    )()
-    state = TrainState(step=step0, params=trainable, opt_state=jax.jit(tx.init)(trainable), rng=rng0)
-    # Optimizer buffers follow their parameters; anything else (counters) is replicated on the mesh.
-    state_shardings = jax.tree_util.tree_map(
-        lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else replicated, state
-    )
-    state = jax.jit(lambda s: s, out_shardings=state_shardings)(state)
+    state, state_shardings = init_state(tx, trainable, config.train.seed, mesh)
 
     # Only now, with every input checked, does the run write anything.
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -301,11 +293,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log(f"resuming from step {latest} in {ckpt.directory}")
 
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, accum),
+        make_train_step(model, tx, schedule, accum, mesh, state_shardings.params),
         donate_argnums=(0,),
         out_shardings=(state_shardings, replicated),
     )
-    eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
+    eval_step = jax.jit(make_eval_step(model, mesh), out_shardings=replicated)
     buckets = ()
     if config.data.length_buckets and data.task == "classification":
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < config.data.seq_len) + (config.data.seq_len,)

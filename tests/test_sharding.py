@@ -1,11 +1,18 @@
-"""Same losses whatever the layout: 1 vs 8 devices (data, FSDP, tensor parallel), 1 vs 2 processes."""
+"""Same losses whatever the layout: 1 vs 8 devices (data, FSDP, tensor parallel), 1 vs 2 processes; the
+optimizer state's layout, gradient accumulation, and meshes over one or several TPU slices."""
 
+import dataclasses
+import itertools
 import os
 import socket
 import subprocess
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from jax.experimental import mesh_utils
 
 from test_train import ROOT, TINY, cli, losses
 
@@ -85,3 +92,194 @@ def test_local_launcher_runs_two_processes(tmp_path):
     assert "over 4 devices, 2 process(es)" in r.stdout
     assert (tmp_path / "logs" / "process_1.log").exists()
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state layout.
+
+
+def adam_moments(state):
+    from jaxft.peft.partition import flat
+
+    (adam,) = [s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+               if hasattr(s, "mu")]
+    return {"mu": flat(adam.mu), "nu": flat(adam.nu)}
+
+
+def assert_moments_like_params(state, mesh):
+    from jaxft.peft.partition import flat
+
+    params = flat(state.params)
+    split = 0
+    for name, moments in adam_moments(state).items():
+        assert moments.keys() == params.keys()
+        for path, m in moments.items():
+            p = params[path]
+            assert m.sharding.mesh == mesh and m.sharding.spec == p.sharding.spec, (name, path, m.sharding, p.sharding)
+            assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape, (name, path)
+            split += "fsdp" in jax.tree_util.tree_leaves(tuple(p.sharding.spec))
+    assert split >= 2 * 9  # every kernel and embedding is really split 8 ways, moments with it
+
+
+def test_optimizer_state_sharded_like_params_and_restored_so(tmp_path):
+    """mesh.fsdp=8: every Adam moment has its parameter's PartitionSpec (1/8 of it per device), when
+    created and after a run's checkpoint is restored the way train.py resumes."""
+    from jaxft import sharding
+    from jaxft.checkpoint import Checkpoints
+    from jaxft.models.llama import LlamaModel
+    from jaxft.step import init_state, make_optimizer
+    from jaxft.train import init_params, load_model_config, train_and_evaluate
+    from configs.tiny_test import get_config
+
+    config = get_config()  # hidden 32, MLP 64, vocab 128: all divide 8
+    config.method.name, config.mesh.data, config.mesh.fsdp = "full", 1, 8
+    config.train.steps, config.checkpoint.every_steps, config.export.enabled = 2, 2, False
+    train_and_evaluate(config, str(tmp_path))
+
+    mesh = sharding.make_mesh(config.mesh)
+    model = LlamaModel(load_model_config(config)[0])
+    tx, _ = make_optimizer(config.optimizer, config.train.steps)
+    state, shardings = init_state(tx, init_params(model, None, mesh, 0), 0, mesh)
+    assert_moments_like_params(state, mesh)
+    assert jax.tree_util.tree_map(lambda x: x.sharding, state) == shardings
+
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ckpt = Checkpoints(tmp_path, 2, 2)
+    restored, meta = ckpt.restore(ckpt.latest_step(), abstract)
+    ckpt.close()
+    assert int(restored.step) == 2 and meta["data_position"] == 2
+    assert_moments_like_params(restored, mesh)
+    nu = adam_moments(restored)["nu"]["layers/mlp/up_proj/kernel"]
+    assert float(jnp.max(nu)) > 0  # the trained moments, not fresh zeros
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation.
+
+
+def test_grad_accumulation_same_loss_and_gradient():
+    """grad_accum=4 over strided micro-batches = one full batch: same loss sums and updated parameters
+    (to fp rounding), on a FSDP x data mesh with uneven padding across rows."""
+    from jaxft import sharding
+    from jaxft.config import base_config
+    from jaxft.models.llama import LlamaConfig, LlamaModel
+    from jaxft.step import init_state, make_optimizer, make_train_step
+    from jaxft.train import init_params
+
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp = 2, 4
+    c.optimizer.grad_clip = 0.0
+    mesh = sharding.make_mesh(c.mesh)
+    model = LlamaModel(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                   num_kv_heads=2))
+    tx, schedule = make_optimizer(c.optimizer, 10)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 13, 32)
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
+    host = {"input_ids": rng.integers(0, 128, (32, 12)).astype(np.int32) * mask, "attention_mask": mask,
+            "weight": np.ones(32, np.float32)}
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
+    out = {}
+    for accum in (1, 4):
+        state, shardings = init_state(tx, init_params(model, None, mesh, 0), 0, mesh)
+        step = jax.jit(make_train_step(model, tx, schedule, accum, mesh, shardings.params),
+                       out_shardings=(shardings, sharding.replicated(mesh)))
+        out[accum] = jax.device_get(step(state, {}, batch))
+    (s1, m1), (s4, m4) = out[1], out[4]
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s4.params), jax.tree_util.tree_leaves(s1.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes: one slice, several slices (DCN), and the ones that cannot be built.
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+    """What mesh_utils reads of a TPU device."""
+    id: int
+    slice_index: int
+    coords: tuple
+    core_on_chip: int = 0
+    process_index: int = 0
+    platform: str = "tpu"
+    device_kind: str = "TPU v4"
+
+
+def tpu_slices(n: int, chips=(2, 2, 1)) -> list:
+    devices = []
+    for s in range(n):
+        for xyz in itertools.product(*(range(k) for k in chips[::-1])):
+            devices.append(FakeTpu(id=len(devices), slice_index=s, coords=xyz[::-1], process_index=s))
+    return devices
+
+
+def mesh_cfg(**kw):
+    c = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
+    c.update(kw)
+    return c
+
+
+def slice_of(grid):
+    return np.vectorize(lambda d: d.slice_index)(grid)
+
+
+def test_dcn_data_spans_slices():
+    from jaxft.sharding import device_grid
+
+    grid = device_grid(mesh_cfg(data=1, fsdp=4, dcn_data=2), tpu_slices(2))
+    assert grid.shape == (2, 4, 1)
+    assert (slice_of(grid)[0] == 0).all() and (slice_of(grid)[1] == 1).all()  # the data axis crosses DCN
+    assert sorted(d.id for d in grid.flat) == list(range(8))
+    # -1 takes the remaining devices of one slice; the dcn factor multiplies it.
+    assert device_grid(mesh_cfg(data=-1, dcn_data=2), tpu_slices(2)).shape == (8, 1, 1)
+
+
+def test_dcn_fsdp_spans_slices():
+    from jaxft.sharding import device_grid
+
+    grid = device_grid(mesh_cfg(data=2, fsdp=2, dcn_fsdp=2), tpu_slices(2))
+    assert grid.shape == (2, 4, 1)
+    assert (slice_of(grid)[:, :2] == 0).all() and (slice_of(grid)[:, 2:] == 1).all()
+    # Within a slice the ICI layout is mesh_utils' own (a 2x2 chip grid), not the devices' list order.
+    np.testing.assert_array_equal(grid[:, :2, 0], mesh_utils.create_device_mesh((2, 2), tpu_slices(1)))
+
+
+def test_make_mesh_on_cpu_devices():
+    from jaxft.sharding import make_mesh
+
+    mesh = make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+@pytest.mark.parametrize("cfg, devices, message", [
+    (dict(dcn_data=3), "tpu", "3 slices do not divide the 8 devices"),
+    (dict(dcn_data=4), "tpu", "Number of slices 2 must equal"),
+    (dict(dcn_data=0), "tpu", "mesh.dcn_data=0"),
+    (dict(dcn_data=2), "cpu", "does not have attribute slice_index"),
+    (dict(), "tpu", "the 8 devices span 2 slices: set mesh.dcn_data and mesh.dcn_fsdp"),
+    (dict(data=1, fsdp=2, tensor=4), "line", "cannot be laid out on 8 TPU v4 devices (Failed to find assignment"),
+    (dict(data=3, dcn_data=2), "tpu", "has 3 devices but 4 are available"),
+])
+def test_mesh_that_cannot_be_built_is_an_error(cfg, devices, message):
+    """No silent fallback to another device order: a mesh mesh_utils cannot lay out is one line."""
+    from jaxft.errors import JaxftError
+    from jaxft.sharding import device_grid
+
+    devs = {"tpu": tpu_slices(2), "cpu": jax.devices(), "line": tpu_slices(1, chips=(8, 1, 1))}[devices]
+    with pytest.raises(JaxftError) as e:
+        device_grid(mesh_cfg(**cfg), devs)
+    assert message in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_dcn_keys_are_validated():
+    from jaxft.config import base_config, validate
+    from jaxft.errors import JaxftError
+
+    c = base_config()
+    c.mesh.dcn_fsdp = 0
+    with pytest.raises(JaxftError, match=r"mesh.dcn_fsdp=0: expected a positive integer"):
+        validate(c)

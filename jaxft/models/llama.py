@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxft.models.attention import attention
 from jaxft.models.layers import Linear, RMSNorm, param_with_axes, rope
+from jaxft.sharding import constrain
 
 HEADS = ("causal_lm", "classification")
 POOLING = ("last", "mean")
@@ -88,7 +89,10 @@ class Attention(nn.Module):
             num_prefix = prefix[0].shape[1]
             k = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
             v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
+        q = constrain(q, ("batch", "length", "act_heads", None))  # heads stay split (tensor parallel)
+        k, v = (constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
         out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention)
+        out = constrain(out, ("batch", "length", "act_heads"))
         return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)(out)
 
 
@@ -102,7 +106,8 @@ class MLP(nn.Module):
         proj = lambda n, f, ax: Linear(f, ax, cfg.mlp_bias, dt, self.hooks, name=n)  # noqa: E731
         gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # split like gate/up's outputs
+        return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -158,7 +163,8 @@ class LlamaModel(nn.Module):
         embed = param_with_axes(
             self, "embed_tokens", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
         )
-        h = jnp.take(embed, input_ids, axis=0).astype(dt)
+        # FSDP gathers the table like every other weight, rather than swapping looked-up rows all-to-all.
+        h = jnp.take(constrain(embed, ("vocab", None)), input_ids, axis=0).astype(dt)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
 
         prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]

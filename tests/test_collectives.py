@@ -1,0 +1,206 @@
+"""The collectives in the compiled train step, held to what each mesh layout requires.
+
+The real step (tiny Llama, scanned layers; full fine-tuning and LoRA) is compiled for 8 fake CPU devices
+and XLA's optimized HLO is read: every all-reduce, all-gather, reduce-scatter, all-to-all and
+collective-permute with its result shapes and the op_name JAX recorded. Ops whose op_name has
+`/layers/` sit in the scanned layer body, which the HLO holds once however many layers there are.
+
+Dimensions are picked so that shapes say what moves: the sequence length T = 7 is prime and divides
+no parameter dimension, so an activation is any operand with a dimension that 7 divides; hidden 64,
+heads x head_dim 128, MLP 96 and vocabulary 128 tell activations apart by their last dimension.
+"""
+
+import collections
+import dataclasses
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft import sharding
+from jaxft.config import base_config
+from jaxft.models.llama import LlamaConfig, LlamaModel
+from jaxft.peft import build
+from jaxft.peft.partition import flat, split
+from jaxft.step import init_state, make_optimizer, make_train_step
+from jaxft.train import init_params
+
+B, T = 16, 7
+HIDDEN, HEADS_X_DIM, MLP, RANK = 64, 128, 96, 4
+CFG = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=MLP, num_layers=2, num_heads=16,
+                  num_kv_heads=8, head_dim=8, head="causal_lm")
+OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DATA, FSDP, TENSOR, FSDP_TENSOR = (8, 1, 1), (1, 8, 1), (1, 1, 8), (1, 2, 4)
+
+
+@dataclasses.dataclass
+class Collective:
+    op: str
+    shapes: list  # result shapes (several for a combined collective)
+    in_layer: bool
+    where: str
+
+
+@dataclasses.dataclass
+class Step:
+    collectives: list
+    trainable: dict  # path -> shape, per layer for the scanned leaves
+    gathered: collections.Counter  # per-layer / global shapes a FSDP all-gather may produce, with multiplicity
+    mesh: dict
+
+
+def parse(hlo: str) -> list[Collective]:
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(.+?)\s(" + "|".join(OPS) + r")(?:-start)?\(", line)
+        if not m:
+            continue
+        shapes = [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))]
+        where = re.search(r'op_name="([^"]*)"', line)
+        where = where.group(1) if where else ""
+        found.append(Collective(m.group(2), shapes, "/layers/" in where, where))
+    return found
+
+
+def is_activation(shape) -> bool:
+    return any(d % T == 0 for d in shape)
+
+
+def compile_step(mesh_sizes, method="full", grad_accum=1, batch_size=B) -> Step:
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_sizes
+    c.method.name, c.method.rank = method, RANK
+    mesh = sharding.make_mesh(c.mesh)
+    m = build(c.method, CFG)
+    model = LlamaModel(CFG, hooks=m.hooks)
+    params = init_params(model, None, mesh, 0)
+    trainable, frozen = split(params, m.trainable)
+    tx, schedule = make_optimizer(c.optimizer, 10)
+    state, shardings = init_state(tx, trainable, 0, mesh)
+    batch = {"input_ids": np.ones((batch_size, T), np.int32), "attention_mask": np.ones((batch_size, T), np.int32),
+             "weight": np.ones((batch_size,), np.float32)}
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    step = jax.jit(make_train_step(model, tx, schedule, grad_accum, mesh, shardings.params),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+    hlo = step.lower(state, frozen, batch).compile().as_text()
+
+    def per_layer(path, shape):
+        return shape[1:] if path.startswith("layers/") else shape
+
+    def tensor_local(x):  # the shape a FSDP all-gather rebuilds: split over tensor only
+        spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+        axes = [(a,) if isinstance(a, str) else tuple(a or ()) for a in spec]
+        return tuple(d // (mesh.shape["tensor"] if "tensor" in ax else 1) for d, ax in zip(x.shape, axes)), axes
+
+    gathered = collections.Counter()
+    for path, x in flat(params).items():
+        shape, axes = tensor_local(x)
+        if any("fsdp" in ax for ax in axes):
+            gathered[per_layer(path, shape)] += 1
+    train_shapes = {p: per_layer(p, tensor_local(x)[0]) for p, x in flat(trainable).items()}
+    return Step(parse(hlo), train_shapes, gathered, dict(mesh.shape))
+
+
+def ops(step: Step, op: str, in_layer=None):
+    return [c for c in step.collectives if c.op == op and (in_layer is None or c.in_layer == in_layer)]
+
+
+def operands(collectives):
+    return [s for c in collectives for s in c.shapes]
+
+
+def describe(step: Step) -> str:
+    return "\n".join(f"{c.op} {c.shapes} {'[layer]' if c.in_layer else ''} {c.where[-160:]}" for c in step.collectives)
+
+
+def assert_gradients_reduced_once(step: Step):
+    """Each trainable leaf's gradient is summed over the batch shards exactly once (per micro-batch):
+    its shape (per layer inside the layer body) appears once among the reduced parameter-shaped operands.
+    Dimensions are compared as a set: XLA may reduce a gradient before transposing it to its layout."""
+    reduced = collections.Counter(
+        (c.in_layer, tuple(sorted(s))) for c in ops(step, "all-reduce") for s in c.shapes if s and not is_activation(s)
+    )
+    expected = collections.Counter((p.startswith("layers/"), tuple(sorted(s))) for p, s in step.trainable.items())
+    assert reduced == expected, describe(step)
+
+
+def assert_gathers_only_parameters(step: Step):
+    """FSDP gathers parameters (each sharded weight at most twice: the forward, and the backward which
+    re-gathers it rather than keep every layer's full weight alive), never an activation."""
+    got = collections.Counter(s for c in ops(step, "all-gather") for s in c.shapes)
+    for shape, n in got.items():
+        assert not is_activation(shape), f"activation {shape} all-gathered:\n{describe(step)}"
+        assert n <= 2 * step.gathered[shape], f"{shape} gathered {n} times:\n{describe(step)}"
+
+
+CASES = [(mesh, method) for mesh in (DATA, FSDP, TENSOR, FSDP_TENSOR) for method in ("full", "lora")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{'x'.join(map(str, s))}" for s, m in CASES])
+def compiled(request):
+    mesh, method = request.param
+    return mesh, method, compile_step(mesh, method)
+
+
+def test_no_all_to_all_or_permute(compiled):
+    """No layout here needs to exchange pieces of a tensor point to point. One exception XLA takes on
+    its own: under FSDP x tensor it moves shards of LoRA's A factor ([embed, rank], a few KB) between
+    devices to contract it split, rather than gather it; nothing else."""
+    mesh, method, step = compiled
+    assert not ops(step, "all-to-all"), describe(step)
+    permuted = operands(ops(step, "collective-permute"))
+    if mesh == FSDP_TENSOR and method == "lora":
+        permuted = [s for s in permuted if RANK not in s or is_activation(s)]
+    assert not permuted, describe(step)
+
+
+def test_layout_collectives(compiled):
+    mesh, method, step = compiled
+    if mesh == DATA:
+        # Replicated parameters, split batch: only gradient (and loss-sum) all-reduces.
+        assert not ops(step, "all-gather") and not ops(step, "reduce-scatter"), describe(step)
+        assert not [s for s in operands(ops(step, "all-reduce")) if is_activation(s)], describe(step)
+        assert_gradients_reduced_once(step)
+    elif mesh == FSDP:
+        # Parameters split over fsdp: all-gathered where used; gradients reduced (all-reduce on CPU, a
+        # reduce-scatter where XLA chooses one); activations stay on their batch shard.
+        assert_gathers_only_parameters(step)
+        assert not [s for c in step.collectives for s in c.shapes if is_activation(s)], describe(step)
+        assert ops(step, "all-gather", in_layer=True), describe(step)
+        if not ops(step, "reduce-scatter"):
+            assert_gradients_reduced_once(step)
+    else:
+        # Tensor parallel (Megatron): heads and MLP units stay split from the column-parallel projections
+        # (q/k/v, gate/up) to the row-parallel ones (o_proj, down_proj); nothing is all-gathered but
+        # FSDP's parameters.
+        assert_gathers_only_parameters(step)
+        if mesh == TENSOR:
+            assert not ops(step, "all-gather"), describe(step)
+        # No collective at all moves the heads' activations ([.., heads x head_dim] or [.., heads, head_dim])
+        # or the MLP's hidden units ([.., mlp]): they stay split between the two projections.
+        acts = [s for s in operands(step.collectives) if is_activation(s)]
+        assert not [s for s in acts if s[-1] in (HEADS_X_DIM, MLP) or len(s) == 4], describe(step)
+        acts = collections.Counter(s for s in operands(ops(step, "all-reduce", in_layer=True)) if is_activation(s))
+        rows = B // (mesh[0] * mesh[1])
+        # The activations reduced in a layer are the residual stream [rows, T, hidden] and, with LoRA,
+        # the rank-wide [rows, T, rank]: never the heads' [.., heads x head_dim] nor the MLP's [.., mlp].
+        assert set(acts) <= {(rows, T, HIDDEN), (rows, T, RANK)}, describe(step)
+        # Forward: the partial sums of o_proj and down_proj (2). Backward: the input gradients of the
+        # column-parallel q, k, v, gate and up projections (at most 5; XLA may add them up first).
+        assert 2 <= acts[(rows, T, HIDDEN)] <= 7, describe(step)
+        # LoRA on q_proj and v_proj: B's rows are split over tensor, so the gradient into B x A sums
+        # over devices (one per target); XLA may also contract A split in the forward (one more).
+        assert acts[(rows, T, RANK)] <= (4 if method == "lora" else 0), describe(step)
+
+
+@pytest.mark.parametrize("mesh", [DATA, FSDP], ids=["data", "fsdp"])
+def test_grad_accumulation_moves_no_batch(mesh):
+    """Micro-batches are strided rows, so each already lies on every batch shard: the accumulation
+    loop slices locally. (Contiguous micro-batches sit on a quarter of the shards and were all-gathered
+    or permuted between devices.)"""
+    step = compile_step(mesh, "full", grad_accum=4, batch_size=4 * 8)  # micro-batches of 8 rows, 1 per shard
+    assert not ops(step, "all-to-all") and not ops(step, "collective-permute"), describe(step)
+    assert not [s for c in step.collectives for s in c.shapes if is_activation(s)], describe(step)
+    assert not [c for c in ops(step, "all-gather") if "dynamic_slice" in c.where or "input_ids" in c.where]
+    assert_gradients_reduced_once(step)
