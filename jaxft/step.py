@@ -96,7 +96,10 @@ LOSSES: dict[str, Callable] = {"classification": classification_loss, "causal_lm
 # Primary training / eval step functions.
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int):
+def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int,
+                    skip_nonfinite: bool = False):
+    """With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves params and optimizer
+    state as they were; either way metrics["nonfinite"] says whether it was."""
     loss_fn_of_head = LOSSES[model.cfg.head]
 
     def forward(trainable, frozen, batch, rng):
@@ -126,10 +129,16 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics = {
             "loss": sums["loss_sum"] / count,
             "accuracy": sums["correct"] / count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
             "learning_rate": schedule(state.step),
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
         }
