@@ -29,7 +29,7 @@ class MetricWriter:
         jsonl = workdir / "metrics.jsonl"
         kept = []
         if jsonl.exists():
-            kept = [line for line in jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in jsonl.read_text().splitlines() if _step(line) <= resume_step]
         self._jsonl = jsonl.open("w")
         self._jsonl.write("".join(line + "\n" for line in kept))
         self._jsonl.flush()
@@ -72,6 +72,14 @@ class MetricWriter:
         if self.enabled and not self._jsonl.closed:
             self._tb.close()
             self._jsonl.close()
+
+
+def _step(line: str) -> float:
+    """A metrics.jsonl row's step; a row cut short by kill -9 counts as past any step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def summarize(sums: dict[str, float], prefix: str, perplexity: bool) -> dict[str, float]:

@@ -130,7 +130,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        # The new parameters too: finite gradients can still step them to Inf (a huge learning rate).
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm) & jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
         if skip_nonfinite:
             keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)

@@ -193,8 +193,9 @@ def stop_if_nonfinite(health: dict, skip: bool):
 
     if int(health["first_bad"]) >= 0 and not skip:
         raise JaxftError(
-            f"step {int(health['first_bad'])}: the loss or gradient is not finite (NaN or Inf); nothing from this "
-            "step on was saved or exported (lower optimizer.learning_rate, or set train.skip_nonfinite=True)"
+            f"step {int(health['first_bad'])}: the loss, gradient or new parameters are not finite (NaN or Inf); "
+            "nothing from this step on was saved or exported (lower optimizer.learning_rate, or set "
+            "train.skip_nonfinite=True)"
         )
 
 
@@ -502,7 +503,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         stop_if_nonfinite(h, config.train.skip_nonfinite)
         ckpt.save(step, state, {**meta, "data_position": step, "skipped_steps": int(h["skipped"])}, force=force)
 
-    bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True,
+               file=sys.stdout)  # stderr is for errors: one line
     t_start = time.time()
     widths, last, pending = set(), {}, None
     health = {"first_bad": jnp.int32(-1), "skipped": jnp.int32(skipped)}
