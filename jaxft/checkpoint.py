@@ -16,9 +16,11 @@ import orbax.checkpoint as ocp
 from jaxft.errors import JaxftError
 
 # Config keys that define a run: resuming with another value is an error (unless train.resume_anyway).
-# Mesh, logging, checkpoint and export keys may change between runs; `train.steps` may grow.
+# Mesh, logging, eval, checkpoint and export keys may change between runs, and so may the ways of
+# computing the same model (HOW); `train.steps` may grow.
 RUN_SECTIONS = ("model", "data", "method", "optimizer")
 RUN_KEYS = ("train.batch_size", "train.grad_accum", "train.seed", "train.skip_nonfinite")
+HOW = ("model.remat", "model.attention")
 
 
 class Unreadable(JaxftError):
@@ -110,7 +112,8 @@ def run_settings(config) -> dict:
     out = {}
     for section in RUN_SECTIONS:
         for key, value in _flat(config[section].to_dict(), section).items():
-            out[key] = value
+            if key not in HOW:
+                out[key] = value
     for key in RUN_KEYS:
         section, name = key.split(".")
         if name in config[section]:

@@ -1,8 +1,8 @@
 """Train and evaluate: `python -m jaxft.train --config=configs/NAME.py [--config.KEY=VALUE] [--workdir=DIR]`.
 
-Running the same command again resumes from the newest checkpoint in the workdir. SIGTERM
-(preemption) saves a checkpoint and exits cleanly. Bad input stops with a one-line error before
-anything is written.
+Running the same command again resumes from the newest checkpoint in the workdir (the same run only:
+its settings are checked). SIGTERM (preemption) saves a checkpoint and exits cleanly. Bad input, and a
+NaN/Inf step, stop with a one-line error and exit status 2; nothing non-finite is ever saved.
 """
 
 from __future__ import annotations
@@ -507,7 +507,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
                file=sys.stdout)  # stderr is for errors: one line
     t_start = time.time()
     widths, last, pending = set(), {}, None
-    health = {"first_bad": jnp.int32(-1), "skipped": jnp.int32(skipped)}
+    health = {"first_bad": np.int32(-1), "skipped": np.int32(skipped)}
     # The next batches are sliced and sent to the devices on a background thread while a step runs.
     put = lambda s: (local := batches.local(s, rows), sharding.to_global(mesh, local, batch))  # noqa: E731
     prefetch = Prefetch(put, start, total)
