@@ -80,6 +80,12 @@ def test_mfu_and_tokens_per_device_follow_jaxft_flops(tmp_path):
         assert row["train/tokens_per_second_per_device"] == pytest.approx(row["train/tokens_per_second"] / 2)
         # mfu = flops/s / (peak x devices), tokens/s counts the same (unpadded) tokens
         assert row["train/mfu"] == pytest.approx(per_token * row["train/tokens_per_second"] / (1e9 * 2), rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/mfu")] == [2, 4, 6]
+    assert [e.step for e in acc.Scalars("train/tokens_per_second_per_device")] == [2, 4, 6]
 
 
 def test_cpu_peak_is_measured_and_said(tmp_path):
