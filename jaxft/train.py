@@ -507,7 +507,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
                file=sys.stdout)  # stderr is for errors: one line
     t_start = time.time()
     widths, last, pending = set(), {}, None
-    health = {"first_bad": np.int32(-1), "skipped": np.int32(skipped)}
+    # Placed like the step's outputs, so track_nonfinite compiles once.
+    health = jax.device_put({"first_bad": np.int32(-1), "skipped": np.int32(skipped)}, replicated)
     # The next batches are sliced and sent to the devices on a background thread while a step runs.
     put = lambda s: (local := batches.local(s, rows), sharding.to_global(mesh, local, batch))  # noqa: E731
     prefetch = Prefetch(put, start, total)
