@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum = 1
     c.train.seed = 0
     c.train.log_every_steps = 50
+    c.train.sync_every_steps = 10  # multi-host: processes compare preemption flags every N steps (a collective)
+    c.train.peak_flops = 0.0  # per-device FLOP/s for train/mfu; 0 = the datasheet table (CPU: measured at start)
+    c.train.skip_nonfinite = False  # a NaN/Inf loss or gradient skips that update instead of stopping the run
+    c.train.resume_anyway = False  # resume even if the checkpoint was made with other run-defining settings
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()
@@ -113,7 +117,8 @@ CHOICES = {
 }
 POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps",
             "mesh.dcn_data", "mesh.dcn_fsdp")
-NON_NEGATIVE = ("checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
+NON_NEGATIVE = ("train.sync_every_steps",
+                "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
                 "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples")
 
 
@@ -140,5 +145,7 @@ def validate(config) -> None:
         )
     if not config.model.path and not config.model.init:
         raise JaxftError("model.path is empty and model.init is not set: expected a model directory or HF config keys")
+    if float(config.train.peak_flops) < 0:
+        raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
     if float(config.optimizer.learning_rate) < 0:
         raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")

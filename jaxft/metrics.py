@@ -1,24 +1,52 @@
-"""Metric sinks: TensorBoard event files (no TensorFlow needed) and metrics.jsonl, process 0 only."""
+"""Metric sinks: TensorBoard event files (no TensorFlow needed) and metrics.jsonl, process 0 only.
+
+Both are written through `epath`, so a `gs://` workdir works like a local one. A resumed run keeps
+each step once: metrics.jsonl rows past the restored step (written by a run killed after its last
+checkpoint) are dropped, and a new event file starts with a SessionLog START at the first step the
+resumed run writes, which makes TensorBoard purge the orphaned later events of the killed run.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
-from pathlib import Path
 
 import jax
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir, resume_step: int = 0):
+        """`workdir`: an epath.Path. Rows and events after `resume_step` from earlier runs are dropped."""
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
-        self._tb = EventFileWriter(str(Path(workdir) / "tensorboard"))
-        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+        jsonl = workdir / "metrics.jsonl"
+        kept = []
+        if jsonl.exists():
+            kept = [line for line in jsonl.read_text().splitlines() if _step(line) <= resume_step]
+        self._jsonl = jsonl.open("w")
+        self._jsonl.write("".join(line + "\n" for line in kept))
+        self._jsonl.flush()
+
+        tb = workdir / "tensorboard"
+        tb.mkdir(parents=True, exist_ok=True)
+        # TensorBoard reads event files in name order: this run's must sort after every earlier one.
+        stamps = [p.name.split(".")[3] for p in tb.glob("events.out.tfevents.*")]
+        stamp = max([int(time.time())] + [int(t) + 1 for t in stamps if t.isdigit()])
+        name = f"events.out.tfevents.{stamp:010d}.{socket.gethostname()}.{os.getpid()}.jaxft"
+        self._tb = RecordWriter((tb / name).open("wb"))
+        self._event(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self._event(Event(wall_time=time.time(), step=resume_step + 1, session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def _event(self, event):
+        self._tb.write(event.SerializeToString())
 
     def write(self, step: int, scalars: dict[str, float]):
         if not self.enabled:
@@ -27,8 +55,13 @@ class MetricWriter:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-        self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+        self._event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
         self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def note(self, step: int, facts: dict):
+        """A metrics.jsonl row of non-numeric facts about the run (e.g. settings accepted on resume)."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": int(step), **facts}) + "\n")
 
     def flush(self):
         if self.enabled:
@@ -36,9 +69,17 @@ class MetricWriter:
             self._jsonl.flush()
 
     def close(self):
-        if self.enabled:
+        if self.enabled and not self._jsonl.closed:
             self._tb.close()
             self._jsonl.close()
+
+
+def _step(line: str) -> float:
+    """A metrics.jsonl row's step; a row cut short by kill -9 counts as past any step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def summarize(sums: dict, prefix: str, perplexity: bool, labels=None) -> dict[str, float]:
@@ -65,3 +106,19 @@ def summarize(sums: dict, prefix: str, perplexity: bool, labels=None) -> dict[st
             f1s.append(f1)
         out[f"{prefix}/f1_macro"] = sum(f1s) / len(f1s)
     return out
+
+
+def measured_peak_flops(dtype: str, n: int = 1024, budget_s: float = 0.5) -> float:
+    """Best FLOP/s of an n x n matmul on the first device, timed for about `budget_s` seconds: the
+    peak for MFU where the datasheet table has no row (CPUs)."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best

@@ -115,9 +115,11 @@ LOSSES: dict[str, Callable] = {"classification": classification_loss, "causal_lm
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, mesh=None,
-                    param_shardings=None):
+                    param_shardings=None, skip_nonfinite: bool = False):
     """`mesh` turns on the model's activation constraints and keeps every micro-batch spread over the
-    data/FSDP shards; `param_shardings` holds the gradient carry to the parameters' layout."""
+    data/FSDP shards; `param_shardings` holds the gradient carry to the parameters' layout. With
+    `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves params and optimizer state as
+    they were; either way metrics["nonfinite"] says whether it was."""
     loss_fn_of_head = LOSSES[model.cfg.head]
 
     def forward(trainable, frozen, batch, rng):
@@ -161,10 +163,18 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        # The new parameters too: finite gradients can still step them to Inf (a huge learning rate).
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm) & jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics = {
             "loss": sums["loss_sum"] / count,
             "accuracy": sums["correct"] / count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
             "learning_rate": schedule(state.step),
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
         }

@@ -1,12 +1,13 @@
 """Train and evaluate: `python -m jaxft.train --config=configs/NAME.py [--config.KEY=VALUE] [--workdir=DIR]`.
 
-Running the same command again resumes from the newest checkpoint in the workdir. SIGTERM
-(preemption) saves a checkpoint and exits cleanly. Bad input stops with a one-line error before
-anything is written.
+Running the same command again resumes from the newest checkpoint in the workdir (the same run only:
+its settings are checked). SIGTERM (preemption) saves a checkpoint and exits cleanly. Bad input, and a
+NaN/Inf step, stop with a one-line error and exit status 2; nothing non-finite is ever saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -24,6 +25,7 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_string("profile_steps", None, "START:END: a jax.profiler trace of these steps under <workdir>/profile.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 FLAGS = flags.FLAGS
 
@@ -156,21 +158,177 @@ def init_params(model, base_root, mesh, seed: int):
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves and exits at the next step boundary (all processes agree)."""
+    """SIGTERM sets a flag; the loop saves and exits at a step where every process has seen it.
 
-    def __init__(self):
+    One process reads its own flag (no device work). Several compare flags only every `sync_every`
+    steps (one small blocking allgather) or where JAX's preemption service says all processes have
+    reached a sync point, so ordinary steps never wait on a collective.
+    """
+
+    def __init__(self, sync_every: int):
         self.requested = False
+        self.sync_every = max(sync_every, 1)
         signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
+    def agreed(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
 
+        try:
+            if multihost_utils.reached_preemption_sync_point(step):
+                return True
+        except RuntimeError:  # JAX's preemption service is off: our own flags decide
+            pass
+        if step % self.sync_every:
+            return False
         return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+
+@jax.jit
+def track_nonfinite(health: dict, metrics: dict, step) -> dict:
+    """On the device, so no step waits for it: the first step with a NaN/Inf loss or gradient, and
+    how many such steps there were."""
+    bad = metrics["nonfinite"] > 0
+    first = jnp.where((health["first_bad"] < 0) & bad, step, health["first_bad"]).astype(jnp.int32)
+    return {"first_bad": first, "skipped": health["skipped"] + bad.astype(jnp.int32)}
+
+
+def stop_if_nonfinite(health: dict, skip: bool):
+    from jaxft.errors import JaxftError
+
+    if int(health["first_bad"]) >= 0 and not skip:
+        raise JaxftError(
+            f"step {int(health['first_bad'])}: the loss, gradient or new parameters are not finite (NaN or Inf); "
+            "nothing from this step on was saved or exported (lower optimizer.learning_rate, or set "
+            "train.skip_nonfinite=True)"
+        )
+
+
+def check_resume(config, meta: dict, saved: dict, ckpt):
+    """A checkpoint resumes only the run that made it: the same trainable parameters and run-defining
+    settings (`train.resume_anyway=True` accepts others, recorded), and at most `train.steps` steps.
+
+    A larger `train.steps` trains on. The learning-rate schedule is a function of `train.steps`, so
+    the remaining steps follow the schedule of the new total (as if it had been planned from the start);
+    the steps already taken are not redone."""
+    from jaxft.checkpoint import changed_settings
+    from jaxft.errors import JaxftError
+
+    where = ckpt.directory
+    if saved.get("trainable") != meta["trainable"]:
+        raise JaxftError(f"{where}: checkpoint trains other parameters than method {meta['method']!r}")
+    position, total = int(saved["data_position"]), meta["steps"]
+    if position > total:
+        raise JaxftError(
+            f"train.steps={total}: the checkpoint in {where} has already trained {position} steps; expected "
+            f"train.steps >= {position}, or a new --workdir"
+        )
+    changed = changed_settings(saved.get("settings", {}), meta["settings"])
+    if changed and not config.train.resume_anyway:
+        key, old, new = changed[0]
+        raise JaxftError(
+            f"{key}={new!r}: the checkpoint in {where} was made with {key}={old!r} (train.resume_anyway=True "
+            "resumes anyway; or use a new --workdir)"
+        )
+    if changed:
+        meta["accepted"] = [f"{k}: {old!r} -> {new!r}" for k, old, new in changed]
+        log(f"warning: train.resume_anyway=True: resuming with other settings ({'; '.join(meta['accepted'])})")
+    if saved.get("steps", total) < total:
+        log(f"train.steps raised from {saved['steps']} to {total}: training on from step {position}, the "
+            f"learning-rate schedule now that of a {total}-step run")
+
+
+class Throughput:
+    """Tokens/s per device and MFU between two log steps, from host-side counts (no device reads).
+
+    FLOPs come from jaxft.flops per batch width (padded tokens are computed too); the peak is the
+    datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once.
+    """
+
+    def __init__(self, cfg, params_trainable, method, peak: float):
+        from jaxft.peft.partition import ADDED_PARAMS, flat
+
+        names = {k: v for k, v in flat(params_trainable).items()}
+        # The output head trains in nearly every method; only the base's own matmuls cost 2N more.
+        self.trains_base = any(not ADDED_PARAMS.search(k) and not k.startswith(("score/", "lm_head/")) for k in names)
+        # Per-token adapter matmuls: method-added kernels inside the layers (a prefix encoder runs per batch).
+        self.adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
+                           if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
+        self.num_prefix = sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
+        self.cfg, self.peak, self.devices = cfg, peak, jax.device_count()
+        self._per_token = {}
+        self.tokens = self.flops = 0.0  # running totals over dispatched steps
+        self._mark = (time.time(), 0.0, 0.0)
+
+    def add(self, batch_rows: int, width: int, real_tokens: float):
+        from jaxft.flops import train_flops_per_token
+
+        if width not in self._per_token:
+            self._per_token[width] = train_flops_per_token(
+                self.cfg, width, trains_base=self.trains_base, adapter_weights=self.adapter, num_prefix=self.num_prefix
+            )
+        self.tokens += real_tokens
+        self.flops += self._per_token[width] * batch_rows * width
+
+    def restart(self):
+        """Start a fresh interval now (after a compile, which is not training time)."""
+        self._mark = (time.time(), self.tokens, self.flops)
+
+    def report(self, tokens: float, flops: float) -> dict:
+        """Rates over the steps whose totals were (tokens, flops) when dispatched, since the last report."""
+        now = time.time()
+        t0, tok0, flop0 = self._mark
+        dt = max(now - t0, 1e-9)
+        self._mark = (now, tokens, flops)
+        return {
+            "train/tokens_per_second": (tokens - tok0) / dt,
+            "train/tokens_per_second_per_device": (tokens - tok0) / dt / self.devices,
+            "train/mfu": (flops - flop0) / dt / (self.peak * self.devices),
+        }
+
+
+def peak_flops(config) -> tuple[float, str]:
+    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line)."""
+    from jaxft import flops
+    from jaxft.metrics import measured_peak_flops
+
+    kind = jax.devices()[0].device_kind
+    if float(config.train.peak_flops) > 0:
+        return float(config.train.peak_flops), "train.peak_flops"
+    table = flops.peak_flops(kind, config.model.dtype)
+    if table:
+        return table, f"datasheet {kind} {config.model.dtype}"
+    # No datasheet row (CPUs): time a matmul; fake CPU devices share the host's cores.
+    measured = measured_peak_flops(config.model.dtype) / jax.local_device_count()
+    return measured, f"measured {config.model.dtype} matmul on {kind} (no datasheet row; train.peak_flops overrides)"
+
+
+class Profile:
+    """`--profile_steps=START:END`: a jax.profiler trace of steps START..END (as logged, inclusive)
+    under <workdir>/profile, which TensorBoard's profile tab reads."""
+
+    def __init__(self, steps: tuple[int, int] | None, workdir):
+        self.first, self.last = steps or (0, -1)
+        self.target, self._open = workdir / "profile", None
+
+    def before(self, step: int):
+        from jaxft import storage
+
+        if step == self.first:
+            self._open = contextlib.ExitStack()
+            jax.profiler.start_trace(self._open.enter_context(storage.local_dir(self.target)))
+
+    def after(self, step: int, state):
+        if self._open is not None and step >= self.last:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self._open.close()  # copies the trace to a remote workdir
+            self._open = None
+            log(f"profile of steps {self.first}..{step} written to {self.target}")
 
 
 def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool, labels=None) -> dict:
@@ -196,29 +354,34 @@ def gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def export(config, workdir, model, method, trainable, frozen, tokenizer_path):
-    from jaxft import hf
+def export(config, out, model, method, trainable, frozen, tokenizer_path):
+    """Into `out` (an epath.Path): written locally, then copied when `out` is remote."""
+    from jaxft import hf, storage
     from jaxft.peft import hf_peft
     from jaxft.peft.partition import added_params, merge
 
     trainable = gather(trainable)
     if jax.process_index() != 0:
         return None
-    out = Path(config.export.dir or Path(workdir) / "export")
     params = merge(trainable, frozen)
-    if added_params(params):  # PEFT: adapter-only weights
-        return hf_peft.save_adapter(model, method, trainable, out, base=hf.base_reference(config.model.path))
-    return hf.save(model, jax.device_get(params), str(out), tokenizer_dir=tokenizer_path)
+    with storage.local_dir(out) as local:
+        if added_params(params):  # PEFT: adapter-only weights
+            hf_peft.save_adapter(model, method, trainable, Path(local), base=hf.base_reference(config.model.path))
+        else:
+            hf.save(model, jax.device_get(params), local, tokenizer_dir=tokenizer_path)
+    return out
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """The one entry point: build everything from `config`, train, evaluate, checkpoint, export."""
+def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | None = None) -> dict:
+    """The one entry point: build everything from `config`, train, evaluate, checkpoint, export.
+
+    `workdir` (and `export.dir`) may be local or any etils.epath URL (gs://bucket/run)."""
     from tqdm import tqdm
 
-    from jaxft import sharding
-    from jaxft.checkpoint import Checkpoints
+    from jaxft import sharding, storage
+    from jaxft.checkpoint import Checkpoints, run_settings
     from jaxft.config import validate
-    from jaxft.data.iterator import Batches
+    from jaxft.data.iterator import Batches, Prefetch
     from jaxft.errors import JaxftError
     from jaxft.metrics import MetricWriter
     from jaxft.models.llama import LlamaModel
@@ -227,6 +390,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from jaxft.step import init_state, make_eval_step, make_optimizer, make_train_step
 
     validate(config)
+    workdir = storage.path(workdir, "workdir")
+    export_dir = storage.path(config.export.dir, "export.dir") if config.export.dir else workdir / "export"
     mesh = sharding.make_mesh(config.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, accum = config.train.batch_size, config.train.grad_accum
@@ -263,11 +428,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainable, frozen = split(params, method.trainable)
     del params
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
+    peak, peak_source = peak_flops(config)
     log(
         f"model: {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size} head={cfg.head}"
         f"{f' ({cfg.pooling} pooling)' if cfg.head == 'classification' else ''} | method: {method.name} | "
         f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%) | "
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)"
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es) | "
+        f"MFU against {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})"
     )
     if n_train == 0:
         raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
@@ -277,23 +444,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, state_shardings = init_state(tx, trainable, config.train.seed, mesh)
 
     # Only now, with every input checked, does the run write anything.
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(workdir, config.checkpoint.every_steps or config.train.steps, config.checkpoint.keep)
-    meta = {"method": method.name, "trainable": sorted(flat(trainable))}
-    start = 0
-    latest = ckpt.latest_step()
+    total = config.train.steps
+    meta = {"method": method.name, "trainable": sorted(flat(trainable)), "steps": total,
+            "settings": run_settings(config)}
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    latest, restored, saved_meta = ckpt.restore_latest(abstract, lambda m: check_resume(config, meta, m, ckpt), log)
+    start, skipped = 0, 0
     if latest is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-        )
-        state, saved_meta = ckpt.restore(latest, abstract)
-        if saved_meta.get("trainable") != meta["trainable"]:
-            raise JaxftError(f"{ckpt.directory}: checkpoint trains other parameters than method {method.name!r}")
-        start = int(saved_meta["data_position"])
+        state, start, skipped = restored, int(saved_meta["data_position"]), int(saved_meta.get("skipped_steps", 0))
+        meta["resumed_anyway"] = saved_meta.get("resumed_anyway", []) + meta.pop("accepted", [])
         log(f"resuming from step {latest} in {ckpt.directory}")
 
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, accum, mesh, state_shardings.params),
+        make_train_step(model, tx, schedule, accum, mesh, state_shardings.params, config.train.skip_nonfinite),
         donate_argnums=(0,),
         out_shardings=(state_shardings, replicated),
     )
@@ -303,69 +470,101 @@ def train_and_evaluate(config, workdir: str) -> dict:
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < config.data.seq_len) + (config.data.seq_len,)
     batches = Batches(data.train, batch, config.train.seed, buckets=buckets)
     rows = sharding.local_rows(mesh, batch)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resume_step=start)
+    if meta.get("resumed_anyway"):
+        writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
     perplexity = cfg.head == "causal_lm"
-    preemption = Preemption()
+    preemption = Preemption(config.train.sync_every_steps)
+    throughput = Throughput(cfg, trainable, method, peak)
+    profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
 
     def run_eval(state, step):
         if data.eval is None:
             return {}
         metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels)
-        writer.write(step, metrics)
-        writer.flush()
+        if step > start:  # a finished run rerun evaluates again but does not log step `total` twice
+            writer.write(step, metrics)
+            writer.flush()
         return metrics
 
-    total = config.train.steps
-    bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    def read_log_step(step, metrics, health, totals):
+        """Step `step`'s numbers, read while the next step runs: the log line, and a stop on NaN/Inf."""
+        m, h = jax.device_get((metrics, health))
+        stop_if_nonfinite(h, config.train.skip_nonfinite)
+        row = {f"train/{k}": float(m[k]) for k in ("loss", "accuracy", "grad_norm", "learning_rate")}
+        row.update(throughput.report(*totals))
+        if config.train.skip_nonfinite:
+            row["train/skipped_steps"] = float(h["skipped"])
+        writer.write(step, row)
+        writer.flush()
+        bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+        return row
+
+    def save(step, state, force=False):
+        """A checkpoint only once every step up to `step` is known to be finite (this blocks)."""
+        h = jax.device_get(health)
+        stop_if_nonfinite(h, config.train.skip_nonfinite)
+        ckpt.save(step, state, {**meta, "data_position": step, "skipped_steps": int(h["skipped"])}, force=force)
+
+    bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True,
+               file=sys.stdout)  # stderr is for errors: one line
     t_start = time.time()
-    t_log, tokens, shapes = time.time(), 0.0, set()
-    last = {}
-    for step in range(start, total):
-        local = batches.local(step, rows)
-        width, t0 = local["input_ids"].shape[1], time.time()
-        state, metrics = train_step(state, frozen, sharding.to_global(mesh, local, batch))
-        if width not in shapes:  # each batch shape compiles once; say so, so a slow step is explained
-            jax.block_until_ready(metrics)
-            shapes.add(width)
-            log(f"compiled the train step for batch {batch} x {width} in {time.time() - t0:.1f}s")
-            t_log, tokens = time.time(), 0.0
-        tokens += float(local["attention_mask"].sum()) * jax.process_count()
-        done = step + 1
-        if done % log_every == 0 or done == total:
-            m = jax.device_get(metrics)
-            now = time.time()
-            last = {f"train/{k}": float(m[k]) for k in ("loss", "accuracy", "grad_norm", "learning_rate")}
-            last["train/tokens_per_second"] = tokens / max(now - t_log, 1e-9)
-            t_log, tokens = now, 0.0
-            writer.write(done, last)
-            writer.flush()
-            bar.set_postfix(loss=f"{last['train/loss']:.4f}", refresh=False)
-        if eval_every and done % eval_every == 0 and done != total:
-            eval_metrics = run_eval(state, done)
-            log(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-        bar.update(1)
-        ckpt.save(done, state, {**meta, "data_position": done})
-        if preemption.agreed():
-            ckpt.save(done, state, {**meta, "data_position": done}, force=True)
-            ckpt.close()
-            bar.close()
-            log(f"preempted (SIGTERM): saved step {done} to {ckpt.directory}; run the same command to resume")
-            writer.close()
-            return {"preempted_at": done}
-    bar.close()
-    if start < total:
-        ckpt.save(total, state, {**meta, "data_position": total}, force=True)
-    eval_metrics = run_eval(state, total)
-    ckpt.close()
-    writer.close()
+    widths, last, pending = set(), {}, None
+    # Placed like the step's outputs, so track_nonfinite compiles once.
+    health = jax.device_put({"first_bad": np.int32(-1), "skipped": np.int32(skipped)}, replicated)
+    # The next batches are sliced and sent to the devices on a background thread while a step runs.
+    put = lambda s: (local := batches.local(s, rows), sharding.to_global(mesh, local, batch))  # noqa: E731
+    prefetch = Prefetch(put, start, total)
+    try:
+        for step in range(start, total):
+            done = step + 1
+            local, global_batch = prefetch.get(step)
+            width, t0 = local["input_ids"].shape[1], time.time()
+            profile.before(done)
+            state, metrics = train_step(state, frozen, global_batch)
+            health = track_nonfinite(health, metrics, done)
+            if width not in widths:  # each batch shape compiles once; say so, so a slow step is explained
+                jax.block_until_ready(metrics)
+                widths.add(width)
+                log(f"compiled the train step for batch {batch} x {width} in {time.time() - t0:.1f}s")
+                throughput.restart()
+            throughput.add(batch, width, float(local["attention_mask"].sum()) * jax.process_count())
+            if pending:  # the previous step's numbers: on the host only now that this step is queued
+                last = read_log_step(*pending)
+            pending = None
+            if done % log_every == 0 or done == total:
+                pending = (done, metrics, health, (throughput.tokens, throughput.flops))
+            profile.after(done, state)
+            if eval_every and done % eval_every == 0 and done != total:
+                eval_metrics = run_eval(state, done)
+                log(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+            bar.update(1)
+            if ckpt.due(done):
+                save(done, state)
+            if preemption.agreed(done):
+                if pending:
+                    last, pending = read_log_step(*pending), None
+                save(done, state, force=True)
+                log(f"preempted (SIGTERM): saved step {done} to {ckpt.directory}; run the same command to resume")
+                return {"preempted_at": done}
+        if pending:
+            last = read_log_step(*pending)
+        if start < total:
+            save(total, state, force=True)
+        eval_metrics = run_eval(state, total)
+    finally:
+        prefetch.close()
+        bar.close()
+        ckpt.close()
+        writer.close()
     exported = None
     if config.export.enabled:
-        exported = export(config, workdir, model, method, state.params, frozen, tokenizer_path)
+        exported = export(config, export_dir, model, method, state.params, frozen, tokenizer_path)
     summary = {**last, **eval_metrics, "steps": total, "seconds": time.time() - t_start}
     log(
         f"done: {method.name} on {config.data.name}, {total} steps in {summary['seconds']:.0f}s | "
-        + " ".join(f"{k}={v:.4f}" for k, v in {**last, **eval_metrics}.items() if not k.endswith("per_second"))
+        + " ".join(f"{k}={v:.4f}" for k, v in {**last, **eval_metrics}.items() if "per_second" not in k)
         + (f" | exported to {exported}" if exported else "")
     )
     return summary
@@ -377,10 +576,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def init_distributed():
     """Explicit flags, else auto-detection on TPU pods and SLURM; a single process otherwise."""
-    explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise SystemExit("error: --coordinator_address, --num_processes and --process_id go together")
+    if FLAGS.coordinator_address is not None:
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -388,36 +584,64 @@ def init_distributed():
         jax.distributed.initialize()
 
 
+def profile_steps(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        first, last = (int(x) for x in text.split(":"))
+        if 1 <= first <= last:
+            return first, last
+    except ValueError:
+        pass
+    raise ValueError(f"--profile_steps={text}: expected START:END, two step numbers with 1 <= START <= END")
+
+
 def main(argv):
     from jaxft.errors import JaxftError
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     init_distributed()
     workdir = FLAGS.workdir or str(Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
     try:
-        train_and_evaluate(FLAGS.config, workdir)
+        train_and_evaluate(FLAGS.config, workdir, profile_steps(FLAGS.profile_steps))
     except JaxftError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
 def parse_flags(argv):
-    """absl parsing, but a bad config file or override is one line and exit status 2, not a traceback."""
+    """absl parsing, but every usage error (a bad flag, config file or override, a stray argument) is
+    one line on stderr and exit status 2, not a traceback or a usage page."""
     try:
         args = FLAGS(argv)
+        if len(args) > 1:
+            raise ValueError(f"unexpected arguments: {' '.join(args[1:])} (flags are --name=value)")
         if not any(a.startswith("--config=") for a in argv[1:]):
             raise ValueError("--config=configs/NAME.py is required")
+        explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+        if any(v is not None for v in explicit) and any(v is None for v in explicit):
+            raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+        profile_steps(FLAGS.profile_steps)
         name = config_flags.get_config_filename(FLAGS["config"])
         if name and not Path(name.split(":")[0]).is_file():
             raise FileNotFoundError(f"--config={name}: no such config file")
         FLAGS.config  # noqa: B018  (the config file is executed lazily; fail here, not mid-run)
         return args
     except Exception as e:  # flags.Error, or what the config file / an override raised
-        detail = " ".join(str(e).replace("\\n", " ").split())
-        print(f"error: {detail}", file=sys.stderr)
+        print(f"error: {usage_error(e, argv)}", file=sys.stderr)
         sys.exit(2)
+
+
+def usage_error(e: Exception, argv) -> str:
+    """One line; an override naming a key the config lacks reads `--config.a.b: no such config key ...`."""
+    while e.args and isinstance(e.args[0], KeyError):  # ml_collections wraps it in an AttributeError
+        e = e.args[0]
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, KeyError) and text.startswith("'"):
+        key, _, hint = text[1:].partition("'")
+        named = [a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith(f".{key}")]
+        text = f"{named[0] if named else key}: no such config key.{hint}"
+    return " ".join(text.replace("\\n", " ").split())
 
 
 def run():

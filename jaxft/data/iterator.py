@@ -7,6 +7,9 @@ its own rows of every global batch.
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import numpy as np
 
 
@@ -61,6 +64,48 @@ class Batches:
             width = next((b for b in self.buckets if b >= longest), self.buckets[-1])
             batch = {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
         return batch
+
+
+class Prefetch:
+    """`make(position)` for positions first, first + 1, ..., last - 1, run on a background thread up to
+    `depth` ahead of the consumer, so host slicing and the copy to the devices overlap the step.
+
+    The order is fixed (one producer, a FIFO queue) and `get` checks it, so resume stays exact. An
+    error in `make` is raised by the `get` that would have returned its result.
+    """
+
+    def __init__(self, make, first: int, last: int, depth: int = 2):
+        self._queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(make, first, last), daemon=True,
+                                        name="jaxft-prefetch")
+        self._thread.start()
+
+    def _produce(self, make, first, last):
+        for position in range(first, last):
+            try:
+                item = (position, make(position), None)
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+                item = (position, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[2] is not None:
+                return
+
+    def get(self, position: int):
+        got, value, error = self._queue.get()
+        if error is not None:
+            raise error
+        assert got == position, f"prefetch out of order: got batch {got}, expected {position}"
+        return value
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
 
 
 def eval_batches(arrays: dict[str, np.ndarray], global_batch: int, rows: tuple[int, int]):

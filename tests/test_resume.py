@@ -1,0 +1,220 @@
+"""Exit 0 means the result is right, through the real CLI: non-finite training stops (or skips),
+resuming checks the run's settings, metrics keep each step once after kill -9, a corrupted newest
+checkpoint falls back to an intact one, and usage errors are one line with status 2."""
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import ROOT, TINY, adapter, assert_same_adapter, cli, losses
+
+
+def checksums(directory):
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def logged_steps(workdir):
+    """Steps with a train/loss row; a row cut by kill -9 mid-write is skipped."""
+    out = []
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if "train/loss" in row:
+            out.append(row["step"])
+    return out
+
+
+def steps_saved(workdir):
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def one_line_error(r, message):
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite training. A learning rate of 1e38 takes step 1 to parameters near float32's largest
+# value, and step 2 past it.
+
+BLOWUP = ("--config.optimizer.learning_rate=1e38", "--config.optimizer.schedule=constant",
+          "--config.train.steps=6", "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=1",
+          "--config.checkpoint.keep=0")
+
+
+def test_nonfinite_step_stops_the_run_and_saves_nothing_after_it(tmp_path):
+    r = cli(tmp_path, *BLOWUP)
+    one_line_error(r, "error: step 2: the loss, gradient or new parameters are not finite")
+    assert steps_saved(tmp_path) == [1]  # step 1 is finite; nothing from step 2 on
+    assert not (tmp_path / "export").exists()
+    assert all(np.isfinite(v) for v in losses(tmp_path).values())
+
+
+def test_skip_nonfinite_leaves_the_update_out(tmp_path):
+    r = cli(tmp_path / "skip", *BLOWUP, "--config.train.skip_nonfinite=True")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["train/skipped_steps"] for row in rows if "train/loss" in row] == [0, 1, 2, 3, 4, 5]
+    # Every step after the first was skipped: params and optimizer state are those after step 1.
+    one = cli(tmp_path / "one", *BLOWUP, "--config.train.steps=1")
+    assert one.returncode == 0, one.stderr
+    skipped = adapter(tmp_path / "skip")
+    assert all(np.isfinite(v).all() for v in skipped.values())
+    assert_same_adapter(skipped, adapter(tmp_path / "one"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with other settings.
+
+SHORT = ("--config.train.steps=4", "--config.checkpoint.every_steps=2", "--config.train.log_every_steps=1")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("finished")
+    r = cli(wd, *SHORT)
+    assert r.returncode == 0, r.stderr
+    return wd
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.seed=1", "train.seed=1: the checkpoint in"),
+    ("--config.train.batch_size=16", "train.batch_size=16: the checkpoint in"),
+    ("--config.method.rank=8", "method.rank=8: the checkpoint in"),
+    ("--config.data.seq_len=32", "data.seq_len=32: the checkpoint in"),
+    ("--config.optimizer.learning_rate=0.5", "optimizer.learning_rate=0.5: the checkpoint in"),
+    ("--config.train.grad_accum=2", "train.grad_accum=2: the checkpoint in"),
+])
+def test_resume_with_other_settings_is_an_error(finished, tmp_path, override, message):
+    run = copy_of(finished, tmp_path)
+    before = checksums(run)
+    r = cli(run, *SHORT, override)
+    one_line_error(r, message)
+    old = {"train.seed": "0", "train.batch_size": "8", "method.rank": "4", "data.seq_len": "16",
+           "optimizer.learning_rate": "0.01", "train.grad_accum": "1"}[override[9:].split("=")[0]]
+    assert f"was made with {override[9:].split('=')[0]}={old}" in r.stderr
+    assert checksums(run) == before  # nothing written
+
+
+def test_resume_anyway_is_recorded(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    r = cli(run, "--config.train.steps=6", "--config.checkpoint.every_steps=2", "--config.train.seed=1",
+            "--config.train.resume_anyway=True")
+    assert r.returncode == 0, r.stderr
+    assert "resuming with other settings (train.seed: 0 -> 1)" in r.stdout
+    notes = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "resumed_anyway" in line]
+    assert notes == [{"step": 4, "resumed_anyway": ["train.seed: 0 -> 1"]}]
+    meta = json.loads((run / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["resumed_anyway"] == ["train.seed: 0 -> 1"] and meta["settings"]["train.seed"] == 1
+
+
+def test_more_steps_trains_on_and_says_so(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    r = cli(run, "--config.train.steps=6", "--config.checkpoint.every_steps=2", "--config.train.log_every_steps=1")
+    assert r.returncode == 0, r.stderr
+    assert "train.steps raised from 4 to 6: training on from step 4" in r.stdout
+    assert steps_saved(run)[-1] == 6 and sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_fewer_steps_than_trained_is_an_error(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    before = checksums(run)
+    r = cli(run, "--config.train.steps=2", "--config.checkpoint.every_steps=2")
+    one_line_error(r, "train.steps=2: the checkpoint in")
+    assert "has already trained 4 steps" in r.stderr
+    assert checksums(run) == before  # the 4-step export is not replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# Each step logged once after kill -9.
+
+LONG = ("--config.train.steps=30", "--config.checkpoint.every_steps=5", "--config.train.log_every_steps=1")
+
+
+def scalars(workdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(workdir) / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_kill_9_and_resume_log_each_step_once(tmp_path):
+    straight = cli(tmp_path / "straight", *LONG)
+    assert straight.returncode == 0, straight.stderr
+    wd = tmp_path / "killed"
+    proc = cli(wd, *LONG, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill once steps after a checkpoint are logged
+        saved = steps_saved(wd) if (wd / "checkpoints").exists() else []
+        if saved and (wd / "metrics.jsonl").exists() and max(logged_steps(wd), default=0) >= saved[-1] + 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = max(logged_steps(wd))
+    assert killed_at > steps_saved(wd)[-1] and killed_at < 30  # orphaned rows exist
+    r = cli(wd, *LONG)
+    assert r.returncode == 0, r.stderr
+    assert logged_steps(wd) == list(range(1, 31))
+    assert losses(wd) == losses(tmp_path / "straight")
+    assert scalars(wd, "train/loss") == scalars(tmp_path / "straight", "train/loss")
+
+
+# ---------------------------------------------------------------------------------------------
+# A corrupted newest checkpoint.
+
+
+def test_corrupted_newest_checkpoint_falls_back(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    assert steps_saved(run) == [2, 4]
+    intact = checksums(run / "checkpoints" / "2")
+    for f in (run / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage" * 3)
+    r = cli(run, *SHORT)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stdout.splitlines() if "cannot restore" in line]
+    assert len(warnings) == 1 and "set aside as 4.unreadable, resuming from step 2" in warnings[0]
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    assert checksums(run / "checkpoints" / "2") == intact
+    assert (run / "checkpoints" / "4.unreadable").is_dir()
+    assert steps_saved(run) == [2, 4]
+    assert_same_adapter(adapter(run), adapter(finished))  # resuming from 2 ends where the run did
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage errors.
+
+
+@pytest.mark.parametrize("args,message", [
+    ([f"--config={TINY}", "--num_processes=2"], "--coordinator_address, --num_processes and --process_id go together"),
+    ([f"--config={TINY}", "stray"], "unexpected arguments: stray"),
+    ([f"--config={TINY}", "--config.train.steps=abc"], "--config.train.steps=abc"),
+    ([f"--config={TINY}", "--config.train.stepz=3"],
+     'error: --config.train.stepz: no such config key. Did you mean "steps" instead of "stepz"?\n'),
+])
+def test_usage_errors_exit_2_in_one_line(tmp_path, args, message):
+    wd = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "jaxft.train", f"--workdir={wd}", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert "\\'" not in r.stderr
+    assert not wd.exists()
