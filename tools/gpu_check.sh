@@ -6,6 +6,7 @@
 #   4. runs tools/benchmark.py on a ~1.1B Llama (TinyLlama's shape: 22 x 2048, 32/4 heads, MLP 5632,
 #      32k vocab) in bf16, batch 8 x 2048 tokens: jaxft full / LoRA / P-Tuning v2 against HF PEFT +
 #      PyTorch (CUDA, bf16 autocast, SDPA) on the same GPU,
+#   5. runs the main job (configs/ptuning_v2.py) on the GPU as configured (fp32) and in bf16,
 # and writes its figures to OUT/gpu_check.json (plus one log per part). BENCHMARKS.md holds the results.
 #
 #   tools/gpu_check.sh [OUT]          # OUT defaults to $OUT, else ./gpu_check_out
@@ -64,6 +65,13 @@ timeout 360 python3 tools/benchmark.py --layers 22 --hidden 2048 --heads 32 --kv
   --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --json "$OUT/benchmark.json" 2>&1 \
   | tee "$OUT/benchmark.log" | grep -v "^running "
 
+echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
+for dtype in float32 bfloat16; do  # as configured (XLA attention), then bf16 compute (cuDNN attention)
+  rm -rf "/tmp/gpu_check_main_$dtype"
+  timeout 150 python3 -m jaxft.train --config=configs/ptuning_v2.py --workdir="/tmp/gpu_check_main_$dtype" \
+    --config.model.dtype=$dtype 2>&1 | grep -v "^train:" | tail -3 | tee -a "$OUT/main_job.log"
+done
+
 python3 - "$OUT" "$attn_rc" "$((SECONDS - t0))" <<'EOF'
 import json, os, sys
 out, attn_rc, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -77,7 +85,9 @@ def read(name):
 summary = {"seconds": seconds, "attention_tests_exit_status": None if attn_rc < 0 else attn_rc,
            "versions": open(os.path.join(out, "versions.txt")).read().splitlines(),
            "nvidia_smi": open(os.path.join(out, "nvidia_smi.csv")).read().splitlines(),
-           "attention_bench": read("attention.jsonl"), "benchmark": read("benchmark.json")}
+           "attention_bench": read("attention.jsonl"), "benchmark": read("benchmark.json"),
+           "logs": {name: open(os.path.join(out, name)).read()[-6000:] for name in
+                    ("test_attention.log", "attention_bench.log", "main_job.log") if os.path.exists(os.path.join(out, name))}}
 json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 print(f"wrote {out}/gpu_check.json ({seconds} s)")
 EOF
