@@ -114,32 +114,49 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     return Data(join(parts), join(evals) if evals else None, task, None, tok)
 
 
-def init_params(model, base_root, mesh, seed: int):
-    """Random init of everything (sharded), then the base checkpoint's weights where they fit."""
+def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
+    """Random init of what the base checkpoint lacks (sharded), and the checkpoint's weights.
+
+    Leaves that `trainable` (the method's regexes) does not match are frozen and stored in
+    `model.cfg.param_dtype`: cast inside the jitted init, or on the host before a loaded weight goes
+    to its devices, so no fp32 copy of a bf16 base is ever made on device. Trainable leaves stay fp32.
+    """
     import flax.linen as nn
 
     from jaxft import hf, sharding
     from jaxft.errors import JaxftError
-    from jaxft.peft.partition import ADDED_PARAMS, flat, unflat
+    from jaxft.peft.partition import ADDED_PARAMS, flat, is_trainable, unflat
 
     dummy = jnp.zeros((1, 2), jnp.int32)
     abstract = jax.eval_shape(lambda r: model.init(r, dummy), jax.random.PRNGKey(0))["params"]
-    shardings = sharding.param_shardings(abstract, mesh)
-    init = jax.jit(lambda r: nn.unbox(model.init(r, dummy)["params"]), out_shardings=shardings)
-    params = init(jax.random.PRNGKey(seed))
-    if base_root is None:
-        return params
-    loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
-    target, shard_flat = flat(params), flat(shardings)
-    for path in target:
-        if path in loaded:
-            value = loaded[path]
-            if value.shape != target[path].shape:
-                raise JaxftError(f"{base_root}: {path} has shape {value.shape}, the model expects {target[path].shape}")
-            target[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
-        elif not ADDED_PARAMS.search(path) and not path.startswith(("score/", "lm_head/")):
-            raise JaxftError(f"{base_root}: no weight for {path} in the checkpoint")
-    return unflat(target)
+    shard_flat = flat(sharding.param_shardings(abstract, mesh))
+    shapes = flat(nn.unbox(abstract))
+    frozen_dtype = jnp.dtype(model.cfg.param_dtype)
+    dtypes = {p: x.dtype if is_trainable(p, trainable) else frozen_dtype for p, x in shapes.items()}
+    loaded = {}
+    if base_root is not None:
+        loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
+        loaded = {p: v for p, v in loaded.items() if p in shapes}
+    for path in shapes:
+        if path in loaded and loaded[path].shape != shapes[path].shape:
+            got, want = loaded[path].shape, shapes[path].shape
+            raise JaxftError(f"{base_root}: {path} has shape {got}, the model expects {want}")
+        if base_root is not None and path not in loaded:
+            if not ADDED_PARAMS.search(path) and not path.startswith(("score/", "lm_head/")):
+                raise JaxftError(f"{base_root}: no weight for {path} in the checkpoint")
+
+    # Only the leaves the checkpoint lacks are initialised (XLA drops the rest of `model.init`).
+    fresh = [p for p in shapes if p not in loaded]
+
+    def init(rng):
+        every = flat(nn.unbox(model.init(rng, dummy)["params"]))
+        return {p: every[p].astype(dtypes[p]) for p in fresh}
+
+    params = jax.jit(init, out_shardings={p: shard_flat[p] for p in fresh})(jax.random.PRNGKey(seed))
+    for path, value in loaded.items():
+        value = value.astype(dtypes[path])  # on the host: a bf16 base reaches the devices as bf16
+        params[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
+    return unflat(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +256,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         dtype=config.model.dtype,
         scan_layers=config.model.scan_layers,
         remat=config.model.remat,
+        param_dtype=config.model.param_dtype,
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
     method = build(config.method, cfg)
     model = LlamaModel(cfg, hooks=method.hooks)
 
-    params = init_params(model, base_root, mesh, config.train.seed)
+    params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
     sample = {k: v[:64] for k, v in data.train.items()}
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)
