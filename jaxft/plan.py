@@ -29,6 +29,7 @@ class Setup:
     trainable: dict  # flat path -> bool
     shardings: dict  # flat path -> NamedSharding
     num_prefix: int
+    platform: str  # where the run goes: cpu, gpu or tpu
 
 
 def head_of(config) -> tuple[str, int | None]:
@@ -52,7 +53,7 @@ def head_of(config) -> tuple[str, int | None]:
     return task, labels
 
 
-def setup(config, num_devices: int | None = None) -> Setup:
+def setup(config, num_devices: int | None = None, platform: str | None = None) -> Setup:
     """config -> the model, method, mesh and parameter shapes/shardings a run would build."""
     import flax.linen as nn
     from jax.sharding import AbstractMesh
@@ -88,7 +89,8 @@ def setup(config, num_devices: int | None = None) -> Setup:
     frozen_dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
     abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
-    return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix)
+    platform = platform or jax.default_backend()
+    return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform)
 
 
 def per_device(shape, dtype, named_sharding) -> int:
@@ -135,7 +137,8 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     b = max(batch // config.train.grad_accum // shards, 1)  # rows of one micro-batch on one device
     t, p = config.data.seq_len, s.num_prefix
     k = t + p  # keys per query
-    c = np.dtype(cfg.compute_dtype).itemsize
+    # XLA:CPU emulates bf16 arithmetic in fp32: its temporaries match an fp32 run's (measured).
+    c = 4 if s.platform == "cpu" else np.dtype(cfg.compute_dtype).itemsize
     split = lambda n: n // tp if n % tp == 0 else n  # noqa: E731  (axes the tensor axis divides)
     d_model, d = cfg.hidden_size, cfg.dim_per_head
     heads, kv, ffn = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
@@ -147,8 +150,8 @@ def activation_bytes(s: Setup, batch: int) -> dict:
                "gate_proj": ffn, "up_proj": ffn, "down_proj": d_model}
 
     # What the backward pass keeps of one layer without remat, per token.
-    keep = c * (2 * d_model + heads * d + 2 * kv * d * k / t + 5 * ffn)  # residual stream, q, k, v, the MLP
-    keep += 4 * (2 * heads * k + 4 + 2 * heads)  # scores and probabilities (fp32), softmax and norm statistics
+    keep = 4 * 2 * d_model + c * (heads * d + 2 * kv * d * k / t + 5 * ffn)  # norms' fp32 inputs, q, k, v, MLP
+    keep += 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)  # fp32 scores, probabilities, statistics
     keep += c * sum(_grad_inputs(trained | adapted, inputs))  # inputs of projections whose weights get gradients
     keep += 4 * 2 * d_model * norms  # normalised states, for the norms' weight gradients
     keep += c * rank * len(adapted)  # LoRA's x @ A
@@ -192,9 +195,15 @@ def estimate(s: Setup, batch: int | None = None) -> dict:
             trainable += per_device(x.shape, x.dtype, s.shardings[path])
             mu += per_device(x.shape, mu_dtype or x.dtype, s.shardings[path])
     optimizer = mu + trainable  # Adam's two moments (nu as the parameters)
+    compute = np.dtype(s.cfg.compute_dtype).itemsize
+    # A frozen base stored narrower than the compute dtype is converted once per step, whole (measured
+    # on XLA:CPU): bf16 storage saves memory only with bf16 compute.
+    weights += sum(per_device(x.shape, s.cfg.compute_dtype, s.shardings[p]) for p, x in s.abstract.items()
+                   if not s.trainable[p] and x.dtype.itemsize < compute)
     activations = activation_bytes(s, batch)["total"]
     # The update (clipped gradients, new moments) is made after the activations are freed: the step
     # needs the larger of the two, on top of the gradients.
-    total = weights + trainable + optimizer + max(activations, trainable)
-    return {"weights": int(weights), "gradients": int(trainable), "optimizer": int(optimizer),
+    gradients = trainable * (2 if s.config.train.grad_accum > 1 else 1)  # + one micro-batch's, when accumulating
+    total = weights + gradients + optimizer + max(activations, trainable)
+    return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
             "activations": int(activations), "total": int(total)}
