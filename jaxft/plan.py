@@ -342,8 +342,10 @@ def text(s: Setup, r: dict) -> str:
         f"  {'gradients':<14}{human(b['gradients']):>16}",
         f"  {'optimizer':<14}{human(b['optimizer']):>16}",
         f"  {'activations':<14}{human(b['activations']):>16}   (remat {cfg.remat})",
-        f"  {'total':<14}{human(b['total']):>16}" + (f"   of {human(r['device_memory'])}" if r["device_memory"] else ""),
+        f"  {'total':<14}{human(b['total']):>16}",
     ]
+    if r["device_memory"]:
+        lines[-1] += f"   of {human(r['device_memory'])}"
     if r["max_batch_size"] is not None:
         lines.append(f"  {'max batch':<14}{r['max_batch_size']:>16}   (global, at seq_len {r['seq_len']})")
     return "\n".join(lines)
@@ -373,7 +375,7 @@ def run():
 
     from jaxft.train import parse_flags
 
-    flags.DEFINE_string("device_memory", None, "Memory of one device, e.g. 80GB or 16GiB (default: the local device's).")
+    flags.DEFINE_string("device_memory", None, "One device's memory, e.g. 80GB or 16GiB (default: the local one's).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
     flags.DEFINE_integer("devices", None, "Plan for this many devices (default: the local ones).")
     flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "Plan for this backend (default: the local one).")

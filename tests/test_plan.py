@@ -55,8 +55,8 @@ def compiled_bytes(c, devices: int) -> int:
                        rng=leaf(jnp.zeros((2,), jnp.uint32), rep))
     b, t = c.train.batch_size, c.data.seq_len
     rows, cols = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
-    batch = {"input_ids": leaf(jnp.zeros((b, t), jnp.int32), cols), "attention_mask": leaf(jnp.zeros((b, t), jnp.int32), cols),
-             "weight": leaf(jnp.zeros((b,), jnp.float32), rows)}
+    ids = leaf(jnp.zeros((b, t), jnp.int32), cols)
+    batch = {"input_ids": ids, "attention_mask": ids, "weight": leaf(jnp.zeros((b,), jnp.float32), rows)}
     if s.cfg.head == "classification":
         batch["labels"] = leaf(jnp.zeros((b,), jnp.int32), rows)
     step = jax.jit(make_train_step(s.model, tx, schedule, c.train.grad_accum), donate_argnums=(0,),
