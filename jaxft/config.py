@@ -20,11 +20,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = "jaxft-tiny"  # HF directory, bundled name, or hub name (online); "" = from `model.init`
     c.model.init = ml_collections.ConfigDict()  # HF config.json keys of a model to build from scratch
     c.model.tokenizer = ""  # default: the model directory
-    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (trainable parameters stay float32)
+    c.model.param_dtype = "float32"  # storage of the frozen base: float32 or bfloat16
     c.model.head = ""  # "", causal_lm or classification ("" = from the task)
     c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
     c.model.scan_layers = True
-    c.model.remat = False
+    # What the backward pass keeps of each layer: none | full | save_dots | offload (see
+    # `jaxft.models.llama.remat_policy`). Typed `object` so the old True / False still parse (full / none).
+    c.model.remat = ml_collections.FieldReference("none", field_type=object)
     c.model.attention = "auto"  # xla, cudnn, splash, flash, or auto: the fastest the backend runs (see README)
 
     # Method section: which parameters train and how the model is hooked.
@@ -79,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
+    c.optimizer.mu_dtype = ""  # Adam's first moment: "" (as the parameters) or bfloat16
 
     # Eval section.
     c.eval = ml_collections.ConfigDict()
@@ -110,10 +114,13 @@ def base_config() -> ml_collections.ConfigDict:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "save_dots", "offload", True, False),
     "model.head": ("", "causal_lm", "classification"),
     "model.pooling": ("", "last", "mean"),
     "data.task": ("", "causal_lm", "classification"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
+    "optimizer.mu_dtype": ("", "bfloat16"),
 }
 POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps",
             "mesh.dcn_data", "mesh.dcn_fsdp")

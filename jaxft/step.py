@@ -78,7 +78,8 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     tx = optax.chain(
         optax.clip_by_global_norm(float(opt_cfg.grad_clip)) if opt_cfg.grad_clip else optax.identity(),
         optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                    weight_decay=float(opt_cfg.weight_decay), mask=decay_mask),
+                    weight_decay=float(opt_cfg.weight_decay), mask=decay_mask,
+                    mu_dtype=opt_cfg.get("mu_dtype") or None),  # bfloat16 halves the first moment
     )
     return tx, schedule
 

@@ -116,41 +116,59 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     return Data(join(parts), join(evals) if evals else None, task, None, tok)
 
 
-def init_params(model, base_root, mesh, seed: int):
-    """Random init of everything (sharded), then the base checkpoint's weights where they fit."""
+def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
+    """Random init of what the base checkpoint lacks (sharded), and the checkpoint's weights.
+
+    Leaves that `trainable` (the method's regexes) does not match are frozen and stored in
+    `model.cfg.param_dtype`: cast inside the jitted init, or on the host before a loaded weight goes
+    to its devices, so no fp32 copy of a bf16 base is ever made on device. Trainable leaves stay fp32.
+    """
     import flax.linen as nn
 
     from jaxft import hf, sharding
     from jaxft.errors import JaxftError
-    from jaxft.peft.partition import ADDED_PARAMS, flat, unflat
+    from jaxft.peft.partition import ADDED_PARAMS, flat, is_trainable, unflat
 
     dummy = jnp.zeros((1, 2), jnp.int32)
     abstract = jax.eval_shape(lambda r: model.init(r, dummy), jax.random.PRNGKey(0))["params"]
-    shardings = sharding.param_shardings(abstract, mesh)
-    init = jax.jit(lambda r: nn.unbox(model.init(r, dummy)["params"]), out_shardings=shardings)
-    params = init(jax.random.PRNGKey(seed))
-    if base_root is None:
-        return params
-    loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
-    target, shard_flat = flat(params), flat(shardings)
-    # Missing base weights are an error (a random frozen layer trains nothing useful), except the
-    # classifier head that a classification run puts on a checkpoint that has none.
-    new_head = model.cfg.head == "classification" and hf.read_config(base_root).head != "classification"
-    for path in target:
-        if path in loaded:
-            value = loaded[path]
-            if value.shape != target[path].shape:
-                raise JaxftError(f"{base_root}: {path} has shape {value.shape}, the model expects {target[path].shape}")
-            target[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
-        elif path.startswith("score/") and new_head:
-            log(f"new classification head {path} {tuple(target[path].shape)}: random init, trains "
-                f"({base_root} is not a sequence classifier)")
-        elif not ADDED_PARAMS.search(path):
-            hf_name = next(iter(hf.params_to_hf(unflat({path: np.zeros((1,) * target[path].ndim)}), model.cfg)), path)
-            tied = " (its config.json has tie_word_embeddings=false)" if path.startswith("lm_head/") else ""
-            raise JaxftError(f"{base_root}: the checkpoint has no {hf_name}{tied}: expected every base weight "
-                             "of the model")
-    return unflat(target)
+    shard_flat = flat(sharding.param_shardings(abstract, mesh))
+    shapes = flat(nn.unbox(abstract))
+    frozen_dtype = jnp.dtype(model.cfg.param_dtype)
+    dtypes = {p: x.dtype if is_trainable(p, trainable) else frozen_dtype for p, x in shapes.items()}
+    loaded = {}
+    if base_root is not None:
+        loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
+        loaded = {p: v for p, v in loaded.items() if p in shapes}
+        # Missing base weights are an error (a random frozen layer trains nothing useful), except the
+        # classifier head that a classification run puts on a checkpoint that has none.
+        new_head = model.cfg.head == "classification" and hf.read_config(base_root).head != "classification"
+        for path in shapes:
+            if path in loaded:
+                if loaded[path].shape != shapes[path].shape:
+                    got, want = loaded[path].shape, shapes[path].shape
+                    raise JaxftError(f"{base_root}: {path} has shape {got}, the model expects {want}")
+            elif path.startswith("score/") and new_head:
+                log(f"new classification head {path} {tuple(shapes[path].shape)}: random init, trains "
+                    f"({base_root} is not a sequence classifier)")
+            elif not ADDED_PARAMS.search(path):
+                hf_name = next(iter(hf.params_to_hf(unflat({path: np.zeros((1,) * len(shapes[path].shape))}),
+                                                    model.cfg)), path)
+                tied = " (its config.json has tie_word_embeddings=false)" if path.startswith("lm_head/") else ""
+                raise JaxftError(f"{base_root}: the checkpoint has no {hf_name}{tied}: expected every base weight "
+                                 "of the model")
+
+    # Only the leaves the checkpoint lacks are initialised (XLA drops the rest of `model.init`).
+    fresh = [p for p in shapes if p not in loaded]
+
+    def init(rng):
+        every = flat(nn.unbox(model.init(rng, dummy)["params"]))
+        return {p: every[p].astype(dtypes[p]) for p in fresh}
+
+    params = jax.jit(init, out_shardings={p: shard_flat[p] for p in fresh})(jax.random.PRNGKey(seed))
+    for path, value in loaded.items():
+        value = value.astype(dtypes[path])  # on the host: a bf16 base reaches the devices as bf16
+        params[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
+    return unflat(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,12 +434,13 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         scan_layers=config.model.scan_layers,
         remat=config.model.remat,
         attention=config.model.attention,
+        param_dtype=config.model.param_dtype,
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
     method = build(config.method, cfg)
     model = LlamaModel(cfg, hooks=method.hooks)
 
-    params = init_params(model, base_root, mesh, config.train.seed)
+    params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
     sample = {k: v[:64] for k, v in data.train.items()}
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)

@@ -14,8 +14,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
+# The name every projection's output carries, for remat policies that keep it (`model.remat=save_dots`).
+PROJECTION = "projection"
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
@@ -49,7 +52,7 @@ class Linear(nn.Module):
             y = y + bias.astype(self.dtype)
         for hook in self.hooks:
             y = hook.linear(self, x, y, kernel)
-        return y
+        return checkpoint_name(y, PROJECTION)
 
 
 class RMSNorm(nn.Module):

@@ -14,14 +14,16 @@ import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxft.models.attention import attention
-from jaxft.models.layers import Linear, RMSNorm, param_with_axes, rope
+from jaxft.models.layers import PROJECTION, Linear, RMSNorm, param_with_axes, rope
 from jaxft.sharding import constrain
 
 HEADS = ("causal_lm", "classification")
 POOLING = ("last", "mean")
+REMAT = ("none", "full", "save_dots", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +53,15 @@ class LlamaConfig:
     num_labels: int = 2
     pooling: str = "last"  # classification: the state the head reads (see `pool`)
     labels: tuple[str, ...] | None = None  # classification: the class names (HF id2label); None: LABEL_0, ...
-    dtype: str = "float32"  # compute dtype; parameters stay fp32 (master weights)
+    dtype: str = "float32"  # compute dtype; trainable parameters stay fp32 (master weights)
+    param_dtype: str = "float32"  # storage of the frozen base (see `jaxft.train.init_params`)
     scan_layers: bool = True
-    remat: bool = False
+    remat: str = "none"  # what the backward pass keeps of each layer: see `remat_policy`
     attention: str = "xla"  # xla | cudnn | splash | flash | auto: see `jaxft.models.attention`
+
+    def __post_init__(self):  # the old boolean `remat` setting: True is "full"
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
 
     @property
     def dim_per_head(self) -> int:
@@ -146,6 +153,36 @@ def pool(h, mask, how: str):
     raise ValueError(f"pooling={how!r}: expected one of {POOLING}")
 
 
+def remat_policy(name: str):
+    """`model.remat` -> the `jax.checkpoint` policy of each decoder layer (None: no remat at all).
+
+    full: keep only the layer's input, recompute everything in the backward pass. save_dots: keep
+    every projection's output (named in `Linear`), recompute norms, rotary, attention and the MLP
+    activation. offload: as save_dots, but the kept tensors wait in pinned host memory. On CPU the
+    device memory is host memory: offload runs and keeps exactly what save_dots keeps.
+    """
+    if name == "none":
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "save_dots":
+        return jax.checkpoint_policies.save_only_these_names(PROJECTION)
+    if name == "offload":
+        kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+        if "pinned_host" not in kinds:
+            from jaxft.errors import JaxftError
+
+            raise JaxftError(
+                f"model.remat='offload': the {jax.default_backend()} backend has no pinned host memory "
+                f"(memory kinds {sorted(kinds)}); use save_dots or full"
+            )
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=(PROJECTION,),
+            offload_src="device", offload_dst="pinned_host",
+        )
+    raise ValueError(f"remat={name!r}: expected one of {REMAT}")
+
+
 class LlamaModel(nn.Module):
     """`apply({"params": p}, input_ids, attention_mask)` -> logits [B, T, V] or [B, num_labels]."""
 
@@ -176,7 +213,10 @@ class LlamaModel(nn.Module):
         if position_ids is None:  # real tokens count from 0 after the prefix, as they do after a KV cache
             position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0) + num_prefix
 
-        layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else DecoderLayer
+        policy = remat_policy(cfg.remat)
+        layer = DecoderLayer
+        if policy is not None:
+            layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers, policy=policy)
         if cfg.scan_layers:
             stack = nn.scan(
                 layer,

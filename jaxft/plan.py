@@ -1,0 +1,397 @@
+"""Predict a run's memory per device before anything runs.
+
+  python -m jaxft.plan --config=configs/NAME.py [--config.KEY=VALUE ...] [--device_memory=80GB] [--json]
+      [--devices=N] [--platform=cpu|gpu|tpu]
+
+Reads config.json only (no weight, no data beyond the labels of a local file, no compiled step):
+the parameter shapes come from `jax.eval_shape` of the model with the method's hooks, their
+layout from `jaxft.sharding.param_shardings` over an abstract mesh of `--devices` (default: the
+local ones), so a pod can be planned from a laptop. Per device, in bytes:
+
+  weights      every leaf's shard: frozen ones in model.param_dtype, trainable ones in fp32; plus,
+               when the frozen base is stored narrower than the compute dtype, its converted copy
+               (XLA converts it whole once per step: bf16 storage pays off with bf16 compute)
+  gradients    the trainable shards in fp32, twice with train.grad_accum > 1 (the running sum and
+               one micro-batch's)
+  optimizer    Adam's moments: mu in optimizer.mu_dtype (or fp32) and nu in fp32
+  activations  L x saved + max(working, loss) + the batch's own arrays, where, for the micro-batch
+               rows b on one device, t = data.seq_len, k = t + prefix tokens p, c = the compute
+               dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
+               (each divided by mesh.tensor where it divides):
+    per_layer  b t [8 D + c (H d + 2 KV d k/t + 5 F) + 4 H k + c H k + 4 (4 + 2 H)]
+               + c b t (inputs of the projections whose weights get gradients: D for q/k/v, H d for
+               o, D for gate/up, F for down) + 8 b t D if the norms train + c b t r per LoRA target
+               + 2 c b p KV d (the layer's prefix keys and values).
+               The terms are what XLA keeps per layer for the backward pass (read from the compiled
+               step's layer loop): the norms' fp32 inputs, q, k and v, five MLP-wide tensors (gate,
+               up, sigmoid, SiLU, their product), fp32 scores, probabilities, and row statistics.
+    saved      remat none: per_layer. full: the layer's input, c b t D (+ prefix). save_dots: its
+               input and every projection's output, c b t (3 D + H d + 2 KV d + 2 F). offload:
+               the input only on the device (the projections' outputs wait in host memory; on CPU,
+               where host memory is the device's, as save_dots).
+    working    the backward pass through one layer: per_layer x 1.0 (none), 0.7 (save_dots,
+               offload), 1.35 (full: it recomputes the layer first). Measured on XLA:CPU over full,
+               LoRA and P-Tuning v2, sequence lengths 128-256, batches 4-16, vocabularies 512-4096,
+               two MLP widths: 0.81-1.11, 0.65-0.73 and 1.25-1.44.
+    loss       causal LM: 1.25 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
+               and their gradient, fused; `jaxft.cross_entropy` chunks the sequence; measured 1.16-1.29
+               with a 32k vocabulary), alive before the backward pass starts: hence the max.
+  total        weights + gradients + optimizer + max(activations, trainable): the update (clipped
+               gradients, new moments) is computed after the activations are freed.
+
+`max_batch_size` is the largest global batch (a multiple of the data shards times
+train.grad_accum) whose total fits `--device_memory` (GB = 10^9, GiB = 2^30; default: what the
+local accelerator reports). tests/test_plan.py holds the total to XLA's own memory analysis of the
+real jitted step (argument + output + temp - alias, per device) within 15% for full, LoRA and
+P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.97-1.02.
+
+Where the plan and XLA:CPU part: bf16 compute on CPU is emulated in fp32, so on CPU the plan
+counts 4 bytes per activation element (`--platform` plans another backend: 2 bytes there); with
+remat=full in bf16 on CPU the plan is 8-18% high. Unrolled layers (model.scan_layers=False) on
+XLA:CPU: its scheduler runs the recomputation early and keeps it, so remat saves nothing there;
+the plan assumes the policy works, as it does for scanned layers (the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+
+import jax
+import numpy as np
+
+from jaxft.errors import JaxftError
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run would build, as shapes only: no weight is read, no step compiled."""
+
+    config: object
+    cfg: object  # LlamaConfig
+    method: object
+    model: object
+    mesh: object  # an AbstractMesh: plans for more devices than this machine has
+    abstract: dict  # flat path -> ShapeDtypeStruct (the dtype it is stored in)
+    trainable: dict  # flat path -> bool
+    shardings: dict  # flat path -> NamedSharding
+    num_prefix: int
+    platform: str  # where the run goes: cpu, gpu or tpu
+
+
+def head_of(config) -> tuple[str, int | None]:
+    """The task's head and label count, read from the config, or from the data file's first rows."""
+    from jaxft.data import sources, tasks
+
+    d = config.data
+    task = config.model.head or d.task
+    labels = int(d.synthetic_labels) or None if d.name == "synthetic" else None
+    if not task and d.name == "synthetic":
+        task = "classification" if labels else "causal_lm"
+    if not task or task == "classification" and labels is None:
+        first = str(d.name).split("+")[0]
+        if first not in sources.BUNDLED and not re.search(r"\.(jsonl|json|csv|tsv|parquet)$", first, re.I):
+            raise JaxftError(f"data.name={d.name!r}: set data.task (the plan reads no hub dataset)")
+        train, _, _, label_field = sources.resolve(d, first)
+        has_labels = bool(train.rows) and label_field in train.rows[0]
+        task = task or ("classification" if has_labels else "causal_lm")
+        if task == "classification" and has_labels:
+            labels = len(tasks.label_vocab(train, label_field))
+    return task, labels
+
+
+def setup(config, num_devices: int | None = None, platform: str | None = None) -> Setup:
+    """config -> the model, method, mesh and parameter shapes/shardings a run would build."""
+    import flax.linen as nn
+    from jax.sharding import AbstractMesh
+
+    from jaxft import sharding
+    from jaxft.config import validate
+    from jaxft.models.llama import LlamaModel
+    from jaxft.peft import build
+    from jaxft.peft.partition import flat, is_trainable
+    from jaxft.train import load_model_config
+
+    validate(config)
+    num_devices = num_devices or jax.device_count()
+    mesh = AbstractMesh(sharding.mesh_shape(config.mesh, num_devices), sharding.MESH_AXES)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, accum = config.train.batch_size, config.train.grad_accum
+    if (batch // accum) % shards:  # as jaxft.train refuses it
+        raise JaxftError(f"train.batch_size={batch} (per micro-batch {batch // accum}) must be divisible by "
+                         f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
+    cfg, _, _ = load_model_config(config)  # config.json only
+    head, labels = head_of(config)
+    cfg = cfg.replace(
+        head=head,
+        num_labels=labels or cfg.num_labels,
+        pooling=config.model.pooling or cfg.pooling,
+        dtype=config.model.dtype,
+        scan_layers=config.model.scan_layers,
+        remat=config.model.remat,
+        param_dtype=config.model.param_dtype,
+    )
+    method = build(config.method, cfg)
+    model = LlamaModel(cfg, hooks=method.hooks)
+    dummy = jax.ShapeDtypeStruct((1, 2), np.int32)
+    boxed = jax.eval_shape(lambda r, x: model.init(r, x), jax.random.PRNGKey(0), dummy)["params"]
+    shardings = flat(sharding.param_shardings(boxed, mesh))
+    shapes = flat(nn.unbox(boxed))
+    trainable = {p: is_trainable(p, method.trainable) for p in shapes}
+    frozen_dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
+    abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
+    num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
+    platform = platform or jax.default_backend()
+    return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform)
+
+
+def per_device(shape, dtype, named_sharding) -> int:
+    return math.prod(named_sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate.
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _layer_modules(s: Setup) -> tuple[set, set, bool]:
+    """-> (projections whose kernel trains, projections with a LoRA adapter, whether the norms train)."""
+    trained, adapted, norms = set(), set(), False
+    for path, t in s.trainable.items():
+        parts = path.split("/")
+        if not parts[0].startswith("layers") or not t:
+            continue
+        if parts[-1] == "kernel" and parts[-2] in PROJECTIONS:
+            trained.add(parts[-2])
+        elif parts[-1] in ("lora_a", "lora_b"):
+            adapted.add(parts[-2])
+        elif parts[-1] == "weight":
+            norms = True
+    return trained, adapted, norms
+
+
+# How much of one layer's residuals the backward pass needs on top of the saved ones, by remat
+# policy: the gradients of one layer's residuals (none), plus what it recomputes (save_dots, full).
+# Measured on XLA:CPU for full, LoRA and P-Tuning v2 (tests/test_plan.py): 0.81-1.11, 0.65-0.73,
+# 1.25-1.44 over sequence lengths 128-256, batches 4-16, vocabularies 512-4096 and MLP widths.
+WORKING_SET = {"none": 1.0, "save_dots": 0.7, "offload": 0.7, "full": 1.35}
+# fp32 [chunk, vocab] arrays the fused loss holds at once: XLA fuses logits, exponentials and their
+# gradient into about one (measured 1.16-1.29 with a 32k vocabulary, frozen or trained head).
+LOSS_CHUNK_BUFFERS = 1.25
+
+
+def activation_bytes(s: Setup, batch: int) -> dict:
+    """Activation bytes per device for a global batch of `batch` (see the module docstring)."""
+    from jaxft.cross_entropy import CHUNK_TOKENS, MIN_CHUNK_LENGTH
+
+    cfg, config, mesh = s.cfg, s.config, s.mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    tp = mesh.shape["tensor"]
+    b = max(batch // config.train.grad_accum // shards, 1)  # rows of one micro-batch on one device
+    t, p = config.data.seq_len, s.num_prefix
+    k = t + p  # keys per query
+    # XLA:CPU emulates bf16 arithmetic in fp32: its temporaries match an fp32 run's (measured).
+    c = 4 if s.platform == "cpu" else np.dtype(cfg.compute_dtype).itemsize
+    split = lambda n: n // tp if n % tp == 0 else n  # noqa: E731  (axes the tensor axis divides)
+    d_model, d = cfg.hidden_size, cfg.dim_per_head
+    heads, kv, ffn = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
+    trained, adapted, norms = _layer_modules(s)
+    rank = next((h.rank for h in s.method.hooks if hasattr(h, "rank")), 0)
+    inputs = {"q_proj": d_model, "k_proj": d_model, "v_proj": d_model, "o_proj": heads * d,
+              "gate_proj": d_model, "up_proj": d_model, "down_proj": ffn}
+    outputs = {"q_proj": heads * d, "k_proj": kv * d, "v_proj": kv * d, "o_proj": d_model,
+               "gate_proj": ffn, "up_proj": ffn, "down_proj": d_model}
+
+    # What the backward pass keeps of one layer without remat, per token.
+    keep = 4 * 2 * d_model + c * (heads * d + 2 * kv * d * k / t + 5 * ffn)  # norms' fp32 inputs, q, k, v, MLP
+    keep += 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)  # fp32 scores, probabilities, statistics
+    keep += c * sum(_grad_inputs(trained | adapted, inputs))  # inputs of projections whose weights get gradients
+    keep += 4 * 2 * d_model * norms  # normalised states, for the norms' weight gradients
+    keep += c * rank * len(adapted)  # LoRA's x @ A
+    prefix = c * 2 * b * p * kv * d  # this layer's prefix keys and values
+    per_layer = keep * b * t + prefix
+
+    saved = {  # what each layer leaves for the backward pass
+        "none": per_layer,
+        "full": c * b * t * d_model + prefix,  # its input
+        "save_dots": c * b * t * (d_model + sum(outputs.values())) + prefix,  # its input, every projection's output
+        "offload": c * b * t * d_model + prefix,  # its input; the projections' outputs wait in host memory
+    }["save_dots" if cfg.remat == "offload" and s.platform == "cpu" else cfg.remat]  # CPU: host is the device
+    working = WORKING_SET[cfg.remat] * per_layer
+    loss = 0
+    if cfg.head == "causal_lm":
+        length = max(1, min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b)))
+        loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / (tp if cfg.vocab_size % tp == 0 else 1)
+    inputs_bytes = b * config.train.grad_accum * (t * 8 + 12)  # ids, mask, labels, weight
+    total = cfg.num_layers * saved + max(working, loss) + inputs_bytes
+    return {"total": int(total), "per_layer": per_layer, "saved": saved, "working": working, "loss": loss}
+
+
+def _grad_inputs(modules, inputs):
+    """Distinct inputs that projections with weight gradients read: q, k, v share one, gate and up another."""
+    groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_act"}
+    seen = {}
+    for m in modules:
+        seen[groups[m]] = inputs[m]
+    return seen.values()
+
+
+def estimate(s: Setup, batch: int | None = None) -> dict:
+    """Per-device bytes of a run: weights, gradients, optimizer state, activations, total."""
+    batch = batch or s.config.train.batch_size
+    weights = trainable = mu = 0
+    mu_dtype = np.dtype(jax.numpy.bfloat16) if s.config.optimizer.get("mu_dtype") == "bfloat16" else None
+    for path, x in s.abstract.items():
+        weights += per_device(x.shape, x.dtype, s.shardings[path])
+        if s.trainable[path]:
+            trainable += per_device(x.shape, x.dtype, s.shardings[path])
+            mu += per_device(x.shape, mu_dtype or x.dtype, s.shardings[path])
+    optimizer = mu + trainable  # Adam's two moments (nu as the parameters)
+    compute = np.dtype(s.cfg.compute_dtype).itemsize
+    # A frozen base stored narrower than the compute dtype is converted once per step, whole (measured
+    # on XLA:CPU): bf16 storage saves memory only with bf16 compute.
+    weights += sum(per_device(x.shape, s.cfg.compute_dtype, s.shardings[p]) for p, x in s.abstract.items()
+                   if not s.trainable[p] and x.dtype.itemsize < compute)
+    activations = activation_bytes(s, batch)["total"]
+    # The update (clipped gradients, new moments) is made after the activations are freed: the step
+    # needs the larger of the two, on top of the gradients.
+    gradients = trainable * (2 if s.config.train.grad_accum > 1 else 1)  # + one micro-batch's, when accumulating
+    total = weights + gradients + optimizer + max(activations, trainable)
+    return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
+            "activations": int(activations), "total": int(total)}
+
+
+def max_batch_size(s: Setup, device_memory: int) -> int:
+    """The largest global batch (a multiple of the data shards x micro-batches) whose total fits."""
+    step = s.mesh.shape["data"] * s.mesh.shape["fsdp"] * s.config.train.grad_accum
+    fits = lambda n: estimate(s, n * step)["total"] <= device_memory  # noqa: E731
+    if not fits(1):
+        return 0
+    hi = 1
+    while fits(hi * 2) and hi < 2**40:
+        hi *= 2
+    lo, hi = hi, hi * 2  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '512MB', or a number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].upper() not in UNITS:
+        raise JaxftError(f"--device_memory={text!r}: expected a size such as 80GB, 16GiB or 512MB")
+    return int(float(m[1]) * UNITS[m[2].upper()])
+
+
+def local_device_memory() -> int | None:
+    """What the first local accelerator says it can hold; None on CPU (no such figure)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        return None
+    return stats.get("bytes_limit")
+
+
+def human(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def report(s: Setup, device_memory: int | None) -> dict:
+    per_device = estimate(s)
+    return {
+        "per_device_bytes": per_device,
+        "max_batch_size": max_batch_size(s, device_memory) if device_memory else None,
+        "device_memory": device_memory,
+        "devices": int(math.prod(s.mesh.shape.values())),
+        "mesh": dict(s.mesh.shape),
+        "batch_size": s.config.train.batch_size,
+        "seq_len": s.config.data.seq_len,
+        "num_prefix": s.num_prefix,
+        "remat": s.cfg.remat,
+    }
+
+
+def text(s: Setup, r: dict) -> str:
+    cfg, b = s.cfg, r["per_device_bytes"]
+    frozen = trainable = 0
+    for path, x in s.abstract.items():
+        if s.trainable[path]:
+            trainable += per_device(x.shape, x.dtype, s.shardings[path])
+        else:
+            frozen += per_device(x.shape, x.dtype, s.shardings[path])
+    prefix = f" (+{s.num_prefix} prefix)" if s.num_prefix else ""
+    lines = [
+        f"plan: {s.method.name} on {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size}, compute {cfg.dtype}, "
+        f"frozen base {cfg.param_dtype}, remat {cfg.remat} | mesh {r['mesh']} | global batch {r['batch_size']} x "
+        f"{r['seq_len']} tokens{prefix}, {s.config.train.grad_accum} micro-batch(es) | {s.platform}",
+        f"  {'per device':<14}{'bytes':>16}",
+        f"  {'weights':<14}{human(b['weights']):>16}   (frozen {human(frozen)} stored, trainable {human(trainable)})",
+        f"  {'gradients':<14}{human(b['gradients']):>16}",
+        f"  {'optimizer':<14}{human(b['optimizer']):>16}",
+        f"  {'activations':<14}{human(b['activations']):>16}   (remat {cfg.remat})",
+        f"  {'total':<14}{human(b['total']):>16}",
+    ]
+    if r["device_memory"]:
+        lines[-1] += f"   of {human(r['device_memory'])}"
+    if r["max_batch_size"] is not None:
+        lines.append(f"  {'max batch':<14}{r['max_batch_size']:>16}   (global, at seq_len {r['seq_len']})")
+    return "\n".join(lines)
+
+
+def main(argv):
+    import json
+
+    from absl import logging
+
+    from jaxft.train import FLAGS
+
+    if len(argv) > 1:
+        raise JaxftError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    s = setup(FLAGS.config, FLAGS.devices, FLAGS.platform)
+    memory = parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else local_device_memory()
+    if memory is None:
+        raise JaxftError(f"--device_memory: the {jax.default_backend()} device does not report its memory; "
+                         "give it, e.g. --device_memory=16GB")
+    r = report(s, memory)
+    print(json.dumps(r) if FLAGS.json else text(s, r))
+
+
+def run():
+    from absl import app, flags
+
+    from jaxft.train import parse_flags
+
+    flags.DEFINE_string("device_memory", None, "One device's memory, e.g. 80GB or 16GiB (default: the local one's).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    flags.DEFINE_integer("devices", None, "Plan for this many devices (default: the local ones).")
+    flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "Plan for this backend (default: the local one).")
+
+    def guarded(argv):
+        try:
+            main(argv)
+        except JaxftError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(guarded, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

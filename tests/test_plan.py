@@ -1,0 +1,144 @@
+"""`jaxft.plan` against XLA's own memory analysis of the real jitted train step, per device."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import pytest
+from jax.sharding import NamedSharding
+
+from jaxft import plan, sharding
+from jaxft.config import base_config
+from jaxft.peft.partition import unflat
+from jaxft.step import TrainState, make_optimizer, make_train_step
+from test_train import ROOT, TINY
+
+MESHES = {1: {"data": 1}, 8: {"data": 2, "fsdp": 4}}
+
+
+def config(method: str, remat: str, devices: int, **overrides):
+    """A model whose activations and weights both count: 4 layers of width 128, batch 16 x 128 tokens."""
+    c = base_config()
+    c.model.path = ""
+    c.model.init = ml_collections.ConfigDict(dict(
+        model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2))
+    c.data.name, c.data.seq_len, c.train.batch_size = "synthetic", 128, 16
+    c.method.name, c.model.remat = method, remat
+    for k, v in MESHES[devices].items():
+        c.mesh[k] = v
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def compiled_bytes(c, devices: int) -> int:
+    """argument + output + temp - alias bytes of the train step as jaxft.train jits it, on `devices` devices."""
+    s = plan.setup(c, devices)
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
+    rep = sharding.replicated(mesh)
+    leaf = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+    sds = {p: leaf(x, NamedSharding(mesh, s.shardings[p].spec)) for p, x in s.abstract.items()}
+    trainable = unflat({p: x for p, x in sds.items() if s.trainable[p]})
+    frozen = unflat({p: x for p, x in sds.items() if not s.trainable[p]})
+    tx, schedule = make_optimizer(c.optimizer, c.train.steps)
+    # Adam's moments laid out like their parameters, counters replicated (as jaxft.train creates them).
+    opt = optax.tree_map_params(tx, lambda x, p: leaf(x, p.sharding), jax.eval_shape(tx.init, trainable), trainable,
+                                transform_non_params=lambda x: leaf(x, rep))
+    state = TrainState(step=leaf(jnp.zeros((), jnp.int32), rep), params=trainable, opt_state=opt,
+                       rng=leaf(jnp.zeros((2,), jnp.uint32), rep))
+    b, t = c.train.batch_size, c.data.seq_len
+    rows, cols = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
+    ids = leaf(jnp.zeros((b, t), jnp.int32), cols)
+    batch = {"input_ids": ids, "attention_mask": ids, "weight": leaf(jnp.zeros((b,), jnp.float32), rows)}
+    if s.cfg.head == "classification":
+        batch["labels"] = leaf(jnp.zeros((b,), jnp.int32), rows)
+    step = jax.jit(make_train_step(s.model, tx, schedule, c.train.grad_accum), donate_argnums=(0,),
+                   out_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, state), rep))
+    # The model's activation constraints (logical axes) apply under the mesh's rules, as in training.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(sharding.RULES):
+        lowered = step.lower(state, frozen, batch)
+    m = lowered.compile().memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("method", ["full", "lora", "ptuning_v2"])
+def test_total_is_within_15_percent_of_xla(method, remat, devices):
+    c = config(method, remat, devices)
+    got = plan.estimate(plan.setup(c, devices))
+    want = compiled_bytes(c, devices)
+    assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
+    assert got["activations"] > 0.3 * got["total"]  # activations matter in these cases: not weights alone
+
+
+@pytest.mark.parametrize("overrides", [
+    # A bf16 frozen base, bf16 first moments, save_dots and two micro-batches, on a classifier.
+    dict(model__param_dtype="bfloat16", optimizer__mu_dtype="bfloat16", model__remat="save_dots",
+         train__grad_accum=2, data__synthetic_labels=3),
+    dict(mesh__fsdp=2, mesh__tensor=2),  # tensor parallel: heads and MLP split over 2 devices
+])
+def test_dtypes_policies_and_tensor_parallelism_within_15_percent(overrides):
+    c = config("lora", "none", 8, **overrides)
+    got = plan.estimate(plan.setup(c, 8))["total"]
+    assert got == pytest.approx(compiled_bytes(c, 8), rel=0.15)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_large_vocabulary_within_15_percent(method):
+    # 32k tokens, 2 layers, remat full: the fused loss's chunk buffers dominate the activations.
+    c = config(method, "full", 1)
+    c.model.init.vocab_size, c.model.init.num_hidden_layers = 32000, 2
+    s = plan.setup(c, 1)
+    assert plan.activation_bytes(s, 16)["loss"] > 0.5 * plan.estimate(s)["total"]
+    assert plan.estimate(s)["total"] == pytest.approx(compiled_bytes(c, 1), rel=0.15)
+
+
+def test_each_setting_moves_its_own_term():
+    base = plan.estimate(plan.setup(config("lora", "none", 8), 8))
+    bf16 = plan.estimate(plan.setup(config("lora", "none", 8, model__param_dtype="bfloat16",
+                                           model__dtype="bfloat16"), 8))
+    assert bf16["weights"] < 0.6 * base["weights"]
+    full = plan.estimate(plan.setup(config("full", "none", 8), 8))
+    mu = plan.estimate(plan.setup(config("full", "none", 8, optimizer__mu_dtype="bfloat16"), 8))
+    assert mu["optimizer"] == pytest.approx(0.75 * full["optimizer"], rel=0.01)
+    assert full["gradients"] * 2 == pytest.approx(full["optimizer"], rel=1e-6)
+    acts = {r: plan.estimate(plan.setup(config("full", r, 8), 8))["activations"] for r in ("none", "save_dots", "full")}
+    assert acts["none"] > acts["save_dots"] > acts["full"]
+    # 64 devices of which this machine has 8: weights split 8 ways more under FSDP.
+    big = plan.estimate(plan.setup(config("full", "none", 8, mesh__fsdp=32, train__batch_size=64), 64))
+    assert big["weights"] < full["weights"] / 4
+
+
+def test_max_batch_size_is_the_largest_that_fits():
+    s = plan.setup(config("lora", "none", 8), 8)
+    memory = 200 * 2**20
+    n = plan.max_batch_size(s, memory)
+    assert n % 8 == 0 and n >= 16  # a multiple of the data x fsdp = 2 x 4 shards
+    assert plan.estimate(s, n)["total"] <= memory < plan.estimate(s, n + 8)["total"]
+
+
+def test_cli_json_and_errors():
+    cmd = [sys.executable, "-m", "jaxft.plan", f"--config={TINY}", "--device_memory=1GB", "--json",
+           "--config.model.remat=save_dots"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    b = out["per_device_bytes"]
+    assert set(b) == {"weights", "gradients", "optimizer", "activations", "total"}
+    assert all(isinstance(v, int) and v > 0 for v in b.values())
+    assert b["total"] == b["weights"] + b["gradients"] + b["optimizer"] + max(b["activations"], b["gradients"])
+    assert isinstance(out["max_batch_size"], int) and out["max_batch_size"] >= 8 and out["remat"] == "save_dots"
+
+    r = subprocess.run(cmd[:5], cwd=ROOT, capture_output=True, text=True, timeout=300)  # the table
+    assert r.returncode == 0 and "activations" in r.stdout and "max batch" in r.stdout, r.stderr
+    r = subprocess.run(cmd[:4], cwd=ROOT, capture_output=True, text=True, timeout=300)  # CPU: no memory figure
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --device_memory: the cpu device does not report its memory; give it, e.g. --device_memory=16GB")
