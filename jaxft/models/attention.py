@@ -122,6 +122,9 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
     - A window with prefix columns is not expressible: the kernel's window would hide the prefix from
       rows far from it, and a dense bias has no batched gradient in cuDNN. That combination runs the xla
       reference (exact, dense).
+    - An odd total length gets one zero row and column at the end: JAX's cuDNN call refuses odd lengths
+      when it is differentiated (seen on an H200, jax 0.11.2), and the causal mask hides the extra key
+      from every earlier row.
     """
     if window and num_prefix:
         return xla(q, k, v, mask, num_prefix, window)
@@ -132,10 +135,12 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
     rows = lambda x: _permute(x, order, inverse)  # noqa: E731
     q = _prepend(jnp.zeros((b, p, h, d), q.dtype), rows(q))
     k, v = (_prepend(x[:, :p], rows(x[:, p:])) for x in (k, v))
+    even = (p + t) + (p + t) % 2
+    q, k, v = (_pad(x, even) for x in (q, k, v))
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, local_window_size=(window - 1, 0) if window else None, implementation=implementation
     )
-    return _permute(out[:, p:], inverse, order)
+    return _permute(out[:, p : p + t], inverse, order)
 
 
 def _prepend(head, x):
