@@ -366,11 +366,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     s = setup(FLAGS.config, FLAGS.devices, FLAGS.platform)
     memory = parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else local_device_memory()
-    if memory is None:
-        raise JaxftError(f"--device_memory: the {jax.default_backend()} device does not report its memory; "
-                         "give it, e.g. --device_memory=16GB")
-    r = report(s, memory)
+    r = report(s, memory)  # without a memory figure (CPUs report none): the bytes, and no largest batch
     print(json.dumps(r) if FLAGS.json else text(s, r))
+    if memory is None and not FLAGS.json:
+        print(f"(the {jax.default_backend()} device reports no memory size: --device_memory=16GB, say, adds the "
+              "largest batch that fits)")
 
 
 def run():
