@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
     c.model.scan_layers = True
     c.model.remat = False
+    c.model.quantization = "none"  # none | int8 | nf4: the frozen decoder projections stored so (QLoRA)
 
     # Method section: which parameters train and how the model is hooked.
     c.method = ml_collections.ConfigDict()
@@ -102,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.head": ("", "causal_lm", "classification"),
+    "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean"),
     "data.task": ("", "causal_lm", "classification"),
     "optimizer.schedule": ("cosine", "linear", "constant"),

@@ -270,6 +270,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
     if n_train == 0:
         raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
+    if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
+        from jaxft import quant
+
+        frozen = quant.quantize_params(frozen, config.model.quantization)
+        log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
     replicated = sharding.replicated(mesh)

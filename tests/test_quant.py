@@ -122,3 +122,149 @@ def test_codes_and_absmax_match_bitsandbytes():
     q = quant.quantize(w, "nf4", double_quant=False)
     np.testing.assert_array_equal(packed.numpy().reshape(-1), np.asarray(q.values))
     np.testing.assert_array_equal(state.absmax.numpy(), np.asarray(q.scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized bases in the model: the bundled pretrained jaxft-tiny with LoRA on every projection.
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@pytest.fixture(scope="module")
+def tiny_lora():
+    import flax.linen as nn
+
+    from jaxft import hf
+    from jaxft.config import base_config
+    from jaxft.models.llama import LlamaModel
+    from jaxft.peft import build
+    from jaxft.peft.partition import added_params, flat, unflat
+
+    model, base = hf.load("jaxft-tiny")
+    m = base_config().method
+    m.name, m.targets = "lora", ALL_LINEAR
+    model = LlamaModel(model.cfg, hooks=build(m, model.cfg).hooks)
+    fresh = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    lora = unflat({k: 0.05 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
+                   for i, (k, v) in enumerate(flat(added_params(fresh)).items())})
+    ids = np.random.RandomState(0).randint(4, 4096, (4, 24))
+    return model, base, lora, ids
+
+
+def test_quantized_base_through_linear_and_lora(tiny_lora):
+    """The model over a quantized tree equals the model over its dequantized copy, LoRA included,
+    for logits and LoRA gradients; the quantized logits stay near fp32's."""
+    from jaxft.peft.partition import flat, merge
+
+    model, base, lora, ids = tiny_lora
+    mask = np.ones_like(ids)
+    run = jax.jit(lambda lo, b: model.apply({"params": merge(lo, b)}, ids, mask))
+    exact = run(lora, base)
+    errors = {}
+    for kind in quant.KINDS:
+        q = quant.quantize_params(base, kind)
+        quantized = [k for k, v in flat(q).items() if isinstance(v, quant.Quantized)]
+        assert len(quantized) == 7 and all(k.startswith("layers/") for k in quantized)  # not embeddings or norms
+        deq = quant.dequantize_params(q)
+        np.testing.assert_allclose(run(lora, q), run(lora, deq), rtol=1e-5, atol=1e-5)
+        nll = lambda lo, b: -jnp.mean(jnp.take_along_axis(  # noqa: E731
+            jax.nn.log_softmax(run(lo, b)[:, :-1]), ids[:, 1:, None], axis=-1))
+        grad = jax.jit(jax.grad(nll))
+        for a, b in zip(jax.tree_util.tree_leaves(grad(lora, q)), jax.tree_util.tree_leaves(grad(lora, deq))):
+            assert jnp.linalg.norm(a - b) <= 1e-4 * jnp.linalg.norm(b)
+        assert not np.allclose(run(lora, q), run(jax.tree_util.tree_map(jnp.zeros_like, lora), q))  # LoRA acts
+        errors[kind] = float(jnp.linalg.norm(run(lora, q) - exact) / jnp.linalg.norm(exact))
+    assert 0 < errors["int8"] < errors["nf4"] < 0.1, errors
+
+
+def test_fsdp_sharded_nf4_base(tiny_lora):
+    """On 8 devices with FSDP the packed leaves are split over `fsdp` and the logits are unchanged."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxft import sharding
+    from jaxft.peft.partition import flat, merge
+
+    model, base, lora, ids = tiny_lora
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    spec = {"layers/self_attn/q_proj/kernel": P(None, "fsdp", None)}
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, spec.get(k, P()))) for k, v in flat(base).items()}
+    from jaxft.peft.partition import unflat
+
+    q = quant.quantize_params(unflat(sharded), "nf4")
+    qp = flat(q)["layers/self_attn/q_proj/kernel"]
+    assert qp.values.sharding.spec == P(None, "fsdp") and qp.scale.sharding.spec == P(None, "fsdp")
+    assert qp.values.addressable_shards[0].data.size == qp.values.size // 8
+    mask = np.ones_like(ids)
+    run = jax.jit(lambda lo, b: model.apply({"params": merge(lo, b)}, ids, mask))
+    np.testing.assert_allclose(run(lora, q), run(lora, quant.quantize_params(base, "nf4")), rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_quantized_base_is_dequantized(tiny_lora, tmp_path):
+    from jaxft import hf
+    from jaxft.peft.partition import flat
+
+    model, base, _, _ = tiny_lora
+    q = quant.quantize_params(base, "nf4")
+    hf.save(model, q, str(tmp_path))
+    _, loaded = hf.load(str(tmp_path))
+    want = flat(quant.dequantize_params(q))
+    for k, v in flat(loaded).items():
+        np.testing.assert_array_equal(v, want[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI: NF4 base + LoRA on every projection, 1 vs 8 devices, resume, export.
+
+QLORA = ("--config.model.quantization=nf4", f"--config.method.targets={ALL_LINEAR}", "--config.train.steps=4",
+         "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    from test_train import cli
+
+    wd = tmp_path_factory.mktemp("qlora1")
+    r = cli(wd, *QLORA)
+    assert r.returncode == 0, r.stderr
+    assert "base quantized to nf4" in r.stdout
+    return wd
+
+
+def test_qlora_cli_one_vs_eight_devices(qlora_run, tmp_path):
+    from test_train import cli, losses
+
+    r = cli(tmp_path, *QLORA, "--config.mesh.fsdp=8", "--config.mesh.data=1", devices=8)
+    assert r.returncode == 0, r.stderr
+    one, eight = losses(qlora_run), losses(tmp_path)
+    assert one.keys() == eight.keys() == {1, 2, 3, 4}
+    np.testing.assert_allclose([eight[s] for s in one], [one[s] for s in one], rtol=1e-4)
+    # the export is the adapter alone (a PEFT directory), not a dequantized base
+    assert sorted(p.name for p in (qlora_run / "export").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+
+
+def test_qlora_cli_resume_is_exact(qlora_run, tmp_path):
+    """The frozen tree is rebuilt (and re-quantized) from the base at start-up, not checkpointed:
+    resuming from step 2 ends with the uninterrupted run's adapter."""
+    import shutil
+
+    from test_train import adapter, assert_same_adapter, cli
+
+    wd = tmp_path / "resumed"
+    shutil.copytree(qlora_run, wd)
+    shutil.rmtree(wd / "checkpoints" / "4")
+    shutil.rmtree(wd / "export")
+    r = cli(wd, *QLORA)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step 2" in r.stdout
+    assert_same_adapter(adapter(wd), adapter(qlora_run))
+
+
+def test_quantization_config_errors(tmp_path):
+    from test_train import cli
+
+    r = cli(tmp_path / "a", "--config.model.quantization=fp4")
+    assert r.returncode == 2 and "model.quantization='fp4': expected one of 'none', 'int8', 'nf4'" in r.stderr
+    r = cli(tmp_path / "b", "--config.model.quantization=int8", "--config.method.name=full")
+    assert r.returncode == 2 and "no frozen projection kernel to quantize" in r.stderr
+    assert not (tmp_path / "b").exists()

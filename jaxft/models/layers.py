@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxft.quant import Quantized, dequantize
+
 Dtype = Any
 
 
@@ -36,9 +38,13 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x, kernel_only: bool = False):
         """`kernel_only`: return the kernel [in, out] itself, for a caller that fuses the product."""
-        kernel = param_with_axes(
-            self, "kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.axes
-        )
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if isinstance(stored, Quantized):  # an int8 / NF4 frozen base: dequantized here, fused by XLA
+            kernel = dequantize(stored, self.dtype)
+        else:
+            kernel = param_with_axes(
+                self, "kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.axes
+            )
         if kernel_only:
             return kernel
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
