@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = "jaxft-tiny"  # HF directory, bundled name, or hub name (online); "" = from `model.init`
     c.model.init = ml_collections.ConfigDict()  # HF config.json keys of a model to build from scratch
     c.model.tokenizer = ""  # default: the model directory
-    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (with loss scaling); params stay float32
     c.model.head = ""  # "", causal_lm or classification ("" = from the task)
     c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
     c.model.scan_layers = True
@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
     "model.head": ("", "causal_lm", "classification"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean"),

@@ -224,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from jaxft.models.llama import LlamaModel
     from jaxft.peft import build
     from jaxft.peft.partition import count, flat, split
-    from jaxft.step import TrainState, make_eval_step, make_optimizer, make_train_step
+    from jaxft.step import TrainState, dynamic_loss_scale, make_eval_step, make_optimizer, make_train_step
 
     validate(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -277,6 +277,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    if config.model.dtype == "float16":  # fp16's range needs a loss scale; it lives in the optimizer state
+        tx = dynamic_loss_scale(tx)
     replicated = sharding.replicated(mesh)
     step0, rng0 = jax.jit(
         lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(config.train.seed)), out_shardings=replicated

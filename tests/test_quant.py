@@ -268,3 +268,66 @@ def test_quantization_config_errors(tmp_path):
     r = cli(tmp_path / "b", "--config.model.quantization=int8", "--config.method.name=full")
     assert r.returncode == 2 and "no frozen projection kernel to quantize" in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16 compute with dynamic loss scaling (jaxft.step.dynamic_loss_scale).
+
+
+def test_loss_scale_skips_overflow_and_regrows():
+    import optax
+
+    from jaxft.step import dynamic_loss_scale
+
+    tx = dynamic_loss_scale(optax.adam(0.1), init_scale=8.0, period=2)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    u, s1 = tx.update({"w": jnp.array([1.0, jnp.inf, 0.0])}, state, params)
+    assert float(s1.scale) == 4.0 and not np.any(np.asarray(u["w"]))  # skipped, halved
+    for a, b in zip(jax.tree_util.tree_leaves(s1.inner), jax.tree_util.tree_leaves(state.inner)):
+        np.testing.assert_array_equal(a, b)  # Adam's moments and count untouched
+    g = {"w": jnp.array([1.0, 2.0, 3.0])}
+    u, s2 = tx.update(g, s1, params)
+    want, _ = optax.adam(0.1).update(g, optax.adam(0.1).init(params), params)
+    np.testing.assert_allclose(u["w"], want["w"])
+    assert float(s2.scale) == 4.0 and int(s2.good_steps) == 1
+    _, s3 = tx.update(g, s2, params)
+    assert float(s3.scale) == 8.0 and int(s3.good_steps) == 0  # `period` finite steps double it
+
+
+def test_fp16_train_step_skips_overflowing_steps():
+    """A scale of 2^40 overflows fp16's gradients: those steps leave the parameters alone and halve
+    the scale until it fits; then the fp16 step trains, with the loss of the fp32 model."""
+    import flax.linen as nn
+    import optax
+
+    from jaxft.hf import config_from_dict
+    from jaxft.models.llama import LlamaModel
+    from jaxft.step import TrainState, dynamic_loss_scale, make_train_step
+
+    cfg = config_from_dict(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    ids = np.random.RandomState(0).randint(0, 64, (4, 12))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "weight": np.ones(4, np.float32)}
+    params = nn.unbox(LlamaModel(cfg).init(jax.random.PRNGKey(0), ids[:1])["params"])
+    losses = {}
+    for dtype in ("float32", "float16"):
+        tx = optax.sgd(0.1)
+        if dtype == "float16":
+            tx = dynamic_loss_scale(tx, init_scale=2.0**40)
+        step = jax.jit(make_train_step(LlamaModel(cfg.replace(dtype=dtype)), tx, lambda s: 0.1, 1))
+        state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0))
+        history = []
+        for _ in range(30 if dtype == "float16" else 1):
+            new, metrics = step(state, {}, batch)
+            moved = any(bool(jnp.any(a != b)) for a, b in zip(jax.tree_util.tree_leaves(new.params),
+                                                              jax.tree_util.tree_leaves(state.params)))
+            history.append((float(metrics.get("loss_scale", 1.0)), moved, float(metrics["loss"])))
+            state = new
+        losses[dtype] = history
+    fp16 = losses["float16"]
+    assert not fp16[0][1] and fp16[0][0] == 2.0**39  # overflowed: skipped, halved
+    first = next(i for i, (_, moved, _) in enumerate(fp16) if moved)
+    assert 0 < first < 29 and all(moved for _, moved, _ in fp16[first:])
+    assert fp16[first][0] == fp16[first - 1][0]  # a finite step keeps the scale
+    np.testing.assert_allclose(fp16[0][2], losses["float32"][0][2], rtol=1e-2)
