@@ -129,6 +129,24 @@ def dequantize(q: Quantized, dtype=None) -> jax.Array:
     return x.reshape(lead + (-1,))[..., :n].reshape(lead + q.shape).astype(dtype)
 
 
+@jax.custom_vjp
+def matmul(x, q: Quantized):
+    """x @ dequantize(q) in x's dtype. The backward pass dequantizes again instead of keeping the
+    dequantized kernel as a residual (which would hold the fp32 bytes the quantization saved)."""
+    return jnp.dot(x, dequantize(q, x.dtype))
+
+
+def _matmul_fwd(x, q):
+    return matmul(x, q), q
+
+
+def _matmul_bwd(q, dy):
+    return jnp.dot(dy, dequantize(q, dy.dtype).T), None  # the frozen base gets no gradient
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole parameter trees.
 

@@ -331,3 +331,34 @@ def test_fp16_train_step_skips_overflowing_steps():
     assert 0 < first < 29 and all(moved for _, moved, _ in fp16[first:])
     assert fp16[first][0] == fp16[first - 1][0]  # a finite step keeps the scale
     np.testing.assert_allclose(fp16[0][2], losses["float32"][0][2], rtol=1e-2)
+
+
+def test_backward_keeps_no_dequantized_copy():
+    """XLA's memory analysis of a LoRA train step (SST-2's shapes): over an NF4 base it needs no
+    more scratch memory than over the fp32 base (the backward dequantizes again rather than saving
+    fp32 kernels), so the bytes saved on the base are saved on the device."""
+    import flax.linen as nn
+    import optax
+
+    from jaxft import hf
+    from jaxft.config import base_config
+    from jaxft.models.llama import LlamaModel
+    from jaxft.peft import build
+    from jaxft.peft.partition import split
+    from jaxft.step import TrainState, make_train_step
+
+    model, _ = hf.load("jaxft-tiny")
+    m = base_config().method
+    m.name, m.targets = "lora", ALL_LINEAR
+    cfg = model.cfg.replace(head="classification", num_labels=2, pooling="mean")
+    method = build(m, cfg)
+    model = LlamaModel(cfg, hooks=method.hooks)
+    ids = np.random.RandomState(1).randint(4, 4096, (32, 64))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids[:, 0] % 2,
+             "weight": np.ones(32, np.float32)}
+    trainable, frozen = split(nn.unbox(model.init(jax.random.PRNGKey(0), ids[:1])["params"]), method.trainable)
+    tx = optax.adamw(1e-3)
+    state = TrainState(jnp.int32(0), trainable, tx.init(trainable), jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(model, tx, lambda s: 1e-3, 1))
+    temp = lambda f: step.lower(state, f, batch).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(quant.quantize_params(frozen, "nf4")) <= temp(frozen) + 4096

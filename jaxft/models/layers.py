@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft.quant import Quantized, dequantize
+from jaxft.quant import Quantized, dequantize, matmul as quantized_matmul
 
 Dtype = Any
 
@@ -47,7 +47,10 @@ class Linear(nn.Module):
             )
         if kernel_only:
             return kernel
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if isinstance(stored, Quantized):
+            y = quantized_matmul(x.astype(self.dtype), stored)
+        else:
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],))
             y = y + bias.astype(self.dtype)
