@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = "jaxft-tiny"  # HF directory, bundled name, or hub name (online); "" = from `model.init`
     c.model.init = ml_collections.ConfigDict()  # HF config.json keys of a model to build from scratch
     c.model.tokenizer = ""  # default: the model directory
-    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (trainable parameters stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (with loss scaling); trainable params stay float32
     c.model.param_dtype = "float32"  # storage of the frozen base: float32 or bfloat16
     c.model.head = ""  # "", causal_lm or classification ("" = from the task)
     c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     # `jaxft.models.llama.remat_policy`). Typed `object` so the old True / False still parse (full / none).
     c.model.remat = ml_collections.FieldReference("none", field_type=object)
     c.model.attention = "auto"  # xla, cudnn, splash, flash, or auto: the fastest the backend runs (see README)
+    c.model.quantization = "none"  # none | int8 | nf4: the frozen decoder projections stored so (QLoRA)
 
     # Method section: which parameters train and how the model is hooked.
     c.method = ml_collections.ConfigDict()
@@ -112,11 +113,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
     "model.head": ("", "causal_lm", "classification"),
+    "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean"),
     "data.task": ("", "causal_lm", "classification"),
     "optimizer.schedule": ("cosine", "linear", "constant"),

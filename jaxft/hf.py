@@ -375,11 +375,12 @@ def save(model: LlamaModel, params: dict, out_dir: str, tokenizer_dir: str | os.
     from safetensors.numpy import save_file
 
     from jaxft.peft.partition import base_params
+    from jaxft.quant import dequantize_params
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    tensors = params_to_hf(base_params(params), cfg)
+    tensors = params_to_hf(base_params(dequantize_params(params)), cfg)
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)

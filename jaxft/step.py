@@ -7,7 +7,7 @@ PEFT method is running.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -84,6 +84,36 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     return tx, schedule
 
 
+class LossScaleState(NamedTuple):
+    scale: jax.Array
+    good_steps: jax.Array
+    inner: Any
+
+
+def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 2.0**15, period: int = 2000,
+                       factor: float = 2.0) -> optax.GradientTransformation:
+    """fp16 training: the step multiplies the loss by `scale` and divides the gradients by it. A step
+    whose gradients overflowed is skipped (no update, the inner state kept) and halves the scale;
+    `period` finite steps in a row double it. The scale lives in the optimizer state, so it is
+    checkpointed and resumed with it."""
+
+    def init(params):
+        return LossScaleState(jnp.float32(init_scale), jnp.int32(0), inner.init(params))
+
+    def update(grads, state, params=None):
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, new_inner = inner.update(grads, state.inner, params)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_inner = jax.tree_util.tree_map(keep, new_inner, state.inner)
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, 0.0), updates)
+        grow = finite & (state.good_steps + 1 >= period)
+        scale = jnp.where(finite, jnp.where(grow, state.scale * factor, state.scale), jnp.maximum(state.scale / factor, 1.0))
+        return updates, LossScaleState(scale, jnp.where(finite & ~grow, state.good_steps + 1, 0), new_inner)
+
+    return optax.GradientTransformation(init, update)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses: sums and counts, so micro-batches and devices add up exactly.
 
@@ -123,13 +153,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     they were; either way metrics["nonfinite"] says whether it was."""
     loss_fn_of_head = LOSSES[model.cfg.head]
 
-    def forward(trainable, frozen, batch, rng):
+    def forward(trainable, frozen, batch, rng, loss_scale):
         params = {"params": merge(trainable, frozen)}
         outputs = model.apply(
             params, batch["input_ids"], batch["attention_mask"], return_hidden=True, rngs={"dropout": rng}
         )
         sums = loss_fn_of_head(outputs, batch)
-        return sums["loss_sum"], sums
+        return sums["loss_sum"] * loss_scale, sums
 
     def like_params(grads):
         return grads if param_shardings is None else jax.lax.with_sharding_constraint(grads, param_shardings)
@@ -145,6 +175,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
             return _train_step(state, frozen, batch)
 
     def _train_step(state: TrainState, frozen, batch):
+        scaled = isinstance(state.opt_state, LossScaleState)  # fp16 (see `dynamic_loss_scale`)
+        loss_scale = state.opt_state.scale if scaled else 1.0
         rng, step_rng = jax.random.split(state.rng)
         micro = jax.tree_util.tree_map(micro_batches, batch)
         grad_fn = jax.grad(forward, has_aux=True)
@@ -152,7 +184,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         def accumulate(carry, xs):
             grads, sums = carry
             mb, i = xs
-            g, s = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, i))
+            g, s = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, i), loss_scale)
             grads = like_params(jax.tree_util.tree_map(jnp.add, grads, g))
             return (grads, jax.tree_util.tree_map(jnp.add, sums, s)), None
 
@@ -160,13 +192,14 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         zero_sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum)))
         count = jnp.maximum(sums["count"], 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / count, grads)  # mean over every token/example
+        grads = jax.tree_util.tree_map(lambda g: g / (count * loss_scale), grads)  # mean over every token/example
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         # The new parameters too: finite gradients can still step them to Inf (a huge learning rate).
-        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm) & jnp.all(jnp.array(
+        # Under a loss scale an overflowing gradient is expected: the scale skips that update itself.
+        finite = jnp.isfinite(sums["loss_sum"]) & (scaled | jnp.isfinite(grad_norm)) & jnp.all(jnp.array(
             [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
         if skip_nonfinite:
             keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -179,6 +212,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
             "learning_rate": schedule(state.step),
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
         }
+        if scaled:
+            metrics["loss_scale"] = opt_state.scale
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     return train_step

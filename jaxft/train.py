@@ -405,7 +405,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.models.llama import LlamaModel
     from jaxft.peft import build
     from jaxft.peft.partition import count, flat, split
-    from jaxft.step import init_state, make_eval_step, make_optimizer, make_train_step
+    from jaxft.step import dynamic_loss_scale, init_state, make_eval_step, make_optimizer, make_train_step
 
     validate(config)
     workdir = storage.path(workdir, "workdir")
@@ -457,8 +457,15 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     if n_train == 0:
         raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
+    if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
+        from jaxft import quant
+
+        frozen = quant.quantize_params(frozen, config.model.quantization)
+        log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    if config.model.dtype == "float16":  # fp16's range needs a loss scale; it lives in the optimizer state
+        tx = dynamic_loss_scale(tx)
     replicated = sharding.replicated(mesh)
     state, state_shardings = init_state(tx, trainable, config.train.seed, mesh)
 

@@ -128,7 +128,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     (["--config.data.seq_len=1"], "data.seq_len=1: a causal LM needs at least 2 tokens per sequence"),
     (["--config.mesh.data=3"], "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 2 are available"),
     (["--config.train.batch_size=6", "--config.mesh.data=4"], "mesh {'data': 4"),
-    (["--config.model.dtype=float16"], "model.dtype='float16'"),
+    (["--config.model.dtype=float64"], "model.dtype='float64'"),
     (["--config.model.pooling=max"], "model.pooling='max': expected one of '', 'last', 'mean'"),
     (["--config.train.batch_size=3"], "divisible by the 2 data-parallel shards"),
     (["--config.method.name=ptuning_v2", "--config.method.init_from_tokens=True", "--config.method.projection=True"],

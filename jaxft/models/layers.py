@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxft.quant import Quantized, dequantize, matmul as quantized_matmul
+
 Dtype = Any
 # The name every projection's output carries, for remat policies that keep it (`model.remat=save_dots`).
 PROJECTION = "projection"
@@ -40,13 +42,20 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x, kernel_only: bool = False):
         """`kernel_only`: return the kernel [in, out] itself, for a caller that fuses the product."""
-        kernel = param_with_axes(
-            self, "kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.axes
-        )
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if isinstance(stored, Quantized):  # an int8 / NF4 frozen base: dequantized here, fused by XLA
+            kernel = dequantize(stored, self.dtype)
+        else:
+            kernel = param_with_axes(
+                self, "kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.axes
+            )
         if kernel_only:
             return kernel
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), 
-                    preferred_element_type=self.preferred_element_type)
+        if isinstance(stored, Quantized):
+            y = quantized_matmul(x.astype(self.dtype), stored)
+        else:
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                        preferred_element_type=self.preferred_element_type)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],))
             y = y + bias.astype(self.dtype)
