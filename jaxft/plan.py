@@ -8,7 +8,8 @@ the parameter shapes come from `jax.eval_shape` of the model with the method's h
 layout from `jaxft.sharding.param_shardings` over an abstract mesh of `--devices` (default: the
 local ones), so a pod can be planned from a laptop. Per device, in bytes:
 
-  weights      every leaf's shard: frozen ones in model.param_dtype, trainable ones in fp32; plus,
+  weights      every leaf's shard: frozen ones in model.param_dtype (frozen projections under
+               model.quantization as their packed int8 / NF4 leaves), trainable ones in fp32; plus,
                when the frozen base is stored narrower than the compute dtype, its converted copy
                (XLA converts it whole once per step: bf16 storage pays off with bf16 compute)
   gradients    the trainable shards in fp32, twice with train.grad_accum > 1 (the running sum and
@@ -151,6 +152,20 @@ def per_device(shape, dtype, named_sharding) -> int:
     return math.prod(named_sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
 
 
+def stored(s: Setup, path: str, x) -> int:
+    """One leaf's bytes on one device as the run stores it. With `model.quantization`, a frozen decoder
+    projection is its packed int8 / NF4 leaves (`jaxft.quant`), split over the devices like the kernel."""
+    from jaxft import quant
+
+    kind = s.config.model.get("quantization", "none")
+    if kind == "none" or s.trainable[path] or not quant.TARGETS.search(path) or len(x.shape) < 2:
+        return per_device(x.shape, x.dtype, s.shardings[path])
+    packed = jax.eval_shape(lambda w: quant.quantize(w, kind, batch_dims=len(x.shape) - 2),
+                            jax.ShapeDtypeStruct(x.shape, np.float32))
+    total = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(packed))
+    return int(total * per_device(x.shape, np.int8, s.shardings[path]) / math.prod(x.shape))
+
+
 # ---------------------------------------------------------------------------------------------
 # The estimate.
 
@@ -246,16 +261,18 @@ def estimate(s: Setup, batch: int | None = None) -> dict:
     weights = trainable = mu = 0
     mu_dtype = np.dtype(jax.numpy.bfloat16) if s.config.optimizer.get("mu_dtype") == "bfloat16" else None
     for path, x in s.abstract.items():
-        weights += per_device(x.shape, x.dtype, s.shardings[path])
+        weights += stored(s, path, x)
         if s.trainable[path]:
             trainable += per_device(x.shape, x.dtype, s.shardings[path])
             mu += per_device(x.shape, mu_dtype or x.dtype, s.shardings[path])
     optimizer = mu + trainable  # Adam's two moments (nu as the parameters)
     compute = np.dtype(s.cfg.compute_dtype).itemsize
     # A frozen base stored narrower than the compute dtype is converted once per step, whole (measured
-    # on XLA:CPU): bf16 storage saves memory only with bf16 compute.
+    # on XLA:CPU): bf16 storage saves memory only with bf16 compute. A quantized projection is not: it is
+    # dequantized inside its matmul, forward and backward.
     weights += sum(per_device(x.shape, s.cfg.compute_dtype, s.shardings[p]) for p, x in s.abstract.items()
-                   if not s.trainable[p] and x.dtype.itemsize < compute)
+                   if not s.trainable[p] and x.dtype.itemsize < compute and stored(s, p, x) == per_device(
+                       x.shape, x.dtype, s.shardings[p]))
     activations = activation_bytes(s, batch)["total"]
     # The update (clipped gradients, new moments) is made after the activations are freed: the step
     # needs the larger of the two, on top of the gradients.
@@ -334,11 +351,13 @@ def text(s: Setup, r: dict) -> str:
         if s.trainable[path]:
             trainable += per_device(x.shape, x.dtype, s.shardings[path])
         else:
-            frozen += per_device(x.shape, x.dtype, s.shardings[path])
+            frozen += stored(s, path, x)
     prefix = f" (+{s.num_prefix} prefix)" if s.num_prefix else ""
+    kind = s.config.model.get("quantization", "none")
+    quantized = f" ({kind} projections)" if kind != "none" else ""
     lines = [
         f"plan: {s.method.name} on {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size}, compute {cfg.dtype}, "
-        f"frozen base {cfg.param_dtype}, remat {cfg.remat} | mesh {r['mesh']} | global batch {r['batch_size']} x "
+        f"frozen base {cfg.param_dtype}{quantized}, remat {cfg.remat} | mesh {r['mesh']} | global batch {r['batch_size']} x "
         f"{r['seq_len']} tokens{prefix}, {s.config.train.grad_accum} micro-batch(es) | {s.platform}",
         f"  {'per device':<14}{'bytes':>16}",
         f"  {'weights':<14}{human(b['weights']):>16}   (frozen {human(frozen)} stored, trainable {human(trainable)})",

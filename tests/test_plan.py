@@ -38,7 +38,7 @@ def config(method: str, remat: str, devices: int, **overrides):
     return c
 
 
-def compiled_bytes(c, devices: int) -> int:
+def compiled_bytes(c, devices: int, transform_frozen=None) -> int:
     """argument + output + temp - alias bytes of the train step as jaxft.train jits it, on `devices` devices."""
     s = plan.setup(c, devices)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
@@ -47,6 +47,8 @@ def compiled_bytes(c, devices: int) -> int:
     sds = {p: leaf(x, NamedSharding(mesh, s.shardings[p].spec)) for p, x in s.abstract.items()}
     trainable = unflat({p: x for p, x in sds.items() if s.trainable[p]})
     frozen = unflat({p: x for p, x in sds.items() if not s.trainable[p]})
+    if transform_frozen is not None:  # e.g. a quantized base, as shapes
+        frozen = jax.eval_shape(transform_frozen, frozen)
     tx, schedule = make_optimizer(c.optimizer, c.train.steps)
     # Adam's moments laid out like their parameters, counters replicated (as jaxft.train creates them).
     opt = optax.tree_map_params(tx, lambda x, p: leaf(x, p.sharding), jax.eval_shape(tx.init, trainable), trainable,
@@ -99,6 +101,19 @@ def test_a_large_vocabulary_within_15_percent(method):
     s = plan.setup(c, 1)
     assert plan.activation_bytes(s, 16)["loss"] > 0.5 * plan.estimate(s)["total"]
     assert plan.estimate(s)["total"] == pytest.approx(compiled_bytes(c, 1), rel=0.15)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_base_within_15_percent(kind):
+    """LoRA over an int8 / NF4 base: the frozen projections count as their packed leaves."""
+    from jaxft import quant
+
+    c = config("lora", "none", 1, model__quantization=kind)
+    s = plan.setup(c, 1)
+    plain = plan.estimate(plan.setup(config("lora", "none", 1), 1))
+    got = plan.estimate(s)
+    assert got["weights"] < (0.5 if kind == "int8" else 0.4) * plain["weights"]
+    assert got["total"] == pytest.approx(compiled_bytes(c, 1, lambda f: quant.quantize_params(f, kind)), rel=0.15)
 
 
 def test_each_setting_moves_its_own_term():
