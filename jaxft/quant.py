@@ -1,8 +1,9 @@
 """Frozen base weights in 8 or 4 bits, in plain jax.numpy: int8 per output channel and QLoRA's NF4.
 
 `quantize(w)` returns a `Quantized` pytree that sits in the parameter tree where the kernel was;
-`jaxft.models.layers.Linear` dequantizes it inside the jitted step in the compute dtype, so XLA fuses
-the dequantization into the matmul and no full-precision copy of the base is kept between steps.
+`jaxft.models.layers.Linear` multiplies through `matmul`, which dequantizes inside the jitted step in
+the compute dtype (XLA fuses it) and again in the backward pass, so no full-precision copy of the
+base is kept between steps or as a residual. There is no int8 x int8 -> int32 path yet.
 Kernels are stored [in, out] in jaxft, so output channels are the last axis.
 
 NF4 follows Dettmers et al. 2023 (QLoRA): 16 NormalFloat levels, absmax blocks of 64 over the

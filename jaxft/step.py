@@ -108,7 +108,8 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 
         new_inner = jax.tree_util.tree_map(keep, new_inner, state.inner)
         updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, 0.0), updates)
         grow = finite & (state.good_steps + 1 >= period)
-        scale = jnp.where(finite, jnp.where(grow, state.scale * factor, state.scale), jnp.maximum(state.scale / factor, 1.0))
+        scale = jnp.where(grow, state.scale * factor, state.scale)
+        scale = jnp.where(finite, scale, jnp.maximum(state.scale / factor, 1.0))
         return updates, LossScaleState(scale, jnp.where(finite & ~grow, state.good_steps + 1, 0), new_inner)
 
     return optax.GradientTransformation(init, update)

@@ -102,7 +102,8 @@ def test_leading_dims_quantize_each_matrix_alone():
     for kind in quant.KINDS:
         stacked = quant.dequantize(quant.quantize(w, kind, batch_dims=1))
         for i in range(3):
-            np.testing.assert_array_equal(np.asarray(stacked[i]), np.asarray(quant.dequantize(quant.quantize(w[i], kind))))
+            alone = quant.dequantize(quant.quantize(w[i], kind))
+            np.testing.assert_array_equal(np.asarray(stacked[i]), np.asarray(alone))
 
 
 def test_bad_arguments_are_errors():
@@ -182,14 +183,12 @@ def test_fsdp_sharded_nf4_base(tiny_lora):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxft import sharding
-    from jaxft.peft.partition import flat, merge
+    from jaxft.peft.partition import flat, merge, unflat
 
     model, base, lora, ids = tiny_lora
     mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
     spec = {"layers/self_attn/q_proj/kernel": P(None, "fsdp", None)}
     sharded = {k: jax.device_put(v, NamedSharding(mesh, spec.get(k, P()))) for k, v in flat(base).items()}
-    from jaxft.peft.partition import unflat
-
     q = quant.quantize_params(unflat(sharded), "nf4")
     qp = flat(q)["layers/self_attn/q_proj/kernel"]
     assert qp.values.sharding.spec == P(None, "fsdp") and qp.scale.sharding.spec == P(None, "fsdp")
