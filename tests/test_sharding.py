@@ -61,14 +61,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("method", [(), ("--config.method.name=lora", "--config.model.quantization=nf4")],
+                         ids=["full", "qlora"])
+def test_two_processes_match_one(tmp_path, method):
+    """Also QLoRA: the NF4 base's packed leaves are sharded over FSDP across the two processes."""
+    run = (*RUN, *method)
     ref = tmp_path / "one"
-    r = cli(ref, *RUN, "--config.mesh.data=2", "--config.mesh.fsdp=2", devices=4)
+    r = cli(ref, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", devices=4)
     assert r.returncode == 0, r.stderr
 
     wd, port = tmp_path / "two", free_port()
     procs = [
-        cli(wd, *RUN, "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--coordinator_address=localhost:{port}",
+        cli(wd, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--coordinator_address=localhost:{port}",
             "--num_processes=2", f"--process_id={i}", devices=2, wait=False)
         for i in range(2)
     ]
