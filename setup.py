@@ -13,6 +13,7 @@ setup(
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",  # run outputs on local disk or gs:// (jaxft.storage)
         "transformers>=4.45",
         "safetensors>=0.4",
         "datasets>=3.0",
