@@ -1,4 +1,4 @@
-"""Model FLOPs of a training step, counted per matmul, and the devices' datasheet peaks: MFU.
+"""Model FLOPs of a training step, counted per matmul, the devices' peaks, and a run's MFU.
 
 One formula for every user of it (the train loop's `train/mfu`, `tools/benchmark.py`, `jaxft.plan`),
 so a figure means the same thing everywhere. It counts the model as defined, not what a framework
@@ -7,6 +7,11 @@ what a fused kernel that skips the masked half really computes, and what MaxText
 """
 
 from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
 
 # Dense (no sparsity) datasheet peaks in FLOP/s, by `jax.Device.device_kind` prefix and compute dtype.
 # float32 on NVIDIA GPUs runs on the tensor cores as TF32 (XLA's default matmul precision there).
@@ -59,3 +64,83 @@ def train_flops_per_token(cfg, seq_len: int, *, trains_base: bool, adapter_weigh
     n = matmul_weights(cfg)
     base = (6 if trains_base else 4) * n
     return base + 6 * adapter_weights + 3 * attention_flops_per_token(cfg, seq_len, num_prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's peak and throughput (the train loop's train/mfu).
+
+
+def measured_peak_flops(dtype: str, n: int = 1024, budget_s: float = 0.5) -> float:
+    """Best FLOP/s of an n x n matmul on the first device, timed for about `budget_s` seconds: the
+    peak for MFU where the datasheet table has no row (CPUs)."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+class Throughput:
+    """Tokens/s per device and MFU between two log steps, from host-side counts (no device reads).
+
+    FLOPs come from `train_flops_per_token` per batch width (padded tokens are computed too); the peak is the
+    datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once.
+    """
+
+    def __init__(self, cfg, params_trainable, method, peak: float):
+        from jaxft.peft.partition import ADDED_PARAMS, flat
+
+        names = {k: v for k, v in flat(params_trainable).items()}
+        # The output head trains in nearly every method; only the base's own matmuls cost 2N more.
+        self.trains_base = any(not ADDED_PARAMS.search(k) and not k.startswith(("score/", "lm_head/")) for k in names)
+        # Per-token adapter matmuls: method-added kernels inside the layers (a prefix encoder runs per batch).
+        self.adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
+                           if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
+        self.num_prefix = sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
+        self.cfg, self.peak, self.devices = cfg, peak, jax.device_count()
+        self._per_token = {}
+        self.tokens = self.flops = 0.0  # running totals over dispatched steps
+        self._mark = (time.time(), 0.0, 0.0)
+
+    def add(self, batch_rows: int, width: int, real_tokens: float):
+        if width not in self._per_token:
+            self._per_token[width] = train_flops_per_token(
+                self.cfg, width, trains_base=self.trains_base, adapter_weights=self.adapter, num_prefix=self.num_prefix
+            )
+        self.tokens += real_tokens
+        self.flops += self._per_token[width] * batch_rows * width
+
+    def restart(self):
+        """Start a fresh interval now (after a compile, which is not training time)."""
+        self._mark = (time.time(), self.tokens, self.flops)
+
+    def report(self, tokens: float, flops: float) -> dict:
+        """Rates over the steps whose totals were (tokens, flops) when dispatched, since the last report."""
+        now = time.time()
+        t0, tok0, flop0 = self._mark
+        dt = max(now - t0, 1e-9)
+        self._mark = (now, tokens, flops)
+        return {
+            "train/tokens_per_second": (tokens - tok0) / dt,
+            "train/tokens_per_second_per_device": (tokens - tok0) / dt / self.devices,
+            "train/mfu": (flops - flop0) / dt / (self.peak * self.devices),
+        }
+
+
+def run_peak(config) -> tuple[float, str]:
+    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line)."""
+    kind = jax.devices()[0].device_kind
+    if float(config.train.peak_flops) > 0:
+        return float(config.train.peak_flops), "train.peak_flops"
+    table = peak_flops(kind, config.model.dtype)
+    if table:
+        return table, f"datasheet {kind} {config.model.dtype}"
+    # No datasheet row (CPUs): time a matmul; fake CPU devices share the host's cores.
+    measured = measured_peak_flops(config.model.dtype) / jax.local_device_count()
+    return measured, f"measured {config.model.dtype} matmul on {kind} (no datasheet row; train.peak_flops overrides)"

@@ -106,19 +106,3 @@ def summarize(sums: dict, prefix: str, perplexity: bool, labels=None) -> dict[st
             f1s.append(f1)
         out[f"{prefix}/f1_macro"] = sum(f1s) / len(f1s)
     return out
-
-
-def measured_peak_flops(dtype: str, n: int = 1024, budget_s: float = 0.5) -> float:
-    """Best FLOP/s of an n x n matmul on the first device, timed for about `budget_s` seconds: the
-    peak for MFU where the datasheet table has no row (CPUs)."""
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best

@@ -260,71 +260,6 @@ def check_resume(config, meta: dict, saved: dict, ckpt):
             f"learning-rate schedule now that of a {total}-step run")
 
 
-class Throughput:
-    """Tokens/s per device and MFU between two log steps, from host-side counts (no device reads).
-
-    FLOPs come from jaxft.flops per batch width (padded tokens are computed too); the peak is the
-    datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once.
-    """
-
-    def __init__(self, cfg, params_trainable, method, peak: float):
-        from jaxft.peft.partition import ADDED_PARAMS, flat
-
-        names = {k: v for k, v in flat(params_trainable).items()}
-        # The output head trains in nearly every method; only the base's own matmuls cost 2N more.
-        self.trains_base = any(not ADDED_PARAMS.search(k) and not k.startswith(("score/", "lm_head/")) for k in names)
-        # Per-token adapter matmuls: method-added kernels inside the layers (a prefix encoder runs per batch).
-        self.adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
-                           if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
-        self.num_prefix = sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
-        self.cfg, self.peak, self.devices = cfg, peak, jax.device_count()
-        self._per_token = {}
-        self.tokens = self.flops = 0.0  # running totals over dispatched steps
-        self._mark = (time.time(), 0.0, 0.0)
-
-    def add(self, batch_rows: int, width: int, real_tokens: float):
-        from jaxft.flops import train_flops_per_token
-
-        if width not in self._per_token:
-            self._per_token[width] = train_flops_per_token(
-                self.cfg, width, trains_base=self.trains_base, adapter_weights=self.adapter, num_prefix=self.num_prefix
-            )
-        self.tokens += real_tokens
-        self.flops += self._per_token[width] * batch_rows * width
-
-    def restart(self):
-        """Start a fresh interval now (after a compile, which is not training time)."""
-        self._mark = (time.time(), self.tokens, self.flops)
-
-    def report(self, tokens: float, flops: float) -> dict:
-        """Rates over the steps whose totals were (tokens, flops) when dispatched, since the last report."""
-        now = time.time()
-        t0, tok0, flop0 = self._mark
-        dt = max(now - t0, 1e-9)
-        self._mark = (now, tokens, flops)
-        return {
-            "train/tokens_per_second": (tokens - tok0) / dt,
-            "train/tokens_per_second_per_device": (tokens - tok0) / dt / self.devices,
-            "train/mfu": (flops - flop0) / dt / (self.peak * self.devices),
-        }
-
-
-def peak_flops(config) -> tuple[float, str]:
-    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line)."""
-    from jaxft import flops
-    from jaxft.metrics import measured_peak_flops
-
-    kind = jax.devices()[0].device_kind
-    if float(config.train.peak_flops) > 0:
-        return float(config.train.peak_flops), "train.peak_flops"
-    table = flops.peak_flops(kind, config.model.dtype)
-    if table:
-        return table, f"datasheet {kind} {config.model.dtype}"
-    # No datasheet row (CPUs): time a matmul; fake CPU devices share the host's cores.
-    measured = measured_peak_flops(config.model.dtype) / jax.local_device_count()
-    return measured, f"measured {config.model.dtype} matmul on {kind} (no datasheet row; train.peak_flops overrides)"
-
-
 class Profile:
     """`--profile_steps=START:END`: a jax.profiler trace of steps START..END (as logged, inclusive)
     under <workdir>/profile, which TensorBoard's profile tab reads."""
@@ -401,6 +336,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.config import validate
     from jaxft.data.iterator import Batches, Prefetch
     from jaxft.errors import JaxftError
+    from jaxft.flops import Throughput, run_peak
     from jaxft.metrics import MetricWriter
     from jaxft.models.llama import LlamaModel
     from jaxft.peft import build
@@ -447,7 +383,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     trainable, frozen = split(params, method.trainable)
     del params
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
-    peak, peak_source = peak_flops(config)
+    peak, peak_source = run_peak(config)
     log(
         f"model: {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size} head={cfg.head}"
         f"{f' ({cfg.pooling} pooling)' if cfg.head == 'classification' else ''} | method: {method.name} | "
