@@ -526,7 +526,9 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     summary = {**last, **eval_metrics, "steps": total, "seconds": time.time() - t_start}
     log(
         f"done: {method.name} on {config.data.name}, {total} steps in {summary['seconds']:.0f}s | "
-        + " ".join(f"{k}={v:.4f}" for k, v in {**last, **eval_metrics}.items() if "per_second" not in k)
+        # Per-class figures stay in metrics.jsonl / TensorBoard: with many classes they would drown the line.
+        + " ".join(f"{k}={v:.4f}" for k, v in {**last, **eval_metrics}.items()
+                   if "per_second" not in k and not any(f"/{m}/" in k for m in ("precision", "recall", "f1")))
         + (f" | exported to {exported}" if exported else "")
     )
     return summary
