@@ -5,8 +5,8 @@ The main job (the README's first command):
 About 5 minutes on 2 CPU cores. Only the prefixes (32 tokens x 4 layers x keys and values) and
 the 2-way head train: 33,280 of 4,229,888 parameters. Measured on 2026-11-25: SST-2 dev accuracy
 0.764 (4,000 steps, 265 s of training, 4 min 31 s wall; `--config.train.seed=1` / `=2`: 0.748 / 0.741).
-The target of 0.80 is not reached yet: the frozen 4M-parameter jaxft-tiny is the limit (see the
-README's "Results").
+The target of 0.80 is not reached yet: the frozen 4M-parameter jaxft-tiny is the limit (see
+`docs/main_job_ablations.md`).
 The head reads the mean of the final states over the real tokens (`model.pooling=mean`); reading
 the last token's state, as HF's classifiers do, gives 0.672 with the same steps. The export says so
 in its adapter_config.json; the README's "Serving a classifier" shows how to serve it with PEFT.
