@@ -95,10 +95,9 @@ def head_of(config) -> tuple[str, int | None]:
         first = str(d.name).split("+")[0]
         if first not in sources.BUNDLED and not re.search(r"\.(jsonl|json|csv|tsv|parquet)$", first, re.I):
             raise JaxftError(f"data.name={d.name!r}: set data.task (the plan reads no hub dataset)")
-        train, _, _, label_field = sources.resolve(d, first)
-        has_labels = bool(train.rows) and label_field in train.rows[0]
-        task = task or ("classification" if has_labels else "causal_lm")
-        if task == "classification" and has_labels:
+        train, _, text_field, label_field = sources.resolve(d, first)
+        task = tasks.choose_task(task, train, first, text_field, label_field, bool(d.label_field))  # as train.py
+        if task == "classification":
             labels = len(tasks.label_vocab(train, label_field))
     return task, labels
 
@@ -113,7 +112,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     from jaxft.models.llama import LlamaModel
     from jaxft.peft import build
     from jaxft.peft.partition import flat, is_trainable
-    from jaxft.train import load_model_config
+    from jaxft.train import load_model_config, model_settings
 
     validate(config)
     num_devices = num_devices or jax.device_count()
@@ -125,15 +124,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
                          f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
     cfg, _, _ = load_model_config(config)  # config.json only
     head, labels = head_of(config)
-    cfg = cfg.replace(
-        head=head,
-        num_labels=labels or cfg.num_labels,
-        pooling=config.model.pooling or cfg.pooling,
-        dtype=config.model.dtype,
-        scan_layers=config.model.scan_layers,
-        remat=config.model.remat,
-        param_dtype=config.model.param_dtype,
-    )
+    cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))
     method = build(config.method, cfg)
     model = LlamaModel(cfg, hooks=method.hooks)
     dummy = jax.ShapeDtypeStruct((1, 2), np.int32)

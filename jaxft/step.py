@@ -84,6 +84,11 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     return tx, schedule
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every leaf is finite (no NaN, no Inf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 class LossScaleState(NamedTuple):
     scale: jax.Array
     good_steps: jax.Array
@@ -101,7 +106,7 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 
         return LossScaleState(jnp.float32(init_scale), jnp.int32(0), inner.init(params))
 
     def update(grads, state, params=None):
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        finite = all_finite(grads)
         grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
         updates, new_inner = inner.update(grads, state.inner, params)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
@@ -200,8 +205,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         grad_norm = optax.global_norm(grads)
         # The new parameters too: finite gradients can still step them to Inf (a huge learning rate).
         # Under a loss scale an overflowing gradient is expected: the scale skips that update itself.
-        finite = jnp.isfinite(sums["loss_sum"]) & (scaled | jnp.isfinite(grad_norm)) & jnp.all(jnp.array(
-            [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+        finite = jnp.isfinite(sums["loss_sum"]) & (scaled | jnp.isfinite(grad_norm)) & all_finite(params)
         if skip_nonfinite:
             keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)

@@ -63,6 +63,14 @@ def load_model_config(config):
     return hf.config_from_dict(config.model.init.to_dict(), "model.init"), None, config.model.tokenizer or None
 
 
+def model_settings(config, cfg) -> dict:
+    """The LlamaConfig fields the run's config sets (how the model computes, not what it is); the
+    trainer and `jaxft.plan` build the same model from them."""
+    return dict(pooling=config.model.pooling or cfg.pooling, dtype=config.model.dtype,
+                scan_layers=config.model.scan_layers, remat=config.model.remat, attention=config.model.attention,
+                param_dtype=config.model.param_dtype)
+
+
 def load_data(config, cfg, tokenizer_path) -> Data:
     from jaxft.errors import JaxftError
 
@@ -365,12 +373,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         head=head,
         num_labels=len(data.labels) if data.labels else cfg.num_labels,
         labels=tuple(str(v) for v in data.labels) if data.labels else cfg.labels,
-        pooling=config.model.pooling or cfg.pooling,
-        dtype=config.model.dtype,
-        scan_layers=config.model.scan_layers,
-        remat=config.model.remat,
-        attention=config.model.attention,
-        param_dtype=config.model.param_dtype,
+        **model_settings(config, cfg),
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
     method = build(config.method, cfg)
