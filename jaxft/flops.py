@@ -39,20 +39,24 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 
 
 def matmul_weights(cfg) -> int:
-    """Weights that take part in a matmul for every token: q, k, v, o, gate, up, down per layer, plus
-    the output head (the vocabulary projection, or the classifier's tiny one). The input embedding is a
-    lookup: 0 FLOPs."""
-    d = cfg.dim_per_head
-    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
-    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
-    out = cfg.hidden_size * (cfg.num_labels if cfg.head == "classification" else cfg.vocab_size)
-    return cfg.num_layers * per_layer + out
+    """Weights that take part in a matmul for every token, as the config's family counts them (the
+    input embedding is a lookup: 0 FLOPs)."""
+    from jaxft.models import family
+
+    return family.of(cfg).matmul_weights(cfg)
 
 
 def attention_flops_per_token(cfg, seq_len: int, num_prefix: int = 0) -> float:
     """Forward QK^T and PV per token, averaged over a causal sequence of `seq_len`: query i sees the
-    `num_prefix` prefix columns, itself and the i keys before it (a sliding window caps that)."""
-    keys = sum(min(i + 1, cfg.sliding_window or i + 1) for i in range(seq_len)) / seq_len + num_prefix
+    `num_prefix` prefix columns, itself and the i keys before it (a sliding window caps that). An
+    encoder family (`Family.causal` false) sees all `seq_len` keys."""
+    from jaxft.models import family
+
+    window = getattr(cfg, "sliding_window", None)
+    if family.of(cfg).causal:
+        keys = sum(min(i + 1, window or i + 1) for i in range(seq_len)) / seq_len + num_prefix
+    else:
+        keys = seq_len + num_prefix
     return cfg.num_layers * 2 * 2 * keys * cfg.num_heads * cfg.dim_per_head
 
 

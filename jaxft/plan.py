@@ -109,7 +109,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
 
     from jaxft import sharding
     from jaxft.config import validate
-    from jaxft.models.llama import LlamaModel
+    from jaxft.models import family
     from jaxft.peft import build
     from jaxft.peft.partition import flat, is_trainable
     from jaxft.train import load_model_config, model_settings
@@ -126,7 +126,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     head, labels = head_of(config)
     cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))
     method = build(config.method, cfg)
-    model = LlamaModel(cfg, hooks=method.hooks)
+    model = family.build(cfg, method.hooks)
     dummy = jax.ShapeDtypeStruct((1, 2), np.int32)
     boxed = jax.eval_shape(lambda r, x: model.init(r, x), jax.random.PRNGKey(0), dummy)["params"]
     shardings = flat(sharding.param_shardings(boxed, mesh))

@@ -7,7 +7,7 @@ PEFT method is running.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft import sharding
-from jaxft.cross_entropy import fused_cross_entropy, token_stats
+from jaxft.objectives import Objective, causal_lm_loss, for_head  # noqa: F401 (causal_lm_loss: re-exported)
 from jaxft.peft.partition import merge
 
 # Parameters that take no weight decay: norms, biases, prefixes and embeddings of prompts.
@@ -121,50 +121,22 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses: sums and counts, so micro-batches and devices add up exactly.
-
-
-def classification_loss(logits, batch):
-    return token_stats(logits, batch["labels"], batch["weight"])
-
-
-def causal_lm_loss(outputs, batch):
-    """outputs: logits [B, T, V], or (hidden, output embedding) to fuse the projection with the loss.
-
-    Position t predicts token t + 1. The targets are shifted instead of the outputs, and the last
-    position gets weight 0, so the [B, T, ...] outputs are used whole rather than copied as a slice.
-    """
-    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
-    keep = batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"])
-    w = shift(keep).astype(jnp.float32) * batch["weight"][:, None]
-    targets = shift(batch["input_ids"])
-    if isinstance(outputs, tuple):
-        hidden, embedding = outputs
-        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype)
-    return token_stats(outputs, targets, w)
-
-
-LOSSES: dict[str, Callable] = {"classification": classification_loss, "causal_lm": causal_lm_loss}
-
-
-# ---------------------------------------------------------------------------------------------
 # Primary training / eval step functions.
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, mesh=None,
-                    param_shardings=None, skip_nonfinite: bool = False):
+                    param_shardings=None, skip_nonfinite: bool = False, objective: Objective | None = None):
     """`mesh` turns on the model's activation constraints and keeps every micro-batch spread over the
     data/FSDP shards; `param_shardings` holds the gradient carry to the parameters' layout. With
     `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves params and optimizer state as
-    they were; either way metrics["nonfinite"] says whether it was."""
-    loss_fn_of_head = LOSSES[model.cfg.head]
+    they were; either way metrics["nonfinite"] says whether it was. `objective` (default: the one
+    of the model's head) says what the model is called with and what the loss is."""
+    objective = objective or for_head(model.cfg.head)
 
     def forward(trainable, frozen, batch, rng, loss_scale):
         params = {"params": merge(trainable, frozen)}
-        outputs = model.apply(
-            params, batch["input_ids"], batch["attention_mask"], return_hidden=True, rngs={"dropout": rng}
-        )
-        sums = loss_fn_of_head(outputs, batch)
+        outputs = model.apply(params, **objective.inputs(batch), return_hidden=True, rngs={"dropout": rng})
+        sums = objective.loss(outputs, batch)
         return sums["loss_sum"] * loss_scale, sums
 
     def like_params(grads):
@@ -224,18 +196,16 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     return train_step
 
 
-def make_eval_step(model, mesh=None):
-    loss_fn_of_head = LOSSES[model.cfg.head]
+def make_eval_step(model, mesh=None, objective: Objective | None = None):
+    objective = objective or for_head(model.cfg.head)
 
     def eval_step(trainable, frozen, batch):
         params = {"params": merge(trainable, frozen)}
         with sharding.axis_rules(mesh):
-            outputs = model.apply(params, batch["input_ids"], batch["attention_mask"], return_hidden=True)
-        sums = loss_fn_of_head(outputs, batch)
-        if model.cfg.head == "classification":  # weights of (true, predicted) pairs, for per-class figures
-            c = model.cfg.num_labels
-            pred = jnp.argmax(outputs, axis=-1)
-            sums["confusion"] = jnp.zeros((c, c), jnp.float32).at[batch["labels"], pred].add(batch["weight"])
+            outputs = model.apply(params, **objective.inputs(batch), return_hidden=True)
+        sums = objective.loss(outputs, batch)
+        if objective.eval_sums is not None:
+            sums.update(objective.eval_sums(outputs, batch, model.cfg))
         return sums
 
     return eval_step

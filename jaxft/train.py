@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import sys
 import time
@@ -53,7 +54,7 @@ class Data:
 
 
 def load_model_config(config):
-    """-> (LlamaConfig, base parameters or None, tokenizer path or None)."""
+    """-> (the family's config, base checkpoint directory or None, tokenizer path or None)."""
     from jaxft import hf
 
     if config.model.path:
@@ -64,7 +65,7 @@ def load_model_config(config):
 
 
 def model_settings(config, cfg) -> dict:
-    """The LlamaConfig fields the run's config sets (how the model computes, not what it is); the
+    """The config fields the run's config sets (how the model computes, not what it is); the
     trainer and `jaxft.plan` build the same model from them."""
     return dict(pooling=config.model.pooling or cfg.pooling, dtype=config.model.dtype,
                 scan_layers=config.model.scan_layers, remat=config.model.remat, attention=config.model.attention,
@@ -135,6 +136,7 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
 
     from jaxft import hf, sharding
     from jaxft.errors import JaxftError
+    from jaxft.models import family
     from jaxft.peft.partition import ADDED_PARAMS, flat, is_trainable, unflat
 
     dummy = jnp.zeros((1, 2), jnp.int32)
@@ -155,7 +157,7 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
                 if loaded[path].shape != shapes[path].shape:
                     got, want = loaded[path].shape, shapes[path].shape
                     raise JaxftError(f"{base_root}: {path} has shape {got}, the model expects {want}")
-            elif path.startswith("score/") and new_head:
+            elif re.search(family.of(model.cfg).classifier_params, path) and new_head:
                 log(f"new classification head {path} {tuple(shapes[path].shape)}: random init, trains "
                     f"({base_root} is not a sequence classifier)")
             elif not ADDED_PARAMS.search(path):
@@ -339,14 +341,14 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     `workdir` (and `export.dir`) may be local or any etils.epath URL (gs://bucket/run)."""
     from tqdm import tqdm
 
-    from jaxft import sharding, storage
+    from jaxft import objectives, sharding, storage
     from jaxft.checkpoint import Checkpoints, run_settings
     from jaxft.config import validate
     from jaxft.data.iterator import Batches, Prefetch
     from jaxft.errors import JaxftError
     from jaxft.flops import Throughput, run_peak
     from jaxft.metrics import MetricWriter
-    from jaxft.models.llama import LlamaModel
+    from jaxft.models import family
     from jaxft.peft import build
     from jaxft.peft.partition import count, flat, split
     from jaxft.step import dynamic_loss_scale, init_state, make_eval_step, make_optimizer, make_train_step
@@ -377,7 +379,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
     method = build(config.method, cfg)
-    model = LlamaModel(cfg, hooks=method.hooks)
+    model = family.build(cfg, method.hooks)
+    objective = objectives.for_head(cfg.head)
 
     params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
     sample = {k: v[:64] for k, v in data.train.items()}
@@ -425,11 +428,12 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         log(f"resuming from step {latest} in {ckpt.directory}")
 
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, accum, mesh, state_shardings.params, config.train.skip_nonfinite),
+        make_train_step(model, tx, schedule, accum, mesh, state_shardings.params, config.train.skip_nonfinite,
+                        objective),
         donate_argnums=(0,),
         out_shardings=(state_shardings, replicated),
     )
-    eval_step = jax.jit(make_eval_step(model, mesh), out_shardings=replicated)
+    eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=replicated)
     buckets = ()
     if config.data.length_buckets and data.task == "classification":
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < config.data.seq_len) + (config.data.seq_len,)

@@ -4,30 +4,36 @@ Differences between the variants are data in `LlamaConfig` (q/k/v bias, explicit
 scaling, tied embeddings, sliding window), not subclasses. Module names follow Hugging Face
 (`self_attn.q_proj`, `mlp.gate_proj`, ...) so checkpoint and PEFT keys map one to one.
 
-Methods hook in at named points: every `Linear` (see `layers.py`) and `prefix`, which returns
-per-layer key/value prefixes (P-Tuning v2) that attention prepends to its keys and values.
+Methods hook in at named points: every `Linear` (see `layers.py`), the embeddings, each block's
+attention and MLP outputs, and `prefix`, which returns per-layer key/value prefixes (P-Tuning v2)
+that attention prepends to its keys and values. The end of the file maps config.json and the
+weights to and from Hugging Face, and declares the family (`FAMILY`, see `jaxft.models.family`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
+from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
-from jaxft.models.layers import PROJECTION, Linear, RMSNorm, param_with_axes, rope
+from jaxft.models.family import POOLING, REMAT, Family, Settings  # noqa: F401 (REMAT, POOLING: re-exported)
+from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
+    ROPE_TYPES, Linear, RMSNorm, last_token, param_with_axes, pool, remat_policy, rope,
+)
 from jaxft.sharding import constrain
 
 HEADS = ("causal_lm", "classification")
-POOLING = ("last", "mean")
-REMAT = ("none", "full", "save_dots", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(Settings):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -48,31 +54,9 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
-    # What jaxft adds on top of the architecture:
-    head: str = "causal_lm"
-    num_labels: int = 2
-    pooling: str = "last"  # classification: the state the head reads (see `pool`)
-    labels: tuple[str, ...] | None = None  # classification: the class names (HF id2label); None: LABEL_0, ...
-    dtype: str = "float32"  # compute dtype; trainable parameters stay fp32 (master weights)
-    param_dtype: str = "float32"  # storage of the frozen base (see `jaxft.train.init_params`)
-    scan_layers: bool = True
-    remat: str = "none"  # what the backward pass keeps of each layer: see `remat_policy`
-    attention: str = "xla"  # xla | cudnn | splash | flash | auto: see `jaxft.models.attention`
-
-    def __post_init__(self):  # the old boolean `remat` setting: True is "full"
-        if isinstance(self.remat, bool):
-            object.__setattr__(self, "remat", "full" if self.remat else "none")
-
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    def replace(self, **kw) -> "LlamaConfig":
-        return dataclasses.replace(self, **kw)
 
 
 class Attention(nn.Module):
@@ -117,6 +101,13 @@ class MLP(nn.Module):
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 
+def block_output(module, h, where: str):
+    """A sublayer's output through every hook's `block_output` (adapters), before the residual add."""
+    for hook in module.hooks:
+        h = hook.block_output(module, h, where)
+    return h
+
+
 class DecoderLayer(nn.Module):
     cfg: LlamaConfig
     hooks: Sequence[Any] = ()
@@ -125,62 +116,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, h, mask, positions, prefix):
         cfg = self.cfg
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(h)
-        h = h + Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix)
+        h = h + block_output(self, Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix), "attention")
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(h)
-        h = h + MLP(cfg, self.hooks, name="mlp")(x)
+        h = h + block_output(self, MLP(cfg, self.hooks, name="mlp")(x), "mlp")
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         return h, None
-
-
-def last_token(mask):
-    """[B, T] padding mask -> index of each row's last real token, the state a classifier head reads."""
-    return mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
-
-
-def pool(h, mask, how: str):
-    """[B, T, D] final states -> [B, D], what the classifier head reads.
-
-    "last": the last real token's state, as HF's `*ForSequenceClassification` decoders do.
-    "mean": the average over real tokens. A frozen decoder's last state is trained to predict the next
-    token, not to summarise the sentence; the mean lets every token's own features (and what a method
-    writes into them) reach the head (P-Tuning v2 on jaxft-tiny: 0.764 against 0.672 SST-2 dev accuracy).
-    """
-    if how == "last":
-        return h[jnp.arange(h.shape[0]), last_token(mask)]
-    if how == "mean":  # summed in fp32: bf16 sums of long sequences lose the low bits
-        m = mask.astype(jnp.float32)[..., None]
-        return ((h.astype(jnp.float32) * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)).astype(h.dtype)
-    raise ValueError(f"pooling={how!r}: expected one of {POOLING}")
-
-
-def remat_policy(name: str):
-    """`model.remat` -> the `jax.checkpoint` policy of each decoder layer (None: no remat at all).
-
-    full: keep only the layer's input, recompute everything in the backward pass. save_dots: keep
-    every projection's output (named in `Linear`), recompute norms, rotary, attention and the MLP
-    activation. offload: as save_dots, but the kept tensors wait in pinned host memory. On CPU the
-    device memory is host memory: offload runs and keeps exactly what save_dots keeps.
-    """
-    if name == "none":
-        return None
-    if name == "full":
-        return jax.checkpoint_policies.nothing_saveable
-    if name == "save_dots":
-        return jax.checkpoint_policies.save_only_these_names(PROJECTION)
-    if name == "offload":
-        kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
-        if "pinned_host" not in kinds:
-            from jaxft.errors import JaxftError
-
-            raise JaxftError(
-                f"model.remat='offload': the {jax.default_backend()} backend has no pinned host memory "
-                f"(memory kinds {sorted(kinds)}); use save_dots or full"
-            )
-        return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=(), names_which_can_be_offloaded=(PROJECTION,),
-            offload_src="device", offload_dst="pinned_host",
-        )
-    raise ValueError(f"remat={name!r}: expected one of {REMAT}")
 
 
 class LlamaModel(nn.Module):
@@ -203,6 +143,9 @@ class LlamaModel(nn.Module):
         # FSDP gathers the table like every other weight, rather than swapping looked-up rows all-to-all.
         h = jnp.take(constrain(embed, ("vocab", None)), input_ids, axis=0).astype(dt)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+        length = input_ids.shape[1]
+        for hook in self.hooks:  # prompt tuning puts virtual tokens in front
+            h, attention_mask = hook.embeddings(self, h, attention_mask)
 
         prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]
         prefix = None
@@ -238,6 +181,7 @@ class LlamaModel(nn.Module):
             score = Linear(cfg.num_labels, ("embed", None), False, dt, self.hooks, preferred_element_type=jnp.float32,
                            name="score")
             return score(pooled).astype(jnp.float32)
+        h = h[:, h.shape[1] - length:]  # per-token outputs: not for virtual tokens
         if cfg.tie_word_embeddings:
             return (h, embed) if return_hidden else jnp.dot(h, embed.astype(dt).T, preferred_element_type=jnp.float32)
         lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, preferred_element_type=jnp.float32,
@@ -245,3 +189,251 @@ class LlamaModel(nn.Module):
         if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
             return h, lm_head(h, kernel_only=True).T
         return lm_head(h).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face: config.json and weight names, both ways.
+
+ARCH = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+
+
+def config_from_hf(c: dict, file: str) -> LlamaConfig:
+    """A HF config dict (as in config.json) -> LlamaConfig (the architecture; hf.py adds head and labels)."""
+    mtype = c.get("model_type")
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+    rope = _rope_scaling(rope, c, file)
+    window = c.get("sliding_window")
+    if mtype == "qwen2":
+        window = window if c.get("use_sliding_window") else None
+        if window is not None:  # as transformers: layer_types, else sliding from max_window_layers on
+            n, first = c["num_hidden_layers"], c.get("max_window_layers", 28)
+            default = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+            types = set(c.get("layer_types") or default)
+            if types == {"full_attention"}:
+                window = None
+            elif types != {"sliding_attention"}:
+                raise JaxftError(f"{file}: Qwen2 with mixed sliding/full attention layers is not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in c]
+    if missing:
+        raise JaxftError(f"{file}: missing {', '.join(missing)}")
+    return LlamaConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        head_dim=c.get("head_dim") or 0,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(rope.items())) or None,
+        max_position_embeddings=c.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=mtype == "qwen2" or bool(c.get("attention_bias", False)),
+        o_bias=mtype != "qwen2" and bool(c.get("attention_bias", False)),
+        mlp_bias=bool(c.get("mlp_bias", False)),
+        sliding_window=window,
+        model_type=mtype,
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_id=c.get("eos_token_id") if not isinstance(c.get("eos_token_id"), list) else c["eos_token_id"][0],
+        pad_token_id=c.get("pad_token_id"),
+    )
+
+
+ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
+    """config.json's rope parameters -> what `rope_inv_freq` reads; unsupported types are an error here,
+    not a traceback mid-trace."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind not in ROPE_TYPES:
+        raise JaxftError(f"{file}: rope_type {kind!r} is not supported (expected one of {', '.join(ROPE_TYPES)})")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise JaxftError(f"{file}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported "
+                         "(expected 1.0)")
+    rope = {**rope, "rope_type": kind}
+    rope.pop("type", None)
+    if kind == "yarn":  # transformers' defaults, made explicit
+        rope.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings")
+                        or c.get("max_position_embeddings", 2048))
+        if rope.get("factor") is None:
+            rope["factor"] = c.get("max_position_embeddings", 2048) / rope["original_max_position_embeddings"]
+    missing = [k for k in ROPE_KEYS[kind] if rope.get(k) is None]
+    if missing:
+        raise JaxftError(f"{file}: rope_type {kind!r} needs {', '.join(missing)} in rope_parameters")
+    return rope
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope.update(dict(cfg.rope_scaling or {}))
+    c = {
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.rope_scaling:
+        c["rope_scaling"] = rope
+    if cfg.model_type == "qwen2":
+        sliding = cfg.sliding_window is not None
+        c.update(
+            use_sliding_window=sliding,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=0 if sliding else cfg.num_layers,  # every layer slides, or none
+            layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
+        )
+    else:
+        c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+        if cfg.model_type == "mistral":
+            c["sliding_window"] = cfg.sliding_window
+    return c
+
+
+def architecture(cfg: LlamaConfig) -> str:
+    return ARCH[cfg.model_type] + ("ForSequenceClassification" if cfg.head == "classification" else "ForCausalLM")
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _from_hf_key(key: str):
+    """HF key -> (our path, layer index or None, transpose?). None for keys we do not use."""
+    if key == "model.embed_tokens.weight":
+        return ("embed_tokens",), None, False
+    if key == "model.norm.weight":
+        return ("norm", "weight"), None, False
+    if key in ("lm_head.weight", "score.weight"):
+        return (key.split(".")[0], "kernel"), None, True
+    m = _LAYER.fullmatch(key)
+    if not m:
+        return None
+    mods = tuple(m[2].split("."))
+    if m[3] == "bias":
+        return mods + ("bias",), int(m[1]), False
+    is_linear = mods[-1].endswith("_proj")
+    return mods + ("kernel" if is_linear else "weight",), int(m[1]), is_linear
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = "checkpoint") -> dict:
+    flat, layers = {}, {}
+    for key, value in tensors.items():
+        hit = _from_hf_key(key)
+        if hit is None:
+            continue
+        path, layer, transpose = hit
+        value = value.T if transpose else value
+        if layer is None:
+            flat[path] = value
+        else:
+            layers.setdefault(path, {})[layer] = value
+    flat.update(stack_layers(layers, cfg, where))
+    if cfg.tie_word_embeddings:
+        flat.pop(("lm_head", "kernel"), None)
+    return traverse_util.unflatten_dict(flat)
+
+
+def stack_layers(layers: dict, cfg, where: str, stack: str = "layers") -> dict:
+    """{path: {layer index: array}} -> flat params: stacked along a leading axis under `stack` when the
+    model scans its layers, else one `{stack}_{i}` subtree per layer. A layer missing a weight is an error."""
+    flat = {}
+    for path, per_layer in layers.items():
+        missing = set(range(cfg.num_layers)) - set(per_layer)
+        if missing:
+            raise JaxftError(f"{where}: layer {min(missing)} has no {'.'.join(path)}")
+        if cfg.scan_layers:
+            flat[(stack,) + path] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
+        else:
+            for i in range(cfg.num_layers):
+                flat[(f"{stack}_{i}",) + path] = per_layer[i]
+    return flat
+
+
+def unstack_layers(path: tuple, value, stack: str = "layers"):
+    """A flat param (path, value) under a layer stack -> [(layer index, path inside the layer, value)];
+    None where the path is not under `stack` (scanned `layers` or unscanned `layers_3`)."""
+    if path[0] == stack:
+        return [(i, path[1:], v) for i, v in enumerate(value)]
+    if path[0].startswith(stack + "_") and path[0][len(stack) + 1:].isdigit():
+        return [(int(path[0][len(stack) + 1:]), path[1:], value)]
+    return None
+
+
+def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value, dtype=np.float32)
+        per_layer = unstack_layers(path, value)
+        if path[0] == "embed_tokens":
+            out["model.embed_tokens.weight"] = value
+        elif path[0] == "norm":
+            out["model.norm.weight"] = value
+        elif path[0] in ("lm_head", "score"):
+            out[f"{path[0]}.weight"] = value.T
+        elif per_layer is not None:
+            for i, (*mods, leaf), v in per_layer:
+                name = "bias" if leaf == "bias" else "weight"
+                out[f"model.layers.{i}.{'.'.join(mods)}.{name}"] = v.T if leaf == "kernel" else v
+        else:
+            raise ValueError(f"no Hugging Face name for parameter {'/'.join(path)}")
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def hf_module(path: str) -> str:
+    """'layers.3.self_attn.q_proj' -> 'model.layers.3.self_attn.q_proj'; the heads keep their names."""
+    return path if path.split(".")[0] in ("lm_head", "score") else "model." + path
+
+
+def our_module(name: str) -> str | None:
+    if name.split(".")[0] in ("lm_head", "score"):
+        return name
+    return name[len("model."):] if name.startswith("model.") else None
+
+
+def matmul_weights(cfg: LlamaConfig) -> int:
+    """Weights that take part in a matmul for every token: q, k, v, o, gate, up, down per layer, plus
+    the output head (the vocabulary projection, or the classifier's tiny one). The input embedding is a
+    lookup: 0 FLOPs."""
+    d = cfg.dim_per_head
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    out = cfg.hidden_size * (cfg.num_labels if cfg.head == "classification" else cfg.vocab_size)
+    return cfg.num_layers * per_layer + out
+
+
+FAMILY = Family(
+    name="llama",
+    model=LlamaModel,
+    heads=HEADS,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    architecture=architecture,
+    params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf,
+    hf_module=hf_module,
+    our_module=our_module,
+    lora_targets="q_proj,v_proj",
+    head_params=r"^(score|lm_head)/",
+    classifier_params=r"^score/",
+    kv_layout=lambda cfg: (cfg.num_layers, cfg.num_kv_heads, cfg.dim_per_head),
+    matmul_weights=matmul_weights,
+)

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.errors import JaxftError
+from jaxft.models import family
 from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
 
-LORA_KEY = re.compile(r"base_model\.model\.(?:model\.)?(.+)\.lora_([AB])\.weight")
+LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
 def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
@@ -33,18 +34,19 @@ def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def _peft_module(path: str, layer: int | None) -> str:
+def _peft_module(cfg, path: str, layer: int | None) -> str:
+    """Our module path (scanned `layers.x`, with its layer index, or `layers_3.x`) -> HF's module name."""
     head, *rest = path.split(".")
     if head == "layers" and layer is not None:
-        return "model.layers." + ".".join([str(layer)] + rest)
-    if head.startswith("layers_"):
-        return "model.layers." + ".".join([head[7:]] + rest)
-    return path  # lm_head / score
+        path = ".".join(["layers", str(layer)] + rest)
+    elif head.startswith("layers_"):
+        path = ".".join(["layers", head[7:]] + rest)
+    return family.of(cfg).hf_module(path)
 
 
 def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
     cfg = model.cfg
-    enc = PrefixEncoder(hook.num_virtual_tokens, cfg.num_layers, cfg.num_kv_heads, cfg.dim_per_head,
+    enc = PrefixEncoder(hook.num_virtual_tokens, *family.of(cfg).kv_layout(cfg),
                         cfg.hidden_size, hook.projection, hook.projection_hidden, 0.0, hook.init_std)
     k, v = enc.apply({"params": prefix_params}, 1)
     kv = np.stack([np.asarray(k[:, 0]), np.asarray(v[:, 0])], axis=1)  # [L, 2, P, KV, D]
@@ -80,13 +82,14 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
             patterns = []
             for path, ab in modules.items():
                 in_stack = path.startswith("layers.")
-                patterns.append(r"model\.layers\.\d+\." + re.escape(path[7:]) if in_stack else re.escape(_peft_module(path, None)))
                 for i in range(ab["a"].shape[0]) if in_stack else [None]:
                     a, b = (ab["a"][i], ab["b"][i]) if i is not None else (ab["a"], ab["b"])
-                    name = _peft_module(path, i)
+                    name = _peft_module(cfg, path, i)
+                    # PEFT matches target_modules against full module names: one pattern per stacked path.
+                    patterns.append(re.escape(name).replace(f"\\.{i}\\.", r"\.\d+\.", 1) if in_stack else re.escape(name))
                     tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
                     tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
-            regex = "|".join(sorted(patterns))
+            regex = "|".join(sorted(set(patterns)))
             config = {**common, "peft_type": "LORA", "r": hook.rank, "lora_alpha": hook.alpha,
                       "lora_dropout": hook.dropout, "use_rslora": hook.rslora, "target_modules": regex,
                       "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
@@ -109,8 +112,6 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
 def load_adapter(model, params: dict, adapter_dir):
     """(base model, base params) + a HF PEFT adapter directory -> (hooked model, params)."""
     from safetensors.numpy import load_file
-
-    from jaxft.models.llama import LlamaModel
 
     root = Path(adapter_dir)
     try:
@@ -138,7 +139,9 @@ def load_adapter(model, params: dict, adapter_dir):
             m = LORA_KEY.fullmatch(key)
             if not m:
                 continue
-            name = m[1]
+            name = family.of(cfg).our_module(m[1])
+            if name is None:
+                raise JaxftError(f"{root}: {key} names a module this {cfg.model_type} model does not have")
             layer = re.match(r"layers\.(\d+)\.(.+)", name)
             path = f"layers.{layer[2]}" if layer else name
             per_module.setdefault(path, {}).setdefault(m[2], {})[int(layer[1]) if layer else None] = value.T
@@ -169,4 +172,4 @@ def load_adapter(model, params: dict, adapter_dir):
     import jax.numpy as jnp
 
     added = unflat({k: jnp.asarray(v) for k, v in new.items()})
-    return LlamaModel(cfg, hooks=tuple(model.hooks) + (hook,)), merge(params, added)
+    return family.build(cfg, tuple(model.hooks) + (hook,)), merge(params, added)

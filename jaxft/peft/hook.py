@@ -15,6 +15,17 @@ class Hook:
         is to assume any hook that overrides `linear` acts everywhere."""
         return type(self).linear is not Hook.linear
 
+    def embeddings(self, model, h, attention_mask):
+        """After the token embeddings h [B, T, D]: return (h, attention_mask), possibly with virtual
+        tokens put in front ([B, P + T, D], mask [B, P + T]). The model drops the first P positions
+        again from per-token outputs (LM logits, token labels), so outputs keep the input's length."""
+        return h, attention_mask
+
+    def block_output(self, module, h, where: str):
+        """A block's sublayer output h [B, T, D] before the residual add; `where` is "attention" or
+        "mlp" (adapters insert their bottleneck here)."""
+        return h
+
     def prefix(self, model, batch_size: int):
         """Per-layer (keys, values), each [layers, batch, tokens, kv_heads, head_dim], or None."""
         return None

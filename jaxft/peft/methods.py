@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, Callable
 
 from jaxft.errors import JaxftError
+from jaxft.models import family
 from jaxft.peft.hook import Hook
 from jaxft.peft.lora import LoraHook, module_path, parse_targets, target_names
 from jaxft.peft.ptuning_v2 import PrefixHook
@@ -21,17 +22,14 @@ class Method:
     hooks: tuple[Any, ...] = ()
 
 
-HEAD = r"^(score|lm_head)/"
-
-
 def _full(m, cfg) -> Method:
     return Method("full", (r".",))
 
 
 def _head(m, cfg) -> Method:
-    if cfg.head == "causal_lm" and cfg.tie_word_embeddings:
+    if cfg.head == "causal_lm" and getattr(cfg, "tie_word_embeddings", False):
         raise JaxftError("method.name='head' on a causal LM with tied embeddings would train the embeddings too")
-    return Method("head", (HEAD,))
+    return Method("head", (family.of(cfg).head_params,))
 
 
 def _lora(m, cfg) -> Method:
@@ -81,10 +79,8 @@ def linear_paths(model_cfg) -> list[str]:
     import jax
     import jax.numpy as jnp
 
-    from jaxft.models.llama import LlamaModel
-
     recorder = _Recorder()
-    model = LlamaModel(model_cfg, hooks=(recorder,))
+    model = family.build(model_cfg, (recorder,))
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
     return list(dict.fromkeys(recorder.paths))
 
@@ -116,8 +112,8 @@ def build(method_config, model_cfg) -> Method:
             raise JaxftError(f"method.name={n!r}: unknown method (expected one of {', '.join(METHODS)})")
     built = [METHODS[n](method_config, model_cfg) for n in parts]
     trainable = tuple(p for m in built for p in m.trainable)
-    if model_cfg.head == "classification":  # a new classifier head always trains
-        trainable += (r"^score/",)
+    if model_cfg.head in ("classification", "token_classification"):  # a new classifier head always trains
+        trainable += (family.of(model_cfg).classifier_params,)
     method = Method("+".join(parts), tuple(dict.fromkeys(trainable)), tuple(h for m in built for h in m.hooks))
     check_hooks(method, model_cfg)
     return method

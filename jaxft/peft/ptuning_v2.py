@@ -63,12 +63,12 @@ class PrefixHook(Hook):
     def initialize(self, model, params, sample):
         if not self.init_from_tokens:
             return params
-        from jaxft.models.llama import LlamaModel
+        from jaxft.models import family
         from jaxft.peft.partition import base_params
 
         tokens = np.asarray(sample["input_ids"])[np.asarray(sample["attention_mask"]) == 1]
         tokens = np.resize(tokens, self.num_virtual_tokens)[None]  # the first real tokens, repeated if few
-        base = LlamaModel(model.cfg)
+        base = family.build(model.cfg)
         _, state = base.apply({"params": base_params(params)}, tokens, mutable=["intermediates"])
         inter = state["intermediates"]
         if "layers" in inter:  # scanned: one entry with a leading layer axis
@@ -83,12 +83,12 @@ class PrefixHook(Hook):
         return {**params, "prefix_encoder": {**params["prefix_encoder"], "embedding": new}}
 
     def prefix(self, model, batch_size):
+        from jaxft.models import family
+
         cfg = model.cfg
         return PrefixEncoder(
             self.num_virtual_tokens,
-            cfg.num_layers,
-            cfg.num_kv_heads,
-            cfg.dim_per_head,
+            *family.of(cfg).kv_layout(cfg),
             cfg.hidden_size,
             self.projection,
             self.projection_hidden,

@@ -1,0 +1,121 @@
+"""What a model family provides, and the registry that finds one by its HF `model_type`.
+
+Training, checkpointing, sharding, the methods and HF I/O reach a model only through a `Family`:
+adding one means adding its module under `jaxft/models/` (which defines `FAMILY`) and one entry in
+`REGISTRY`. The module holds everything about the architecture: its config read from and written to
+HF's `config.json`, the HF weight names both ways, the Flax model and its heads, the default LoRA
+targets, and the key/value layout prefix methods write into.
+
+Every family's model is called the same way:
+`model.apply({"params": p}, input_ids, attention_mask=..., [decoder_input_ids=..., decoder_attention_mask=...])`
+-> the head's logits ([B, T, V] for LM heads, [B, num_labels] for classification, [B, T, num_labels]
+for token classification). `return_hidden=True` may return (hidden [B, T, D], output embedding [V, D])
+instead of LM logits, for a loss that fuses the vocabulary projection; a family without it ignores it.
+
+Methods act through the hooks the model is built with (`jaxft.peft.hook.Hook`): every `Linear`
+(`jaxft.models.layers`), the embeddings, the key/value prefix, and each block's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+# HF model_type -> the module under jaxft/models/ that defines its FAMILY.
+REGISTRY = {
+    "llama": "jaxft.models.llama",
+    "qwen2": "jaxft.models.llama",
+    "mistral": "jaxft.models.llama",
+}
+
+# The heads a family may offer, with the HF class-name ending that selects each in config.json.
+HEADS = ("causal_lm", "masked_lm", "classification", "token_classification", "seq2seq_lm")
+HEAD_OF_ARCHITECTURE = (
+    ("ForSequenceClassification", "classification"),
+    ("ForTokenClassification", "token_classification"),
+    ("ForMaskedLM", "masked_lm"),
+    ("ForConditionalGeneration", "seq2seq_lm"),
+    ("ForCausalLM", "causal_lm"),
+    ("LMHeadModel", "causal_lm"),
+)
+POOLING = ("last", "mean", "first")  # what a classifier reads: see each family's `pool`
+REMAT = ("none", "full", "save_dots", "offload")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What jaxft adds on top of any architecture: the head and how the model computes (`model.*` keys).
+    Each family's config dataclass extends this with its architecture's fields and a `model_type`."""
+
+    head: str = "causal_lm"
+    num_labels: int = 2
+    pooling: str = "last"  # classification: the state the head reads
+    labels: tuple[str, ...] | None = None  # classification: the class names (HF id2label); None: LABEL_0, ...
+    dtype: str = "float32"  # compute dtype; trainable parameters stay fp32 (master weights)
+    param_dtype: str = "float32"  # storage of the frozen base (see `jaxft.train.init_params`)
+    scan_layers: bool = True
+    remat: str = "none"  # what the backward pass keeps of each layer: see `jaxft.models.layers.remat_policy`
+    attention: str = "xla"  # xla | cudnn | splash | flash | auto: see `jaxft.models.attention`
+
+    def __post_init__(self):  # the old boolean `remat` setting: True is "full"
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    model: type  # model(cfg, hooks=(...)) -> a flax.linen Module called as described above
+    heads: tuple[str, ...]  # the heads it offers; the first is the default for a bare base model
+    config_from_hf: Callable[[dict, str], Any]  # config.json dict (and its file name, for errors) -> config
+    config_to_hf: Callable[[Any], dict]  # config -> config.json dict, without the generic keys hf.py adds
+    architecture: Callable[[Any], str]  # config -> HF class name (LlamaForCausalLM, ...)
+    params_from_hf: Callable[[dict, Any, str], dict]  # {HF name: array}, config, where -> our param tree
+    params_to_hf: Callable[[dict, Any], dict]  # our param tree, config -> {HF name: array}
+    hf_module: Callable[[str], str]  # our dotted module path, layer index included -> HF's module name
+    our_module: Callable[[str], str | None]  # HF module name -> our dotted module path (None: not ours)
+    lora_targets: str  # the default `method.targets`
+    head_params: str  # regex on "a/b/c" parameter paths: the output head(s), what `method.name='head'` trains
+    classifier_params: str  # regex: a classification head, which always trains when the run adds it
+    kv_layout: Callable[[Any], tuple[int, int, int]]  # config -> (layers, kv heads, head dim) a prefix fills
+    matmul_weights: Callable[[Any], int]  # config -> weights in a matmul per token (`jaxft.flops`)
+    pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
+    causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
+
+
+def get(model_type: str, where: str = "config") -> Family:
+    """The family of an HF `model_type`; an unknown one is an error naming the supported types."""
+    from jaxft.errors import JaxftError
+
+    if model_type not in REGISTRY:
+        raise JaxftError(f"{where}: model_type {model_type!r} is not supported (expected one of "
+                         f"{', '.join(REGISTRY)})")
+    return importlib.import_module(REGISTRY[model_type]).FAMILY
+
+
+def of(cfg) -> Family:
+    return get(cfg.model_type)
+
+
+def build(cfg, hooks=()):
+    """The Flax model of a config, with a method's hooks."""
+    return of(cfg).model(cfg, hooks=tuple(hooks))
+
+
+def head_of(architectures, family: Family) -> str:
+    """The head an HF config's `architectures` names; the family's default for a bare base model."""
+    for arch in architectures or ():
+        for ending, head in HEAD_OF_ARCHITECTURE:
+            if arch.endswith(ending) and head in family.heads:
+                return head
+    return family.heads[0]
