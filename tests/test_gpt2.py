@@ -295,7 +295,7 @@ def test_train_cli_on_sst2(gpt2_dir, tmp_path, method):
     got = losses(tmp_path)
     assert all(np.isfinite(v) for v in got.values()) and got[6] < got[1], got
     export = tmp_path / "export"
-    if method == "full":  # a full model: transformers reads the last non-pad (non-EOS) token as jaxft does
+    if method in ("full", "head"):  # a full model: transformers reads the last non-pad (non-EOS) token as jaxft
         written = json.loads((export / "config.json").read_text())
         assert written["architectures"] == ["GPT2ForSequenceClassification"] and written["pad_token_id"] == 0
         model, params = hf.load(export)
