@@ -252,6 +252,45 @@ def test_prefix_adapter_matches_peft(tmp_path):
     assert rel_err(ours(model2, params2, ids, mask)[real], ref[real]) < 1e-5
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_prefix_init_from_tokens_uses_real_keys_and_values(tmp_path, scan):
+    """P-Tuning v2's init_from_tokens finds GPT-2's keys and values (its attention is `attn`, not Llama's
+    `self_attn`): transformers' own cache of the same tokens."""
+    base, d = build_hf(tmp_path)
+    model, params = hf.load(d, scan_layers=scan)
+    method = build(method_cfg(name="ptuning_v2", num_virtual_tokens=4, init_from_tokens=True), model.cfg)
+    model = family.build(model.cfg, method.hooks)
+    params = merge(params, added_params(nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))[
+        "params"])))
+    ids = np.array([[5, 6, 7, 8, 9, 0], [11, 12, 0, 0, 0, 0]])
+    out = method.hooks[0].initialize(model, params, {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32)})
+    with torch.no_grad():
+        cache = base(torch.tensor([[5, 6, 7, 8]]), use_cache=True).past_key_values
+    emb = np.asarray(out["prefix_encoder"]["embedding"]).reshape(4, 2, 2, 4, 16)  # [P, L, k/v, H, D]
+    for layer in range(2):
+        k, v = cache.layers[layer].keys[0].numpy(), cache.layers[layer].values[0].numpy()  # [H, P, D]
+        np.testing.assert_allclose(emb[:, layer, 0], k.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(emb[:, layer, 1], v.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_and_remat_train_step(tmp_path):
+    """bf16 compute with remat (scanned): logits near fp32's, and a finite gradient equal to no remat's."""
+    _, d = build_hf(tmp_path)
+    ids, mask, _ = padded_batch("right")
+    model, params = hf.load(d)
+    ref = ours(model, params, ids, mask)
+    grads = {}
+    for remat in ("none", "full", "save_dots"):
+        m = family.build(model.cfg.replace(dtype="bfloat16", remat=remat))
+        loss = lambda p: (m.apply({"params": p}, ids, mask) * mask[..., None]).std()  # noqa: E731
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+    assert rel_err(ours(m, params, ids, mask)[mask.astype(bool)], ref[mask.astype(bool)]) < 0.05
+    for remat in ("full", "save_dots"):
+        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat])):
+            assert np.isfinite(np.asarray(a, np.float32)).all()
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training through the CLI: a tiny GPT-2 with a byte-level BPE tokenizer, chosen by model.path alone.
 
