@@ -280,8 +280,8 @@ ARCHITECTURES = {"causal_lm": "GPT2LMHeadModel", "classification": "GPT2ForSeque
 def config_from_hf(c: dict, file: str) -> GPT2Config:
     """A HF GPT-2 config dict (as in config.json) -> GPT2Config (hf.py adds head and labels)."""
     get = lambda *names, default=None: next((c[n] for n in names if c.get(n) is not None), default)  # noqa: E731
-    hidden, layers, heads = get("n_embd", "hidden_size"), get("n_layer", "num_hidden_layers"), get("n_head",
-                                                                                                   "num_attention_heads")
+    hidden, layers = get("n_embd", "hidden_size"), get("n_layer", "num_hidden_layers")
+    heads = get("n_head", "num_attention_heads")
     missing = [n for n, v in (("vocab_size", c.get("vocab_size")), ("n_embd", hidden), ("n_layer", layers),
                               ("n_head", heads)) if v is None]
     if missing:
