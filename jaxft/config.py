@@ -37,7 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.rank = 8
     c.method.alpha = 16.0
     c.method.dropout = 0.0
-    c.method.targets = "q_proj,v_proj"  # comma-separated module names, or a regex on the dotted path
+    # comma-separated module names, or a regex on the dotted path; empty: the model family's default
+    # (Llama: q_proj,v_proj; GPT-2: c_attn)
+    c.method.targets = ""
     c.method.rslora = False
     c.method.num_virtual_tokens = 16
     c.method.projection = False  # P-Tuning v2 reparameterisation MLP

@@ -29,6 +29,7 @@ REGISTRY = {
     "llama": "jaxft.models.llama",
     "qwen2": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
+    "gpt2": "jaxft.models.gpt2",
 }
 
 # The heads a family may offer, with the HF class-name ending that selects each in config.json.
@@ -91,6 +92,9 @@ class Family:
     matmul_weights: Callable[[Any], int]  # config -> weights in a matmul per token (`jaxft.flops`)
     pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
+    # (cfg, batch, max_length, dtype) -> a zero KV cache for generation (see `jaxft.generate`); None: none
+    init_cache: Callable | None = None
+    fan_in_fan_out: bool = False  # HF stores the LoRA targets as Conv1D [in, out] (GPT-2): PEFT's flag
 
 
 def get(model_type: str, where: str = "config") -> Family:

@@ -1,4 +1,4 @@
-"""Layers shared by the model families: hookable linear, RMSNorm, rotary embeddings, pooling, remat.
+"""Layers shared by the model families: hookable linear, RMSNorm, LayerNorm, rotary embeddings, pooling, remat.
 
 Every parameter is created with logical axis names (see `jaxft.sharding`), so one rules table
 decides how it is laid out on the mesh. `Linear` is the named point where PEFT methods that
@@ -76,6 +76,23 @@ class RMSNorm(nn.Module):
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # Match HF: normalise in fp32, cast back, then scale.
         return weight.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with HF's parameter names (weight, bias): statistics in fp32, output in `dtype`."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = param_with_axes(self, "weight", nn.initializers.ones, (x.shape[-1],), ("norm",))
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # as transformers computes them

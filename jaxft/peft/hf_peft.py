@@ -92,15 +92,17 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
             regex = "|".join(sorted(set(patterns)))
             config = {**common, "peft_type": "LORA", "r": hook.rank, "lora_alpha": hook.alpha,
                       "lora_dropout": hook.dropout, "use_rslora": hook.rslora, "target_modules": regex,
-                      "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
+                      "bias": "none", "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True,
+                      "use_dora": False}
             if score is not None:
                 tensors["base_model.model.score.weight"] = np.asarray(score, np.float32).T
         else:
             prefix = {k[len("prefix_encoder/"):]: v for k, v in params.items() if k.startswith("prefix_encoder/")}
             tensors["prompt_embeddings"] = _prefix_embeddings(model, hook, unflat(prefix))
+            layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
             config = {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": hook.num_virtual_tokens,
-                      "token_dim": cfg.num_kv_heads * cfg.dim_per_head, "num_layers": cfg.num_layers,
-                      "num_attention_heads": cfg.num_kv_heads, "encoder_hidden_size": cfg.hidden_size,
+                      "token_dim": kv_heads * head_dim, "num_layers": layers,
+                      "num_attention_heads": kv_heads, "encoder_hidden_size": cfg.hidden_size,
                       "prefix_projection": False, "num_transformer_submodules": 1}
             if score is not None:
                 tensors["base_model.score.weight"] = np.asarray(score, np.float32).T
@@ -163,7 +165,8 @@ def load_adapter(model, params: dict, adapter_dir):
     elif kind == "PREFIX_TUNING":
         emb = tensors["prompt_embeddings"]
         hook = PrefixHook(emb.shape[0], projection=False)
-        width = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head
+        layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+        width = layers * 2 * kv_heads * head_dim
         if emb.shape[1] != width:
             raise JaxftError(f"{root}: prompt_embeddings width {emb.shape[1]} does not fit this model ({width})")
         new["prefix_encoder/embedding"] = emb
