@@ -91,6 +91,10 @@ class Family:
     matmul_weights: Callable[[Any], int]  # config -> weights in a matmul per token (`jaxft.flops`)
     pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
+    # Generation (`jaxft.generate`): cfg, batch, max_length, dtype -> a KV cache of zeros, None where the
+    # family cannot generate; encoder-decoders also offer `method="encode"` / `method="decode"`.
+    init_cache: Callable | None = None
+    encoder_decoder: bool = False
 
 
 def get(model_type: str, where: str = "config") -> Family:
