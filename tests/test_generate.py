@@ -76,10 +76,9 @@ def test_matches_transformers(saved, name, scan, beams):
     if name != "llama":
         assert model.cfg.sliding_window is not None
     ids, mask = prompts()
-    unused = [i for i in range(95, 0, -1) if i not in ids][:2]  # EOS ids that do not come up
+    unused = [96, 97]  # EOS ids that cannot come up (beyond the vocabulary)
     plain = generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=beams, pad_token_id=PAD,
                      eos_token_id=unused)
-    assert not np.isin(plain, unused).any()
     np.testing.assert_array_equal(plain, hf_generate(m, ids, mask, num_beams=beams, eos_token_id=unused))
     # EOS: tokens the rows produce part-way (two ids: EOS may be a list), so that rows end at different steps
     eos = [int(plain[0, 3]), int(plain[1, 6])]
@@ -158,12 +157,16 @@ def test_prefix_adapter_matches_transformers_forward(saved, tmp_path):
 
 
 def rerun_greedy(model, params, ids, mask, n):
-    """Greedy by the full forward, recomputed over the whole sequence each step (no cache)."""
-    for _ in range(n):
-        logits = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
-        ids = np.concatenate([ids, np.asarray(logits[:, -1].argmax(-1))[:, None]], 1)
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
-    return ids[:, -n:]
+    """Greedy by the full forward, recomputed over the whole sequence each step (no cache). The
+    sequence has its final width from the start, the columns not yet generated masked (and later than
+    every token that reads logits), so one compiled forward serves every step."""
+    width = ids.shape[1]
+    ids, mask = (np.pad(x, ((0, 0), (0, n))) for x in (ids, mask))
+    forward = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
+    for i in range(width, width + n):
+        ids[:, i] = np.asarray(forward(params, ids, mask)[:, i - 1].argmax(-1))
+        mask[:, i] = 1
+    return ids[:, width:]
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
@@ -178,8 +181,7 @@ def test_quantized_base(saved, kind):
     np.testing.assert_array_equal(generate(model, q, ids, mask, max_new_tokens=6), rerun_greedy(model, q, ids, mask, 6))
 
 
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("method", ["none", "ptuning_v2", "lora+ptuning_v2"])
+@pytest.mark.parametrize("scan,method", [(False, "none"), (True, "ptuning_v2"), (False, "lora+ptuning_v2")])
 def test_cached_logits_equal_full_forward(saved, scan, method):
     """Prefill then one token at a time through the cache: the logits of the full forward, every slot."""
     import flax.linen as nn
@@ -194,7 +196,7 @@ def test_cached_logits_equal_full_forward(saved, scan, method):
         m = base_config().method
         m.name, m.num_virtual_tokens, m.rank = method, 3, 4
         model = family.build(model.cfg, build(m, model.cfg).hooks)
-        fresh = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+        fresh = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
         added = {k: 0.5 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
                  for i, (k, v) in enumerate(flat(added_params(fresh)).items())}
         params = merge(params, unflat(added))
@@ -204,12 +206,12 @@ def test_cached_logits_equal_full_forward(saved, scan, method):
     cache = family.of(model.cfg).init_cache(model.cfg, 3, slots, jnp.float32)
     slot_mask = np.zeros((3, slots), np.int32)
     slot_mask[:, :first] = mask[:, :first]
-    logits, cache = model.apply({"params": params}, ids[:, :first], slot_mask, cache=cache, cache_index=jnp.int32(0))
+    apply = jax.jit(lambda *a: model.apply({"params": params}, *a[:2], cache=a[2], cache_index=a[3]))
+    logits, cache = apply(ids[:, :first], slot_mask, cache, jnp.int32(0))
     parts = [logits]
     for i in range(first, 9):
         slot_mask[:, i] = mask[:, i]
-        logits, cache = model.apply({"params": params}, ids[:, i:i + 1], slot_mask, cache=cache,
-                                    cache_index=jnp.int32(i))
+        logits, cache = apply(ids[:, i:i + 1], slot_mask, cache, jnp.int32(i))
         parts.append(logits)
     real = mask == 1
     np.testing.assert_allclose(np.concatenate(parts, 1)[real], np.asarray(full)[real], atol=2e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ whether the two produced the same tokens.
         --vocab 4096 --batches 1,8 --prompt_len 32 --new_tokens 128 --dtype float32
 
 - jaxft: `jaxft.generate.generate` (prefill + `lax.while_loop`, one jit), scanned layers, parameters
-  placed on the device once; `model.dtype` is --dtype.
+  placed on the device once and stored in --dtype (`model.dtype` and `model.param_dtype`).
 - transformers: `LlamaForCausalLM.generate(do_sample=False, min_new_tokens=max_new_tokens)` with its
   default dynamic cache and SDPA attention, eager, under `torch.no_grad()`; the model in --dtype.
 On a GPU (`torch.cuda.is_available()`), transformers runs on CUDA and JAX on its default backend (the
@@ -46,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row (the best counts)")
     p.add_argument("--frameworks", default="jaxft,transformers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch_threads", type=int, default=0, help="PyTorch CPU threads (0: every core)")
     return p.parse_args(argv)
 
 
@@ -69,12 +70,12 @@ def main(argv=None):
     torch_model = LlamaForCausalLM(hf_cfg).eval()
     with tempfile.TemporaryDirectory() as d:
         torch_model.save_pretrained(d)
-        model, params = hf.load(d, dtype=args.dtype)
-    params = jax.device_put(params)
+        model, params = hf.load(d, dtype=args.dtype, param_dtype=args.dtype)
+    params = jax.device_put(jax.tree.map(lambda x: x.astype(args.dtype), params))  # weights stored as torch's
     torch_model = torch_model.to(device=device, dtype=tdtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(args.torch_threads or os.cpu_count())
     weights = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"# {platform.node()} | jax {jax.__version__} on {jax.devices()[0].device_kind} | torch {torch.__version__} "
           f"on {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'} "
