@@ -56,6 +56,7 @@ def prompts(lengths=(5, 8, 3), width=8, seed=0):
 
 
 def hf_generate(m, ids, mask, new=NEW, **kw):
+    kw.setdefault("eos_token_id", [96])  # not the config's EOS: none, as in jaxft's call, unless given
     with torch.no_grad():
         out = m.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
                          do_sample=False, pad_token_id=PAD, **kw).numpy()[:, ids.shape[1]:]
@@ -176,7 +177,8 @@ def test_quantized_base(saved, kind):
     _, d = saved["llama"]
     model, params = hf.load(d)
     q = quantize_params(params, kind)
-    assert any(isinstance(x, Quantized) for x in jax.tree_util.tree_leaves(q, is_leaf=lambda x: isinstance(x, Quantized)))
+    is_q = lambda x: isinstance(x, Quantized)  # noqa: E731
+    assert any(is_q(x) for x in jax.tree_util.tree_leaves(q, is_leaf=is_q))
     ids, mask = prompts()
     np.testing.assert_array_equal(generate(model, q, ids, mask, max_new_tokens=6), rerun_greedy(model, q, ids, mask, 6))
 

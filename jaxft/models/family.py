@@ -12,6 +12,10 @@ Every family's model is called the same way:
 for token classification). `return_hidden=True` may return (hidden [B, T, D], output embedding [V, D])
 instead of LM logits, for a loss that fuses the vocabulary projection; a family without it ignores it.
 
+Generation (`jaxft.generate`): a family with `init_cache` takes `cache=init_cache(cfg, B, S, dtype)` and
+`cache_index=i` in `model.apply` (new keys/values written at slots [i, i + T), attention_mask [B, S] over
+all slots) and returns (logits, cache); encoder-decoders add `method="encode"` / `method="decode"`.
+
 Methods act through the hooks the model is built with (`jaxft.peft.hook.Hook`): every `Linear`
 (`jaxft.models.layers`), the embeddings, the key/value prefix, and each block's outputs.
 """
