@@ -257,4 +257,36 @@ def _on_shards(fn, q, k, v, mask):
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
+def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None = None):
+    """Attention of t new queries over a KV cache (generation), the xla reference's arithmetic.
+
+    q [B, t, H, D] at cache slots [cache_index, cache_index + t); keys, values [B, S, KV, D] (the new
+    ones already written); mask [B, S] over all slots. Query i sees slot j iff j <= cache_index + i,
+    mask[j], and cache_index + i - j < window. `prefix` (keys, values [B, P, KV, D]) is always visible:
+    its scores join the cache's before the softmax, so the cache is never copied to put it in front.
+    -> [B, t, H*D] in the values' dtype."""
+    b, t, h, d = q.shape
+    kv, s = keys.shape[2], keys.shape[1]
+    q = q.astype(keys.dtype).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
+    i, j = cache_index + jnp.arange(t)[:, None], jnp.arange(s)[None, :]
+    allowed = j <= i
+    if window:
+        allowed &= i - j < window
+    allowed = allowed[None] & mask[:, None, :].astype(bool)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    p = 0
+    if prefix is not None:
+        p = prefix[0].shape[1]
+        pk = prefix[0].astype(keys.dtype)
+        prefix_scores = jnp.einsum("btkgd,bskd->bkgts", q, pk, preferred_element_type=jnp.float32) / math.sqrt(d)
+        scores = jnp.concatenate([prefix_scores, scores], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., p:], values, preferred_element_type=jnp.float32)
+    if prefix is not None:
+        pv = prefix[1].astype(values.dtype)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., :p], pv, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h * d).astype(values.dtype)
+
+
 IMPLS = {"xla": xla, "cudnn": cudnn, "splash": splash, "flash": flash}

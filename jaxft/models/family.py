@@ -12,6 +12,10 @@ Every family's model is called the same way:
 for token classification). `return_hidden=True` may return (hidden [B, T, D], output embedding [V, D])
 instead of LM logits, for a loss that fuses the vocabulary projection; a family without it ignores it.
 
+Generation (`jaxft.generate`): a family with `init_cache` takes `cache=init_cache(cfg, B, S, dtype)` and
+`cache_index=i` in `model.apply` (new keys/values written at slots [i, i + T), attention_mask [B, S] over
+all slots) and returns (logits, cache); encoder-decoders add `method="encode"` / `method="decode"`.
+
 Methods act through the hooks the model is built with (`jaxft.peft.hook.Hook`): every `Linear`
 (`jaxft.models.layers`), the embeddings, the key/value prefix, and each block's outputs.
 """
@@ -92,8 +96,10 @@ class Family:
     matmul_weights: Callable[[Any], int]  # config -> weights in a matmul per token (`jaxft.flops`)
     pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
-    # (cfg, batch, max_length, dtype) -> a zero KV cache for generation (see `jaxft.generate`); None: none
+    # Generation (`jaxft.generate`): cfg, batch, max_length, dtype -> a KV cache of zeros, None where the
+    # family cannot generate; encoder-decoders also offer `method="encode"` / `method="decode"`.
     init_cache: Callable | None = None
+    encoder_decoder: bool = False
     fan_in_fan_out: bool = False  # HF stores the LoRA targets as Conv1D [in, out] (GPT-2): PEFT's flag
 
 

@@ -17,12 +17,13 @@ import re
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from jaxft.errors import JaxftError
-from jaxft.models.attention import attention
+from jaxft.models.attention import attention, cached
 from jaxft.models.family import POOLING, REMAT, Family, Settings  # noqa: F401 (REMAT, POOLING: re-exported)
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     ROPE_TYPES, Linear, RMSNorm, last_token, param_with_axes, pool, remat_policy, rope,
@@ -64,8 +65,10 @@ class Attention(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, x, mask, positions, prefix):
-        """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it."""
+    def __call__(self, x, mask, positions, prefix, cache=None, cache_index=None, layer=None):
+        """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it.
+        With a `cache` (generation, see `init_cache`): mask covers its S slots, the new keys and values
+        are written at `cache_index`, and this returns (output, cache)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         b, t, _ = x.shape
@@ -76,6 +79,12 @@ class Attention(nn.Module):
         q, k = rope(q, k, positions, d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.sow("intermediates", "keys_values", (k, v))  # stored only when asked for (e.g. prefix init)
         num_prefix = 0
+        o_proj = proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)
+        if cache is not None:
+            cache, keys, values = write_cache(cache, k, v, cache_index, layer)
+            p = None if prefix is None else (prefix[0].astype(keys.dtype), prefix[1].astype(keys.dtype))
+            out = cached(q, keys, values, mask, cache_index, p, cfg.sliding_window)
+            return o_proj(out.astype(dt)), cache
         if prefix is not None:  # learned keys/values, no rotary: they are not at a position
             num_prefix = prefix[0].shape[1]
             k = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
@@ -84,7 +93,7 @@ class Attention(nn.Module):
         k, v = (constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
         out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention)
         out = constrain(out, ("batch", "length", "act_heads"))
-        return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)(out)
+        return o_proj(out)
 
 
 class MLP(nn.Module):
@@ -113,14 +122,49 @@ class DecoderLayer(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, h, mask, positions, prefix):
+    def __call__(self, carry, mask, positions, prefix, cache_index=None):
+        """carry: h, or in generation (h, cache, layer): the cache travels with the hidden states (through
+        the scan, with the layer index that says where in the stacked cache this layer writes)."""
         cfg = self.cfg
+        h, cache, layer = carry if isinstance(carry, tuple) else (carry, None, None)
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(h)
-        h = h + block_output(self, Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix), "attention")
+        a = Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix, cache, cache_index, layer)
+        if cache is not None:
+            a, cache = a
+        h = h + block_output(self, a, "attention")
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(h)
         h = h + block_output(self, MLP(cfg, self.hooks, name="mlp")(x), "mlp")
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
-        return h, None
+        if cache is None:
+            return h, None
+        return (h, cache, None if layer is None else layer + 1), None
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict:
+    """Zero keys and values for `max_length` slots, laid out as the layers' params: one stack under
+    `layers` when the model scans its layers, else one entry per `layers_{i}`."""
+    shape = (batch, max_length, cfg.num_kv_heads, cfg.dim_per_head)
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    if cfg.scan_layers:
+        shape = (cfg.num_layers,) + shape
+        return {"layers": {"keys": jnp.zeros(shape, dtype), "values": jnp.zeros(shape, dtype)}}
+    return {f"layers_{i}": {"keys": jnp.zeros(shape, dtype), "values": jnp.zeros(shape, dtype)}
+            for i in range(cfg.num_layers)}
+
+
+def write_cache(cache: dict, k, v, index, layer=None):
+    """k, v [B, t, KV, D] written at slot `index` (of layer `layer` in a stacked cache) ->
+    (cache, this layer's keys, values [B, S, KV, D])."""
+    if layer is None:
+        at = (0, index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cache["keys"], k.astype(cache["keys"].dtype), at)
+        values = jax.lax.dynamic_update_slice(cache["values"], v.astype(cache["values"].dtype), at)
+        return {"keys": keys, "values": values}, keys, values
+    at = (layer, 0, index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache["keys"], k[None].astype(cache["keys"].dtype), at)
+    values = jax.lax.dynamic_update_slice(cache["values"], v[None].astype(cache["values"].dtype), at)
+    pick = lambda x: jax.lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False)  # noqa: E731
+    return {"keys": keys, "values": values}, pick(keys), pick(values)
 
 
 class LlamaModel(nn.Module):
@@ -130,13 +174,23 @@ class LlamaModel(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False,
+                 cache=None, cache_index=None):
         """`return_hidden` (causal LM): return (final hidden states [B, T, D], output embedding [V, D])
         instead of logits, for a loss that fuses the vocabulary projection (`jaxft.cross_entropy`).
-        Logits come back as usual where a method hooks the LM head, and for classification."""
+        Logits come back as usual where a method hooks the LM head, and for classification.
+
+        `cache` (generation, from `init_cache`; causal LM only): the new tokens' keys and values go to
+        slots [cache_index, cache_index + T), attention_mask [B, S] covers every slot, and this returns
+        (logits, cache). Positions default to the count of real slots before each token, as without a
+        cache. P-Tuning v2 prefixes are not cache slots: they join every step's attention in front."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
+        if cache is not None and cfg.head != "causal_lm":
+            raise JaxftError(f"a KV cache is for generation with the causal_lm head, not {cfg.head!r}")
         if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
+            attention_mask = jnp.ones_like(input_ids) if cache is None else None
+        if attention_mask is None:
+            raise JaxftError("generation with a KV cache needs the attention_mask of all its slots")
         embed = param_with_axes(
             self, "embed_tokens", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
         )
@@ -146,6 +200,8 @@ class LlamaModel(nn.Module):
         length = input_ids.shape[1]
         for hook in self.hooks:  # prompt tuning puts virtual tokens in front
             h, attention_mask = hook.embeddings(self, h, attention_mask)
+        if cache is not None and h.shape[1] != length:
+            raise JaxftError("generation with a KV cache does not support methods that add virtual tokens")
 
         prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]
         prefix = None
@@ -155,6 +211,8 @@ class LlamaModel(nn.Module):
         mask = attention_mask  # [B, T]: attention derives causality, window and prefix from it, no dense mask
         if position_ids is None:  # real tokens count from 0 after the prefix, as they do after a KV cache
             position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0) + num_prefix
+            if cache is not None:
+                position_ids = jax.lax.dynamic_slice_in_dim(position_ids, cache_index, length, axis=1)
 
         policy = remat_policy(cfg.remat)
         layer = DecoderLayer
@@ -165,15 +223,27 @@ class LlamaModel(nn.Module):
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            h, _ = stack(cfg, self.hooks, name="layers")(h, mask, position_ids, prefix)
+            layers = stack(cfg, self.hooks, name="layers")
+            if cache is None:
+                h, _ = layers(h, mask, position_ids, prefix, None)
+            else:  # the stacked cache is carried, each layer writing its own slice in place
+                (h, new, _), _ = layers((h, cache["layers"], jnp.int32(0)), mask, position_ids, prefix, cache_index)
+                cache = {"layers": new}
         else:
+            new = {}
             for i in range(cfg.num_layers):
                 p = None if prefix is None else (prefix[0][i], prefix[1][i])
-                h, _ = layer(cfg, self.hooks, name=f"layers_{i}")(h, mask, position_ids, p)
+                mod = layer(cfg, self.hooks, name=f"layers_{i}")
+                if cache is None:
+                    h, _ = mod(h, mask, position_ids, p)
+                else:
+                    (h, new[f"layers_{i}"], _), _ = mod((h, cache[f"layers_{i}"], None), mask, position_ids, p,
+                                                        cache_index)
+            cache = new if cache is not None else None
         h = RMSNorm(cfg.rms_norm_eps, dt, name="norm")(h)
 
         if cfg.head == "classification":
@@ -182,6 +252,13 @@ class LlamaModel(nn.Module):
                            name="score")
             return score(pooled).astype(jnp.float32)
         h = h[:, h.shape[1] - length:]  # per-token outputs: not for virtual tokens
+        if cache is not None:  # generation: logits, and the cache to carry on with
+            return self.output_logits(h, embed), cache
+        return self.output_logits(h, embed, return_hidden)
+
+    def output_logits(self, h, embed, return_hidden: bool = False):
+        """Final states -> logits [B, T, V] (or, with `return_hidden`, the states and output embedding)."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
         if cfg.tie_word_embeddings:
             return (h, embed) if return_hidden else jnp.dot(h, embed.astype(dt).T, preferred_element_type=jnp.float32)
         lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, preferred_element_type=jnp.float32,
@@ -436,4 +513,5 @@ FAMILY = Family(
     classifier_params=r"^score/",
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_kv_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    init_cache=init_cache,
 )

@@ -74,3 +74,29 @@ class LoraHook(Hook):
         b = param_with_axes(module, "lora_b", nn.initializers.zeros, (self.rank, d_out), (None, module.axes[1]))
         h = dropout(module, x, self.dropout).astype(y.dtype)
         return y + (h @ a.astype(y.dtype) @ b.astype(y.dtype)) * self.scale
+
+
+def merge_lora(model, params):
+    """(model with LoRA hooks, params) -> (model without them, params with W + scale * A B in each kernel):
+    the same function at a plain model's cost, e.g. for generation. A quantized kernel stays as it is
+    stored, so merging into one is an error (generate with the hook instead)."""
+    from jaxft.errors import JaxftError
+    from jaxft.models import family
+    from jaxft.peft.partition import flat, unflat
+    from jaxft.quant import Quantized
+
+    hooks = [h for h in model.hooks if isinstance(h, LoraHook)]
+    if not hooks:
+        return model, params
+    if len(hooks) > 1:
+        raise JaxftError("merging needs a single LoRA hook, this model has several")
+    scale, out = hooks[0].scale, flat(params)
+    for path in [p for p in out if p.endswith("/lora_a")]:
+        module = path[: -len("/lora_a")]
+        a, b, kernel = out.pop(path), out.pop(module + "/lora_b"), out[module + "/kernel"]
+        if isinstance(kernel, Quantized):
+            raise JaxftError(f"{module}: LoRA cannot be merged into a quantized kernel (keep it unmerged)")
+        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        out[module + "/kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    rest = tuple(h for h in model.hooks if not isinstance(h, LoraHook))
+    return family.build(model.cfg, rest), unflat(out)

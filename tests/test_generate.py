@@ -1,0 +1,369 @@
+"""Generation against transformers' `generate` (and, for prefixes, against transformers' forward with
+PEFT's prompt as the cache, which PEFT 0.21's own generate ignores on transformers 5)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from jaxft import generate as gen
+from jaxft import hf
+from jaxft.errors import JaxftError
+from jaxft.generate import generate
+from jaxft.models import family
+from jaxft.peft.lora import merge_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+# initializer_range 0.2: peaked logits, so that no two candidates tie within float error.
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, initializer_range=0.2)
+FAMILIES = {
+    "llama": (LlamaForCausalLM, HFLlamaConfig, {}),
+    # windows shorter than prompt + new tokens, so that they cut
+    "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=4)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=0)),
+}
+PAD = 7
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for name, (cls, cfg_cls, extra) in FAMILIES.items():
+        torch.manual_seed(0)
+        m = cls(cfg_cls(**TINY, **extra)).eval()
+        d = tmp_path_factory.mktemp(name)
+        m.save_pretrained(d)
+        out[name] = (m, d)
+    return out
+
+
+def prompts(lengths=(5, 8, 3), width=8, seed=0):
+    """A left-padded batch of prompts of different lengths."""
+    rs = np.random.RandomState(seed)
+    ids, mask = np.zeros((len(lengths), width), np.int64), np.zeros((len(lengths), width), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, width - n:], mask[r, width - n:] = rs.randint(1, 96, n), 1
+    return ids, mask
+
+
+def hf_generate(m, ids, mask, new=NEW, **kw):
+    kw.setdefault("eos_token_id", [96])  # not the config's EOS: none, as in jaxft's call, unless given
+    with torch.no_grad():
+        out = m.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
+                         do_sample=False, pad_token_id=PAD, **kw).numpy()[:, ids.shape[1]:]
+    return np.pad(out, ((0, 0), (0, new - out.shape[1])), constant_values=PAD)  # it stops when all rows end
+
+
+def until_eos(row, eos):
+    """The tokens before the first EOS."""
+    row = list(row)
+    return row[:row.index(eos)] if eos in row else row
+
+
+@pytest.mark.parametrize("name,scan,beams", [("llama", True, 1), ("llama", True, 4), ("llama", False, 4),
+                                             ("mistral", True, 1), ("qwen2", True, 4)])
+def test_matches_transformers(saved, name, scan, beams):
+    m, d = saved[name]
+    model, params = hf.load(d, scan_layers=scan)
+    if name != "llama":
+        assert model.cfg.sliding_window is not None
+    ids, mask = prompts()
+    unused = [96, 97]  # EOS ids that cannot come up (beyond the vocabulary)
+    plain = generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=beams, pad_token_id=PAD,
+                     eos_token_id=unused)
+    np.testing.assert_array_equal(plain, hf_generate(m, ids, mask, num_beams=beams, eos_token_id=unused))
+    # EOS: tokens the rows produce part-way (two ids: EOS may be a list), so that rows end at different steps
+    eos = [int(plain[0, 3]), int(plain[1, 6])]
+    out = generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=beams, pad_token_id=PAD, eos_token_id=eos)
+    np.testing.assert_array_equal(out, hf_generate(m, ids, mask, num_beams=beams, eos_token_id=eos))
+    ended = np.isin(out, eos)
+    assert ended.any()
+    for row, hits in zip(out, ended):
+        if hits.any():  # padding after EOS
+            assert (row[np.argmax(hits) + 1:] == PAD).all()
+
+
+def test_right_padded_prompts_are_left_aligned(saved):
+    m, d = saved["llama"]
+    model, params = hf.load(d)
+    ids, mask = prompts()
+    order = np.argsort(-mask, axis=1, kind="stable")  # real tokens first: right padding
+    right_ids, right_mask = np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1)
+    assert not (right_mask == mask).all()
+    np.testing.assert_array_equal(generate(model, params, right_ids, right_mask, max_new_tokens=NEW),
+                                  generate(model, params, ids, mask, max_new_tokens=NEW))
+
+
+def _peft(d, config, tmp_path, prefix_std=None):
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    pm = get_peft_model(LlamaForCausalLM.from_pretrained(d), config).eval()
+    if prefix_std:
+        with torch.no_grad():
+            pm.prompt_encoder["default"].embedding.weight.normal_(0, prefix_std)
+    pm.save_pretrained(tmp_path)
+    return pm
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_lora_adapter_merged_and_unmerged(saved, tmp_path, beams):
+    from peft import LoraConfig
+
+    _, d = saved["llama"]
+    pm = _peft(d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             task_type="CAUSAL_LM"), tmp_path)
+    model, params = hf.load(d, adapter=tmp_path)
+    ids, mask = prompts()
+    out = generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=beams, pad_token_id=PAD)
+    np.testing.assert_array_equal(out, hf_generate(pm, ids, mask, num_beams=beams))
+    merged_model, merged = merge_lora(model, params)
+    assert not merged_model.hooks and "lora_a" not in str(jax.tree_util.tree_structure(merged))
+    np.testing.assert_array_equal(generate(merged_model, merged, ids, mask, max_new_tokens=NEW, num_beams=beams,
+                                           pad_token_id=PAD), out)
+    base_model, base = hf.load(d)  # the adapter changes what is generated
+    assert not (generate(base_model, base, ids, mask, max_new_tokens=NEW, num_beams=beams) == out).all()
+
+
+def test_prefix_adapter_matches_transformers_forward(saved, tmp_path):
+    """Greedy from transformers' forward over the whole sequence each step, PEFT's prompt as the cache
+    and positions counting real tokens from the prefix length (jaxft's and PEFT's forward convention)."""
+    from peft import PrefixTuningConfig
+
+    _, d = saved["llama"]
+    pm = _peft(d, PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"), tmp_path, prefix_std=1.0)
+    model, params = hf.load(d, adapter=tmp_path)
+    ids, mask = prompts()
+    out = generate(model, params, ids, mask, max_new_tokens=NEW)
+    seq, m = torch.tensor(ids), torch.tensor(mask)
+    with torch.no_grad():
+        for _ in range(NEW):
+            positions = (m.cumsum(-1) - 1).clamp(min=0) + 5
+            logits = pm.base_model(input_ids=seq, attention_mask=torch.cat([torch.ones(3, 5, dtype=m.dtype), m], 1),
+                                   position_ids=positions, cache=pm.get_prompt(batch_size=3)).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            m = torch.cat([m, torch.ones(3, 1, dtype=m.dtype)], 1)
+    np.testing.assert_array_equal(out, seq[:, ids.shape[1]:].numpy())
+    base_model, base = hf.load(d)
+    assert not (generate(base_model, base, ids, mask, max_new_tokens=NEW) == out).all()
+
+
+def rerun_greedy(model, params, ids, mask, n):
+    """Greedy by the full forward, recomputed over the whole sequence each step (no cache). The
+    sequence has its final width from the start, the columns not yet generated masked (and later than
+    every token that reads logits), so one compiled forward serves every step."""
+    width = ids.shape[1]
+    ids, mask = (np.pad(x, ((0, 0), (0, n))) for x in (ids, mask))
+    forward = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
+    for i in range(width, width + n):
+        ids[:, i] = np.asarray(forward(params, ids, mask)[:, i - 1].argmax(-1))
+        mask[:, i] = 1
+    return ids[:, width:]
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_base(saved, kind):
+    from jaxft.quant import Quantized, quantize_params
+
+    _, d = saved["llama"]
+    model, params = hf.load(d)
+    q = quantize_params(params, kind)
+    is_q = lambda x: isinstance(x, Quantized)  # noqa: E731
+    assert any(is_q(x) for x in jax.tree_util.tree_leaves(q, is_leaf=is_q))
+    ids, mask = prompts()
+    np.testing.assert_array_equal(generate(model, q, ids, mask, max_new_tokens=6), rerun_greedy(model, q, ids, mask, 6))
+
+
+@pytest.mark.parametrize("scan,method", [(False, "none"), (True, "ptuning_v2"), (False, "lora+ptuning_v2")])
+def test_cached_logits_equal_full_forward(saved, scan, method):
+    """Prefill then one token at a time through the cache: the logits of the full forward, every slot."""
+    import flax.linen as nn
+
+    from jaxft.config import base_config
+    from jaxft.peft import build
+    from jaxft.peft.partition import added_params, flat, merge, unflat
+
+    _, d = saved["mistral"]  # with its sliding window
+    model, params = hf.load(d, scan_layers=scan)
+    if method != "none":
+        m = base_config().method
+        m.name, m.num_virtual_tokens, m.rank = method, 3, 4
+        model = family.build(model.cfg, build(m, model.cfg).hooks)
+        fresh = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+        added = {k: 0.5 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
+                 for i, (k, v) in enumerate(flat(added_params(fresh)).items())}
+        params = merge(params, unflat(added))
+    ids, mask = prompts(width=9)
+    full = model.apply({"params": params}, ids, mask)
+    slots, first = 12, 5
+    cache = family.of(model.cfg).init_cache(model.cfg, 3, slots, jnp.float32)
+    slot_mask = np.zeros((3, slots), np.int32)
+    slot_mask[:, :first] = mask[:, :first]
+    apply = jax.jit(lambda *a: model.apply({"params": params}, *a[:2], cache=a[2], cache_index=a[3]))
+    logits, cache = apply(ids[:, :first], slot_mask, cache, jnp.int32(0))
+    parts = [logits]
+    for i in range(first, 9):
+        slot_mask[:, i] = mask[:, i]
+        logits, cache = apply(ids[:, i:i + 1], slot_mask, cache, jnp.int32(i))
+        parts.append(logits)
+    real = mask == 1
+    np.testing.assert_allclose(np.concatenate(parts, 1)[real], np.asarray(full)[real], atol=2e-5, rtol=1e-5)
+
+
+def test_sampling(saved):
+    _, d = saved["llama"]
+    model, params = hf.load(d)
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=NEW, temperature=1.5, top_p=0.9, top_k=20, repetition_penalty=1.3)
+    a = generate(model, params, ids, mask, seed=1, **kw)
+    np.testing.assert_array_equal(a, generate(model, params, ids, mask, seed=1, **kw))
+    assert not (a == generate(model, params, ids, mask, seed=2, **kw)).all()
+    greedy = generate(model, params, ids, mask, max_new_tokens=NEW)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=NEW, temperature=0.7, top_k=1,
+                                           seed=3), greedy)
+    # beam sampling runs and is reproducible
+    b = generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=3, temperature=1.0, seed=4)
+    np.testing.assert_array_equal(b, generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=3,
+                                              temperature=1.0, seed=4))
+
+
+def test_repetition_penalty_matches_transformers(saved):
+    m, d = saved["llama"]
+    model, params = hf.load(d)
+    ids, mask = prompts()
+    for beams in (1, 4):
+        out = generate(model, params, ids, mask, max_new_tokens=NEW, repetition_penalty=1.8, num_beams=beams,
+                       pad_token_id=PAD)
+        np.testing.assert_array_equal(out, hf_generate(m, ids, mask, repetition_penalty=1.8, num_beams=beams))
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_logits_processors_match_transformers(beams):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    rs = np.random.RandomState(0)
+    scores = (rs.randn(4, 50) * 3).astype(np.float32)
+    seq = rs.randint(0, 50, (4, 7))
+    keep = 2 if beams > 1 else 1  # one EOS id: beams keep two tokens
+    hf_procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7),
+                                    TopKLogitsWarper(10, min_tokens_to_keep=keep),
+                                    TopPLogitsWarper(0.8, min_tokens_to_keep=keep)])
+    want = hf_procs(torch.tensor(seq), torch.tensor(scores)).numpy()
+    s = gen.Settings(4, temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3, num_beams=beams, num_eos=1)
+    seen = np.zeros(scores.shape, bool)
+    np.put_along_axis(seen, seq, True, 1)
+    got = np.asarray(gen.process(s, jnp.asarray(scores), jnp.asarray(seen)))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
+    assert np.isinf(got).any() and not np.isinf(got).all(axis=1).any()
+
+
+def test_no_recompilation_per_token(saved):
+    _, d = saved["llama"]
+    model, params = hf.load(d)
+    ids, mask = prompts()
+    for beams in (1, 2):
+        gen.TRACES.clear()
+        generate(model, params, ids, mask, max_new_tokens=12, num_beams=beams)
+        assert gen.TRACES["step"] == 2  # the prefill and the loop body, not one per token
+        other, _ = prompts(seed=5)
+        generate(model, params, other, mask, max_new_tokens=12, num_beams=beams)
+        assert gen.TRACES["step"] == 2
+        assert gen.compiled(model, gen.Settings(12, num_beams=beams))._cache_size() == 1
+
+
+def test_bad_arguments(saved):
+    _, d = saved["llama"]
+    model, params = hf.load(d)
+    ids, mask = prompts()
+    for kw, text in [(dict(max_new_tokens=0), "max_new_tokens=0"), (dict(max_new_tokens=2, top_p=0), "top_p=0"),
+                     (dict(max_new_tokens=2, num_beams=0), "num_beams=0"),
+                     (dict(max_new_tokens=2, temperature=-1), "temperature=-1")]:
+        with pytest.raises(JaxftError, match=text):
+            generate(model, params, ids, mask, **kw)
+    with pytest.raises(JaxftError, match="row 0 has no real token"):
+        generate(model, params, ids, np.zeros_like(mask), max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "jaxft.generate", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_bundled_model(tmp_path):
+    from jaxft.tokenizer import Tokenizer
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("the movie was\n\na charming and funny film\n")
+    r = cli("--model=jaxft-tiny", f"--prompts={prompts_file}", "--max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.rstrip("\n").split("\n")
+    assert len(lines) == 2  # blank lines are skipped
+    model, params = hf.load("jaxft-tiny")
+    tok = Tokenizer(hf.BUNDLED_MODELS["jaxft-tiny"])
+    texts = ["the movie was", "a charming and funny film"]
+    rows = [tok.bos + tok.encode(t) for t in texts]
+    width = max(map(len, rows))
+    ids = np.array([[tok.pad_id] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = generate(model, params, ids, mask, max_new_tokens=8, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    want = [tok.decode(until_eos(row, tok.eos_id)).replace("\n", "\\n") for row in out]
+    assert lines == want
+    one = cli("--model=jaxft-tiny", "--prompt=the movie was", "--max_new_tokens=8")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.rstrip("\n") == want[0]
+
+
+def test_cli_adapter_and_bad_input(saved, tok_dir, tmp_path):
+    import shutil
+
+    from peft import LoraConfig
+
+    torch.manual_seed(0)  # a model whose vocabulary is the test tokenizer's, saved with it
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(HFLlamaConfig(**{**TINY, "vocab_size": 300})).save_pretrained(model_dir)
+    shutil.copy(tok_dir / "tokenizer.model", model_dir)
+    pm = _peft(model_dir, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                     task_type="CAUSAL_LM"), tmp_path / "adapter")
+    r = cli(f"--model={model_dir}", f"--adapter={tmp_path / 'adapter'}", "--prompt=the film", "--num_beams=2",
+            "--max_new_tokens=4", "--repetition_penalty=1.2")
+    assert r.returncode == 0, r.stderr
+    from jaxft.tokenizer import Tokenizer
+
+    tok = Tokenizer(model_dir)
+    ids = np.array([tok.bos + tok.encode("the film")])
+    want = hf_generate(pm, ids, np.ones_like(ids), new=4, num_beams=2, repetition_penalty=1.2, eos_token_id=tok.eos_id)
+    assert r.stdout.rstrip("\n") == tok.decode(until_eos(want[0], tok.eos_id)).replace("\n", "\\n")
+    _, d = saved["llama"]
+    bad = [
+        (["--prompt=x"], "--model"),
+        (["--model=jaxft-tiny"], "--prompt"),
+        (["--model=jaxft-tiny", "--prompt=x", "--prompts=p.txt"], "--prompt"),
+        (["--model=jaxft-tiny", f"--prompts={tmp_path / 'missing.txt'}"], "missing.txt"),
+        (["--model=jaxft-tiny", "--prompt=x", "--top_p=2"], "top_p=2"),
+        (["--model=jaxft-tiny", "--prompt=x", "--num_beams=two"], "num_beams"),
+        (["--model=/no/such/dir", "--prompt=x"], "/no/such/dir"),
+        (["--model=jaxft-tiny", f"--adapter={tmp_path}", "--prompt=x"], str(tmp_path)),
+        ([f"--model={d}", "--prompt=x"], "tokenizer"),
+    ]
+    for args, text in bad:
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and text in err[0], (args, r.stderr)
