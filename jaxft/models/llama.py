@@ -17,6 +17,7 @@ import re
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -64,8 +65,9 @@ class Attention(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, x, mask, positions, prefix):
-        """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it."""
+    def __call__(self, x, mask, positions, prefix, segment_ids=None):
+        """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it
+        (and from `segment_ids`, packed rows, where given)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         b, t, _ = x.shape
@@ -82,7 +84,7 @@ class Attention(nn.Module):
             v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
         q = constrain(q, ("batch", "length", "act_heads", None))  # heads stay split (tensor parallel)
         k, v = (constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
-        out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention)
+        out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention, segment_ids)
         out = constrain(out, ("batch", "length", "act_heads"))
         return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)(out)
 
@@ -113,10 +115,11 @@ class DecoderLayer(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, h, mask, positions, prefix):
+    def __call__(self, h, mask, positions, prefix, segment_ids=None):
         cfg = self.cfg
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(h)
-        h = h + block_output(self, Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix), "attention")
+        attn = Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix, segment_ids)
+        h = h + block_output(self, attn, "attention")
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(h)
         h = h + block_output(self, MLP(cfg, self.hooks, name="mlp")(x), "mlp")
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
@@ -130,10 +133,13 @@ class LlamaModel(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False,
+                 segment_ids=None):
         """`return_hidden` (causal LM): return (final hidden states [B, T, D], output embedding [V, D])
         instead of logits, for a loss that fuses the vocabulary projection (`jaxft.cross_entropy`).
-        Logits come back as usual where a method hooks the LM head, and for classification."""
+        Logits come back as usual where a method hooks the LM head, and for classification.
+        `segment_ids` [B, T] (packed rows, 1, 2, ... per example): attention stays within each example
+        and positions restart at 0 with each one (unless `position_ids` are given)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -146,6 +152,8 @@ class LlamaModel(nn.Module):
         length = input_ids.shape[1]
         for hook in self.hooks:  # prompt tuning puts virtual tokens in front
             h, attention_mask = hook.embeddings(self, h, attention_mask)
+        if segment_ids is not None and h.shape[1] != length:
+            raise JaxftError("packed rows (segment ids) with a method that adds virtual tokens: set data.packing=False")
 
         prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]
         prefix = None
@@ -153,6 +161,8 @@ class LlamaModel(nn.Module):
             prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
         num_prefix = prefix[0].shape[2] if prefix is not None else 0
         mask = attention_mask  # [B, T]: attention derives causality, window and prefix from it, no dense mask
+        if position_ids is None and segment_ids is not None:
+            position_ids = segment_positions(segment_ids) + num_prefix
         if position_ids is None:  # real tokens count from 0 after the prefix, as they do after a KV cache
             position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0) + num_prefix
 
@@ -165,15 +175,15 @@ class LlamaModel(nn.Module):
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            h, _ = stack(cfg, self.hooks, name="layers")(h, mask, position_ids, prefix)
+            h, _ = stack(cfg, self.hooks, name="layers")(h, mask, position_ids, prefix, segment_ids)
         else:
             for i in range(cfg.num_layers):
                 p = None if prefix is None else (prefix[0][i], prefix[1][i])
-                h, _ = layer(cfg, self.hooks, name=f"layers_{i}")(h, mask, position_ids, p)
+                h, _ = layer(cfg, self.hooks, name=f"layers_{i}")(h, mask, position_ids, p, segment_ids)
         h = RMSNorm(cfg.rms_norm_eps, dt, name="norm")(h)
 
         if cfg.head == "classification":
@@ -189,6 +199,14 @@ class LlamaModel(nn.Module):
         if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
             return h, lm_head(h, kernel_only=True).T
         return lm_head(h).astype(jnp.float32)
+
+
+def segment_positions(segment_ids):
+    """[B, T] segment ids -> each token's position within its segment (0 at every segment's start)."""
+    t = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
