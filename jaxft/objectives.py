@@ -57,10 +57,10 @@ def causal_lm_loss(outputs, batch):
     `segment_ids` (packed rows), no position predicts the first token of the next example.
     """
     shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
-    keep = batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"])
-    if "segment_ids" in batch:
+    keep = shift(batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"]))
+    if "segment_ids" in batch:  # the target t + 1 is in position t's example
         keep = keep * (shift(batch["segment_ids"]) == batch["segment_ids"])
-    w = shift(keep).astype(jnp.float32) * batch["weight"][:, None]
+    w = keep.astype(jnp.float32) * batch["weight"][:, None]
     targets = shift(batch["input_ids"])
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
