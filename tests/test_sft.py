@@ -313,8 +313,8 @@ def test_mixture_order_follows_weights_and_is_stateless():
 # ---------------------------------------------------------------------------------------------
 # Through the CLI
 
-MODEL = ("--config.data.task=sft", "--config.data.seq_len=48", "--config.train.batch_size=8",
-         "--config.optimizer.learning_rate=1e-2")
+MODEL = ("--config.data.task=sft", "--config.data.seq_len=128", "--config.train.batch_size=8",
+         "--config.optimizer.learning_rate=3e-3", "--config.method.name=full")
 
 
 def alpaca_file(path, n, seed, zh=False):
@@ -348,7 +348,7 @@ def test_cli_bad_record_is_one_line(tmp_path, tok_dir):
     r = cli(tmp_path / "run2", f"--config.data.name={p}", *MODEL, *tokenizer_args(tok_dir),
             "--config.data.skip_bad_records=True", "--config.train.steps=1", "--config.export.enabled=False")
     assert r.returncode == 0, r.stderr
-    assert f"16 examples, 0 longer than data.seq_len=48 truncated" in r.stdout
+    assert f"16 examples, 0 longer than data.seq_len=128 truncated" in r.stdout
     assert f"1 bad records skipped (first: {p}:17: empty assistant turn" in r.stdout
 
 
@@ -386,9 +386,9 @@ def test_cli_sft_mixture_learns_and_resumes_exactly(tmp_path, mixture):
 
 def test_cli_sft_unpacked_compiles_once_per_bucket(tmp_path, mixture):
     r = cli(tmp_path, *mixture, "--config.data.packing=False", "--config.train.steps=12",
-            "--config.export.enabled=False", "--config.data.seq_len=64")
+            "--config.export.enabled=False", "--config.data.seq_len=256")
     assert r.returncode == 0, r.stderr
     widths = [int(line.split(" x ")[1].split()[0]) for line in r.stdout.splitlines()
               if line.startswith("compiled the train step")]
-    assert widths and len(widths) == len(set(widths)) and set(widths) <= {16, 32, 64}
+    assert widths and len(widths) == len(set(widths)) and set(widths) <= {16, 32, 64, 128, 256}
     assert "rows padded" in r.stdout
