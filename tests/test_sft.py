@@ -392,3 +392,11 @@ def test_cli_sft_unpacked_compiles_once_per_bucket(tmp_path, mixture):
               if line.startswith("compiled the train step")]
     assert widths and len(widths) == len(set(widths)) and set(widths) <= {16, 32, 64, 128, 256}
     assert "rows padded" in r.stdout
+
+
+def test_sft_alpaca_config_runs(tmp_path):
+    r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.data.eval_holdout=8",
+            "--config.data.seq_len=128", "--config.eval.every_steps=0", "--config.export.enabled=False",
+            config="configs/sft_alpaca.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 0: eval/loss=" in r.stdout and "eval/loss/alpaca_zh_demo=" in r.stdout and "done:" in r.stdout
