@@ -40,12 +40,12 @@ def get_config():
     c.data.packing = True
 
     # Training section.
-    c.train.steps = 300
+    c.train.steps = 150
     c.train.batch_size = 8
     c.train.log_every_steps = 25
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 20
     c.eval.at_start = True
-    c.eval.every_steps = 100
-    c.checkpoint.every_steps = 100
+    c.eval.every_steps = 50
+    c.checkpoint.every_steps = 50
     return c
