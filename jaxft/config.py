@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.skip_bad_records = False  # sft: skip (and count) malformed or empty records instead of stopping
     c.data.weights = ""  # data.name='a+b': sampling weights, e.g. "0.7,0.3" ("" = every example once per epoch)
     c.data.eval_holdout = 0  # a source without an eval split gives its last N records to evaluation
+    c.data.cache_dir = ""  # causal_lm / sft arrays tokenized once: "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
     c.data.max_train_examples = 0  # 0 = all
     c.data.max_eval_examples = 0
     c.data.synthetic_examples = 4096

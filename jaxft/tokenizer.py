@@ -22,6 +22,7 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         self.directory = path if path.is_dir() else None  # where tokenizer_config.json (chat template) lives
+        self._path = path
         sp_file = path / "tokenizer.model" if path.is_dir() else path
         if sp_file.suffix == ".model" and sp_file.exists():
             import sentencepiece as spm
@@ -82,6 +83,14 @@ class Tokenizer:
             elif part:
                 ids += self.encode(part)
         return ids
+
+    def files(self) -> list[Path]:
+        """The files that define this tokenizer (for cache keys)."""
+        if self.directory is None:
+            return [self._path]
+        names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+        return [self.directory / n for n in names if (self.directory / n).is_file()]
 
     def piece(self, i: int) -> str:
         """The string of token `i` (e.g. '</s>' for EOS)."""

@@ -403,3 +403,25 @@ def test_sft_alpaca_config_runs(tmp_path):
             config="configs/sft_alpaca.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: eval/loss=" in r.stdout and "eval/loss/alpaca_zh_demo=" in r.stdout and "done:" in r.stdout
+
+
+def test_tokenized_once(tmp_path, tok_dir, monkeypatch):
+    """The second load reads the cache (no tokenization); another setting is another entry."""
+    from jaxft.config import base_config
+    from jaxft.data import mixture
+
+    d = base_config().data
+    d.unlock()
+    d.cache_dir, d.seq_len = str(tmp_path / "cache"), 128
+    p = alpaca_file(tmp_path / "a.json", 20, 0)
+    sources = [(str(p), read_file(p), None, "text")]
+    tok = Tokenizer(tok_dir)
+    first = mixture.load(d, tok, "sft", sources, print)
+    monkeypatch.setattr(sft, "examples", lambda *a, **k: (_ for _ in ()).throw(AssertionError("tokenized again")))
+    again = mixture.load(d, tok, "sft", sources, print)
+    assert first.train.keys() == again.train.keys()
+    for k in first.train:
+        np.testing.assert_array_equal(first.train[k], again.train[k])
+    d.train_on_prompt = True
+    with pytest.raises(AssertionError, match="tokenized again"):
+        mixture.load(d, tok, "sft", sources, print)

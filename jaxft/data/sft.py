@@ -127,7 +127,7 @@ class Renderer:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        self.where, self.special = where, special
+        self.where, self.special, self.template = where, special, template
         try:
             self._template = env.from_string(template)
         except jinja2.exceptions.TemplateSyntaxError as e:
