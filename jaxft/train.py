@@ -103,10 +103,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         raise JaxftError(f"tokenizer {tokenizer_path}: {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
     first, *extra = str(d.name).split("+")
     train_rec, eval_rec, text_field, label_field = sources.resolve(d, first)
-    if d.max_train_examples:
-        train_rec = sources.Records(train_rec.rows[: d.max_train_examples], train_rec.where[: d.max_train_examples])
-    if eval_rec is not None and d.max_eval_examples:
-        eval_rec = sources.Records(eval_rec.rows[: d.max_eval_examples], eval_rec.where[: d.max_eval_examples])
+    limit = lambda r, n: sources.Records(r.rows[:n], r.where[:n]) if r is not None and n else r  # noqa: E731
+    train_rec, eval_rec = limit(train_rec, d.max_train_examples), limit(eval_rec, d.max_eval_examples)
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
     sft_fields = sft.Fields(d.source_field, d.target_field)
@@ -121,7 +119,11 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
         return Data(train, ev, task, labels, tok)
     # Language modelling and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
-    resolved = [(first, train_rec, eval_rec, text_field)] + [(name, *sources.resolve(d, name)[:3]) for name in extra]
+    resolved = [(first, train_rec, eval_rec, text_field)]
+    for name in extra:  # data.max_*_examples apply to each source
+        more_train, more_eval, more_field = sources.resolve(d, name)[:3]
+        resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
+                         more_field))
     m = mixture.load(d, tok, task, resolved, log)
     return Data(m.train, m.eval, task, None, tok, m.groups, m.weights, m.names)
 
