@@ -71,7 +71,8 @@ class Tokenizer:
             return self._hf.encode(text, add_special_tokens=False)
         if not hasattr(self, "_special_split"):
             sp = self._sp
-            self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+            self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size)
+                             if sp.is_control(i) or sp.is_unknown(i)}
             names = sorted(self._special, key=len, reverse=True)
             self._special_split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
         if self._special_split is None:

@@ -446,7 +446,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=replicated)
     buckets = ()
     if config.data.length_buckets and data.task in ("classification", "sft") and "segment_ids" not in data.train:
-        buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < config.data.seq_len) + (config.data.seq_len,)
+        seq_len = config.data.seq_len
+        buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < seq_len) + (seq_len,)
     batches = Batches(data.train, batch, config.train.seed, buckets=buckets, groups=data.groups, weights=data.weights)
     rows = sharding.local_rows(mesh, batch)
     writer = MetricWriter(workdir, resume_step=start)

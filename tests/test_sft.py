@@ -75,7 +75,8 @@ def test_record_formats():
     assert conv({"instruction": "Hi", "input": "", "output": "Yo", "system": "Be brief.",
                  "history": [["a", "b"]]}, "f:1") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"}]
     share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "s"}
     assert conv(share, "f:1") == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                                   {"role": "assistant", "content": "a"}]
@@ -307,8 +308,9 @@ def test_mixture_order_follows_weights_and_is_stateless():
     epoch = np.concatenate([b.indices(p) for p in range(10)])
     assert (groups[epoch] == 0).sum() == 75  # 3:1 of 100 draws, though source 0 has only 30 examples
     second = np.concatenate([b.indices(p) for p in range(10, 20)])
-    assert np.array_equal(np.sort(np.bincount(np.concatenate([epoch, second])[groups[np.concatenate([epoch, second])] == 0])),
-                          np.full(30, 5))  # source 0 read in whole passes: each example 5 times in 150 draws
+    both = np.concatenate([epoch, second])
+    # Source 0 is read in whole passes: each of its examples 5 times in 150 draws.
+    assert np.array_equal(np.bincount(both[groups[both] == 0], minlength=30), np.full(30, 5))
     fresh = iterator.Batches(arrays, 10, seed=3, groups=groups, weights=[3, 1])
     assert np.array_equal(fresh.indices(13), b.indices(13))  # a pure function of (seed, position)
 

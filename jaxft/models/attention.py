@@ -12,8 +12,9 @@ c < P (a prefix is always visible), or c = P + j with token j real, j <= i, i - 
 i's segment. xla takes segment ids with or without a prefix; splash and flash take them as their own
 segment ids (not with a prefix: their segment ids cannot make the prefix visible to every example);
 cudnn's call here has no segment ids (its padding trick needs one example per row). `auto` picks xla
-where the fused kernel cannot take the packing; naming such a kernel is an error. The fused kernels build this from their own causal masks and skip the masked tiles; rows of
-padding queries are finite but may differ between implementations (nothing downstream reads them).
+where the fused kernel cannot take the packing; naming such a kernel is an error. The fused kernels
+build this from their own causal masks and skip the masked tiles; rows of padding queries are finite
+but may differ between implementations (nothing downstream reads them).
 """
 
 from __future__ import annotations
