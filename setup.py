@@ -18,6 +18,7 @@ setup(
         "safetensors>=0.4",
         "datasets>=3.0",
         "sentencepiece>=0.2",
+        "jinja2>=3.1.6",  # SFT: chat templates (as transformers renders them; 3.1.6 closes sandbox escapes)
         "ml-collections>=0.1.1",
         "absl-py",
         "tensorboard>=2.15",

@@ -44,6 +44,7 @@ def get_config():
     c.data.name = "sst2_grouped+c4_demo"
     c.data.task = "causal_lm"
     c.data.seq_len = 64
+    c.data.packing = False  # as jaxft-tiny was trained: blocks attend across documents (no segment ids)
 
     # Training section.
     c.train.steps = 1200

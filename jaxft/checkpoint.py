@@ -20,7 +20,7 @@ from jaxft.errors import JaxftError
 # computing the same model (HOW); `train.steps` may grow.
 RUN_SECTIONS = ("model", "data", "method", "optimizer")
 RUN_KEYS = ("train.batch_size", "train.grad_accum", "train.seed", "train.skip_nonfinite")
-HOW = ("model.remat", "model.attention")
+HOW = ("model.remat", "model.attention", "data.cache_dir")
 
 
 class Unreadable(JaxftError):

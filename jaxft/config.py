@@ -52,11 +52,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
     c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
-    c.data.task = ""  # "", classification or causal_lm ("" = classification when labels exist)
+    c.data.task = ""  # "", classification, causal_lm or sft ("" = what the data says: see jaxft.data.tasks.choose_task)
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.seq_len = 64
-    c.data.length_buckets = True  # classification: pad each batch to 16, 32, ... up to seq_len, not always seq_len
+    c.data.length_buckets = True  # classification, unpacked sft: pad each batch to 16, 32, ... up to seq_len
+    # sft: short examples share rows (segment ids: attention never crosses examples, positions restart);
+    # causal_lm: each block's documents attend only within themselves. False: sft pads one example per row.
+    c.data.packing = True
+    c.data.train_on_prompt = False  # sft: the loss covers prompts too, not only the responses
+    c.data.chat_template = ""  # sft: "" (the tokenizer's, else jaxft's default), "default", or a .jinja file
+    c.data.source_field = ""  # sft on pairs: the prompt field (e.g. "content")
+    c.data.target_field = ""  # sft on pairs: the response field (e.g. "summary")
+    c.data.skip_bad_records = False  # sft: skip (and count) malformed or empty records instead of stopping
+    c.data.weights = ""  # data.name='a+b': sampling weights, e.g. "0.7,0.3" ("" = every example once per epoch)
+    c.data.eval_holdout = 0  # a source without an eval split gives its last N records to evaluation
+    c.data.cache_dir = ""  # causal_lm / sft arrays tokenized once: "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
     c.data.max_train_examples = 0  # 0 = all
     c.data.max_eval_examples = 0
     c.data.synthetic_examples = 4096
@@ -91,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # 0 = only at the end
     c.eval.batch_size = 0  # 0 = train.batch_size
+    c.eval.at_start = False  # also evaluate before the first step (logged as step 0)
 
     # Checkpoint section.
     c.checkpoint = ml_collections.ConfigDict()
@@ -122,7 +134,7 @@ CHOICES = {
     "model.head": ("", "causal_lm", "classification"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean"),
-    "data.task": ("", "causal_lm", "classification"),
+    "data.task": ("", "causal_lm", "classification", "sft"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }
@@ -130,7 +142,7 @@ POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum
             "mesh.dcn_data", "mesh.dcn_fsdp")
 NON_NEGATIVE = ("train.sync_every_steps",
                 "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
-                "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples")
+                "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples", "data.eval_holdout")
 
 
 def get(config, dotted: str):

@@ -21,6 +21,14 @@ def model_inputs(batch) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def packed_inputs(batch) -> dict:
+    """Token ids, padding mask and, for packed rows, the segment ids (attention stays within each
+    example, positions restart with each). Which fields a batch has is fixed when the step is traced."""
+    if "segment_ids" not in batch:
+        return model_inputs(batch)
+    return {**model_inputs(batch), "segment_ids": batch["segment_ids"]}
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     name: str
@@ -45,11 +53,14 @@ def causal_lm_loss(outputs, batch):
 
     Position t predicts token t + 1. The targets are shifted instead of the outputs, and the last
     position gets weight 0, so the [B, T, ...] outputs are used whole rather than copied as a slice.
-    `loss_mask` (where given) keeps the loss to some tokens, e.g. the responses of SFT.
+    `loss_mask` (where given) keeps the loss to some tokens, e.g. the responses of SFT; with
+    `segment_ids` (packed rows), no position predicts the first token of the next example.
     """
     shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
-    keep = batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"])
-    w = shift(keep).astype(jnp.float32) * batch["weight"][:, None]
+    keep = shift(batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"]))
+    if "segment_ids" in batch:  # the target t + 1 is in position t's example
+        keep = keep * (shift(batch["segment_ids"]) == batch["segment_ids"])
+    w = keep.astype(jnp.float32) * batch["weight"][:, None]
     targets = shift(batch["input_ids"])
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
@@ -57,10 +68,34 @@ def causal_lm_loss(outputs, batch):
     return token_stats(outputs, targets, w)
 
 
+def per_task(outputs, batch, cfg):
+    """Loss sums and counts per source of a mixture (`task_weight` [B, K]: row b is from source k),
+    for eval/loss/<source>; nothing for a single source."""
+    if "task_weight" not in batch:
+        return {}
+    sums = [causal_lm_loss(outputs, {**batch, "weight": batch["weight"] * batch["task_weight"][:, k]})
+            for k in range(batch["task_weight"].shape[1])]
+    return {"task_loss_sum": jnp.stack([s["loss_sum"] for s in sums]),
+            "task_count": jnp.stack([s["count"] for s in sums])}
+
+
 OBJECTIVES: dict[str, Objective] = {
     "classification": Objective("classification", classification_loss, eval_sums=confusion),
-    "causal_lm": Objective("causal_lm", causal_lm_loss),
+    "causal_lm": Objective("causal_lm", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
+    # Instruction tuning: the causal LM loss over the responses only (`loss_mask`), packed or padded rows.
+    "sft": Objective("sft", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
 }
+# The model head each data task trains.
+HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm"}
+
+
+def for_task(task: str) -> Objective:
+    """The objective of a data task (`data.task`, or what the data says)."""
+    from jaxft.errors import JaxftError
+
+    if task not in OBJECTIVES:
+        raise JaxftError(f"data.task={task!r}: no objective for it (expected one of {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[task]
 
 
 def for_head(head: str) -> Objective:

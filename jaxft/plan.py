@@ -99,7 +99,9 @@ def head_of(config) -> tuple[str, int | None]:
         task = tasks.choose_task(task, train, first, text_field, label_field, bool(d.label_field))  # as train.py
         if task == "classification":
             labels = len(tasks.label_vocab(train, label_field))
-    return task, labels
+    from jaxft.objectives import HEADS
+
+    return HEADS.get(task, task), labels
 
 
 def setup(config, num_devices: int | None = None, platform: str | None = None) -> Setup:

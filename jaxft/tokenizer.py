@@ -7,6 +7,7 @@ that jaxft-tiny uses (BPE with byte fallback, so any UTF-8 text, Chinese include
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from jaxft.errors import JaxftError
@@ -20,6 +21,8 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        self.directory = path if path.is_dir() else None  # where tokenizer_config.json (chat template) lives
+        self._path = path
         sp_file = path / "tokenizer.model" if path.is_dir() else path
         if sp_file.suffix == ".model" and sp_file.exists():
             import sentencepiece as spm
@@ -60,6 +63,39 @@ class Tokenizer:
         if self._sp is not None:
             return self._sp.encode(text)
         return self._hf.encode(text, add_special_tokens=False)
+
+    def encode_special(self, text: str) -> list[int]:
+        """Like `encode`, but special-token strings in the text (`<s>`, `</s>`, a chat template's
+        `<|im_end|>`) become their ids, as transformers' tokenizers read them."""
+        if self._sp is None:
+            return self._hf.encode(text, add_special_tokens=False)
+        if not hasattr(self, "_special_split"):
+            sp = self._sp
+            self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size)
+                             if sp.is_control(i) or sp.is_unknown(i)}
+            names = sorted(self._special, key=len, reverse=True)
+            self._special_split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        if self._special_split is None:
+            return self.encode(text)
+        ids = []
+        for part in self._special_split.split(text):
+            if part in self._special:
+                ids.append(self._special[part])
+            elif part:
+                ids += self.encode(part)
+        return ids
+
+    def files(self) -> list[Path]:
+        """The files that define this tokenizer (for cache keys)."""
+        if self.directory is None:
+            return [self._path]
+        names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+        return [self.directory / n for n in names if (self.directory / n).is_file()]
+
+    def piece(self, i: int) -> str:
+        """The string of token `i` (e.g. '</s>' for EOS)."""
+        return self._sp.id_to_piece(int(i)) if self._sp is not None else self._hf.convert_ids_to_tokens(int(i))
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -51,6 +51,9 @@ class Data:
     task: str
     labels: list | None
     tokenizer: object | None
+    groups: np.ndarray | None = None  # a mixture's source of each training row
+    weights: list | None = None  # its sampling weights (data.weights)
+    sources: list | None = None  # its sources' names, for eval/loss/<name>
 
 
 def load_model_config(config):
@@ -76,13 +79,13 @@ def load_data(config, cfg, tokenizer_path) -> Data:
     from jaxft.errors import JaxftError
 
     data = _load_data(config, cfg, tokenizer_path)
-    if data.task == "causal_lm" and config.data.seq_len < 2:
+    if data.task in ("causal_lm", "sft") and config.data.seq_len < 2:
         raise JaxftError(f"data.seq_len={config.data.seq_len}: a causal LM needs at least 2 tokens per sequence")
     return data
 
 
 def _load_data(config, cfg, tokenizer_path) -> Data:
-    from jaxft.data import sources, tasks
+    from jaxft.data import mixture, sft, sources, tasks
     from jaxft.errors import JaxftError
     from jaxft.tokenizer import Tokenizer
 
@@ -100,15 +103,14 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         raise JaxftError(f"tokenizer {tokenizer_path}: {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
     first, *extra = str(d.name).split("+")
     train_rec, eval_rec, text_field, label_field = sources.resolve(d, first)
-    if d.max_train_examples:
-        train_rec = sources.Records(train_rec.rows[: d.max_train_examples], train_rec.where[: d.max_train_examples])
-    if eval_rec is not None and d.max_eval_examples:
-        eval_rec = sources.Records(eval_rec.rows[: d.max_eval_examples], eval_rec.where[: d.max_eval_examples])
+    limit = lambda r, n: sources.Records(r.rows[:n], r.where[:n]) if r is not None and n else r  # noqa: E731
+    train_rec, eval_rec = limit(train_rec, d.max_train_examples), limit(eval_rec, d.max_eval_examples)
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
-    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field))
+    sft_fields = sft.Fields(d.source_field, d.target_field)
+    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields)
     if task == "classification" and extra:
-        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm only")
+        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm and sft only")
     if task == "classification":
         labels = tasks.label_vocab(train_rec, label_field)
         train, cut = tasks.classification(train_rec, tok, seq_len, text_field, label_field, labels)
@@ -116,13 +118,14 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
         return Data(train, ev, task, labels, tok)
-    # Language modelling may mix sources ('sst2+c4_demo'): each is packed, then the blocks are pooled.
-    resolved = [(train_rec, eval_rec, text_field)] + [sources.resolve(d, name)[:3] for name in extra]
-    pack = lambda records, field: tasks.causal_lm(records, tok, seq_len, field)[0]  # noqa: E731
-    parts = [pack(records, field) for records, _, field in resolved]
-    evals = [pack(records, field) for _, records, field in resolved if records]
-    join = lambda arrays: {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}  # noqa: E731
-    return Data(join(parts), join(evals) if evals else None, task, None, tok)
+    # Language modelling and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
+    resolved = [(first, train_rec, eval_rec, text_field)]
+    for name in extra:  # data.max_*_examples apply to each source
+        more_train, more_eval, more_field = sources.resolve(d, name)[:3]
+        resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
+                         more_field))
+    m = mixture.load(d, tok, task, resolved, log)
+    return Data(m.train, m.eval, task, None, tok, m.groups, m.weights, m.names)
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
@@ -294,8 +297,10 @@ class Profile:
             log(f"profile of steps {self.first}..{step} written to {self.target}")
 
 
-def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool, labels=None) -> dict:
-    """Loss, accuracy and (classification) per-class precision/recall/F1 named by `labels`."""
+def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: bool, labels=None,
+             sources=None) -> dict:
+    """Loss, accuracy and (classification) per-class precision/recall/F1 named by `labels`; the loss of
+    each source of a mixture, `eval/loss/<source>`."""
     from jaxft import sharding
     from jaxft.data.iterator import eval_batches
     from jaxft.metrics import summarize
@@ -305,7 +310,12 @@ def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: boo
     for local in eval_batches(arrays, batch_size, rows):
         out = jax.device_get(eval_step(state.params, frozen, sharding.to_global(mesh, local, batch_size)))
         totals = {k: totals.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
-    return summarize(totals, "eval", perplexity, labels)
+    metrics = summarize(totals, "eval", perplexity, labels)
+    if "task_loss_sum" in totals:
+        for name, loss_sum, n in zip(sources, totals["task_loss_sum"], totals["task_count"]):
+            if n > 0:
+                metrics[f"eval/loss/{name}"] = float(loss_sum / n)
+    return metrics
 
 
 def gather(tree):
@@ -368,8 +378,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
 
     cfg, base_root, tokenizer_path = load_model_config(config)
     data = load_data(config, cfg, tokenizer_path)
-    head = config.model.head or data.task
-    if head != data.task:
+    head = config.model.head or objectives.HEADS[data.task]
+    if head != objectives.HEADS[data.task]:
         raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
     cfg = cfg.replace(
         head=head,
@@ -380,7 +390,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     method = build(config.method, cfg)
     model = family.build(cfg, method.hooks)
-    objective = objectives.for_head(cfg.head)
+    objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
 
     params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
     sample = {k: v[:64] for k, v in data.train.items()}
@@ -435,9 +445,10 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=replicated)
     buckets = ()
-    if config.data.length_buckets and data.task == "classification":
-        buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < config.data.seq_len) + (config.data.seq_len,)
-    batches = Batches(data.train, batch, config.train.seed, buckets=buckets)
+    if config.data.length_buckets and data.task in ("classification", "sft") and "segment_ids" not in data.train:
+        seq_len = config.data.seq_len
+        buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < seq_len) + (seq_len,)
+    batches = Batches(data.train, batch, config.train.seed, buckets=buckets, groups=data.groups, weights=data.weights)
     rows = sharding.local_rows(mesh, batch)
     writer = MetricWriter(workdir, resume_step=start)
     if meta.get("resumed_anyway"):
@@ -451,7 +462,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     def run_eval(state, step):
         if data.eval is None:
             return {}
-        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels)
+        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels, data.sources)
         if step > start:  # a finished run rerun evaluates again but does not log step `total` twice
             writer.write(step, metrics)
             writer.flush()
@@ -485,6 +496,11 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     # The next batches are sliced and sent to the devices on a background thread while a step runs.
     put = lambda s: (local := batches.local(s, rows), sharding.to_global(mesh, local, batch))  # noqa: E731
     prefetch = Prefetch(put, start, total)
+    if config.eval.at_start and start == 0 and data.eval is not None:  # the untrained model, as step 0
+        before = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels, data.sources)
+        writer.write(0, before)
+        writer.flush()
+        log("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in before.items()))
     try:
         for step in range(start, total):
             done = step + 1

@@ -162,8 +162,8 @@ def test_not_utf8(tmp_path):
 
 
 def test_unknown_extension(tmp_path):
-    p = write(tmp_path / "data.txt", "hello\n")
-    raises([str(p), "unknown format", ".txt", ".jsonl"], read_file, p)
+    p = write(tmp_path / "data.xml", "hello\n")
+    raises([str(p), "unknown format", ".xml", ".jsonl"], read_file, p)
 
 
 def test_missing_file(tmp_path):

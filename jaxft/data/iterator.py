@@ -19,12 +19,25 @@ class Batches:
     With `buckets` (ascending widths), each epoch groups examples of similar length (sorted within
     chunks of 64 batches, then the batches shuffled), and a batch is cut to the smallest bucket that
     holds its longest example: a handful of shapes, each compiled once, and little padding.
+
+    With `groups` (each example's source, 0..K-1) and `weights` (K sampling weights), an epoch of as
+    many examples as there are draws about weight_k of them from source k (largest remainders): each
+    source is read in its own shuffled passes, continued across epochs, and the sources interleaved
+    at random. Still a pure function of (seed, position).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool = True,
-                 buckets: tuple[int, ...] = ()):
+                 buckets: tuple[int, ...] = (), groups: np.ndarray | None = None, weights=None):
         self.arrays, self.global_batch, self.seed, self.shuffle = arrays, global_batch, seed, shuffle
         self.size = len(next(iter(arrays.values())))
+        self.members = None
+        if weights is not None:
+            w = np.asarray(weights, np.float64) / np.sum(weights)
+            self.members = [np.flatnonzero(groups == k) for k in range(len(w))]
+            exact = w * self.size
+            counts = np.floor(exact).astype(np.int64)
+            counts[np.argsort(-(exact - counts), kind="stable")[: self.size - counts.sum()]] += 1
+            self.counts = counts
         self.lengths = arrays["attention_mask"].sum(axis=1) if "attention_mask" in arrays else None
         self.buckets = tuple(sorted(buckets)) if self.size >= global_batch else ()
         self._epoch, self._perm = None, None
@@ -33,7 +46,10 @@ class Batches:
         if self._epoch != epoch:
             self._epoch = epoch
             rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+            if self.members is not None:
+                perm = self._mixture(epoch, rng)
+            else:
+                perm = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
             if self.buckets:
                 n = self.size // self.global_batch * self.global_batch  # whole batches per epoch
                 chunk = self.global_batch * 64
@@ -45,6 +61,20 @@ class Batches:
                 perm = batches[rng.permutation(len(batches))].reshape(-1)
             self._perm = perm
         return self._perm
+
+    def _mixture(self, epoch: int, rng) -> np.ndarray:
+        """One epoch's example indices drawn from the sources by weight (see the class docstring)."""
+        sources = rng.permutation(np.repeat(np.arange(len(self.counts)), self.counts))
+        perm = np.empty(self.size, np.int64)
+        for k, (members, n) in enumerate(zip(self.members, self.counts)):
+            j = np.arange(epoch * n, (epoch + 1) * n)  # positions in source k's endless stream
+            passes, within = j // len(members), j % len(members)
+            picked = np.empty(n, np.int64)
+            for p in np.unique(passes):
+                order = np.random.default_rng([self.seed, 1 + k, int(p)]).permutation(len(members))
+                picked[passes == p] = members[order[within[passes == p]]]
+            perm[sources == k] = picked
+        return perm
 
     def indices(self, position: int) -> np.ndarray:
         """Example indices of global batch number `position` (epochs wrap with a fresh shuffle)."""

@@ -31,7 +31,7 @@ BUNDLED = {
     # SST-2 training sentences for language modelling, each treebank sentence with its sub-phrases.
     "sst2_grouped": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", None, True),
 }
-FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
 
 @dataclasses.dataclass
@@ -63,6 +63,15 @@ def read_file(path: str | Path) -> Records:
         line = raw.count(b"\n", 0, e.start) + 1
         raise JaxftError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text did
+    if suffix == ".txt":  # raw text for continued pretraining: one document per blank-line-separated block
+        line = 1
+        for block in text.split("\n\n"):
+            if block.strip():
+                start = line + len(block) - len(block.lstrip("\n"))
+                rows.append({"text": block.strip("\n")})
+                where.append(f"{p}:{start}")
+            line += block.count("\n") + 2
+        return Records(rows, where)
     if suffix in (".csv", ".tsv"):
         # Lines split on "\n" only (not str.splitlines, which also splits on U+2028, \x1c, ... inside
         # fields), and with their ends kept, so a quoted CSV field keeps its newlines.

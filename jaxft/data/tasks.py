@@ -3,7 +3,9 @@
 classification: [BOS] text [EOS] right-padded to seq_len, plus `labels` (BOS and EOS where the
                 tokenizer has them: Qwen2's has no BOS).
 causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, no padding); a text
-                that is a list of segments becomes BOS seg1 EOS seg2 EOS ...
+                that is a list of segments becomes BOS seg1 EOS seg2 EOS ...; with `segments`, each
+                block's `segment_ids` number its documents so attention stays within each.
+sft:            see `jaxft.data.sft` (instruction data, chat templates, loss masks, packing).
 Every array set carries `weight` (1 for a real example) so padded eval batches count nothing.
 """
 
@@ -13,14 +15,16 @@ import re
 
 import numpy as np
 
+from jaxft.data.sft import Fields, detect as detect_sft
 from jaxft.data.sources import Records, field
 from jaxft.errors import JaxftError
 
 
 def choose_task(task: str, records: Records, source: str, text_field: str, label_field: str | None,
-                label_given: bool) -> str:
+                label_given: bool, sft_fields: Fields = Fields()) -> str:
     """`data.task`, else what the data says when it says it unambiguously: classification when the label
-    column is there, causal_lm when the text column is the only one. A label column under another name
+    column is there, sft for instruction, chat or source/target records (`jaxft.data.sft.detect`),
+    causal_lm when the text column is the only one. A label column under another name
     must not turn a classification run into a language model of the text, so anything else is an error."""
     columns = list(records.rows[0]) if records.rows else []
     found = f"columns found: {', '.join(map(str, columns)) or 'none'}"
@@ -33,6 +37,8 @@ def choose_task(task: str, records: Records, source: str, text_field: str, label
         return "classification"
     if task:
         return task
+    if detect_sft(records, sft_fields):
+        return "sft"
     if label_field is None or not columns:  # a source without labels by definition (c4_demo)
         return "causal_lm"
     if label_field in columns:
@@ -91,20 +97,26 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
     return arrays, truncated
 
 
-def causal_lm(records: Records, tok, seq_len: int, text_field: str):
-    stream = []
+def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bool = False):
+    stream, document = [], []
     for i in range(len(records.rows)):  # a record's text may be a list of segments, each ended by EOS
         value = field(records, i, text_field)
-        segments = value if isinstance(value, list) else [_text(records, i, text_field)]
+        parts = value if isinstance(value, list) else [_text(records, i, text_field)]
+        start = len(stream)
         stream += tok.bos
-        for segment in segments:
-            stream += tok.encode(str(segment)) + tok.eos
+        for part in parts:
+            stream += tok.encode(str(part)) + tok.eos
+        document += [i] * (len(stream) - start)
     n = len(stream) // seq_len
     if n == 0:
         source = records.where[0].split(":")[0] if records.where else "data"  # no records at all: no where[0]
         raise JaxftError(f"{source}: {len(stream)} tokens, fewer than one block of {seq_len}")
     ids = np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "weight": np.ones((n,), np.float32)}, 0
+    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids), "weight": np.ones((n,), np.float32)}
+    if segments:  # 1, 2, ... per document within each block
+        doc = np.asarray(document[: n * seq_len], np.int32).reshape(n, seq_len)
+        arrays["segment_ids"] = doc - doc[:, :1] + 1
+    return arrays, 0
 
 
 def synthetic(n: int, seq_len: int, vocab_size: int, seed: int, num_labels: int | None):

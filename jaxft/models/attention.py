@@ -6,10 +6,15 @@
 `auto`: cudnn on a GPU computing in bf16/fp16, splash on a TPU, xla otherwise.
 
 Every implementation gets the same structured mask, not a dense one: the [B, T] padding mask, the number
-P of prefix key/value columns in front of the keys (P-Tuning v2) and the sliding window. Query i sees key
-column c when c < P (a prefix is always visible), or c = P + j with token j real, j <= i and i - j <
-window. The fused kernels build this from their own causal masks and skip the masked tiles; rows of
-padding queries are finite but may differ between implementations (nothing downstream reads them).
+P of prefix key/value columns in front of the keys (P-Tuning v2), the sliding window and, for packed
+rows, the [B, T] segment ids (1, 2, ... per example, 0 for padding). Query i sees key column c when
+c < P (a prefix is always visible), or c = P + j with token j real, j <= i, i - j < window and j in
+i's segment. xla takes segment ids with or without a prefix; splash and flash take them as their own
+segment ids (not with a prefix: their segment ids cannot make the prefix visible to every example);
+cudnn's call here has no segment ids (its padding trick needs one example per row). `auto` picks xla
+where the fused kernel cannot take the packing; naming such a kernel is an error. The fused kernels
+build this from their own causal masks and skip the masked tiles; rows of padding queries are finite
+but may differ between implementations (nothing downstream reads them).
 """
 
 from __future__ import annotations
@@ -33,26 +38,38 @@ BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # as jaxft.sharding's rules 
 _INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
 
 
-def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dtype=jnp.float32, impl: str = "xla"):
-    """q [B, T, H, D]; k, v [B, P+T, KV, D] with the P prefix columns first; mask [B, T] (1 = real token)
-    -> [B, T, H*D] in `dtype`. H may be a multiple of KV (grouped-query attention)."""
+def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dtype=jnp.float32, impl: str = "xla",
+              segment_ids=None):
+    """q [B, T, H, D]; k, v [B, P+T, KV, D] with the P prefix columns first; mask [B, T] (1 = real token);
+    segment_ids [B, T] or None (packed rows: attention stays within each example) -> [B, T, H*D] in
+    `dtype`. H may be a multiple of KV (grouped-query attention)."""
     b, t, h, d = q.shape
-    impl = resolve(impl, dtype, d)
+    impl = resolve(impl, dtype, d, packed=segment_ids is not None, num_prefix=num_prefix)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None)
+    if segment_ids is None:
+        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None)
+    else:  # padding is segment 0 whatever the ids say
+        segments = jnp.where(mask.astype(bool), segment_ids.astype(jnp.int32), 0)
+        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None, segments=segments)
     return out.reshape(b, t, h * d)
 
 
-def resolve(impl: str, dtype, head_dim: int) -> str:
+def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: int = 0) -> str:
     """`model.attention` -> the implementation this backend runs. One it cannot run is an error, never a
-    silent fallback; `auto` picks the fastest it can."""
+    silent fallback; `auto` picks the fastest it can. `packed`: rows hold several examples (segment ids)."""
     backend, half = jax.default_backend(), jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if impl == "auto":
-        if backend == "gpu" and half and _cudnn_head_dim(head_dim):
+        if backend == "gpu" and half and _cudnn_head_dim(head_dim) and not packed:
             return "cudnn"
-        return "splash" if backend == "tpu" else "xla"
+        return "splash" if backend == "tpu" and not (packed and num_prefix) else "xla"
     if impl not in IMPLEMENTATIONS:
         raise JaxftError(f"model.attention={impl!r}: expected one of {', '.join(map(repr, CHOICES))}")
+    if packed and impl == "cudnn":
+        raise JaxftError("model.attention='cudnn' does not take packed rows (segment ids): set data.packing=False "
+                         "(length buckets) or model.attention=xla or auto")
+    if packed and num_prefix and impl in ("splash", "flash"):
+        raise JaxftError(f"model.attention={impl!r} cannot keep P-Tuning v2 prefixes visible across packed examples: "
+                         "set data.packing=False (length buckets) or model.attention=xla or auto")
     if impl == "cudnn" and not (backend == "gpu" and half):
         raise JaxftError(
             f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 (cuDNN flash attention): "
@@ -82,27 +99,30 @@ def pallas_interpret():
         _INTERPRET.reset(token)
 
 
-def causal_mask(mask, num_prefix: int, sliding_window: int | None):
-    """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window; prefixes always visible."""
+def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None):
+    """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window, same segment (where
+    `segments` [B, T] is given); prefixes always visible."""
     t = mask.shape[1]
     i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     allowed = j <= i
     if sliding_window:
         allowed &= i - j < sliding_window
     full = allowed[None] & mask[:, None, :].astype(bool)
+    if segments is not None:
+        full &= segments[:, :, None] == segments[:, None, :]
     if num_prefix:
         full = jnp.concatenate([jnp.ones((mask.shape[0], t, num_prefix), bool), full], axis=-1)
     return full
 
 
-def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None):
     """The reference: scores accumulated in fp32 (not rounded to bf16 first), a dense [B, T, P+T] mask,
     softmax in fp32. q [B, T, H, D], k, v [B, P+T, KV, D] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    allowed = causal_mask(mask, num_prefix, window)
+    allowed = causal_mask(mask, num_prefix, window, segments)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
@@ -159,10 +179,13 @@ _permute.defvjp(
 )
 
 
-def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None):
     """Pallas TPU splash attention. Its static masks are block-sparse (fully masked tiles are skipped):
     causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window, OR-ed with the
-    prefix columns when both; padding is segment ids (1 real, 0 padding). No dense mask is built."""
+    prefix columns when both; padding is segment ids (1 real, 0 padding), or the packed rows' own segment
+    ids (0 padding). No dense mask is built."""
+    if segments is not None:
+        mask = segments  # 0 = padding already; packed rows have no prefix (see `resolve`)
     return _on_shards(functools.partial(_splash, num_prefix=num_prefix, window=window), q, k, v, mask)
 
 
@@ -193,13 +216,15 @@ def _splash(q, k, v, mask, num_prefix, window):
     return out.reshape(b, h, tq, d).transpose(0, 2, 1, 3)[:, :t]
 
 
-def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None):
     """Pallas TPU flash attention (the older kernel; splash is the one `auto` picks). Its causal mask is
     top-left, so P prefix columns get P dummy query rows in front; padding is segment ids. It takes equal
     head counts: grouped keys and values are repeated per query head. It has no window: with one, this
     runs the xla reference (exact, dense)."""
     if window:
-        return xla(q, k, v, mask, num_prefix, window)
+        return xla(q, k, v, mask, num_prefix, window, segments)
+    if segments is not None:
+        mask = segments  # its segment ids: 0 = padding; packed rows have no prefix (see `resolve`)
     return _on_shards(functools.partial(_flash, num_prefix=num_prefix), q, k, v, mask)
 
 

@@ -65,10 +65,11 @@ class Attention(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, x, mask, positions, prefix, cache=None, cache_index=None, layer=None):
-        """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it.
-        With a `cache` (generation, see `init_cache`): mask covers its S slots, the new keys and values
-        are written at `cache_index`, and this returns (output, cache)."""
+    def __call__(self, x, mask, positions, prefix, segment_ids=None, cache=None, cache_index=None, layer=None):
+        """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it
+        (and from `segment_ids`, packed rows, where given). With a `cache` (generation, see `init_cache`):
+        mask covers its S slots, the new keys and values are written at `cache_index`, and this returns
+        (output, cache)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         b, t, _ = x.shape
@@ -91,7 +92,7 @@ class Attention(nn.Module):
             v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
         q = constrain(q, ("batch", "length", "act_heads", None))  # heads stay split (tensor parallel)
         k, v = (constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
-        out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention)
+        out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention, segment_ids)
         out = constrain(out, ("batch", "length", "act_heads"))
         return o_proj(out)
 
@@ -122,13 +123,14 @@ class DecoderLayer(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, carry, mask, positions, prefix, cache_index=None):
+    def __call__(self, carry, mask, positions, prefix, segment_ids=None, cache_index=None):
         """carry: h, or in generation (h, cache, layer): the cache travels with the hidden states (through
         the scan, with the layer index that says where in the stacked cache this layer writes)."""
         cfg = self.cfg
         h, cache, layer = carry if isinstance(carry, tuple) else (carry, None, None)
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(h)
-        a = Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix, cache, cache_index, layer)
+        a = Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix, segment_ids, cache, cache_index,
+                                                         layer)
         if cache is not None:
             a, cache = a
         h = h + block_output(self, a, "attention")
@@ -175,10 +177,12 @@ class LlamaModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False,
-                 cache=None, cache_index=None):
+                 segment_ids=None, cache=None, cache_index=None):
         """`return_hidden` (causal LM): return (final hidden states [B, T, D], output embedding [V, D])
         instead of logits, for a loss that fuses the vocabulary projection (`jaxft.cross_entropy`).
         Logits come back as usual where a method hooks the LM head, and for classification.
+        `segment_ids` [B, T] (packed rows, 1, 2, ... per example): attention stays within each example
+        and positions restart at 0 with each one (unless `position_ids` are given).
 
         `cache` (generation, from `init_cache`; causal LM only): the new tokens' keys and values go to
         slots [cache_index, cache_index + T), attention_mask [B, S] covers every slot, and this returns
@@ -202,6 +206,8 @@ class LlamaModel(nn.Module):
             h, attention_mask = hook.embeddings(self, h, attention_mask)
         if cache is not None and h.shape[1] != length:
             raise JaxftError("generation with a KV cache does not support methods that add virtual tokens")
+        if segment_ids is not None and h.shape[1] != length:
+            raise JaxftError("packed rows (segment ids) with a method that adds virtual tokens: set data.packing=False")
 
         prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]
         prefix = None
@@ -209,6 +215,8 @@ class LlamaModel(nn.Module):
             prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
         num_prefix = prefix[0].shape[2] if prefix is not None else 0
         mask = attention_mask  # [B, T]: attention derives causality, window and prefix from it, no dense mask
+        if position_ids is None and segment_ids is not None:
+            position_ids = segment_positions(segment_ids) + num_prefix
         if position_ids is None:  # real tokens count from 0 after the prefix, as they do after a KV cache
             position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0) + num_prefix
             if cache is not None:
@@ -223,15 +231,16 @@ class LlamaModel(nn.Module):
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             layers = stack(cfg, self.hooks, name="layers")
             if cache is None:
-                h, _ = layers(h, mask, position_ids, prefix, None)
+                h, _ = layers(h, mask, position_ids, prefix, segment_ids, None)
             else:  # the stacked cache is carried, each layer writing its own slice in place
-                (h, new, _), _ = layers((h, cache["layers"], jnp.int32(0)), mask, position_ids, prefix, cache_index)
+                (h, new, _), _ = layers((h, cache["layers"], jnp.int32(0)), mask, position_ids, prefix, segment_ids,
+                                        cache_index)
                 cache = {"layers": new}
         else:
             new = {}
@@ -239,10 +248,10 @@ class LlamaModel(nn.Module):
                 p = None if prefix is None else (prefix[0][i], prefix[1][i])
                 mod = layer(cfg, self.hooks, name=f"layers_{i}")
                 if cache is None:
-                    h, _ = mod(h, mask, position_ids, p)
+                    h, _ = mod(h, mask, position_ids, p, segment_ids)
                 else:
                     (h, new[f"layers_{i}"], _), _ = mod((h, cache[f"layers_{i}"], None), mask, position_ids, p,
-                                                        cache_index)
+                                                        segment_ids, cache_index)
             cache = new if cache is not None else None
         h = RMSNorm(cfg.rms_norm_eps, dt, name="norm")(h)
 
@@ -266,6 +275,14 @@ class LlamaModel(nn.Module):
         if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
             return h, lm_head(h, kernel_only=True).T
         return lm_head(h).astype(jnp.float32)
+
+
+def segment_positions(segment_ids):
+    """[B, T] segment ids -> each token's position within its segment (0 at every segment's start)."""
+    t = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,359 @@
+"""Instruction SFT: records -> conversations -> text rendered by a chat template -> token ids and a loss mask.
+
+Record formats, recognised by their fields:
+- Alpaca: `{"instruction", "input" (optional), "output"}`, optional `system` and `history` ([[query,
+  answer], ...] of earlier turns); the user turn is the instruction, then a blank line and the input.
+- chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": text}, ...]}`.
+- ShareGPT: `{"conversations": [{"from": "system" | "human" | "gpt", "value": text}, ...]}` (`user` and
+  `assistant` are accepted as `from` too), optional top-level `system`.
+- pairs: `data.source_field` -> `data.target_field` (seq2seq data for a decoder-only model): one user
+  turn, the source, answered by the target.
+
+Rendering: the tokenizer's chat template (`chat_template` in tokenizer_config.json, or a
+chat_template.jinja file next to it) rendered with jinja2 in the sandbox and with the settings
+transformers' `apply_chat_template` uses, else `DEFAULT_TEMPLATE` (`data.chat_template` names
+another file, or `default`). Special-token strings in the rendered text (`<s>`, `<|im_end|>`) become
+their ids.
+
+Loss: every assistant turn is a response. A response's text is what rendering the conversation up
+to and including that turn adds to rendering it up to the turn before with the generation prompt (so
+end-of-turn markers such as EOS or `<|im_end|>` are learned too); everything else is prompt, with
+loss_mask 0 unless `data.train_on_prompt`.
+
+Truncation (an example longer than data.seq_len): the last response keeps its first
+max(seq_len - prompt length, seq_len // 2) tokens (cut from the right), and the text before it (the
+"prompt": system, user turns, earlier answers) keeps its last tokens that fit (cut from the left; a
+leading BOS is kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxft.data.sources import Records
+from jaxft.errors import JaxftError
+
+# The default chat template (tokenizers without one, e.g. jaxft-tiny's): Alpaca's prompt layout for
+# every turn, BOS once at the start, each answer ended by EOS.
+#   <s>SYSTEM\n\n### Instruction:\nUSER\n\n### Response:\nASSISTANT</s>\n\n### Instruction:\n...
+DEFAULT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content + '\\n\\n' }}"
+    "{% elif m.role == 'user' %}"
+    "{% if not loop.first and messages[loop.index0 - 1].role == 'assistant' %}{{ '\\n\\n' }}{% endif %}"
+    "### Instruction:\n{{ m.content }}\n\n### Response:\n"
+    "{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class BadRecord(JaxftError):
+    """A record that is not a usable SFT example (skipped and counted with data.skip_bad_records)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates.
+
+
+def chat_template(tok, choice: str = "") -> tuple[str, str]:
+    """-> (template text, where it came from). `choice`: "" (the tokenizer's, else the default),
+    "default", or a file holding a Jinja template."""
+    if choice == "default":
+        return DEFAULT_TEMPLATE, "jaxft's default (Alpaca layout)"
+    if choice:
+        p = Path(choice)
+        if not p.is_file():
+            raise JaxftError(f"data.chat_template={choice!r}: expected '', 'default' or a template file")
+        return p.read_text(encoding="utf-8"), str(p)
+    directory = getattr(tok, "directory", None)
+    if directory is not None:
+        config = directory / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+            except json.JSONDecodeError as e:
+                raise JaxftError(f"{config}:{e.lineno}: invalid JSON ({e.msg})") from None
+            if isinstance(template, list):  # named templates: the default one
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            if isinstance(template, str) and template:
+                return template, str(config)
+        jinja = directory / "chat_template.jinja"  # where transformers 5 saves it
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8"), str(jinja)
+    return DEFAULT_TEMPLATE, "jaxft's default (Alpaca layout)"
+
+
+class Renderer:
+    """A chat template compiled as transformers compiles it: jinja2's immutable sandbox, trim_blocks,
+    lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII."""
+
+    def __init__(self, template: str, special: dict[str, str], where: str):
+        import datetime
+
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        class Generation(jinja2.ext.Extension):
+            """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask markup): rendered as is;
+            the masks here come from rendering turn by turn."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+            def _render(self, caller):
+                return caller()
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols", Generation])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        self.where, self.special, self.template = where, special, template
+        try:
+            self._template = env.from_string(template)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise JaxftError(f"chat template {where}:{e.lineno}: {e.message}") from None
+
+    def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        import jinja2
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special)
+        except jinja2.exceptions.TemplateError as e:
+            raise BadRecord(f"chat template {self.where}: {e}") from None
+
+    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """-> [(text, is_response), ...] whose concatenation is the rendered conversation."""
+        out, done = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self(messages[:i], add_generation_prompt=True)
+            full = self(messages[: i + 1])
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise BadRecord(f"chat template {self.where} does not render turn by turn (the conversation up to "
+                                f"message {i} is not a prefix of the conversation up to message {i + 1})")
+            out += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        return [(text, response) for text, response in out if text]
+
+
+def special_strings(tok) -> dict[str, str]:
+    """The special-token strings a template reads (bos_token, eos_token, ...)."""
+    names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
+    return {k: tok.piece(i) if i is not None else "" for k, i in names.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> conversations.
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    source: str = ""  # pairs: the prompt field
+    target: str = ""  # pairs: the response field
+
+
+def _text(value, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}: {what} is {type(value).__name__}, expected text")
+    return value
+
+
+def conversation(row: dict, where: str, fields: Fields = Fields()) -> list[dict]:
+    """One record -> [{"role", "content"}, ...], checked: known roles, text contents, at least one
+    non-empty assistant turn."""
+    if not isinstance(row, dict):
+        raise BadRecord(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if fields.source and fields.target and (fields.source in row or fields.target in row):
+        for name in (fields.source, fields.target):
+            if row.get(name) is None:
+                raise BadRecord(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row))})")
+        messages = [{"role": "user", "content": _text(row[fields.source], where, repr(fields.source))},
+                    {"role": "assistant", "content": _text(row[fields.target], where, repr(fields.target))}]
+    elif "messages" in row:
+        messages = _turns(row["messages"], where, "messages", "role", "content", {r: r for r in ROLES})
+    elif "conversations" in row:
+        messages = _turns(row["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+    elif "instruction" in row and "output" in row:
+        messages = []
+        for i, turn in enumerate(row.get("history") or []):
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+                raise BadRecord(f"{where}: history[{i}] is not a [query, answer] pair")
+            messages += [{"role": "user", "content": _text(turn[0], where, f"history[{i}][0]")},
+                         {"role": "assistant", "content": _text(turn[1], where, f"history[{i}][1]")}]
+        query = _text(row["instruction"], where, "'instruction'")
+        extra = row.get("input") or ""
+        query = f"{query}\n\n{_text(extra, where, repr('input'))}" if extra else query
+        messages += [{"role": "user", "content": query},
+                     {"role": "assistant", "content": _text(row["output"], where, "'output'")}]
+    else:
+        pairs = f"data.source_field/target_field ({fields.source!r}, {fields.target!r})" if fields.source else \
+            "data.source_field and data.target_field set"
+        raise BadRecord(f"{where}: not an SFT record: expected 'instruction' and 'output' (Alpaca), 'messages' "
+                        f"(chat), 'conversations' (ShareGPT) or {pairs} (fields: {', '.join(map(str, row))})")
+    if isinstance(row.get("system"), str) and row["system"] and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not answers:
+        raise BadRecord(f"{where}: no assistant turn to learn")
+    for m in messages:
+        if m["role"] != "system" and not m["content"].strip():
+            raise BadRecord(f"{where}: empty {m['role']} turn")
+    return messages
+
+
+def _turns(value, where, key, role_key, content_key, roles) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadRecord(f"{where}: {key!r} is not a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise BadRecord(f"{where}: {key}[{i}] has no {role_key!r} and {content_key!r}")
+        if turn[role_key] not in roles:
+            raise BadRecord(f"{where}: {key}[{i}]: {role_key} {turn[role_key]!r} is not one of {', '.join(roles)}")
+        out.append({"role": roles[turn[role_key]], "content": _text(turn[content_key], where, f"{key}[{i}]")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations -> ids and loss masks.
+
+
+def encode(segments: list[tuple[str, bool]], tok) -> tuple[list[int], list[int]]:
+    """-> (ids, response mask): each segment tokenised on its own, special-token strings as their ids."""
+    ids, mask = [], []
+    for text, response in segments:
+        piece = tok.encode_special(text)
+        ids += piece
+        mask += [int(response)] * len(piece)
+    return ids, mask
+
+
+def truncate(ids: list[int], mask: list[int], seq_len: int, bos_id) -> tuple[list[int], list[int], bool]:
+    """The stated rule (module docstring): keep the last response's start, cut the prompt from the left."""
+    if len(ids) <= seq_len:
+        return ids, mask, False
+    start = _last_response_start(mask)
+    if start == 0 or mask[-1] == 0:  # all response, or no response at the end
+        return ids[:seq_len], mask[:seq_len], True
+    prompt, response = (ids[:start], mask[:start]), (ids[start:], mask[start:])
+    keep_response = min(len(response[0]), max(seq_len - len(prompt[0]), seq_len // 2))
+    keep_prompt = seq_len - keep_response
+    head = 1 if prompt[0] and bos_id is not None and prompt[0][0] == bos_id and keep_prompt > 0 else 0
+    tail = keep_prompt - head
+    p_ids = prompt[0][:head] + (prompt[0][len(prompt[0]) - tail:] if tail else [])
+    p_mask = prompt[1][:head] + (prompt[1][len(prompt[1]) - tail:] if tail else [])
+    return p_ids + response[0][:keep_response], p_mask + response[1][:keep_response], True
+
+
+def _last_response_start(mask: list[int]) -> int:
+    """Index of the first token of the last run of response tokens."""
+    i = len(mask)
+    while i > 0 and mask[i - 1] == 0:
+        i -= 1
+    while i > 0 and mask[i - 1] == 1:
+        i -= 1
+    return i
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples -> fixed-shape arrays.
+
+
+@dataclasses.dataclass
+class Encoded:
+    examples: list[tuple[list[int], list[int]]]
+    truncated: int
+    skipped: int
+    first_skip: str
+
+
+def examples(records: Records, tok, renderer: Renderer, seq_len: int, fields: Fields = Fields(),
+             train_on_prompt: bool = False, skip_bad: bool = False) -> Encoded:
+    out, truncated, skipped, first = [], 0, 0, ""
+    for row, where in zip(records.rows, records.where):
+        try:
+            segs = renderer.segments(conversation(row, where, fields))
+            ids, mask = encode(segs, tok)
+            if not any(mask):
+                raise BadRecord(f"{where}: the responses render to no tokens")
+        except BadRecord as e:
+            msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
+            if not skip_bad:
+                raise BadRecord(msg + " (data.skip_bad_records=True skips such records)") from None
+            skipped, first = skipped + 1, first or msg
+            continue
+        ids, mask, cut = truncate(ids, mask, seq_len, tok.bos_id)
+        truncated += cut
+        out.append((ids, [1] * len(ids) if train_on_prompt else mask))
+    return Encoded(out, truncated, skipped, first)
+
+
+def padded(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One example per row, right-padded to seq_len (length buckets cut the batches shorter)."""
+    n = len(examples)
+    ids = np.full((n, seq_len), pad_id, np.int32)
+    attention, loss = np.zeros((n, seq_len), np.int32), np.zeros((n, seq_len), np.int32)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : len(x)], attention[i, : len(x)], loss[i, : len(x)] = x, 1, m
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "weight": np.ones((n,), np.float32)}
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
+         open_bins: int = 256) -> dict[str, np.ndarray]:
+    """Examples packed into rows of seq_len, first fit by decreasing length over the last `open_bins`
+    open rows; `segment_ids` 1, 2, ... per example in a row, 0 for padding. Deterministic."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows, space, first_open = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        row = next((r for r in range(first_open, len(rows)) if space[r] >= n), None)
+        if row is None:
+            rows.append([])
+            space.append(seq_len)
+            row = len(rows) - 1
+            first_open = max(first_open, len(rows) - open_bins)
+        rows[row].append(i)
+        space[row] -= n
+    arrays = padded([([], [])] * len(rows), seq_len, pad_id)
+    arrays["segment_ids"] = np.zeros_like(arrays["input_ids"])
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(sorted(members), 1):  # file order within a row
+            x, m = examples[i]
+            sl = slice(at, at + len(x))
+            arrays["input_ids"][r, sl], arrays["attention_mask"][r, sl] = x, 1
+            arrays["loss_mask"][r, sl], arrays["segment_ids"][r, sl] = m, s
+            at += len(x)
+    return arrays
+
+
+def detect(records: Records, fields: Fields = Fields()) -> bool:
+    """Whether the first record looks like SFT data (for choosing the task when data.task is empty)."""
+    if not records.rows:
+        return False
+    row = records.rows[0]
+    return ("messages" in row or "conversations" in row or ("instruction" in row and "output" in row)
+            or bool(fields.source and fields.target and fields.source in row and fields.target in row))
+

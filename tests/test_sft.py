@@ -1,0 +1,429 @@
+"""Instruction SFT (`jaxft.data.sft`, `jaxft.data.mixture`): record formats, chat templates against
+transformers' `apply_chat_template` (text, ids and assistant masks), the truncation rule, packing
+(a packed batch's loss is the sum of the examples' losses alone, every attention implementation),
+mixtures, and the CLI: bad records, a short SFT run whose loss falls and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import cli, losses
+
+from jaxft.data import iterator, sft, tasks
+from jaxft.data.sources import Records, read_file
+from jaxft.errors import JaxftError
+from jaxft.models import attention as A
+from jaxft.models.llama import LlamaConfig, LlamaModel, segment_positions
+from jaxft.objectives import causal_lm_loss, packed_inputs
+from jaxft.tokenizer import Tokenizer
+
+GPT2 = Path("/work/shared/data/tokenizers/gpt2")
+CHATML = (  # Qwen2-style, with transformers' {% generation %} markup around what the model must learn
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ m.content + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATS = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "用中文说再见"},
+     {"role": "assistant", "content": "再见 ，朋友。"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer (GPT-2's) with ChatML special tokens and a chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (GPT2 / "tokenizer.json").is_file():
+        pytest.skip("no GPT-2 tokenizer.json in shared/data")
+    out = tmp_path_factory.mktemp("chatml")
+    t = PreTrainedTokenizerFast(tokenizer_file=str(GPT2 / "tokenizer.json"), eos_token="<|im_end|>",
+                                additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    t.chat_template = CHATML
+    t.save_pretrained(out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHATML  # in tokenizer_config.json, as most hub models still have it
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return out
+
+
+def renderer_for(tok, choice=""):
+    template, where = sft.chat_template(tok, choice)
+    return sft.Renderer(template, sft.special_strings(tok), where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def test_record_formats():
+    conv = sft.conversation
+    assert conv({"instruction": "Sum", "input": "1 2", "output": "3"}, "f:1") == [
+        {"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]
+    assert conv({"instruction": "Hi", "input": "", "output": "Yo", "system": "Be brief.",
+                 "history": [["a", "b"]]}, "f:1") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"}]
+    share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "s"}
+    assert conv(share, "f:1") == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                  {"role": "assistant", "content": "a"}]
+    assert conv({"messages": CHATS[1]}, "f:1") == CHATS[1]
+    pair = {"content": "类型#裙", "summary": "一条裙子"}
+    assert conv(pair, "f:1", sft.Fields("content", "summary")) == [
+        {"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "一条裙子"}]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "x", "output": ""}, "empty assistant turn"),
+    ({"instruction": "x", "output": 3}, "'output' is int"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no assistant turn"),
+    ({"messages": [{"role": "bot", "content": "q"}]}, "role 'bot' is not one of"),
+    ({"conversations": "q"}, "not a non-empty list"),
+    ({"text": "q"}, "not an SFT record"),
+])
+def test_bad_records_name_where(row, message):
+    with pytest.raises(sft.BadRecord) as e:
+        sft.conversation(row, "data.jsonl:7")
+    assert str(e.value).startswith("data.jsonl:7: ") and message in str(e.value)
+
+
+def test_task_detection():
+    rec = lambda row: Records([row], ["f:1"])  # noqa: E731
+    assert tasks.choose_task("", rec({"instruction": "a", "output": "b"}), "f", "text", "label", False) == "sft"
+    assert tasks.choose_task("", rec({"messages": []}), "f", "text", "label", False) == "sft"
+    assert tasks.choose_task("", rec({"a": 1, "b": 2}), "f", "text", "label", False, sft.Fields("a", "b")) == "sft"
+    assert tasks.choose_task("", rec({"text": "x"}), "f", "text", "label", False) == "causal_lm"
+
+
+def test_txt_documents(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("first doc\nline two\n\n\n\nsecond doc\n\nthird\n")
+    r = read_file(p)
+    assert r.rows == [{"text": "first doc\nline two"}, {"text": "second doc"}, {"text": "third"}]
+    assert r.where == [f"{p}:1", f"{p}:6", f"{p}:8"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates against transformers
+
+
+@pytest.mark.parametrize("chat", CHATS, ids=["one-turn", "multi-turn"])
+def test_chat_template_matches_transformers(chatml_dir, chat):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(chatml_dir))
+    tok = Tokenizer(chatml_dir)
+    r = renderer_for(tok)
+    assert r.where.endswith("tokenizer_config.json")
+    for gen in (False, True):
+        prompt = chat[:-1] if gen else chat
+        assert r(prompt, add_generation_prompt=gen) == hf.apply_chat_template(prompt, tokenize=False,
+                                                                             add_generation_prompt=gen)
+    ids, mask = sft.encode(r.segments(chat), tok)
+    out = hf.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(out["input_ids"])  # tokenised turn by turn, the same ids as the whole text
+    assert mask == list(out["assistant_masks"])  # every assistant turn, with its <|im_end|>\n
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "".join(
+        m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
+
+
+def test_default_template(tok_dir, tmp_path):
+    """No chat template: jaxft's default, whose rendering transformers' renderer agrees with; special
+    token strings become their ids; the masked tokens decode to the answers and their EOS."""
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer(tok_dir)
+    r = renderer_for(tok)
+    assert "default" in r.where
+    chat = CHATS[1]
+    text = r(chat)
+    assert text == ("<s>You are terse.\n\n### Instruction:\nHi there\n\n### Response:\nHello!</s>\n\n"
+                    "### Instruction:\n用中文说再见\n\n### Response:\n再见 ，朋友。</s>")
+    d = tmp_path / "tok"
+    shutil.copytree(tok_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": sft.DEFAULT_TEMPLATE}))
+    assert AutoTokenizer.from_pretrained(str(d)).apply_chat_template(chat, tokenize=False) == text
+    ids, mask = sft.encode(r.segments(chat), tok)
+    assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 2
+    runs, prev = [], 0
+    for i, m in zip(ids, mask):  # each run of response tokens, decoded on its own
+        if m and not prev:
+            runs.append([])
+        if m:
+            runs[-1].append(i)
+        prev = m
+    assert [tok.decode(run) for run in runs] == ["Hello!</s>", "再见 ，朋友。</s>"] or \
+        [tok.decode([i for i in run if i != tok.eos_id]) for run in runs] == ["Hello!", "再见 ，朋友。"]
+    assert [i for i, m in zip(ids, mask) if m].count(tok.eos_id) == 2  # each answer learns to stop
+    assert Tokenizer(d).encode_special("<s>a</s>") == [tok.bos_id] + tok.encode("a") + [tok.eos_id]
+
+
+def test_truncation_rule():
+    prompt, response = [1] + list(range(10, 30)), list(range(100, 110))
+    ids, mask = prompt + response, [0] * len(prompt) + [1] * len(response)
+    # Fits: untouched.
+    assert sft.truncate(ids, mask, 64, 1) == (ids, mask, False)
+    # A short response is whole; the prompt is cut from the left (BOS kept).
+    got, m, cut = sft.truncate(ids[:-6], mask[:-6], 16, 1)
+    assert cut and got == [1] + prompt[-11:] + response[:4] and m == [0] * 12 + [1] * 4
+    got, m, cut = sft.truncate(ids, mask, 16, 1)
+    assert cut and got == [1] + prompt[-7:] + response[:8] and m == [0] * 8 + [1] * 8
+    # A response longer than half the budget keeps seq_len // 2 tokens (cut from the right).
+    got, m, cut = sft.truncate(ids, mask, 12, 1)
+    assert got == [1] + prompt[-5:] + response[:6] and sum(m) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+
+
+def tiny(attention="xla", **kw):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=64 // 4 * 2, head="causal_lm", attention=attention, **kw)
+    model = LlamaModel(cfg)
+    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def examples(n=7, seed=0):
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        p, r = rng.randint(1, 6), rng.randint(1, 8)
+        out.append((list(rng.randint(3, 64, p + r)), [0] * p + [1] * r))
+    return out
+
+
+def test_segment_positions():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0]])
+    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_loss_is_the_sum_of_separate_losses(fused):
+    model, params = tiny()
+    ex = examples()
+    packed = sft.pack(ex, 16, 0)
+    assert len(packed["input_ids"]) < len(ex)  # really packed
+    assert sorted(int(n) for row in packed["segment_ids"] for n in np.bincount(row)[1:] if n) == \
+        sorted(len(x) for x, _ in ex)
+    batch = {k: jnp.asarray(v) for k, v in packed.items()}
+    total = causal_lm_loss(model.apply(params, **packed_inputs(batch), return_hidden=fused), batch)
+    alone_sum, alone_count = 0.0, 0.0
+    apply = jax.jit(lambda b: causal_lm_loss(model.apply(params, **packed_inputs(b), return_hidden=fused), b))
+    for x, m in ex:  # each alone, right-padded to one shape (padding changes no causal loss)
+        s = apply({k: jnp.asarray(v) for k, v in sft.padded([(x, m)], 16, 0).items()})
+        alone_sum, alone_count = alone_sum + float(s["loss_sum"]), alone_count + float(s["count"])
+    assert float(total["count"]) == alone_count == sum(sum(m[1:]) for _, m in ex)
+    np.testing.assert_allclose(float(total["loss_sum"]), alone_sum, rtol=1e-6)
+    # Without segment ids the same rows attend across examples: a different loss.
+    crossed = {k: v for k, v in batch.items() if k != "segment_ids"}
+    s = causal_lm_loss(model.apply(params, **packed_inputs(crossed), return_hidden=fused), crossed)
+    assert abs(float(s["loss_sum"]) - alone_sum) > 1e-3
+
+
+def attention_inputs(prefix=0):
+    r = np.random.RandomState(0)
+    q, k, v = r.randn(2, 16, 4, 64), r.randn(2, prefix + 16, 2, 64), r.randn(2, prefix + 16, 2, 64)
+    seg = np.array([[1] * 5 + [2] * 7 + [3] * 2 + [0] * 2, [1] * 16])
+    return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v)) + (jnp.asarray(seg > 0), jnp.asarray(seg))
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash", "flash"])
+def test_every_implementation_keeps_examples_apart(impl):
+    """Each segment's output equals attention over that segment alone (the xla reference)."""
+    if impl != "xla" and jax.default_backend() == "gpu":
+        pytest.skip("the Pallas TPU kernels run on TPU, or interpreted on CPU")
+    q, k, v, mask, seg = attention_inputs()
+    ctx = A.pallas_interpret() if impl != "xla" and jax.default_backend() != "tpu" else None
+    with ctx or _null():
+        got = A.attention(q, k, v, mask, impl=impl, segment_ids=seg)
+    for b in range(2):
+        for s in range(1, 4):
+            idx = np.flatnonzero(np.asarray(seg[b]) == s)
+            if not len(idx):
+                continue
+            sl = slice(idx[0], idx[-1] + 1)
+            alone = A.attention(q[b:b + 1, sl], k[b:b + 1, sl], v[b:b + 1, sl], mask[b:b + 1, sl], impl="xla")
+            np.testing.assert_allclose(got[b, sl], alone[0], atol=2e-5)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_packing_errors_and_auto():
+    q, k, v, mask, seg = attention_inputs()
+    assert A.resolve("auto", jnp.float32, 64, packed=True) in ("xla", "splash")
+    if jax.default_backend() != "gpu":
+        return
+    assert A.resolve("auto", jnp.bfloat16, 64) == "cudnn" and A.resolve("auto", jnp.bfloat16, 64, packed=True) == "xla"
+    with pytest.raises(JaxftError, match="does not take packed rows"):
+        A.attention(q.astype(jnp.bfloat16), k, v, mask, dtype=jnp.bfloat16, impl="cudnn", segment_ids=seg)
+
+
+def test_pallas_kernels_refuse_prefix_with_packing():
+    q, k, v, mask, seg = attention_inputs(prefix=3)
+    with A.pallas_interpret(), pytest.raises(JaxftError, match="prefixes visible across packed"):
+        A.attention(q, k, v, mask, num_prefix=3, impl="splash", segment_ids=seg)
+    got = A.attention(q, k, v, mask, num_prefix=3, impl="xla", segment_ids=seg)  # xla: prefix + segments
+    assert np.isfinite(np.asarray(got)).all()
+
+
+def test_causal_lm_documents_get_segments(tok_dir):
+    tok = Tokenizer(tok_dir)
+    texts = ["the movie was good", "电影很好看", "a funny story , not boring ."]
+    r = Records([{"text": t} for t in texts], [f"m:{i}" for i in range(3)])
+    plain, _ = tasks.causal_lm(r, tok, 8, "text")
+    seg, _ = tasks.causal_lm(r, tok, 8, "text", segments=True)
+    np.testing.assert_array_equal(plain["input_ids"], seg["input_ids"])
+    starts = (seg["input_ids"] == tok.bos_id)
+    for row, s in zip(starts, seg["segment_ids"]):  # a new segment exactly where a document starts
+        assert s[0] == 1 and ((np.diff(s) == 1) == row[1:]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures
+
+
+def test_mixture_order_follows_weights_and_is_stateless():
+    groups = np.array([0] * 30 + [1] * 70)
+    arrays = {"input_ids": np.arange(100)[:, None], "weight": np.ones(100, np.float32)}
+    b = iterator.Batches(arrays, 10, seed=3, groups=groups, weights=[3, 1])
+    epoch = np.concatenate([b.indices(p) for p in range(10)])
+    assert (groups[epoch] == 0).sum() == 75  # 3:1 of 100 draws, though source 0 has only 30 examples
+    second = np.concatenate([b.indices(p) for p in range(10, 20)])
+    both = np.concatenate([epoch, second])
+    # Source 0 is read in whole passes: each of its examples 5 times in 150 draws.
+    assert np.array_equal(np.bincount(both[groups[both] == 0], minlength=30), np.full(30, 5))
+    fresh = iterator.Batches(arrays, 10, seed=3, groups=groups, weights=[3, 1])
+    assert np.array_equal(fresh.indices(13), b.indices(13))  # a pure function of (seed, position)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI
+
+MODEL = ("--config.data.task=sft", "--config.data.seq_len=128", "--config.train.batch_size=8",
+         "--config.optimizer.learning_rate=3e-3", "--config.method.name=full")
+
+
+def alpaca_file(path, n, seed, zh=False):
+    from conftest import EN, ZH
+
+    rng = np.random.RandomState(seed)
+    rows = []
+    for _ in range(n):
+        words = [EN[i] for i in rng.randint(0, len(EN), rng.randint(2, 6))]
+        if zh:
+            words = [ZH[i] for i in rng.randint(0, len(ZH), rng.randint(2, 6))]
+        sep = "" if zh else " "
+        rows.append({"instruction": "repeat twice", "input": sep.join(words), "output": sep.join(words * 2)})
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    return path
+
+
+def tokenizer_args(tok_dir):
+    return (f"--config.model.tokenizer={tok_dir}", "--config.model.init.vocab_size=300")
+
+
+def test_cli_bad_record_is_one_line(tmp_path, tok_dir):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ""}\n')
+    r = cli(tmp_path / "run", f"--config.data.name={p}", *MODEL, *tokenizer_args(tok_dir))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {p}:2: empty assistant turn"), r.stderr
+    assert not (tmp_path / "run").exists()
+    p.write_text("".join('{"instruction": "say it", "output": "the movie was good"}\n' for _ in range(16))
+                 + '{"instruction": "a", "output": ""}\n')
+    r = cli(tmp_path / "run2", f"--config.data.name={p}", *MODEL, *tokenizer_args(tok_dir),
+            "--config.data.skip_bad_records=True", "--config.train.steps=1", "--config.export.enabled=False")
+    assert r.returncode == 0, r.stderr
+    assert f"16 examples, 0 longer than data.seq_len=128 truncated" in r.stdout
+    assert f"1 bad records skipped (first: {p}:17: empty assistant turn" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory, tok_dir):
+    d = tmp_path_factory.mktemp("mix")
+    en, zh = alpaca_file(d / "en.json", 96, 0), alpaca_file(d / "zh.json", 96, 1, zh=True)
+    return (f"--config.data.name={en}+{zh}", "--config.data.weights=0.7,0.3", "--config.data.eval_holdout=16",
+            *MODEL, *tokenizer_args(tok_dir), "--config.optimizer.schedule=constant",
+            "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=10", "--config.eval.at_start=True")
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_sft_mixture_learns_and_resumes_exactly(tmp_path, mixture):
+    straight = tmp_path / "straight"
+    r = cli(straight, *mixture, "--config.train.steps=40")
+    assert r.returncode == 0, r.stderr
+    rows = metrics(straight)
+    before, after = rows[0], [row for row in rows if "eval/loss" in row][-1]
+    assert before["step"] == 0 and after["step"] == 40
+    for key in ("eval/loss", "eval/loss/en", "eval/loss/zh"):  # response-token loss, total and per source
+        assert after[key] < 0.7 * before[key], (key, before[key], after[key])
+    train = losses(straight)
+    assert np.mean([train[s] for s in range(36, 41)]) < 0.7 * np.mean([train[s] for s in range(1, 6)])
+    # Interrupted at 20 (a shorter run), then trained on to 40: the same steps, bit for bit.
+    split = tmp_path / "split"
+    assert cli(split, *mixture, "--config.train.steps=20").returncode == 0
+    r = cli(split, *mixture, "--config.train.steps=40")
+    assert r.returncode == 0 and "resuming from step 20" in r.stdout, r.stderr
+    assert [losses(split)[s] for s in range(21, 41)] == [train[s] for s in range(21, 41)]
+
+
+def test_cli_sft_unpacked_compiles_once_per_bucket(tmp_path, mixture):
+    r = cli(tmp_path, *mixture, "--config.data.packing=False", "--config.train.steps=12",
+            "--config.export.enabled=False", "--config.data.seq_len=256")
+    assert r.returncode == 0, r.stderr
+    widths = [int(line.split(" x ")[1].split()[0]) for line in r.stdout.splitlines()
+              if line.startswith("compiled the train step")]
+    assert widths and len(widths) == len(set(widths)) and set(widths) <= {16, 32, 64, 128, 256}
+    assert "rows padded" in r.stdout
+
+
+def test_sft_alpaca_config_runs(tmp_path):
+    r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.data.eval_holdout=8",
+            "--config.data.seq_len=128", "--config.eval.every_steps=0", "--config.export.enabled=False",
+            config="configs/sft_alpaca.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 0: eval/loss=" in r.stdout and "eval/loss/alpaca_zh_demo=" in r.stdout and "done:" in r.stdout
+
+
+def test_tokenized_once(tmp_path, tok_dir, monkeypatch):
+    """The second load reads the cache (no tokenization); another setting is another entry."""
+    from jaxft.config import base_config
+    from jaxft.data import mixture
+
+    d = base_config().data
+    d.unlock()
+    d.cache_dir, d.seq_len = str(tmp_path / "cache"), 128
+    p = alpaca_file(tmp_path / "a.json", 20, 0)
+    sources = [(str(p), read_file(p), None, "text")]
+    tok = Tokenizer(tok_dir)
+    first = mixture.load(d, tok, "sft", sources, print)
+    monkeypatch.setattr(sft, "examples", lambda *a, **k: (_ for _ in ()).throw(AssertionError("tokenized again")))
+    again = mixture.load(d, tok, "sft", sources, print)
+    assert first.train.keys() == again.train.keys()
+    for k in first.train:
+        np.testing.assert_array_equal(first.train[k], again.train[k])
+    d.train_on_prompt = True
+    with pytest.raises(AssertionError, match="tokenized again"):
+        mixture.load(d, tok, "sft", sources, print)
