@@ -32,7 +32,7 @@ from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
 from jaxft.models.family import Family, Settings
 from jaxft.models.layers import LayerNorm, Linear, param_with_axes, pool, remat_policy
-from jaxft.models.llama import block_output, stack_layers, unstack_layers
+from jaxft.models.llama import block_output, segment_positions, stack_layers, unstack_layers
 from jaxft.sharding import constrain
 
 HEADS = ("causal_lm", "classification", "token_classification")
@@ -102,9 +102,9 @@ class Attention(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, x, mask, prefix, layer_index, cache, cache_index):
+    def __call__(self, x, mask, prefix, layer_index, cache, cache_index, segment_ids=None):
         """mask: [B, T] padding mask, or [B, S] over the cache's slots when `cache` (keys, values
-        [B, S, H, D]) is given; returns (output, updated cache or None)."""
+        [B, S, H, D]) is given; returns (output, updated cache or None). `segment_ids`: packed rows."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, d = cfg.num_heads, cfg.dim_per_head
         b, t, _ = x.shape
@@ -130,7 +130,7 @@ class Attention(nn.Module):
         q = constrain(q, ("batch", "length", "act_heads", None))
         k, v = (constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
         if cache is None:
-            out = attention(q, k, v, mask, num_prefix, None, dt, cfg.attention)
+            out = attention(q, k, v, mask, num_prefix, None, dt, cfg.attention, segment_ids)
         else:
             out = cached_attention(q, k, v, mask, cache_index, num_prefix, dt)
         out = constrain(out, ("batch", "length", "act_heads"))
@@ -154,10 +154,11 @@ class Block(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, h, mask, prefix, layer_index, cache, cache_index):
+    def __call__(self, h, mask, prefix, layer_index, cache, cache_index, segment_ids=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         x = LayerNorm(cfg.layer_norm_epsilon, dt, name="ln_1")(h)
-        a, cache = Attention(cfg, self.hooks, name="attn")(x, mask, prefix, layer_index, cache, cache_index)
+        a, cache = Attention(cfg, self.hooks, name="attn")(x, mask, prefix, layer_index, cache, cache_index,
+                                                           segment_ids)
         h = h + block_output(self, a, "attention")
         x = LayerNorm(cfg.layer_norm_epsilon, dt, name="ln_2")(h)
         h = h + block_output(self, MLP(cfg, self.hooks, name="mlp")(x), "mlp")
@@ -174,9 +175,10 @@ class GPT2Model(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False,
-                 cache=None, cache_index=None):
+                 cache=None, cache_index=None, segment_ids=None):
         """`return_hidden` (causal LM): (final hidden states [B, T, D], output embedding [V, D]) instead of
-        logits, for a loss that fuses the vocabulary projection; logits where a hook acts on the head."""
+        logits, for a loss that fuses the vocabulary projection; logits where a hook acts on the head.
+        `segment_ids` [B, T] (packed rows): attention stays within each example, positions restart."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -190,6 +192,8 @@ class GPT2Model(nn.Module):
         for hook in self.hooks:  # prompt tuning puts virtual tokens in front (positions added after, as PEFT)
             h, attention_mask = hook.embeddings(self, h, attention_mask)
         added = h.shape[1] - length
+        if segment_ids is not None and (added or cache is not None):
+            raise JaxftError("packed rows (segment ids) with virtual tokens or a KV cache: set data.packing=False")
 
         prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]
         prefix = None
@@ -206,6 +210,8 @@ class GPT2Model(nn.Module):
                 raise JaxftError("virtual tokens in front of the input (prompt tuning) do not work with a KV cache")
             if position_ids is None:
                 position_ids = jax.lax.dynamic_slice_in_dim(counted, cache_index, length, axis=1)
+        elif position_ids is None and segment_ids is not None:
+            position_ids = segment_positions(segment_ids) + num_prefix
         elif position_ids is None:
             position_ids = counted
         elif added:  # given positions are the real tokens'; virtual tokens come first
@@ -222,17 +228,19 @@ class GPT2Model(nn.Module):
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, 0, 0, 0, nn.broadcast),
+                in_axes=(nn.broadcast, 0, 0, 0, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            h, kv = stack(cfg, self.hooks, name="layers")(h, attention_mask, prefix, layer_index, kv, cache_index)
+            h, kv = stack(cfg, self.hooks, name="layers")(h, attention_mask, prefix, layer_index, kv, cache_index,
+                                                           segment_ids)
         else:
             per_layer = []
             for i in range(cfg.num_layers):
                 p = None if prefix is None else (prefix[0][i], prefix[1][i])
                 c = None if kv is None else (kv[0][i], kv[1][i])
-                h, c = layer(cfg, self.hooks, name=f"layers_{i}")(h, attention_mask, p, layer_index[i], c, cache_index)
+                h, c = layer(cfg, self.hooks, name=f"layers_{i}")(h, attention_mask, p, layer_index[i], c, cache_index,
+                                                                  segment_ids)
                 per_layer.append(c)
             if kv is not None:
                 kv = tuple(jnp.stack([c[j] for c in per_layer]) for j in (0, 1))
