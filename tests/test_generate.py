@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -29,6 +30,7 @@ FAMILIES = {
     # windows shorter than prompt + new tokens, so that they cut
     "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=4)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=0)),
+    "gpt2": (GPT2LMHeadModel, GPT2Config, dict(n_inner=80, n_positions=64)),  # learned positions, fused c_attn
 }
 PAD = 7
 NEW = 10
@@ -70,11 +72,12 @@ def until_eos(row, eos):
 
 
 @pytest.mark.parametrize("name,scan,beams", [("llama", True, 1), ("llama", True, 4), ("llama", False, 4),
-                                             ("mistral", True, 1), ("qwen2", True, 4)])
+                                             ("mistral", True, 1), ("qwen2", True, 4), ("gpt2", True, 1),
+                                             ("gpt2", False, 4)])
 def test_matches_transformers(saved, name, scan, beams):
     m, d = saved[name]
     model, params = hf.load(d, scan_layers=scan)
-    if name != "llama":
+    if name in ("mistral", "qwen2"):
         assert model.cfg.sliding_window is not None
     ids, mask = prompts()
     unused = [96, 97]  # EOS ids that cannot come up (beyond the vocabulary)
