@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.task = ""  # "", classification or causal_lm ("" = classification when labels exist)
     c.data.text_field = ""
     c.data.label_field = ""
+    c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
+    c.data.token_type_ids = False  # pairs: also give the model token_type_ids (0 first text, 1 second), as BERT's
     c.data.seq_len = 64
     c.data.length_buckets = True  # classification: pad each batch to 16, 32, ... up to seq_len, not always seq_len
     c.data.max_train_examples = 0  # 0 = all
