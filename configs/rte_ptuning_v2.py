@@ -26,11 +26,11 @@ def get_config():
     c.data.seq_len = 128
 
     # Training section.
-    c.train.steps = 1000
+    c.train.steps = 400  # about 5 epochs
     c.train.batch_size = 32
-    c.train.log_every_steps = 100
+    c.train.log_every_steps = 50
     c.optimizer.learning_rate = 1e-2
-    c.optimizer.warmup_steps = 50
-    c.eval.every_steps = 250
-    c.checkpoint.every_steps = 500
+    c.optimizer.warmup_steps = 20
+    c.eval.every_steps = 200
+    c.checkpoint.every_steps = 200
     return c
