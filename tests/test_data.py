@@ -696,9 +696,10 @@ def test_bundled_chnsenticorp_is_the_documented_fixed_seed_split():
 
         rows = list(csv.reader(source.open(encoding="utf-8", newline="")))[1:]
         kept = [r for r in rows if r[1].strip()]
-        dev = set(np.random.default_rng(0).permutation(len(kept))[:800].tolist())
-        assert [r["review"] for r in ev.rows] == [r[1] for i, r in enumerate(kept) if i in dev]
-        assert [r["review"] for r in train.rows] == [r[1] for i, r in enumerate(kept) if i not in dev]
+        order = np.random.default_rng(0).permutation(len(kept))
+        assert [(r["label"], r["review"]) for r in ev.rows] == [tuple(kept[i]) for i in order[:800]]
+        assert [(r["label"], r["review"]) for r in train.rows] == [tuple(kept[i]) for i in order[800:]]
+    assert {tasks._label(r["label"]) for r in train.rows[:96]} == {0, 1}  # shuffled: a quick run sees both
 
 
 @pytest.mark.parametrize("name", ["e2e_nlg/valid.txt", "e2e_nlg/test.txt", "adgen/dev.json",
