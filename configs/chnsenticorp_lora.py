@@ -3,7 +3,7 @@
   python -m jaxft.train --config=configs/chnsenticorp_lora.py
 The bundled split: 6,965 train / 800 dev reviews (a fixed-seed split, see jaxft/assets/chnsenticorp).
 jaxft-tiny's tokenizer is English SentencePiece with byte fallback: a Chinese character it has no
-piece for becomes its 3 UTF-8 bytes, so 128 tokens hold about the first 40 characters of a review,
+piece for becomes its 3 UTF-8 bytes, so 64 tokens hold about the first 20 characters of a review,
 and the model reads Chinese as byte sequences it rarely saw in pretraining. It learns from them
 anyway (figures in BENCHMARKS.md, "RTE and ChnSentiCorp"); a model with a Chinese vocabulary (e.g.
 `--config.model.path=Qwen/Qwen2.5-0.5B` when online) is the real choice.
@@ -26,14 +26,14 @@ def get_config():
 
     # Data section: bundled ChnSentiCorp (label 1 positive, 0 negative).
     c.data.name = "chnsenticorp"
-    c.data.seq_len = 128
+    c.data.seq_len = 64  # about 20 characters: most reviews say early whether they liked the hotel
 
     # Training section.
-    c.train.steps = 600
+    c.train.steps = 300  # 1.4 epochs
     c.train.batch_size = 32
     c.train.log_every_steps = 50
     c.optimizer.learning_rate = 3e-3
-    c.optimizer.warmup_steps = 30
-    c.eval.every_steps = 200
-    c.checkpoint.every_steps = 200
+    c.optimizer.warmup_steps = 20
+    c.eval.every_steps = 100
+    c.checkpoint.every_steps = 100
     return c
