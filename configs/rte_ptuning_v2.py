@@ -4,7 +4,9 @@
 Each example is `<s> premise </s> hypothesis </s>` (`data.text_pair_field=hypothesis`, the bundled
 set's own), cut to 128 tokens as HF cuts pairs (longest first). RTE is the P-Tuning v2 paper's
 SuperGLUE task; figures are in BENCHMARKS.md ("RTE and ChnSentiCorp"). jaxft-tiny is a 4M-parameter
-decoder pretrained on SST-2 and C4 text: entailment is far beyond it, so expect little above chance.
+decoder pretrained on SST-2 and C4 text, and entailment is beyond it: measured 2026-11-26, validation
+accuracy 0.531 after training against 0.570 untrained (chance 0.527), macro F1 0.525 against 0.475.
+About 5 minutes on an idle core (46 on a 2-core machine shared with 7 other jobs).
 A BERT-like encoder (with `--config.data.token_type_ids=True`) is the better base once one is bundled.
 """
 
