@@ -6,8 +6,8 @@ jaxft-tiny's tokenizer is English SentencePiece with byte fallback: a Chinese ch
 piece for becomes its 3 UTF-8 bytes, so 64 tokens hold about the first 20 characters of a review,
 and the model reads Chinese as byte sequences it rarely saw in pretraining. It learns a little from
 them: measured 2026-11-26, dev accuracy 0.700 after 300 steps against 0.326 untrained (always
-"positive": 0.678), macro F1 0.563 against 0.267 (BENCHMARKS.md, "RTE and ChnSentiCorp"). A few
-minutes on an idle core (27 on a 2-core machine shared with 7 other jobs). A model with a Chinese
+"positive": 0.678), macro F1 0.563 against 0.267 (BENCHMARKS.md, "RTE and ChnSentiCorp"). 27 minutes
+on a 2-core machine shared with 7 other jobs (load 18-24); not timed on an idle one. A model with a Chinese
 vocabulary (e.g. `--config.model.path=Qwen/Qwen2.5-0.5B` when online) is the real choice.
 """
 

@@ -6,7 +6,7 @@ set's own), cut to 128 tokens as HF cuts pairs (longest first). RTE is the P-Tun
 SuperGLUE task; figures are in BENCHMARKS.md ("RTE and ChnSentiCorp"). jaxft-tiny is a 4M-parameter
 decoder pretrained on SST-2 and C4 text, and entailment is beyond it: measured 2026-11-26, validation
 accuracy 0.531 after training against 0.570 untrained (chance 0.527), macro F1 0.525 against 0.475.
-About 5 minutes on an idle core (46 on a 2-core machine shared with 7 other jobs).
+46 minutes on a 2-core machine shared with 7 other jobs (load 18-24); not timed on an idle one.
 A BERT-like encoder (with `--config.data.token_type_ids=True`) is the better base once one is bundled.
 """
 
