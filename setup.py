@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         # torch is pinned: on the project's machines 2.13.0 is a local CPU wheel.
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13"],
+        # rouge-score, sacrebleu and scikit-learn are the oracles of jaxft.metrics (tests/test_metrics.py).
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "rouge-score>=0.1.2", "sacrebleu>=2.3", "scikit-learn"],
     },
 )

@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.task = ""  # "", classification, causal_lm or sft ("" = what the data says: see jaxft.data.tasks.choose_task)
     c.data.text_field = ""
     c.data.label_field = ""
+    c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
+    c.data.token_type_ids = False  # pairs: also give the model token_type_ids (0 first text, 1 second), as BERT's
     c.data.seq_len = 64
     c.data.length_buckets = True  # classification, unpacked sft: pad each batch to 16, 32, ... up to seq_len
     # sft: short examples share rows (segment ids: attention never crosses examples, positions restart);

@@ -1,4 +1,6 @@
-"""Metric sinks: TensorBoard event files (no TensorFlow needed) and metrics.jsonl, process 0 only.
+"""Metric sinks: TensorBoard event files (no TensorFlow needed) and metrics.jsonl, process 0 only;
+and the scores (accuracy, precision/recall/F1, exact match, perplexity, ROUGE, BLEU) from
+`jaxft.scores`, so `jaxft.metrics.rouge(predictions, references)` is the public name.
 
 Both are written through `epath`, so a `gs://` workdir works like a local one. A resumed run keeps
 each step once: metrics.jsonl rows past the restored step (written by a run killed after its last
@@ -15,6 +17,9 @@ import socket
 import time
 
 import jax
+
+from jaxft.scores import (accuracy, bleu, confusion_matrix, exact_match, from_confusion,  # noqa: F401
+                          perplexity, precision_recall_f1, rouge)
 
 
 class MetricWriter:
@@ -85,24 +90,16 @@ def _step(line: str) -> float:
 def summarize(sums: dict, prefix: str, perplexity: bool, labels=None) -> dict[str, float]:
     """Summed loss/correct/count -> mean loss, accuracy and (for token losses) perplexity; with a
     confusion matrix (rows: true class, columns: predicted), precision, recall and F1 per class named
-    by `labels`, and their macro average. A class never predicted (or never present) scores 0."""
+    by `labels`, and their macro averages (`jaxft.scores.from_confusion`; the micro ones equal the
+    accuracy and are left out). A class never predicted (or never present) scores 0."""
     count = max(float(sums["count"]), 1.0)
     loss = float(sums["loss_sum"]) / count
     out = {f"{prefix}/loss": loss, f"{prefix}/accuracy": float(sums["correct"]) / count}
     if perplexity:
         out[f"{prefix}/perplexity"] = math.exp(min(loss, 50.0))
     if "confusion" in sums:
-        confusion = [[float(v) for v in row] for row in sums["confusion"]]
+        confusion = sums["confusion"]
         names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(len(confusion))]
-        f1s = []
-        for i, name in enumerate(names):
-            hit = confusion[i][i]
-            predicted, actual = sum(row[i] for row in confusion), sum(confusion[i])
-            precision = hit / predicted if predicted else 0.0
-            recall = hit / actual if actual else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-            out.update({f"{prefix}/precision/{name}": precision, f"{prefix}/recall/{name}": recall,
-                        f"{prefix}/f1/{name}": f1})
-            f1s.append(f1)
-        out[f"{prefix}/f1_macro"] = sum(f1s) / len(f1s)
+        scores = from_confusion(confusion, names)
+        out.update({f"{prefix}/{k}": v for k, v in scores.items() if not k.endswith("_micro")})
     return out

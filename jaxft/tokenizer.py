@@ -17,7 +17,8 @@ class Tokenizer:
     """encode(text) -> ids without special tokens; bos/eos/pad ids; vocab_size.
 
     `bos_id` / `eos_id` are None where the tokenizer has no such token (Qwen2 has no BOS); `bos` and
-    `eos` are then empty lists, so `tok.bos + ids + tok.eos` adds only the tokens that exist."""
+    `eos` are then empty lists, so `tok.bos + ids + tok.eos` adds only the tokens that exist. `sep`
+    separates the two texts of a pair: the tokenizer's separator token (BERT's [SEP]), else `eos`."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -58,6 +59,14 @@ class Tokenizer:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
         self.bos = [self.bos_id] if self.bos_id is not None else []
         self.eos = [self.eos_id] if self.eos_id is not None else []
+        # BERT-like tokenizers have no BOS/EOS but [CLS]/[SEP]: texts become [CLS] a [SEP] (b [SEP]).
+        cls_id = getattr(self._hf, "cls_token_id", None) if self._hf is not None else None
+        sep_id = getattr(self._hf, "sep_token_id", None) if self._hf is not None else None
+        if not self.bos and cls_id is not None:
+            self.bos = [cls_id]
+        if not self.eos and sep_id is not None:
+            self.eos = [sep_id]
+        self.sep = [sep_id] if sep_id is not None else self.eos
 
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:

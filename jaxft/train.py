@@ -113,8 +113,10 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm and sft only")
     if task == "classification":
         labels = tasks.label_vocab(train_rec, label_field)
-        train, cut = tasks.classification(train_rec, tok, seq_len, text_field, label_field, labels)
-        ev = tasks.classification(eval_rec, tok, seq_len, text_field, label_field, labels)[0] if eval_rec else None
+        encode = lambda records: tasks.classification(  # noqa: E731
+            records, tok, seq_len, text_field, label_field, labels, sources.pair_field(d, first), d.token_type_ids)
+        train, cut = encode(train_rec)
+        ev = encode(eval_rec)[0] if eval_rec else None
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
         return Data(train, ev, task, labels, tok)

@@ -294,3 +294,15 @@ def test_adapter_names_a_loadable_base_and_keeps_label_names(tmp_path, named_dat
         ref = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
     ref = ref.numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_pair_field_names_file_and_line_via_the_cli(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"premise": "a cat sat", "hypothesis": "a cat", "label": "yes"}\n'
+                    '{"premise": "a dog ran", "hypothesis": "a dog", "label": "no"}\n'
+                    '{"premise": "a bird", "hypo": "a bird flew", "label": "yes"}\n')
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.data.text_field=premise",
+            "--config.data.text_pair_field=hypothesis", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{data}:3:", "missing field 'hypothesis'", "premise, hypo, label")
+    assert checksums(wd) == {}

@@ -7,6 +7,7 @@ Chinese sentences; nothing is downloaded.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -549,3 +550,162 @@ def test_bundled_grouped_sst2_keeps_every_phrase():
     assert label_field is None and len(ev.rows) == 872
     assert sum(len(r[text_field]) for r in train.rows) == 60614
     assert all(s in r[text_field][0] for r in train.rows for s in r[text_field])  # each phrase inside its sentence
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification from every format, with configurable fields, and sentence pairs
+
+
+ROWS = [{"review": "good film", "stars": "pos", "h": "it was good"}, {"review": "很好看", "stars": "pos", "h": "好"},
+        {"review": "bad , boring", "stars": "neg", "h": "it was not good"}]
+
+
+def write_format(path, rows):
+    """The same rows as a csv, tsv, json array, jsonl or parquet file."""
+    suffix = path.suffix
+    if suffix == ".parquet":
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}), path)
+    elif suffix == ".csv":
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([list(rows[0])] + [list(r.values()) for r in rows])  # quotes "bad , boring"
+    elif suffix == ".tsv":
+        write(path, "\n".join(["\t".join(rows[0])] + ["\t".join(r.values()) for r in rows]) + "\n")
+    elif suffix == ".json":
+        write(path, json.dumps(rows, ensure_ascii=False))
+    else:
+        write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_every_format_gives_the_same_classification_arrays(tmp_path, tok, suffix):
+    import ml_collections
+
+    path = write_format(tmp_path / f"reviews{suffix}", ROWS)
+    cfg = ml_collections.ConfigDict({"name": str(path), "eval_name": "", "text_field": "review",
+                                     "label_field": "stars", "text_pair_field": "h"})
+    train, _, text_field, label_field = sources.resolve(cfg)
+    assert (text_field, label_field, sources.pair_field(cfg)) == ("review", "stars", "h")
+    labels = tasks.label_vocab(train, label_field)
+    assert labels == ["neg", "pos"]  # names sorted: their ids are their positions
+    arrays, _ = tasks.classification(train, tok, 32, text_field, label_field, labels, "h", token_type_ids=True)
+    np.testing.assert_array_equal(arrays["labels"], [1, 1, 0])
+    for i, row in enumerate(ROWS):
+        a, b = tok.encode(row["review"]), tok.encode(row["h"])
+        n = len(a) + len(b) + 3
+        assert arrays["input_ids"][i, :n].tolist() == [tok.bos_id] + a + [tok.eos_id] + b + [tok.eos_id]
+        assert arrays["token_type_ids"][i].tolist() == [0] * (len(a) + 2) + [1] * (len(b) + 1) + [0] * (32 - n)
+        assert arrays["attention_mask"][i].sum() == n
+
+
+def test_token_type_ids_only_when_configured(tok):
+    r = records(ROWS)
+    single, _ = tasks.classification(r, tok, 16, "review", "stars", ["neg", "pos"])
+    pair, _ = tasks.classification(r, tok, 16, "review", "stars", ["neg", "pos"], "h")
+    assert set(single) == set(pair) == {"input_ids", "attention_mask", "labels", "weight"}
+    with_types, _ = tasks.classification(r, tok, 16, "review", "stars", ["neg", "pos"], token_type_ids=True)
+    assert (with_types["token_type_ids"] == 0).all()  # one text: every token is of type 0
+    np.testing.assert_array_equal(with_types["input_ids"], single["input_ids"])
+
+
+@pytest.fixture(scope="session")
+def bert_tok(tmp_path_factory):
+    """BERT's uncased WordPiece tokenizer (transformers, the oracle), saved to a directory."""
+    transformers = pytest.importorskip("transformers")
+    vocab = Path("/work/shared/data/tokenizers/bert-base-uncased/vocab.txt")
+    if not vocab.exists():
+        words = "[PAD] [UNK] [CLS] [SEP] [MASK] the a movie film is was good bad it not and of".split()
+        vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+        vocab.write_text("\n".join(words) + "\n")
+    hf = transformers.BertTokenizerFast(vocab=str(vocab))
+    out = tmp_path_factory.mktemp("bert_tok")
+    hf.save_pretrained(out)
+    return hf, Tokenizer(out)
+
+
+def test_pairs_match_bert_tokenizer_with_longest_first_truncation(bert_tok):
+    """[CLS] a [SEP] b [SEP] with token_type_ids, cut as HF cuts pairs, for many length combinations (no
+    empty texts: HF takes an empty second text for none, jaxft keeps its [SEP])."""
+    hf, tok = bert_tok
+    rng = np.random.default_rng(0)
+    words = "the a movie film is was good bad it not and of".split()
+    rows = [{"a": " ".join(rng.choice(words, rng.integers(1, 14))), "b": " ".join(rng.choice(words, rng.integers(1, 14))),
+             "y": 0} for _ in range(200)]
+    for seq_len in (5, 8, 9, 16, 40):
+        arrays, truncated = tasks.classification(records(rows), tok, seq_len, "a", "y", [0], "b", token_type_ids=True)
+        cut = 0
+        for i, row in enumerate(rows):
+            want = hf(row["a"], row["b"], truncation="longest_first", max_length=seq_len)
+            cut += len(hf(row["a"], row["b"])["input_ids"]) > seq_len
+            n = len(want["input_ids"])
+            assert arrays["input_ids"][i, :n].tolist() == want["input_ids"], (seq_len, row)
+            assert arrays["token_type_ids"][i, :n].tolist() == want["token_type_ids"], (seq_len, row)
+            assert arrays["attention_mask"][i].tolist() == [1] * n + [0] * (seq_len - n)
+            assert (arrays["input_ids"][i, n:] == hf.pad_token_id).all()
+        assert truncated == cut
+
+
+def test_bert_single_text_is_cls_text_sep(bert_tok):
+    hf, tok = bert_tok
+    arrays, _ = tasks.classification(records([{"t": "the film was good", "y": 1}]), tok, 12, "t", "y", [1])
+    want = hf("the film was good")["input_ids"]
+    assert arrays["input_ids"][0, : len(want)].tolist() == want
+
+
+def test_missing_pair_field_names_file_and_line(tmp_path, tok):
+    p = write(tmp_path / "pairs.jsonl", '{"premise": "a", "hypothesis": "b", "label": "x"}\n'
+                                        '{"premise": "c", "hyp": "d", "label": "x"}\n')
+    raises([f"{p}:2:", "missing field 'hypothesis'", "premise, hyp, label"], tasks.classification,
+           read_file(p), tok, 16, "premise", "label", ["x"], "hypothesis")
+
+
+def test_parquet_without_pyarrow_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    p = write(tmp_path / "d.parquet", "not really parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if pyarrow were absent
+    raises([str(p), "reading parquet needs pyarrow"], read_file, p)
+
+
+def test_bundled_rte_is_pairs_with_named_labels(tok):
+    cfg = base_config().data
+    cfg.name = "rte"
+    train, ev, text_field, label_field = sources.resolve(cfg)
+    assert (text_field, label_field, sources.pair_field(cfg)) == ("premise", "label", "hypothesis")
+    assert (len(train.rows), len(ev.rows)) == (2490, 277)
+    labels = tasks.label_vocab(train, label_field)
+    assert labels == ["entailment", "not_entailment"]
+    arrays, _ = tasks.classification(ev, tok, 256, text_field, label_field, labels, "hypothesis")
+    assert arrays["labels"].tolist().count(0) == 146  # entailment, as the SuperGLUE counts
+
+
+def test_bundled_chnsenticorp_is_the_documented_fixed_seed_split():
+    cfg = base_config().data
+    cfg.name = "chnsenticorp"
+    train, ev, text_field, label_field = sources.resolve(cfg)
+    assert (text_field, label_field, sources.pair_field(cfg)) == ("review", "label", None)
+    assert (len(train.rows), len(ev.rows)) == (6965, 800)
+    assert tasks.label_vocab(train, "label") == [0, 1]
+    assert sum(tasks._label(r["label"]) for r in ev.rows) == 542
+    source = Path("/work/shared/data/chinese_sentiment/ChnSentiCorp_htl_all.csv")
+    if source.exists():  # the split is what the README's code makes of the source
+        import csv
+
+        rows = list(csv.reader(source.open(encoding="utf-8", newline="")))[1:]
+        kept = [r for r in rows if r[1].strip()]
+        order = np.random.default_rng(0).permutation(len(kept))
+        assert [(r["label"], r["review"]) for r in ev.rows] == [tuple(kept[i]) for i in order[:800]]
+        assert [(r["label"], r["review"]) for r in train.rows] == [tuple(kept[i]) for i in order[800:]]
+    assert {tasks._label(r["label"]) for r in train.rows[:96]} == {0, 1}  # shuffled: a quick run sees both
+
+
+@pytest.mark.parametrize("name", ["e2e_nlg/valid.txt", "e2e_nlg/test.txt", "adgen/dev.json",
+                                  "alpaca_en_demo/alpaca_en_demo.json", "alpaca_zh_demo/alpaca_zh_demo.json"])
+def test_bundled_generation_sets_are_there_with_attribution(name):
+    path = sources.ASSETS / name
+    assert path.stat().st_size > 100_000
+    readme = (path.parent / "README.md").read_text(encoding="utf-8")
+    assert "commit" in readme and "licen" in readme.lower()

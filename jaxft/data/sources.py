@@ -23,10 +23,14 @@ class Bundled:
     text_field: str
     label_field: str | None
     group_phrases: bool = False  # see `group_phrases`
+    text_pair_field: str | None = None  # the second text of a sentence pair (RTE's hypothesis)
 
 
 BUNDLED = {
     "sst2": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", "label"),
+    "rte": Bundled(ASSETS / "rte" / "train.jsonl", ASSETS / "rte" / "val.jsonl", "premise", "label",
+                   text_pair_field="hypothesis"),
+    "chnsenticorp": Bundled(ASSETS / "chnsenticorp" / "train.csv", ASSETS / "chnsenticorp" / "dev.csv", "review", "label"),
     "c4_demo": Bundled(ASSETS / "c4_demo" / "c4_demo.jsonl", None, "text", None),
     # SST-2 training sentences for language modelling, each treebank sentence with its sub-phrases.
     "sst2_grouped": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", None, True),
@@ -49,7 +53,10 @@ def read_file(path: str | Path) -> Records:
         raise JaxftError(f"data file {str(p)!r}: unknown format {suffix!r} (expected one of {', '.join(FORMATS)})")
     rows, where = [], []
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise JaxftError(f"data file {str(p)!r}: reading parquet needs pyarrow (pip install pyarrow)") from None
 
         try:
             rows = pq.read_table(p).to_pylist()
@@ -161,6 +168,14 @@ def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None,
         train = _hub(name, "train")
         ev = _hub(name, eval_name or "validation") if eval_name != "none" else None
     return train, ev, text_field or "text", label_field or "label"
+
+
+def pair_field(data_cfg, name: str | None = None) -> str | None:
+    """The field holding the second text of a sentence pair: `data.text_pair_field`, else the bundled
+    set's own (RTE: hypothesis), else None (single texts)."""
+    name = str(data_cfg.name) if name is None else name
+    given = data_cfg.get("text_pair_field") or None
+    return given or (BUNDLED[name].text_pair_field if name in BUNDLED else None)
 
 
 def group_phrases(records: Records, text_field: str, n: int = 3) -> Records:

@@ -1,7 +1,9 @@
 """Records -> fixed-shape numpy arrays, so the train step compiles once.
 
 classification: [BOS] text [EOS] right-padded to seq_len, plus `labels` (BOS and EOS where the
-                tokenizer has them: Qwen2's has no BOS).
+                tokenizer has them: Qwen2's has no BOS). A sentence pair (premise, hypothesis) is
+                [BOS] text [SEP] pair [EOS], SEP being the tokenizer's separator (BERT's [SEP]) or
+                else its EOS; with `token_type_ids`, 0 up to the SEP and 1 after it, as BERT's.
 causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, no padding); a text
                 that is a list of segments becomes BOS seg1 EOS seg2 EOS ...; with `segments`, each
                 block's `segment_ids` number its documents so attention stays within each.
@@ -75,25 +77,49 @@ def label_vocab(records: Records, label_field: str) -> list:
     return sorted(set(values))
 
 
-def classification(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list):
+def classification(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list,
+                   text_pair_field: str | None = None, token_type_ids: bool = False):
+    """-> (arrays, number of truncated examples). A single text too long for `seq_len` loses its end; a
+    pair is cut as HF's (fast) tokenizers do with `truncation="longest_first"`: the shorter text keeps
+    up to half the room (the first text counts as the shorter on a tie), the longer one the rest."""
     n = len(records.rows)
     ids = np.full((n, seq_len), tok.pad_id, np.int32)
     mask = np.zeros((n, seq_len), np.int32)
+    types = np.zeros((n, seq_len), np.int32)
     y = np.zeros((n,), np.int32)
     index = {v: k for k, v in enumerate(labels)}
+    sep = getattr(tok, "sep", None) or tok.eos
     truncated = 0
     for i in range(n):
-        toks = tok.bos + tok.encode(_text(records, i, text_field)) + tok.eos
-        if len(toks) > seq_len:
-            truncated += 1
-            toks = toks[: seq_len - len(tok.eos)] + tok.eos
+        a = tok.encode(_text(records, i, text_field))
+        b = tok.encode(_text(records, i, text_pair_field)) if text_pair_field else None
+        if b is None:
+            first = toks = tok.bos + a + tok.eos
+            if len(toks) > seq_len:
+                truncated += 1
+                toks = toks[: seq_len - len(tok.eos)] + tok.eos
+        else:
+            room = max(seq_len - len(tok.bos) - len(sep) - len(tok.eos), 0)
+            if len(a) + len(b) > room:  # HF's longest_first: the shorter keeps up to half the room
+                truncated += 1
+                if len(a) > len(b):
+                    b = b[: room // 2]
+                    a = a[: room - len(b)]
+                else:
+                    a = a[: room // 2]
+                    b = b[: room - len(a)]
+            first = tok.bos + a + sep
+            toks = (first + b + tok.eos)[:seq_len]
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
+        types[i, len(first) : len(toks)] = 1
         v = _label(field(records, i, label_field))
         if v not in index:
             raise JaxftError(f"{records.where[i]}: label {v!r} is not one of the training labels {labels}")
         y[i] = index[v]
     arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32)}
+    if token_type_ids:
+        arrays["token_type_ids"] = types
     return arrays, truncated
 
 
