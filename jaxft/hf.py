@@ -203,6 +203,19 @@ def load(path: str, adapter: str | None = None, **overrides):
     return model, params
 
 
+def save_adapter(model, params: dict, out_dir: str, base: str = "") -> Path:
+    """Write the adapter of a hooked model (e.g. one `load(base, adapter=...)` built, or a trained one)
+    as HF PEFT adapter(s) that `peft.PeftModel.from_pretrained` loads: the leaves its methods add,
+    and a classifier head. `base`: what the adapter names as its base model (`base_reference`)."""
+    from jaxft.peft.hf_peft import save_adapter as write
+    from jaxft.peft.methods import of_hooks
+    from jaxft.peft.partition import added_params, flat, merge, unflat
+
+    head = family.of(model.cfg).classifier_params if model.cfg.head == "classification" else None
+    score = unflat({k: v for k, v in flat(params).items() if head and re.search(head, k)})
+    return write(model, of_hooks(model.hooks), merge(added_params(params), score), out_dir, base=base)
+
+
 def save(model, params: dict, out_dir: str, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write a directory that `transformers` loads (config.json + model.safetensors)."""
     from safetensors.numpy import save_file
