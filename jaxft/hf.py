@@ -187,11 +187,16 @@ def hf_config_dict(cfg) -> dict:
     return c
 
 
-def load(path: str, adapter: str | None = None, **overrides):
-    """Read a HF model directory -> (model, params). `adapter`: a HF PEFT adapter directory.
+def load(path: str, adapter: str | dict | None = None, active: str | None = None, **overrides):
+    """Read a HF model directory -> (model, params). `adapter`: a HF PEFT adapter directory, or
+    {name: directory} of several on the one base, of which `active` (default: the first) is applied;
+    `load_adapters` keeps them all for switching.
 
     `overrides` replace config fields (e.g. dtype="bfloat16", scan_layers=False).
     """
+    if isinstance(adapter, dict):
+        adapters = load_adapters(path, adapter, **overrides)
+        return adapters.use(active or adapters.names[0])
     root = resolve(str(path))
     cfg = read_config(root, **overrides)
     params = params_from_hf(read_tensors(root), cfg, where=str(root))
@@ -201,6 +206,19 @@ def load(path: str, adapter: str | None = None, **overrides):
 
         model, params = load_adapter(model, params, adapter)
     return model, params
+
+
+def load_adapters(path: str, adapters: dict, **overrides):
+    """One base and several named HF PEFT adapters -> `jaxft.peft.multi.Adapters` (`use(name)` ->
+    (model, params) with that one active; the base's weights are held once)."""
+    from jaxft.peft.multi import Adapters
+
+    if not adapters:
+        raise JaxftError("adapter={}: expected {name: adapter directory, ...}")
+    out = Adapters(*load(path, **overrides))
+    for name, directory in adapters.items():
+        out.load(name, directory)
+    return out
 
 
 def save_adapter(model, params: dict, out_dir: str, base: str = "") -> Path:

@@ -388,3 +388,34 @@ def test_aux_loss_and_method_state_reach_the_train_step(bases, tmp_path):
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), new)
     _, restored, _ = Checkpoints(tmp_path, 1, 1).restore_latest(abstract, lambda m: None, print)
     np.testing.assert_array_equal(restored.method_state[str(len(model.hooks))]["grad_sum"], state["grad_sum"])
+
+
+def test_several_named_adapters_on_one_base(bases, tmp_path):
+    base, base_dir = bases["causal"]
+    dirs = {}
+    for i, kw in enumerate((PROMPT, dict(name="lora", rank=2, targets="q_proj,v_proj"))):
+        model, method, params = hooked(base_dir, kw, seed=i)
+        save_adapter(model, method, split(params, method.trainable)[0], tmp_path / f"a{i}")
+        dirs[f"a{i}"] = str(tmp_path / f"a{i}")
+    ids, mask = batch("causal")
+    real = mask.astype(bool)
+    adapters = hf.load_adapters(base_dir, dirs)
+    (m0, p0), (m1, p1) = adapters.use("a0"), adapters.use("a1")
+    assert adapters.active == "a1" and [h.kind for h in m0.hooks] == ["prompt_tuning"]
+    assert p0["embed_tokens"] is p1["embed_tokens"]  # the base is held once
+    for name, (m, p) in (("a0", (m0, p0)), ("a1", (m1, p1))):
+        np.testing.assert_allclose(ours(m, p, ids, mask)[real], ours(*hf.load(base_dir, adapter=dirs[name]), ids, mask)[real],
+                                   rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(ours(*hf.load(base_dir, adapter=dirs, active="a1"), ids, mask), ours(m1, p1, ids, mask))
+    # Train one (here: change its prompt) while the other stays as it was, then save each on its own.
+    before = ours(m1, p1, ids, mask)
+    changed = flat(p0)
+    changed["prompt_embeddings/embedding"] = changed["prompt_embeddings/embedding"] * 1.5
+    adapters.put("a0", m0, unflat(changed))
+    np.testing.assert_array_equal(ours(*adapters.use("a1"), ids, mask), before)
+    adapters.save("a0", tmp_path / "s0")
+    ref = peft_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "s0").eval(), "causal", ids, mask, False)
+    np.testing.assert_allclose(ours(*adapters.use("a0"), ids, mask)[real], ref[real], rtol=RTOL, atol=ATOL)
+    assert np.abs(ours(m0, p0, ids, mask) - ours(*adapters.use("a0"), ids, mask)).max() > 1e-3
+    with pytest.raises(JaxftError, match="adapter 'zz': not loaded"):
+        adapters.use("zz")

@@ -140,7 +140,7 @@ class PromptHook(Hook):
 
     def embeddings(self, model, h, attention_mask):
         p = self.module(model.cfg)().astype(h.dtype)  # [P, D]
-        b = h.shape[0]
+        b, attention_mask = h.shape[0], jnp.asarray(attention_mask)
         h = jnp.concatenate([jnp.broadcast_to(p[None], (b,) + p.shape), h], axis=1)
         ones = jnp.ones((b, self.num_virtual_tokens), attention_mask.dtype)
         return h, jnp.concatenate([ones, attention_mask], axis=1)
