@@ -66,7 +66,12 @@ def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "stdout.log", "w") as out_f, open(workdir / "stderr.log", "w") as err_f:
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use, its peak memory included
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use, its peak memory included
+        except BaseException:  # interrupted: the run must not go on alone
+            proc.kill()
+            proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = (workdir / "stdout.log").read_text(), (workdir / "stderr.log").read_text()
     row = {"config": Path(config_file).stem, "seed": seed, "workdir": str(workdir), "returncode": proc.returncode,

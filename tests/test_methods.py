@@ -27,7 +27,7 @@ from jaxft.peft import build, registry
 from jaxft.peft.hf_peft import save_adapter
 from jaxft.peft.hook import Hook
 from jaxft.peft.partition import ADDED_PARAMS, added_params, count, flat, merge, split, unflat
-from jaxft.peft.prompt import PromptEncoder, PromptHook
+from jaxft.peft.prompt import PromptEncoder
 
 HF_CFG = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0)
