@@ -33,7 +33,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Method section: which parameters train and how the model is hooked.
     c.method = ml_collections.ConfigDict()
-    c.method.name = "full"  # full | head | lora | ptuning_v2, or several joined by '+'
+    # full | head | bitfit | lora | ptuning_v2 | prefix_tuning | prompt_tuning | ptuning, or several joined
+    # by '+' (see `jaxft.peft.methods`)
+    c.method.name = "full"
+    c.method.layers = ""  # "" all, or the decoder layers that train: '0-3', '0,2,5-7' (needs model.scan_layers=False)
+    c.method.trainable_pattern = ""  # a regex of parameter paths that train too; '!regex' freezes them instead
     c.method.rank = 8
     c.method.alpha = 16.0
     c.method.dropout = 0.0
@@ -47,6 +51,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.prompt_dropout = 0.0
     c.method.init_std = 1.0  # P-Tuning v2 random prefix initialisation scale
     c.method.init_from_tokens = False  # P-Tuning v2: start from the frozen model's keys/values of real tokens
+    c.method.prompt_init = "random"  # prompt tuning: random | vocab (sampled token embeddings) | text
+    c.method.prompt_init_text = ""  # prompt tuning, prompt_init=text: tokenized with the run's tokenizer
+    c.method.encoder = "mlp"  # P-Tuning: the prompt encoder, mlp or lstm
+    c.method.encoder_hidden = 0  # P-Tuning: its width (0 = the model's hidden size)
+    c.method.encoder_layers = 2  # P-Tuning: LSTM layers
+    c.method.encoder_dropout = 0.0  # P-Tuning: LSTM dropout between layers
 
     # Data section.
     c.data = ml_collections.ConfigDict()

@@ -187,11 +187,16 @@ def hf_config_dict(cfg) -> dict:
     return c
 
 
-def load(path: str, adapter: str | None = None, **overrides):
-    """Read a HF model directory -> (model, params). `adapter`: a HF PEFT adapter directory.
+def load(path: str, adapter: str | dict | None = None, active: str | None = None, **overrides):
+    """Read a HF model directory -> (model, params). `adapter`: a HF PEFT adapter directory, or
+    {name: directory} of several on the one base, of which `active` (default: the first) is applied;
+    `load_adapters` keeps them all for switching.
 
     `overrides` replace config fields (e.g. dtype="bfloat16", scan_layers=False).
     """
+    if isinstance(adapter, dict):
+        adapters = load_adapters(path, adapter, **overrides)
+        return adapters.use(active or adapters.names[0])
     root = resolve(str(path))
     cfg = read_config(root, **overrides)
     params = params_from_hf(read_tensors(root), cfg, where=str(root))
@@ -201,6 +206,32 @@ def load(path: str, adapter: str | None = None, **overrides):
 
         model, params = load_adapter(model, params, adapter)
     return model, params
+
+
+def load_adapters(path: str, adapters: dict, **overrides):
+    """One base and several named HF PEFT adapters -> `jaxft.peft.multi.Adapters` (`use(name)` ->
+    (model, params) with that one active; the base's weights are held once)."""
+    from jaxft.peft.multi import Adapters
+
+    if not adapters:
+        raise JaxftError("adapter={}: expected {name: adapter directory, ...}")
+    out = Adapters(*load(path, **overrides))
+    for name, directory in adapters.items():
+        out.load(name, directory)
+    return out
+
+
+def save_adapter(model, params: dict, out_dir: str, base: str = "") -> Path:
+    """Write the adapter of a hooked model (e.g. one `load(base, adapter=...)` built, or a trained one)
+    as HF PEFT adapter(s) that `peft.PeftModel.from_pretrained` loads: the leaves its methods add,
+    and a classifier head. `base`: what the adapter names as its base model (`base_reference`)."""
+    from jaxft.peft.hf_peft import save_adapter as write
+    from jaxft.peft.methods import of_hooks
+    from jaxft.peft.partition import added_params, flat, merge, unflat
+
+    head = family.of(model.cfg).classifier_params if model.cfg.head == "classification" else None
+    score = unflat({k: v for k, v in flat(params).items() if head and re.search(head, k)})
+    return write(model, of_hooks(model.hooks), merge(added_params(params), score), out_dir, base=base)
 
 
 def save(model, params: dict, out_dir: str, tokenizer_dir: str | os.PathLike | None = None) -> Path:

@@ -16,10 +16,21 @@ import optax
 
 from jaxft import sharding
 from jaxft.objectives import Objective, causal_lm_loss, for_head  # noqa: F401 (causal_lm_loss: re-exported)
+from jaxft.peft import registry
+from jaxft.peft.methods import aux_loss, init_method_state, update_method_state
 from jaxft.peft.partition import merge
 
-# Parameters that take no weight decay: norms, biases, prefixes and embeddings of prompts.
-NO_DECAY = ("norm", "bias", "prefix_encoder")  # and every "*layernorm" module
+# Base-model leaves that take no weight decay: norms and biases (and every "*layernorm" module, and
+# the input embeddings). Method-added leaves without decay are declared by each method
+# (`registry.Kind.no_decay`, e.g. prompts and prefixes): `no_decay(path)` asks both.
+NO_DECAY = ("norm", "bias")
+
+
+def no_decay(path: str) -> bool:
+    """Whether the leaf at "a/b/c" takes no weight decay."""
+    names = path.lower().split("/")
+    return (any(n in NO_DECAY or n.endswith("layernorm") for n in names) or names[-1] == "embed_tokens"
+            or registry.no_decay_regex().search(path) is not None)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -27,23 +38,28 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any  # the trainable leaves only
     opt_state: Any
     rng: jax.Array
+    method_state: Any = flax.struct.field(default_factory=dict)  # what hooks keep per step (`Hook.init_state`)
 
 
-def init_state(tx: optax.GradientTransformation, params, seed: int, mesh) -> tuple[TrainState, TrainState]:
+def init_state(tx: optax.GradientTransformation, params, seed: int, mesh, hooks=()) -> tuple[TrainState, TrainState]:
     """-> (state, its shardings), created directly in that layout: the optimizer's moments split like
     their parameters (under FSDP, 2x the trainable parameters in fp32 never sit on one device), the
-    step counter and rng replicated. Parameters not yet on `mesh` are replicated onto it."""
+    step counter and rng replicated. Parameters not yet on `mesh` are replicated onto it. `hooks`:
+    the model's, whose `init_state` gives the method state."""
     rep = sharding.replicated(mesh)
     on_mesh = lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else rep  # noqa: E731
     param_shardings = jax.tree_util.tree_map(on_mesh, params)
+    params = jax.device_put(params, param_shardings)
+    method_state = jax.jit(lambda p: init_method_state(hooks, p))(params)
+    method_state = jax.device_put(method_state, jax.tree_util.tree_map(on_mesh, method_state))
     shardings = TrainState(
         step=rep, params=param_shardings, rng=rep,
         opt_state=sharding.opt_state_shardings(tx, params, param_shardings, mesh),
+        method_state=jax.tree_util.tree_map(lambda x: x.sharding, method_state),
     )
-    params = jax.device_put(params, param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)), out_shardings=rep)()
-    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng), shardings
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, method_state=method_state), shardings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +86,7 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
 
     def decay_mask(params):
         def keep(path, _):
-            names = [str(getattr(k, "key", k)).lower() for k in path]
-            return not any(n in NO_DECAY or n.endswith("layernorm") for n in names) and names[-1] != "embed_tokens"
+            return not no_decay("/".join(str(getattr(k, "key", k)) for k in path))
 
         return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -130,8 +145,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     data/FSDP shards; `param_shardings` holds the gradient carry to the parameters' layout. With
     `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves params and optimizer state as
     they were; either way metrics["nonfinite"] says whether it was. `objective` (default: the one
-    of the model's head) says what the model is called with and what the loss is."""
+    of the model's head) says what the model is called with and what the loss is. The model's hooks
+    may add an auxiliary loss (`Hook.aux_loss`, reported as metrics["aux_loss"] and included in
+    "loss") and update their per-step state in `state.method_state` after each optimizer step."""
     objective = objective or for_head(model.cfg.head)
+    hooks = tuple(getattr(model, "hooks", ()))  # a method's aux loss and per-step state come through them
 
     def forward(trainable, frozen, batch, rng, loss_scale):
         params = {"params": merge(trainable, frozen)}
@@ -171,9 +189,16 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum)))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / (count * loss_scale), grads)  # mean over every token/example
+        aux = None
+        if aux_loss(hooks, state.params) is not None:  # a method's own loss term, once per step (not per micro-batch)
+            aux, aux_grads = jax.value_and_grad(lambda p: aux_loss(hooks, p))(state.params)
+            grads = jax.tree_util.tree_map(jnp.add, grads, like_params(aux_grads))
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        method_state = state.method_state
+        if method_state:  # e.g. AdaLoRA's importance scores and rank budget
+            method_state, params = update_method_state(hooks, method_state, params, grads, state.step + 1)
         grad_norm = optax.global_norm(grads)
         # The new parameters too: finite gradients can still step them to Inf (a huge learning rate).
         # Under a loss scale an overflowing gradient is expected: the scale skips that update itself.
@@ -181,8 +206,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         if skip_nonfinite:
             keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            method_state = keep(method_state, state.method_state)
         metrics = {
-            "loss": sums["loss_sum"] / count,
+            "loss": sums["loss_sum"] / count + (aux if aux is not None else 0.0),
             "accuracy": sums["correct"] / count,
             "grad_norm": grad_norm,
             "nonfinite": 1.0 - finite.astype(jnp.float32),
@@ -191,7 +217,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         }
         if scaled:
             metrics["loss_scale"] = opt_state.scale
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+        if aux is not None:
+            metrics["aux_loss"] = aux
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, method_state=method_state)
+        return new, metrics
 
     return train_step
 

@@ -390,7 +390,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         **model_settings(config, cfg),
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
-    method = build(config.method, cfg)
+    method = build(config.method, cfg, tokenizer=data.tokenizer)
     model = family.build(cfg, method.hooks)
     objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
 
@@ -421,7 +421,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     if config.model.dtype == "float16":  # fp16's range needs a loss scale; it lives in the optimizer state
         tx = dynamic_loss_scale(tx)
     replicated = sharding.replicated(mesh)
-    state, state_shardings = init_state(tx, trainable, config.train.seed, mesh)
+    state, state_shardings = init_state(tx, trainable, config.train.seed, mesh, model.hooks)
 
     # Only now, with every input checked, does the run write anything.
     workdir.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,8 @@ def test_missing_field_names_file_and_line(tmp_path):
     ["--config.method.name=head", "--config.data.synthetic_labels=3"],
     ["--config.method.name=ptuning_v2", "--config.method.projection=True", "--config.method.prompt_dropout=0.1"],
     ["--config.method.name=lora+ptuning_v2", "--config.model.scan_layers=False", "--config.model.remat=True"],
+    ["--config.method.name=lora+prompt_tuning", "--config.data.synthetic_labels=2"],
+    ["--config.method.name=full", "--config.method.layers=1", "--config.model.scan_layers=False"],
 ])
 def test_methods_and_model_options_train(tmp_path, overrides):
     # 8 examples = one batch seen every step, so any method can fit it a little.

@@ -1,27 +1,60 @@
 """HF PEFT adapter format (adapter_config.json + adapter_model.safetensors), both ways.
 
-LoRA maps to PEFT's `LORA` (lora_A [r, in], lora_B [out, r] per layer); P-Tuning v2 maps to PEFT's
-`PREFIX_TUNING` (`prompt_embeddings` [tokens, layers * 2 * kv_width], written after any
-reparameterisation, so the adapter serves without it). A classifier head goes in as PEFT's
-`modules_to_save` copy of `score`.
+Each PEFT type is a `Format` in `FORMATS`, keyed by PEFT's `peft_type`: how a hook of a method of that
+type is written (its adapter_config.json keys and tensors) and how one is read back into a hook and
+its parameters. A hook finds its format through its method (`hook.kind` -> `registry.Kind.peft_type`).
+
+LoRA maps to PEFT's `LORA` (lora_A [r, in], lora_B [out, r] per layer). P-Tuning v2 and prefix
+tuning map to `PREFIX_TUNING` (`prompt_embeddings` [tokens, layers * 2 * kv_width], written after any
+reparameterisation, so the adapter serves without it); prompt tuning to `PROMPT_TUNING` and P-Tuning
+to `P_TUNING` (`prompt_embeddings` [tokens, hidden], the prompt encoder's output). A classifier head
+goes in as PEFT's `modules_to_save` copy of `score`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
+from jaxft.peft import registry
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
-from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
+from jaxft.peft.prompt import MODULE, PromptHook
+from jaxft.peft.ptuning_v2 import PrefixHook
 
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    peft_type: str
+    # (model, hook, trainable params flat {"a/b": array}, base reference) -> (adapter_config keys, tensors)
+    export: Callable
+    # (model config, adapter_config dict, tensors, where) -> (hook, {"a/b": array} of the params it adds)
+    load: Callable
+    score_key: str = "base_model.model.score.weight"  # where PEFT keeps a classifier head's copy
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    FORMATS[fmt.peft_type] = fmt
+    return fmt
+
+
+def format_of(hook) -> Format | None:
+    """The PEFT format of a hook's method; None where its method has none (or it adds nothing)."""
+    kind = registry.get(getattr(hook, "kind", ""))
+    return FORMATS.get(kind.peft_type) if kind is not None else None
 
 
 def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
@@ -45,12 +78,129 @@ def _peft_module(cfg, path: str, layer: int | None) -> str:
 
 
 def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
-    cfg = model.cfg
-    enc = PrefixEncoder(hook.num_virtual_tokens, *family.of(cfg).kv_layout(cfg),
-                        cfg.hidden_size, hook.projection, hook.projection_hidden, 0.0, hook.init_std)
-    k, v = enc.apply({"params": prefix_params}, 1)
+    k, v = hook.encoder(model.cfg, dropout=0.0, name=None).apply({"params": prefix_params}, 1)
     kv = np.stack([np.asarray(k[:, 0]), np.asarray(v[:, 0])], axis=1)  # [L, 2, P, KV, D]
     return kv.transpose(2, 0, 1, 3, 4).reshape(hook.num_virtual_tokens, -1)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The formats.
+
+
+def _export_lora(model, hook: LoraHook, params: dict, base: str):
+    cfg = model.cfg
+    modules = _lora_modules(unflat(params))
+    patterns, tensors = [], {}
+    for path, ab in modules.items():
+        in_stack = path.startswith("layers.")
+        for i in range(ab["a"].shape[0]) if in_stack else [None]:
+            a, b = (ab["a"][i], ab["b"][i]) if i is not None else (ab["a"], ab["b"])
+            name = _peft_module(cfg, path, i)
+            # PEFT matches target_modules against full module names: one pattern per stacked path.
+            patterns.append(re.escape(name).replace(f"\\.{i}\\.", r"\.\d+\.", 1) if in_stack else re.escape(name))
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
+    config = {"r": hook.rank, "lora_alpha": hook.alpha, "lora_dropout": hook.dropout, "use_rslora": hook.rslora,
+              "target_modules": "|".join(sorted(set(patterns))), "bias": "none",
+              "fan_in_fan_out": family.of(cfg).fan_in_fan_out,
+              "init_lora_weights": True, "use_dora": False}
+    return config, tensors
+
+
+def _load_lora(cfg, config: dict, tensors: dict, where: str):
+    if config.get("use_dora") or config.get("bias", "none") != "none":
+        raise JaxftError(f"{where}/adapter_config.json: DoRA and LoRA biases are not supported yet")
+    per_module, new = {}, {}
+    for key, value in tensors.items():
+        m = LORA_KEY.fullmatch(key)
+        if not m:
+            continue
+        name = family.of(cfg).our_module(m[1])
+        if name is None:
+            raise JaxftError(f"{where}: {key} names a module this {cfg.model_type} model does not have")
+        layer = re.match(r"layers\.(\d+)\.(.+)", name)
+        path = f"layers.{layer[2]}" if layer else name
+        per_module.setdefault(path, {}).setdefault(m[2], {})[int(layer[1]) if layer else None] = value.T
+    prefix = "layers" if cfg.scan_layers else None
+    for path, ab in per_module.items():
+        for which, per_layer in ab.items():
+            leaf = "lora_a" if which == "A" else "lora_b"
+            if path.startswith("layers.") and prefix:
+                if sorted(per_layer) != list(range(cfg.num_layers)):
+                    raise JaxftError(f"{where}: LoRA on {path} covers only some layers (not supported)")
+                new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
+            elif path.startswith("layers."):
+                for i, v in per_layer.items():
+                    new[f"layers_{i}/" + path[7:].replace(".", "/") + "/" + leaf] = v
+            else:
+                new[path.replace(".", "/") + "/" + leaf] = per_layer[None]
+    targets = "|".join(re.escape(p) for p in sorted(per_module))
+    return LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora"))), new
+
+
+def _export_prefix(model, hook: PrefixHook, params: dict, base: str):
+    cfg = model.cfg
+    prefix = {k[len("prefix_encoder/"):]: v for k, v in params.items() if k.startswith("prefix_encoder/")}
+    layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+    config = {"num_virtual_tokens": hook.num_virtual_tokens, "token_dim": kv_heads * head_dim, "num_layers": layers,
+              "num_attention_heads": kv_heads, "encoder_hidden_size": hook.projection_hidden if hook.projection
+              else cfg.hidden_size, "prefix_projection": hook.projection, "num_transformer_submodules": 1}
+    return config, {"prompt_embeddings": _prefix_embeddings(model, hook, unflat(prefix))}
+
+
+def _load_prefix(cfg, config: dict, tensors: dict, where: str):
+    emb = tensors["prompt_embeddings"]
+    layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+    width = layers * 2 * kv_heads * head_dim
+    if emb.shape[1] != width:
+        raise JaxftError(f"{where}: prompt_embeddings width {emb.shape[1]} does not fit this model ({width})")
+    # Trained with or without the MLP: what serves is the prefix itself.
+    kind = "prefix_tuning" if config.get("prefix_projection") else "ptuning_v2"
+    return PrefixHook(emb.shape[0], projection=False, kind=kind), {"prefix_encoder/embedding": emb}
+
+
+def _export_prompt(model, hook: PromptHook, params: dict, base: str):
+    cfg = model.cfg
+    name = MODULE[hook.kind] + "/"
+    own = unflat({k[len(name):]: v for k, v in params.items() if k.startswith(name)})
+    layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+    config = {"num_virtual_tokens": hook.num_virtual_tokens, "token_dim": cfg.hidden_size, "num_layers": layers,
+              "num_attention_heads": cfg.num_heads if hasattr(cfg, "num_heads") else kv_heads,
+              "num_transformer_submodules": 1}
+    if hook.kind == "ptuning":
+        config.update(encoder_reparameterization_type="LSTM" if hook.encoder == "lstm" else "MLP",
+                      encoder_hidden_size=hook.encoder_hidden or cfg.hidden_size,
+                      encoder_num_layers=hook.encoder_layers, encoder_dropout=hook.encoder_dropout)
+    else:  # PEFT validates a TEXT init's tokenizer, which is the base model's directory
+        text = hook.init == "text" and bool(base)
+        config.update(prompt_tuning_init="TEXT" if text else {"vocab": "SAMPLE_VOCAB"}.get(hook.init, "RANDOM"),
+                      prompt_tuning_init_text=hook.init_text if text else None,
+                      tokenizer_name_or_path=base if text else None)
+    return config, {"prompt_embeddings": hook.prompt_embeddings(cfg, own)}
+
+
+def _load_prompt(kind: str):
+    def load(cfg, config: dict, tensors: dict, where: str):
+        emb = tensors["prompt_embeddings"]
+        if emb.ndim != 2 or emb.shape[1] != cfg.hidden_size:
+            raise JaxftError(f"{where}: prompt_embeddings of shape {tuple(emb.shape)} does not fit this model "
+                             f"(expected [tokens, {cfg.hidden_size}])")
+        return PromptHook(emb.shape[0], kind), {f"{MODULE[kind]}/embedding": emb}
+
+    return load
+
+
+PROMPT_SCORE = "base_model.score.weight"  # prompt learning wraps no tuner around the base model
+register_format(Format("LORA", _export_lora, _load_lora))
+register_format(Format("PREFIX_TUNING", _export_prefix, _load_prefix, PROMPT_SCORE))
+register_format(Format("PROMPT_TUNING", _export_prompt, _load_prompt("prompt_tuning"), PROMPT_SCORE))
+register_format(Format("P_TUNING", _export_prompt, _load_prompt("ptuning"), PROMPT_SCORE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole adapters.
 
 
 def named_labels(cfg) -> bool:
@@ -60,62 +210,61 @@ def named_labels(cfg) -> bool:
 
 
 def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
-    """Write each of the method's hooks as a HF PEFT adapter (one subdirectory each if several)."""
+    """Write each of the method's hooks as a HF PEFT adapter (one subdirectory each, named by its
+    method, if several)."""
     from safetensors.numpy import save_file
 
     cfg = model.cfg
     out = Path(out_dir)
     task = "SEQ_CLS" if cfg.head == "classification" else "CAUSAL_LM"
-    params = flat(trainable)
+    params = {k: np.asarray(v, np.float32) for k, v in flat(trainable).items()}
     score = params.get("score/kernel")
-    hooks = [h for h in method.hooks if isinstance(h, (LoraHook, PrefixHook))]
+    hooks = [h for h in method.hooks if getattr(h, "kind", "")]
     for hook in hooks:
-        target = out / type(hook).__name__.replace("Hook", "").lower() if len(hooks) > 1 else out
+        if format_of(hook) is None:
+            kind = registry.get(hook.kind)
+            if kind is None or not kind.added:
+                continue  # adds nothing to write
+            raise JaxftError(f"method {hook.kind!r} has no HF PEFT format (peft_type {kind.peft_type!r} unknown)")
+    hooks = [h for h in hooks if format_of(h) is not None]
+    if not hooks:
+        raise JaxftError(f"method {method.name!r} adds no parameters a HF PEFT adapter holds")
+    for hook in hooks:
+        fmt = format_of(hook)
+        target = out / hook.kind if len(hooks) > 1 else out
         target.mkdir(parents=True, exist_ok=True)
-        common = {"base_model_name_or_path": base or None, "task_type": task, "inference_mode": True,
+        own, tensors = fmt.export(model, hook, params, base)
+        config = {"base_model_name_or_path": base or None, "task_type": task, "inference_mode": True,
                   "revision": None, "modules_to_save": ["score"] if score is not None else None,
                   **(pooling_entry(cfg) if score is not None else {}),
-                  **(label_entries(cfg) if score is not None and named_labels(cfg) else {})}
-        tensors = {}
-        if isinstance(hook, LoraHook):
-            modules = _lora_modules(trainable)
-            patterns = []
-            for path, ab in modules.items():
-                in_stack = path.startswith("layers.")
-                for i in range(ab["a"].shape[0]) if in_stack else [None]:
-                    a, b = (ab["a"][i], ab["b"][i]) if i is not None else (ab["a"], ab["b"])
-                    name = _peft_module(cfg, path, i)
-                    # PEFT matches target_modules against full module names: one pattern per stacked path.
-                    patterns.append(re.escape(name).replace(f"\\.{i}\\.", r"\.\d+\.", 1) if in_stack else re.escape(name))
-                    tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
-                    tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
-            regex = "|".join(sorted(set(patterns)))
-            config = {**common, "peft_type": "LORA", "r": hook.rank, "lora_alpha": hook.alpha,
-                      "lora_dropout": hook.dropout, "use_rslora": hook.rslora, "target_modules": regex,
-                      "bias": "none", "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True,
-                      "use_dora": False}
-            if score is not None:
-                tensors["base_model.model.score.weight"] = np.asarray(score, np.float32).T
-        else:
-            prefix = {k[len("prefix_encoder/"):]: v for k, v in params.items() if k.startswith("prefix_encoder/")}
-            tensors["prompt_embeddings"] = _prefix_embeddings(model, hook, unflat(prefix))
-            layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
-            config = {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": hook.num_virtual_tokens,
-                      "token_dim": kv_heads * head_dim, "num_layers": layers,
-                      "num_attention_heads": kv_heads, "encoder_hidden_size": cfg.hidden_size,
-                      "prefix_projection": False, "num_transformer_submodules": 1}
-            if score is not None:
-                tensors["base_model.score.weight"] = np.asarray(score, np.float32).T
+                  **(label_entries(cfg) if score is not None and named_labels(cfg) else {}),
+                  "peft_type": fmt.peft_type, **own}
+        if score is not None:
+            tensors[fmt.score_key] = score.T
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(target / "adapter_model.safetensors"))
         (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
+def adapter_dirs(root: Path) -> list[Path]:
+    """An adapter directory, or the per-method subdirectories a composed method's export holds."""
+    if (root / "adapter_config.json").exists() or not root.is_dir():
+        return [root]
+    subdirs = sorted(p for p in root.iterdir() if (p / "adapter_config.json").exists())
+    return subdirs or [root]
+
+
 def load_adapter(model, params: dict, adapter_dir):
-    """(base model, base params) + a HF PEFT adapter directory -> (hooked model, params)."""
+    """(base model, base params) + a HF PEFT adapter directory (or a composed export's directory of
+    them) -> (hooked model, params)."""
+    for root in adapter_dirs(Path(adapter_dir)):
+        model, params = _load_one(model, params, root)
+    return model, params
+
+
+def _load_one(model, params: dict, root: Path):
     from safetensors.numpy import load_file
 
-    root = Path(adapter_dir)
     try:
         config = json.loads((root / "adapter_config.json").read_text())
         tensors = load_file(str(root / "adapter_model.safetensors"))
@@ -123,8 +272,12 @@ def load_adapter(model, params: dict, adapter_dir):
         raise JaxftError(f"{root}: not a HF PEFT adapter directory ({e})") from None
     cfg = model.cfg
     kind = config.get("peft_type")
+    if kind not in FORMATS:
+        raise JaxftError(f"{root}/adapter_config.json: peft_type {kind!r} is not supported (expected one of "
+                         f"{', '.join(FORMATS)})")
     new = {}
-    score = tensors.get("base_model.model.score.weight", tensors.get("base_model.score.weight"))
+    score = next((tensors[k] for k in (FORMATS[kind].score_key, "base_model.model.score.weight",
+                                        "base_model.score.weight") if k in tensors), None)
     if score is not None:
         pooling = read_pooling(config, f"{root}/adapter_config.json", default=cfg.pooling)
         labels = read_labels(config, f"{root}/adapter_config.json")
@@ -133,45 +286,8 @@ def load_adapter(model, params: dict, adapter_dir):
                              f"the score head has {score.shape[0]}")
         cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling, labels=labels)
         new["score/kernel"] = score.T
-    if kind == "LORA":
-        if config.get("use_dora") or config.get("bias", "none") != "none":
-            raise JaxftError(f"{root}/adapter_config.json: DoRA and LoRA biases are not supported yet")
-        per_module = {}
-        for key, value in tensors.items():
-            m = LORA_KEY.fullmatch(key)
-            if not m:
-                continue
-            name = family.of(cfg).our_module(m[1])
-            if name is None:
-                raise JaxftError(f"{root}: {key} names a module this {cfg.model_type} model does not have")
-            layer = re.match(r"layers\.(\d+)\.(.+)", name)
-            path = f"layers.{layer[2]}" if layer else name
-            per_module.setdefault(path, {}).setdefault(m[2], {})[int(layer[1]) if layer else None] = value.T
-        prefix = "layers" if cfg.scan_layers else None
-        for path, ab in per_module.items():
-            for which, per_layer in ab.items():
-                leaf = "lora_a" if which == "A" else "lora_b"
-                if path.startswith("layers.") and prefix:
-                    if sorted(per_layer) != list(range(cfg.num_layers)):
-                        raise JaxftError(f"{root}: LoRA on {path} covers only some layers (not supported)")
-                    new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
-                elif path.startswith("layers."):
-                    for i, v in per_layer.items():
-                        new[f"layers_{i}/" + path[7:].replace(".", "/") + "/" + leaf] = v
-                else:
-                    new[path.replace(".", "/") + "/" + leaf] = per_layer[None]
-        targets = "|".join(re.escape(p) for p in sorted(per_module))
-        hook = LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora")))
-    elif kind == "PREFIX_TUNING":
-        emb = tensors["prompt_embeddings"]
-        hook = PrefixHook(emb.shape[0], projection=False)
-        layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
-        width = layers * 2 * kv_heads * head_dim
-        if emb.shape[1] != width:
-            raise JaxftError(f"{root}: prompt_embeddings width {emb.shape[1]} does not fit this model ({width})")
-        new["prefix_encoder/embedding"] = emb
-    else:
-        raise JaxftError(f"{root}/adapter_config.json: peft_type {kind!r} is not supported (LORA, PREFIX_TUNING)")
+    hook, added = FORMATS[kind].load(cfg, config, tensors, str(root))
+    new.update(added)
     import jax.numpy as jnp
 
     added = unflat({k: jnp.asarray(v) for k, v in new.items()})

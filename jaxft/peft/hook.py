@@ -5,6 +5,10 @@ from __future__ import annotations
 
 
 class Hook:
+    # The registered method kind (`jaxft.peft.registry`) this hook belongs to: export and import
+    # find the method's HF PEFT format through it. Each method's hook class sets it.
+    kind: str = ""
+
     def linear(self, module, x, y, kernel):
         """After each `Linear`: return the (possibly changed) output y = x @ kernel."""
         return y
@@ -33,3 +37,22 @@ class Hook:
     def initialize(self, model, params: dict, sample: dict) -> dict:
         """Once before training, with a few real examples: adjust this method's initial parameters."""
         return params
+
+    # A method's training-time extras. The train step calls these for every hook without knowing
+    # which method runs; the defaults add nothing, so most methods never see them.
+
+    def aux_loss(self, params):
+        """An auxiliary loss on the trainable tree (e.g. AdaLoRA's orthogonality penalty), added to
+        the mean loss of every step; None for none."""
+        return None
+
+    def init_state(self, params):
+        """Per-step state this method keeps in the train state (e.g. AdaLoRA's importance scores),
+        a pytree built from the initial trainable tree; None for none. Checkpointed and resumed."""
+        return None
+
+    def update(self, state, params, grads, step):
+        """After each optimizer update: (state, trainable params, mean gradients, the step just
+        taken, counting from 1) -> (new state, new trainable params), e.g. AdaLoRA's rank budget
+        masking singular values. Only called for hooks whose `init_state` is not None."""
+        return state, params

@@ -52,6 +52,7 @@ def module_path(module: nn.Module) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LoraHook(Hook):
+    kind = "lora"  # the registered method (a class attribute, not a field)
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

@@ -1,24 +1,34 @@
-"""The registry of methods. A method is data: which leaves train, and which hooks the model runs.
+"""The methods jaxft ships, registered by name. A method is data: which leaves train, and which
+hooks the model runs; each declares itself once as a `registry.Kind` (the parameters it adds, which
+of them decay, its HF PEFT type), and nothing downstream (train step, optimizer, checkpoint,
+sharding, export) looks at a method's name.
 
-Nothing downstream (train step, optimizer, checkpoint, sharding) looks at a method's name.
+Modifiers that apply to any method: `method.layers` ('0-3', '0,2,5-7') trains only those decoder
+layers (and, outside the layer stack, only method-added leaves and the head), `method.trainable_pattern`
+adds a regex of leaves that train too ('!regex' freezes matching leaves instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import inspect
+import re
+from typing import Any
 
 from jaxft.errors import JaxftError
 from jaxft.models import family
+from jaxft.peft import registry
 from jaxft.peft.hook import Hook
 from jaxft.peft.lora import LoraHook, module_path, parse_targets, target_names
+from jaxft.peft.prompt import ENCODERS, INITS, PromptHook
 from jaxft.peft.ptuning_v2 import PrefixHook
+from jaxft.peft.registry import Kind, register
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    trainable: tuple[str, ...]  # regexes searched in "a/b/c" parameter paths
+    trainable: tuple[str, ...]  # regexes searched in "a/b/c" parameter paths; "!regex" excludes
     hooks: tuple[Any, ...] = ()
 
 
@@ -30,6 +40,28 @@ def _head(m, cfg) -> Method:
     if cfg.head == "causal_lm" and getattr(cfg, "tie_word_embeddings", False):
         raise JaxftError("method.name='head' on a causal LM with tied embeddings would train the embeddings too")
     return Method("head", (family.of(cfg).head_params,))
+
+
+def param_shapes(model_cfg, hooks=()) -> dict:
+    """{"a/b/c": shape} of a model with these hooks (traced, not run)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxft.peft.partition import flat
+
+    model = family.build(model_cfg, hooks)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    return {k: v.shape for k, v in flat(nn.unbox(boxed)).items()}
+
+
+def _bitfit(m, cfg) -> Method:
+    """BitFit (Ben Zaken et al. 2022): only the bias terms train (and a new classifier head)."""
+    pattern = r"(^|/)bias$"
+    if not any(re.search(pattern, p) for p in param_shapes(cfg)):
+        raise JaxftError(f"method.name='bitfit': this {cfg.model_type} model has no bias parameters (BitFit trains "
+                         "only biases; choose a model with biases, e.g. Qwen2's q/k/v, or another method)")
+    return Method("bitfit", (pattern,))
 
 
 def _lora(m, cfg) -> Method:
@@ -44,14 +76,19 @@ def _lora(m, cfg) -> Method:
     return Method("lora", (r"/lora_[ab]$",), (hook,))
 
 
-def _ptuning_v2(m, cfg) -> Method:
+def _virtual_tokens(m) -> int:
     if m.num_virtual_tokens <= 0:
         raise JaxftError(f"method.num_virtual_tokens={m.num_virtual_tokens}: expected a positive integer")
+    return int(m.num_virtual_tokens)
+
+
+def _ptuning_v2(m, cfg) -> Method:
+    n = _virtual_tokens(m)
     if m.get("init_from_tokens", False) and m.get("projection", False):
         # The MLP's output is shared weights, not per-token values a real token's keys could seed.
         raise JaxftError("method.init_from_tokens=True needs method.projection=False")
     hook = PrefixHook(
-        m.num_virtual_tokens,
+        n,
         bool(m.get("projection", False)),
         int(m.get("projection_hidden", 512)),
         float(m.get("prompt_dropout", 0.0)),
@@ -61,7 +98,69 @@ def _ptuning_v2(m, cfg) -> Method:
     return Method("ptuning_v2", (r"^prefix_encoder/",), (hook,))
 
 
-METHODS: dict[str, Callable] = {"full": _full, "head": _head, "lora": _lora, "ptuning_v2": _ptuning_v2}
+def _prefix_tuning(m, cfg) -> Method:
+    """Li & Liang (2021) as PEFT's PREFIX_TUNING with prefix_projection=True: P-Tuning v2's hook with
+    the reparameterisation MLP, its embedding as wide as the keys/values (PEFT's token_dim)."""
+    n = _virtual_tokens(m)
+    layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+    hidden = int(m.get("projection_hidden", 512))
+    if hidden <= 0:
+        raise JaxftError(f"method.projection_hidden={hidden}: expected a positive integer")
+    hook = PrefixHook(n, projection=True, projection_hidden=hidden, dropout=float(m.get("prompt_dropout", 0.0)),
+                      embed_dim=kv_heads * head_dim, kind="prefix_tuning")
+    return Method("prefix_tuning", (r"^prefix_encoder/",), (hook,))
+
+
+def _prompt_tuning(m, cfg, tokenizer=None) -> Method:
+    """Lester et al. (2021): learned input embeddings of virtual tokens in front of the input."""
+    n = _virtual_tokens(m)
+    init = str(m.get("prompt_init", "random"))
+    if init not in INITS:
+        raise JaxftError(f"method.prompt_init={init!r}: expected one of {', '.join(map(repr, INITS))}")
+    text = str(m.get("prompt_init_text", ""))
+    ids: tuple[int, ...] = ()
+    if init == "text":
+        if not text.strip():
+            raise JaxftError("method.prompt_init='text' needs method.prompt_init_text (the text whose token "
+                             "embeddings start the prompt)")
+        if tokenizer is not None:  # as PEFT: the tokenizer's ids of the text, with its BOS
+            ids = tuple(tokenizer.bos + tokenizer.encode(text))
+    hook = PromptHook(n, "prompt_tuning", init=init, init_ids=ids, init_text=text, init_std=float(m.get("init_std", 1.0)))
+    return Method("prompt_tuning", (r"^prompt_embeddings/",), (hook,))
+
+
+def _ptuning(m, cfg) -> Method:
+    """P-Tuning (Liu et al. 2021, v1): virtual tokens from a prompt encoder (MLP or LSTM), in front."""
+    n = _virtual_tokens(m)
+    encoder = str(m.get("encoder", "mlp")).lower()
+    if encoder not in ENCODERS[1:]:
+        raise JaxftError(f"method.encoder={encoder!r}: expected 'mlp' or 'lstm'")
+    hidden, layers = int(m.get("encoder_hidden", 0)), int(m.get("encoder_layers", 2))
+    if hidden < 0 or layers <= 0:
+        raise JaxftError(f"method.encoder_hidden={hidden}, method.encoder_layers={layers}: expected >= 0 and > 0")
+    hook = PromptHook(n, "ptuning", encoder=encoder, encoder_hidden=hidden, encoder_layers=layers,
+                      encoder_dropout=float(m.get("encoder_dropout", 0.0)))
+    return Method("ptuning", (r"^prompt_encoder/",), (hook,))
+
+
+PREFIX = r"(^|/)prefix_encoder/"
+for _kind in (
+    Kind("full", _full, description="every parameter trains"),
+    Kind("head", _head, description="only the output head trains"),
+    Kind("bitfit", _bitfit, description="only the biases train (Ben Zaken et al. 2022)"),
+    Kind("lora", _lora, added=r"(^|/)lora_[ab]$", peft_type="LORA", description="LoRA / rsLoRA on named linears"),
+    Kind("ptuning_v2", _ptuning_v2, added=PREFIX, no_decay=PREFIX, peft_type="PREFIX_TUNING",
+         description="P-Tuning v2: learned key/value prefixes at every layer"),
+    Kind("prefix_tuning", _prefix_tuning, added=PREFIX, no_decay=PREFIX, peft_type="PREFIX_TUNING",
+         description="prefix tuning (Li & Liang) with its reparameterisation MLP"),
+    Kind("prompt_tuning", _prompt_tuning, added=r"^prompt_embeddings/", no_decay=r"^prompt_embeddings/",
+         peft_type="PROMPT_TUNING", description="prompt tuning (Lester et al.): virtual token embeddings in front"),
+    Kind("ptuning", _ptuning, added=r"^prompt_encoder/", no_decay=r"^prompt_encoder/", peft_type="P_TUNING",
+         description="P-Tuning v1: a prompt encoder's virtual tokens in front"),
+):
+    register(_kind)
+
+METHODS = registry.KINDS  # name -> Kind (kept importable under its old name)
 
 
 class _Recorder(Hook):
@@ -105,16 +204,105 @@ def check_hooks(method: Method, model_cfg) -> None:
             raise JaxftError(f"{what}: {', '.join(map(repr, unknown))} names no module of this model ({known})")
 
 
-def build(method_config, model_cfg) -> Method:
-    """config.method -> Method. Several methods compose: `method.name='lora+ptuning_v2'`."""
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'0-3' / '0,2,5-7' -> sorted layer indices; each must exist."""
+    out = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise JaxftError(f"method.layers={text!r}: expected layer indices and ranges such as '0-3' or '0,2,5-7'")
+        out.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    bad = sorted(i for i in out if i >= num_layers)
+    if bad:
+        raise JaxftError(f"method.layers={text!r}: layer {bad[0]} does not exist (the model has {num_layers}, 0-"
+                         f"{num_layers - 1})")
+    return sorted(out)
+
+
+def _restrictions(method_config, model_cfg) -> tuple[str, ...]:
+    """The generic modifiers as trainable patterns: `method.layers`, `method.trainable_pattern`."""
+    out = []
+    layers = str(method_config.get("layers", "") or "").strip()
+    if layers:
+        if model_cfg.scan_layers:
+            raise JaxftError(f"method.layers={layers!r} needs model.scan_layers=False (scanned layers keep each "
+                             "weight of every layer in one parameter, which trains or freezes as a whole)")
+        keep = "|".join(str(i) for i in parse_layers(layers, model_cfg.num_layers))
+        out.append(rf"!^layers_(?!(?:{keep})/)\d+/")  # other layers freeze
+        # Outside the layer stack only what methods add and the head train (embeddings, final norm freeze).
+        head = family.of(model_cfg).head_params
+        out.append(rf"!^(?!layers_\d+/)(?!{head})(?!.*(?:{registry.added_regex().pattern}))")
+    pattern = str(method_config.get("trainable_pattern", "") or "")
+    if pattern:
+        try:
+            re.compile(pattern.removeprefix("!"))
+        except re.error as e:
+            raise JaxftError(f"method.trainable_pattern={pattern!r}: not a valid regex ({e})") from None
+        out.append(pattern)
+    return tuple(out)
+
+
+def _build_one(kind: Kind, method_config, model_cfg, tokenizer) -> Method:
+    if "tokenizer" in inspect.signature(kind.build).parameters:
+        return kind.build(method_config, model_cfg, tokenizer=tokenizer)
+    return kind.build(method_config, model_cfg)
+
+
+def build(method_config, model_cfg, tokenizer=None) -> Method:
+    """config.method -> Method. Several methods compose: `method.name='lora+ptuning_v2'`.
+    `tokenizer`: the run's (`jaxft.tokenizer.Tokenizer`), for methods that start from a text."""
     parts = [n.strip() for n in str(method_config.name).split("+")]
+    known = registry.kinds()
     for n in parts:
-        if n not in METHODS:
-            raise JaxftError(f"method.name={n!r}: unknown method (expected one of {', '.join(METHODS)})")
-    built = [METHODS[n](method_config, model_cfg) for n in parts]
+        if n not in known:
+            raise JaxftError(f"method.name={n!r}: unknown method (expected one of {', '.join(known)}, or several "
+                             "joined by '+')")
+    if len(set(parts)) < len(parts):
+        raise JaxftError(f"method.name={method_config.name!r}: a method appears twice")
+    adds = [known[n].added for n in parts if known[n].added]
+    if len(set(adds)) < len(adds):
+        raise JaxftError(f"method.name={method_config.name!r}: these methods add the same parameters "
+                         "and cannot be combined")
+    built = [_build_one(known[n], method_config, model_cfg, tokenizer) for n in parts]
     trainable = tuple(p for m in built for p in m.trainable)
     if model_cfg.head in ("classification", "token_classification"):  # a new classifier head always trains
         trainable += (family.of(model_cfg).classifier_params,)
+    trainable += _restrictions(method_config, model_cfg)
     method = Method("+".join(parts), tuple(dict.fromkeys(trainable)), tuple(h for m in built for h in m.hooks))
     check_hooks(method, model_cfg)
     return method
+
+
+def of_hooks(hooks) -> Method:
+    """The method a hooked model runs (e.g. one `jaxft.hf.load` built with an adapter): its hooks and
+    what they add (+ a classifier head) as what trains."""
+    hooks = tuple(h for h in hooks if getattr(h, "kind", ""))
+    kinds = [registry.get(h.kind) for h in hooks]
+    trainable = tuple(k.added for k in kinds if k is not None and k.added)
+    return Method("+".join(h.kind for h in hooks), trainable, hooks)
+
+
+# ---------------------------------------------------------------------------------------------
+# A method's training-time extras (`Hook.aux_loss`, `init_state`, `update`), for the train step,
+# which calls them for whatever hooks the model has.
+
+
+def aux_loss(hooks, params):
+    """The sum of the hooks' auxiliary losses on the trainable tree; None when no hook has one."""
+    losses = [x for x in (h.aux_loss(params) for h in hooks) if x is not None]
+    return sum(losses[1:], losses[0]) if losses else None
+
+
+def init_method_state(hooks, params) -> dict:
+    """{hook index (str): its state} for the hooks that keep per-step state."""
+    states = {str(i): h.init_state(params) for i, h in enumerate(hooks)}
+    return {k: v for k, v in states.items() if v is not None}
+
+
+def update_method_state(hooks, state: dict, params, grads, step):
+    """-> (new state, new trainable params) after every stateful hook's `update`."""
+    new = {}
+    for key in sorted(state, key=int):
+        new[key], params = hooks[int(key)].update(state[key], params, grads, step)
+    return new, params

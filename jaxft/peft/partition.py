@@ -13,8 +13,22 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-# Leaves that methods add to a base model; everything else is the base model's own.
-ADDED_PARAMS = re.compile(r"(^|/)(lora_a|lora_b|prefix_encoder)(/|$)")
+from jaxft.peft import registry
+
+
+class _Added:
+    """Leaves that methods add to a base model; everything else is the base model's own. Derived
+    from the registered methods (`registry.Kind.added`), so it follows every `register` call."""
+
+    def search(self, path: str):
+        return registry.added_regex().search(path)
+
+    @property
+    def pattern(self) -> str:
+        return registry.added_regex().pattern
+
+
+ADDED_PARAMS = _Added()
 
 
 def flat(params) -> dict[str, object]:
@@ -26,7 +40,12 @@ def unflat(d: dict[str, object]) -> dict:
 
 
 def is_trainable(path: str, patterns: Iterable[str]) -> bool:
-    return any(re.search(p, path) for p in patterns)
+    """Whether a leaf trains: some pattern matches its path, and no pattern written "!regex" (an
+    exclusion, e.g. the layers `method.layers` leaves frozen) does."""
+    patterns = tuple(patterns)
+    include = [p for p in patterns if not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if p.startswith("!")]
+    return any(re.search(p, path) for p in include) and not any(re.search(p, path) for p in exclude)
 
 
 def split(params, patterns: Iterable[str]) -> tuple[dict, dict]:

@@ -1,8 +1,11 @@
-"""P-Tuning v2 (Liu et al. 2022): deep prompts, learned key/value prefixes at every layer.
+"""P-Tuning v2 (Liu et al. 2022) and prefix tuning (Li & Liang 2021): learned key/value prefixes
+at every layer. The two are one hook: prefix tuning is the reparameterised form.
 
 The prefix is laid out as PEFT's prefix encoder does, [tokens, layers, 2, kv_heads, head_dim]
 flattened, so an export maps one to one. With `projection` the prefix is reparameterised by an MLP
-(embedding -> tanh -> layers*2*kv_width), as in the paper's reparameterisation option.
+(embedding -> Linear -> tanh -> Linear to layers*2*kv_width), as in PEFT's PREFIX_TUNING with
+`prefix_projection=True` (Li & Liang's reparameterisation); there the embedding is `embed_dim` wide
+(PEFT: the key/value width, `token_dim`; P-Tuning v2's default: the model's hidden size).
 
 Random prefixes can start "dead" on a small frozen model: if its queries put (almost) no attention
 on random keys, the prefix gets no gradient. `init_from_tokens` starts instead from the keys and
@@ -60,6 +63,22 @@ class PrefixHook(Hook):
     dropout: float = 0.0
     init_std: float = 1.0
     init_from_tokens: bool = False
+    embed_dim: int = 0  # with projection: the embedding's width (0: the model's hidden size)
+    kind: str = "ptuning_v2"  # or "prefix_tuning": the registered method it exports as
+
+    def encoder(self, cfg, dropout: float | None = None, name: str | None = "prefix_encoder") -> PrefixEncoder:
+        from jaxft.models import family
+
+        return PrefixEncoder(
+            self.num_virtual_tokens,
+            *family.of(cfg).kv_layout(cfg),
+            self.embed_dim or cfg.hidden_size,
+            self.projection,
+            self.projection_hidden,
+            self.dropout if dropout is None else dropout,
+            self.init_std,
+            name=name,
+        )
 
     def initialize(self, model, params, sample):
         if not self.init_from_tokens:
@@ -86,16 +105,4 @@ class PrefixHook(Hook):
         return {**params, "prefix_encoder": {**params["prefix_encoder"], "embedding": new}}
 
     def prefix(self, model, batch_size):
-        from jaxft.models import family
-
-        cfg = model.cfg
-        return PrefixEncoder(
-            self.num_virtual_tokens,
-            *family.of(cfg).kv_layout(cfg),
-            cfg.hidden_size,
-            self.projection,
-            self.projection_hidden,
-            self.dropout,
-            self.init_std,
-            name="prefix_encoder",
-        )(batch_size)
+        return self.encoder(model.cfg)(batch_size)

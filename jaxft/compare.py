@@ -1,0 +1,224 @@
+"""Compare methods on one task: `python -m jaxft.compare --configs=configs/lora.py,configs/bitfit.py
+[--seeds=3] [--workdir=runs/compare] [--config.KEY=VALUE ...]`.
+
+Each config runs `--seeds` times (train.seed = the config's seed + 0, 1, ...) through jaxft.train's own
+command line, one process per run (each run's peak memory is its own), with the given
+`--config.KEY=VALUE` overrides applied to every run. The workdir gets one run directory per config and
+seed, `compare.json` (every run's figures), `compare.md` (the table: dev metric mean and spread over
+seeds, trainable parameters, adapter/export size, tokens/s, peak host memory) and a plot of the dev
+metric against trainable parameters (`compare.png` with matplotlib, else `compare.svg`). A run that
+fails is a row with its one-line error, not the end of the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxft.errors import JaxftError
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m jaxft.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", required=True, help="comma-separated configs/*.py files")
+    p.add_argument("--seeds", type=int, default=1, help="runs per config (train.seed + 0, 1, ...)")
+    p.add_argument("--workdir", default="runs/compare")
+    p.add_argument("--metric", default="", help="the dev metric (default: eval/accuracy, else eval/loss)")
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        raise JaxftError(f"unexpected arguments: {' '.join(bad)} (expected --config.KEY=VALUE overrides)")
+    args.overrides = rest
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not args.configs:
+        raise JaxftError("--configs: expected one or more config files, comma-separated")
+    for c in args.configs:
+        if not Path(c).is_file():
+            raise JaxftError(f"--configs: {c}: no such config file")
+    if args.seeds < 1:
+        raise JaxftError(f"--seeds={args.seeds}: expected a positive integer")
+    return args
+
+
+def config_seed(config_file: str) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jaxft_compare_cfg", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.get_config().train.seed)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
+    """One training run through the CLI -> its figures (or its error)."""
+    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config_file}", f"--workdir={workdir}", *overrides,
+           f"--config.train.seed={seed}"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "stdout.log", "w") as out_f, open(workdir / "stderr.log", "w") as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use, its peak memory included
+        except BaseException:  # interrupted: the run must not go on alone
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = (workdir / "stdout.log").read_text(), (workdir / "stderr.log").read_text()
+    row = {"config": Path(config_file).stem, "seed": seed, "workdir": str(workdir), "returncode": proc.returncode,
+           "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux: KiB
+    if proc.returncode != 0:
+        lines = [line for line in err.splitlines() if line.strip()]
+        row["error"] = lines[-1] if lines else f"exit status {proc.returncode}"
+        return row
+    m = re.search(r"method: (\S+) \| trainable ([\d,]+) / ([\d,]+)", out)
+    if m:
+        row.update(method=m[1], trainable=int(m[2].replace(",", "")), total=int(m[3].replace(",", "")))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    row["eval"] = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval/")}
+    speeds = [r["train/tokens_per_second"] for r in rows if "train/tokens_per_second" in r]
+    row["tokens_per_second"] = sum(speeds) / len(speeds) if speeds else None
+    row["export_bytes"] = dir_bytes(workdir / "export")
+    return row
+
+
+def mean_std(values):
+    if not values:
+        return None, None
+    mu = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mu, sd
+
+
+def summarize(rows, metric: str) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        runs = [r for r in rows if r["config"] == name]
+        ok = [r for r in runs if r["returncode"] == 0]
+        key = metric or next((k for k in ("eval/accuracy", "eval/loss") if ok and k in ok[0]["eval"]), "eval/accuracy")
+        values = [r["eval"][key] for r in ok if key in r.get("eval", {})]
+        mu, sd = mean_std(values)
+        first = ok[0] if ok else {}
+        speeds = [r["tokens_per_second"] for r in ok if r.get("tokens_per_second")]
+        out.append({
+            "config": name, "method": first.get("method", ""), "metric": key, "mean": mu, "std": sd, "runs": len(runs),
+            "ok": len(ok), "values": values, "trainable": first.get("trainable"), "total": first.get("total"),
+            "export_bytes": first.get("export_bytes"), "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
+            "peak_rss_mib": max((r["peak_rss_mib"] for r in ok), default=None),
+            "error": next((r["error"] for r in runs if "error" in r), None),
+        })
+    return out
+
+
+def table(summary) -> str:
+    lines = ["| config | method | dev metric | mean | spread (std) | seeds | trainable params | export size | "
+             "tokens/s | peak host memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for s in summary:
+        if not s["ok"]:
+            lines.append(f"| {s['config']} | | | failed: {s['error']} | | 0/{s['runs']} | | | | |")
+            continue
+        size = s["export_bytes"]
+        lines.append(
+            f"| {s['config']} | {s['method']} | {s['metric']} | {fmt(s['mean'], '.4f')} | {fmt(s['std'], '.4f')} | "
+            f"{s['ok']}/{s['runs']} | {fmt(s['trainable'], ',')} | {'' if size is None else f'{size / 2**20:.2f} MiB'} | "
+            f"{fmt(s['tokens_per_second'], ',.0f')} | {fmt(s['peak_rss_mib'], ',.0f')} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, out_dir: Path) -> Path:
+    """The dev metric (mean, spread as error bars) against trainable parameters, log x."""
+    points = [s for s in summary if s["ok"] and s["mean"] is not None and s["trainable"]]
+    metric = points[0]["metric"] if points else "metric"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return svg_plot(points, metric, out_dir / "compare.svg")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in points:
+        ax.errorbar(s["trainable"], s["mean"], yerr=s["std"] or 0, fmt="o", capsize=3)
+        ax.annotate(s["config"], (s["trainable"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(out_dir / "compare.png", dpi=120)
+    return out_dir / "compare.png"
+
+
+def svg_plot(points, metric: str, path: Path) -> Path:
+    w, h, left, right, top, bottom = 640, 400, 70, 20, 20, 50
+    xs = [math.log10(s["trainable"]) for s in points] or [0, 1]
+    lo = [s["mean"] - (s["std"] or 0) for s in points] or [0]
+    hi = [s["mean"] + (s["std"] or 0) for s in points] or [1]
+    x0, x1 = math.floor(min(xs)), math.ceil(max(xs)) + (1 if math.ceil(max(xs)) == math.floor(min(xs)) else 0)
+    y0, y1 = min(lo), max(hi)
+    pad = (y1 - y0) * 0.1 or 0.05
+    y0, y1 = y0 - pad, y1 + pad
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
+    sy = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
+    esc = lambda t: str(t).replace("&", "&amp;").replace("<", "&lt;")  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>']
+    for e in range(x0, x1 + 1):
+        parts.append(f'<text x="{sx(e):.1f}" y="{h - bottom + 16}" text-anchor="middle">1e{e}</text>')
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3f}</text>')
+    parts.append(f'<text x="{(left + w - right) / 2}" y="{h - 10}" text-anchor="middle">trainable parameters (log)</text>')
+    parts.append(f'<text x="14" y="{(top + h - bottom) / 2}" transform="rotate(-90 14 {(top + h - bottom) / 2})" '
+                 f'text-anchor="middle">{esc(metric)}</text>')
+    for s, x in zip(points, xs):
+        cx, cy, sd = sx(x), sy(s["mean"]), s["std"] or 0
+        parts.append(f'<line x1="{cx:.1f}" y1="{sy(s["mean"] - sd):.1f}" x2="{cx:.1f}" y2="{sy(s["mean"] + sd):.1f}" '
+                     'stroke="steelblue"/>')
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="steelblue"/>')
+        parts.append(f'<text x="{cx + 6:.1f}" y="{cy - 6:.1f}">{esc(s["config"])}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for config_file in args.configs:
+            base_seed = config_seed(config_file)
+            for i in range(args.seeds):
+                seed = base_seed + i
+                run_dir = work / f"{Path(config_file).stem}-seed{seed}"
+                print(f"compare: {config_file} seed {seed} -> {run_dir}", flush=True)
+                row = run_one(config_file, seed, run_dir, args.overrides)
+                print(f"  {row.get('error') or row.get('eval')}", flush=True)
+                rows.append(row)
+        summary = summarize(rows, args.metric)
+        (work / "compare.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
+        (work / "compare.md").write_text(table(summary))
+        figure = plot(summary, work)
+        print(table(summary) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
+        return 0
+    except JaxftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`python -m jaxft.compare`: two tiny configs, two seeds each, through jaxft.train's command line."""
+
+import json
+import subprocess
+import sys
+
+from test_train import ROOT
+
+TINY = (ROOT / "configs" / "tiny_test.py").read_text()
+
+
+def tiny_config(path, method: str):
+    path.write_text(TINY.replace('c.method.name = "lora"', f'c.method.name = "{method}"'))
+    return path
+
+
+def test_compare_two_configs(tmp_path):
+    a, b = tiny_config(tmp_path / "tiny_lora.py", "lora"), tiny_config(tmp_path / "tiny_prompt.py", "prompt_tuning")
+    work = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={a},{b}", "--seeds=2", f"--workdir={work}",
+                        "--config.train.steps=4", "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((work / "compare.json").read_text())
+    assert [(x["config"], x["seed"]) for x in result["runs"]] == [("tiny_lora", 0), ("tiny_lora", 1),
+                                                                   ("tiny_prompt", 0), ("tiny_prompt", 1)]
+    assert all(x["returncode"] == 0 for x in result["runs"])
+    for s in result["summary"]:
+        runs = [x for x in result["runs"] if x["config"] == s["config"]]
+        accs = [x["eval"]["eval/accuracy"] for x in runs]
+        assert s["metric"] == "eval/accuracy" and s["ok"] == 2
+        assert abs(s["mean"] - sum(accs) / 2) < 1e-9
+        assert abs(s["std"] - abs(accs[0] - accs[1]) / 2 ** 0.5) < 1e-9  # sample std of two
+        # The trainable count is the run's own log line; the export holds the adapter only.
+        log = (work / f"{s['config']}-seed0" / "stdout.log").read_text()
+        assert f"trainable {s['trainable']:,} /" in log
+        assert 0 < s["export_bytes"] < 200_000 and s["tokens_per_second"] > 0 and s["peak_rss_mib"] > 50
+    assert {s["method"] for s in result["summary"]} == {"lora", "prompt_tuning"}
+    table = (work / "compare.md").read_text()
+    assert "| tiny_lora | lora | eval/accuracy |" in table and "| tiny_prompt | prompt_tuning |" in table
+    figure = work / "compare.png" if (work / "compare.png").exists() else work / "compare.svg"
+    assert figure.exists() and figure.stat().st_size > 500
+
+
+def test_compare_reports_a_failed_run_and_goes_on(tmp_path):
+    bad = tiny_config(tmp_path / "tiny_bitfit.py", "bitfit")  # a bias-free Llama: bitfit stops with one line
+    work = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={bad}", f"--workdir={work}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "failed: error: method.name='bitfit': this llama model has no bias parameters" in (work / "compare.md").read_text()
