@@ -6,9 +6,10 @@
 `auto`: cudnn on a GPU computing in bf16/fp16, splash on a TPU, xla otherwise.
 
 Every implementation gets the same structured mask, not a dense one: the [B, T] padding mask, the number
-P of prefix key/value columns in front of the keys (P-Tuning v2) and the sliding window. Query i sees key
-column c when c < P (a prefix is always visible), or c = P + j with token j real, j <= i and i - j <
-window. The fused kernels build this from their own causal masks and skip the masked tiles; rows of
+P of prefix key/value columns in front of the keys (P-Tuning v2), the sliding window and whether it is
+causal. Query i sees key column c when c < P (a prefix is always visible), or c = P + j with token j real,
+j <= i and i - j < window. Without causality (encoders: BERT) query i sees every prefix column and every
+real token; there is no window then. The fused kernels build this from their own causal masks and skip the masked tiles; rows of
 padding queries are finite but may differ between implementations (nothing downstream reads them).
 """
 
@@ -33,13 +34,18 @@ BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # as jaxft.sharding's rules 
 _INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
 
 
-def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dtype=jnp.float32, impl: str = "xla"):
+def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dtype=jnp.float32, impl: str = "xla",
+              causal: bool = True):
     """q [B, T, H, D]; k, v [B, P+T, KV, D] with the P prefix columns first; mask [B, T] (1 = real token)
-    -> [B, T, H*D] in `dtype`. H may be a multiple of KV (grouped-query attention)."""
+    -> [B, T, H*D] in `dtype`. H may be a multiple of KV (grouped-query attention). `causal=False`:
+    bidirectional (padding and prefix only), for encoders."""
     b, t, h, d = q.shape
     impl = resolve(impl, dtype, d)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None)
+    if causal:  # the implementations' own default: the decoder path stays exactly as it was
+        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None)
+    else:
+        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, None, causal=False)
     return out.reshape(b, t, h * d)
 
 
@@ -82,11 +88,12 @@ def pallas_interpret():
         _INTERPRET.reset(token)
 
 
-def causal_mask(mask, num_prefix: int, sliding_window: int | None):
-    """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window; prefixes always visible."""
+def causal_mask(mask, num_prefix: int, sliding_window: int | None, causal: bool = True):
+    """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window; prefixes always visible.
+    `causal=False`: padding only (every real token sees every real token)."""
     t = mask.shape[1]
     i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    allowed = j <= i
+    allowed = j <= i if causal else jnp.ones((t, t), bool)
     if sliding_window:
         allowed &= i - j < sliding_window
     full = allowed[None] & mask[:, None, :].astype(bool)
@@ -95,21 +102,22 @@ def causal_mask(mask, num_prefix: int, sliding_window: int | None):
     return full
 
 
-def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, causal: bool = True):
     """The reference: scores accumulated in fp32 (not rounded to bf16 first), a dense [B, T, P+T] mask,
     softmax in fp32. q [B, T, H, D], k, v [B, P+T, KV, D] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    allowed = causal_mask(mask, num_prefix, window)
+    allowed = causal_mask(mask, num_prefix, window, causal)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(v.dtype)
 
 
-def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn"):
+def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn",
+          causal: bool = True):
     """cuDNN flash attention through `jax.nn.dot_product_attention`, with its plain causal mask (top-left,
     tiles above the diagonal skipped) and window: no dense mask, no sequence lengths.
     `implementation="xla"` runs the same call on any backend (the tests' CPU check).
@@ -125,7 +133,11 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
     - An odd total length gets one zero row and column at the end: JAX's cuDNN call refuses odd lengths
       when it is differentiated (seen on an H200, jax 0.11.2), and the causal mask hides the extra key
       from every earlier row.
+    - Not causal (encoders): the same permutation, no dummy rows, and the kernel's key lengths (P plus the
+      row's real tokens) hide the padding that now sits at the end of the keys.
     """
+    if not causal:
+        return _cudnn_bidirectional(q, k, v, mask, num_prefix, implementation)
     if window and num_prefix:
         return xla(q, k, v, mask, num_prefix, window)
     b, t, h, d = q.shape
@@ -141,6 +153,19 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
         q, k, v, is_causal=True, local_window_size=(window - 1, 0) if window else None, implementation=implementation
     )
     return _permute(out[:, p : p + t], inverse, order)
+
+
+def _cudnn_bidirectional(q, k, v, mask, p, implementation):
+    b, t, h, d = q.shape
+    order = jnp.argsort(1 - mask.astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
+    inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
+    q = _permute(q, order, inverse)
+    k, v = (_prepend(x[:, :p], _permute(x[:, p:], order, inverse)) for x in (k, v))
+    q = _pad(q, t + t % 2)
+    k, v = (_pad(x, (p + t) + (p + t) % 2) for x in (k, v))
+    lengths = (p + mask.astype(jnp.int32).sum(axis=1)).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+    return _permute(out[:, :t], inverse, order)
 
 
 def _prepend(head, x):
@@ -159,14 +184,16 @@ _permute.defvjp(
 )
 
 
-def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, causal: bool = True):
     """Pallas TPU splash attention. Its static masks are block-sparse (fully masked tiles are skipped):
     causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window, OR-ed with the
-    prefix columns when both; padding is segment ids (1 real, 0 padding). No dense mask is built."""
-    return _on_shards(functools.partial(_splash, num_prefix=num_prefix, window=window), q, k, v, mask)
+    prefix columns when both, or (not causal) a `FullMask`; padding is segment ids (1 real, 0 padding).
+    No dense mask is built."""
+    fn = functools.partial(_splash, num_prefix=num_prefix, window=window, causal=causal)
+    return _on_shards(fn, q, k, v, mask)
 
 
-def _splash(q, k, v, mask, num_prefix, window):
+def _splash(q, k, v, mask, num_prefix, window, causal=True):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -179,7 +206,9 @@ def _splash(q, k, v, mask, num_prefix, window):
     # added past P + tq are beyond every row's causal reach.
     seg_q = _pad(mask.astype(jnp.int32), tq)
     seg_kv = _pad(jnp.concatenate([jnp.ones((b, p), jnp.int32), mask.astype(jnp.int32)], axis=1), s)
-    if window:
+    if not causal:  # segment ids alone: real rows see the prefix and the real tokens
+        m = sm.FullMask((tq, s))
+    elif window:
         m = sm.LocalMask((tq, s), (window - 1, 0), offset=p)
         if p:  # the prefix lies outside far rows' windows but stays visible
             m = m | sm.NumpyMask(np.broadcast_to(np.arange(s) < p, (tq, s)).copy())
@@ -193,17 +222,17 @@ def _splash(q, k, v, mask, num_prefix, window):
     return out.reshape(b, h, tq, d).transpose(0, 2, 1, 3)[:, :t]
 
 
-def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None):
+def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, causal: bool = True):
     """Pallas TPU flash attention (the older kernel; splash is the one `auto` picks). Its causal mask is
-    top-left, so P prefix columns get P dummy query rows in front; padding is segment ids. It takes equal
-    head counts: grouped keys and values are repeated per query head. It has no window: with one, this
-    runs the xla reference (exact, dense)."""
+    top-left, so P prefix columns get P dummy query rows in front; padding is segment ids (not causal:
+    the segment ids alone). It takes equal head counts: grouped keys and values are repeated per query
+    head. It has no window: with one, this runs the xla reference (exact, dense)."""
     if window:
         return xla(q, k, v, mask, num_prefix, window)
-    return _on_shards(functools.partial(_flash, num_prefix=num_prefix), q, k, v, mask)
+    return _on_shards(functools.partial(_flash, num_prefix=num_prefix, causal=causal), q, k, v, mask)
 
 
-def _flash(q, k, v, mask, num_prefix):
+def _flash(q, k, v, mask, num_prefix, causal=True):
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     b, t, h, d = q.shape
@@ -214,7 +243,7 @@ def _flash(q, k, v, mask, num_prefix):
     seg = _pad(jnp.concatenate([jnp.ones((b, p), jnp.int32), mask.astype(jnp.int32)], axis=1), s)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
     out = fa.flash_attention(
-        heads_first(q), heads_first(k), heads_first(v), segment_ids=fa.SegmentIds(seg, seg), causal=True,
+        heads_first(q), heads_first(k), heads_first(v), segment_ids=fa.SegmentIds(seg, seg), causal=causal,
         sm_scale=1 / math.sqrt(d),
     )
     return heads_first(out)[:, p : p + t]
