@@ -194,13 +194,33 @@ def load(path: str, adapter: str | None = None, **overrides):
     """
     root = resolve(str(path))
     cfg = read_config(root, **overrides)
-    params = params_from_hf(read_tensors(root), cfg, where=str(root))
     model = family.build(cfg)
+    params = complete(model, params_from_hf(read_tensors(root), cfg, where=str(root)), root)
     if adapter is not None:
         from jaxft.peft.hf_peft import load_adapter
 
         model, params = load_adapter(model, params, adapter)
     return model, params
+
+
+def complete(model, params: dict, root) -> dict:
+    """The checkpoint's weights that the model has; one it lacks is an error naming the HF weight
+    (e.g. a bare encoder directory read with a head it does not hold)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from jaxft.peft.partition import flat, unflat
+
+    shapes = flat(nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+                           ["params"]))
+    got = flat(params)
+    for path, shape in shapes.items():
+        if path not in got:
+            name = next(iter(params_to_hf(unflat({path: np.zeros((1,) * len(shape.shape))}), model.cfg)), path)
+            raise JaxftError(f"{root}: the checkpoint has no {name} (expected every weight of "
+                             f"{family.of(model.cfg).architecture(model.cfg)}; model.head={model.cfg.head!r})")
+    return unflat({p: v for p, v in got.items() if p in shapes})
 
 
 def save(model, params: dict, out_dir: str, tokenizer_dir: str | os.PathLike | None = None) -> Path:

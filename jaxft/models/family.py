@@ -29,6 +29,8 @@ REGISTRY = {
     "llama": "jaxft.models.llama",
     "qwen2": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
+    "bert": "jaxft.models.bert",
+    "roberta": "jaxft.models.bert:ROBERTA",  # "module:NAME": a module defining several families
 }
 
 # The heads a family may offer, with the HF class-name ending that selects each in config.json.
@@ -91,6 +93,8 @@ class Family:
     matmul_weights: Callable[[Any], int]  # config -> weights in a matmul per token (`jaxft.flops`)
     pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
+    # config -> the "a/b/kernel" path of the classifier's output projection (its width is num_labels)
+    classifier_kernel: Callable[[Any], str] = lambda cfg: "score/kernel"
 
 
 def get(model_type: str, where: str = "config") -> Family:
@@ -100,7 +104,8 @@ def get(model_type: str, where: str = "config") -> Family:
     if model_type not in REGISTRY:
         raise JaxftError(f"{where}: model_type {model_type!r} is not supported (expected one of "
                          f"{', '.join(REGISTRY)})")
-    return importlib.import_module(REGISTRY[model_type]).FAMILY
+    module, _, name = REGISTRY[model_type].partition(":")
+    return getattr(importlib.import_module(module), name or "FAMILY")
 
 
 def of(cfg) -> Family:
