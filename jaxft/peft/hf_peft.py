@@ -3,7 +3,8 @@
 LoRA maps to PEFT's `LORA` (lora_A [r, in], lora_B [out, r] per layer); P-Tuning v2 maps to PEFT's
 `PREFIX_TUNING` (`prompt_embeddings` [tokens, layers * 2 * kv_width], written after any
 reparameterisation, so the adapter serves without it). A classifier head goes in as PEFT's
-`modules_to_save` copy of `score`.
+`modules_to_save` copy of its modules (Llama's `score`; BERT's `pooler` and `classifier`), named as the
+family names them in HF.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
 
+TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM"}
+TASK_HEADS = ("classification", "token_classification")
+HEAD_OF_TASK = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification"}
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
@@ -64,18 +68,21 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
     from safetensors.numpy import save_file
 
     cfg = model.cfg
+    fam = family.of(cfg)
     out = Path(out_dir)
-    task = "SEQ_CLS" if cfg.head == "classification" else "CAUSAL_LM"
+    task = TASK_TYPES.get(cfg.head)  # None (PEFT's plain PeftModel) for a masked LM
     params = flat(trainable)
-    score = params.get("score/kernel")
+    head = {k: v for k, v in params.items() if re.search(fam.classifier_params, k)} if cfg.head in TASK_HEADS else {}
+    head_tensors = fam.params_to_hf(unflat(head), cfg) if head else {}
+    head_modules = sorted({fam.hf_module(k.split("/")[0]).split(".")[-1] for k in head}) or None
     hooks = [h for h in method.hooks if isinstance(h, (LoraHook, PrefixHook))]
     for hook in hooks:
         target = out / type(hook).__name__.replace("Hook", "").lower() if len(hooks) > 1 else out
         target.mkdir(parents=True, exist_ok=True)
         common = {"base_model_name_or_path": base or None, "task_type": task, "inference_mode": True,
-                  "revision": None, "modules_to_save": ["score"] if score is not None else None,
-                  **(pooling_entry(cfg) if score is not None else {}),
-                  **(label_entries(cfg) if score is not None and named_labels(cfg) else {})}
+                  "revision": None, "modules_to_save": head_modules,
+                  **(pooling_entry(cfg) if head and cfg.head == "classification" else {}),
+                  **(label_entries(cfg) if head and named_labels(cfg) else {})}
         tensors = {}
         if isinstance(hook, LoraHook):
             modules = _lora_modules(trainable)
@@ -93,8 +100,7 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
             config = {**common, "peft_type": "LORA", "r": hook.rank, "lora_alpha": hook.alpha,
                       "lora_dropout": hook.dropout, "use_rslora": hook.rslora, "target_modules": regex,
                       "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
-            if score is not None:
-                tensors["base_model.model.score.weight"] = np.asarray(score, np.float32).T
+            tensors.update({f"base_model.model.{k}": v for k, v in head_tensors.items()})
         else:
             prefix = {k[len("prefix_encoder/"):]: v for k, v in params.items() if k.startswith("prefix_encoder/")}
             tensors["prompt_embeddings"] = _prefix_embeddings(model, hook, unflat(prefix))
@@ -102,8 +108,7 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
                       "token_dim": cfg.num_kv_heads * cfg.dim_per_head, "num_layers": cfg.num_layers,
                       "num_attention_heads": cfg.num_kv_heads, "encoder_hidden_size": cfg.hidden_size,
                       "prefix_projection": False, "num_transformer_submodules": 1}
-            if score is not None:
-                tensors["base_model.score.weight"] = np.asarray(score, np.float32).T
+            tensors.update({f"base_model.{k}": v for k, v in head_tensors.items()})
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(target / "adapter_model.safetensors"))
         (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
@@ -120,17 +125,27 @@ def load_adapter(model, params: dict, adapter_dir):
     except (OSError, json.JSONDecodeError) as e:
         raise JaxftError(f"{root}: not a HF PEFT adapter directory ({e})") from None
     cfg = model.cfg
+    fam = family.of(cfg)
     kind = config.get("peft_type")
     new = {}
-    score = tensors.get("base_model.model.score.weight", tensors.get("base_model.score.weight"))
-    if score is not None:
+    # The classifier's own weights (PEFT's modules_to_save copies), under their HF names.
+    head_tensors = {re.sub(r"^base_model\.(model\.)?", "", k): v for k, v in tensors.items()
+                    if not LORA_KEY.fullmatch(k) and k != "prompt_embeddings"}
+    if head_tensors:
+        head = HEAD_OF_TASK.get(config.get("task_type"), "classification")
+        mapped = flat(fam.params_from_hf(head_tensors, cfg.replace(head=head), str(root)))
+        mapped = {k: v for k, v in mapped.items() if re.search(fam.classifier_params, k)}
+        kernel = mapped.get(fam.classifier_kernel(cfg.replace(head=head)))
+        if kernel is None:
+            raise JaxftError(f"{root}: {', '.join(sorted(head_tensors))} hold no {head} head of this "
+                             f"{cfg.model_type} model")
         pooling = read_pooling(config, f"{root}/adapter_config.json", default=cfg.pooling)
         labels = read_labels(config, f"{root}/adapter_config.json")
-        if labels is not None and len(labels) != score.shape[0]:
+        if labels is not None and len(labels) != kernel.shape[-1]:
             raise JaxftError(f"{root}/adapter_config.json: {len(labels)} labels in id2label, "
-                             f"the score head has {score.shape[0]}")
-        cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling, labels=labels)
-        new["score/kernel"] = score.T
+                             f"the classifier head has {kernel.shape[-1]}")
+        cfg = cfg.replace(head=head, num_labels=kernel.shape[-1], pooling=pooling, labels=labels)
+        new.update(mapped)
     if kind == "LORA":
         if config.get("use_dora") or config.get("bias", "none") != "none":
             raise JaxftError(f"{root}/adapter_config.json: DoRA and LoRA biases are not supported yet")
@@ -163,7 +178,7 @@ def load_adapter(model, params: dict, adapter_dir):
     elif kind == "PREFIX_TUNING":
         emb = tensors["prompt_embeddings"]
         hook = PrefixHook(emb.shape[0], projection=False)
-        width = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head
+        width = int(np.prod(fam.kv_layout(cfg))) * 2
         if emb.shape[1] != width:
             raise JaxftError(f"{root}: prompt_embeddings width {emb.shape[1]} does not fit this model ({width})")
         new["prefix_encoder/embedding"] = emb
