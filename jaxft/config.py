@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (with loss scaling); trainable params stay float32
     c.model.param_dtype = "float32"  # storage of the frozen base: float32 or bfloat16
     c.model.head = ""  # "", causal_lm or classification ("" = from the task)
-    c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
+    c.model.pooling = ""  # classification head reads: last (real token), mean or first ([CLS]) ("" = the model's own)
     c.model.scan_layers = True
     # What the backward pass keeps of each layer: none | full | save_dots | offload (see
     # `jaxft.models.llama.remat_policy`). Typed `object` so the old True / False still parse (full / none).
@@ -37,7 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.rank = 8
     c.method.alpha = 16.0
     c.method.dropout = 0.0
-    c.method.targets = "q_proj,v_proj"  # comma-separated module names, or a regex on the dotted path
+    # Comma-separated module names, or a regex on the dotted path; "" = the family's default (PEFT's):
+    # q_proj,v_proj for Llama, query,value for BERT/RoBERTa.
+    c.method.targets = ""
     c.method.rslora = False
     c.method.num_virtual_tokens = 16
     c.method.projection = False  # P-Tuning v2 reparameterisation MLP
@@ -119,7 +121,7 @@ CHOICES = {
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
     "model.head": ("", "causal_lm", "classification"),
     "model.quantization": ("none", "int8", "nf4"),
-    "model.pooling": ("", "last", "mean"),
+    "model.pooling": ("", "last", "mean", "first"),
     "data.task": ("", "causal_lm", "classification"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),

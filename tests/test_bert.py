@@ -161,3 +161,95 @@ def test_config_errors(tmp_path):
                           (dict(hidden_act="swish"), "hidden_act"), (dict(is_decoder=True), "is_decoder")):
         with pytest.raises(JaxftError, match=match):
             hf.config_from_dict({**c, **change, "model_type": "bert"})
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapters, both ways.
+
+import copy  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+
+from jaxft.config import base_config  # noqa: E402
+from jaxft.models import family  # noqa: E402
+from jaxft.peft import build  # noqa: E402
+from jaxft.peft.hf_peft import save_adapter  # noqa: E402
+from jaxft.peft.partition import added_params, flat, merge, split, unflat  # noqa: E402
+
+
+def hooked(base_dir, seed=1, **method_kw):
+    """Base weights from disk + the method's parameters, randomised so that they matter."""
+    model, params = hf.load(base_dir)
+    m = base_config().method
+    for k, v in method_kw.items():
+        m[k] = v
+    method = build(m, model.cfg)
+    model = family.build(model.cfg, method.hooks)
+    fresh = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+    added = {k: 0.3 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
+             for i, (k, v) in enumerate(flat(added_params(fresh)).items())}
+    return model, method, merge(params, unflat(added))
+
+
+@pytest.mark.parametrize("family_name", ["bert", "roberta"])
+def test_lora_adapter_matches_peft_both_ways(models, tmp_path, family_name):
+    from peft import PeftModel
+
+    base, base_dir = models[(family_name, "classification")]
+    model, method, params = hooked(base_dir, name="lora", rank=4, alpha=8.0)  # the family's targets
+    assert method.hooks[0].targets == "query,value"
+    trainable, _ = split(params, method.trainable)
+    assert "classifier" in trainable and ("pooler" in trainable) == (family_name == "bert")
+    save_adapter(model, method, trainable, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    ids, mask, types = batch(family_name)
+    got = ours(model, params, ids, mask, types)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    ref = torch_logits(peft_model, ids, mask, types)
+    assert np.abs(ref - torch_logits(base, ids, mask, types)).max() > 1e-3  # the adapter changes the output
+    assert_close(got, ref, 1e-4)
+    model2, params2 = hf.load(base_dir, adapter=str(tmp_path / "adapter"))
+    assert_close(ours(model2, params2, ids, mask, types), got)
+
+
+def test_peft_saved_lora_loads(models, tmp_path):
+    """An adapter PEFT itself wrote (LoRA on query/value, its default for bert, classifier saved)."""
+    from peft import LoraConfig, get_peft_model
+
+    base, base_dir = models[("bert", "token_classification")]
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8,
+                                                                init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.mul_(3.0)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids, mask, types = batch("bert", seed=4)
+    ref = torch_logits(peft_model.eval(), ids, mask, types)
+    model, params = hf.load(base_dir, adapter=str(tmp_path / "peft"))
+    assert model.cfg.head == "token_classification"
+    assert_close(ours(model, params, ids, mask, types), ref, 1e-4)
+
+
+@pytest.mark.parametrize("family_name", ["bert", "roberta"])
+def test_prefix_adapter_matches_peft_prompt(models, tmp_path, family_name):
+    """P-Tuning v2 on an encoder classifier (the paper's setting) against PEFT's PREFIX_TUNING SEQ_CLS:
+    PEFT 0.21 loads the adapter; its forward refuses transformers 5 classifiers (their cache is named
+    `cache`), so its prompt goes in as that cache, with the prefix's columns in the mask."""
+    from peft import PeftModel
+
+    base, base_dir = models[(family_name, "classification")]
+    model, method, params = hooked(base_dir, name="ptuning_v2", num_virtual_tokens=5)
+    trainable, _ = split(params, method.trainable)
+    save_adapter(model, method, trainable, tmp_path / "adapter")
+    ids, mask, types = batch(family_name, seed=5)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    full_mask = np.concatenate([np.ones((len(ids), 5), mask.dtype), mask], axis=1)
+    with torch.no_grad():
+        ref = peft_model.base_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(full_mask),
+                                    token_type_ids=torch.tensor(types),
+                                    cache=peft_model.get_prompt(batch_size=len(ids))).logits.numpy()
+    got = ours(model, params, ids, mask, types)
+    assert np.abs(ref - torch_logits(base, ids, mask, types)).max() > 1e-3
+    assert_close(got, ref, 1e-4)
+    model2, params2 = hf.load(base_dir, adapter=str(tmp_path / "adapter"))
+    assert_close(ours(model2, params2, ids, mask, types), got)

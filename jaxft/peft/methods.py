@@ -35,11 +35,12 @@ def _head(m, cfg) -> Method:
 def _lora(m, cfg) -> Method:
     if m.rank <= 0:
         raise JaxftError(f"method.rank={m.rank}: expected a positive integer")
+    targets = m.targets or family.of(cfg).lora_targets
     try:
-        parse_targets(m.targets)
+        parse_targets(targets)
     except Exception as e:
-        raise JaxftError(f"method.targets={m.targets!r}: not a module-name list or a valid regex ({e})") from None
-    hook = LoraHook(m.rank, float(m.alpha), float(m.dropout), m.targets, bool(m.get("rslora", False)))
+        raise JaxftError(f"method.targets={targets!r}: not a module-name list or a valid regex ({e})") from None
+    hook = LoraHook(m.rank, float(m.alpha), float(m.dropout), targets, bool(m.get("rslora", False)))
     return Method("lora", (r"/lora_[ab]$",), (hook,))
 
 
