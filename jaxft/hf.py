@@ -24,7 +24,8 @@ ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODELS = {"jaxft-tiny": ASSETS / "jaxft-tiny"}
 SUPPORTED = tuple(family.REGISTRY)
 POOLING_KEY = "classifier_pooling"  # the config.json key (ModernBERT's name for the same choice)
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt")  # the last three: WordPiece (BERT), BPE (RoBERTa)
 
 
 def offline_reason(timeout: float = 2.0) -> str | None:

@@ -43,6 +43,8 @@ class Tokenizer:
         self._sp = None
         self.vocab_size = len(self._hf)
         self.bos_id, self.eos_id = self._hf.bos_token_id, self._hf.eos_token_id
+        if self.bos_id is None and self.eos_id is None:  # BERT's WordPiece: [CLS] text [SEP]
+            self.bos_id, self.eos_id = self._hf.cls_token_id, self._hf.sep_token_id
         pad = self._hf.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self._specials()

@@ -151,7 +151,8 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
         loaded = {p: v for p, v in loaded.items() if p in shapes}
         # Missing base weights are an error (a random frozen layer trains nothing useful), except the
         # classifier head that a classification run puts on a checkpoint that has none.
-        new_head = model.cfg.head == "classification" and hf.read_config(base_root).head != "classification"
+        new_head = (model.cfg.head in ("classification", "token_classification")
+                    and hf.read_config(base_root).head != model.cfg.head)
         for path in shapes:
             if path in loaded:
                 if loaded[path].shape != shapes[path].shape:

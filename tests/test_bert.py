@@ -253,3 +253,87 @@ def test_prefix_adapter_matches_peft_prompt(models, tmp_path, family_name):
     assert_close(got, ref, 1e-4)
     model2, params2 = hf.load(base_dir, adapter=str(tmp_path / "adapter"))
     assert_close(ours(model2, params2, ids, mask, types), got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training through the CLI: a tiny BERT with bert-base-uncased's WordPiece vocabulary, chosen by
+# model.path alone, on a few SST-2 rows.
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tests.test_train import cli, losses  # noqa: E402
+
+VOCAB_TXT = Path("/work/shared/data/tokenizers/bert-base-uncased/vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random BertForMaskedLM (hidden 32, 2 layers) with its WordPiece tokenizer, as a HF directory."""
+    if not VOCAB_TXT.exists():
+        pytest.skip(f"{VOCAB_TXT} is not on this machine")
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = {w: i for i, w in enumerate(VOCAB_TXT.read_text(encoding="utf-8").splitlines())}
+    tok = transformers.BertTokenizer(vocab=vocab, do_lower_case=True)
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64)
+    transformers.BertForMaskedLM(cfg).save_pretrained(d)
+    return d
+
+
+def test_wordpiece_tokenizer_adds_cls_and_sep(tiny_bert):
+    from jaxft.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_bert)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    assert tok.bos + tok.encode("a gripping movie") + tok.eos == ref("a gripping movie")["input_ids"]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (101, 102, 0)
+
+
+SST2_FEW = ("--config.data.name=sst2", "--config.data.max_train_examples=8", "--config.data.max_eval_examples=16",
+            "--config.data.seq_len=32", "--config.train.batch_size=8", "--config.optimizer.learning_rate=1e-2",
+            "--config.train.log_every_steps=1")
+
+
+@pytest.mark.parametrize("method", ["full", "head", "lora", "ptuning_v2"])
+def test_methods_train_a_bert_classifier(tiny_bert, tmp_path, method):
+    # 8 examples = one batch seen every step, so any method can fit it a little.
+    r = cli(tmp_path, f"--config.model.path={tiny_bert}", f"--config.method.name={method}", "--config.train.steps=6",
+            *SST2_FEW)
+    assert r.returncode == 0, r.stderr
+    assert "model: bert 2x32 head=classification (first pooling)" in r.stdout
+    got = losses(tmp_path)
+    assert all(np.isfinite(v) for v in got.values())
+    assert got[6] < got[1], got  # it learns something
+    export = tmp_path / "export"
+    if method in ("full", "head"):  # a HF model directory that transformers reads, with the tokenizer
+        back = transformers.BertForSequenceClassification.from_pretrained(export).eval()
+        model, params = hf.load(export)
+        ids, mask, types = batch("bert")
+        assert_close(ours(model, params, ids, mask, types), torch_logits(back, ids, mask, types))
+        assert (export / "tokenizer.json").exists() or (export / "vocab.txt").exists()
+    else:
+        config = json.loads((export / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_CLS" and set(config["modules_to_save"]) == {"classifier", "pooler"}
+        if method == "lora":
+            assert "query" in config["target_modules"] and "value" in config["target_modules"]
+
+
+def test_sharded_run_resumes_exactly(tiny_bert, tmp_path):
+    """LoRA on a (data 2, fsdp 2, tensor 2) mesh of 8 devices; the newest checkpoint removed, the same
+    command resumes from the one before and ends with the same loss and adapter."""
+    args = (f"--config.model.path={tiny_bert}", "--config.method.name=lora", "--config.train.steps=6",
+            "--config.checkpoint.every_steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2", *SST2_FEW)
+    r = cli(tmp_path, *args, devices=8)
+    assert r.returncode == 0, r.stderr
+    first = losses(tmp_path)
+    adapter = (tmp_path / "export" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    r = cli(tmp_path, *args, devices=8)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step 3" in r.stdout
+    assert losses(tmp_path) == first
+    assert (tmp_path / "export" / "adapter_model.safetensors").read_bytes() == adapter
