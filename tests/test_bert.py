@@ -337,3 +337,47 @@ def test_sharded_run_resumes_exactly(tiny_bert, tmp_path):
     assert "resuming from step 3" in r.stdout
     assert losses(tmp_path) == first
     assert (tmp_path / "export" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives of the encoder heads, against torch's cross entropy with ignore_index=-100.
+
+from jaxft import objectives  # noqa: E402
+
+
+@pytest.mark.parametrize("name,field", [("masked_lm", "mlm_labels"), ("token_classification", "labels")])
+def test_per_token_objectives_match_torch(name, field):
+    r = np.random.RandomState(0)
+    logits = r.randn(3, 7, 5).astype(np.float32)
+    labels = r.randint(0, 5, (3, 7))
+    labels[r.rand(3, 7) < 0.4] = -100
+    mask = np.ones((3, 7), np.int32)
+    mask[1, 5:] = 0
+    weight = np.array([1.0, 1.0, 0.0], np.float32)  # an eval padding row counts nothing
+    batch = {"input_ids": np.zeros((3, 7), np.int32), "attention_mask": mask, "weight": weight, field: labels}
+    sums = objectives.for_head(name).loss(jnp.asarray(logits), batch)
+    keep = np.where((mask == 1) & (weight[:, None] > 0), labels, -100)
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 5), torch.tensor(keep).reshape(-1),
+                                            ignore_index=-100, reduction="sum").item()
+    count = int((keep >= 0).sum())
+    assert float(sums["count"]) == count
+    np.testing.assert_allclose(float(sums["loss_sum"]), ref, rtol=1e-5)
+    assert float(sums["correct"]) == float(((logits.argmax(-1) == keep) & (keep >= 0)).sum())
+    if name == "token_classification":
+        class Cfg:
+            num_labels = 5
+        conf = np.asarray(objectives.for_head(name).eval_sums(jnp.asarray(logits), batch, Cfg)["confusion"])
+        assert conf.sum() == count
+        assert np.trace(conf) == float(sums["correct"])
+
+
+def test_token_type_ids_reach_the_model(models):
+    """The objectives pass a batch's token_type_ids to the model (sentence pairs)."""
+    model, params = hf.load(models[("bert", "classification")][1])
+    ids, mask, types = batch("bert")
+    b = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    with_types = np.asarray(model.apply({"params": params}, **objectives.model_inputs(b)))
+    del b["token_type_ids"]
+    without = np.asarray(model.apply({"params": params}, **objectives.model_inputs(b)))
+    assert not np.allclose(with_types, without)
+    np.testing.assert_allclose(with_types, ours(model, params, ids, mask, types), rtol=1e-6)
