@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
     c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
-    c.data.task = ""  # "", classification or causal_lm ("" = classification when labels exist)
+    c.data.task = ""  # "", classification, causal_lm or masked_lm ("" = classification when labels exist)
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.seq_len = 64
@@ -119,10 +119,10 @@ CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
-    "model.head": ("", "causal_lm", "classification"),
+    "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification"),
+    "data.task": ("", "causal_lm", "classification", "masked_lm"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }

@@ -116,13 +116,18 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
         return Data(train, ev, task, labels, tok)
-    # Language modelling may mix sources ('sst2+c4_demo'): each is packed, then the blocks are pooled.
+    # Language modelling (causal or masked) may mix sources ('sst2+c4_demo'): each is packed, then the
+    # blocks are pooled.
     resolved = [(train_rec, eval_rec, text_field)] + [sources.resolve(d, name)[:3] for name in extra]
     pack = lambda records, field: tasks.causal_lm(records, tok, seq_len, field)[0]  # noqa: E731
     parts = [pack(records, field) for records, _, field in resolved]
     evals = [pack(records, field) for _, records, field in resolved if records]
     join = lambda arrays: {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}  # noqa: E731
-    return Data(join(parts), join(evals) if evals else None, task, None, tok)
+    train, ev = join(parts), join(evals) if evals else None
+    if task == "masked_lm":  # the same packed blocks, then BERT's masking, drawn once from the seed
+        train = tasks.mask_tokens(train, tok, config.train.seed)
+        ev = tasks.mask_tokens(ev, tok, config.train.seed + 1) if ev is not None else None
+    return Data(train, ev, task, None, tok)
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):

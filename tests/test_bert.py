@@ -381,3 +381,39 @@ def test_token_type_ids_reach_the_model(models):
     without = np.asarray(model.apply({"params": params}, **objectives.model_inputs(b)))
     assert not np.allclose(with_types, without)
     np.testing.assert_allclose(with_types, ours(model, params, ids, mask, types), rtol=1e-6)
+
+
+def test_masked_lm_trains_and_exports(tiny_bert, tmp_path):
+    """data.task=masked_lm on SST-2 sentences: BERT's masking, the loss on the masked positions only, and
+    an export that transformers reads as a BertForMaskedLM with the same logits."""
+    r = cli(tmp_path, f"--config.model.path={tiny_bert}", "--config.method.name=full", "--config.data.task=masked_lm",
+            "--config.train.steps=6", *SST2_FEW)
+    assert r.returncode == 0, r.stderr
+    assert "head=masked_lm" in r.stdout and "eval/accuracy=" in r.stdout
+    got = losses(tmp_path)
+    assert got[6] < got[1], got
+    back = transformers.BertForMaskedLM.from_pretrained(tmp_path / "export").eval()
+    model, params = hf.load(tmp_path / "export")
+    ids, mask, types = batch("bert")
+    assert_close(ours(model, params, ids, mask, types), torch_logits(back, ids, mask, types))
+
+
+def test_mask_tokens_follows_bert():
+    from jaxft.data import tasks
+
+    class Tok:
+        bos_id, eos_id, pad_id, mask_id, vocab_size = 101, 102, 0, 103, 1000
+
+    ids = np.random.RandomState(0).randint(1000, size=(64, 128)).clip(200)
+    ids[:, 0], ids[:, -1] = 101, 102
+    out = tasks.mask_tokens({"input_ids": ids, "attention_mask": np.ones_like(ids)}, Tok, seed=0)
+    chosen = out["mlm_labels"] >= 0
+    assert 0.13 < chosen.mean() < 0.17 and not chosen[:, [0, -1]].any()  # never [CLS] / [SEP]
+    np.testing.assert_array_equal(out["mlm_labels"][chosen], ids[chosen])
+    assert (out["input_ids"][~chosen] == ids[~chosen]).all()
+    masked = (out["input_ids"][chosen] == 103).mean()
+    kept = (out["input_ids"][chosen] == ids[chosen]).mean()
+    assert 0.77 < masked < 0.83 and 0.07 < kept < 0.13
+    with pytest.raises(JaxftError, match="no mask token"):
+        Tok.mask_id = None
+        tasks.mask_tokens({"input_ids": ids, "attention_mask": np.ones_like(ids)}, Tok, seed=0)
