@@ -321,3 +321,45 @@ def test_bidirectional_matches_xla(impl, prefix):
         scale = float(np.max(np.abs(np.asarray(r, np.float32))))
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
                                    atol=TOL[dtype] * scale, rtol=TOL[dtype], err_msg=name)
+
+
+@needs_gpu
+def test_cudnn_runs_the_fused_bidirectional_kernel():
+    """The encoder path is cuDNN's fused kernel too (key lengths, no dense mask), forward and backward."""
+    q, k, v, mask = inputs("bfloat16", (4, 2), 3)
+    bi = lambda q: A.cudnn(q, k, v, mask, 3, causal=False)  # noqa: E731
+    fwd = jax.jit(bi).lower(q).as_text()
+    bwd = jax.jit(lambda q: jax.grad(lambda q: bi(q).astype(jnp.float32).sum())(q)).lower(q).as_text()
+    for text in (fwd, bwd):
+        assert "__cudnn$fmha" in text
+
+
+@pytest.mark.parametrize("impl,available", [("cudnn", GPU), ("splash", PALLAS)])
+def test_encoder_logits_match_xla(impl, available):
+    """A whole BERT classifier with a P-Tuning v2 prefix over right-padded rows: the same logits whatever
+    the attention (cuDNN in bf16 on a GPU, splash interpreted on CPU)."""
+    from jaxft.models.bert import BertConfig, BertModel
+
+    if not available:
+        pytest.skip(f"{impl} does not run on {BACKEND}")
+    dtype = "bfloat16" if impl == "cudnn" else "float32"
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 64, (3, 24)))
+    mask = inputs("float32")[3].astype(jnp.int32)[:, ::-1]  # right padding, as BERT batches are
+    method = base_config().method
+    method.name, method.num_virtual_tokens = "ptuning_v2", 3
+
+    def model(attention):
+        cfg = BertConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         max_position_embeddings=32, head="token_classification", num_labels=5, dtype=dtype,
+                         attention=attention)
+        return BertModel(cfg, hooks=build(method, cfg).hooks)
+
+    ref_model = model("xla")
+    params = nn.unbox(jax.jit(ref_model.init)(jax.random.PRNGKey(0), ids, mask)["params"])
+    ref = np.asarray(jax.jit(ref_model.apply)({"params": params}, ids, mask))
+    with interpreted() if impl == "splash" else contextlib.nullcontext():
+        got = np.asarray(jax.jit(model(impl).apply)({"params": params}, ids, mask))
+    tol = TOL[dtype] * (1 if dtype == "float32" else float(np.std(ref)) * 4)
+    real = np.asarray(mask, bool)[:, :, None]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0), atol=tol, rtol=TOL[dtype])
