@@ -417,3 +417,24 @@ def test_mask_tokens_follows_bert():
     with pytest.raises(JaxftError, match="no mask token"):
         Tok.mask_id = None
         tasks.mask_tokens({"input_ids": ids, "attention_mask": np.ones_like(ids)}, Tok, seed=0)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_prefix_init_from_tokens_on_an_encoder(models, scan):
+    """`method.init_from_tokens` reads the keys and values BERT's attention sows (its modules are not
+    Llama's): the prefix starts as the frozen encoder's keys/values of the first real tokens."""
+    base_dir = models[("bert", "classification")][1]
+    model, params = hf.load(base_dir, scan_layers=scan)
+    m = base_config().method
+    m.name, m.num_virtual_tokens, m.init_from_tokens = "ptuning_v2", 3, True
+    method = build(m, model.cfg)
+    hooked_model = family.build(model.cfg, method.hooks)
+    fresh = nn.unbox(hooked_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = merge(params, added_params(fresh))
+    ids, mask, _ = batch("bert")
+    new = method.hooks[0].initialize(hooked_model, params, {"input_ids": ids, "attention_mask": mask})
+    emb = np.asarray(new["prefix_encoder"]["embedding"])  # [P, layers * 2 * H * D]
+    _, state = model.apply({"params": params}, ids[:1, :3], mutable=["intermediates"])
+    sown = state["intermediates"]["layers" if scan else "layers_0"]["attention"]["self"]["keys_values"][0]
+    k0 = np.asarray(sown[0][0] if scan else sown[0])[0]  # layer 0's keys of the first row: [3, H, D]
+    np.testing.assert_allclose(emb.reshape(3, model.cfg.num_layers, 2, -1)[:, 0, 0], k0.reshape(3, -1), rtol=1e-5)
