@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (with loss scaling); trainable params stay float32
     c.model.param_dtype = "float32"  # storage of the frozen base: float32 or bfloat16
     c.model.head = ""  # "", causal_lm or classification ("" = from the task)
-    c.model.pooling = ""  # classification head reads: last (real token) or mean ("" = the model's, else last)
+    c.model.pooling = ""  # classification head reads: last (real token), mean or first ([CLS]) ("" = the model's own)
     c.model.scan_layers = True
     # What the backward pass keeps of each layer: none | full | save_dots | offload (see
     # `jaxft.models.llama.remat_policy`). Typed `object` so the old True / False still parse (full / none).
@@ -41,8 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.rank = 8
     c.method.alpha = 16.0
     c.method.dropout = 0.0
-    # comma-separated module names, or a regex on the dotted path; empty: the model family's default
-    # (Llama: q_proj,v_proj; GPT-2: c_attn)
+    # Comma-separated module names, or a regex on the dotted path; "" = the family's default (PEFT's):
+    # q_proj,v_proj for Llama, c_attn for GPT-2, query,value for BERT/RoBERTa.
     c.method.targets = ""
     c.method.rslora = False
     c.method.num_virtual_tokens = 16
@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
     c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
-    c.data.task = ""  # "", classification, causal_lm or sft ("" = what the data says: see jaxft.data.tasks.choose_task)
+    c.data.task = ""  # "", classification, causal_lm, sft or masked_lm ("" = what the data says: see jaxft.data.tasks.choose_task)
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
@@ -143,10 +143,10 @@ CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
-    "model.head": ("", "causal_lm", "classification"),
+    "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification"),
     "model.quantization": ("none", "int8", "nf4"),
-    "model.pooling": ("", "last", "mean"),
-    "data.task": ("", "causal_lm", "classification", "sft"),
+    "model.pooling": ("", "last", "mean", "first"),
+    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }

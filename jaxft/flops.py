@@ -8,6 +8,7 @@ what a fused kernel that skips the masked half really computes, and what MaxText
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -102,7 +103,10 @@ class Throughput:
 
         names = {k: v for k, v in flat(params_trainable).items()}
         # The output head trains in nearly every method; only the base's own matmuls cost 2N more.
-        self.trains_base = any(not ADDED_PARAMS.search(k) and not k.startswith(("score/", "lm_head/")) for k in names)
+        from jaxft.models import family
+
+        head = family.of(cfg).head_params
+        self.trains_base = any(not ADDED_PARAMS.search(k) and not re.search(head, k) for k in names)
         # Per-token adapter matmuls: method-added kernels inside the layers (a prefix encoder runs per batch).
         self.adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
                            if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)

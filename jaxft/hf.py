@@ -24,7 +24,8 @@ ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODELS = {"jaxft-tiny": ASSETS / "jaxft-tiny"}
 SUPPORTED = tuple(family.REGISTRY)
 POOLING_KEY = "classifier_pooling"  # the config.json key (ModernBERT's name for the same choice)
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt")  # the last three: WordPiece (BERT), BPE (RoBERTa)
 
 
 def offline_reason(timeout: float = 2.0) -> str | None:
@@ -199,8 +200,8 @@ def load(path: str, adapter: str | dict | None = None, active: str | None = None
         return adapters.use(active or adapters.names[0])
     root = resolve(str(path))
     cfg = read_config(root, **overrides)
-    params = params_from_hf(read_tensors(root), cfg, where=str(root))
     model = family.build(cfg)
+    params = complete(model, params_from_hf(read_tensors(root), cfg, where=str(root)), root)
     if adapter is not None:
         from jaxft.peft.hf_peft import load_adapter
 
@@ -229,9 +230,28 @@ def save_adapter(model, params: dict, out_dir: str, base: str = "") -> Path:
     from jaxft.peft.methods import of_hooks
     from jaxft.peft.partition import added_params, flat, merge, unflat
 
-    head = family.of(model.cfg).classifier_params if model.cfg.head == "classification" else None
+    head = family.of(model.cfg).classifier_params if model.cfg.head in ("classification", "token_classification") \
+        else None
     score = unflat({k: v for k, v in flat(params).items() if head and re.search(head, k)})
     return write(model, of_hooks(model.hooks), merge(added_params(params), score), out_dir, base=base)
+def complete(model, params: dict, root) -> dict:
+    """The checkpoint's weights that the model has; one it lacks is an error naming the HF weight
+    (e.g. a bare encoder directory read with a head it does not hold)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from jaxft.peft.partition import flat, unflat
+
+    shapes = flat(nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+                           ["params"]))
+    got = flat(params)
+    for path, shape in shapes.items():
+        if path not in got:
+            name = next(iter(params_to_hf(unflat({path: np.zeros((1,) * len(shape.shape))}), model.cfg)), path)
+            raise JaxftError(f"{root}: the checkpoint has no {name} (expected every weight of "
+                             f"{family.of(model.cfg).architecture(model.cfg)}; model.head={model.cfg.head!r})")
+    return unflat({p: v for p, v in got.items() if p in shapes})
 
 
 def save(model, params: dict, out_dir: str, tokenizer_dir: str | os.PathLike | None = None) -> Path:

@@ -17,8 +17,12 @@ from jaxft.cross_entropy import fused_cross_entropy, token_stats
 
 
 def model_inputs(batch) -> dict:
-    """The batch fields a model is called with: token ids and padding mask."""
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """The batch fields a model is called with: token ids and padding mask, and the token types of
+    sentence pairs where the batch has them (BERT-style encoders)."""
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in batch:
+        kw["token_type_ids"] = batch["token_type_ids"]
+    return kw
 
 
 def packed_inputs(batch) -> dict:
@@ -77,6 +81,35 @@ def per_task(outputs, batch, cfg):
             for k in range(batch["task_weight"].shape[1])]
     return {"task_loss_sum": jnp.stack([s["loss_sum"] for s in sums]),
             "task_count": jnp.stack([s["count"] for s in sums])}
+IGNORE = -100  # transformers' label of a position that has no target
+
+
+def per_token_weights(labels, batch):
+    """Weight of each labelled position: a real token (attention mask), a label >= 0 (not -100), and
+    the example's weight (0 for eval padding rows)."""
+    keep = (labels >= 0) & (batch["attention_mask"] > 0)
+    return keep.astype(jnp.float32) * batch["weight"][:, None]
+
+
+def masked_lm_loss(outputs, batch):
+    """outputs: logits [B, T, V]. `mlm_labels` [B, T]: the original token where the input was masked
+    (replaced, kept or randomised, as BERT does), -100 elsewhere; only those positions count."""
+    labels = batch["mlm_labels"]
+    return token_stats(outputs, jnp.maximum(labels, 0), per_token_weights(labels, batch))
+
+
+def token_classification_loss(logits, batch):
+    """logits [B, T, C]; `labels` [B, T], -100 (sub-word continuations, special tokens) ignored."""
+    labels = batch["labels"]
+    return token_stats(logits, jnp.maximum(labels, 0), per_token_weights(labels, batch))
+
+
+def token_confusion(logits, batch, cfg):
+    """Weights of (true, predicted) pairs over the labelled tokens."""
+    c, labels = cfg.num_labels, batch["labels"]
+    pred = jnp.argmax(logits, axis=-1)
+    w = per_token_weights(labels, batch)
+    return {"confusion": jnp.zeros((c, c), jnp.float32).at[jnp.maximum(labels, 0), pred].add(w)}
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -84,9 +117,12 @@ OBJECTIVES: dict[str, Objective] = {
     "causal_lm": Objective("causal_lm", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
     # Instruction tuning: the causal LM loss over the responses only (`loss_mask`), packed or padded rows.
     "sft": Objective("sft", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
+    "masked_lm": Objective("masked_lm", masked_lm_loss),
+    "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
 }
 # The model head each data task trains.
-HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm"}
+HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
+         "token_classification": "token_classification"}
 
 
 def for_task(task: str) -> Objective:

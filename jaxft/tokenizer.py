@@ -33,6 +33,7 @@ class Tokenizer:
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
             pad = self._sp.pad_id()
             self.pad_id = pad if pad >= 0 else self.eos_id
+            self.mask_id = None
             self._hf = None
             self._specials()
             return
@@ -47,6 +48,9 @@ class Tokenizer:
         self._sp = None
         self.vocab_size = len(self._hf)
         self.bos_id, self.eos_id = self._hf.bos_token_id, self._hf.eos_token_id
+        if self.bos_id is None and self.eos_id is None:  # BERT's WordPiece: [CLS] text [SEP]
+            self.bos_id, self.eos_id = self._hf.cls_token_id, self._hf.sep_token_id
+        self.mask_id = self._hf.mask_token_id  # BERT's [MASK], RoBERTa's <mask>: for data.task=masked_lm
         pad = self._hf.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self._specials()

@@ -120,14 +120,18 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
         return Data(train, ev, task, labels, tok)
-    # Language modelling and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
+    # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
     resolved = [(first, train_rec, eval_rec, text_field)]
     for name in extra:  # data.max_*_examples apply to each source
         more_train, more_eval, more_field = sources.resolve(d, name)[:3]
         resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
                          more_field))
     m = mixture.load(d, tok, task, resolved, log)
-    return Data(m.train, m.eval, task, None, tok, m.groups, m.weights, m.names)
+    train, ev = m.train, m.eval
+    if task == "masked_lm":  # the packed blocks, then BERT's masking, drawn once from the seed
+        train = tasks.mask_tokens(train, tok, config.train.seed)
+        ev = tasks.mask_tokens(ev, tok, config.train.seed + 1) if ev is not None else None
+    return Data(train, ev, task, None, tok, m.groups, m.weights, m.names)
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
@@ -156,7 +160,8 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
         loaded = {p: v for p, v in loaded.items() if p in shapes}
         # Missing base weights are an error (a random frozen layer trains nothing useful), except the
         # classifier head that a classification run puts on a checkpoint that has none.
-        new_head = model.cfg.head == "classification" and hf.read_config(base_root).head != "classification"
+        new_head = (model.cfg.head in ("classification", "token_classification")
+                    and hf.read_config(base_root).head != model.cfg.head)
         for path in shapes:
             if path in loaded:
                 if loaded[path].shape != shapes[path].shape:

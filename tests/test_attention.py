@@ -268,3 +268,98 @@ def test_choice_and_errors():
     config.model.attention = "fast"
     with pytest.raises(JaxftError, match="model.attention='fast'"):
         validate(config)
+
+
+# Bidirectional attention (encoders such as BERT): padding and prefix columns only.
+BIDIRECTIONAL = {
+    "dot_product_xla": (functools.partial(A.cudnn, implementation="xla"), True),
+    "cudnn": (A.cudnn, GPU),
+    "splash": (A.splash, PALLAS),
+    "flash": (A.flash, PALLAS),
+}
+
+
+def numpy_bidirectional(q, k, v, mask, prefix):
+    """Plain numpy: every real query sees the prefix columns and every real key."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, d = q.shape
+    k, v = np.repeat(k, h // k.shape[2], axis=2), np.repeat(v, h // v.shape[2], axis=2)
+    seen = np.concatenate([np.ones((b, prefix), bool), np.asarray(mask)], axis=1)  # [B, P+T]
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
+    s = np.where(seen[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_bidirectional_xla_matches_numpy(heads, prefix):
+    q, k, v, mask = inputs("float32", heads, prefix)
+    got = A.xla(q, k, v, mask, prefix, None, causal=False)
+    ref = numpy_bidirectional(q, k, v, mask, prefix)
+    assert_matches(got, ref, mask, "float32")
+    causal = A.xla(q, k, v, mask, prefix, None)
+    assert not np.allclose(np.asarray(causal), ref, atol=1e-3)  # the flag changes what a row sees
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+@pytest.mark.parametrize("impl", list(BIDIRECTIONAL))
+def test_bidirectional_matches_xla(impl, prefix):
+    """Each implementation's non-causal path, forward and gradients, against the xla reference."""
+    fn, available = BIDIRECTIONAL[impl]
+    if not available:
+        pytest.skip(f"{impl} does not run on {BACKEND}")
+    dtype = "bfloat16" if impl == "cudnn" else "float32"
+    q, k, v, mask = inputs(dtype, (4, 2), prefix)
+    bi = lambda f: lambda q, k, v, m, p, w: f(q, k, v, m, p, w, causal=False)  # noqa: E731
+    ref = run(bi(A.xla), q, k, v, mask, prefix, None)
+    with interpreted() if impl in ("splash", "flash") else contextlib.nullcontext():
+        assert_matches(run(bi(fn), q, k, v, mask, prefix, None), ref, mask, dtype)
+        got = grads(bi(fn), q, k, v, mask, prefix, None)
+    for name, g, r in zip("qkv", got, grads(bi(A.xla), q, k, v, mask, prefix, None)):
+        scale = float(np.max(np.abs(np.asarray(r, np.float32))))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   atol=TOL[dtype] * scale, rtol=TOL[dtype], err_msg=name)
+
+
+@needs_gpu
+def test_cudnn_runs_the_fused_bidirectional_kernel():
+    """The encoder path is cuDNN's fused kernel too (key lengths, no dense mask), forward and backward."""
+    q, k, v, mask = inputs("bfloat16", (4, 2), 3)
+    bi = lambda q: A.cudnn(q, k, v, mask, 3, causal=False)  # noqa: E731
+    fwd = jax.jit(bi).lower(q).as_text()
+    bwd = jax.jit(lambda q: jax.grad(lambda q: bi(q).astype(jnp.float32).sum())(q)).lower(q).as_text()
+    for text in (fwd, bwd):
+        assert "__cudnn$fmha" in text
+
+
+@pytest.mark.parametrize("impl,available", [("cudnn", GPU), ("splash", PALLAS)])
+def test_encoder_logits_match_xla(impl, available):
+    """A whole BERT classifier with a P-Tuning v2 prefix over right-padded rows: the same logits whatever
+    the attention (cuDNN in bf16 on a GPU, splash interpreted on CPU)."""
+    from jaxft.models.bert import BertConfig, BertModel
+
+    if not available:
+        pytest.skip(f"{impl} does not run on {BACKEND}")
+    dtype = "bfloat16" if impl == "cudnn" else "float32"
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 64, (3, 24)))
+    mask = inputs("float32")[3].astype(jnp.int32)[:, ::-1]  # right padding, as BERT batches are
+    method = base_config().method
+    method.name, method.num_virtual_tokens = "ptuning_v2", 3
+
+    def model(attention):
+        cfg = BertConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         max_position_embeddings=32, head="token_classification", num_labels=5, dtype=dtype,
+                         attention=attention)
+        return BertModel(cfg, hooks=build(method, cfg).hooks)
+
+    ref_model = model("xla")
+    params = nn.unbox(jax.jit(ref_model.init)(jax.random.PRNGKey(0), ids, mask)["params"])
+    ref = np.asarray(jax.jit(ref_model.apply)({"params": params}, ids, mask))
+    with interpreted() if impl == "splash" else contextlib.nullcontext():
+        got = np.asarray(jax.jit(model(impl).apply)({"params": params}, ids, mask))
+    tol = TOL[dtype] * (1 if dtype == "float32" else float(np.std(ref)) * 4)
+    real = np.asarray(mask, bool)[:, :, None]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0), atol=tol, rtol=TOL[dtype])

@@ -125,7 +125,7 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
         hit = read_cache(d, key)
         if hit is not None:
             out, line = hit
-        elif task == "causal_lm":
+        elif task in ("causal_lm", "masked_lm"):
             out, line = tasks.causal_lm(records, tok, seq_len, text_field, segments=bool(d.packing))[0], ""
         else:
             enc = sft.examples(records, tok, renderer, seq_len, fields, bool(d.train_on_prompt),

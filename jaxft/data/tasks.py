@@ -7,6 +7,8 @@ classification: [BOS] text [EOS] right-padded to seq_len, plus `labels` (BOS and
 causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, no padding); a text
                 that is a list of segments becomes BOS seg1 EOS seg2 EOS ...; with `segments`, each
                 block's `segment_ids` number its documents so attention stays within each.
+masked_lm:      packed as causal_lm ([CLS] text [SEP] for BERT), then BERT's masking (`mask_tokens`):
+                `input_ids` masked, `mlm_labels` the original tokens at the targets, -100 elsewhere.
 sft:            see `jaxft.data.sft` (instruction data, chat templates, loss masks, packing).
 Every array set carries `weight` (1 for a real example) so padded eval batches count nothing.
 """
@@ -143,6 +145,22 @@ def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bo
         doc = np.asarray(document[: n * seq_len], np.int32).reshape(n, seq_len)
         arrays["segment_ids"] = doc - doc[:, :1] + 1
     return arrays, 0
+
+
+def mask_tokens(arrays: dict, tok, seed: int, probability: float = 0.15) -> dict:
+    """BERT's masking, drawn once from `seed` (static): `probability` of the non-special tokens become
+    targets (`mlm_labels`, -100 elsewhere); of those 80% are replaced by the mask token, 10% by a
+    random token, 10% kept."""
+    if getattr(tok, "mask_id", None) is None:
+        raise JaxftError("data.task='masked_lm': the tokenizer has no mask token (expected e.g. BERT's [MASK])")
+    ids = arrays["input_ids"]
+    rng = np.random.default_rng(seed)
+    special = np.isin(ids, [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None])
+    chosen = (rng.random(ids.shape) < probability) & ~special & (arrays["attention_mask"] > 0)
+    roll = rng.random(ids.shape)
+    masked = np.where(chosen & (roll < 0.8), tok.mask_id, ids)
+    masked = np.where(chosen & (roll >= 0.8) & (roll < 0.9), rng.integers(0, tok.vocab_size, ids.shape), masked)
+    return {**arrays, "input_ids": masked.astype(np.int32), "mlm_labels": np.where(chosen, ids, -100).astype(np.int32)}
 
 
 def synthetic(n: int, seq_len: int, vocab_size: int, seed: int, num_labels: int | None):

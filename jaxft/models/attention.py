@@ -6,15 +6,17 @@
 `auto`: cudnn on a GPU computing in bf16/fp16, splash on a TPU, xla otherwise.
 
 Every implementation gets the same structured mask, not a dense one: the [B, T] padding mask, the number
-P of prefix key/value columns in front of the keys (P-Tuning v2), the sliding window and, for packed
-rows, the [B, T] segment ids (1, 2, ... per example, 0 for padding). Query i sees key column c when
-c < P (a prefix is always visible), or c = P + j with token j real, j <= i, i - j < window and j in
-i's segment. xla takes segment ids with or without a prefix; splash and flash take them as their own
-segment ids (not with a prefix: their segment ids cannot make the prefix visible to every example);
-cudnn's call here has no segment ids (its padding trick needs one example per row). `auto` picks xla
-where the fused kernel cannot take the packing; naming such a kernel is an error. The fused kernels
-build this from their own causal masks and skip the masked tiles; rows of padding queries are finite
-but may differ between implementations (nothing downstream reads them).
+P of prefix key/value columns in front of the keys (P-Tuning v2), the sliding window, whether it is
+causal and, for packed rows, the [B, T] segment ids (1, 2, ... per example, 0 for padding). Query i
+sees key column c when c < P (a prefix is always visible), or c = P + j with token j real, j <= i,
+i - j < window and j in i's segment. Without causality (encoders: BERT) query i sees every prefix
+column and every real token; there is no window then. xla takes segment ids with or without a prefix;
+splash and flash take them as their own segment ids (not with a prefix: their segment ids cannot make
+the prefix visible to every example); cudnn's call here has no segment ids (its padding trick needs
+one example per row). `auto` picks xla where the fused kernel cannot take the packing; naming such a
+kernel is an error. The fused kernels build this from their own causal masks and skip the masked
+tiles; rows of padding queries are finite but may differ between implementations (nothing downstream
+reads them).
 """
 
 from __future__ import annotations
@@ -39,18 +41,22 @@ _INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
 
 
 def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dtype=jnp.float32, impl: str = "xla",
-              segment_ids=None):
+              segment_ids=None, causal: bool = True):
     """q [B, T, H, D]; k, v [B, P+T, KV, D] with the P prefix columns first; mask [B, T] (1 = real token);
     segment_ids [B, T] or None (packed rows: attention stays within each example) -> [B, T, H*D] in
-    `dtype`. H may be a multiple of KV (grouped-query attention)."""
+    `dtype`. H may be a multiple of KV (grouped-query attention). `causal=False`: bidirectional
+    (padding and prefix only), for encoders."""
     b, t, h, d = q.shape
     impl = resolve(impl, dtype, d, packed=segment_ids is not None, num_prefix=num_prefix)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
+    kw = {} if causal else {"causal": False}  # the decoder path calls the implementations as it always did
+    if not causal:
+        window = None
     if segment_ids is None:
-        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None)
+        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None, **kw)
     else:  # padding is segment 0 whatever the ids say
         segments = jnp.where(mask.astype(bool), segment_ids.astype(jnp.int32), 0)
-        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None, segments=segments)
+        out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None, segments=segments, **kw)
     return out.reshape(b, t, h * d)
 
 
@@ -99,12 +105,13 @@ def pallas_interpret():
         _INTERPRET.reset(token)
 
 
-def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None):
+def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None, causal: bool = True):
     """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window, same segment (where
-    `segments` [B, T] is given); prefixes always visible."""
+    `segments` [B, T] is given); prefixes always visible. `causal=False`: no causality (every real
+    token sees every real token of its segment)."""
     t = mask.shape[1]
     i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    allowed = j <= i
+    allowed = j <= i if causal else jnp.ones((t, t), bool)
     if sliding_window:
         allowed &= i - j < sliding_window
     full = allowed[None] & mask[:, None, :].astype(bool)
@@ -115,21 +122,22 @@ def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None
     return full
 
 
-def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None):
+def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True):
     """The reference: scores accumulated in fp32 (not rounded to bf16 first), a dense [B, T, P+T] mask,
     softmax in fp32. q [B, T, H, D], k, v [B, P+T, KV, D] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    allowed = causal_mask(mask, num_prefix, window, segments)
+    allowed = causal_mask(mask, num_prefix, window, segments, causal)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(v.dtype)
 
 
-def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn"):
+def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn",
+          causal: bool = True):
     """cuDNN flash attention through `jax.nn.dot_product_attention`, with its plain causal mask (top-left,
     tiles above the diagonal skipped) and window: no dense mask, no sequence lengths.
     `implementation="xla"` runs the same call on any backend (the tests' CPU check).
@@ -145,7 +153,11 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
     - An odd total length gets one zero row and column at the end: JAX's cuDNN call refuses odd lengths
       when it is differentiated (seen on an H200, jax 0.11.2), and the causal mask hides the extra key
       from every earlier row.
+    - Not causal (encoders): the same permutation, no dummy rows, and the kernel's key lengths (P plus the
+      row's real tokens) hide the padding that now sits at the end of the keys.
     """
+    if not causal:
+        return _cudnn_bidirectional(q, k, v, mask, num_prefix, implementation)
     if window and num_prefix:
         return xla(q, k, v, mask, num_prefix, window)
     b, t, h, d = q.shape
@@ -161,6 +173,19 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
         q, k, v, is_causal=True, local_window_size=(window - 1, 0) if window else None, implementation=implementation
     )
     return _permute(out[:, p : p + t], inverse, order)
+
+
+def _cudnn_bidirectional(q, k, v, mask, p, implementation):
+    b, t, h, d = q.shape
+    order = jnp.argsort(1 - mask.astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
+    inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
+    q = _permute(q, order, inverse)
+    k, v = (_prepend(x[:, :p], _permute(x[:, p:], order, inverse)) for x in (k, v))
+    q = _pad(q, t + t % 2)
+    k, v = (_pad(x, (p + t) + (p + t) % 2) for x in (k, v))
+    lengths = (p + mask.astype(jnp.int32).sum(axis=1)).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+    return _permute(out[:, :t], inverse, order)
 
 
 def _prepend(head, x):
@@ -179,17 +204,18 @@ _permute.defvjp(
 )
 
 
-def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None):
+def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True):
     """Pallas TPU splash attention. Its static masks are block-sparse (fully masked tiles are skipped):
     causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window, OR-ed with the
-    prefix columns when both; padding is segment ids (1 real, 0 padding), or the packed rows' own segment
-    ids (0 padding). No dense mask is built."""
+    prefix columns when both, or (not causal) a `FullMask`; padding is segment ids (1 real, 0 padding),
+    or the packed rows' own segment ids (0 padding). No dense mask is built."""
     if segments is not None:
         mask = segments  # 0 = padding already; packed rows have no prefix (see `resolve`)
-    return _on_shards(functools.partial(_splash, num_prefix=num_prefix, window=window), q, k, v, mask)
+    fn = functools.partial(_splash, num_prefix=num_prefix, window=window, causal=causal)
+    return _on_shards(fn, q, k, v, mask)
 
 
-def _splash(q, k, v, mask, num_prefix, window):
+def _splash(q, k, v, mask, num_prefix, window, causal=True):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -202,7 +228,9 @@ def _splash(q, k, v, mask, num_prefix, window):
     # added past P + tq are beyond every row's causal reach.
     seg_q = _pad(mask.astype(jnp.int32), tq)
     seg_kv = _pad(jnp.concatenate([jnp.ones((b, p), jnp.int32), mask.astype(jnp.int32)], axis=1), s)
-    if window:
+    if not causal:  # segment ids alone: real rows see the prefix and the real tokens
+        m = sm.FullMask((tq, s))
+    elif window:
         m = sm.LocalMask((tq, s), (window - 1, 0), offset=p)
         if p:  # the prefix lies outside far rows' windows but stays visible
             m = m | sm.NumpyMask(np.broadcast_to(np.arange(s) < p, (tq, s)).copy())
@@ -216,19 +244,19 @@ def _splash(q, k, v, mask, num_prefix, window):
     return out.reshape(b, h, tq, d).transpose(0, 2, 1, 3)[:, :t]
 
 
-def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None):
+def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True):
     """Pallas TPU flash attention (the older kernel; splash is the one `auto` picks). Its causal mask is
-    top-left, so P prefix columns get P dummy query rows in front; padding is segment ids. It takes equal
-    head counts: grouped keys and values are repeated per query head. It has no window: with one, this
-    runs the xla reference (exact, dense)."""
+    top-left, so P prefix columns get P dummy query rows in front; padding is segment ids (not causal:
+    the segment ids alone). It takes equal head counts: grouped keys and values are repeated per query
+    head. It has no window: with one, this runs the xla reference (exact, dense)."""
     if window:
-        return xla(q, k, v, mask, num_prefix, window, segments)
+        return xla(q, k, v, mask, num_prefix, window, segments, causal)
     if segments is not None:
         mask = segments  # its segment ids: 0 = padding; packed rows have no prefix (see `resolve`)
-    return _on_shards(functools.partial(_flash, num_prefix=num_prefix), q, k, v, mask)
+    return _on_shards(functools.partial(_flash, num_prefix=num_prefix, causal=causal), q, k, v, mask)
 
 
-def _flash(q, k, v, mask, num_prefix):
+def _flash(q, k, v, mask, num_prefix, causal=True):
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     b, t, h, d = q.shape
@@ -239,7 +267,7 @@ def _flash(q, k, v, mask, num_prefix):
     seg = _pad(jnp.concatenate([jnp.ones((b, p), jnp.int32), mask.astype(jnp.int32)], axis=1), s)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
     out = fa.flash_attention(
-        heads_first(q), heads_first(k), heads_first(v), segment_ids=fa.SegmentIds(seg, seg), causal=True,
+        heads_first(q), heads_first(k), heads_first(v), segment_ids=fa.SegmentIds(seg, seg), causal=causal,
         sm_scale=1 / math.sqrt(d),
     )
     return heads_first(out)[:, p : p + t]

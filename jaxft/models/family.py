@@ -34,6 +34,8 @@ REGISTRY = {
     "qwen2": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
     "gpt2": "jaxft.models.gpt2",
+    "bert": "jaxft.models.bert",
+    "roberta": "jaxft.models.bert:ROBERTA",  # "module:NAME": a module defining several families
 }
 
 # The heads a family may offer, with the HF class-name ending that selects each in config.json.
@@ -101,6 +103,8 @@ class Family:
     init_cache: Callable | None = None
     encoder_decoder: bool = False
     fan_in_fan_out: bool = False  # HF stores the LoRA targets as Conv1D [in, out] (GPT-2): PEFT's flag
+    # config -> the "a/b/kernel" path of the classifier's output projection (its width is num_labels)
+    classifier_kernel: Callable[[Any], str] = lambda cfg: "score/kernel"
 
 
 def get(model_type: str, where: str = "config") -> Family:
@@ -110,7 +114,8 @@ def get(model_type: str, where: str = "config") -> Family:
     if model_type not in REGISTRY:
         raise JaxftError(f"{where}: model_type {model_type!r} is not supported (expected one of "
                          f"{', '.join(REGISTRY)})")
-    return importlib.import_module(REGISTRY[model_type]).FAMILY
+    module, _, name = REGISTRY[model_type].partition(":")
+    return getattr(importlib.import_module(module), name or "FAMILY")
 
 
 def of(cfg) -> Family:

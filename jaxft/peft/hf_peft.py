@@ -8,7 +8,8 @@ LoRA maps to PEFT's `LORA` (lora_A [r, in], lora_B [out, r] per layer). P-Tuning
 tuning map to `PREFIX_TUNING` (`prompt_embeddings` [tokens, layers * 2 * kv_width], written after any
 reparameterisation, so the adapter serves without it); prompt tuning to `PROMPT_TUNING` and P-Tuning
 to `P_TUNING` (`prompt_embeddings` [tokens, hidden], the prompt encoder's output). A classifier head
-goes in as PEFT's `modules_to_save` copy of `score`.
+goes in as PEFT's `modules_to_save` copy of its modules (Llama's `score`; BERT's `pooler` and
+`classifier`), named as the family names them in HF.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.prompt import MODULE, PromptHook
 from jaxft.peft.ptuning_v2 import PrefixHook
 
+TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM"}
+TASK_HEADS = ("classification", "token_classification")
+HEAD_OF_TASK = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification"}
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
@@ -40,7 +44,8 @@ class Format:
     export: Callable
     # (model config, adapter_config dict, tensors, where) -> (hook, {"a/b": array} of the params it adds)
     load: Callable
-    score_key: str = "base_model.model.score.weight"  # where PEFT keeps a classifier head's copy
+    head_prefix: str = "base_model.model."  # what PEFT puts before a classifier head's HF names
+    owns: Callable = lambda key: False  # keys of the adapter's own tensors beyond LoRA's and prompt_embeddings
 
 
 FORMATS: dict[str, Format] = {}
@@ -192,7 +197,7 @@ def _load_prompt(kind: str):
     return load
 
 
-PROMPT_SCORE = "base_model.score.weight"  # prompt learning wraps no tuner around the base model
+PROMPT_SCORE = "base_model."  # prompt learning wraps no tuner around the base model
 register_format(Format("LORA", _export_lora, _load_lora))
 register_format(Format("PREFIX_TUNING", _export_prefix, _load_prefix, PROMPT_SCORE))
 register_format(Format("PROMPT_TUNING", _export_prompt, _load_prompt("prompt_tuning"), PROMPT_SCORE))
@@ -215,10 +220,13 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
     from safetensors.numpy import save_file
 
     cfg = model.cfg
+    fam = family.of(cfg)
     out = Path(out_dir)
-    task = "SEQ_CLS" if cfg.head == "classification" else "CAUSAL_LM"
+    task = TASK_TYPES.get(cfg.head)  # None (PEFT's plain PeftModel) for a masked LM
     params = {k: np.asarray(v, np.float32) for k, v in flat(trainable).items()}
-    score = params.get("score/kernel")
+    head = {k: v for k, v in params.items() if re.search(fam.classifier_params, k)} if cfg.head in TASK_HEADS else {}
+    head_tensors = fam.params_to_hf(unflat(head), cfg) if head else {}
+    head_modules = sorted({fam.hf_module(k.split("/")[0]).split(".")[-1] for k in head}) or None
     hooks = [h for h in method.hooks if getattr(h, "kind", "")]
     for hook in hooks:
         if format_of(hook) is None:
@@ -235,12 +243,11 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
         target.mkdir(parents=True, exist_ok=True)
         own, tensors = fmt.export(model, hook, params, base)
         config = {"base_model_name_or_path": base or None, "task_type": task, "inference_mode": True,
-                  "revision": None, "modules_to_save": ["score"] if score is not None else None,
-                  **(pooling_entry(cfg) if score is not None else {}),
-                  **(label_entries(cfg) if score is not None and named_labels(cfg) else {}),
+                  "revision": None, "modules_to_save": head_modules,
+                  **(pooling_entry(cfg) if head and cfg.head == "classification" else {}),
+                  **(label_entries(cfg) if head and named_labels(cfg) else {}),
                   "peft_type": fmt.peft_type, **own}
-        if score is not None:
-            tensors[fmt.score_key] = score.T
+        tensors.update({fmt.head_prefix + k: v for k, v in head_tensors.items()})
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(target / "adapter_model.safetensors"))
         (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
@@ -271,21 +278,30 @@ def _load_one(model, params: dict, root: Path):
     except (OSError, json.JSONDecodeError) as e:
         raise JaxftError(f"{root}: not a HF PEFT adapter directory ({e})") from None
     cfg = model.cfg
+    fam = family.of(cfg)
     kind = config.get("peft_type")
     if kind not in FORMATS:
         raise JaxftError(f"{root}/adapter_config.json: peft_type {kind!r} is not supported (expected one of "
                          f"{', '.join(FORMATS)})")
     new = {}
-    score = next((tensors[k] for k in (FORMATS[kind].score_key, "base_model.model.score.weight",
-                                        "base_model.score.weight") if k in tensors), None)
-    if score is not None:
+    # The classifier's own weights (PEFT's modules_to_save copies), under their HF names.
+    head_tensors = {re.sub(r"^base_model\.(model\.)?", "", k): v for k, v in tensors.items()
+                    if not LORA_KEY.fullmatch(k) and k != "prompt_embeddings" and not FORMATS[kind].owns(k)}
+    if head_tensors:
+        head = HEAD_OF_TASK.get(config.get("task_type"), "classification")
+        mapped = flat(fam.params_from_hf(head_tensors, cfg.replace(head=head), str(root)))
+        mapped = {k: v for k, v in mapped.items() if re.search(fam.classifier_params, k)}
+        kernel = mapped.get(fam.classifier_kernel(cfg.replace(head=head)))
+        if kernel is None:
+            raise JaxftError(f"{root}: {', '.join(sorted(head_tensors))} hold no {head} head of this "
+                             f"{cfg.model_type} model")
         pooling = read_pooling(config, f"{root}/adapter_config.json", default=cfg.pooling)
         labels = read_labels(config, f"{root}/adapter_config.json")
-        if labels is not None and len(labels) != score.shape[0]:
+        if labels is not None and len(labels) != kernel.shape[-1]:
             raise JaxftError(f"{root}/adapter_config.json: {len(labels)} labels in id2label, "
-                             f"the score head has {score.shape[0]}")
-        cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling, labels=labels)
-        new["score/kernel"] = score.T
+                             f"the classifier head has {kernel.shape[-1]}")
+        cfg = cfg.replace(head=head, num_labels=kernel.shape[-1], pooling=pooling, labels=labels)
+        new.update(mapped)
     hook, added = FORMATS[kind].load(cfg, config, tensors, str(root))
     new.update(added)
     import jax.numpy as jnp

@@ -90,13 +90,13 @@ class PrefixHook(Hook):
         tokens = np.resize(tokens, self.num_virtual_tokens)[None]  # the first real tokens, repeated if few
         base = family.build(model.cfg)
         _, state = base.apply({"params": base_params(params)}, tokens, mutable=["intermediates"])
-        # Each layer's attention sows its keys_values, wherever the family names that module.
-        sown = {p[0]: v[0] for p, v in traverse_util.flatten_dict(state["intermediates"]).items()
-                if p[-1] == "keys_values"}
-        if "layers" in sown:  # scanned: one entry with a leading layer axis
-            k, v = sown["layers"]
+        # Each family's attention sows its (keys, values) as "keys_values", wherever its module sits.
+        sown = {p: v for p, v in traverse_util.flatten_dict(state["intermediates"]).items() if p[-1] == "keys_values"}
+        scanned = [v for p, v in sown.items() if p[0] == "layers"]
+        if scanned:  # scanned: one entry with a leading layer axis
+            k, v = scanned[0][0]
         else:
-            kv = [sown[f"layers_{i}"] for i in range(model.cfg.num_layers)]
+            kv = [next(v for p, v in sown.items() if p[0] == f"layers_{i}")[0] for i in range(model.cfg.num_layers)]
             k, v = jnp.stack([x[0] for x in kv]), jnp.stack([x[1] for x in kv])
         kv = jnp.stack([k[:, 0], v[:, 0]], axis=1)  # [L, 2, P, KV, D]
         emb = np.asarray(kv.transpose(2, 0, 1, 3, 4).reshape(self.num_virtual_tokens, -1), np.float32)

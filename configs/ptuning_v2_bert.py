@@ -1,0 +1,42 @@
+"""P-Tuning v2 on an encoder with a classification head, the paper's own setting (Liu et al. 2022):
+deep prompts on a frozen BERT, SST-2.
+
+  python -m jaxft.train --config=configs/ptuning_v2_bert.py
+
+The base is `bert-base-uncased` from the Hugging Face hub (downloaded once into the HF cache, then
+offline; any BERT or RoBERTa directory works: `--config.model.path=DIR`, e.g. roberta-base). Only the
+prefixes (20 tokens x 12 layers x keys and values) and the head train: the pooler (dense + tanh on
+[CLS]) and the classifier, as in BertForSequenceClassification, whose checkpoint layout the export
+keeps (PEFT `modules_to_save`: classifier, pooler). The tokenizer is the checkpoint's WordPiece one
+(read through `transformers`), which puts [CLS] in front and [SEP] after each sentence.
+
+Settings follow the paper's GLUE/SuperGLUE recipe for BERT-size models: prefix length 20, learning
+rate 1e-2, the head reading [CLS] (`model.pooling=first`, the family's default). Not measured in this
+repository yet: its machines have no network for the download.
+"""
+
+from jaxft.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.path = "bert-base-uncased"
+
+    # Method section: learned key/value prefixes at every layer of the frozen encoder.
+    c.method.name = "ptuning_v2"
+    c.method.num_virtual_tokens = 20
+    c.method.prompt_dropout = 0.1
+
+    # Data section: bundled SST-2 (train / GLUE dev).
+    c.data.name = "sst2"
+    c.data.seq_len = 64
+
+    # Training section.
+    c.train.steps = 6000
+    c.train.batch_size = 32
+    c.train.log_every_steps = 100
+    c.optimizer.learning_rate = 1e-2
+    c.optimizer.warmup_steps = 300
+    c.eval.every_steps = 1000
+    c.checkpoint.every_steps = 1000
+    return c
