@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models import family

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -34,7 +32,7 @@ from flax import traverse_util
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
 from jaxft.models.family import Family, Settings
-from jaxft.models.layers import Linear, param_with_axes, pool, remat_policy
+from jaxft.models.layers import LayerNorm, Linear, param_with_axes, pool, remat_policy
 from jaxft.models.llama import block_output, stack_layers, unstack_layers
 from jaxft.sharding import constrain
 
@@ -77,23 +75,6 @@ class BertConfig(Settings):
     @property
     def roberta(self) -> bool:
         return self.model_type == "roberta"
-
-
-class LayerNorm(nn.Module):
-    """HF's LayerNorm (weight and bias), normalised in fp32."""
-
-    eps: float = 1e-12
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        weight = param_with_axes(self, "weight", nn.initializers.ones, (x.shape[-1],), ("norm",))
-        bias = param_with_axes(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
 
 
 class Embeddings(nn.Module):
