@@ -194,7 +194,10 @@ def load(path: str, adapter: str | None = None, **overrides):
     """
     root = resolve(str(path))
     cfg = read_config(root, **overrides)
-    params = params_from_hf(read_tensors(root), cfg, where=str(root))
+    tensors = read_tensors(root)
+    if family.of(cfg).config_from_weights is not None:
+        cfg = family.of(cfg).config_from_weights(cfg, tensors)
+    params = params_from_hf(tensors, cfg, where=str(root))
     model = family.build(cfg)
     if adapter is not None:
         from jaxft.peft.hf_peft import load_adapter

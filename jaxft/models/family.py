@@ -29,6 +29,8 @@ REGISTRY = {
     "llama": "jaxft.models.llama",
     "qwen2": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
+    "t5": "jaxft.models.t5",
+    "mt5": "jaxft.models.t5",
 }
 
 # The heads a family may offer, with the HF class-name ending that selects each in config.json.
@@ -91,6 +93,13 @@ class Family:
     matmul_weights: Callable[[Any], int]  # config -> weights in a matmul per token (`jaxft.flops`)
     pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
+    encoder_decoder: bool = False  # the model also offers `encode` and `decode` (T5)
+    init_cache: Callable | None = None  # (cfg, batch, max_length, dtype) -> the KV cache of zeros for generation
+    # (cfg, {HF name: array}) -> cfg: what only the weights tell (T5: whether the LM head is tied)
+    config_from_weights: Callable | None = None
+    # cfg -> {dotted path of a stack of blocks: its number of blocks}; hf_module / our_module take the
+    # block index right after it ("layers.3.self_attn.q_proj"), our params stack them (or name "layers_3")
+    layer_stacks: Callable = lambda cfg: {"layers": cfg.num_layers}
 
 
 def get(model_type: str, where: str = "config") -> Family:
