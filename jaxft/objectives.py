@@ -57,9 +57,41 @@ def causal_lm_loss(outputs, batch):
     return token_stats(outputs, targets, w)
 
 
+def shift_labels(labels, decoder_start_token_id: int, pad_token_id: int):
+    """Labels [B, T] -> decoder inputs, as transformers' `_shift_right`: the start token first, then
+    the labels up to the last but one, -100 read as padding. A seq2seq task builds its batches with it."""
+    shifted = jnp.concatenate([jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+def seq2seq_inputs(batch) -> dict:
+    """Encoder ids and mask, and the decoder inputs (the labels shifted right, `shift_labels`)."""
+    out = {**model_inputs(batch), "decoder_input_ids": batch["decoder_input_ids"]}
+    if "decoder_attention_mask" in batch:
+        out["decoder_attention_mask"] = batch["decoder_attention_mask"]
+    return out
+
+
+def seq2seq_loss(outputs, batch):
+    """outputs: logits [B, T_dec, V] (or hidden, output embedding); decoder position t predicts
+    labels[:, t]. Labels of -100 (transformers' ignore index), and those a `labels_mask` zeroes, do not count."""
+    labels = batch["labels"]
+    keep = labels != -100
+    if "labels_mask" in batch:
+        keep = keep & (batch["labels_mask"] != 0)
+    weight = batch["weight"][:, None] if "weight" in batch else 1.0
+    w = keep.astype(jnp.float32) * weight
+    targets = jnp.where(keep, labels, 0)
+    if isinstance(outputs, tuple):
+        hidden, embedding = outputs
+        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype)
+    return token_stats(outputs, targets, w)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "classification": Objective("classification", classification_loss, eval_sums=confusion),
     "causal_lm": Objective("causal_lm", causal_lm_loss),
+    "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
 }
 
 

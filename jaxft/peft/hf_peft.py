@@ -34,14 +34,16 @@ def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def _peft_module(cfg, path: str, layer: int | None) -> str:
-    """Our module path (scanned `layers.x`, with its layer index, or `layers_3.x`) -> HF's module name."""
-    head, *rest = path.split(".")
-    if head == "layers" and layer is not None:
-        path = ".".join(["layers", str(layer)] + rest)
-    elif head.startswith("layers_"):
-        path = ".".join(["layers", head[7:]] + rest)
-    return family.of(cfg).hf_module(path)
+def _in_stack(cfg, path: str):
+    """Our dotted module path -> (stack, block index or None when scanned, path inside the block), or
+    None outside the family's stacks of blocks (`layers.x` scanned, `layers_3.x` not; T5: `encoder.block`)."""
+    for stack in family.of(cfg).layer_stacks(cfg):
+        if path.startswith(stack + "."):
+            return stack, None, path[len(stack) + 1:]
+        m = re.fullmatch(re.escape(stack) + r"_(\d+)\.(.+)", path)
+        if m:
+            return stack, int(m[1]), m[2]
+    return None
 
 
 def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
@@ -65,7 +67,7 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
 
     cfg = model.cfg
     out = Path(out_dir)
-    task = "SEQ_CLS" if cfg.head == "classification" else "CAUSAL_LM"
+    task = {"classification": "SEQ_CLS", "seq2seq_lm": "SEQ_2_SEQ_LM"}.get(cfg.head, "CAUSAL_LM")
     params = flat(trainable)
     score = params.get("score/kernel")
     hooks = [h for h in method.hooks if isinstance(h, (LoraHook, PrefixHook))]
@@ -80,13 +82,22 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
         if isinstance(hook, LoraHook):
             modules = _lora_modules(trainable)
             patterns = []
+            hf_module = family.of(cfg).hf_module
             for path, ab in modules.items():
-                in_stack = path.startswith("layers.")
-                for i in range(ab["a"].shape[0]) if in_stack else [None]:
-                    a, b = (ab["a"][i], ab["b"][i]) if i is not None else (ab["a"], ab["b"])
-                    name = _peft_module(cfg, path, i)
+                where = _in_stack(cfg, path)
+                if where is None:
+                    patterns.append(re.escape(hf_module(path)))
+                    per_layer = [(path, ab["a"], ab["b"])]
+                else:
+                    stack, index, rest = where
+                    indices = range(ab["a"].shape[0]) if index is None else [index]
+                    pick = (lambda x, i: x[i]) if index is None else (lambda x, i: x)  # noqa: E731
+                    per_layer = [(f"{stack}.{i}.{rest}", pick(ab["a"], i), pick(ab["b"], i)) for i in indices]
                     # PEFT matches target_modules against full module names: one pattern per stacked path.
-                    patterns.append(re.escape(name).replace(f"\\.{i}\\.", r"\.\d+\.", 1) if in_stack else re.escape(name))
+                    i = indices[0]
+                    patterns.append(re.escape(hf_module(f"{stack}.{i}.{rest}")).replace(f"\\.{i}\\.", r"\.\d+\.", 1))
+                for name, a, b in per_layer:
+                    name = hf_module(name)
                     tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
                     tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
             regex = "|".join(sorted(set(patterns)))
@@ -97,11 +108,16 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
                 tensors["base_model.model.score.weight"] = np.asarray(score, np.float32).T
         else:
             prefix = {k[len("prefix_encoder/"):]: v for k, v in params.items() if k.startswith("prefix_encoder/")}
-            tensors["prompt_embeddings"] = _prefix_embeddings(model, hook, unflat(prefix))
+            emb = _prefix_embeddings(model, hook, unflat(prefix))
+            layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+            # Encoder-decoders: PEFT's table has a second block of rows it never reads (T5 takes the
+            # first num_virtual_tokens rows for the decoder's self-attention): written as a copy.
+            submodules = 2 if family.of(cfg).encoder_decoder else 1
+            tensors["prompt_embeddings"] = np.concatenate([emb] * submodules)
             config = {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": hook.num_virtual_tokens,
-                      "token_dim": cfg.num_kv_heads * cfg.dim_per_head, "num_layers": cfg.num_layers,
-                      "num_attention_heads": cfg.num_kv_heads, "encoder_hidden_size": cfg.hidden_size,
-                      "prefix_projection": False, "num_transformer_submodules": 1}
+                      "token_dim": kv_heads * head_dim, "num_layers": layers,
+                      "num_attention_heads": kv_heads, "encoder_hidden_size": cfg.hidden_size,
+                      "prefix_projection": False, "num_transformer_submodules": submodules}
             if score is not None:
                 tensors["base_model.score.weight"] = np.asarray(score, np.float32).T
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(target / "adapter_model.safetensors"))
@@ -142,28 +158,42 @@ def load_adapter(model, params: dict, adapter_dir):
             name = family.of(cfg).our_module(m[1])
             if name is None:
                 raise JaxftError(f"{root}: {key} names a module this {cfg.model_type} model does not have")
-            layer = re.match(r"layers\.(\d+)\.(.+)", name)
-            path = f"layers.{layer[2]}" if layer else name
-            per_module.setdefault(path, {}).setdefault(m[2], {})[int(layer[1]) if layer else None] = value.T
-        prefix = "layers" if cfg.scan_layers else None
+            where = None
+            for stack in family.of(cfg).layer_stacks(cfg):
+                m2 = re.fullmatch(re.escape(stack) + r"\.(\d+)\.(.+)", name)
+                if m2:
+                    where = (stack, int(m2[1]), m2[2])
+            path = name if where is None else f"{where[0]}.{where[2]}"
+            per_module.setdefault(path, {}).setdefault(m[2], {})[None if where is None else where[1]] = value.T
+        stacks = family.of(cfg).layer_stacks(cfg)
+        patterns = []
         for path, ab in per_module.items():
+            stack = next((s for s in stacks if path.startswith(s + ".")), None)
+            if stack is None:
+                patterns.append(re.escape(path))
+                for which, per_layer in ab.items():
+                    new[path.replace(".", "/") + "/lora_" + which.lower()] = per_layer[None]
+                continue
+            rest = path[len(stack) + 1:]
+            patterns.append(re.escape(stack) + r"(_\d+)?\." + re.escape(rest))  # scanned or not
+            n = stacks[stack]
             for which, per_layer in ab.items():
-                leaf = "lora_a" if which == "A" else "lora_b"
-                if path.startswith("layers.") and prefix:
-                    if sorted(per_layer) != list(range(cfg.num_layers)):
-                        raise JaxftError(f"{root}: LoRA on {path} covers only some layers (not supported)")
-                    new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
-                elif path.startswith("layers."):
-                    for i, v in per_layer.items():
-                        new[f"layers_{i}/" + path[7:].replace(".", "/") + "/" + leaf] = v
+                leaf = "lora_" + which.lower()
+                if sorted(per_layer) != list(range(n)):
+                    raise JaxftError(f"{root}: LoRA on {path} covers only some layers (not supported)")
+                if cfg.scan_layers:
+                    new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(n)])
                 else:
-                    new[path.replace(".", "/") + "/" + leaf] = per_layer[None]
-        targets = "|".join(re.escape(p) for p in sorted(per_module))
+                    for i, v in per_layer.items():
+                        new[f"{stack.replace('.', '/')}_{i}/" + rest.replace(".", "/") + "/" + leaf] = v
+        targets = "|".join(sorted(patterns))
         hook = LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora")))
     elif kind == "PREFIX_TUNING":
         emb = tensors["prompt_embeddings"]
+        emb = emb[: int(config.get("num_virtual_tokens") or emb.shape[0])]  # the rows PEFT reads
         hook = PrefixHook(emb.shape[0], projection=False)
-        width = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head
+        layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+        width = layers * 2 * kv_heads * head_dim
         if emb.shape[1] != width:
             raise JaxftError(f"{root}: prompt_embeddings width {emb.shape[1]} does not fit this model ({width})")
         new["prefix_encoder/embedding"] = emb
