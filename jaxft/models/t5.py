@@ -18,7 +18,8 @@ which the decoder cross-attends to); `block_output` after each sublayer (where =
 "cross_attention", "mlp"); `prefix`, P-Tuning v2, as HF PEFT applies prefix tuning to T5 (peft 0.21,
 transformers 5): the prefix keys/values enter the *decoder self-attention* only (PEFT resets the
 cross-attention cache and the encoder takes no cache), as if they were P earlier decoder tokens, so the
-real decoder tokens' relative positions start at P.
+real decoder tokens' relative positions start at P; decoder layer i reads the prefix table's layer slot
+2i mod layers, as PEFT's seq2seq layout hands it out (`peft_prefix_slots`).
 
 Generation (see `jaxft.models.family`): `encode` once, then `decode` with the cache of
 `init_cache(cfg, batch, max_length, dtype)`: decoder self-attention keys/values per slot; the
@@ -377,6 +378,15 @@ class Decoder(nn.Module):
         return norm(cfg, "final_layer_norm")(h), (new if cache is not None else None)
 
 
+def peft_prefix_slots(layers: int) -> np.ndarray:
+    """Which layer slot of the prefix table each decoder layer reads, as PEFT lays it out for a seq2seq
+    model: it repeats the [layers * (k, v)] list and hands layer i entries 4i..4i+3 as (self k, self v,
+    cross k, cross v), so layer i's self-attention reads slot 2i mod layers (the cross-attention entries
+    are then discarded). With an even number of layers, layers i and i + layers/2 share a prefix and
+    the odd slots are never read: jaxft trains exactly what a PEFT adapter serves."""
+    return np.array([(2 * i) % layers for i in range(layers)])
+
+
 def shift_right(ids, start: int, pad: int):
     """Labels -> decoder inputs, as transformers' `_shift_right`: start token first, -100 -> pad."""
     shifted = jnp.concatenate([jnp.full_like(ids[:, :1], start), ids[:, :-1]], axis=1)
@@ -445,6 +455,7 @@ class T5Model(nn.Module):
         prefix = None
         if prefixes:  # each: (keys, values) [layers, B, P, H, Dk]
             prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
+            prefix = tuple(x[peft_prefix_slots(cfg.num_decoder_layers)] for x in prefix)
         h, new_cache = Decoder(cfg, self.hooks, name="decoder")(
             embed(decoder_input_ids), decoder_attention_mask, encoder_states, encoder_mask, prefix, cache, cache_index)
 

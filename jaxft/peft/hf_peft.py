@@ -110,10 +110,10 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
             prefix = {k[len("prefix_encoder/"):]: v for k, v in params.items() if k.startswith("prefix_encoder/")}
             emb = _prefix_embeddings(model, hook, unflat(prefix))
             layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
-            # Encoder-decoders: PEFT's table has a second block of rows it never reads (T5 takes the
-            # first num_virtual_tokens rows for the decoder's self-attention): written as a copy.
+            # Encoder-decoders: PEFT's seq2seq default (two submodules); T5 reads the prefix in the
+            # decoder's self-attention only (see jaxft/models/t5.py).
             submodules = 2 if family.of(cfg).encoder_decoder else 1
-            tensors["prompt_embeddings"] = np.concatenate([emb] * submodules)
+            tensors["prompt_embeddings"] = emb
             config = {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": hook.num_virtual_tokens,
                       "token_dim": kv_heads * head_dim, "num_layers": layers,
                       "num_attention_heads": kv_heads, "encoder_hidden_size": cfg.hidden_size,
