@@ -12,7 +12,8 @@ import optax
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
+from transformers import (MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration,
+                          T5ForSequenceClassification)
 
 from jaxft import hf
 from jaxft.errors import JaxftError
@@ -104,6 +105,27 @@ def test_save_roundtrip_loads_in_transformers(tiny, tmp_path, variant):
     assert model2.cfg == model.cfg
     close(model2.apply({"params": params2}, ids, mask, decoder_input_ids=dec, decoder_attention_mask=dmask), ref,
           dmask.astype(bool))
+
+
+def test_classifier_matches_transformers(tmp_path):
+    """T5ForSequenceClassification: the decoder reads the input shifted right; the head its state at the EOS."""
+    torch.manual_seed(3)
+    m = T5ForSequenceClassification(T5Config(**TINY, num_labels=3, feed_forward_proj="gated-gelu")).eval()
+    m.save_pretrained(tmp_path / "cls")
+    ids, mask, _, _ = batch(9)
+    mask[2] = 1  # right padding only, one EOS (id 1) at each row's last real token, as a tokenizer writes
+    ids[np.arange(3), mask.sum(1) - 1] = 1
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        ref = m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    model, params = hf.load(tmp_path / "cls")
+    assert model.cfg.head == "classification" and model.cfg.num_labels == 3
+    np.testing.assert_allclose(model.apply({"params": params}, ids, mask), ref, rtol=1e-5, atol=1e-6)
+    hf.save(model, params, tmp_path / "out")
+    back = T5ForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        again = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_feed_forward_is_one_line_error(tmp_path):

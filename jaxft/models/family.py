@@ -95,7 +95,7 @@ class Family:
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
     encoder_decoder: bool = False  # the model also offers `encode` and `decode` (T5)
     init_cache: Callable | None = None  # (cfg, batch, max_length, dtype) -> the KV cache of zeros for generation
-    # (cfg, {HF name: array}) -> cfg: what only the weights tell (T5: whether the LM head is tied)
+    # (cfg, the checkpoint's tensor names) -> cfg: what only the weights tell (T5: a tied LM head or not)
     config_from_weights: Callable | None = None
     # cfg -> {dotted path of a stack of blocks: its number of blocks}; hf_module / our_module take the
     # block index right after it ("layers.3.self_attn.q_proj"), our params stack them (or name "layers_3")

@@ -548,14 +548,14 @@ def config_from_hf(c: dict, file: str) -> T5Config:
     )
 
 
-def config_from_weights(cfg: T5Config, tensors: dict) -> T5Config:
-    """transformers 5 ties the LM head unless the checkpoint holds an `lm_head.weight` that differs from
-    the shared embedding (flan-t5, mT5): so does jaxft."""
-    head, shared = tensors.get("lm_head.weight"), tensors.get("shared.weight", tensors.get("transformer.shared.weight"))
+def config_from_weights(cfg: T5Config, names: set[str]) -> T5Config:
+    """A checkpoint with its own `lm_head.weight` has an untied LM head (v1.1, flan-t5, mT5), whatever
+    config.json says: transformers 5 saves `tie_word_embeddings: true` for those too and unties a head
+    that differs from the embedding, and saves no `lm_head.weight` for a tied one. (A tied checkpoint
+    that still stores an equal copy loads untied here: the same logits.)"""
     if cfg.head != "seq2seq_lm":
         return cfg
-    untied = head is not None and (shared is None or not np.array_equal(head, shared))
-    return cfg.replace(tie_word_embeddings=not untied)
+    return cfg.replace(tie_word_embeddings="lm_head.weight" not in names)
 
 
 def config_to_hf(cfg: T5Config) -> dict:
