@@ -293,6 +293,43 @@ def test_train_step_lowers_the_loss(tiny, method_name):
         assert set(flat(state.params)) == {k for k in flat(params) if "lora_" in k}
 
 
+def test_greedy_decoding_with_the_cache_matches_transformers(tiny):
+    """The cache convention end to end, without jaxft.generate: encode once, one jitted decode step per token."""
+    m, d = tiny["v1.0"]
+    model, params = hf.load(d)
+    ids, mask, _, _ = batch(10)
+    new = 6
+    with torch.no_grad():
+        ref = m.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
+                         do_sample=False, num_beams=1, eos_token_id=None, decoder_start_token_id=0).numpy()
+    p = {"params": params}
+    states, enc_mask = model.apply(p, ids, mask, method="encode")
+    cache = family.of(model.cfg).init_cache(model.cfg, 3, new, jnp.float32)
+    step = jax.jit(lambda c, x, m, i, s: model.apply(p, x, m, encoder_states=s, encoder_mask=enc_mask, cache=c,
+                                                     cache_index=i, method="decode"))
+    tokens = np.zeros((3, 1), np.int32)  # decoder_start_token_id
+    out = [tokens]
+    for t in range(new):
+        logits, cache = step(cache, tokens, (np.arange(new) <= t)[None].repeat(3, 0).astype(np.int32), jnp.int32(t),
+                             states if t == 0 else None)
+        tokens = np.asarray(jnp.argmax(logits[:, -1:], axis=-1), np.int32)
+        out.append(tokens)
+    np.testing.assert_array_equal(np.concatenate(out, 1), ref)
+
+
+def test_prefix_init_from_tokens(tiny):
+    """`method.init_from_tokens`: the prefix slots start from the decoder self-attention keys of real tokens."""
+    base, params = hf.load(tiny["v1.1"][1])
+    method = build(method_cfg(name="ptuning_v2", num_virtual_tokens=3, init_from_tokens=True), base.cfg)
+    model, params = with_random_added(base, params, method)
+    ids, mask, _, _ = batch(11)
+    (hook,) = method.hooks
+    new = hook.initialize(model, params, {"input_ids": ids, "attention_mask": mask})
+    emb = np.asarray(new["prefix_encoder"]["embedding"])
+    assert emb.shape == (3, 2 * 2 * 4 * 8) and np.isfinite(emb).all()
+    assert np.abs(emb - np.asarray(params["prefix_encoder"]["embedding"])).max() > 1e-3
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_generate_matches_transformers(tiny, num_beams):
     generate = pytest.importorskip("jaxft.generate").generate

@@ -100,6 +100,9 @@ class Family:
     # cfg -> {dotted path of a stack of blocks: its number of blocks}; hf_module / our_module take the
     # block index right after it ("layers.3.self_attn.q_proj"), our params stack them (or name "layers_3")
     layer_stacks: Callable = lambda cfg: {"layers": cfg.num_layers}
+    # (intermediates of a forward pass, cfg) -> (keys, values) [layers, B, T, kv heads, head dim] the prefix
+    # slots start from (`method.init_from_tokens`); None: each layer's `self_attn` under `layers`
+    prefix_keys_values: Callable | None = None
 
 
 def get(model_type: str, where: str = "config") -> Family:

@@ -387,6 +387,22 @@ def peft_prefix_slots(layers: int) -> np.ndarray:
     return np.array([(2 * i) % layers for i in range(layers)])
 
 
+def prefix_keys_values(inter: dict, cfg: T5Config):
+    """The decoder self-attention keys/values of a forward pass, per prefix slot (P-Tuning v2's
+    `init_from_tokens`): slot s starts from the keys of a decoder layer that reads it."""
+    dec = inter["decoder"]
+    if "block" in dec:  # scanned: a leading layer axis
+        k, v = dec["block"]["layer_0"]["SelfAttention"]["keys_values"][0]
+    else:
+        kv = [dec[f"block_{i}"]["layer_0"]["SelfAttention"]["keys_values"][0] for i in range(cfg.num_decoder_layers)]
+        k, v = jnp.stack([x[0] for x in kv]), jnp.stack([x[1] for x in kv])
+    reader = {}
+    for i, slot in enumerate(peft_prefix_slots(cfg.num_decoder_layers)):
+        reader.setdefault(int(slot), i)
+    order = np.array([reader.get(s, s) for s in range(cfg.num_decoder_layers)])
+    return k[order], v[order]
+
+
 def shift_right(ids, start: int, pad: int):
     """Labels -> decoder inputs, as transformers' `_shift_right`: start token first, -100 -> pad."""
     shifted = jnp.concatenate([jnp.full_like(ids[:, :1], start), ids[:, :-1]], axis=1)
@@ -721,4 +737,5 @@ FAMILY = Family(
     init_cache=init_cache,
     config_from_weights=config_from_weights,
     layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, "decoder.block": cfg.num_decoder_layers},
+    prefix_keys_values=prefix_keys_values,
 )

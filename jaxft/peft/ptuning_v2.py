@@ -71,7 +71,10 @@ class PrefixHook(Hook):
         base = family.build(model.cfg)
         _, state = base.apply({"params": base_params(params)}, tokens, mutable=["intermediates"])
         inter = state["intermediates"]
-        if "layers" in inter:  # scanned: one entry with a leading layer axis
+        fam = family.of(model.cfg)
+        if fam.prefix_keys_values is not None:  # the family says where its prefixed attention keeps them
+            k, v = fam.prefix_keys_values(inter, model.cfg)
+        elif "layers" in inter:  # scanned: one entry with a leading layer axis
             k, v = inter["layers"]["self_attn"]["keys_values"][0]
         else:
             kv = [inter[f"layers_{i}"]["self_attn"]["keys_values"][0] for i in range(model.cfg.num_layers)]
