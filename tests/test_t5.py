@@ -128,6 +128,22 @@ def test_classifier_matches_transformers(tmp_path):
     np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_quantized_base(tiny):
+    """model.quantization: every T5 projection (attention q/k/v/o, feed-forward) stored in int8, none else."""
+    from jaxft.quant import Quantized, quantize_params
+
+    model, params = hf.load(tiny["v1.1"][1])
+    q = quantize_params(params, "int8", targets=family.of(model.cfg).projections)
+    leaves = jax.tree_util.tree_leaves_with_path(q, is_leaf=lambda x: isinstance(x, Quantized))
+    quantized = {jax.tree_util.keystr(p) for p, v in leaves if isinstance(v, Quantized)}
+    assert len(quantized) == (4 + 3) + (8 + 3)  # scanned: one stacked kernel per module (encoder, decoder)
+    assert not any("shared" in p or "lm_head" in p or "relative" in p for p in quantized)
+    ids, mask, dec, dmask = batch()
+    ref = np.asarray(model.apply({"params": params}, ids, mask, decoder_input_ids=dec))
+    out = np.asarray(model.apply({"params": q}, ids, mask, decoder_input_ids=dec))
+    assert 0 < np.abs(out - ref).max() / np.abs(ref).max() < 0.05
+
+
 def test_unknown_feed_forward_is_one_line_error(tmp_path):
     c = {**TINY, "model_type": "t5", "feed_forward_proj": "gated-foo"}
     with pytest.raises(JaxftError, match="feed_forward_proj='gated-foo'"):
@@ -260,7 +276,8 @@ def test_prefix_adapter_matches_peft_prefix_tuning(tiny, tmp_path):
     cache = family.of(model.cfg).init_cache(model.cfg, 3, dec.shape[1], jnp.float32)
     outs = []
     for t in range(dec.shape[1]):
-        logits, cache = model.apply(p, dec[:, t:t + 1], (np.arange(dec.shape[1]) <= t)[None].repeat(3, 0).astype(np.int32),
+        seen = (np.arange(dec.shape[1]) <= t)[None].repeat(3, 0).astype(np.int32)
+        logits, cache = model.apply(p, dec[:, t:t + 1], seen,
                                     encoder_states=states, encoder_mask=enc_mask, cache=cache, cache_index=t,
                                     method="decode")
         outs.append(logits)

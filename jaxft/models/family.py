@@ -103,6 +103,8 @@ class Family:
     # (intermediates of a forward pass, cfg) -> (keys, values) [layers, B, T, kv heads, head dim] the prefix
     # slots start from (`method.init_from_tokens`); None: each layer's `self_attn` under `layers`
     prefix_keys_values: Callable | None = None
+    # regex on "a/b/kernel" paths: the frozen projections `model.quantization` stores in 8 or 4 bits
+    projections: str = r"(^|/)(q|k|v|o|gate|up|down)_proj/kernel$"
 
 
 def get(model_type: str, where: str = "config") -> Family:

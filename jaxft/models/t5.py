@@ -174,14 +174,14 @@ class Attention(nn.Module):
 
     def init_std(self, name):  # as transformers initialises T5 (factor 1)
         cfg = self.cfg
-        return {"q": (cfg.d_model * cfg.d_kv) ** -0.5, "o": (cfg.num_heads * cfg.d_kv) ** -0.5}.get(name, cfg.d_model ** -0.5)
+        special = {"q": (cfg.d_model * cfg.d_kv) ** -0.5, "o": (cfg.num_heads * cfg.d_kv) ** -0.5}
+        return special.get(name, cfg.d_model ** -0.5)
 
     def keys_values(self, kv_from):
         cfg = self.cfg
         b, s, _ = kv_from.shape
-        k = self.project("k", kv_from, cfg.num_heads * cfg.d_kv, ("embed", "heads")).reshape(b, s, cfg.num_heads, cfg.d_kv)
-        v = self.project("v", kv_from, cfg.num_heads * cfg.d_kv, ("embed", "heads")).reshape(b, s, cfg.num_heads, cfg.d_kv)
-        return k, v
+        return tuple(self.project(n, kv_from, cfg.num_heads * cfg.d_kv, ("embed", "heads"))
+                     .reshape(b, s, cfg.num_heads, cfg.d_kv) for n in ("k", "v"))
 
     @nn.compact
     def __call__(self, x, bias, kv_from=None, kv=None, prefix=None, cache=None, cache_index=None):
@@ -738,4 +738,5 @@ FAMILY = Family(
     config_from_weights=config_from_weights,
     layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, "decoder.block": cfg.num_decoder_layers},
     prefix_keys_values=prefix_keys_values,
+    projections=r"/(SelfAttention|EncDecAttention)/(q|k|v|o)/kernel$|/DenseReluDense/(wi|wi_0|wi_1|wo)/kernel$",
 )
