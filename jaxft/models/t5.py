@@ -302,7 +302,7 @@ class DecoderBlock(nn.Module):
         return h, new
 
 
-def run_blocks(parent, block, cfg, hooks, n: int, carry, broadcast: tuple, xs: dict):
+def run_blocks(block, cfg, hooks, n: int, carry, broadcast: tuple, xs: dict):
     """Apply n blocks, scanned (params stacked under "block") or unrolled ("block_0", ...). `xs`: per-layer
     arrays with a leading layer axis. Returns (h, the blocks' stacked outputs)."""
     policy = remat_policy(cfg.remat)
@@ -337,7 +337,7 @@ class Encoder(nn.Module):
         pos = jnp.arange(h.shape[1])
         bias = with_mask(position_bias(table, pos, pos, True, cfg), jnp.broadcast_to(
             mask[:, None, :].astype(bool), (h.shape[0], h.shape[1], h.shape[1])))
-        h, _ = run_blocks(self, EncoderBlock, cfg, self.hooks, cfg.num_layers, h, (bias,), {})
+        h, _ = run_blocks(EncoderBlock, cfg, self.hooks, cfg.num_layers, h, (bias,), {})
         return norm(cfg, "final_layer_norm")(h)
 
 
@@ -373,7 +373,7 @@ class Decoder(nn.Module):
                       cache_index=jnp.broadcast_to(start, (cfg.num_decoder_layers,)))
             if "cross_k" in cache:
                 xs.update(cross_k=cache["cross_k"], cross_v=cache["cross_v"])
-        h, new = run_blocks(self, DecoderBlock, cfg, self.hooks, cfg.num_decoder_layers, h,
+        h, new = run_blocks(DecoderBlock, cfg, self.hooks, cfg.num_decoder_layers, h,
                             (self_bias, cross_bias, encoder_states), xs)
         return norm(cfg, "final_layer_norm")(h), (new if cache is not None else None)
 
