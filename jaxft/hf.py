@@ -100,7 +100,28 @@ def read_config(path: Path, **overrides):
         raise JaxftError(f"{file}: missing (expected a Hugging Face config.json)") from None
     except json.JSONDecodeError as e:
         raise JaxftError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    return config_from_dict(c, str(file), **overrides)
+    cfg = config_from_dict(c, str(file), **overrides)
+    fam = family.of(cfg)
+    names = tensor_names(file.parent)
+    if fam.config_from_weights is not None and names is not None:
+        cfg = fam.config_from_weights(cfg, names)
+    return cfg
+
+
+def tensor_names(path: Path) -> set[str] | None:
+    """The tensor names of a HF directory's safetensors file(s) (headers only); None without any."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    if not (path / "model.safetensors").exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+            return set(f.keys())
+    except Exception as e:  # truncated, corrupt or not safetensors at all
+        raise JaxftError(f"{path / 'model.safetensors'}: unreadable safetensors file ({e})") from None
 
 
 def read_pooling(c: dict, file: str, default: str = "last") -> str:

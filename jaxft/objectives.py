@@ -81,6 +81,8 @@ def per_task(outputs, batch, cfg):
             for k in range(batch["task_weight"].shape[1])]
     return {"task_loss_sum": jnp.stack([s["loss_sum"] for s in sums]),
             "task_count": jnp.stack([s["count"] for s in sums])}
+
+
 IGNORE = -100  # transformers' label of a position that has no target
 
 
@@ -112,6 +114,37 @@ def token_confusion(logits, batch, cfg):
     return {"confusion": jnp.zeros((c, c), jnp.float32).at[jnp.maximum(labels, 0), pred].add(w)}
 
 
+def shift_labels(labels, decoder_start_token_id: int, pad_token_id: int):
+    """Labels [B, T] -> decoder inputs, as transformers' `_shift_right`: the start token first, then
+    the labels up to the last but one, -100 read as padding. A seq2seq task builds its batches with it."""
+    shifted = jnp.concatenate([jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+def seq2seq_inputs(batch) -> dict:
+    """Encoder ids and mask, and the decoder inputs (the labels shifted right, `shift_labels`)."""
+    out = {**model_inputs(batch), "decoder_input_ids": batch["decoder_input_ids"]}
+    if "decoder_attention_mask" in batch:
+        out["decoder_attention_mask"] = batch["decoder_attention_mask"]
+    return out
+
+
+def seq2seq_loss(outputs, batch):
+    """outputs: logits [B, T_dec, V] (or hidden, output embedding); decoder position t predicts
+    labels[:, t]. Labels of -100 (transformers' ignore index), and those a `labels_mask` zeroes, do not count."""
+    labels = batch["labels"]
+    keep = labels != -100
+    if "labels_mask" in batch:
+        keep = keep & (batch["labels_mask"] != 0)
+    weight = batch["weight"][:, None] if "weight" in batch else 1.0
+    w = keep.astype(jnp.float32) * weight
+    targets = jnp.where(keep, labels, 0)
+    if isinstance(outputs, tuple):
+        hidden, embedding = outputs
+        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype)
+    return token_stats(outputs, targets, w)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "classification": Objective("classification", classification_loss, eval_sums=confusion),
     "causal_lm": Objective("causal_lm", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
@@ -119,6 +152,7 @@ OBJECTIVES: dict[str, Objective] = {
     "sft": Objective("sft", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
     "masked_lm": Objective("masked_lm", masked_lm_loss),
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
+    "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
 }
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",

@@ -149,9 +149,11 @@ def stored(s: Setup, path: str, x) -> int:
     """One leaf's bytes on one device as the run stores it. With `model.quantization`, a frozen decoder
     projection is its packed int8 / NF4 leaves (`jaxft.quant`), split over the devices like the kernel."""
     from jaxft import quant
+    from jaxft.models import family
 
     kind = s.config.model.get("quantization", "none")
-    if kind == "none" or s.trainable[path] or not quant.TARGETS.search(path) or len(x.shape) < 2:
+    targets = re.compile(family.of(s.cfg).projections)
+    if kind == "none" or s.trainable[path] or not targets.search(path) or len(x.shape) < 2:
         return per_device(x.shape, x.dtype, s.shardings[path])
     packed = jax.eval_shape(lambda w: quant.quantize(w, kind, batch_dims=len(x.shape) - 2),
                             jax.ShapeDtypeStruct(x.shape, np.float32))

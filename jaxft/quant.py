@@ -175,13 +175,16 @@ def _sharding(q: Quantized, kernel_sharding, batch_dims: int):
                      offset=named(q.offset, lead))
 
 
-def quantize_params(params: dict, kind: str, double_quant: bool = True, block_size: int = 64) -> dict:
-    """The decoder projections' kernels of a (frozen) tree quantized, each sharded like its kernel."""
+def quantize_params(params: dict, kind: str, double_quant: bool = True, block_size: int = 64,
+                    targets: str | None = None) -> dict:
+    """The decoder projections' kernels of a (frozen) tree quantized, each sharded like its kernel.
+    `targets`: the family's regex of projection kernels (`Family.projections`); default `TARGETS`."""
     from jaxft.peft.partition import flat, unflat
 
+    rx = re.compile(targets) if targets else TARGETS
     out, done = flat(params), 0
     for path, w in out.items():
-        if not TARGETS.search(path) or w.ndim < 2:
+        if not rx.search(path) or w.ndim < 2:
             continue
         batch_dims = w.ndim - 2
         fn = lambda x: quantize(x, kind, double_quant, block_size, batch_dims)  # noqa: E731

@@ -419,7 +419,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
         from jaxft import quant
 
-        frozen = quant.quantize_params(frozen, config.model.quantization)
+        frozen = quant.quantize_params(frozen, config.model.quantization, targets=family.of(cfg).projections)
         log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)

@@ -36,6 +36,8 @@ REGISTRY = {
     "gpt2": "jaxft.models.gpt2",
     "bert": "jaxft.models.bert",
     "roberta": "jaxft.models.bert:ROBERTA",  # "module:NAME": a module defining several families
+    "t5": "jaxft.models.t5",
+    "mt5": "jaxft.models.t5",
 }
 
 # The heads a family may offer, with the HF class-name ending that selects each in config.json.
@@ -99,12 +101,22 @@ class Family:
     pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
     # Generation (`jaxft.generate`): cfg, batch, max_length, dtype -> a KV cache of zeros, None where the
-    # family cannot generate; encoder-decoders also offer `method="encode"` / `method="decode"`.
+    # family cannot generate; encoder-decoders (T5) also offer `method="encode"` / `method="decode"`.
     init_cache: Callable | None = None
     encoder_decoder: bool = False
     fan_in_fan_out: bool = False  # HF stores the LoRA targets as Conv1D [in, out] (GPT-2): PEFT's flag
     # config -> the "a/b/kernel" path of the classifier's output projection (its width is num_labels)
     classifier_kernel: Callable[[Any], str] = lambda cfg: "score/kernel"
+    # (cfg, the checkpoint's tensor names) -> cfg: what only the weights tell (T5: a tied LM head or not)
+    config_from_weights: Callable | None = None
+    # cfg -> {dotted path of a stack of blocks: its number of blocks}; hf_module / our_module take the
+    # block index right after it ("layers.3.self_attn.q_proj"), our params stack them (or name "layers_3")
+    layer_stacks: Callable = lambda cfg: {"layers": cfg.num_layers}
+    # (intermediates of a forward pass, cfg) -> (keys, values) [layers, B, T, kv heads, head dim] the prefix
+    # slots start from (`method.init_from_tokens`); None: every layer's sown "keys_values"
+    prefix_keys_values: Callable | None = None
+    # regex on "a/b/kernel" paths: the frozen projections `model.quantization` stores in 8 or 4 bits
+    projections: str = r"(^|/)(q|k|v|o|gate|up|down)_proj/kernel$"
 
 
 def get(model_type: str, where: str = "config") -> Family:

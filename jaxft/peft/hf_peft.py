@@ -31,7 +31,8 @@ from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.prompt import MODULE, PromptHook
 from jaxft.peft.ptuning_v2 import PrefixHook
 
-TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM"}
+TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
+              "seq2seq_lm": "SEQ_2_SEQ_LM"}
 TASK_HEADS = ("classification", "token_classification")
 HEAD_OF_TASK = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification"}
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
@@ -72,14 +73,16 @@ def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def _peft_module(cfg, path: str, layer: int | None) -> str:
-    """Our module path (scanned `layers.x`, with its layer index, or `layers_3.x`) -> HF's module name."""
-    head, *rest = path.split(".")
-    if head == "layers" and layer is not None:
-        path = ".".join(["layers", str(layer)] + rest)
-    elif head.startswith("layers_"):
-        path = ".".join(["layers", head[7:]] + rest)
-    return family.of(cfg).hf_module(path)
+def _in_stack(cfg, path: str):
+    """Our dotted module path -> (stack, block index or None when scanned, path inside the block), or
+    None outside the family's stacks of blocks (`layers.x` scanned, `layers_3.x` not; T5: `encoder.block`)."""
+    for stack in family.of(cfg).layer_stacks(cfg):
+        if path.startswith(stack + "."):
+            return stack, None, path[len(stack) + 1:]
+        m = re.fullmatch(re.escape(stack) + r"_(\d+)\.(.+)", path)
+        if m:
+            return stack, int(m[1]), m[2]
+    return None
 
 
 def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
@@ -96,27 +99,35 @@ def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
 
 def _export_lora(model, hook: LoraHook, params: dict, base: str):
     cfg = model.cfg
-    modules = _lora_modules(unflat(params))
+    hf_module = family.of(cfg).hf_module
     patterns, tensors = [], {}
-    for path, ab in modules.items():
-        in_stack = path.startswith("layers.")
-        for i in range(ab["a"].shape[0]) if in_stack else [None]:
-            a, b = (ab["a"][i], ab["b"][i]) if i is not None else (ab["a"], ab["b"])
-            name = _peft_module(cfg, path, i)
+    for path, ab in _lora_modules(unflat(params)).items():
+        where = _in_stack(cfg, path)
+        if where is None:
+            patterns.append(re.escape(hf_module(path)))
+            per_layer = [(path, ab["a"], ab["b"])]
+        else:
+            stack, index, rest = where
+            indices = range(ab["a"].shape[0]) if index is None else [index]
+            pick = (lambda x, i: x[i]) if index is None else (lambda x, i: x)  # noqa: E731
+            per_layer = [(f"{stack}.{i}.{rest}", pick(ab["a"], i), pick(ab["b"], i)) for i in indices]
             # PEFT matches target_modules against full module names: one pattern per stacked path.
-            patterns.append(re.escape(name).replace(f"\\.{i}\\.", r"\.\d+\.", 1) if in_stack else re.escape(name))
+            i = indices[0]
+            patterns.append(re.escape(hf_module(f"{stack}.{i}.{rest}")).replace(f"\\.{i}\\.", r"\.\d+\.", 1))
+        for name, a, b in per_layer:
+            name = hf_module(name)
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
     config = {"r": hook.rank, "lora_alpha": hook.alpha, "lora_dropout": hook.dropout, "use_rslora": hook.rslora,
               "target_modules": "|".join(sorted(set(patterns))), "bias": "none",
-              "fan_in_fan_out": family.of(cfg).fan_in_fan_out,
-              "init_lora_weights": True, "use_dora": False}
+              "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True, "use_dora": False}
     return config, tensors
 
 
 def _load_lora(cfg, config: dict, tensors: dict, where: str):
     if config.get("use_dora") or config.get("bias", "none") != "none":
         raise JaxftError(f"{where}/adapter_config.json: DoRA and LoRA biases are not supported yet")
+    stacks = family.of(cfg).layer_stacks(cfg)
     per_module, new = {}, {}
     for key, value in tensors.items():
         m = LORA_KEY.fullmatch(key)
@@ -125,23 +136,34 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
         name = family.of(cfg).our_module(m[1])
         if name is None:
             raise JaxftError(f"{where}: {key} names a module this {cfg.model_type} model does not have")
-        layer = re.match(r"layers\.(\d+)\.(.+)", name)
-        path = f"layers.{layer[2]}" if layer else name
-        per_module.setdefault(path, {}).setdefault(m[2], {})[int(layer[1]) if layer else None] = value.T
-    prefix = "layers" if cfg.scan_layers else None
+        block = None
+        for stack in stacks:
+            hit = re.fullmatch(re.escape(stack) + r"\.(\d+)\.(.+)", name)
+            if hit:
+                block = (stack, int(hit[1]), hit[2])
+        path = name if block is None else f"{block[0]}.{block[2]}"
+        per_module.setdefault(path, {}).setdefault(m[2], {})[None if block is None else block[1]] = value.T
+    patterns = []
     for path, ab in per_module.items():
+        stack = next((s for s in stacks if path.startswith(s + ".")), None)
+        if stack is None:
+            patterns.append(re.escape(path))
+            for which, per_layer in ab.items():
+                new[path.replace(".", "/") + "/lora_" + which.lower()] = per_layer[None]
+            continue
+        rest = path[len(stack) + 1:]
+        patterns.append(re.escape(stack) + r"(_\d+)?\." + re.escape(rest))  # scanned or not
+        n = stacks[stack]
         for which, per_layer in ab.items():
-            leaf = "lora_a" if which == "A" else "lora_b"
-            if path.startswith("layers.") and prefix:
-                if sorted(per_layer) != list(range(cfg.num_layers)):
-                    raise JaxftError(f"{where}: LoRA on {path} covers only some layers (not supported)")
-                new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
-            elif path.startswith("layers."):
-                for i, v in per_layer.items():
-                    new[f"layers_{i}/" + path[7:].replace(".", "/") + "/" + leaf] = v
+            leaf = "lora_" + which.lower()
+            if sorted(per_layer) != list(range(n)):
+                raise JaxftError(f"{where}: LoRA on {path} covers only some layers (not supported)")
+            if cfg.scan_layers:
+                new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(n)])
             else:
-                new[path.replace(".", "/") + "/" + leaf] = per_layer[None]
-    targets = "|".join(re.escape(p) for p in sorted(per_module))
+                for i, v in per_layer.items():
+                    new[f"{stack.replace('.', '/')}_{i}/" + rest.replace(".", "/") + "/" + leaf] = v
+    targets = "|".join(sorted(patterns))
     return LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora"))), new
 
 
@@ -151,7 +173,10 @@ def _export_prefix(model, hook: PrefixHook, params: dict, base: str):
     layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
     config = {"num_virtual_tokens": hook.num_virtual_tokens, "token_dim": kv_heads * head_dim, "num_layers": layers,
               "num_attention_heads": kv_heads, "encoder_hidden_size": hook.projection_hidden if hook.projection
-              else cfg.hidden_size, "prefix_projection": hook.projection, "num_transformer_submodules": 1}
+              else cfg.hidden_size, "prefix_projection": hook.projection,
+              # Encoder-decoders: PEFT's seq2seq default (two submodules); T5 reads the prefix in the
+              # decoder's self-attention only (see jaxft/models/t5.py).
+              "num_transformer_submodules": 2 if family.of(cfg).encoder_decoder else 1}
     return config, {"prompt_embeddings": _prefix_embeddings(model, hook, unflat(prefix))}
 
 

@@ -90,10 +90,13 @@ class PrefixHook(Hook):
         tokens = np.resize(tokens, self.num_virtual_tokens)[None]  # the first real tokens, repeated if few
         base = family.build(model.cfg)
         _, state = base.apply({"params": base_params(params)}, tokens, mutable=["intermediates"])
+        fam = family.of(model.cfg)
         # Each family's attention sows its (keys, values) as "keys_values", wherever its module sits.
         sown = {p: v for p, v in traverse_util.flatten_dict(state["intermediates"]).items() if p[-1] == "keys_values"}
         scanned = [v for p, v in sown.items() if p[0] == "layers"]
-        if scanned:  # scanned: one entry with a leading layer axis
+        if fam.prefix_keys_values is not None:  # the family says where its prefixed attention keeps them
+            k, v = fam.prefix_keys_values(state["intermediates"], model.cfg)
+        elif scanned:  # scanned: one entry with a leading layer axis
             k, v = scanned[0][0]
         else:
             kv = [next(v for p, v in sown.items() if p[0] == f"layers_{i}")[0] for i in range(model.cfg.num_layers)]
