@@ -536,5 +536,6 @@ FAMILY = Family(
     pooling="first",
     causal=False,
     classifier_kernel=classifier_kernel,
+    projections=r"^layers(_\d+)?/.*/(query|key|value|dense)/kernel$",
 )
 ROBERTA = dataclasses.replace(FAMILY, name="roberta", hf_module=functools.partial(hf_module, base="roberta"))

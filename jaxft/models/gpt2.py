@@ -453,4 +453,5 @@ FAMILY = Family(
     matmul_weights=matmul_weights,
     init_cache=init_cache,
     fan_in_fan_out=True,
+    projections=r"^layers(_\d+)?/(attn/(c_attn|c_proj)|mlp/(c_fc|c_proj))/kernel$",
 )
