@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Method section: which parameters train and how the model is hooked.
     c.method = ml_collections.ConfigDict()
-    c.method.name = "full"  # full | head | lora | ptuning_v2, or several joined by '+'
+    c.method.name = "full"  # full | head | lora | ptuning_v2 | adapter | ia3 | adalora, or several joined by '+'
     c.method.rank = 8
     c.method.alpha = 16.0
     c.method.dropout = 0.0
@@ -45,6 +45,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.prompt_dropout = 0.0
     c.method.init_std = 1.0  # P-Tuning v2 random prefix initialisation scale
     c.method.init_from_tokens = False  # P-Tuning v2: start from the frozen model's keys/values of real tokens
+    c.method.dora = False  # LoRA as DoRA: a learned magnitude per output column (PEFT's use_dora)
+    c.method.adapter_type = "houlsby"  # bottleneck adapters: houlsby (after attention and MLP) | pfeiffer (after MLP)
+    c.method.adapter_size = 64  # their bottleneck width
+    c.method.adapter_activation = "relu"  # relu | gelu | silu | tanh
+    c.method.ia3_targets = ""  # IA3: module names or a regex; "" = the family's (PEFT's: k_proj,v_proj,down_proj)
+    c.method.feedforward_modules = ""  # IA3: those of its targets whose input is scaled; "" = the family's
+    c.method.init_r = 12  # AdaLoRA (PEFT's names and defaults): initial rank per target (uses method.targets, alpha)
+    c.method.target_r = 8  # AdaLoRA: average rank per target after budget allocation
+    c.method.tinit = 0  # AdaLoRA: steps before the budget starts falling
+    c.method.tfinal = 0  # AdaLoRA: last steps, trained at the final rank pattern
+    c.method.delta_t = 1  # AdaLoRA: steps between allocations (PEFT's deltaT)
+    c.method.beta1 = 0.85  # AdaLoRA: EMA of the sensitivity
+    c.method.beta2 = 0.85  # AdaLoRA: EMA of the uncertainty
+    c.method.orth_reg_weight = 0.5  # AdaLoRA: weight of the orthogonal regularisation
+    c.method.total_step = 0  # AdaLoRA: the schedule's length; 0 = train.steps
 
     # Data section.
     c.data = ml_collections.ConfigDict()

@@ -20,6 +20,8 @@ from jaxft.peft.partition import merge
 
 # Parameters that take no weight decay: norms, biases, prefixes and embeddings of prompts.
 NO_DECAY = ("norm", "bias", "prefix_encoder")  # and every "*layernorm" module
+# IA3's scales and DoRA's magnitudes start at their base values: decay would pull them to zero.
+NO_DECAY += ("ia3_l", "lora_magnitude", "down_bias", "up_bias")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -125,12 +127,15 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, mesh=None,
-                    param_shardings=None, skip_nonfinite: bool = False, objective: Objective | None = None):
+                    param_shardings=None, skip_nonfinite: bool = False, objective: Objective | None = None,
+                    aux_loss=None):
     """`mesh` turns on the model's activation constraints and keeps every micro-batch spread over the
     data/FSDP shards; `param_shardings` holds the gradient carry to the parameters' layout. With
     `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves params and optimizer state as
     they were; either way metrics["nonfinite"] says whether it was. `objective` (default: the one
-    of the model's head) says what the model is called with and what the loss is."""
+    of the model's head) says what the model is called with and what the loss is. `aux_loss(trainable)`
+    (a method's, e.g. AdaLoRA's orthogonal regularisation) is added to the mean loss; its gradient
+    joins the mean gradient, and metrics["aux_loss"] reports it."""
     objective = objective or for_head(model.cfg.head)
 
     def forward(trainable, frozen, batch, rng, loss_scale):
@@ -171,6 +176,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum)))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / (count * loss_scale), grads)  # mean over every token/example
+        if aux_loss is not None:
+            aux, aux_grads = jax.value_and_grad(aux_loss)(state.params)
+            grads = jax.tree_util.tree_map(jnp.add, grads, aux_grads)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -191,6 +199,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         }
         if scaled:
             metrics["loss_scale"] = opt_state.scale
+        if aux_loss is not None:
+            metrics["aux_loss"] = aux
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     return train_step

@@ -406,6 +406,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    if method.optimizer is not None:  # a method's per-step state (AdaLoRA's rank allocator)
+        tx = method.optimizer(tx, config.train.steps)
     if config.model.dtype == "float16":  # fp16's range needs a loss scale; it lives in the optimizer state
         tx = dynamic_loss_scale(tx)
     replicated = sharding.replicated(mesh)
@@ -429,7 +431,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
 
     train_step = jax.jit(
         make_train_step(model, tx, schedule, accum, mesh, state_shardings.params, config.train.skip_nonfinite,
-                        objective),
+                        objective, method.aux_loss),
         donate_argnums=(0,),
         out_shardings=(state_shardings, replicated),
     )

@@ -91,6 +91,8 @@ class Family:
     matmul_weights: Callable[[Any], int]  # config -> weights in a matmul per token (`jaxft.flops`)
     pooling: str = "last"  # what HF's own classifier of this family reads (see `jaxft.models.layers.pool`)
     causal: bool = True  # whether the attention that dominates is causal (FLOPs halve)
+    ia3_targets: str = ""  # the default `method.ia3_targets` (HF PEFT's for the family)
+    ia3_feedforward: str = ""  # the default `method.feedforward_modules`: IA3 scales their input
 
 
 def get(model_type: str, where: str = "config") -> Family:

@@ -52,11 +52,22 @@ class Linear(nn.Module):
             )
         if kernel_only:
             return kernel
+        from jaxft.peft.hook import Hook  # here: jaxft.peft imports this module
+
+        # The matmul point, in three steps: hooks may change the input (IA3 on the feed-forward), the
+        # product before the bias (DoRA), and the output (LoRA adds B(A x), IA3 scales k and v). Only the
+        # hooks that override a step are called at it, so a model without such hooks traces as before.
+        for hook in self.hooks:
+            if type(hook).linear_input is not Hook.linear_input:
+                x = hook.linear_input(self, x)
         if isinstance(stored, Quantized):
             y = quantized_matmul(x.astype(self.dtype), stored)
         else:
             y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
                         preferred_element_type=self.preferred_element_type)
+        for hook in self.hooks:
+            if type(hook).linear_product is not Hook.linear_product:
+                y = hook.linear_product(self, x, y, kernel)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],))
             y = y + bias.astype(self.dtype)

@@ -17,11 +17,20 @@ import numpy as np
 from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
+from jaxft.peft import adalora, adapter, ia3, peft_keys
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.ptuning_v2 import PrefixEncoder, PrefixHook
 
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+# --- adapters, IA3, AdaLoRA (branch adapters): hook type -> export, peft_type -> import ---
+OWN_EXPORT = {
+    adapter.AdapterHook: adapter.export,
+    ia3.IA3Hook: ia3.export_peft,
+    adalora.AdaLoraHook: lambda cfg, hook, trainable: adalora.export_peft(cfg, hook, trainable, 0),
+}
+OWN_IMPORT = {adapter.PEFT_TYPE: adapter.load, "IA3": ia3.import_peft, "ADALORA": adalora.import_peft}
 
 
 def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
@@ -68,7 +77,7 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
     task = "SEQ_CLS" if cfg.head == "classification" else "CAUSAL_LM"
     params = flat(trainable)
     score = params.get("score/kernel")
-    hooks = [h for h in method.hooks if isinstance(h, (LoraHook, PrefixHook))]
+    hooks = [h for h in method.hooks if isinstance(h, (LoraHook, PrefixHook)) or type(h) in OWN_EXPORT]
     for hook in hooks:
         target = out / type(hook).__name__.replace("Hook", "").lower() if len(hooks) > 1 else out
         target.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,12 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
                   **(pooling_entry(cfg) if score is not None else {}),
                   **(label_entries(cfg) if score is not None and named_labels(cfg) else {})}
         tensors = {}
-        if isinstance(hook, LoraHook):
+        if type(hook) in OWN_EXPORT:  # adapters, IA3, AdaLoRA: each module writes its own tensors
+            entries, tensors = OWN_EXPORT[type(hook)](cfg, hook, trainable)
+            config = {**common, **entries}
+            if score is not None:
+                tensors["base_model.model.score.weight"] = np.asarray(score, np.float32).T
+        elif isinstance(hook, LoraHook):
             modules = _lora_modules(trainable)
             patterns = []
             for path, ab in modules.items():
@@ -92,7 +106,9 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
             regex = "|".join(sorted(set(patterns)))
             config = {**common, "peft_type": "LORA", "r": hook.rank, "lora_alpha": hook.alpha,
                       "lora_dropout": hook.dropout, "use_rslora": hook.rslora, "target_modules": regex,
-                      "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
+                      "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": hook.dora}
+            for path, i, m in peft_keys.per_layer(trainable, "lora_magnitude"):  # DoRA
+                tensors[f"base_model.model.{peft_keys.hf_name(cfg, path, i)}.lora_magnitude_vector"] = m
             if score is not None:
                 tensors["base_model.model.score.weight"] = np.asarray(score, np.float32).T
         else:
@@ -132,8 +148,14 @@ def load_adapter(model, params: dict, adapter_dir):
         cfg = cfg.replace(head="classification", num_labels=score.shape[0], pooling=pooling, labels=labels)
         new["score/kernel"] = score.T
     if kind == "LORA":
-        if config.get("use_dora") or config.get("bias", "none") != "none":
-            raise JaxftError(f"{root}/adapter_config.json: DoRA and LoRA biases are not supported yet")
+        if config.get("bias", "none") != "none":
+            raise JaxftError(f"{root}/adapter_config.json: LoRA biases are not supported yet")
+        magnitudes = {}  # DoRA
+        for key, value in tensors.items():
+            if m := re.fullmatch(r"base_model\.model\.(.+)\.lora_magnitude_vector", key):
+                path, layer = peft_keys.our_name(cfg, m[1], str(root))
+                magnitudes.setdefault((path, "lora_magnitude"), {})[layer] = value
+        new.update(peft_keys.to_params(magnitudes, cfg, str(root)))
         per_module = {}
         for key, value in tensors.items():
             m = LORA_KEY.fullmatch(key)
@@ -159,7 +181,8 @@ def load_adapter(model, params: dict, adapter_dir):
                 else:
                     new[path.replace(".", "/") + "/" + leaf] = per_layer[None]
         targets = "|".join(re.escape(p) for p in sorted(per_module))
-        hook = LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora")))
+        hook = LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora")),
+                        bool(config.get("use_dora")))
     elif kind == "PREFIX_TUNING":
         emb = tensors["prompt_embeddings"]
         hook = PrefixHook(emb.shape[0], projection=False)
@@ -167,8 +190,12 @@ def load_adapter(model, params: dict, adapter_dir):
         if emb.shape[1] != width:
             raise JaxftError(f"{root}: prompt_embeddings width {emb.shape[1]} does not fit this model ({width})")
         new["prefix_encoder/embedding"] = emb
+    elif kind in OWN_IMPORT:  # adapters, IA3, AdaLoRA
+        hook, added = OWN_IMPORT[kind](cfg, config, tensors, str(root))
+        new.update(added)
     else:
-        raise JaxftError(f"{root}/adapter_config.json: peft_type {kind!r} is not supported (LORA, PREFIX_TUNING)")
+        raise JaxftError(f"{root}/adapter_config.json: peft_type {kind!r} is not supported "
+                         f"({', '.join(['LORA', 'PREFIX_TUNING', *OWN_IMPORT])})")
     import jax.numpy as jnp
 
     added = unflat({k: jnp.asarray(v) for k, v in new.items()})

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 
 class Hook:
+    def linear_input(self, module, x):
+        """Before each `Linear`'s product: return the (possibly changed) input x (IA3 scales the
+        feed-forward input). The later steps and the product see the changed input."""
+        return x
+
+    def linear_product(self, module, x, y, kernel):
+        """Each `Linear`'s product y = x @ kernel, before the bias: return its replacement (DoRA's
+        magnitude * (W + s BA) / ||W + s BA||_col). `kernel` is the dequantized weight on a quantized base."""
+        return y
+
     def linear(self, module, x, y, kernel):
-        """After each `Linear`: return the (possibly changed) output y = x @ kernel."""
+        """After each `Linear` (bias included): return the (possibly changed) output y = x @ kernel + b."""
         return y
 
     def acts_on(self, path: str) -> bool:
-        """Whether `linear` may change the output of the Linear at this dotted module path. The model
-        skips a Linear's output only where no hook acts (the LM head fused with the loss); the default
-        is to assume any hook that overrides `linear` acts everywhere."""
-        return type(self).linear is not Hook.linear
+        """Whether this hook may change the Linear at this dotted module path (any of the three steps
+        above). The model skips a Linear's output only where no hook acts (the LM head fused with the
+        loss); the default is to assume any hook that overrides a step acts everywhere."""
+        return acts_on_linear(self)
 
     def embeddings(self, model, h, attention_mask):
         """After the token embeddings h [B, T, D]: return (h, attention_mask), possibly with virtual
@@ -33,3 +43,8 @@ class Hook:
     def initialize(self, model, params: dict, sample: dict) -> dict:
         """Once before training, with a few real examples: adjust this method's initial parameters."""
         return params
+
+
+def acts_on_linear(hook) -> bool:
+    """Whether a hook overrides any of the matmul point's steps."""
+    return any(getattr(type(hook), n) is not getattr(Hook, n) for n in ("linear_input", "linear_product", "linear"))

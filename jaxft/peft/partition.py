@@ -14,7 +14,8 @@ import numpy as np
 from flax import traverse_util
 
 # Leaves that methods add to a base model; everything else is the base model's own.
-ADDED_PARAMS = re.compile(r"(^|/)(lora_a|lora_b|prefix_encoder)(/|$)")
+ADDED_PARAMS = re.compile(r"(^|/)(lora_a|lora_b|prefix_encoder"
+                          r"|lora_magnitude|lora_merged_norm|ia3_l|adalora_[abe]|adapter_attention|adapter_mlp)(/|$)")
 
 
 def flat(params) -> dict[str, object]:
