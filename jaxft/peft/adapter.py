@@ -23,7 +23,8 @@ from jaxft.peft.hook import Hook
 
 PEFT_TYPE = "JAXFT_BOTTLENECK"
 KINDS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
-ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda z: jax.nn.gelu(z, approximate=False), "silu": jax.nn.silu,
+               "tanh": jnp.tanh}
 TRAINABLE = r"(^|/)adapter_(attention|mlp)/"
 KEY = re.compile(r"(.+)\.adapter_(attention|mlp)\.(down|up)\.(weight|bias)")
 
