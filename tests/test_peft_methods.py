@@ -252,7 +252,7 @@ def train(base_dir, method_kw, steps, lr=1e-2, total=None):
                        rng=jax.random.PRNGKey(0))
     step = jax.jit(make_train_step(hooked_model, tx, schedule, 1, aux_loss=method.aux_loss))
     ids = np.random.RandomState(2).randint(1, 96, (4, 12))
-    b = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    b = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids, "weight": np.ones(4, np.float32)}
     out, ranks = [], []
     for _ in range(steps):
         state, metrics = step(state, frozen, b)

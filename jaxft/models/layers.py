@@ -2,8 +2,9 @@
 
 Every parameter is created with logical axis names (see `jaxft.sharding`), so one rules table
 decides how it is laid out on the mesh. `Linear` is the named point where PEFT methods that
-change a projection (LoRA and friends) hook in: it calls `hook.linear(module, x, y, kernel)` for
-each hook of the model, and a hook may add its own parameters inside the module's scope.
+change a projection hook in, in three steps (see `jaxft.peft.hook.Hook`): `linear_input` (IA3 scales
+the feed-forward input), `linear_product` (DoRA replaces x @ kernel) and `linear` (LoRA adds to the
+output); a hook may add its own parameters inside the module's scope.
 """
 
 from __future__ import annotations
