@@ -345,3 +345,9 @@ def test_adalora_trains_through_the_cli_and_resumes(tmp_path):
     assert len(es) == 4 and sum(e.shape[0] for e in es) == 2 * 4  # the final budget: target_r per module
     config = json.loads((tmp_path / "w" / "export" / "adapter_config.json").read_text())
     assert sum(map(sum, config["rank_pattern"].values())) == 8
+    again = cli(tmp_path / "w", *args)  # restores the final checkpoint, allocator state included
+    assert again.returncode == 0 and "resuming from step 8" in again.stdout, again.stderr
+    rewritten = load_file(str(tmp_path / "w" / "export" / "adapter_model.safetensors"))
+    assert rewritten.keys() == written.keys()
+    for k in written:
+        np.testing.assert_array_equal(rewritten[k], written[k])
