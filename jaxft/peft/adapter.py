@@ -84,6 +84,8 @@ def load(cfg, config: dict, tensors: dict, where: str) -> tuple[AdapterHook, dic
     values = {}
     for key, value in tensors.items():
         m = KEY.fullmatch(key)
+        if key.startswith("base_model."):  # a classifier head: read by jaxft.peft.hf_peft
+            continue
         if not m:
             raise JaxftError(f"{where}: unexpected tensor {key} in a {PEFT_TYPE} adapter")
         block, layer = peft_keys.our_name(cfg, m[1], where)
