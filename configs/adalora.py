@@ -2,7 +2,8 @@
 regularisation 0.5) on SST-2 over the frozen bundled jaxft-tiny, plus a classifier head.
 
   python -m jaxft.train --config=configs/adalora.py
-Exports a HF PEFT `ADALORA` adapter with its rank pattern. SST-2 dev accuracy: see README (Running).
+Exports a HF PEFT `ADALORA` adapter with its rank pattern. SST-2 dev accuracy 0.670 (2026-11-26, one
+run, 43,616 trainable parameters with the head; 14-22 min on 2 CPU cores shared with other jobs).
 """
 
 from jaxft.config import base_config

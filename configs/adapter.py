@@ -4,7 +4,8 @@ feed-forward only).
 
   python -m jaxft.train --config=configs/adapter.py
 HF PEFT has no such adapters: the export is jaxft's own format (docs/adapter_format.md), which
-`jaxft.hf.load(base, adapter=dir)` reads back. SST-2 dev accuracy: see README (Running).
+`jaxft.hf.load(base, adapter=dir)` reads back. SST-2 dev accuracy 0.721 (2026-11-26, one
+run, 68,224 trainable parameters with the head; 14-22 min on 2 CPU cores shared with other jobs).
 """
 
 from jaxft.config import base_config

@@ -2,7 +2,8 @@
 the frozen bundled jaxft-tiny, plus a classifier head.
 
   python -m jaxft.train --config=configs/dora.py
-Exports a HF PEFT `LORA` adapter with `use_dora`. SST-2 dev accuracy: see README (Running).
+Exports a HF PEFT `LORA` adapter with `use_dora`. SST-2 dev accuracy 0.723 (2026-11-26, one
+run, 30,720 trainable parameters with the head; 14-22 min on 2 CPU cores shared with other jobs).
 """
 
 from jaxft.config import base_config

@@ -2,7 +2,8 @@
 SST-2 over the frozen bundled jaxft-tiny, plus a classifier head.
 
   python -m jaxft.train --config=configs/ia3.py
-Exports a HF PEFT `IA3` adapter. SST-2 dev accuracy: see README (Running).
+Exports a HF PEFT `IA3` adapter. SST-2 dev accuracy 0.686 (2026-11-26, one
+run, 4,608 trainable parameters with the head; 14-22 min on 2 CPU cores shared with other jobs).
 """
 
 from jaxft.config import base_config
