@@ -182,13 +182,11 @@ def test_bottleneck_adapters_where_they_belong(torch_models, tmp_path):
             kw.get("adapter_activation", "relu")]
         want = h + act(h @ a["layers/adapter_mlp/down_kernel"][1] + a["layers/adapter_mlp/down_bias"][1]) @ \
             a["layers/adapter_mlp/up_kernel"][1] + a["layers/adapter_mlp/up_bias"][1]
-        bottleneck = type(model.hooks[0])  # AdapterHook
         from jaxft.peft.adapter import Bottleneck
 
         got = Bottleneck(8, kw.get("adapter_activation", "relu"), 0.01).apply(
             {"params": {k.split("/")[-1]: v[1] for k, v in a.items() if "adapter_mlp" in k}}, h)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-        assert bottleneck.__name__ == "AdapterHook"
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -318,14 +316,16 @@ def test_adalora_allocator_matches_peft(torch_models):
             state = {"ipt": unflat(zeros), "unc": unflat(zeros), "keep": unflat({k: np.ones_like(v) for k, v in tree.items()})}
         state, new = adalora.update(state, unflat(tree), unflat(grads), jnp.int32(step), hook, total)
         m.base_model.update_and_allocate(step)
+        zeros = 0
         for proj in ("q_proj", "v_proj"):
             e = np.asarray(flat(new)[f"layers/self_attn/{proj}/adalora_e"])
+            zeros += int((e == 0).sum())
             for layer in range(2):
                 key, _ = ours_to_torch("adalora_e", layer, proj, e[layer])
                 np.testing.assert_allclose(e[layer], torch_params[key].detach().numpy()[:, 0], rtol=1e-6,
                                            err_msg=f"step {step} {key}")
-            masked += int((e == 0).sum())
-    assert masked > 0 and (e == 0).sum() == 2 * 2  # it did mask; at the end 2 of 4 in each layer
+        masked += zeros
+    assert masked > 0 and zeros == 16 - 8  # it did mask; at the end the budget: 2 ranks x 4 modules of 16
 
 
 def test_adalora_trains_through_the_cli_and_resumes(tmp_path):

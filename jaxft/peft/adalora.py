@@ -133,7 +133,8 @@ def update(state: dict, params: dict, grads: dict, step, hook: AdaLoraHook, tota
     triplets = {}
     for p in e_names:
         mod = p[: -len("adalora_e")]
-        triplets[p] = score(p) + jnp.mean(score(mod + "adalora_a"), axis=-2) + jnp.mean(score(mod + "adalora_b"), axis=-1)
+        triplets[p] = (score(p) + jnp.mean(score(mod + "adalora_a"), axis=-2)
+                       + jnp.mean(score(mod + "adalora_b"), axis=-1))
     if triplets:
         every = jnp.sort(jnp.concatenate([t.reshape(-1) for t in triplets.values()]))
         k = hook.init_r * modules - budget  # mask the k lowest (and any tied with the k-th)
@@ -206,7 +207,9 @@ def export_peft(cfg, hook: AdaLoraHook, trainable, total: int) -> tuple[dict, di
     config = {"peft_type": "ADALORA", "target_modules": "|".join(sorted(patterns)), "init_r": hook.init_r,
               "target_r": hook.target_r, "tinit": hook.tinit, "tfinal": hook.tfinal, "deltaT": hook.delta_t,
               "beta1": hook.beta1, "beta2": hook.beta2, "orth_reg_weight": hook.orth_reg_weight,
-              "total_step": hook.total_step or total or hook.tinit + hook.tfinal + 1, "rank_pattern": rank_pattern, "lora_alpha": hook.alpha,
+              # PEFT needs total_step > tinit + tfinal; it matters only to train on.
+              "total_step": hook.total_step or total or hook.tinit + hook.tfinal + 1,
+              "rank_pattern": rank_pattern, "lora_alpha": hook.alpha,
               "lora_dropout": hook.dropout, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}
     return config, tensors
 
@@ -239,6 +242,7 @@ def import_peft(cfg, config: dict, tensors: dict, where: str) -> tuple[AdaLoraHo
     total = int(config.get("total_step") or 0)
     hook = AdaLoraHook(init_r, int(config.get("target_r", 8)), float(config.get("lora_alpha", 8)), 0.0,
                        "|".join(map(re.escape, paths)), int(config.get("tinit", 0)), int(config.get("tfinal", 0)),
-                       int(config.get("deltaT", 1)), float(config.get("beta1", 0.85)), float(config.get("beta2", 0.85)),
+                       int(config.get("deltaT", 1)), float(config.get("beta1", 0.85)),
+                       float(config.get("beta2", 0.85)),
                        float(config.get("orth_reg_weight", 0.5)), total)
     return hook, peft_keys.to_params(values, cfg, where)

@@ -37,7 +37,8 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, h):
         d = h.shape[-1]
-        down = param_with_axes(self, "down_kernel", nn.initializers.normal(self.init_std), (d, self.size), ("embed", None))
+        init = nn.initializers.normal(self.init_std)
+        down = param_with_axes(self, "down_kernel", init, (d, self.size), ("embed", None))
         down_b = param_with_axes(self, "down_bias", nn.initializers.zeros, (self.size,), (None,))
         up = param_with_axes(self, "up_kernel", nn.initializers.zeros, (self.size, d), (None, "embed"))
         up_b = param_with_axes(self, "up_bias", nn.initializers.zeros, (d,), ("embed",))

@@ -13,7 +13,6 @@ import re
 from typing import ClassVar
 
 import flax.linen as nn
-import numpy as np
 
 from jaxft.models.layers import param_with_axes
 from jaxft.peft import peft_keys

@@ -70,11 +70,12 @@ def _ptuning_v2(m, cfg) -> Method:
 def _adapter(m, cfg) -> Method:
     from jaxft.peft import adapter
 
-    kind, act, size = m.get("adapter_type", "houlsby"), m.get("adapter_activation", "relu"), m.get("adapter_size", 64)
+    kind, act = m.get("adapter_type", "houlsby"), m.get("adapter_activation", "relu")
+    size = m.get("adapter_size", 64)
     if kind not in adapter.KINDS or act not in adapter.ACTIVATIONS or int(size) <= 0:
         raise JaxftError(f"method.adapter_type={kind!r}, method.adapter_activation={act!r}, method.adapter_size="
-                         f"{size}: expected one of {', '.join(adapter.KINDS)}, one of {', '.join(adapter.ACTIVATIONS)}, "
-                         "and a positive size")
+                         f"{size}: expected one of {', '.join(adapter.KINDS)}, one of "
+                         f"{', '.join(adapter.ACTIVATIONS)}, and a positive size")
     return Method("adapter", (adapter.TRAINABLE,), (adapter.AdapterHook(int(size), kind, act),))
 
 
@@ -174,13 +175,12 @@ def build(method_config, model_cfg) -> Method:
     aux = [m.aux_loss for m in built if m.aux_loss]
     wraps = [m.optimizer for m in built if m.optimizer]
     aux_loss = (lambda p: sum(f(p) for f in aux)) if aux else None  # noqa: E731
-    optimizer = None
-    if wraps:
-        def optimizer(tx, total):
-            for wrap in wraps:
-                tx = wrap(tx, total)
-            return tx
+    def chained(tx, total):
+        for wrap in wraps:
+            tx = wrap(tx, total)
+        return tx
+
     method = Method("+".join(parts), tuple(dict.fromkeys(trainable)), tuple(h for m in built for h in m.hooks),
-                    aux_loss, optimizer)
+                    aux_loss, chained if wraps else None)
     check_hooks(method, model_cfg)
     return method
