@@ -33,8 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Method section: which parameters train and how the model is hooked.
     c.method = ml_collections.ConfigDict()
-    # full | head | bitfit | lora | ptuning_v2 | prefix_tuning | prompt_tuning | ptuning, or several joined
-    # by '+' (see `jaxft.peft.methods`)
+    # full | head | bitfit | lora | ptuning_v2 | prefix_tuning | prompt_tuning | ptuning | adapter | ia3 | adalora,
+    # or several joined by '+' (see `jaxft.peft.methods`)
     c.method.name = "full"
     c.method.layers = ""  # "" all, or the decoder layers that train: '0-3', '0,2,5-7' (needs model.scan_layers=False)
     c.method.trainable_pattern = ""  # a regex of parameter paths that train too; '!regex' freezes them instead
@@ -57,6 +57,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.encoder_hidden = 0  # P-Tuning: its width (0 = the model's hidden size)
     c.method.encoder_layers = 2  # P-Tuning: LSTM layers
     c.method.encoder_dropout = 0.0  # P-Tuning: LSTM dropout between layers
+    c.method.dora = False  # LoRA as DoRA: a learned magnitude per output column (PEFT's use_dora)
+    c.method.adapter_type = "houlsby"  # bottleneck adapters: houlsby (after attention and MLP) | pfeiffer (after MLP)
+    c.method.adapter_size = 64  # their bottleneck width
+    c.method.adapter_activation = "relu"  # relu | gelu | silu | tanh
+    c.method.ia3_targets = ""  # IA3: module names or a regex; "" = the family's (PEFT's: k_proj,v_proj,down_proj)
+    c.method.feedforward_modules = ""  # IA3: those of its targets whose input is scaled; "" = the family's
+    c.method.init_r = 12  # AdaLoRA (PEFT's names and defaults): initial rank per target (uses method.targets, alpha)
+    c.method.target_r = 8  # AdaLoRA: average rank per target after budget allocation
+    c.method.tinit = 0  # AdaLoRA: steps before the budget starts falling
+    c.method.tfinal = 0  # AdaLoRA: last steps, trained at the final rank pattern
+    c.method.delta_t = 1  # AdaLoRA: steps between allocations (PEFT's deltaT)
+    c.method.beta1 = 0.85  # AdaLoRA: EMA of the sensitivity
+    c.method.beta2 = 0.85  # AdaLoRA: EMA of the uncertainty
+    c.method.orth_reg_weight = 0.5  # AdaLoRA: weight of the orthogonal regularisation
+    c.method.total_step = 0  # AdaLoRA: the schedule's length; 0 = train.steps
 
     # Data section.
     c.data = ml_collections.ConfigDict()

@@ -395,7 +395,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         **model_settings(config, cfg),
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
-    method = build(config.method, cfg, tokenizer=data.tokenizer)
+    method = build(config.method, cfg, tokenizer=data.tokenizer, steps=config.train.steps)
     model = family.build(cfg, method.hooks)
     objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
 

@@ -34,7 +34,7 @@ def test_config_is_valid_and_documented(name):
 
 
 @pytest.mark.parametrize("name", ["ptuning_v2.py", "lora.py", "full.py", "prompt_tuning.py", "ptuning.py",
-                                  "prefix_tuning.py"])
+                                  "prefix_tuning.py", "adapter.py", "ia3.py", "dora.py"])
 def test_sst2_configs_run_and_export(tmp_path, name):
     r = cli(tmp_path, *QUICK, config=f"configs/{name}")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -117,6 +117,8 @@ class Family:
     prefix_keys_values: Callable | None = None
     # regex on "a/b/kernel" paths: the frozen projections `model.quantization` stores in 8 or 4 bits
     projections: str = r"(^|/)(q|k|v|o|gate|up|down)_proj/kernel$"
+    ia3_targets: str = ""  # the default `method.ia3_targets` (HF PEFT's for the family)
+    ia3_feedforward: str = ""  # the default `method.feedforward_modules`: IA3 scales their input
 
 
 def get(model_type: str, where: str = "config") -> Family:

@@ -2,8 +2,9 @@
 
 Every parameter is created with logical axis names (see `jaxft.sharding`), so one rules table
 decides how it is laid out on the mesh. `Linear` is the named point where PEFT methods that
-change a projection (LoRA and friends) hook in: it calls `hook.linear(module, x, y, kernel)` for
-each hook of the model, and a hook may add its own parameters inside the module's scope.
+change a projection hook in, in three steps (see `jaxft.peft.hook.Hook`): `linear_input` (IA3 scales
+the feed-forward input), `linear_product` (DoRA replaces x @ kernel) and `linear` (LoRA adds to the
+output); a hook may add its own parameters inside the module's scope.
 """
 
 from __future__ import annotations
@@ -52,11 +53,22 @@ class Linear(nn.Module):
             )
         if kernel_only:
             return kernel
+        from jaxft.peft.hook import Hook  # here: jaxft.peft imports this module
+
+        # The matmul point, in three steps: hooks may change the input (IA3 on the feed-forward), the
+        # product before the bias (DoRA), and the output (LoRA adds B(A x), IA3 scales k and v). Only the
+        # hooks that override a step are called at it, so a model without such hooks traces as before.
+        for hook in self.hooks:
+            if type(hook).linear_input is not Hook.linear_input:
+                x = hook.linear_input(self, x)
         if isinstance(stored, Quantized):
             y = quantized_matmul(x.astype(self.dtype), stored)
         else:
             y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
                         preferred_element_type=self.preferred_element_type)
+        for hook in self.hooks:
+            if type(hook).linear_product is not Hook.linear_product:
+                y = hook.linear_product(self, x, y, kernel)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],))
             y = y + bias.astype(self.dtype)

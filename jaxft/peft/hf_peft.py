@@ -25,7 +25,7 @@ import numpy as np
 from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
-from jaxft.peft import registry
+from jaxft.peft import adalora, adapter, ia3, peft_keys, registry
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
 from jaxft.peft.prompt import MODULE, PromptHook
@@ -36,7 +36,6 @@ TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", 
 TASK_HEADS = ("classification", "token_classification")
 HEAD_OF_TASK = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification"}
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-
 
 @dataclasses.dataclass(frozen=True)
 class Format:
@@ -120,15 +119,22 @@ def _export_lora(model, hook: LoraHook, params: dict, base: str):
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
     config = {"r": hook.rank, "lora_alpha": hook.alpha, "lora_dropout": hook.dropout, "use_rslora": hook.rslora,
               "target_modules": "|".join(sorted(set(patterns))), "bias": "none",
-              "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True, "use_dora": False}
+              "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True, "use_dora": hook.dora}
+    for path, i, m in peft_keys.per_layer(unflat(params), "lora_magnitude"):  # DoRA
+        tensors[f"base_model.model.{peft_keys.hf_name(cfg, path, i)}.lora_magnitude_vector"] = m
     return config, tensors
 
 
 def _load_lora(cfg, config: dict, tensors: dict, where: str):
-    if config.get("use_dora") or config.get("bias", "none") != "none":
-        raise JaxftError(f"{where}/adapter_config.json: DoRA and LoRA biases are not supported yet")
+    if config.get("bias", "none") != "none":
+        raise JaxftError(f"{where}/adapter_config.json: LoRA biases are not supported yet")
     stacks = family.of(cfg).layer_stacks(cfg)
-    per_module, new = {}, {}
+    per_module, magnitudes = {}, {}
+    for key, value in tensors.items():  # DoRA
+        if m := re.fullmatch(r"base_model\.model\.(.+)\.lora_magnitude_vector", key):
+            path, layer = peft_keys.our_name(cfg, m[1], where)
+            magnitudes.setdefault((path, "lora_magnitude"), {})[layer] = value
+    new = peft_keys.to_params(magnitudes, cfg, where) if magnitudes else {}
     for key, value in tensors.items():
         m = LORA_KEY.fullmatch(key)
         if not m:
@@ -164,7 +170,9 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
                 for i, v in per_layer.items():
                     new[f"{stack.replace('.', '/')}_{i}/" + rest.replace(".", "/") + "/" + leaf] = v
     targets = "|".join(sorted(patterns))
-    return LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora"))), new
+    hook = LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora")),
+                    bool(config.get("use_dora")))
+    return hook, new
 
 
 def _export_prefix(model, hook: PrefixHook, params: dict, base: str):
@@ -223,10 +231,17 @@ def _load_prompt(kind: str):
 
 
 PROMPT_SCORE = "base_model."  # prompt learning wraps no tuner around the base model
-register_format(Format("LORA", _export_lora, _load_lora))
+register_format(Format("LORA", _export_lora, _load_lora, owns=lambda k: k.endswith(".lora_magnitude_vector")))
 register_format(Format("PREFIX_TUNING", _export_prefix, _load_prefix, PROMPT_SCORE))
 register_format(Format("PROMPT_TUNING", _export_prompt, _load_prompt("prompt_tuning"), PROMPT_SCORE))
 register_format(Format("P_TUNING", _export_prompt, _load_prompt("ptuning"), PROMPT_SCORE))
+# Bottleneck adapters (jaxft's own format), IA3 and AdaLoRA write and read their tensors in their modules.
+register_format(Format(adapter.PEFT_TYPE, lambda model, hook, params, base: adapter.export(model.cfg, hook, unflat(params)),
+                       adapter.load, owns=lambda k: not k.startswith("base_model.")))
+register_format(Format("IA3", lambda model, hook, params, base: ia3.export_peft(model.cfg, hook, unflat(params)),
+                       ia3.import_peft, owns=lambda k: ".ia3_l" in k))
+register_format(Format("ADALORA", lambda model, hook, params, base: adalora.export_peft(
+    model.cfg, hook, unflat(params), hook.total_step), adalora.import_peft, owns=lambda k: re.search(r"\.lora_[ABE]", k)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,15 +9,25 @@ class Hook:
     # find the method's HF PEFT format through it. Each method's hook class sets it.
     kind: str = ""
 
+    def linear_input(self, module, x):
+        """Before each `Linear`'s product: return the (possibly changed) input x (IA3 scales the
+        feed-forward input). The later steps and the product see the changed input."""
+        return x
+
+    def linear_product(self, module, x, y, kernel):
+        """Each `Linear`'s product y = x @ kernel, before the bias: return its replacement (DoRA's
+        magnitude * (W + s BA) / ||W + s BA||_col). `kernel` is the dequantized weight on a quantized base."""
+        return y
+
     def linear(self, module, x, y, kernel):
-        """After each `Linear`: return the (possibly changed) output y = x @ kernel."""
+        """After each `Linear` (bias included): return the (possibly changed) output y = x @ kernel + b."""
         return y
 
     def acts_on(self, path: str) -> bool:
-        """Whether `linear` may change the output of the Linear at this dotted module path. The model
-        skips a Linear's output only where no hook acts (the LM head fused with the loss); the default
-        is to assume any hook that overrides `linear` acts everywhere."""
-        return type(self).linear is not Hook.linear
+        """Whether this hook may change the Linear at this dotted module path (any of the three steps
+        above). The model skips a Linear's output only where no hook acts (the LM head fused with the
+        loss); the default is to assume any hook that overrides a step acts everywhere."""
+        return acts_on_linear(self)
 
     def embeddings(self, model, h, attention_mask):
         """After the token embeddings h [B, T, D]: return (h, attention_mask), possibly with virtual
@@ -56,3 +66,8 @@ class Hook:
         taken, counting from 1) -> (new state, new trainable params), e.g. AdaLoRA's rank budget
         masking singular values. Only called for hooks whose `init_state` is not None."""
         return state, params
+
+
+def acts_on_linear(hook) -> bool:
+    """Whether a hook overrides any of the matmul point's steps."""
+    return any(getattr(type(hook), n) is not getattr(Hook, n) for n in ("linear_input", "linear_product", "linear"))

@@ -18,7 +18,7 @@ from typing import Any
 from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.peft import registry
-from jaxft.peft.hook import Hook
+from jaxft.peft.hook import Hook, acts_on_linear
 from jaxft.peft.lora import LoraHook, module_path, parse_targets, target_names
 from jaxft.peft.prompt import ENCODERS, INITS, PromptHook
 from jaxft.peft.ptuning_v2 import PrefixHook
@@ -72,8 +72,9 @@ def _lora(m, cfg) -> Method:
         parse_targets(targets)
     except Exception as e:
         raise JaxftError(f"method.targets={targets!r}: not a module-name list or a valid regex ({e})") from None
-    hook = LoraHook(m.rank, float(m.alpha), float(m.dropout), targets, bool(m.get("rslora", False)))
-    return Method("lora", (r"/lora_[ab]$",), (hook,))
+    hook = LoraHook(m.rank, float(m.alpha), float(m.dropout), targets, bool(m.get("rslora", False)),
+                    bool(m.get("dora", False)))
+    return Method("lora", (r"/lora_[ab]$", r"/lora_magnitude$") if hook.dora else (r"/lora_[ab]$",), (hook,))
 
 
 def _virtual_tokens(m) -> int:
@@ -163,6 +164,62 @@ for _kind in (
 METHODS = registry.KINDS  # name -> Kind (kept importable under its old name)
 
 
+def _adapter(m, cfg) -> Method:
+    from jaxft.peft import adapter
+
+    kind, act = m.get("adapter_type", "houlsby"), m.get("adapter_activation", "relu")
+    size = m.get("adapter_size", 64)
+    if kind not in adapter.KINDS or act not in adapter.ACTIVATIONS or int(size) <= 0:
+        raise JaxftError(f"method.adapter_type={kind!r}, method.adapter_activation={act!r}, method.adapter_size="
+                         f"{size}: expected one of {', '.join(adapter.KINDS)}, one of "
+                         f"{', '.join(adapter.ACTIVATIONS)}, and a positive size")
+    return Method("adapter", (adapter.TRAINABLE,), (adapter.AdapterHook(int(size), kind, act),))
+
+
+def _ia3(m, cfg) -> Method:
+    from jaxft.peft import ia3
+
+    fam = family.of(cfg)
+    targets = m.get("ia3_targets", "") or fam.ia3_targets
+    ff = m.get("feedforward_modules", "") or (fam.ia3_feedforward if not m.get("ia3_targets", "") else "")
+    for key, value in (("method.ia3_targets", targets), ("method.feedforward_modules", ff)):
+        try:
+            parse_targets(value)
+        except Exception as e:
+            raise JaxftError(f"{key}={value!r}: not a module-name list or a valid regex ({e})") from None
+    return Method("ia3", (ia3.TRAINABLE,), (ia3.IA3Hook(targets, ff),))
+
+
+def _adalora(m, cfg, steps: int = 0) -> Method:
+    from jaxft.peft import adalora
+
+    hook = adalora.AdaLoraHook(
+        int(m.get("init_r", 12)), int(m.get("target_r", 8)), float(m.alpha), float(m.dropout), m.targets,
+        int(m.get("tinit", 0)), int(m.get("tfinal", 0)), int(m.get("delta_t", 1)), float(m.get("beta1", 0.85)),
+        float(m.get("beta2", 0.85)), float(m.get("orth_reg_weight", 0.5)), int(m.get("total_step", 0)))
+    if not 0 < hook.target_r <= hook.init_r or hook.delta_t <= 0 or hook.orth_reg_weight < 0:
+        raise JaxftError(f"method.init_r={hook.init_r}, method.target_r={hook.target_r}, method.delta_t={hook.delta_t},"
+                         f" method.orth_reg_weight={hook.orth_reg_weight}: expected 0 < target_r <= init_r, "
+                         "delta_t > 0, orth_reg_weight >= 0")
+    total = hook.total_step or steps
+    if total and hook.tinit >= total - hook.tfinal:
+        raise JaxftError(f"method.tinit={hook.tinit}, method.tfinal={hook.tfinal}: expected tinit < "
+                         f"total steps ({total}) - tfinal")
+    # The schedule's length is the run's (train.steps) unless method.total_step says otherwise.
+    return Method("adalora", (adalora.TRAINABLE,), (dataclasses.replace(hook, total_step=total),))
+
+
+for _kind in (
+    Kind("adapter", _adapter, added=r"(^|/)adapter_(attention|mlp)/", peft_type="JAXFT_BOTTLENECK",
+         description="bottleneck adapters (Houlsby: after attention and MLP; Pfeiffer: after the MLP)"),
+    Kind("ia3", _ia3, added=r"(^|/)ia3_l$", no_decay=r"(^|/)ia3_l$", peft_type="IA3",
+         description="IA3: learned scales of keys, values and the feed-forward input"),
+    Kind("adalora", _adalora, added=r"(^|/)adalora_[abe]$", peft_type="ADALORA",
+         description="AdaLoRA: SVD-form LoRA with an importance-based rank budget"),
+):
+    register(_kind)
+
+
 class _Recorder(Hook):
     """Notes the path of every Linear the model calls, and changes nothing."""
 
@@ -189,17 +246,18 @@ def check_hooks(method: Method, model_cfg) -> None:
     """Every hook that acts on Linear layers must act on at least one, and each name of a
     `method.targets` list must name a module: a typo would otherwise quietly train less (with none
     left, only the classifier head) and export a full model."""
-    linear_hooks = [h for h in method.hooks if type(h).linear is not Hook.linear]
+    linear_hooks = [h for h in method.hooks if acts_on_linear(h)]
     if not linear_hooks:
         return
     paths = linear_paths(model_cfg)
     names = sorted({p.split(".")[-1] for p in paths})
     known = f"module names: {', '.join(names)}; full paths such as {paths[0]!r} for a regex"
     for hook in linear_hooks:
-        what = f"method.targets={hook.targets!r}" if isinstance(hook, LoraHook) else type(hook).__name__
+        key = getattr(hook, "targets_key", "method.targets")
+        what = f"{key}={hook.targets!r}" if hasattr(hook, "targets") else type(hook).__name__
         if not any(hook.acts_on(p) for p in paths):
             raise JaxftError(f"{what} matches no module of this model ({known})")
-        unknown = sorted((target_names(hook.targets) or set()) - set(names)) if isinstance(hook, LoraHook) else []
+        unknown = sorted((target_names(hook.targets) or set()) - set(names)) if hasattr(hook, "targets") else []
         if unknown:
             raise JaxftError(f"{what}: {', '.join(map(repr, unknown))} names no module of this model ({known})")
 
@@ -243,15 +301,16 @@ def _restrictions(method_config, model_cfg) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _build_one(kind: Kind, method_config, model_cfg, tokenizer) -> Method:
-    if "tokenizer" in inspect.signature(kind.build).parameters:
-        return kind.build(method_config, model_cfg, tokenizer=tokenizer)
-    return kind.build(method_config, model_cfg)
+def _build_one(kind: Kind, method_config, model_cfg, tokenizer, steps: int) -> Method:
+    wants = inspect.signature(kind.build).parameters
+    extra = {k: v for k, v in (("tokenizer", tokenizer), ("steps", steps)) if k in wants}
+    return kind.build(method_config, model_cfg, **extra)
 
 
-def build(method_config, model_cfg, tokenizer=None) -> Method:
+def build(method_config, model_cfg, tokenizer=None, steps: int = 0) -> Method:
     """config.method -> Method. Several methods compose: `method.name='lora+ptuning_v2'`.
-    `tokenizer`: the run's (`jaxft.tokenizer.Tokenizer`), for methods that start from a text."""
+    `tokenizer`: the run's (`jaxft.tokenizer.Tokenizer`), for methods that start from a text; `steps`:
+    the run's length (train.steps), for methods with a schedule (AdaLoRA's rank budget)."""
     parts = [n.strip() for n in str(method_config.name).split("+")]
     known = registry.kinds()
     for n in parts:
@@ -264,7 +323,7 @@ def build(method_config, model_cfg, tokenizer=None) -> Method:
     if len(set(adds)) < len(adds):
         raise JaxftError(f"method.name={method_config.name!r}: these methods add the same parameters "
                          "and cannot be combined")
-    built = [_build_one(known[n], method_config, model_cfg, tokenizer) for n in parts]
+    built = [_build_one(known[n], method_config, model_cfg, tokenizer, steps) for n in parts]
     trainable = tuple(p for m in built for p in m.trainable)
     if model_cfg.head in ("classification", "token_classification"):  # a new classifier head always trains
         trainable += (family.of(model_cfg).classifier_params,)
