@@ -31,9 +31,8 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
-from jaxft.models.family import Family, Settings
-from jaxft.models.layers import LayerNorm, Linear, param_with_axes, pool, remat_policy
-from jaxft.models.llama import block_output, stack_layers, unstack_layers
+from jaxft.models.family import Family, Settings, params_from_keys, unstack_layers
+from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, remat_policy
 from jaxft.sharding import constrain
 
 HEADS = ("masked_lm", "classification", "token_classification")
@@ -446,19 +445,7 @@ def _from_hf_key(key: str, cfg: BertConfig):
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: BertConfig, where: str = "checkpoint") -> dict:
-    flat, layers = {}, {}
-    for key, value in tensors.items():
-        hit = _from_hf_key(key, cfg)
-        if hit is None:
-            continue
-        path, layer, transpose = hit
-        value = value.T if transpose else value
-        if layer is None:
-            flat[path] = value
-        else:
-            layers.setdefault(path, {})[layer] = value
-    flat.update(stack_layers(layers, cfg, where))
-    return traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict(params_from_keys(tensors, cfg, where, lambda key: _from_hf_key(key, cfg)))
 
 
 def params_to_hf(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:

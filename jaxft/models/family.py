@@ -27,6 +27,9 @@ import importlib
 from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
+
+from jaxft.errors import JaxftError
 
 # HF model_type -> the module under jaxft/models/ that defines its FAMILY.
 REGISTRY = {
@@ -123,8 +126,6 @@ class Family:
 
 def get(model_type: str, where: str = "config") -> Family:
     """The family of an HF `model_type`; an unknown one is an error naming the supported types."""
-    from jaxft.errors import JaxftError
-
     if model_type not in REGISTRY:
         raise JaxftError(f"{where}: model_type {model_type!r} is not supported (expected one of "
                          f"{', '.join(REGISTRY)})")
@@ -148,3 +149,52 @@ def head_of(architectures, family: Family) -> str:
             if arch.endswith(ending) and head in family.heads:
                 return head
     return family.heads[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the families' HF weight mappings share.
+
+
+def params_from_keys(tensors: dict, cfg, where: str, from_hf_key: Callable) -> dict:
+    """{HF name: array} -> our flat params {path tuple: array}, through a family's
+    `from_hf_key(key)` -> (our path, layer index or None, transpose?) or None for a key it does not use;
+    per-layer weights stacked as the model lays out its layers (`stack_layers`)."""
+    flat, layers = {}, {}
+    for key, value in tensors.items():
+        hit = from_hf_key(key)
+        if hit is None:
+            continue
+        path, layer, transpose = hit
+        value = value.T if transpose else value
+        if layer is None:
+            flat[path] = value
+        else:
+            layers.setdefault(path, {})[layer] = value
+    flat.update(stack_layers(layers, cfg, where))
+    return flat
+
+
+def stack_layers(layers: dict, cfg, where: str, stack: str = "layers") -> dict:
+    """{path: {layer index: array}} -> flat params: stacked along a leading axis under `stack` when the
+    model scans its layers, else one `{stack}_{i}` subtree per layer. A layer missing a weight is an error."""
+    flat = {}
+    for path, per_layer in layers.items():
+        missing = set(range(cfg.num_layers)) - set(per_layer)
+        if missing:
+            raise JaxftError(f"{where}: layer {min(missing)} has no {'.'.join(path)}")
+        if cfg.scan_layers:
+            flat[(stack,) + path] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
+        else:
+            for i in range(cfg.num_layers):
+                flat[(f"{stack}_{i}",) + path] = per_layer[i]
+    return flat
+
+
+def unstack_layers(path: tuple, value, stack: str = "layers"):
+    """A flat param (path, value) under a layer stack -> [(layer index, path inside the layer, value)];
+    None where the path is not under `stack` (scanned `layers` or unscanned `layers_3`)."""
+    if path[0] == stack:
+        return [(i, path[1:], v) for i, v in enumerate(value)]
+    if path[0].startswith(stack + "_") and path[0][len(stack) + 1:].isdigit():
+        return [(int(path[0][len(stack) + 1:]), path[1:], value)]
+    return None

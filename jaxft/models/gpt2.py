@@ -30,9 +30,8 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
-from jaxft.models.family import Family, Settings
-from jaxft.models.layers import LayerNorm, Linear, param_with_axes, pool, remat_policy
-from jaxft.models.llama import block_output, segment_positions, stack_layers, unstack_layers
+from jaxft.models.family import Family, Settings, params_from_keys, unstack_layers
+from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, remat_policy, segment_positions
 from jaxft.sharding import constrain
 
 HEADS = ("causal_lm", "classification", "token_classification")
@@ -372,18 +371,7 @@ def _from_hf_key(key: str):
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: GPT2Config, where: str = "checkpoint") -> dict:
-    flat, layers = {}, {}
-    for key, value in tensors.items():
-        hit = _from_hf_key(key)
-        if hit is None:
-            continue
-        path, layer, transpose = hit
-        value = value.T if transpose else value
-        if layer is None:
-            flat[path] = value
-        else:
-            layers.setdefault(path, {})[layer] = value
-    flat.update(stack_layers(layers, cfg, where))
+    flat = params_from_keys(tensors, cfg, where, _from_hf_key)
     if cfg.tie_word_embeddings:
         flat.pop(("lm_head", "kernel"), None)
     return traverse_util.unflatten_dict(flat)

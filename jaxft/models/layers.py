@@ -234,3 +234,18 @@ def remat_policy(name: str):
             offload_src="device", offload_dst="pinned_host",
         )
     raise ValueError(f"remat={name!r}: expected one of {REMAT}")
+
+
+def block_output(module, h, where: str):
+    """A sublayer's output through every hook's `block_output` (adapters), before the residual add."""
+    for hook in module.hooks:
+        h = hook.block_output(module, h, where)
+    return h
+
+
+def segment_positions(segment_ids):
+    """[B, T] segment ids -> each token's position within its segment (0 at every segment's start)."""
+    t = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)

@@ -24,9 +24,12 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention, cached
-from jaxft.models.family import POOLING, REMAT, Family, Settings  # noqa: F401 (REMAT, POOLING: re-exported)
+from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
+    POOLING, REMAT, Family, Settings, params_from_keys, unstack_layers,
+)
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
-    ROPE_TYPES, Linear, RMSNorm, last_token, param_with_axes, pool, remat_policy, rope,
+    ROPE_TYPES, Linear, RMSNorm, block_output, last_token, param_with_axes, pool, remat_policy, rope,
+    segment_positions,
 )
 from jaxft.sharding import constrain
 
@@ -109,13 +112,6 @@ class MLP(nn.Module):
         up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # split like gate/up's outputs
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
-
-
-def block_output(module, h, where: str):
-    """A sublayer's output through every hook's `block_output` (adapters), before the residual add."""
-    for hook in module.hooks:
-        h = hook.block_output(module, h, where)
-    return h
 
 
 class DecoderLayer(nn.Module):
@@ -277,14 +273,6 @@ class LlamaModel(nn.Module):
         return lm_head(h).astype(jnp.float32)
 
 
-def segment_positions(segment_ids):
-    """[B, T] segment ids -> each token's position within its segment (0 at every segment's start)."""
-    t = segment_ids.shape[1]
-    index = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Hugging Face: config.json and weight names, both ways.
 
@@ -429,47 +417,10 @@ def _from_hf_key(key: str):
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = "checkpoint") -> dict:
-    flat, layers = {}, {}
-    for key, value in tensors.items():
-        hit = _from_hf_key(key)
-        if hit is None:
-            continue
-        path, layer, transpose = hit
-        value = value.T if transpose else value
-        if layer is None:
-            flat[path] = value
-        else:
-            layers.setdefault(path, {})[layer] = value
-    flat.update(stack_layers(layers, cfg, where))
+    flat = params_from_keys(tensors, cfg, where, _from_hf_key)
     if cfg.tie_word_embeddings:
         flat.pop(("lm_head", "kernel"), None)
     return traverse_util.unflatten_dict(flat)
-
-
-def stack_layers(layers: dict, cfg, where: str, stack: str = "layers") -> dict:
-    """{path: {layer index: array}} -> flat params: stacked along a leading axis under `stack` when the
-    model scans its layers, else one `{stack}_{i}` subtree per layer. A layer missing a weight is an error."""
-    flat = {}
-    for path, per_layer in layers.items():
-        missing = set(range(cfg.num_layers)) - set(per_layer)
-        if missing:
-            raise JaxftError(f"{where}: layer {min(missing)} has no {'.'.join(path)}")
-        if cfg.scan_layers:
-            flat[(stack,) + path] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
-        else:
-            for i in range(cfg.num_layers):
-                flat[(f"{stack}_{i}",) + path] = per_layer[i]
-    return flat
-
-
-def unstack_layers(path: tuple, value, stack: str = "layers"):
-    """A flat param (path, value) under a layer stack -> [(layer index, path inside the layer, value)];
-    None where the path is not under `stack` (scanned `layers` or unscanned `layers_3`)."""
-    if path[0] == stack:
-        return [(i, path[1:], v) for i, v in enumerate(value)]
-    if path[0].startswith(stack + "_") and path[0][len(stack) + 1:].isdigit():
-        return [(int(path[0][len(stack) + 1:]), path[1:], value)]
-    return None
 
 
 def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
