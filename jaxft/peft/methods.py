@@ -149,7 +149,8 @@ for _kind in (
     Kind("full", _full, description="every parameter trains"),
     Kind("head", _head, description="only the output head trains"),
     Kind("bitfit", _bitfit, description="only the biases train (Ben Zaken et al. 2022)"),
-    Kind("lora", _lora, added=r"(^|/)lora_[ab]$", peft_type="LORA", description="LoRA / rsLoRA on named linears"),
+    Kind("lora", _lora, added=r"(^|/)lora_(a|b|magnitude|merged_norm)$", no_decay=r"(^|/)lora_magnitude$",
+         peft_type="LORA", description="LoRA / rsLoRA / DoRA on named linears"),
     Kind("ptuning_v2", _ptuning_v2, added=PREFIX, no_decay=PREFIX, peft_type="PREFIX_TUNING",
          description="P-Tuning v2: learned key/value prefixes at every layer"),
     Kind("prefix_tuning", _prefix_tuning, added=PREFIX, no_decay=PREFIX, peft_type="PREFIX_TUNING",
@@ -194,7 +195,7 @@ def _adalora(m, cfg, steps: int = 0) -> Method:
     from jaxft.peft import adalora
 
     hook = adalora.AdaLoraHook(
-        int(m.get("init_r", 12)), int(m.get("target_r", 8)), float(m.alpha), float(m.dropout), m.targets,
+        int(m.get("init_r", 12)), int(m.get("target_r", 8)), float(m.alpha), float(m.dropout), m.targets or family.of(cfg).lora_targets,
         int(m.get("tinit", 0)), int(m.get("tfinal", 0)), int(m.get("delta_t", 1)), float(m.get("beta1", 0.85)),
         float(m.get("beta2", 0.85)), float(m.get("orth_reg_weight", 0.5)), int(m.get("total_step", 0)))
     if not 0 < hook.target_r <= hook.init_r or hook.delta_t <= 0 or hook.orth_reg_weight < 0:
@@ -210,7 +211,8 @@ def _adalora(m, cfg, steps: int = 0) -> Method:
 
 
 for _kind in (
-    Kind("adapter", _adapter, added=r"(^|/)adapter_(attention|mlp)/", peft_type="JAXFT_BOTTLENECK",
+    Kind("adapter", _adapter, added=r"(^|/)adapter_(attention|mlp)/", no_decay=r"(^|/)adapter_(attention|mlp)/\w+_bias$",
+         peft_type="JAXFT_BOTTLENECK",
          description="bottleneck adapters (Houlsby: after attention and MLP; Pfeiffer: after the MLP)"),
     Kind("ia3", _ia3, added=r"(^|/)ia3_l$", no_decay=r"(^|/)ia3_l$", peft_type="IA3",
          description="IA3: learned scales of keys, values and the feed-forward input"),
