@@ -121,10 +121,11 @@ def _generate(model, s: Settings, params, ids, mask, eos, pad, key):
     ids, mask = (jnp.repeat(x, beams, axis=0) for x in (ids, mask))  # [B * beams, T]; each beam a row
     rows = ids.shape[0]
     if fam.encoder_decoder:
-        encoded = model.apply({"params": params}, ids, mask, method="encode")
+        # the encoder states and their mask (longer than the input by any virtual tokens of a method)
+        encoded, encoded_mask = model.apply({"params": params}, ids, mask, method="encode")
         start = getattr(cfg, "decoder_start_token_id", None)
         prompt = jnp.full((rows, 1), start if start is not None else pad, jnp.int32)
-        extra = dict(encoder_states=encoded, encoder_mask=mask, method="decode")
+        extra = dict(encoder_states=encoded, encoder_mask=encoded_mask, method="decode")
     else:
         prompt, extra = ids, {}
     length = prompt.shape[1]  # where the first new token goes
@@ -143,14 +144,22 @@ def _generate(model, s: Settings, params, ids, mask, eos, pad, key):
         seen = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], prompt].set(True)
     if beams == 1:
         return _sample_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key)
-    axis = batch_axis(fam, cfg)
+    axis = batch_axis(fam, cfg, cache)
     return _beam_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key, axis)
 
 
-def batch_axis(fam, cfg):
-    """Per cache leaf, the axis that holds the batch: the one that changes with the batch size."""
+def batch_axis(fam, cfg, cache=None):
+    """Per cache leaf, the axis that holds the batch: the one that changes with the batch size. With
+    `cache` (as the first step returned it), for its leaves: one the first step added (T5's cross-attention
+    keys and values) takes the axis of a sibling leaf."""
     one, two = (jax.eval_shape(lambda b=b: fam.init_cache(cfg, b, 4, cfg.compute_dtype)) for b in (1, 2))
-    return jax.tree.map(lambda a, b: next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), one, two)
+    axes = jax.tree.map(lambda a, b: next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), one, two)
+    if cache is None:
+        return axes
+    known = {path: a for path, a in jax.tree_util.tree_flatten_with_path(axes)[0]}
+    sibling = lambda path: next(a for p, a in known.items() if p[:-1] == path[:-1])  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda path, _: known[path] if path in known else sibling(path),
+                                            cache)
 
 
 def process(s: Settings, scores, seen):

@@ -42,7 +42,7 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.family import Family, Settings
-from jaxft.models.layers import Linear, RMSNorm, param_with_axes, pool, remat_policy
+from jaxft.models.layers import Linear, RMSNorm, block_output, param_with_axes, pool, remat_policy
 from jaxft.sharding import constrain
 
 HEADS = ("seq2seq_lm", "classification")
@@ -154,12 +154,6 @@ def check_attention(cfg: T5Config):
 
 # ---------------------------------------------------------------------------------------------
 # Blocks.
-
-
-def block_output(module, h, where: str):
-    for hook in module.hooks:
-        h = hook.block_output(module, h, where)
-    return h
 
 
 class Attention(nn.Module):
