@@ -3,6 +3,11 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The data cache (tokenized arrays) of the tests' runs stays out of the user's ~/.cache/jaxft.
+if "JAXFT_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["JAXFT_CACHE"] = tempfile.mkdtemp(prefix="jaxft-test-cache-")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()

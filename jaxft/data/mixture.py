@@ -68,6 +68,7 @@ CACHE_VERSION = 1  # bump when the arrays' recipe changes
 def cache_key(records: Records, tok, settings: dict) -> str:
     h = hashlib.sha256(json.dumps([CACHE_VERSION, settings], sort_keys=True, default=str).encode())
     h.update(json.dumps(records.rows, sort_keys=True, ensure_ascii=False, default=str).encode())
+    h.update(json.dumps(list(records.where)).encode())  # the log line names records by file and line
     for f in tok.files():
         h.update(f.name.encode() + Path(f).read_bytes())
     return h.hexdigest()[:32]
