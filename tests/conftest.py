@@ -36,3 +36,13 @@ def tok_dir(tmp_path_factory):
     from jaxft.tokenizer import train_sentencepiece
 
     return train_sentencepiece(synthetic_texts(), tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Each test file starts with JAX's compilation caches empty: one process runs the whole suite, and
+    hundreds of files' executables held at once have crashed XLA's CPU compiler (a segfault late in a run)."""
+    yield
+    import jax
+
+    jax.clear_caches()
