@@ -19,12 +19,12 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from jaxft import hf  # noqa: E402
-from jaxft.config import base_config  # noqa: E402
 from jaxft.errors import JaxftError  # noqa: E402
 from jaxft.models import family  # noqa: E402
 from jaxft.peft import build  # noqa: E402
 from jaxft.peft.hf_peft import save_adapter  # noqa: E402
-from jaxft.peft.partition import added_params, flat, merge, split, unflat  # noqa: E402
+from jaxft.peft.partition import added_params, flat, merge, split  # noqa: E402
+from hooked_models import hooked, method_cfg  # noqa: E402
 
 from test_train import adapter, assert_same_adapter, cli, losses  # noqa: E402
 
@@ -150,24 +150,6 @@ def test_unsupported_config_is_one_line_error(tmp_path):
         (d / "config.json").write_text(json.dumps({**c, key: value}))
         with pytest.raises(JaxftError, match=message):
             hf.load(d)
-
-
-def method_cfg(**kw):
-    m = base_config().method
-    for k, v in kw.items():
-        m[k] = v
-    return m
-
-
-def hooked(base_dir, method_kw, seed=1, **overrides):
-    """Base weights from disk + the method's parameters, randomised so that they matter."""
-    model, params = hf.load(base_dir, **overrides)
-    method = build(method_cfg(**method_kw), model.cfg)
-    model = family.build(model.cfg, method.hooks)
-    fresh = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
-    added = {k: 0.3 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
-             for i, (k, v) in enumerate(flat(added_params(fresh)).items())}
-    return model, method, merge(params, unflat(added))
 
 
 @pytest.mark.parametrize("scan", [True, False])

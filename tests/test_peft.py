@@ -6,7 +6,6 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -15,22 +14,16 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from jaxft import hf
-from jaxft.config import base_config
 from jaxft.errors import JaxftError
 from jaxft.models.llama import LlamaModel
 from jaxft.peft import build
 from jaxft.peft.hf_peft import save_adapter
-from jaxft.peft.partition import added_params, base_params, count, flat, merge, split, unflat
+from jaxft.peft.partition import added_params, base_params, count, flat, merge, split
+
+from hooked_models import hooked, method_cfg
 
 HF_CFG = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0)
-
-
-def method_cfg(**kw) -> ml_collections.ConfigDict:
-    m = base_config().method
-    for k, v in kw.items():
-        m[k] = v
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +36,6 @@ def torch_models(tmp_path_factory):
         m.save_pretrained(d)
         out[name] = (m, d)
     return out
-
-
-def hooked(base_dir, method_kw, seed=1, **overrides):
-    """Base weights from disk + the method's parameters, randomised so that they matter."""
-    model, params = hf.load(base_dir, **overrides)
-    method = build(method_cfg(**method_kw), model.cfg)
-    model = LlamaModel(model.cfg, hooks=method.hooks)
-    fresh = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
-    added = {k: 0.3 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
-             for i, (k, v) in enumerate(flat(added_params(fresh)).items())}
-    return model, method, merge(params, unflat(added))
 
 
 def batch():
