@@ -15,7 +15,12 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
   gradients    the trainable shards in fp32, twice with train.grad_accum > 1 (the running sum and
                one micro-batch's)
   optimizer    Adam's moments: mu in optimizer.mu_dtype (or fp32) and nu in fp32
-  activations  L x saved + max(working, loss) + the batch's own arrays, where, for the micro-batch
+  activations  summed over the family's stacks of blocks (`Family.activation_blocks`: Llama's layers,
+               T5's encoder and decoder): L x saved + max(working, loss) + the batch's own arrays (a stack
+               no gradient flows through, T5's encoder under P-Tuning v2, keeps nothing). Per block, with
+               its norms N, attentions (self; cross: T5's decoder, keys from the encoder, no prefix) and
+               its MLP-wide tensors m (gated SiLU 5, GPT-2 5, BERT 4, T5 gated 6.5, measured), for Llama
+               (N = 2, m = 5, one self-attention), where, for the micro-batch
                rows b on one device, t = data.seq_len, k = t + prefix tokens p, c = the compute
                dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
                (each divided by mesh.tensor where it divides):
@@ -31,7 +36,8 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                the input only on the device (the projections' outputs wait in host memory; on CPU,
                where host memory is the device's, as save_dots).
     working    the backward pass through one layer: per_layer x 1.0 (none), 0.7 (save_dots,
-               offload), 1.35 (full: it recomputes the layer first). Measured on XLA:CPU over full,
+               offload), `Blocks.recompute` (full: it recomputes the layer first; Llama 1.35, GPT-2 1.0,
+               T5 1.5). Measured on XLA:CPU over full,
                LoRA and P-Tuning v2, sequence lengths 128-256, batches 4-16, vocabularies 512-4096,
                two MLP widths: 0.81-1.11, 0.65-0.73 and 1.25-1.44.
     loss       causal LM: 1.25 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
@@ -44,7 +50,8 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
 train.grad_accum) whose total fits `--device_memory` (GB = 10^9, GiB = 2^30; default: what the
 local accelerator reports). tests/test_plan.py holds the total to XLA's own memory analysis of the
 real jitted step (argument + output + temp - alias, per device) within 15% for full, LoRA and
-P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.97-1.02.
+P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.97-1.02; GPT-2, BERT and T5 full and
+LoRA on 1 device: 0.94-1.06 (remat none and full). T5 under P-Tuning v2 is planned 18-20% high.
 
 Where the plan and XLA:CPU part: bf16 compute on CPU is emulated in fp32, so on CPU the plan
 counts 4 bytes per activation element (`--platform` plans another backend: 2 bytes there); with
