@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
     c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
+    # Hub datasets (data.name="hub:owner/name", or a bare hub name), loaded through `datasets` and its cache:
+    c.data.hub_config = ""  # the dataset's config (subset) name, e.g. "sst2" of "hub:nyu-mll/glue"
+    c.data.train_split = "train"
+    c.data.eval_split = ""  # "" = data.eval_name if set, else "validation" where the dataset has it; "none" = no eval
     c.data.task = ""  # "", classification, causal_lm, sft or masked_lm ("" = what the data says: see jaxft.data.tasks.choose_task)
     c.data.text_field = ""
     c.data.label_field = ""

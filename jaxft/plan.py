@@ -15,7 +15,12 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
   gradients    the trainable shards in fp32, twice with train.grad_accum > 1 (the running sum and
                one micro-batch's)
   optimizer    Adam's moments: mu in optimizer.mu_dtype (or fp32) and nu in fp32
-  activations  L x saved + max(working, loss) + the batch's own arrays, where, for the micro-batch
+  activations  summed over the family's stacks of blocks (`Family.activation_blocks`: Llama's layers,
+               T5's encoder and decoder): L x saved + max(working, loss) + the batch's own arrays (a stack
+               no gradient flows through, T5's encoder under P-Tuning v2, keeps nothing). Per block, with
+               its norms N, attentions (self; cross: T5's decoder, keys from the encoder, no prefix) and
+               its MLP-wide tensors m (gated SiLU 5, GPT-2 5, BERT 4, T5 gated 6.5, measured), for Llama
+               (N = 2, m = 5, one self-attention), where, for the micro-batch
                rows b on one device, t = data.seq_len, k = t + prefix tokens p, c = the compute
                dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
                (each divided by mesh.tensor where it divides):
@@ -31,7 +36,8 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                the input only on the device (the projections' outputs wait in host memory; on CPU,
                where host memory is the device's, as save_dots).
     working    the backward pass through one layer: per_layer x 1.0 (none), 0.7 (save_dots,
-               offload), 1.35 (full: it recomputes the layer first). Measured on XLA:CPU over full,
+               offload), `Blocks.recompute` (full: it recomputes the layer first; Llama 1.35, GPT-2 1.0,
+               T5 1.5). Measured on XLA:CPU over full,
                LoRA and P-Tuning v2, sequence lengths 128-256, batches 4-16, vocabularies 512-4096,
                two MLP widths: 0.81-1.11, 0.65-0.73 and 1.25-1.44.
     loss       causal LM: 1.25 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
@@ -44,7 +50,8 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
 train.grad_accum) whose total fits `--device_memory` (GB = 10^9, GiB = 2^30; default: what the
 local accelerator reports). tests/test_plan.py holds the total to XLA's own memory analysis of the
 real jitted step (argument + output + temp - alias, per device) within 15% for full, LoRA and
-P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.97-1.02.
+P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.97-1.02; GPT-2, BERT and T5 full and
+LoRA on 1 device: 0.94-1.06 (remat none and full). T5 under P-Tuning v2 is planned 18-20% high.
 
 Where the plan and XLA:CPU part: bf16 compute on CPU is emulated in fp32, so on CPU the plan
 counts 4 bytes per activation element (`--platform` plans another backend: 2 bytes there); with
@@ -126,6 +133,8 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
                          f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
     cfg, _, _ = load_model_config(config)  # config.json only
     head, labels = head_of(config)
+    if head not in family.of(cfg).heads:  # e.g. T5 on synthetic tokens: its own (first) head, seq2seq_lm
+        head = family.of(cfg).heads[0]
     cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))
     method = build(config.method, cfg)
     model = family.build(cfg, method.hooks)
@@ -164,21 +173,21 @@ def stored(s: Setup, path: str, x) -> int:
 # ---------------------------------------------------------------------------------------------
 # The estimate.
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _layer_modules(s: Setup) -> tuple[set, set, bool]:
-    """-> (projections whose kernel trains, projections with a LoRA adapter, whether the norms train)."""
+def _block_modules(s: Setup, blocks) -> tuple[set, set, bool]:
+    """-> (projections of `blocks` whose kernel trains, those with a LoRA adapter, whether its norms train)."""
     trained, adapted, norms = set(), set(), False
+    inside = re.compile(rf"^{re.escape(blocks.prefix)}(_\d+)?/")
+    names = sorted((name for name, *_ in blocks.projections), key=len, reverse=True)
     for path, t in s.trainable.items():
-        parts = path.split("/")
-        if not parts[0].startswith("layers") or not t:
+        if not t or not inside.match(path):
             continue
-        if parts[-1] == "kernel" and parts[-2] in PROJECTIONS:
-            trained.add(parts[-2])
-        elif parts[-1] in ("lora_a", "lora_b"):
-            adapted.add(parts[-2])
-        elif parts[-1] == "weight":
+        module, leaf = path.rsplit("/", 1)
+        name = next((n for n in names if module == n or module.endswith("/" + n)), None)
+        if leaf == "kernel" and name:
+            trained.add(name)
+        elif leaf in ("lora_a", "lora_b") and name:
+            adapted.add(name)
+        elif leaf == "weight":  # the norms' scales (projections hold kernels)
             norms = True
     return trained, adapted, norms
 
@@ -194,60 +203,85 @@ LOSS_CHUNK_BUFFERS = 1.25
 
 
 def activation_bytes(s: Setup, batch: int) -> dict:
-    """Activation bytes per device for a global batch of `batch` (see the module docstring)."""
+    """Activation bytes per device for a global batch of `batch` (see the module docstring), summed over
+    the family's stacks of blocks (`Family.activation_blocks`: Llama's layers, T5's encoder and decoder)."""
     from jaxft.cross_entropy import CHUNK_TOKENS, MIN_CHUNK_LENGTH
+    from jaxft.models import family
 
     cfg, config, mesh = s.cfg, s.config, s.mesh
+    fam = family.of(cfg)
+    if fam.activation_blocks is None:
+        raise JaxftError(f"model family {fam.name!r} does not describe its activations (Family.activation_blocks): "
+                         "jaxft.plan cannot plan it")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     tp = mesh.shape["tensor"]
     b = max(batch // config.train.grad_accum // shards, 1)  # rows of one micro-batch on one device
     t, p = config.data.seq_len, s.num_prefix
-    k = t + p  # keys per query
     # XLA:CPU emulates bf16 arithmetic in fp32: its temporaries match an fp32 run's (measured).
     c = 4 if s.platform == "cpu" else np.dtype(cfg.compute_dtype).itemsize
     split = lambda n: n // tp if n % tp == 0 else n  # noqa: E731  (axes the tensor axis divides)
-    d_model, d = cfg.hidden_size, cfg.dim_per_head
-    heads, kv, ffn = split(cfg.num_heads), split(cfg.num_kv_heads), split(cfg.intermediate_size)
-    trained, adapted, norms = _layer_modules(s)
     rank = next((h.rank for h in s.method.hooks if hasattr(h, "rank")), 0)
-    inputs = {"q_proj": d_model, "k_proj": d_model, "v_proj": d_model, "o_proj": heads * d,
-              "gate_proj": d_model, "up_proj": d_model, "down_proj": ffn}
-    outputs = {"q_proj": heads * d, "k_proj": kv * d, "v_proj": kv * d, "o_proj": d_model,
-               "gate_proj": ffn, "up_proj": ffn, "down_proj": d_model}
-
-    # What the backward pass keeps of one layer without remat, per token.
-    keep = 4 * 2 * d_model + c * (heads * d + 2 * kv * d * k / t + 5 * ffn)  # norms' fp32 inputs, q, k, v, MLP
-    keep += 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)  # fp32 scores, probabilities, statistics
-    keep += c * sum(_grad_inputs(trained | adapted, inputs))  # inputs of projections whose weights get gradients
-    keep += 4 * 2 * d_model * norms  # normalised states, for the norms' weight gradients
-    keep += c * rank * len(adapted)  # LoRA's x @ A
-    prefix = c * 2 * b * p * kv * d  # this layer's prefix keys and values
-    per_layer = keep * b * t + prefix
-
-    saved = {  # what each layer leaves for the backward pass
-        "none": per_layer,
-        "full": c * b * t * d_model + prefix,  # its input
-        "save_dots": c * b * t * (d_model + sum(outputs.values())) + prefix,  # its input, every projection's output
-        "offload": c * b * t * d_model + prefix,  # its input; the projections' outputs wait in host memory
-    }["save_dots" if cfg.remat == "offload" and s.platform == "cpu" else cfg.remat]  # CPU: host is the device
-    working = WORKING_SET[cfg.remat] * per_layer
+    policy = "save_dots" if cfg.remat == "offload" and s.platform == "cpu" else cfg.remat  # CPU: host is the device
+    stacks, saved_total, working = [], 0, 0
+    all_blocks = fam.activation_blocks(cfg)
+    inside = [re.compile(rf"^{re.escape(bl.prefix)}(_\d+)?/") for bl in all_blocks]
+    head = re.compile(fam.head_params)
+    # Trainable leaves outside every stack and not the head: embeddings, upstream of every stack, or,
+    # with a prefix method, its prefix table, which feeds the stacks that take the prefix.
+    outside = any(t and not any(r.match(path) for r in inside) and not head.search(path)
+                  for path, t in s.trainable.items())
+    upstream = outside and not p
+    for i, blocks in enumerate(all_blocks):
+        upstream |= any(t and inside[i].match(path) for path, t in s.trainable.items())
+        if not (upstream or (p and outside and blocks.takes_prefix)):
+            continue  # no gradient flows through this stack (T5's encoder under P-Tuning v2): forward only
+        d_model, d = blocks.hidden, blocks.head_dim
+        heads, kv, ffn = split(blocks.heads), split(blocks.kv_heads), split(blocks.ffn)
+        trained, adapted, norms = _block_modules(s, blocks)
+        width = lambda n: split(n) if n != d_model else n  # noqa: E731  (the model width is not split)
+        # What the backward pass keeps of one block without remat, per token: the norms' fp32 inputs,
+        # per attention q, k, v, fp32 scores, probabilities and row statistics, the MLP-wide tensors.
+        keep = 4 * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
+        prefix = 0
+        for kind in blocks.attention:
+            pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only
+            k = t + pk  # keys per query
+            keep += c * (heads * d + 2 * kv * d * k / t) + 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)
+            prefix += c * 2 * b * pk * kv * d  # this block's prefix keys and values
+        inputs = {}  # the distinct inputs that projections with weight gradients read
+        for name, group, n_in, _ in blocks.projections:
+            if name in trained | adapted and not group.startswith("cross_kv"):  # cross k/v read the encoder's states
+                inputs[group] = width(n_in)
+        keep += c * sum(inputs.values())
+        keep += 4 * blocks.norms * d_model * norms  # normalised states, for the norms' weight gradients
+        keep += c * rank * len(adapted)  # LoRA's x @ A
+        per_layer = keep * b * t + prefix
+        outputs = sum(width(n_out) for _, _, _, n_out in blocks.projections)
+        saved = {  # what each block leaves for the backward pass
+            "none": per_layer,
+            "full": c * b * t * d_model + prefix,  # its input
+            "save_dots": c * b * t * (d_model + outputs) + prefix,  # its input, every projection's output
+            "offload": c * b * t * d_model + prefix,  # its input; the projections' outputs wait in host memory
+        }[policy]
+        saved_total += blocks.count * saved
+        factor = blocks.recompute if cfg.remat == "full" else WORKING_SET[cfg.remat]
+        working = max(working, factor * per_layer)
+        stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
+    if fam.encoder_decoder and stacks:
+        saved_total += c * b * t * cfg.hidden_size  # the encoder's output, read by every cross-attention
     loss = 0
-    if cfg.head == "causal_lm":
+    vocab_split = tp if cfg.vocab_size % tp == 0 else 1
+    if cfg.head in ("causal_lm", "seq2seq_lm"):
         length = max(1, min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b)))
-        loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / (tp if cfg.vocab_size % tp == 0 else 1)
-    inputs_bytes = b * config.train.grad_accum * (t * 8 + 12)  # ids, mask, labels, weight
-    total = cfg.num_layers * saved + max(working, loss) + inputs_bytes
-    return {"total": int(total), "per_layer": per_layer, "saved": saved, "working": working, "loss": loss}
-
-
-def _grad_inputs(modules, inputs):
-    """Distinct inputs that projections with weight gradients read: q, k, v share one, gate and up another."""
-    groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_act"}
-    seen = {}
-    for m in modules:
-        seen[groups[m]] = inputs[m]
-    return seen.values()
+        loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / vocab_split
+    elif cfg.head == "masked_lm":  # whole fp32 logits and their gradient (not measured)
+        loss = 2 * 4 * b * t * cfg.vocab_size / vocab_split
+    streams = 2 if fam.encoder_decoder else 1
+    inputs_bytes = b * config.train.grad_accum * (streams * t * 8 + 12)  # ids, mask (per stream), labels, weight
+    total = saved_total + max(working, loss) + inputs_bytes
+    first = stacks[0] if stacks else {"per_layer": 0, "saved": 0}
+    return {"total": int(total), "per_layer": first["per_layer"], "saved": first["saved"], "working": working,
+            "loss": loss, "stacks": stacks}
 
 
 def estimate(s: Setup, batch: int | None = None) -> dict:

@@ -38,7 +38,7 @@ def config(method: str, remat: str, devices: int, **overrides):
     return c
 
 
-def compiled_bytes(c, devices: int, transform_frozen=None) -> int:
+def compiled_bytes(c, devices: int, transform_frozen=None, extra=None) -> int:
     """argument + output + temp - alias bytes of the train step as jaxft.train jits it, on `devices` devices."""
     s = plan.setup(c, devices)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
@@ -61,6 +61,8 @@ def compiled_bytes(c, devices: int, transform_frozen=None) -> int:
     batch = {"input_ids": ids, "attention_mask": ids, "weight": leaf(jnp.zeros((b,), jnp.float32), rows)}
     if s.cfg.head == "classification":
         batch["labels"] = leaf(jnp.zeros((b,), jnp.int32), rows)
+    if extra is not None:
+        batch.update(extra(s, ids))
     step = jax.jit(make_train_step(s.model, tx, schedule, c.train.grad_accum), donate_argnums=(0,),
                    out_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, state), rep))
     # The model's activation constraints (logical axes) apply under the mesh's rules, as in training.
@@ -159,3 +161,42 @@ def test_cli_json_and_errors():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["per_device_bytes"] == b and out["max_batch_size"] is None
+
+
+# Tiny GPT-2, BERT (a classifier) and T5 (gated-GELU, 2 encoder + 2 decoder blocks): the same width,
+# batch and length as the Llama cases, so activations dominate.
+FAMILIES = {
+    "gpt2": dict(model_type="gpt2", vocab_size=512, n_embd=128, n_layer=4, n_head=4, n_positions=256),
+    "bert": dict(model_type="bert", vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                 num_attention_heads=4, max_position_embeddings=256),
+    "t5": dict(model_type="t5", vocab_size=512, d_model=128, d_kv=32, d_ff=352, num_layers=2, num_decoder_layers=2,
+               num_heads=4, feed_forward_proj="gated-gelu"),
+}
+
+
+def family_config(name: str, method: str):
+    c = config(method, "none", 1)
+    c.model.init = ml_collections.ConfigDict(FAMILIES[name])
+    if name == "bert":  # an encoder: a classifier on synthetic labels
+        c.model.head, c.data.synthetic_labels = "classification", 3
+    return c
+
+
+def family_batch(s, ids):
+    """What the family's objective reads beyond ids, mask and weight: T5's labels and decoder inputs."""
+    return {"labels": ids, "decoder_input_ids": ids} if s.cfg.head == "seq2seq_lm" else {}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_other_families_within_15_percent_of_xla(name, method):
+    """The plan counts each family's own blocks (`Family.activation_blocks`): GPT-2's fused q/k/v and GELU
+    MLP, BERT's post-norm encoder, T5's encoder and decoder with cross-attention."""
+    c = family_config(name, method)
+    s = plan.setup(c, 1)
+    got = plan.estimate(s)
+    want = compiled_bytes(c, 1, extra=family_batch)
+    assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
+    assert got["activations"] > 0.5 * got["total"]
+    if name == "t5":
+        assert [x["prefix"] for x in plan.activation_bytes(s, 16)["stacks"]] == ["encoder/block", "decoder/block"]

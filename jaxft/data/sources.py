@@ -126,27 +126,60 @@ def read_file(path: str | Path) -> Records:
     return Records(rows, where)
 
 
-def _hub(name: str, split: str) -> Records:
+HUB_PREFIX = "hub:"  # data.name="hub:owner/name" (or "hub:DIR", a dataset repository on disk): always the hub
+
+
+def hub_name(name: str) -> str | None:
+    """The `datasets` name of a hub source: `hub:owner/name` always; a bare name that is neither bundled,
+    nor a known file format, nor an existing path, as before. None: not a hub source."""
+    if name.startswith(HUB_PREFIX):
+        return name[len(HUB_PREFIX):]
+    if name in BUNDLED or Path(name).suffix.lower() in FORMATS or Path(name).exists():
+        return None
+    return name
+
+
+def _hub(name: str, config: str | None, split: str, key: str) -> Records:
+    """One split of a hub dataset through `datasets.load_dataset`, which caches it (HF_DATASETS_CACHE):
+    offline, a cached dataset loads and an uncached one is a one-line error; so is a config or split
+    the dataset does not have (`key` names the setting that chose it)."""
     import os
     import sys
 
     from jaxft.hf import first_line, offline_reason
 
-    offline = offline_reason()
+    offline = None if Path(name).is_dir() else offline_reason()
     if offline and "datasets" not in sys.modules:  # read the cache only: no retries against an unreachable hub
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    shown = f"{name}" + (f" (data.hub_config={config!r})" if config else "")
     try:
         import datasets
-
-        datasets.logging.set_verbosity_error()
-        ds = datasets.load_dataset(name, split=split)
+    except ImportError:
+        raise JaxftError(f"data.name {name!r}: a hub dataset needs the `datasets` package (pip install datasets)") from None
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        builder = datasets.load_dataset_builder(name, config)
     except Exception as e:
+        reason = first_line(e)
+        if "BuilderConfig" in reason or "Config name is missing" in reason:  # the dataset exists, the config not
+            raise JaxftError(f"data.hub_config={config or ''!r}: dataset {name!r} has no such config ({reason})") from None
         if offline:
             raise JaxftError(f"data.name {name!r}: not bundled, not a local file, not in the Hugging Face cache, and "
                              f"the hub cannot be reached ({offline})") from None
-        reason = first_line(e)
         raise JaxftError(f"data.name {name!r}: not bundled, not a local file, and the hub load failed ({reason})") from None
-    return Records(list(ds), [f"{name}[{split}] row {i}" for i in range(len(ds))])
+    splits = list(builder.info.splits or getattr(builder.config, "data_files", None) or ())  # known before a download
+    if splits and split not in splits:
+        raise JaxftError(f"{key}={split!r}: dataset {shown} has no such split (it has {', '.join(splits)})")
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        reason = first_line(e)
+        if "Unknown split" in reason or "Bad split" in reason:
+            raise JaxftError(f"{key}={split!r}: dataset {shown} has no such split ({reason})") from None
+        raise JaxftError(f"data.name {name!r}: loading {shown} split {split!r} failed ({reason})") from None
+    where = f"{name}{'/' + config if config else ''}[{split}]"
+    return Records(list(ds), [f"{where} row {i}" for i in range(len(ds))])
 
 
 def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None, str, str | None]:
@@ -161,13 +194,30 @@ def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None,
             train = group_phrases(train, text_field or b.text_field)
         return train, ev, text_field or b.text_field, label_field or b.label_field
     eval_name = data_cfg.get("eval_name") or ""
-    if Path(name).suffix.lower() in FORMATS or Path(name).exists():
+    hub = hub_name(name)
+    if hub is None:
         train = read_file(name)
         ev = read_file(eval_name) if eval_name else None
-    else:
-        train = _hub(name, "train")
-        ev = _hub(name, eval_name or "validation") if eval_name != "none" else None
+    else:  # a hub dataset: its config and splits (data.eval_name, the older key, also names the eval split)
+        config = data_cfg.get("hub_config") or None
+        train = _hub(hub, config, data_cfg.get("train_split") or "train", "data.train_split")
+        split, key = data_cfg.get("eval_split") or eval_name, "data.eval_split"
+        ev = None
+        if split and split != "none":
+            ev = _hub(hub, config, split, key)
+        elif not split:  # the conventional name, where the dataset has one (else eval_holdout / none)
+            ev = _hub_if_split(hub, config, "validation")
     return train, ev, text_field or "text", label_field or "label"
+
+
+def _hub_if_split(name: str, config: str | None, split: str) -> Records | None:
+    """The split if the dataset has it, else None."""
+    try:
+        return _hub(name, config, split, "data.eval_split")
+    except JaxftError as e:
+        if "has no such split" in str(e):
+            return None
+        raise
 
 
 def pair_field(data_cfg, name: str | None = None) -> str | None:

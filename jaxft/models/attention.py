@@ -10,13 +10,16 @@ P of prefix key/value columns in front of the keys (P-Tuning v2), the sliding wi
 causal and, for packed rows, the [B, T] segment ids (1, 2, ... per example, 0 for padding). Query i
 sees key column c when c < P (a prefix is always visible), or c = P + j with token j real, j <= i,
 i - j < window and j in i's segment. Without causality (encoders: BERT) query i sees every prefix
-column and every real token; there is no window then. xla takes segment ids with or without a prefix;
-splash and flash take them as their own segment ids (not with a prefix: their segment ids cannot make
-the prefix visible to every example); cudnn's call here has no segment ids (its padding trick needs
-one example per row). `auto` picks xla where the fused kernel cannot take the packing; naming such a
-kernel is an error. The fused kernels build this from their own causal masks and skip the masked
-tiles; rows of padding queries are finite but may differ between implementations (nothing downstream
-reads them).
+column and every real token of its segment; there is no window then. The fused kernels build this from
+their own causal masks and skip the masked tiles; rows of padding queries are finite but may differ
+between implementations (nothing downstream reads them).
+
+Packed rows (segment ids), exact with every implementation: xla folds them into its dense mask; splash
+and flash take them as their own segment ids; with a prefix as well (which segment ids would hide from
+all examples but one) splash attends over the tokens and merges a dense [T, P] prefix softmax by
+log-sum-exp (`_merge_prefix`), flash takes the mask as its dense bias; cudnn (JAX's call has no segment
+ids) takes the mask as a boolean mask, one row at a time, with its causal tiles still skipped
+(`_cudnn_packed`). `auto` keeps xla for packed rows on a GPU (the cuDNN packed path is not timed yet).
 """
 
 from __future__ import annotations
@@ -64,18 +67,12 @@ def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: i
     """`model.attention` -> the implementation this backend runs. One it cannot run is an error, never a
     silent fallback; `auto` picks the fastest it can. `packed`: rows hold several examples (segment ids)."""
     backend, half = jax.default_backend(), jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if impl == "auto":
+    if impl == "auto":  # packed rows on a GPU: xla (cuDNN's packed path, a per-row mask, is not timed yet)
         if backend == "gpu" and half and _cudnn_head_dim(head_dim) and not packed:
             return "cudnn"
-        return "splash" if backend == "tpu" and not (packed and num_prefix) else "xla"
+        return "splash" if backend == "tpu" else "xla"
     if impl not in IMPLEMENTATIONS:
         raise JaxftError(f"model.attention={impl!r}: expected one of {', '.join(map(repr, CHOICES))}")
-    if packed and impl == "cudnn":
-        raise JaxftError("model.attention='cudnn' does not take packed rows (segment ids): set data.packing=False "
-                         "(length buckets) or model.attention=xla or auto")
-    if packed and num_prefix and impl in ("splash", "flash"):
-        raise JaxftError(f"model.attention={impl!r} cannot keep P-Tuning v2 prefixes visible across packed examples: "
-                         "set data.packing=False (length buckets) or model.attention=xla or auto")
     if impl == "cudnn" and not (backend == "gpu" and half):
         raise JaxftError(
             f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 (cuDNN flash attention): "
@@ -137,7 +134,7 @@ def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=
 
 
 def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn",
-          causal: bool = True):
+          causal: bool = True, segments=None):
     """cuDNN flash attention through `jax.nn.dot_product_attention`, with its plain causal mask (top-left,
     tiles above the diagonal skipped) and window: no dense mask, no sequence lengths.
     `implementation="xla"` runs the same call on any backend (the tests' CPU check).
@@ -155,7 +152,10 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
       from every earlier row.
     - Not causal (encoders): the same permutation, no dummy rows, and the kernel's key lengths (P plus the
       row's real tokens) hide the padding that now sits at the end of the keys.
+    - Packed rows (`segments`): see `_cudnn_packed`.
     """
+    if segments is not None:
+        return _cudnn_packed(q, k, v, mask, segments, num_prefix, window, implementation, causal)
     if not causal:
         return _cudnn_bidirectional(q, k, v, mask, num_prefix, implementation)
     if window and num_prefix:
@@ -173,6 +173,35 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
         q, k, v, is_causal=True, local_window_size=(window - 1, 0) if window else None, implementation=implementation
     )
     return _permute(out[:, p : p + t], inverse, order)
+
+
+def _cudnn_packed(q, k, v, mask, segments, p, window, implementation, causal):
+    """Packed rows through cuDNN: JAX's call has no segment ids, so the structured mask goes in as a boolean
+    mask (a bias to cuDNN) over the P dummy query rows + T queries, while the kernel's own causal mask (and
+    window, without a prefix) still skips the tiles above the diagonal. cuDNN takes a bias gradient only
+    for a batch of one (jax issue 30593), so the rows go through one at a time (`lax.map`). Query rows
+    that are no real token (dummies, padding, the even-length row) also see their own column: no row is
+    empty."""
+    b, t, h, d = q.shape
+    allowed = causal_mask(mask, p, window, segments, causal)  # [B, T, P+T]
+    lead = p if causal else 0  # causal: P dummy query rows in front, as without packing
+    nq = lead + t + (lead + t) % 2
+    nk = (p + nq - lead) + (p + nq - lead) % 2  # every query row has its own column
+    q = _pad(_prepend(jnp.zeros((b, lead, h, d), q.dtype), q), nq)
+    k, v = _pad(k, nk), _pad(v, nk)
+    full = jnp.zeros((b, nq, nk), bool).at[:, lead : lead + t, : p + t].set(allowed)
+    real = jnp.zeros((b, nq), bool).at[:, lead : lead + t].set(mask.astype(bool))
+    own = jnp.arange(nk)[None, None, :] == jnp.arange(nq)[None, :, None] + (p - lead)
+    full |= own & ~real[:, :, None]
+    kernel_window = (window - 1, 0) if window and not p else None
+
+    def one_row(x):
+        q, k, v, m = (a[None] for a in x)
+        return jax.nn.dot_product_attention(q, k, v, mask=m[:, None], is_causal=causal,
+                                            local_window_size=kernel_window, implementation=implementation)[0]
+
+    out = jax.lax.map(one_row, (q, k, v, full))
+    return out[:, lead : lead + t]
 
 
 def _cudnn_bidirectional(q, k, v, mask, p, implementation):
@@ -210,12 +239,51 @@ def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segmen
     prefix columns when both, or (not causal) a `FullMask`; padding is segment ids (1 real, 0 padding),
     or the packed rows' own segment ids (0 padding). No dense mask is built."""
     if segments is not None:
-        mask = segments  # 0 = padding already; packed rows have no prefix (see `resolve`)
+        mask = segments  # 0 = padding already
+        if num_prefix:  # the kernel's segment ids would hide the prefix from every example but one
+            fn = functools.partial(_merge_prefix, _splash_packed(window, causal), num_prefix=num_prefix)
+            return _on_shards(fn, q, k, v, mask)
     fn = functools.partial(_splash, num_prefix=num_prefix, window=window, causal=causal)
     return _on_shards(fn, q, k, v, mask)
 
 
-def _splash(q, k, v, mask, num_prefix, window, causal=True):
+def _splash_packed(window, causal):
+    """The token part of packed rows for `_merge_prefix`: splash over the tokens alone with the rows' own
+    segment ids, as its output (differentiable) and its row log-sum-exps (forward only)."""
+    def token_part(q, k, v, segments, residuals=False):
+        return _splash(q, k, v, segments, 0, window, causal, residuals=residuals)
+    return token_part
+
+
+def _merge_prefix(token_part, q, k, v, segments, num_prefix):
+    """Packed rows with P prefix columns that every example sees, exactly, from a kernel that keeps
+    attention within segments: the kernel attends over the tokens (its segment ids and causal tiles as
+    without a prefix), the P prefix columns are a small dense [T, P] softmax here, and the two merge by
+    their log-sum-exps, o = (e^l_t o_t + e^l_p o_p) / (e^l_t + e^l_p). The kernel's log-sum-exp has no
+    gradient of its own, so it gets its exact one from two kernel outputs: d l_t / d q_i = s * sum_j p_ij
+    k_j (the kernel with the keys as values: `kbar`), and d l_t / d k_j = s * sum_i c_i p_ij q_i (the same
+    call's gradient wrt those values). `token_part(q, k, v, segments, residuals)` -> [B, T, H, D], or
+    with residuals the row log-sum-exps [B, T, H] of the scaled scores."""
+    b, t, h, d = q.shape
+    kv, p, scale = k.shape[2], num_prefix, 1 / math.sqrt(d)
+    sg = jax.lax.stop_gradient
+    kp, vp, kt, vt = k[:, :p], v[:, :p], k[:, p:], v[:, p:]
+    out_t = token_part(q, kt, vt, segments)
+    lse_t = sg(token_part(sg(q), sg(kt), sg(vt), segments, residuals=True)).astype(jnp.float32)
+    kbar = token_part(sg(q), sg(kt), kt, segments).astype(jnp.float32)  # keys as values: only they get gradients
+    q32 = q.astype(jnp.float32)
+    lse_t = lse_t + scale * (jnp.sum((q32 - sg(q32)) * sg(kbar), -1) + jnp.sum(sg(q32) * (kbar - sg(kbar)), -1))
+    groups = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->btkgs", groups, kp, preferred_element_type=jnp.float32) * scale
+    lse_p = jax.nn.logsumexp(scores, axis=-1).reshape(b, t, h)
+    out_p = jnp.einsum("btkgs,bskd->btkgd", jax.nn.softmax(scores, -1).astype(vp.dtype), vp,
+                       preferred_element_type=jnp.float32).reshape(b, t, h, d)
+    total = jnp.logaddexp(lse_t, lse_p)
+    out = jnp.exp(lse_t - total)[..., None] * out_t.astype(jnp.float32) + jnp.exp(lse_p - total)[..., None] * out_p
+    return out.astype(q.dtype)
+
+
+def _splash(q, k, v, mask, num_prefix, window, causal=True, residuals=False):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -236,11 +304,13 @@ def _splash(q, k, v, mask, num_prefix, window, causal=True):
             m = m | sm.NumpyMask(np.broadcast_to(np.arange(s) < p, (tq, s)).copy())
     else:
         m = sm.CausalMask((tq, s), offset=p)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (h // kv)))
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (h // kv)), save_residuals=residuals)
     heads = lambda x, n: x.transpose(0, 2, 1, 3).reshape((b, kv, n) + x.shape[1:2] + (d,))  # noqa: E731
     per_kv_head = _vmap(lambda q, k, v, seg: kernel(q, k, v, seg), broadcast_last=True)
     k, v = heads(k, 1)[:, :, 0], heads(v, 1)[:, :, 0]
     out = _vmap(per_kv_head)(heads(q, h // kv), k, v, sk.SegmentIds(seg_q, seg_kv))
+    if residuals:  # the rows' log-sum-exps [B, KV, H/KV, tq] of the scaled scores -> [B, T, H]
+        return out[1][0].reshape(b, h, tq).transpose(0, 2, 1)[:, :t]
     return out.reshape(b, h, tq, d).transpose(0, 2, 1, 3)[:, :t]
 
 
@@ -252,8 +322,32 @@ def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segment
     if window:
         return xla(q, k, v, mask, num_prefix, window, segments, causal)
     if segments is not None:
-        mask = segments  # its segment ids: 0 = padding; packed rows have no prefix (see `resolve`)
+        mask = segments  # its segment ids: 0 = padding
+        if num_prefix:  # segment ids would hide the prefix from all examples but one: a bias instead
+            return _on_shards(functools.partial(_flash_biased, num_prefix=num_prefix, causal=causal), q, k, v, mask)
     return _on_shards(functools.partial(_flash, num_prefix=num_prefix, causal=causal), q, k, v, mask)
+
+
+def _flash_biased(q, k, v, segments, num_prefix, causal=True):
+    """Packed rows with a prefix: the structured mask as the kernel's dense bias `ab` [B, H, S, S] (flash
+    takes one; splash does not), over the dummy-row layout of `_flash`, its causal tiles still skipped.
+    Rows that are no real token see their own column."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, t, h, d = q.shape
+    p, s = num_prefix, _round(num_prefix + t)
+    real = segments > 0
+    allowed = causal_mask(real, p, None, segments, causal)
+    full = jnp.zeros((b, s, s), bool).at[:, p : p + t, : p + t].set(allowed)
+    rows = jnp.zeros((b, s), bool).at[:, p : p + t].set(real)
+    full |= jnp.eye(s, dtype=bool)[None] & ~rows[:, :, None]
+    bias = jnp.broadcast_to(jnp.where(full, 0.0, -1e30).astype(jnp.float32)[:, None], (b, h, s, s))
+    q = _pad(_prepend(jnp.zeros((b, p, h, d), q.dtype), q), s)
+    k, v = (_pad(jnp.repeat(x, h // x.shape[2], axis=2), s) for x in (k, v))
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    out = fa.flash_attention(heads_first(q), heads_first(k), heads_first(v), ab=bias, causal=causal,
+                             sm_scale=1 / math.sqrt(d))
+    return heads_first(out)[:, p : p + t]
 
 
 def _flash(q, k, v, mask, num_prefix, causal=True):

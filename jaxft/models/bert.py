@@ -31,7 +31,7 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
-from jaxft.models.family import Family, Settings, params_from_keys, unstack_layers
+from jaxft.models.family import Blocks, Family, Settings, params_from_keys, unstack_layers
 from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, remat_policy
 from jaxft.sharding import constrain
 
@@ -504,6 +504,18 @@ def classifier_kernel(cfg: BertConfig) -> str:
     return "classifier/out_proj/kernel" if cfg.roberta else "classifier/kernel"
 
 
+def activation_blocks(cfg: BertConfig) -> tuple[Blocks, ...]:
+    """What `jaxft.plan` counts: post-LayerNorm blocks, bidirectional attention, a GELU MLP."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_heads, cfg.dim_per_head, f, mlp_tensors=MLP_TENSORS,
+                   projections=(("query", "attn_in", d, d), ("key", "attn_in", d, d), ("value", "attn_in", d, d),
+                                ("attention/output/dense", "attn_out", d, d), ("intermediate/dense", "mlp_in", d, f),
+                                ("output/dense", "mlp_act", f, d))),)
+
+
+MLP_TENSORS = 4  # F-wide tensors an (erf) GELU MLP keeps for the backward (measured: tests/test_plan.py)
+
+
 FAMILY = Family(
     name="bert",
     model=BertModel,
@@ -520,6 +532,7 @@ FAMILY = Family(
     classifier_params=r"^(pooler|classifier)/",  # a BertForMaskedLM checkpoint has no pooler: it is new too
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    activation_blocks=activation_blocks,
     pooling="first",
     causal=False,
     classifier_kernel=classifier_kernel,

@@ -85,6 +85,28 @@ class Settings:
 
 
 @dataclasses.dataclass(frozen=True)
+class Blocks:
+    """One stack of identical blocks as `jaxft.plan` counts its activations: what each block keeps per
+    token for the backward pass follows from these widths (see `jaxft.plan.activation_bytes`)."""
+
+    prefix: str  # where its parameters live: "layers", "encoder/block", ...
+    count: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int  # the MLP's width
+    attention: tuple[str, ...] = ("self",)  # its attention sublayers: "self" (causal or not), "cross" (encoder keys)
+    mlp_tensors: float = 5  # MLP-wide tensors the backward keeps (gated SiLU: gate, up, sigmoid, SiLU, product)
+    norms: int = 2  # norms, each keeping its fp32 input
+    # module name -> (the input it reads: projections that share one count it once, its input width,
+    # its output width): who pays for a weight gradient's saved input, and save_dots' saved outputs
+    projections: tuple[tuple[str, str, int, int], ...] = ()
+    takes_prefix: bool = True  # whether P-Tuning v2's prefix keys/values enter its self-attention
+    recompute: float = 1.35  # remat=full: the backward's working set over one block's kept bytes (measured)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     model: type  # model(cfg, hooks=(...)) -> a flax.linen Module called as described above
@@ -118,6 +140,8 @@ class Family:
     # (intermediates of a forward pass, cfg) -> (keys, values) [layers, B, T, kv heads, head dim] the prefix
     # slots start from (`method.init_from_tokens`); None: every layer's sown "keys_values"
     prefix_keys_values: Callable | None = None
+    # cfg -> the stacks of blocks `jaxft.plan` predicts activation memory from (`Blocks`); None: no plan
+    activation_blocks: Callable | None = None
     # regex on "a/b/kernel" paths: the frozen projections `model.quantization` stores in 8 or 4 bits
     projections: str = r"(^|/)(q|k|v|o|gate|up|down)_proj/kernel$"
     ia3_targets: str = ""  # the default `method.ia3_targets` (HF PEFT's for the family)

@@ -30,7 +30,7 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
-from jaxft.models.family import Family, Settings, params_from_keys, unstack_layers
+from jaxft.models.family import Blocks, Family, Settings, params_from_keys, unstack_layers
 from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, remat_policy, segment_positions
 from jaxft.sharding import constrain
 
@@ -423,6 +423,18 @@ def matmul_weights(cfg: GPT2Config) -> int:
     return cfg.num_layers * per_layer + out
 
 
+def activation_blocks(cfg: GPT2Config) -> tuple[Blocks, ...]:
+    """What `jaxft.plan` counts: pre-LayerNorm blocks, one fused q/k/v projection, a GELU MLP (measured
+    against XLA's memory analysis: tests/test_plan.py)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_heads, cfg.dim_per_head, f, mlp_tensors=MLP_TENSORS, recompute=1.0,
+                   projections=(("c_attn", "attn_in", d, 3 * d), ("attn/c_proj", "attn_out", d, d),
+                                ("c_fc", "mlp_in", d, f), ("mlp/c_proj", "mlp_act", f, d))),)
+
+
+MLP_TENSORS = 5  # F-wide tensors a GELU MLP keeps for the backward (measured: tests/test_plan.py)
+
+
 FAMILY = Family(
     name="gpt2",
     model=GPT2Model,
@@ -439,6 +451,7 @@ FAMILY = Family(
     classifier_params=r"^(score|classifier)/",
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    activation_blocks=activation_blocks,
     init_cache=init_cache,
     fan_in_fan_out=True,
     projections=r"^layers(_\d+)?/(attn/(c_attn|c_proj)|mlp/(c_fc|c_proj))/kernel$",

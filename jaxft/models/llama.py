@@ -25,7 +25,7 @@ from flax import traverse_util
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention, cached
 from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
-    POOLING, REMAT, Family, Settings, params_from_keys, unstack_layers,
+    POOLING, REMAT, Blocks, Family, Settings, params_from_keys, unstack_layers,
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     ROPE_TYPES, Linear, RMSNorm, block_output, last_token, param_with_axes, pool, remat_policy, rope,
@@ -465,6 +465,16 @@ def matmul_weights(cfg: LlamaConfig) -> int:
     return cfg.num_layers * per_layer + out
 
 
+def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
+    """What `jaxft.plan` counts: one stack of pre-norm blocks, RMSNorms, gated SiLU MLP."""
+    d, hd = cfg.hidden_size, cfg.dim_per_head
+    q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
+    return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f, projections=(
+        ("q_proj", "attn_in", d, q), ("k_proj", "attn_in", d, kv), ("v_proj", "attn_in", d, kv),
+        ("o_proj", "attn_out", q, d), ("gate_proj", "mlp_in", d, f), ("up_proj", "mlp_in", d, f),
+        ("down_proj", "mlp_act", f, d))),)
+
+
 FAMILY = Family(
     name="llama",
     model=LlamaModel,
@@ -483,5 +493,6 @@ FAMILY = Family(
     classifier_params=r"^score/",
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_kv_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    activation_blocks=activation_blocks,
     init_cache=init_cache,
 )

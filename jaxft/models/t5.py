@@ -41,7 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxft.errors import JaxftError
-from jaxft.models.family import Family, Settings
+from jaxft.models.family import Blocks, Family, Settings
 from jaxft.models.layers import Linear, RMSNorm, block_output, param_with_axes, pool, remat_policy
 from jaxft.sharding import constrain
 
@@ -710,6 +710,26 @@ def matmul_weights(cfg: T5Config) -> int:
     return cfg.num_layers * (attn + ff) + cfg.num_decoder_layers * (2 * attn + ff) + out
 
 
+def activation_blocks(cfg: T5Config) -> tuple[Blocks, ...]:
+    """What `jaxft.plan` counts: the encoder's blocks (self-attention, MLP) and the decoder's (causal
+    self-attention, cross-attention over the encoder's states, MLP), RMS layer norms; the decoder's
+    length is taken as the encoder's (as `matmul_weights` does)."""
+    d, hd, h, f = cfg.d_model, cfg.d_kv, cfg.num_heads, cfg.d_ff
+    inner = h * hd
+    mlp = (("wi_0", "mlp_in", d, f), ("wi_1", "mlp_in", d, f)) if cfg.gated else (("wi", "mlp_in", d, f),)
+    mlp += (("wo", "mlp_act", f, d),)
+    attn = lambda name, tag: ((f"{name}/q", f"{tag}_in", d, inner), (f"{name}/k", f"{tag}_kv", d, inner),  # noqa: E731
+                              (f"{name}/v", f"{tag}_kv", d, inner), (f"{name}/o", f"{tag}_out", inner, d))
+    tensors = MLP_TENSORS["gated" if cfg.gated else "plain"]
+    return (Blocks("encoder/block", cfg.num_layers, d, h, h, hd, f, mlp_tensors=tensors, takes_prefix=False, recompute=1.5,
+                   projections=attn("SelfAttention", "attn") + mlp),
+            Blocks("decoder/block", cfg.num_decoder_layers, d, h, h, hd, f, attention=("self", "cross"), norms=3,
+                   mlp_tensors=tensors, recompute=1.5, projections=attn("SelfAttention", "attn") + attn("EncDecAttention", "cross") + mlp))
+
+
+MLP_TENSORS = {"gated": 6.5, "plain": 3}  # F-wide tensors the MLP keeps for the backward (measured: tests/test_plan.py)
+
+
 FAMILY = Family(
     name="t5",
     model=T5Model,
@@ -726,6 +746,7 @@ FAMILY = Family(
     classifier_params=r"^classification_head/",
     kv_layout=lambda cfg: (cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv),
     matmul_weights=matmul_weights,
+    activation_blocks=activation_blocks,
     causal=False,
     encoder_decoder=True,
     init_cache=init_cache,
