@@ -85,6 +85,8 @@ def generation_prompts(config, data, split: str, encoder_decoder: bool, limit: i
         chat_template=d.chat_template, encoder_decoder=encoder_decoder, max_new_tokens=config.eval.max_new_tokens,
         skip_bad=d.skip_bad_records)
     prompts, refs = generation.distinct(prompts, refs)
+    if not prompts:
+        raise JaxftError(f"data.name={d.name!r}: no usable record in the {split} split to generate from")
     return (prompts[:limit], refs[:limit]) if limit else (prompts, refs)
 
 
