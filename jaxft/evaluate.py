@@ -340,7 +340,8 @@ def parse_flags(argv):
 
     args = parse_train_flags(argv)  # one-line usage errors, the config checked
     if not flags.FLAGS.checkpoint:
-        print("error: --checkpoint=DIR is required (a training workdir, HF model or adapter directory)", file=sys.stderr)
+        print("error: --checkpoint=DIR is required (a training workdir, HF model or adapter directory)",
+              file=sys.stderr)
         sys.exit(2)
     return args
 

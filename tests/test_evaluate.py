@@ -89,7 +89,8 @@ def test_classification_equals_transformers_and_sklearn(tmp_path, tok_dir):
 
     # transformers' logits of the same token ids (jaxft's classification encoding of the dev records)
     tok = Tokenizer(model_dir)
-    arrays, _ = tasks.classification(read_file(tmp_path / "dev.jsonl"), tok, SEQ, "text", "label", ["neg", "neu", "pos"])
+    names = ["neg", "neu", "pos"]
+    arrays, _ = tasks.classification(read_file(tmp_path / "dev.jsonl"), tok, SEQ, "text", "label", names)
     m = LlamaForSequenceClassification.from_pretrained(model_dir).eval()
     with torch.no_grad():
         logits = m(input_ids=torch.tensor(arrays["input_ids"], dtype=torch.long),
