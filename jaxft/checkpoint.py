@@ -69,6 +69,15 @@ class Checkpoints:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
 
+    def restore(self, step: int, abstract_state, check) -> tuple[object, dict]:
+        """-> (state, meta) of checkpoint `step`; `check(meta)` runs before the state is read."""
+        meta = self._restore(step, meta=ocp.args.JsonRestore())["meta"]
+        check(meta)
+        return self._restore(step, state=ocp.args.StandardRestore(abstract_state))["state"], meta
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
     def restore_latest(self, abstract_state, check, log):
         """-> (step, state, meta) of the newest checkpoint that reads back, or (None, None, None).
 

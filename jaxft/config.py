@@ -134,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0  # 0 = only at the end
     c.eval.batch_size = 0  # 0 = train.batch_size
     c.eval.at_start = False  # also evaluate before the first step (logged as step 0)
+    # Generation tasks (sft, seq2seq): each eval also generates answers to the first N distinct prompts of
+    # the eval split and logs eval/rouge1, rouge2, rougeL, bleu, exact_match (0 = off; see jaxft.evaluate).
+    c.eval.generate_examples = 0
+    c.eval.max_new_tokens = 64  # longest generated answer
+    c.eval.num_beams = 1  # 1 = greedy
 
     # Checkpoint section.
     c.checkpoint = ml_collections.ConfigDict()
@@ -170,8 +175,8 @@ CHOICES = {
     "optimizer.mu_dtype": ("", "bfloat16"),
 }
 POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps",
-            "mesh.dcn_data", "mesh.dcn_fsdp")
-NON_NEGATIVE = ("train.sync_every_steps",
+            "mesh.dcn_data", "mesh.dcn_fsdp", "eval.max_new_tokens", "eval.num_beams")
+NON_NEGATIVE = ("train.sync_every_steps", "eval.generate_examples",
                 "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
                 "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples", "data.eval_holdout")
 

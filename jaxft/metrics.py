@@ -79,6 +79,25 @@ class MetricWriter:
             self._jsonl.close()
 
 
+def write_scalars(directory, step: int, scalars: dict[str, float]):
+    """One new TensorBoard event file in `directory` (an epath.Path) holding `scalars` at `step`: next to
+    a run's own files it adds points without the SessionLog START a resuming MetricWriter writes (which
+    would hide the run's later steps)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.jaxft-eval"
+    with (directory / name).open("wb") as f:
+        writer = RecordWriter(f)
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        for event in (Event(wall_time=time.time(), file_version="brain.Event:2"),
+                      Event(wall_time=time.time(), step=int(step), summary=Summary(value=values))):
+            writer.write(event.SerializeToString())
+        writer.flush()
+
+
 def _step(line: str) -> float:
     """A metrics.jsonl row's step; a row cut short by kill -9 counts as past any step (dropped)."""
     try:

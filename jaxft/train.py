@@ -54,6 +54,7 @@ class Data:
     groups: np.ndarray | None = None  # a mixture's source of each training row
     weights: list | None = None  # its sampling weights (data.weights)
     sources: list | None = None  # its sources' names, for eval/loss/<name>
+    records: dict | None = None  # {"train": [Records of each source], "validation": [...]}: for generation
 
 
 def load_model_config(config):
@@ -119,19 +120,22 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
-        return Data(train, ev, task, labels, tok)
+        split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
+        return Data(train, ev, task, labels, tok, records=split)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
     resolved = [(first, train_rec, eval_rec, text_field)]
     for name in extra:  # data.max_*_examples apply to each source
         more_train, more_eval, more_field = sources.resolve(d, name)[:3]
         resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
                          more_field))
+    resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout)), field) for name, t, e, field in resolved]
     m = mixture.load(d, tok, task, resolved, log)
     train, ev = m.train, m.eval
     if task == "masked_lm":  # the packed blocks, then BERT's masking, drawn once from the seed
         train = tasks.mask_tokens(train, tok, config.train.seed)
         ev = tasks.mask_tokens(ev, tok, config.train.seed + 1) if ev is not None else None
-    return Data(train, ev, task, None, tok, m.groups, m.weights, m.names)
+    records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved if r[2] and r[2].rows]}
+    return Data(train, ev, task, None, tok, m.groups, m.weights, m.names, records)
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
@@ -189,6 +193,46 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
         value = value.astype(dtypes[path])  # on the host: a bf16 base reaches the devices as bf16
         params[path] = jax.make_array_from_callback(value.shape, shard_flat[path], lambda i, v=value: v[i])
     return unflat(params)
+
+
+def build_model(config, cfg, base_root, data: Data, mesh):
+    """-> (method, model, trainable, frozen params): the run's model as training starts it, the base's
+    weights and the method's fresh parameters; `jaxft.evaluate` rebuilds it so, then restores the
+    trainable ones from a checkpoint."""
+    from jaxft import objectives
+    from jaxft.errors import JaxftError
+    from jaxft.models import family
+    from jaxft.peft import build
+    from jaxft.peft.partition import split
+
+    head = config.model.head or objectives.HEADS[data.task]
+    if head != objectives.HEADS[data.task]:
+        raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
+    cfg = cfg.replace(
+        head=head,
+        num_labels=len(data.labels) if data.labels else cfg.num_labels,
+        labels=tuple(str(v) for v in data.labels) if data.labels else cfg.labels,
+        **model_settings(config, cfg),
+        pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
+    )
+    method = build(config.method, cfg, tokenizer=data.tokenizer, steps=config.train.steps)
+    model = family.build(cfg, method.hooks)
+    params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
+    sample = {k: v[:64] for k, v in data.train.items()}
+    for hook in method.hooks:
+        params = hook.initialize(model, params, sample)
+    trainable, frozen = split(params, method.trainable)
+    return method, model, trainable, frozen
+
+
+def quantize_base(config, cfg, frozen):
+    """The frozen base stored as `model.quantization` says (QLoRA); trainable leaves keep fp32."""
+    if config.model.quantization == "none":
+        return frozen
+    from jaxft import quant
+    from jaxft.models import family
+
+    return quant.quantize_params(frozen, config.model.quantization, targets=family.of(cfg).projections)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,11 +407,10 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.config import validate
     from jaxft.data.iterator import Batches, Prefetch
     from jaxft.errors import JaxftError
+    from jaxft.evaluate import generation_eval
     from jaxft.flops import Throughput, run_peak
     from jaxft.metrics import MetricWriter
-    from jaxft.models import family
-    from jaxft.peft import build
-    from jaxft.peft.partition import count, flat, split
+    from jaxft.peft.partition import count, flat, merge
     from jaxft.step import dynamic_loss_scale, init_state, make_eval_step, make_optimizer, make_train_step
 
     validate(config)
@@ -385,26 +428,9 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
 
     cfg, base_root, tokenizer_path = load_model_config(config)
     data = load_data(config, cfg, tokenizer_path)
-    head = config.model.head or objectives.HEADS[data.task]
-    if head != objectives.HEADS[data.task]:
-        raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
-    cfg = cfg.replace(
-        head=head,
-        num_labels=len(data.labels) if data.labels else cfg.num_labels,
-        labels=tuple(str(v) for v in data.labels) if data.labels else cfg.labels,
-        **model_settings(config, cfg),
-        pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
-    )
-    method = build(config.method, cfg, tokenizer=data.tokenizer, steps=config.train.steps)
-    model = family.build(cfg, method.hooks)
+    method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
+    cfg = model.cfg
     objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
-
-    params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
-    sample = {k: v[:64] for k, v in data.train.items()}
-    for hook in method.hooks:
-        params = hook.initialize(model, params, sample)
-    trainable, frozen = split(params, method.trainable)
-    del params
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
     peak, peak_source = run_peak(config)
     log(
@@ -419,7 +445,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
         from jaxft import quant
 
-        frozen = quant.quantize_params(frozen, config.model.quantization, targets=family.of(cfg).projections)
+        frozen = quantize_base(config, cfg, frozen)
         log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
@@ -465,11 +491,16 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     throughput = Throughput(cfg, trainable, method, peak)
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
+    generated = generation_eval(config, data, model)  # eval.generate_examples: ROUGE and BLEU of answers
+
+    def evaluate_all(state):
+        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels, data.sources)
+        return {**metrics, **generated(merge(state.params, frozen))} if generated else metrics
 
     def run_eval(state, step):
         if data.eval is None:
             return {}
-        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels, data.sources)
+        metrics = evaluate_all(state)
         if step > start:  # a finished run rerun evaluates again but does not log step `total` twice
             writer.write(step, metrics)
             writer.flush()
@@ -504,7 +535,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     put = lambda s: (local := batches.local(s, rows), sharding.to_global(mesh, local, batch))  # noqa: E731
     prefetch = Prefetch(put, start, total)
     if config.eval.at_start and start == 0 and data.eval is not None:  # the untrained model, as step 0
-        before = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels, data.sources)
+        before = evaluate_all(state)
         writer.write(0, before)
         writer.flush()
         log("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in before.items()))

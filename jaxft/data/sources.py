@@ -24,6 +24,7 @@ class Bundled:
     label_field: str | None
     group_phrases: bool = False  # see `group_phrases`
     text_pair_field: str | None = None  # the second text of a sentence pair (RTE's hypothesis)
+    pairs: tuple[str, str] | None = None  # `source||target` lines (E2E): the two fields they become
 
 
 BUNDLED = {
@@ -34,6 +35,9 @@ BUNDLED = {
     "c4_demo": Bundled(ASSETS / "c4_demo" / "c4_demo.jsonl", None, "text", None),
     # SST-2 training sentences for language modelling, each treebank sentence with its sub-phrases.
     "sst2_grouped": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", None, True),
+    # E2E NLG: train on valid.txt, evaluate on test.txt (the official train.txt is not bundled).
+    "e2e_nlg": Bundled(ASSETS / "e2e_nlg" / "valid.txt", ASSETS / "e2e_nlg" / "test.txt", "meaning_representation",
+                       None, pairs=("meaning_representation", "human_reference")),
 }
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
@@ -189,7 +193,8 @@ def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None,
     label_field = data_cfg.get("label_field") or None
     if name in BUNDLED:
         b = BUNDLED[name]
-        train, ev = read_file(b.train), read_file(b.eval) if b.eval else None
+        read = (lambda p: read_pairs(p, *b.pairs)) if b.pairs else read_file  # noqa: E731
+        train, ev = read(b.train), read(b.eval) if b.eval else None
         if b.group_phrases:
             train = group_phrases(train, text_field or b.text_field)
         return train, ev, text_field or b.text_field, label_field or b.label_field
@@ -218,6 +223,20 @@ def _hub_if_split(name: str, config: str | None, split: str) -> Records | None:
         if "has no such split" in str(e):
             return None
         raise
+
+
+def read_pairs(path: Path, source: str, target: str, separator: str = "||") -> Records:
+    """`source||target` lines (E2E NLG's format) -> records {source: ..., target: ...}."""
+    rows, where = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if separator not in line:
+            raise JaxftError(f"{path}:{n}: expected 'source{separator}target'")
+        a, b = line.split(separator, 1)
+        rows.append({source: a.strip(), target: b.strip()})
+        where.append(f"{path}:{n}")
+    return Records(rows, where)
 
 
 def pair_field(data_cfg, name: str | None = None) -> str | None:

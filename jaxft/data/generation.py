@@ -1,0 +1,95 @@
+"""What a generation evaluation gives the model and what it should answer: prompt ids and reference texts.
+
+- SFT records (Alpaca, chat, ShareGPT, source/target pairs) on a decoder-only model: the prompt is the
+  conversation rendered up to the generation prompt of its last assistant turn, tokenized segment by
+  segment exactly as training tokenizes it (`jaxft.data.sft`); the reference is that turn's text.
+- source/target pairs on an encoder-decoder model (T5): the prompt is
+  `jaxft.data.seq2seq.encode_source(tok, source, seq_len)` and the reference the target.
+
+A prompt longer than the room left for the answer keeps its last max(seq_len - max_new_tokens,
+seq_len // 2) tokens (a leading BOS kept): the part of the prompt training's truncation keeps.
+"""
+
+from __future__ import annotations
+
+from jaxft.data import sft
+from jaxft.data.sources import Records
+from jaxft.errors import JaxftError
+
+
+def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.Fields = sft.Fields(),
+                           chat_template: str = "", encoder_decoder: bool = False, max_new_tokens: int = 0,
+                           skip_bad: bool = False) -> tuple[list[list[int]], list[str]]:
+    """-> (prompt ids of each usable record, its reference text). Bad records stop with their
+    `file:line`, or are skipped with `skip_bad` (as training skips them)."""
+    if encoder_decoder:
+        return _source_target(records, tok, seq_len, fields, skip_bad)
+    template, where = sft.chat_template(tok, chat_template)
+    renderer = sft.Renderer(template, sft.special_strings(tok), where)
+    keep = max(seq_len - max_new_tokens, seq_len // 2, 1)
+    prompts, references = [], []
+    for row, at in zip(records.rows, records.where):
+        try:
+            messages = sft.conversation(row, at, fields)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            segments = renderer.segments(messages[: last + 1])
+        except sft.BadRecord as e:
+            if skip_bad:
+                continue
+            raise JaxftError(f"{e} (data.skip_bad_records=True skips such records)") from None
+        ids = sft.encode(segments[:-1], tok)[0]  # the last segment is the answer
+        prompts.append(cut_left(ids, keep, tok.bos_id))
+        references.append(messages[last]["content"])
+    return prompts, references
+
+
+def _source_target(records, tok, seq_len, fields, skip_bad):
+    if not (fields.source and fields.target):
+        raise JaxftError("an encoder-decoder model generates from source/target pairs: set data.source_field and "
+                         "data.target_field")
+    from jaxft.data import seq2seq  # written alongside: only encoder-decoder runs need it
+
+    prompts, references = [], []
+    for row, at in zip(records.rows, records.where):
+        source, target = row.get(fields.source), row.get(fields.target)
+        if not isinstance(source, str) or not isinstance(target, str) or not source.strip():
+            if skip_bad:
+                continue
+            raise JaxftError(f"{at}: expected text fields {fields.source!r} and {fields.target!r} "
+                             "(data.skip_bad_records=True skips such records)")
+        prompts.append(list(seq2seq.encode_source(tok, source, seq_len)))
+        references.append(target)
+    return prompts, references
+
+
+def cut_left(ids: list[int], keep: int, bos_id) -> list[int]:
+    """The last `keep` tokens, a leading BOS kept."""
+    if len(ids) <= keep:
+        return ids
+    head = ids[:1] if bos_id is not None and ids and ids[0] == bos_id else []
+    return head + ids[len(ids) - keep + len(head):]
+
+
+def interleave(parts: list[Records]) -> Records:
+    """The records of several sources taken in turn (a, b, a, b, ...), so the first N examples of a
+    mixture's split hold every source."""
+    rows, where = [], []
+    for i in range(max((len(p.rows) for p in parts), default=0)):
+        for p in parts:
+            if i < len(p.rows):
+                rows.append(p.rows[i])
+                where.append(p.where[i])
+    return Records(rows, where)
+
+
+def distinct(prompts: list[list[int]], references: list[str]) -> tuple[list[list[int]], list[list[str]]]:
+    """Records that share a prompt become one prompt with all their references (E2E's several
+    human references per meaning representation), in first-seen order."""
+    order, refs = {}, []
+    for p, r in zip(prompts, references):
+        key = tuple(p)
+        if key not in order:
+            order[key] = len(refs)
+            refs.append([])
+        refs[order[key]].append(r)
+    return [list(k) for k in order], refs

@@ -1,0 +1,370 @@
+"""Evaluate a trained model on a config's data.
+
+  python -m jaxft.evaluate --config=configs/NAME.py [--config.KEY=VALUE ...] --checkpoint=DIR
+      [--split=validation|train] [--max_examples=N] [--max_new_tokens=N] [--num_beams=N] [--out=DIR]
+
+`--checkpoint` is a training workdir (its newest Orbax checkpoint, restored as a resume restores it),
+one step directory `WORKDIR/checkpoints/STEP`, or an export: a HF model directory, or a HF PEFT /
+jaxft adapter directory applied to the config's base model (`model.path`).
+- classification: accuracy, precision/recall/F1 (macro, micro and per class, by label name) of the
+  argmax predictions, and the loss;
+- generation tasks (sft; source/target pairs on an encoder-decoder): an answer generated for each
+  distinct prompt of the split (greedy unless --num_beams; prompts that share several references, as
+  E2E's, are scored against all), ROUGE-1/2/L, BLEU and exact match (`jaxft.metrics`: Chinese on
+  characters), and the split's loss and perplexity.
+Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction) in --out (default
+`<workdir>/eval/<split>-<step>` for a training checkpoint, `<export>/../eval/<split>-<export name>`
+for an export), and the metrics as `eval/...` TensorBoard scalars at the checkpoint's step (an export
+counts as step 0): in the run's own `<workdir>/tensorboard` by default, else `<out>/tensorboard`.
+Bad input (a missing checkpoint, an unknown split, a checkpoint that does not fit the config) is one
+line `error: ...` and exit status 2, with nothing written.
+
+Training's periodic eval generates too with `eval.generate_examples=N` (`generation_eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxft.errors import JaxftError
+
+SPLITS = ("validation", "train")
+GENERATION_TASKS = ("sft", "seq2seq")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation and its scores: shared with training's periodic eval.
+
+
+def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: int, max_new_tokens: int,
+                   num_beams: int = 1, progress=None) -> list[str]:
+    """Decoded answers to `prompts` (text up to the first EOS), `batch_size` at a time. Every batch has
+    the same shape (left-padded to the longest prompt, the last filled up), so generation compiles once."""
+    from jaxft.generate import generate
+
+    eos = tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id
+    width = max(map(len, prompts))
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))
+        ids = np.array([[tok.pad_id] * (width - len(r)) + list(r) for r in rows], np.int32)
+        mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
+        new = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                       eos_token_id=eos, pad_token_id=tok.pad_id)
+        for row in np.asarray(new)[: len(chunk)].tolist():
+            out.append(tok.decode(row[: row.index(eos)] if eos in row else row).strip())
+        if progress is not None:
+            progress.update(len(chunk))
+    return out
+
+
+def generation_scores(predictions: list[str], references: list) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures, corpus BLEU (0-100) and exact match; a reference may be a list."""
+    from jaxft import metrics
+
+    return {**metrics.rouge(predictions, references), "bleu": metrics.bleu(predictions, references),
+            "exact_match": metrics.exact_match(predictions, references)}
+
+
+def generation_prompts(config, data, split: str, encoder_decoder: bool, limit: int = 0):
+    """-> (distinct prompt ids, their references (lists)) of a split's records, the sources in turn;
+    the first `limit` prompts when `limit`."""
+    from jaxft.data import generation, sft
+
+    d = config.data
+    records = generation.interleave(data.records[split])
+    prompts, refs = generation.prompts_and_references(
+        records, data.tokenizer, d.seq_len, fields=sft.Fields(d.source_field, d.target_field),
+        chat_template=d.chat_template, encoder_decoder=encoder_decoder, max_new_tokens=config.eval.max_new_tokens,
+        skip_bad=d.skip_bad_records)
+    prompts, refs = generation.distinct(prompts, refs)
+    if not prompts:
+        raise JaxftError(f"data.name={d.name!r}: no usable record in the {split} split to generate from")
+    return (prompts[:limit], refs[:limit]) if limit else (prompts, refs)
+
+
+def generation_eval(config, data, model):
+    """Training's periodic generation (`eval.generate_examples` > 0 on a generation task): a function
+    of the (merged) parameters -> {"eval/rouge1", ..., "eval/bleu", "eval/exact_match"}; else None."""
+    from jaxft.models import family
+
+    n = int(config.eval.generate_examples)
+    if not n or data.task not in GENERATION_TASKS or not (data.records or {}).get("validation"):
+        return None
+    prompts, refs = generation_prompts(config, data, "validation", family.of(model.cfg).encoder_decoder, n)
+    batch = config.eval.batch_size or config.train.batch_size
+
+    def run(params) -> dict[str, float]:
+        predictions = generate_texts(model, params, prompts, data.tokenizer, batch_size=batch,
+                                     max_new_tokens=config.eval.max_new_tokens, num_beams=config.eval.num_beams)
+        return {f"eval/{k}": v for k, v in generation_scores(predictions, refs).items()}
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# What --checkpoint names.
+
+
+def checkpoint_kind(path: Path) -> tuple[str, Path, int | None]:
+    """-> ("orbax", workdir, step or None for the newest) | ("adapter" | "model", directory, None)."""
+    if not path.is_dir():
+        raise JaxftError(f"--checkpoint={path}: no such directory")
+    if (path / "checkpoints").is_dir():
+        return "orbax", path, None
+    if path.name == "checkpoints":
+        return "orbax", path.parent, None
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return "orbax", path.parent.parent, int(path.name)
+    if (path / "adapter_config.json").is_file() or any(path.glob("*/adapter_config.json")):
+        return "adapter", path, None
+    if (path / "config.json").is_file():
+        return "model", path, None
+    raise JaxftError(f"--checkpoint={path}: not a training workdir (no checkpoints/), an Orbax step directory, a HF "
+                     "model directory (config.json) or an adapter directory (adapter_config.json)")
+
+
+def restore_trained(config, workdir: Path, step: int | None, cfg, base_root, data, mesh):
+    """The run's model rebuilt from `config` (`jaxft.train.build_model`) with the trainable parameters
+    of checkpoint `step` (the newest if None) -> (model, params, step). The checkpoint must have been
+    made by this config's model and method."""
+    from etils import epath
+
+    from jaxft.checkpoint import HOW, Checkpoints, changed_settings, run_settings
+    from jaxft.peft.partition import flat, merge
+    from jaxft.step import dynamic_loss_scale, init_state, make_optimizer
+    from jaxft.train import build_model, quantize_base
+
+    ckpt = Checkpoints(epath.Path(workdir), 1, 0)
+    try:
+        steps = ckpt.all_steps()
+        if step is None and not steps:
+            raise JaxftError(f"--checkpoint={workdir}: no checkpoint in {workdir / 'checkpoints'}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise JaxftError(f"--checkpoint: no checkpoint of step {step} in {workdir / 'checkpoints'} (it holds "
+                             f"{', '.join(map(str, steps)) or 'none'})")
+        method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
+        frozen = quantize_base(config, model.cfg, frozen)
+        tx, _ = make_optimizer(config.optimizer, config.train.steps)
+        if config.model.dtype == "float16":
+            tx = dynamic_loss_scale(tx)
+        state, _ = init_state(tx, trainable, config.train.seed, mesh, model.hooks)
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        where = workdir / "checkpoints" / str(step)
+
+        def fits(meta):
+            if meta.get("trainable") != sorted(flat(trainable)):
+                raise JaxftError(f"--checkpoint={where}: it trained other parameters than method {method.name!r} of "
+                                 "the config (another method or model?)")
+            made = {k: v for k, v in meta.get("settings", {}).items() if k.split(".")[0] in ("model", "method")}
+            changed = [c for c in changed_settings(made, run_settings(config)) if c[0] not in HOW]
+            if changed:
+                key, old, new = changed[0]
+                raise JaxftError(f"{key}={new!r}: the checkpoint {where} was made with {key}={old!r}")
+
+        state, _ = ckpt.restore(step, abstract, fits)
+    finally:
+        ckpt.close()
+    return model, merge(state.params, frozen), step
+
+
+def load_export(config, kind: str, path: Path, data, mesh):
+    """A HF model directory, or an adapter directory on the config's base -> (model, params), checked
+    against the data: the head its task needs, the number and names of its classes."""
+    from jaxft import objectives, sharding
+    from jaxft.generate import load
+    from jaxft.train import model_settings
+
+    overrides = {k: v for k, v in model_settings(config, types.SimpleNamespace(pooling="")).items()
+                 if k in ("dtype", "scan_layers", "attention")}
+    if kind == "adapter":
+        model, params, _ = load(config.model.path, str(path), **overrides)
+    else:
+        model, params, _ = load(str(path), **overrides)
+    cfg, want = model.cfg, objectives.HEADS.get(data.task, data.task)
+    if cfg.head != want and not (want == "causal_lm" and cfg.head == "seq2seq_lm"):
+        raise JaxftError(f"--checkpoint={path}: a model with a {cfg.head} head does not fit data.task={data.task!r} "
+                         f"(expected a {want} head)")
+    if data.labels:
+        names = tuple(str(v) for v in data.labels)
+        if cfg.num_labels != len(names) or (cfg.labels and tuple(cfg.labels) != names):
+            raise JaxftError(f"--checkpoint={path}: its classes {list(cfg.labels or range(cfg.num_labels))} are not "
+                             f"the data's {list(names)}")
+    if data.tokenizer is not None and data.tokenizer.vocab_size > cfg.vocab_size:
+        raise JaxftError(f"--checkpoint={path}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                         f"{data.tokenizer.vocab_size}")
+    return model, jax.device_put(params, sharding.replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def classify(model, params, arrays, batch_size: int, progress=None) -> np.ndarray:
+    """Argmax class of every row of `arrays`."""
+    from jaxft.objectives import model_inputs
+
+    forward = jax.jit(lambda p, batch: jax.numpy.argmax(model.apply({"params": p}, **model_inputs(batch)), -1))
+    n, out = len(arrays["input_ids"]), []
+    for start in range(0, n, batch_size):
+        idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # the last batch filled up: one shape
+        out.append(np.asarray(forward(params, {k: v[idx] for k, v in arrays.items()}))[: n - start])
+        if progress is not None:
+            progress.update(min(batch_size, n - start))
+    return np.concatenate(out)
+
+
+def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples: int = 0,
+             max_new_tokens: int | None = None, num_beams: int | None = None, out: str | None = None,
+             log=print) -> dict:
+    """The CLI's work: -> {"step", "split", "examples", "out", "metrics": {...}}; see the module docstring."""
+    from tqdm import tqdm
+
+    from jaxft import metrics, objectives, sharding, storage
+    from jaxft.config import validate
+    from jaxft.models import family
+    from jaxft.step import make_eval_step
+    from jaxft.train import evaluate as loss_eval
+    from jaxft.train import load_data, load_model_config
+
+    if split not in SPLITS:
+        raise JaxftError(f"--split={split}: expected one of {', '.join(SPLITS)}")
+    if max_examples < 0:
+        raise JaxftError(f"--max_examples={max_examples}: expected 0 (all) or a positive number")
+    with config.unlocked():
+        config.eval.max_new_tokens = config.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
+        config.eval.num_beams = config.eval.num_beams if num_beams is None else num_beams
+    validate(config)
+    kind, where, step = checkpoint_kind(Path(checkpoint))
+    mesh = sharding.make_mesh(config.mesh)
+    batch = config.eval.batch_size or config.train.batch_size
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % shards:
+        raise JaxftError(f"eval batch {batch} must be divisible by the {shards} data-parallel shards of mesh "
+                         f"{dict(mesh.shape)} (set eval.batch_size)")
+
+    cfg, base_root, tokenizer_path = load_model_config(config)
+    data = load_data(config, cfg, tokenizer_path)
+    arrays = data.eval if split == "validation" else data.train
+    if arrays is None:
+        raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
+                         "data.eval_name, or data.eval_holdout=N for the last N training records)")
+    if data.task not in GENERATION_TASKS and data.task != "classification":
+        raise JaxftError(f"data.task={data.task!r}: jaxft.evaluate scores classification and generation tasks "
+                         f"({', '.join(GENERATION_TASKS)})")
+    if kind == "orbax":
+        model, params, step = restore_trained(config, where, step, cfg, base_root, data, mesh)
+        params_out = where
+    else:
+        model, params = load_export(config, kind, where, data, mesh)
+        step, params_out = 0, where.parent
+    if out:
+        out_dir, tb_dir = storage.path(out, "--out"), storage.path(out, "--out") / "tensorboard"
+    else:
+        name = f"{split}-{step}" if kind == "orbax" else f"{split}-{where.name}"
+        out_dir = storage.path(str(params_out / "eval" / name), "--out")
+        tb_dir = storage.path(str(where / "tensorboard"), "--out") if kind == "orbax" else out_dir / "tensorboard"
+
+    # The loss (and perplexity) over the split, as training's eval computes it.
+    if data.task == "classification" and max_examples:
+        arrays = {k: v[:max_examples] for k, v in arrays.items()}
+    eval_step = jax.jit(make_eval_step(model, mesh, objectives.for_task(data.task)),
+                        out_shardings=sharding.replicated(mesh))
+    scores = loss_eval(eval_step, types.SimpleNamespace(params=params), {}, arrays, mesh, batch,
+                       model.cfg.head == "causal_lm", model.cfg.labels, data.sources)
+    tok = data.tokenizer
+    if data.task == "classification":
+        names = [str(v) for v in data.labels]
+        with tqdm(total=len(arrays["input_ids"]), desc="classify", file=sys.stdout, dynamic_ncols=True) as bar:
+            predicted = classify(model, params, arrays, batch, bar)
+        preds, refs = [names[i] for i in predicted], [names[i] for i in arrays["labels"]]
+        scores["eval/accuracy"] = metrics.accuracy(preds, refs)
+        scores.update({f"eval/{k}": v for k, v in metrics.precision_recall_f1(preds, refs, names).items()})
+        texts = [tok.decode(ids[mask > 0]) if tok else "" for ids, mask in zip(arrays["input_ids"],
+                                                                              arrays["attention_mask"])]
+        rows = [{"prompt": t, "reference": r, "prediction": p} for t, p, r in zip(texts, preds, refs)]
+    else:
+        prompts, refs = generation_prompts(config, data, split, family.of(model.cfg).encoder_decoder, max_examples)
+        with tqdm(total=len(prompts), desc="generate", file=sys.stdout, dynamic_ncols=True) as bar:
+            preds = generate_texts(model, params, prompts, tok, batch_size=batch,
+                                   max_new_tokens=config.eval.max_new_tokens, num_beams=config.eval.num_beams,
+                                   progress=bar)
+        scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs).items()})
+        rows = [{"prompt": tok.decode(p), "reference": r[0] if len(r) == 1 else r, "prediction": pred}
+                for p, r, pred in zip(prompts, refs, preds)]
+
+    # Only now, with everything computed, is anything written.
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"checkpoint": str(checkpoint), "step": step, "split": split, "examples": len(rows),
+                   "metrics": scores}
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        (out_dir / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        metrics.write_scalars(tb_dir, step, scores)
+    log(f"{split} at step {step}, {len(rows)} examples: " + " ".join(
+        f"{k}={v:.4f}" for k, v in scores.items() if not any(f"/{m}/" in k for m in ("precision", "recall", "f1")))
+        + f" | {out_dir}")
+    return {"step": step, "split": split, "examples": len(rows), "out": str(out_dir), "metrics": scores}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def define_flags():
+    """jaxft.evaluate's flags, next to the --config flag (and the rest) that importing jaxft.train defines."""
+    from absl import flags
+
+    import jaxft.train  # noqa: F401
+
+    flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax step directory, HF model or adapter directory.")
+    flags.DEFINE_string("split", "validation", "validation or train.")
+    flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples (distinct prompts) only; 0 = all.")
+    flags.DEFINE_integer("max_new_tokens", None, "Longest generated answer (default: eval.max_new_tokens).")
+    flags.DEFINE_integer("num_beams", None, "Beam search width; 1 is greedy (default: eval.num_beams).")
+    flags.DEFINE_string("out", None, "Where metrics.json, predictions.jsonl and TensorBoard events go.")
+
+
+def parse_flags(argv):
+    from absl import flags
+
+    from jaxft.train import parse_flags as parse_train_flags
+
+    args = parse_train_flags(argv)  # one-line usage errors, the config checked
+    if not flags.FLAGS.checkpoint:
+        print("error: --checkpoint=DIR is required (a training workdir, HF model or adapter directory)",
+              file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def main(argv):
+    from absl import flags, logging
+
+    FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)
+    try:
+        evaluate(FLAGS.config, FLAGS.checkpoint, split=FLAGS.split, max_examples=FLAGS.max_examples,
+                 max_new_tokens=FLAGS.max_new_tokens, num_beams=FLAGS.num_beams, out=FLAGS.out)
+    except JaxftError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run():
+    from absl import app
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
