@@ -49,15 +49,15 @@ def get_config():
 
     c.data.max_eval_examples = 300  # dev: the first 300 SST-2 sentences and 300 ChnSentiCorp reviews
 
-    # Training section (sized for a shared 2-core CPU: 1.6M tokens).
-    c.train.steps = 800
+    # Training section (sized for a shared 2-core CPU: 1.0M tokens).
+    c.train.steps = 500
     c.train.batch_size = 16
     c.train.log_every_steps = 50
     c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 80
+    c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.01
-    c.eval.every_steps = 200
+    c.eval.every_steps = 250
     c.eval.at_start = True  # the untrained model's dev loss, for comparison
-    c.checkpoint.every_steps = 200
+    c.checkpoint.every_steps = 250
     c.checkpoint.keep = 10
     return c

@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
     c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
-    c.data.task = ""  # "", classification, causal_lm, sft or masked_lm ("" = what the data says: see jaxft.data.tasks.choose_task)
+    c.data.task = ""  # "", classification, causal_lm, sft, masked_lm or span_corruption (T5; "" = what the data says: see jaxft.data.tasks.choose_task)
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
@@ -161,7 +161,7 @@ CHOICES = {
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm"),
+    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "span_corruption"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }

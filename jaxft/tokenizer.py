@@ -131,7 +131,7 @@ class Tokenizer:
         """The files that define this tokenizer (for cache keys)."""
         if self.directory is None:
             return [self._path]
-        names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        names = ("tokenizer.model", "spiece.model", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
         return [self.directory / n for n in names if (self.directory / n).is_file()]
 
