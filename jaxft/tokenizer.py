@@ -146,13 +146,17 @@ class Tokenizer:
         if self._sp is None:
             return self._hf.decode(ids)
         out, run = [], []
-        for i in ids:  # added tokens (T5's sentinels) are not SentencePiece pieces: decode the runs between them
-            if i in self._added_ids:
-                out += [self._sp.decode(run), self._added_ids[i]] if run else [self._added_ids[i]]
-                run = []
-            else:
+        for i in ids + [None]:  # added tokens (T5's sentinels) are not SentencePiece pieces: decode the runs between
+            if i is not None and i not in self._added_ids:
                 run.append(i)
-        return "".join(out + ([self._sp.decode(run)] if run else []))
+                continue
+            if run:  # a run after a sentinel keeps its leading space (SentencePiece drops it at the start)
+                space = " " if out and self._sp.id_to_piece(run[0]).startswith("\u2581") else ""
+                out.append(space + self._sp.decode(run))
+                run = []
+            if i is not None:
+                out.append(self._added_ids[i])
+        return "".join(out)
 
 
 def added_tokens(directory: Path, sp_size: int) -> dict[str, int]:

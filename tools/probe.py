@@ -48,9 +48,7 @@ def load(args):
     config.data.name, config.data.eval_name = args.data, args.eval_data
     config.data.text_field, config.data.label_field = args.text_field, args.label_field
     config.data.task, config.data.seq_len = "classification", args.seq_len
-    # A masked LM's vocabulary-sized head is not needed for features: read the encoder alone.
-    head = {"head": "classification"} if hf.read_config(hf.resolve(args.model)).head == "masked_lm" else {}
-    model, params = hf.load(args.model, scan_layers=False, **head)
+    model, params = hf.load(args.model, scan_layers=False)  # (the jitted features leave the LM head's logits unused)
     data = load_data(config, model.cfg, str(hf.resolve(args.model)))
     if data.eval is None:
         raise JaxftError(f"--data={args.data}: no eval split; pass --eval_data")
