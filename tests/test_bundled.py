@@ -44,6 +44,18 @@ def test_bundled_names_resolve_and_ship():
     assert '"assets/*/*"' in setup
 
 
+@pytest.mark.parametrize("name,config", [("jaxft-tiny-bert", "pretrain_tiny_bert.py"),
+                                         ("jaxft-tiny-t5", "pretrain_tiny_t5.py")])
+def test_model_card_matches_weights_and_config(name, config):
+    root = hf.resolve(name)
+    card = (root / "README.md").read_text()
+    _, params = hf.load(name)
+    n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
+    assert f"{n:,}" in card
+    assert f"python -m jaxft.train --config=configs/{config}" in card
+    assert hashlib.sha256((root / "model.safetensors").read_bytes()).hexdigest() in card
+
+
 def test_bert_logits_match_transformers():
     model, params = hf.load("jaxft-tiny-bert")
     assert model.cfg.head == "masked_lm" and model.cfg.model_type == "bert"
