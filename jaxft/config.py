@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
     c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
-    c.data.task = ""  # "", classification, causal_lm, sft, masked_lm or span_corruption (T5; "" = what the data says: see jaxft.data.tasks.choose_task)
+    # "", classification, causal_lm, sft, masked_lm or span_corruption (T5's pretraining)
+    c.data.task = ""  # "" = what the data says: see jaxft.data.tasks.choose_task
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)

@@ -131,8 +131,8 @@ class Tokenizer:
         """The files that define this tokenizer (for cache keys)."""
         if self.directory is None:
             return [self._path]
-        names = ("tokenizer.model", "spiece.model", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+        names = ("tokenizer.model", "spiece.model", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
         return [self.directory / n for n in names if (self.directory / n).is_file()]
 
     def piece(self, i: int) -> str:
@@ -258,8 +258,8 @@ def train_t5(texts, out_dir: str | Path, vocab_size: int) -> Path:
         reason = str(e).strip().splitlines()[-1]
         raise JaxftError(f"sentencepiece training (vocab_size={vocab_size}): {reason}") from None
     (out / "spiece.model").write_bytes(model.getvalue())
-    added = {str(vocab_size + T5_EXTRA_IDS - 1 - i): {"content": f"<extra_id_{i}>", "lstrip": False, "normalized": False,
-                                                     "rstrip": False, "single_word": False, "special": True}
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    added = {str(vocab_size + T5_EXTRA_IDS - 1 - i): {"content": f"<extra_id_{i}>", **flags}
              for i in range(T5_EXTRA_IDS)}
     config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
               "extra_ids": T5_EXTRA_IDS, "additional_special_tokens": [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)],

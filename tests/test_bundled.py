@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BERT, T5 = hf.BUNDLED_MODELS["jaxft-tiny-bert"], hf.BUNDLED_MODELS["jaxft-tiny-t5"]
 ENGLISH = ["A thoroughly unpleasant movie, with tabs\tand  double spaces.", "It's slow -- very, very slow.",
            "Café déjà-vu: 3.14 x 10^5 (naïve) résumé!", "the film 's charm is undeniable ."]
-CHINESE = ["这家酒店的服务非常好，房间干净。", "房间很小，早餐一般，不推荐。", "价格合理，交通方便，下次还会再来！"]
+CHINESE = ["这家酒店的服务非常好，房间干净。", "房间很小，早餐一般，不推荐。",
+           "价格合理，交通方便，下次还会再来！"]
 
 
 def close(ours, ref):
@@ -82,7 +83,8 @@ def test_t5_logits_match_transformers():
     n = max(map(len, enc))
     ids = np.array([r + [0] * (n - len(r)) for r in enc])
     mask = (np.arange(n) < np.array([len(r) for r in enc])[:, None]).astype(np.int64)
-    dec = np.array([([0] + tok.sentinels(1) + tok.encode("very") + [1] * 8)[:5], ([0] + tok.encode("很好") + [1] * 8)[:5]])
+    dec = np.array([([0] + tok.sentinels(1) + tok.encode("very") + [1] * 8)[:5],
+                    ([0] + tok.encode("很好") + [1] * 8)[:5]])
     with torch.no_grad():
         ref = ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                         decoder_input_ids=torch.tensor(dec)).logits.numpy()

@@ -77,8 +77,8 @@ def corrupt(arrays: dict, tok, seed: int, seq_len: int, density: float = NOISE_D
     blocks = arrays["input_ids"]
     n, length = blocks.shape
     if length != raw_length(seq_len, density, mean_span):
-        raise JaxftError(f"span corruption: blocks of {length} tokens, expected {raw_length(seq_len, density, mean_span)} "
-                         f"for data.seq_len={seq_len}")
+        expected = raw_length(seq_len, density, mean_span)
+        raise JaxftError(f"span corruption: blocks of {length} tokens, expected {expected} for data.seq_len={seq_len}")
     if tok.eos_id is None:
         raise JaxftError("data.task='span_corruption': the tokenizer has no EOS token (expected T5's </s>)")
     noise, spans = counts(length, density, mean_span)
