@@ -3,16 +3,22 @@ deep prompts on a frozen BERT, SST-2.
 
   python -m jaxft.train --config=configs/ptuning_v2_bert.py
 
-The base is `bert-base-uncased` from the Hugging Face hub (downloaded once into the HF cache, then
-offline; any BERT or RoBERTa directory works: `--config.model.path=DIR`, e.g. roberta-base). Only the
-prefixes (20 tokens x 12 layers x keys and values) and the head train: the pooler (dense + tanh on
-[CLS]) and the classifier, as in BertForSequenceClassification, whose checkpoint layout the export
-keeps (PEFT `modules_to_save`: classifier, pooler). The tokenizer is the checkpoint's WordPiece one
-(read through `transformers`), which puts [CLS] in front and [SEP] after each sentence.
+The base is the bundled `jaxft-tiny-bert` (a 4-layer, 5.5M-parameter BERT that jaxft pretrained with
+masked-LM on bundled text: `jaxft/assets/jaxft-tiny-bert/README.md`), so the config runs offline. For
+the paper-size run, take `bert-base-uncased` from the Hugging Face hub (downloaded once into the HF
+cache, then offline; any BERT or RoBERTa directory works, e.g. roberta-base):
+
+  python -m jaxft.train --config=configs/ptuning_v2_bert.py --config.model.path=bert-base-uncased
+
+Only the prefixes (20 tokens x each layer x keys and values) and the head train: the pooler (dense +
+tanh on [CLS]) and the classifier, as in BertForSequenceClassification, whose checkpoint layout the
+export keeps (PEFT `modules_to_save`: classifier, pooler). The tokenizer is the checkpoint's WordPiece
+one (read through `transformers`), which puts [CLS] in front and [SEP] after each sentence.
 
 Settings follow the paper's GLUE/SuperGLUE recipe for BERT-size models: prefix length 20, learning
-rate 1e-2, the head reading [CLS] (`model.pooling=first`, the family's default). Not measured in this
-repository yet: its machines have no network for the download.
+rate 1e-2, the head reading [CLS] (`model.pooling=first`, the family's default). Measured on
+jaxft-tiny-bert (a shortened run, see BENCHMARKS.md "Bundled encoder"); bert-base-uncased is not
+measured in this repository (its machines have no network for the download).
 """
 
 from jaxft.config import base_config
@@ -20,7 +26,7 @@ from jaxft.config import base_config
 
 def get_config():
     c = base_config()
-    c.model.path = "bert-base-uncased"
+    c.model.path = "jaxft-tiny-bert"  # paper size: --config.model.path=bert-base-uncased
 
     # Method section: learned key/value prefixes at every layer of the frozen encoder.
     c.method.name = "ptuning_v2"

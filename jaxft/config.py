@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.hub_config = ""  # the dataset's config (subset) name, e.g. "sst2" of "hub:nyu-mll/glue"
     c.data.train_split = "train"
     c.data.eval_split = ""  # "" = data.eval_name if set, else "validation" where the dataset has it; "none" = no eval
-    c.data.task = ""  # "", classification, causal_lm, sft or masked_lm ("" = what the data says: see jaxft.data.tasks.choose_task)
+    # "", classification, causal_lm, sft, masked_lm or span_corruption (T5's pretraining)
+    c.data.task = ""  # "" = what the data says: see jaxft.data.tasks.choose_task
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
@@ -170,7 +171,7 @@ CHOICES = {
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm"),
+    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "span_corruption"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }

@@ -20,11 +20,14 @@ from jaxft.models import family
 from jaxft.models.family import POOLING
 
 ASSETS = Path(__file__).parent / "assets"
-BUNDLED_MODELS = {"jaxft-tiny": ASSETS / "jaxft-tiny"}
+# Made by jaxft from bundled text (each directory's README.md says how): a Llama decoder, a BERT
+# masked-LM encoder and a T5 encoder-decoder, so that configs of every kind run offline.
+BUNDLED_MODELS = {name: ASSETS / name for name in ("jaxft-tiny", "jaxft-tiny-bert", "jaxft-tiny-t5")}
 SUPPORTED = tuple(family.REGISTRY)
 POOLING_KEY = "classifier_pooling"  # the config.json key (ModernBERT's name for the same choice)
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt", "vocab.json", "merges.txt")  # the last three: WordPiece (BERT), BPE (RoBERTa)
+TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
+# spiece.model: T5's SentencePiece file; the last three: WordPiece (BERT), BPE (RoBERTa)
 
 
 def offline_reason(timeout: float = 2.0) -> str | None:
@@ -69,7 +72,7 @@ def resolve(path: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+            patterns = ["*.json", "*.safetensors", "tokenizer.model", "spiece.model", "vocab.txt"]
             return Path(snapshot_download(path, allow_patterns=patterns, local_files_only=offline is not None))
         except Exception as e:  # unknown repo, gated, not cached while offline, ...
             if offline:
@@ -77,7 +80,8 @@ def resolve(path: str) -> Path:
                                  f"cannot be reached ({offline})") from None
             reason = first_line(e)
             raise JaxftError(f"model.path {path!r}: no such directory and the hub download failed ({reason})") from None
-    raise JaxftError(f"model.path {path!r}: no such directory (expected a HF model directory or 'jaxft-tiny')")
+    raise JaxftError(f"model.path {path!r}: no such directory (expected a HF model directory or one of "
+                     f"{', '.join(BUNDLED_MODELS)})")
 
 
 def base_reference(path: str) -> str:

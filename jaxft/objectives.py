@@ -154,9 +154,10 @@ OBJECTIVES: dict[str, Objective] = {
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
 }
+OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: seq2seq on corrupted blocks
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
-         "token_classification": "token_classification"}
+         "token_classification": "token_classification", "span_corruption": "seq2seq_lm"}
 
 
 def for_task(task: str) -> Objective:

@@ -134,6 +134,11 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     if task == "masked_lm":  # the packed blocks, then BERT's masking, drawn once from the seed
         train = tasks.mask_tokens(train, tok, config.train.seed)
         ev = tasks.mask_tokens(ev, tok, config.train.seed + 1) if ev is not None else None
+    if task == "span_corruption":  # the packed blocks, then T5's span corruption, drawn once from the seed
+        from jaxft.data.span_corruption import corrupt
+
+        train = corrupt(train, tok, config.train.seed, seq_len)
+        ev = corrupt(ev, tok, config.train.seed + 1, seq_len) if ev is not None else None
     records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved if r[2] and r[2].rows]}
     return Data(train, ev, task, None, tok, m.groups, m.weights, m.names, records)
 

@@ -48,7 +48,7 @@ def load(args):
     config.data.name, config.data.eval_name = args.data, args.eval_data
     config.data.text_field, config.data.label_field = args.text_field, args.label_field
     config.data.task, config.data.seq_len = "classification", args.seq_len
-    model, params = hf.load(args.model, scan_layers=False)
+    model, params = hf.load(args.model, scan_layers=False)  # (the jitted features leave the LM head's logits unused)
     data = load_data(config, model.cfg, str(hf.resolve(args.model)))
     if data.eval is None:
         raise JaxftError(f"--data={args.data}: no eval split; pass --eval_data")
@@ -60,26 +60,29 @@ def load(args):
 
 
 def features(model, params, arrays, batch: int):
-    """-> {name: [N, D]}: each layer's output (and the final norm) at the last real token and averaged."""
+    """-> {name: [N, D]}: each layer's output (and the final norm, where the model has one) at the token
+    the model's classifier reads (the last real token, BERT's first) and averaged."""
     from tqdm import tqdm
 
     from jaxft.models.llama import pool
 
     num_layers = model.cfg.num_layers
+    how = "first" if model.cfg.pooling == "first" else "last"
 
     @jax.jit
     def run(params, ids, mask):
         _, state = model.apply({"params": params}, ids, mask, capture_intermediates=True)
         inter = state["intermediates"]
-        hs = [inter[f"layers_{i}"]["__call__"][0][0] for i in range(num_layers)] + [inter["norm"]["__call__"][0]]
-        return [(pool(h, mask, "last"), pool(h, mask, "mean")) for h in hs]
+        hs = [inter[f"layers_{i}"]["__call__"][0][0] for i in range(num_layers)]
+        hs += [inter["norm"]["__call__"][0]] if "norm" in inter else []  # post-LN encoders (BERT) have none
+        return [(pool(h, mask, how), pool(h, mask, "mean")) for h in hs]
 
     out = {}
     for i in tqdm(range(0, len(arrays["labels"]), batch), desc="features", unit="batch", leave=False):
         hs = run(params, arrays["input_ids"][i : i + batch], arrays["attention_mask"][i : i + batch])
         for layer, (last, mean) in enumerate(hs):
             name = "final norm" if layer == num_layers else f"layer {layer}"
-            out.setdefault(f"{name}, last token", []).append(np.asarray(last))
+            out.setdefault(f"{name}, {how} token", []).append(np.asarray(last))
             out.setdefault(f"{name}, mean", []).append(np.asarray(mean))
     return {k: np.concatenate(v) for k, v in out.items()}
 

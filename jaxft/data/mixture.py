@@ -109,6 +109,10 @@ def write_cache(d, key: str, arrays: dict, line: str):
 def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, str]], log) -> Mixture:
     """sources: (name, train records, eval records or None, text field) each."""
     seq_len = int(d.seq_len)
+    if task == "span_corruption":  # packed blocks of the length whose corrupted input fills seq_len
+        from jaxft.data.span_corruption import raw_length
+
+        seq_len = raw_length(seq_len)
     names = source_names([s[0] for s in sources])
     renderer = None
     if task == "sft":
@@ -126,7 +130,7 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
         hit = read_cache(d, key)
         if hit is not None:
             out, line = hit
-        elif task in ("causal_lm", "masked_lm"):
+        elif task in ("causal_lm", "masked_lm", "span_corruption"):
             out, line = tasks.causal_lm(records, tok, seq_len, text_field, segments=bool(d.packing))[0], ""
         else:
             enc = sft.examples(records, tok, renderer, seq_len, fields, bool(d.train_on_prompt),
