@@ -319,3 +319,31 @@ def test_head_needs_an_output_head_of_its_own(bases):
     cfg = bases("t5").cfg.replace(tie_word_embeddings=True)
     with pytest.raises(JaxftError, match="has no output head of its own"):
         build(method_cfg(name="head"), cfg)
+
+
+@pytest.mark.parametrize("family_name", ["t5", "bert"])
+def test_unscanned_blocks_export_as_scanned(bases, tmp_path, family_name):
+    """The per-module formats (DoRA's magnitudes, IA3, bottleneck adapters) name each block the same
+    whether the model scans its blocks or not (T5: two stacks), and load back into either."""
+    base = bases(family_name)
+    kw = dict(name="lora+ia3+adapter", dora=True, rank=2, alpha=4.0, adapter_size=4)
+    unscanned = base.cfg.replace(scan_layers=False)
+    _, params = hf.load(base.dir, scan_layers=False)
+    method = build(method_cfg(**kw), unscanned)
+    model = family.build(unscanned, method.hooks)
+    fresh = jax.jit(lambda key: added_params(nn.unbox(model.init(key, jnp.zeros((1, 4), jnp.int32))["params"])))
+    added = {k: v + 0.1 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
+             for i, (k, v) in enumerate(flat(fresh(jax.random.PRNGKey(0))).items())}
+    params = merge(params, unflat(added))
+    hf.save_adapter(model, params, tmp_path / "unscanned")
+    model2, params2 = hf.load(base.dir, adapter=str(tmp_path / "unscanned"))  # scanned
+    close(base.real(base.logits(model2, params2)), base.real(base.logits(model, params)))
+    hf.save_adapter(model2, params2, tmp_path / "scanned")
+    from safetensors.numpy import load_file
+
+    for part in ("lora", "ia3", "adapter"):
+        a, b = (load_file(str(tmp_path / d / part / "adapter_model.safetensors")) for d in ("unscanned", "scanned"))
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a), part
+    ia3 = peft.PeftModel.from_pretrained(copy.deepcopy(base.torch), tmp_path / "scanned" / "ia3").eval()
+    alone = family.build(model2.cfg, [h for h in model2.hooks if h.kind == "ia3"])
+    close(base.real(base.torch_logits(ia3)), base.real(base.logits(alone, params2)))
