@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.adapter_type = "houlsby"  # bottleneck adapters: houlsby (after attention and MLP) | pfeiffer (after MLP)
     c.method.adapter_size = 64  # their bottleneck width
     c.method.adapter_activation = "relu"  # relu | gelu | silu | tanh
-    c.method.ia3_targets = ""  # IA3: module names or a regex; "" = the family's (PEFT's: k_proj,v_proj,down_proj)
+    c.method.ia3_targets = ""  # IA3: module names or a regex; "" = the family's (PEFT's defaults for its model type)
     c.method.feedforward_modules = ""  # IA3: those of its targets whose input is scaled; "" = the family's
     c.method.init_r = 12  # AdaLoRA (PEFT's names and defaults): initial rank per target (uses method.targets, alpha)
     c.method.target_r = 8  # AdaLoRA: average rank per target after budget allocation

@@ -528,6 +528,8 @@ FAMILY = Family(
     hf_module=functools.partial(hf_module, base="bert"),
     our_module=our_module,
     lora_targets="query,value",  # PEFT's default for bert and roberta
+    ia3_targets="key,value,output.dense",  # PEFT's IA3 defaults (both output.dense: attention's and the FFN's)
+    ia3_feedforward="output.dense",
     head_params=r"^(pooler|classifier|cls|lm_head)/",
     classifier_params=r"^(pooler|classifier)/",  # a BertForMaskedLM checkpoint has no pooler: it is new too
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_heads, cfg.dim_per_head),

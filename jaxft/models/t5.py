@@ -696,7 +696,7 @@ def our_module(name: str) -> str | None:
     name = name[len("transformer."):] if name.startswith("transformer.") else name
     if name.split(".")[0] in ("lm_head", "classification_head"):
         return name
-    if not re.match(r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.", name):
+    if not re.match(r"(encoder|decoder)\.block\.\d+(\.|$)", name):  # a block (an adapter's) or inside one
         return None
     return re.sub(r"\blayer\.(\d+)\b", r"layer_\1", name)
 
@@ -742,6 +742,8 @@ FAMILY = Family(
     hf_module=hf_module,
     our_module=our_module,
     lora_targets="q,v",
+    ia3_targets="k,v,wo",  # PEFT's IA3 defaults for t5 (mt5's name wi_1, with no feed-forward module)
+    ia3_feedforward="wo",
     head_params=r"^(lm_head|classification_head)/",
     classifier_params=r"^classification_head/",
     kv_layout=lambda cfg: (cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv),

@@ -25,18 +25,25 @@ from jaxft.peft.hook import Hook
 
 
 def target_names(targets: str) -> frozenset[str] | None:
-    """The module names of a 'q_proj,v_proj' list; None for a regex."""
+    """The module names of a 'q_proj,v_proj' (or 'c_attn,mlp.c_proj') list; None for a regex."""
     targets = targets.strip()
-    if re.fullmatch(r"[\w\s,]+", targets):
+    if re.fullmatch(r"[\w\s,.]+", targets) and not re.search(r"(^|[,\s])\.|\.($|[,\s])|\.\.", targets):
         return frozenset(t.strip() for t in targets.split(",") if t.strip())
     return None
 
 
+def names_match(name: str, path: str) -> bool:
+    """Whether a module name of a target list names this dotted path: its last part ('c_proj'), or
+    its last parts ('mlp.c_proj', as PEFT matches a name: the whole path or a suffix after a dot)."""
+    return path == name or path.endswith("." + name)
+
+
 def parse_targets(targets: str):
-    """'q_proj,v_proj' -> module names matched exactly; anything else is a regex on the dotted path."""
+    """'q_proj,v_proj' -> module names matched as PEFT does (`names_match`); anything else is a regex
+    on the dotted path."""
     names = target_names(targets)
     if names is not None:
-        return lambda path: path.split(".")[-1] in names
+        return lambda path: any(names_match(n, path) for n in names)
     targets = targets.strip()
     rx = re.compile(targets)
     return lambda path: rx.fullmatch(path) is not None

@@ -19,7 +19,7 @@ from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.peft import registry
 from jaxft.peft.hook import Hook, acts_on_linear
-from jaxft.peft.lora import LoraHook, module_path, parse_targets, target_names
+from jaxft.peft.lora import LoraHook, module_path, names_match, parse_targets, target_names
 from jaxft.peft.prompt import ENCODERS, INITS, PromptHook
 from jaxft.peft.ptuning_v2 import PrefixHook
 from jaxft.peft.registry import Kind, register
@@ -39,7 +39,12 @@ def _full(m, cfg) -> Method:
 def _head(m, cfg) -> Method:
     if cfg.head == "causal_lm" and getattr(cfg, "tie_word_embeddings", False):
         raise JaxftError("method.name='head' on a causal LM with tied embeddings would train the embeddings too")
-    return Method("head", (family.of(cfg).head_params,))
+    pattern = family.of(cfg).head_params
+    if not any(re.search(pattern, p) for p in param_shapes(cfg)):  # e.g. an LM head that is the tied embeddings
+        raise JaxftError(f"method.name='head': this {cfg.model_type} model with head={cfg.head!r} has no output head "
+                         f"of its own (tie_word_embeddings={getattr(cfg, 'tie_word_embeddings', None)}); choose "
+                         "another method")
+    return Method("head", (pattern,))
 
 
 def param_shapes(model_cfg, hooks=()) -> dict:
@@ -259,7 +264,8 @@ def check_hooks(method: Method, model_cfg) -> None:
         what = f"{key}={hook.targets!r}" if hasattr(hook, "targets") else type(hook).__name__
         if not any(hook.acts_on(p) for p in paths):
             raise JaxftError(f"{what} matches no module of this model ({known})")
-        unknown = sorted((target_names(hook.targets) or set()) - set(names)) if hasattr(hook, "targets") else []
+        listed = (target_names(hook.targets) or set()) if hasattr(hook, "targets") else set()
+        unknown = sorted(n for n in listed if not any(names_match(n, p) for p in paths))
         if unknown:
             raise JaxftError(f"{what}: {', '.join(map(repr, unknown))} names no module of this model ({known})")
 

@@ -1,8 +1,9 @@
 """Module names between jaxft and HF PEFT adapter files, for the methods that save per-module tensors.
 
-jaxft's module paths have no layer index under a scanned stack (`layers.self_attn.q_proj`, the layer
-is the leading axis of each leaf) or one per unscanned layer (`layers_3.self_attn.q_proj`); HF's
-carry it (`model.layers.3.self_attn.q_proj`).
+jaxft's module paths have no block index under a scanned stack of blocks (`layers.self_attn.q_proj`,
+the block is the leading axis of each leaf) or one per unscanned block (`layers_3.self_attn.q_proj`);
+HF's carry it (`model.layers.3.self_attn.q_proj`). The stacks are the family's (`Family.layer_stacks`:
+`layers`, or T5's `encoder.block` and `decoder.block`).
 """
 
 from __future__ import annotations
@@ -16,65 +17,91 @@ from jaxft.models import family
 from jaxft.peft.partition import flat
 
 
-def per_layer(trainable, leaf: str):
-    """-> [(our module path without layer index, layer index or None, value)] for each `leaf` param."""
+def _stack_of(cfg, path: str):
+    """Our dotted module path -> (stack, block index or None when scanned, path inside the block), or None
+    outside the family's stacks of blocks (`layers.x` scanned, `layers_3.x` not; T5: `encoder.block`)."""
+    for stack in family.of(cfg).layer_stacks(cfg):
+        if path == stack or path.startswith(stack + "."):
+            return stack, None, path[len(stack) + 1:]
+        m = re.fullmatch(re.escape(stack) + r"_(\d+)(?:\.(.+))?", path)
+        if m:
+            return stack, int(m[1]), m[2] or ""
+    return None
+
+
+def _join(*parts) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def per_layer(trainable, leaf: str, cfg):
+    """-> [(our module path without block index, block index or None, value)] for each `leaf` param."""
     out = []
     for path, value in flat(trainable).items():
         parts = path.split("/")
         if parts[-1] != leaf:
             continue
-        head, mod = parts[0], ".".join(parts[:-1])
         value = np.asarray(value, np.float32)
-        if head == "layers":
-            out += [(mod, i, value[i]) for i in range(value.shape[0])]
-        elif head.startswith("layers_") and head[7:].isdigit():
-            out.append(("layers." + ".".join(parts[1:-1]), int(head[7:]), value))
+        where = _stack_of(cfg, ".".join(parts[:-1]))
+        if where is None:
+            out.append((".".join(parts[:-1]), None, value))
+            continue
+        stack, index, rest = where
+        if index is None:
+            out += [(_join(stack, rest), i, value[i]) for i in range(value.shape[0])]
         else:
-            out.append((mod, None, value))
+            out.append((_join(stack, rest), index, value))
     return out
 
 
 def hf_name(cfg, path: str, layer: int | None) -> str:
-    """Our module path (without layer index) and its layer -> HF's module name."""
-    head, *rest = path.split(".")
-    if head == "layers" and layer is not None:
-        path = ".".join(["layers", str(layer)] + rest)
+    """Our module path (without block index) and its block -> HF's module name."""
+    where = _stack_of(cfg, path) if layer is not None else None
+    if where is not None:
+        stack, _, rest = where
+        path = _join(stack, str(layer), rest)
     return family.of(cfg).hf_module(path)
 
 
 def pattern(cfg, path: str, layer: int | None) -> str:
-    """A regex on HF module names matching this module in every layer (PEFT's target_modules)."""
+    """A regex on HF module names matching this module in every block (PEFT's target_modules)."""
     name = re.escape(hf_name(cfg, path, layer))
     return name.replace(f"\\.{layer}\\.", r"\.\d+\.", 1) if layer is not None else name
 
 
 def our_name(cfg, name: str, where: str) -> tuple[str, int | None]:
-    """HF module name -> (our module path without layer index, layer index or None)."""
+    """HF module name -> (our module path without block index, block index or None)."""
     ours = family.of(cfg).our_module(name)
     if ours is None:
         raise JaxftError(f"{where}: {name} names a module this {cfg.model_type} model does not have")
-    m = re.fullmatch(r"layers\.(\d+)(\..+)?", ours)
-    return (f"layers{m[2] or ''}", int(m[1])) if m else (ours, None)
+    for stack in family.of(cfg).layer_stacks(cfg):
+        m = re.fullmatch(re.escape(stack) + r"\.(\d+)(?:\.(.+))?", ours)
+        if m:
+            return _join(stack, m[2]), int(m[1])
+    return ours, None
 
 
 def to_params(values: dict, cfg, where: str, fill=None) -> dict:
-    """{(our module path, leaf): {layer or None: array}} -> flat params ("a/b/leaf": array), stacked along
-    a leading axis when the model scans its layers. `fill(shape)` supplies a layer the adapter leaves
+    """{(our module path, leaf): {block or None: array}} -> flat params ("a/b/leaf": array), stacked along
+    a leading axis when the model scans its blocks. `fill(shape)` supplies a block the adapter leaves
     out (None: that is an error)."""
+    stacks = family.of(cfg).layer_stacks(cfg)
     out = {}
     for (path, leaf), per in values.items():
-        key = path.replace(".", "/") + "/" + leaf
-        if not path.startswith("layers."):
-            out[key] = per[None]
+        hit = _stack_of(cfg, path) if None not in per else None
+        if hit is None:
+            out[path.replace(".", "/") + "/" + leaf] = per[None]
             continue
-        missing = sorted(set(range(cfg.num_layers)) - set(per))
+        stack, _, rest = hit
+        n = stacks[stack]
+        missing = sorted(set(range(n)) - set(per))
         if missing and fill is None:
             raise JaxftError(f"{where}: {path} has an adapter in some layers only (none in layer {missing[0]})")
         shape = next(iter(per.values())).shape
-        full = [per[i] if i in per else fill(shape) for i in range(cfg.num_layers)]
+        full = [per[i] if i in per else fill(shape) for i in range(n)]
+        inner = "/".join(p for p in (rest.replace(".", "/"), leaf) if p)
         if cfg.scan_layers:
-            out[key] = np.stack(full)
+            out[stack.replace(".", "/") + "/" + inner] = np.stack(full)
         else:
             for i, v in enumerate(full):
-                out[f"layers_{i}/" + key[len("layers/"):]] = v
+                out[f"{stack.replace('.', '/')}_{i}/" + inner] = v
     return out
