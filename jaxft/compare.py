@@ -8,6 +8,11 @@ seed, `compare.json` (every run's figures), `compare.md` (the table: dev metric 
 seeds, trainable parameters, adapter/export size, tokens/s, peak host memory) and a plot of the dev
 metric against trainable parameters (`compare.png` with matplotlib, else `compare.svg`). A run that
 fails is a row with its one-line error, not the end of the comparison.
+
+A run that finished writes its figures to `<run dir>/result.json`; a later comparison with the same
+workdir reuses them instead of training again (so a killed comparison continues where it stopped, and
+adding a config or a seed trains only the new runs). A run that failed or did not finish is run again
+from scratch. The table and plot are rewritten after every run, so a partial comparison has a table.
 """
 
 from __future__ import annotations
@@ -59,8 +64,27 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def config_digest(config_file: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(config_file).read_bytes()).hexdigest()[:16]
+
+
+def finished(config_file: str, workdir: Path, overrides) -> dict | None:
+    """The figures of a run that finished in `workdir` from the same config text and overrides, else None."""
+    try:
+        row = json.loads((workdir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = row.get("overrides") == list(overrides) and row.get("config_sha256") == config_digest(config_file)
+    return row if row.get("returncode") == 0 and same else None
+
+
 def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
     """One training run through the CLI -> its figures (or its error)."""
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)  # a run that did not finish starts again, not from its checkpoint
     cmd = [sys.executable, "-m", "jaxft.train", f"--config={config_file}", f"--workdir={workdir}", *overrides,
            f"--config.train.seed={seed}"]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +99,7 @@ def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
         proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = (workdir / "stdout.log").read_text(), (workdir / "stderr.log").read_text()
     row = {"config": Path(config_file).stem, "seed": seed, "workdir": str(workdir), "returncode": proc.returncode,
-           "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux: KiB
+           "overrides": list(overrides), "config_sha256": config_digest(config_file), "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux: KiB
     if proc.returncode != 0:
         lines = [line for line in err.splitlines() if line.strip()]
         row["error"] = lines[-1] if lines else f"exit status {proc.returncode}"
@@ -89,6 +113,7 @@ def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
     speeds = [r["train/tokens_per_second"] for r in rows if "train/tokens_per_second" in r]
     row["tokens_per_second"] = sum(speeds) / len(speeds) if speeds else None
     row["export_bytes"] = dir_bytes(workdir / "export")
+    (workdir / "result.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 
@@ -194,26 +219,40 @@ def svg_plot(points, metric: str, path: Path) -> Path:
     return path
 
 
+def write_results(rows, metric: str, work: Path) -> Path:
+    summary = summarize(rows, metric)
+    (work / "compare.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
+    (work / "compare.md").write_text(table(summary))
+    return plot(summary, work)
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
+        order = {c: k for k, c in enumerate(args.configs)}
+        base_seeds = {c: config_seed(c) for c in args.configs}
         rows = []
-        for config_file in args.configs:
-            base_seed = config_seed(config_file)
-            for i in range(args.seeds):
-                seed = base_seed + i
+        # Seed by seed: every config's first seed runs before any second seed, so a comparison cut short
+        # still has every method in its table.
+        for i in range(args.seeds):
+            for config_file in args.configs:
+                seed = base_seeds[config_file] + i
                 run_dir = work / f"{Path(config_file).stem}-seed{seed}"
-                print(f"compare: {config_file} seed {seed} -> {run_dir}", flush=True)
-                row = run_one(config_file, seed, run_dir, args.overrides)
+                row = finished(config_file, run_dir, args.overrides)
+                if row is not None:
+                    print(f"compare: {config_file} seed {seed}: finished before, reused ({run_dir / 'result.json'})",
+                          flush=True)
+                else:
+                    print(f"compare: {config_file} seed {seed} -> {run_dir}", flush=True)
+                    row = run_one(config_file, seed, run_dir, args.overrides)
                 print(f"  {row.get('error') or row.get('eval')}", flush=True)
+                row["order"] = (order[config_file], i)
                 rows.append(row)
-        summary = summarize(rows, args.metric)
-        (work / "compare.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
-        (work / "compare.md").write_text(table(summary))
-        figure = plot(summary, work)
-        print(table(summary) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
+                rows.sort(key=lambda r: tuple(r["order"]))
+                figure = write_results(rows, args.metric, work)
+        print(table(summarize(rows, args.metric)) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
         return 0
     except JaxftError as e:
         print(f"error: {e}", file=sys.stderr)
