@@ -18,12 +18,15 @@ from scratch. The table and plot are rewritten after every run, so a partial com
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from jaxft.errors import JaxftError
@@ -35,6 +38,7 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, default=1, help="runs per config (train.seed + 0, 1, ...)")
     p.add_argument("--workdir", default="runs/compare")
     p.add_argument("--metric", default="", help="the dev metric (default: eval/accuracy, else eval/loss)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at the same time (each its own process)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -46,6 +50,8 @@ def parse_args(argv):
     for c in args.configs:
         if not Path(c).is_file():
             raise JaxftError(f"--configs: {c}: no such config file")
+    if args.jobs < 1:
+        raise JaxftError(f"--jobs={args.jobs}: expected a positive integer")
     if args.seeds < 1:
         raise JaxftError(f"--seeds={args.seeds}: expected a positive integer")
     return args
@@ -80,6 +86,9 @@ def finished(config_file: str, workdir: Path, overrides) -> dict | None:
     return row if row.get("returncode") == 0 and same else None
 
 
+LIVE: set = set()  # the training processes running now (killed if the comparison is interrupted)
+
+
 def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
     """One training run through the CLI -> its figures (or its error)."""
     import shutil
@@ -90,12 +99,15 @@ def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "stdout.log", "w") as out_f, open(workdir / "stderr.log", "w") as err_f:
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
+        LIVE.add(proc)
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use, its peak memory included
         except BaseException:  # interrupted: the run must not go on alone
             proc.kill()
             proc.wait()
             raise
+        finally:
+            LIVE.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = (workdir / "stdout.log").read_text(), (workdir / "stderr.log").read_text()
     row = {"config": Path(config_file).stem, "seed": seed, "workdir": str(workdir), "returncode": proc.returncode,
@@ -146,17 +158,17 @@ def summarize(rows, metric: str) -> list[dict]:
 
 
 def table(summary) -> str:
-    lines = ["| config | method | dev metric | mean | spread (std) | seeds | trainable params | export size | "
-             "tokens/s | peak host memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | method | dev metric | mean | spread (std) | per seed | seeds | trainable params | export size | "
+             "tokens/s | peak host memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for s in summary:
         if not s["ok"]:
-            lines.append(f"| {s['config']} | | | failed: {s['error']} | | 0/{s['runs']} | | | | |")
+            lines.append(f"| {s['config']} | | | failed: {s['error']} | | | 0/{s['runs']} | | | | |")
             continue
         size = s["export_bytes"]
         lines.append(
             f"| {s['config']} | {s['method']} | {s['metric']} | {fmt(s['mean'], '.4f')} | {fmt(s['std'], '.4f')} | "
-            f"{s['ok']}/{s['runs']} | {fmt(s['trainable'], ',')} | {'' if size is None else f'{size / 2**20:.2f} MiB'} | "
+            f"{' '.join(format(v, '.3f') for v in s['values'])} | {s['ok']}/{s['runs']} | {fmt(s['trainable'], ',')} | {'' if size is None else f'{size / 2**20:.2f} MiB'} | "
             f"{fmt(s['tokens_per_second'], ',.0f')} | {fmt(s['peak_rss_mib'], ',.0f')} MiB |")
     return "\n".join(lines) + "\n"
 
@@ -226,32 +238,53 @@ def write_results(rows, metric: str, work: Path) -> Path:
     return plot(summary, work)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, `kill`: the training processes end with it
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
         order = {c: k for k, c in enumerate(args.configs)}
         base_seeds = {c: config_seed(c) for c in args.configs}
-        rows = []
-        # Seed by seed: every config's first seed runs before any second seed, so a comparison cut short
-        # still has every method in its table.
-        for i in range(args.seeds):
-            for config_file in args.configs:
-                seed = base_seeds[config_file] + i
-                run_dir = work / f"{Path(config_file).stem}-seed{seed}"
-                row = finished(config_file, run_dir, args.overrides)
-                if row is not None:
-                    print(f"compare: {config_file} seed {seed}: finished before, reused ({run_dir / 'result.json'})",
-                          flush=True)
-                else:
-                    print(f"compare: {config_file} seed {seed} -> {run_dir}", flush=True)
-                    row = run_one(config_file, seed, run_dir, args.overrides)
-                print(f"  {row.get('error') or row.get('eval')}", flush=True)
-                row["order"] = (order[config_file], i)
+        rows, figure = [], None
+        lock = threading.Lock()
+
+        def one(i: int, config_file: str):
+            seed = base_seeds[config_file] + i
+            run_dir = work / f"{Path(config_file).stem}-seed{seed}"
+            row = finished(config_file, run_dir, args.overrides)
+            if row is not None:
+                print(f"compare: {config_file} seed {seed}: finished before, reused ({run_dir / 'result.json'})",
+                      flush=True)
+            else:
+                print(f"compare: {config_file} seed {seed} -> {run_dir}", flush=True)
+                row = run_one(config_file, seed, run_dir, args.overrides)
+            print(f"  {config_file} seed {seed}: {row.get('error') or row.get('eval')}", flush=True)
+            row["order"] = (order[config_file], i)
+            with lock:
                 rows.append(row)
                 rows.sort(key=lambda r: tuple(r["order"]))
-                figure = write_results(rows, args.metric, work)
+                return write_results(rows, args.metric, work)
+
+        # Seed by seed: every config's first seed starts before any second seed, so a comparison cut short
+        # still has every method in its table.
+        tasks = [(i, c) for i in range(args.seeds) for c in args.configs]
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(one, i, c) for i, c in tasks]
+            try:
+                for f in futures:
+                    figure = f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                for proc in list(LIVE):
+                    proc.kill()
+                raise
         print(table(summarize(rows, args.metric)) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
         return 0
     except JaxftError as e:

@@ -14,13 +14,21 @@ def tiny_config(path, method: str):
     return path
 
 
+def compare(configs, work, *extra, seeds=2):
+    return subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={','.join(map(str, configs))}",
+                           f"--seeds={seeds}", f"--workdir={work}", "--config.train.steps=4",
+                           "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
 def test_compare_two_configs(tmp_path):
     a, b = tiny_config(tmp_path / "tiny_lora.py", "lora"), tiny_config(tmp_path / "tiny_prompt.py", "prompt_tuning")
     work = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={a},{b}", "--seeds=2", f"--workdir={work}",
-                        "--config.train.steps=4", "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = compare([a, b], work)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Runs go seed by seed (every config's first seed first); the table is config by config.
+    started = [line.split(" -> ")[0] for line in r.stdout.splitlines() if " -> " in line]
+    assert started == [f"compare: {a} seed 0", f"compare: {b} seed 0", f"compare: {a} seed 1", f"compare: {b} seed 1"]
     result = json.loads((work / "compare.json").read_text())
     assert [(x["config"], x["seed"]) for x in result["runs"]] == [("tiny_lora", 0), ("tiny_lora", 1),
                                                                    ("tiny_prompt", 0), ("tiny_prompt", 1)]
@@ -40,6 +48,20 @@ def test_compare_two_configs(tmp_path):
     assert "| tiny_lora | lora | eval/accuracy |" in table and "| tiny_prompt | prompt_tuning |" in table
     figure = work / "compare.png" if (work / "compare.png").exists() else work / "compare.svg"
     assert figure.exists() and figure.stat().st_size > 500
+
+    # Run again: every finished run is reused, not trained again, and the table is the same.
+    first = json.loads((work / "compare.json").read_text())
+    r = compare([a, b], work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("finished before, reused") == 4 and " -> " not in r.stdout
+    assert json.loads((work / "compare.json").read_text())["summary"] == first["summary"]
+    # A changed config file trains again (so do other overrides); the unchanged one is still reused.
+    b.write_text(b.read_text() + "\n")
+    r = compare([a, b], work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    started = [line.split(" -> ")[0] for line in r.stdout.splitlines() if " -> " in line]
+    assert started == [f"compare: {b} seed 0", f"compare: {b} seed 1"] and r.stdout.count("reused") == 2
+    assert [s["ok"] for s in json.loads((work / "compare.json").read_text())["summary"]] == [2, 2]
 
 
 def test_compare_reports_a_failed_run_and_goes_on(tmp_path):
