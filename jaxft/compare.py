@@ -38,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, default=1, help="runs per config (train.seed + 0, 1, ...)")
     p.add_argument("--workdir", default="runs/compare")
     p.add_argument("--metric", default="", help="the dev metric (default: eval/accuracy, else eval/loss)")
+    p.add_argument("--reference", default="", help="NAME=VALUE: a reference figure of the metric, e.g. "
+                   "'majority class=0.509', drawn as a dashed line and written under the table")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time (each its own process)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
@@ -50,6 +52,13 @@ def parse_args(argv):
     for c in args.configs:
         if not Path(c).is_file():
             raise JaxftError(f"--configs: {c}: no such config file")
+    args.ref = None
+    if args.reference:
+        name, _, value = args.reference.rpartition("=")
+        try:
+            args.ref = (name.strip() or "reference", float(value))
+        except ValueError:
+            raise JaxftError(f"--reference={args.reference!r}: expected NAME=VALUE, e.g. 'majority class=0.509'") from None
     if args.jobs < 1:
         raise JaxftError(f"--jobs={args.jobs}: expected a positive integer")
     if args.seeds < 1:
@@ -157,7 +166,7 @@ def summarize(rows, metric: str) -> list[dict]:
     return out
 
 
-def table(summary) -> str:
+def table(summary, ref=None) -> str:
     lines = ["| config | method | dev metric | mean | spread (std) | per seed | seeds | trainable params | export size | "
              "tokens/s | peak host memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
@@ -170,10 +179,12 @@ def table(summary) -> str:
             f"| {s['config']} | {s['method']} | {s['metric']} | {fmt(s['mean'], '.4f')} | {fmt(s['std'], '.4f')} | "
             f"{' '.join(format(v, '.3f') for v in s['values'])} | {s['ok']}/{s['runs']} | {fmt(s['trainable'], ',')} | {'' if size is None else f'{size / 2**20:.2f} MiB'} | "
             f"{fmt(s['tokens_per_second'], ',.0f')} | {fmt(s['peak_rss_mib'], ',.0f')} MiB |")
+    if ref:
+        lines.append(f"\n{ref[0]}: {ref[1]:.4f}")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary, out_dir: Path) -> Path:
+def plot(summary, out_dir: Path, ref=None) -> Path:
     """The dev metric (mean, spread as error bars) against trainable parameters, log x."""
     points = [s for s in summary if s["ok"] and s["mean"] is not None and s["trainable"]]
     metric = points[0]["metric"] if points else "metric"
@@ -183,11 +194,14 @@ def plot(summary, out_dir: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return svg_plot(points, metric, out_dir / "compare.svg")
+        return svg_plot(points, metric, out_dir / "compare.svg", ref)
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in points:
         ax.errorbar(s["trainable"], s["mean"], yerr=s["std"] or 0, fmt="o", capsize=3)
         ax.annotate(s["config"], (s["trainable"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if ref:
+        ax.axhline(ref[1], linestyle="--", color="gray")
+        ax.annotate(ref[0], (ax.get_xlim()[0], ref[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(metric)
@@ -196,13 +210,13 @@ def plot(summary, out_dir: Path) -> Path:
     return out_dir / "compare.png"
 
 
-def svg_plot(points, metric: str, path: Path) -> Path:
+def svg_plot(points, metric: str, path: Path, ref=None) -> Path:
     w, h, left, right, top, bottom = 640, 400, 70, 20, 20, 50
     xs = [math.log10(s["trainable"]) for s in points] or [0, 1]
     lo = [s["mean"] - (s["std"] or 0) for s in points] or [0]
     hi = [s["mean"] + (s["std"] or 0) for s in points] or [1]
     x0, x1 = math.floor(min(xs)), math.ceil(max(xs)) + (1 if math.ceil(max(xs)) == math.floor(min(xs)) else 0)
-    y0, y1 = min(lo), max(hi)
+    y0, y1 = min(lo + [ref[1]] if ref else lo), max(hi + [ref[1]] if ref else hi)
     pad = (y1 - y0) * 0.1 or 0.05
     y0, y1 = y0 - pad, y1 + pad
     sx = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
@@ -220,6 +234,10 @@ def svg_plot(points, metric: str, path: Path) -> Path:
     parts.append(f'<text x="{(left + w - right) / 2}" y="{h - 10}" text-anchor="middle">trainable parameters (log)</text>')
     parts.append(f'<text x="14" y="{(top + h - bottom) / 2}" transform="rotate(-90 14 {(top + h - bottom) / 2})" '
                  f'text-anchor="middle">{esc(metric)}</text>')
+    if ref:
+        parts.append(f'<line x1="{left}" y1="{sy(ref[1]):.1f}" x2="{w - right}" y2="{sy(ref[1]):.1f}" stroke="gray" '
+                     'stroke-dasharray="5,4"/>')
+        parts.append(f'<text x="{left + 6}" y="{sy(ref[1]) - 5:.1f}" fill="gray">{esc(ref[0])} {ref[1]:.3f}</text>')
     for s, x in zip(points, xs):
         cx, cy, sd = sx(x), sy(s["mean"]), s["std"] or 0
         parts.append(f'<line x1="{cx:.1f}" y1="{sy(s["mean"] - sd):.1f}" x2="{cx:.1f}" y2="{sy(s["mean"] + sd):.1f}" '
@@ -231,11 +249,12 @@ def svg_plot(points, metric: str, path: Path) -> Path:
     return path
 
 
-def write_results(rows, metric: str, work: Path) -> Path:
+def write_results(rows, metric: str, work: Path, ref=None) -> Path:
     summary = summarize(rows, metric)
-    (work / "compare.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
-    (work / "compare.md").write_text(table(summary))
-    return plot(summary, work)
+    doc = {"runs": rows, "summary": summary, **({"reference": {"name": ref[0], "value": ref[1]}} if ref else {})}
+    (work / "compare.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (work / "compare.md").write_text(table(summary, ref))
+    return plot(summary, work, ref)
 
 
 def _interrupt(signum, frame):
@@ -269,7 +288,7 @@ def main(argv=None) -> int:
             with lock:
                 rows.append(row)
                 rows.sort(key=lambda r: tuple(r["order"]))
-                return write_results(rows, args.metric, work)
+                return write_results(rows, args.metric, work, args.ref)
 
         # Seed by seed: every config's first seed starts before any second seed, so a comparison cut short
         # still has every method in its table.
@@ -285,7 +304,7 @@ def main(argv=None) -> int:
                 for proc in list(LIVE):
                     proc.kill()
                 raise
-        print(table(summarize(rows, args.metric)) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
+        print(table(summarize(rows, args.metric), args.ref) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
         return 0
     except JaxftError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -71,3 +71,27 @@ def test_compare_reports_a_failed_run_and_goes_on(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "failed: error: method.name='bitfit': this llama model has no bias parameters" in (work / "compare.md").read_text()
+
+
+def test_table_and_plot_from_rows(tmp_path):
+    """The summary, table and SVG plot from finished rows, with a reference line (no training)."""
+    from jaxft import compare as cmp
+
+    def row(config, seed, acc, trainable):
+        return {"config": config, "seed": seed, "returncode": 0, "method": config, "trainable": trainable,
+                "total": 10_000, "eval": {"eval/accuracy": acc}, "tokens_per_second": 100.0 + seed,
+                "export_bytes": 2 ** 20, "peak_rss_mib": 500.0 + seed}
+
+    rows = [row("a", 0, 0.70, 100), row("a", 1, 0.80, 100), row("a", 2, 0.90, 100), row("b", 0, 0.60, 5000),
+            {"config": "c", "seed": 0, "returncode": 2, "peak_rss_mib": 1.0, "error": "error: no biases"}]
+    summary = cmp.summarize(rows, "")
+    a, b, c = summary
+    assert abs(a["mean"] - 0.8) < 1e-12 and abs(a["std"] - 0.1) < 1e-12 and a["ok"] == 3  # sample std
+    assert b["std"] == 0.0 and c["ok"] == 0 and c["error"] == "error: no biases"
+    assert a["tokens_per_second"] == 101.0 and a["peak_rss_mib"] == 502.0
+    text = cmp.table(summary, ("majority class", 0.509))
+    assert "| a | a | eval/accuracy | 0.8000 | 0.1000 | 0.700 0.800 0.900 | 3/3 | 100 | 1.00 MiB | 101 | 502 MiB |" in text
+    assert "| c | | | failed: error: no biases |" in text and "majority class: 0.5090" in text
+    svg = cmp.svg_plot([s for s in summary if s["ok"]], "eval/accuracy", tmp_path / "p.svg", ("majority class", 0.509))
+    body = svg.read_text()
+    assert body.count("<circle") == 2 and "stroke-dasharray" in body and "majority class 0.509" in body
