@@ -1,18 +1,23 @@
 """Compare methods on one task: `python -m jaxft.compare --configs=configs/lora.py,configs/bitfit.py
-[--seeds=3] [--workdir=runs/compare] [--config.KEY=VALUE ...]`.
+[--seeds=3] [--jobs=N] [--workdir=runs/compare] [--reference='majority class=0.509'] [--collect]
+[--config.KEY=VALUE ...]`.
 
 Each config runs `--seeds` times (train.seed = the config's seed + 0, 1, ...) through jaxft.train's own
 command line, one process per run (each run's peak memory is its own), with the given
-`--config.KEY=VALUE` overrides applied to every run. The workdir gets one run directory per config and
-seed, `compare.json` (every run's figures), `compare.md` (the table: dev metric mean and spread over
-seeds, trainable parameters, adapter/export size, tokens/s, peak host memory) and a plot of the dev
-metric against trainable parameters (`compare.png` with matplotlib, else `compare.svg`). A run that
-fails is a row with its one-line error, not the end of the comparison.
+`--config.KEY=VALUE` overrides applied to every run; `--jobs` runs that many at once. Runs go seed by
+seed (every config's first seed before any second seed), so a comparison cut short still covers every
+method. The workdir gets one run directory per config and seed, `compare.json` (every run's figures),
+`compare.md` (the table: dev metric mean and spread over seeds, each seed's figure, trainable
+parameters, adapter/export size, tokens/s, peak host memory) and a plot of the dev metric against
+trainable parameters (`compare.png` with matplotlib, else `compare.svg`), with `--reference` as a
+dashed line. A run that fails is a row with its one-line error, not the end of the comparison.
 
 A run that finished writes its figures to `<run dir>/result.json`; a later comparison with the same
-workdir reuses them instead of training again (so a killed comparison continues where it stopped, and
-adding a config or a seed trains only the new runs). A run that failed or did not finish is run again
-from scratch. The table and plot are rewritten after every run, so a partial comparison has a table.
+workdir reuses them instead of training again, as long as the config file's text and the overrides
+are the same (so a killed comparison continues where it stopped, adding a config or a seed trains only
+the new runs, and an edited config trains again). A run that failed, was stopped (SIGTERM: jaxft.train
+checkpoints and exits cleanly) or did not finish is run again from scratch. The table and plot are
+rewritten after every run; `--collect` writes them from the finished runs alone, training nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--metric", default="", help="the dev metric (default: eval/accuracy, else eval/loss)")
     p.add_argument("--reference", default="", help="NAME=VALUE: a reference figure of the metric, e.g. "
                    "'majority class=0.509', drawn as a dashed line and written under the table")
+    p.add_argument("--collect", action="store_true", help="train nothing: the table and plot of the runs that "
+                   "finished; the others are counted as not run")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time (each its own process)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
@@ -92,7 +99,7 @@ def finished(config_file: str, workdir: Path, overrides) -> dict | None:
     except (OSError, ValueError):
         return None
     same = row.get("overrides") == list(overrides) and row.get("config_sha256") == config_digest(config_file)
-    return row if row.get("returncode") == 0 and same else None
+    return row if row.get("returncode") == 0 and row.get("eval") and same else None
 
 
 LIVE: set = set()  # the training processes running now (killed if the comparison is interrupted)
@@ -124,6 +131,10 @@ def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
     if proc.returncode != 0:
         lines = [line for line in err.splitlines() if line.strip()]
         row["error"] = lines[-1] if lines else f"exit status {proc.returncode}"
+        return row
+    stopped = re.search(r"preempted \(SIGTERM\): saved step (\d+)", out + err)
+    if stopped:  # jaxft.train saved a checkpoint and exited cleanly: not a finished run
+        row.update(returncode=-15, error=f"stopped by SIGTERM at step {stopped[1]} (not finished)")
         return row
     m = re.search(r"method: (\S+) \| trainable ([\d,]+) / ([\d,]+)", out)
     if m:
@@ -161,7 +172,8 @@ def summarize(rows, metric: str) -> list[dict]:
             "ok": len(ok), "values": values, "trainable": first.get("trainable"), "total": first.get("total"),
             "export_bytes": first.get("export_bytes"), "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
             "peak_rss_mib": max((r["peak_rss_mib"] for r in ok), default=None),
-            "error": next((r["error"] for r in runs if "error" in r), None),
+            "error": next((r["error"] for r in runs if r.get("error") not in (None, "not run")),
+                          "not run" if len(ok) < len(runs) else None),
         })
     return out
 
@@ -172,7 +184,8 @@ def table(summary, ref=None) -> str:
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for s in summary:
         if not s["ok"]:
-            lines.append(f"| {s['config']} | | | failed: {s['error']} | | | 0/{s['runs']} | | | | |")
+            what = "not run" if s["error"] == "not run" else f"failed: {s['error']}"
+            lines.append(f"| {s['config']} | | | {what} | | | 0/{s['runs']} | | | | |")
             continue
         size = s["export_bytes"]
         lines.append(
@@ -280,6 +293,9 @@ def main(argv=None) -> int:
             if row is not None:
                 print(f"compare: {config_file} seed {seed}: finished before, reused ({run_dir / 'result.json'})",
                       flush=True)
+            elif args.collect:
+                row = {"config": Path(config_file).stem, "seed": seed, "workdir": str(run_dir), "returncode": None,
+                       "peak_rss_mib": None, "error": "not run"}
             else:
                 print(f"compare: {config_file} seed {seed} -> {run_dir}", flush=True)
                 row = run_one(config_file, seed, run_dir, args.overrides)
