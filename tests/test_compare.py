@@ -55,6 +55,13 @@ def test_compare_two_configs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("finished before, reused") == 4 and " -> " not in r.stdout
     assert json.loads((work / "compare.json").read_text())["summary"] == first["summary"]
+    # --collect trains nothing: a config never run and a seed never run are counted as not run.
+    c = tiny_config(tmp_path / "tiny_ia3.py", "ia3")
+    r = compare([a, c], work, "--collect", "--reference=majority class=0.5", seeds=3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert " -> " not in r.stdout and not (work / "tiny_ia3-seed0").exists()
+    table = (work / "compare.md").read_text()
+    assert "| tiny_ia3 | | | not run | | | 0/3 |" in table and "| 2/3 |" in table and "majority class: 0.5000" in table
     # A changed config file trains again (so do other overrides); the unchanged one is still reused.
     b.write_text(b.read_text() + "\n")
     r = compare([a, b], work)
@@ -95,3 +102,15 @@ def test_table_and_plot_from_rows(tmp_path):
     svg = cmp.svg_plot([s for s in summary if s["ok"]], "eval/accuracy", tmp_path / "p.svg", ("majority class", 0.509))
     body = svg.read_text()
     assert body.count("<circle") == 2 and "stroke-dasharray" in body and "majority class 0.509" in body
+
+
+def test_unfinished_runs_are_not_reused(tmp_path):
+    from jaxft import compare as cmp
+
+    config = tiny_config(tmp_path / "tiny.py", "lora")
+    row = {"returncode": 0, "overrides": [], "config_sha256": cmp.config_digest(str(config)), "eval": {"eval/accuracy": 0.6}}
+    (tmp_path / "result.json").write_text(json.dumps(row))
+    assert cmp.finished(str(config), tmp_path, []) == row
+    assert cmp.finished(str(config), tmp_path, ["--config.train.steps=9"]) is None  # other overrides
+    (tmp_path / "result.json").write_text(json.dumps({**row, "eval": {}}))  # stopped before its evaluation
+    assert cmp.finished(str(config), tmp_path, []) is None
