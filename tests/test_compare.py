@@ -18,7 +18,7 @@ def compare(configs, work, *extra, seeds=2):
     return subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={','.join(map(str, configs))}",
                            f"--seeds={seeds}", f"--workdir={work}", "--config.train.steps=4",
                            "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64", *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
 
 
 def test_compare_two_configs(tmp_path):
