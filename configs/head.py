@@ -2,7 +2,7 @@
 states): the baseline every PEFT method's figure is to be read against.
 
   python -m jaxft.train --config=configs/head.py
-Only the 2-way head trains (514 parameters). It is also what BitFit would train on jaxft-tiny, a Llama
+Only the 2-way head trains (512 parameters: a 256 x 2 kernel, no bias). It is also what BitFit would train on jaxft-tiny, a Llama
 without bias terms (`configs/bitfit.py` names Qwen2.5-0.5B for that reason).
 """
 

@@ -87,9 +87,15 @@ def dir_bytes(path: Path) -> int:
 
 
 def config_digest(config_file: str) -> str:
+    """A digest of the config's values (not its text: a docstring edit keeps a finished run reusable)."""
     import hashlib
+    import importlib.util
 
-    return hashlib.sha256(Path(config_file).read_bytes()).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location("jaxft_compare_cfg", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.get_config().to_json_best_effort(sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def finished(config_file: str, workdir: Path, overrides) -> dict | None:

@@ -62,8 +62,9 @@ def test_compare_two_configs(tmp_path):
     assert " -> " not in r.stdout and not (work / "tiny_ia3-seed0").exists()
     table = (work / "compare.md").read_text()
     assert "| tiny_ia3 | | | not run | | | 0/3 |" in table and "| 2/3 |" in table and "majority class: 0.5000" in table
-    # A changed config file trains again (so do other overrides); the unchanged one is still reused.
-    b.write_text(b.read_text() + "\n")
+    # A config whose values change trains again (so do other overrides; a docstring edit does not);
+    # the unchanged one is still reused.
+    b.write_text(b.read_text().replace("c.optimizer.learning_rate = 1e-2", "c.optimizer.learning_rate = 2e-2"))
     r = compare([a, b], work)
     assert r.returncode == 0, r.stderr[-3000:]
     started = [line.split(" -> ")[0] for line in r.stdout.splitlines() if " -> " in line]
@@ -112,5 +113,9 @@ def test_unfinished_runs_are_not_reused(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps(row))
     assert cmp.finished(str(config), tmp_path, []) == row
     assert cmp.finished(str(config), tmp_path, ["--config.train.steps=9"]) is None  # other overrides
+    config.write_text('"""Another docstring."""\n' + config.read_text())
+    assert cmp.finished(str(config), tmp_path, []) == row  # the same values
+    config.write_text(config.read_text().replace("c.train.steps = ", "c.train.steps = 1 + "))
+    assert cmp.finished(str(config), tmp_path, []) is None  # other values
     (tmp_path / "result.json").write_text(json.dumps({**row, "eval": {}}))  # stopped before its evaluation
     assert cmp.finished(str(config), tmp_path, []) is None
