@@ -14,13 +14,21 @@ def tiny_config(path, method: str):
     return path
 
 
+def compare(configs, work, *extra, seeds=2):
+    return subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={','.join(map(str, configs))}",
+                           f"--seeds={seeds}", f"--workdir={work}", "--config.train.steps=4",
+                           "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+
+
 def test_compare_two_configs(tmp_path):
     a, b = tiny_config(tmp_path / "tiny_lora.py", "lora"), tiny_config(tmp_path / "tiny_prompt.py", "prompt_tuning")
     work = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={a},{b}", "--seeds=2", f"--workdir={work}",
-                        "--config.train.steps=4", "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = compare([a, b], work)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Runs go seed by seed (every config's first seed first); the table is config by config.
+    started = [line.split(" -> ")[0] for line in r.stdout.splitlines() if " -> " in line]
+    assert started == [f"compare: {a} seed 0", f"compare: {b} seed 0", f"compare: {a} seed 1", f"compare: {b} seed 1"]
     result = json.loads((work / "compare.json").read_text())
     assert [(x["config"], x["seed"]) for x in result["runs"]] == [("tiny_lora", 0), ("tiny_lora", 1),
                                                                    ("tiny_prompt", 0), ("tiny_prompt", 1)]
@@ -41,6 +49,28 @@ def test_compare_two_configs(tmp_path):
     figure = work / "compare.png" if (work / "compare.png").exists() else work / "compare.svg"
     assert figure.exists() and figure.stat().st_size > 500
 
+    # Run again: every finished run is reused, not trained again, and the table is the same.
+    first = json.loads((work / "compare.json").read_text())
+    r = compare([a, b], work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("finished before, reused") == 4 and " -> " not in r.stdout
+    assert json.loads((work / "compare.json").read_text())["summary"] == first["summary"]
+    # --collect trains nothing: a config never run and a seed never run are counted as not run.
+    c = tiny_config(tmp_path / "tiny_ia3.py", "ia3")
+    r = compare([a, c], work, "--collect", "--reference=majority class=0.5", seeds=3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert " -> " not in r.stdout and not (work / "tiny_ia3-seed0").exists()
+    table = (work / "compare.md").read_text()
+    assert "| tiny_ia3 | | | not run | | | 0/3 |" in table and "| 2/3 |" in table and "majority class: 0.5000" in table
+    # A config whose values change trains again (so do other overrides; a docstring edit does not);
+    # the unchanged one is still reused.
+    b.write_text(b.read_text().replace("c.optimizer.learning_rate = 1e-2", "c.optimizer.learning_rate = 2e-2"))
+    r = compare([a, b], work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    started = [line.split(" -> ")[0] for line in r.stdout.splitlines() if " -> " in line]
+    assert started == [f"compare: {b} seed 0", f"compare: {b} seed 1"] and r.stdout.count("reused") == 2
+    assert [s["ok"] for s in json.loads((work / "compare.json").read_text())["summary"]] == [2, 2]
+
 
 def test_compare_reports_a_failed_run_and_goes_on(tmp_path):
     bad = tiny_config(tmp_path / "tiny_bitfit.py", "bitfit")  # a bias-free Llama: bitfit stops with one line
@@ -49,3 +79,43 @@ def test_compare_reports_a_failed_run_and_goes_on(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "failed: error: method.name='bitfit': this llama model has no bias parameters" in (work / "compare.md").read_text()
+
+
+def test_table_and_plot_from_rows(tmp_path):
+    """The summary, table and SVG plot from finished rows, with a reference line (no training)."""
+    from jaxft import compare as cmp
+
+    def row(config, seed, acc, trainable):
+        return {"config": config, "seed": seed, "returncode": 0, "method": config, "trainable": trainable,
+                "total": 10_000, "eval": {"eval/accuracy": acc}, "tokens_per_second": 100.0 + seed,
+                "export_bytes": 2 ** 20, "peak_rss_mib": 500.0 + seed}
+
+    rows = [row("a", 0, 0.70, 100), row("a", 1, 0.80, 100), row("a", 2, 0.90, 100), row("b", 0, 0.60, 5000),
+            {"config": "c", "seed": 0, "returncode": 2, "peak_rss_mib": 1.0, "error": "error: no biases"}]
+    summary = cmp.summarize(rows, "")
+    a, b, c = summary
+    assert abs(a["mean"] - 0.8) < 1e-12 and abs(a["std"] - 0.1) < 1e-12 and a["ok"] == 3  # sample std
+    assert b["std"] == 0.0 and c["ok"] == 0 and c["error"] == "error: no biases"
+    assert a["tokens_per_second"] == 101.0 and a["peak_rss_mib"] == 502.0
+    text = cmp.table(summary, ("majority class", 0.509))
+    assert "| a | a | eval/accuracy | 0.8000 | 0.1000 | 0.700 0.800 0.900 | 3/3 | 100 | 1.00 MiB | 101 | 502 MiB |" in text
+    assert "| c | | | failed: error: no biases |" in text and "majority class: 0.5090" in text
+    svg = cmp.svg_plot([s for s in summary if s["ok"]], "eval/accuracy", tmp_path / "p.svg", ("majority class", 0.509))
+    body = svg.read_text()
+    assert body.count("<circle") == 2 and "stroke-dasharray" in body and "majority class 0.509" in body
+
+
+def test_unfinished_runs_are_not_reused(tmp_path):
+    from jaxft import compare as cmp
+
+    config = tiny_config(tmp_path / "tiny.py", "lora")
+    row = {"returncode": 0, "overrides": [], "config_sha256": cmp.config_digest(str(config)), "eval": {"eval/accuracy": 0.6}}
+    (tmp_path / "result.json").write_text(json.dumps(row))
+    assert cmp.finished(str(config), tmp_path, []) == row
+    assert cmp.finished(str(config), tmp_path, ["--config.train.steps=9"]) is None  # other overrides
+    config.write_text('"""Another docstring."""\n' + config.read_text())
+    assert cmp.finished(str(config), tmp_path, []) == row  # the same values
+    config.write_text(config.read_text().replace("c.train.steps = ", "c.train.steps = 1 + "))
+    assert cmp.finished(str(config), tmp_path, []) is None  # other values
+    (tmp_path / "result.json").write_text(json.dumps({**row, "eval": {}}))  # stopped before its evaluation
+    assert cmp.finished(str(config), tmp_path, []) is None
