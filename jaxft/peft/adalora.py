@@ -178,9 +178,9 @@ def export_peft(cfg, hook: AdaLoraHook, trainable, total: int) -> tuple[dict, di
     """-> (adapter_config entries, tensors): only the triplets whose Λ is nonzero, as PEFT saves an
     adapter after budget allocation, with the `rank_pattern` saying which of the init_r they are."""
     tensors, rank_pattern, patterns = {}, {}, set()
-    a_of = {(p, i): v for p, i, v in peft_keys.per_layer(trainable, "adalora_a")}
-    b_of = {(p, i): v for p, i, v in peft_keys.per_layer(trainable, "adalora_b")}
-    for path, layer, e in peft_keys.per_layer(trainable, "adalora_e"):
+    a_of = {(p, i): v for p, i, v in peft_keys.per_layer(trainable, "adalora_a", cfg)}
+    b_of = {(p, i): v for p, i, v in peft_keys.per_layer(trainable, "adalora_b", cfg)}
+    for path, layer, e in peft_keys.per_layer(trainable, "adalora_e", cfg):
         keep = e != 0
         name = peft_keys.hf_name(cfg, path, layer)
         tensors[f"base_model.model.{name}.lora_A"] = a_of[path, layer][:, keep].T

@@ -65,7 +65,7 @@ def export(cfg, hook: AdapterHook, trainable) -> tuple[dict, dict]:
     weights [out, in] as torch's Linear stores them."""
     tensors = {}
     for leaf in ("down_kernel", "down_bias", "up_kernel", "up_bias"):
-        for path, layer, v in peft_keys.per_layer(trainable, leaf):
+        for path, layer, v in peft_keys.per_layer(trainable, leaf, cfg):
             block, where = path.rsplit(".", 1)
             proj, kind = leaf.split("_")
             name = f"{peft_keys.hf_name(cfg, block, layer)}.{where}.{proj}.{'weight' if kind == 'kernel' else 'bias'}"

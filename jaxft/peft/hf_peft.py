@@ -120,7 +120,7 @@ def _export_lora(model, hook: LoraHook, params: dict, base: str):
     config = {"r": hook.rank, "lora_alpha": hook.alpha, "lora_dropout": hook.dropout, "use_rslora": hook.rslora,
               "target_modules": "|".join(sorted(set(patterns))), "bias": "none",
               "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True, "use_dora": hook.dora}
-    for path, i, m in peft_keys.per_layer(unflat(params), "lora_magnitude"):  # DoRA
+    for path, i, m in peft_keys.per_layer(unflat(params), "lora_magnitude", cfg):  # DoRA
         tensors[f"base_model.model.{peft_keys.hf_name(cfg, path, i)}.lora_magnitude_vector"] = m
     return config, tensors
 

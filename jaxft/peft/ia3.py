@@ -55,7 +55,7 @@ def export_peft(cfg, hook: IA3Hook, trainable) -> tuple[dict, dict]:
     """-> (adapter_config entries, tensors) of PEFT's IA3: `ia3_l` [out, 1], or [1, in] for a
     feed-forward module."""
     tensors, names, ff = {}, set(), set()
-    for path, layer, v in peft_keys.per_layer(trainable, "ia3_l"):
+    for path, layer, v in peft_keys.per_layer(trainable, "ia3_l", cfg):
         name = peft_keys.hf_name(cfg, path, layer)
         is_ff = hook._feedforward(path)
         tensors[f"base_model.model.{name}.ia3_l"] = v[None, :] if is_ff else v[:, None]
