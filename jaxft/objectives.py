@@ -165,7 +165,7 @@ OBJECTIVES: dict[str, Objective] = {
 }
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
-         "token_classification": "token_classification", "seq2seq": "seq2seq_lm", "seq2seq_lm": "seq2seq_lm"}
+         "token_classification": "token_classification", "seq2seq": "seq2seq_lm"}
 
 
 def for_task(task: str) -> Objective:

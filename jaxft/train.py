@@ -123,9 +123,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
     sft_fields = sft.Fields(*sources.pair_fields(d, first))
-    model_family = family.of(cfg)
     task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
-                             model_family.encoder_decoder)
+                             family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
     if task == "classification" and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft and seq2seq only")
