@@ -47,15 +47,17 @@ def per_layer(trainable, leaf: str, cfg=None):
 
 
 def _split(cfg, path: str):
-    """Our module path without layer index -> (its stack, the path inside a block), or None."""
-    return next(((stack, path[len(stack) + 1:]) for stack in _stacks(cfg) if path.startswith(stack + ".")), None)
+    """Our module path without layer index -> (its stack, the path inside a block: "" for the block
+    itself), or None outside the stacks."""
+    return next(((stack, path[len(stack) + 1:]) for stack in _stacks(cfg)
+                 if path == stack or path.startswith(stack + ".")), None)
 
 
 def hf_name(cfg, path: str, layer: int | None) -> str:
     """Our module path (without layer index) and its layer -> HF's module name."""
     where = _split(cfg, path)
     if where is not None and layer is not None:
-        path = f"{where[0]}.{layer}.{where[1]}"
+        path = ".".join([where[0], str(layer)] + ([where[1]] if where[1] else []))
     return family.of(cfg).hf_module(path)
 
 
@@ -99,5 +101,5 @@ def to_params(values: dict, cfg, where: str, fill=None) -> dict:
             out[key] = np.stack(full)
         else:
             for i, v in enumerate(full):
-                out[f"{stack.replace('.', '/')}_{i}/" + rest.replace(".", "/") + "/" + leaf] = v
+                out["/".join([f"{stack.replace('.', '/')}_{i}"] + ([rest.replace(".", "/")] if rest else []) + [leaf])] = v
     return out
