@@ -71,7 +71,8 @@ def records(tmp_path, rows, name="data.jsonl") -> sources.Records:
 PAIRS = [
     {"mr": "name : Blue Spice | area : city centre", "ref": "Blue Spice is in the city centre ."},
     {"mr": "name : The Vaults | eatType : pub | priceRange : more than £ 30 | customer rating : 5 out of 5 | "
-           "near : Café Adriatic", "ref": "The Vaults pub near Café Adriatic has a 5 star rating . Prices start at £ 30 ."},
+           "near : Café Adriatic",
+     "ref": "The Vaults pub near Café Adriatic has a 5 star rating . Prices start at £ 30 ."},
     {"mr": "name : Alimentum", "ref": "Alimentum 咖啡 ."},  # unknown characters: <unk>
 ]
 ALPACA = [
@@ -154,9 +155,11 @@ def test_task_follows_the_model(t5_dir, tmp_path):
 
     pairs = records(tmp_path, PAIRS)
     alpaca = records(tmp_path, ALPACA, "alpaca.jsonl")
-    chat = records(tmp_path, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
-                   "chat.jsonl")
-    choose = lambda r, ed, fields=Fields("mr", "ref"): tasks.choose_task("", r, "d", "text", "label", False, fields, ed)  # noqa: E731
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chat = records(tmp_path, [{"messages": turns}], "chat.jsonl")
+    def choose(recs, encoder_decoder):
+        return tasks.choose_task("", recs, "d", "text", "label", False, Fields("mr", "ref"), encoder_decoder)
+
     assert choose(pairs, True) == "seq2seq" and choose(alpaca, True) == "seq2seq"
     assert choose(pairs, False) == "sft" and choose(alpaca, False) == "sft"  # a decoder-only model keeps SFT
     with pytest.raises(JaxftError, match="chat records .* encoder-decoder"):
@@ -248,7 +251,8 @@ def test_mixture_cache_and_per_source_eval(t5_dir, tmp_path):
     np.testing.assert_array_equal(first.groups, [0] * 24 + [1] * 16)  # adgen: 24 - 8 held out
     assert first.eval["task_weight"].shape == (16, 2) and first.train["labels"].shape == (40, 24)
     adgen = sources.resolve(d, "adgen")[0]
-    alone, _ = seq2seq.arrays(sources.Records(adgen.rows[:16], adgen.where[:16]), tok, 32, 24, Fields("content", "summary"))
+    alone, _ = seq2seq.arrays(sources.Records(adgen.rows[:16], adgen.where[:16]), tok, 32, 24,
+                              Fields("content", "summary"))
     for key in alone:
         np.testing.assert_array_equal(first.train[key][24:], alone[key])
 
@@ -357,7 +361,7 @@ def test_e2e_config_on_a_2x2x2_mesh_resumes_exactly(t5_dir, tmp_path, monkeypatc
             "--config.method.num_virtual_tokens=4", "--config.mesh.data=2",
             "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.checkpoint.every_steps=3",
             "--config.train.steps=6", "--config.optimizer.learning_rate=1e-2")
-    # The resumed run compiles what the first one did: JAX's persistent cache serves it (CPU time).
+    # The resumed run compiles what the first one did: JAX's persistent cache may serve it (less CPU).
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     r = cli(tmp_path, *args, config="configs/e2e_t5.py", devices=8)

@@ -72,7 +72,8 @@ def pair(row, where: str, fields: Fields = Fields()) -> tuple[str, str]:
         for name in (fields.source, fields.target):
             if row.get(name) is None:
                 raise BadRecord(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row))})")
-        return _text(row[fields.source], where, repr(fields.source)), _text(row[fields.target], where, repr(fields.target))
+        return (_text(row[fields.source], where, repr(fields.source)),
+                _text(row[fields.target], where, repr(fields.target)))
     if "instruction" in row and "output" in row:
         if row.get("history"):
             raise BadRecord(f"{where}: 'history' holds earlier turns; an encoder-decoder learns one source -> target "

@@ -41,7 +41,8 @@ BUNDLED = {
     # Data-to-text pairs: E2E NLG (train on valid.txt, evaluate on test.txt: the official train split is
     # not bundled) and ADGEN (one file: hold some out with data.eval_holdout).
     "e2e_nlg": Bundled(ASSETS / "e2e_nlg" / "valid.txt", ASSETS / "e2e_nlg" / "test.txt", "meaning_representation",
-                       None, source_field="meaning_representation", target_field="human_reference", reader=lambda p: read_e2e(p)),
+                       None, source_field="meaning_representation", target_field="human_reference",
+                       reader=lambda p: read_e2e(p)),
     "adgen": Bundled(ASSETS / "adgen" / "dev.json", None, "content", None, source_field="content",
                      target_field="summary"),
 }

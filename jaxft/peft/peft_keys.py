@@ -101,5 +101,6 @@ def to_params(values: dict, cfg, where: str, fill=None) -> dict:
             out[key] = np.stack(full)
         else:
             for i, v in enumerate(full):
-                out["/".join([f"{stack.replace('.', '/')}_{i}"] + ([rest.replace(".", "/")] if rest else []) + [leaf])] = v
+                inside = [rest.replace(".", "/")] if rest else []
+                out["/".join([f"{stack.replace('.', '/')}_{i}"] + inside + [leaf])] = v
     return out
