@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer = ""  # default: the model directory
     c.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16 (with loss scaling); trainable params stay float32
     c.model.param_dtype = "float32"  # storage of the frozen base: float32 or bfloat16
-    c.model.head = ""  # "", causal_lm or classification ("" = from the task)
+    c.model.head = ""  # "", causal_lm, classification, ... ("" = from the task)
     c.model.pooling = ""  # classification head reads: last (real token), mean or first ([CLS]) ("" = the model's own)
     c.model.scan_layers = True
     # What the backward pass keeps of each layer: none | full | save_dots | offload (see
@@ -81,22 +81,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.hub_config = ""  # the dataset's config (subset) name, e.g. "sst2" of "hub:nyu-mll/glue"
     c.data.train_split = "train"
     c.data.eval_split = ""  # "" = data.eval_name if set, else "validation" where the dataset has it; "none" = no eval
-    # "", classification, causal_lm, sft, masked_lm or span_corruption (T5's pretraining)
-    c.data.task = ""  # "" = what the data says: see jaxft.data.tasks.choose_task
+    # "", classification, causal_lm, sft, masked_lm, seq2seq or span_corruption (T5's pretraining) ("" = what
+    # the data and the model say: see jaxft.data.tasks.choose_task; seq2seq for an encoder-decoder such as T5
+    # on source -> target pairs)
+    c.data.task = ""
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
     c.data.token_type_ids = False  # pairs: also give the model token_type_ids (0 first text, 1 second), as BERT's
     c.data.seq_len = 64
-    c.data.length_buckets = True  # classification, unpacked sft: pad each batch to 16, 32, ... up to seq_len
+    c.data.target_len = 0  # seq2seq: the decoder's length (target tokens + EOS); 0 = data.seq_len
+    c.data.length_buckets = True  # classification, unpacked sft, seq2seq: pad each batch to 16, 32, ... up to seq_len
     # sft: short examples share rows (segment ids: attention never crosses examples, positions restart);
     # causal_lm: each block's documents attend only within themselves. False: sft pads one example per row.
     c.data.packing = True
     c.data.train_on_prompt = False  # sft: the loss covers prompts too, not only the responses
     c.data.chat_template = ""  # sft: "" (the tokenizer's, else jaxft's default), "default", or a .jinja file
-    c.data.source_field = ""  # sft on pairs: the prompt field (e.g. "content")
-    c.data.target_field = ""  # sft on pairs: the response field (e.g. "summary")
-    c.data.skip_bad_records = False  # sft: skip (and count) malformed or empty records instead of stopping
+    c.data.source_field = ""  # sft / seq2seq on pairs: the prompt (source) field (e.g. "content")
+    c.data.target_field = ""  # sft / seq2seq on pairs: the response (target) field (e.g. "summary")
+    c.data.skip_bad_records = False  # sft, seq2seq: skip (and count) malformed or empty records instead of stopping
     c.data.weights = ""  # data.name='a+b': sampling weights, e.g. "0.7,0.3" ("" = every example once per epoch)
     c.data.eval_holdout = 0  # a source without an eval split gives its last N records to evaluation
     c.data.cache_dir = ""  # causal_lm / sft arrays tokenized once: "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
@@ -168,10 +171,10 @@ CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
-    "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification"),
+    "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "span_corruption"),
+    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }
@@ -179,7 +182,8 @@ POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum
             "mesh.dcn_data", "mesh.dcn_fsdp", "eval.max_new_tokens", "eval.num_beams")
 NON_NEGATIVE = ("train.sync_every_steps", "eval.generate_examples",
                 "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
-                "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples", "data.eval_holdout")
+                "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples", "data.eval_holdout",
+                "data.target_len")
 
 
 def get(config, dotted: str):

@@ -72,15 +72,22 @@ def causal_lm_loss(outputs, batch):
     return token_stats(outputs, targets, w)
 
 
-def per_task(outputs, batch, cfg):
-    """Loss sums and counts per source of a mixture (`task_weight` [B, K]: row b is from source k),
-    for eval/loss/<source>; nothing for a single source."""
-    if "task_weight" not in batch:
-        return {}
-    sums = [causal_lm_loss(outputs, {**batch, "weight": batch["weight"] * batch["task_weight"][:, k]})
-            for k in range(batch["task_weight"].shape[1])]
-    return {"task_loss_sum": jnp.stack([s["loss_sum"] for s in sums]),
-            "task_count": jnp.stack([s["count"] for s in sums])}
+def per_task_of(loss: Callable) -> Callable:
+    """eval_sums: the sums and counts of `loss` per source of a mixture (`task_weight` [B, K]: row b is
+    from source k), for eval/loss/<source>; nothing for a single source."""
+
+    def sums_per_task(outputs, batch, cfg):
+        if "task_weight" not in batch:
+            return {}
+        sums = [loss(outputs, {**batch, "weight": batch["weight"] * batch["task_weight"][:, k]})
+                for k in range(batch["task_weight"].shape[1])]
+        return {"task_loss_sum": jnp.stack([s["loss_sum"] for s in sums]),
+                "task_count": jnp.stack([s["count"] for s in sums])}
+
+    return sums_per_task
+
+
+per_task = per_task_of(causal_lm_loss)
 
 
 IGNORE = -100  # transformers' label of a position that has no target
@@ -153,11 +160,13 @@ OBJECTIVES: dict[str, Objective] = {
     "masked_lm": Objective("masked_lm", masked_lm_loss),
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
+    # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.
+    "seq2seq": Objective("seq2seq", seq2seq_loss, seq2seq_inputs, eval_sums=per_task_of(seq2seq_loss)),
 }
 OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: seq2seq on corrupted blocks
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
-         "token_classification": "token_classification", "span_corruption": "seq2seq_lm"}
+         "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm"}
 
 
 def for_task(task: str) -> Objective:

@@ -89,9 +89,9 @@ class Setup:
     platform: str  # where the run goes: cpu, gpu or tpu
 
 
-def head_of(config) -> tuple[str, int | None]:
+def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None]:
     """The task's head and label count, read from the config, or from the data file's first rows."""
-    from jaxft.data import sources, tasks
+    from jaxft.data import sft, sources, tasks
 
     d = config.data
     task = config.model.head or d.task
@@ -103,7 +103,8 @@ def head_of(config) -> tuple[str, int | None]:
         if first not in sources.BUNDLED and not re.search(r"\.(jsonl|json|csv|tsv|parquet)$", first, re.I):
             raise JaxftError(f"data.name={d.name!r}: set data.task (the plan reads no hub dataset)")
         train, _, text_field, label_field = sources.resolve(d, first)
-        task = tasks.choose_task(task, train, first, text_field, label_field, bool(d.label_field))  # as train.py
+        task = tasks.choose_task(task, train, first, text_field, label_field, bool(d.label_field),  # as train.py
+                                 sft.Fields(*sources.pair_fields(d, first)), encoder_decoder)
         if task == "classification":
             labels = len(tasks.label_vocab(train, label_field))
     from jaxft.objectives import HEADS
@@ -132,7 +133,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
         raise JaxftError(f"train.batch_size={batch} (per micro-batch {batch // accum}) must be divisible by "
                          f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
     cfg, _, _ = load_model_config(config)  # config.json only
-    head, labels = head_of(config)
+    head, labels = head_of(config, family.of(cfg).encoder_decoder)
     if head not in family.of(cfg).heads:  # e.g. T5 on synthetic tokens: its own (first) head, seq2seq_lm
         head = family.of(cfg).heads[0]
     cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))

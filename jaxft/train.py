@@ -85,9 +85,24 @@ def load_data(config, cfg, tokenizer_path) -> Data:
     return data
 
 
+def check_task(task: str, cfg, head: str = ""):
+    """A data task (or `model.head`) the model has no head for is one error, not a failure mid-run."""
+    from jaxft import objectives
+    from jaxft.errors import JaxftError
+    from jaxft.models import family
+
+    want = head or objectives.HEADS.get(task)
+    heads = family.of(cfg).heads
+    if want is not None and want not in heads:
+        kind = "an encoder-decoder" if family.of(cfg).encoder_decoder else "this"
+        raise JaxftError(f"data.task={task!r} trains a {want} head, which {kind} {cfg.model_type} model does not have "
+                         f"(its heads: {', '.join(heads)})")
+
+
 def _load_data(config, cfg, tokenizer_path) -> Data:
     from jaxft.data import mixture, sft, sources, tasks
     from jaxft.errors import JaxftError
+    from jaxft.models import family
     from jaxft.tokenizer import Tokenizer
 
     d, seq_len = config.data, config.data.seq_len
@@ -108,10 +123,12 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     train_rec, eval_rec = limit(train_rec, d.max_train_examples), limit(eval_rec, d.max_eval_examples)
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
-    sft_fields = sft.Fields(d.source_field, d.target_field)
-    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields)
+    sft_fields = sft.Fields(*sources.pair_fields(d, first))
+    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
+                             family.of(cfg).encoder_decoder)
+    check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
     if task == "classification" and extra:
-        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm and sft only")
+        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft and seq2seq only")
     if task == "classification":
         labels = tasks.label_vocab(train_rec, label_field)
         encode = lambda records: tasks.classification(  # noqa: E731
@@ -129,7 +146,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
                          more_field))
     resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout)), field) for name, t, e, field in resolved]
-    m = mixture.load(d, tok, task, resolved, log)
+    m = mixture.load(d, tok, task, resolved, log, getattr(cfg, "decoder_start_token_id", None))
     train, ev = m.train, m.eval
     if task == "masked_lm":  # the packed blocks, then BERT's masking, drawn once from the seed
         train = tasks.mask_tokens(train, tok, config.train.seed)
@@ -213,6 +230,7 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     head = config.model.head or objectives.HEADS[data.task]
     if head != objectives.HEADS[data.task]:
         raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
+    check_task(data.task, cfg, head)
     cfg = cfg.replace(
         head=head,
         num_labels=len(data.labels) if data.labels else cfg.num_labels,
@@ -483,7 +501,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=replicated)
     buckets = ()
-    if config.data.length_buckets and data.task in ("classification", "sft") and "segment_ids" not in data.train:
+    if config.data.length_buckets and data.task in ("classification", "sft", "seq2seq") and \
+            "segment_ids" not in data.train:
         seq_len = config.data.seq_len
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < seq_len) + (seq_len,)
     batches = Batches(data.train, batch, config.train.seed, buckets=buckets, groups=data.groups, weights=data.weights)
@@ -491,7 +510,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     writer = MetricWriter(workdir, resume_step=start)
     if meta.get("resumed_anyway"):
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
-    perplexity = cfg.head == "causal_lm"
+    perplexity = cfg.head in ("causal_lm", "seq2seq_lm")
     preemption = Preemption(config.train.sync_every_steps)
     throughput = Throughput(cfg, trainable, method, peak)
     profile = Profile(profile_steps, workdir)
@@ -549,13 +568,15 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
             done = step + 1
             local, global_batch = prefetch.get(step)
             width, t0 = local["input_ids"].shape[1], time.time()
+            shape = (width,) + tuple(local["labels"].shape[1:]) if "decoder_input_ids" in local else (width,)
             profile.before(done)
             state, metrics = train_step(state, frozen, global_batch)
             health = track_nonfinite(health, metrics, done)
-            if width not in widths:  # each batch shape compiles once; say so, so a slow step is explained
+            if shape not in widths:  # each batch shape compiles once; say so, so a slow step is explained
                 jax.block_until_ready(metrics)
-                widths.add(width)
-                log(f"compiled the train step for batch {batch} x {width} in {time.time() - t0:.1f}s")
+                widths.add(shape)
+                target = f" -> {shape[1]} target tokens" if len(shape) > 1 else ""
+                log(f"compiled the train step for batch {batch} x {width}{target} in {time.time() - t0:.1f}s")
                 throughput.restart()
             throughput.add(batch, width, float(local["attention_mask"].sum()) * jax.process_count())
             if pending:  # the previous step's numbers: on the host only now that this step is queued

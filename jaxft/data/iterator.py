@@ -18,7 +18,9 @@ class Batches:
 
     With `buckets` (ascending widths), each epoch groups examples of similar length (sorted within
     chunks of 64 batches, then the batches shuffled), and a batch is cut to the smallest bucket that
-    holds its longest example: a handful of shapes, each compiled once, and little padding.
+    holds its longest example: a handful of shapes, each compiled once, and little padding. Encoder-decoder
+    arrays (with `decoder_input_ids`) cut their decoder side (`labels`, `decoder_*`) to the bucket of the
+    batch's longest target too (the buckets below the target length, and the target length).
 
     With `groups` (each example's source, 0..K-1) and `weights` (K sampling weights), an epoch of as
     many examples as there are draws about weight_k of them from source k (largest remainders): each
@@ -39,6 +41,9 @@ class Batches:
             counts[np.argsort(-(exact - counts), kind="stable")[: self.size - counts.sum()]] += 1
             self.counts = counts
         self.lengths = arrays["attention_mask"].sum(axis=1) if "attention_mask" in arrays else None
+        self.target_lengths = None  # encoder-decoder rows: their targets' lengths (labels of -100 are padding)
+        if "decoder_input_ids" in arrays and "labels" in arrays:
+            self.target_lengths = (arrays["labels"] >= 0).sum(axis=1)
         self.buckets = tuple(sorted(buckets)) if self.size >= global_batch else ()
         self._epoch, self._perm = None, None
 
@@ -53,8 +58,11 @@ class Batches:
             if self.buckets:
                 n = self.size // self.global_batch * self.global_batch  # whole batches per epoch
                 chunk = self.global_batch * 64
+                key = self.lengths
+                if self.target_lengths is not None:  # by source length, then target length
+                    key = self.lengths * (int(self.target_lengths.max()) + 1) + self.target_lengths
                 perm = np.concatenate([
-                    perm[i : min(i + chunk, n)][np.argsort(self.lengths[perm[i : min(i + chunk, n)]], kind="stable")]
+                    perm[i : min(i + chunk, n)][np.argsort(key[perm[i : min(i + chunk, n)]], kind="stable")]
                     for i in range(0, n, chunk)
                 ])
                 batches = perm.reshape(-1, self.global_batch)
@@ -90,10 +98,20 @@ class Batches:
         idx = self.indices(position)
         batch = {k: v[idx[rows[0] : rows[1]]] for k, v in self.arrays.items()}
         if self.buckets:  # the width is decided on the global batch, so all processes agree
-            longest = int(self.lengths[idx].max())
-            width = next((b for b in self.buckets if b >= longest), self.buckets[-1])
-            batch = {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+            width = _bucket(self.buckets, int(self.lengths[idx].max()))
+            widths = {k: width for k, v in batch.items() if v.ndim == 2}
+            if self.target_lengths is not None:
+                full = self.arrays["labels"].shape[1]
+                target = _bucket(tuple(b for b in self.buckets if b < full) + (full,),
+                                 int(self.target_lengths[idx].max()))
+                widths.update({k: target for k in widths if k == "labels" or k.startswith("decoder_")})
+            batch = {k: v[:, : widths[k]] if k in widths else v for k, v in batch.items()}
         return batch
+
+
+def _bucket(buckets: tuple[int, ...], longest: int) -> int:
+    """The smallest of the ascending `buckets` that holds `longest`, else the largest."""
+    return next((b for b in buckets if b >= longest), buckets[-1])
 
 
 class Prefetch:

@@ -1,4 +1,4 @@
-"""Language-model data (causal_lm, sft) from one source or a mixture `data.name='a+b'`.
+"""Language-model data (causal_lm, sft, seq2seq) from one source or a mixture `data.name='a+b'`.
 
 Each source becomes its own rows (packed or padded), so a row never mixes sources; the rows are
 joined, each remembering its source: `data.weights` samples the sources by weight (see
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxft.data import sft, tasks
-from jaxft.data.sources import Records
+from jaxft.data import seq2seq, sft, tasks
+from jaxft.data.sources import Records, pair_fields
 from jaxft.errors import JaxftError
 
 
@@ -106,32 +106,47 @@ def write_cache(d, key: str, arrays: dict, line: str):
         pass  # a read-only cache only costs the tokenization next time
 
 
-def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, str]], log) -> Mixture:
-    """sources: (name, train records, eval records or None, text field) each."""
+def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, str]], log,
+         decoder_start_id: int | None = None) -> Mixture:
+    """sources: (name, train records, eval records or None, text field) each. `decoder_start_id`: the
+    model's decoder start token (seq2seq; None: the tokenizer's pad id)."""
     seq_len = int(d.seq_len)
     if task == "span_corruption":  # packed blocks of the length whose corrupted input fills seq_len
         from jaxft.data.span_corruption import raw_length
 
         seq_len = raw_length(seq_len)
+    target_len = int(d.get("target_len", 0)) or seq_len
     names = source_names([s[0] for s in sources])
     renderer = None
     if task == "sft":
         template, where = sft.chat_template(tok, str(d.get("chat_template", "")))
         renderer = sft.Renderer(template, sft.special_strings(tok), where)
         log(f"sft: chat template from {where}; loss on {'every token' if d.train_on_prompt else 'responses only'}")
-    fields = sft.Fields(str(d.get("source_field", "")), str(d.get("target_field", "")))
-
     settings = {"task": task, "seq_len": seq_len, "packing": bool(d.packing), "text_field": None,
                 "train_on_prompt": bool(d.train_on_prompt), "skip_bad": bool(d.skip_bad_records),
-                "template": renderer and renderer.template, "fields": dataclasses.astuple(fields)}
+                "template": renderer and renderer.template, "fields": None}
+    if task == "seq2seq":  # only then, so the other tasks' cache keys stay as they were
+        settings.update(target_len=target_len, decoder_start=decoder_start_id, packing=False, train_on_prompt=False)
 
-    def arrays(records: Records, name: str, text_field: str, split: str):
-        key = cache_key(records, tok, {**settings, "text_field": text_field})
+    def arrays(records: Records, name: str, text_field: str, split: str, fields: sft.Fields):
+        key = cache_key(records, tok, {**settings, "text_field": text_field, "fields": dataclasses.astuple(fields)})
         hit = read_cache(d, key)
         if hit is not None:
             out, line = hit
         elif task in ("causal_lm", "masked_lm", "span_corruption"):
             out, line = tasks.causal_lm(records, tok, seq_len, text_field, segments=bool(d.packing))[0], ""
+        elif task == "seq2seq":
+            enc = seq2seq.examples(records, tok, seq_len, target_len, fields, bool(d.skip_bad_records))
+            if not enc.examples:
+                raise JaxftError(f"data source {name!r} ({split}): no usable source -> target record")
+            start = tok.pad_id if decoder_start_id is None else decoder_start_id
+            out = seq2seq.padded(enc.examples, seq_len, target_len, tok.pad_id, start)
+            line = (f"{len(enc.examples)} source -> target pairs, {enc.cut_sources} sources longer than "
+                    f"data.seq_len={seq_len} and {enc.cut_targets} targets longer than target length {target_len} "
+                    f"truncated (their start kept, EOS last), {enc.skipped} bad records skipped"
+                    + (f" (first: {enc.first_skip})" if enc.skipped else "")
+                    + f"; {100 * out['attention_mask'].mean():.1f}% real source tokens, "
+                    f"{100 * (out['labels'] >= 0).mean():.1f}% real target tokens")
         else:
             enc = sft.examples(records, tok, renderer, seq_len, fields, bool(d.train_on_prompt),
                                bool(d.skip_bad_records))
@@ -150,11 +165,12 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
         return out
 
     trains, evals, eval_groups = [], [], []
-    for k, ((_, train_rec, eval_rec, text_field), name) in enumerate(zip(sources, names)):
+    for k, ((source, train_rec, eval_rec, text_field), name) in enumerate(zip(sources, names)):
+        fields = sft.Fields(*pair_fields(d, source))  # data.source_field / target_field, else a bundled set's own
         train_rec, eval_rec = holdout(train_rec, eval_rec, int(d.get("eval_holdout", 0)))
-        trains.append(arrays(train_rec, name, text_field, "train"))
+        trains.append(arrays(train_rec, name, text_field, "train", fields))
         if eval_rec is not None and eval_rec.rows:
-            evals.append(arrays(eval_rec, name, text_field, "eval"))
+            evals.append(arrays(eval_rec, name, text_field, "eval", fields))
             eval_groups.append(np.full(len(evals[-1]["weight"]), k))
     if len({frozenset(a) for a in trains + evals}) > 1:  # e.g. packed causal_lm blocks next to padded ones
         raise JaxftError(f"data.name={d.name!r}: the sources give different array fields")

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 from jaxft.errors import JaxftError
 
@@ -24,7 +25,9 @@ class Bundled:
     label_field: str | None
     group_phrases: bool = False  # see `group_phrases`
     text_pair_field: str | None = None  # the second text of a sentence pair (RTE's hypothesis)
-    pairs: tuple[str, str] | None = None  # `source||target` lines (E2E): the two fields they become
+    source_field: str = ""  # source -> target pairs (sft, seq2seq): the default data.source_field
+    target_field: str = ""  # ... and data.target_field
+    reader: Callable | None = None  # what reads its files (None: `read_file`)
 
 
 BUNDLED = {
@@ -35,10 +38,15 @@ BUNDLED = {
     "c4_demo": Bundled(ASSETS / "c4_demo" / "c4_demo.jsonl", None, "text", None),
     # SST-2 training sentences for language modelling, each treebank sentence with its sub-phrases.
     "sst2_grouped": Bundled(ASSETS / "sst2" / "train.tsv", ASSETS / "sst2" / "dev.tsv", "sentence", None, True),
-    # E2E NLG: train on valid.txt, evaluate on test.txt (the official train.txt is not bundled).
+    # Data-to-text pairs: E2E NLG (train on valid.txt, evaluate on test.txt: the official train split is
+    # not bundled) and ADGEN (one file: hold some out with data.eval_holdout).
     "e2e_nlg": Bundled(ASSETS / "e2e_nlg" / "valid.txt", ASSETS / "e2e_nlg" / "test.txt", "meaning_representation",
-                       None, pairs=("meaning_representation", "human_reference")),
+                       None, source_field="meaning_representation", target_field="human_reference",
+                       reader=lambda p: read_e2e(p)),
+    "adgen": Bundled(ASSETS / "adgen" / "dev.json", None, "content", None, source_field="content",
+                     target_field="summary"),
 }
+E2E_SEPARATOR = "||"  # E2E NLG's files: one `meaning representation||reference` pair a line
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
 
@@ -130,6 +138,23 @@ def read_file(path: str | Path) -> Records:
     return Records(rows, where)
 
 
+def read_e2e(path: str | Path) -> Records:
+    """E2E NLG as the LoRA repository ships it: `MR||reference` a line -> {"meaning_representation",
+    "human_reference"}, each stripped."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8").replace("\r\n", "\n")
+    rows, where = [], []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        if E2E_SEPARATOR not in line:
+            raise JaxftError(f"{p}:{n}: expected 'meaning representation{E2E_SEPARATOR}reference'")
+        mr, ref = line.split(E2E_SEPARATOR, 1)
+        rows.append({"meaning_representation": mr.strip(), "human_reference": ref.strip()})
+        where.append(f"{p}:{n}")
+    return Records(rows, where)
+
+
 HUB_PREFIX = "hub:"  # data.name="hub:owner/name" (or "hub:DIR", a dataset repository on disk): always the hub
 
 
@@ -193,7 +218,7 @@ def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None,
     label_field = data_cfg.get("label_field") or None
     if name in BUNDLED:
         b = BUNDLED[name]
-        read = (lambda p: read_pairs(p, *b.pairs)) if b.pairs else read_file  # noqa: E731
+        read = b.reader or read_file
         train, ev = read(b.train), read(b.eval) if b.eval else None
         if b.group_phrases:
             train = group_phrases(train, text_field or b.text_field)
@@ -247,6 +272,15 @@ def pair_field(data_cfg, name: str | None = None) -> str | None:
     return given or (BUNDLED[name].text_pair_field if name in BUNDLED else None)
 
 
+def pair_fields(data_cfg, name: str | None = None) -> tuple[str, str]:
+    """The (source, target) fields of source -> target records: `data.source_field` /
+    `data.target_field`, else the bundled set's own (E2E NLG's, ADGEN's), else empty."""
+    name = str(data_cfg.name) if name is None else name
+    b = BUNDLED.get(name)
+    return (str(data_cfg.get("source_field", "")) or (b.source_field if b else ""),
+            str(data_cfg.get("target_field", "")) or (b.target_field if b else ""))
+
+
 def group_phrases(records: Records, text_field: str, n: int = 3) -> Records:
     """SST-2's training set is treebank phrases: join each sentence with the phrases inside it.
 
@@ -284,7 +318,8 @@ def load_texts(name: str, text_field: str | None = None) -> list[str]:
     texts = []
     for one in name.split("+"):
         if one in BUNDLED:
-            records, field_name = read_file(BUNDLED[one].train), text_field or BUNDLED[one].text_field
+            b = BUNDLED[one]
+            records, field_name = (b.reader or read_file)(b.train), text_field or b.text_field
         else:
             records, field_name = read_file(one), text_field or "text"
         for i in range(len(records.rows)):

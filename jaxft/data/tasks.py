@@ -10,6 +10,7 @@ causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, 
 masked_lm:      packed as causal_lm ([CLS] text [SEP] for BERT), then BERT's masking (`mask_tokens`):
                 `input_ids` masked, `mlm_labels` the original tokens at the targets, -100 elsewhere.
 sft:            see `jaxft.data.sft` (instruction data, chat templates, loss masks, packing).
+seq2seq:        see `jaxft.data.seq2seq` (source -> target pairs for encoder-decoders such as T5).
 Every array set carries `weight` (1 for a real example) so padded eval batches count nothing.
 """
 
@@ -19,17 +20,20 @@ import re
 
 import numpy as np
 
+from jaxft.data import seq2seq
 from jaxft.data.sft import Fields, detect as detect_sft
 from jaxft.data.sources import Records, field
 from jaxft.errors import JaxftError
 
 
 def choose_task(task: str, records: Records, source: str, text_field: str, label_field: str | None,
-                label_given: bool, sft_fields: Fields = Fields()) -> str:
+                label_given: bool, sft_fields: Fields = Fields(), encoder_decoder: bool = False) -> str:
     """`data.task`, else what the data says when it says it unambiguously: classification when the label
-    column is there, sft for instruction, chat or source/target records (`jaxft.data.sft.detect`),
-    causal_lm when the text column is the only one. A label column under another name
-    must not turn a classification run into a language model of the text, so anything else is an error."""
+    column is there, sft for instruction, chat or source/target records (`jaxft.data.sft.detect`) -- or,
+    for an encoder-decoder model (`encoder_decoder`), seq2seq for Alpaca and source/target records
+    (`jaxft.data.seq2seq.detect`) --, causal_lm when the text column is the only one. A label column
+    under another name must not turn a classification run into a language model of the text, so
+    anything else is an error."""
     columns = list(records.rows[0]) if records.rows else []
     found = f"columns found: {', '.join(map(str, columns)) or 'none'}"
     if task == "classification" or (not task and label_given):
@@ -41,7 +45,13 @@ def choose_task(task: str, records: Records, source: str, text_field: str, label
         return "classification"
     if task:
         return task
+    if encoder_decoder and seq2seq.detect(records, sft_fields):
+        return "seq2seq"
     if detect_sft(records, sft_fields):
+        if encoder_decoder:  # chat or ShareGPT: several turns, not one source -> target pair
+            raise JaxftError(f"data.name={source!r}: chat records (messages / conversations) have several turns; an "
+                             "encoder-decoder model trains on source -> target pairs: Alpaca records, or "
+                             f"data.source_field and data.target_field naming two of the columns ({found})")
         return "sft"
     if label_field is None or not columns:  # a source without labels by definition (c4_demo)
         return "causal_lm"
