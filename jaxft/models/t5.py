@@ -451,7 +451,7 @@ class T5Model(nn.Module):
                 attention_mask = jnp.ones_like(input_ids)
             h, encoder_mask = embed(input_ids), attention_mask
             for hook in self.hooks:  # prompt tuning puts virtual tokens in front
-                h, encoder_mask = hook.embeddings(self, h, encoder_mask)
+                h, encoder_mask = hook.embeddings(self, h, encoder_mask, input_ids)
             encoder_states = Encoder(cfg, self.hooks, name="encoder")(h, encoder_mask)
             if mode == "encode":
                 return encoder_states, encoder_mask
