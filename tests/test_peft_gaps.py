@@ -173,3 +173,62 @@ def _merge(*trees):
     from jaxft.peft.partition import merge
 
     return merge(*trees)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. BitFit on models with biases: only the biases (and the new head) train; full weights export.
+
+
+def _bitfit_base(name, d):
+    from transformers import BertConfig, BertForSequenceClassification, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        m = GPT2ForSequenceClassification(GPT2Config(**GPT2))
+    else:
+        m = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=48,
+                                                     max_position_embeddings=32))
+    with torch.no_grad():  # biases start away from zero, as a pretrained model's
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    m.eval().save_pretrained(d)
+    return m
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_bitfit_trains_exactly_the_biases(tmp_path, name):
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from jaxft import train
+    from jaxft.config import base_config
+
+    _bitfit_base(name, tmp_path / "base")
+    c = base_config()
+    c.model.path, c.method.name = str(tmp_path / "base"), "bitfit"
+    c.data.name, c.data.synthetic_labels, c.data.synthetic_examples, c.data.seq_len = "synthetic", 2, 16, 12
+    c.train.steps, c.train.batch_size, c.train.log_every_steps = 8, 8, 1
+    c.optimizer.learning_rate, c.optimizer.warmup_steps = 3e-2, 0
+    c.checkpoint.every_steps = 0
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    rows = [__import__("json").loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert loss[-1] < loss[0]
+    # The export is the full model (BitFit adds nothing); against the base, exactly the biases changed.
+    export = tmp_path / "run" / "export"
+    assert not (export / "adapter_config.json").exists()
+    before = load_file(str(tmp_path / "base" / "model.safetensors"))
+    after = load_file(str(export / "model.safetensors"))
+    head = ("score.",) if name == "gpt2" else ("classifier.", "bert.pooler.")  # the family's classifier head
+    body = {k for k in before if not k.startswith(head)}
+    changed = {k for k in body if k in after and not np.array_equal(before[k], after[k])}
+    assert changed == {k for k in body if k.endswith("bias")} and changed
+    assert body - {k for k in body if k.endswith("bias")} <= set(after)
+    # Round trip: transformers and jaxft read the export to the same logits.
+    ids = np.random.RandomState(0).randint(1, 96, (2, 9))
+    model, params = hf.load(export)
+    with torch.no_grad():
+        ref = AutoModelForSequenceClassification.from_pretrained(export).eval()(input_ids=torch.tensor(ids)).logits
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))), ref.numpy(), atol=1e-5)
