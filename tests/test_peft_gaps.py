@@ -232,3 +232,142 @@ def test_bitfit_trains_exactly_the_biases(tmp_path, name):
     with torch.no_grad():
         ref = AutoModelForSequenceClassification.from_pretrained(export).eval()(input_ids=torch.tensor(ids)).logits
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))), ref.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. P-Tuning's virtual tokens placed in a template (method.template).
+
+
+class FakeTokenizer:
+    """Characters as ids (3 + their code mod 90); BOS 1, EOS 2."""
+
+    bos, eos, pad_id = [1], [2], 0
+
+    def encode(self, text):
+        return [3 + ord(ch) % 90 for ch in text]
+
+
+def _ptuning_from_peft(lms, tmp_path, template=""):
+    """A tiny Llama with PEFT's P-Tuning (an MLP encoder) loaded into jaxft, with `template` set."""
+    import dataclasses
+
+    from peft import get_peft_model
+
+    m, d = lms["llama"]
+    torch.manual_seed(1)
+    pm = get_peft_model(copy.deepcopy(m), soft_prompt_config("ptuning")).eval()
+    pm.save_pretrained(tmp_path)
+    model, params = hf.load(d, adapter=tmp_path)
+    if template:
+        from jaxft.models import family
+
+        model = family.build(model.cfg, [dataclasses.replace(h, template=template) for h in model.hooks])
+    return pm, m, model, params
+
+
+def _rows(template, texts, width):
+    """Rendered rows, right-padded (template=None: PEFT's input, BOS text EOS)."""
+    from jaxft.peft.prompt import render
+
+    tok = FakeTokenizer()
+    before, after = render(template, 4, tok) if template else (tok.bos, tok.eos)
+    rows = [before + tok.encode(t) + after for t in texts]
+    ids, mask = np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width), np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)], mask[r, :len(row)] = row, 1
+    return ids, mask
+
+
+def test_template_in_front_is_peft_layout(lms, tmp_path):
+    """"[P][P][P][P] {text}": the virtual tokens go before BOS, where PEFT puts them; logits equal PEFT's."""
+    pm, _, model, params = _ptuning_from_peft(lms, tmp_path, "[P][P] [P][P] {text}")
+    texts = ["a good film", "bad"]
+    ids, mask = _rows("[P][P] [P][P] {text}", texts, 17)
+    assert (ids[:, :4] == -1).all() and (ids[:, 4] == 1).all()
+    plain, plain_mask = _rows(None, texts, 13)
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(plain), attention_mask=torch.tensor(plain_mask)).logits.numpy()[:, 4:]
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))[:, 4:]
+    real = plain_mask == 1
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-5)
+
+
+def test_template_places_virtual_tokens(lms, tmp_path):
+    """"[P][P] {text} [P] It was": the encoder's k-th output at the k-th [P] (the 4th: 'It [P] was');
+    against transformers fed inputs_embeds with those vectors spliced in; then generation from a
+    left-padded batch, against greedy by transformers' forward; then the export and its reload."""
+    from jaxft.hf import save_adapter
+
+    template = "[P][P] {text} [P] It [P] was"
+    pm, m, model, params = _ptuning_from_peft(lms, tmp_path / "peft", template)
+    hook = model.hooks[-1]
+    virtual = torch.tensor(hook.prompt_embeddings(model.cfg, params["prompt_encoder"]))
+    ids, mask = _rows(template, ["a good film", "bad"], 26)
+
+    def spliced(ids):
+        e = m.get_input_embeddings()(torch.tensor(np.where(ids < 0, 0, ids)))
+        for r in range(ids.shape[0]):
+            e[r, ids[r] < 0] = virtual
+        return e
+
+    with torch.no_grad():
+        ref = m(inputs_embeds=spliced(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(out[mask == 1], ref[mask == 1], atol=1e-5)
+    base_model, base = hf.load(lms["llama"][1])
+    plain = np.asarray(base_model.apply({"params": base}, jnp.asarray(np.where(ids < 0, 0, ids)), jnp.asarray(mask)))
+    assert np.abs(plain - out)[mask == 1].max() > 1e-2
+
+    # Generation: the placeholders are in the (left-padded) prompt, the cache holds what they became.
+    lengths = mask.sum(1)
+    left = np.zeros_like(ids)
+    left_mask = np.zeros_like(mask)
+    for r, n in enumerate(lengths):
+        left[r, -n:], left_mask[r, -n:] = ids[r, :n], 1
+    out = generate(model, params, left, left_mask, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=96)
+    seq, sm = left.copy(), left_mask.copy()
+    with torch.no_grad():
+        for _ in range(NEW):
+            pos = np.maximum(sm.cumsum(1) - 1, 0)
+            logits = m(inputs_embeds=spliced(seq), attention_mask=torch.tensor(sm),
+                       position_ids=torch.tensor(pos)).logits[:, -1]
+            seq = np.concatenate([seq, logits.argmax(-1).numpy()[:, None]], 1)
+            sm = np.concatenate([sm, np.ones((len(seq), 1), sm.dtype)], 1)
+    np.testing.assert_array_equal(out, seq[:, left.shape[1]:])
+
+    # The export records the template (PEFT ignores the key); jaxft reads it back.
+    import json
+
+    save_adapter(model, params, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["jaxft_template"] == template
+    model2, params2 = hf.load(lms["llama"][1], adapter=tmp_path / "export")
+    np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, jnp.asarray(ids), jnp.asarray(mask))),
+                               np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))),
+                               atol=1e-6)
+
+
+def test_template_config_and_data():
+    from jaxft.data import tasks
+    from jaxft.data.sources import Records
+    from jaxft.errors import JaxftError
+    from jaxft.peft import build
+    from jaxft.peft.prompt import PLACEHOLDER, render
+    from tests.hooked_models import method_cfg
+
+    cfg = hf.config_from_dict(dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4))
+    hook = build(method_cfg(name="ptuning", num_virtual_tokens=3, template="[P] {text} [P][P] It was"), cfg).hooks[0]
+    assert hook.template and hook.virtual_tokens == 0
+    for template, match in (("[P] {text}", "1 \\[P\\] marks, expected method.num_virtual_tokens=3"),
+                            ("[P][P][P] text", "expected \\{text\\} exactly once")):
+        with pytest.raises(JaxftError, match=match):
+            build(method_cfg(name="ptuning", num_virtual_tokens=3, template=template), cfg)
+    tok = FakeTokenizer()
+    before, after = render("[P] {text} [P][P] It was", 3, tok)
+    assert before == [PLACEHOLDER, 1] and after == [PLACEHOLDER, PLACEHOLDER] + tok.encode(" It was") + [2]
+    arrays, cut = tasks.classification(Records([{"text": "abcdefgh", "label": 1}, {"text": "ab", "label": 0}],
+                                               ["x:1", "x:2"]), tok, 14, "text", "label", [0, 1],
+                                       template=(before, after))
+    assert cut == 1
+    np.testing.assert_array_equal(arrays["input_ids"][0], before + tok.encode("ab") + after)
+    np.testing.assert_array_equal(arrays["input_ids"][1], before + tok.encode("ab") + after)
