@@ -371,3 +371,45 @@ def test_template_config_and_data():
     assert cut == 1
     np.testing.assert_array_equal(arrays["input_ids"][0], before + tok.encode("ab") + after)
     np.testing.assert_array_equal(arrays["input_ids"][1], before + tok.encode("ab") + after)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. T5 with its classification head: LoRA and prefix adapters PEFT loads on T5ForSequenceClassification.
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix_tuning"])
+def test_t5_classifier_adapters_load_in_peft(tmp_path, kind):
+    from peft import PeftModel
+    from transformers import T5Config, T5ForSequenceClassification
+
+    from jaxft.hf import save_adapter
+    from jaxft.peft.partition import flat, unflat
+    from tests.hooked_models import hooked
+
+    torch.manual_seed(3)
+    m = T5ForSequenceClassification(T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                             relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                             dropout_rate=0.0, num_labels=3, feed_forward_proj="gated-gelu")).eval()
+    m.save_pretrained(tmp_path / "base")
+    model, _, params = hooked(tmp_path / "base", dict(name=kind, rank=4, alpha=8.0, num_virtual_tokens=3,
+                                                      projection_hidden=16))
+    params = unflat({k: v + 0.1 if k.startswith("classification_head/") else v  # the head trained too
+                     for k, v in flat(params).items()})
+    save_adapter(model, params, tmp_path / "adapter")
+    ids = np.random.RandomState(0).randint(2, 99, (2, 7))
+    ids[:, -1] = 1  # T5ForSequenceClassification reads the state at the EOS
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    pm = PeftModel.from_pretrained(copy.deepcopy(m), tmp_path / "adapter").eval()
+    t = torch.tensor(ids)
+    with torch.no_grad():
+        if kind == "lora":
+            ref = pm(input_ids=t).logits.numpy()
+        else:  # PEFT's classifier forward refuses prefixes on T5; its own prompt as the cache, by hand
+            inner = pm.base_model
+            h = inner.transformer(input_ids=t, decoder_input_ids=inner._shift_right(t),
+                                  past_key_values=pm.get_prompt(batch_size=2)).last_hidden_state
+            ref = inner.classification_head(h[t.eq(1)].view(2, -1, h.shape[-1])[:, -1]).numpy()
+        assert np.abs(ref - m(input_ids=t).logits.numpy()).max() > 1e-2
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    model2, params2 = hf.load(tmp_path / "base", adapter=tmp_path / "adapter")
+    np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, jnp.asarray(ids))), ours, atol=1e-6)

@@ -651,7 +651,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: T5Config, where: str = "
         else:
             for i in range(n):
                 flat[(stack, f"block_{i}") + path] = per_layer[i]
-    if "shared" not in {p[0] for p in flat}:
+    heads_only = bool(flat) and {p[0] for p in flat} <= {"classification_head", "lm_head"}  # an adapter's head
+    if "shared" not in {p[0] for p in flat} and not heads_only:
         raise JaxftError(f"{where}: no shared.weight (the T5 token embedding)")
     if cfg.tie_word_embeddings or cfg.head != "seq2seq_lm":
         flat.pop(("lm_head", "kernel"), None)
@@ -724,6 +725,7 @@ FAMILY = Family(
     lora_targets="q,v",
     head_params=r"^(lm_head|classification_head)/",
     classifier_params=r"^classification_head/",
+    classifier_kernel=lambda cfg: "classification_head/out_proj/kernel",
     kv_layout=lambda cfg: (cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv),
     matmul_weights=matmul_weights,
     causal=False,

@@ -99,7 +99,7 @@ def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
 
 def _export_lora(model, hook: LoraHook, params: dict, base: str):
     cfg = model.cfg
-    hf_module = family.of(cfg).hf_module
+    hf_module = lambda path: peft_keys.hf_module(cfg, path)  # noqa: E731
     patterns, tensors = [], {}
     for path, ab in _lora_modules(unflat(params)).items():
         where = _in_stack(cfg, path)

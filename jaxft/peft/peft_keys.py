@@ -34,12 +34,21 @@ def per_layer(trainable, leaf: str):
     return out
 
 
+def hf_module(cfg, path: str) -> str:
+    """The family's HF module name of our dotted path, given the config where the family's mapping
+    takes it (T5's classifier puts its stacks under `transformer.`)."""
+    import inspect
+
+    fn = family.of(cfg).hf_module
+    return fn(path, cfg) if len(inspect.signature(fn).parameters) > 1 else fn(path)
+
+
 def hf_name(cfg, path: str, layer: int | None) -> str:
     """Our module path (without layer index) and its layer -> HF's module name."""
     head, *rest = path.split(".")
     if head == "layers" and layer is not None:
         path = ".".join(["layers", str(layer)] + rest)
-    return family.of(cfg).hf_module(path)
+    return hf_module(cfg, path)
 
 
 def pattern(cfg, path: str, layer: int | None) -> str:
