@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.encoder_hidden = 0  # P-Tuning: its width (0 = the model's hidden size)
     c.method.encoder_layers = 2  # P-Tuning: LSTM layers
     c.method.encoder_dropout = 0.0  # P-Tuning: LSTM dropout between layers
+    c.method.template = ""  # P-Tuning: "[P][P] {text} [P] It was": its virtual tokens placed in the input; "": in front
     c.method.dora = False  # LoRA as DoRA: a learned magnitude per output column (PEFT's use_dora)
     c.method.adapter_type = "houlsby"  # bottleneck adapters: houlsby (after attention and MLP) | pfeiffer (after MLP)
     c.method.adapter_size = 64  # their bottleneck width

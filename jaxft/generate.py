@@ -14,6 +14,12 @@ Decisions follow transformers' `generate` so its outputs are the oracle:
 Encoder-decoder families (`Family.encoder_decoder`) run `method="encode"` once and decode from their
 decoder start token with `method="decode"`.
 
+Soft prompts (prompt tuning, P-Tuning) put virtual tokens in front of every prompt. They see only
+each other (they come first, attention is causal), so their keys and values at every layer are the
+same for every row: they are computed once, at the start, and held in front of each layer's cache as
+an always-visible prefix, the prompt's positions counting on after them, as PEFT's generate places
+them. P-Tuning v2 / prefix tuning prefixes are such a prefix already.
+
 `python -m jaxft.generate --model=DIR [--adapter=DIR] --prompt="..."` (or `--prompts=FILE`, one prompt a
 line) prints one completion per prompt.
 """
@@ -33,6 +39,7 @@ import numpy as np
 
 from jaxft.errors import JaxftError
 from jaxft.models import family
+from jaxft.peft.hook import Hook
 
 NEG = -1.0e9  # transformers' "impossible" beam score
 TRACES = collections.Counter()  # how often the model step was traced (the tests' no-recompile check)
@@ -117,6 +124,8 @@ def compiled(model, s: Settings):
 
 def _generate(model, s: Settings, params, ids, mask, eos, pad, key):
     cfg, fam = model.cfg, family.of(model.cfg)
+    if not fam.encoder_decoder:  # a T5 encoder reads its virtual tokens once anyway
+        model, params = soft_prompt_prefix(model, params)
     beams = s.num_beams
     ids, mask = (jnp.repeat(x, beams, axis=0) for x in (ids, mask))  # [B * beams, T]; each beam a row
     rows = ids.shape[0]
@@ -141,11 +150,49 @@ def _generate(model, s: Settings, params, ids, mask, eos, pad, key):
     logits, cache = step(cache, slot_mask, prompt, jnp.int32(0))
     seen = None
     if s.repetition_penalty != 1.0:  # ids of the sequence so far: transformers penalises prompt padding too
-        seen = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], prompt].set(True)
+        # (a P-Tuning template's placeholders are no token: out of range, dropped)
+        seen = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], jnp.where(prompt < 0, logits.shape[-1],
+                                                                                   prompt)].set(True)
     if beams == 1:
         return _sample_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key)
     axis = batch_axis(fam, cfg, cache)
     return _beam_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key, axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SoftPromptPrefix(Hook):
+    """Every layer's keys and values of a soft prompt's `tokens` virtual tokens, computed once
+    (parameters `soft_prompt_keys` / `soft_prompt_values` [layers, P, kv heads, head dim]), as a prefix."""
+
+    tokens: int = 0
+
+    def prefix(self, model, batch_size):
+        import flax.linen as nn
+
+        layers, kv, d = family.of(model.cfg).kv_layout(model.cfg)
+        shape = (layers, self.tokens, kv, d)
+        k, v = (model.param(f"soft_prompt_{n}", nn.initializers.zeros, shape) for n in ("keys", "values"))
+        return tuple(jnp.broadcast_to(x[:, None], (layers, batch_size) + shape[1:]) for x in (k, v))
+
+
+def soft_prompt_prefix(model, params):
+    """A model with soft prompts in front -> one without them that holds their keys and values as
+    every layer's prefix (see the module's docstring), and its params. Unchanged without soft prompts."""
+    from jaxft.peft.ptuning_v2 import sown_keys_values
+
+    hooks = tuple(model.hooks)
+    n = sum(getattr(h, "virtual_tokens", 0) for h in hooks)
+    if not n:
+        return model, params
+    if getattr(model.cfg, "sliding_window", None):  # in the cache they would slide out of the window
+        raise JaxftError("generation with virtual tokens in front (prompt tuning, P-Tuning) and a sliding window "
+                         "attention is not supported")
+    one = jnp.zeros((1, 1), jnp.int32)  # any token: the virtual tokens before it do not see it
+    _, state = model.apply({"params": params}, one, one + 1, mutable=["intermediates"])
+    k, v = sown_keys_values(state["intermediates"], model.cfg)  # [layers, 1, P + 1, KV, D]
+    rest = tuple(h for h in hooks if not getattr(h, "virtual_tokens", 0))
+    params = {**params, "soft_prompt_keys": k[:, 0, :n], "soft_prompt_values": v[:, 0, :n]}
+    return family.build(model.cfg, rest + (_SoftPromptPrefix(n),)), params
 
 
 def batch_axis(fam, cfg, cache=None):

@@ -129,10 +129,18 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
     if task == "classification" and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft and seq2seq only")
+    template = None
+    if str(config.method.get("template", "") or "") and "ptuning" in str(config.method.name).split("+"):
+        from jaxft.peft.prompt import render
+
+        if task != "classification":
+            raise JaxftError(f"method.template: supported for classification data, not {task}")
+        template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task == "classification":
         labels = tasks.label_vocab(train_rec, label_field)
         encode = lambda records: tasks.classification(  # noqa: E731
-            records, tok, seq_len, text_field, label_field, labels, sources.pair_field(d, first), d.token_type_ids)
+            records, tok, seq_len, text_field, label_field, labels, sources.pair_field(d, first), d.token_type_ids,
+            template)
         train, cut = encode(train_rec)
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:

@@ -90,10 +90,12 @@ def label_vocab(records: Records, label_field: str) -> list:
 
 
 def classification(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list,
-                   text_pair_field: str | None = None, token_type_ids: bool = False):
+                   text_pair_field: str | None = None, token_type_ids: bool = False, template=None):
     """-> (arrays, number of truncated examples). A single text too long for `seq_len` loses its end; a
     pair is cut as HF's (fast) tokenizers do with `truncation="longest_first"`: the shorter text keeps
-    up to half the room (the first text counts as the shorter on a tie), the longer one the rest."""
+    up to half the room (the first text counts as the shorter on a tie), the longer one the rest.
+    `template`: (ids before, ids after) the text, BOS and EOS included (a P-Tuning template rendered
+    by `jaxft.peft.prompt.render`); the text is cut to fit between them."""
     n = len(records.rows)
     ids = np.full((n, seq_len), tok.pad_id, np.int32)
     mask = np.zeros((n, seq_len), np.int32)
@@ -105,7 +107,13 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
     for i in range(n):
         a = tok.encode(_text(records, i, text_field))
         b = tok.encode(_text(records, i, text_pair_field)) if text_pair_field else None
-        if b is None:
+        if template is not None:
+            if b is not None:
+                raise JaxftError("method.template: supported for single-text classification (this data has pairs)")
+            room = max(seq_len - len(template[0]) - len(template[1]), 0)
+            truncated += len(a) > room
+            first = toks = (list(template[0]) + a[:room] + list(template[1]))[:seq_len]
+        elif b is None:
             first = toks = tok.bos + a + tok.eos
             if len(toks) > seq_len:
                 truncated += 1

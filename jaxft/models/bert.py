@@ -274,7 +274,7 @@ class BertModel(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         length = input_ids.shape[1]
         for hook in self.hooks:  # prompt tuning puts virtual tokens in front of the word embeddings
-            h, attention_mask = hook.embeddings(self, h, attention_mask)
+            h, attention_mask = hook.embeddings(self, h, attention_mask, input_ids)
         added = h.shape[1] - length
         prefixes = [p for p in (hook.prefix(self, input_ids.shape[0]) for hook in self.hooks) if p is not None]
         prefix = None

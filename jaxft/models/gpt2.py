@@ -189,7 +189,7 @@ class GPT2Model(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         length = input_ids.shape[1]
         for hook in self.hooks:  # prompt tuning puts virtual tokens in front (positions added after, as PEFT)
-            h, attention_mask = hook.embeddings(self, h, attention_mask)
+            h, attention_mask = hook.embeddings(self, h, attention_mask, input_ids)
         added = h.shape[1] - length
         if segment_ids is not None and (added or cache is not None):
             raise JaxftError("packed rows (segment ids) with virtual tokens or a KV cache: set data.packing=False")

@@ -199,7 +199,7 @@ class LlamaModel(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         length = input_ids.shape[1]
         for hook in self.hooks:  # prompt tuning puts virtual tokens in front
-            h, attention_mask = hook.embeddings(self, h, attention_mask)
+            h, attention_mask = hook.embeddings(self, h, attention_mask, input_ids)
         if cache is not None and h.shape[1] != length:
             raise JaxftError("generation with a KV cache does not support methods that add virtual tokens")
         if segment_ids is not None and h.shape[1] != length:

@@ -451,7 +451,7 @@ class T5Model(nn.Module):
                 attention_mask = jnp.ones_like(input_ids)
             h, encoder_mask = embed(input_ids), attention_mask
             for hook in self.hooks:  # prompt tuning puts virtual tokens in front
-                h, encoder_mask = hook.embeddings(self, h, encoder_mask)
+                h, encoder_mask = hook.embeddings(self, h, encoder_mask, input_ids)
             encoder_states = Encoder(cfg, self.hooks, name="encoder")(h, encoder_mask)
             if mode == "encode":
                 return encoder_states, encoder_mask
@@ -651,7 +651,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: T5Config, where: str = "
         else:
             for i in range(n):
                 flat[(stack, f"block_{i}") + path] = per_layer[i]
-    if "shared" not in {p[0] for p in flat}:
+    heads_only = bool(flat) and {p[0] for p in flat} <= {"classification_head", "lm_head"}  # an adapter's head
+    if "shared" not in {p[0] for p in flat} and not heads_only:
         raise JaxftError(f"{where}: no shared.weight (the T5 token embedding)")
     if cfg.tie_word_embeddings or cfg.head != "seq2seq_lm":
         flat.pop(("lm_head", "kernel"), None)
@@ -746,6 +747,7 @@ FAMILY = Family(
     ia3_feedforward="wo",
     head_params=r"^(lm_head|classification_head)/",
     classifier_params=r"^classification_head/",
+    classifier_kernel=lambda cfg: "classification_head/out_proj/kernel",
     kv_layout=lambda cfg: (cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv),
     matmul_weights=matmul_weights,
     activation_blocks=activation_blocks,

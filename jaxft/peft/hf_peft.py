@@ -28,7 +28,7 @@ from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
 from jaxft.peft import adalora, adapter, ia3, peft_keys, registry
 from jaxft.peft.lora import LoraHook
 from jaxft.peft.partition import flat, merge, unflat
-from jaxft.peft.prompt import MODULE, PromptHook
+from jaxft.peft.prompt import MODULE, PromptHook, parse_template
 from jaxft.peft.ptuning_v2 import PrefixHook
 
 TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
@@ -36,6 +36,7 @@ TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", 
 TASK_HEADS = ("classification", "token_classification")
 HEAD_OF_TASK = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification"}
 LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+TEMPLATE_KEY = "jaxft_template"  # a P-Tuning adapter's `method.template` (jaxft's key)
 
 @dataclasses.dataclass(frozen=True)
 class Format:
@@ -98,7 +99,7 @@ def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
 
 def _export_lora(model, hook: LoraHook, params: dict, base: str):
     cfg = model.cfg
-    hf_module = family.of(cfg).hf_module
+    hf_module = lambda path: peft_keys.hf_module(cfg, path)  # noqa: E731
     patterns, tensors = [], {}
     for path, ab in _lora_modules(unflat(params)).items():
         where = _in_stack(cfg, path)
@@ -211,6 +212,8 @@ def _export_prompt(model, hook: PromptHook, params: dict, base: str):
         config.update(encoder_reparameterization_type="LSTM" if hook.encoder == "lstm" else "MLP",
                       encoder_hidden_size=hook.encoder_hidden or cfg.hidden_size,
                       encoder_num_layers=hook.encoder_layers, encoder_dropout=hook.encoder_dropout)
+        if hook.template:  # where the virtual tokens go; PEFT ignores the key (and puts them all in front)
+            config[TEMPLATE_KEY] = hook.template
     else:  # PEFT validates a TEXT init's tokenizer, which is the base model's directory
         text = hook.init == "text" and bool(base)
         config.update(prompt_tuning_init="TEXT" if text else {"vocab": "SAMPLE_VOCAB"}.get(hook.init, "RANDOM"),
@@ -225,7 +228,10 @@ def _load_prompt(kind: str):
         if emb.ndim != 2 or emb.shape[1] != cfg.hidden_size:
             raise JaxftError(f"{where}: prompt_embeddings of shape {tuple(emb.shape)} does not fit this model "
                              f"(expected [tokens, {cfg.hidden_size}])")
-        return PromptHook(emb.shape[0], kind), {f"{MODULE[kind]}/embedding": emb}
+        template = str(config.get(TEMPLATE_KEY) or "")
+        if template:
+            parse_template(template, emb.shape[0])
+        return PromptHook(emb.shape[0], kind, template=template), {f"{MODULE[kind]}/embedding": emb}
 
     return load
 

@@ -8,6 +8,9 @@ class Hook:
     # The registered method kind (`jaxft.peft.registry`) this hook belongs to: export and import
     # find the method's HF PEFT format through it. Each method's hook class sets it.
     kind: str = ""
+    # How many virtual tokens `embeddings` puts in front of the input (soft prompts). Generation
+    # computes their keys and values once and holds them in front of every layer's cache.
+    virtual_tokens: int = 0
 
     def linear_input(self, module, x):
         """Before each `Linear`'s product: return the (possibly changed) input x (IA3 scales the
@@ -29,10 +32,11 @@ class Hook:
         loss); the default is to assume any hook that overrides a step acts everywhere."""
         return acts_on_linear(self)
 
-    def embeddings(self, model, h, attention_mask):
-        """After the token embeddings h [B, T, D]: return (h, attention_mask), possibly with virtual
-        tokens put in front ([B, P + T, D], mask [B, P + T]). The model drops the first P positions
-        again from per-token outputs (LM logits, token labels), so outputs keep the input's length."""
+    def embeddings(self, model, h, attention_mask, input_ids=None):
+        """After the token embeddings h [B, T, D] of `input_ids` [B, T]: return (h, attention_mask),
+        possibly with virtual tokens put in front ([B, P + T, D], mask [B, P + T]) or in place of
+        placeholder ids (P-Tuning's template). The model drops the first P positions again from
+        per-token outputs (LM logits, token labels), so outputs keep the input's length."""
         return h, attention_mask
 
     def block_output(self, module, h, where: str):

@@ -20,7 +20,7 @@ from jaxft.models import family
 from jaxft.peft import registry
 from jaxft.peft.hook import Hook, acts_on_linear
 from jaxft.peft.lora import LoraHook, module_path, names_match, parse_targets, target_names
-from jaxft.peft.prompt import ENCODERS, INITS, PromptHook
+from jaxft.peft.prompt import ENCODERS, INITS, PromptHook, parse_template
 from jaxft.peft.ptuning_v2 import PrefixHook
 from jaxft.peft.registry import Kind, register
 
@@ -144,8 +144,11 @@ def _ptuning(m, cfg) -> Method:
     hidden, layers = int(m.get("encoder_hidden", 0)), int(m.get("encoder_layers", 2))
     if hidden < 0 or layers <= 0:
         raise JaxftError(f"method.encoder_hidden={hidden}, method.encoder_layers={layers}: expected >= 0 and > 0")
+    template = str(m.get("template", "") or "")
+    if template:
+        parse_template(template, n)
     hook = PromptHook(n, "ptuning", encoder=encoder, encoder_hidden=hidden, encoder_layers=layers,
-                      encoder_dropout=float(m.get("encoder_dropout", 0.0)))
+                      encoder_dropout=float(m.get("encoder_dropout", 0.0)), template=template)
     return Method("ptuning", (r"^prompt_encoder/",), (hook,))
 
 

@@ -53,13 +53,22 @@ def per_layer(trainable, leaf: str, cfg):
     return out
 
 
+def hf_module(cfg, path: str) -> str:
+    """The family's HF module name of our dotted path, given the config where the family's mapping
+    takes it (T5's classifier puts its stacks under `transformer.`)."""
+    import inspect
+
+    fn = family.of(cfg).hf_module
+    return fn(path, cfg) if len(inspect.signature(fn).parameters) > 1 else fn(path)
+
+
 def hf_name(cfg, path: str, layer: int | None) -> str:
     """Our module path (without block index) and its block -> HF's module name."""
     where = _stack_of(cfg, path) if layer is not None else None
     if where is not None:
         stack, _, rest = where
         path = _join(stack, str(layer), rest)
-    return family.of(cfg).hf_module(path)
+    return hf_module(cfg, path)
 
 
 def pattern(cfg, path: str, layer: int | None) -> str:

@@ -5,9 +5,15 @@ random, from sampled vocabulary embeddings, or from the embeddings of a text (PE
 PromptTuningInit RANDOM / SAMPLE_VOCAB / TEXT). P-Tuning (Liu et al. 2021, v1) produces them with a
 prompt encoder, an MLP or a bidirectional LSTM + MLP over learned embeddings, laid out as PEFT's
 `PromptEncoder` so its weights map one to one. Both put every virtual token in front of the input
-(PEFT's placement; P-Tuning's placement anywhere inside a template is not implemented). The model
-drops the virtual positions again from per-token outputs; a classifier's "last" pooling reads the
-last real token, which with virtual tokens in front is what PEFT's classifiers read on unpadded rows.
+(PEFT's placement). The model drops the virtual positions again from per-token outputs; a
+classifier's "last" pooling reads the last real token, which with virtual tokens in front is what
+PEFT's classifiers read on unpadded rows.
+
+P-Tuning may instead place its virtual tokens anywhere in a template (`method.template`, e.g.
+"[P][P] {text} [P] It was", as in the paper's "[P] Capital of [X] is [P]"): the data rendered
+through it carries the id `PLACEHOLDER` at each `[P]`, and the k-th placeholder of each row takes
+the prompt encoder's k-th output, as the original P-Tuning code replaces its pseudo tokens. Nothing
+is added in front then: the input keeps its length, and generation feeds placeholders in the prompt.
 
 HF PEFT stores both as `prompt_embeddings` [tokens, hidden], the encoder's output (the encoder does
 not ship), so an adapter loaded from PEFT has plain embeddings whatever trained it.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -30,6 +37,8 @@ from jaxft.peft.lora import dropout
 MODULE = {"prompt_tuning": "prompt_embeddings", "ptuning": "prompt_encoder"}  # kind -> its parameters' module
 ENCODERS = ("none", "mlp", "lstm")
 INITS = ("random", "vocab", "text")
+PLACEHOLDER = -1  # the input id of a template's [P] slot (never a real token)
+MARK, TEXT = "[P]", "{text}"
 
 
 def _torch_uniform(fan_in: int):
@@ -97,7 +106,7 @@ class PromptEncoder(nn.Module):
 class _CaptureEmbeddings(Hook):
     """Records the input embeddings the model computes (nothing else runs past them that matters)."""
 
-    def embeddings(self, model, h, attention_mask):
+    def embeddings(self, model, h, attention_mask, input_ids=None):
         model.sow("intermediates", "input_embeddings", h)
         return h, attention_mask
 
@@ -132,15 +141,26 @@ class PromptHook(Hook):
     init_ids: tuple[int, ...] = ()  # init "text": the text's token ids
     init_text: str = ""  # init "text": the text itself (recorded in the export)
     init_std: float = 1.0  # init "random": the normal's standard deviation (PEFT: nn.Embedding's 1.0)
+    template: str = ""  # P-Tuning: where the virtual tokens go ("[P][P] {text} [P] It was"); "": in front
+
+    @property
+    def virtual_tokens(self) -> int:  # in front of the input ("" template), else none: they are placed
+        return 0 if self.template else self.num_virtual_tokens
 
     def module(self, cfg, dropout: float | None = None) -> PromptEncoder:
         return PromptEncoder(self.num_virtual_tokens, cfg.hidden_size, self.encoder, self.encoder_hidden,
                              self.encoder_layers, self.encoder_dropout if dropout is None else dropout,
                              self.init_std, name=MODULE[self.kind])
 
-    def embeddings(self, model, h, attention_mask):
+    def embeddings(self, model, h, attention_mask, input_ids=None):
         p = self.module(model.cfg)().astype(h.dtype)  # [P, D]
         b, attention_mask = h.shape[0], jnp.asarray(attention_mask)
+        if self.template:  # the k-th placeholder of each row takes the k-th virtual token
+            if input_ids is None:
+                raise ValueError("a P-Tuning template needs the model to pass input_ids to the embeddings hook")
+            slot = input_ids == PLACEHOLDER
+            k = jnp.clip(jnp.cumsum(slot, axis=1) - 1, 0, self.num_virtual_tokens - 1)
+            return jnp.where(slot[..., None], p[k], h), attention_mask
         h = jnp.concatenate([jnp.broadcast_to(p[None], (b,) + p.shape), h], axis=1)
         ones = jnp.ones((b, self.num_virtual_tokens), attention_mask.dtype)
         return h, jnp.concatenate([ones, attention_mask], axis=1)
@@ -167,3 +187,31 @@ class PromptHook(Hook):
     def prompt_embeddings(self, cfg, params: dict) -> np.ndarray:
         """What PEFT stores: the encoder's output [tokens, hidden] (no dropout)."""
         return np.asarray(self.module(cfg, dropout=0.0).apply({"params": params}), np.float32)
+
+
+def parse_template(template: str, num_virtual_tokens: int) -> tuple[list, list]:
+    """"[P][P] {text} [P] It was" -> the pieces before and after {text}: literal strings and MARK,
+    checked: one {text}, and as many [P] as virtual tokens."""
+    from jaxft.errors import JaxftError
+
+    if template.count(TEXT) != 1:
+        raise JaxftError(f"method.template={template!r}: expected {TEXT} exactly once (where the example's text goes)")
+    marks = template.count(MARK)
+    if marks != num_virtual_tokens:
+        raise JaxftError(f"method.template={template!r}: {marks} {MARK} marks, expected method.num_virtual_tokens="
+                         f"{num_virtual_tokens}")
+    split = lambda part: [x for x in re.split(r"(\[P\])", part) if x.strip()]  # noqa: E731 (spaces between marks go)
+    before, after = template.split(TEXT)
+    return split(before), split(after)
+
+
+def render(template: str, num_virtual_tokens: int, tok) -> tuple[list[int], list[int]]:
+    """A template -> the ids that go before and after an example's text ids, BOS and EOS included:
+    PLACEHOLDER at each [P], the tokenizer's ids of the literal text. [P] marks at the very start go
+    before BOS, where PEFT's virtual tokens sit, so "[P][P] {text}" is PEFT's layout."""
+    before, after = parse_template(template, num_virtual_tokens)
+    ids = lambda parts: [i for x in parts for i in ([PLACEHOLDER] if x == MARK else tok.encode(x))]  # noqa: E731
+    lead = 0
+    while lead < len(before) and before[lead] == MARK:
+        lead += 1
+    return [PLACEHOLDER] * lead + list(tok.bos) + ids(before[lead:]), ids(after) + list(tok.eos)

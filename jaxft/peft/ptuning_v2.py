@@ -90,17 +90,7 @@ class PrefixHook(Hook):
         tokens = np.resize(tokens, self.num_virtual_tokens)[None]  # the first real tokens, repeated if few
         base = family.build(model.cfg)
         _, state = base.apply({"params": base_params(params)}, tokens, mutable=["intermediates"])
-        fam = family.of(model.cfg)
-        # Each family's attention sows its (keys, values) as "keys_values", wherever its module sits.
-        sown = {p: v for p, v in traverse_util.flatten_dict(state["intermediates"]).items() if p[-1] == "keys_values"}
-        scanned = [v for p, v in sown.items() if p[0] == "layers"]
-        if fam.prefix_keys_values is not None:  # the family says where its prefixed attention keeps them
-            k, v = fam.prefix_keys_values(state["intermediates"], model.cfg)
-        elif scanned:  # scanned: one entry with a leading layer axis
-            k, v = scanned[0][0]
-        else:
-            kv = [next(v for p, v in sown.items() if p[0] == f"layers_{i}")[0] for i in range(model.cfg.num_layers)]
-            k, v = jnp.stack([x[0] for x in kv]), jnp.stack([x[1] for x in kv])
+        k, v = sown_keys_values(state["intermediates"], model.cfg)
         kv = jnp.stack([k[:, 0], v[:, 0]], axis=1)  # [L, 2, P, KV, D]
         emb = np.asarray(kv.transpose(2, 0, 1, 3, 4).reshape(self.num_virtual_tokens, -1), np.float32)
         old = params["prefix_encoder"]["embedding"]
@@ -109,3 +99,19 @@ class PrefixHook(Hook):
 
     def prefix(self, model, batch_size):
         return self.encoder(model.cfg)(batch_size)
+
+
+def sown_keys_values(intermediates, cfg):
+    """The keys and values every layer's attention sowed as "keys_values" in a forward pass ->
+    (keys, values) [layers, B, T, kv_heads, head_dim], wherever the family's modules sit."""
+    from jaxft.models import family
+
+    fam = family.of(cfg)
+    if fam.prefix_keys_values is not None:  # the family says where its prefixed attention keeps them
+        return fam.prefix_keys_values(intermediates, cfg)
+    sown = {p: v for p, v in traverse_util.flatten_dict(intermediates).items() if p[-1] == "keys_values"}
+    scanned = [v for p, v in sown.items() if p[0] == "layers"]
+    if scanned:  # scanned: one entry with a leading layer axis
+        return scanned[0][0]
+    kv = [next(v for p, v in sown.items() if p[0] == f"layers_{i}")[0] for i in range(cfg.num_layers)]
+    return jnp.stack([x[0] for x in kv]), jnp.stack([x[1] for x in kv])
