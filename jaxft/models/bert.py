@@ -475,7 +475,7 @@ def params_to_hf(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def hf_module(path: str, base: str) -> str:
+def hf_module(path: str, cfg=None, *, base: str) -> str:
     """'layers.3.attention.self.query' -> 'bert.encoder.layer.3.attention.self.query'; heads keep their names."""
     head, *rest = path.split(".")
     if head == "layers":

@@ -116,7 +116,7 @@ class Family:
     architecture: Callable[[Any], str]  # config -> HF class name (LlamaForCausalLM, ...)
     params_from_hf: Callable[[dict, Any, str], dict]  # {HF name: array}, config, where -> our param tree
     params_to_hf: Callable[[dict, Any], dict]  # our param tree, config -> {HF name: array}
-    hf_module: Callable[[str], str]  # our dotted module path, layer index included -> HF's module name
+    hf_module: Callable[..., str]  # (our dotted module path, layer index included, cfg=None) -> HF's module name
     our_module: Callable[[str], str | None]  # HF module name -> our dotted module path (None: not ours)
     lora_targets: str  # the default `method.targets`
     head_params: str  # regex on "a/b/c" parameter paths: the output head(s), what `method.name='head'` trains

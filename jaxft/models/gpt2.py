@@ -396,7 +396,7 @@ def params_to_hf(params: dict, cfg: GPT2Config) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def hf_module(path: str) -> str:
+def hf_module(path: str, cfg=None) -> str:
     """'layers.3.attn.c_attn' -> 'transformer.h.3.attn.c_attn'; the heads keep their names."""
     head, _, rest = path.partition(".")
     if head in HEAD_MODULES:

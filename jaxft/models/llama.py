@@ -443,7 +443,7 @@ def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def hf_module(path: str) -> str:
+def hf_module(path: str, cfg=None) -> str:
     """'layers.3.self_attn.q_proj' -> 'model.layers.3.self_attn.q_proj'; the heads keep their names."""
     return path if path.split(".")[0] in ("lm_head", "score") else "model." + path
 

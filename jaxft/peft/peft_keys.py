@@ -56,10 +56,7 @@ def per_layer(trainable, leaf: str, cfg):
 def hf_module(cfg, path: str) -> str:
     """The family's HF module name of our dotted path, given the config where the family's mapping
     takes it (T5's classifier puts its stacks under `transformer.`)."""
-    import inspect
-
-    fn = family.of(cfg).hf_module
-    return fn(path, cfg) if len(inspect.signature(fn).parameters) > 1 else fn(path)
+    return family.of(cfg).hf_module(path, cfg)
 
 
 def hf_name(cfg, path: str, layer: int | None) -> str:
