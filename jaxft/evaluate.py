@@ -76,12 +76,13 @@ def generation_scores(predictions: list[str], references: list) -> dict[str, flo
 def generation_prompts(config, data, split: str, encoder_decoder: bool, limit: int = 0):
     """-> (distinct prompt ids, their references (lists)) of a split's records, the sources in turn;
     the first `limit` prompts when `limit`."""
-    from jaxft.data import generation, sft
+    from jaxft.data import generation, sft, sources
 
     d = config.data
     records = generation.interleave(data.records[split])
+    fields = sft.Fields(*sources.pair_fields(d, str(d.name).split("+")[0]))  # data.*_field, else the bundled set's
     prompts, refs = generation.prompts_and_references(
-        records, data.tokenizer, d.seq_len, fields=sft.Fields(d.source_field, d.target_field),
+        records, data.tokenizer, d.seq_len, fields=fields,
         chat_template=d.chat_template, encoder_decoder=encoder_decoder, max_new_tokens=config.eval.max_new_tokens,
         skip_bad=d.skip_bad_records)
     prompts, refs = generation.distinct(prompts, refs)
