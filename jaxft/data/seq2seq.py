@@ -28,7 +28,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxft.data.sft import BadRecord, Fields
+from jaxft.data.sft import BadRecord, Fields, pair_values
 from jaxft.data.sources import Records
 
 IGNORE = -100  # transformers' label of a position without a target
@@ -66,14 +66,9 @@ def _text(value, where: str, name: str) -> str:
 
 def pair(row, where: str, fields: Fields = Fields()) -> tuple[str, str]:
     """One record -> (source text, target text), by the rule in the module docstring."""
-    if not isinstance(row, dict):
-        raise BadRecord(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if fields.source and fields.target and (fields.source in row or fields.target in row):
-        for name in (fields.source, fields.target):
-            if row.get(name) is None:
-                raise BadRecord(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row))})")
-        return (_text(row[fields.source], where, repr(fields.source)),
-                _text(row[fields.target], where, repr(fields.target)))
+    values = pair_values(row, where, fields)
+    if values is not None:
+        return _text(values[0], where, repr(fields.source)), _text(values[1], where, repr(fields.target))
     if "instruction" in row and "output" in row:
         if row.get("history"):
             raise BadRecord(f"{where}: 'history' holds earlier turns; an encoder-decoder learns one source -> target "

@@ -180,17 +180,26 @@ def _text(value, where: str, what: str) -> str:
     return value
 
 
+def pair_values(row, where: str, fields: Fields):
+    """(source value, target value) of a `data.source_field` -> `data.target_field` record, None when the
+    record is not one; a record naming one of the two fields must have both."""
+    if not isinstance(row, dict):
+        raise BadRecord(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if not (fields.source and fields.target and (fields.source in row or fields.target in row)):
+        return None
+    for name in (fields.source, fields.target):
+        if row.get(name) is None:
+            raise BadRecord(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row))})")
+    return row[fields.source], row[fields.target]
+
+
 def conversation(row: dict, where: str, fields: Fields = Fields()) -> list[dict]:
     """One record -> [{"role", "content"}, ...], checked: known roles, text contents, at least one
     non-empty assistant turn."""
-    if not isinstance(row, dict):
-        raise BadRecord(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if fields.source and fields.target and (fields.source in row or fields.target in row):
-        for name in (fields.source, fields.target):
-            if row.get(name) is None:
-                raise BadRecord(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row))})")
-        messages = [{"role": "user", "content": _text(row[fields.source], where, repr(fields.source))},
-                    {"role": "assistant", "content": _text(row[fields.target], where, repr(fields.target))}]
+    pair = pair_values(row, where, fields)
+    if pair is not None:
+        messages = [{"role": "user", "content": _text(pair[0], where, repr(fields.source))},
+                    {"role": "assistant", "content": _text(pair[1], where, repr(fields.target))}]
     elif "messages" in row:
         messages = _turns(row["messages"], where, "messages", "role", "content", {r: r for r in ROLES})
     elif "conversations" in row:
