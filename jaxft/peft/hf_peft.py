@@ -73,18 +73,6 @@ def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def _in_stack(cfg, path: str):
-    """Our dotted module path -> (stack, block index or None when scanned, path inside the block), or
-    None outside the family's stacks of blocks (`layers.x` scanned, `layers_3.x` not; T5: `encoder.block`)."""
-    for stack in family.of(cfg).layer_stacks(cfg):
-        if path.startswith(stack + "."):
-            return stack, None, path[len(stack) + 1:]
-        m = re.fullmatch(re.escape(stack) + r"_(\d+)\.(.+)", path)
-        if m:
-            return stack, int(m[1]), m[2]
-    return None
-
-
 def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
     k, v = hook.encoder(model.cfg, dropout=0.0, name=None).apply({"params": prefix_params}, 1)
     kv = np.stack([np.asarray(k[:, 0]), np.asarray(v[:, 0])], axis=1)  # [L, 2, P, KV, D]
@@ -99,23 +87,21 @@ def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
 
 def _export_lora(model, hook: LoraHook, params: dict, base: str):
     cfg = model.cfg
-    hf_module = lambda path: peft_keys.hf_module(cfg, path)  # noqa: E731
     patterns, tensors = [], {}
     for path, ab in _lora_modules(unflat(params)).items():
-        where = _in_stack(cfg, path)
+        where = peft_keys.stack_of(cfg, path)
         if where is None:
-            patterns.append(re.escape(hf_module(path)))
-            per_layer = [(path, ab["a"], ab["b"])]
+            per_layer = [(path, None, ab["a"], ab["b"])]
         else:
             stack, index, rest = where
             indices = range(ab["a"].shape[0]) if index is None else [index]
             pick = (lambda x, i: x[i]) if index is None else (lambda x, i: x)  # noqa: E731
-            per_layer = [(f"{stack}.{i}.{rest}", pick(ab["a"], i), pick(ab["b"], i)) for i in indices]
-            # PEFT matches target_modules against full module names: one pattern per stacked path.
-            i = indices[0]
-            patterns.append(re.escape(hf_module(f"{stack}.{i}.{rest}")).replace(f"\\.{i}\\.", r"\.\d+\.", 1))
-        for name, a, b in per_layer:
-            name = hf_module(name)
+            path = peft_keys.join(stack, rest)
+            per_layer = [(path, i, pick(ab["a"], i), pick(ab["b"], i)) for i in indices]
+        # PEFT matches target_modules against full module names: one pattern per stacked path.
+        patterns.append(peft_keys.pattern(cfg, path, per_layer[0][1]))
+        for path, i, a, b in per_layer:
+            name = peft_keys.hf_name(cfg, path, i)
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.T
     config = {"r": hook.rank, "lora_alpha": hook.alpha, "lora_dropout": hook.dropout, "use_rslora": hook.rslora,

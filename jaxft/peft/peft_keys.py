@@ -17,7 +17,7 @@ from jaxft.models import family
 from jaxft.peft.partition import flat
 
 
-def _stack_of(cfg, path: str):
+def stack_of(cfg, path: str):
     """Our dotted module path -> (stack, block index or None when scanned, path inside the block), or None
     outside the family's stacks of blocks (`layers.x` scanned, `layers_3.x` not; T5: `encoder.block`)."""
     for stack in family.of(cfg).layer_stacks(cfg):
@@ -29,7 +29,7 @@ def _stack_of(cfg, path: str):
     return None
 
 
-def _join(*parts) -> str:
+def join(*parts) -> str:
     return ".".join(p for p in parts if p)
 
 
@@ -41,15 +41,15 @@ def per_layer(trainable, leaf: str, cfg):
         if parts[-1] != leaf:
             continue
         value = np.asarray(value, np.float32)
-        where = _stack_of(cfg, ".".join(parts[:-1]))
+        where = stack_of(cfg, ".".join(parts[:-1]))
         if where is None:
             out.append((".".join(parts[:-1]), None, value))
             continue
         stack, index, rest = where
         if index is None:
-            out += [(_join(stack, rest), i, value[i]) for i in range(value.shape[0])]
+            out += [(join(stack, rest), i, value[i]) for i in range(value.shape[0])]
         else:
-            out.append((_join(stack, rest), index, value))
+            out.append((join(stack, rest), index, value))
     return out
 
 
@@ -61,10 +61,10 @@ def hf_module(cfg, path: str) -> str:
 
 def hf_name(cfg, path: str, layer: int | None) -> str:
     """Our module path (without block index) and its block -> HF's module name."""
-    where = _stack_of(cfg, path) if layer is not None else None
+    where = stack_of(cfg, path) if layer is not None else None
     if where is not None:
         stack, _, rest = where
-        path = _join(stack, str(layer), rest)
+        path = join(stack, str(layer), rest)
     return hf_module(cfg, path)
 
 
@@ -82,7 +82,7 @@ def our_name(cfg, name: str, where: str) -> tuple[str, int | None]:
     for stack in family.of(cfg).layer_stacks(cfg):
         m = re.fullmatch(re.escape(stack) + r"\.(\d+)(?:\.(.+))?", ours)
         if m:
-            return _join(stack, m[2]), int(m[1])
+            return join(stack, m[2]), int(m[1])
     return ours, None
 
 
@@ -93,7 +93,7 @@ def to_params(values: dict, cfg, where: str, fill=None) -> dict:
     stacks = family.of(cfg).layer_stacks(cfg)
     out = {}
     for (path, leaf), per in values.items():
-        hit = _stack_of(cfg, path) if None not in per else None
+        hit = stack_of(cfg, path) if None not in per else None
         if hit is None:
             out[path.replace(".", "/") + "/" + leaf] = per[None]
             continue
