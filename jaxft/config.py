@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.generate_examples = 0
     c.eval.max_new_tokens = 64  # longest generated answer
     c.eval.num_beams = 1  # 1 = greedy
+    # > 1 makes every token already in the prompt or the answer less likely (transformers'
+    # repetition_penalty); 1 = none.
+    c.eval.repetition_penalty = 1.0
 
     # Checkpoint section.
     c.checkpoint = ml_collections.ConfigDict()
@@ -212,5 +215,7 @@ def validate(config) -> None:
         raise JaxftError("model.path is empty and model.init is not set: expected a model directory or HF config keys")
     if float(config.train.peak_flops) < 0:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
+    if float(config.eval.get("repetition_penalty", 1.0)) <= 0:
+        raise JaxftError(f"eval.repetition_penalty={config.eval.repetition_penalty}: expected > 0 (1 is none)")
     if float(config.optimizer.learning_rate) < 0:
         raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")

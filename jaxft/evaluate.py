@@ -43,7 +43,7 @@ GENERATION_TASKS = ("sft", "seq2seq")
 
 
 def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: int, max_new_tokens: int,
-                   num_beams: int = 1, progress=None) -> list[str]:
+                   num_beams: int = 1, repetition_penalty: float = 1.0, progress=None) -> list[str]:
     """Decoded answers to `prompts` (text up to the first EOS), `batch_size` at a time. Every batch has
     the same shape (left-padded to the longest prompt, the last filled up), so generation compiles once."""
     from jaxft.generate import generate
@@ -57,7 +57,7 @@ def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: 
         ids = np.array([[tok.pad_id] * (width - len(r)) + list(r) for r in rows], np.int32)
         mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
         new = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                       eos_token_id=eos, pad_token_id=tok.pad_id)
+                       repetition_penalty=repetition_penalty, eos_token_id=eos, pad_token_id=tok.pad_id)
         for row in np.asarray(new)[: len(chunk)].tolist():
             out.append(tok.decode(row[: row.index(eos)] if eos in row else row).strip())
         if progress is not None:
@@ -65,47 +65,69 @@ def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: 
     return out
 
 
-def generation_scores(predictions: list[str], references: list) -> dict[str, float]:
-    """ROUGE-1/2/L F-measures, corpus BLEU (0-100) and exact match; a reference may be a list."""
+def generation_scores(predictions: list[str], references: list, sources: list[str] | None = None) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures, corpus BLEU (0-100) and exact match; a reference may be a list. With
+    `sources` (each prediction's source in a mixture), also each source's, as "<metric>/<source>"."""
     from jaxft import metrics
 
-    return {**metrics.rouge(predictions, references), "bleu": metrics.bleu(predictions, references),
-            "exact_match": metrics.exact_match(predictions, references)}
+    def scores(preds, refs):
+        return {**metrics.rouge(preds, refs), "bleu": metrics.bleu(preds, refs),
+                "exact_match": metrics.exact_match(preds, refs)}
+
+    out = scores(predictions, references)
+    names = list(dict.fromkeys(sources or ()))
+    for name in names if len(names) > 1 else ():
+        mine = [i for i, s in enumerate(sources) if s == name]
+        out.update({f"{k}/{name}": v for k, v in scores([predictions[i] for i in mine],
+                                                        [references[i] for i in mine]).items()})
+    return out
 
 
 def generation_prompts(config, data, split: str, encoder_decoder: bool, limit: int = 0):
-    """-> (distinct prompt ids, their references (lists)) of a split's records, the sources in turn;
-    the first `limit` prompts when `limit`."""
-    from jaxft.data import generation, sft, sources
+    """-> (distinct prompt ids, their references (lists), the source of each) of a split's records.
+    Each source of a mixture reads its own records with its own pair fields (data.*_field, else that
+    bundled set's); its prompts are made distinct, then the sources are taken in turn, so the first
+    `limit` prompts (all when 0) hold every source."""
+    from jaxft.data import generation, mixture, sft, sources
 
     d = config.data
-    records = generation.interleave(data.records[split])
-    fields = sft.Fields(*sources.pair_fields(d, str(d.name).split("+")[0]))  # data.*_field, else the bundled set's
-    prompts, refs = generation.prompts_and_references(
-        records, data.tokenizer, d.seq_len, fields=fields,
-        chat_template=d.chat_template, encoder_decoder=encoder_decoder, max_new_tokens=config.eval.max_new_tokens,
-        skip_bad=d.skip_bad_records)
-    prompts, refs = generation.distinct(prompts, refs)
-    if not prompts:
+    names = str(d.name).split("+")
+    short = mixture.source_names(names)  # as eval/loss/<source> names them
+    parts = []
+    for name, label, records in zip(names, short, data.records[split], strict=True):
+        if records is None or not records.rows:
+            continue
+        prompts, refs = generation.prompts_and_references(
+            records, data.tokenizer, d.seq_len, fields=sft.Fields(*sources.pair_fields(d, name)),
+            chat_template=d.chat_template, encoder_decoder=encoder_decoder,
+            max_new_tokens=config.eval.max_new_tokens, skip_bad=d.skip_bad_records)
+        prompts, refs = generation.distinct(prompts, refs)
+        parts.append([(p, r, label) for p, r in zip(prompts, refs)])
+    rows = generation.interleave(parts)
+    if not rows:
         raise JaxftError(f"data.name={d.name!r}: no usable record in the {split} split to generate from")
-    return (prompts[:limit], refs[:limit]) if limit else (prompts, refs)
+    rows = rows[:limit] if limit else rows
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def generation_eval(config, data, model):
     """Training's periodic generation (`eval.generate_examples` > 0 on a generation task): a function
-    of the (merged) parameters -> {"eval/rouge1", ..., "eval/bleu", "eval/exact_match"}; else None."""
+    of the (merged) parameters -> {"eval/rouge1", ..., "eval/bleu", "eval/exact_match"}, and each
+    source's ("eval/rougeL/<source>", ...) on a mixture; else None."""
     from jaxft.models import family
 
     n = int(config.eval.generate_examples)
-    if not n or data.task not in GENERATION_TASKS or not (data.records or {}).get("validation"):
+    if not n or data.task not in GENERATION_TASKS or not any(r is not None and r.rows
+                                                            for r in (data.records or {}).get("validation", ())):
         return None
-    prompts, refs = generation_prompts(config, data, "validation", family.of(model.cfg).encoder_decoder, n)
+    prompts, refs, tags = generation_prompts(config, data, "validation", family.of(model.cfg).encoder_decoder, n)
     batch = config.eval.batch_size or config.train.batch_size
 
     def run(params) -> dict[str, float]:
         predictions = generate_texts(model, params, prompts, data.tokenizer, batch_size=batch,
-                                     max_new_tokens=config.eval.max_new_tokens, num_beams=config.eval.num_beams)
-        return {f"eval/{k}": v for k, v in generation_scores(predictions, refs).items()}
+                                     max_new_tokens=config.eval.max_new_tokens, num_beams=config.eval.num_beams,
+                                     repetition_penalty=float(config.eval.repetition_penalty))
+        return {f"eval/{k}": v for k, v in generation_scores(predictions, refs, tags).items()}
 
     return run
 
@@ -293,14 +315,17 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
                                                                               arrays["attention_mask"])]
         rows = [{"prompt": t, "reference": r, "prediction": p} for t, p, r in zip(texts, preds, refs)]
     else:
-        prompts, refs = generation_prompts(config, data, split, family.of(model.cfg).encoder_decoder, max_examples)
+        prompts, refs, tags = generation_prompts(config, data, split, family.of(model.cfg).encoder_decoder,
+                                                 max_examples)
         with tqdm(total=len(prompts), desc="generate", file=sys.stdout, dynamic_ncols=True) as bar:
             preds = generate_texts(model, params, prompts, tok, batch_size=batch,
                                    max_new_tokens=config.eval.max_new_tokens, num_beams=config.eval.num_beams,
+                                   repetition_penalty=float(config.eval.repetition_penalty),
                                    progress=bar)
-        scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs).items()})
-        rows = [{"prompt": tok.decode(p), "reference": r[0] if len(r) == 1 else r, "prediction": pred}
-                for p, r, pred in zip(prompts, refs, preds)]
+        scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs, tags).items()})
+        mixed = len(set(tags)) > 1
+        rows = [{"prompt": tok.decode(p), "reference": r[0] if len(r) == 1 else r, "prediction": pred,
+                 **({"source": t} if mixed else {})} for p, r, pred, t in zip(prompts, refs, preds, tags)]
 
     # Only now, with everything computed, is anything written.
     if jax.process_index() == 0:

@@ -54,7 +54,8 @@ class Data:
     groups: np.ndarray | None = None  # a mixture's source of each training row
     weights: list | None = None  # its sampling weights (data.weights)
     sources: list | None = None  # its sources' names, for eval/loss/<name>
-    records: dict | None = None  # {"train": [Records of each source], "validation": [...]}: for generation
+    # {"train": [Records of each source of data.name], "validation": [Records or None of each]}: for generation
+    records: dict | None = None
 
 
 def load_model_config(config):
@@ -164,7 +165,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
 
         train = corrupt(train, tok, config.train.seed, seq_len)
         ev = corrupt(ev, tok, config.train.seed + 1, seq_len) if ev is not None else None
-    records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved if r[2] and r[2].rows]}
+    records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved]}  # one per source
     return Data(train, ev, task, None, tok, m.groups, m.weights, m.names, records)
 
 

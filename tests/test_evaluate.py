@@ -134,7 +134,10 @@ def spelled(text):
     return "".join(f" u{ord(ch):x} " if "\u4e00" <= ch <= "\u9fff" else ch for ch in text)
 
 
-def test_generation_equals_transformers_and_scorers(tmp_path, lm):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_generation_equals_transformers_and_scorers(tmp_path, lm, penalty):
+    """Greedy answers as transformers' greedy `generate` gives them, with its repetition penalty
+    (`eval.repetition_penalty`) too."""
     import sacrebleu
     from rouge_score import rouge_scorer
     from transformers import LlamaForCausalLM
@@ -154,7 +157,7 @@ def test_generation_equals_transformers_and_scorers(tmp_path, lm):
     m = LlamaForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         new = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=2,
-                         pad_token_id=3).numpy()[:, width:].tolist()
+                         pad_token_id=3, repetition_penalty=penalty).numpy()[:, width:].tolist()
     expected = [tok.decode(r[: r.index(2)] if 2 in r else r).strip() for r in new]
 
     # References made from those answers (half exact, half longer), so that every score is a real one.
@@ -162,6 +165,7 @@ def test_generation_equals_transformers_and_scorers(tmp_path, lm):
     rows = [{**r, "output": ref} for r, ref in zip(records.rows, refs)]
     (tmp_path / "dev.json").write_text(json.dumps(rows, ensure_ascii=False))
     c = config(model_dir, train, tmp_path / "dev.json", task="sft")
+    c.eval.repetition_penalty = penalty
     evaluate(c, str(model_dir), max_new_tokens=8, out=str(tmp_path / "out"))
     written = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [r["prediction"] for r in written] == expected
@@ -258,8 +262,7 @@ def test_prompts_keep_their_end_and_share_references(tok_dir):
     full = sft.encode(renderer(tok).segments(sft.conversation(long, "f:1"))[:-1], tok)[0]
     assert len(full) > 24 and prompts[0] == [tok.bos_id] + full[len(full) - 23:] and refs == ["good"]
     assert generation.distinct([[1, 2], [3], [1, 2]], ["a", "b", "c"]) == ([[1, 2], [3]], [["a", "c"], ["b"]])
-    mixed = generation.interleave([Records([{"x": 1}, {"x": 2}], ["a:1", "a:2"]), Records([{"x": 3}], ["b:1"])])
-    assert mixed.where == ["a:1", "b:1", "a:2"]
+    assert generation.interleave([["a1", "a2", "a3"], [], ["b1"]]) == ["a1", "b1", "a2", "a3"]
     with pytest.raises(JaxftError, match="f:2: empty assistant turn"):
         generation.prompts_and_references(Records([long, {"instruction": "a", "output": ""}], ["f:1", "f:2"]), tok, 32)
 
@@ -275,10 +278,24 @@ def test_e2e_pairs_are_bundled():
                           "human_reference": "A coffee shop in the city centre area called Blue Spice ."}
 
 
-def test_encoder_decoder_prompts_are_encoded_sources(tok_dir):
-    seq2seq = pytest.importorskip("jaxft.data.seq2seq")
+def test_encoder_decoder_prompts_are_the_pairs_training_reads(tok_dir):
+    """On an encoder-decoder the prompt is the source training's arrays hold (`seq2seq.examples`), for
+    source/target pairs and Alpaca records alike; a bad record stops naming its file and line."""
+    from jaxft.data import seq2seq
+
     tok = Tokenizer(tok_dir)
-    rows = [{"src": "the movie was good", "tgt": "good"}, {"src": "it was bad", "tgt": "bad"}]
-    prompts, refs = generation.prompts_and_references(Records(rows, ["f:1", "f:2"]), tok, 16,
-                                                      fields=sft.Fields("src", "tgt"), encoder_decoder=True)
-    assert prompts == [list(seq2seq.encode_source(tok, r["src"], 16)) for r in rows] and refs == ["good", "bad"]
+    pairs = [{"src": "the movie was good", "tgt": "good"}, {"src": "it was bad", "tgt": "bad"}]
+    alpaca = [{"instruction": "is it good", "input": "the movie was good", "output": "yes"},
+              {"instruction": "is it good", "input": "", "system": "be short", "output": "no"}]
+    for rows, fields, refs in ((pairs, sft.Fields("src", "tgt"), ["good", "bad"]), (alpaca, sft.Fields(), ["yes", "no"])):
+        records = Records(rows, ["f:1", "f:2"])
+        got = generation.prompts_and_references(records, tok, 64, fields=fields, encoder_decoder=True)
+        assert got == ([s for s, _ in seq2seq.examples(records, tok, 64, 16, fields).examples], refs)
+    assert got[0][0] == tok.encode("is it good\n\nthe movie was good") + tok.eos  # Alpaca's user turn
+    bad = Records([pairs[0], {"src": "it was bad", "tgt": " "}], ["d.jsonl:1", "d.jsonl:2"])
+    with pytest.raises(JaxftError, match=r"^d\.jsonl:2: 'tgt' is empty \(data\.skip_bad_records=True skips") as e:
+        generation.prompts_and_references(bad, tok, 16, fields=sft.Fields("src", "tgt"), encoder_decoder=True)
+    assert "\n" not in str(e.value)
+    kept = generation.prompts_and_references(bad, tok, 16, fields=sft.Fields("src", "tgt"), encoder_decoder=True,
+                                             skip_bad=True)
+    assert kept[1] == ["good"]

@@ -257,6 +257,51 @@ def test_mixture_cache_and_per_source_eval(t5_dir, tmp_path):
         np.testing.assert_array_equal(first.train[key][24:], alone[key])
 
 
+def test_mixture_generation_reads_each_source_with_its_fields_and_scores_each(t5_dir, tmp_path):
+    """Generation eval of e2e_nlg + adgen (pairs of other fields each): every source's prompts are its
+    own records' sources, its references their targets, and each source is scored on its own answers
+    (`eval/rougeL/<source>`), in `jaxft.evaluate` and in training's periodic eval alike."""
+    from jaxft import evaluate
+    from jaxft.config import base_config
+    from jaxft.train import load_data
+
+    c = base_config()
+    c.model.path = str(t5_dir)
+    c.data.update(_data_cfg("e2e_nlg+adgen", weights="0.5,0.5", eval_holdout=4, max_train_examples=12,
+                            max_eval_examples=4).to_dict())
+    c.train.batch_size = 8
+    c.eval.generate_examples = 100  # all
+    result = evaluate.evaluate(c, str(t5_dir), max_new_tokens=4, out=str(tmp_path / "out"))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    tok, got = Tokenizer(t5_dir), result["metrics"]
+
+    adgen = sources.resolve(c.data, "adgen")[0]
+    held = adgen.rows[8:12]  # the last 4 of the first 12
+    mine = [r for r in rows if r["source"] == "adgen"]
+    assert [r["reference"] for r in mine] == [h["summary"] for h in held]
+    assert [r["prompt"] for r in mine] == [tok.decode(seq2seq.encode_source(tok, h["content"], 32)) for h in held]
+    e2e = sources.resolve(c.data, "e2e_nlg")[1]
+    assert {r["prompt"] for r in rows if r["source"] == "e2e_nlg"} == {
+        tok.decode(seq2seq.encode_source(tok, h["meaning_representation"], 32)) for h in e2e.rows[:4]}
+    assert rows[0]["source"] == "e2e_nlg" and rows[1]["source"] == "adgen"  # in turn
+
+    for name in ("e2e_nlg", "adgen"):
+        part = [r for r in rows if r["source"] == name]
+        alone = evaluate.generation_scores([r["prediction"] for r in part], [r["reference"] for r in part])
+        for k, v in alone.items():
+            assert got[f"eval/{k}/{name}"] == pytest.approx(v, abs=1e-12)
+    assert got["eval/rougeL"] == pytest.approx(evaluate.generation_scores(
+        [r["prediction"] for r in rows], [r["reference"] for r in rows])["rougeL"], abs=1e-12)
+
+    # Training's periodic eval: the same prompts, answers and per-source scores.
+    cfg = hf.read_config(t5_dir)
+    model, params = hf.load(str(t5_dir))
+    c.eval.max_new_tokens = 4
+    logged = evaluate.generation_eval(c, load_data(c, cfg, str(t5_dir)), model)(params)
+    for k in ("eval/rougeL", "eval/rougeL/e2e_nlg", "eval/rougeL/adgen", "eval/bleu/adgen"):
+        assert logged[k] == pytest.approx(got[k], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # T5 through `python -m jaxft.train`.
 

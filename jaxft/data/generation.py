@@ -3,7 +3,8 @@
 - SFT records (Alpaca, chat, ShareGPT, source/target pairs) on a decoder-only model: the prompt is the
   conversation rendered up to the generation prompt of its last assistant turn, tokenized segment by
   segment exactly as training tokenizes it (`jaxft.data.sft`); the reference is that turn's text.
-- source/target pairs on an encoder-decoder model (T5): the prompt is
+- source/target records on an encoder-decoder model (T5): the pair `jaxft.data.seq2seq.pair` reads
+  (`data.source_field` -> `data.target_field`, or Alpaca's), as training reads it; the prompt is
   `jaxft.data.seq2seq.encode_source(tok, source, seq_len)` and the reference the target.
 
 A prompt longer than the room left for the answer keeps its last max(seq_len - max_new_tokens,
@@ -12,7 +13,7 @@ seq_len // 2) tokens (a leading BOS kept): the part of the prompt training's tru
 
 from __future__ import annotations
 
-from jaxft.data import sft
+from jaxft.data import seq2seq, sft
 from jaxft.data.sources import Records
 from jaxft.errors import JaxftError
 
@@ -22,43 +23,29 @@ def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.F
                            skip_bad: bool = False) -> tuple[list[list[int]], list[str]]:
     """-> (prompt ids of each usable record, its reference text). Bad records stop with their
     `file:line`, or are skipped with `skip_bad` (as training skips them)."""
-    if encoder_decoder:
-        return _source_target(records, tok, seq_len, fields, skip_bad)
-    template, where = sft.chat_template(tok, chat_template)
-    renderer = sft.Renderer(template, sft.special_strings(tok), where)
+    renderer = None
+    if not encoder_decoder:
+        template, where = sft.chat_template(tok, chat_template)
+        renderer = sft.Renderer(template, sft.special_strings(tok), where)
     keep = max(seq_len - max_new_tokens, seq_len // 2, 1)
     prompts, references = [], []
     for row, at in zip(records.rows, records.where):
         try:
-            messages = sft.conversation(row, at, fields)
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            segments = renderer.segments(messages[: last + 1])
+            if encoder_decoder:  # the (source, target) training reads
+                source, reference = seq2seq.pair(row, at, fields)
+                prompt = seq2seq.encode_source(tok, source, seq_len)
+            else:
+                messages = sft.conversation(row, at, fields)
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                segments = renderer.segments(messages[: last + 1])
+                reference = messages[last]["content"]
+                prompt = cut_left(sft.encode(segments[:-1], tok)[0], keep, tok.bos_id)  # the last one is the answer
         except sft.BadRecord as e:
             if skip_bad:
                 continue
             raise JaxftError(f"{e} (data.skip_bad_records=True skips such records)") from None
-        ids = sft.encode(segments[:-1], tok)[0]  # the last segment is the answer
-        prompts.append(cut_left(ids, keep, tok.bos_id))
-        references.append(messages[last]["content"])
-    return prompts, references
-
-
-def _source_target(records, tok, seq_len, fields, skip_bad):
-    if not (fields.source and fields.target):
-        raise JaxftError("an encoder-decoder model generates from source/target pairs: set data.source_field and "
-                         "data.target_field")
-    from jaxft.data import seq2seq  # written alongside: only encoder-decoder runs need it
-
-    prompts, references = [], []
-    for row, at in zip(records.rows, records.where):
-        source, target = row.get(fields.source), row.get(fields.target)
-        if not isinstance(source, str) or not isinstance(target, str) or not source.strip():
-            if skip_bad:
-                continue
-            raise JaxftError(f"{at}: expected text fields {fields.source!r} and {fields.target!r} "
-                             "(data.skip_bad_records=True skips such records)")
-        prompts.append(list(seq2seq.encode_source(tok, source, seq_len)))
-        references.append(target)
+        prompts.append(prompt)
+        references.append(reference)
     return prompts, references
 
 
@@ -70,16 +57,13 @@ def cut_left(ids: list[int], keep: int, bos_id) -> list[int]:
     return head + ids[len(ids) - keep + len(head):]
 
 
-def interleave(parts: list[Records]) -> Records:
-    """The records of several sources taken in turn (a, b, a, b, ...), so the first N examples of a
-    mixture's split hold every source."""
-    rows, where = [], []
-    for i in range(max((len(p.rows) for p in parts), default=0)):
-        for p in parts:
-            if i < len(p.rows):
-                rows.append(p.rows[i])
-                where.append(p.where[i])
-    return Records(rows, where)
+def interleave(parts: list[list]) -> list:
+    """The items of several lists taken in turn (a, b, a, b, ...), so the first N of a mixture's
+    prompts hold every source."""
+    out = []
+    for i in range(max(map(len, parts), default=0)):
+        out.extend(p[i] for p in parts if i < len(p))
+    return out
 
 
 def distinct(prompts: list[list[int]], references: list[str]) -> tuple[list[list[int]], list[list[str]]]:
