@@ -9,9 +9,10 @@ jaxft adapter directory applied to the config's base model (`model.path`).
 - classification: accuracy, precision/recall/F1 (macro, micro and per class, by label name) of the
   argmax predictions, and the loss;
 - generation tasks (sft; source/target pairs on an encoder-decoder): an answer generated for each
-  distinct prompt of the split (greedy unless --num_beams; prompts that share several references, as
-  E2E's, are scored against all), ROUGE-1/2/L, BLEU and exact match (`jaxft.metrics`: Chinese on
-  characters), and the split's loss and perplexity.
+  distinct prompt of the split (greedy unless --num_beams; `eval.repetition_penalty`; prompts that
+  share several references, as E2E's, are scored against all), ROUGE-1/2/L, BLEU and exact match
+  (`jaxft.metrics`: Chinese on characters), and the split's loss and perplexity; on a mixture, each
+  source's records read with its own fields and also scored alone (`eval/rougeL/<source>`, ...).
 Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction) in --out (default
 `<workdir>/eval/<split>-<step>` for a training checkpoint, `<export>/../eval/<split>-<export name>`
 for an export), and the metrics as `eval/...` TensorBoard scalars at the checkpoint's step (an export
