@@ -287,7 +287,8 @@ def test_encoder_decoder_prompts_are_the_pairs_training_reads(tok_dir):
     pairs = [{"src": "the movie was good", "tgt": "good"}, {"src": "it was bad", "tgt": "bad"}]
     alpaca = [{"instruction": "is it good", "input": "the movie was good", "output": "yes"},
               {"instruction": "is it good", "input": "", "system": "be short", "output": "no"}]
-    for rows, fields, refs in ((pairs, sft.Fields("src", "tgt"), ["good", "bad"]), (alpaca, sft.Fields(), ["yes", "no"])):
+    cases = ((pairs, sft.Fields("src", "tgt"), ["good", "bad"]), (alpaca, sft.Fields(), ["yes", "no"]))
+    for rows, fields, refs in cases:
         records = Records(rows, ["f:1", "f:2"])
         got = generation.prompts_and_references(records, tok, 64, fields=fields, encoder_decoder=True)
         assert got == ([s for s, _ in seq2seq.examples(records, tok, 64, 16, fields).examples], refs)
