@@ -12,7 +12,9 @@ if "JAXFT_CACHE" not in os.environ:
 # process's environment, or meet in one directory named by the run's id) and by every `python -m jaxft.train`
 # a CLI test spawns: resumed runs, seeds and configs over the same model compile the same programs, and on
 # CPU compiling is most of a tiny run's time. A hit is the executable XLA built for the same program and
-# options, so no result changes. The size limit only turns on JAX's file lock (workers write concurrently).
+# options, so no result changes. No size limit: that would turn on JAX's LRU eviction, which lists and reads
+# the whole directory on every write. Without its lock, a read racing a write of the same entry fails to
+# decompress, and JAX warns and compiles instead.
 _OWN_XLA_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
@@ -26,7 +28,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 # LLVM codegen unoptimized (JAX's own switch: XLA's backend optimization level 0, no expensive LLVM passes):
 # a tiny run compiles in about 2/3 of the CPU time, and even 30 steps of the bundled model cost no more in
 # all. XLA's HLO passes are the same, so what tests read of a compiled program (collectives, memory
