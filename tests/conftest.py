@@ -8,6 +8,32 @@ if "JAXFT_CACHE" not in os.environ:
     import tempfile
 
     os.environ["JAXFT_CACHE"] = tempfile.mkdtemp(prefix="jaxft-test-cache-")
+# One persistent XLA compilation cache per test run, shared by pytest-xdist's workers (they inherit this
+# process's environment, or meet in one directory named by the run's id) and by every `python -m jaxft.train`
+# a CLI test spawns: resumed runs, seeds and configs over the same model compile the same programs, and on
+# CPU compiling is most of a tiny run's time. A hit is the executable XLA built for the same program and
+# options, so no result changes. No size limit: that would turn on JAX's LRU eviction, which lists and reads
+# the whole directory on every write. Without its lock, a read racing a write of the same entry fails to
+# decompress, and JAX warns and compiles instead.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run:
+        _xla_cache = os.path.join(tempfile.gettempdir(), f"jaxft-test-xla-{run}")
+        os.makedirs(_xla_cache, exist_ok=True)
+    else:
+        _xla_cache = _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="jaxft-test-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# LLVM codegen unoptimized (JAX's own switch: XLA's backend optimization level 0, no expensive LLVM passes):
+# a tiny run compiles in about 2/3 of the CPU time, and even 30 steps of the bundled model cost no more in
+# all. XLA's HLO passes are the same, so what tests read of a compiled program (collectives, memory
+# analysis) is too; numbers can differ from an optimized build in the last bit (no FMA contraction).
+if os.environ["JAX_PLATFORMS"] == "cpu":  # kernels on an accelerator are tested as users compile them
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
@@ -46,3 +72,11 @@ def _fresh_compilation_caches():
     import jax
 
     jax.clear_caches()
+
+
+def pytest_unconfigure(config):
+    """The compilation cache this process made goes with it (xdist's workers leave it to the controller)."""
+    if _OWN_XLA_CACHE and not hasattr(config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)

@@ -396,7 +396,7 @@ def test_adgen_config_trains_prefix_prompt_ia3_and_peft_serves_each_export(t5_di
         assert_peft_logits(t5_dir, tmp_path / "export" / m)
 
 
-def test_e2e_config_on_a_2x2x2_mesh_resumes_exactly(t5_dir, tmp_path, monkeypatch):
+def test_e2e_config_on_a_2x2x2_mesh_resumes_exactly(t5_dir, tmp_path):
     """configs/e2e_t5.py over a tiny T5 with LoRA + P-Tuning v2, on a (data, fsdp, tensor) = 2 x 2 x 2
     mesh of 8 devices and a weighted mixture of E2E and ADGEN: with its last checkpoint removed, a
     rerun resumes from the one before and ends with the same adapters, losses and per-source eval
@@ -406,9 +406,7 @@ def test_e2e_config_on_a_2x2x2_mesh_resumes_exactly(t5_dir, tmp_path, monkeypatc
             "--config.method.num_virtual_tokens=4", "--config.mesh.data=2",
             "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.checkpoint.every_steps=3",
             "--config.train.steps=6", "--config.optimizer.learning_rate=1e-2")
-    # The resumed run compiles what the first one did: JAX's persistent cache may serve it (less CPU).
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # The resumed run compiles what the first one did: the test run's persistent cache serves it (conftest).
     r = cli(tmp_path, *args, config="configs/e2e_t5.py", devices=8)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in r.stdout

@@ -64,38 +64,36 @@ def free_port() -> int:
 @pytest.mark.parametrize("method", [(), ("--config.method.name=lora", "--config.model.quantization=nf4")],
                          ids=["full", "qlora"])
 def test_two_processes_match_one(tmp_path, method):
-    """Also QLoRA: the NF4 base's packed leaves are sharded over FSDP across the two processes."""
-    run = (*RUN, *method)
+    """Two processes of 2 devices end with one 4-device process's losses. Full fine-tuning starts them with
+    launch/local_multiprocess.sh (a log per process); QLoRA passes the process flags itself, and the NF4
+    base's packed leaves are sharded over FSDP across the two processes."""
+    run = (*RUN, *method, "--config.mesh.data=2", "--config.mesh.fsdp=2")
     ref = tmp_path / "one"
-    r = cli(ref, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", devices=4)
+    r = cli(ref, *run, devices=4)
     assert r.returncode == 0, r.stderr
 
     wd, port = tmp_path / "two", free_port()
-    procs = [
-        cli(wd, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--coordinator_address=localhost:{port}",
-            "--num_processes=2", f"--process_id={i}", devices=2, wait=False)
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err.decode()[-3000:]
-    assert "over 4 devices, 2 process(es)" in outs[0][0].decode()
-    assert outs[1][0].decode().count("done:") == 0  # only process 0 reports
+    if not method:
+        r = subprocess.run(["launch/local_multiprocess.sh", "2", "2", TINY, str(wd), *run], cwd=ROOT,
+                           env={**os.environ, "PORT": str(port)}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        outs = [r.stdout, (wd / "logs" / "process_1.log").read_text()]
+    else:
+        procs = [
+            cli(wd, *run, f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                devices=2, wait=False)
+            for i in range(2)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err.decode()[-3000:]
+        outs = [out.decode() for out, _ in outs]
+    assert "over 4 devices, 2 process(es)" in outs[0]
+    assert "done:" in outs[0] and outs[1].count("done:") == 0  # only process 0 reports
     one, two = losses(ref), losses(wd)
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     np.testing.assert_allclose([two[s] for s in two], [one[s] for s in one], rtol=2e-5)
     assert (wd / "checkpoints" / "4").is_dir()
-
-
-def test_local_launcher_runs_two_processes(tmp_path):
-    port = free_port()
-    r = subprocess.run(["launch/local_multiprocess.sh", "2", "2", TINY, str(tmp_path), *RUN], cwd=ROOT,
-                       env={**os.environ, "PORT": str(port)}, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "over 4 devices, 2 process(es)" in r.stdout
-    assert (tmp_path / "logs" / "process_1.log").exists()
-    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------------------------------------
