@@ -39,6 +39,7 @@ class Objective:
     loss: Callable  # (outputs, batch) -> {"loss_sum", "count", "correct"}
     inputs: Callable = model_inputs  # batch -> keyword arguments of `model.apply`
     eval_sums: Callable | None = None  # (outputs, batch, model config) -> extra sums for evaluation
+    head_width: Callable = lambda batch: None  # batch -> positions per row the head runs at, if not all (FLOPs)
 
 
 def classification_loss(logits, batch):
@@ -172,7 +173,8 @@ OBJECTIVES: dict[str, Objective] = {
     "causal_lm": Objective("causal_lm", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
     # Instruction tuning: the causal LM loss over the responses only (`loss_mask`), packed or padded rows.
     "sft": Objective("sft", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
-    "masked_lm": Objective("masked_lm", masked_lm_loss, masked_lm_inputs),
+    "masked_lm": Objective("masked_lm", masked_lm_loss, masked_lm_inputs,
+                           head_width=lambda batch: batch["mlm_positions"].shape[1] if "mlm_positions" in batch else None),
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
     # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.

@@ -433,6 +433,21 @@ def test_masked_lm_logits_at_the_targets_only_give_the_same_loss_and_gradients(m
     for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
 
+    # The train loop's MFU counts the head at the K targets only: its transform and vocabulary projection.
+    from flax.traverse_util import flatten_dict
+
+    from jaxft import flops
+    from jaxft.models import family
+
+    shapes = {"/".join(k): v.shape for k, v in flatten_dict(params).items()}
+    head = [v for k, v in shapes.items() if "transform" in k or "lm_head/dense" in k]
+    vocab, d = shapes[next(k for k in shapes if "word_embeddings" in k)]
+    assert family.of(model.cfg).head_weights(model.cfg) == d * d + vocab * d and (d, d) in head
+    t, k = ids.shape[1], where.shape[1]
+    saved = flops.train_flops_per_token(model.cfg, t, trains_base=True) - flops.train_flops_per_token(
+        model.cfg, t, trains_base=True, head_width=k)
+    assert saved == pytest.approx(6 * (t - k) / t * (d * d + vocab * d))
+
 
 def test_mask_tokens_follows_bert():
     from jaxft.data import tasks

@@ -494,13 +494,16 @@ def our_module(name: str) -> str | None:
     return name if name.split(".")[0] in ("embeddings", "pooler", "classifier", "cls", "lm_head") else None
 
 
+def head_weights(cfg: BertConfig) -> int:
+    d = cfg.hidden_size
+    return {"masked_lm": d * d + d * cfg.vocab_size, "classification": d * d + d * cfg.num_labels,
+            "token_classification": d * cfg.num_labels}[cfg.head]
+
+
 def matmul_weights(cfg: BertConfig) -> int:
     """q, k, v, attention output, intermediate and output per layer, plus the head's matmuls."""
     d = cfg.hidden_size
-    per_layer = 4 * d * d + 2 * d * cfg.intermediate_size
-    out = {"masked_lm": d * d + d * cfg.vocab_size, "classification": d * d + d * cfg.num_labels,
-           "token_classification": d * cfg.num_labels}[cfg.head]
-    return cfg.num_layers * per_layer + out
+    return cfg.num_layers * (4 * d * d + 2 * d * cfg.intermediate_size) + head_weights(cfg)
 
 
 def classifier_kernel(cfg: BertConfig) -> str:
@@ -537,6 +540,7 @@ FAMILY = Family(
     classifier_params=r"^(pooler|classifier)/",  # a BertForMaskedLM checkpoint has no pooler: it is new too
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    head_weights=head_weights,
     activation_blocks=activation_blocks,
     pooling="first",
     causal=False,
