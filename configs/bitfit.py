@@ -1,9 +1,13 @@
-"""BitFit (Ben Zaken et al. 2022) on SST-2: only the bias terms train, plus a classifier head.
+"""BitFit (Ben Zaken et al. 2022) on SST-2: only the bias terms train, plus the classifier head.
 
   python -m jaxft.train --config=configs/bitfit.py
-BitFit needs a model with biases. The bundled jaxft-tiny (a Llama) has none, so this config names
-Qwen2.5-0.5B (biases on q/k/v; downloaded once, online); with `--config.model.path=jaxft-tiny` the run
-stops with one line saying the model has no bias parameters. Qwen2's q/k/v biases: 3 per layer.
+BitFit needs a model with biases, and the paper's are BERT encoders: the base is the bundled
+`jaxft-tiny-bert` (every query, key, value, output, feed-forward and LayerNorm has a bias), so the
+config runs offline. The head reads [CLS] through BERT's pooler (dense + tanh) and a classifier; the
+bundled masked-LM checkpoint has no pooler, so both are new and train whole, as in the paper, where
+the classification layer trains too. Other bases: `--config.model.path=bert-base-uncased`, or a
+decoder with biases such as Qwen/Qwen2.5-0.5B (q/k/v biases; with `--config.model.pooling=mean`).
+The bundled jaxft-tiny (a Llama) has no biases: the run stops with one line saying so.
 """
 
 from jaxft.config import base_config
@@ -11,8 +15,7 @@ from jaxft.config import base_config
 
 def get_config():
     c = base_config()
-    c.model.path = "Qwen/Qwen2.5-0.5B"
-    c.model.pooling = "mean"  # the head reads the mean of the final states
+    c.model.path = "jaxft-tiny-bert"
 
     # Method section.
     c.method.name = "bitfit"
@@ -25,7 +28,7 @@ def get_config():
     c.train.steps = 600
     c.train.batch_size = 32
     c.train.log_every_steps = 50
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 30
     c.eval.every_steps = 200
     c.checkpoint.every_steps = 200

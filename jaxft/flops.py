@@ -62,11 +62,16 @@ def attention_flops_per_token(cfg, seq_len: int, num_prefix: int = 0) -> float:
 
 
 def train_flops_per_token(cfg, seq_len: int, *, trains_base: bool, adapter_weights: int = 0,
-                          num_prefix: int = 0) -> float:
+                          num_prefix: int = 0, head_width: int | None = None) -> float:
     """Training FLOPs per token: forward 2N; backward 2N to the activations and, where the base trains,
     2N more to its weights; attention 3x its forward; a frozen base's adapters (`adapter_weights`
-    matmul weights, e.g. LoRA's A and B) all three."""
+    matmul weights, e.g. LoRA's A and B) all three. `head_width`: the positions per row the output head
+    runs at, where fewer than `seq_len` (a masked LM's targets)."""
+    from jaxft.models import family
+
     n = matmul_weights(cfg)
+    if head_width is not None:
+        n -= (1 - head_width / seq_len) * family.of(cfg).head_weights(cfg)
     base = (6 if trains_base else 4) * n
     return base + 6 * adapter_weights + 3 * attention_flops_per_token(cfg, seq_len, num_prefix)
 
@@ -116,13 +121,13 @@ class Throughput:
         self.tokens = self.flops = 0.0  # running totals over dispatched steps
         self._mark = (time.time(), 0.0, 0.0)
 
-    def add(self, batch_rows: int, width: int, real_tokens: float):
-        if width not in self._per_token:
-            self._per_token[width] = train_flops_per_token(
-                self.cfg, width, trains_base=self.trains_base, adapter_weights=self.adapter, num_prefix=self.num_prefix
-            )
+    def add(self, batch_rows: int, width: int, real_tokens: float, head_width: int | None = None):
+        if (width, head_width) not in self._per_token:
+            self._per_token[width, head_width] = train_flops_per_token(
+                self.cfg, width, trains_base=self.trains_base, adapter_weights=self.adapter, num_prefix=self.num_prefix,
+                head_width=head_width)
         self.tokens += real_tokens
-        self.flops += self._per_token[width] * batch_rows * width
+        self.flops += self._per_token[width, head_width] * batch_rows * width
 
     def restart(self):
         """Start a fresh interval now (after a compile, which is not training time)."""

@@ -39,6 +39,7 @@ class Objective:
     loss: Callable  # (outputs, batch) -> {"loss_sum", "count", "correct"}
     inputs: Callable = model_inputs  # batch -> keyword arguments of `model.apply`
     eval_sums: Callable | None = None  # (outputs, batch, model config) -> extra sums for evaluation
+    head_width: Callable = lambda batch: None  # batch -> positions per row the head runs at, if not all (FLOPs)
 
 
 def classification_loss(logits, batch):
@@ -100,11 +101,26 @@ def per_token_weights(labels, batch):
     return keep.astype(jnp.float32) * batch["weight"][:, None]
 
 
+def masked_lm_inputs(batch) -> dict:
+    """With `mlm_positions` [B, K] (the targets' positions, -1 padding), the head computes logits at
+    those K positions only (`label_positions`): most of an MLM's FLOPs are its vocabulary projection."""
+    kw = model_inputs(batch)
+    if "mlm_positions" in batch:
+        kw["label_positions"] = jnp.maximum(batch["mlm_positions"], 0)
+    return kw
+
+
 def masked_lm_loss(outputs, batch):
-    """outputs: logits [B, T, V]. `mlm_labels` [B, T]: the original token where the input was masked
-    (replaced, kept or randomised, as BERT does), -100 elsewhere; only those positions count."""
+    """outputs: logits [B, T, V], or [B, K, V] at `mlm_positions`. `mlm_labels` [B, T]: the original
+    token where the input was masked (replaced, kept or randomised, as BERT does), -100 elsewhere;
+    only those positions count."""
     labels = batch["mlm_labels"]
-    return token_stats(outputs, jnp.maximum(labels, 0), per_token_weights(labels, batch))
+    if "mlm_positions" not in batch:
+        return token_stats(outputs, jnp.maximum(labels, 0), per_token_weights(labels, batch))
+    where = batch["mlm_positions"]
+    labels = jnp.where(where >= 0, jnp.take_along_axis(labels, jnp.maximum(where, 0), axis=1), -100)
+    weights = (labels >= 0).astype(jnp.float32) * batch["weight"][:, None]
+    return token_stats(outputs, jnp.maximum(labels, 0), weights)
 
 
 def token_classification_loss(logits, batch):
@@ -157,7 +173,8 @@ OBJECTIVES: dict[str, Objective] = {
     "causal_lm": Objective("causal_lm", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
     # Instruction tuning: the causal LM loss over the responses only (`loss_mask`), packed or padded rows.
     "sft": Objective("sft", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
-    "masked_lm": Objective("masked_lm", masked_lm_loss),
+    "masked_lm": Objective("masked_lm", masked_lm_loss, masked_lm_inputs,
+                           head_width=lambda batch: batch["mlm_positions"].shape[1] if "mlm_positions" in batch else None),
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
     # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.

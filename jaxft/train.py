@@ -587,7 +587,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
                 target = f" -> {shape[1]} target tokens" if len(shape) > 1 else ""
                 log(f"compiled the train step for batch {batch} x {width}{target} in {time.time() - t0:.1f}s")
                 throughput.restart()
-            throughput.add(batch, width, float(local["attention_mask"].sum()) * jax.process_count())
+            throughput.add(batch, width, float(local["attention_mask"].sum()) * jax.process_count(),
+                           objective.head_width(local))
             if pending:  # the previous step's numbers: on the host only now that this step is queued
                 last = read_log_step(*pending)
             pending = None

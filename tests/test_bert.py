@@ -398,6 +398,57 @@ def test_masked_lm_trains_and_exports(tiny_bert, tmp_path):
     assert_close(ours(model, params, ids, mask, types), torch_logits(back, ids, mask, types))
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_masked_lm_logits_at_the_targets_only_give_the_same_loss_and_gradients(models, family):
+    """`mlm_positions` (logits at the targets only, as BERT's pretraining computes them) changes the
+    cost, not the result: loss, accuracy and gradients equal those of the logits at every token."""
+    import jax
+
+    from jaxft.data import tasks
+
+    model, params = hf.load(models[(family, "masked_lm")][1])
+    ids, mask, types = batch(family)
+
+    class Tok:
+        bos_id = eos_id = None
+        pad_id, mask_id, vocab_size = model.cfg.pad_token_id, 4, model.cfg.vocab_size
+
+    b = tasks.mask_tokens({"input_ids": ids, "attention_mask": mask}, Tok, seed=0, probability=0.3)
+    b["weight"] = np.array([1.0] * (len(ids) - 1) + [0.0], np.float32)  # an eval padding row
+    where = b["mlm_positions"]
+    assert where.shape[1] == (b["mlm_labels"] >= 0).sum(1).max() and (where >= 0).sum() == (b["mlm_labels"] >= 0).sum()
+    full = {k: v for k, v in b.items() if k != "mlm_positions"}
+    objective = objectives.for_head("masked_lm")
+
+    def sums(p, data):
+        out = model.apply({"params": p}, **objective.inputs(data))
+        s = objective.loss(out, data)
+        return s["loss_sum"], s
+
+    (loss_a, a), grads_a = jax.value_and_grad(sums, has_aux=True)(params, b)
+    (loss_b, c), grads_b = jax.value_and_grad(sums, has_aux=True)(params, full)
+    assert model.apply({"params": params}, **objective.inputs(b)).shape[1] == where.shape[1] < ids.shape[1]
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+    assert float(a["count"]) == float(c["count"]) > 0 and float(a["correct"]) == float(c["correct"])
+    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
+
+    # The train loop's MFU counts the head at the K targets only: its transform and vocabulary projection.
+    from flax.traverse_util import flatten_dict
+
+    from jaxft import flops
+    from jaxft.models import family
+
+    shapes = {"/".join(k): v.shape for k, v in flatten_dict(params).items()}
+    head = [v for k, v in shapes.items() if "transform" in k or "lm_head/dense" in k]
+    vocab, d = shapes[next(k for k in shapes if "word_embeddings" in k)]
+    assert family.of(model.cfg).head_weights(model.cfg) == d * d + vocab * d and (d, d) in head
+    t, k = ids.shape[1], where.shape[1]
+    saved = flops.train_flops_per_token(model.cfg, t, trains_base=True) - flops.train_flops_per_token(
+        model.cfg, t, trains_base=True, head_width=k)
+    assert saved == pytest.approx(6 * (t - k) / t * (d * d + vocab * d))
+
+
 def test_mask_tokens_follows_bert():
     from jaxft.data import tasks
 

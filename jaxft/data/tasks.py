@@ -167,8 +167,8 @@ def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bo
 
 def mask_tokens(arrays: dict, tok, seed: int, probability: float = 0.15) -> dict:
     """BERT's masking, drawn once from `seed` (static): `probability` of the non-special tokens become
-    targets (`mlm_labels`, -100 elsewhere); of those 80% are replaced by the mask token, 10% by a
-    random token, 10% kept."""
+    targets (`mlm_labels`, -100 elsewhere; `mlm_positions` lists them per row); of those 80% are
+    replaced by the mask token, 10% by a random token, 10% kept."""
     if getattr(tok, "mask_id", None) is None:
         raise JaxftError("data.task='masked_lm': the tokenizer has no mask token (expected e.g. BERT's [MASK])")
     ids = arrays["input_ids"]
@@ -178,7 +178,13 @@ def mask_tokens(arrays: dict, tok, seed: int, probability: float = 0.15) -> dict
     roll = rng.random(ids.shape)
     masked = np.where(chosen & (roll < 0.8), tok.mask_id, ids)
     masked = np.where(chosen & (roll >= 0.8) & (roll < 0.9), rng.integers(0, tok.vocab_size, ids.shape), masked)
-    return {**arrays, "input_ids": masked.astype(np.int32), "mlm_labels": np.where(chosen, ids, -100).astype(np.int32)}
+    # The targets' positions, in order, padded with -1 to the most any row has: the head computes logits
+    # there only (BERT's own pretraining code does the same, `max_predictions_per_seq`), not at every token.
+    most = max(int(chosen.sum(axis=1).max(initial=0)), 1)
+    order = np.argsort(~chosen, axis=1, kind="stable")[:, :most]
+    where = np.where(np.take_along_axis(chosen, order, axis=1), order, -1)
+    return {**arrays, "input_ids": masked.astype(np.int32), "mlm_labels": np.where(chosen, ids, -100).astype(np.int32),
+            "mlm_positions": where.astype(np.int32)}
 
 
 def synthetic(n: int, seq_len: int, vocab_size: int, seed: int, num_labels: int | None):

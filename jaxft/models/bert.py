@@ -256,14 +256,15 @@ class Cls(nn.Module):
 
 class BertModel(nn.Module):
     """`apply({"params": p}, input_ids, attention_mask, token_type_ids=None)` -> logits: [B, T, V]
-    (masked_lm), [B, num_labels] (classification) or [B, T, num_labels] (token_classification)."""
+    (masked_lm; [B, K, V] at `label_positions` [B, K] where given), [B, num_labels] (classification)
+    or [B, T, num_labels] (token_classification)."""
 
     cfg: BertConfig
     hooks: Sequence[Any] = ()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, label_positions=None):
         cfg = self.cfg
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -319,6 +320,8 @@ class BertModel(nn.Module):
         if cfg.head == "token_classification":
             return Linear(cfg.num_labels, ("embed", None), True, dt, self.hooks, preferred_element_type=jnp.float32,
                           name="classifier")(h).astype(jnp.float32)
+        if label_positions is not None:  # masked LM: logits at the targets [B, K] only
+            h = jnp.take_along_axis(h, label_positions[..., None], axis=1)
         if cfg.roberta:
             return MaskedLMHead(cfg, self.hooks, name="lm_head")(h, word)
         return Cls(cfg, self.hooks, name="cls")(h, word)
@@ -491,13 +494,16 @@ def our_module(name: str) -> str | None:
     return name if name.split(".")[0] in ("embeddings", "pooler", "classifier", "cls", "lm_head") else None
 
 
+def head_weights(cfg: BertConfig) -> int:
+    d = cfg.hidden_size
+    return {"masked_lm": d * d + d * cfg.vocab_size, "classification": d * d + d * cfg.num_labels,
+            "token_classification": d * cfg.num_labels}[cfg.head]
+
+
 def matmul_weights(cfg: BertConfig) -> int:
     """q, k, v, attention output, intermediate and output per layer, plus the head's matmuls."""
     d = cfg.hidden_size
-    per_layer = 4 * d * d + 2 * d * cfg.intermediate_size
-    out = {"masked_lm": d * d + d * cfg.vocab_size, "classification": d * d + d * cfg.num_labels,
-           "token_classification": d * cfg.num_labels}[cfg.head]
-    return cfg.num_layers * per_layer + out
+    return cfg.num_layers * (4 * d * d + 2 * d * cfg.intermediate_size) + head_weights(cfg)
 
 
 def classifier_kernel(cfg: BertConfig) -> str:
@@ -534,6 +540,7 @@ FAMILY = Family(
     classifier_params=r"^(pooler|classifier)/",  # a BertForMaskedLM checkpoint has no pooler: it is new too
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    head_weights=head_weights,
     activation_blocks=activation_blocks,
     pooling="first",
     causal=False,

@@ -146,6 +146,9 @@ class Family:
     projections: str = r"(^|/)(q|k|v|o|gate|up|down)_proj/kernel$"
     ia3_targets: str = ""  # the default `method.ia3_targets` (HF PEFT's for the family)
     ia3_feedforward: str = ""  # the default `method.feedforward_modules`: IA3 scales their input
+    # config -> the part of `matmul_weights` in the output head, for a head that runs at some positions
+    # only (a masked LM at its targets: `label_positions`)
+    head_weights: Callable[[Any], int] = lambda cfg: 0
 
 
 def get(model_type: str, where: str = "config") -> Family:
