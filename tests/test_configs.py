@@ -88,3 +88,21 @@ def test_bundled_model_card_matches_weights():
     assert f"{n:,}" in card
     assert "python -m jaxft.train --config=configs/pretrain_tiny.py" in card
     assert (root / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+@pytest.mark.parametrize("name", ["ptuning_v2_bert.py", "bitfit.py"])
+def test_encoder_configs_run_on_the_bundled_bert_and_export(tmp_path, name):
+    """The encoder configs run offline on jaxft-tiny-bert; the export, on that base, scores the first 40
+    dev examples (WordPiece, [CLS] ... [SEP]) as the run's own evaluation did."""
+    r = cli(tmp_path, *QUICK, "--config.data.length_buckets=False", config=f"configs/{name}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model: bert" in r.stdout
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    export = tmp_path / "export"  # BitFit (no PEFT type) exports the whole model
+    adapter = (export / "adapter_config.json").exists()
+    model, params = hf.load("jaxft-tiny-bert", adapter=str(export)) if adapter else hf.load(str(export))
+    dev = sources.read_file(sources.BUNDLED["sst2"].eval)
+    dev = sources.Records(dev.rows[:40], dev.where[:40])
+    arrays, _ = tasks.classification(dev, Tokenizer(hf.resolve("jaxft-tiny-bert")), 64, "sentence", "label", [0, 1])
+    logits = np.asarray(model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"]))
+    assert float((logits.argmax(-1) == arrays["labels"]).mean()) == pytest.approx(final["eval/accuracy"], abs=1e-6)
