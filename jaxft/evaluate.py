@@ -66,6 +66,12 @@ def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: 
     return out
 
 
+def decoding(config) -> dict:
+    """The `eval.*` decoding settings, as `generate_texts` takes them (training's and evaluate's eval alike)."""
+    e = config.eval
+    return dict(max_new_tokens=e.max_new_tokens, num_beams=e.num_beams, repetition_penalty=float(e.repetition_penalty))
+
+
 def generation_scores(predictions: list[str], references: list, sources: list[str] | None = None) -> dict[str, float]:
     """ROUGE-1/2/L F-measures, corpus BLEU (0-100) and exact match; a reference may be a list. With
     `sources` (each prediction's source in a mixture), also each source's, as "<metric>/<source>"."""
@@ -125,9 +131,7 @@ def generation_eval(config, data, model):
     batch = config.eval.batch_size or config.train.batch_size
 
     def run(params) -> dict[str, float]:
-        predictions = generate_texts(model, params, prompts, data.tokenizer, batch_size=batch,
-                                     max_new_tokens=config.eval.max_new_tokens, num_beams=config.eval.num_beams,
-                                     repetition_penalty=float(config.eval.repetition_penalty))
+        predictions = generate_texts(model, params, prompts, data.tokenizer, batch_size=batch, **decoding(config))
         return {f"eval/{k}": v for k, v in generation_scores(predictions, refs, tags).items()}
 
     return run
@@ -319,10 +323,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         prompts, refs, tags = generation_prompts(config, data, split, family.of(model.cfg).encoder_decoder,
                                                  max_examples)
         with tqdm(total=len(prompts), desc="generate", file=sys.stdout, dynamic_ncols=True) as bar:
-            preds = generate_texts(model, params, prompts, tok, batch_size=batch,
-                                   max_new_tokens=config.eval.max_new_tokens, num_beams=config.eval.num_beams,
-                                   repetition_penalty=float(config.eval.repetition_penalty),
-                                   progress=bar)
+            preds = generate_texts(model, params, prompts, tok, batch_size=batch, progress=bar, **decoding(config))
         scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs, tags).items()})
         mixed = len(set(tags)) > 1
         rows = [{"prompt": tok.decode(p), "reference": r[0] if len(r) == 1 else r, "prediction": pred,

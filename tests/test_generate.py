@@ -48,10 +48,10 @@ def saved(tmp_path_factory):
     return out
 
 
-def prompts(lengths=(5, 8, 3), width=8, seed=0):
-    """A left-padded batch of prompts of different lengths."""
+def prompts(lengths=(5, 8, 3), width=8, seed=0, pad=0):
+    """A left-padded batch of prompts of different lengths (`pad` in the padding slots)."""
     rs = np.random.RandomState(seed)
-    ids, mask = np.zeros((len(lengths), width), np.int64), np.zeros((len(lengths), width), np.int64)
+    ids, mask = np.full((len(lengths), width), pad, np.int64), np.zeros((len(lengths), width), np.int64)
     for r, n in enumerate(lengths):
         ids[r, width - n:], mask[r, width - n:] = rs.randint(1, 96, n), 1
     return ids, mask

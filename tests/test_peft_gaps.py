@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from jaxft import hf
 from jaxft.generate import generate
+from test_generate import prompts
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, pad_token_id=0, initializer_range=0.2)
@@ -31,15 +32,6 @@ def lms(tmp_path_factory):
         m.save_pretrained(d)
         out[name] = (m, d)
     return out
-
-
-def prompts(lengths=(5, 8, 3), width=8, seed=0):
-    """A left-padded batch of prompts of different lengths."""
-    rs = np.random.RandomState(seed)
-    ids, mask = np.full((len(lengths), width), PAD, np.int64), np.zeros((len(lengths), width), np.int64)
-    for r, n in enumerate(lengths):
-        ids[r, width - n:], mask[r, width - n:] = rs.randint(1, 96, n), 1
-    return ids, mask
 
 
 def peft_generate(pm, ids, beams=1):
@@ -77,7 +69,7 @@ def test_soft_prompt_generation_matches_peft(lms, tmp_path, name, kind, beams):
     pm = get_peft_model(copy.deepcopy(m), soft_prompt_config(kind)).eval()
     pm.save_pretrained(tmp_path)
     model, params = hf.load(d, adapter=tmp_path)
-    ids, mask = prompts()
+    ids, mask = prompts(pad=PAD)
     out = generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=beams, pad_token_id=PAD, eos_token_id=96)
     for r in range(len(ids)):
         np.testing.assert_array_equal(out[r], peft_generate(pm, ids[r:r + 1, mask[r] == 1], beams)[0])
