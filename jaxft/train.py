@@ -56,6 +56,8 @@ class Data:
     sources: list | None = None  # its sources' names, for eval/loss/<name>
     # {"train": [Records of each source of data.name], "validation": [Records or None of each]}: for generation
     records: dict | None = None
+    # (batch, position, first global row) -> batch: what is redrawn for every training batch (MLM masks)
+    transform: object | None = None
 
 
 def load_model_config(config):
@@ -157,16 +159,17 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout)), field) for name, t, e, field in resolved]
     m = mixture.load(d, tok, task, resolved, log, getattr(cfg, "decoder_start_token_id", None))
     train, ev = m.train, m.eval
-    if task == "masked_lm":  # the packed blocks, then BERT's masking, drawn once from the seed
-        train = tasks.mask_tokens(train, tok, config.train.seed)
+    transform = None
+    if task == "masked_lm":  # the packed blocks; BERT's masking, new for every batch (eval: drawn once)
+        transform = tasks.redraw(lambda b, rngs: tasks.mask_tokens(b, tok, 0, rngs=rngs), config.train.seed)
         ev = tasks.mask_tokens(ev, tok, config.train.seed + 1) if ev is not None else None
-    if task == "span_corruption":  # the packed blocks, then T5's span corruption, drawn once from the seed
+    if task == "span_corruption":  # the packed blocks; T5's span corruption, as BERT's masking
         from jaxft.data.span_corruption import corrupt
 
-        train = corrupt(train, tok, config.train.seed, seq_len)
+        transform = tasks.redraw(lambda b, rngs: corrupt(b, tok, 0, seq_len, rngs=rngs), config.train.seed)
         ev = corrupt(ev, tok, config.train.seed + 1, seq_len) if ev is not None else None
     records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved]}  # one per source
-    return Data(train, ev, task, None, tok, m.groups, m.weights, m.names, records)
+    return Data(train, ev, task, None, tok, m.groups, m.weights, m.names, records, transform)
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
@@ -251,6 +254,7 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     model = family.build(cfg, method.hooks)
     params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
     sample = {k: v[:64] for k, v in data.train.items()}
+    sample = data.transform(sample, 0, 0) if data.transform else sample
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)
     trainable, frozen = split(params, method.trainable)
@@ -514,7 +518,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
             "segment_ids" not in data.train:
         seq_len = config.data.seq_len
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < seq_len) + (seq_len,)
-    batches = Batches(data.train, batch, config.train.seed, buckets=buckets, groups=data.groups, weights=data.weights)
+    batches = Batches(data.train, batch, config.train.seed, buckets=buckets, groups=data.groups, weights=data.weights,
+                      transform=data.transform)
     rows = sharding.local_rows(mesh, batch)
     writer = MetricWriter(workdir, resume_step=start)
     if meta.get("resumed_anyway"):

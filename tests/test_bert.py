@@ -457,17 +457,52 @@ def test_mask_tokens_follows_bert():
 
     ids = np.random.RandomState(0).randint(1000, size=(64, 128)).clip(200)
     ids[:, 0], ids[:, -1] = 101, 102
-    out = tasks.mask_tokens({"input_ids": ids, "attention_mask": np.ones_like(ids)}, Tok, seed=0)
+    ids[1, 100:] = 0  # a padded row
+    attention = (ids != 0).astype(np.int32)
+    out = tasks.mask_tokens({"input_ids": ids, "attention_mask": attention}, Tok, seed=0)
     chosen = out["mlm_labels"] >= 0
-    assert 0.13 < chosen.mean() < 0.17 and not chosen[:, [0, -1]].any()  # never [CLS] / [SEP]
+    # round(15% of the non-special tokens) per row, as BERT's create_pretraining_data; never [CLS] / [SEP] / pad
+    np.testing.assert_array_equal(chosen.sum(1), np.floor((attention.sum(1) - 2) * 0.15 + 0.5))
+    assert not chosen[:, [0, -1]].any() and not chosen[1, 100:].any()
     np.testing.assert_array_equal(out["mlm_labels"][chosen], ids[chosen])
     assert (out["input_ids"][~chosen] == ids[~chosen]).all()
     masked = (out["input_ids"][chosen] == 103).mean()
     kept = (out["input_ids"][chosen] == ids[chosen]).mean()
     assert 0.77 < masked < 0.83 and 0.07 < kept < 0.13
+    # mlm_positions: each row's targets in order, -1 after; one width (round(0.15 * 128)) for every batch
+    where = out["mlm_positions"]
+    assert where.shape == (64, 19)
+    for row, w in zip(chosen, where):
+        np.testing.assert_array_equal(w[w >= 0], np.flatnonzero(row))
     with pytest.raises(JaxftError, match="no mask token"):
         Tok.mask_id = None
         tasks.mask_tokens({"input_ids": ids, "attention_mask": np.ones_like(ids)}, Tok, seed=0)
+
+
+def test_masks_are_redrawn_every_batch_and_do_not_depend_on_the_process_split():
+    """Dynamic masking (RoBERTa's): batch `position` of `Batches` with `tasks.redraw` is a pure function
+    of (seed, position, global row): two processes' halves equal one process's batch, a resumed
+    iterator repeats it, and the next epoch masks the same blocks differently."""
+    from jaxft.data import tasks
+    from jaxft.data.iterator import Batches
+
+    class Tok:
+        bos_id, eos_id, pad_id, mask_id, vocab_size = 101, 102, 0, 103, 1000
+
+    ids = np.random.RandomState(1).randint(200, 1000, size=(8, 32))
+    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids), "weight": np.ones(8, np.float32)}
+    transform = tasks.redraw(lambda b, rngs: tasks.mask_tokens(b, Tok, 0, rngs=rngs), seed=3)
+    batches = Batches(arrays, 4, seed=3, shuffle=False, transform=transform)
+    whole = batches.local(0, (0, 4))
+    halves = [batches.local(0, (0, 2)), batches.local(0, (2, 4))]
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]))
+    again = Batches(arrays, 4, seed=3, shuffle=False, transform=transform).local(0, (0, 4))
+    np.testing.assert_array_equal(again["input_ids"], whole["input_ids"])
+    next_epoch = batches.local(2, (0, 4))  # the same 4 blocks (no shuffle), new masks
+    np.testing.assert_array_equal(np.where(next_epoch["mlm_labels"] >= 0, next_epoch["mlm_labels"], 0),
+                                  np.where(next_epoch["mlm_labels"] >= 0, ids[:4], 0))
+    assert (next_epoch["mlm_labels"] >= 0).tolist() != (whole["mlm_labels"] >= 0).tolist()
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -177,11 +177,11 @@ def test_corrupt_matches_reference_and_restores_the_text():
     rng = np.random.default_rng(5)
     blocks = rng.integers(3, 3996, (n, length)).astype(np.int32)
     out = sc.corrupt({"input_ids": blocks, "weight": np.ones(n, np.float32)}, tok, seed=7, seq_len=seq_len)
-    draws = np.random.default_rng(7)  # the masks corrupt() drew, in order
+    draws = [np.random.default_rng([7, i]) for i in range(n)]  # row i's mask, drawn from (seed, i)
     first = tok.sentinels(1)[0]
     assert first == tok.vocab_size - 1
     for i in range(n):
-        mask = sc.noise_mask(draws, length)
+        mask = sc.noise_mask(draws[i], length)
         x = np.append(ref_to_sentinel(blocks[i], mask, first), tok.eos_id)
         y = np.append(ref_to_sentinel(blocks[i], ~mask, first), tok.eos_id)
         np.testing.assert_array_equal(out["input_ids"][i], x)  # fills seq_len exactly: no padding

@@ -26,11 +26,15 @@ class Batches:
     many examples as there are draws about weight_k of them from source k (largest remainders): each
     source is read in its own shuffled passes, continued across epochs, and the sources interleaved
     at random. Still a pure function of (seed, position).
+
+    `transform(rows, position, first)` (optional) maps this process's rows of each batch, the first
+    being global row `first`, to what the step reads: MLM masks and T5 spans, redrawn every batch.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool = True,
-                 buckets: tuple[int, ...] = (), groups: np.ndarray | None = None, weights=None):
+                 buckets: tuple[int, ...] = (), groups: np.ndarray | None = None, weights=None, transform=None):
         self.arrays, self.global_batch, self.seed, self.shuffle = arrays, global_batch, seed, shuffle
+        self.transform = transform
         self.size = len(next(iter(arrays.values())))
         self.members = None
         if weights is not None:
@@ -106,7 +110,7 @@ class Batches:
                                  int(self.target_lengths[idx].max()))
                 widths.update({k: target for k in widths if k == "labels" or k.startswith("decoder_")})
             batch = {k: v[:, : widths[k]] if k in widths else v for k, v in batch.items()}
-        return batch
+        return self.transform(batch, position, rows[0]) if self.transform else batch
 
 
 def _bucket(buckets: tuple[int, ...], longest: int) -> int:

@@ -10,8 +10,8 @@ the input and the target lists the sentinels each followed by the span it stands
 
 As T5's `random_spans_noise_mask`: the numbers of noise tokens and spans are fixed by the length
 (round(L * density), round(noise / mean_span)), the span lengths are a random composition of them,
-a block starts with a kept span and ends with a noise span. The masks are drawn once from the seed
-(the data stay static arrays, a pure function of seed and block). `raw_length` picks the longest
+a block starts with a kept span and ends with a noise span. Training draws new masks for every batch,
+a pure function of (seed, batch number, row), so resume stays exact (`tasks.redraw`). `raw_length` picks the longest
 block whose corrupted input fills `seq_len` exactly (T5's `random_spans_helper`), so there is no
 padding in the inputs; `target_length` is the targets' length.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxft.data.tasks import row_rngs
 from jaxft.errors import JaxftError
 
 NOISE_DENSITY = 0.15
@@ -69,11 +70,13 @@ def noise_mask(rng: np.random.Generator, length: int, density: float = NOISE_DEN
 
 
 def corrupt(arrays: dict, tok, seed: int, seq_len: int, density: float = NOISE_DENSITY,
-            mean_span: float = MEAN_SPAN) -> dict:
+            mean_span: float = MEAN_SPAN, rngs=None) -> dict:
     """Packed blocks [N, raw_length(seq_len)] -> encoder `input_ids` [N, seq_len] and `attention_mask`,
     `labels` [N, target_length] (T5's targets then EOS), `decoder_input_ids` (the labels shifted right
     behind the decoder start token, T5's pad, as transformers' `_shift_right`) and `decoder_attention_mask`.
-    The decoder start token is the tokenizer's pad token, as in every T5 config."""
+    The decoder start token is the tokenizer's pad token, as in every T5 config. Row i's mask draws from
+    `rngs[i]`, by default `row_rngs(seed, n)`; training redraws every batch (`tasks.redraw`)."""
+
     blocks = arrays["input_ids"]
     n, length = blocks.shape
     if length != raw_length(seq_len, density, mean_span):
@@ -86,8 +89,7 @@ def corrupt(arrays: dict, tok, seed: int, seq_len: int, density: float = NOISE_D
     x_len, t_len = length - noise + spans + 1, noise + spans + 1
     inputs = np.full((n, seq_len), tok.pad_id, np.int32)
     labels = np.empty((n, t_len), np.int32)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
+    for i, rng in enumerate(row_rngs(seed, n) if rngs is None else rngs):
         mask = noise_mask(rng, length, density, mean_span)
         inputs[i, :x_len] = np.append(replace_spans(blocks[i], mask, sentinels), tok.eos_id)
         labels[i] = np.append(replace_spans(blocks[i], ~mask, sentinels), tok.eos_id)

@@ -7,8 +7,9 @@ classification: [BOS] text [EOS] right-padded to seq_len, plus `labels` (BOS and
 causal_lm:      texts joined with BOS/EOS and cut into seq_len blocks (packing, no padding); a text
                 that is a list of segments becomes BOS seg1 EOS seg2 EOS ...; with `segments`, each
                 block's `segment_ids` number its documents so attention stays within each.
-masked_lm:      packed as causal_lm ([CLS] text [SEP] for BERT), then BERT's masking (`mask_tokens`):
-                `input_ids` masked, `mlm_labels` the original tokens at the targets, -100 elsewhere.
+masked_lm:      packed as causal_lm ([CLS] text [SEP] for BERT), then BERT's masking (`mask_tokens`, redrawn
+                for every training batch): `input_ids` masked, `mlm_labels` the original tokens at the
+                targets, -100 elsewhere, `mlm_positions` the targets' positions.
 sft:            see `jaxft.data.sft` (instruction data, chat templates, loss masks, packing).
 seq2seq:        see `jaxft.data.seq2seq` (source -> target pairs for encoder-decoders such as T5).
 Every array set carries `weight` (1 for a real example) so padded eval batches count nothing.
@@ -165,26 +166,50 @@ def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bo
     return arrays, 0
 
 
-def mask_tokens(arrays: dict, tok, seed: int, probability: float = 0.15) -> dict:
-    """BERT's masking, drawn once from `seed` (static): `probability` of the non-special tokens become
-    targets (`mlm_labels`, -100 elsewhere; `mlm_positions` lists them per row); of those 80% are
-    replaced by the mask token, 10% by a random token, 10% kept."""
+def mask_tokens(arrays: dict, tok, seed: int, probability: float = 0.15, rngs=None) -> dict:
+    """BERT's masking: in each row round(`probability` x its non-special tokens) become targets (at least
+    one; BERT's `create_pretraining_data` counts them so too) in `mlm_labels` (-100 elsewhere), listed
+    in `mlm_positions` (padded with -1 to round(probability x seq_len), the same width for every batch,
+    so the step compiles once); 80% of them are replaced by the mask token, 10% by a random token, 10%
+    kept. Row i draws from `rngs[i]`, by default `row_rngs(seed, n)`; training redraws every batch
+    (`redraw`), RoBERTa's dynamic masking."""
     if getattr(tok, "mask_id", None) is None:
         raise JaxftError("data.task='masked_lm': the tokenizer has no mask token (expected e.g. BERT's [MASK])")
     ids = arrays["input_ids"]
-    rng = np.random.default_rng(seed)
-    special = np.isin(ids, [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None])
-    chosen = (rng.random(ids.shape) < probability) & ~special & (arrays["attention_mask"] > 0)
-    roll = rng.random(ids.shape)
-    masked = np.where(chosen & (roll < 0.8), tok.mask_id, ids)
-    masked = np.where(chosen & (roll >= 0.8) & (roll < 0.9), rng.integers(0, tok.vocab_size, ids.shape), masked)
-    # The targets' positions, in order, padded with -1 to the most any row has: the head computes logits
-    # there only (BERT's own pretraining code does the same, `max_predictions_per_seq`), not at every token.
-    most = max(int(chosen.sum(axis=1).max(initial=0)), 1)
-    order = np.argsort(~chosen, axis=1, kind="stable")[:, :most]
-    where = np.where(np.take_along_axis(chosen, order, axis=1), order, -1)
-    return {**arrays, "input_ids": masked.astype(np.int32), "mlm_labels": np.where(chosen, ids, -100).astype(np.int32),
-            "mlm_positions": where.astype(np.int32)}
+    n, t = ids.shape
+    rngs = row_rngs(seed, n) if rngs is None else rngs
+    candidate = ~np.isin(ids, [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]) & (
+        arrays["attention_mask"] > 0)
+    width = max(int(t * probability + 0.5), 1)
+    masked = ids.astype(np.int32, copy=True)
+    labels = np.full(ids.shape, -100, np.int32)
+    where = np.full((n, width), -1, np.int32)
+    for i, rng in enumerate(rngs):
+        pool = np.flatnonzero(candidate[i])
+        k = min(max(int(len(pool) * probability + 0.5), 1), len(pool))
+        chosen = np.sort(rng.choice(pool, k, replace=False)) if k else pool
+        roll = rng.random(k)
+        labels[i, chosen] = ids[i, chosen]
+        masked[i, chosen[roll < 0.8]] = tok.mask_id
+        swap = chosen[(roll >= 0.8) & (roll < 0.9)]
+        masked[i, swap] = rng.integers(0, tok.vocab_size, len(swap))
+        # The head computes logits at these positions only (BERT's own pretraining code does the same,
+        # `max_predictions_per_seq`), not at every token.
+        where[i, :k] = chosen
+    return {**arrays, "input_ids": masked, "mlm_labels": labels, "mlm_positions": where}
+
+
+def row_rngs(seed: int, n: int, *key: int, first: int = 0) -> list:
+    """Generators for rows first..first+n-1, row r's from (seed, *key, r): a row draws the same whatever
+    the batch is split into (processes, micro-batches)."""
+    return [np.random.default_rng([seed, *key, first + i]) for i in range(n)]
+
+
+def redraw(fn, seed: int):
+    """A per-batch transform for `Batches`: `fn(batch, rngs)`, global row r of batch number `position`
+    drawing from (seed, position, r). A pure function of the position, so resume stays exact; new
+    draws every batch, so no epoch repeats another's masks."""
+    return lambda batch, position, first: fn(batch, row_rngs(seed, len(batch["weight"]), position, first=first))
 
 
 def synthetic(n: int, seq_len: int, vocab_size: int, seed: int, num_labels: int | None):
