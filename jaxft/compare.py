@@ -86,25 +86,44 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def config_digest(config_file: str) -> str:
-    """A digest of the config's values (not its text: a docstring edit keeps a finished run reusable)."""
+def config_digest(config_file: str, everything: bool = False) -> str:
+    """A digest of what the config sets away from jaxft's defaults: not its text (a docstring edit keeps a
+    finished run reusable), nor the defaults (a new config key keeps it reusable too; a changed default
+    counts as a code change, which no digest sees). `everything`: all values, the digest of earlier
+    versions, still accepted."""
     import hashlib
     import importlib.util
+
+    from jaxft.config import base_config
 
     spec = importlib.util.spec_from_file_location("jaxft_compare_cfg", config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    text = module.get_config().to_json_best_effort(sort_keys=True)
+    config = module.get_config()
+    if everything:
+        text = config.to_json_best_effort(sort_keys=True)
+    else:
+        defaults = _flat(json.loads(base_config().to_json_best_effort()))
+        text = json.dumps({k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+                           if k not in defaults or defaults[k] != v}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
 def finished(config_file: str, workdir: Path, overrides) -> dict | None:
-    """The figures of a run that finished in `workdir` from the same config text and overrides, else None."""
+    """The figures of a run that finished in `workdir` from the same config values and overrides, else None."""
     try:
         row = json.loads((workdir / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    same = row.get("overrides") == list(overrides) and row.get("config_sha256") == config_digest(config_file)
+    same = row.get("overrides") == list(overrides) and row.get("config_sha256") in (
+        config_digest(config_file), config_digest(config_file, everything=True))
     return row if row.get("returncode") == 0 and row.get("eval") and same else None
 
 

@@ -105,7 +105,7 @@ def test_table_and_plot_from_rows(tmp_path):
     assert body.count("<circle") == 2 and "stroke-dasharray" in body and "majority class 0.509" in body
 
 
-def test_unfinished_runs_are_not_reused(tmp_path):
+def test_unfinished_runs_are_not_reused(tmp_path, monkeypatch):
     from jaxft import compare as cmp
 
     config = tiny_config(tmp_path / "tiny.py", "lora")
@@ -117,5 +117,19 @@ def test_unfinished_runs_are_not_reused(tmp_path):
     assert cmp.finished(str(config), tmp_path, []) == row  # the same values
     config.write_text(config.read_text().replace("c.train.steps = ", "c.train.steps = 1 + "))
     assert cmp.finished(str(config), tmp_path, []) is None  # other values
+    config.write_text(config.read_text().replace("c.train.steps = 1 + ", "c.train.steps = "))
+    assert cmp.finished(str(config), tmp_path, []) == row
+    # A new config key (at its default) keeps the run reusable; the config setting it away from the default does not.
+    import jaxft.config
+
+    base = jaxft.config.base_config
+    monkeypatch.setattr(jaxft.config, "base_config", lambda: (c := base(), c.train.update(new_key=3))[0])
+    config.write_text(config.read_text().replace("    return c", "    c.train.new_key = 3\n    return c"))
+    assert cmp.finished(str(config), tmp_path, []) == row
+    config.write_text(config.read_text().replace("c.train.new_key = 3", "c.train.new_key = 4"))
+    assert cmp.finished(str(config), tmp_path, []) is None
+    legacy = {**row, "config_sha256": cmp.config_digest(str(config), everything=True)}  # earlier versions' digest
+    (tmp_path / "result.json").write_text(json.dumps(legacy))
+    assert cmp.finished(str(config), tmp_path, []) == legacy
     (tmp_path / "result.json").write_text(json.dumps({**row, "eval": {}}))  # stopped before its evaluation
     assert cmp.finished(str(config), tmp_path, []) is None
