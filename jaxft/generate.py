@@ -366,7 +366,9 @@ def load(model_path: str, adapter: str | None = None, **overrides):
 
 
 def tokenizer_files(d: Path) -> bool:
-    return any((d / name).exists() for name in ("tokenizer.model", "tokenizer.json"))
+    from jaxft.tokenizer import VOCABULARY_FILES
+
+    return any((d / name).exists() for name in VOCABULARY_FILES)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -419,7 +421,8 @@ def main(argv=None):
         model, params, root = load(args.model, args.adapter, dtype=args.dtype)
         tok_dir = Path(args.tokenizer) if args.tokenizer else root
         if not args.tokenizer and not tokenizer_files(tok_dir):
-            raise JaxftError(f"{tok_dir}: no tokenizer.model or tokenizer.json (pass --tokenizer=DIR)")
+            raise JaxftError(f"{tok_dir}: no tokenizer.model, spiece.model, vocab.txt or tokenizer.json "
+                             "(pass --tokenizer=DIR)")
         from jaxft.tokenizer import Tokenizer
 
         tok = Tokenizer(tok_dir)

@@ -18,6 +18,10 @@ from pathlib import Path
 
 from jaxft.errors import JaxftError
 
+# A directory holding one of these is a tokenizer jaxft reads: SentencePiece (Llama's name, T5's name),
+# WordPiece (BERT), or a tokenizers JSON (GPT-2, Qwen2).
+VOCABULARY_FILES = ("tokenizer.model", "spiece.model", "vocab.txt", "tokenizer.json")
+
 
 class Tokenizer:
     """encode(text) -> ids without special tokens; bos/eos/pad ids; vocab_size.
@@ -131,8 +135,8 @@ class Tokenizer:
         """The files that define this tokenizer (for cache keys)."""
         if self.directory is None:
             return [self._path]
-        names = ("tokenizer.model", "spiece.model", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+        names = (*VOCABULARY_FILES, "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "added_tokens.json", "chat_template.jinja")
         return [self.directory / n for n in names if (self.directory / n).is_file()]
 
     def piece(self, i: int) -> str:

@@ -333,6 +333,20 @@ def test_cli_bundled_model(tmp_path):
     assert one.stdout.rstrip("\n") == want[0]
 
 
+@pytest.mark.parametrize("name", ["jaxft-tiny-t5", "jaxft-tiny-bert"])
+def test_cli_finds_t5_and_bert_tokenizers(name):
+    """A directory with T5's spiece.model or BERT's vocab.txt is its own tokenizer, as one with
+    tokenizer.model is: the same answer as with --tokenizer= given."""
+    given = cli(f"--model={name}", f"--tokenizer={hf.BUNDLED_MODELS[name]}", "--prompt=the movie was", "--max_new_tokens=4")
+    found = cli(f"--model={name}", "--prompt=the movie was", "--max_new_tokens=4")
+    if name == "jaxft-tiny-bert":  # found, then refused for what it is: an encoder without a generating head
+        assert found.returncode == given.returncode == 2 and found.stderr == given.stderr
+        assert "tokenizer" not in found.stderr, found.stderr
+        return
+    assert given.returncode == 0, given.stderr
+    assert found.returncode == 0 and found.stdout == given.stdout and found.stdout.strip(), found.stderr
+
+
 def test_cli_adapter_and_bad_input(saved, tok_dir, tmp_path):
     import shutil
 
