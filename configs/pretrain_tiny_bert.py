@@ -8,7 +8,7 @@ This is how the bundled model `jaxft/assets/jaxft-tiny-bert` was made (see its R
 The texts of SST-2 (labels unused), 300 C4 documents and the ChnSentiCorp reviews (labels unused) are
 packed as `[CLS] text [SEP] [CLS] text [SEP] ...` into 64-token blocks; 15% of the tokens are
 targets (80% [MASK], 10% a random token, 10% kept: `data.task=masked_lm`), drawn anew for every batch
-(RoBERTa's dynamic masking: the set is small and is seen about 5 times).
+(RoBERTa's dynamic masking: the bundled text is small, and its blocks recur many times).
 """
 
 import ml_collections
