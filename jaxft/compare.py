@@ -73,13 +73,18 @@ def parse_args(argv):
     return args
 
 
-def config_seed(config_file: str) -> int:
+def load_config(config_file: str):
+    """The ConfigDict that `config_file`'s get_config() returns."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("jaxft_compare_cfg", config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return int(module.get_config().train.seed)
+    return module.get_config()
+
+
+def config_seed(config_file: str) -> int:
+    return int(load_config(config_file).train.seed)
 
 
 def dir_bytes(path: Path) -> int:
@@ -92,14 +97,10 @@ def config_digest(config_file: str, everything: bool = False) -> str:
     counts as a code change, which no digest sees). `everything`: all values, the digest of earlier
     versions, still accepted."""
     import hashlib
-    import importlib.util
 
     from jaxft.config import base_config
 
-    spec = importlib.util.spec_from_file_location("jaxft_compare_cfg", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(config_file)
     if everything:
         text = config.to_json_best_effort(sort_keys=True)
     else:
@@ -122,8 +123,9 @@ def finished(config_file: str, workdir: Path, overrides) -> dict | None:
         row = json.loads((workdir / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    same = row.get("overrides") == list(overrides) and row.get("config_sha256") in (
-        config_digest(config_file), config_digest(config_file, everything=True))
+    digest = row.get("config_sha256")  # the earlier versions' digest is computed only where needed
+    same = row.get("overrides") == list(overrides) and (
+        digest == config_digest(config_file) or digest == config_digest(config_file, everything=True))
     return row if row.get("returncode") == 0 and row.get("eval") and same else None
 
 

@@ -11,9 +11,9 @@ the input and the target lists the sentinels each followed by the span it stands
 As T5's `random_spans_noise_mask`: the numbers of noise tokens and spans are fixed by the length
 (round(L * density), round(noise / mean_span)), the span lengths are a random composition of them,
 a block starts with a kept span and ends with a noise span. Training draws new masks for every batch,
-a pure function of (seed, batch number, row), so resume stays exact (`tasks.redraw`). `raw_length` picks the longest
-block whose corrupted input fills `seq_len` exactly (T5's `random_spans_helper`), so there is no
-padding in the inputs; `target_length` is the targets' length.
+a pure function of (seed, batch number, row), so resume stays exact (`tasks.redraw`). `raw_length`
+picks the longest block whose corrupted input fills `seq_len` exactly (T5's `random_spans_helper`),
+so there is no padding in the inputs; `target_length` is the targets' length.
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ def corrupt(arrays: dict, tok, seed: int, seq_len: int, density: float = NOISE_D
     behind the decoder start token, T5's pad, as transformers' `_shift_right`) and `decoder_attention_mask`.
     The decoder start token is the tokenizer's pad token, as in every T5 config. Row i's mask draws from
     `rngs[i]`, by default `row_rngs(seed, n)`; training redraws every batch (`tasks.redraw`)."""
-
     blocks = arrays["input_ids"]
     n, length = blocks.shape
     if length != raw_length(seq_len, density, mean_span):
