@@ -161,12 +161,12 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     train, ev = m.train, m.eval
     transform = None
     if task == "masked_lm":  # the packed blocks; BERT's masking, new for every batch (eval: drawn once)
-        transform = tasks.redraw(lambda b, rngs: tasks.mask_tokens(b, tok, 0, rngs=rngs), config.train.seed)
+        transform = tasks.redraw(lambda b, rngs: tasks.mask_tokens(b, tok, rngs), config.train.seed)
         ev = tasks.mask_tokens(ev, tok, config.train.seed + 1) if ev is not None else None
     if task == "span_corruption":  # the packed blocks; T5's span corruption, as BERT's masking
         from jaxft.data.span_corruption import corrupt
 
-        transform = tasks.redraw(lambda b, rngs: corrupt(b, tok, 0, seq_len, rngs=rngs), config.train.seed)
+        transform = tasks.redraw(lambda b, rngs: corrupt(b, tok, rngs, seq_len), config.train.seed)
         ev = corrupt(ev, tok, config.train.seed + 1, seq_len) if ev is not None else None
     records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved]}  # one per source
     return Data(train, ev, task, None, tok, m.groups, m.weights, m.names, records, transform)
@@ -526,7 +526,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
     perplexity = cfg.head in ("causal_lm", "seq2seq_lm")
     preemption = Preemption(config.train.sync_every_steps)
-    throughput = Throughput(cfg, trainable, method, peak)
+    throughput = Throughput(cfg, trainable, method, peak, measured=peak_source.startswith("measured"))
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
     generated = generation_eval(config, data, model)  # eval.generate_examples: ROUGE and BLEU of answers

@@ -413,7 +413,7 @@ def test_masked_lm_logits_at_the_targets_only_give_the_same_loss_and_gradients(m
         bos_id = eos_id = None
         pad_id, mask_id, vocab_size = model.cfg.pad_token_id, 4, model.cfg.vocab_size
 
-    b = tasks.mask_tokens({"input_ids": ids, "attention_mask": mask}, Tok, seed=0, probability=0.3)
+    b = tasks.mask_tokens({"input_ids": ids, "attention_mask": mask}, Tok, 0, probability=0.3)
     b["weight"] = np.array([1.0] * (len(ids) - 1) + [0.0], np.float32)  # an eval padding row
     where = b["mlm_positions"]
     assert where.shape[1] == (b["mlm_labels"] >= 0).sum(1).max() and (where >= 0).sum() == (b["mlm_labels"] >= 0).sum()
@@ -459,7 +459,7 @@ def test_mask_tokens_follows_bert():
     ids[:, 0], ids[:, -1] = 101, 102
     ids[1, 100:] = 0  # a padded row
     attention = (ids != 0).astype(np.int32)
-    out = tasks.mask_tokens({"input_ids": ids, "attention_mask": attention}, Tok, seed=0)
+    out = tasks.mask_tokens({"input_ids": ids, "attention_mask": attention}, Tok, 0)
     chosen = out["mlm_labels"] >= 0
     # round(15% of the non-special tokens) per row, as BERT's create_pretraining_data; never [CLS] / [SEP] / pad
     np.testing.assert_array_equal(chosen.sum(1), np.floor((attention.sum(1) - 2) * 0.15 + 0.5))
@@ -476,7 +476,7 @@ def test_mask_tokens_follows_bert():
         np.testing.assert_array_equal(w[w >= 0], np.flatnonzero(row))
     with pytest.raises(JaxftError, match="no mask token"):
         Tok.mask_id = None
-        tasks.mask_tokens({"input_ids": ids, "attention_mask": np.ones_like(ids)}, Tok, seed=0)
+        tasks.mask_tokens({"input_ids": ids, "attention_mask": np.ones_like(ids)}, Tok, 0)
 
 
 def test_masks_are_redrawn_every_batch_and_do_not_depend_on_the_process_split():
@@ -491,7 +491,7 @@ def test_masks_are_redrawn_every_batch_and_do_not_depend_on_the_process_split():
 
     ids = np.random.RandomState(1).randint(200, 1000, size=(8, 32))
     arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids), "weight": np.ones(8, np.float32)}
-    transform = tasks.redraw(lambda b, rngs: tasks.mask_tokens(b, Tok, 0, rngs=rngs), seed=3)
+    transform = tasks.redraw(lambda b, rngs: tasks.mask_tokens(b, Tok, rngs), seed=3)
     batches = Batches(arrays, 4, seed=3, shuffle=False, transform=transform)
     whole = batches.local(0, (0, 4))
     halves = [batches.local(0, (0, 2)), batches.local(0, (2, 4))]

@@ -176,7 +176,7 @@ def test_corrupt_matches_reference_and_restores_the_text():
     length = sc.raw_length(seq_len)
     rng = np.random.default_rng(5)
     blocks = rng.integers(3, 3996, (n, length)).astype(np.int32)
-    out = sc.corrupt({"input_ids": blocks, "weight": np.ones(n, np.float32)}, tok, seed=7, seq_len=seq_len)
+    out = sc.corrupt({"input_ids": blocks, "weight": np.ones(n, np.float32)}, tok, 7, seq_len=seq_len)
     draws = [np.random.default_rng([7, i]) for i in range(n)]  # row i's mask, drawn from (seed, i)
     first = tok.sentinels(1)[0]
     assert first == tok.vocab_size - 1

@@ -69,13 +69,13 @@ def noise_mask(rng: np.random.Generator, length: int, density: float = NOISE_DEN
     return np.repeat(np.arange(2 * spans) % 2 == 1, lengths)
 
 
-def corrupt(arrays: dict, tok, seed: int, seq_len: int, density: float = NOISE_DENSITY,
-            mean_span: float = MEAN_SPAN, rngs=None) -> dict:
+def corrupt(arrays: dict, tok, rngs, seq_len: int, density: float = NOISE_DENSITY,
+            mean_span: float = MEAN_SPAN) -> dict:
     """Packed blocks [N, raw_length(seq_len)] -> encoder `input_ids` [N, seq_len] and `attention_mask`,
     `labels` [N, target_length] (T5's targets then EOS), `decoder_input_ids` (the labels shifted right
     behind the decoder start token, T5's pad, as transformers' `_shift_right`) and `decoder_attention_mask`.
     The decoder start token is the tokenizer's pad token, as in every T5 config. Row i's mask draws from
-    `rngs[i]`, by default `row_rngs(seed, n)`; training redraws every batch (`tasks.redraw`)."""
+    `rngs[i]`, or from `row_rngs(rngs, n)` when `rngs` is a seed; training redraws every batch (`tasks.redraw`)."""
     blocks = arrays["input_ids"]
     n, length = blocks.shape
     if length != raw_length(seq_len, density, mean_span):
@@ -88,7 +88,7 @@ def corrupt(arrays: dict, tok, seed: int, seq_len: int, density: float = NOISE_D
     x_len, t_len = length - noise + spans + 1, noise + spans + 1
     inputs = np.full((n, seq_len), tok.pad_id, np.int32)
     labels = np.empty((n, t_len), np.int32)
-    for i, rng in enumerate(row_rngs(seed, n) if rngs is None else rngs):
+    for i, rng in enumerate(row_rngs(rngs, n) if isinstance(rngs, int) else rngs):
         mask = noise_mask(rng, length, density, mean_span)
         inputs[i, :x_len] = np.append(replace_spans(blocks[i], mask, sentinels), tok.eos_id)
         labels[i] = np.append(replace_spans(blocks[i], ~mask, sentinels), tok.eos_id)

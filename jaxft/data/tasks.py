@@ -166,18 +166,18 @@ def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bo
     return arrays, 0
 
 
-def mask_tokens(arrays: dict, tok, seed: int, probability: float = 0.15, rngs=None) -> dict:
+def mask_tokens(arrays: dict, tok, rngs, probability: float = 0.15) -> dict:
     """BERT's masking: in each row round(`probability` x its non-special tokens) become targets (at least
     one; BERT's `create_pretraining_data` counts them so too) in `mlm_labels` (-100 elsewhere), listed
     in `mlm_positions` (padded with -1 to round(probability x seq_len), the same width for every batch,
     so the step compiles once); 80% of them are replaced by the mask token, 10% by a random token, 10%
-    kept. Row i draws from `rngs[i]`, by default `row_rngs(seed, n)`; training redraws every batch
-    (`redraw`), RoBERTa's dynamic masking."""
+    kept. Row i draws from `rngs[i]`, or from `row_rngs(rngs, n)` when `rngs` is a seed; training redraws
+    every batch (`redraw`), RoBERTa's dynamic masking."""
     if getattr(tok, "mask_id", None) is None:
         raise JaxftError("data.task='masked_lm': the tokenizer has no mask token (expected e.g. BERT's [MASK])")
     ids = arrays["input_ids"]
     n, t = ids.shape
-    rngs = row_rngs(seed, n) if rngs is None else rngs
+    rngs = row_rngs(rngs, n) if isinstance(rngs, int) else rngs
     candidate = ~np.isin(ids, [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]) & (
         arrays["attention_mask"] > 0)
     width = max(int(t * probability + 0.5), 1)
