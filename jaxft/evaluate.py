@@ -117,10 +117,18 @@ def generation_prompts(config, data, split: str, encoder_decoder: bool, limit: i
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-def generation_eval(config, data, model):
+def prediction_rows(tok, prompts, refs, predictions, tags) -> list[dict]:
+    """predictions.jsonl's rows: prompt, reference (a list where several), prediction (and source, on a mixture)."""
+    mixed = len(set(tags)) > 1
+    return [{"prompt": tok.decode(p), "reference": r[0] if len(r) == 1 else r, "prediction": pred,
+             **({"source": t} if mixed else {})} for p, r, pred, t in zip(prompts, refs, predictions, tags)]
+
+
+def generation_eval(config, data, model, workdir=None):
     """Training's periodic generation (`eval.generate_examples` > 0 on a generation task): a function
-    of the (merged) parameters -> {"eval/rouge1", ..., "eval/bleu", "eval/exact_match"}, and each
-    source's ("eval/rougeL/<source>", ...) on a mixture; else None."""
+    of (the merged parameters, step) -> {"eval/rouge1", ..., "eval/bleu", "eval/exact_match"}, and each
+    source's ("eval/rougeL/<source>", ...) on a mixture; else None. With a `workdir` (an epath), the
+    answers go to `samples/step_N.jsonl` there, so a run's outputs can be read as it trains."""
     from jaxft.models import family
 
     n = int(config.eval.generate_examples)
@@ -130,8 +138,13 @@ def generation_eval(config, data, model):
     prompts, refs, tags = generation_prompts(config, data, "validation", family.of(model.cfg).encoder_decoder, n)
     batch = config.eval.batch_size or config.train.batch_size
 
-    def run(params) -> dict[str, float]:
+    def run(params, step: int) -> dict[str, float]:
         predictions = generate_texts(model, params, prompts, data.tokenizer, batch_size=batch, **decoding(config))
+        if workdir is not None and jax.process_index() == 0:
+            rows = prediction_rows(data.tokenizer, prompts, refs, predictions, tags)
+            (workdir / "samples").mkdir(parents=True, exist_ok=True)
+            (workdir / "samples" / f"step_{step}.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return {f"eval/{k}": v for k, v in generation_scores(predictions, refs, tags).items()}
 
     return run
@@ -325,9 +338,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         with tqdm(total=len(prompts), desc="generate", file=sys.stdout, dynamic_ncols=True) as bar:
             preds = generate_texts(model, params, prompts, tok, batch_size=batch, progress=bar, **decoding(config))
         scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs, tags).items()})
-        mixed = len(set(tags)) > 1
-        rows = [{"prompt": tok.decode(p), "reference": r[0] if len(r) == 1 else r, "prediction": pred,
-                 **({"source": t} if mixed else {})} for p, r, pred, t in zip(prompts, refs, preds, tags)]
+        rows = prediction_rows(tok, prompts, refs, preds, tags)
 
     # Only now, with everything computed, is anything written.
     if jax.process_index() == 0:

@@ -529,16 +529,16 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     throughput = Throughput(cfg, trainable, method, peak, measured=peak_source.startswith("measured"))
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
-    generated = generation_eval(config, data, model)  # eval.generate_examples: ROUGE and BLEU of answers
+    generated = generation_eval(config, data, model, workdir)  # eval.generate_examples: ROUGE, BLEU, samples/
 
-    def evaluate_all(state):
+    def evaluate_all(state, step):
         metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels, data.sources)
-        return {**metrics, **generated(merge(state.params, frozen))} if generated else metrics
+        return {**metrics, **generated(merge(state.params, frozen), step)} if generated else metrics
 
     def run_eval(state, step):
         if data.eval is None:
             return {}
-        metrics = evaluate_all(state)
+        metrics = evaluate_all(state, step)
         if step > start:  # a finished run rerun evaluates again but does not log step `total` twice
             writer.write(step, metrics)
             writer.flush()
@@ -573,7 +573,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     put = lambda s: (local := batches.local(s, rows), sharding.to_global(mesh, local, batch))  # noqa: E731
     prefetch = Prefetch(put, start, total)
     if config.eval.at_start and start == 0 and data.eval is not None:  # the untrained model, as step 0
-        before = evaluate_all(state)
+        before = evaluate_all(state, 0)
         writer.write(0, before)
         writer.flush()
         log("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in before.items()))

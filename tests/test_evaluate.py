@@ -205,6 +205,8 @@ def test_checkpoint_export_and_training_eval_agree(tmp_path, lm):
     assert a["step"] == 3 and a["out"] == str(tmp_path / "run" / "eval" / "validation-3")
     pa, pb = (read_jsonl(Path(x["out"]) / "predictions.jsonl") for x in (a, b))
     assert pa == pb
+    assert read_jsonl(tmp_path / "run" / "samples" / "step_3.jsonl") == pa  # training wrote its answers too
+    assert len(read_jsonl(tmp_path / "run" / "samples" / "step_0.jsonl")) == 4
     untrained = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] == 0][0]
     assert a["metrics"]["eval/loss"] != pytest.approx(untrained["eval/loss"])  # the trained weights count
     for k in ("eval/loss", "eval/rougeL", "eval/bleu"):

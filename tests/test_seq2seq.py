@@ -297,9 +297,13 @@ def test_mixture_generation_reads_each_source_with_its_fields_and_scores_each(t5
     cfg = hf.read_config(t5_dir)
     model, params = hf.load(str(t5_dir))
     c.eval.max_new_tokens = 4
-    logged = evaluate.generation_eval(c, load_data(c, cfg, str(t5_dir)), model)(params)
+    from etils import epath
+
+    logged = evaluate.generation_eval(c, load_data(c, cfg, str(t5_dir)), model, epath.Path(tmp_path / "run"))(params, 7)
     for k in ("eval/rougeL", "eval/rougeL/e2e_nlg", "eval/rougeL/adgen", "eval/bleu/adgen"):
         assert logged[k] == pytest.approx(got[k], abs=1e-6)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_7.jsonl").read_text().splitlines()]
+    assert samples == rows  # its answers, as jaxft.evaluate writes them
 
 
 # ---------------------------------------------------------------------------------------------
