@@ -154,8 +154,8 @@ def generation_eval(config, data, model, workdir=None):
 # What --checkpoint names.
 
 
-def checkpoint_kind(path: Path) -> tuple[str, Path, int | None]:
-    """-> ("orbax", workdir, step or None for the newest) | ("adapter" | "model", directory, None)."""
+def checkpoint_kind(path) -> tuple[str, Path, int | None]:
+    """An (epath) path -> ("orbax", workdir, step or None for the newest) | ("adapter" | "model", directory, None)."""
     if not path.is_dir():
         raise JaxftError(f"--checkpoint={path}: no such directory")
     if (path / "checkpoints").is_dir():
@@ -284,7 +284,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         config.eval.max_new_tokens = config.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
         config.eval.num_beams = config.eval.num_beams if num_beams is None else num_beams
     validate(config)
-    kind, where, step = checkpoint_kind(Path(checkpoint))
+    kind, where, step = checkpoint_kind(storage.path(checkpoint, "--checkpoint"))  # absolute: Orbax needs it
     mesh = sharding.make_mesh(config.mesh)
     batch = config.eval.batch_size or config.train.batch_size
     shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -184,7 +184,7 @@ def test_generation_equals_transformers_and_scorers(tmp_path, lm, penalty):
     assert got["eval/rouge1"] > 0.5 and got["eval/perplexity"] == pytest.approx(np.exp(got["eval/loss"]))
 
 
-def test_checkpoint_export_and_training_eval_agree(tmp_path, lm):
+def test_checkpoint_export_and_training_eval_agree(tmp_path, lm, monkeypatch):
     """One LoRA run that generates during its evals: its workdir and its export evaluate alike, and the
     training's eval/rougeL and eval/bleu (logged to TensorBoard) are jaxft.evaluate's on the same prompts."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -206,6 +206,9 @@ def test_checkpoint_export_and_training_eval_agree(tmp_path, lm):
     pa, pb = (read_jsonl(Path(x["out"]) / "predictions.jsonl") for x in (a, b))
     assert pa == pb
     assert read_jsonl(tmp_path / "run" / "samples" / "step_3.jsonl") == pa  # training wrote its answers too
+    monkeypatch.chdir(tmp_path)  # a relative --checkpoint (Orbax itself takes absolute paths only)
+    rel = evaluate(c, "run/checkpoints/3", max_examples=4, out="rel")
+    assert read_jsonl(tmp_path / "rel" / "predictions.jsonl") == pa
     assert len(read_jsonl(tmp_path / "run" / "samples" / "step_0.jsonl")) == 4
     untrained = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] == 0][0]
     assert a["metrics"]["eval/loss"] != pytest.approx(untrained["eval/loss"])  # the trained weights count
