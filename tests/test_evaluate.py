@@ -207,7 +207,7 @@ def test_checkpoint_export_and_training_eval_agree(tmp_path, lm, monkeypatch):
     assert pa == pb
     assert read_jsonl(tmp_path / "run" / "samples" / "step_3.jsonl") == pa  # training wrote its answers too
     monkeypatch.chdir(tmp_path)  # a relative --checkpoint (Orbax itself takes absolute paths only)
-    rel = evaluate(c, "run/checkpoints/3", max_examples=4, out="rel")
+    evaluate(c, "run/checkpoints/3", max_examples=4, out="rel")
     assert read_jsonl(tmp_path / "rel" / "predictions.jsonl") == pa
     assert len(read_jsonl(tmp_path / "run" / "samples" / "step_0.jsonl")) == 4
     untrained = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] == 0][0]
