@@ -14,7 +14,8 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "etils[epath]",  # run outputs on local disk or gs:// (jaxft.storage)
-        "transformers>=4.45",
+        "tokenizers>=0.20",  # HF tokenizer files (jaxft.hf_tokenizer); transformers is a test oracle only
+        "huggingface_hub>=0.24",  # hub names, when online
         "safetensors>=0.4",
         "datasets>=3.0",
         "sentencepiece>=0.2",
@@ -28,7 +29,8 @@ setup(
     extras_require={
         # torch is pinned: on the project's machines 2.13.0 is a local CPU wheel.
         # pytest-xdist: the README's test command runs the suite in two processes, one test file each at a time.
+        # transformers, torch and peft are the oracles of the models, tokenizers and methods;
         # rouge-score, sacrebleu and scikit-learn are the oracles of jaxft.metrics (tests/test_metrics.py).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13", "rouge-score>=0.1.2", "sacrebleu>=2.3", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.45", "torch==2.13.0", "peft>=0.13", "rouge-score>=0.1.2", "sacrebleu>=2.3", "scikit-learn"],
     },
 )

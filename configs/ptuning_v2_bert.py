@@ -13,7 +13,7 @@ cache, then offline; any BERT or RoBERTa directory works, e.g. roberta-base):
 Only the prefixes (20 tokens x each layer x keys and values) and the head train: the pooler (dense +
 tanh on the pooled state) and the classifier, as in BertForSequenceClassification, whose checkpoint layout the
 export keeps (PEFT `modules_to_save`: classifier, pooler). The tokenizer is the checkpoint's WordPiece
-one (read through `transformers`), which puts [CLS] in front and [SEP] after each sentence.
+one (read with the `tokenizers` library), which puts [CLS] in front and [SEP] after each sentence.
 
 Settings follow the paper's GLUE/SuperGLUE recipe for BERT-size models: prefix length 20, learning
 rate 1e-2. The head reads the mean of the final states (`model.pooling=mean`): on jaxft-tiny-bert

@@ -100,12 +100,10 @@ class Throughput:
     """Tokens/s per device and MFU between two log steps, from host-side counts (no device reads).
 
     FLOPs come from `train_flops_per_token` per batch width (padded tokens are computed too); the peak is the
-    datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once. A
-    measured peak (`measured=True`) is the best rate seen: where the start-up probe ran under load and
-    training then goes faster, the peak rises to the training rate (MFU 1.0), never reading above it.
+    datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once.
     """
 
-    def __init__(self, cfg, params_trainable, method, peak: float, measured: bool = False):
+    def __init__(self, cfg, params_trainable, method, peak: float):
         from jaxft.peft.partition import ADDED_PARAMS, flat
 
         names = {k: v for k, v in flat(params_trainable).items()}
@@ -118,7 +116,7 @@ class Throughput:
         self.adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
                            if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
         self.num_prefix = sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
-        self.cfg, self.peak, self.measured, self.devices = cfg, peak, measured, jax.device_count()
+        self.cfg, self.peak, self.devices = cfg, peak, jax.device_count()
         self._per_token = {}
         self.tokens = self.flops = 0.0  # running totals over dispatched steps
         self._mark = (time.time(), 0.0, 0.0)
@@ -141,8 +139,6 @@ class Throughput:
         t0, tok0, flop0 = self._mark
         dt = max(now - t0, 1e-9)
         self._mark = (now, tokens, flops)
-        if self.measured:
-            self.peak = max(self.peak, (flops - flop0) / dt / self.devices)
         return {
             "train/tokens_per_second": (tokens - tok0) / dt,
             "train/tokens_per_second_per_device": (tokens - tok0) / dt / self.devices,
@@ -151,8 +147,7 @@ class Throughput:
 
 
 def run_peak(config) -> tuple[float, str]:
-    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line; "measured ..." when
-    timed here, see `Throughput`)."""
+    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line)."""
     kind = jax.devices()[0].device_kind
     if float(config.train.peak_flops) > 0:
         return float(config.train.peak_flops), "train.peak_flops"

@@ -1,4 +1,4 @@
-"""Tokenizers: SentencePiece models (ours, Llama's, T5's) directly, anything else through `transformers`.
+"""Tokenizers: SentencePiece models (ours, Llama's, T5's) directly, HF tokenizer files through `tokenizers`.
 
 `python -m jaxft.tokenizer --data=sst2 --vocab_size=4096 --out=DIR` trains the tokenizers of the
 bundled models, deterministically (one thread, every text, in order), by `--kind`:
@@ -53,12 +53,9 @@ class Tokenizer:
             return
         if not path.is_dir():
             raise JaxftError(f"tokenizer {str(path)!r}: no such directory or tokenizer.model file")
-        try:
-            from transformers import AutoTokenizer
+        from jaxft.hf_tokenizer import HFTokenizer
 
-            self._hf = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-        except Exception as e:
-            raise JaxftError(f"tokenizer {str(path)!r}: could not be loaded ({e})") from None
+        self._hf = HFTokenizer(path)
         self._sp = None
         self.vocab_size = len(self._hf)
         self.bos_id, self.eos_id = self._hf.bos_token_id, self._hf.eos_token_id
@@ -70,7 +67,7 @@ class Tokenizer:
         self._specials()
 
     def _specials(self):
-        """SentencePiece says -1 and transformers None for a missing special token: None for both."""
+        """SentencePiece says -1 and `tokenizers` None for a missing special token: None for both."""
         self.bos_id = self.bos_id if self.bos_id is not None and self.bos_id >= 0 else None
         self.eos_id = self.eos_id if self.eos_id is not None and self.eos_id >= 0 else None
         if self.pad_id is None or self.pad_id < 0:
@@ -89,7 +86,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:
             return self._sp.encode(text)
-        return self._hf.encode(text, add_special_tokens=False)
+        return self._hf.encode(text)
 
     def token_id(self, piece: str) -> int | None:
         """The id of a token string (`<extra_id_0>`, `[MASK]`), None where the vocabulary lacks it."""
@@ -98,8 +95,7 @@ class Tokenizer:
                 return self._added[piece]
             i = self._sp.piece_to_id(piece)
             return i if self._sp.id_to_piece(i) == piece else None
-        i = self._hf.convert_tokens_to_ids(piece)
-        return i if i is not None and i != self._hf.unk_token_id or piece == self._hf.unk_token else None
+        return self._hf.token_to_id(piece)
 
     def sentinels(self, n: int) -> list[int]:
         """T5's span-corruption sentinels `<extra_id_0>` ... `<extra_id_{n-1}>`, as ids."""
@@ -113,7 +109,7 @@ class Tokenizer:
         """Like `encode`, but special-token strings in the text (`<s>`, `</s>`, a chat template's
         `<|im_end|>`) become their ids, as transformers' tokenizers read them."""
         if self._sp is None:
-            return self._hf.encode(text, add_special_tokens=False)
+            return self._hf.encode(text)
         if not hasattr(self, "_special_split"):
             sp = self._sp
             self._special = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
@@ -143,7 +139,7 @@ class Tokenizer:
         """The string of token `i` (e.g. '</s>' for EOS)."""
         if self._sp is not None:
             return self._added_ids[int(i)] if int(i) in self._added_ids else self._sp.id_to_piece(int(i))
-        return self._hf.convert_ids_to_tokens(int(i))
+        return self._hf.id_to_token(int(i))
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

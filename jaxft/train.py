@@ -526,7 +526,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
     perplexity = cfg.head in ("causal_lm", "seq2seq_lm")
     preemption = Preemption(config.train.sync_every_steps)
-    throughput = Throughput(cfg, trainable, method, peak, measured=peak_source.startswith("measured"))
+    throughput = Throughput(cfg, trainable, method, peak)
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
     generated = generation_eval(config, data, model, workdir)  # eval.generate_examples: ROUGE, BLEU, samples/

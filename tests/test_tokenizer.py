@@ -186,3 +186,77 @@ def test_cli_bad_field_and_bad_vocab_size(tmp_path):
     data.write_text('{"text": "a b c"}\n')
     one_line_error(run_cli(f"--data={data}", "--field=text", "--vocab_size=4096", f"--out={tmp_path / 'o'}"),
                    "sentencepiece", "vocab_size=4096")
+
+
+# ---------------------------------------------------------------------------------------------
+# HF tokenizer files, read with `tokenizers` alone (jaxft.hf_tokenizer): transformers is the oracle.
+
+HF_TEXTS = ["The movie wasn't Boring, it's GREAT!", "Café naïve résumé", "电影很好看，真的！", "a  b\tc\nd [MASK] x",
+            "<|im_start|>user\nhi<|im_end|>", "ids 12345 and ½ x²"]
+
+
+def _wordpiece_dir():
+    from jaxft import hf
+
+    return hf.resolve("jaxft-tiny-bert")  # vocab.txt + tokenizer_config.json
+
+
+def _byte_level_dir(root):
+    """GPT-2's older layout: vocab.json + merges.txt, no tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(synthetic_texts() + HF_TEXTS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    root.mkdir()
+    tok.model.save(str(root))
+    (root / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    return root
+
+
+def _chatml_dir(root):
+    """A Qwen2-style tokenizer.json with ChatML tokens added, saved by transformers."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_texts() + HF_TEXTS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                         additional_special_tokens=["<|im_start|>"]).save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte_level_bpe", "tokenizer_json"])
+def test_hf_tokenizer_files_read_as_transformers_reads_them(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    from jaxft.hf_tokenizer import HFTokenizer
+
+    d = {"wordpiece": _wordpiece_dir, "byte_level_bpe": lambda: _byte_level_dir(tmp_path / "bpe"),
+         "tokenizer_json": lambda: _chatml_dir(tmp_path / "chatml")}[kind]()
+    ours, ref = HFTokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    assert len(ours) == len(ref)
+    for role in ("bos", "eos", "unk", "pad", "mask", "cls", "sep"):
+        assert getattr(ours, f"{role}_token_id") == getattr(ref, f"{role}_token_id"), role
+    for text in HF_TEXTS:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == ref.decode(ids), text
+    tok = Tokenizer(d)
+    assert tok.encode(HF_TEXTS[0]) == ref.encode(HF_TEXTS[0], add_special_tokens=False)
+    assert [tok.piece(i) for i in tok.encode(HF_TEXTS[0])] == ref.convert_ids_to_tokens(tok.encode(HF_TEXTS[0]))
+
+
+def test_training_imports_no_transformers():
+    """transformers is a test oracle only: the main job's modules and HF tokenizer files load without it."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import jaxft.train, jaxft.evaluate, jaxft.generate\n"
+            "from jaxft import hf\nfrom jaxft.tokenizer import Tokenizer\n"
+            "t = Tokenizer(hf.resolve('jaxft-tiny-bert')); print(t.encode('a good movie'), t.bos, t.eos)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("[2] [3]")  # [CLS], [SEP]
