@@ -82,10 +82,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.hub_config = ""  # the dataset's config (subset) name, e.g. "sst2" of "hub:nyu-mll/glue"
     c.data.train_split = "train"
     c.data.eval_split = ""  # "" = data.eval_name if set, else "validation" where the dataset has it; "none" = no eval
-    # "", classification, causal_lm, sft, masked_lm, seq2seq or span_corruption (T5's pretraining) ("" = what
-    # the data and the model say: see jaxft.data.tasks.choose_task; seq2seq for an encoder-decoder such as T5
-    # on source -> target pairs)
+    # "", classification, causal_lm, sft, masked_lm, seq2seq, span_corruption (T5's pretraining) or cloze
+    # ("" = what the data and the model say: see jaxft.data.tasks.choose_task; seq2seq for an encoder-decoder
+    # such as T5 on source -> target pairs)
     c.data.task = ""
+    # cloze (PET's hard prompts, on a masked LM): the text in a template with one mask, e.g.
+    # "{text} it was {mask} ." ({text_b}: a pair's second text), and one label word per label, in the
+    # labels' sorted order, e.g. "bad,good"; the class is the label word the model puts at the mask.
+    c.data.cloze_template = ""
+    c.data.verbalizer = ""
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
@@ -178,7 +183,7 @@ CHOICES = {
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption"),
+    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }

@@ -249,11 +249,16 @@ def load_export(config, kind: str, path: Path, data, mesh):
 # Evaluation.
 
 
-def classify(model, params, arrays, batch_size: int, progress=None) -> np.ndarray:
-    """Argmax class of every row of `arrays`."""
-    from jaxft.objectives import model_inputs
+def classify(model, params, arrays, batch_size: int, progress=None, cloze: bool = False) -> np.ndarray:
+    """Argmax class of every row of `arrays`: the classifier's, or (`cloze`) the label word's at the mask."""
+    from jaxft.objectives import cloze_logits, masked_lm_inputs, model_inputs
 
-    forward = jax.jit(lambda p, batch: jax.numpy.argmax(model.apply({"params": p}, **model_inputs(batch)), -1))
+    def logits(p, batch):
+        if cloze:
+            return cloze_logits(model.apply({"params": p}, **masked_lm_inputs(batch)), batch)
+        return model.apply({"params": p}, **model_inputs(batch))
+
+    forward = jax.jit(lambda p, batch: jax.numpy.argmax(logits(p, batch), -1))
     n, out = len(arrays["input_ids"]), []
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # the last batch filled up: one shape
@@ -298,9 +303,10 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     if arrays is None:
         raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
-    if data.task not in GENERATION_TASKS and data.task != "classification":
-        raise JaxftError(f"data.task={data.task!r}: jaxft.evaluate scores classification and generation tasks "
-                         f"({', '.join(GENERATION_TASKS)})")
+    classifies = data.task in ("classification", "cloze")
+    if data.task not in GENERATION_TASKS and not classifies:
+        raise JaxftError(f"data.task={data.task!r}: jaxft.evaluate scores classification (and cloze) and generation "
+                         f"tasks ({', '.join(GENERATION_TASKS)})")
     if kind == "orbax":
         model, params, step = restore_trained(config, where, step, cfg, base_root, data, mesh)
         params_out = where
@@ -315,17 +321,17 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         tb_dir = storage.path(str(where / "tensorboard"), "--out") if kind == "orbax" else out_dir / "tensorboard"
 
     # The loss (and perplexity) over the split, as training's eval computes it.
-    if data.task == "classification" and max_examples:
+    if classifies and max_examples:
         arrays = {k: v[:max_examples] for k, v in arrays.items()}
     eval_step = jax.jit(make_eval_step(model, mesh, objectives.for_task(data.task)),
                         out_shardings=sharding.replicated(mesh))
     scores = loss_eval(eval_step, types.SimpleNamespace(params=params), {}, arrays, mesh, batch,
                        model.cfg.head == "causal_lm", model.cfg.labels, data.sources)
     tok = data.tokenizer
-    if data.task == "classification":
+    if classifies:
         names = [str(v) for v in data.labels]
         with tqdm(total=len(arrays["input_ids"]), desc="classify", file=sys.stdout, dynamic_ncols=True) as bar:
-            predicted = classify(model, params, arrays, batch, bar)
+            predicted = classify(model, params, arrays, batch, bar, cloze=data.task == "cloze")
         preds, refs = [names[i] for i in predicted], [names[i] for i in arrays["labels"]]
         scores["eval/accuracy"] = metrics.accuracy(preds, refs)
         scores.update({f"eval/{k}": v for k, v in metrics.precision_recall_f1(preds, refs, names).items()})

@@ -123,6 +123,19 @@ def masked_lm_loss(outputs, batch):
     return token_stats(outputs, jnp.maximum(labels, 0), weights)
 
 
+def cloze_logits(outputs, batch):
+    """PET: the masked LM's logits at the mask ([B, 1, V], `mlm_positions`) -> the label words' [B, C]."""
+    return jnp.take_along_axis(outputs[:, 0, :], batch["verbalizer"], axis=-1)
+
+
+def cloze_loss(outputs, batch):
+    return classification_loss(cloze_logits(outputs, batch), batch)
+
+
+def cloze_confusion(outputs, batch, cfg):
+    return confusion(cloze_logits(outputs, batch), batch, cfg)
+
+
 def token_classification_loss(logits, batch):
     """logits [B, T, C]; `labels` [B, T], -100 (sub-word continuations, special tokens) ignored."""
     labels = batch["labels"]
@@ -176,6 +189,8 @@ OBJECTIVES: dict[str, Objective] = {
     "masked_lm": Objective("masked_lm", masked_lm_loss, masked_lm_inputs,
                            head_width=lambda batch: batch["mlm_positions"].shape[1] if "mlm_positions" in batch else None),
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
+    # PET's hard prompts: classification read from a masked LM's words at the template's mask.
+    "cloze": Objective("cloze", cloze_loss, masked_lm_inputs, eval_sums=cloze_confusion, head_width=lambda batch: 1),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
     # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.
     "seq2seq": Objective("seq2seq", seq2seq_loss, seq2seq_inputs, eval_sums=per_task_of(seq2seq_loss)),
@@ -183,7 +198,8 @@ OBJECTIVES: dict[str, Objective] = {
 OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: seq2seq on corrupted blocks
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
-         "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm"}
+         "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm",
+         "cloze": "masked_lm"}
 
 
 def for_task(task: str) -> Objective:

@@ -45,6 +45,7 @@ class Tokenizer:
             self._added_ids = {v: k for k, v in self._added.items()}
             self.vocab_size = self._sp.get_piece_size() + len(self._added)
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+            self.unk_id = self._sp.unk_id()
             pad = self._sp.pad_id()
             self.pad_id = pad if pad >= 0 else self.eos_id
             self.mask_id = None
@@ -62,6 +63,7 @@ class Tokenizer:
         if self.bos_id is None and self.eos_id is None:  # BERT's WordPiece: [CLS] text [SEP]
             self.bos_id, self.eos_id = self._hf.cls_token_id, self._hf.sep_token_id
         self.mask_id = self._hf.mask_token_id  # BERT's [MASK], RoBERTa's <mask>: for data.task=masked_lm
+        self.unk_id = self._hf.unk_token_id
         pad = self._hf.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self._specials()

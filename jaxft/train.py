@@ -130,7 +130,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
                              family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
-    if task == "classification" and extra:
+    if task in ("classification", "cloze") and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft and seq2seq only")
     template = None
     if str(config.method.get("template", "") or "") and "ptuning" in str(config.method.name).split("+"):
@@ -139,11 +139,21 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if task != "classification":
             raise JaxftError(f"method.template: supported for classification data, not {task}")
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
-    if task == "classification":
+    if task == "cloze" and not (d.cloze_template and d.verbalizer):
+        raise JaxftError("data.task='cloze' needs data.cloze_template (e.g. '{text} it was {mask} .') and "
+                         "data.verbalizer (a label word per label, e.g. 'bad,good')")
+    if task in ("classification", "cloze"):
+        if not label_field:
+            raise JaxftError(f"data.task={task!r}: no label field: set data.label_field")
         labels = tasks.label_vocab(train_rec, label_field)
-        encode = lambda records: tasks.classification(  # noqa: E731
-            records, tok, seq_len, text_field, label_field, labels, sources.pair_field(d, first), d.token_type_ids,
-            template)
+        if task == "cloze":
+            encode = lambda records: tasks.cloze(  # noqa: E731
+                records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer,
+                sources.pair_field(d, first), d.token_type_ids)
+        else:
+            encode = lambda records: tasks.classification(  # noqa: E731
+                records, tok, seq_len, text_field, label_field, labels, sources.pair_field(d, first),
+                d.token_type_ids, template)
         train, cut = encode(train_rec)
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:
@@ -514,7 +524,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=replicated)
     buckets = ()
-    if config.data.length_buckets and data.task in ("classification", "sft", "seq2seq") and \
+    if config.data.length_buckets and data.task in ("classification", "cloze", "sft", "seq2seq") and \
             "segment_ids" not in data.train:
         seq_len = config.data.seq_len
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < seq_len) + (seq_len,)

@@ -121,14 +121,8 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
                 toks = toks[: seq_len - len(tok.eos)] + tok.eos
         else:
             room = max(seq_len - len(tok.bos) - len(sep) - len(tok.eos), 0)
-            if len(a) + len(b) > room:  # HF's longest_first: the shorter keeps up to half the room
-                truncated += 1
-                if len(a) > len(b):
-                    b = b[: room // 2]
-                    a = a[: room - len(b)]
-                else:
-                    a = a[: room // 2]
-                    b = b[: room - len(a)]
+            truncated += len(a) + len(b) > room
+            a, b = fit_pair(a, b, room)
             first = tok.bos + a + sep
             toks = (first + b + tok.eos)[:seq_len]
         ids[i, : len(toks)] = toks
@@ -141,6 +135,94 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
     arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32)}
     if token_type_ids:
         arrays["token_type_ids"] = types
+    return arrays, truncated
+
+
+def fit_pair(a: list, b: list, room: int) -> tuple[list, list]:
+    """Two texts cut to `room` tokens together as HF's `truncation="longest_first"` does: the shorter
+    keeps up to half the room (the first counts as the shorter on a tie), the longer one the rest."""
+    if len(a) + len(b) <= room:
+        return a, b
+    if len(a) > len(b):
+        b = b[: room // 2]
+        return a[: room - len(b)], b
+    a = a[: room // 2]
+    return a, b[: room - len(a)]
+
+
+CLOZE_SLOT = re.compile(r"\{(\w*)\}")
+
+
+def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list, template: str,
+          verbalizer: str, text_pair_field: str | None = None, token_type_ids: bool = False):
+    """PET's cloze form (Schick & Schuetze 2021): each text put into `template` ("{text} it was {mask} .";
+    "{text_b}" places a pair's second text), BOS/[CLS] before and EOS/[SEP] after; the literal parts
+    are tokenized on their own. Each label's word (`verbalizer`, comma-separated, in `labels`' order)
+    must be one token: the class is the word a masked LM puts at the mask. -> (arrays, truncated):
+    classification's arrays plus `mlm_positions` [N, 1] (the mask) and `verbalizer` [N, C] (the words'
+    ids). Texts too long lose their end (pairs: longest first); the template always stays whole."""
+    where = "data.cloze_template"
+    if tok.mask_id is None:
+        raise JaxftError("data.task='cloze': the tokenizer has no mask token (expected a masked LM's, e.g. [MASK])")
+    slots = CLOZE_SLOT.findall(template)
+    want = ["text", "mask"] + (["text_b"] if text_pair_field else [])
+    if sorted(slots) != sorted(want):
+        pair = " and {text_b} (this data has pairs)" if text_pair_field else " (no {text_b}: this data has single texts)"
+        raise JaxftError(f"{where}={template!r}: expected {{text}} and {{mask}} once each{pair}, found "
+                         f"{', '.join('{' + x + '}' for x in slots) or 'none'}")
+    words = str(verbalizer).split(",")  # as written: a BPE word inside a sentence has its leading space
+    if len(words) != len(labels):
+        raise JaxftError(f"data.verbalizer={verbalizer!r}: {len(words)} words for the {len(labels)} labels {labels} "
+                         "(one per label, in this order)")
+    word_ids = []
+    for label, word in zip(labels, words):
+        ids = tok.encode(word)
+        if len(ids) != 1:
+            raise JaxftError(f"data.verbalizer: the word {word!r} for label {label!r} is {len(ids)} tokens "
+                             f"({[tok.piece(i) for i in ids]}), expected one")
+        if ids[0] == getattr(tok, "unk_id", None):
+            raise JaxftError(f"data.verbalizer: the word {word!r} for label {label!r} is not in the vocabulary "
+                             f"(it is the unknown token {tok.piece(ids[0])!r})")
+        word_ids.append(ids[0])
+    parts = CLOZE_SLOT.split(template)  # literal, slot name, literal, ...
+    literal = {i: tok.encode(parts[i]) if parts[i].strip() else [] for i in range(0, len(parts), 2)}
+    fixed = len(tok.bos) + len(tok.eos) + 1 + sum(len(v) for v in literal.values())
+    room = seq_len - fixed
+    if room < 1 + bool(text_pair_field):
+        raise JaxftError(f"{where}={template!r}: the template takes {fixed} of data.seq_len={seq_len} tokens, "
+                         "leaving no room for the text")
+    n = len(records.rows)
+    ids = np.full((n, seq_len), tok.pad_id, np.int32)
+    mask = np.zeros((n, seq_len), np.int32)
+    y = np.zeros((n,), np.int32)
+    position = np.zeros((n, 1), np.int32)
+    index = {v: k for k, v in enumerate(labels)}
+    truncated = 0
+    for i in range(n):
+        a = tok.encode(_text(records, i, text_field))
+        b = tok.encode(_text(records, i, text_pair_field)) if text_pair_field else []
+        truncated += len(a) + len(b) > room
+        a, b = fit_pair(a, b, room) if text_pair_field else (a[:room], b)
+        fill = {"text": a, "text_b": b, "mask": [tok.mask_id]}
+        toks = list(tok.bos)
+        for j, part in enumerate(parts):
+            if j % 2 == 0:
+                toks += literal[j]
+            else:
+                if part == "mask":
+                    position[i, 0] = len(toks)
+                toks += fill[part]
+        toks += tok.eos
+        ids[i, : len(toks)] = toks
+        mask[i, : len(toks)] = 1
+        v = _label(field(records, i, label_field))
+        if v not in index:
+            raise JaxftError(f"{records.where[i]}: label {v!r} is not one of the training labels {labels}")
+        y[i] = index[v]
+    arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32),
+              "mlm_positions": position, "verbalizer": np.tile(np.asarray(word_ids, np.int32), (n, 1))}
+    if token_type_ids:  # one sequence: every token is type 0
+        arrays["token_type_ids"] = np.zeros((n, seq_len), np.int32)
     return arrays, truncated
 
 

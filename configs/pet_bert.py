@@ -1,0 +1,42 @@
+"""PET's hard prompts (Schick & Schuetze 2021) on SST-2: sentiment as a cloze question to a masked LM.
+
+  python -m jaxft.train --config=configs/pet_bert.py
+Each sentence is put into a template with one mask, `<sentence> it was [MASK] .`, and the class is the
+label word (the verbalizer: "bad" for 0, "good" for 1) the masked LM ranks higher at the mask: no new
+head, the pretrained MLM head answers (`data.task=cloze`, `jaxft.data.tasks.cloze`). Before training
+this is zero-shot classification. Every weight trains, as in PET; LoRA or BitFit work as well
+(`--config.method.name=lora`). The base is the bundled `jaxft-tiny-bert`; any BERT or RoBERTa
+masked-LM directory works (`--config.model.path=bert-base-uncased`). Each label word is encoded as
+written, and must be one token: with RoBERTa's byte-level BPE a word inside a sentence carries its
+leading space, so write `--config.data.verbalizer=" bad, good"` there. Pairs: `{text_b}` places the second text, e.g. for RTE
+`--config.data.name=rte "--config.data.cloze_template={text} ? {mask} , {text_b}" --config.data.verbalizer=yes,no`.
+Figures: BENCHMARKS.md ("PET on jaxft-tiny-bert").
+"""
+
+from jaxft.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.path = "jaxft-tiny-bert"
+
+    # Method section: every weight, PET's own setting.
+    c.method.name = "full"
+
+    # Data section: bundled SST-2 (train / GLUE dev) as a cloze question.
+    c.data.name = "sst2"
+    c.data.task = "cloze"
+    c.data.cloze_template = "{text} it was {mask} ."
+    c.data.verbalizer = "bad,good"  # labels 0, 1
+    c.data.seq_len = 64
+
+    # Training section.
+    c.train.steps = 600
+    c.train.batch_size = 32
+    c.train.log_every_steps = 50
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 60
+    c.eval.at_start = True  # step 0: the zero-shot answer of the pretrained masked LM
+    c.eval.every_steps = 200
+    c.checkpoint.every_steps = 200
+    return c
