@@ -275,8 +275,9 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     if cfg.head in ("causal_lm", "seq2seq_lm"):
         length = max(1, min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b)))
         loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / vocab_split
-    elif cfg.head == "masked_lm":  # whole fp32 logits and their gradient (not measured)
-        loss = 2 * 4 * b * t * cfg.vocab_size / vocab_split
+    elif cfg.head == "masked_lm":  # fp32 logits at the targets only, and their gradient (not measured):
+        k = 1 if config.data.task == "cloze" else max(int(t * 0.15 + 0.5), 1)  # the mask, or BERT's 15%
+        loss = 2 * 4 * b * k * cfg.vocab_size / vocab_split
     streams = 2 if fam.encoder_decoder else 1
     inputs_bytes = b * config.train.grad_accum * (streams * t * 8 + 12)  # ids, mask (per stream), labels, weight
     total = saved_total + max(working, loss) + inputs_bytes
