@@ -10,7 +10,10 @@ masked-LM directory works (`--config.model.path=bert-base-uncased`). Each label 
 written, and must be one token: with RoBERTa's byte-level BPE a word inside a sentence carries its
 leading space, so write `--config.data.verbalizer=" bad, good"` there. Pairs: `{text_b}` places the second text, e.g. for RTE
 `--config.data.name=rte "--config.data.cloze_template={text} ? {mask} , {text_b}" --config.data.verbalizer=yes,no`.
-Figures: BENCHMARKS.md ("PET on jaxft-tiny-bert").
+Measured (BENCHMARKS.md, "PET on jaxft-tiny-bert"): SST-2 dev 0.509 zero-shot (the small encoder
+says "good" for every sentence) -> 0.702 +- 0.016 over 3 seeds after 600 steps (about 4 minutes each
+on 2 cores); a new classification head on the same base reaches 0.739. With 64 training sentences
+neither learns: PET's few-shot strength needs a masked LM that already knows the words.
 """
 
 from jaxft.config import base_config
