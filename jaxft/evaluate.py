@@ -124,6 +124,10 @@ def prediction_rows(tok, prompts, refs, predictions, tags) -> list[dict]:
              **({"source": t} if mixed else {})} for p, r, pred, t in zip(prompts, refs, predictions, tags)]
 
 
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def generation_eval(config, data, model, workdir=None):
     """Training's periodic generation (`eval.generate_examples` > 0 on a generation task): a function
     of (the merged parameters, step) -> {"eval/rouge1", ..., "eval/bleu", "eval/exact_match"}, and each
@@ -143,8 +147,7 @@ def generation_eval(config, data, model, workdir=None):
         if workdir is not None and jax.process_index() == 0:
             rows = prediction_rows(data.tokenizer, prompts, refs, predictions, tags)
             (workdir / "samples").mkdir(parents=True, exist_ok=True)
-            (workdir / "samples" / f"step_{step}.jsonl").write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_jsonl(workdir / "samples" / f"step_{step}.jsonl", rows)
         return {f"eval/{k}": v for k, v in generation_scores(predictions, refs, tags).items()}
 
     return run
@@ -352,7 +355,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         summary = {"checkpoint": str(checkpoint), "step": step, "split": split, "examples": len(rows),
                    "metrics": scores}
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-        (out_dir / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(out_dir / "predictions.jsonl", rows)
         metrics.write_scalars(tb_dir, step, scores)
     log(f"{split} at step {step}, {len(rows)} examples: " + " ".join(
         f"{k}={v:.4f}" for k, v in scores.items() if not any(f"/{m}/" in k for m in ("precision", "recall", "f1")))

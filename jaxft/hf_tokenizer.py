@@ -57,7 +57,8 @@ class HFTokenizer:
         config = _read_json(path / "tokenizer_config.json")
         special = _read_json(path / "special_tokens_map.json")
         kind = str(config.get("tokenizer_class") or "").removesuffix("Fast").removesuffix("Tokenizer")
-        if (path / "tokenizer.json").is_file():
+        built = not (path / "tokenizer.json").is_file()  # from vocabulary files, without its special tokens
+        if not built:
             try:
                 self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:  # the Rust library's own message
@@ -76,11 +77,13 @@ class HFTokenizer:
             key = f"{role}_token"
             value = config[key] if key in config else special.get(key, defaults.get(role))
             self.tokens[role] = _content(value)
-        # Tokens the config adds that the vocabulary files lack (a tokenizer.json holds its own).
+        # Special tokens are matched whole in text, never split. A tokenizer.json holds its own; a tokenizer
+        # built from vocabulary files marks the role and added tokens so, adding those its vocabulary lacks.
         added = [_content(v) for v in (config.get("added_tokens_decoder") or {}).values()]
-        extra = [t for t in [*self.tokens.values(), *added] if t and self._tok.token_to_id(t) is None]
-        if extra:
-            self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(extra)])
+        marked = [t for t in dict.fromkeys([*self.tokens.values(), *added])
+                   if t and (built or self._tok.token_to_id(t) is None)]
+        if marked:
+            self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in marked])
         for role in ROLES:
             setattr(self, f"{role}_token_id", self.token_to_id(self.tokens[role]) if self.tokens[role] else None)
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -123,7 +126,6 @@ def _wordpiece(vocab_file: Path, config: dict):
         strip_accents=config.get("strip_accents"), lowercase=bool(config.get("do_lower_case", True)))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    _mark_special(tok, [_content(config.get(f"{r}_token", _BERT.get(r))) for r in ROLES])
     return tok
 
 
@@ -138,14 +140,4 @@ def _byte_level_bpe(path: Path, config: dict):
                                fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
     tok.decoder = decoders.ByteLevel()
-    _mark_special(tok, [_content(v) for k, v in config.items() if k.endswith("_token")])
     return tok
-
-
-def _mark_special(tok, tokens):
-    """Vocabulary entries that are special tokens are matched whole in text, never split."""
-    from tokenizers import AddedToken
-
-    present = [t for t in dict.fromkeys(tokens) if t and tok.token_to_id(t) is not None]
-    if present:
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in present])

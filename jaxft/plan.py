@@ -207,6 +207,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     """Activation bytes per device for a global batch of `batch` (see the module docstring), summed over
     the family's stacks of blocks (`Family.activation_blocks`: Llama's layers, T5's encoder and decoder)."""
     from jaxft.cross_entropy import CHUNK_TOKENS, MIN_CHUNK_LENGTH
+    from jaxft.data import tasks
     from jaxft.models import family
 
     cfg, config, mesh = s.cfg, s.config, s.mesh
@@ -276,7 +277,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         length = max(1, min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b)))
         loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / vocab_split
     elif cfg.head == "masked_lm":  # fp32 logits at the targets only, and their gradient (not measured):
-        k = 1 if config.data.task == "cloze" else max(int(t * 0.15 + 0.5), 1)  # the mask, or BERT's 15%
+        k = 1 if config.data.task == "cloze" else tasks.mlm_width(t)  # the mask, or BERT's 15%
         loss = 2 * 4 * b * k * cfg.vocab_size / vocab_split
     streams = 2 if fam.encoder_decoder else 1
     inputs_bytes = b * config.train.grad_accum * (streams * t * 8 + 12)  # ids, mask (per stream), labels, weight

@@ -37,13 +37,14 @@ def choose_task(task: str, records: Records, source: str, text_field: str, label
     anything else is an error."""
     columns = list(records.rows[0]) if records.rows else []
     found = f"columns found: {', '.join(map(str, columns)) or 'none'}"
-    if task == "classification" or (not task and label_given):
+    if task in ("classification", "cloze") or (not task and label_given):
+        kind = task or "classification"
         if not label_field:
-            raise JaxftError(f"data.name={source!r}: no label field for classification: set data.label_field ({found})")
+            raise JaxftError(f"data.name={source!r}: no label field for {kind}: set data.label_field ({found})")
         if label_field not in columns:
-            raise JaxftError(f"data.name={source!r}: no label column {label_field!r} for classification ({found}); "
+            raise JaxftError(f"data.name={source!r}: no label column {label_field!r} for {kind} ({found}); "
                              f"set data.label_field")
-        return "classification"
+        return kind
     if task:
         return task
     if encoder_decoder and seq2seq.detect(records, sft_fields):
@@ -90,6 +91,14 @@ def label_vocab(records: Records, label_field: str) -> list:
     return sorted(set(values))
 
 
+def class_index(records: Records, i: int, label_field: str, index: dict) -> int:
+    """Record i's label as its class number (`index`: label -> number, the training labels')."""
+    v = _label(field(records, i, label_field))
+    if v not in index:
+        raise JaxftError(f"{records.where[i]}: label {v!r} is not one of the training labels {list(index)}")
+    return index[v]
+
+
 def classification(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list,
                    text_pair_field: str | None = None, token_type_ids: bool = False, template=None):
     """-> (arrays, number of truncated examples). A single text too long for `seq_len` loses its end; a
@@ -128,10 +137,7 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
         types[i, len(first) : len(toks)] = 1
-        v = _label(field(records, i, label_field))
-        if v not in index:
-            raise JaxftError(f"{records.where[i]}: label {v!r} is not one of the training labels {labels}")
-        y[i] = index[v]
+        y[i] = class_index(records, i, label_field, index)
     arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32)}
     if token_type_ids:
         arrays["token_type_ids"] = types
@@ -162,6 +168,9 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     classification's arrays plus `mlm_positions` [N, 1] (the mask) and `verbalizer` [N, C] (the words'
     ids). Texts too long lose their end (pairs: longest first); the template always stays whole."""
     where = "data.cloze_template"
+    if not template or not verbalizer:
+        raise JaxftError("data.task='cloze' needs data.cloze_template (e.g. '{text} it was {mask} .') and "
+                         "data.verbalizer (a label word per label, e.g. 'bad,good')")
     if tok.mask_id is None:
         raise JaxftError("data.task='cloze': the tokenizer has no mask token (expected a masked LM's, e.g. [MASK])")
     slots = CLOZE_SLOT.findall(template)
@@ -215,10 +224,7 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
         toks += tok.eos
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
-        v = _label(field(records, i, label_field))
-        if v not in index:
-            raise JaxftError(f"{records.where[i]}: label {v!r} is not one of the training labels {labels}")
-        y[i] = index[v]
+        y[i] = class_index(records, i, label_field, index)
     arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32),
               "mlm_positions": position, "verbalizer": np.tile(np.asarray(word_ids, np.int32), (n, 1))}
     if token_type_ids:  # one sequence: every token is type 0
@@ -248,7 +254,15 @@ def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bo
     return arrays, 0
 
 
-def mask_tokens(arrays: dict, tok, rngs, probability: float = 0.15) -> dict:
+MLM_PROBABILITY = 0.15  # BERT's share of masked-LM targets
+
+
+def mlm_width(seq_len: int, probability: float = MLM_PROBABILITY) -> int:
+    """Targets per row of a masked LM (`mlm_positions`' width): round(probability x seq_len), at least 1."""
+    return max(int(seq_len * probability + 0.5), 1)
+
+
+def mask_tokens(arrays: dict, tok, rngs, probability: float = MLM_PROBABILITY) -> dict:
     """BERT's masking: in each row round(`probability` x its non-special tokens) become targets (at least
     one; BERT's `create_pretraining_data` counts them so too) in `mlm_labels` (-100 elsewhere), listed
     in `mlm_positions` (padded with -1 to round(probability x seq_len), the same width for every batch,
@@ -262,7 +276,7 @@ def mask_tokens(arrays: dict, tok, rngs, probability: float = 0.15) -> dict:
     rngs = row_rngs(rngs, n) if isinstance(rngs, int) else rngs
     candidate = ~np.isin(ids, [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]) & (
         arrays["attention_mask"] > 0)
-    width = max(int(t * probability + 0.5), 1)
+    width = mlm_width(t, probability)
     masked = ids.astype(np.int32, copy=True)
     labels = np.full(ids.shape, -100, np.int32)
     where = np.full((n, width), -1, np.int32)
