@@ -37,6 +37,10 @@ per matmul, causal attention halved) over the device's peak: on a GPU or TPU its
 (`jaxft.flops.PEAK_FLOPS`; the measured matmul rate is printed next to it); on a CPU the best
 n x n matmul FLOP/s in --dtype measured once at start, the faster of JAX and PyTorch. Run it on an otherwise idle machine: PyTorch's OpenMP threads slow down by orders
 of magnitude when other processes hold the cores, XLA's thread pool much less.
+
+`--profile_steps N` profiles N more steps after the timed ones (`jax.profiler` / `torch.profiler`) and
+adds where the device's time went, by kernel kind (matmul, attention, other: the memory-bound work
+between matmuls, ...) per step, to each row and to the printout (`tools/trace_summary.py`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_n", type=int, default=2048, help="matmul size for the measured FLOP/s peak")
     p.add_argument("--peak_reps", type=int, default=10, help="matmuls timed for the peak (best one counts)")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="profile this many steps after the timed ones: device time by kernel kind")
     p.add_argument("--json", default="", help="also write all rows (and the header) to this file")
     p.add_argument("--_one", default="", help=argparse.SUPPRESS)  # framework:method, run in a child
     args = p.parse_args(argv)
@@ -219,8 +225,24 @@ def run_jaxft(args, method_name: str) -> dict:
         state, metrics = train_step(state, frozen, batch)
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - t0
+    profile = None
+    if args.profile_steps:  # after the timing, so tracing costs the timed steps nothing
+        import tempfile
+
+        from trace_summary import jax_events, summarize
+
+        try:  # a profiler that cannot run here (no CUPTI, ...) costs the profile, not the row
+            with tempfile.TemporaryDirectory() as trace_dir:
+                with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                    for _ in range(args.profile_steps):
+                        state, metrics = train_step(state, frozen, batch)
+                    jax.block_until_ready((state, metrics))
+                events, rows = jax_events(trace_dir)
+            profile = {**summarize(events, args.profile_steps), "rows": rows}
+        except Exception as e:  # noqa: BLE001
+            profile = {"error": f"{type(e).__name__}: {e}"}
     return {
-        "trainable_params": count(state.params), "total_params": count(state.params) + count(frozen),
+        "profile": profile, "trainable_params": count(state.params), "total_params": count(state.params) + count(frozen),
         "compile_s": compile_s, "xla_compile_s": xla_compile_s, "step_s": elapsed / args.steps,
         "loss_first": loss_first, "loss_last": float(metrics["loss"]), "xla_mib": xla_mib,
         "base_rss_mib": base_rss, "device_mib": device_peak_mib_jax(), "versions": {"jax": jax.__version__},
@@ -294,7 +316,24 @@ def run_peft(args, method_name: str) -> dict:
     sync()
     elapsed = time.perf_counter() - t0
     loss_last = float(loss_last)
+    profile = None
+    if args.profile_steps:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        from trace_summary import summarize, torch_events
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        try:
+            with torch_profile(activities=activities) as prof:
+                for _ in range(args.profile_steps):
+                    step()
+                sync()
+            what = "CUDA kernels" if device == "cuda" else "CPU operators' own time"
+            profile = {**summarize(torch_events(prof, device), args.profile_steps), "rows": f"torch.profiler, {what}"}
+        except Exception as e:  # noqa: BLE001
+            profile = {"error": f"{type(e).__name__}: {e}"}
     return {
+        "profile": profile,
         "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in model.parameters()),
         "compile_s": None, "first_step_s": first_s, "step_s": elapsed / args.steps,
         "loss_first": loss_first, "loss_last": loss_last, "xla_mib": None, "base_rss_mib": base_rss,
@@ -447,6 +486,14 @@ def main(argv=None) -> None:
 
     print()
     print_table(rows)
+    for r in rows:
+        if r.get("profile") and "error" in r["profile"]:
+            print(f"\n{r['framework']} {r['method']}: not profiled ({r['profile']['error']})")
+        elif r.get("profile"):
+            from trace_summary import table
+
+            print(f"\n{r['framework']} {r['method']}, {r['step_s'] * 1e3:.1f} ms per step; profiled "
+                  f"({r['profile']['rows']}): " + table(r["profile"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=2)

@@ -5,14 +5,17 @@
 #   3. times each attention implementation (tools/attention_bench.py),
 #   4. runs tools/benchmark.py on a ~1.1B Llama (TinyLlama's shape: 22 x 2048, 32/4 heads, MLP 5632,
 #      32k vocab) in bf16, batch 8 x 2048 tokens: jaxft full / LoRA / P-Tuning v2 against HF PEFT +
-#      PyTorch (CUDA, bf16 autocast, SDPA) on the same GPU,
+#      PyTorch (CUDA, bf16 autocast, SDPA) on the same GPU, then profiles PROFILE_STEPS more steps of
+#      each: device time per step by kernel kind (matmul, attention, other = the memory-bound work
+#      between them), jaxft's and PyTorch's side by side (tools/trace_summary.py),
 #   5. runs the main job (configs/ptuning_v2.py) on the GPU as configured (fp32) and in bf16,
 # and writes its figures to OUT/gpu_check.json (plus one log per part). BENCHMARKS.md holds the results.
 #
 #   tools/gpu_check.sh [OUT]          # OUT defaults to $OUT, else ./gpu_check_out
 #
 # Settings (environment): STEPS (timed steps, 10), WARMUP (2), METHODS (full,lora,ptuning_v2),
-# ATTENTION (jaxft model.attention, auto), REMAT (none), BATCH (8), SEQ (2048), PARAM_DTYPE (float32).
+# ATTENTION (jaxft model.attention, auto), REMAT (none), BATCH (8), SEQ (2048), PARAM_DTYPE (float32),
+# PROFILE_STEPS (2; 0: no profile).
 # Wheels for packages the machine lacks (an offline GPU box) may be put in .whl/; they are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -25,7 +28,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 STEPS=${STEPS:-10} WARMUP=${WARMUP:-2} METHODS=${METHODS:-full,lora,ptuning_v2}
-ATTENTION=${ATTENTION:-auto} REMAT=${REMAT:-none} BATCH=${BATCH:-8} SEQ=${SEQ:-2048} PARAM_DTYPE=${PARAM_DTYPE:-float32}
+ATTENTION=${ATTENTION:-auto} REMAT=${REMAT:-none} BATCH=${BATCH:-8} SEQ=${SEQ:-2048} PARAM_DTYPE=${PARAM_DTYPE:-float32} PROFILE_STEPS=${PROFILE_STEPS:-2}
 t0=$SECONDS
 
 echo "== 1. machine"
@@ -70,7 +73,8 @@ fi
 timeout 360 python3 tools/benchmark.py --layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 \
   --vocab 32000 --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 \
   --methods "$METHODS" --frameworks jaxft,peft --num_virtual_tokens 16 --peak_n 8192 --peak_reps 5 \
-  --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --json "$OUT/benchmark.json" 2>&1 \
+  --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --profile_steps "$PROFILE_STEPS" \
+  --json "$OUT/benchmark.json" 2>&1 \
   | tee "$OUT/benchmark.log" | grep -v "^running "
 
 echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
