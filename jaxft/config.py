@@ -94,7 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_field = ""
     c.data.label_field = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
-    c.data.token_type_ids = False  # pairs: also give the model token_type_ids (0 first text, 1 second), as BERT's
+    # token_type_ids in the batch (0 first text, 1 second): auto = for pairs on a model with token-type
+    # embeddings (BERT's), as HF's tokenizers give them; True / False force them on or off.
+    c.data.token_type_ids = "auto"
     c.data.seq_len = 64
     c.data.target_len = 0  # seq2seq: the decoder's length (target tokens + EOS); 0 = data.seq_len
     c.data.length_buckets = True  # classification, unpacked sft, seq2seq: pad each batch to 16, 32, ... up to seq_len

@@ -102,6 +102,19 @@ def check_task(task: str, cfg, head: str = ""):
                          f"(its heads: {', '.join(heads)})")
 
 
+def token_types(setting, pair_field, cfg) -> bool:
+    """`data.token_type_ids`: `auto` gives sentence pairs token types on a model that embeds them (BERT's
+    type_vocab_size 2), as HF's tokenizers and Trainer do; RoBERTa (one type) and decoders get none."""
+    from jaxft.errors import JaxftError
+
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return bool(pair_field) and int(getattr(cfg, "type_vocab_size", 0) or 0) >= 2
+    if value in ("true", "false"):
+        return value == "true"
+    raise JaxftError(f"data.token_type_ids={setting!r}: expected auto, True or False")
+
+
 def _load_data(config, cfg, tokenizer_path) -> Data:
     from jaxft.data import mixture, sft, sources, tasks
     from jaxft.errors import JaxftError
@@ -141,14 +154,14 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task in ("classification", "cloze"):
         labels = tasks.label_vocab(train_rec, label_field)
+        pair = sources.pair_field(d, first)
+        types = token_types(d.token_type_ids, pair, cfg)
         if task == "cloze":
             encode = lambda records: tasks.cloze(  # noqa: E731
-                records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer,
-                sources.pair_field(d, first), d.token_type_ids)
+                records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer, pair, types)
         else:
             encode = lambda records: tasks.classification(  # noqa: E731
-                records, tok, seq_len, text_field, label_field, labels, sources.pair_field(d, first),
-                d.token_type_ids, template)
+                records, tok, seq_len, text_field, label_field, labels, pair, types, template)
         train, cut = encode(train_rec)
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:

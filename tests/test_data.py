@@ -709,3 +709,35 @@ def test_bundled_generation_sets_are_there_with_attribution(name):
     assert path.stat().st_size > 100_000
     readme = (path.parent / "README.md").read_text(encoding="utf-8")
     assert "commit" in readme and "licen" in readme.lower()
+
+
+def test_token_types_auto_for_pairs_on_models_that_embed_them():
+    """`data.token_type_ids=auto` (the default) gives RTE's pairs BERT's token types, as transformers'
+    tokenizer does; a decoder, single sentences and `False` get none; another value is one error."""
+    transformers = pytest.importorskip("transformers")
+    from jaxft import hf
+    from jaxft.train import load_data
+
+    def data(model, **kw):
+        c = base_config()
+        c.data.name, c.data.seq_len, c.data.max_train_examples, c.data.max_eval_examples = "rte", 64, 16, 4
+        for k, v in kw.items():
+            c.data[k] = v
+        path = hf.BUNDLED_MODELS[model]
+        return load_data(c, hf.read_config(path), path)
+
+    bert = data("jaxft-tiny-bert")
+    hf_tok = transformers.BertTokenizerFast.from_pretrained(hf.BUNDLED_MODELS["jaxft-tiny-bert"])
+    rte = base_config().data
+    rte.name = "rte"
+    rows = sources.resolve(rte)[0].rows[:16]
+    want = hf_tok([r["premise"] for r in rows], [r["hypothesis"] for r in rows], truncation="longest_first",
+                  max_length=64, padding="max_length", return_tensors="np")
+    np.testing.assert_array_equal(bert.train["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(bert.train["token_type_ids"], want["token_type_ids"])
+    assert bert.train["token_type_ids"].any()
+    assert "token_type_ids" not in data("jaxft-tiny").train  # a decoder: no token-type embeddings
+    assert "token_type_ids" not in data("jaxft-tiny-bert", name="sst2").train  # single sentences
+    assert "token_type_ids" not in data("jaxft-tiny-bert", token_type_ids="False").train
+    with pytest.raises(JaxftError, match="data.token_type_ids='yes': expected auto, True or False"):
+        data("jaxft-tiny-bert", token_type_ids="yes")
