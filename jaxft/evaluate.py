@@ -357,7 +357,8 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         write_jsonl(out_dir / "predictions.jsonl", rows)
         metrics.write_scalars(tb_dir, step, scores)
-    log(f"{split} at step {step}, {len(rows)} examples: " + " ".join(
+    what = f"at step {step}" if kind == "orbax" else f"of {where} (an export: TensorBoard step 0)"
+    log(f"{split} {what}, {len(rows)} examples: " + " ".join(
         f"{k}={v:.4f}" for k, v in scores.items() if not any(f"/{m}/" in k for m in ("precision", "recall", "f1")))
         + f" | {out_dir}")
     return {"step": step, "split": split, "examples": len(rows), "out": str(out_dir), "metrics": scores}
