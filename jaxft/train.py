@@ -26,7 +26,8 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-flags.DEFINE_string("profile_steps", None, "START:END: a jax.profiler trace of these steps under <workdir>/profile.")
+flags.DEFINE_string("profile_steps", None, "START:END: a jax.profiler trace of these steps under <workdir>/profile "
+                    "(tools/trace_summary.py sums it by kernel kind).")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 FLAGS = flags.FLAGS
 

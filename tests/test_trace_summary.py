@@ -52,6 +52,8 @@ def test_summarize_per_step():
     assert s["by_kind"]["other"]["share"] == pytest.approx(0.25)
     assert [t["name"] for t in s["top"]] == ["nvjet_a", "loop_add_fusion"]
     assert s["top"][0]["calls_per_step"] == 1 and s["kernels_per_step"] == 2
+    s = trace_summary.summarize([{**e, "row": f"stream {i % 2}"} for i, e in enumerate(events)], steps=2)
+    assert s["by_row"] == {"stream 0": pytest.approx(3.0), "stream 1": pytest.approx(1.0)}
     # rows that stand for several launches (torch's key_averages)
     s = trace_summary.summarize([{"name": "aten::mm", "dur": 600, "calls": 6}], steps=2)
     assert s["top"][0]["calls_per_step"] == 3 and "span_ms_per_step" not in s

@@ -48,9 +48,10 @@ def kind(name: str, op: str = "") -> str:
 def summarize(events, steps: int, top: int = 20) -> dict:
     """Per-step milliseconds by kind and by kernel name. `events`: dicts with `name`, `dur` (microseconds)
     and optionally `op` (the HLO op), `ts` (start, microseconds; gives the window the kernels span) and
-    `calls` (launches one row stands for, 1 by default)."""
+    `calls` (launches one row stands for, 1 by default) and `row` (the stream or thread it ran on)."""
     steps = max(int(steps), 1)
     by_kind, by_name, calls, kinds = collections.Counter(), collections.Counter(), collections.Counter(), {}
+    by_row = collections.Counter()
     start, end = float("inf"), float("-inf")
     for e in events:
         dur = float(e["dur"])
@@ -58,6 +59,8 @@ def summarize(events, steps: int, top: int = 20) -> dict:
         by_kind[kinds[e["name"]]] += dur
         by_name[e["name"]] += dur
         calls[e["name"]] += e.get("calls", 1)
+        if "row" in e:
+            by_row[e["row"]] += dur
         if "ts" in e:
             start, end = min(start, float(e["ts"])), max(end, float(e["ts"]) + dur)
     busy = sum(by_kind.values())
@@ -68,6 +71,8 @@ def summarize(events, steps: int, top: int = 20) -> dict:
         "top": [{"name": n, "kind": kinds[n], "calls_per_step": calls[n] / steps, "ms_per_step": us / steps / 1e3,
                  "share": share(us)} for n, us in by_name.most_common(top)],
     }
+    if by_row:  # the trace's rows (streams, threads) the kernels ran on: one row counted twice would show here
+        out["by_row"] = {r: us / steps / 1e3 for r, us in by_row.most_common()}
     if end > start:  # the window from the first kernel's start to the last one's end
         out["span_ms_per_step"] = (end - start) / steps / 1e3
     return out
@@ -96,7 +101,7 @@ def jax_events(path: str) -> tuple[list[dict], str]:
     done = [e for e in events if e.get("ph") == "X" and "dur" in e]
     device = [e for e in done if str(procs.get(e["pid"], "")).startswith("/device:")]
     # Per-op summary rows some backends add beside the stream rows would count the time twice.
-    device = [e for e in device if not re.search(r"XLA Modules|XLA Ops|Steps|Framework",
+    device = [e for e in device if not re.search(r"XLA Modules|XLA Ops|Steps|Framework|Source|Name Scope",
                                                  threads.get((e["pid"], e.get("tid")), ""))] or device
     if device:
         rows = sorted({procs[e["pid"]] for e in device})
@@ -104,7 +109,8 @@ def jax_events(path: str) -> tuple[list[dict], str]:
         device = [e for e in done if threads.get((e["pid"], e.get("tid")), "").startswith("tf_XLA")
                   and not CPU_NOISE.search(e["name"])]
         rows = ["XLA:CPU worker threads"]
-    return [{"name": e["name"], "dur": e["dur"], "ts": e["ts"], "op": str(e.get("args", {}).get("hlo_op", ""))}
+    return [{"name": e["name"], "dur": e["dur"], "ts": e["ts"], "op": str(e.get("args", {}).get("hlo_op", "")),
+             "row": f'{procs.get(e["pid"], e["pid"])} / {threads.get((e["pid"], e.get("tid")), e.get("tid"))}'}
             for e in leaves(device)], ", ".join(rows)
 
 
@@ -140,6 +146,8 @@ def table(summary: dict) -> str:
     lines = [f"{summary['busy_ms_per_step']:.2f} ms of kernels per step ({summary['kernels_per_step']:.0f} kernels)"
              + (f" in a {summary['span_ms_per_step']:.2f} ms window" if "span_ms_per_step" in summary else "")]
     lines += [f"  {k:<11} {v['ms_per_step']:9.2f} ms  {100 * v['share']:5.1f}%" for k, v in summary["by_kind"].items()]
+    if len(summary.get("by_row", {})) > 1:
+        lines += [f"  on {r}: {ms:.2f} ms" for r, ms in summary["by_row"].items()]
     lines.append("  largest kernels:")
     lines += [f"  {t['ms_per_step']:9.2f} ms {100 * t['share']:5.1f}% x{t['calls_per_step']:<5g} [{t['kind']}] "
               f"{t['name'][:100]}" for t in summary["top"]]
