@@ -62,19 +62,20 @@ def test_sst2_configs_run_and_export(tmp_path, name):
 @pytest.mark.parametrize("name,data,labels", [("rte_ptuning_v2.py", "rte", ("entailment", "not_entailment")),
                                                ("chnsenticorp_lora.py", "chnsenticorp", None)])  # 0..C-1: no names
 def test_pair_and_chinese_configs_run_and_export(tmp_path, name, data, labels):
-    """RTE (sentence pairs, named labels) and ChnSentiCorp (Chinese through byte fallback): the export,
-    rebuilt alone, scores the first 40 dev examples as the run's own evaluation did."""
+    """RTE (sentence pairs on jaxft-tiny, named labels) and ChnSentiCorp (Chinese characters on
+    jaxft-tiny-bert): the export, rebuilt alone on the config's base, scores the first 40 dev examples as
+    the run's own evaluation did."""
     r = cli(tmp_path, *QUICK, config=f"configs/{name}")
     assert r.returncode == 0, r.stderr[-3000:]
     final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
-    model, params = hf.load("jaxft-tiny", adapter=str(tmp_path / "export"))
-    assert model.cfg.labels == labels
     config = load_config(name)
+    model, params = hf.load(config.model.path, adapter=str(tmp_path / "export"))
+    assert model.cfg.labels == labels
     bundled = sources.BUNDLED[data]
     dev = sources.read_file(bundled.eval)
     dev = sources.Records(dev.rows[:40], dev.where[:40])
     label_names = tasks.label_vocab(sources.read_file(bundled.train), bundled.label_field)
-    arrays, _ = tasks.classification(dev, Tokenizer(hf.resolve("jaxft-tiny")), config.data.seq_len, bundled.text_field,
+    arrays, _ = tasks.classification(dev, Tokenizer(hf.resolve(config.model.path)), config.data.seq_len, bundled.text_field,
                                      bundled.label_field, label_names, bundled.text_pair_field)
     logits = np.asarray(model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"]))
     assert float((logits.argmax(-1) == arrays["labels"]).mean()) == pytest.approx(final["eval/accuracy"], abs=1e-6)
