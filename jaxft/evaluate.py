@@ -252,14 +252,12 @@ def load_export(config, kind: str, path: Path, data, mesh):
 # Evaluation.
 
 
-def classify(model, params, arrays, batch_size: int, progress=None, cloze: bool = False) -> np.ndarray:
-    """Argmax class of every row of `arrays`: the classifier's, or (`cloze`) the label word's at the mask."""
-    from jaxft.objectives import cloze_logits, masked_lm_inputs, model_inputs
+def classify(model, params, arrays, batch_size: int, objective, progress=None) -> np.ndarray:
+    """Argmax class of every row of `arrays`, from the objective's class logits (a classifier's own, or
+    cloze's label words at the mask)."""
 
     def logits(p, batch):
-        if cloze:
-            return cloze_logits(model.apply({"params": p}, **masked_lm_inputs(batch)), batch)
-        return model.apply({"params": p}, **model_inputs(batch))
+        return objective.class_logits(model.apply({"params": p}, **objective.inputs(batch)), batch)
 
     forward = jax.jit(lambda p, batch: jax.numpy.argmax(logits(p, batch), -1))
     n, out = len(arrays["input_ids"]), []
@@ -306,7 +304,8 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     if arrays is None:
         raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
-    classifies = data.task in ("classification", "cloze")
+    objective = objectives.for_task(data.task)
+    classifies = objective.class_logits is not None
     if data.task not in GENERATION_TASKS and not classifies:
         raise JaxftError(f"data.task={data.task!r}: jaxft.evaluate scores classification (and cloze) and generation "
                          f"tasks ({', '.join(GENERATION_TASKS)})")
@@ -326,7 +325,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     # The loss (and perplexity) over the split, as training's eval computes it.
     if classifies and max_examples:
         arrays = {k: v[:max_examples] for k, v in arrays.items()}
-    eval_step = jax.jit(make_eval_step(model, mesh, objectives.for_task(data.task)),
+    eval_step = jax.jit(make_eval_step(model, mesh, objective),
                         out_shardings=sharding.replicated(mesh))
     scores = loss_eval(eval_step, types.SimpleNamespace(params=params), {}, arrays, mesh, batch,
                        model.cfg.head == "causal_lm", model.cfg.labels, data.sources)
@@ -334,7 +333,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     if classifies:
         names = [str(v) for v in data.labels]
         with tqdm(total=len(arrays["input_ids"]), desc="classify", file=sys.stdout, dynamic_ncols=True) as bar:
-            predicted = classify(model, params, arrays, batch, bar, cloze=data.task == "cloze")
+            predicted = classify(model, params, arrays, batch, objective, bar)
         preds, refs = [names[i] for i in predicted], [names[i] for i in arrays["labels"]]
         scores["eval/accuracy"] = metrics.accuracy(preds, refs)
         scores.update({f"eval/{k}": v for k, v in metrics.precision_recall_f1(preds, refs, names).items()})

@@ -40,6 +40,8 @@ class Objective:
     inputs: Callable = model_inputs  # batch -> keyword arguments of `model.apply`
     eval_sums: Callable | None = None  # (outputs, batch, model config) -> extra sums for evaluation
     head_width: Callable = lambda batch: None  # batch -> positions per row the head runs at, if not all (FLOPs)
+    # (outputs, batch) -> class logits [B, C], for objectives that classify (jaxft.evaluate's predictions)
+    class_logits: Callable | None = None
 
 
 def classification_loss(logits, batch):
@@ -182,7 +184,8 @@ def seq2seq_loss(outputs, batch):
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "classification": Objective("classification", classification_loss, eval_sums=confusion),
+    "classification": Objective("classification", classification_loss, eval_sums=confusion,
+                                class_logits=lambda outputs, batch: outputs),
     "causal_lm": Objective("causal_lm", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
     # Instruction tuning: the causal LM loss over the responses only (`loss_mask`), packed or padded rows.
     "sft": Objective("sft", causal_lm_loss, inputs=packed_inputs, eval_sums=per_task),
@@ -190,7 +193,8 @@ OBJECTIVES: dict[str, Objective] = {
                            head_width=lambda batch: batch["mlm_positions"].shape[1] if "mlm_positions" in batch else None),
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
     # PET's hard prompts: classification read from a masked LM's words at the template's mask.
-    "cloze": Objective("cloze", cloze_loss, masked_lm_inputs, eval_sums=cloze_confusion, head_width=lambda batch: 1),
+    "cloze": Objective("cloze", cloze_loss, masked_lm_inputs, eval_sums=cloze_confusion, head_width=lambda batch: 1,
+                       class_logits=cloze_logits),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
     # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.
     "seq2seq": Objective("seq2seq", seq2seq_loss, seq2seq_inputs, eval_sums=per_task_of(seq2seq_loss)),
