@@ -42,14 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.alpha = 16.0
     c.method.dropout = 0.0
     # Comma-separated module names, or a regex on the dotted path; "" = the family's default (PEFT's):
-    # q_proj,v_proj for Llama, c_attn for GPT-2, query,value for BERT/RoBERTa.
+    # q_proj,v_proj for Llama, c_attn for GPT-2, query,value for BERT/RoBERTa, q,v for T5.
     c.method.targets = ""
     c.method.rslora = False
     c.method.num_virtual_tokens = 16
     c.method.projection = False  # P-Tuning v2 reparameterisation MLP
     c.method.projection_hidden = 512
     c.method.prompt_dropout = 0.0
-    c.method.init_std = 1.0  # P-Tuning v2 random prefix initialisation scale
+    c.method.init_std = 1.0  # P-Tuning v2 random prefixes, prompt tuning's prompt_init=random: the normal's std
     c.method.init_from_tokens = False  # P-Tuning v2: start from the frozen model's keys/values of real tokens
     c.method.prompt_init = "random"  # prompt tuning: random | vocab (sampled token embeddings) | text
     c.method.prompt_init_text = ""  # prompt tuning, prompt_init=text: tokenized with the run's tokenizer
@@ -109,8 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.target_field = ""  # sft / seq2seq on pairs: the response (target) field (e.g. "summary")
     c.data.skip_bad_records = False  # sft, seq2seq: skip (and count) malformed or empty records instead of stopping
     c.data.weights = ""  # data.name='a+b': sampling weights, e.g. "0.7,0.3" ("" = every example once per epoch)
-    c.data.eval_holdout = 0  # a source without an eval split gives its last N records to evaluation
-    c.data.cache_dir = ""  # causal_lm / sft arrays tokenized once: "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
+    c.data.eval_holdout = 0  # a source without an eval split (any task) gives its last N records to evaluation
+    # Tokenized arrays of every task but classification and cloze, kept across runs:
+    # "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
+    c.data.cache_dir = ""
     c.data.max_train_examples = 0  # 0 = all
     c.data.max_eval_examples = 0
     c.data.synthetic_examples = 4096
