@@ -159,8 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Checkpoint section.
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500
-    c.checkpoint.keep = 2
+    c.checkpoint.every_steps = 500  # 0 = only at the end
+    c.checkpoint.keep = 2  # the newest N are kept; 0 = all
 
     # Export section: at the end, a HF model directory (methods that train base weights) or a HF PEFT
     # adapter directory (methods that add parameters), so the result serves anywhere.
