@@ -91,8 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     # labels' sorted order, e.g. "bad,good"; the class is the label word the model puts at the mask.
     c.data.cloze_template = ""
     c.data.verbalizer = ""
-    c.data.text_field = ""
-    c.data.label_field = ""
+    c.data.text_field = ""  # "" = "text" (a bundled set: its own field)
+    c.data.label_field = ""  # "" = "label" (a bundled set: its own field)
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
     # token_type_ids in the batch (0 first text, 1 second): auto = for pairs on a model with token-type
     # embeddings (BERT's), as HF's tokenizers give them; True / False force them on or off.
