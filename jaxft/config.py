@@ -228,3 +228,8 @@ def validate(config) -> None:
         raise JaxftError(f"eval.repetition_penalty={config.eval.repetition_penalty}: expected > 0 (1 is none)")
     if float(config.optimizer.learning_rate) < 0:
         raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")
+    if float(config.optimizer.weight_decay) < 0:
+        raise JaxftError(f"optimizer.weight_decay={config.optimizer.weight_decay}: expected >= 0")
+    for key in ("dropout", "prompt_dropout", "encoder_dropout"):  # 1 or more would drop every activation
+        if not 0 <= float(config.method.get(key, 0.0)) < 1:
+            raise JaxftError(f"method.{key}={config.method[key]}: expected a probability in [0, 1)")
