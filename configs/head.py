@@ -2,8 +2,8 @@
 states): the baseline every PEFT method's figure is to be read against.
 
   python -m jaxft.train --config=configs/head.py
-Only the 2-way head trains (512 parameters: a 256 x 2 kernel, no bias). It is also what BitFit would train on jaxft-tiny, a Llama
-without bias terms (`configs/bitfit.py` names Qwen2.5-0.5B for that reason).
+Only the 2-way head trains (512 parameters: a 256 x 2 kernel, no bias). jaxft-tiny, a Llama, has no bias terms, so BitFit
+stops there with one line; `configs/bitfit.py` runs on the bundled jaxft-tiny-bert for that reason.
 """
 
 from jaxft.config import base_config

@@ -4,7 +4,8 @@ PromptEncoder) in front of the input of the frozen bundled jaxft-tiny, plus a cl
   python -m jaxft.train --config=configs/ptuning.py
 `--config.method.encoder=lstm` uses the bidirectional LSTM encoder instead. The export is a HF PEFT
 P_TUNING adapter holding the encoder's output (what PEFT serves); the virtual tokens go in front of
-the input, as in PEFT (P-Tuning's placement inside a template is not implemented).
+the input, as in PEFT; `--config.method.template="[P][P][P][P] {text} [P][P][P][P] It was"` places
+them inside the input instead (one `[P]` per virtual token; README, `method.template`).
 8 virtual tokens, not PEFT's usual 20: on this 4M-parameter model 20 encoder-made tokens in front of
 ~25-token sentences hurt the frozen model's features (0.603 dev accuracy after 200 steps, below the
 head alone), 8 do less harm (0.656 at step 200); a lower learning rate did not help (1e-3: 0.614).

@@ -42,14 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.alpha = 16.0
     c.method.dropout = 0.0
     # Comma-separated module names, or a regex on the dotted path; "" = the family's default (PEFT's):
-    # q_proj,v_proj for Llama, c_attn for GPT-2, query,value for BERT/RoBERTa.
+    # q_proj,v_proj for Llama, c_attn for GPT-2, query,value for BERT/RoBERTa, q,v for T5.
     c.method.targets = ""
     c.method.rslora = False
     c.method.num_virtual_tokens = 16
     c.method.projection = False  # P-Tuning v2 reparameterisation MLP
     c.method.projection_hidden = 512
     c.method.prompt_dropout = 0.0
-    c.method.init_std = 1.0  # P-Tuning v2 random prefix initialisation scale
+    c.method.init_std = 1.0  # P-Tuning v2 random prefixes, prompt tuning's prompt_init=random: the normal's std
     c.method.init_from_tokens = False  # P-Tuning v2: start from the frozen model's keys/values of real tokens
     c.method.prompt_init = "random"  # prompt tuning: random | vocab (sampled token embeddings) | text
     c.method.prompt_init_text = ""  # prompt tuning, prompt_init=text: tokenized with the run's tokenizer
@@ -91,8 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     # labels' sorted order, e.g. "bad,good"; the class is the label word the model puts at the mask.
     c.data.cloze_template = ""
     c.data.verbalizer = ""
-    c.data.text_field = ""
-    c.data.label_field = ""
+    c.data.text_field = ""  # "" = "text" (a bundled set: its own field)
+    c.data.label_field = ""  # "" = "label" (a bundled set: its own field)
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
     # token_type_ids in the batch (0 first text, 1 second): auto = for pairs on a model with token-type
     # embeddings (BERT's), as HF's tokenizers give them; True / False force them on or off.
@@ -109,8 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.target_field = ""  # sft / seq2seq on pairs: the response (target) field (e.g. "summary")
     c.data.skip_bad_records = False  # sft, seq2seq: skip (and count) malformed or empty records instead of stopping
     c.data.weights = ""  # data.name='a+b': sampling weights, e.g. "0.7,0.3" ("" = every example once per epoch)
-    c.data.eval_holdout = 0  # a source without an eval split gives its last N records to evaluation
-    c.data.cache_dir = ""  # causal_lm / sft arrays tokenized once: "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
+    c.data.eval_holdout = 0  # a source without an eval split (any task) gives its last N records to evaluation
+    # Tokenized arrays of every task but classification and cloze, kept across runs:
+    # "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
+    c.data.cache_dir = ""
     c.data.max_train_examples = 0  # 0 = all
     c.data.max_eval_examples = 0
     c.data.synthetic_examples = 4096
@@ -157,8 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Checkpoint section.
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500
-    c.checkpoint.keep = 2
+    c.checkpoint.every_steps = 500  # 0 = only at the end
+    c.checkpoint.keep = 2  # the newest N are kept; 0 = all
 
     # Export section: at the end, a HF model directory (methods that train base weights) or a HF PEFT
     # adapter directory (methods that add parameters), so the result serves anywhere.
@@ -226,3 +228,8 @@ def validate(config) -> None:
         raise JaxftError(f"eval.repetition_penalty={config.eval.repetition_penalty}: expected > 0 (1 is none)")
     if float(config.optimizer.learning_rate) < 0:
         raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")
+    if float(config.optimizer.weight_decay) < 0:
+        raise JaxftError(f"optimizer.weight_decay={config.optimizer.weight_decay}: expected >= 0")
+    for key in ("dropout", "prompt_dropout", "encoder_dropout"):  # 1 or more would drop every activation
+        if not 0 <= float(config.method.get(key, 0.0)) < 1:
+            raise JaxftError(f"method.{key}={config.method[key]}: expected a probability in [0, 1)")

@@ -230,6 +230,9 @@ def load_export(config, kind: str, path: Path, data, mesh):
     overrides = {k: v for k, v in model_settings(config, types.SimpleNamespace(pooling="")).items()
                  if k in ("dtype", "scan_layers", "attention")}
     if kind == "adapter":
+        if not config.model.path:
+            raise JaxftError(f"--checkpoint={path}: an adapter is applied to model.path, and model.path is empty "
+                             "(this config builds its model from model.init): set --config.model.path=BASE_DIR")
         model, params, _ = load(config.model.path, str(path), **overrides)
     else:
         model, params, _ = load(str(path), **overrides)

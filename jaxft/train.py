@@ -154,6 +154,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             raise JaxftError(f"method.template: supported for classification data, not {task}")
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task in ("classification", "cloze"):
+        train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
         labels = tasks.label_vocab(train_rec, label_field)
         pair = sources.pair_field(d, first)
         types = token_types(d.token_type_ids, pair, cfg)
@@ -607,14 +608,14 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
             profile.before(done)
             state, metrics = train_step(state, frozen, global_batch)
             health = track_nonfinite(health, metrics, done)
+            throughput.add(batch, width, float(local["attention_mask"].sum()) * jax.process_count(),
+                           objective.head_width(local))
             if shape not in widths:  # each batch shape compiles once; say so, so a slow step is explained
                 jax.block_until_ready(metrics)
                 widths.add(shape)
                 target = f" -> {shape[1]} target tokens" if len(shape) > 1 else ""
                 log(f"compiled the train step for batch {batch} x {width}{target} in {time.time() - t0:.1f}s")
-                throughput.restart()
-            throughput.add(batch, width, float(local["attention_mask"].sum()) * jax.process_count(),
-                           objective.head_width(local))
+                throughput.restart()  # after this step's count: the rates leave out its tokens and time alike
             if pending:  # the previous step's numbers: on the host only now that this step is queued
                 last = read_log_step(*pending)
             pending = None

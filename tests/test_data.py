@@ -741,3 +741,28 @@ def test_token_types_auto_for_pairs_on_models_that_embed_them():
     assert "token_type_ids" not in data("jaxft-tiny-bert", token_type_ids="False").train
     with pytest.raises(JaxftError, match="data.token_type_ids='yes': expected auto, True or False"):
         data("jaxft-tiny-bert", token_type_ids="yes")
+
+
+def test_eval_holdout_gives_classification_an_eval_split(tmp_path):
+    """`data.eval_holdout=N` holds out a classification file's last N records for evaluation when it has no
+    eval split, as it does for language-model sources; a file with an eval split keeps it."""
+    from jaxft import hf
+    from jaxft.train import load_data
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": i % 2}) + "\n" for i in range(20)))
+    model = hf.BUNDLED_MODELS["jaxft-tiny"]
+
+    def data(**kw):
+        c = base_config()
+        c.data.name, c.data.seq_len = str(path), 16
+        for k, v in kw.items():
+            c.data[k] = v
+        return load_data(c, hf.read_config(model), model)
+
+    assert data().eval is None
+    held = data(eval_holdout=6)
+    assert held.task == "classification"
+    assert len(held.train["input_ids"]) == 14 and len(held.eval["input_ids"]) == 6
+    np.testing.assert_array_equal(held.eval["labels"], [i % 2 for i in range(14, 20)])
+    assert len(data(eval_holdout=6, eval_name=str(path)).eval["input_ids"]) == 20  # its own eval split wins

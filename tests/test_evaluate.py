@@ -256,6 +256,17 @@ def test_cli_bad_input_is_one_line(tmp_path, lm, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_adapter_without_a_base_model_path_is_one_line(tmp_path):
+    """An adapter is applied to `model.path`; a config that builds its model from `model.init` has none."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    r = cli("--config=configs/tiny_test.py", "--config.data.synthetic_labels=2", f"--out={tmp_path / 'out'}",
+            f"--checkpoint={tmp_path / 'adapter'}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "model.path is empty" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts and references.
 

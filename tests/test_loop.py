@@ -88,6 +88,25 @@ def test_mfu_and_tokens_per_device_follow_jaxft_flops(tmp_path):
     assert [e.step for e in acc.Scalars("train/tokens_per_second_per_device")] == [2, 4, 6]
 
 
+def test_rates_leave_out_the_step_that_compiled(tmp_path, monkeypatch):
+    """A step that compiles is timed out of tokens/s and MFU, so its tokens and FLOPs are left out too:
+    the first interval counts only the steps after it (counting them made MFU exceed 1 on short runs)."""
+    from jaxft import flops, train
+
+    counted, real_report = [], flops.Throughput.report
+
+    def report(self, tokens, flops_total):
+        counted.append(tokens - self._mark[1])
+        return real_report(self, tokens, flops_total)
+
+    monkeypatch.setattr(flops.Throughput, "report", report)
+    config = tiny_config(steps=6, log_every_steps=3)
+    config.export.enabled = False
+    train.train_and_evaluate(config, str(tmp_path))
+    per_step = config.train.batch_size * config.data.seq_len  # synthetic rows: every token is real
+    assert counted == [2 * per_step, 3 * per_step]  # steps 2-3 (step 1 compiled), then steps 4-6
+
+
 def test_cpu_peak_is_measured_and_said(tmp_path):
     r = cli(tmp_path, "--config.train.steps=2", "--config.export.enabled=False")
     assert r.returncode == 0, r.stderr
