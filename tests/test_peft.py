@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -15,10 +16,11 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from jaxft import hf
 from jaxft.errors import JaxftError
+from jaxft.models.family import build as family_build
 from jaxft.models.llama import LlamaModel
 from jaxft.peft import build
 from jaxft.peft.hf_peft import save_adapter
-from jaxft.peft.partition import added_params, base_params, count, flat, merge, split
+from jaxft.peft.partition import added_params, base_params, count, flat, merge, split, unflat
 
 from hooked_models import hooked, method_cfg
 
@@ -202,3 +204,97 @@ def test_prefix_init_from_tokens_uses_real_keys_and_values(torch_models):
         k, v = cache.layers[layer].keys[0].numpy(), cache.layers[layer].values[0].numpy()  # [KV, P, D]
         np.testing.assert_allclose(emb[:, layer, 0], k.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(emb[:, layer, 1], v.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,pattern,modules", [
+    # new tokens' embeddings and the output head train beside LoRA (PEFT's usual modules_to_save)
+    ("causal", r"^(embed_tokens|lm_head/|norm/)", ["lm_head", "model.embed_tokens", "model.norm"]),
+    # a stacked leaf: every layer's norm, plus the classifier head a run adds
+    ("cls", r"input_layernorm", ["model.layers.0.input_layernorm", "model.layers.1.input_layernorm", "score"]),
+])
+def test_base_weights_trained_beside_an_adapter_export_as_modules_to_save(torch_models, tmp_path, kind, pattern,
+                                                                          modules):
+    """Was: an adapter export without them, so what they learned was lost (exit 0)."""
+    base, base_dir = torch_models[kind]
+    model, method, params = hooked(base_dir, dict(LORA_Q_V, trainable_pattern=pattern))
+    trainable, frozen = split(params, method.trainable)
+    base_trained = [k for k in flat(trainable) if not k.endswith(("lora_a", "lora_b")) and not k.startswith("score/")]
+    assert base_trained and all(re.search(pattern, k) for k in base_trained)
+    trainable = unflat({k: v + 0.1 * jax.random.normal(jax.random.PRNGKey(i), v.shape) if k in base_trained else v
+                        for i, (k, v) in enumerate(flat(trainable).items())})  # as if trained
+    params = merge(trainable, frozen)
+    save_adapter(model, method, trainable, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == modules
+    ids, mask = batch()
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    real = mask.astype(bool) if kind == "causal" else slice(None)
+    ref = torch_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval(), ids, mask)
+    np.testing.assert_allclose(ours[real], ref[real], rtol=1e-4, atol=1e-5)
+    untrained = unflat({k: v for k, v in flat(hf.load(base_dir)[1]).items() if k in base_trained})
+    lora_only = merge(params, untrained)  # what the export held before: the trained base weights lost
+    assert np.abs(np.asarray(model.apply({"params": lora_only}, ids, mask))[real] - ours[real]).max() > 1e-3
+
+    for scan in (True, False):  # and back, into either layout of the layers
+        model2, params2 = hf.load(base_dir, adapter=str(tmp_path / "adapter"), scan_layers=scan)
+        np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, ids, mask))[real], ours[real],
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,culprit", [
+    (dict(LORA_Q_V, trainable_pattern="q_proj"), "layers/self_attn/q_proj/kernel inside layers/self_attn/q_proj"),
+    (dict(LORA_Q_V, name="full+lora"), "inside layers/self_attn/"),
+])
+def test_base_weights_inside_the_methods_modules_cannot_export(torch_models, tmp_path, kw, culprit):
+    _, base_dir = torch_models["causal"]
+    model, method, params = hooked(base_dir, kw)
+    trainable, _ = split(params, method.trainable)
+    with pytest.raises(JaxftError, match=re.escape(culprit) + ".*a HF PEFT adapter cannot hold both"):
+        save_adapter(model, method, trainable, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_trained_embedding_tied_to_the_lm_head_exports_for_both(tmp_path, arch):
+    """PEFT keeps one copy per module: a tied LM head gets the trained embedding too (and LoRA ties them)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        base = LlamaForCausalLM(HFLlamaConfig(**HF_CFG, tie_word_embeddings=True)).eval()
+        method_kw, leaf = LORA_Q_V, "embed_tokens"
+    else:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4)).eval()
+        method_kw, leaf = dict(name="lora", rank=4, alpha=8.0, targets="c_attn"), "wte"
+    base.save_pretrained(tmp_path / "base")
+    model, method, params = hooked(tmp_path / "base", dict(method_kw, trainable_pattern=f"^{leaf}$"))
+    assert model.cfg.tie_word_embeddings
+    trainable, frozen = split(params, method.trainable)
+    noise = 0.1 * jax.random.normal(jax.random.PRNGKey(0), trainable[leaf].shape)
+    trainable = {**trainable, leaf: trainable[leaf] + noise}  # as if trained
+    save_adapter(model, method, trainable, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "lm_head" in config["modules_to_save"] and config["ensure_weight_tying"] is True
+    ids, mask = batch()
+    real = mask.astype(bool)
+    ours = np.asarray(model.apply({"params": merge(trainable, frozen)}, ids, mask))
+    ref = torch_logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval(), ids, mask)
+    np.testing.assert_allclose(ours[real], ref[real], rtol=1e-4, atol=1e-5)
+    model2, params2 = hf.load(tmp_path / "base", adapter=str(tmp_path / "adapter"))
+    np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, ids, mask))[real], ours[real],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bundled,leaf", [("jaxft-tiny-bert", "embeddings/word_embeddings"),
+                                          ("jaxft-tiny-t5", "shared")])
+def test_tied_embedding_of_other_families_is_an_error(tmp_path, bundled, leaf):
+    """Their LM heads tie more than one module to the embedding (T5's encoder and decoder tables too):
+    not worked out, so such an export stops instead of giving PEFT a head it would not tie."""
+    model, params = hf.load(bundled)
+    method = build(method_cfg(name="lora", trainable_pattern=f"^{leaf}$"), model.cfg)
+    model = family_build(model.cfg, method.hooks)
+    fresh = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    trainable, _ = split(merge(params, added_params(fresh)), method.trainable)
+    assert leaf in flat(trainable)
+    with pytest.raises(JaxftError, match=f"trains {leaf}, which this .* model's LM head ties to"):
+        save_adapter(model, method, trainable, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

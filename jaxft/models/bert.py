@@ -545,6 +545,7 @@ FAMILY = Family(
     pooling="first",
     causal=False,
     classifier_kernel=classifier_kernel,
+    tied_embedding=("embeddings/word_embeddings", None),
     projections=r"^layers(_\d+)?/.*/(query|key|value|dense)/kernel$",
 )
 ROBERTA = dataclasses.replace(FAMILY, name="roberta", hf_module=functools.partial(hf_module, base="roberta"))

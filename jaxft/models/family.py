@@ -149,6 +149,10 @@ class Family:
     # config -> the part of `matmul_weights` in the output head, for a head that runs at some positions
     # only (a masked LM at its targets: `label_positions`)
     head_weights: Callable[[Any], int] = lambda cfg: 0
+    # The input embedding's "a/b" leaf, and the HF names of the LM head's weights tied to it
+    # (`tie_word_embeddings`): an adapter that trains the embedding holds a copy for each, as PEFT
+    # keeps one per module. None: not worked out for the family (such an export is an error).
+    tied_embedding: tuple[str, tuple[str, ...] | None] = ("", None)
 
 
 def get(model_type: str, where: str = "config") -> Family:

@@ -455,6 +455,7 @@ FAMILY = Family(
     matmul_weights=matmul_weights,
     activation_blocks=activation_blocks,
     init_cache=init_cache,
+    tied_embedding=("wte", ("lm_head.weight",)),
     fan_in_fan_out=True,
     projections=r"^layers(_\d+)?/(attn/(c_attn|c_proj)|mlp/(c_fc|c_proj))/kernel$",
 )

@@ -495,4 +495,5 @@ FAMILY = Family(
     matmul_weights=matmul_weights,
     activation_blocks=activation_blocks,
     init_cache=init_cache,
+    tied_embedding=("embed_tokens", ("lm_head.weight",)),
 )

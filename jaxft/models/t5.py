@@ -754,6 +754,7 @@ FAMILY = Family(
     causal=False,
     encoder_decoder=True,
     init_cache=init_cache,
+    tied_embedding=("shared", None),
     config_from_weights=config_from_weights,
     layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, "decoder.block": cfg.num_decoder_layers},
     prefix_keys_values=prefix_keys_values,

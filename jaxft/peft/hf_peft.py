@@ -9,7 +9,8 @@ tuning map to `PREFIX_TUNING` (`prompt_embeddings` [tokens, layers * 2 * kv_widt
 reparameterisation, so the adapter serves without it); prompt tuning to `PROMPT_TUNING` and P-Tuning
 to `P_TUNING` (`prompt_embeddings` [tokens, hidden], the prompt encoder's output). A classifier head
 goes in as PEFT's `modules_to_save` copy of its modules (Llama's `score`; BERT's `pooler` and
-`classifier`), named as the family names them in HF.
+`classifier`), named as the family names them in HF, and so does any other base weight the run trains
+beside the method (`method.trainable_pattern`), by its module's whole HF name.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jaxft.models import family
 from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
 from jaxft.peft import adalora, adapter, ia3, peft_keys, registry
 from jaxft.peft.lora import LoraHook
-from jaxft.peft.partition import flat, merge, unflat
+from jaxft.peft.partition import ADDED_PARAMS, flat, merge, unflat
 from jaxft.peft.prompt import MODULE, PromptHook, parse_template
 from jaxft.peft.ptuning_v2 import PrefixHook
 
@@ -79,6 +80,33 @@ def _prefix_embeddings(model, hook: PrefixHook, prefix_params) -> np.ndarray:
     return kv.transpose(2, 0, 1, 3, 4).reshape(hook.num_virtual_tokens, -1)
 
 
+def _base_module(cfg, name: str) -> bool:
+    """Whether an adapter tensor's HF name is a weight of the base model's own modules (not of a head)."""
+    ours = family.of(cfg).our_module(name.rsplit(".", 1)[0])
+    return ours is not None and not re.search(family.of(cfg).classifier_params, ours.replace(".", "/") + "/")
+
+
+def _replace_base(cfg, params: dict, tensors: dict, where: str) -> dict:
+    """{HF name: array} of base modules' trained copies -> the flat base leaves they replace. Each leaf
+    they touch is written out under HF names, overwritten and read back, so the family's own mapping
+    (transposes, layer stacks) applies, and a layer the adapter leaves out keeps the base's weights."""
+    fam = family.of(cfg)
+    wanted = {peft_keys.our_name(cfg, name.rsplit(".", 1)[0], where)[0] for name in tensors}
+    leaves = {}
+    for k, v in flat(params).items():
+        module = k.rsplit("/", 1)[0].replace("/", ".")
+        hit = peft_keys.stack_of(cfg, module)
+        if (module if hit is None else peft_keys.join(hit[0], hit[2])) in wanted and not ADDED_PARAMS.search(k):
+            leaves[k] = v
+    current = fam.params_to_hf(unflat(leaves), cfg)
+    for name, value in tensors.items():
+        if name not in current:
+            raise JaxftError(f"{where}: {name} is not a weight of this {cfg.model_type} model")
+        if tuple(value.shape) != tuple(current[name].shape):
+            raise JaxftError(f"{where}: {name} has shape {tuple(value.shape)}, the base model's "
+                             f"{tuple(current[name].shape)}")
+    mapped = flat(fam.params_from_hf({**current, **tensors}, cfg, where))
+    return {k: mapped[k] for k in leaves}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,17 +276,17 @@ def named_labels(cfg) -> bool:
 
 def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
     """Write each of the method's hooks as a HF PEFT adapter (one subdirectory each, named by its
-    method, if several)."""
+    method, if several), with the base weights the run trained beside it (`trained_base`)."""
     from safetensors.numpy import save_file
 
     cfg = model.cfg
-    fam = family.of(cfg)
     out = Path(out_dir)
     task = TASK_TYPES.get(cfg.head)  # None (PEFT's plain PeftModel) for a masked LM
+    check_exportable(model, trainable, method.name)
     params = {k: np.asarray(v, np.float32) for k, v in flat(trainable).items()}
-    head = {k: v for k, v in params.items() if re.search(fam.classifier_params, k)} if cfg.head in TASK_HEADS else {}
-    head_tensors = fam.params_to_hf(unflat(head), cfg) if head else {}
-    head_modules = sorted({fam.hf_module(k.split("/")[0]).split(".")[-1] for k in head}) or None
+    head = {k: v for k, v in params.items() if is_head(cfg, k)}
+    base_tensors, modules = trained_base(model, params)
+    tied = any(name in base_tensors for name in tied_names(cfg))
     hooks = [h for h in method.hooks if getattr(h, "kind", "")]
     for hook in hooks:
         if format_of(hook) is None:
@@ -275,14 +303,78 @@ def save_adapter(model, method, trainable, out_dir, base: str = "") -> Path:
         target.mkdir(parents=True, exist_ok=True)
         own, tensors = fmt.export(model, hook, params, base)
         config = {"base_model_name_or_path": base or None, "task_type": task, "inference_mode": True,
-                  "revision": None, "modules_to_save": head_modules,
+                  "revision": None, "modules_to_save": modules,
                   **(pooling_entry(cfg) if head and cfg.head == "classification" else {}),
                   **(label_entries(cfg) if head and named_labels(cfg) else {}),
                   "peft_type": fmt.peft_type, **own}
-        tensors.update({fmt.head_prefix + k: v for k, v in head_tensors.items()})
+        if tied and fmt.peft_type == "LORA":  # PEFT then ties the copies as the base model ties its weights
+            config["ensure_weight_tying"] = True
+        tensors.update({fmt.head_prefix + k: v for k, v in base_tensors.items()})
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(target / "adapter_model.safetensors"))
         (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def is_head(cfg, path: str) -> bool:
+    """Whether a leaf is a task model's classifier head (which the run adds, and which always trains)."""
+    return cfg.head in TASK_HEADS and re.search(family.of(cfg).classifier_params, path) is not None
+
+
+def tied_names(cfg) -> tuple[str, ...]:
+    """HF names of the LM head's weights that this model ties to its input embedding."""
+    tied = family.of(cfg).tied_embedding[1]
+    return tuple(tied or ()) if cfg.tie_word_embeddings and cfg.head not in TASK_HEADS else ()
+
+
+def trained_base(model, params: dict) -> tuple[dict, list | None]:
+    """The base weights a run trains beside its method's own parameters (a new classifier head, the
+    leaves of `method.trainable_pattern`), as PEFT keeps them: their tensors under HF names, and the
+    `modules_to_save` PEFT holds a trained copy of. A classifier head is named as
+    PEFT's task models name it (Llama's `score`; BERT's `pooler`, `classifier`); any other module by
+    its whole HF name (`model.embed_tokens`, `model.layers.3.input_layernorm`), since PEFT picks
+    every module whose name ends with an entry. A trained input embedding that the LM head ties to
+    is written for the head too: PEFT keeps separate copies."""
+    cfg = model.cfg
+    fam = family.of(cfg)
+    base = {k: v for k, v in params.items() if not ADDED_PARAMS.search(k)}
+    head = {k: v for k, v in base.items() if is_head(cfg, k)}
+    rest = {k: v for k, v in base.items() if k not in head}
+    tensors = fam.params_to_hf(unflat(head), cfg) if head else {}
+    modules = {fam.hf_module(k.split("/")[0]).split(".")[-1] for k in head}
+    if rest:
+        more = fam.params_to_hf(unflat(rest), cfg)
+        leaf = fam.tied_embedding[0]
+        if leaf in rest:
+            (embedding,) = fam.params_to_hf(unflat({leaf: rest[leaf]}), cfg).values()
+            more.update({name: embedding for name in tied_names(cfg)})
+        tensors.update(more)
+        modules |= {name.rsplit(".", 1)[0] for name in more}
+    return tensors, sorted(modules) or None
+
+
+def check_exportable(model, trainable, method_name: str):
+    """A base weight trained inside a module the method itself changes (`full+lora`, LoRA with a
+    `method.trainable_pattern` on its own targets, BitFit + LoRA on the same projections) has no PEFT
+    form: PEFT cannot make one module both a tuner layer and a trained copy. Nor has an input embedding
+    tied to the LM head where the family does not say which weights tie to it. One error, at start-up."""
+    cfg = model.cfg
+    names = list(flat(trainable))
+    leaf, tied = family.of(cfg).tied_embedding
+    if leaf in names and tied is None and cfg.tie_word_embeddings and cfg.head not in TASK_HEADS:
+        raise JaxftError(f"method.name={method_name!r} trains {leaf}, which this {cfg.model_type} model's LM head "
+                         f"ties to: its HF PEFT export is not supported (expected an untied model, the "
+                         f"embedding frozen, or export.enabled=False)")
+    tuned = {k.rsplit("/", 1)[0] for k in names if ADDED_PARAMS.search(k)}
+    for k in names:
+        module = k.rsplit("/", 1)[0]
+        if ADDED_PARAMS.search(k):
+            continue
+        clash = next((t for t in sorted(tuned) if t == module or t.startswith(module + "/")
+                      or module.startswith(t + "/")), None)
+        if clash is not None:
+            raise JaxftError(f"method.name={method_name!r} trains the base weight {k} inside {clash}, which the "
+                             f"method also changes: a HF PEFT adapter cannot hold both (expected base weights "
+                             f"trained outside the method's modules, or export.enabled=False)")
 
 
 def adapter_dirs(root: Path) -> list[Path]:
@@ -316,9 +408,11 @@ def _load_one(model, params: dict, root: Path):
         raise JaxftError(f"{root}/adapter_config.json: peft_type {kind!r} is not supported (expected one of "
                          f"{', '.join(FORMATS)})")
     new = {}
-    # The classifier's own weights (PEFT's modules_to_save copies), under their HF names.
-    head_tensors = {re.sub(r"^base_model\.(model\.)?", "", k): v for k, v in tensors.items()
-                    if not LORA_KEY.fullmatch(k) and k != "prompt_embeddings" and not FORMATS[kind].owns(k)}
+    # Base weights the run trained beside the method (PEFT's modules_to_save copies), under their HF
+    # names: a new classifier head, and any other module of the base model.
+    copies = {re.sub(r"^base_model\.(model\.)?", "", k): v for k, v in tensors.items()
+              if not LORA_KEY.fullmatch(k) and k != "prompt_embeddings" and not FORMATS[kind].owns(k)}
+    head_tensors = {k: v for k, v in copies.items() if not _base_module(cfg, k)}
     if head_tensors:
         head = HEAD_OF_TASK.get(config.get("task_type"), "classification")
         mapped = flat(fam.params_from_hf(head_tensors, cfg.replace(head=head), str(root)))
@@ -334,6 +428,10 @@ def _load_one(model, params: dict, root: Path):
                              f"the classifier head has {kernel.shape[-1]}")
         cfg = cfg.replace(head=head, num_labels=kernel.shape[-1], pooling=pooling, labels=labels)
         new.update(mapped)
+    # The LM head's copies of a trained input embedding it ties to: this model shares one table.
+    base_copies = {k: v for k, v in copies.items() if k not in head_tensors and k not in tied_names(cfg)}
+    if base_copies:
+        new.update(_replace_base(cfg, params, base_copies, str(root)))
     hook, added = FORMATS[kind].load(cfg, config, tensors, str(root))
     new.update(added)
     import jax.numpy as jnp
