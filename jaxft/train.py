@@ -568,7 +568,9 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         """Step `step`'s numbers, read while the next step runs: the log line, and a stop on NaN/Inf."""
         m, h = jax.device_get((metrics, health))
         stop_if_nonfinite(h, config.train.skip_nonfinite)
-        row = {f"train/{k}": float(m[k]) for k in ("loss", "accuracy", "grad_norm", "learning_rate")}
+        # loss_scale: fp16's dynamic scale; aux_loss: a method's own term (AdaLoRA's orthogonality), in `loss`.
+        row = {f"train/{k}": float(m[k]) for k in ("loss", "accuracy", "grad_norm", "learning_rate", "loss_scale",
+                                                   "aux_loss") if k in m}
         row.update(throughput.report(*totals))
         if config.train.skip_nonfinite:
             row["train/skipped_steps"] = float(h["skipped"])

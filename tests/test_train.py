@@ -197,3 +197,18 @@ def test_bad_command_line_is_one_line_error(tmp_path, args, message):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (("--config.model.dtype=float16",), "train/loss_scale"),  # fp16's dynamic loss scale
+    (("--config.method.name=adalora", "--config.method.init_r=4", "--config.method.target_r=2"), "train/aux_loss"),
+])
+def test_optional_step_metrics_are_logged(tmp_path, overrides, key):
+    """Was: computed by the step, never written to metrics.jsonl or TensorBoard."""
+    r = cli(tmp_path, *overrides, "--config.export.enabled=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [row[key] for row in rows if "train/loss" in row]
+    assert len(logged) == 4 and all(np.isfinite(logged)) and logged[0] > 0
+    if key == "train/loss_scale":
+        assert all(v <= 2.0**15 and np.log2(v) == int(np.log2(v)) for v in logged)  # halved on overflow
