@@ -176,6 +176,9 @@ def test_prefix_reparameterisation_exports_plain_prefix(torch_models, tmp_path):
                                           r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     (dict(name="lora", targets="q_proj,v_prj"), r"'v_prj' names no module"),
     (dict(name="lora", targets=r".*attn\.qproj"), r"matches no module .*'layers\.self_attn\.q_proj'"),
+    # was: ignored, the virtual tokens all in front
+    (dict(name="prompt_tuning", template="[P] {text} [P]"), r"method.template='\[P\] \{text\} \[P\]' places "
+                                                          r"P-Tuning's virtual tokens, but method.name='prompt_tuning'"),
 ])
 def test_bad_method_config(torch_models, kw, match):
     model, _ = hf.load(torch_models["causal"][1])

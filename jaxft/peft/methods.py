@@ -330,6 +330,11 @@ def build(method_config, model_cfg, tokenizer=None, steps: int = 0) -> Method:
                              "joined by '+')")
     if len(set(parts)) < len(parts):
         raise JaxftError(f"method.name={method_config.name!r}: a method appears twice")
+    template = str(method_config.get("template", "") or "")
+    if template and "ptuning" not in parts:  # it places P-Tuning's virtual tokens; another method would drop it
+        raise JaxftError(f"method.template={template!r} places P-Tuning's virtual tokens, but method.name="
+                         f"{method_config.name!r} has no ptuning (expected method.name including ptuning, or no "
+                         f"template)")
     adds = [known[n].added for n in parts if known[n].added]
     if len(set(adds)) < len(adds):
         raise JaxftError(f"method.name={method_config.name!r}: these methods add the same parameters "
