@@ -224,5 +224,8 @@ def validate(config) -> None:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
     if float(config.eval.get("repetition_penalty", 1.0)) <= 0:
         raise JaxftError(f"eval.repetition_penalty={config.eval.repetition_penalty}: expected > 0 (1 is none)")
+    for key in ("method.dropout", "method.prompt_dropout", "method.encoder_dropout"):
+        if not 0 <= float(get(config, key)) < 1:
+            raise JaxftError(f"{key}={get(config, key)}: expected a probability, 0 <= p < 1")
     if float(config.optimizer.learning_rate) < 0:
         raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")

@@ -310,3 +310,17 @@ def test_missing_pair_field_names_file_and_line_via_the_cli(tmp_path):
             "--config.data.text_pair_field=hypothesis", "--config.train.steps=2", config="configs/lora.py")
     assert_one_line_error(r, f"{data}:3:", "missing field 'hypothesis'", "premise, hypo, label")
     assert checksums(wd) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by the input audit: each used to exit 0 with a wrong result, or to end in a traceback.
+
+
+@pytest.mark.parametrize("key,value", [("method.dropout", "1.5"), ("method.dropout", "-0.1"),
+                                       ("method.prompt_dropout", "1.0"), ("method.encoder_dropout", "2")])
+def test_dropout_outside_0_1_is_an_error(tmp_path, key, value):
+    """Was: exit 0 (a rate of 1.5 scales the kept activations by -2)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.{key}={value}")
+    assert_one_line_error(r, f"{key}={float(value)}", "expected a probability, 0 <= p < 1")
+    assert checksums(wd) == {}
