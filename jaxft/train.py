@@ -471,6 +471,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     validate(config)
     workdir = storage.path(workdir, "workdir")
     export_dir = storage.path(config.export.dir, "export.dir") if config.export.dir else workdir / "export"
+    storage.check_writable_dir(workdir, "workdir")
+    storage.check_writable_dir(export_dir, "export.dir" if config.export.dir else "workdir")
     mesh = sharding.make_mesh(config.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, accum = config.train.batch_size, config.train.grad_accum

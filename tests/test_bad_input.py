@@ -324,3 +324,17 @@ def test_dropout_outside_0_1_is_an_error(tmp_path, key, value):
     r = cli(wd, f"--config.{key}={value}")
     assert_one_line_error(r, f"{key}={float(value)}", "expected a probability, 0 <= p < 1")
     assert checksums(wd) == {}
+
+
+def test_workdir_or_export_dir_that_is_a_file_is_an_error(tmp_path):
+    """Was: a FileExistsError traceback (workdir), or a traceback after training (export.dir)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    r = cli(afile)
+    assert_one_line_error(r, f"workdir={afile}", "is a file, expected a directory")
+    r = cli(afile / "run")
+    assert_one_line_error(r, f"workdir={afile / 'run'}", f"{afile} is a file")
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.export.dir={afile}")
+    assert_one_line_error(r, f"export.dir={afile}", "is a file, expected a directory")
+    assert checksums(wd) == {} and afile.read_text() == "keep me\n"
