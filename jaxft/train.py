@@ -433,6 +433,31 @@ def gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def check_export(config, model, method, trainable):
+    """An adapter export holds the method's own parameters and a new classifier head only: a run that
+    also trains base weights (`full+lora`, `bitfit+lora`, a `method.trainable_pattern`) would export
+    an adapter without them and lose what they learned, so it stops before anything is written."""
+    from jaxft.errors import JaxftError
+    from jaxft.models import family
+    from jaxft.peft.hf_peft import TASK_HEADS
+    from jaxft.peft.partition import ADDED_PARAMS, flat
+
+    if not config.export.enabled:
+        return
+    names = list(flat(trainable))
+    if not any(ADDED_PARAMS.search(k) for k in names):
+        return  # a full model export: every trained weight goes into it
+    head = family.of(model.cfg).classifier_params if model.cfg.head in TASK_HEADS else None
+    lost = [k for k in names if not ADDED_PARAMS.search(k) and not (head and re.search(head, k))]
+    if lost:
+        raise JaxftError(
+            f"method.name={method.name!r}"
+            + (f", method.trainable_pattern={config.method.trainable_pattern!r}" if config.method.trainable_pattern
+               else "")
+            + f" trains {len(lost)} base weight(s) (e.g. {lost[0]}) that its adapter export cannot hold: expected "
+            "methods that only add parameters, or export.enabled=False")
+
+
 def export(config, out, model, method, trainable, frozen, tokenizer_path):
     """Into `out` (an epath.Path): written locally, then copied when `out` is remote."""
     from jaxft import hf, storage
@@ -486,6 +511,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     cfg, base_root, tokenizer_path = load_model_config(config)
     data = load_data(config, cfg, tokenizer_path)
     method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
+    check_export(config, model, method, trainable)
     cfg = model.cfg
     objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
     n_train, n_total = count(trainable), count(trainable) + count(frozen)

@@ -338,3 +338,18 @@ def test_workdir_or_export_dir_that_is_a_file_is_an_error(tmp_path):
     r = cli(wd, f"--config.export.dir={afile}")
     assert_one_line_error(r, f"export.dir={afile}", "is a file, expected a directory")
     assert checksums(wd) == {} and afile.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("overrides,culprit", [
+    (["--config.method.name=full+lora"], "method.name='full+lora'"),
+    (["--config.method.name=lora", "--config.method.trainable_pattern=embed_tokens"],
+     "method.trainable_pattern='embed_tokens'"),
+])
+def test_base_weights_an_adapter_export_would_drop_are_an_error(tmp_path, overrides, culprit):
+    """Was: exit 0, base weights trained, and an adapter export without them (what they learned lost)."""
+    wd = tmp_path / "run"
+    r = cli(wd, *overrides)
+    assert_one_line_error(r, culprit, "that its adapter export cannot hold", "export.enabled=False")
+    assert checksums(wd) == {}
+    r = cli(wd, *overrides, "--config.export.enabled=False", "--config.train.steps=2")  # no export: nothing lost
+    assert r.returncode == 0, r.stderr[-3000:]
