@@ -353,3 +353,12 @@ def test_base_weights_an_adapter_export_would_drop_are_an_error(tmp_path, overri
     assert checksums(wd) == {}
     r = cli(wd, *overrides, "--config.export.enabled=False", "--config.train.steps=2")  # no export: nothing lost
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_one_class_training_data_is_an_error(tmp_path):
+    """Was: exit 0, a one-way softmax (loss 0 from the first step: nothing learns) exported as a classifier."""
+    data = write_csv(tmp_path / "train.csv", ["text", "label"], [(t, "pos") for t, _ in sst2_rows("train", 40)])
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{data}:2:", "label 'label' = 'pos'", "expected at least 2 classes")
+    assert checksums(wd) == {}

@@ -87,8 +87,14 @@ def label_vocab(records: Records, label_field: str) -> list:
         values.append(v)
     kinds = {type(v) for v in values}
     if len(kinds) > 1:
-        raise JaxftError(f"{records.where[0]}: labels mix integers and strings")
-    return sorted(set(values))
+        other = next(i for i, v in enumerate(values) if type(v) is not type(values[0]))
+        raise JaxftError(f"{records.where[other]}: label {values[other]!r} is {type(values[other]).__name__}, but "
+                         f"{records.where[0]} has {values[0]!r}: labels mix integers and strings")
+    distinct = sorted(set(values))
+    if len(distinct) < 2:  # one class: its softmax is 1 whatever the model says, so nothing would learn
+        raise JaxftError(f"{records.where[0]}: every training record has label {label_field!r} = {distinct[0]!r}: "
+                         "expected at least 2 classes")
+    return distinct
 
 
 def class_index(records: Records, i: int, label_field: str, index: dict) -> int:
