@@ -40,7 +40,10 @@ class Tokenizer:
         if sp_file.suffix == ".model" and sp_file.exists():
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+            except (RuntimeError, OSError) as e:  # the C++ library's message: "could not parse ModelProto ..."
+                raise JaxftError(f"{sp_file}: not a SentencePiece model ({str(e).strip()})") from None
             self._added = added_tokens(path, self._sp.get_piece_size()) if path.is_dir() else {}
             self._added_ids = {v: k for k, v in self._added.items()}
             self.vocab_size = self._sp.get_piece_size() + len(self._added)

@@ -362,3 +362,47 @@ def test_one_class_training_data_is_an_error(tmp_path):
     r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
     assert_one_line_error(r, f"{data}:2:", "label 'label' = 'pos'", "expected at least 2 classes")
     assert checksums(wd) == {}
+
+
+def edited_config(directory, **changes) -> Path:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
+def test_bad_model_files_are_one_line(tmp_path):
+    """Each was a traceback (a reshape inside the model, np.stack, json.loads, sentencepiece), or, for a NaN
+    weight, a stop at step 1 blamed on the learning rate after the workdir was made."""
+    wd = tmp_path / "run"
+    heads = edited_config(tiny_hf_model(tmp_path / "heads"), num_attention_heads=3)
+    r = cli(wd, f"--config.model.path={heads}")
+    assert_one_line_error(r, f"{heads / 'config.json'}", "num_attention_heads=3, num_key_value_heads=2",
+                          "a multiple of the key/value heads")
+
+    odd = tiny_hf_model(tmp_path / "odd")
+    tensors = load_file(str(odd / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:32]
+    save_file(tensors, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    r = cli(wd, f"--config.model.path={odd}")
+    assert_one_line_error(r, f"{odd}: mlp.up_proj.kernel differs between layers", "layer 1: (32, 32)")
+
+    nan = tiny_hf_model(tmp_path / "nan")
+    tensors = load_file(str(nan / "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_proj.weight"][3, 1] = np.inf
+    save_file(tensors, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    r = cli(wd, f"--config.model.path={nan}")
+    assert_one_line_error(r, f"{nan / 'model.safetensors'}: tensor model.layers.0.self_attn.k_proj.weight holds NaN "
+                             "or Inf")
+
+    index = tiny_hf_model(tmp_path / "index")
+    (index / "model.safetensors").unlink()
+    (index / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    r = cli(wd, f"--config.model.path={index}")
+    assert_one_line_error(r, f"{index / 'model.safetensors.index.json'}: expected JSON with a \"weight_map\"")
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.model").write_bytes(b"not a protobuf")
+    r = cli(wd, f"--config.model.tokenizer={tok}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{tok / 'tokenizer.model'}: not a SentencePiece model")
+    assert checksums(wd) == {}
