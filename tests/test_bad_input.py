@@ -406,3 +406,23 @@ def test_bad_model_files_are_one_line(tmp_path):
     r = cli(wd, f"--config.model.tokenizer={tok}", "--config.train.steps=2", config="configs/lora.py")
     assert_one_line_error(r, f"{tok / 'tokenizer.model'}: not a SentencePiece model")
     assert checksums(wd) == {}
+
+
+def test_lora_adapter_of_a_deeper_model_names_the_layer_counts(tmp_path):
+    """Was: "LoRA on layers.self_attn.q_proj covers only some layers (not supported)" for an adapter
+    made for another base model (here 4 layers, the base has 2)."""
+    from jaxft import hf
+    from jaxft.errors import JaxftError
+
+    base = tiny_hf_model(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    rng = np.random.default_rng(0)
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight":
+               rng.normal(size=(2, 32) if ab == "A" else (32, 2)).astype(np.float32) for i in range(4) for ab in "AB"},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    with pytest.raises(JaxftError, match=r"has weights for 4 layers \(0, 1, 2, 3\), the model has 2 \(0-1\).*"
+                                         r"an adapter of another base model"):
+        hf.load(str(base), adapter=str(adapter))
