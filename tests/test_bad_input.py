@@ -426,3 +426,18 @@ def test_lora_adapter_of_a_deeper_model_names_the_layer_counts(tmp_path):
     with pytest.raises(JaxftError, match=r"has weights for 4 layers \(0, 1, 2, 3\), the model has 2 \(0-1\).*"
                                          r"an adapter of another base model"):
         hf.load(str(base), adapter=str(adapter))
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("b1", "1.5", "0 <= b1 < 1"), ("b2", "1.0", "0 <= b2 < 1"), ("eps", "-1.0", ">= 0"),
+    ("weight_decay", "-0.1", ">= 0"), ("grad_clip", "-1.0", ">= 0"), ("end_lr_fraction", "-0.5", ">= 0"),
+    ("learning_rate", "nan", ">= 0"),
+])
+def test_impossible_optimizer_settings_are_errors(tmp_path, key, value, expected):
+    """Was: exit 0 (Adam with b1 >= 1 divides by a negative bias correction; a negative eps or weight decay,
+    a NaN learning rate)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.optimizer.{key}={value}")
+    assert_one_line_error(r, f"optimizer.{key}={float(value)}", f"expected {expected}")
+    assert checksums(wd) == {}
+
