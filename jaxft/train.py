@@ -125,10 +125,16 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     d, seq_len = config.data, config.data.seq_len
     if d.name == "synthetic":
         n_labels = int(d.synthetic_labels)
+        if n_labels < 0 or n_labels == 1:
+            raise JaxftError(f"data.synthetic_labels={n_labels}: expected 0 (a causal LM) or at least 2 classes")
+        task = "classification" if n_labels else "causal_lm"
+        if d.task and d.task != task:  # synthetic ids make these two tasks only; another would be ignored
+            raise JaxftError(f"data.task={d.task!r}: data.name='synthetic' with data.synthetic_labels={n_labels} "
+                             f"is {task} (expected data.task={task!r} or empty)")
         make = lambda n, s: tasks.synthetic(n, seq_len, cfg.vocab_size, s, n_labels)  # noqa: E731
         train = make(int(d.synthetic_examples), config.train.seed)
         ev = make(max(int(d.synthetic_examples) // 8, config.train.batch_size), config.train.seed + 1)
-        return Data(train, ev, "classification" if n_labels else "causal_lm", list(range(n_labels)) or None, None)
+        return Data(train, ev, task, list(range(n_labels)) or None, None)
     if not tokenizer_path:
         raise JaxftError("model.tokenizer is empty: a model built from model.init needs a tokenizer for real data")
     tok = Tokenizer(tokenizer_path)

@@ -441,3 +441,16 @@ def test_impossible_optimizer_settings_are_errors(tmp_path, key, value, expected
     assert_one_line_error(r, f"optimizer.{key}={float(value)}", f"expected {expected}")
     assert checksums(wd) == {}
 
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["--config.data.task=cloze"], "data.task='cloze': data.name='synthetic' with data.synthetic_labels=0 is causal_lm"),
+    (["--config.data.task=classification"], "is causal_lm (expected data.task='causal_lm' or empty)"),
+    (["--config.data.synthetic_labels=1"], "data.synthetic_labels=1: expected 0 (a causal LM) or at least 2"),
+    (["--config.data.synthetic_labels=-2"], "data.synthetic_labels=-2"),
+])
+def test_synthetic_data_with_another_task_is_an_error(tmp_path, overrides, fragment):
+    """Was: data.task ignored (exit 0, a causal LM trained and exported), one class trained, or a traceback."""
+    wd = tmp_path / "run"
+    r = cli(wd, *overrides)
+    assert_one_line_error(r, fragment)
+    assert checksums(wd) == {}
