@@ -543,6 +543,12 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     replicated = sharding.replicated(mesh)
     state, state_shardings = init_state(tx, trainable, config.train.seed, mesh, model.hooks)
 
+    # The model traced once (no compile) on the data's widest rows: what only tracing finds, such as a row
+    # longer than GPT-2's or BERT's position table, stops here rather than after the workdir is written.
+    rows = {k: data.train[k][:1] for k in ("input_ids", "attention_mask")}
+    jax.eval_shape(lambda p: model.apply({"params": p}, rows["input_ids"], rows["attention_mask"]),
+                   merge(trainable, frozen))
+
     # Only now, with every input checked, does the run write anything.
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(workdir, config.checkpoint.every_steps or config.train.steps, config.checkpoint.keep)

@@ -454,3 +454,17 @@ def test_synthetic_data_with_another_task_is_an_error(tmp_path, overrides, fragm
     r = cli(wd, *overrides)
     assert_one_line_error(r, fragment)
     assert checksums(wd) == {}
+
+
+@pytest.mark.parametrize("model_type,seq_len,fragment", [
+    ("gpt2", 1100, "1100 positions (0 prefix + 1100 tokens) exceed the model's n_positions=1024"),
+    ("bert", 520, "need position 519, past the model's max_position_embeddings=512 (lower data.seq_len)"),
+])
+def test_rows_longer_than_the_position_table_stop_before_anything_is_written(tmp_path, model_type, seq_len, fragment):
+    """Was: GPT-2's one-line error only once the first step compiled, with the workdir already written;
+    BERT: a NaN loss at step 1 blamed on the learning rate (positions past the table read NaN)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.model.init.model_type={model_type}", f"--config.data.seq_len={seq_len}",
+            "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=16", "--config.train.steps=1")
+    assert_one_line_error(r, fragment)
+    assert checksums(wd) == {}
