@@ -468,3 +468,12 @@ def test_rows_longer_than_the_position_table_stop_before_anything_is_written(tmp
             "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=16", "--config.train.steps=1")
     assert_one_line_error(r, fragment)
     assert checksums(wd) == {}
+
+
+def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    """Was: exit 0, each row keeping the last of the two columns."""
+    data = write_csv(tmp_path / "d.csv", ["text", "text", "label"], [(t, "x", y) for t, y in sst2_rows("train", 40)])
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{data}:1: column 'text' appears twice in the header (text, text, label)")
+    assert checksums(wd) == {}
