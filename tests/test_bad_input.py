@@ -477,3 +477,17 @@ def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
     r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
     assert_one_line_error(r, f"{data}:1: column 'text' appears twice in the header (text, text, label)")
     assert checksums(wd) == {}
+
+
+@pytest.mark.parametrize("bad,fragment", [("", "label field 'label' is empty, expected a label"),
+                                          ("pos ", "label 'pos ' differs from 'pos' only in white space")])
+def test_empty_or_white_space_variant_label_is_an_error(tmp_path, bad, fragment):
+    """Was: exit 0 with a third class ('' or 'pos ') next to 'neg' and 'pos'."""
+    rows = [(t, LABELS[y][:3]) for t, y in sst2_rows("train", 40)]
+    k = next(i for i, (_, y) in enumerate(rows) if y == "pos" and i > 5)
+    rows[k] = (rows[k][0], bad)
+    data = write_csv(tmp_path / "d.csv", ["text", "label"], rows)
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{data}:{k + 2}:", fragment)
+    assert checksums(wd) == {}

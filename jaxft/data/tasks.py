@@ -84,6 +84,8 @@ def label_vocab(records: Records, label_field: str) -> list:
         v = _label(field(records, i, label_field))
         if not isinstance(v, (int, str)) or isinstance(v, bool):
             raise JaxftError(f"{records.where[i]}: label {v!r} is {type(v).__name__}, expected an integer or a string")
+        if isinstance(v, str) and not v.strip():  # a missing value in a CSV: it would become a class of its own
+            raise JaxftError(f"{records.where[i]}: label field {label_field!r} is empty, expected a label")
         values.append(v)
     kinds = {type(v) for v in values}
     if len(kinds) > 1:
@@ -91,6 +93,11 @@ def label_vocab(records: Records, label_field: str) -> list:
         raise JaxftError(f"{records.where[other]}: label {values[other]!r} is {type(values[other]).__name__}, but "
                          f"{records.where[0]} has {values[0]!r}: labels mix integers and strings")
     distinct = sorted(set(values))
+    seen = {}
+    for i, v in enumerate(values):  # "pos" and "pos " would be two classes
+        if isinstance(v, str) and seen.setdefault(v.strip(), v) != v:
+            raise JaxftError(f"{records.where[i]}: label {v!r} differs from {seen[v.strip()]!r} only in white space: "
+                             "expected one spelling per label")
     if len(distinct) < 2:  # one class: its softmax is 1 whatever the model says, so nothing would learn
         raise JaxftError(f"{records.where[0]}: every training record has label {label_field!r} = {distinct[0]!r}: "
                          "expected at least 2 classes")
