@@ -160,6 +160,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             raise JaxftError(f"method.template: supported for classification data, not {task}")
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task in ("classification", "cloze"):
+        # data.eval_holdout: the last N records evaluate when the source has no eval split (as for the LM tasks below)
+        train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
         labels = tasks.label_vocab(train_rec, label_field)
         pair = sources.pair_field(d, first)
         types = token_types(d.token_type_ids, pair, cfg)

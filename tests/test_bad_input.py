@@ -491,3 +491,19 @@ def test_empty_or_white_space_variant_label_is_an_error(tmp_path, bad, fragment)
     r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
     assert_one_line_error(r, f"{data}:{k + 2}:", fragment)
     assert checksums(wd) == {}
+
+
+def test_eval_holdout_applies_to_classification(tmp_path):
+    """Was: data.eval_holdout ignored for classification data (exit 0, no evaluation; 10**5 of 40 records
+    accepted)."""
+    data = write_csv(tmp_path / "d.csv", ["text", "label"], sst2_rows("train", 40))
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=100000", config="configs/lora.py")
+    assert_one_line_error(r, "data.eval_holdout=100000: the source has only 40 records")
+    assert checksums(wd) == {}
+    r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=8", "--config.train.steps=2",
+            "--config.train.batch_size=8", "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0",
+            config="configs/lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in row for row in rows)
