@@ -507,3 +507,19 @@ def test_eval_holdout_applies_to_classification(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in row for row in rows)
+
+
+def test_corrupt_only_checkpoint_is_one_clean_line_and_touches_nothing(tmp_path):
+    """Was: the line ended in TensorStore's repr ("See full TensorStore details: <bound method
+    pybind11_detail_function_record_v1_...spec of TensorStore({)")."""
+    wd = tmp_path / "run"
+    assert cli(wd, "--config.train.steps=4", "--config.checkpoint.every_steps=4").returncode == 0
+    chunks = [p for p in (wd / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert chunks
+    for p in chunks:
+        p.write_bytes(p.read_bytes()[:50])
+    before = checksums(wd)
+    r = cli(wd, "--config.train.steps=6", "--config.checkpoint.every_steps=4")
+    assert_one_line_error(r, f"{wd / 'checkpoints' / '4'}: cannot restore this checkpoint", "no older checkpoint")
+    assert "TensorStore" not in r.stderr
+    assert checksums(wd) == before
