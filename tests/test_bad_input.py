@@ -519,7 +519,8 @@ def test_corrupt_only_checkpoint_is_one_clean_line_and_touches_nothing(tmp_path)
     for p in chunks:
         p.write_bytes(p.read_bytes()[:50])
     before = checksums(wd)
-    r = cli(wd, "--config.train.steps=6", "--config.checkpoint.every_steps=4")
-    assert_one_line_error(r, f"{wd / 'checkpoints' / '4'}: cannot restore this checkpoint", "no older checkpoint")
-    assert "TensorStore" not in r.stderr
+    for _ in range(3):  # the "Event loop is closed" tracebacks came in about half of the runs
+        r = cli(wd, "--config.train.steps=6", "--config.checkpoint.every_steps=4")
+        assert_one_line_error(r, f"{wd / 'checkpoints' / '4'}: cannot restore this checkpoint", "no older checkpoint")
+        assert "TensorStore" not in r.stderr
     assert checksums(wd) == before
