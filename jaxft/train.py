@@ -172,6 +172,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             encode = lambda records: tasks.classification(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, pair, types, template)
         train, cut = encode(train_rec)
+        if len(labels) < 2:  # one class: its softmax is 1 whatever the model says, so nothing would learn
+            raise JaxftError(f"{train_rec.where[0]}: every training record has label {label_field!r} = {labels[0]!r}: "
+                             "expected at least 2 classes")
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")

@@ -98,9 +98,6 @@ def label_vocab(records: Records, label_field: str) -> list:
         if isinstance(v, str) and seen.setdefault(v.strip(), v) != v:
             raise JaxftError(f"{records.where[i]}: label {v!r} differs from {seen[v.strip()]!r} only in white space: "
                              "expected one spelling per label")
-    if len(distinct) < 2:  # one class: its softmax is 1 whatever the model says, so nothing would learn
-        raise JaxftError(f"{records.where[0]}: every training record has label {label_field!r} = {distinct[0]!r}: "
-                         "expected at least 2 classes")
     return distinct
 
 
