@@ -9,6 +9,7 @@ deleted) and the run resumes from the newest one that can.
 from __future__ import annotations
 
 import logging
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +26,15 @@ HOW = ("model.remat", "model.attention", "data.cache_dir")
 
 class Unreadable(JaxftError):
     """A checkpoint whose files do not read back (truncated, corrupted)."""
+
+
+def _quiet_closed_loop(args):
+    """When a restore fails on a corrupt chunk, TensorStore reads still in flight post their results to
+    Orbax's event loop, already closed, and Python prints each as an unraisable "RuntimeError: Event loop
+    is closed" with its traceback, under the one-line error. Those, and only those, are dropped."""
+    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+        return
+    _quiet_closed_loop.default(args)
 
 
 class Checkpoints:
@@ -54,6 +64,9 @@ class Checkpoints:
 
     def _restore(self, step: int, **items):
         """Orbax restore of the named items, its failure as one line (Orbax would log a traceback)."""
+        if sys.unraisablehook is not _quiet_closed_loop:
+            _quiet_closed_loop.default = sys.unraisablehook
+            sys.unraisablehook = _quiet_closed_loop
         quiet = logging.getLogger("absl"), logging.getLogger()
         levels = [q.level for q in quiet]
         for q in quiet:
@@ -63,7 +76,7 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001  (corrupt or truncated files)
             raise Unreadable(
                 f"{self.directory / str(step)}: cannot restore this checkpoint ({type(e).__name__}: "
-                f"{(str(e).splitlines() or [''])[0][:300]})"
+                f"{(str(e).splitlines() or [''])[0].split(' See full TensorStore details')[0][:300]})"
             ) from None
         finally:
             for q, level in zip(quiet, levels):

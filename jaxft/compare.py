@@ -37,8 +37,13 @@ from pathlib import Path
 from jaxft.errors import JaxftError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, not a usage page
+        raise JaxftError(message)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxft.compare", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m jaxft.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", required=True, help="comma-separated configs/*.py files")
     p.add_argument("--seeds", type=int, default=1, help="runs per config (train.seed + 0, 1, ...)")
     p.add_argument("--workdir", default="runs/compare")
@@ -307,6 +312,9 @@ def main(argv=None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         work = Path(args.workdir)
+        from jaxft import storage
+
+        storage.check_writable_dir(storage.path(str(work), "--workdir"), "--workdir")
         work.mkdir(parents=True, exist_ok=True)
         order = {c: k for k, c in enumerate(args.configs)}
         base_seeds = {c: config_seed(c) for c in args.configs}

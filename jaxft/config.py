@@ -226,10 +226,15 @@ def validate(config) -> None:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
     if float(config.eval.get("repetition_penalty", 1.0)) <= 0:
         raise JaxftError(f"eval.repetition_penalty={config.eval.repetition_penalty}: expected > 0 (1 is none)")
-    if float(config.optimizer.learning_rate) < 0:
+    for key in ("method.dropout", "method.prompt_dropout", "method.encoder_dropout"):
+        if not 0 <= float(get(config, key)) < 1:
+            raise JaxftError(f"{key}={get(config, key)}: expected a probability, 0 <= p < 1")
+    opt = config.optimizer
+    for key, ok, expected in (("b1", 0 <= float(opt.b1) < 1, "0 <= b1 < 1"), ("b2", 0 <= float(opt.b2) < 1, "0 <= b2 < 1"),
+                              ("eps", float(opt.eps) >= 0, ">= 0"), ("weight_decay", float(opt.weight_decay) >= 0, ">= 0"),
+                              ("grad_clip", float(opt.grad_clip) >= 0, ">= 0 (0 = no clipping)"),
+                              ("end_lr_fraction", float(opt.end_lr_fraction) >= 0, ">= 0")):
+        if not ok:  # NaN fails these comparisons too
+            raise JaxftError(f"optimizer.{key}={opt[key]}: expected {expected}")
+    if not float(config.optimizer.learning_rate) >= 0:
         raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")
-    if float(config.optimizer.weight_decay) < 0:
-        raise JaxftError(f"optimizer.weight_decay={config.optimizer.weight_decay}: expected >= 0")
-    for key in ("dropout", "prompt_dropout", "encoder_dropout"):  # 1 or more would drop every activation
-        if not 0 <= float(config.method.get(key, 0.0)) < 1:
-            raise JaxftError(f"method.{key}={config.method[key]}: expected a probability in [0, 1)")

@@ -324,6 +324,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         name = f"{split}-{step}" if kind == "orbax" else f"{split}-{where.name}"
         out_dir = storage.path(str(params_out / "eval" / name), "--out")
         tb_dir = storage.path(str(where / "tensorboard"), "--out") if kind == "orbax" else out_dir / "tensorboard"
+    storage.check_writable_dir(out_dir, "--out")  # before the scoring, not a traceback once it is done
 
     # The loss (and perplexity) over the split, as training's eval computes it.
     if classifies and max_examples:

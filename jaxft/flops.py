@@ -137,6 +137,8 @@ class Throughput:
         """Rates over the steps whose totals were (tokens, flops) when dispatched, since the last report."""
         now = time.time()
         t0, tok0, flop0 = self._mark
+        if tokens == tok0:  # only a compiling step since the last report: no training time to rate yet
+            return {}
         dt = max(now - t0, 1e-9)
         self._mark = (now, tokens, flops)
         return {

@@ -116,7 +116,7 @@ def tensor_names(path: Path) -> set[str] | None:
     """The tensor names of a HF directory's safetensors file(s) (headers only); None without any."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return set(json.loads(index.read_text())["weight_map"])
+        return set(weight_map(index))
     if not (path / "model.safetensors").exists():
         return None
     from safetensors import safe_open
@@ -176,7 +176,7 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(weight_map(index).values()))
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -185,11 +185,24 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     for name in files:
         try:
             with safe_open(str(path / name), framework="flax") as f:
-                for key in f.keys():
+                keys = list(f.keys())
+                for key in keys:
                     out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
         except Exception as e:  # truncated, corrupt or not safetensors at all
             raise JaxftError(f"{path / name}: unreadable safetensors file ({e})") from None
+        # A NaN or Inf weight would only show as a non-finite loss at step 1, blamed on the learning rate.
+        bad = next((k for k in keys if not np.isfinite(out[k]).all()), None)
+        if bad is not None:
+            raise JaxftError(f"{path / name}: tensor {bad} holds NaN or Inf values (expected finite weights)")
     return out
+
+
+def weight_map(index: Path) -> dict:
+    """model.safetensors.index.json's {tensor name: shard file}."""
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise JaxftError(f"{index}: expected JSON with a \"weight_map\" of tensor name -> shard file ({e!r})") from None
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg, where: str = "checkpoint") -> dict:

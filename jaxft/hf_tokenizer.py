@@ -70,7 +70,8 @@ class HFTokenizer:
             kind = kind or "GPT2"
             self._tok = _byte_level_bpe(path, config)
         else:
-            raise JaxftError(f"tokenizer {str(path)!r}: no tokenizer.json, vocab.txt or vocab.json + merges.txt")
+            raise JaxftError(f"tokenizer {str(path)!r}: no tokenizer.model (SentencePiece), tokenizer.json, vocab.txt or "
+                            "vocab.json + merges.txt")
         defaults = CLASS_DEFAULTS.get(kind, {})
         self.tokens = {}
         for role in ROLES:

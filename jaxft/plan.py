@@ -415,6 +415,8 @@ def main(argv):
     if len(argv) > 1:
         raise JaxftError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.devices is not None and FLAGS.devices <= 0:
+        raise JaxftError(f"--devices={FLAGS.devices}: expected a positive integer (or no flag: the local devices)")
     s = setup(FLAGS.config, FLAGS.devices, FLAGS.platform)
     memory = parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else local_device_memory()
     r = report(s, memory)  # without a memory figure (CPUs report none): the bytes, and no largest batch

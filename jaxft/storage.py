@@ -34,6 +34,17 @@ def path(location: str, key: str = "workdir") -> epath.Path:
     return p
 
 
+def check_writable_dir(p: epath.Path, key: str) -> None:
+    """A local output directory whose path runs into an existing file is one error before anything is written."""
+    if not is_local(p):
+        return
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise JaxftError(f"{key}={p}: {q} is a file, expected a directory (or a path that does not exist)")
+            return
+
+
 def is_local(p: epath.Path) -> bool:
     return "://" not in os.fspath(p)
 

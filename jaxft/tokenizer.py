@@ -40,7 +40,10 @@ class Tokenizer:
         if sp_file.suffix == ".model" and sp_file.exists():
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+            except (RuntimeError, OSError) as e:  # the C++ library's message: "could not parse ModelProto ..."
+                raise JaxftError(f"{sp_file}: not a SentencePiece model ({str(e).strip()})") from None
             self._added = added_tokens(path, self._sp.get_piece_size()) if path.is_dir() else {}
             self._added_ids = {v: k for k, v in self._added.items()}
             self.vocab_size = self._sp.get_piece_size() + len(self._added)
@@ -190,7 +193,6 @@ def train_sentencepiece(texts, out_dir: str | Path, vocab_size: int) -> Path:
     import sentencepiece as spm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -216,6 +218,7 @@ def train_sentencepiece(texts, out_dir: str | Path, vocab_size: int) -> Path:
     except RuntimeError as e:  # vocab_size too small for the characters or too large for the data, no text
         reason = str(e).strip().splitlines()[-1]
         raise JaxftError(f"sentencepiece training (vocab_size={vocab_size}): {reason}") from None
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed training leaves no empty directory
     (out / "tokenizer.model").write_bytes(model.getvalue())
     config = {
         "tokenizer_class": "LlamaTokenizer",
@@ -248,7 +251,6 @@ def train_t5(texts, out_dir: str | Path, vocab_size: int) -> Path:
     import sentencepiece as spm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -259,6 +261,7 @@ def train_t5(texts, out_dir: str | Path, vocab_size: int) -> Path:
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1]
         raise JaxftError(f"sentencepiece training (vocab_size={vocab_size}): {reason}") from None
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed training leaves no empty directory
     (out / "spiece.model").write_bytes(model.getvalue())
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
     added = {str(vocab_size + T5_EXTRA_IDS - 1 - i): {"content": f"<extra_id_{i}>", **flags}
@@ -280,6 +283,8 @@ def train_wordpiece(texts, out_dir: str | Path, vocab_size: int, limit_alphabet:
     frequent characters (the rest read as [UNK]): Chinese text alone has thousands."""
     from tokenizers import normalizers, pre_tokenizers
 
+    if vocab_size <= len(BERT_SPECIALS):
+        raise JaxftError(f"wordpiece vocab_size={vocab_size}: expected more than its {len(BERT_SPECIALS)} special tokens")
     normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     split = pre_tokenizers.BertPreTokenizer()
     counts: dict[str, int] = {}
@@ -370,7 +375,12 @@ def main(argv=None):
 
     from jaxft.data.sources import load_texts
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line and status 2, not a usage page
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    ap = Parser(prog="python -m jaxft.tokenizer", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="sst2", help="bundled dataset name or a local file")
     ap.add_argument("--field", default=None, help="text field (default: the dataset's)")
     ap.add_argument("--vocab_size", type=int, default=4096)
@@ -380,7 +390,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     train, name = TRAIN[args.kind]
     try:
+        if args.vocab_size <= 0:
+            raise JaxftError(f"--vocab_size={args.vocab_size}: expected a positive integer")
+        from jaxft import storage
+
+        storage.check_writable_dir(storage.path(args.out, "--out"), "--out")
         texts = load_texts(args.data, args.field)
+        if not any(t.strip() for t in texts):
+            raise JaxftError(f"--data={args.data}: no text to train on (every text is empty)")
         out = train(texts, args.out, args.vocab_size)
     except JaxftError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -125,10 +125,16 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     d, seq_len = config.data, config.data.seq_len
     if d.name == "synthetic":
         n_labels = int(d.synthetic_labels)
+        if n_labels < 0 or n_labels == 1:
+            raise JaxftError(f"data.synthetic_labels={n_labels}: expected 0 (a causal LM) or at least 2 classes")
+        task = "classification" if n_labels else "causal_lm"
+        if d.task and d.task != task:  # synthetic ids make these two tasks only; another would be ignored
+            raise JaxftError(f"data.task={d.task!r}: data.name='synthetic' with data.synthetic_labels={n_labels} "
+                             f"is {task} (expected data.task={task!r} or empty)")
         make = lambda n, s: tasks.synthetic(n, seq_len, cfg.vocab_size, s, n_labels)  # noqa: E731
         train = make(int(d.synthetic_examples), config.train.seed)
         ev = make(max(int(d.synthetic_examples) // 8, config.train.batch_size), config.train.seed + 1)
-        return Data(train, ev, "classification" if n_labels else "causal_lm", list(range(n_labels)) or None, None)
+        return Data(train, ev, task, list(range(n_labels)) or None, None)
     if not tokenizer_path:
         raise JaxftError("model.tokenizer is empty: a model built from model.init needs a tokenizer for real data")
     tok = Tokenizer(tokenizer_path)
@@ -154,6 +160,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             raise JaxftError(f"method.template: supported for classification data, not {task}")
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task in ("classification", "cloze"):
+        # data.eval_holdout: the last N records evaluate when the source has no eval split (as for the LM tasks below)
         train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
         labels = tasks.label_vocab(train_rec, label_field)
         pair = sources.pair_field(d, first)
@@ -165,6 +172,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             encode = lambda records: tasks.classification(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, pair, types, template)
         train, cut = encode(train_rec)
+        if len(labels) < 2:  # one class: its softmax is 1 whatever the model says, so nothing would learn
+            raise JaxftError(f"{train_rec.where[0]}: every training record has label {label_field!r} = {labels[0]!r}: "
+                             "expected at least 2 classes")
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
@@ -434,6 +444,17 @@ def gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def check_export(config, model, method, trainable):
+    """Before anything is written: an adapter export must be able to hold every weight the run trains
+    (base weights beside the method go in as PEFT modules_to_save copies, but not those inside a module
+    the method itself changes, e.g. `full+lora`)."""
+    from jaxft.peft import hf_peft
+    from jaxft.peft.partition import added_params
+
+    if config.export.enabled and added_params(trainable):
+        hf_peft.check_exportable(model, trainable, method.name)
+
+
 def export(config, out, model, method, trainable, frozen, tokenizer_path):
     """Into `out` (an epath.Path): written locally, then copied when `out` is remote."""
     from jaxft import hf, storage
@@ -472,6 +493,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     validate(config)
     workdir = storage.path(workdir, "workdir")
     export_dir = storage.path(config.export.dir, "export.dir") if config.export.dir else workdir / "export"
+    storage.check_writable_dir(workdir, "workdir")
+    storage.check_writable_dir(export_dir, "export.dir" if config.export.dir else "workdir")
     mesh = sharding.make_mesh(config.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, accum = config.train.batch_size, config.train.grad_accum
@@ -485,6 +508,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     cfg, base_root, tokenizer_path = load_model_config(config)
     data = load_data(config, cfg, tokenizer_path)
     method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
+    check_export(config, model, method, trainable)
     cfg = model.cfg
     objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
@@ -509,6 +533,12 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         tx = dynamic_loss_scale(tx)
     replicated = sharding.replicated(mesh)
     state, state_shardings = init_state(tx, trainable, config.train.seed, mesh, model.hooks)
+
+    # The model traced once (no compile) on the data's widest rows: what only tracing finds, such as a row
+    # longer than GPT-2's or BERT's position table, stops here rather than after the workdir is written.
+    rows = {k: data.train[k][:1] for k in ("input_ids", "attention_mask")}
+    jax.eval_shape(lambda p: model.apply({"params": p}, rows["input_ids"], rows["attention_mask"]),
+                   merge(trainable, frozen))
 
     # Only now, with every input checked, does the run write anything.
     workdir.mkdir(parents=True, exist_ok=True)

@@ -310,3 +310,226 @@ def test_missing_pair_field_names_file_and_line_via_the_cli(tmp_path):
             "--config.data.text_pair_field=hypothesis", "--config.train.steps=2", config="configs/lora.py")
     assert_one_line_error(r, f"{data}:3:", "missing field 'hypothesis'", "premise, hypo, label")
     assert checksums(wd) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by the input audit: each used to exit 0 with a wrong result, or to end in a traceback.
+
+
+@pytest.mark.parametrize("key,value", [("method.dropout", "1.5"), ("method.dropout", "-0.1"),
+                                       ("method.prompt_dropout", "1.0"), ("method.encoder_dropout", "2")])
+def test_dropout_outside_0_1_is_an_error(tmp_path, key, value):
+    """Was: exit 0 (a rate of 1.5 scales the kept activations by -2)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.{key}={value}")
+    assert_one_line_error(r, f"{key}={float(value)}", "expected a probability, 0 <= p < 1")
+    assert checksums(wd) == {}
+
+
+def test_workdir_or_export_dir_that_is_a_file_is_an_error(tmp_path):
+    """Was: a FileExistsError traceback (workdir), or a traceback after training (export.dir)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    r = cli(afile)
+    assert_one_line_error(r, f"workdir={afile}", "is a file, expected a directory")
+    r = cli(afile / "run")
+    assert_one_line_error(r, f"workdir={afile / 'run'}", f"{afile} is a file")
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.export.dir={afile}")
+    assert_one_line_error(r, f"export.dir={afile}", "is a file, expected a directory")
+    assert checksums(wd) == {} and afile.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("overrides,culprit", [
+    (["--config.method.name=full+lora"], "method.name='full+lora' trains the base weight"),
+    (["--config.method.name=lora", "--config.method.trainable_pattern=q_proj"],
+     "trains the base weight layers/self_attn/q_proj/kernel inside layers/self_attn/q_proj"),
+])
+def test_base_weights_an_adapter_export_cannot_hold_are_an_error(tmp_path, overrides, culprit):
+    """Was: exit 0, base weights trained, and an adapter export without them (what they learned lost).
+    Base weights outside the method's modules export as PEFT modules_to_save (tests/test_peft.py); those
+    inside a module the method changes have no PEFT form."""
+    wd = tmp_path / "run"
+    r = cli(wd, *overrides)
+    assert_one_line_error(r, culprit, "a HF PEFT adapter cannot hold both", "export.enabled=False")
+    assert checksums(wd) == {}
+    r = cli(wd, *overrides, "--config.export.enabled=False", "--config.train.steps=2")  # no export: nothing lost
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_base_weights_outside_the_methods_modules_export_with_the_adapter(tmp_path):
+    r = cli(tmp_path, "--config.method.trainable_pattern=^norm/", "--config.train.steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.norm"]
+
+
+def test_one_class_training_data_is_an_error(tmp_path):
+    """Was: exit 0, a one-way softmax (loss 0 from the first step: nothing learns) exported as a classifier."""
+    data = write_csv(tmp_path / "train.csv", ["text", "label"], [(t, "pos") for t, _ in sst2_rows("train", 40)])
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{data}:2:", "label 'label' = 'pos'", "expected at least 2 classes")
+    assert checksums(wd) == {}
+
+
+def edited_config(directory, **changes) -> Path:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
+def test_bad_model_files_are_one_line(tmp_path):
+    """Each was a traceback (a reshape inside the model, np.stack, json.loads, sentencepiece), or, for a NaN
+    weight, a stop at step 1 blamed on the learning rate after the workdir was made."""
+    wd = tmp_path / "run"
+    heads = edited_config(tiny_hf_model(tmp_path / "heads"), num_attention_heads=3)
+    r = cli(wd, f"--config.model.path={heads}")
+    assert_one_line_error(r, f"{heads / 'config.json'}", "num_attention_heads=3, num_key_value_heads=2",
+                          "a multiple of the key/value heads")
+
+    odd = tiny_hf_model(tmp_path / "odd")
+    tensors = load_file(str(odd / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:32]
+    save_file(tensors, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    r = cli(wd, f"--config.model.path={odd}")
+    assert_one_line_error(r, f"{odd}: mlp.up_proj.kernel differs between layers", "layer 1: (32, 32)")
+
+    nan = tiny_hf_model(tmp_path / "nan")
+    tensors = load_file(str(nan / "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_proj.weight"][3, 1] = np.inf
+    save_file(tensors, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    r = cli(wd, f"--config.model.path={nan}")
+    assert_one_line_error(r, f"{nan / 'model.safetensors'}: tensor model.layers.0.self_attn.k_proj.weight holds NaN "
+                             "or Inf")
+
+    index = tiny_hf_model(tmp_path / "index")
+    (index / "model.safetensors").unlink()
+    (index / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    r = cli(wd, f"--config.model.path={index}")
+    assert_one_line_error(r, f"{index / 'model.safetensors.index.json'}: expected JSON with a \"weight_map\"")
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.model").write_bytes(b"not a protobuf")
+    r = cli(wd, f"--config.model.tokenizer={tok}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{tok / 'tokenizer.model'}: not a SentencePiece model")
+    assert checksums(wd) == {}
+
+
+def test_lora_adapter_of_a_deeper_model_names_the_layer_counts(tmp_path):
+    """Was: "LoRA on layers.self_attn.q_proj covers only some layers (not supported)" for an adapter
+    made for another base model (here 4 layers, the base has 2)."""
+    from jaxft import hf
+    from jaxft.errors import JaxftError
+
+    base = tiny_hf_model(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    rng = np.random.default_rng(0)
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight":
+               rng.normal(size=(2, 32) if ab == "A" else (32, 2)).astype(np.float32) for i in range(4) for ab in "AB"},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    with pytest.raises(JaxftError, match=r"has weights for 4 layers \(0, 1, 2, 3\), the model has 2 \(0-1\).*"
+                                         r"an adapter of another base model"):
+        hf.load(str(base), adapter=str(adapter))
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("b1", "1.5", "0 <= b1 < 1"), ("b2", "1.0", "0 <= b2 < 1"), ("eps", "-1.0", ">= 0"),
+    ("weight_decay", "-0.1", ">= 0"), ("grad_clip", "-1.0", ">= 0"), ("end_lr_fraction", "-0.5", ">= 0"),
+    ("learning_rate", "nan", ">= 0"),
+])
+def test_impossible_optimizer_settings_are_errors(tmp_path, key, value, expected):
+    """Was: exit 0 (Adam with b1 >= 1 divides by a negative bias correction; a negative eps or weight decay,
+    a NaN learning rate)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.optimizer.{key}={value}")
+    assert_one_line_error(r, f"optimizer.{key}={float(value)}", f"expected {expected}")
+    assert checksums(wd) == {}
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["--config.data.task=cloze"], "data.task='cloze': data.name='synthetic' with data.synthetic_labels=0 is causal_lm"),
+    (["--config.data.task=classification"], "is causal_lm (expected data.task='causal_lm' or empty)"),
+    (["--config.data.synthetic_labels=1"], "data.synthetic_labels=1: expected 0 (a causal LM) or at least 2"),
+    (["--config.data.synthetic_labels=-2"], "data.synthetic_labels=-2"),
+])
+def test_synthetic_data_with_another_task_is_an_error(tmp_path, overrides, fragment):
+    """Was: data.task ignored (exit 0, a causal LM trained and exported), one class trained, or a traceback."""
+    wd = tmp_path / "run"
+    r = cli(wd, *overrides)
+    assert_one_line_error(r, fragment)
+    assert checksums(wd) == {}
+
+
+@pytest.mark.parametrize("model_type,seq_len,fragment", [
+    ("gpt2", 1100, "1100 positions (0 prefix + 1100 tokens) exceed the model's n_positions=1024"),
+    ("bert", 520, "need position 519, past the model's max_position_embeddings=512 (lower data.seq_len)"),
+])
+def test_rows_longer_than_the_position_table_stop_before_anything_is_written(tmp_path, model_type, seq_len, fragment):
+    """Was: GPT-2's one-line error only once the first step compiled, with the workdir already written;
+    BERT: a NaN loss at step 1 blamed on the learning rate (positions past the table read NaN)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.model.init.model_type={model_type}", f"--config.data.seq_len={seq_len}",
+            "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=16", "--config.train.steps=1")
+    assert_one_line_error(r, fragment)
+    assert checksums(wd) == {}
+
+
+def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    """Was: exit 0, each row keeping the last of the two columns."""
+    data = write_csv(tmp_path / "d.csv", ["text", "text", "label"], [(t, "x", y) for t, y in sst2_rows("train", 40)])
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{data}:1: column 'text' appears twice in the header (text, text, label)")
+    assert checksums(wd) == {}
+
+
+@pytest.mark.parametrize("bad,fragment", [("", "label field 'label' is empty, expected a label"),
+                                          ("pos ", "label 'pos ' differs from 'pos' only in white space")])
+def test_empty_or_white_space_variant_label_is_an_error(tmp_path, bad, fragment):
+    """Was: exit 0 with a third class ('' or 'pos ') next to 'neg' and 'pos'."""
+    rows = [(t, LABELS[y][:3]) for t, y in sst2_rows("train", 40)]
+    k = next(i for i, (_, y) in enumerate(rows) if y == "pos" and i > 5)
+    rows[k] = (rows[k][0], bad)
+    data = write_csv(tmp_path / "d.csv", ["text", "label"], rows)
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    assert_one_line_error(r, f"{data}:{k + 2}:", fragment)
+    assert checksums(wd) == {}
+
+
+def test_eval_holdout_applies_to_classification(tmp_path):
+    """Was: data.eval_holdout ignored for classification data (exit 0, no evaluation; 10**5 of 40 records
+    accepted)."""
+    data = write_csv(tmp_path / "d.csv", ["text", "label"], sst2_rows("train", 40))
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=100000", config="configs/lora.py")
+    assert_one_line_error(r, "data.eval_holdout=100000: the source has only 40 records")
+    assert checksums(wd) == {}
+    r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=8", "--config.train.steps=2",
+            "--config.train.batch_size=8", "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0",
+            config="configs/lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in row for row in rows)
+
+
+def test_corrupt_only_checkpoint_is_one_clean_line_and_touches_nothing(tmp_path):
+    """Was: the line ended in TensorStore's repr ("See full TensorStore details: <bound method
+    pybind11_detail_function_record_v1_...spec of TensorStore({)")."""
+    wd = tmp_path / "run"
+    assert cli(wd, "--config.train.steps=4", "--config.checkpoint.every_steps=4").returncode == 0
+    chunks = [p for p in (wd / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert chunks
+    for p in chunks:
+        p.write_bytes(p.read_bytes()[:50])
+    before = checksums(wd)
+    for _ in range(3):  # the "Event loop is closed" tracebacks came in about half of the runs
+        r = cli(wd, "--config.train.steps=6", "--config.checkpoint.every_steps=4")
+        assert_one_line_error(r, f"{wd / 'checkpoints' / '4'}: cannot restore this checkpoint", "no older checkpoint")
+        assert "TensorStore" not in r.stderr
+    assert checksums(wd) == before

@@ -133,3 +133,20 @@ def test_unfinished_runs_are_not_reused(tmp_path, monkeypatch):
     assert cmp.finished(str(config), tmp_path, []) == legacy
     (tmp_path / "result.json").write_text(json.dumps({**row, "eval": {}}))  # stopped before its evaluation
     assert cmp.finished(str(config), tmp_path, []) is None
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    """Found by the input audit. Was: argparse's usage page (5 lines) for a bad or missing flag, and a
+    FileExistsError traceback for a --workdir that is a file."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    tiny = str(ROOT / "configs" / "tiny_test.py")
+    for args, fragment in ((["--seeds=abc"], "argument --seeds: invalid int value: 'abc'"),
+                           ([], "the following arguments are required: --configs"),
+                           ([f"--configs={tiny}", f"--workdir={afile}", "--collect"], f"{afile} is a file")):
+        r = subprocess.run([sys.executable, "-m", "jaxft.compare", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert fragment in lines[0], lines[0]
+    assert afile.read_text() == "x"

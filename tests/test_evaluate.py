@@ -246,9 +246,12 @@ def cli(*args):
     (("--checkpoint={tmp}/missing",), "error: --checkpoint={tmp}/missing: no such directory"),
     (("--checkpoint={model}", "--split=test"), "error: --split=test: expected one of validation, train"),
     ((), "error: --checkpoint=DIR is required"),
+    # Was a FileExistsError traceback, after the whole split had been scored.
+    (("--checkpoint={model}", "--out={tmp}/afile"), "error: --out={tmp}/afile: {tmp}/afile is a file"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, lm, args, message):
     model_dir, (train, dev) = lm
+    (tmp_path / "afile").write_text("x")
     args = [a.format(tmp=tmp_path, model=model_dir) for a in args]
     r = cli("--config=configs/e2e_lora.py", f"--config.model.path={model_dir}", f"--out={tmp_path / 'out'}", *args)
     assert r.returncode == 2, r.stdout + r.stderr

@@ -107,6 +107,19 @@ def test_rates_leave_out_the_step_that_compiled(tmp_path, monkeypatch):
     assert counted == [2 * per_step, 3 * per_step]  # steps 2-3 (step 1 compiled), then steps 4-6
 
 
+def test_a_log_step_of_only_the_compiling_step_has_no_rates(tmp_path):
+    """Nothing left to rate there (its time is compile time): no 0 tokens/s in the log; the next log
+    step rates the steps after it."""
+    from jaxft import train
+
+    config = tiny_config(steps=3, log_every_steps=1)
+    config.export.enabled = False
+    train.train_and_evaluate(config, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r.get("train/tokens_per_second") for r in rows if "train/loss" in r}
+    assert rates[1] is None and rates[2] > 0 and rates[3] > 0, rates
+
+
 def test_cpu_peak_is_measured_and_said(tmp_path):
     r = cli(tmp_path, "--config.train.steps=2", "--config.export.enabled=False")
     assert r.returncode == 0, r.stderr

@@ -163,6 +163,15 @@ def test_cli_json_and_errors():
     assert out["per_device_bytes"] == b and out["max_batch_size"] is None
 
 
+
+def test_cli_zero_devices_is_an_error():
+    """Found by the input audit. Was: exit 0 with a plan for the local devices (0 read as "not given")."""
+    r = subprocess.run([sys.executable, "-m", "jaxft.plan", f"--config={TINY}", "--devices=0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --devices=0: expected a positive integer (or no flag: " \
+        "the local devices)", r.stderr
+
+
 # Tiny GPT-2, BERT (a classifier) and T5 (gated-GELU, 2 encoder + 2 decoder blocks): the same width,
 # batch and length as the Llama cases, so activations dominate.
 FAMILIES = {

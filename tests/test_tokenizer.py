@@ -188,6 +188,33 @@ def test_cli_bad_field_and_bad_vocab_size(tmp_path):
                    "sentencepiece", "vocab_size=4096")
 
 
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    """Found by the input audit. Was: a usage page for a bad --kind, tracebacks for an --out that is a file,
+    sentencepiece's internal message for vocab_size 0 or empty texts (and an empty --out directory left),
+    and exit 0 with a 58-token vocab.txt for a WordPiece vocab_size of 3."""
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts()[:50]))
+    out = tmp_path / "o"
+    one_line_error(run_cli(f"--data={data}", "--field=text", "--vocab_size=0", f"--out={out}"),
+                   "--vocab_size=0: expected a positive integer")
+    one_line_error(run_cli(f"--data={data}", "--kind=bpe", f"--out={out}"), "--kind", "'bpe'")
+    one_line_error(run_cli(f"--data={data}", "--field=text", "--kind=wordpiece", "--vocab_size=3", f"--out={out}"),
+                   "vocab_size=3", "more than its 5 special tokens")
+    one_line_error(run_cli(f"--data={data}", "--field=text", "--vocab_size=4096", f"--out={out}"),
+                   "sentencepiece", "vocab_size=4096")
+    assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for where in (afile, afile / "sub"):
+        one_line_error(run_cli(f"--data={data}", "--field=text", "--vocab_size=300", f"--out={where}"),
+                       f"--out={where}", f"{afile} is a file")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": ""}\n{"text": "  "}\n')
+    one_line_error(run_cli(f"--data={blank}", "--field=text", "--vocab_size=300", f"--out={out}"),
+                   f"--data={blank}", "no text to train on")
+    assert not out.exists() and afile.read_text() == "x"
+
 # ---------------------------------------------------------------------------------------------
 # HF tokenizer files, read with `tokenizers` alone (jaxft.hf_tokenizer): transformers is the oracle.
 

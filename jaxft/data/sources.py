@@ -98,6 +98,9 @@ def read_file(path: str | Path) -> Records:
                             quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
         try:
             header = next(reader)
+            dup = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+            if dup is not None:  # a row dict keeps only the last of them
+                raise JaxftError(f"{p}:1: column {dup!r} appears twice in the header ({', '.join(header)})")
             while True:
                 start = reader.line_num + 1  # a quoted field may span lines: report where the row starts
                 fields = next(reader, None)

@@ -84,11 +84,21 @@ def label_vocab(records: Records, label_field: str) -> list:
         v = _label(field(records, i, label_field))
         if not isinstance(v, (int, str)) or isinstance(v, bool):
             raise JaxftError(f"{records.where[i]}: label {v!r} is {type(v).__name__}, expected an integer or a string")
+        if isinstance(v, str) and not v.strip():  # a missing value in a CSV: it would become a class of its own
+            raise JaxftError(f"{records.where[i]}: label field {label_field!r} is empty, expected a label")
         values.append(v)
     kinds = {type(v) for v in values}
     if len(kinds) > 1:
-        raise JaxftError(f"{records.where[0]}: labels mix integers and strings")
-    return sorted(set(values))
+        other = next(i for i, v in enumerate(values) if type(v) is not type(values[0]))
+        raise JaxftError(f"{records.where[other]}: label {values[other]!r} is {type(values[other]).__name__}, but "
+                         f"{records.where[0]} has {values[0]!r}: labels mix integers and strings")
+    distinct = sorted(set(values))
+    seen = {}
+    for i, v in enumerate(values):  # "pos" and "pos " would be two classes
+        if isinstance(v, str) and seen.setdefault(v.strip(), v) != v:
+            raise JaxftError(f"{records.where[i]}: label {v!r} differs from {seen[v.strip()]!r} only in white space: "
+                             "expected one spelling per label")
+    return distinct
 
 
 def class_index(records: Records, i: int, label_field: str, index: dict) -> int:

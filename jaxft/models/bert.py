@@ -282,6 +282,13 @@ class BertModel(nn.Module):
         if prefixes:  # each: (keys, values) of shape [layers, B, P, H, D]
             prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
         num_prefix = prefix[0].shape[2] if prefix is not None else 0
+        # A position past the table reads NaN (out-of-range gather), which showed only as a NaN loss.
+        last = num_prefix + h.shape[1] - 1 + ((cfg.pad_token_id if cfg.pad_token_id is not None else 1) + 1
+                                              if cfg.roberta else 0)
+        if last >= cfg.max_position_embeddings:
+            raise JaxftError(f"{num_prefix + h.shape[1]} positions ({num_prefix} prefix + {added} virtual + {length} "
+                             f"tokens) need position {last}, past the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings} (lower data.seq_len)")
         if position_ids is None:
             position_ids = positions(cfg, input_ids, attention_mask, added, num_prefix)
         elif added:

@@ -213,6 +213,10 @@ def stack_layers(layers: dict, cfg, where: str, stack: str = "layers") -> dict:
         missing = set(range(cfg.num_layers)) - set(per_layer)
         if missing:
             raise JaxftError(f"{where}: layer {min(missing)} has no {'.'.join(path)}")
+        odd = [i for i in sorted(per_layer) if np.shape(per_layer[i]) != np.shape(per_layer[0])]
+        if odd:
+            raise JaxftError(f"{where}: {'.'.join(path)} differs between layers (layer 0: {np.shape(per_layer[0])}, "
+                             f"layer {odd[0]}: {np.shape(per_layer[odd[0]])}); expected one shape in every layer")
         if cfg.scan_layers:
             flat[(stack,) + path] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
         else:

@@ -300,6 +300,13 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
                            "num_attention_heads") if k not in c]
     if missing:
         raise JaxftError(f"{file}: missing {', '.join(missing)}")
+    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if not (isinstance(heads, int) and isinstance(kv_heads, int) and 0 < kv_heads <= heads and heads % kv_heads == 0):
+        raise JaxftError(f"{file}: num_attention_heads={heads}, num_key_value_heads={kv_heads}: expected positive "
+                         "integers, the query heads a multiple of the key/value heads")
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        raise JaxftError(f"{file}: hidden_size={c['hidden_size']} is not divisible by num_attention_heads={heads} "
+                         "(and no head_dim is given)")
     return LlamaConfig(
         vocab_size=c["vocab_size"],
         hidden_size=c["hidden_size"],

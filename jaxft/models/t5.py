@@ -646,6 +646,11 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: T5Config, where: str = "
         missing = set(range(n)) - set(per_layer)
         if missing:
             raise JaxftError(f"{where}: {stack} block {min(missing)} has no {'.'.join(path)}")
+        odd = [i for i in range(n) if np.shape(per_layer[i]) != np.shape(per_layer[0])]
+        if odd:
+            raise JaxftError(f"{where}: {stack} {'.'.join(path)} differs between blocks (block 0: "
+                             f"{np.shape(per_layer[0])}, block {odd[0]}: {np.shape(per_layer[odd[0]])}); expected one "
+                             "shape in every block")
         if cfg.scan_layers:
             flat[(stack, "block") + path] = np.stack([per_layer[i] for i in range(n)])
         else:

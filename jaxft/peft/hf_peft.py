@@ -178,7 +178,11 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
         for which, per_layer in ab.items():
             leaf = "lora_" + which.lower()
             if sorted(per_layer) != list(range(n)):
-                raise JaxftError(f"{where}: LoRA on {path} covers only some layers (not supported)")
+                got = sorted(per_layer)
+                raise JaxftError(f"{where}: LoRA on {path} has weights for {len(got)} layers "
+                                 f"({', '.join(map(str, got[:8]))}{', ...' if len(got) > 8 else ''}), "
+                                 f"the model has {n} (0-{n - 1}): expected one per layer (an adapter of another base "
+                                 "model? one covering only some layers is not supported)")
             if cfg.scan_layers:
                 new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(n)])
             else:
