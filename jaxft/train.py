@@ -455,6 +455,28 @@ def check_export(config, model, method, trainable):
         hf_peft.check_exportable(model, trainable, method.name)
 
 
+# The files of an export that loaders read to decide what it is (an adapter at the top, a composed
+# method's adapters one directory down, or a whole model).
+EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
+                "model.safetensors.index.json")
+
+
+def clear_export(out):
+    """Remove an earlier export's files from `out` (an epath.Path), so that an adapter or model left by
+    another run in the same `export.dir` is never loaded in place of this one. Other files stay."""
+    if not out.exists():
+        return
+    for p in out.iterdir():
+        if p.is_dir() and (p / "adapter_config.json").exists():  # a composed method's adapter
+            for name in EXPORT_FILES[:2]:
+                if (p / name).exists():
+                    (p / name).unlink()
+            if not any(p.iterdir()):
+                p.rmdir()
+        elif p.name in EXPORT_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name):
+            p.unlink()
+
+
 def export(config, out, model, method, trainable, frozen, tokenizer_path):
     """Into `out` (an epath.Path): written locally, then copied when `out` is remote."""
     from jaxft import hf, storage
@@ -465,6 +487,7 @@ def export(config, out, model, method, trainable, frozen, tokenizer_path):
     if jax.process_index() != 0:
         return None
     params = merge(trainable, frozen)
+    clear_export(out)
     with storage.local_dir(out) as local:
         if added_params(params):  # PEFT: adapter-only weights
             hf_peft.save_adapter(model, method, trainable, Path(local), base=hf.base_reference(config.model.path))

@@ -209,3 +209,26 @@ def test_optional_step_metrics_are_logged(tmp_path, overrides, key):
     assert len(logged) == 4 and all(np.isfinite(logged)) and logged[0] > 0
     if key == "train/loss_scale":
         assert all(v <= 2.0**15 and np.log2(v) == int(np.log2(v)) for v in logged)  # halved on overflow
+
+
+def test_an_export_replaces_an_earlier_runs_export_in_the_same_dir(tmp_path):
+    """Was: the earlier run's files stayed beside the new ones, and the loaders could pick them (an old
+    adapter_config.json over a new full model, an old single adapter over a composed method's)."""
+    from jaxft.peft.hf_peft import adapter_dirs
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    names = lambda: sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())  # noqa: E731
+    for i, (method, expect) in enumerate([
+        ("lora", ["adapter_config.json", "adapter_model.safetensors"]),
+        ("full", ["config.json", "model.safetensors"]),
+        ("lora+prompt_tuning", ["lora/adapter_config.json", "lora/adapter_model.safetensors",
+                                "prompt_tuning/adapter_config.json", "prompt_tuning/adapter_model.safetensors"]),
+        ("lora", ["adapter_config.json", "adapter_model.safetensors"]),
+    ]):
+        r = cli(tmp_path / f"run{i}", f"--config.method.name={method}", f"--config.export.dir={out}",
+                "--config.train.steps=2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert names() == sorted(expect + ["notes.txt"]), method  # only this run's export, and the user's file
+    assert adapter_dirs(out) == [out]
