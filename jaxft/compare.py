@@ -22,7 +22,6 @@ rewritten after every run; `--collect` writes them from the finished runs alone,
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import math
@@ -34,16 +33,11 @@ import sys
 import threading
 from pathlib import Path
 
-from jaxft.errors import JaxftError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, not a usage page
-        raise JaxftError(message)
+from jaxft.errors import ArgumentParser, JaxftError
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m jaxft.compare", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m jaxft.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", required=True, help="comma-separated configs/*.py files")
     p.add_argument("--seeds", type=int, default=1, help="runs per config (train.seed + 0, 1, ...)")
     p.add_argument("--workdir", default="runs/compare")

@@ -26,7 +26,6 @@ line) prints one completion per prompt.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.errors import JaxftError
+from jaxft.errors import ArgumentParser, JaxftError
 from jaxft.models import family
 from jaxft.peft.hook import Hook
 
@@ -371,14 +370,8 @@ def tokenizer_files(d: Path) -> bool:
     return any((d / name).exists() for name in VOCABULARY_FILES)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, not a usage page
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv):
-    ap = _Parser(prog="python -m jaxft.generate", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m jaxft.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="HF model directory, jaxft-tiny, or a hub name when online")
     ap.add_argument("--adapter", help="HF PEFT adapter directory or jaxft export directory")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")

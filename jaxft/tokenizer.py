@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from jaxft.errors import JaxftError
+from jaxft.errors import ArgumentParser, JaxftError
 
 # A directory holding one of these is a tokenizer jaxft reads: SentencePiece (Llama's name, T5's name),
 # WordPiece (BERT), or a tokenizers JSON (GPT-2, Qwen2).
@@ -370,17 +370,11 @@ TRAIN = {"sentencepiece": (train_sentencepiece, "tokenizer.model"), "t5": (train
 
 
 def main(argv=None):
-    import argparse
     import sys
 
     from jaxft.data.sources import load_texts
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line and status 2, not a usage page
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
-
-    ap = Parser(prog="python -m jaxft.tokenizer", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m jaxft.tokenizer", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="sst2", help="bundled dataset name or a local file")
     ap.add_argument("--field", default=None, help="text field (default: the dataset's)")
     ap.add_argument("--vocab_size", type=int, default=4096)
