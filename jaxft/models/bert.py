@@ -283,8 +283,7 @@ class BertModel(nn.Module):
             prefix = tuple(jnp.concatenate([p[i] for p in prefixes], axis=2) for i in (0, 1))
         num_prefix = prefix[0].shape[2] if prefix is not None else 0
         # A position past the table reads NaN (out-of-range gather), which showed only as a NaN loss.
-        last = num_prefix + h.shape[1] - 1 + ((cfg.pad_token_id if cfg.pad_token_id is not None else 1) + 1
-                                              if cfg.roberta else 0)
+        last = num_prefix + h.shape[1] - 1 + (roberta_pad(cfg) + 1 if cfg.roberta else 0)
         if last >= cfg.max_position_embeddings:
             raise JaxftError(f"{num_prefix + h.shape[1]} positions ({num_prefix} prefix + {added} virtual + {length} "
                              f"tokens) need position {last}, past the model's max_position_embeddings="
@@ -334,6 +333,11 @@ class BertModel(nn.Module):
         return Cls(cfg, self.hooks, name="cls")(h, word)
 
 
+def roberta_pad(cfg: BertConfig) -> int:
+    """RoBERTa's padding index: the position padding sits at; real tokens count from the next one."""
+    return cfg.pad_token_id if cfg.pad_token_id is not None else 1
+
+
 def positions(cfg: BertConfig, input_ids, mask, added: int, num_prefix: int):
     """BERT: 0, 1, ... over every slot (padding included), after a prefix of `num_prefix` cached keys.
     RoBERTa: the non-padding tokens count from pad_token_id + 1 and padding sits at pad_token_id, as
@@ -341,7 +345,7 @@ def positions(cfg: BertConfig, input_ids, mask, added: int, num_prefix: int):
     b, t = mask.shape
     if not cfg.roberta:
         return jnp.broadcast_to(jnp.arange(t) + num_prefix, (b, t))
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 1
+    pad = roberta_pad(cfg)
     real = (input_ids != pad).astype(jnp.int32)
     real = jnp.concatenate([mask[:, :added].astype(jnp.int32), real], axis=1)
     return (jnp.cumsum(real, axis=1) + num_prefix) * real + pad

@@ -205,23 +205,28 @@ def params_from_keys(tensors: dict, cfg, where: str, from_hf_key: Callable) -> d
     return flat
 
 
-def stack_layers(layers: dict, cfg, where: str, stack: str = "layers") -> dict:
+def stack_layers(layers: dict, cfg, where: str, stack: tuple[str, ...] = ("layers",), num: int | None = None,
+                 unit: str = "layer") -> dict:
     """{path: {layer index: array}} -> flat params: stacked along a leading axis under `stack` when the
-    model scans its layers, else one `{stack}_{i}` subtree per layer. A layer missing a weight is an error."""
+    model scans its layers, else one `{name}_{i}` subtree per layer for the last name of `stack` (T5:
+    ("encoder", "block") -> encoder/block_3). `num` layers (default cfg.num_layers); `unit` names one in
+    errors. A layer missing a weight, or holding it in another shape, is an error."""
+    n = cfg.num_layers if num is None else num
+    *outer, name = stack
     flat = {}
     for path, per_layer in layers.items():
-        missing = set(range(cfg.num_layers)) - set(per_layer)
+        missing = set(range(n)) - set(per_layer)
         if missing:
-            raise JaxftError(f"{where}: layer {min(missing)} has no {'.'.join(path)}")
-        odd = [i for i in sorted(per_layer) if np.shape(per_layer[i]) != np.shape(per_layer[0])]
+            raise JaxftError(f"{where}: {unit} {min(missing)} has no {'.'.join(path)}")
+        odd = [i for i in range(n) if np.shape(per_layer[i]) != np.shape(per_layer[0])]
         if odd:
-            raise JaxftError(f"{where}: {'.'.join(path)} differs between layers (layer 0: {np.shape(per_layer[0])}, "
-                             f"layer {odd[0]}: {np.shape(per_layer[odd[0]])}); expected one shape in every layer")
+            raise JaxftError(f"{where}: {'.'.join(path)} differs between {unit}s ({unit} 0: {np.shape(per_layer[0])}, "
+                             f"{unit} {odd[0]}: {np.shape(per_layer[odd[0]])}); expected one shape in every {unit}")
         if cfg.scan_layers:
-            flat[(stack,) + path] = np.stack([per_layer[i] for i in range(cfg.num_layers)])
+            flat[(*outer, name) + path] = np.stack([per_layer[i] for i in range(n)])
         else:
-            for i in range(cfg.num_layers):
-                flat[(f"{stack}_{i}",) + path] = per_layer[i]
+            for i in range(n):
+                flat[(*outer, f"{name}_{i}") + path] = per_layer[i]
     return flat
 
 

@@ -41,7 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxft.errors import JaxftError
-from jaxft.models.family import Blocks, Family, Settings
+from jaxft.models.family import Blocks, Family, Settings, stack_layers
 from jaxft.models.layers import Linear, RMSNorm, block_output, param_with_axes, pool, remat_policy
 from jaxft.sharding import constrain
 
@@ -641,21 +641,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: T5Config, where: str = "
             flat[path] = value
         else:
             layers.setdefault((stack, path), {})[layer] = value
-    for (stack, path), per_layer in layers.items():
-        n = _num_layers(cfg, stack)
-        missing = set(range(n)) - set(per_layer)
-        if missing:
-            raise JaxftError(f"{where}: {stack} block {min(missing)} has no {'.'.join(path)}")
-        odd = [i for i in range(n) if np.shape(per_layer[i]) != np.shape(per_layer[0])]
-        if odd:
-            raise JaxftError(f"{where}: {stack} {'.'.join(path)} differs between blocks (block 0: "
-                             f"{np.shape(per_layer[0])}, block {odd[0]}: {np.shape(per_layer[odd[0]])}); expected one "
-                             "shape in every block")
-        if cfg.scan_layers:
-            flat[(stack, "block") + path] = np.stack([per_layer[i] for i in range(n)])
-        else:
-            for i in range(n):
-                flat[(stack, f"block_{i}") + path] = per_layer[i]
+    for stack in sorted({s for s, _ in layers}):
+        flat.update(stack_layers({path: per for (s, path), per in layers.items() if s == stack}, cfg, where,
+                                 (stack, "block"), _num_layers(cfg, stack), f"{stack} block"))
     heads_only = bool(flat) and {p[0] for p in flat} <= {"classification_head", "lm_head"}  # an adapter's head
     if "shared" not in {p[0] for p in flat} and not heads_only:
         raise JaxftError(f"{where}: no shared.weight (the T5 token embedding)")
