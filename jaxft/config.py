@@ -233,8 +233,7 @@ def validate(config) -> None:
     for key, ok, expected in (("b1", 0 <= float(opt.b1) < 1, "0 <= b1 < 1"), ("b2", 0 <= float(opt.b2) < 1, "0 <= b2 < 1"),
                               ("eps", float(opt.eps) >= 0, ">= 0"), ("weight_decay", float(opt.weight_decay) >= 0, ">= 0"),
                               ("grad_clip", float(opt.grad_clip) >= 0, ">= 0 (0 = no clipping)"),
-                              ("end_lr_fraction", float(opt.end_lr_fraction) >= 0, ">= 0")):
+                              ("end_lr_fraction", float(opt.end_lr_fraction) >= 0, ">= 0"),
+                              ("learning_rate", float(opt.learning_rate) >= 0, ">= 0")):
         if not ok:  # NaN fails these comparisons too
             raise JaxftError(f"optimizer.{key}={opt[key]}: expected {expected}")
-    if not float(config.optimizer.learning_rate) >= 0:
-        raise JaxftError(f"optimizer.learning_rate={config.optimizer.learning_rate}: expected >= 0")

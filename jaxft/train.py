@@ -457,8 +457,8 @@ def check_export(config, model, method, trainable):
 
 # The files of an export that loaders read to decide what it is (an adapter at the top, a composed
 # method's adapters one directory down, or a whole model).
-EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
-                "model.safetensors.index.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EXPORT_FILES = ADAPTER_FILES + ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 def clear_export(out):
@@ -468,7 +468,7 @@ def clear_export(out):
         return
     for p in out.iterdir():
         if p.is_dir() and (p / "adapter_config.json").exists():  # a composed method's adapter
-            for name in EXPORT_FILES[:2]:
+            for name in ADAPTER_FILES:
                 if (p / name).exists():
                     (p / name).unlink()
             if not any(p.iterdir()):

@@ -324,18 +324,21 @@ def is_head(cfg, path: str) -> bool:
     return cfg.head in TASK_HEADS and re.search(family.of(cfg).classifier_params, path) is not None
 
 
+def ties_lm_head(cfg) -> bool:
+    """Whether this model's LM head is its input embedding (a task head has no LM head)."""
+    return cfg.tie_word_embeddings and cfg.head not in TASK_HEADS
+
+
 def tied_names(cfg) -> tuple[str, ...]:
     """HF names of the LM head's weights that this model ties to its input embedding."""
-    tied = family.of(cfg).tied_embedding[1]
-    return tuple(tied or ()) if cfg.tie_word_embeddings and cfg.head not in TASK_HEADS else ()
+    return tuple(family.of(cfg).tied_embedding[1] or ()) if ties_lm_head(cfg) else ()
 
 
 def trained_base(model, params: dict) -> tuple[dict, list | None]:
     """The base weights a run trains beside its method's own parameters (a new classifier head, the
     leaves of `method.trainable_pattern`), as PEFT keeps them: their tensors under HF names, and the
-    `modules_to_save` PEFT holds a trained copy of. A classifier head is named as
-    PEFT's task models name it (Llama's `score`; BERT's `pooler`, `classifier`); any other module by
-    its whole HF name (`model.embed_tokens`, `model.layers.3.input_layernorm`), since PEFT picks
+    `modules_to_save` PEFT holds a trained copy of. A classifier head is named as PEFT's task models
+    name it (Llama's `score`; BERT's `pooler`, `classifier`); any other module by its whole HF name (`model.embed_tokens`, `model.layers.3.input_layernorm`), since PEFT picks
     every module whose name ends with an entry. A trained input embedding that the LM head ties to
     is written for the head too: PEFT keeps separate copies."""
     cfg = model.cfg
@@ -345,14 +348,16 @@ def trained_base(model, params: dict) -> tuple[dict, list | None]:
     rest = {k: v for k, v in base.items() if k not in head}
     tensors = fam.params_to_hf(unflat(head), cfg) if head else {}
     modules = {fam.hf_module(k.split("/")[0]).split(".")[-1] for k in head}
+    leaf = fam.tied_embedding[0]
+    more = {}
+    if leaf in rest:  # converted on its own, so the LM head's tied copies take the same array
+        more = fam.params_to_hf(unflat({leaf: rest.pop(leaf)}), cfg)
+        (embedding,) = more.values()
+        more.update({name: embedding for name in tied_names(cfg)})
     if rest:
-        more = fam.params_to_hf(unflat(rest), cfg)
-        leaf = fam.tied_embedding[0]
-        if leaf in rest:
-            (embedding,) = fam.params_to_hf(unflat({leaf: rest[leaf]}), cfg).values()
-            more.update({name: embedding for name in tied_names(cfg)})
-        tensors.update(more)
-        modules |= {name.rsplit(".", 1)[0] for name in more}
+        more.update(fam.params_to_hf(unflat(rest), cfg))
+    tensors.update(more)
+    modules |= {name.rsplit(".", 1)[0] for name in more}
     return tensors, sorted(modules) or None
 
 
@@ -364,17 +369,17 @@ def check_exportable(model, trainable, method_name: str):
     cfg = model.cfg
     names = list(flat(trainable))
     leaf, tied = family.of(cfg).tied_embedding
-    if leaf in names and tied is None and cfg.tie_word_embeddings and cfg.head not in TASK_HEADS:
+    if leaf in names and tied is None and ties_lm_head(cfg):
         raise JaxftError(f"method.name={method_name!r} trains {leaf}, which this {cfg.model_type} model's LM head "
                          f"ties to: its HF PEFT export is not supported (expected an untied model, the "
                          f"embedding frozen, or export.enabled=False)")
-    tuned = {k.rsplit("/", 1)[0] for k in names if ADDED_PARAMS.search(k)}
+    tuned = sorted({k.rsplit("/", 1)[0] for k in names if ADDED_PARAMS.search(k)})
     for k in names:
-        module = k.rsplit("/", 1)[0]
         if ADDED_PARAMS.search(k):
             continue
-        clash = next((t for t in sorted(tuned) if t == module or t.startswith(module + "/")
-                      or module.startswith(t + "/")), None)
+        module = k.rsplit("/", 1)[0]
+        clash = next((t for t in tuned if t == module or t.startswith(module + "/") or module.startswith(t + "/")),
+                     None)
         if clash is not None:
             raise JaxftError(f"method.name={method_name!r} trains the base weight {k} inside {clash}, which the "
                              f"method also changes: a HF PEFT adapter cannot hold both (expected base weights "
