@@ -10,6 +10,12 @@ CPU cores the LM head + loss of `tools/benchmark.py` take 337 ms instead of 533 
 
 Chunks run along the length axis with the whole batch in each, so a batch sharded over devices
 stays sharded. The gradient of the output embedding is only computed when it is trained.
+
+Chunks are as large as 512 MiB of fp32 logits allows (4,096 tokens of a 32k vocabulary, 1,024 of
+128k): each chunk adds the [V, D] embedding gradient to a running sum and launches its own kernels,
+so on a GPU many small chunks cost time. One 1.1B Llama step (8 x 2048 tokens, 32k vocabulary) on an
+H100 took 299 ms in chunks of 512 tokens and 292 ms in one chunk (BENCHMARKS.md); on 2 CPU cores
+larger chunks neither gained nor lost.
 """
 
 from __future__ import annotations
@@ -20,8 +26,17 @@ import jax
 import jax.numpy as jnp
 
 # Positions per chunk: at least 64 (per-device chunks stay big when the batch is sharded over many
-# devices), or 512 tokens' worth for small batches; larger chunks gained nothing on CPU.
-MIN_CHUNK_LENGTH, CHUNK_TOKENS = 64, 512
+# devices); tokens per chunk: at least 512, or as many as 512 MiB of fp32 logits hold.
+MIN_CHUNK_LENGTH, CHUNK_TOKENS, CHUNK_LOGITS_BYTES = 64, 512, 2**29
+
+
+def chunk_length(batch: int, length: int, vocab: int) -> int:
+    """Positions per chunk for `batch` rows of `length` tokens: the chunks split the length evenly,
+    so the last one pads as little as the count of chunks allows."""
+    tokens = max(CHUNK_TOKENS, CHUNK_LOGITS_BYTES // (4 * max(vocab, 1)))
+    per_row = max(1, min(length, max(MIN_CHUNK_LENGTH, tokens // max(batch, 1))))
+    chunks = -(-length // per_row)
+    return max(1, -(-length // max(chunks, 1)))
 
 
 def _softmax_nll(logits, targets):
@@ -49,7 +64,7 @@ def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32):
     as the unfused `logits.astype(float32)` path does. Differentiable in hidden and embedding.
     """
     b, t, _ = hidden.shape
-    length = max(1, min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b)))  # t = 0: no targets, sums of 0
+    length = chunk_length(b, t, embedding.shape[0])  # t = 0: no targets, sums of 0
     sums = _fused(hidden, embedding, targets, weights.astype(jnp.float32), length, jnp.dtype(dtype))
     return {"loss_sum": sums[0], "count": jnp.sum(weights), "correct": sums[1]}
 

@@ -19,18 +19,19 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                T5's encoder and decoder): L x saved + max(working, loss) + the batch's own arrays (a stack
                no gradient flows through, T5's encoder under P-Tuning v2, keeps nothing). Per block, with
                its norms N, attentions (self; cross: T5's decoder, keys from the encoder, no prefix) and
-               its MLP-wide tensors m (gated SiLU 5, GPT-2 5, BERT 4, T5 gated 6.5, measured), for Llama
-               (N = 2, m = 5, one self-attention), where, for the micro-batch
+               its MLP-wide tensors m (gated: gate and up, 2; GELU: its input, 1), for Llama
+               (N = 2, m = 2, one self-attention), where, for the micro-batch
                rows b on one device, t = data.seq_len, k = t + prefix tokens p, c = the compute
                dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
                (each divided by mesh.tensor where it divides):
-    per_layer  b t [8 D + c (H d + 2 KV d k/t + 5 F) + 4 H k + c H k + 4 (4 + 2 H)]
+    per_layer  b t [c (2 D + H d + 2 KV d k/t + 2 F) + 4 H k + c H k + 4 (4 + 2 H)]
                + c b t (inputs of the projections whose weights get gradients: D for q/k/v, H d for
-               o, D for gate/up, F for down) + 8 b t D if the norms train + c b t r per LoRA target
+               o, D for gate/up, F for down) + c b t r per LoRA target
                + 2 c b p KV d (the layer's prefix keys and values).
                The terms are what XLA keeps per layer for the backward pass (read from the compiled
-               step's layer loop): the norms' fp32 inputs, q, k and v, five MLP-wide tensors (gate,
-               up, sigmoid, SiLU, their product), fp32 scores, probabilities, and row statistics.
+               step's layer loop): the norms' inputs, q, k and v, the MLP's gate and up, fp32 scores,
+               probabilities, and row statistics. The norms and the MLP's activation recompute the
+               rest inside the backward pass (`jaxft.models.layers.recomputed`).
     saved      remat none: per_layer. full: the layer's input, c b t D (+ prefix). save_dots: its
                input and every projection's output, c b t (3 D + H d + 2 KV d + 2 F). offload:
                the input only on the device (the projections' outputs wait in host memory; on CPU,
@@ -40,9 +41,10 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                T5 1.5). Measured on XLA:CPU over full,
                LoRA and P-Tuning v2, sequence lengths 128-256, batches 4-16, vocabularies 512-4096,
                two MLP widths: 0.81-1.11, 0.65-0.73 and 1.25-1.44.
-    loss       causal LM: 1.25 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
-               and their gradient, fused; `jaxft.cross_entropy` chunks the sequence; measured 1.16-1.29
-               with a 32k vocabulary), alive before the backward pass starts: hence the max.
+    loss       causal LM: 1.05 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
+               and their gradient, fused; `jaxft.cross_entropy` chunks the sequence, up to 512 MiB of
+               logits per chunk; measured 1.01-1.02 with a 32k vocabulary), alive before the backward
+               pass starts: hence the max.
   total        weights + gradients + optimizer + max(activations, trainable): the update (clipped
                gradients, new moments) is computed after the activations are freed.
 
@@ -68,6 +70,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
@@ -174,9 +177,9 @@ def stored(s: Setup, path: str, x) -> int:
 # ---------------------------------------------------------------------------------------------
 # The estimate.
 
-def _block_modules(s: Setup, blocks) -> tuple[set, set, bool]:
-    """-> (projections of `blocks` whose kernel trains, those with a LoRA adapter, whether its norms train)."""
-    trained, adapted, norms = set(), set(), False
+def _block_modules(s: Setup, blocks) -> tuple[set, set]:
+    """-> (projections of `blocks` whose kernel trains, those with a LoRA adapter)."""
+    trained, adapted = set(), set()
     inside = re.compile(rf"^{re.escape(blocks.prefix)}(_\d+)?/")
     names = sorted((name for name, *_ in blocks.projections), key=len, reverse=True)
     for path, t in s.trainable.items():
@@ -188,25 +191,39 @@ def _block_modules(s: Setup, blocks) -> tuple[set, set, bool]:
             trained.add(name)
         elif leaf in ("lora_a", "lora_b") and name:
             adapted.add(name)
-        elif leaf == "weight":  # the norms' scales (projections hold kernels)
-            norms = True
-    return trained, adapted, norms
+    return trained, adapted
 
 
 # How much of one layer's residuals the backward pass needs on top of the saved ones, by remat
 # policy: the gradients of one layer's residuals (none), plus what it recomputes (save_dots, full).
 # Measured on XLA:CPU for full, LoRA and P-Tuning v2 (tests/test_plan.py): 0.81-1.11, 0.65-0.73,
 # 1.25-1.44 over sequence lengths 128-256, batches 4-16, vocabularies 512-4096 and MLP widths.
-WORKING_SET = {"none": 1.0, "save_dots": 0.7, "offload": 0.7, "full": 1.35}
+WORKING_SET = {"none": 1.0, "save_dots": 1.0, "offload": 1.0, "full": 1.9}
 # fp32 [chunk, vocab] arrays the fused loss holds at once: XLA fuses logits, exponentials and their
-# gradient into about one (measured 1.16-1.29 with a 32k vocabulary, frozen or trained head).
-LOSS_CHUNK_BUFFERS = 1.25
+# gradient into about one (measured 1.01-1.02 with a 32k vocabulary and chunks of 2,048 tokens, frozen
+# or trained head; 1.16-1.29 with chunks of 512, where the fixed buffers weigh more).
+LOSS_CHUNK_BUFFERS = 1.05
+
+
+def fused_attention(s: Setup, head_dim: int) -> bool:
+    """Whether `model.attention` runs a fused kernel on the planned platform (as
+    `jaxft.models.attention.resolve` decides there): no [T, T] scores are kept. `auto` is cuDNN on a GPU
+    computing in bf16/fp16 (head dim a multiple of 8, up to 256) unless rows are packed, splash on a TPU."""
+    impl = getattr(s.cfg, "attention", "xla")
+    if impl != "auto":
+        return impl in ("cudnn", "splash", "flash")
+    if s.platform == "tpu":
+        return True
+    d = s.config.data
+    packed = bool(d.get("packing")) and d.get("task") in ("causal_lm", "sft")  # rows with segment ids
+    half = np.dtype(s.cfg.compute_dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+    return s.platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 256 and not packed
 
 
 def activation_bytes(s: Setup, batch: int) -> dict:
     """Activation bytes per device for a global batch of `batch` (see the module docstring), summed over
     the family's stacks of blocks (`Family.activation_blocks`: Llama's layers, T5's encoder and decoder)."""
-    from jaxft.cross_entropy import CHUNK_TOKENS, MIN_CHUNK_LENGTH
+    from jaxft.cross_entropy import chunk_length
     from jaxft.data import tasks
     from jaxft.models import family
 
@@ -224,6 +241,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     split = lambda n: n // tp if n % tp == 0 else n  # noqa: E731  (axes the tensor axis divides)
     rank = next((h.rank for h in s.method.hooks if hasattr(h, "rank")), 0)
     policy = "save_dots" if cfg.remat == "offload" and s.platform == "cpu" else cfg.remat  # CPU: host is the device
+    quantized = config.model.get("quantization", "none") != "none"
     stacks, saved_total, working = [], 0, 0
     all_blocks = fam.activation_blocks(cfg)
     inside = [re.compile(rf"^{re.escape(bl.prefix)}(_\d+)?/") for bl in all_blocks]
@@ -239,25 +257,33 @@ def activation_bytes(s: Setup, batch: int) -> dict:
             continue  # no gradient flows through this stack (T5's encoder under P-Tuning v2): forward only
         d_model, d = blocks.hidden, blocks.head_dim
         heads, kv, ffn = split(blocks.heads), split(blocks.kv_heads), split(blocks.ffn)
-        trained, adapted, norms = _block_modules(s, blocks)
+        trained, adapted = _block_modules(s, blocks)
         width = lambda n: split(n) if n != d_model else n  # noqa: E731  (the model width is not split)
-        # What the backward pass keeps of one block without remat, per token: the norms' fp32 inputs,
-        # per attention q, k, v, fp32 scores, probabilities and row statistics, the MLP-wide tensors.
-        keep = 4 * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
+        # What the backward pass keeps of one block without remat, per token: the norms' inputs,
+        # per attention q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics
+        # or (a fused kernel) its output and row log-sum-exps, the MLP-wide tensors.
+        keep = c * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
+        fused = blocks.fused_attention and fused_attention(s, d)
         prefix = 0
         for kind in blocks.attention:
             pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only
             k = t + pk  # keys per query
-            keep += c * (heads * d + 2 * kv * d * k / t) + 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)
+            keep += c * (heads * d + 2 * kv * d * k / t)
+            keep += c * heads * d + 4 * heads if fused else 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)
             prefix += c * 2 * b * pk * kv * d  # this block's prefix keys and values
         inputs = {}  # the distinct inputs that projections with weight gradients read
         for name, group, n_in, _ in blocks.projections:
             if name in trained | adapted and not group.startswith("cross_kv"):  # cross k/v read the encoder's states
                 inputs[group] = width(n_in)
         keep += c * sum(inputs.values())
-        keep += 4 * blocks.norms * d_model * norms  # normalised states, for the norms' weight gradients
         keep += c * rank * len(adapted)  # LoRA's x @ A
-        per_layer = keep * b * t + prefix
+        # Kernels stored wider than the compute dtype (fp32 masters, an fp32 frozen base) are cast once
+        # in the forward pass, and the backward pass reads the casts again.
+        # (A quantized frozen kernel is dequantized again inside its matmul's backward instead.)
+        frozen_bytes = 0 if quantized else (4 if cfg.param_dtype == "float32" else 2)
+        casts = sum(width(n_in) * width(n_out) for name, _, n_in, n_out in blocks.projections
+                    if (4 if name in trained else frozen_bytes) > c)
+        per_layer = keep * b * t + prefix + c * casts
         outputs = sum(width(n_out) for _, _, _, n_out in blocks.projections)
         saved = {  # what each block leaves for the backward pass
             "none": per_layer,
@@ -274,7 +300,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     loss = 0
     vocab_split = tp if cfg.vocab_size % tp == 0 else 1
     if cfg.head in ("causal_lm", "seq2seq_lm"):
-        length = max(1, min(t, max(MIN_CHUNK_LENGTH, CHUNK_TOKENS // b)))
+        length = chunk_length(b, t, cfg.vocab_size)
         loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / vocab_split
     elif cfg.head == "masked_lm":  # fp32 logits at the targets only, and their gradient (not measured):
         k = 1 if config.data.task == "cloze" else tasks.mlm_width(t)  # the mask, or BERT's 15%

@@ -94,3 +94,31 @@ def test_old_boolean_setting_still_means_full_or_none():
     c.model.remat = "all"
     with pytest.raises(JaxftError, match="model.remat='all': expected one of"):
         validate(c)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_norms_and_activations_are_recomputed_not_kept(family, capsys):
+    """Without remat, what a bf16 layer keeps for the backward pass (jax's own list of residuals): the
+    norms keep their bf16 input, not an fp32 copy and the normalised value, and the MLP keeps its
+    projections' outputs (gate and up; GPT-2: its input) and the down projection's input, not the
+    activation's insides (`jaxft.models.layers.recomputed`). Fails if either goes back to plain autodiff."""
+    from jaxft.models import family as families
+
+    b, t = 2, 16
+    if family == "llama":
+        cfg, width, hidden = TINY.replace(dtype="bfloat16", num_layers=1, scan_layers=False), 48, 32
+        mlp_keeps = 3  # gate, up, SiLU(gate) * up
+    else:
+        from jaxft.models.gpt2 import GPT2Config
+
+        cfg = GPT2Config(vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=1, num_heads=4,
+                         max_position_embeddings=32, dtype="bfloat16")
+        width, hidden, mlp_keeps = 128, 32, 2  # c_fc's output, GELU's output (c_proj's input)
+    model = families.build(cfg, ())
+    ids = jnp.ones((b, t), jnp.int32)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), ids)["params"])
+    jax.ad_checkpoint.print_saved_residuals(lambda p: model.apply({"params": p}, ids).astype(jnp.float32).sum(), params)
+    kept = [line.split(" ")[0] for line in capsys.readouterr().out.splitlines() if "from the argument" not in line]
+    dims = lambda k: tuple(int(n) for n in k[k.index("[") + 1 : -1].split(",") if n)  # noqa: E731  (leading: layers)
+    assert sum(dims(k)[-3:] == (b, t, width) for k in kept) == mlp_keeps, kept
+    assert not any(k.startswith("f32[") and dims(k)[-3:] == (b, t, hidden) for k in kept), kept

@@ -64,6 +64,9 @@ def test_leaves_drop_spans_around_kernels():
            {"pid": 1, "tid": 7, "name": "dot.1", "ts": 1, "dur": 4}, {"pid": 1, "tid": 7, "name": "add.2", "ts": 6, "dur": 3},
            {"pid": 1, "tid": 8, "name": "dot.9", "ts": 2, "dur": 5}]  # another row, overlapping in time
     assert sorted(e["name"] for e in trace_summary.leaves(row)) == ["add.2", "dot.1", "dot.9"]
+    # Hopper: a kernel starts before the one ahead of it on the same stream ends; both ran
+    pdl = [{"pid": 2, "tid": 1, "name": "gemm", "ts": 0, "dur": 10}, {"pid": 2, "tid": 1, "name": "fusion", "ts": 9, "dur": 5}]
+    assert sorted(e["name"] for e in trace_summary.leaves(pdl)) == ["fusion", "gemm"]
 
 
 def test_cli_errors_without_a_trace(tmp_path):

@@ -80,11 +80,18 @@ def parse_args(argv):
     p.add_argument("--attention", default="auto", help="jaxft model.attention (xla, cudnn, splash, flash, auto)")
     p.add_argument("--remat", default="none", help="jaxft model.remat (none, full, save_dots, offload)")
     p.add_argument("--param_dtype", default="float32", help="jaxft model.param_dtype of the frozen base")
+    p.add_argument("--scan_layers", type=int, default=1, choices=(0, 1), help="jaxft model.scan_layers")
+    p.add_argument("--loss_chunk_tokens", type=int, default=0,
+                   help="jaxft's fused cross-entropy: tokens per chunk (0: jaxft's own choice), for experiments")
+    p.add_argument("--hlo", default="",
+                   help="write jaxft's compiled train step (optimized HLO, gzip) to this path, {method} replaced by the method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_n", type=int, default=2048, help="matmul size for the measured FLOP/s peak")
     p.add_argument("--peak_reps", type=int, default=10, help="matmuls timed for the peak (best one counts)")
     p.add_argument("--profile_steps", type=int, default=0,
                    help="profile this many steps after the timed ones: device time by kernel kind")
+    p.add_argument("--keep_trace", default="",
+                   help="copy jaxft's raw profile (*.trace.json.gz) to this path, {method} replaced by the method")
     p.add_argument("--json", default="", help="also write all rows (and the header) to this file")
     p.add_argument("--_one", default="", help=argparse.SUPPRESS)  # framework:method, run in a child
     args = p.parse_args(argv)
@@ -120,7 +127,7 @@ def model_config(args, method: str = "full"):
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
         max_position_embeddings=max(2048, args.seq + args.num_virtual_tokens),
-        head="causal_lm", dtype=args.dtype, **extra,
+        head="causal_lm", dtype=args.dtype, scan_layers=bool(args.scan_layers), **extra,
     )
 
 
@@ -178,6 +185,10 @@ def run_jaxft(args, method_name: str) -> dict:
     from jaxft.step import TrainState, make_optimizer, make_train_step
 
     base_rss = rss_mib()
+    if args.loss_chunk_tokens:
+        import jaxft.cross_entropy
+
+        jaxft.cross_entropy.CHUNK_TOKENS, jaxft.cross_entropy.CHUNK_LOGITS_BYTES = args.loss_chunk_tokens, 0
     c = base_config()
     c.method.name = method_name
     c.method.rank, c.method.alpha, c.method.targets = LORA_RANK, float(LORA_ALPHA), ",".join(LORA_TARGETS)
@@ -206,6 +217,11 @@ def run_jaxft(args, method_name: str) -> dict:
     t0 = time.perf_counter()
     compiled = train_step.lower(state, frozen, batch).compile()
     xla_compile_s = time.perf_counter() - t0
+    if args.hlo:
+        import gzip
+
+        with gzip.open(args.hlo.format(method=method_name), "wt") as f:
+            f.write(compiled.as_text())
     xla_mib = None
     try:
         mem = compiled.memory_analysis()
@@ -238,7 +254,13 @@ def run_jaxft(args, method_name: str) -> dict:
                         state, metrics = train_step(state, frozen, batch)
                     jax.block_until_ready((state, metrics))
                 events, rows = jax_events(trace_dir)
-            profile = {**summarize(events, args.profile_steps), "rows": rows}
+                if args.keep_trace:
+                    import shutil
+
+                    from trace_summary import newest_trace
+
+                    shutil.copy(newest_trace(trace_dir), args.keep_trace.format(method=method_name))
+            profile = {**summarize(events, args.profile_steps, top=40), "rows": rows}
         except Exception as e:  # noqa: BLE001
             profile = {"error": f"{type(e).__name__}: {e}"}
     return {
@@ -246,7 +268,8 @@ def run_jaxft(args, method_name: str) -> dict:
         "compile_s": compile_s, "xla_compile_s": xla_compile_s, "step_s": elapsed / args.steps,
         "loss_first": loss_first, "loss_last": float(metrics["loss"]), "xla_mib": xla_mib,
         "base_rss_mib": base_rss, "device_mib": device_peak_mib_jax(), "versions": {"jax": jax.__version__},
-        "attention": getattr(cfg, "attention", "xla"), "remat": cfg.remat,
+        "attention": getattr(cfg, "attention", "xla"), "remat": cfg.remat, "scan_layers": cfg.scan_layers,
+        "loss_chunk_tokens": args.loss_chunk_tokens or None,
     }
 
 
@@ -329,7 +352,7 @@ def run_peft(args, method_name: str) -> dict:
                     step()
                 sync()
             what = "CUDA kernels" if device == "cuda" else "CPU operators' own time"
-            profile = {**summarize(torch_events(prof, device), args.profile_steps), "rows": f"torch.profiler, {what}"}
+            profile = {**summarize(torch_events(prof, device), args.profile_steps, top=40), "rows": f"torch.profiler, {what}"}
         except Exception as e:  # noqa: BLE001
             profile = {"error": f"{type(e).__name__}: {e}"}
     return {

@@ -9,7 +9,8 @@
 #      each: device time per step by kernel kind (matmul, attention, other = the memory-bound work
 #      between them), jaxft's and PyTorch's side by side (tools/trace_summary.py),
 #   5. runs the main job (configs/ptuning_v2.py) on the GPU as configured (fp32) and in bf16,
-# and writes its figures to OUT/gpu_check.json (plus one log per part). BENCHMARKS.md holds the results.
+# and writes its figures to OUT/gpu_check.json, and the logs, the profiles (`*.trace.json.gz`) and the compiled
+# train steps (`*.hlo.gz`) to OUT/raw.tgz. BENCHMARKS.md holds the results.
 #
 #   tools/gpu_check.sh [OUT]          # OUT defaults to $OUT, else ./gpu_check_out
 #
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check_out}}
-mkdir -p "$OUT"
+mkdir -p "$OUT/raw"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -74,7 +75,7 @@ timeout 360 python3 tools/benchmark.py --layers 22 --hidden 2048 --heads 32 --kv
   --vocab 32000 --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 \
   --methods "$METHODS" --frameworks jaxft,peft --num_virtual_tokens 16 --peak_n 8192 --peak_reps 5 \
   --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --profile_steps "$PROFILE_STEPS" \
-  --json "$OUT/benchmark.json" 2>&1 \
+  --keep_trace "$OUT/raw/trace_{method}.json.gz" --hlo "$OUT/raw/step_{method}.hlo.gz" --json "$OUT/benchmark.json" 2>&1 \
   | tee "$OUT/benchmark.log" | grep -v "^running "
 
 echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
@@ -103,3 +104,7 @@ summary = {"seconds": seconds, "attention_tests_exit_status": None if attn_rc < 
 json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 print(f"wrote {out}/gpu_check.json ({seconds} s)")
 EOF
+# Two files come back from a device call: the summary, and the rest (logs, profiles, compiled steps) in one
+# archive, which `tools/trace_summary.py` and an HLO reader take apart offline.
+(cd "$OUT" && for f in *; do [ "$f" = gpu_check.json ] || [ "$f" = raw ] || mv "$f" raw/; done \
+  && tar czf raw.tgz raw && rm -rf raw) && echo "wrote $OUT/raw.tgz"

@@ -116,7 +116,8 @@ def jax_events(path: str) -> tuple[list[dict], str]:
 
 def leaves(events: list[dict]) -> list[dict]:
     """The events that hold no other event of their row: a loop's or an op's span around its kernels
-    would count their time twice."""
+    would count their time twice. An event that only overlaps the next one is kept: on Hopper GPUs a
+    kernel may start before the one ahead of it on its stream ends (programmatic dependent launch)."""
     by_row = collections.defaultdict(list)
     for e in events:
         by_row[e["pid"], e.get("tid")].append(e)
@@ -124,14 +125,18 @@ def leaves(events: list[dict]) -> list[dict]:
     for row in by_row.values():
         row.sort(key=lambda e: (e["ts"], -e["dur"]))
         out += [e for e, nxt in zip(row, row[1:] + [None])
-                if nxt is None or nxt["ts"] >= e["ts"] + e["dur"]]
+                if nxt is None or nxt["ts"] >= e["ts"] + e["dur"] or nxt["ts"] + nxt["dur"] > e["ts"] + e["dur"]]
     return out
 
 
 def torch_events(prof, device: str) -> list[dict]:
     """The kernels (CUDA) or operators' own time (CPU) of a finished `torch.profiler.profile`."""
     rows = []
-    for a in prof.key_averages():
+    averages = prof.key_averages()
+    if device == "cuda":  # the kernels' own rows: an operator's row repeats the time of the kernels it launched
+        kernels = [a for a in averages if str(getattr(a, "device_type", "")).endswith(("CUDA", "PrivateUse1"))]
+        averages = kernels or averages
+    for a in averages:
         if device == "cuda":
             us = getattr(a, "self_device_time_total", None)
             us = getattr(a, "self_cuda_time_total", 0) if us is None else us

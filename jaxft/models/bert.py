@@ -32,7 +32,7 @@ from flax import traverse_util
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
 from jaxft.models.family import Blocks, Family, Settings, params_from_keys, unstack_layers
-from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, remat_policy
+from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, recomputed, remat_policy
 from jaxft.sharding import constrain
 
 HEADS = ("masked_lm", "classification", "token_classification")
@@ -162,7 +162,7 @@ class Intermediate(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         h = Linear(cfg.intermediate_size, ("embed", "mlp"), True, cfg.compute_dtype, self.hooks, name="dense")(x)
-        return constrain(ACTIVATIONS[cfg.hidden_act](h), ("batch", "length", "act_mlp"))
+        return constrain(recomputed(ACTIVATIONS[cfg.hidden_act])(h), ("batch", "length", "act_mlp"))
 
 
 class Layer(nn.Module):
@@ -530,7 +530,7 @@ def activation_blocks(cfg: BertConfig) -> tuple[Blocks, ...]:
                                 ("output/dense", "mlp_act", f, d))),)
 
 
-MLP_TENSORS = 4  # F-wide tensors an (erf) GELU MLP keeps for the backward (measured: tests/test_plan.py)
+MLP_TENSORS = 1  # F-wide tensors a GELU MLP keeps for the backward: its input (the activation is recomputed)
 
 
 FAMILY = Family(

@@ -97,13 +97,14 @@ class Blocks:
     head_dim: int
     ffn: int  # the MLP's width
     attention: tuple[str, ...] = ("self",)  # its attention sublayers: "self" (causal or not), "cross" (encoder keys)
-    mlp_tensors: float = 5  # MLP-wide tensors the backward keeps (gated SiLU: gate, up, sigmoid, SiLU, product)
-    norms: int = 2  # norms, each keeping its fp32 input
+    mlp_tensors: float = 2  # MLP-wide tensors the backward keeps (gated: gate and up; the activation is recomputed)
+    norms: int = 2  # norms, each keeping its input
     # module name -> (the input it reads: projections that share one count it once, its input width,
     # its output width): who pays for a weight gradient's saved input, and save_dots' saved outputs
     projections: tuple[tuple[str, str, int, int], ...] = ()
     takes_prefix: bool = True  # whether P-Tuning v2's prefix keys/values enter its self-attention
-    recompute: float = 1.35  # remat=full: the backward's working set over one block's kept bytes (measured)
+    fused_attention: bool = True  # whether `model.attention` may run a fused kernel here (T5's bias: never)
+    recompute: float = 1.9  # remat=full: the backward's working set over one block's kept bytes (measured)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,9 @@ from flax import traverse_util
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
 from jaxft.models.family import Blocks, Family, Settings, params_from_keys, unstack_layers
-from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, remat_policy, segment_positions
+from jaxft.models.layers import (
+    LayerNorm, Linear, block_output, param_with_axes, pool, recomputed, remat_policy, segment_positions,
+)
 from jaxft.sharding import constrain
 
 HEADS = ("causal_lm", "classification", "token_classification")
@@ -144,7 +146,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         hidden = Linear(cfg.intermediate_size, ("embed", "mlp"), True, dt, self.hooks, name="c_fc")(x)
-        hidden = constrain(ACTIVATIONS[cfg.activation_function](hidden), ("batch", "length", "act_mlp"))
+        hidden = constrain(recomputed(ACTIVATIONS[cfg.activation_function])(hidden), ("batch", "length", "act_mlp"))
         return Linear(cfg.hidden_size, ("mlp", "embed"), True, dt, self.hooks, name="c_proj")(hidden)
 
 
@@ -432,7 +434,7 @@ def activation_blocks(cfg: GPT2Config) -> tuple[Blocks, ...]:
                                 ("c_fc", "mlp_in", d, f), ("mlp/c_proj", "mlp_act", f, d))),)
 
 
-MLP_TENSORS = 5  # F-wide tensors a GELU MLP keeps for the backward (measured: tests/test_plan.py)
+MLP_TENSORS = 1  # F-wide tensors a GELU MLP keeps for the backward: its input (the activation is recomputed)
 
 
 FAMILY = Family(

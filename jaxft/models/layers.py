@@ -9,6 +9,7 @@ output); a hook may add its own parameters inside the module's scope.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -77,6 +78,34 @@ class Linear(nn.Module):
         return checkpoint_name(y, PROJECTION)
 
 
+def recomputed(fn, static_argnums=()):
+    """`fn` whose backward pass recomputes its insides from its inputs instead of keeping them.
+
+    For cheap elementwise work between matmuls (norms, the MLP's activation): left to autodiff, a
+    norm keeps an fp32 copy of its bf16 input and its normalised value, and SwiGLU keeps four
+    [tokens, intermediate] tensors beside gate and up. Writing them in the forward pass and reading
+    them back costs more than recomputing them inside the backward's own fusions (and holds memory).
+    No CSE barrier: the recomputation is meant to fuse with the backward work around it."""
+    return jax.checkpoint(fn, prevent_cse=False, static_argnums=static_argnums)
+
+
+@functools.partial(recomputed, static_argnums=(2, 3))
+def _rms_norm(x, weight, eps: float, dtype):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # Match HF: normalise in fp32, cast back, then scale.
+    return weight.astype(dtype) * x32.astype(dtype)
+
+
+@functools.partial(recomputed, static_argnums=(3, 4))
+def _layer_norm(x, weight, bias, eps: float, dtype):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
@@ -84,10 +113,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         weight = param_with_axes(self, "weight", nn.initializers.ones, (x.shape[-1],), ("norm",))
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # Match HF: normalise in fp32, cast back, then scale.
-        return weight.astype(self.dtype) * x32.astype(self.dtype)
+        return _rms_norm(x, weight, self.eps, jnp.dtype(self.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -100,11 +126,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         weight = param_with_axes(self, "weight", nn.initializers.ones, (x.shape[-1],), ("norm",))
         bias = param_with_axes(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        return _layer_norm(x, weight, bias, self.eps, jnp.dtype(self.dtype))
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # as transformers computes them

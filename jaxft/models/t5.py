@@ -42,7 +42,7 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.family import Blocks, Family, Settings, stack_layers
-from jaxft.models.layers import Linear, RMSNorm, block_output, param_with_axes, pool, remat_policy
+from jaxft.models.layers import Linear, RMSNorm, block_output, param_with_axes, pool, recomputed, remat_policy
 from jaxft.sharding import constrain
 
 HEADS = ("seq2seq_lm", "classification")
@@ -217,10 +217,10 @@ class FeedForward(nn.Module):
         proj = lambda n, f, ax, std: Linear(f, ax, False, dt, self.hooks, init_std=std, name=n)  # noqa: E731
         act = ACTIVATIONS[cfg.dense_act_fn]
         if cfg.gated:
-            h = act(proj("wi_0", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x))
-            h = h * proj("wi_1", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x)
+            gate = proj("wi_0", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x)
+            h = recomputed(lambda g, u: act(g) * u)(gate, proj("wi_1", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x))
         else:
-            h = act(proj("wi", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x))
+            h = recomputed(act)(proj("wi", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x))
         h = constrain(h, ("batch", "length", "act_mlp"))
         return proj("wo", cfg.d_model, ("mlp", "embed"), cfg.d_ff ** -0.5)(h)
 
@@ -716,12 +716,14 @@ def activation_blocks(cfg: T5Config) -> tuple[Blocks, ...]:
                               (f"{name}/v", f"{tag}_kv", d, inner), (f"{name}/o", f"{tag}_out", inner, d))
     tensors = MLP_TENSORS["gated" if cfg.gated else "plain"]
     return (Blocks("encoder/block", cfg.num_layers, d, h, h, hd, f, mlp_tensors=tensors, takes_prefix=False, recompute=1.5,
+                   fused_attention=False,
                    projections=attn("SelfAttention", "attn") + mlp),
             Blocks("decoder/block", cfg.num_decoder_layers, d, h, h, hd, f, attention=("self", "cross"), norms=3,
+                   fused_attention=False,
                    mlp_tensors=tensors, recompute=1.5, projections=attn("SelfAttention", "attn") + attn("EncDecAttention", "cross") + mlp))
 
 
-MLP_TENSORS = {"gated": 6.5, "plain": 3}  # F-wide tensors the MLP keeps for the backward (measured: tests/test_plan.py)
+MLP_TENSORS = {"gated": 2, "plain": 1}  # F-wide tensors the MLP keeps for the backward (the activation is recomputed)
 
 
 FAMILY = Family(
