@@ -24,23 +24,27 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                rows b on one device, t = data.seq_len, k = t + prefix tokens p, c = the compute
                dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
                (each divided by mesh.tensor where it divides):
-    per_layer  b t [c (2 D + H d + 2 KV d k/t + 2 F) + 4 H k + c H k + 4 (4 + 2 H)]
+    per_layer  b t [c (2 D + H d + 2 KV d k/t + 2 F) + A]
                + c b t (inputs of the projections whose weights get gradients: D for q/k/v, H d for
                o, D for gate/up, F for down) + c b t r per LoRA target
-               + 2 c b p KV d (the layer's prefix keys and values).
+               + 2 c b p KV d (the layer's prefix keys and values)
+               + c x (the layer's kernels stored wider than c: the casts the backward reads again),
+               with A = 4 H k + c H k + 4 (4 + 2 H) for XLA's einsum attention (fp32 scores,
+               probabilities, row statistics) or c H d + 4 H for a fused kernel (its output and row
+               log-sum-exps: cuDNN, splash, flash; `fused_attention` says which the run takes).
                The terms are what XLA keeps per layer for the backward pass (read from the compiled
-               step's layer loop): the norms' inputs, q, k and v, the MLP's gate and up, fp32 scores,
-               probabilities, and row statistics. The norms and the MLP's activation recompute the
-               rest inside the backward pass (`jaxft.models.layers.recomputed`).
+               step's layer loop): the norms' inputs, q, k and v, the MLP's gate and up, and the
+               attention's own. The norms and the MLP's activation recompute the rest inside the
+               backward pass (`jaxft.models.layers.recomputed`).
     saved      remat none: per_layer. full: the layer's input, c b t D (+ prefix). save_dots: its
                input and every projection's output, c b t (3 D + H d + 2 KV d + 2 F). offload:
                the input only on the device (the projections' outputs wait in host memory; on CPU,
                where host memory is the device's, as save_dots).
-    working    the backward pass through one layer: per_layer x 1.0 (none), 0.7 (save_dots,
-               offload), `Blocks.recompute` (full: it recomputes the layer first; Llama 1.35, GPT-2 1.0,
-               T5 1.5). Measured on XLA:CPU over full,
-               LoRA and P-Tuning v2, sequence lengths 128-256, batches 4-16, vocabularies 512-4096,
-               two MLP widths: 0.81-1.11, 0.65-0.73 and 1.25-1.44.
+    working    the backward pass through one layer: per_layer x 1.0 (none, save_dots, offload),
+               `Blocks.recompute` (full: it recomputes the layer first; Llama 1.9, GPT-2 1.0, T5 1.5).
+               Set against XLA's own figures: on XLA:CPU (tests/test_plan.py: full, LoRA and P-Tuning
+               v2 on 1 and 8 devices) the plan is 0.88-0.92 of XLA without remat, 0.96-1.00 with
+               remat full and 0.88 with save_dots; on an H200 (a 1.1B Llama in bf16) 0.98-1.05.
     loss       causal LM: 1.05 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
                and their gradient, fused; `jaxft.cross_entropy` chunks the sequence, up to 512 MiB of
                logits per chunk; measured 1.01-1.02 with a 32k vocabulary), alive before the backward
@@ -194,11 +198,6 @@ def _block_modules(s: Setup, blocks) -> tuple[set, set]:
     return trained, adapted
 
 
-# How much of one layer's residuals the backward pass needs on top of the saved ones, by remat
-# policy: the gradients of one layer's residuals (none), plus what it recomputes (save_dots, full).
-# Measured on XLA:CPU for full, LoRA and P-Tuning v2 (tests/test_plan.py): 0.81-1.11, 0.65-0.73,
-# 1.25-1.44 over sequence lengths 128-256, batches 4-16, vocabularies 512-4096 and MLP widths.
-WORKING_SET = {"none": 1.0, "save_dots": 1.0, "offload": 1.0, "full": 1.9}
 # fp32 [chunk, vocab] arrays the fused loss holds at once: XLA fuses logits, exponentials and their
 # gradient into about one (measured 1.01-1.02 with a 32k vocabulary and chunks of 2,048 tokens, frozen
 # or trained head; 1.16-1.29 with chunks of 512, where the fixed buffers weigh more).
@@ -292,7 +291,9 @@ def activation_bytes(s: Setup, batch: int) -> dict:
             "offload": c * b * t * d_model + prefix,  # its input; the projections' outputs wait in host memory
         }[policy]
         saved_total += blocks.count * saved
-        factor = blocks.recompute if cfg.remat == "full" else WORKING_SET[cfg.remat]
+        # The backward pass through one layer holds about one layer's residuals (their gradients, or
+        # what save_dots recomputes); under full remat `Blocks.recompute` times that (the docstring).
+        factor = blocks.recompute if cfg.remat == "full" else 1.0
         working = max(working, factor * per_layer)
         stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
     if fam.encoder_decoder and stacks:

@@ -536,15 +536,24 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
     peak, peak_source = run_peak(config)
+    from jaxft.models import family
+
+    packed = "segment_ids" in data.train
+    impl = family.attention_impl(cfg, packed)
     log(
         f"model: {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size} head={cfg.head}"
-        f"{f' ({cfg.pooling} pooling)' if cfg.head == 'classification' else ''} | method: {method.name} | "
+        f"{f' ({cfg.pooling} pooling)' if cfg.head == 'classification' else ''} | "
+        f"{cfg.compute_dtype.name}, attention {impl}{' (auto)' if cfg.attention == 'auto' else ''}, remat {cfg.remat} | "
+        f"method: {method.name} | "
         f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%) | "
         f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es) | "
         f"MFU against {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})"
     )
     if n_train == 0:
         raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
+    if impl == "xla" and packed and cfg.attention == "auto" and family.attention_impl(cfg, False) != "xla":
+        log("note: model.attention=auto runs XLA's dense attention for packed rows (segment ids), several times "
+            "slower than the fused kernel; data.packing=False lets the fused kernel run")
     if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
         from jaxft import quant
 

@@ -363,3 +363,22 @@ def test_encoder_logits_match_xla(impl, available):
     real = np.asarray(mask, bool)[:, :, None]
     assert np.isfinite(got).all()
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0), atol=tol, rtol=TOL[dtype])
+
+
+def test_the_run_names_the_attention_it_takes(monkeypatch):
+    """`family.attention_impl` (what jaxft.train prints at start-up): `auto` on a GPU in bf16 is cuDNN,
+    but XLA's einsum for packed rows and for T5 (its position bias); on this CPU, XLA."""
+    from jaxft.models import family
+    from jaxft.models.t5 import T5Config
+
+    llama = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
+                        num_kv_heads=2, dtype="bfloat16", attention="auto")
+    t5 = T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=96, num_layers=1, num_decoder_layers=1, num_heads=4,
+                  dtype="bfloat16", attention="auto")
+    assert family.attention_impl(llama, False) == family.attention_impl(t5, False) == "xla"
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(A, "_cudnn_head_dim", lambda d: True)
+    assert family.attention_impl(llama, False) == "cudnn"
+    assert family.attention_impl(llama, True) == "xla"
+    assert family.attention_impl(t5, False) == "xla"
+    assert family.attention_impl(llama.replace(dtype="float32"), False) == "xla"

@@ -352,7 +352,7 @@ def test_full_fine_tuning_first_loss_is_torch_and_export_loads(t5_dir, tmp_path)
     r = cli(tmp_path, f"--config.model.path={t5_dir}", "--config.method.name=full", "--config.train.steps=3", *QUICK,
             "--config.optimizer.learning_rate=1e-2", config="configs/e2e_t5.py")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "model: t5 2x32 head=seq2seq_lm | method: full" in r.stdout
+    assert "model: t5 2x32 head=seq2seq_lm | float32, attention xla" in r.stdout and "| method: full |" in r.stdout
     assert "seq2seq e2e_nlg (train): 32 source -> target pairs" in r.stdout
     train, _, _, _ = sources.resolve(_data_cfg("e2e_nlg"))
     arrays, _ = seq2seq.arrays(sources.Records(train.rows[:32], train.where[:32]), Tokenizer(t5_dir), 32, 32, FIELDS)

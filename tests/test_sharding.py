@@ -47,7 +47,7 @@ def test_mean_pooling_classifier_eight_devices_match_one(tmp_path):
     one, eight = tmp_path / "one", tmp_path / "eight"
     r = cli(one, *run, "--config.mesh.data=1")
     assert r.returncode == 0, r.stderr
-    assert "head=classification (mean pooling) | method: ptuning_v2" in r.stdout
+    assert "head=classification (mean pooling) | float32, attention xla" in r.stdout and "| method: ptuning_v2 |" in r.stdout
     r = cli(eight, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", devices=8)
     assert r.returncode == 0, r.stderr
     ref, got = losses(one), losses(eight)

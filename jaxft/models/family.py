@@ -174,6 +174,18 @@ def build(cfg, hooks=()):
     return of(cfg).model(cfg, hooks=tuple(hooks))
 
 
+def attention_impl(cfg, packed: bool) -> str:
+    """The attention implementation a run of `cfg` takes on this backend (`model.attention` resolved;
+    an implementation it cannot run is `resolve`'s error). `packed`: rows hold several examples."""
+    blocks = of(cfg).activation_blocks(cfg) if of(cfg).activation_blocks else ()
+    if blocks and not blocks[0].fused_attention:  # its own einsum (T5's position bias)
+        return "xla"
+    from jaxft.models.attention import resolve
+
+    head_dim = blocks[0].head_dim if blocks else cfg.hidden_size // cfg.num_heads
+    return resolve(cfg.attention, cfg.compute_dtype, head_dim, packed=packed)
+
+
 def head_of(architectures, family: Family) -> str:
     """The head an HF config's `architectures` names; the family's default for a bare base model."""
     for arch in architectures or ():
