@@ -16,7 +16,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 METHODS=${METHODS:-full,lora} STEPS=${STEPS:-6} WARMUP=${WARMUP:-1} PEFT_METHODS=${PEFT_METHODS-lora}
-VARIANTS=${VARIANTS-$'\n--xla_gpu_enable_triton_gemm=false'}
+# Default: XLA's defaults, and GEMMs that read their operands in place from a layer scan's stacked buffers
+# (the copies an H200 profile showed: 18 ms of a 253 ms full fine-tuning step, BENCHMARKS.md).
+VARIANTS=${VARIANTS-$'\n--xla_gpu_enable_dynamic_slice_fusion=true'}
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 bench() {  # frameworks methods json
   timeout 300 python3 tools/benchmark.py --layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 \
