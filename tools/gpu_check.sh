@@ -8,6 +8,8 @@
 #      PyTorch (CUDA, bf16 autocast, SDPA) on the same GPU, then profiles PROFILE_STEPS more steps of
 #      each: device time per step by kernel kind (matmul, attention, other = the memory-bound work
 #      between them), jaxft's and PyTorch's side by side (tools/trace_summary.py),
+#   4b. times full fine-tuning once more with XLA's dynamic-slice fusion (GEMMs reading a layer scan's
+#      stacked buffers in place),
 #   5. runs the main job (configs/ptuning_v2.py) on the GPU as configured (fp32) and in bf16,
 # and writes its figures to OUT/gpu_check.json, and the logs, the profiles (`*.trace.json.gz`) and the compiled
 # train steps (`*.hlo.gz`) to OUT/raw.tgz. BENCHMARKS.md holds the results.
@@ -78,6 +80,15 @@ timeout 360 python3 tools/benchmark.py --layers 22 --hidden 2048 --heads 32 --kv
   --keep_trace "$OUT/raw/trace_{method}.json.gz" --hlo "$OUT/raw/step_{method}.hlo.gz" --json "$OUT/benchmark.json" 2>&1 \
   | tee "$OUT/benchmark.log" | grep -v "^running "
 
+echo "== 4b. full fine-tuning again, GEMMs reading the layer scan's slices in place ($((SECONDS - t0)) s)"
+# The H200 profile's 18 ms of copies per step (BENCHMARKS.md) are the scan slicing each layer out of its
+# stacked buffers; XLA's dynamic-slice fusion lets the GEMMs read them where they are.
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_dynamic_slice_fusion=true" timeout 120 python3 tools/benchmark.py \
+  --layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 --vocab 32000 --batch "$BATCH" --seq "$SEQ" \
+  --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 --methods full --frameworks jaxft --peak_n 4096 --peak_reps 1 \
+  --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --json "$OUT/benchmark_dynamic_slice.json" 2>&1 \
+  | tee "$OUT/benchmark_dynamic_slice.log" | grep -v "^running " | tail -4
+
 echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
 for dtype in float32 bfloat16; do  # as configured (XLA attention), then bf16 compute (cuDNN attention)
   rm -rf "/tmp/gpu_check_main_$dtype"
@@ -99,6 +110,7 @@ summary = {"seconds": seconds, "attention_tests_exit_status": None if attn_rc < 
            "versions": open(os.path.join(out, "versions.txt")).read().splitlines(),
            "nvidia_smi": open(os.path.join(out, "nvidia_smi.csv")).read().splitlines(),
            "attention_bench": read("attention.jsonl"), "benchmark": read("benchmark.json"),
+           "benchmark_dynamic_slice_fusion": read("benchmark_dynamic_slice.json"),
            "logs": {name: open(os.path.join(out, name)).read()[-6000:] for name in
                     ("test_attention.log", "attention_bench.log", "main_job.log") if os.path.exists(os.path.join(out, name))}}
 json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
