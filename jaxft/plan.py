@@ -74,7 +74,6 @@ import re
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
@@ -204,19 +203,14 @@ def _block_modules(s: Setup, blocks) -> tuple[set, set]:
 LOSS_CHUNK_BUFFERS = 1.05
 
 
-def fused_attention(s: Setup, head_dim: int) -> bool:
-    """Whether `model.attention` runs a fused kernel on the planned platform (as
-    `jaxft.models.attention.resolve` decides there): no [T, T] scores are kept. `auto` is cuDNN on a GPU
-    computing in bf16/fp16 (head dim a multiple of 8, up to 256) unless rows are packed, splash on a TPU."""
-    impl = getattr(s.cfg, "attention", "xla")
-    if impl != "auto":
-        return impl in ("cudnn", "splash", "flash")
-    if s.platform == "tpu":
-        return True
+def fused_attention(s: Setup) -> bool:
+    """Whether the run's attention is a fused kernel on the planned platform (cuDNN, splash, flash:
+    `family.attention_impl` there), which keeps no [T, T] scores."""
+    from jaxft.models import family
+
     d = s.config.data
     packed = bool(d.get("packing")) and d.get("task") in ("causal_lm", "sft")  # rows with segment ids
-    half = np.dtype(s.cfg.compute_dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
-    return s.platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 256 and not packed
+    return family.attention_impl(s.cfg, packed, backend=s.platform) != "xla"
 
 
 def activation_bytes(s: Setup, batch: int) -> dict:
@@ -262,7 +256,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # per attention q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics
         # or (a fused kernel) its output and row log-sum-exps, the MLP-wide tensors.
         keep = c * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
-        fused = blocks.fused_attention and fused_attention(s, d)
+        fused = fused_attention(s)
         prefix = 0
         for kind in blocks.attention:
             pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only

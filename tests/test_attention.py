@@ -377,7 +377,7 @@ def test_the_run_names_the_attention_it_takes(monkeypatch):
                   dtype="bfloat16", attention="auto")
     assert family.attention_impl(llama, False) == family.attention_impl(t5, False) == "xla"
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(A, "_cudnn_head_dim", lambda d: True)
+    monkeypatch.setattr(A, "_cudnn_head_dim", lambda d, local=True: True)
     assert family.attention_impl(llama, False) == "cudnn"
     assert family.attention_impl(llama, True) == "xla"
     assert family.attention_impl(t5, False) == "xla"

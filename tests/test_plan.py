@@ -153,7 +153,7 @@ def test_a_gpu_step_within_15_percent_of_xla_there(method, remat, file):
                method__targets="q_proj,v_proj", method__num_virtual_tokens=16)
     c.model.init = ml_collections.ConfigDict(TINYLLAMA)
     s = plan.setup(c, 1, platform="gpu")
-    assert plan.fused_attention(s, 64)
+    assert plan.fused_attention(s)
     assert plan.estimate(s)["total"] == pytest.approx(want, rel=0.15)
     # The same step with XLA's attention keeps the [T, T] scores (without remat): several times the activations.
     c.model.attention = "xla"
@@ -164,7 +164,7 @@ def test_a_gpu_step_within_15_percent_of_xla_there(method, remat, file):
 def test_fused_attention_follows_resolve():
     """`auto` is fused on a TPU, and on a GPU in bf16 unless rows are packed (segment ids) or fp32."""
     def fused(platform, **overrides):
-        return plan.fused_attention(plan.setup(config("lora", "none", 1, **overrides), 1, platform=platform), 32)
+        return plan.fused_attention(plan.setup(config("lora", "none", 1, **overrides), 1, platform=platform))
     bf16 = dict(model__dtype="bfloat16", model__attention="auto")
     assert fused("gpu", **bf16, data__task="causal_lm", data__packing=False)
     assert not fused("gpu", **bf16, data__task="causal_lm", data__packing=True)

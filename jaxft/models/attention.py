@@ -63,12 +63,14 @@ def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dty
     return out.reshape(b, t, h * d)
 
 
-def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: int = 0) -> str:
+def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: int = 0, backend: str | None = None) -> str:
     """`model.attention` -> the implementation this backend runs. One it cannot run is an error, never a
-    silent fallback; `auto` picks the fastest it can. `packed`: rows hold several examples (segment ids)."""
-    backend, half = jax.default_backend(), jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    silent fallback; `auto` picks the fastest it can. `packed`: rows hold several examples (segment ids).
+    `backend`: another backend than this machine's (`jaxft.plan --platform`)."""
+    local = jax.default_backend()
+    backend, half = backend or local, jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if impl == "auto":  # packed rows on a GPU: xla (cuDNN's packed path, a per-row mask, is not timed yet)
-        if backend == "gpu" and half and _cudnn_head_dim(head_dim) and not packed:
+        if backend == "gpu" and half and _cudnn_head_dim(head_dim, backend == local) and not packed:
             return "cudnn"
         return "splash" if backend == "tpu" else "xla"
     if impl not in IMPLEMENTATIONS:
@@ -83,9 +85,11 @@ def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: i
     return impl
 
 
-def _cudnn_head_dim(d: int) -> bool:
-    """cuDNN's flash attention takes head dims that are multiples of 8, up to 256 from Hopper on, else 128."""
-    cc = tuple(int(x) for x in getattr(jax.local_devices()[0], "compute_capability", "0.0").split("."))
+def _cudnn_head_dim(d: int, local: bool = True) -> bool:
+    """cuDNN's flash attention takes head dims that are multiples of 8, up to 256 from Hopper on, else 128
+    (`local`: this machine's GPU; else a Hopper one is assumed)."""
+    cc = tuple(int(x) for x in getattr(jax.local_devices()[0], "compute_capability", "0.0").split(".")) \
+        if local else (9, 0)
     return d % 8 == 0 and d <= (256 if cc >= (9, 0) else 128)
 
 

@@ -174,16 +174,16 @@ def build(cfg, hooks=()):
     return of(cfg).model(cfg, hooks=tuple(hooks))
 
 
-def attention_impl(cfg, packed: bool) -> str:
-    """The attention implementation a run of `cfg` takes on this backend (`model.attention` resolved;
-    an implementation it cannot run is `resolve`'s error). `packed`: rows hold several examples."""
+def attention_impl(cfg, packed: bool, backend: str | None = None) -> str:
+    """The attention implementation a run of `cfg` takes on this backend, or on `backend` (`model.attention`
+    resolved; an implementation it cannot run is `resolve`'s error). `packed`: rows hold several examples."""
     blocks = of(cfg).activation_blocks(cfg) if of(cfg).activation_blocks else ()
     if blocks and not blocks[0].fused_attention:  # its own einsum (T5's position bias)
         return "xla"
     from jaxft.models.attention import resolve
 
     head_dim = blocks[0].head_dim if blocks else cfg.hidden_size // cfg.num_heads
-    return resolve(cfg.attention, cfg.compute_dtype, head_dim, packed=packed)
+    return resolve(cfg.attention, cfg.compute_dtype, head_dim, packed=packed, backend=backend)
 
 
 def head_of(architectures, family: Family) -> str:
