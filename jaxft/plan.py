@@ -31,7 +31,7 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                + c x (the layer's kernels stored wider than c: the casts the backward reads again),
                with A = 4 H k + c H k + 4 (4 + 2 H) for XLA's einsum attention (fp32 scores,
                probabilities, row statistics) or c H d + 4 H for a fused kernel (its output and row
-               log-sum-exps: cuDNN, splash, flash; `fused_attention` says which the run takes).
+               log-sum-exps: cuDNN, splash, flash; `attention` says which the run takes).
                The terms are what XLA keeps per layer for the backward pass (read from the compiled
                step's layer loop): the norms' inputs, q, k and v, the MLP's gate and up, and the
                attention's own. The norms and the MLP's activation recompute the rest inside the
@@ -203,14 +203,14 @@ def _block_modules(s: Setup, blocks) -> tuple[set, set]:
 LOSS_CHUNK_BUFFERS = 1.05
 
 
-def fused_attention(s: Setup) -> bool:
-    """Whether the run's attention is a fused kernel on the planned platform (cuDNN, splash, flash:
-    `family.attention_impl` there), which keeps no [T, T] scores."""
+def attention(s: Setup) -> str:
+    """The attention the run takes on the planned platform (`family.attention_impl` there): a fused
+    kernel (cuDNN, splash, flash) keeps no [T, T] scores; XLA's einsum does."""
     from jaxft.models import family
 
     d = s.config.data
     packed = bool(d.get("packing")) and d.get("task") in ("causal_lm", "sft")  # rows with segment ids
-    return family.attention_impl(s.cfg, packed, backend=s.platform) != "xla"
+    return family.attention_impl(s.cfg, packed, backend=s.platform)
 
 
 def activation_bytes(s: Setup, batch: int) -> dict:
@@ -256,7 +256,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # per attention q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics
         # or (a fused kernel) its output and row log-sum-exps, the MLP-wide tensors.
         keep = c * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
-        fused = fused_attention(s)
+        fused = attention(s) != "xla"
         prefix = 0
         for kind in blocks.attention:
             pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only
@@ -394,6 +394,7 @@ def report(s: Setup, device_memory: int | None) -> dict:
         "seq_len": s.config.data.seq_len,
         "num_prefix": s.num_prefix,
         "remat": s.cfg.remat,
+        "attention": attention(s),
     }
 
 
@@ -410,7 +411,8 @@ def text(s: Setup, r: dict) -> str:
     quantized = f" ({kind} projections)" if kind != "none" else ""
     lines = [
         f"plan: {s.method.name} on {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size}, compute {cfg.dtype}, "
-        f"frozen base {cfg.param_dtype}{quantized}, remat {cfg.remat} | mesh {r['mesh']} | global batch {r['batch_size']} x "
+        f"frozen base {cfg.param_dtype}{quantized}, attention {r['attention']}, remat {cfg.remat} | mesh {r['mesh']} | "
+        f"global batch {r['batch_size']} x "
         f"{r['seq_len']} tokens{prefix}, {s.config.train.grad_accum} micro-batch(es) | {s.platform}",
         f"  {'per device':<14}{'bytes':>16}",
         f"  {'weights':<14}{human(b['weights']):>16}   (frozen {human(frozen)} stored, trainable {human(trainable)})",

@@ -153,7 +153,7 @@ def test_a_gpu_step_within_15_percent_of_xla_there(method, remat, file):
                method__targets="q_proj,v_proj", method__num_virtual_tokens=16)
     c.model.init = ml_collections.ConfigDict(TINYLLAMA)
     s = plan.setup(c, 1, platform="gpu")
-    assert plan.fused_attention(s)
+    assert plan.attention(s) == "cudnn"
     assert plan.estimate(s)["total"] == pytest.approx(want, rel=0.15)
     # The same step with XLA's attention keeps the [T, T] scores (without remat): several times the activations.
     c.model.attention = "xla"
@@ -161,10 +161,10 @@ def test_a_gpu_step_within_15_percent_of_xla_there(method, remat, file):
     assert ratio > (3 if remat == "none" else 1.2)
 
 
-def test_fused_attention_follows_resolve():
+def test_attention_follows_resolve():
     """`auto` is fused on a TPU, and on a GPU in bf16 unless rows are packed (segment ids) or fp32."""
     def fused(platform, **overrides):
-        return plan.fused_attention(plan.setup(config("lora", "none", 1, **overrides), 1, platform=platform))
+        return plan.attention(plan.setup(config("lora", "none", 1, **overrides), 1, platform=platform)) != "xla"
     bf16 = dict(model__dtype="bfloat16", model__attention="auto")
     assert fused("gpu", **bf16, data__task="causal_lm", data__packing=False)
     assert not fused("gpu", **bf16, data__task="causal_lm", data__packing=True)
@@ -191,6 +191,7 @@ def test_cli_json_and_errors():
     assert all(isinstance(v, int) and v > 0 for v in b.values())
     assert b["total"] == b["weights"] + b["gradients"] + b["optimizer"] + max(b["activations"], b["gradients"])
     assert isinstance(out["max_batch_size"], int) and out["max_batch_size"] >= 8 and out["remat"] == "save_dots"
+    assert out["attention"] == "xla"  # tiny_test.py on this CPU
 
     r = subprocess.run(cmd[:5], cwd=ROOT, capture_output=True, text=True, timeout=300)  # the table
     assert r.returncode == 0 and "activations" in r.stdout and "max batch" in r.stdout, r.stderr
