@@ -244,6 +244,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     outside = any(t and not any(r.match(path) for r in inside) and not head.search(path)
                   for path, t in s.trainable.items())
     upstream = outside and not p
+    fused = attention(s) != "xla"  # every stack's attention but T5's (which attention_impl says is xla)
     for i, blocks in enumerate(all_blocks):
         upstream |= any(t and inside[i].match(path) for path, t in s.trainable.items())
         if not (upstream or (p and outside and blocks.takes_prefix)):
@@ -256,7 +257,6 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # per attention q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics
         # or (a fused kernel) its output and row log-sum-exps, the MLP-wide tensors.
         keep = c * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
-        fused = attention(s) != "xla"
         prefix = 0
         for kind in blocks.attention:
             pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only

@@ -510,6 +510,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.evaluate import generation_eval
     from jaxft.flops import Throughput, run_peak
     from jaxft.metrics import MetricWriter
+    from jaxft.models import family
     from jaxft.peft.partition import count, flat, merge
     from jaxft.step import dynamic_loss_scale, init_state, make_eval_step, make_optimizer, make_train_step
 
@@ -536,8 +537,6 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
     peak, peak_source = run_peak(config)
-    from jaxft.models import family
-
     packed = "segment_ids" in data.train
     impl = family.attention_impl(cfg, packed)
     log(

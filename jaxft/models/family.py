@@ -177,7 +177,8 @@ def build(cfg, hooks=()):
 def attention_impl(cfg, packed: bool, backend: str | None = None) -> str:
     """The attention implementation a run of `cfg` takes on this backend, or on `backend` (`model.attention`
     resolved; an implementation it cannot run is `resolve`'s error). `packed`: rows hold several examples."""
-    blocks = of(cfg).activation_blocks(cfg) if of(cfg).activation_blocks else ()
+    fam = of(cfg)
+    blocks = fam.activation_blocks(cfg) if fam.activation_blocks else ()
     if blocks and not blocks[0].fused_attention:  # its own einsum (T5's position bias)
         return "xla"
     from jaxft.models.attention import resolve

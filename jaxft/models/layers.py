@@ -89,6 +89,12 @@ def recomputed(fn, static_argnums=()):
     return jax.checkpoint(fn, prevent_cse=False, static_argnums=static_argnums)
 
 
+@functools.partial(recomputed, static_argnums=(0,))
+def gated(act, gate, up):
+    """A gated MLP's activation, act(gate) * up (Llama's SwiGLU, T5's gated GELU): it keeps gate and up."""
+    return act(gate) * up
+
+
 @functools.partial(recomputed, static_argnums=(2, 3))
 def _rms_norm(x, weight, eps: float, dtype):
     x32 = x.astype(jnp.float32)

@@ -28,7 +28,7 @@ from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
     POOLING, REMAT, Blocks, Family, Settings, params_from_keys, unstack_layers,
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
-    ROPE_TYPES, Linear, RMSNorm, block_output, last_token, param_with_axes, pool, recomputed, remat_policy, rope,
+    ROPE_TYPES, Linear, RMSNorm, block_output, gated, last_token, param_with_axes, pool, remat_policy, rope,
     segment_positions,
 )
 from jaxft.sharding import constrain
@@ -100,9 +100,6 @@ class Attention(nn.Module):
         return o_proj(out)
 
 
-swiglu = recomputed(lambda gate, up: nn.silu(gate) * up)
-
-
 class MLP(nn.Module):
     cfg: LlamaConfig
     hooks: Sequence[Any] = ()
@@ -113,7 +110,7 @@ class MLP(nn.Module):
         proj = lambda n, f, ax: Linear(f, ax, cfg.mlp_bias, dt, self.hooks, name=n)  # noqa: E731
         gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        hidden = constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))  # split like gate/up's outputs
+        hidden = constrain(gated(nn.silu, gate, up), ("batch", "length", "act_mlp"))  # split like gate/up's outputs
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 

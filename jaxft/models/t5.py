@@ -42,7 +42,7 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.family import Blocks, Family, Settings, stack_layers
-from jaxft.models.layers import Linear, RMSNorm, block_output, param_with_axes, pool, recomputed, remat_policy
+from jaxft.models.layers import Linear, RMSNorm, block_output, gated, param_with_axes, pool, recomputed, remat_policy
 from jaxft.sharding import constrain
 
 HEADS = ("seq2seq_lm", "classification")
@@ -218,7 +218,7 @@ class FeedForward(nn.Module):
         act = ACTIVATIONS[cfg.dense_act_fn]
         if cfg.gated:
             gate = proj("wi_0", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x)
-            h = recomputed(lambda g, u: act(g) * u)(gate, proj("wi_1", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x))
+            h = gated(act, gate, proj("wi_1", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x))
         else:
             h = recomputed(act)(proj("wi", cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5)(x))
         h = constrain(h, ("batch", "length", "act_mlp"))

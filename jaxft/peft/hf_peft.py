@@ -338,8 +338,9 @@ def trained_base(model, params: dict) -> tuple[dict, list | None]:
     """The base weights a run trains beside its method's own parameters (a new classifier head, the
     leaves of `method.trainable_pattern`), as PEFT keeps them: their tensors under HF names, and the
     `modules_to_save` PEFT holds a trained copy of. A classifier head is named as PEFT's task models
-    name it (Llama's `score`; BERT's `pooler`, `classifier`); any other module by its whole HF name (`model.embed_tokens`, `model.layers.3.input_layernorm`), since PEFT picks
-    every module whose name ends with an entry. A trained input embedding that the LM head ties to
+    name it (Llama's `score`; BERT's `pooler`, `classifier`); any other module by its whole HF name
+    (`model.embed_tokens`, `model.layers.3.input_layernorm`), since PEFT picks every module whose name
+    ends with an entry. A trained input embedding that the LM head ties to
     is written for the head too: PEFT keeps separate copies."""
     cfg = model.cfg
     fam = family.of(cfg)
