@@ -73,10 +73,12 @@ if ! timeout 90 python3 tools/benchmark.py --layers 2 --hidden 512 --heads 8 --k
   echo "warning: jaxft with attention=$ATTENTION failed the preflight; measuring with attention=xla, remat=full"
   ATTENTION=xla REMAT=full
 fi
-timeout 360 python3 tools/benchmark.py --layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 \
-  --vocab 32000 --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 \
-  --methods "$METHODS" --frameworks jaxft,peft --num_virtual_tokens 16 --peak_n 8192 --peak_reps 5 \
-  --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --profile_steps "$PROFILE_STEPS" \
+# The 1.1B model and the run's settings, shared by steps 4 and 4b.
+BENCH=(--layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 --vocab 32000 --batch "$BATCH"
+       --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 --attention "$ATTENTION" --remat "$REMAT"
+       --param_dtype "$PARAM_DTYPE")
+timeout 360 python3 tools/benchmark.py "${BENCH[@]}" --methods "$METHODS" --frameworks jaxft,peft \
+  --num_virtual_tokens 16 --peak_n 8192 --peak_reps 5 --profile_steps "$PROFILE_STEPS" \
   --keep_trace "$OUT/raw/trace_{method}.json.gz" --hlo "$OUT/raw/step_{method}.hlo.gz" --json "$OUT/benchmark.json" 2>&1 \
   | tee "$OUT/benchmark.log" | grep -v "^running "
 
@@ -84,9 +86,7 @@ echo "== 4b. full fine-tuning again, GEMMs reading the layer scan's slices in pl
 # The H200 profile's 18 ms of copies per step (BENCHMARKS.md) are the scan slicing each layer out of its
 # stacked buffers; XLA's dynamic-slice fusion lets the GEMMs read them where they are.
 XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_dynamic_slice_fusion=true" timeout 120 python3 tools/benchmark.py \
-  --layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 --vocab 32000 --batch "$BATCH" --seq "$SEQ" \
-  --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 --methods full --frameworks jaxft --peak_n 4096 --peak_reps 1 \
-  --attention "$ATTENTION" --remat "$REMAT" --param_dtype "$PARAM_DTYPE" --json "$OUT/benchmark_dynamic_slice.json" 2>&1 \
+  "${BENCH[@]}" --methods full --frameworks jaxft --peak_n 4096 --peak_reps 1 --json "$OUT/benchmark_dynamic_slice.json" 2>&1 \
   | tee "$OUT/benchmark_dynamic_slice.log" | grep -v "^running " | tail -4
 
 echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
