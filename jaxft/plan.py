@@ -24,7 +24,8 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                rows b on one device, t = data.seq_len, k = t + prefix tokens p, c = the compute
                dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
                (each divided by mesh.tensor where it divides):
-    per_layer  b t [c (2 D + H d + 2 KV d k/t + 2 F) + A]
+    per_layer  what plain autodiff keeps of one layer for the backward pass:
+               b t [c (2 D + H d + 2 KV d k/t + 2 F) + A]
                + c b t (inputs of the projections whose weights get gradients: D for q/k/v, H d for
                o, D for gate/up, F for down) + c b t r per LoRA target
                + 2 c b p KV d (the layer's prefix keys and values)
@@ -32,19 +33,26 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                with A = 4 H k + c H k + 4 (4 + 2 H) for XLA's einsum attention (fp32 scores,
                probabilities, row statistics) or c H d + 4 H for a fused kernel (its output and row
                log-sum-exps: cuDNN, splash, flash; `attention` says which the run takes).
-               The terms are what XLA keeps per layer for the backward pass (read from the compiled
-               step's layer loop): the norms' inputs, q, k and v, the MLP's gate and up, and the
-               attention's own. The norms and the MLP's activation recompute the rest inside the
-               backward pass (`jaxft.models.layers.recomputed`).
-    saved      remat none: per_layer. full: the layer's input, c b t D (+ prefix). save_dots: its
+               The terms are what XLA kept per layer without a remat policy (read from the compiled
+               step's layer loop): the norms' inputs, q, k and v, the attention's own, the MLP's gate
+               and up, the projections' inputs, the kernels' casts (the norms and the MLP's activation
+               recompute their insides: `jaxft.models.layers.recomputed`).
+    kept       what remat none keeps of one layer (`jaxft.models.layers.keep_products`): the products
+               of its matmuls and attention, and no projection input (a norm's or an activation's
+               output) nor cast, which the backward pass recomputes:
+               b t [c (2 D + 2 H d + 2 KV d k/t + 2 F) + A'] + c b t r per LoRA target + the prefix,
+               with A' = 4 H k (XLA's fp32 scores) or 4 H (a fused kernel's log-sum-exps).
+    saved      remat none: kept. full: the layer's input, c b t D (+ prefix). save_dots: its
                input and every projection's output, c b t (3 D + H d + 2 KV d + 2 F). offload:
                the input only on the device (the projections' outputs wait in host memory; on CPU,
                where host memory is the device's, as save_dots).
-    working    the backward pass through one layer: per_layer x 1.0 (none, save_dots, offload),
-               `Blocks.recompute` (full: it recomputes the layer first; Llama 1.9, GPT-2 1.0, T5 1.5).
+    working    the backward pass through one layer: per_layer x 1.0 (save_dots, offload), x 1.5 (none:
+               what it recomputes beside the gradients, `RECOMPUTE_NONE`), x `Blocks.recompute` (full:
+               it recomputes the layer first; Llama 1.9, GPT-2 1.0, T5 1.5).
                Set against XLA's own figures: on XLA:CPU (tests/test_plan.py: full, LoRA and P-Tuning
-               v2 on 1 and 8 devices) the plan is 0.88-0.92 of XLA without remat, 0.96-1.00 with
-               remat full and 0.88 with save_dots; on an H200 (a 1.1B Llama in bf16) 0.98-1.05.
+               v2 on 1 and 8 devices) the plan is 0.96-1.11 of XLA under remat none, 0.96-1.00 with
+               remat full and 0.88 with save_dots; on an H200 (a 1.1B Llama in bf16) 1.05 with
+               save_dots (the rows without remat were measured before remat none recomputed).
     loss       causal LM: 1.05 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
                and their gradient, fused; `jaxft.cross_entropy` chunks the sequence, up to 512 MiB of
                logits per chunk; measured 1.01-1.02 with a 32k vocabulary), alive before the backward
@@ -56,8 +64,8 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
 train.grad_accum) whose total fits `--device_memory` (GB = 10^9, GiB = 2^30; default: what the
 local accelerator reports). tests/test_plan.py holds the total to XLA's own memory analysis of the
 real jitted step (argument + output + temp - alias, per device) within 15% for full, LoRA and
-P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.97-1.02; GPT-2, BERT and T5 full and
-LoRA on 1 device: 0.94-1.06 (remat none and full). T5 under P-Tuning v2 is planned 18-20% high.
+P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.96-1.11; GPT-2, BERT and T5 full and
+LoRA on 1 device: 0.88-1.08 (remat none). T5 under P-Tuning v2 is planned 18-20% high.
 
 Where the plan and XLA:CPU part: bf16 compute on CPU is emulated in fp32, so on CPU the plan
 counts 4 bytes per activation element (`--platform` plans another backend: 2 bytes there); with
@@ -201,6 +209,10 @@ def _block_modules(s: Setup, blocks) -> tuple[set, set]:
 # gradient into about one (measured 1.01-1.02 with a 32k vocabulary and chunks of 2,048 tokens, frozen
 # or trained head; 1.16-1.29 with chunks of 512, where the fixed buffers weigh more).
 LOSS_CHUNK_BUFFERS = 1.05
+# Under remat none the backward pass through one layer holds its recomputed norms, activations and
+# (XLA's einsum) probabilities beside the gradients: 1.24-1.89 times what plain autodiff keeps of the
+# layer on XLA:CPU (Llama, GPT-2, BERT and T5, full and LoRA, from how XLA's figure grows with depth).
+RECOMPUTE_NONE = 1.5
 
 
 def attention(s: Setup) -> str:
@@ -257,12 +269,14 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # per attention q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics
         # or (a fused kernel) its output and row log-sum-exps, the MLP-wide tensors.
         keep = c * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
+        kept = keep  # what remat none keeps (`layers.keep_products`): no projection input, no cast
         prefix = 0
         for kind in blocks.attention:
             pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only
             k = t + pk  # keys per query
             keep += c * (heads * d + 2 * kv * d * k / t)
             keep += c * heads * d + 4 * heads if fused else 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)
+            kept += c * (2 * heads * d + 2 * kv * d * k / t) + (4 * heads if fused else 4 * heads * k)
             prefix += c * 2 * b * pk * kv * d  # this block's prefix keys and values
         inputs = {}  # the distinct inputs that projections with weight gradients read
         for name, group, n_in, _ in blocks.projections:
@@ -270,6 +284,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
                 inputs[group] = width(n_in)
         keep += c * sum(inputs.values())
         keep += c * rank * len(adapted)  # LoRA's x @ A
+        kept += c * rank * len(adapted)
         # Kernels stored wider than the compute dtype (fp32 masters, an fp32 frozen base) are cast once
         # in the forward pass, and the backward pass reads the casts again.
         # (A quantized frozen kernel is dequantized again inside its matmul's backward instead.)
@@ -279,15 +294,16 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         per_layer = keep * b * t + prefix + c * casts
         outputs = sum(width(n_out) for _, _, _, n_out in blocks.projections)
         saved = {  # what each block leaves for the backward pass
-            "none": per_layer,
+            "none": kept * b * t + prefix,
             "full": c * b * t * d_model + prefix,  # its input
             "save_dots": c * b * t * (d_model + outputs) + prefix,  # its input, every projection's output
             "offload": c * b * t * d_model + prefix,  # its input; the projections' outputs wait in host memory
         }[policy]
         saved_total += blocks.count * saved
-        # The backward pass through one layer holds about one layer's residuals (their gradients, or
-        # what save_dots recomputes); under full remat `Blocks.recompute` times that (the docstring).
-        factor = blocks.recompute if cfg.remat == "full" else 1.0
+        # The backward pass through one layer holds about what plain autodiff would keep of it (their
+        # gradients, or what save_dots recomputes); under remat none also what it recomputes, and under
+        # full remat `Blocks.recompute` times that (the docstring).
+        factor = {"full": blocks.recompute, "none": RECOMPUTE_NONE}.get(cfg.remat, 1.0)
         working = max(working, factor * per_layer)
         stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
     if fam.encoder_decoder and stacks:

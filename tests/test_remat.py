@@ -98,22 +98,22 @@ def test_old_boolean_setting_still_means_full_or_none():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_norms_and_activations_are_recomputed_not_kept(family, capsys):
-    """Without remat, what a bf16 layer keeps for the backward pass (jax's own list of residuals): the
-    norms keep their bf16 input, not an fp32 copy and the normalised value, and the MLP keeps its
-    projections' outputs (gate and up; GPT-2: its input) and the down projection's input, not the
-    activation's insides (`jaxft.models.layers.recomputed`). Fails if either goes back to plain autodiff."""
+    """Under remat none, what a bf16 layer with fp32 kernels keeps for the backward pass (jax's own list of
+    residuals): the products of its matmuls and attention (the MLP's gate and up; GPT-2: c_fc's output),
+    never a norm's or an activation's output nor a kernel's bf16 cast, which the backward pass recomputes
+    (`jaxft.models.layers.keep_products`). Fails if any of them goes back to plain autodiff."""
     from jaxft.models import family as families
 
     b, t = 2, 16
     if family == "llama":
         cfg, width, hidden = TINY.replace(dtype="bfloat16", num_layers=1, scan_layers=False), 48, 32
-        mlp_keeps = 3  # gate, up, SiLU(gate) * up
+        mlp_keeps = 2  # gate, up (not SiLU(gate) * up, the down projection's input)
     else:
         from jaxft.models.gpt2 import GPT2Config
 
         cfg = GPT2Config(vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=1, num_heads=4,
                          max_position_embeddings=32, dtype="bfloat16")
-        width, hidden, mlp_keeps = 128, 32, 2  # c_fc's output, GELU's output (c_proj's input)
+        width, hidden, mlp_keeps = 128, 32, 1  # c_fc's output (not GELU's, c_proj's input)
     model = families.build(cfg, ())
     ids = jnp.ones((b, t), jnp.int32)
     params = nn.unbox(model.init(jax.random.PRNGKey(0), ids)["params"])
@@ -122,3 +122,29 @@ def test_norms_and_activations_are_recomputed_not_kept(family, capsys):
     dims = lambda k: tuple(int(n) for n in k[k.index("[") + 1 : -1].split(",") if n)  # noqa: E731  (leading: layers)
     assert sum(dims(k)[-3:] == (b, t, width) for k in kept) == mlp_keeps, kept
     assert not any(k.startswith("f32[") and dims(k)[-3:] == (b, t, hidden) for k in kept), kept
+    # The layer's input and output, attention's output and its output projection's; outside the layer the
+    # final norm's output (the LM head's input). Neither norm inside the layer keeps its output.
+    assert sum(k.startswith("bf16[") and dims(k)[-3:] == (b, t, hidden) for k in kept) == 5, kept
+    # Kernels: only the LM head's cast [hidden, vocab], outside the layers; the layer's are recomputed.
+    assert all(cfg.vocab_size in dims(k) for k in kept if k.startswith("bf16[") and len(dims(k)) == 2), kept
+
+
+def test_a_fused_attention_kernel_is_kept_not_run_again():
+    """remat none keeps what a fused attention kernel computed (its output and row statistics) like a
+    matmul's product: the backward pass runs the kernel's backward, not its forward a second time. The
+    Pallas splash kernel, traced here (it runs on a TPU); cuDNN's primitives are named in the same list."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    from jaxft.models import attention
+    from jaxft.models.layers import KERNELS, keep_products
+
+    assert {cudnn_attention._dot_product_attention_fwd_p.name,
+            cudnn_attention._dot_product_attention_fwd_p_wrapper.name} <= set(KERNELS)
+    q = jnp.ones((1, 256, 2, 128), jnp.bfloat16)
+    k = v = jnp.ones((1, 256, 1, 128), jnp.bfloat16)
+    mask = jnp.ones((1, 256), bool)
+    loss = lambda q, k, v: attention.splash(q, k, v, mask).astype(jnp.float32).sum()  # noqa: E731
+    kernels = lambda f: str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)).count("pallas_call")  # noqa: E731
+    plain = kernels(loss)
+    assert kernels(jax.checkpoint(loss, policy=keep_products)) == plain
+    assert kernels(jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_saveable)) > plain  # what it avoids

@@ -32,9 +32,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from jaxft.errors import JaxftError
+
+ATTENTION = "attention"  # names attention's inputs and output, which remat "none" keeps (`layers.keep_products`)
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "flash")
 CHOICES = ("auto",) + IMPLEMENTATIONS
@@ -51,7 +54,7 @@ def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dty
     (padding and prefix only), for encoders."""
     b, t, h, d = q.shape
     impl = resolve(impl, dtype, d, packed=segment_ids is not None, num_prefix=num_prefix)
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    q, k, v = (checkpoint_name(x.astype(dtype), ATTENTION) for x in (q, k, v))  # kept by remat "none"
     kw = {} if causal else {"causal": False}  # the decoder path calls the implementations as it always did
     if not causal:
         window = None
@@ -60,7 +63,7 @@ def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dty
     else:  # padding is segment 0 whatever the ids say
         segments = jnp.where(mask.astype(bool), segment_ids.astype(jnp.int32), 0)
         out = IMPLS[impl](q, k, v, mask.astype(bool), num_prefix, window or None, segments=segments, **kw)
-    return out.reshape(b, t, h * d)
+    return checkpoint_name(out.reshape(b, t, h * d), ATTENTION)
 
 
 def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: int = 0, backend: str | None = None) -> str:
@@ -91,6 +94,11 @@ def _cudnn_head_dim(d: int, local: bool = True) -> bool:
     cc = tuple(int(x) for x in getattr(jax.local_devices()[0], "compute_capability", "0.0").split(".")) \
         if local else (9, 0)
     return d % 8 == 0 and d <= (256 if cc >= (9, 0) else 128)
+
+
+def interpreting() -> bool:
+    """Whether `pallas_interpret` is on."""
+    return _INTERPRET.get()
 
 
 @contextlib.contextmanager

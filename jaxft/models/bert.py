@@ -32,7 +32,7 @@ from flax import traverse_util
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
 from jaxft.models.family import Blocks, Family, Settings, params_from_keys, unstack_layers
-from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, recomputed, remat_policy
+from jaxft.models.layers import LayerNorm, Linear, block_output, param_with_axes, pool, recomputed, remat
 from jaxft.sharding import constrain
 
 HEADS = ("masked_lm", "classification", "token_classification")
@@ -295,10 +295,7 @@ class BertModel(nn.Module):
         token_type_ids = jnp.pad(token_type_ids, ((0, 0), (added, 0)))  # virtual tokens: type 0
         h = embeddings(h, token_type_ids, position_ids)
 
-        policy = remat_policy(cfg.remat)
-        layer = Layer
-        if policy is not None:
-            layer = nn.remat(Layer, prevent_cse=not cfg.scan_layers, policy=policy)
+        layer = remat(Layer, cfg)
         if cfg.scan_layers:
             stack = nn.scan(
                 layer,

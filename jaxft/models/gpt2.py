@@ -32,7 +32,7 @@ from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
 from jaxft.models.family import Blocks, Family, Settings, params_from_keys, unstack_layers
 from jaxft.models.layers import (
-    LayerNorm, Linear, block_output, param_with_axes, pool, recomputed, remat_policy, segment_positions,
+    LayerNorm, Linear, block_output, param_with_axes, pool, recomputed, remat, segment_positions,
 )
 from jaxft.sharding import constrain
 
@@ -220,8 +220,7 @@ class GPT2Model(nn.Module):
             position_ids = jnp.concatenate([virtual, position_ids + added], axis=1)
         h = h + jnp.take(wpe, position_ids, axis=0).astype(dt)
 
-        policy = remat_policy(cfg.remat)
-        layer = Block if policy is None else nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
+        layer = remat(Block, cfg)
         layer_index = jnp.arange(cfg.num_layers)
         kv = None if cache is None else (cache["keys"], cache["values"])
         if cfg.scan_layers:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxft.models.attention import ATTENTION, interpreting
 from jaxft.models.family import POOLING, REMAT
 from jaxft.quant import Quantized, dequantize, matmul as quantized_matmul
 
@@ -234,16 +235,34 @@ def pool(h, mask, how: str):
     raise ValueError(f"pooling={how!r}: expected one of {POOLING}")
 
 
-def remat_policy(name: str):
-    """`model.remat` -> the `jax.checkpoint` policy of each layer (None: no remat at all).
+# Fused attention kernels' primitives (cuDNN; Pallas on TPU): remat "none" keeps what they compute.
+KERNELS = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper", "pallas_call")
 
-    full: keep only the layer's input, recompute everything in the backward pass. save_dots: keep
-    every projection's output (named in `Linear`), recompute norms, rotary, attention and the MLP
+
+def keep_products(prim, *args, **params) -> bool:
+    """remat "none": keep what the matmuls and attention kernels computed, and attention's named inputs
+    and output; recompute the elementwise work between them (norms, rotary, activations, the kernels'
+    casts to the compute dtype, residual adds, masks, softmax) inside the backward's own fusions.
+
+    Keeping one of those costs a write in the forward pass and a read in the backward, and under a layer
+    scan a copy into a stacked buffer, zeros written into it first and a copy out of it again; the
+    recomputation is one more output of a fusion the backward pass runs anyway. On an H200 the stacked
+    copies and zeros took 24 of a full fine-tuning step's 253 ms (BENCHMARKS.md)."""
+    return (jax.checkpoint_policies.dots_saveable(prim, *args, **params) or prim.name in KERNELS
+            or jax.checkpoint_policies.save_only_these_names(PROJECTION, ATTENTION)(prim, *args, **params))
+
+
+def remat_policy(name: str):
+    """`model.remat` -> the `jax.checkpoint` policy of each layer.
+
+    none: keep every product (`keep_products`), recompute only the cheap elementwise work. full: keep
+    only the layer's input, recompute everything in the backward pass. save_dots: keep every
+    projection's output (named in `Linear`), recompute norms, rotary, attention and the MLP
     activation. offload: as save_dots, but the kept tensors wait in pinned host memory. On CPU the
     device memory is host memory: offload runs and keeps exactly what save_dots keeps.
     """
     if name == "none":
-        return None
+        return keep_products
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
     if name == "save_dots":
@@ -262,6 +281,16 @@ def remat_policy(name: str):
             offload_src="device", offload_dst="pinned_host",
         )
     raise ValueError(f"remat={name!r}: expected one of {REMAT}")
+
+
+def remat(layer, cfg):
+    """A family's layer (module class) under `cfg.remat`'s policy. Unrolled layers (`scan_layers=False`)
+    need a CSE barrier where a policy recomputes to hold less memory, or XLA would reuse the forward
+    pass's values; "none" recomputes to move fewer bytes, and reusing them would lose nothing."""
+    if cfg.remat == "none" and interpreting():  # Pallas interpret mode's callbacks: jax.checkpoint refuses them
+        return layer
+    barrier = not cfg.scan_layers and cfg.remat != "none"
+    return nn.remat(layer, prevent_cse=barrier, policy=remat_policy(cfg.remat))
 
 
 def block_output(module, h, where: str):

@@ -28,7 +28,7 @@ from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
     POOLING, REMAT, Blocks, Family, Settings, params_from_keys, unstack_layers,
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
-    ROPE_TYPES, Linear, RMSNorm, block_output, gated, last_token, param_with_axes, pool, remat_policy, rope,
+    ROPE_TYPES, Linear, RMSNorm, block_output, gated, last_token, param_with_axes, pool, remat, rope,
     segment_positions,
 )
 from jaxft.sharding import constrain
@@ -218,10 +218,7 @@ class LlamaModel(nn.Module):
             if cache is not None:
                 position_ids = jax.lax.dynamic_slice_in_dim(position_ids, cache_index, length, axis=1)
 
-        policy = remat_policy(cfg.remat)
-        layer = DecoderLayer
-        if policy is not None:
-            layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers, policy=policy)
+        layer = remat(DecoderLayer, cfg)
         if cfg.scan_layers:
             stack = nn.scan(
                 layer,

@@ -42,7 +42,7 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.family import Blocks, Family, Settings, stack_layers
-from jaxft.models.layers import Linear, RMSNorm, block_output, gated, param_with_axes, pool, recomputed, remat_policy
+from jaxft.models.layers import Linear, RMSNorm, block_output, gated, param_with_axes, pool, recomputed, remat
 from jaxft.sharding import constrain
 
 HEADS = ("seq2seq_lm", "classification")
@@ -299,9 +299,7 @@ class DecoderBlock(nn.Module):
 def run_blocks(block, cfg, hooks, n: int, carry, broadcast: tuple, xs: dict):
     """Apply n blocks, scanned (params stacked under "block") or unrolled ("block_0", ...). `xs`: per-layer
     arrays with a leading layer axis. Returns (h, the blocks' stacked outputs)."""
-    policy = remat_policy(cfg.remat)
-    if policy is not None:
-        block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=policy)
+    block = remat(block, cfg)
     if cfg.scan_layers:
         stack = nn.scan(
             block,
