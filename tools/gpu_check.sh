@@ -10,6 +10,7 @@
 #      between them), jaxft's and PyTorch's side by side (tools/trace_summary.py),
 #   4b. times full fine-tuning once more with XLA's dynamic-slice fusion (GEMMs reading a layer scan's
 #      stacked buffers in place),
+#   4c. and once more with the layers unrolled (model.scan_layers=False: its compile time and speed),
 #   5. runs the main job (configs/ptuning_v2.py) on the GPU as configured (fp32) and in bf16,
 # and writes its figures to OUT/gpu_check.json, and the logs, the profiles (`*.trace.json.gz`) and the compiled
 # train steps (`*.hlo.gz`) to OUT/raw.tgz. BENCHMARKS.md holds the results.
@@ -89,6 +90,11 @@ XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_dynamic_slice_fusion=true" 
   "${BENCH[@]}" --methods full --frameworks jaxft --peak_n 4096 --peak_reps 1 --json "$OUT/benchmark_dynamic_slice.json" 2>&1 \
   | tee "$OUT/benchmark_dynamic_slice.log" | grep -v "^running " | tail -4
 
+echo "== 4c. full fine-tuning again, layers unrolled (no stacked buffers to copy or zero) ($((SECONDS - t0)) s)"
+# What the layer scan still costs once remat none keeps only products: compile time against step time.
+timeout 240 python3 tools/benchmark.py "${BENCH[@]}" --scan_layers 0 --methods full --frameworks jaxft --peak_n 4096 \
+  --peak_reps 1 --json "$OUT/benchmark_unrolled.json" 2>&1 | tee "$OUT/benchmark_unrolled.log" | grep -v "^running " | tail -4
+
 echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
 for dtype in float32 bfloat16; do  # as configured (XLA attention), then bf16 compute (cuDNN attention)
   rm -rf "/tmp/gpu_check_main_$dtype"
@@ -111,6 +117,7 @@ summary = {"seconds": seconds, "attention_tests_exit_status": None if attn_rc < 
            "nvidia_smi": open(os.path.join(out, "nvidia_smi.csv")).read().splitlines(),
            "attention_bench": read("attention.jsonl"), "benchmark": read("benchmark.json"),
            "benchmark_dynamic_slice_fusion": read("benchmark_dynamic_slice.json"),
+           "benchmark_unrolled_layers": read("benchmark_unrolled.json"),
            "logs": {name: open(os.path.join(out, name)).read()[-6000:] for name in
                     ("test_attention.log", "attention_bench.log", "main_job.log") if os.path.exists(os.path.join(out, name))}}
 json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
