@@ -265,9 +265,10 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         heads, kv, ffn = split(blocks.heads), split(blocks.kv_heads), split(blocks.ffn)
         trained, adapted = _block_modules(s, blocks)
         width = lambda n: split(n) if n != d_model else n  # noqa: E731  (the model width is not split)
-        # What the backward pass keeps of one block without remat, per token: the norms' inputs,
-        # per attention q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics
-        # or (a fused kernel) its output and row log-sum-exps, the MLP-wide tensors.
+        # What plain autodiff keeps of one block (per_layer), per token: the norms' inputs, per attention
+        # q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics or (a fused
+        # kernel) its output and row log-sum-exps, the MLP-wide tensors; below, the projections' inputs
+        # and the kernels' casts.
         keep = c * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
         kept = keep  # what remat none keeps (`layers.keep_products`): no projection input, no cast
         prefix = 0
