@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one script, under 8 minutes on one H100/H200, that
+# The GPU check: one script, under 8 minutes on one H100/H200 (and never past DEADLINE), that
 #   1. records the machine (nvidia-smi, library versions),
 #   2. runs the attention kernels' tests on the GPU (tests/test_attention.py: cuDNN against XLA),
 #   3. times each attention implementation (tools/attention_bench.py),
@@ -19,7 +19,8 @@
 #
 # Settings (environment): STEPS (timed steps, 10), WARMUP (2), METHODS (full,lora,ptuning_v2),
 # ATTENTION (jaxft model.attention, auto), REMAT (none), BATCH (8), SEQ (2048), PARAM_DTYPE (float32),
-# PROFILE_STEPS (2; 0: no profile).
+# PROFILE_STEPS (2; 0: no profile), DEADLINE (540: seconds after which no step starts, and each step's
+# time limit is cut to what is left, so the summary and the archive are written inside one 600 s call).
 # Wheels for packages the machine lacks (an offline GPU box) may be put in .whl/; they are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -33,7 +34,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 STEPS=${STEPS:-10} WARMUP=${WARMUP:-2} METHODS=${METHODS:-full,lora,ptuning_v2}
 ATTENTION=${ATTENTION:-auto} REMAT=${REMAT:-none} BATCH=${BATCH:-8} SEQ=${SEQ:-2048} PARAM_DTYPE=${PARAM_DTYPE:-float32} PROFILE_STEPS=${PROFILE_STEPS:-2}
+DEADLINE=${DEADLINE:-540}
 t0=$SECONDS
+# `limit N`: N seconds, or what is left before DEADLINE if less (false, and a note, when under 20 s remain).
+limit() {
+  local left=$((DEADLINE - (SECONDS - t0)))
+  if [ "$left" -lt 20 ]; then echo "skipped: ${left} s left before DEADLINE=$DEADLINE" >&2; return 1; fi
+  echo $(( $1 < left ? $1 : left ))
+}
 
 echo "== 1. machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.csv"
@@ -50,8 +58,8 @@ EOF
 
 echo "== 2. attention tests on the GPU ($((SECONDS - t0)) s)"
 attn_rc=-1
-if [ -f tests/test_attention.py ]; then
-  JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -rs 2>&1 \
+if [ -f tests/test_attention.py ] && t=$(limit 150); then
+  JAX_PLATFORMS=cuda timeout "$t" python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -rs 2>&1 \
     | tee "$OUT/test_attention.log" | tail -25
   attn_rc=${PIPESTATUS[0]}
 fi
@@ -60,7 +68,8 @@ echo "== 3. attention micro-benchmark ($((SECONDS - t0)) s)"
 if [ -f tools/attention_bench.py ]; then
   rm -f "$OUT/attention.jsonl"
   for extra in "" "--left_pad 512 --prefix 16" "--window 1024"; do  # plain causal; padding + prefix; window
-    timeout 60 python3 tools/attention_bench.py --kv_heads 4 $extra --json "$OUT/attention.jsonl" 2>&1 \
+    t=$(limit 60) || break
+    timeout "$t" python3 tools/attention_bench.py --kv_heads 4 $extra --json "$OUT/attention.jsonl" 2>&1 \
       | tee -a "$OUT/attention_bench.log" | tail -6
   done
 fi
@@ -68,17 +77,18 @@ fi
 echo "== 4. training throughput, jaxft vs PEFT ($((SECONDS - t0)) s)"
 # A seconds-long run of the same code path first: if the fused attention cannot train here, measure
 # with XLA's attention (and the full remat it needs to fit) rather than lose the table.
-if ! timeout 90 python3 tools/benchmark.py --layers 2 --hidden 512 --heads 8 --kv_heads 4 --intermediate 1024 \
-    --vocab 1000 --batch 2 --seq 256 --steps 1 --warmup 0 --dtype bfloat16 --methods ptuning_v2 --frameworks jaxft \
-    --peak_n 1024 --peak_reps 1 --attention "$ATTENTION" --remat "$REMAT" 2>&1 | tail -3 | grep -q "^jaxft .*ptuning_v2 .*[0-9]$"; then
+if t=$(limit 90) && ! timeout "$t" python3 tools/benchmark.py --layers 2 --hidden 512 --heads 8 --kv_heads 4 \
+    --intermediate 1024 --vocab 1000 --batch 2 --seq 256 --steps 1 --warmup 0 --dtype bfloat16 --methods ptuning_v2 \
+    --frameworks jaxft --peak_n 1024 --peak_reps 1 --attention "$ATTENTION" --remat "$REMAT" 2>&1 | tail -3 \
+    | grep -q "^jaxft .*ptuning_v2 .*[0-9]$"; then
   echo "warning: jaxft with attention=$ATTENTION failed the preflight; measuring with attention=xla, remat=full"
   ATTENTION=xla REMAT=full
 fi
-# The 1.1B model and the run's settings, shared by steps 4 and 4b.
+# The 1.1B model and the run's settings, shared by steps 4, 4b and 4c.
 BENCH=(--layers 22 --hidden 2048 --heads 32 --kv_heads 4 --intermediate 5632 --vocab 32000 --batch "$BATCH"
        --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --dtype bfloat16 --attention "$ATTENTION" --remat "$REMAT"
        --param_dtype "$PARAM_DTYPE")
-timeout 360 python3 tools/benchmark.py "${BENCH[@]}" --methods "$METHODS" --frameworks jaxft,peft \
+t=$(limit 360) && timeout "$t" python3 tools/benchmark.py "${BENCH[@]}" --methods "$METHODS" --frameworks jaxft,peft \
   --num_virtual_tokens 16 --peak_n 8192 --peak_reps 5 --profile_steps "$PROFILE_STEPS" \
   --keep_trace "$OUT/raw/trace_{method}.json.gz" --hlo "$OUT/raw/step_{method}.hlo.gz" --json "$OUT/benchmark.json" 2>&1 \
   | tee "$OUT/benchmark.log" | grep -v "^running "
@@ -86,19 +96,21 @@ timeout 360 python3 tools/benchmark.py "${BENCH[@]}" --methods "$METHODS" --fram
 echo "== 4b. full fine-tuning again, GEMMs reading the layer scan's slices in place ($((SECONDS - t0)) s)"
 # The H200 profile's 18 ms of copies per step (BENCHMARKS.md) are the scan slicing each layer out of its
 # stacked buffers; XLA's dynamic-slice fusion lets the GEMMs read them where they are.
-XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_dynamic_slice_fusion=true" timeout 120 python3 tools/benchmark.py \
+t=$(limit 120) && XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_dynamic_slice_fusion=true" timeout "$t" \
+  python3 tools/benchmark.py \
   "${BENCH[@]}" --methods full --frameworks jaxft --peak_n 4096 --peak_reps 1 --json "$OUT/benchmark_dynamic_slice.json" 2>&1 \
   | tee "$OUT/benchmark_dynamic_slice.log" | grep -v "^running " | tail -4
 
 echo "== 4c. full fine-tuning again, layers unrolled (no stacked buffers to copy or zero) ($((SECONDS - t0)) s)"
 # What the layer scan still costs once remat none keeps only products: compile time against step time.
-timeout 240 python3 tools/benchmark.py "${BENCH[@]}" --scan_layers 0 --methods full --frameworks jaxft --peak_n 4096 \
+t=$(limit 240) && timeout "$t" python3 tools/benchmark.py "${BENCH[@]}" --scan_layers 0 --methods full --frameworks jaxft --peak_n 4096 \
   --peak_reps 1 --json "$OUT/benchmark_unrolled.json" 2>&1 | tee "$OUT/benchmark_unrolled.log" | grep -v "^running " | tail -4
 
 echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
 for dtype in float32 bfloat16; do  # as configured (XLA attention), then bf16 compute (cuDNN attention)
   rm -rf "/tmp/gpu_check_main_$dtype"
-  timeout 150 python3 -m jaxft.train --config=configs/ptuning_v2.py --workdir="/tmp/gpu_check_main_$dtype" \
+  t=$(limit 150) || break
+  timeout "$t" python3 -m jaxft.train --config=configs/ptuning_v2.py --workdir="/tmp/gpu_check_main_$dtype" \
     --config.model.dtype=$dtype 2>&1 | grep -v "^train:" | tail -3 | tee -a "$OUT/main_job.log"
 done
 
