@@ -97,14 +97,15 @@ echo "== 4b. full fine-tuning again, GEMMs reading the layer scan's slices in pl
 # The H200 profile's 18 ms of copies per step (BENCHMARKS.md) are the scan slicing each layer out of its
 # stacked buffers; XLA's dynamic-slice fusion lets the GEMMs read them where they are.
 t=$(limit 120) && XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_dynamic_slice_fusion=true" timeout "$t" \
-  python3 tools/benchmark.py \
-  "${BENCH[@]}" --methods full --frameworks jaxft --peak_n 4096 --peak_reps 1 --json "$OUT/benchmark_dynamic_slice.json" 2>&1 \
+  python3 tools/benchmark.py "${BENCH[@]}" --methods full --frameworks jaxft --peak_n 4096 --peak_reps 1 \
+  --json "$OUT/benchmark_dynamic_slice.json" 2>&1 \
   | tee "$OUT/benchmark_dynamic_slice.log" | grep -v "^running " | tail -4
 
 echo "== 4c. full fine-tuning again, layers unrolled (no stacked buffers to copy or zero) ($((SECONDS - t0)) s)"
 # What the layer scan still costs once remat none keeps only products: compile time against step time.
-t=$(limit 240) && timeout "$t" python3 tools/benchmark.py "${BENCH[@]}" --scan_layers 0 --methods full --frameworks jaxft --peak_n 4096 \
-  --peak_reps 1 --json "$OUT/benchmark_unrolled.json" 2>&1 | tee "$OUT/benchmark_unrolled.log" | grep -v "^running " | tail -4
+t=$(limit 240) && timeout "$t" python3 tools/benchmark.py "${BENCH[@]}" --scan_layers 0 --methods full \
+  --frameworks jaxft --peak_n 4096 --peak_reps 1 --json "$OUT/benchmark_unrolled.json" 2>&1 \
+  | tee "$OUT/benchmark_unrolled.log" | grep -v "^running " | tail -4
 
 echo "== 5. the main job on the GPU ($((SECONDS - t0)) s)"
 for dtype in float32 bfloat16; do  # as configured (XLA attention), then bf16 compute (cuDNN attention)
