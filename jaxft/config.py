@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pooling = ""  # classification head reads: last (real token), mean or first ([CLS]) ("" = the model's own)
     c.model.scan_layers = True
     # What the backward pass keeps of each layer: none | full | save_dots | offload (see
-    # `jaxft.models.llama.remat_policy`). Typed `object` so the old True / False still parse (full / none).
+    # `jaxft.models.layers.remat_policy`). Typed `object` so the old True / False still parse (full / none).
     c.model.remat = ml_collections.FieldReference("none", field_type=object)
     c.model.attention = "auto"  # xla, cudnn, splash, flash, or auto: the fastest the backend runs (see README)
     c.model.quantization = "none"  # none | int8 | nf4: the frozen decoder projections stored so (QLoRA)
