@@ -237,6 +237,7 @@ def pool(h, mask, how: str):
 
 # Fused attention kernels' primitives (cuDNN; Pallas on TPU): remat "none" keeps what they compute.
 KERNELS = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper", "pallas_call")
+_NAMED_PRODUCTS = jax.checkpoint_policies.save_only_these_names(PROJECTION, ATTENTION)
 
 
 def keep_products(prim, *args, **params) -> bool:
@@ -249,7 +250,7 @@ def keep_products(prim, *args, **params) -> bool:
     recomputation is one more output of a fusion the backward pass runs anyway. On an H200 the stacked
     copies and zeros took 24 of a full fine-tuning step's 253 ms (BENCHMARKS.md)."""
     return (jax.checkpoint_policies.dots_saveable(prim, *args, **params) or prim.name in KERNELS
-            or jax.checkpoint_policies.save_only_these_names(PROJECTION, ATTENTION)(prim, *args, **params))
+            or _NAMED_PRODUCTS(prim, *args, **params))
 
 
 def remat_policy(name: str):
