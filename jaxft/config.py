@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.peak_flops = 0.0  # per-device FLOP/s for train/mfu; 0 = the datasheet table (CPU: measured at start)
     c.train.skip_nonfinite = False  # a NaN/Inf loss or gradient skips that update instead of stopping the run
     c.train.resume_anyway = False  # resume even if the checkpoint was made with other run-defining settings
+    c.train.dpo_beta = 0.1  # data.task=dpo: how far from the reference the policy may move (DPO's beta; TRL's default)
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()
@@ -187,7 +188,7 @@ CHOICES = {
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze"),
+    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze", "dpo"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }
@@ -222,6 +223,8 @@ def validate(config) -> None:
         )
     if not config.model.path and not config.model.init:
         raise JaxftError("model.path is empty and model.init is not set: expected a model directory or HF config keys")
+    if not float(config.train.get("dpo_beta", 0.1)) > 0:  # NaN fails too
+        raise JaxftError(f"train.dpo_beta={config.train.dpo_beta}: expected > 0")
     if float(config.train.peak_flops) < 0:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
     if float(config.eval.get("repetition_penalty", 1.0)) <= 0:

@@ -69,6 +69,25 @@ def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32):
     return {"loss_sum": sums[0], "count": jnp.sum(weights), "correct": sums[1]}
 
 
+def row_log_likelihood(hidden, embedding, targets, weights, dtype=jnp.float32):
+    """[B]: each row's sum of weights * log p(target) under `hidden @ embedding.T` (DPO's sequence
+    log-likelihoods). Chunked along the sequence as `fused_cross_entropy`, but differentiated by plain
+    autodiff: each chunk's logits are recomputed in the backward pass (`jax.checkpoint`) instead of kept,
+    since a per-row loss cannot fold its gradient into the forward pass as a single sum does."""
+    b, t, _ = hidden.shape
+    length = chunk_length(b, t, embedding.shape[0])
+    e = embedding.astype(dtype)
+
+    @jax.checkpoint
+    def chunk(total, xs):
+        h, y, w = xs  # [B, length, ...]
+        logits = jnp.einsum("bld,vd->blv", h.astype(dtype), e, preferred_element_type=jnp.float32)
+        return total - jnp.sum(_softmax_nll(logits, y)[0] * w, axis=1), None
+
+    xs = (_chunks(hidden, length), _chunks(targets, length), _chunks(weights.astype(jnp.float32), length))
+    return jax.lax.scan(chunk, jnp.zeros((b,), jnp.float32), xs)[0]
+
+
 def _chunks(x, length: int):
     """[B, T, ...] -> [T / length, B, length, ...], padding T with zeros (weight 0)."""
     b, t = x.shape[:2]

@@ -307,11 +307,13 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     if arrays is None:
         raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
-    objective = objectives.for_task(data.task)
+    objective = objectives.for_task(data.task, config.train)
     classifies = objective.class_logits is not None
     if data.task not in GENERATION_TASKS and not classifies:
         raise JaxftError(f"data.task={data.task!r}: jaxft.evaluate scores classification (and cloze) and generation "
-                         f"tasks ({', '.join(GENERATION_TASKS)})")
+                         f"tasks ({', '.join(GENERATION_TASKS)})"
+                         + ("; a DPO run is scored against its starting point during training (eval.every_steps)"
+                            if objective.prepare is not None else ""))
     if kind == "orbax":
         model, params, step = restore_trained(config, where, step, cfg, base_root, data, mesh)
         params_out = where

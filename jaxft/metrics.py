@@ -110,12 +110,14 @@ def summarize(sums: dict, prefix: str, perplexity: bool, labels=None) -> dict[st
     """Summed loss/correct/count -> mean loss, accuracy and (for token losses) perplexity; with a
     confusion matrix (rows: true class, columns: predicted), precision, recall and F1 per class named
     by `labels`, and their macro averages (`jaxft.scores.from_confusion`; the micro ones equal the
-    accuracy and are left out). A class never predicted (or never present) scores 0."""
+    accuracy and are left out). A class never predicted (or never present) scores 0. A sum named
+    `mean/NAME` is reported as its mean over the count, `{prefix}/NAME` (DPO's rewards)."""
     count = max(float(sums["count"]), 1.0)
     loss = float(sums["loss_sum"]) / count
     out = {f"{prefix}/loss": loss, f"{prefix}/accuracy": float(sums["correct"]) / count}
     if perplexity:
         out[f"{prefix}/perplexity"] = math.exp(min(loss, 50.0))
+    out.update({f"{prefix}/{k[len('mean/'):]}": float(v) / count for k, v in sums.items() if k.startswith("mean/")})
     if "confusion" in sums:
         confusion = sums["confusion"]
         names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(len(confusion))]

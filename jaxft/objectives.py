@@ -3,7 +3,8 @@
 The train and eval steps take an `Objective` as an argument and never ask which one runs: its
 `inputs` say which batch fields the model is called with, `loss` turns the outputs into sums and
 counts (so micro-batches and devices add up exactly), and `eval_sums` adds what evaluation reports
-beyond the loss. Later objectives (seq2seq, SFT, reward models, DPO) are new entries here.
+beyond the loss. An objective that needs more than the data, such as DPO's reference log-likelihoods
+(`jaxft.dpo`), adds it to the arrays once, before training (`prepare`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Objective:
     head_width: Callable = lambda batch: None  # batch -> positions per row the head runs at, if not all (FLOPs)
     # (outputs, batch) -> class logits [B, C], for objectives that classify (jaxft.evaluate's predictions)
     class_logits: Callable | None = None
+    sequences: int = 1  # model rows per example (DPO: the chosen and the rejected answer), for FLOPs
+    tokens: Callable = lambda batch: batch["attention_mask"].sum()  # real tokens of a batch, for tokens/s
+    perplexity: bool | None = None  # whether exp(loss) means anything; None: where the head is a language model's
+    # (model, params, arrays, batch size, mesh) -> arrays, once before training, with what the loss needs
+    # beyond the data (DPO: the reference log-likelihoods, computed with the starting parameters)
+    prepare: Callable | None = None
 
 
 def classification_loss(logits, batch):
@@ -203,15 +210,31 @@ OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: se
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
          "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm",
-         "cloze": "masked_lm"}
+         "cloze": "masked_lm", "dpo": "causal_lm"}
 
 
-def for_task(task: str) -> Objective:
-    """The objective of a data task (`data.task`, or what the data says)."""
+def _dpo(train) -> Objective:
+    from jaxft import dpo
+
+    return dpo.objective(float(train.dpo_beta))
+
+
+MADE = {"dpo": _dpo}  # objectives with settings: the config's train section -> Objective
+
+
+def for_task(task: str, train=None) -> Objective:
+    """The objective of a data task (`data.task`, or what the data says); `train`: the config's train
+    section, for the objectives that take settings (DPO's `train.dpo_beta`; its default without it)."""
     from jaxft.errors import JaxftError
 
+    if task in MADE:
+        if train is None:
+            from jaxft.config import base_config
+
+            train = base_config().train
+        return MADE[task](train)
     if task not in OBJECTIVES:
-        raise JaxftError(f"data.task={task!r}: no objective for it (expected one of {', '.join(OBJECTIVES)})")
+        raise JaxftError(f"data.task={task!r}: no objective for it (expected one of {', '.join([*OBJECTIVES, *MADE])})")
     return OBJECTIVES[task]
 
 

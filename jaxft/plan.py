@@ -101,10 +101,11 @@ class Setup:
     shardings: dict  # flat path -> NamedSharding
     num_prefix: int
     platform: str  # where the run goes: cpu, gpu or tpu
+    sequences: int = 1  # model rows per example (DPO: 2, the chosen and the rejected answer)
 
 
-def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None]:
-    """The task's head and label count, read from the config, or from the data file's first rows."""
+def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None, str]:
+    """The task's head, label count and task, read from the config, or from the data file's first rows."""
     from jaxft.data import sft, sources, tasks
 
     d = config.data
@@ -123,7 +124,7 @@ def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None]:
             labels = len(tasks.label_vocab(train, label_field))
     from jaxft.objectives import HEADS
 
-    return HEADS.get(task, task), labels
+    return HEADS.get(task, task), labels, task
 
 
 def setup(config, num_devices: int | None = None, platform: str | None = None) -> Setup:
@@ -131,7 +132,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     import flax.linen as nn
     from jax.sharding import AbstractMesh
 
-    from jaxft import sharding
+    from jaxft import objectives, sharding
     from jaxft.config import validate
     from jaxft.models import family
     from jaxft.peft import build
@@ -147,7 +148,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
         raise JaxftError(f"train.batch_size={batch} (per micro-batch {batch // accum}) must be divisible by "
                          f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
     cfg, _, _ = load_model_config(config)  # config.json only
-    head, labels = head_of(config, family.of(cfg).encoder_decoder)
+    head, labels, task = head_of(config, family.of(cfg).encoder_decoder)
     if head not in family.of(cfg).heads:  # e.g. T5 on synthetic tokens: its own (first) head, seq2seq_lm
         head = family.of(cfg).heads[0]
     cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))
@@ -162,7 +163,8 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
     platform = platform or jax.default_backend()
-    return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform)
+    sequences = objectives.for_task(task).sequences if task in (*objectives.OBJECTIVES, *objectives.MADE) else 1
+    return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform, sequences)
 
 
 def per_device(shape, dtype, named_sharding) -> int:
@@ -239,7 +241,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
                          "jaxft.plan cannot plan it")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     tp = mesh.shape["tensor"]
-    b = max(batch // config.train.grad_accum // shards, 1)  # rows of one micro-batch on one device
+    b = max(batch // config.train.grad_accum // shards, 1) * s.sequences  # rows of one micro-batch on one device
     t, p = config.data.seq_len, s.num_prefix
     # XLA:CPU emulates bf16 arithmetic in fp32: its temporaries match an fp32 run's (measured).
     c = 4 if s.platform == "cpu" else np.dtype(cfg.compute_dtype).itemsize

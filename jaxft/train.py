@@ -151,7 +151,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
                              family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
     if task in ("classification", "cloze") and extra:
-        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft and seq2seq only")
+        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo and seq2seq only")
     template = None
     if str(config.method.get("template", "") or "") and "ptuning" in str(config.method.name).split("+"):
         from jaxft.peft.prompt import render
@@ -534,7 +534,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
     check_export(config, model, method, trainable)
     cfg = model.cfg
-    objective = objectives.for_task(data.task)  # what the step minimises: a function of the data task
+    objective = objectives.for_task(data.task, config.train)  # what the step minimises: a function of the data task
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
     peak, peak_source = run_peak(config)
     packed = "segment_ids" in data.train
@@ -570,6 +570,16 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     rows = {k: data.train[k][:1] for k in ("input_ids", "attention_mask")}
     jax.eval_shape(lambda p: model.apply({"params": p}, rows["input_ids"], rows["attention_mask"]),
                    merge(trainable, frozen))
+    if objective.prepare is not None:  # what the loss needs beyond the data (DPO: the reference, from the start)
+        prepared = {}
+        for split in ("train", "eval"):
+            arrays = getattr(data, split)
+            if arrays is not None:
+                with tqdm(total=len(arrays["weight"]), desc=f"{objective.name} {split}", file=sys.stdout,
+                          dynamic_ncols=True, disable=jax.process_index() != 0) as progress:
+                    prepared[split] = objective.prepare(model, merge(trainable, frozen), arrays, eval_batch, mesh,
+                                                        progress)
+        data = dataclasses.replace(data, **prepared)
 
     # Only now, with every input checked, does the run write anything.
     workdir.mkdir(parents=True, exist_ok=True)
@@ -595,7 +605,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=replicated)
     buckets = ()
-    if config.data.length_buckets and data.task in ("classification", "cloze", "sft", "seq2seq") and \
+    if config.data.length_buckets and data.task in ("classification", "cloze", "sft", "seq2seq", "dpo") and \
             "segment_ids" not in data.train:
         seq_len = config.data.seq_len
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < seq_len) + (seq_len,)
@@ -605,7 +615,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     writer = MetricWriter(workdir, resume_step=start)
     if meta.get("resumed_anyway"):
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
-    perplexity = cfg.head in ("causal_lm", "seq2seq_lm")
+    perplexity = cfg.head in ("causal_lm", "seq2seq_lm") if objective.perplexity is None else objective.perplexity
     preemption = Preemption(config.train.sync_every_steps)
     throughput = Throughput(cfg, trainable, method, peak)
     profile = Profile(profile_steps, workdir)
@@ -671,7 +681,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
             profile.before(done)
             state, metrics = train_step(state, frozen, global_batch)
             health = track_nonfinite(health, metrics, done)
-            throughput.add(batch, width, float(local["attention_mask"].sum()) * jax.process_count(),
+            throughput.add(batch * objective.sequences, width, float(objective.tokens(local)) * jax.process_count(),
                            objective.head_width(local))
             if shape not in widths:  # each batch shape compiles once; say so, so a slow step is explained
                 jax.block_until_ready(metrics)

@@ -39,7 +39,7 @@ def config(method: str, remat: str, devices: int, **overrides):
     return c
 
 
-def compiled_bytes(c, devices: int, transform_frozen=None, extra=None) -> int:
+def compiled_bytes(c, devices: int, transform_frozen=None, extra=None, objective=None) -> int:
     """argument + output + temp - alias bytes of the train step as jaxft.train jits it, on `devices` devices."""
     s = plan.setup(c, devices)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
@@ -64,7 +64,7 @@ def compiled_bytes(c, devices: int, transform_frozen=None, extra=None) -> int:
         batch["labels"] = leaf(jnp.zeros((b,), jnp.int32), rows)
     if extra is not None:
         batch.update(extra(s, ids))
-    step = jax.jit(make_train_step(s.model, tx, schedule, c.train.grad_accum), donate_argnums=(0,),
+    step = jax.jit(make_train_step(s.model, tx, schedule, c.train.grad_accum, objective=objective), donate_argnums=(0,),
                    out_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, state), rep))
     # The model's activation constraints (logical axes) apply under the mesh's rules, as in training.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(sharding.RULES):

@@ -44,7 +44,9 @@ class Batches:
             counts = np.floor(exact).astype(np.int64)
             counts[np.argsort(-(exact - counts), kind="stable")[: self.size - counts.sum()]] += 1
             self.counts = counts
-        self.lengths = arrays["attention_mask"].sum(axis=1) if "attention_mask" in arrays else None
+        # A row's length: the longest of its masks (a preference pair's two answers share the row's width).
+        masks = [v for k, v in arrays.items() if k.endswith("attention_mask") and not k.startswith("decoder_")]
+        self.lengths = np.max([m.sum(axis=1) for m in masks], axis=0) if masks else None
         self.target_lengths = None  # encoder-decoder rows: their targets' lengths (labels of -100 are padding)
         if "decoder_input_ids" in arrays and "labels" in arrays:
             self.target_lengths = (arrays["labels"] >= 0).sum(axis=1)

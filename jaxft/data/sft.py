@@ -232,6 +232,14 @@ def conversation(row: dict, where: str, fields: Fields = Fields()) -> list[dict]
     return messages
 
 
+def turns(value, where: str, key: str) -> list[dict]:
+    """A list of chat turns ({"role", "content"}) or ShareGPT turns ({"from", "value"}), told apart by the
+    first turn's keys -> [{"role", "content"}, ...], checked."""
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
+        return _turns(value, where, key, "from", "value", SHAREGPT_ROLES)
+    return _turns(value, where, key, "role", "content", {r: r for r in ROLES})
+
+
 def _turns(value, where, key, role_key, content_key, roles) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise BadRecord(f"{where}: {key!r} is not a non-empty list of turns")

@@ -11,6 +11,7 @@ masked_lm:      packed as causal_lm ([CLS] text [SEP] for BERT), then BERT's mas
                 for every training batch): `input_ids` masked, `mlm_labels` the original tokens at the
                 targets, -100 elsewhere, `mlm_positions` the targets' positions.
 sft:            see `jaxft.data.sft` (instruction data, chat templates, loss masks, packing).
+dpo:            see `jaxft.data.preference` (chosen and rejected answers to one prompt, padded).
 seq2seq:        see `jaxft.data.seq2seq` (source -> target pairs for encoder-decoders such as T5).
 Every array set carries `weight` (1 for a real example) so padded eval batches count nothing.
 """
@@ -21,7 +22,7 @@ import re
 
 import numpy as np
 
-from jaxft.data import seq2seq
+from jaxft.data import preference, seq2seq
 from jaxft.data.sft import Fields, detect as detect_sft
 from jaxft.data.sources import Records, field
 from jaxft.errors import JaxftError
@@ -30,7 +31,7 @@ from jaxft.errors import JaxftError
 def choose_task(task: str, records: Records, source: str, text_field: str, label_field: str | None,
                 label_given: bool, sft_fields: Fields = Fields(), encoder_decoder: bool = False) -> str:
     """`data.task`, else what the data says when it says it unambiguously: classification when the label
-    column is there, sft for instruction, chat or source/target records (`jaxft.data.sft.detect`) -- or,
+    column is there, dpo for preference pairs (`chosen` and `rejected`), sft for instruction, chat or source/target records (`jaxft.data.sft.detect`) -- or,
     for an encoder-decoder model (`encoder_decoder`), seq2seq for Alpaca and source/target records
     (`jaxft.data.seq2seq.detect`) --, causal_lm when the text column is the only one. A label column
     under another name must not turn a classification run into a language model of the text, so
@@ -47,6 +48,8 @@ def choose_task(task: str, records: Records, source: str, text_field: str, label
         return kind
     if task:
         return task
+    if preference.detect(records):
+        return "dpo"
     if encoder_decoder and seq2seq.detect(records, sft_fields):
         return "seq2seq"
     if detect_sft(records, sft_fields):

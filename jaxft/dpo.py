@@ -1,0 +1,99 @@
+"""DPO (Rafailov et al. 2023): a causal LM taught to prefer the chosen answer of each pair to the rejected one.
+
+    loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+
+log pi(answer) sums the log-probabilities of the answer's tokens (the prompt does not count) under the
+model being trained; log ref(answer) is the same under the reference policy, which is the run's
+starting point: the base model for LoRA, QLoRA, IA3 and full fine-tuning (whose added parameters
+start as the identity), the base with the method's initial prompts for the prompt methods. The
+reference log-likelihoods are computed once, before training (`with_reference`, as TRL's
+`precompute_ref_log_probs` and Tunix's DPO do), and travel with the batch as `reference_logps`: the
+train step runs one model, on the chosen and rejected rows of every pair at once, and does not know
+it is DPO. At step 0 the loss is log 2 for every pair.
+
+Reported (train and eval): `loss`, and `accuracy`, the share of pairs whose chosen answer gains more
+than the rejected one (TRL's rewards/accuracies); in eval also the mean implicit rewards
+beta * (log pi - log ref) of both answers and their margin (`eval/rewards_chosen`,
+`eval/rewards_rejected`, `eval/reward_margin`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.cross_entropy import row_log_likelihood, token_stats
+from jaxft.data.preference import REJECTED
+
+REFERENCE = "reference_logps"  # [pairs, 2]: the chosen and the rejected answer's log-likelihood under the reference
+
+
+def inputs(batch) -> dict:
+    """The chosen rows, then the rejected rows: one model call of twice the batch."""
+    both = lambda k: jnp.concatenate([batch[k], batch[REJECTED + k]], axis=0)  # noqa: E731
+    return {"input_ids": both("input_ids"), "attention_mask": both("attention_mask")}
+
+
+def log_likelihoods(outputs, batch) -> jax.Array:
+    """[pairs, 2]: the sum of log p over each answer's tokens (`loss_mask`), chosen then rejected.
+
+    outputs: logits [2B, T, V], or (hidden, output embedding), whose projection runs chunk by chunk."""
+    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731  (position t predicts token t + 1)
+    both = lambda k: jnp.concatenate([batch[k], batch[REJECTED + k]], axis=0)  # noqa: E731
+    weights = shift(both("attention_mask") * both("loss_mask")).astype(jnp.float32)
+    targets = shift(both("input_ids"))
+    if isinstance(outputs, tuple):
+        hidden, embedding = outputs
+        ll = row_log_likelihood(hidden, embedding, targets, weights, hidden.dtype)
+    else:
+        ll = -jax.vmap(lambda lg, y, w: token_stats(lg, y, w)["loss_sum"])(outputs, targets, weights)
+    return ll.reshape(2, -1).T
+
+
+def rewards(outputs, batch, beta: float) -> tuple[jax.Array, jax.Array]:
+    """The implicit rewards beta * (log pi - log ref) of the chosen and the rejected answers, [pairs] each."""
+    r = beta * (log_likelihoods(outputs, batch) - batch[REFERENCE])
+    return r[:, 0], r[:, 1]
+
+
+def objective(beta: float):
+    from jaxft.objectives import Objective
+
+    def loss(outputs, batch):
+        chosen, rejected = rewards(outputs, batch, beta)
+        margin, w = chosen - rejected, batch["weight"]
+        return {"loss_sum": jnp.sum(w * jax.nn.softplus(-margin)), "count": jnp.sum(w),
+                "correct": jnp.sum(w * (margin > 0))}
+
+    def eval_sums(outputs, batch, cfg):
+        chosen, rejected = rewards(outputs, batch, beta)
+        w = batch["weight"]
+        return {"mean/rewards_chosen": jnp.sum(w * chosen), "mean/rewards_rejected": jnp.sum(w * rejected),
+                "mean/reward_margin": jnp.sum(w * (chosen - rejected))}
+
+    return Objective("dpo", loss, inputs, eval_sums=eval_sums, sequences=2, perplexity=False,
+                     tokens=lambda b: b["attention_mask"].sum() + b[REJECTED + "attention_mask"].sum(),
+                     prepare=with_reference)
+
+
+def with_reference(model, params, arrays: dict, batch_size: int, mesh, progress=None) -> dict:
+    """`arrays` with `reference_logps` added: both answers' log-likelihoods under `params`, no dropout.
+
+    Every process computes every row's (each feeding its own rows of each batch), so all hold the same
+    arrays, as they hold the same data."""
+    from jaxft import sharding
+    from jaxft.data.iterator import eval_batches
+
+    def run(p, batch):
+        with sharding.axis_rules(mesh):
+            return log_likelihoods(model.apply({"params": p}, **inputs(batch), return_hidden=True), batch)
+
+    step = jax.jit(run, out_shardings=sharding.replicated(mesh))
+    n, out = len(arrays["weight"]), []
+    rows = sharding.local_rows(mesh, batch_size)
+    for local in eval_batches(arrays, batch_size, rows):
+        out.append(np.asarray(jax.device_get(step(params, sharding.to_global(mesh, local, batch_size)))))
+        if progress is not None:
+            progress.update(min(batch_size, n - progress.n))
+    return {**arrays, REFERENCE: np.concatenate(out)[:n].astype(np.float32)}

@@ -1,0 +1,311 @@
+"""DPO (`jaxft.dpo`, `jaxft.data.preference`): record formats and loss masks, the sequence
+log-likelihoods and the DPO loss and gradients against transformers + PyTorch autograd, the memory
+plan against XLA, and the CLI: log 2 at step 0, held-out pairs learned, exact resume, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_hf import BASE, build_hf
+from test_sft import renderer_for, tokenizer_args
+from test_train import cli, losses
+
+from jaxft import dpo, hf, plan, sharding
+from jaxft.config import base_config
+from jaxft.data import iterator, preference, sft, tasks
+from jaxft.data.sources import Records, read_file
+from jaxft.errors import JaxftError
+from jaxft.models import family
+from jaxft.tokenizer import Tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def records(*rows, where="pairs.json"):
+    return Records(list(rows), [f"{where}:{i + 1}" for i in range(len(rows))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> arrays
+
+
+SAME_PAIR = [  # one prompt ("how was it?"), chosen "good", rejected "bad", in every format
+    {"conversations": [{"from": "human", "value": "how was it?"}], "chosen": {"from": "gpt", "value": "good"},
+     "rejected": {"from": "gpt", "value": "bad"}},
+    {"prompt": "how was it?", "chosen": "good", "rejected": "bad"},
+    {"prompt": [{"role": "user", "content": "how was it?"}], "chosen": [{"role": "assistant", "content": "good"}],
+     "rejected": [{"role": "assistant", "content": "bad"}]},
+    {"chosen": [{"role": "user", "content": "how was it?"}, {"role": "assistant", "content": "good"}],
+     "rejected": [{"role": "user", "content": "how was it?"}, {"role": "assistant", "content": "bad"}]},
+    {"messages": [{"role": "user", "content": "how was it?"}], "chosen": "good", "rejected": "bad"},
+]
+
+
+def test_every_format_gives_the_same_rows_as_sft_with_the_answer_scored(tok_dir):
+    tok = Tokenizer(tok_dir)
+    r = renderer_for(tok)
+    arrays = [preference.encode(records(row), tok, r, 32)[0] for row in SAME_PAIR]
+    for a in arrays[1:]:
+        assert a.keys() == arrays[0].keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], arrays[0][k], err_msg=k)
+    # Each side is what SFT makes of the conversation ending in that answer.
+    for prefix, answer in (("", "good"), (preference.REJECTED, "bad")):
+        want = sft.padded(sft.examples(records({"instruction": "how was it?", "output": answer}),
+                                       tok, r, 32).examples, 32, tok.pad_id)
+        for k in ("input_ids", "attention_mask", "loss_mask"):
+            np.testing.assert_array_equal(arrays[0][prefix + k], want[k], err_msg=prefix + k)
+    a = arrays[0]
+    assert a["loss_mask"].sum() > 0 and a[preference.REJECTED + "loss_mask"].sum() > 0
+
+
+def test_earlier_answers_are_context_and_the_last_answer_alone_is_scored(tok_dir):
+    tok = Tokenizer(tok_dir)
+    r = renderer_for(tok)
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}, {"from": "human", "value": "and?"}]
+    row = {"conversations": turns, "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}
+    got = preference.encode(records(row), tok, r, 64)[0]
+    whole = sft.examples(records({"conversations": turns + [{"from": "gpt", "value": "good"}]}), tok, r, 64).examples[0]
+    ids, mask = np.array(whole[0]), np.array(whole[1])
+    runs = np.flatnonzero(np.diff(np.r_[0, mask]) == 1)
+    assert len(runs) == 2  # SFT scores both answers
+    np.testing.assert_array_equal(got["input_ids"][0, : len(ids)], ids)
+    want = mask.copy()
+    want[: runs[1]] = 0  # DPO scores the last one only
+    np.testing.assert_array_equal(got["loss_mask"][0, : len(ids)], want)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "chosen": "a"}, "pairs.json:1: missing field 'rejected'"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]},
+     "pairs.json:1: 'chosen' and 'rejected' are whole conversations"),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "more?"}],
+      "rejected": "b"}, "pairs.json:1: 'chosen' ends with a user turn, expected the assistant's answer"),
+    ({"prompt": "q", "chosen": "a", "rejected": " "}, "pairs.json:1: empty assistant turn in 'rejected'"),
+    ({"chosen": "a", "rejected": "b"}, "pairs.json:1: no prompt before the chosen answer"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "pairs.json:1: 'chosen' is not a non-empty list of turns"),
+])
+def test_bad_records_name_where(tok_dir, row, message):
+    tok = Tokenizer(tok_dir)
+    with pytest.raises(JaxftError) as e:
+        preference.encode(records(row), tok, renderer_for(tok), 32)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_the_bundled_pairs_are_recognised_as_dpo_not_sft():
+    from jaxft.data.sources import ASSETS
+
+    for name in ("dpo_en_demo", "dpo_zh_demo"):
+        rec = read_file(ASSETS / "dpo_demo" / f"{name}.json")
+        assert len(rec.rows) == 300
+        assert tasks.choose_task("", rec, name, "text", None, False) == "dpo"
+
+
+def test_length_buckets_hold_the_longer_answer():
+    n, t = 8, 64
+    a = {k: np.zeros((n, t), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    a.update({preference.REJECTED + k: np.zeros((n, t), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")})
+    a["attention_mask"][:, :10] = 1
+    a[preference.REJECTED + "attention_mask"][:, :40] = 1
+    a["weight"] = np.ones((n,), np.float32)
+    batch = iterator.Batches(a, 8, 0, buckets=(16, 32, 64)).local(0, (0, 8))
+    assert batch["input_ids"].shape[1] == batch[preference.REJECTED + "input_ids"].shape[1] == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers and PyTorch autograd
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A tiny Llama (the reference) and the same model moved a little (the policy), in both frameworks."""
+    d = tmp_path_factory.mktemp("dpo")
+    ref_t, ref_dir = build_hf(d, transformers.LlamaConfig(**{**BASE, "num_key_value_heads": 2}), "LlamaForCausalLM",
+                              sub="ref")
+    pol_t, pol_dir = build_hf(d, transformers.LlamaConfig(**{**BASE, "num_key_value_heads": 2}), "LlamaForCausalLM",
+                              seed=5, sub="policy")
+    return (ref_t, *hf.load(str(ref_dir))), (pol_t, *hf.load(str(pol_dir)))
+
+
+def pair_batch(pairs=3, t=12, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for prefix in ("", preference.REJECTED):
+        ids = rng.integers(3, BASE["vocab_size"], size=(pairs, t)).astype(np.int32)
+        lengths = rng.integers(6, t + 1, size=pairs)
+        mask = (np.arange(t) < lengths[:, None]).astype(np.int32)
+        answer = ((np.arange(t) >= lengths[:, None] - rng.integers(2, 5, size=(pairs, 1))) & (mask > 0)).astype(np.int32)
+        out.update({prefix + "input_ids": ids * mask, prefix + "attention_mask": mask, prefix + "loss_mask": answer})
+    out["weight"] = np.array([1.0] * (pairs - 1) + [0.0], np.float32)  # the last pair is eval padding
+    return out
+
+
+def torch_log_likelihoods(model, batch):
+    """[pairs, 2] as TRL computes them: log-softmax of the logits, the next token's, over the answer."""
+    out = []
+    for prefix in ("", preference.REJECTED):
+        ids = torch.tensor(batch[prefix + "input_ids"], dtype=torch.long)
+        mask = torch.tensor(batch[prefix + "attention_mask"], dtype=torch.long)
+        logp = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)[:, :-1]
+        token = torch.gather(logp, 2, ids[:, 1:, None])[..., 0]
+        keep = torch.tensor(batch[prefix + "loss_mask"] * batch[prefix + "attention_mask"])[:, 1:]
+        out.append((token * keep).sum(-1))
+    return torch.stack(out, -1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_log_likelihoods_match_transformers(hf_pair, fused):
+    (_, _, _), (pol_t, model, params) = hf_pair
+    batch = pair_batch()
+    outputs = model.apply({"params": params}, **dpo.inputs(batch), return_hidden=fused)
+    assert isinstance(outputs, tuple) == fused  # (hidden, embedding): chunked projection; else logits
+    got = np.asarray(dpo.log_likelihoods(outputs, batch))
+    with torch.no_grad():
+        want = torch_log_likelihoods(pol_t, batch).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_loss_and_gradients_match_pytorch(hf_pair):
+    """DPO's loss (TRL's sigmoid loss, beta 0.3) and its gradient in every weight, full fine-tuning."""
+    (ref_t, ref_model, ref_params), (pol_t, model, params) = hf_pair
+    beta, batch = 0.3, pair_batch(4, 16, seed=1)
+    mesh = sharding.make_mesh(base_config().mesh, jax.devices()[:1])
+    batch = dpo.with_reference(ref_model, ref_params, batch, 4, mesh)
+    objective = dpo.objective(beta)
+
+    def mean_loss(p):
+        sums = objective.loss(model.apply({"params": p}, **objective.inputs(batch), return_hidden=True), batch)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+
+    with torch.no_grad():
+        ref = torch_log_likelihoods(ref_t, batch)
+    np.testing.assert_allclose(batch[dpo.REFERENCE], ref.numpy(), rtol=1e-5, atol=1e-4)
+    pol = torch_log_likelihoods(pol_t, batch)
+    logits = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+    w = torch.tensor(batch["weight"])
+    want = (-torch.nn.functional.logsigmoid(logits) * w).sum() / w.sum()
+    want.backward()
+    assert float(loss) == pytest.approx(want.item(), rel=1e-5)
+    assert float(sums["correct"]) == float(((logits > 0) * w).sum())
+    ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
+    theirs = {n: p.grad.numpy() for n, p in pol_t.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        scale = np.abs(theirs[name]).max()
+        assert scale > 0, name  # every weight takes part
+        np.testing.assert_allclose(ours[name], theirs[name], atol=2e-5 * scale, err_msg=name)
+
+
+def test_plan_counts_both_answers_within_15_percent_of_xla():
+    from test_plan import compiled_bytes, config
+
+    c = config("lora", "none", 1, data__task="dpo")
+    s = plan.setup(c, 1)
+    assert s.sequences == 2
+    b = c.train.batch_size
+
+    def rejected(s, ids):
+        rows = jax.ShapeDtypeStruct((b, 2), jnp.float32, sharding=sharding.batch_sharding(
+            sharding.make_mesh(c.mesh, jax.devices()[:1]), 1))
+        return {"loss_mask": ids, **{preference.REJECTED + k: ids for k in ("input_ids", "attention_mask", "loss_mask")},
+                dpo.REFERENCE: rows}
+
+    want = compiled_bytes(c, 1, extra=rejected, objective=dpo.objective(0.1))
+    got = plan.estimate(s)
+    assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
+    single = plan.estimate(plan.setup(config("lora", "none", 1, data__task="sft"), 1))
+    assert got["activations"] > 1.8 * single["activations"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def preference_file(path, n, seed):
+    """Pairs a model can learn: chosen answers are praise, rejected ones criticism (English and Chinese)."""
+    good, bad = {0: "good charming funny very".split(), 1: list("好看喜欢")}, {0: "bad boring not".split(), 1: list("不")}
+    rng = np.random.RandomState(seed)
+    rows = []
+    for i in range(n):
+        lang, sep = i % 2, " " if i % 2 == 0 else ""
+        pick = lambda words: sep.join(words[j] for j in rng.randint(0, len(words), rng.randint(2, 5)))  # noqa: E731
+        rows.append({"conversations": [{"from": "human", "value": "the movie ?" if lang == 0 else "电影"}],
+                     "chosen": {"from": "gpt", "value": pick(good[lang])},
+                     "rejected": {"from": "gpt", "value": pick(bad[lang])}})
+    path.write_text(json.dumps(rows, ensure_ascii=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, tok_dir):
+    p = preference_file(tmp_path_factory.mktemp("pairs") / "pairs.json", 160, 0)
+    return (f"--config.data.name={p}", "--config.data.eval_holdout=32", "--config.data.seq_len=32",
+            "--config.train.batch_size=8", "--config.method.name=full", "--config.optimizer.learning_rate=1e-3",
+            "--config.optimizer.schedule=constant", "--config.train.dpo_beta=0.5", "--config.train.log_every_steps=1",
+            "--config.checkpoint.every_steps=15", "--config.eval.at_start=True", *tokenizer_args(tok_dir))
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_dpo_starts_at_log_2_learns_and_resumes_exactly(tmp_path, pairs):
+    straight = tmp_path / "straight"
+    r = cli(straight, *pairs, "--config.train.steps=30")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dpo" in r.stdout and "128 preference pairs" in r.stdout  # data.task found from the fields
+    rows = [row for row in metrics(straight) if "eval/loss" in row]
+    before, after = rows[0], rows[-1]
+    assert before["step"] == 0 and before["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert before["eval/reward_margin"] == pytest.approx(0, abs=1e-6) and "eval/perplexity" not in before
+    assert after["step"] == 30 and after["eval/accuracy"] >= 0.9 and after["eval/loss"] < 0.5 * math.log(2), after
+    assert after["eval/reward_margin"] == pytest.approx(after["eval/rewards_chosen"] - after["eval/rewards_rejected"])
+    # Stopped at 15 and run again to 30: the reference is computed again, the same, and so are the steps.
+    split = tmp_path / "split"
+    assert cli(split, *pairs, "--config.train.steps=15").returncode == 0
+    r = cli(split, *pairs, "--config.train.steps=30")
+    assert r.returncode == 0 and "resuming from step 15" in r.stdout, r.stderr
+    assert [losses(split)[s] for s in range(16, 31)] == [losses(straight)[s] for s in range(16, 31)]
+
+
+def test_cli_bad_pair_is_one_line(tmp_path, pairs):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    r = cli(tmp_path / "run", *pairs, f"--config.data.name={p}", "--config.data.eval_holdout=0")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {p}:2: missing field 'rejected'"), r.stderr
+    assert not (tmp_path / "run").exists()
+    r = cli(tmp_path / "run", *pairs, "--config.train.dpo_beta=0")
+    assert r.returncode == 2 and r.stderr.startswith("error: train.dpo_beta=0.0: expected > 0"), r.stderr
+
+
+def test_dpo_lora_config_runs_and_exports(tmp_path):
+    r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=24", "--config.data.eval_holdout=8",
+            "--config.data.seq_len=64", "--config.eval.every_steps=0", config="configs/dpo_lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 0: eval/loss=0.6931 eval/accuracy=0.0000" in r.stdout and "done:" in r.stdout
+    assert (tmp_path / "export" / "adapter_model.safetensors").exists()
+
+
+def test_eight_devices_and_micro_batches_match_one_device(tmp_path, pairs):
+    """The reference pass feeds each device its rows; micro-batches keep each pair's two answers together."""
+    run = (*pairs, "--config.train.steps=4", "--config.export.enabled=False", "--config.eval.at_start=False")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    assert cli(one, *run, "--config.mesh.data=1").returncode == 0
+    r = cli(eight, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.train.grad_accum=2", "--config.eval.batch_size=16", devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = losses(one), losses(eight)
+    assert got.keys() == ref.keys() == {1, 2, 3, 4}
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
+    final = lambda wd: [row for row in metrics(wd) if "eval/loss" in row][-1]  # noqa: E731
+    assert final(eight)["eval/loss"] == pytest.approx(final(one)["eval/loss"], rel=2e-5)
