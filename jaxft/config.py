@@ -188,7 +188,8 @@ CHOICES = {
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze", "dpo"),
+    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze", "dpo",
+                  "reward"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }

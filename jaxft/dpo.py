@@ -24,15 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.cross_entropy import row_log_likelihood, token_stats
-from jaxft.data.preference import REJECTED
+from jaxft.objectives import Objective, both_answers, pair_inputs, pair_loss, pair_means, pair_tokens
 
 REFERENCE = "reference_logps"  # [pairs, 2]: the chosen and the rejected answer's log-likelihood under the reference
-
-
-def inputs(batch) -> dict:
-    """The chosen rows, then the rejected rows: one model call of twice the batch."""
-    both = lambda k: jnp.concatenate([batch[k], batch[REJECTED + k]], axis=0)  # noqa: E731
-    return {"input_ids": both("input_ids"), "attention_mask": both("attention_mask")}
 
 
 def log_likelihoods(outputs, batch) -> jax.Array:
@@ -40,9 +34,8 @@ def log_likelihoods(outputs, batch) -> jax.Array:
 
     outputs: logits [2B, T, V], or (hidden, output embedding), whose projection runs chunk by chunk."""
     shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731  (position t predicts token t + 1)
-    both = lambda k: jnp.concatenate([batch[k], batch[REJECTED + k]], axis=0)  # noqa: E731
-    weights = shift(both("attention_mask") * both("loss_mask")).astype(jnp.float32)
-    targets = shift(both("input_ids"))
+    weights = shift(both_answers(batch, "attention_mask") * both_answers(batch, "loss_mask")).astype(jnp.float32)
+    targets = shift(both_answers(batch, "input_ids"))
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
         ll = row_log_likelihood(hidden, embedding, targets, weights, hidden.dtype)
@@ -57,24 +50,10 @@ def rewards(outputs, batch, beta: float) -> tuple[jax.Array, jax.Array]:
     return r[:, 0], r[:, 1]
 
 
-def objective(beta: float):
-    from jaxft.objectives import Objective
-
-    def loss(outputs, batch):
-        chosen, rejected = rewards(outputs, batch, beta)
-        margin, w = chosen - rejected, batch["weight"]
-        return {"loss_sum": jnp.sum(w * jax.nn.softplus(-margin)), "count": jnp.sum(w),
-                "correct": jnp.sum(w * (margin > 0))}
-
-    def eval_sums(outputs, batch, cfg):
-        chosen, rejected = rewards(outputs, batch, beta)
-        w = batch["weight"]
-        return {"mean/rewards_chosen": jnp.sum(w * chosen), "mean/rewards_rejected": jnp.sum(w * rejected),
-                "mean/reward_margin": jnp.sum(w * (chosen - rejected))}
-
-    return Objective("dpo", loss, inputs, eval_sums=eval_sums, sequences=2, perplexity=False,
-                     tokens=lambda b: b["attention_mask"].sum() + b[REJECTED + "attention_mask"].sum(),
-                     prepare=with_reference)
+def objective(beta: float) -> Objective:
+    return Objective("dpo", lambda outputs, batch: pair_loss(*rewards(outputs, batch, beta), batch["weight"]),
+                     pair_inputs, sequences=2, tokens=pair_tokens, perplexity=False, prepare=with_reference,
+                     eval_sums=lambda outputs, batch, cfg: pair_means(*rewards(outputs, batch, beta), batch["weight"]))
 
 
 def with_reference(model, params, arrays: dict, batch_size: int, mesh, progress=None) -> dict:
@@ -87,7 +66,7 @@ def with_reference(model, params, arrays: dict, batch_size: int, mesh, progress=
 
     def run(p, batch):
         with sharding.axis_rules(mesh):
-            return log_likelihoods(model.apply({"params": p}, **inputs(batch), return_hidden=True), batch)
+            return log_likelihoods(model.apply({"params": p}, **pair_inputs(batch), return_hidden=True), batch)
 
     step = jax.jit(run, out_shardings=sharding.replicated(mesh))
     n, out = len(arrays["weight"]), []

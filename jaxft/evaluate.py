@@ -12,7 +12,11 @@ jaxft adapter directory applied to the config's base model (`model.path`).
   distinct prompt of the split (greedy unless --num_beams; `eval.repetition_penalty`; prompts that
   share several references, as E2E's, are scored against all), ROUGE-1/2/L, BLEU and exact match
   (`jaxft.metrics`: Chinese on characters), and the split's loss and perplexity; on a mixture, each
-  source's records read with its own fields and also scored alone (`eval/rougeL/<source>`, ...).
+  source's records read with its own fields and also scored alone (`eval/rougeL/<source>`, ...);
+- other tasks (a reward model's preference pairs, language modelling): what training's eval reports,
+  the split's loss and accuracy (a reward model's: the share of pairs whose chosen answer scores
+  higher, and the mean rewards; a language model's: perplexity). DPO runs are scored during training
+  only: their loss needs the run's starting point.
 Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction) in --out (default
 `<workdir>/eval/<split>-<step>` for a training checkpoint, `<export>/../eval/<split>-<export name>`
 for an export), and the metrics as `eval/...` TensorBoard scalars at the checkpoint's step (an export
@@ -309,11 +313,9 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
     objective = objectives.for_task(data.task, config.train)
     classifies = objective.class_logits is not None
-    if data.task not in GENERATION_TASKS and not classifies:
-        raise JaxftError(f"data.task={data.task!r}: jaxft.evaluate scores classification (and cloze) and generation "
-                         f"tasks ({', '.join(GENERATION_TASKS)})"
-                         + ("; a DPO run is scored against its starting point during training (eval.every_steps)"
-                            if objective.prepare is not None else ""))
+    if objective.prepare is not None:
+        raise JaxftError(f"data.task={data.task!r}: a DPO run is scored against its starting point (the reference "
+                         "policy), which a checkpoint does not hold: its eval runs during training (eval.every_steps)")
     if kind == "orbax":
         model, params, step = restore_trained(config, where, step, cfg, base_root, data, mesh)
         params_out = where
@@ -346,6 +348,8 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         texts = [tok.decode(ids[mask > 0]) if tok else "" for ids, mask in zip(arrays["input_ids"],
                                                                               arrays["attention_mask"])]
         rows = [{"prompt": t, "reference": r, "prediction": p} for t, p, r in zip(texts, preds, refs)]
+    elif data.task not in GENERATION_TASKS:  # scored pairs (a reward model): the loss eval's figures are all
+        rows = []
     else:
         prompts, refs, tags = generation_prompts(config, data, split, family.of(model.cfg).encoder_decoder,
                                                  max_examples)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from jaxft.cross_entropy import fused_cross_entropy, token_stats
+from jaxft.data.preference import REJECTED
 
 
 def model_inputs(batch) -> dict:
@@ -190,6 +192,50 @@ def seq2seq_loss(outputs, batch):
     return token_stats(outputs, targets, w)
 
 
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (`jaxft.data.preference`): a chosen and a rejected answer to one prompt.
+
+
+def both_answers(batch, key: str):
+    """Field `key` of the chosen rows, then of the rejected rows: [2B, ...]."""
+    return jnp.concatenate([batch[key], batch[REJECTED + key]], axis=0)
+
+
+def pair_inputs(batch) -> dict:
+    """Both answers of every pair in one model call of twice the batch."""
+    return {"input_ids": both_answers(batch, "input_ids"), "attention_mask": both_answers(batch, "attention_mask")}
+
+
+def pair_tokens(batch):
+    return batch["attention_mask"].sum() + batch[REJECTED + "attention_mask"].sum()
+
+
+def pair_loss(chosen, rejected, weight) -> dict:
+    """-log sigmoid(chosen - rejected) per pair, from the scores (rewards) of both answers [pairs]; correct:
+    the chosen answer scores higher."""
+    margin = chosen - rejected
+    return {"loss_sum": jnp.sum(weight * jax.nn.softplus(-margin)), "count": jnp.sum(weight),
+            "correct": jnp.sum(weight * (margin > 0))}
+
+
+def pair_means(chosen, rejected, weight) -> dict:
+    """eval_sums: the mean scores of both answers and their margin (eval/rewards_chosen, ...)."""
+    return {"mean/rewards_chosen": jnp.sum(weight * chosen), "mean/rewards_rejected": jnp.sum(weight * rejected),
+            "mean/reward_margin": jnp.sum(weight * (chosen - rejected))}
+
+
+def rewards(logits):
+    """A reward model's [2B, 1] outputs -> (chosen, rejected) rewards, [B] each, in fp32."""
+    r = logits[:, 0].astype(jnp.float32).reshape(2, -1)
+    return r[0], r[1]
+
+
+def reward_loss(logits, batch):
+    """A reward model (Bradley-Terry, as TRL's RewardTrainer): a one-output sequence classifier trained so
+    that r(chosen) > r(rejected)."""
+    return pair_loss(*rewards(logits), batch["weight"])
+
+
 OBJECTIVES: dict[str, Objective] = {
     "classification": Objective("classification", classification_loss, eval_sums=confusion,
                                 class_logits=lambda outputs, batch: outputs),
@@ -205,12 +251,14 @@ OBJECTIVES: dict[str, Objective] = {
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
     # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.
     "seq2seq": Objective("seq2seq", seq2seq_loss, seq2seq_inputs, eval_sums=per_task_of(seq2seq_loss)),
+    "reward": Objective("reward", reward_loss, pair_inputs, sequences=2, tokens=pair_tokens,
+                        eval_sums=lambda logits, batch, cfg: pair_means(*rewards(logits), batch["weight"])),
 }
 OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: seq2seq on corrupted blocks
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
          "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm",
-         "cloze": "masked_lm", "dpo": "causal_lm"}
+         "cloze": "masked_lm", "dpo": "causal_lm", "reward": "classification"}
 
 
 def _dpo(train) -> Objective:

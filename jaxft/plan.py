@@ -122,6 +122,8 @@ def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None, str
                                  sft.Fields(*sources.pair_fields(d, first)), encoder_decoder)
         if task == "classification":
             labels = len(tasks.label_vocab(train, label_field))
+    if task == "reward":  # one output: the score
+        labels = 1
     from jaxft.objectives import HEADS
 
     return HEADS.get(task, task), labels, task

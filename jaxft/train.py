@@ -151,7 +151,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
                              family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
     if task in ("classification", "cloze") and extra:
-        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo and seq2seq only")
+        raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo, reward and seq2seq only")
     template = None
     if str(config.method.get("template", "") or "") and "ptuning" in str(config.method.name).split("+"):
         from jaxft.peft.prompt import render
@@ -199,7 +199,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         transform = tasks.redraw(lambda b, rngs: corrupt(b, tok, rngs, seq_len), config.train.seed)
         ev = corrupt(ev, tok, config.train.seed + 1, seq_len) if ev is not None else None
     records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved]}  # one per source
-    return Data(train, ev, task, None, tok, m.groups, m.weights, m.names, records, transform)
+    labels = ["reward"] if task == "reward" else None  # a reward model: a classifier with one output, its score
+    return Data(train, ev, task, labels, tok, m.groups, m.weights, m.names, records, transform)
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
@@ -605,7 +606,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=replicated)
     buckets = ()
-    if config.data.length_buckets and data.task in ("classification", "cloze", "sft", "seq2seq", "dpo") and \
+    if config.data.length_buckets and data.task in ("classification", "cloze", "sft", "seq2seq", "dpo", "reward") and \
             "segment_ids" not in data.train:
         seq_len = config.data.seq_len
         buckets = tuple(w for w in (16, 32, 64, 128, 256, 512, 1024) if w < seq_len) + (seq_len,)

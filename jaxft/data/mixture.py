@@ -118,17 +118,17 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
     target_len = int(d.get("target_len", 0)) or seq_len
     names = source_names([s[0] for s in sources])
     renderer = None
-    if task in ("sft", "dpo"):
+    if task in ("sft", "dpo", "reward"):
         template, where = sft.chat_template(tok, str(d.get("chat_template", "")))
         renderer = sft.Renderer(template, sft.special_strings(tok), where)
-        scored = "each pair's two answers" if task == "dpo" else "every token" if d.train_on_prompt else "responses only"
+        scored = "each pair's two answers" if task != "sft" else "every token" if d.train_on_prompt else "responses only"
         log(f"{task}: chat template from {where}; loss on {scored}")
     settings = {"task": task, "seq_len": seq_len, "packing": bool(d.packing), "text_field": None,
                 "train_on_prompt": bool(d.train_on_prompt), "skip_bad": bool(d.skip_bad_records),
                 "template": renderer and renderer.template, "fields": None}
     if task == "seq2seq":  # only then, so the other tasks' cache keys stay as they were
         settings.update(target_len=target_len, decoder_start=decoder_start_id, packing=False, train_on_prompt=False)
-    if task == "dpo":  # padded pairs, scored on their answers: neither setting applies
+    if task in ("dpo", "reward"):  # padded pairs, scored on their answers: neither setting applies
         settings.update(packing=False, train_on_prompt=False)
 
     def arrays(records: Records, name: str, text_field: str, split: str, fields: sft.Fields):
@@ -150,7 +150,7 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
                     + (f" (first: {enc.first_skip})" if enc.skipped else "")
                     + f"; {100 * out['attention_mask'].mean():.1f}% real source tokens, "
                     f"{100 * (out['labels'] >= 0).mean():.1f}% real target tokens")
-        elif task == "dpo":
+        elif task in ("dpo", "reward"):
             out, enc = preference.encode(records, tok, renderer, seq_len, bool(d.skip_bad_records))
             if not enc.examples:
                 raise JaxftError(f"data source {name!r} ({split}): no usable preference pair")

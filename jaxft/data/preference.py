@@ -1,4 +1,4 @@
-"""Preference pairs (DPO): one prompt answered twice, `chosen` and `rejected` -> two rows of token ids.
+"""Preference pairs (DPO, reward models): one prompt answered twice, `chosen` and `rejected` -> two rows of token ids.
 
 Record formats, recognised by their fields (every one has `chosen` and `rejected`):
 - ShareGPT (LLaMA-Factory's dpo_en_demo): `{"conversations": [{"from", "value"}, ...], "chosen": {"from":
@@ -81,7 +81,7 @@ def pair(row, where: str) -> tuple[list[dict], list[dict]]:
 
 def _answer_only(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """The response flag on the last response segment only: earlier answers of the prompt are context."""
-    last = max(i for i, (_, response) in enumerate(segments) if response)
+    last = max((i for i, (_, response) in enumerate(segments) if response), default=-1)
     return [(text, response and i == last) for i, (text, response) in enumerate(segments)]
 
 

@@ -1,11 +1,14 @@
-"""DPO (`jaxft.dpo`, `jaxft.data.preference`): record formats and loss masks, the sequence
-log-likelihoods and the DPO loss and gradients against transformers + PyTorch autograd, the memory
-plan against XLA, and the CLI: log 2 at step 0, held-out pairs learned, exact resume, one-line errors."""
+"""Preference pairs (`jaxft.data.preference`), DPO (`jaxft.dpo`) and reward models: record formats and
+loss masks, the sequence log-likelihoods and both losses and their gradients against transformers +
+PyTorch autograd, the memory plan against XLA, and the CLI: log 2 at step 0, held-out pairs learned,
+exact resume, 8 devices and micro-batches, one-line errors, a reward model served through PEFT."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +16,9 @@ import numpy as np
 import pytest
 from test_hf import BASE, build_hf
 from test_sft import renderer_for, tokenizer_args
-from test_train import cli, losses
+from test_train import ROOT, cli, losses
 
-from jaxft import dpo, hf, plan, sharding
+from jaxft import dpo, hf, objectives, plan, sharding
 from jaxft.config import base_config
 from jaxft.data import iterator, preference, sft, tasks
 from jaxft.data.sources import Records, read_file
@@ -164,7 +167,7 @@ def torch_log_likelihoods(model, batch):
 def test_log_likelihoods_match_transformers(hf_pair, fused):
     (_, _, _), (pol_t, model, params) = hf_pair
     batch = pair_batch()
-    outputs = model.apply({"params": params}, **dpo.inputs(batch), return_hidden=fused)
+    outputs = model.apply({"params": params}, **objectives.pair_inputs(batch), return_hidden=fused)
     assert isinstance(outputs, tuple) == fused  # (hidden, embedding): chunked projection; else logits
     got = np.asarray(dpo.log_likelihoods(outputs, batch))
     with torch.no_grad():
@@ -288,11 +291,14 @@ def test_cli_bad_pair_is_one_line(tmp_path, pairs):
     assert r.returncode == 2 and r.stderr.startswith("error: train.dpo_beta=0.0: expected > 0"), r.stderr
 
 
-def test_dpo_lora_config_runs_and_exports(tmp_path):
+@pytest.mark.parametrize("name", ["dpo_lora.py", "reward_lora.py"])
+def test_preference_configs_run_and_export(tmp_path, name):
     r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=24", "--config.data.eval_holdout=8",
-            "--config.data.seq_len=64", "--config.eval.every_steps=0", config="configs/dpo_lora.py")
+            "--config.data.seq_len=64", "--config.eval.every_steps=0", config=f"configs/{name}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 0: eval/loss=0.6931 eval/accuracy=0.0000" in r.stdout and "done:" in r.stdout
+    assert "step 0: eval/loss=" in r.stdout and "done:" in r.stdout and "eval/reward_margin=" in r.stdout
+    if name == "dpo_lora.py":
+        assert "step 0: eval/loss=0.6931 eval/accuracy=0.0000" in r.stdout  # the policy is its reference
     assert (tmp_path / "export" / "adapter_model.safetensors").exists()
 
 
@@ -309,3 +315,82 @@ def test_eight_devices_and_micro_batches_match_one_device(tmp_path, pairs):
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
     final = lambda wd: [row for row in metrics(wd) if "eval/loss" in row][-1]  # noqa: E731
     assert final(eight)["eval/loss"] == pytest.approx(final(one)["eval/loss"], rel=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward models (data.task=reward): the same pairs, a one-output classifier, Bradley-Terry
+
+
+def test_reward_model_loss_and_gradients_match_pytorch(tmp_path):
+    config = transformers.LlamaConfig(**{**BASE, "num_key_value_heads": 2, "num_labels": 1, "pad_token_id": 0})
+    torch_model, d = build_hf(tmp_path, config, "LlamaForSequenceClassification")
+    model, params = hf.load(str(d))
+    assert model.cfg.head == "classification" and model.cfg.num_labels == 1
+    batch = pair_batch(4, 16, seed=2)  # right-padded with id 0 (the pad id): HF's classifier finds the last token so
+    objective = objectives.for_task("reward")
+
+    def mean_loss(p):
+        sums = objective.loss(model.apply({"params": p}, **objective.inputs(batch)), batch)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    r = [torch_model(torch.tensor(batch[p + "input_ids"], dtype=torch.long),
+                     attention_mask=torch.tensor(batch[p + "attention_mask"])).logits[:, 0]
+         for p in ("", preference.REJECTED)]
+    w = torch.tensor(batch["weight"])
+    want = (-torch.nn.functional.logsigmoid(r[0] - r[1]) * w).sum() / w.sum()  # TRL's RewardTrainer loss
+    want.backward()
+    assert float(loss) == pytest.approx(want.item(), rel=1e-5)
+    assert float(sums["correct"]) == float(((r[0] > r[1]) * w).sum())
+    ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
+    for name, p in torch_model.named_parameters():
+        scale = np.abs(p.grad.numpy()).max()
+        assert scale > 0, name
+        np.testing.assert_allclose(ours[name], p.grad.numpy(), atol=2e-5 * scale, err_msg=name)
+
+
+def test_cli_reward_model_learns_exports_and_serves_with_peft(tmp_path, pairs):
+    from peft import PeftModel
+
+    data = pairs[0]
+    run = tmp_path / "run"
+    r = cli(run, data, "--config.data.task=reward", "--config.data.eval_holdout=32", "--config.data.seq_len=32",
+            "--config.train.batch_size=8", "--config.train.steps=40", "--config.model.pooling=last",
+            "--config.eval.at_start=True", "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0",
+            config="configs/lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "new classification head score/kernel (256, 1)" in r.stdout
+    rows = [row for row in metrics(run) if "eval/loss" in row]
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 40
+    assert rows[-1]["eval/accuracy"] >= 0.9 and rows[-1]["eval/loss"] < 0.5 * rows[0]["eval/loss"], rows
+    assert "eval/perplexity" not in rows[-1] and rows[-1]["eval/reward_margin"] > 0
+
+    # Served as a PEFT user would: transformers' one-output classifier + the adapter; the same rewards.
+    export = run / "export"
+    adapter = json.loads((export / "adapter_config.json").read_text())
+    torch_base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        adapter["base_model_name_or_path"], num_labels=1)
+    served = PeftModel.from_pretrained(torch_base, export).eval()
+    model, params = hf.load(adapter["base_model_name_or_path"], adapter=str(export))
+    tok = Tokenizer(hf.resolve("jaxft-tiny"))
+    ev = preference.encode(records(*json.loads(open(data.split("=", 1)[1]).read())[-32:]), tok,
+                           renderer_for(tok), 32)[0]
+    ours = np.asarray(model.apply({"params": params}, **objectives.pair_inputs(ev)))[:, 0]
+    with torch.no_grad():
+        theirs = np.concatenate([served(input_ids=torch.tensor(ev[p + "input_ids"], dtype=torch.long),
+                                        attention_mask=torch.tensor(ev[p + "attention_mask"])).logits[:, 0].numpy()
+                                 for p in ("", preference.REJECTED)])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    chosen, rejected = ours.reshape(2, -1)
+    assert np.mean(chosen > rejected) == pytest.approx(rows[-1]["eval/accuracy"])
+
+    # jaxft.evaluate on the export: the same figures as training's last eval.
+    out = tmp_path / "eval"
+    e = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/lora.py", f"--checkpoint={export}",
+                        f"--out={out}", data, "--config.data.task=reward", "--config.data.eval_holdout=32",
+                        "--config.data.seq_len=32", "--config.model.pooling=last"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-3000:]
+    scores = json.loads((out / "metrics.json").read_text())["metrics"]
+    for k in ("eval/loss", "eval/accuracy", "eval/reward_margin"):
+        assert scores[k] == pytest.approx(rows[-1][k], rel=1e-4, abs=1e-6), k
