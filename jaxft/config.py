@@ -130,6 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.skip_nonfinite = False  # a NaN/Inf loss or gradient skips that update instead of stopping the run
     c.train.resume_anyway = False  # resume even if the checkpoint was made with other run-defining settings
     c.train.dpo_beta = 0.1  # data.task=dpo: how far from the reference the policy may move (DPO's beta; TRL's default)
+    c.train.dpo_loss = "sigmoid"  # DPO's loss; ipo | hinge (jaxft.dpo)
+    c.train.dpo_label_smoothing = 0.0  # sigmoid only: the share of pairs assumed mislabelled (cDPO), < 0.5
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()
@@ -191,6 +193,7 @@ CHOICES = {
     "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze", "dpo",
                   "reward"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
+    "train.dpo_loss": ("sigmoid", "ipo", "hinge"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }
 POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps",
@@ -226,6 +229,12 @@ def validate(config) -> None:
         raise JaxftError("model.path is empty and model.init is not set: expected a model directory or HF config keys")
     if not float(config.train.get("dpo_beta", 0.1)) > 0:  # NaN fails too
         raise JaxftError(f"train.dpo_beta={config.train.dpo_beta}: expected > 0")
+    smoothing = float(config.train.get("dpo_label_smoothing", 0.0))
+    if not 0 <= smoothing < 0.5:
+        raise JaxftError(f"train.dpo_label_smoothing={smoothing}: expected 0 <= e < 0.5")
+    if smoothing and config.train.dpo_loss != "sigmoid":
+        raise JaxftError(f"train.dpo_label_smoothing={smoothing}: applies to train.dpo_loss='sigmoid', "
+                         f"not {config.train.dpo_loss!r}")
     if float(config.train.peak_flops) < 0:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
     if float(config.eval.get("repetition_penalty", 1.0)) <= 0:

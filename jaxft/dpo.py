@@ -1,6 +1,10 @@
 """DPO (Rafailov et al. 2023): a causal LM taught to prefer the chosen answer of each pair to the rejected one.
 
-    loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+    x = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
+    loss = -log sigmoid(beta * x)                                       (`sigmoid`, the paper's)
+         = -(1 - e) log sigmoid(beta * x) - e log sigmoid(-beta * x)    (with label smoothing e: cDPO)
+    or (x - 1 / (2 beta))^2 (`ipo`, Azar et al. 2023), or max(0, 1 - beta * x) (`hinge`, SLiC), as TRL's
+    DPOTrainer names them (`train.dpo_loss`, `train.dpo_label_smoothing`).
 
 log pi(answer) sums the log-probabilities of the answer's tokens (the prompt does not count) under the
 model being trained; log ref(answer) is the same under the reference policy, which is the run's
@@ -9,7 +13,7 @@ start as the identity), the base with the method's initial prompts for the promp
 reference log-likelihoods are computed once, before training (`with_reference`, as TRL's
 `precompute_ref_log_probs` and Tunix's DPO do), and travel with the batch as `reference_logps`: the
 train step runs one model, on the chosen and rejected rows of every pair at once, and does not know
-it is DPO. At step 0 the loss is log 2 for every pair.
+it is DPO. At step 0 x is 0: the sigmoid loss is log 2 for every pair.
 
 Reported (train and eval): `loss`, and `accuracy`, the share of pairs whose chosen answer gains more
 than the rejected one (TRL's rewards/accuracies); in eval also the mean implicit rewards
@@ -24,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.cross_entropy import row_log_likelihood, token_stats
-from jaxft.objectives import Objective, both_answers, pair_inputs, pair_loss, pair_means, pair_tokens
+from jaxft.objectives import Objective, both_answers, pair_inputs, pair_means, pair_tokens
 
 REFERENCE = "reference_logps"  # [pairs, 2]: the chosen and the rejected answer's log-likelihood under the reference
 
@@ -44,16 +48,34 @@ def log_likelihoods(outputs, batch) -> jax.Array:
     return ll.reshape(2, -1).T
 
 
-def rewards(outputs, batch, beta: float) -> tuple[jax.Array, jax.Array]:
-    """The implicit rewards beta * (log pi - log ref) of the chosen and the rejected answers, [pairs] each."""
-    r = beta * (log_likelihoods(outputs, batch) - batch[REFERENCE])
-    return r[:, 0], r[:, 1]
+LOSSES = ("sigmoid", "ipo", "hinge")
 
 
-def objective(beta: float) -> Objective:
-    return Objective("dpo", lambda outputs, batch: pair_loss(*rewards(outputs, batch, beta), batch["weight"]),
-                     pair_inputs, sequences=2, tokens=pair_tokens, perplexity=False, prepare=with_reference,
-                     eval_sums=lambda outputs, batch, cfg: pair_means(*rewards(outputs, batch, beta), batch["weight"]))
+def pair_losses(x, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0):
+    """Each pair's loss from x, its chosen answer's log-ratio minus its rejected answer's (the docstring)."""
+    if kind == "ipo":
+        return (x - 1 / (2 * beta)) ** 2
+    if kind == "hinge":
+        return jax.nn.relu(1 - beta * x)
+    return (1 - label_smoothing) * jax.nn.softplus(-beta * x) + label_smoothing * jax.nn.softplus(beta * x)
+
+
+def objective(beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> Objective:
+    def log_ratios(outputs, batch):  # [pairs, 2]: log pi - log ref of both answers
+        return log_likelihoods(outputs, batch) - batch[REFERENCE]
+
+    def loss(outputs, batch):
+        r, w = log_ratios(outputs, batch), batch["weight"]
+        x = r[:, 0] - r[:, 1]
+        return {"loss_sum": jnp.sum(w * pair_losses(x, beta, kind, label_smoothing)), "count": jnp.sum(w),
+                "correct": jnp.sum(w * (x > 0))}
+
+    def eval_sums(outputs, batch, cfg):  # the implicit rewards beta * (log pi - log ref)
+        r = beta * log_ratios(outputs, batch)
+        return pair_means(r[:, 0], r[:, 1], batch["weight"])
+
+    return Objective("dpo", loss, pair_inputs, eval_sums=eval_sums, sequences=2, tokens=pair_tokens, perplexity=False,
+                     prepare=with_reference)
 
 
 def with_reference(model, params, arrays: dict, batch_size: int, mesh, progress=None) -> dict:

@@ -264,7 +264,8 @@ HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "c
 def _dpo(train) -> Objective:
     from jaxft import dpo
 
-    return dpo.objective(float(train.dpo_beta))
+    return dpo.objective(float(train.dpo_beta), str(train.get("dpo_loss", "sigmoid")),
+                         float(train.get("dpo_label_smoothing", 0.0)))
 
 
 MADE = {"dpo": _dpo}  # objectives with settings: the config's train section -> Objective

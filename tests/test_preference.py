@@ -175,13 +175,24 @@ def test_log_likelihoods_match_transformers(hf_pair, fused):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_loss_and_gradients_match_pytorch(hf_pair):
-    """DPO's loss (TRL's sigmoid loss, beta 0.3) and its gradient in every weight, full fine-tuning."""
+def trl_loss(x, beta, kind, smoothing):
+    """TRL's DPOTrainer.dpo_loss per pair, x = (pi_c - ref_c) - (pi_r - ref_r)."""
+    F = torch.nn.functional
+    if kind == "ipo":
+        return (x - 1 / (2 * beta)) ** 2
+    if kind == "hinge":
+        return torch.relu(1 - beta * x)
+    return -F.logsigmoid(beta * x) * (1 - smoothing) - F.logsigmoid(-beta * x) * smoothing
+
+
+@pytest.mark.parametrize("kind, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])
+def test_loss_and_gradients_match_pytorch(hf_pair, kind, smoothing):
+    """DPO's losses (TRL's, beta 0.3) and their gradient in every weight, full fine-tuning."""
     (ref_t, ref_model, ref_params), (pol_t, model, params) = hf_pair
     beta, batch = 0.3, pair_batch(4, 16, seed=1)
     mesh = sharding.make_mesh(base_config().mesh, jax.devices()[:1])
     batch = dpo.with_reference(ref_model, ref_params, batch, 4, mesh)
-    objective = dpo.objective(beta)
+    objective = dpo.objective(beta, kind, smoothing)
 
     def mean_loss(p):
         sums = objective.loss(model.apply({"params": p}, **objective.inputs(batch), return_hidden=True), batch)
@@ -192,13 +203,14 @@ def test_loss_and_gradients_match_pytorch(hf_pair):
     with torch.no_grad():
         ref = torch_log_likelihoods(ref_t, batch)
     np.testing.assert_allclose(batch[dpo.REFERENCE], ref.numpy(), rtol=1e-5, atol=1e-4)
+    pol_t.zero_grad(set_to_none=True)  # the model is shared by the parametrised cases
     pol = torch_log_likelihoods(pol_t, batch)
-    logits = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+    x = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
     w = torch.tensor(batch["weight"])
-    want = (-torch.nn.functional.logsigmoid(logits) * w).sum() / w.sum()
+    want = (trl_loss(x, beta, kind, smoothing) * w).sum() / w.sum()
     want.backward()
     assert float(loss) == pytest.approx(want.item(), rel=1e-5)
-    assert float(sums["correct"]) == float(((logits > 0) * w).sum())
+    assert float(sums["correct"]) == float(((x > 0) * w).sum())
     ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
     theirs = {n: p.grad.numpy() for n, p in pol_t.named_parameters()}
     assert ours.keys() == theirs.keys()
@@ -287,8 +299,14 @@ def test_cli_bad_pair_is_one_line(tmp_path, pairs):
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {p}:2: missing field 'rejected'"), r.stderr
     assert not (tmp_path / "run").exists()
-    r = cli(tmp_path / "run", *pairs, "--config.train.dpo_beta=0")
-    assert r.returncode == 2 and r.stderr.startswith("error: train.dpo_beta=0.0: expected > 0"), r.stderr
+    for bad, message in ((("--config.train.dpo_beta=0",), "train.dpo_beta=0.0: expected > 0"),
+                         (("--config.train.dpo_loss=kto",), "train.dpo_loss='kto': expected one of 'sigmoid', 'ipo'"),
+                         (("--config.train.dpo_label_smoothing=0.5",), "train.dpo_label_smoothing=0.5: expected 0 <="),
+                         (("--config.train.dpo_loss=ipo", "--config.train.dpo_label_smoothing=0.1"),
+                          "train.dpo_label_smoothing=0.1: applies to train.dpo_loss='sigmoid', not 'ipo'")):
+        r = cli(tmp_path / "run", *pairs, *bad)
+        assert r.returncode == 2 and r.stderr.startswith("error: " + message), r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("name", ["dpo_lora.py", "reward_lora.py"])
