@@ -412,3 +412,17 @@ def test_cli_reward_model_learns_exports_and_serves_with_peft(tmp_path, pairs):
     scores = json.loads((out / "metrics.json").read_text())["metrics"]
     for k in ("eval/loss", "eval/accuracy", "eval/reward_margin"):
         assert scores[k] == pytest.approx(rows[-1][k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("method", [
+    ("--config.method.name=ptuning_v2", "--config.method.num_virtual_tokens=4"),  # the reference holds its prompts
+    ("--config.method.name=ia3",),
+    ("--config.method.name=lora", "--config.model.quantization=nf4", "--config.optimizer.learning_rate=1e-2"),  # QLoRA
+])
+def test_other_methods_train_dpo(tmp_path, pairs, method):
+    r = cli(tmp_path, *pairs, *method, "--config.train.steps=20", "--config.eval.every_steps=0",
+            "--config.export.enabled=False", "--config.checkpoint.every_steps=0", "--config.optimizer.learning_rate=1e-2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [row for row in metrics(tmp_path) if "eval/loss" in row]
+    assert rows[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 0: the policy is the reference
+    assert rows[-1]["eval/loss"] < rows[0]["eval/loss"] and rows[-1]["eval/reward_margin"] > 0, rows[-1]
