@@ -137,11 +137,11 @@ def hf_pair(tmp_path_factory):
     return (ref_t, *hf.load(str(ref_dir))), (pol_t, *hf.load(str(pol_dir)))
 
 
-def pair_batch(pairs=3, t=12, seed=0):
+def pair_batch(pairs=3, t=12, seed=0, vocab=BASE["vocab_size"]):
     rng = np.random.default_rng(seed)
     out = {}
     for prefix in ("", preference.REJECTED):
-        ids = rng.integers(3, BASE["vocab_size"], size=(pairs, t)).astype(np.int32)
+        ids = rng.integers(3, vocab, size=(pairs, t)).astype(np.int32)
         lengths = rng.integers(6, t + 1, size=pairs)
         mask = (np.arange(t) < lengths[:, None]).astype(np.int32)
         answer = ((np.arange(t) >= lengths[:, None] - rng.integers(2, 5, size=(pairs, 1))) & (mask > 0)).astype(np.int32)
@@ -183,6 +183,20 @@ def trl_loss(x, beta, kind, smoothing):
     if kind == "hinge":
         return torch.relu(1 - beta * x)
     return -F.logsigmoid(beta * x) * (1 - smoothing) - F.logsigmoid(-beta * x) * smoothing
+
+
+def test_gpt2_log_likelihoods_match_transformers(tmp_path):
+    """Another family (learned positions, LayerNorm, GELU, a tied head): the same sums as transformers'."""
+    from test_gpt2 import VOCAB, build_hf as build_gpt2
+
+    torch_model, d = build_gpt2(tmp_path)
+    model, params = hf.load(str(d))
+    batch = pair_batch(vocab=VOCAB)
+    got = np.asarray(dpo.log_likelihoods(model.apply({"params": params}, **objectives.pair_inputs(batch),
+                                                     return_hidden=True), batch))
+    with torch.no_grad():
+        want = torch_log_likelihoods(torch_model, batch).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])

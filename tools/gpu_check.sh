@@ -121,7 +121,7 @@ for dtype in float32 bfloat16; do  # as configured (XLA attention), then bf16 co
   rm -rf "/tmp/gpu_check_main_$dtype"
   t=$(limit 150) || break
   timeout "$t" python3 -m jaxft.train --config=configs/ptuning_v2.py --workdir="/tmp/gpu_check_main_$dtype" \
-    --config.model.dtype=$dtype 2>&1 | grep -v "^train:" | tail -3 | tee -a "$OUT/main_job.log"
+    --config.model.dtype=$dtype 2>&1 | tr "\r" "\n" | grep -v "^train:" | tail -3 | tee -a "$OUT/main_job.log"
 done
 
 python3 - "$OUT" "$attn_rc" "$((SECONDS - t0))" <<'EOF'
