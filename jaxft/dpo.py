@@ -48,9 +48,6 @@ def log_likelihoods(outputs, batch) -> jax.Array:
     return ll.reshape(2, -1).T
 
 
-LOSSES = ("sigmoid", "ipo", "hinge")
-
-
 def pair_losses(x, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0):
     """Each pair's loss from x, its chosen answer's log-ratio minus its rejected answer's (the docstring)."""
     if kind == "ipo":
