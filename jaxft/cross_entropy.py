@@ -69,6 +69,11 @@ def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32):
     return {"loss_sum": sums[0], "count": jnp.sum(weights), "correct": sums[1]}
 
 
+def row_sums(logits, targets, weights):
+    """fp32 logits [B, T, V] -> [B]: each row's sum of weights * log p(target)."""
+    return -jnp.sum(_softmax_nll(logits, targets)[0] * weights, axis=1)
+
+
 def row_log_likelihood(hidden, embedding, targets, weights, dtype=jnp.float32):
     """[B]: each row's sum of weights * log p(target) under `hidden @ embedding.T` (DPO's sequence
     log-likelihoods). Chunked along the sequence as `fused_cross_entropy`, but differentiated by plain
@@ -82,7 +87,7 @@ def row_log_likelihood(hidden, embedding, targets, weights, dtype=jnp.float32):
     def chunk(total, xs):
         h, y, w = xs  # [B, length, ...]
         logits = jnp.einsum("bld,vd->blv", h.astype(dtype), e, preferred_element_type=jnp.float32)
-        return total - jnp.sum(_softmax_nll(logits, y)[0] * w, axis=1), None
+        return total + row_sums(logits, y, w), None
 
     xs = (_chunks(hidden, length), _chunks(targets, length), _chunks(weights.astype(jnp.float32), length))
     return jax.lax.scan(chunk, jnp.zeros((b,), jnp.float32), xs)[0]

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.cross_entropy import row_log_likelihood, token_stats
-from jaxft.objectives import Objective, both_answers, pair_inputs, pair_means, pair_tokens
+from jaxft.cross_entropy import row_log_likelihood, row_sums
+from jaxft.objectives import Objective, both_answers, next_token, pair_inputs, pair_means, pair_tokens
 
 REFERENCE = "reference_logps"  # [pairs, 2]: the chosen and the rejected answer's log-likelihood under the reference
 
@@ -37,14 +37,13 @@ def log_likelihoods(outputs, batch) -> jax.Array:
     """[pairs, 2]: the sum of log p over each answer's tokens (`loss_mask`), chosen then rejected.
 
     outputs: logits [2B, T, V], or (hidden, output embedding), whose projection runs chunk by chunk."""
-    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731  (position t predicts token t + 1)
-    weights = shift(both_answers(batch, "attention_mask") * both_answers(batch, "loss_mask")).astype(jnp.float32)
-    targets = shift(both_answers(batch, "input_ids"))
+    weights = next_token(both_answers(batch, "attention_mask") * both_answers(batch, "loss_mask")).astype(jnp.float32)
+    targets = next_token(both_answers(batch, "input_ids"))
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
         ll = row_log_likelihood(hidden, embedding, targets, weights, hidden.dtype)
     else:
-        ll = -jax.vmap(lambda lg, y, w: token_stats(lg, y, w)["loss_sum"])(outputs, targets, weights)
+        ll = row_sums(outputs.astype(jnp.float32), targets, weights)
     return ll.reshape(2, -1).T
 
 

@@ -64,6 +64,11 @@ def confusion(logits, batch, cfg):
     return {"confusion": jnp.zeros((c, c), jnp.float32).at[batch["labels"], pred].add(batch["weight"])}
 
 
+def next_token(x):
+    """[B, T, ...] -> position t holds x[t + 1] (position t predicts token t + 1), the last position 0."""
+    return jnp.pad(x[:, 1:], ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+
+
 def causal_lm_loss(outputs, batch):
     """outputs: logits [B, T, V], or (hidden, output embedding) to fuse the projection with the loss.
 
@@ -72,12 +77,11 @@ def causal_lm_loss(outputs, batch):
     `loss_mask` (where given) keeps the loss to some tokens, e.g. the responses of SFT; with
     `segment_ids` (packed rows), no position predicts the first token of the next example.
     """
-    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
-    keep = shift(batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"]))
+    keep = next_token(batch["attention_mask"] * batch.get("loss_mask", batch["attention_mask"]))
     if "segment_ids" in batch:  # the target t + 1 is in position t's example
-        keep = keep * (shift(batch["segment_ids"]) == batch["segment_ids"])
+        keep = keep * (next_token(batch["segment_ids"]) == batch["segment_ids"])
     w = keep.astype(jnp.float32) * batch["weight"][:, None]
-    targets = shift(batch["input_ids"])
+    targets = next_token(batch["input_ids"])
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
         return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype)

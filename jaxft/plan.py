@@ -165,7 +165,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
     platform = platform or jax.default_backend()
-    sequences = objectives.for_task(task).sequences if task in (*objectives.OBJECTIVES, *objectives.MADE) else 1
+    sequences = objectives.for_task(task, config.train).sequences  # DPO and reward models: 2 rows a pair
     return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform, sequences)
 
 

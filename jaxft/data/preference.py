@@ -67,15 +67,9 @@ def pair(row, where: str) -> tuple[list[dict], list[dict]]:
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if answer[-1]["role"] != "assistant":
             raise sft.BadRecord(f"{where}: {name!r} ends with a {answer[-1]['role']} turn, expected the assistant's answer")
-        messages = prompt + answer
-        if messages[0]["role"] == "assistant":
+        if (prompt + answer)[0]["role"] == "assistant":
             raise sft.BadRecord(f"{where}: no prompt before the {name} answer")
-        if isinstance(row.get("system"), str) and row["system"] and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": row["system"]}] + messages
-        for m in messages:
-            if m["role"] != "system" and not m["content"].strip():
-                raise sft.BadRecord(f"{where}: empty {m['role']} turn in {name!r}")
-        out.append(messages)
+        out.append(sft.completed(prompt + answer, row, where, f" in {name!r}"))
     return out[0], out[1]
 
 
@@ -98,9 +92,7 @@ def encode(records: Records, tok, renderer: sft.Renderer, seq_len: int,
                     raise sft.BadRecord(f"{where}: the {name} answer renders to no tokens")
                 sides.append(sft.truncate(ids, mask, seq_len, tok.bos_id))
         except sft.BadRecord as e:
-            msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
-            if not skip_bad:
-                raise sft.BadRecord(msg + " (data.skip_bad_records=True skips such records)") from None
+            msg = sft.skip_or_raise(e, where, skip_bad)
             skipped, first = skipped + 1, first or msg
             continue
         truncated += sides[0][2] or sides[1][2]

@@ -221,14 +221,19 @@ def conversation(row: dict, where: str, fields: Fields = Fields()) -> list[dict]
             "data.source_field and data.target_field set"
         raise BadRecord(f"{where}: not an SFT record: expected 'instruction' and 'output' (Alpaca), 'messages' "
                         f"(chat), 'conversations' (ShareGPT) or {pairs} (fields: {', '.join(map(str, row))})")
-    if isinstance(row.get("system"), str) and row["system"] and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": row["system"]})
-    answers = [m for m in messages if m["role"] == "assistant"]
-    if not answers:
+    if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"{where}: no assistant turn to learn")
+    return completed(messages, row, where)
+
+
+def completed(messages: list[dict], row: dict, where: str, what: str = "") -> list[dict]:
+    """The record's top-level `system` text first (unless a system turn opens the conversation), and
+    checked: no empty turn but a system turn's. `what` ends the error (" in 'chosen'")."""
+    if isinstance(row.get("system"), str) and row["system"] and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": row["system"]}] + messages
     for m in messages:
         if m["role"] != "system" and not m["content"].strip():
-            raise BadRecord(f"{where}: empty {m['role']} turn")
+            raise BadRecord(f"{where}: empty {m['role']} turn{what}")
     return messages
 
 
@@ -316,15 +321,22 @@ def examples(records: Records, tok, renderer: Renderer, seq_len: int, fields: Fi
             if not any(mask):
                 raise BadRecord(f"{where}: the responses render to no tokens")
         except BadRecord as e:
-            msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
-            if not skip_bad:
-                raise BadRecord(msg + " (data.skip_bad_records=True skips such records)") from None
+            msg = skip_or_raise(e, where, skip_bad)
             skipped, first = skipped + 1, first or msg
             continue
         ids, mask, cut = truncate(ids, mask, seq_len, tok.bos_id)
         truncated += cut
         out.append((ids, [1] * len(ids) if train_on_prompt else mask))
     return Encoded(out, truncated, skipped, first)
+
+
+def skip_or_raise(e: BadRecord, where: str, skip_bad: bool) -> str:
+    """A bad record's one-line message (naming `where`): raised, or returned to be counted when
+    `data.skip_bad_records` skips such records."""
+    msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
+    if not skip_bad:
+        raise BadRecord(msg + " (data.skip_bad_records=True skips such records)") from None
+    return msg
 
 
 def padded(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
