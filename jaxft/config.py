@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.hub_config = ""  # the dataset's config (subset) name, e.g. "sst2" of "hub:nyu-mll/glue"
     c.data.train_split = "train"
     c.data.eval_split = ""  # "" = data.eval_name if set, else "validation" where the dataset has it; "none" = no eval
-    # "", classification, causal_lm, sft, masked_lm, seq2seq, span_corruption (T5's pretraining) or cloze
+    # "", classification, causal_lm, sft, masked_lm, seq2seq, span_corruption (T5's pretraining), cloze, dpo, reward
+    # or grpo (reinforcement learning from rewards, jaxft.grpo; prompts from the records: jaxft.data.prompts)
     # ("" = what the data and the model say: see jaxft.data.tasks.choose_task; seq2seq for an encoder-decoder
     # such as T5 on source -> target pairs)
     c.data.task = ""
@@ -132,6 +133,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.dpo_beta = 0.1  # data.task=dpo: how far from the reference the policy may move (DPO's beta; TRL's default)
     c.train.dpo_loss = "sigmoid"  # DPO's loss; ipo | hinge (jaxft.dpo)
     c.train.dpo_label_smoothing = 0.0  # sigmoid only: the share of pairs assumed mislabelled (cDPO), < 0.5
+    # data.task=grpo (jaxft.grpo): reinforcement learning from the rewards of the policy's own completions.
+    c.train.grpo_rewards = ""  # reward functions: sentiment, accuracy, format, module:function, file.py:function
+    c.train.grpo_reward_weights = ""  # one weight per reward function ("" = all 1)
+    c.train.grpo_generations = 4  # completions per prompt (the group); train.batch_size counts prompts
+    c.train.grpo_max_new_tokens = 32  # longest completion
+    c.train.grpo_temperature = 1.0  # sampling temperature (the log-probabilities are of logits / temperature too)
+    c.train.grpo_top_k = 0  # 0 = every token
+    c.train.grpo_top_p = 1.0
+    c.train.grpo_beta = 0.04  # weight of the KL penalty towards the starting policy (0 = none, no reference pass)
+    c.train.grpo_epsilon = 0.2  # PPO's clip range of the probability ratio
+    c.train.grpo_iterations = 1  # optimizer steps per batch of completions (PPO's epochs; TRL's num_iterations)
+    c.train.grpo_scale_rewards = True  # divide advantages by their group's standard deviation
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()
@@ -191,7 +204,7 @@ CHOICES = {
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
     "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze", "dpo",
-                  "reward"),
+                  "reward", "grpo"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "train.dpo_loss": ("sigmoid", "ipo", "hinge"),
     "optimizer.mu_dtype": ("", "bfloat16"),
@@ -235,6 +248,8 @@ def validate(config) -> None:
     if smoothing and config.train.dpo_loss != "sigmoid":
         raise JaxftError(f"train.dpo_label_smoothing={smoothing}: applies to train.dpo_loss='sigmoid', "
                          f"not {config.train.dpo_loss!r}")
+    if config.data.task == "grpo":
+        check_grpo(config)
     if float(config.train.peak_flops) < 0:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
     if float(config.eval.get("repetition_penalty", 1.0)) <= 0:
@@ -250,3 +265,16 @@ def validate(config) -> None:
                               ("learning_rate", float(opt.learning_rate) >= 0, ">= 0")):
         if not ok:  # NaN fails these comparisons too
             raise JaxftError(f"optimizer.{key}={opt[key]}: expected {expected}")
+
+
+def check_grpo(config) -> None:
+    """GRPO's settings, and a schedule that saves only where a batch of completions is used up (a
+    resumed run draws the same completions only from such a step)."""
+    from jaxft import grpo, rewards
+
+    s = grpo.settings(config.train)
+    rewards.load(s.rewards, s.reward_weights)
+    for key in ("train.steps", "checkpoint.every_steps"):
+        if int(get(config, key)) % s.iterations:
+            raise JaxftError(f"{key}={get(config, key)}: expected a multiple of train.grpo_iterations={s.iterations} "
+                             "(checkpoints are made where a batch of completions is used up)")

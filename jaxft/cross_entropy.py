@@ -76,21 +76,32 @@ def row_sums(logits, targets, weights):
 
 def row_log_likelihood(hidden, embedding, targets, weights, dtype=jnp.float32):
     """[B]: each row's sum of weights * log p(target) under `hidden @ embedding.T` (DPO's sequence
-    log-likelihoods). Chunked along the sequence as `fused_cross_entropy`, but differentiated by plain
-    autodiff: each chunk's logits are recomputed in the backward pass (`jax.checkpoint`) instead of kept,
-    since a per-row loss cannot fold its gradient into the forward pass as a single sum does."""
+    log-likelihoods), from `token_log_probs`."""
+    return jnp.sum(token_log_probs(hidden, embedding, targets, dtype) * weights.astype(jnp.float32), axis=1)
+
+
+def token_log_probs(hidden, embedding, targets, dtype=jnp.float32):
+    """[B, T]: log p(target) of every position under `hidden @ embedding.T` (GRPO's per-token ratios).
+    Chunked along the sequence as `fused_cross_entropy`, but differentiated by plain autodiff: each
+    chunk's logits are recomputed in the backward pass (`jax.checkpoint`) instead of kept, since a
+    per-token output cannot fold its gradient into the forward pass as a single sum does."""
     b, t, _ = hidden.shape
     length = chunk_length(b, t, embedding.shape[0])
     e = embedding.astype(dtype)
 
     @jax.checkpoint
-    def chunk(total, xs):
-        h, y, w = xs  # [B, length, ...]
+    def chunk(_, xs):
+        h, y = xs  # [B, length, ...]
         logits = jnp.einsum("bld,vd->blv", h.astype(dtype), e, preferred_element_type=jnp.float32)
-        return total + row_sums(logits, y, w), None
+        return None, -_softmax_nll(logits, y)[0]
 
-    xs = (_chunks(hidden, length), _chunks(targets, length), _chunks(weights.astype(jnp.float32), length))
-    return jax.lax.scan(chunk, jnp.zeros((b,), jnp.float32), xs)[0]
+    xs = (_chunks(hidden, length), _chunks(targets, length))
+    return _unchunk(jax.lax.scan(chunk, None, xs)[1], t)
+
+
+def log_probs(logits, targets):
+    """fp32 logits [B, T, V] -> [B, T]: log p(target) of every position."""
+    return -_softmax_nll(logits, targets)[0]
 
 
 def _chunks(x, length: int):

@@ -139,6 +139,10 @@ def generation_eval(config, data, model, workdir=None):
     answers go to `samples/step_N.jsonl` there, so a run's outputs can be read as it trains."""
     from jaxft.models import family
 
+    if data.task == "grpo":  # a policy's eval: the rewards of its completions
+        from jaxft.grpo import reward_eval
+
+        return reward_eval(config, data, model, workdir)
     n = int(config.eval.generate_examples)
     if not n or data.task not in GENERATION_TASKS or not any(r is not None and r.rows
                                                             for r in (data.records or {}).get("validation", ())):

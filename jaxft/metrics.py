@@ -33,7 +33,7 @@ class MetricWriter:
 
         jsonl = workdir / "metrics.jsonl"
         kept = []
-        if jsonl.exists():
+        if jsonl.exists() and resume_step:  # a run that made no checkpoint starts over
             kept = [line for line in jsonl.read_text().splitlines() if _step(line) <= resume_step]
         self._jsonl = jsonl.open("w")
         self._jsonl.write("".join(line + "\n" for line in kept))
@@ -47,7 +47,9 @@ class MetricWriter:
         name = f"events.out.tfevents.{stamp:010d}.{socket.gethostname()}.{os.getpid()}.jaxft"
         self._tb = RecordWriter((tb / name).open("wb"))
         self._event(Event(wall_time=time.time(), file_version="brain.Event:2"))
-        self._event(Event(wall_time=time.time(), step=resume_step + 1, session_log=SessionLog(status=SessionLog.START)))
+        # TensorBoard drops the earlier runs' events from this step on
+        start = resume_step + 1 if resume_step else 0
+        self._event(Event(wall_time=time.time(), step=start, session_log=SessionLog(status=SessionLog.START)))
         self.flush()
 
     def _event(self, event):

@@ -51,6 +51,12 @@ class Objective:
     # (model, params, arrays, batch size, mesh) -> arrays, once before training, with what the loss needs
     # beyond the data (DPO: the reference log-likelihoods, computed with the starting parameters)
     prepare: Callable | None = None
+    accuracy: bool = True  # whether `correct` / `count` means anything (train/accuracy)
+    train_sums: tuple[str, ...] = ()  # more sums `loss` returns, logged as train/<name> = sum / count
+    # (model, trainable, data, mesh, seed) -> a callable that makes each step's batch from the policy
+    # itself, (trainable, frozen, prompt rows, prompt batch, step) -> (local rows, global batch), with
+    # `period` (steps per batch it makes) and `report()` (its figures for the log); None: the data's batch
+    rollout: Callable | None = None
 
 
 def classification_loss(logits, batch):
@@ -262,7 +268,7 @@ OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: se
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
          "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm",
-         "cloze": "masked_lm", "dpo": "causal_lm", "reward": "classification"}
+         "cloze": "masked_lm", "dpo": "causal_lm", "reward": "classification", "grpo": "causal_lm"}
 
 
 def _dpo(train) -> Objective:
@@ -272,7 +278,13 @@ def _dpo(train) -> Objective:
                          float(train.get("dpo_label_smoothing", 0.0)))
 
 
-MADE = {"dpo": _dpo}  # objectives with settings: the config's train section -> Objective
+def _grpo(train) -> Objective:
+    from jaxft import grpo
+
+    return grpo.objective(grpo.settings(train))
+
+
+MADE = {"dpo": _dpo, "grpo": _grpo}  # objectives with settings: the config's train section -> Objective
 
 
 def for_task(task: str, train=None) -> Objective:

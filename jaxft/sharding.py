@@ -171,3 +171,12 @@ def to_global(mesh: Mesh, local: dict, global_batch: int) -> dict:
         )
         for k, v in local.items()
     }
+
+
+def gather(tree):
+    """Host numpy copies of (possibly multi-host sharded) arrays: every process gets all of them."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

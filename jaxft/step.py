@@ -185,7 +185,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
             return (grads, jax.tree_util.tree_map(jnp.add, sums, s)), None
 
         zeros = like_params(jax.tree_util.tree_map(jnp.zeros_like, state.params))
-        zero_sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+        zero_sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0, **{k: 0.0 for k in objective.train_sums}}
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum)))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / (count * loss_scale), grads)  # mean over every token/example
@@ -215,6 +215,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
             "learning_rate": schedule(state.step),
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
         }
+        metrics.update({k: sums[k] / count for k in objective.train_sums})  # e.g. GRPO's KL and clip ratio
         if scaled:
             metrics["loss_scale"] = opt_state.scale
         if aux is not None:

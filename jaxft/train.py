@@ -59,6 +59,8 @@ class Data:
     records: dict | None = None
     # (batch, position, first global row) -> batch: what is redrawn for every training batch (MLM masks)
     transform: object | None = None
+    # {"train": [...], "validation": [...]}: each record's prompt as reward functions get it (GRPO), by index
+    prompts: dict | None = None
 
 
 def load_model_config(config):
@@ -150,6 +152,10 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
                              family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
+    if task == "grpo":  # prompts only: the policy writes the completions (jaxft.grpo)
+        if extra:
+            raise JaxftError(f"data.name={d.name!r}: GRPO takes its prompts from one source")
+        return prompt_data(d, tok, train_rec, eval_rec, text_field, sft_fields)
     if task in ("classification", "cloze") and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo, reward and seq2seq only")
     template = None
@@ -201,6 +207,30 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved]}  # one per source
     labels = ["reward"] if task == "reward" else None  # a reward model: a classifier with one output, its score
     return Data(train, ev, task, labels, tok, m.groups, m.weights, m.names, records, transform)
+
+
+def prompt_data(d, tok, train_rec, eval_rec, text_field: str, fields) -> Data:
+    """GRPO's prompts (`jaxft.data.prompts`): the training records' and the held-out ones'."""
+    from jaxft.data import mixture, prompts, sft
+
+    train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
+    template, where = sft.chat_template(tok, str(d.chat_template))
+    renderer = sft.Renderer(template, sft.special_strings(tok), where)
+    out, values = {}, {}
+    for split, records in (("train", train_rec), ("validation", eval_rec)):
+        if records is None:
+            continue
+        out[split], counts, values[split] = prompts.encode(records, tok, renderer, d.seq_len, text_field, fields,
+                                                           bool(d.skip_bad_records))
+        if counts.skipped:
+            log(f"note: skipped {counts.skipped} bad {split} records (data.skip_bad_records); the first: {counts.first_skip}")
+        if counts.truncated:
+            log(f"note: {counts.truncated} of {len(records.rows)} {split} prompts were cut to data.seq_len={d.seq_len} "
+                "tokens (a prompt keeps its last tokens, a document from the text field its first)")
+    if not len(out["train"]["record"]):
+        raise JaxftError(f"data.name={d.name!r}: no training prompts")
+    return Data(out["train"], out.get("validation"), "grpo", None, tok,
+                records={"train": [train_rec], "validation": [eval_rec]}, prompts=values)
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
@@ -436,15 +466,6 @@ def evaluate(eval_step, state, frozen, arrays, mesh, batch_size, perplexity: boo
     return metrics
 
 
-def gather(tree):
-    """Host numpy copies of (possibly multi-host sharded) arrays."""
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def check_export(config, model, method, trainable):
     """Before anything is written: an adapter export must be able to hold every weight the run trains
     (base weights beside the method go in as PEFT modules_to_save copies, but not those inside a module
@@ -480,11 +501,11 @@ def clear_export(out):
 
 def export(config, out, model, method, trainable, frozen, tokenizer_path):
     """Into `out` (an epath.Path): written locally, then copied when `out` is remote."""
-    from jaxft import hf, storage
+    from jaxft import hf, sharding, storage
     from jaxft.peft import hf_peft
     from jaxft.peft.partition import added_params, merge
 
-    trainable = gather(trainable)
+    trainable = sharding.gather(trainable)
     if jax.process_index() != 0:
         return None
     params = merge(trainable, frozen)
@@ -624,7 +645,10 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     generated = generation_eval(config, data, model, workdir)  # eval.generate_examples: ROUGE, BLEU, samples/
 
     def evaluate_all(state, step):
-        metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels, data.sources)
+        metrics = {}
+        if objective.rollout is None:  # a rollout's eval arrays are prompts: its eval is what `generated` scores
+            metrics = evaluate(eval_step, state, frozen, data.eval, mesh, eval_batch, perplexity, cfg.labels,
+                               data.sources)
         return {**metrics, **generated(merge(state.params, frozen), step)} if generated else metrics
 
     def run_eval(state, step):
@@ -636,13 +660,16 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
             writer.flush()
         return metrics
 
-    def read_log_step(step, metrics, health, totals):
-        """Step `step`'s numbers, read while the next step runs: the log line, and a stop on NaN/Inf."""
+    def read_log_step(step, metrics, health, totals, made):
+        """Step `step`'s numbers, read while the next step runs: the log line, and a stop on NaN/Inf.
+        `made`: the figures of the rollout that made its batch."""
         m, h = jax.device_get((metrics, health))
         stop_if_nonfinite(h, config.train.skip_nonfinite)
         # loss_scale: fp16's dynamic scale; aux_loss: a method's own term (AdaLoRA's orthogonality), in `loss`.
-        row = {f"train/{k}": float(m[k]) for k in ("loss", "accuracy", "grad_norm", "learning_rate", "loss_scale",
-                                                   "aux_loss") if k in m}
+        names = ("loss", "accuracy" if objective.accuracy else "", "grad_norm", "learning_rate", "loss_scale",
+                 "aux_loss", *objective.train_sums)
+        row = {f"train/{k}": float(m[k]) for k in names if k in m}
+        row.update(made)
         row.update(throughput.report(*totals))
         if config.train.skip_nonfinite:
             row["train/skipped_steps"] = float(h["skipped"])
@@ -668,6 +695,10 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     # The next batches are sliced and sent to the devices on a background thread while a step runs.
     put = lambda s: (local := batches.local(s, rows), sharding.to_global(mesh, local, batch))  # noqa: E731
     prefetch = Prefetch(put, start, total)
+    # A rollout (GRPO) makes each batch from the policy itself, every `period` steps; checkpoints and a
+    # preemption's save wait for the end of a period, so a resumed run makes the same batches.
+    rollout = objective.rollout(model, trainable, data, mesh, config.train.seed) if objective.rollout else None
+    period = rollout.period if rollout is not None else 1
     if config.eval.at_start and start == 0 and data.eval is not None:  # the untrained model, as step 0
         before = evaluate_all(state, 0)
         writer.write(0, before)
@@ -677,6 +708,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         for step in range(start, total):
             done = step + 1
             local, global_batch = prefetch.get(step)
+            if rollout is not None:  # the policy's completions of this batch's prompts, scored
+                local, global_batch = rollout(state.params, frozen, local, global_batch, step)
             width, t0 = local["input_ids"].shape[1], time.time()
             shape = (width,) + tuple(local["labels"].shape[1:]) if "decoder_input_ids" in local else (width,)
             profile.before(done)
@@ -694,12 +727,15 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
                 last = read_log_step(*pending)
             pending = None
             if done % log_every == 0 or done == total:
-                pending = (done, metrics, health, (throughput.tokens, throughput.flops))
+                pending = (done, metrics, health, (throughput.tokens, throughput.flops),
+                           rollout.report() if rollout is not None else {})
             profile.after(done, state)
             if eval_every and done % eval_every == 0 and done != total:
                 eval_metrics = run_eval(state, done)
                 log(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
             bar.update(1)
+            if done % period:
+                continue
             if ckpt.due(done):
                 save(done, state)
             if preemption.agreed(done):

@@ -1,0 +1,283 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): reinforcement learning of a causal LM from rewards of its own completions.
+
+Every step the policy completes each of the batch's prompts G times (`train.grpo_generations`), by
+sampling; reward functions score the completions (`jaxft.rewards`, TRL's calling convention); each
+completion's advantage is its reward against its group's: A = (r - mean) / (std + 1e-4) (std of the G
+rewards, unbiased, as torch's; `train.grpo_scale_rewards=False` leaves out the division). The loss is
+PPO's clipped surrogate per completion token, with a KL penalty towards the reference policy (the run's
+starting point, as in DPO):
+
+    ratio = pi(token) / pi_old(token)
+    loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * (ref / pi - log(ref / pi) - 1)
+
+summed over every completion token of the batch and divided by their count (TRL's `loss_type="dapo"`),
+as every jaxft loss is a sum and a count. pi_old is the policy that sampled: each batch of completions
+trains `train.grpo_iterations` optimizer steps (TRL's num_iterations); with one, pi_old is pi itself and
+the ratio is 1 (its gradient is the policy gradient's). Log-probabilities are of logits / temperature,
+as sampled (TRL's). What makes this PPO without a learned critic is the group baseline.
+
+The batch a step trains on is made by the policy itself, so the loop asks the objective's `rollout`
+for it instead of the data: `train.batch_size` prompts -> batch_size x G rows of prompt + completion
+(`attention_mask` up to and including the completion's first EOS, `loss_mask` on the completion),
+`advantages`, and the reference's (`ref_logps`) and, with several iterations, the sampler's (`old_logps`)
+log-probabilities of every token. The train step does not know it is GRPO. The completions are drawn
+with a key of (train.seed, step), so a resumed run draws the same ones.
+
+Logged: train/reward (the weighted sum's mean) and each function's (train/reward/<name>), train/reward_std
+(mean within groups), train/completion_length, train/clipped_completions (no EOS before
+`grpo_max_new_tokens`), train/kl, train/clip_ratio. Eval generates greedily for the held-out prompts and
+reports eval/reward and eval/reward/<name>; the completions go to samples/step_N.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import cross_entropy
+from jaxft.errors import JaxftError
+from jaxft.objectives import Objective, model_inputs, next_token
+
+EPS_STD = 1e-4  # TRL's: a group whose rewards are all equal gets advantage 0, not 0 / 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    generations: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    beta: float = 0.04
+    epsilon: float = 0.2
+    iterations: int = 1
+    scale_rewards: bool = True
+    rewards: str = ""
+    reward_weights: str = ""
+
+
+def settings(train) -> Settings:
+    """The config's `train.grpo_*` keys, checked (one line naming the key)."""
+    s = Settings(**{f.name: type(f.default)(train.get(f"grpo_{f.name}", f.default))
+                    for f in dataclasses.fields(Settings)})
+    for name, ok, expected in (("generations", s.generations >= 2, "an integer >= 2 (a group needs two rewards to compare)"),
+                               ("max_new_tokens", s.max_new_tokens >= 1, "a positive integer"),
+                               ("temperature", s.temperature > 0, "> 0 (GRPO samples its completions)"),
+                               ("top_k", s.top_k >= 0, ">= 0 (0 keeps every token)"),
+                               ("top_p", 0 < s.top_p <= 1, "0 < top_p <= 1"),
+                               ("beta", s.beta >= 0, ">= 0 (0: no KL penalty, no reference pass)"),
+                               ("epsilon", 0 < s.epsilon < 1, "0 < epsilon < 1"),
+                               ("iterations", s.iterations >= 1, "a positive integer")):
+        if not ok:  # NaN fails these comparisons too
+            raise JaxftError(f"train.grpo_{name}={getattr(s, name)}: expected {expected}")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss.
+
+
+def token_log_probs(outputs, batch, temperature: float = 1.0):
+    """[rows, T]: position t holds log p(token t + 1) under logits / temperature. outputs: logits, or
+    (hidden, output embedding), projected chunk by chunk."""
+    targets = next_token(batch["input_ids"])
+    if isinstance(outputs, tuple):
+        hidden, embedding = outputs
+        scaled = hidden if temperature == 1.0 else (hidden.astype(jnp.float32) / temperature).astype(hidden.dtype)
+        return cross_entropy.token_log_probs(scaled, embedding, targets, hidden.dtype)
+    return cross_entropy.log_probs(outputs.astype(jnp.float32) / temperature, targets)
+
+
+def completion_weights(batch):
+    """[rows, T]: 1 where position t predicts a completion token (the targets are shifted, as the log-probs)."""
+    keep = next_token(batch["attention_mask"] * batch["loss_mask"]).astype(jnp.float32)
+    return keep * batch["weight"][:, None]
+
+
+def per_token(logp, old, ref, advantages, beta: float, epsilon: float):
+    """-> (loss, KL, clipped) per token [rows, T] (the module docstring); `ref` None: no KL."""
+    ratio = jnp.exp(logp - old)
+    a = advantages[:, None]
+    loss = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - epsilon, 1 + epsilon) * a)
+    kl = jnp.zeros_like(logp) if ref is None else jnp.exp(ref - logp) - (ref - logp) - 1  # Schulman's k3
+    clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon) & (a > 0))
+    return loss + beta * kl, kl, clipped.astype(jnp.float32)
+
+
+def objective(s: Settings) -> Objective:
+    def loss(outputs, batch):
+        logp = token_log_probs(outputs, batch, s.temperature)
+        old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
+        per, kl, clipped = per_token(logp, old, batch.get("ref_logps"), batch["advantages"], s.beta, s.epsilon)
+        w = completion_weights(batch)
+        return {"loss_sum": jnp.sum(w * per), "count": jnp.sum(w), "correct": jnp.zeros((), jnp.float32),
+                "kl": jnp.sum(w * kl), "clip_ratio": jnp.sum(w * clipped)}
+
+    return Objective("grpo", loss, model_inputs, sequences=s.generations, perplexity=False, accuracy=False,
+                     train_sums=("kl", "clip_ratio"), rollout=functools.partial(Rollout, s))
+
+
+def advantages(rewards, generations: int, scale: bool = True) -> np.ndarray:
+    """Rewards [n] in groups of `generations` consecutive rows -> each row's advantage in its group."""
+    r = np.asarray(rewards, np.float64).reshape(-1, generations)
+    a = r - r.mean(axis=1, keepdims=True)
+    if scale:
+        a = a / (r.std(axis=1, ddof=1, keepdims=True) + EPS_STD)
+    return a.reshape(-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts: the policy's completions, scored.
+
+
+def completion_mask(new, eos) -> np.ndarray:
+    """New tokens [n, N] -> 1 up to and including each row's first EOS (all N where none)."""
+    is_eos = np.isin(new, eos)
+    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), new.shape[1] - 1)
+    return (np.arange(new.shape[1])[None] <= first[:, None]).astype(np.int32)
+
+
+def completion_texts(tok, new, mask) -> list[str]:
+    eos = set(tok.eos or ())
+    return [tok.decode([t for t, m in zip(row, keep) if m and t not in eos]).strip() for row, keep in zip(new, mask)]
+
+
+def reward_inputs(records, index, prompt_values, completions) -> tuple[list, list, dict]:
+    """(prompts, completions, columns) as reward functions take them: a conversational prompt's
+    completion is an assistant turn; every other field of the records is a column (TRL's)."""
+    rows = [records.rows[i] for i in index]
+    prompts = [prompt_values[int(i)] for i in index]
+    completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+                   for p, c in zip(prompts, completions)]
+    keys = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r if k != "prompt"))
+    return prompts, completions, {k: [r.get(k) if isinstance(r, dict) else None for r in rows] for k in keys}
+
+
+class Rollout:
+    """The loop's source of batches for GRPO: `(trainable, frozen, prompt batch, step) -> (local rows,
+    global batch)` of prompts + completions (module docstring); a new one every `period` steps."""
+
+    def __init__(self, s: Settings, model, trainable, data, mesh, seed: int):
+        from jaxft import generate, rewards, sharding
+        from jaxft.peft.partition import merge
+
+        self.s, self.model, self.mesh, self.seed, self.data = s, model, mesh, seed, data
+        self.period = s.iterations
+        self.functions = rewards.load(s.rewards, s.reward_weights)
+        tok = data.tokenizer
+        self.eos = np.asarray(tok.eos or ([model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else [-1]))
+        self.pad = tok.pad_id if tok.pad_id is not None else int(self.eos[0])
+        # the reference policy: the starting point, copied (the state's parameters are donated each step)
+        self.reference = jax.tree_util.tree_map(jnp.copy, trainable) if s.beta else None
+        self._generate = generate.compiled(model, generate.Settings(s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                                                    num_eos=len(self.eos)))
+        rows = sharding.batch_sharding(mesh, 2)
+
+        def logps(trainable, frozen, batch):
+            with sharding.axis_rules(mesh):
+                outputs = model.apply({"params": merge(trainable, frozen)}, **model_inputs(batch), return_hidden=True)
+            return token_log_probs(outputs, batch, s.temperature)
+
+        self._logps = jax.jit(logps, out_shardings=rows)
+        self._merge = merge
+        self.cached, self.stats = None, {}
+
+    def __call__(self, trainable, frozen, local, global_batch, step: int):
+        from jaxft import rewards, sharding
+
+        if step % self.period and self.cached is not None:
+            return self.cached
+        s, g, mesh = self.s, self.s.generations, self.mesh
+        n_global = global_batch["input_ids"].shape[0] * g
+        prompt = {k: np.repeat(local[k], g, axis=0) for k in ("input_ids", "attention_mask", "weight", "record")}
+        ids = sharding.to_global(mesh, {k: prompt[k] for k in ("input_ids", "attention_mask")}, n_global)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+        new = self._generate(self._merge(trainable, frozen), ids["input_ids"], ids["attention_mask"],
+                             jnp.asarray(self.eos, jnp.int32), jnp.int32(self.pad), key)
+        start, stop = sharding.local_rows(mesh, n_global)
+        new = np.asarray(sharding.gather(new))[start:stop]
+        mask = completion_mask(new, self.eos)
+        texts = completion_texts(self.data.tokenizer, new, mask)
+        prompts, completions, columns = reward_inputs(self.data.records["train"][0], prompt["record"],
+                                                      self.data.prompts["train"], texts)
+        total, each = rewards.score(self.functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)],
+                                    columns)
+        exp = {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, self.pad)], axis=1),
+               "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
+               "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1),
+               "weight": prompt["weight"], "advantages": advantages(total, g, s.scale_rewards)}
+        batch = sharding.to_global(mesh, exp, n_global)
+        if s.beta:
+            batch["ref_logps"] = self._logps(self.reference, frozen, batch)
+        if self.period > 1:
+            batch["old_logps"] = self._logps(trainable, frozen, batch)
+        no_eos = ~np.isin(new, self.eos).any(axis=1)
+        self.stats = self._stats(*sharding.gather((total, each.T, mask.sum(axis=1), no_eos)))  # all rows, by row
+        self.cached = exp, batch
+        return self.cached
+
+    def _stats(self, total, each, lengths, clipped) -> dict[str, float]:
+        each = each.T  # [functions, rows]
+        out = {"train/reward": float(np.mean(total)),
+               "train/reward_std": float(np.mean(np.std(total.reshape(-1, self.s.generations), axis=1, ddof=1))),
+               "train/completion_length": float(np.mean(lengths)), "train/clipped_completions": float(np.mean(clipped))}
+        if len(self.functions) > 1:
+            out.update({f"train/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(self.functions, each)})
+        return out
+
+    def report(self) -> dict[str, float]:
+        """The newest rollout's figures, for the log line."""
+        return dict(self.stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: greedy completions of held-out prompts, scored.
+
+
+def reward_eval(config, data, model, workdir=None):
+    """A function of (merged parameters, step) -> {"eval/reward", ...}: the mean reward of greedy
+    completions of the first `eval.generate_examples` held-out prompts (all when 0); None without any."""
+    from jaxft import rewards
+    from jaxft.generate import generate
+
+    arrays, records = data.eval, (data.records or {}).get("validation", [None])[0]
+    if arrays is None or records is None:
+        return None
+    s = settings(config.train)
+    functions = rewards.load(s.rewards, s.reward_weights)
+    n = int(config.eval.generate_examples) or len(arrays["record"])
+    arrays = {k: v[:n] for k, v in arrays.items()}
+    tok, batch = data.tokenizer, config.eval.batch_size or config.train.batch_size
+    eos = tok.eos or [model.cfg.eos_token_id]
+
+    def run(params, step: int) -> dict[str, float]:
+        new = []
+        for i in range(0, len(arrays["record"]), batch):
+            ids, mask = (np.resize(arrays[k][i:i + batch], (batch,) + arrays[k].shape[1:]) for k in ("input_ids",
+                                                                                                  "attention_mask"))
+            out = generate(model, params, ids, mask, max_new_tokens=config.eval.max_new_tokens,
+                           repetition_penalty=float(config.eval.repetition_penalty), eos_token_id=eos,
+                           pad_token_id=tok.pad_id)
+            new.append(out[: min(batch, len(arrays["record"]) - i)])
+        new = np.concatenate(new)
+        mask = completion_mask(new, np.asarray(eos))
+        texts = completion_texts(tok, new, mask)
+        prompts, completions, columns = reward_inputs(records, arrays["record"], data.prompts["validation"], texts)
+        total, each = rewards.score(functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)],
+                                    columns)
+        if workdir is not None and jax.process_index() == 0:
+            (workdir / "samples").mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps({"prompt": p, "completion": t, "reward": float(r)}, ensure_ascii=False)
+                     for p, t, r in zip(prompts, texts, total)]
+            (workdir / "samples" / f"step_{step}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out = {"eval/reward": float(np.mean(total)), "eval/completion_length": float(np.mean(mask.sum(axis=1)))}
+        if len(functions) > 1:
+            out.update({f"eval/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(functions, each)})
+        return out
+
+    return run

@@ -1,0 +1,272 @@
+"""Reward functions for GRPO, with TRL's GRPOTrainer calling convention so TRL reward functions work as is.
+
+A reward function is called as `fn(prompts=..., completions=..., completion_ids=..., **columns)` and returns
+one float (or None: "no opinion on this completion") per completion. `prompts` and `completions` hold str
+(standard data) or lists of {"role", "content"} messages (conversational data; a completion is then
+`[{"role": "assistant", "content": text}]`); `completion_ids` the sampled token ids; `columns` maps every
+other field of the dataset records to a list with one value per completion (None where a record lacks it).
+
+`train.grpo_rewards` names the functions: built-ins (`BUILTIN`), `module.path:function` or
+`path/to/file.py:function`. `load` resolves them, `score` calls them and sums their weighted rewards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import re
+from typing import Callable
+
+import numpy as np
+
+from jaxft.errors import JaxftError
+
+SETTING, WEIGHTS = "train.grpo_rewards", "train.grpo_reward_weights"
+
+
+def text_of(x) -> str:
+    """The text of a prompt or completion: the str itself, or the content of a conversation's last message."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        return str(x.get("content") or "")
+    if isinstance(x, (list, tuple)):
+        return text_of(x[-1]) if x else ""
+    return "" if x is None else str(x)
+
+
+# --- sentiment: a toy lexicon reward ---------------------------------------------------------------------
+
+POSITIVE_EN = frozenset("""
+good great best better fun funny wonderful beautiful love loved lovely enjoyable enjoy brilliant charming
+moving delightful excellent amazing fantastic perfect masterpiece entertaining engaging gripping powerful
+touching hilarious clever witty smart fresh remarkable superb impressive stunning compelling heartfelt
+memorable pleasure
+""".split())
+
+NEGATIVE_EN = frozenset("""
+bad worst worse boring bored dull awful terrible horrible mess messy stupid tedious waste wasted poor poorly
+weak flat bland lame predictable pointless mediocre disappointing disappointment annoying ugly hate hated
+dumb silly clumsy forgettable lifeless tiresome unfunny painful pretentious shallow
+""".split())
+
+# Negated positives (不好, 不满意, ...) are negative entries; 不贵 ("not expensive") is a positive one.
+POSITIVE_ZH = frozenset("好 棒 喜欢 满意 精彩 不错 推荐 舒服 干净 方便 漂亮 开心 不贵".split())
+NEGATIVE_ZH = frozenset("差 失望 糟糕 难吃 脏 贵 吵 慢 不好 不满意 退货 垃圾 不喜欢 不推荐 不舒服 不方便 不干净 不开心".split())
+
+# Longest entries first, each match blanked before shorter ones are counted: "不好" is one negative, not
+# also a "好"; "不满意" not also a "满意".
+_ZH = sorted([(w, 1) for w in POSITIVE_ZH] + [(w, -1) for w in NEGATIVE_ZH], key=lambda e: (-len(e[0]), e[0]))
+_WORD = re.compile(r"[a-z']+")
+
+
+def lexicon_counts(text: str) -> tuple[int, int]:
+    """(positive, negative) lexicon entries in `text`: English words plus non-overlapping Chinese entries."""
+    p = n = 0
+    for word in _WORD.findall(text.lower()):
+        p += word in POSITIVE_EN
+        n += word in NEGATIVE_EN
+    for entry, sign in _ZH:
+        count = text.count(entry)
+        if count:
+            text = text.replace(entry, " ")
+            if sign > 0:
+                p += count
+            else:
+                n += count
+    return p, n
+
+
+def sentiment(prompts, completions, **kwargs) -> list[float]:
+    """(p - n) / (p + n + 1) in [-1, 1], p and n the positive and negative lexicon entries in the completion.
+
+    A toy reward for demos (steering an LM towards positive movie or product reviews): a small English and
+    Chinese word list, not a sentiment model, so it is easy to game (e.g. by repeating "great").
+    """
+    out = []
+    for completion in completions:
+        p, n = lexicon_counts(text_of(completion))
+        out.append((p - n) / (p + n + 1))
+    return out
+
+
+# --- accuracy: verifiable answers -------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _answer_span(text: str) -> str:
+    """The last <answer>...</answer> span's content, or the whole text if there is none."""
+    spans = _ANSWER.findall(text)
+    return spans[-1] if spans else text
+
+
+def _reference_number(reference: str) -> float | None:
+    plain = reference.strip().replace(",", "")
+    return float(plain) if _PLAIN_NUMBER.fullmatch(plain) else None
+
+
+def accuracy(prompts, completions, **columns) -> list[float | None]:
+    """1.0 if the completion's answer matches the record's `answer` (else `solution`) field, else 0.0.
+
+    GSM8K references ("...#### 1,234") count from the last "####". A numeric reference is compared with
+    the last number in the completion (in its last <answer>...</answer> span if it has one); another
+    reference must equal the span (or the whole completion) up to case and whitespace. A record with no
+    reference gets None.
+    """
+    fields = [columns[k] for k in ("answer", "solution") if k in columns]
+    if not fields:
+        raise JaxftError(
+            f"{SETTING}: the accuracy reward needs an `answer` or `solution` field in the records; "
+            f"they have {sorted(columns) or 'no other fields'}")
+    out: list[float | None] = []
+    for i, completion in enumerate(completions):
+        reference = next((f[i] for f in fields if f[i] is not None), None)
+        if reference is None:
+            out.append(None)
+            continue
+        reference = str(reference)
+        if "####" in reference:
+            reference = reference.rsplit("####", 1)[1]
+        answer = _answer_span(text_of(completion))
+        expected = _reference_number(reference)
+        if expected is None:
+            out.append(float(_normalize(answer) == _normalize(reference)))
+            continue
+        numbers_ = _NUMBER.findall(answer)
+        right = bool(numbers_) and abs(float(numbers_[-1].replace(",", "")) - expected) < 1e-6
+        out.append(float(right))
+    return out
+
+
+# --- format: DeepSeek-R1's format reward ------------------------------------------------------------------
+
+_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def format(prompts, completions, **kwargs) -> list[float]:  # the setting's name; shadows builtins.format here only
+    """1.0 if the completion is `<think>...</think> <answer>...</answer>` and nothing else, else 0.0."""
+    return [float(_FORMAT.match(text_of(c)) is not None) for c in completions]
+
+
+BUILTIN: dict[str, Callable] = {"sentiment": sentiment, "accuracy": accuracy, "format": format}
+
+
+# --- loading and scoring ----------------------------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _resolve(item: str) -> tuple[str, Callable]:
+    """(name, function) for one item of the spec."""
+    if ":" not in item:
+        if item not in BUILTIN:
+            raise JaxftError(
+                f"{SETTING}: unknown reward {item!r}: expected a built-in ({', '.join(BUILTIN)}) or "
+                f"module.path:function or path/to/file.py:function")
+        return item, BUILTIN[item]
+    target, attr = item.rsplit(":", 1)
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise JaxftError(f"{SETTING}: reward file {target!r} (in {item!r}) does not exist "
+                             f"(relative to {os.getcwd()})")
+        name = "jaxft_reward_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(target))[0])
+        try:
+            spec = importlib.util.spec_from_file_location(name, target)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise JaxftError(f"{SETTING}: cannot load reward file {target!r} (in {item!r}): {_one_line(e)}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:
+            raise JaxftError(f"{SETTING}: cannot import module {target!r} (in {item!r}): {_one_line(e)}") from e
+    if not hasattr(module, attr):
+        raise JaxftError(f"{SETTING}: {target!r} has no attribute {attr!r} (in {item!r}): expected a reward function")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise JaxftError(f"{SETTING}: {item!r} is a {type(fn).__name__}, not callable: expected a reward function")
+    return getattr(fn, "__name__", attr), fn
+
+
+def load(spec: str, weights: str = "") -> list[tuple[str, Callable, float]]:
+    """[(name, function, weight)] for a comma-separated spec of built-ins, module:function, file.py:function."""
+    items = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not items:
+        raise JaxftError(
+            f"{SETTING} is empty: expected comma-separated reward functions, built-ins ({', '.join(BUILTIN)}) or "
+            f"module.path:function or path/to/file.py:function, e.g. sentiment, accuracy,format or mypkg.rewards:fn")
+    functions = [_resolve(item) for item in items]
+    if not str(weights).strip():
+        values = [1.0] * len(functions)
+    else:
+        parts = [s.strip() for s in str(weights).split(",")]
+        values = []
+        for part in parts:
+            try:
+                value = float(part)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise JaxftError(f"{WEIGHTS}={weights!r}: {part!r} is not a number: expected comma-separated numbers")
+            values.append(value)
+        if len(values) != len(functions):
+            raise JaxftError(
+                f"{WEIGHTS}={weights!r}: {len(values)} weights for {len(functions)} reward functions "
+                f"({', '.join(name for name, _ in functions)}): expected one weight per function")
+    return [(name, fn, w) for (name, fn), w in zip(functions, values)]
+
+
+RESERVED = ("prompts", "completions", "completion_ids")
+
+
+def _check(name: str, values, n: int) -> np.ndarray:
+    """A function's rewards as float64 [n], None -> NaN; an error for anything but n finite numbers or None."""
+    if isinstance(values, np.ndarray):
+        values = values.tolist() if values.ndim == 1 else values
+    if not isinstance(values, (list, tuple)):
+        raise JaxftError(f"{SETTING}: reward function {name!r} returned a {type(values).__name__}: "
+                         f"expected a list of {n} numbers or None")
+    if len(values) != n:
+        raise JaxftError(f"{SETTING}: reward function {name!r} returned {len(values)} values for {n} completions")
+    out = np.empty(n, np.float64)
+    for i, v in enumerate(values):
+        if v is None:
+            out[i] = np.nan
+        elif isinstance(v, numbers.Real):
+            if not math.isfinite(v):
+                raise JaxftError(f"{SETTING}: reward function {name!r} returned {v!r} at position {i}: "
+                                 f"expected a finite number or None")
+            out[i] = v
+        else:
+            raise JaxftError(f"{SETTING}: reward function {name!r} returned a {type(v).__name__} at position {i}: "
+                             f"expected a number or None")
+    return out
+
+
+def score(functions, prompts, completions, completion_ids, columns) -> tuple[np.ndarray, np.ndarray]:
+    """(total [n], per_function [k, n]) float32 rewards: total is the NaN-skipping weighted sum (0 where
+    every function gave None), per_function keeps None as NaN. Columns named like the convention's own
+    arguments (prompts, completions, completion_ids) are not passed."""
+    n = len(completions)
+    extra = {k: v for k, v in columns.items() if k not in RESERVED}
+    per = np.zeros((len(functions), n), np.float64)
+    weights = np.zeros(len(functions), np.float64)
+    for j, (name, fn, weight) in enumerate(functions):
+        values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **extra)
+        per[j] = _check(name, values, n)
+        weights[j] = weight
+    total = np.nansum(weights[:, None] * per, axis=0)
+    return total.astype(np.float32), per.astype(np.float32)
