@@ -119,7 +119,7 @@ def objective(s: Settings) -> Objective:
                 "kl": jnp.sum(w * kl), "clip_ratio": jnp.sum(w * clipped)}
 
     return Objective("grpo", loss, model_inputs, sequences=s.generations, perplexity=False, accuracy=False,
-                     train_sums=("kl", "clip_ratio"), rollout=functools.partial(Rollout, s))
+                     train_sums=("kl", "clip_ratio"), rollout=functools.partial(Rollout, s), new_tokens=s.max_new_tokens)
 
 
 def advantages(rewards, generations: int, scale: bool = True) -> np.ndarray:

@@ -57,6 +57,7 @@ class Objective:
     # itself, (trainable, frozen, prompt rows, prompt batch, step) -> (local rows, global batch), with
     # `period` (steps per batch it makes) and `report()` (its figures for the log); None: the data's batch
     rollout: Callable | None = None
+    new_tokens: int = 0  # tokens a rollout adds to each row after the data's (GRPO's completions), for jaxft.plan
 
 
 def classification_loss(logits, batch):

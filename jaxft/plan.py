@@ -21,7 +21,7 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                its norms N, attentions (self; cross: T5's decoder, keys from the encoder, no prefix) and
                its MLP-wide tensors m (gated: gate and up, 2; GELU: its input, 1), for Llama
                (N = 2, m = 2, one self-attention), where, for the micro-batch
-               rows b on one device, t = data.seq_len, k = t + prefix tokens p, c = the compute
+               rows b on one device, t = data.seq_len (+ GRPO's completion tokens), k = t + prefix tokens p, c = the compute
                dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
                (each divided by mesh.tensor where it divides):
     per_layer  what plain autodiff keeps of one layer for the backward pass:
@@ -102,6 +102,7 @@ class Setup:
     num_prefix: int
     platform: str  # where the run goes: cpu, gpu or tpu
     sequences: int = 1  # model rows per example (DPO: 2, the chosen and the rejected answer)
+    length: int = 0  # tokens per row: data.seq_len, and what a rollout adds (GRPO's completions)
 
 
 def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None, str]:
@@ -165,8 +166,9 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
     platform = platform or jax.default_backend()
-    sequences = objectives.for_task(task, config.train).sequences  # DPO and reward models: 2 rows a pair
-    return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform, sequences)
+    objective = objectives.for_task(task, config.train)  # DPO and reward models: 2 rows a pair; GRPO: G rows a prompt
+    return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform,
+                 objective.sequences, config.data.seq_len + objective.new_tokens)
 
 
 def per_device(shape, dtype, named_sharding) -> int:
@@ -244,7 +246,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     tp = mesh.shape["tensor"]
     b = max(batch // config.train.grad_accum // shards, 1) * s.sequences  # rows of one micro-batch on one device
-    t, p = config.data.seq_len, s.num_prefix
+    t, p = s.length or config.data.seq_len, s.num_prefix
     # XLA:CPU emulates bf16 arithmetic in fp32: its temporaries match an fp32 run's (measured).
     c = 4 if s.platform == "cpu" else np.dtype(cfg.compute_dtype).itemsize
     split = lambda n: n // tp if n % tp == 0 else n  # noqa: E731  (axes the tensor axis divides)
@@ -412,7 +414,7 @@ def report(s: Setup, device_memory: int | None) -> dict:
         "devices": int(math.prod(s.mesh.shape.values())),
         "mesh": dict(s.mesh.shape),
         "batch_size": s.config.train.batch_size,
-        "seq_len": s.config.data.seq_len,
+        "seq_len": s.length or s.config.data.seq_len,
         "num_prefix": s.num_prefix,
         "remat": s.cfg.remat,
         "attention": attention(s),

@@ -212,6 +212,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
 def prompt_data(d, tok, train_rec, eval_rec, text_field: str, fields) -> Data:
     """GRPO's prompts (`jaxft.data.prompts`): the training records' and the held-out ones'."""
     from jaxft.data import mixture, prompts, sft
+    from jaxft.errors import JaxftError
 
     train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
     template, where = sft.chat_template(tok, str(d.chat_template))

