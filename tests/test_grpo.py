@@ -217,3 +217,127 @@ def test_plan_counts_every_completion_row_within_15_percent_of_xla():
     want = compiled_bytes(rows, 1, extra=made, objective=grpo.objective(grpo.settings(c.train)))
     got = plan.estimate(s)
     assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+REWARD = '''
+def low_ids(prompts, completions, completion_ids, **columns):
+    """The share of an 8-token completion budget spent on token ids 3..59 (EOS is 2)."""
+    assert len(columns["id"]) == len(prompts)  # the records' other fields come as columns (TRL's)
+    return [sum(3 <= t < 60 for t in ids) / 8 for ids in completion_ids]
+'''
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tok_dir):
+    d = tmp_path_factory.mktemp("grpo")
+    rng = np.random.default_rng(0)
+    words = "the movie was good bad long short fun dull a an it is".split()
+    (d / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": " ".join(rng.choice(words, rng.integers(2, 7))), "id": i}) + "\n" for i in range(200)))
+    (d / "reward.py").write_text(REWARD)
+    return (f"--config.data.name={d / 'prompts.jsonl'}", "--config.data.task=grpo", "--config.data.eval_holdout=16",
+            "--config.data.seq_len=16", f"--config.train.grpo_rewards={d / 'reward.py'}:low_ids",
+            "--config.train.grpo_max_new_tokens=8", "--config.eval.max_new_tokens=8", "--config.method.name=full",
+            "--config.optimizer.learning_rate=3e-3", "--config.optimizer.schedule=constant",
+            "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=10", *tokenizer_args(tok_dir))
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_reward_rises_and_resumes_exactly(tmp_path, run):
+    straight = tmp_path / "straight"
+    r = cli(straight, *run, "--config.train.steps=20", "--config.eval.at_start=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(straight)
+    evals = [row for row in rows if "eval/reward" in row]
+    assert evals[0]["step"] == 0 and evals[0]["eval/reward"] < 0.5 and evals[-1]["eval/reward"] >= 0.9, evals
+    first = next(row for row in rows if "train/loss" in row)
+    assert first["step"] == 1 and first["train/kl"] == 0  # the policy starts as its reference
+    assert first["train/completion_length"] == 8 and 0 <= first["train/reward"] <= 1 and "train/accuracy" not in first
+    samples = [json.loads(line) for line in (straight / "samples" / "step_20.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and {"prompt", "completion", "reward"} <= set(samples[0])
+    assert (straight / "export" / "model.safetensors").exists()
+    # Stopped at 10 and run again to 20: the same completions are drawn, so the same steps follow.
+    split = tmp_path / "split"
+    assert cli(split, *run, "--config.train.steps=10").returncode == 0
+    r = cli(split, *run, "--config.train.steps=20")
+    assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
+    assert [losses(split)[s] for s in range(11, 21)] == [losses(straight)[s] for s in range(11, 21)]
+
+
+def test_cli_several_iterations_per_batch_resume_exactly(tmp_path, run):
+    """grpo_iterations=2: each batch of completions trains two steps; the second's ratios move off 1."""
+    it = (*run, "--config.train.grpo_iterations=2", "--config.train.grpo_epsilon=0.01",
+          "--config.optimizer.learning_rate=1e-2", "--config.export.enabled=False")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli(straight, *it, "--config.train.steps=20").returncode == 0
+    rows = {row["step"]: row for row in metrics(straight) if "train/loss" in row}
+    assert all(rows[s]["train/clip_ratio"] == 0 for s in range(1, 21, 2))  # pi_old is pi: ratio 1
+    assert any(rows[s]["train/clip_ratio"] > 0 for s in range(2, 21, 2))
+    assert all(rows[s]["train/reward"] == rows[s + 1]["train/reward"] for s in range(1, 21, 2))  # one batch, 2 steps
+    assert cli(split, *it, "--config.train.steps=10").returncode == 0
+    r = cli(split, *it, "--config.train.steps=20")
+    assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
+    assert [losses(split)[s] for s in range(11, 21)] == [losses(straight)[s] for s in range(11, 21)]
+
+
+def test_eight_devices_and_micro_batches_match_one_device(tmp_path, run):
+    """Prompts spread over the devices, each group of completions on the devices of its prompt."""
+    go = (*run, "--config.train.steps=4", "--config.export.enabled=False", "--config.eval.batch_size=16")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    assert cli(one, *go, "--config.mesh.data=1").returncode == 0
+    r = cli(eight, *go, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.train.grad_accum=2", devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = metrics(one), metrics(eight)
+    for a, b in zip(ref, got, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if "per_second" not in k and "mfu" not in k:
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (("--config.train.grpo_rewards=",), "train.grpo_rewards is empty"),
+    (("--config.train.grpo_rewards=nosuch",), "train.grpo_rewards"),
+    (("--config.train.grpo_generations=1",), "train.grpo_generations=1: expected an integer >= 2"),
+    (("--config.train.grpo_temperature=0",), "train.grpo_temperature=0.0: expected > 0"),
+    (("--config.train.grpo_iterations=3",), "train.steps=4: expected a multiple of train.grpo_iterations=3"),
+    (("--config.train.grpo_reward_weights=1,2",), "train.grpo_reward_weights='1,2': 2 weights for 1 reward"),
+])
+def test_cli_bad_settings_are_one_line(tmp_path, run, bad, message):
+    r = cli(tmp_path / "run", *run, "--config.train.steps=4", *bad)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: " + message), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_bad_prompt_record_is_one_line(tmp_path, run):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "a b"}\n{"prompt": ""}\n')
+    r = cli(tmp_path / "run", *run, f"--config.data.name={p}", "--config.data.eval_holdout=0")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {p}:2: empty 'prompt'"), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["ptuning_v2", "prompt_tuning", "ia3"])
+def test_other_methods_train_grpo(tmp_path, run, method):
+    """Prefixes and soft prompts generate as they train (their keys and values in front of the cache)."""
+    r = cli(tmp_path, *run, f"--config.method.name={method}", "--config.method.num_virtual_tokens=4",
+            "--config.train.steps=2", "--config.export.enabled=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = [row for row in metrics(tmp_path) if "train/loss" in row][0]
+    assert row["train/kl"] == 0 and np.isfinite(row["train/loss"])
+
+
+def test_grpo_config_runs_and_exports(tmp_path):
+    r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
+            "--config.eval.generate_examples=8", config="configs/grpo_lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 0: eval/reward=" in r.stdout and "train/reward=" in r.stdout
+    assert (tmp_path / "export" / "adapter_model.safetensors").exists()
