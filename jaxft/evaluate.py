@@ -16,7 +16,9 @@ jaxft adapter directory applied to the config's base model (`model.path`).
 - other tasks (a reward model's preference pairs, language modelling): what training's eval reports,
   the split's loss and accuracy (a reward model's: the share of pairs whose chosen answer scores
   higher, and the mean rewards; a language model's: perplexity). DPO runs are scored during training
-  only: their loss needs the run's starting point.
+  only: their loss needs the run's starting point;
+- GRPO (a policy trained on rewards): greedy completions of the split's prompts, scored by the run's
+  reward functions (`eval/reward`, as training's eval).
 Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction) in --out (default
 `<workdir>/eval/<split>-<step>` for a training checkpoint, `<export>/../eval/<split>-<export name>`
 for an export), and the metrics as `eval/...` TensorBoard scalars at the checkpoint's step (an export
@@ -284,13 +286,8 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
              max_new_tokens: int | None = None, num_beams: int | None = None, out: str | None = None,
              log=print) -> dict:
     """The CLI's work: -> {"step", "split", "examples", "out", "metrics": {...}}; see the module docstring."""
-    from tqdm import tqdm
-
     from jaxft import metrics, objectives, sharding, storage
     from jaxft.config import validate
-    from jaxft.models import family
-    from jaxft.step import make_eval_step
-    from jaxft.train import evaluate as loss_eval
     from jaxft.train import load_data, load_model_config
 
     if split not in SPLITS:
@@ -316,7 +313,6 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
     objective = objectives.for_task(data.task, config.train)
-    classifies = objective.class_logits is not None
     if objective.prepare is not None:
         raise JaxftError(f"data.task={data.task!r}: a DPO run is scored against its starting point (the reference "
                          "policy), which a checkpoint does not hold: its eval runs during training (eval.every_steps)")
@@ -334,11 +330,43 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         tb_dir = storage.path(str(where / "tensorboard"), "--out") if kind == "orbax" else out_dir / "tensorboard"
     storage.check_writable_dir(out_dir, "--out")  # before the scoring, not a traceback once it is done
 
+    if objective.rollout is not None:  # a policy trained on rewards (GRPO): the rewards of its greedy completions
+        from jaxft.grpo import reward_scores
+
+        scores, rows = reward_scores(config, data, model, params, split, max_examples)
+    else:
+        scores, rows = score_split(config, data, model, params, arrays, objective, mesh, batch, split, max_examples)
+
+    # Only now, with everything computed, is anything written.
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"checkpoint": str(checkpoint), "step": step, "split": split, "examples": len(rows),
+                   "metrics": scores}
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        write_jsonl(out_dir / "predictions.jsonl", rows)
+        metrics.write_scalars(tb_dir, step, scores)
+    what = f"at step {step}" if kind == "orbax" else f"of {where} (an export: TensorBoard step 0)"
+    log(f"{split} {what}, {len(rows)} examples: " + " ".join(
+        f"{k}={v:.4f}" for k, v in scores.items() if not any(f"/{m}/" in k for m in ("precision", "recall", "f1")))
+        + f" | {out_dir}")
+    return {"step": step, "split": split, "examples": len(rows), "out": str(out_dir), "metrics": scores}
+
+
+def score_split(config, data, model, params, arrays, objective, mesh, batch: int, split: str, max_examples: int):
+    """-> (scores, prediction rows) of a split: the loss eval's figures, and a classifier's predictions
+    or a generation task's answers."""
+    from tqdm import tqdm
+
+    from jaxft import metrics, sharding
+    from jaxft.models import family
+    from jaxft.step import make_eval_step
+    from jaxft.train import evaluate as loss_eval
+
+    classifies = objective.class_logits is not None
     # The loss (and perplexity) over the split, as training's eval computes it.
     if classifies and max_examples:
         arrays = {k: v[:max_examples] for k, v in arrays.items()}
-    eval_step = jax.jit(make_eval_step(model, mesh, objective),
-                        out_shardings=sharding.replicated(mesh))
+    eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=sharding.replicated(mesh))
     scores = loss_eval(eval_step, types.SimpleNamespace(params=params), {}, arrays, mesh, batch,
                        model.cfg.head == "causal_lm", model.cfg.labels, data.sources)
     tok = data.tokenizer
@@ -361,20 +389,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
             preds = generate_texts(model, params, prompts, tok, batch_size=batch, progress=bar, **decoding(config))
         scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs, tags).items()})
         rows = prediction_rows(tok, prompts, refs, preds, tags)
-
-    # Only now, with everything computed, is anything written.
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"checkpoint": str(checkpoint), "step": step, "split": split, "examples": len(rows),
-                   "metrics": scores}
-        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-        write_jsonl(out_dir / "predictions.jsonl", rows)
-        metrics.write_scalars(tb_dir, step, scores)
-    what = f"at step {step}" if kind == "orbax" else f"of {where} (an export: TensorBoard step 0)"
-    log(f"{split} {what}, {len(rows)} examples: " + " ".join(
-        f"{k}={v:.4f}" for k, v in scores.items() if not any(f"/{m}/" in k for m in ("precision", "recall", "f1")))
-        + f" | {out_dir}")
-    return {"step": step, "split": split, "examples": len(rows), "out": str(out_dir), "metrics": scores}
+    return scores, rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,44 +240,51 @@ class Rollout:
 
 
 def reward_eval(config, data, model, workdir=None):
-    """A function of (merged parameters, step) -> {"eval/reward", ...}: the mean reward of greedy
-    completions of the first `eval.generate_examples` held-out prompts (all when 0); None without any."""
+    """Training's eval: a function of (merged parameters, step) -> {"eval/reward", ...} (`reward_scores`
+    of the held-out prompts), the completions to `samples/step_N.jsonl` in `workdir`; None without any."""
+    if data.eval is None:
+        return None
+
+    def run(params, step: int) -> dict[str, float]:
+        scores, rows = reward_scores(config, data, model, params, "validation", int(config.eval.generate_examples))
+        if workdir is not None and jax.process_index() == 0:
+            (workdir / "samples").mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+            (workdir / "samples" / f"step_{step}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return scores
+
+    return run
+
+
+def reward_scores(config, data, model, params, split: str = "validation", limit: int = 0):
+    """-> ({"eval/reward", "eval/reward/<name>" (several functions), "eval/completion_length"}, rows of
+    {"prompt", "completion", "reward"}): greedy completions (`eval.max_new_tokens`,
+    `eval.repetition_penalty`) of the first `limit` prompts of a split (all when 0), scored."""
     from jaxft import rewards
     from jaxft.generate import generate
 
-    arrays, records = data.eval, (data.records or {}).get("validation", [None])[0]
-    if arrays is None or records is None:
-        return None
+    arrays = data.eval if split == "validation" else data.train
+    records, values = data.records[split][0], data.prompts[split]
     s = settings(config.train)
     functions = rewards.load(s.rewards, s.reward_weights)
-    n = int(config.eval.generate_examples) or len(arrays["record"])
-    arrays = {k: v[:n] for k, v in arrays.items()}
+    n = min(int(limit) or len(arrays["record"]), len(arrays["record"]))
     tok, batch = data.tokenizer, config.eval.batch_size or config.train.batch_size
     eos = tok.eos or [model.cfg.eos_token_id]
-
-    def run(params, step: int) -> dict[str, float]:
-        new = []
-        for i in range(0, len(arrays["record"]), batch):
-            ids, mask = (np.resize(arrays[k][i:i + batch], (batch,) + arrays[k].shape[1:]) for k in ("input_ids",
-                                                                                                  "attention_mask"))
-            out = generate(model, params, ids, mask, max_new_tokens=config.eval.max_new_tokens,
-                           repetition_penalty=float(config.eval.repetition_penalty), eos_token_id=eos,
-                           pad_token_id=tok.pad_id)
-            new.append(out[: min(batch, len(arrays["record"]) - i)])
-        new = np.concatenate(new)
-        mask = completion_mask(new, np.asarray(eos))
-        texts = completion_texts(tok, new, mask)
-        prompts, completions, columns = reward_inputs(records, arrays["record"], data.prompts["validation"], texts)
-        total, each = rewards.score(functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)],
-                                    columns)
-        if workdir is not None and jax.process_index() == 0:
-            (workdir / "samples").mkdir(parents=True, exist_ok=True)
-            lines = [json.dumps({"prompt": p, "completion": t, "reward": float(r)}, ensure_ascii=False)
-                     for p, t, r in zip(prompts, texts, total)]
-            (workdir / "samples" / f"step_{step}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        out = {"eval/reward": float(np.mean(total)), "eval/completion_length": float(np.mean(mask.sum(axis=1)))}
-        if len(functions) > 1:
-            out.update({f"eval/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(functions, each)})
-        return out
-
-    return run
+    new = []
+    for i in range(0, n, batch):  # every batch full (the last one repeats rows): one compile
+        ids, mask = (np.resize(arrays[k][i:min(i + batch, n)], (batch, arrays[k].shape[1]))
+                     for k in ("input_ids", "attention_mask"))
+        out = generate(model, params, ids, mask, max_new_tokens=config.eval.max_new_tokens,
+                       repetition_penalty=float(config.eval.repetition_penalty), eos_token_id=eos,
+                       pad_token_id=tok.pad_id)
+        new.append(out[: min(batch, n - i)])
+    new = np.concatenate(new)
+    mask = completion_mask(new, np.asarray(eos))
+    texts = completion_texts(tok, new, mask)
+    prompts, completions, columns = reward_inputs(records, arrays["record"][:n], values, texts)
+    total, each = rewards.score(functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)], columns)
+    scores = {"eval/reward": float(np.mean(total)), "eval/completion_length": float(np.mean(mask.sum(axis=1)))}
+    if len(functions) > 1:
+        scores.update({f"eval/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(functions, each)})
+    rows = [{"prompt": p, "completion": t, "reward": float(r)} for p, t, r in zip(prompts, texts, total)]
+    return scores, rows

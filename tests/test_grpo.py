@@ -7,6 +7,9 @@ errors, other methods."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -262,6 +265,14 @@ def test_cli_reward_rises_and_resumes_exactly(tmp_path, run):
     samples = [json.loads(line) for line in (straight / "samples" / "step_20.jsonl").read_text().splitlines()]
     assert len(samples) == 16 and {"prompt", "completion", "reward"} <= set(samples[0])
     assert (straight / "export" / "model.safetensors").exists()
+    # jaxft.evaluate scores the checkpoint, and the export, as training's eval did.
+    for checkpoint in (straight, straight / "export"):
+        r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/tiny_test.py", *run,
+                            f"--checkpoint={checkpoint}", f"--out={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+        assert scores["eval/reward"] == pytest.approx(evals[-1]["eval/reward"], abs=1e-6), checkpoint
     # Stopped at 10 and run again to 20: the same completions are drawn, so the same steps follow.
     split = tmp_path / "split"
     assert cli(split, *run, "--config.train.steps=10").returncode == 0
