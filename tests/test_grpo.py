@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_hf import BASE, build_hf
+from test_hf import BASE
 from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
 from test_sft import renderer_for, tokenizer_args
 from test_train import ROOT, cli, losses
 
-from jaxft import grpo, hf, objectives
-from jaxft.config import base_config
+from jaxft import grpo, objectives
 from jaxft.data import prompts
 from jaxft.data.sources import Records
 from jaxft.errors import JaxftError
