@@ -158,6 +158,23 @@ def reward_inputs(records, index, prompt_values, completions) -> tuple[list, lis
     return prompts, completions, {k: [r.get(k) if isinstance(r, dict) else None for r in rows] for k in keys}
 
 
+def check_rewards(s: Settings, records, prompt_values) -> None:
+    """Before anything is written: each reward function called once, on the first prompt and an empty
+    completion, so a function that does not take TRL's arguments is one line, not a failure at step 1."""
+    from jaxft import rewards
+
+    first = next(i for i, v in enumerate(prompt_values) if v is not None)
+    prompts, completions, columns = reward_inputs(records, [first], prompt_values, [""])
+    for name, fn, weight in rewards.load(s.rewards, s.reward_weights):
+        try:
+            rewards.score([(name, fn, weight)], prompts, completions, [[]], columns)
+        except JaxftError:
+            raise
+        except Exception as e:  # the user's code: its own message, with where it was called
+            raise JaxftError(f"train.grpo_rewards: reward function {name!r} failed when called with the prompt of "
+                             f"{records.where[first]} and an empty completion: {type(e).__name__}: {e}") from None
+
+
 class Rollout:
     """The loop's source of batches for GRPO: `(trainable, frozen, prompt batch, step) -> (local rows,
     global batch)` of prompts + completions (module docstring); a new one every `period` steps."""

@@ -155,7 +155,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     if task == "grpo":  # prompts only: the policy writes the completions (jaxft.grpo)
         if extra:
             raise JaxftError(f"data.name={d.name!r}: GRPO takes its prompts from one source")
-        return prompt_data(d, tok, train_rec, eval_rec, text_field, sft_fields)
+        return prompt_data(config, tok, train_rec, eval_rec, text_field, sft_fields)
     if task in ("classification", "cloze") and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo, reward and seq2seq only")
     template = None
@@ -209,11 +209,14 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     return Data(train, ev, task, labels, tok, m.groups, m.weights, m.names, records, transform)
 
 
-def prompt_data(d, tok, train_rec, eval_rec, text_field: str, fields) -> Data:
-    """GRPO's prompts (`jaxft.data.prompts`): the training records' and the held-out ones'."""
+def prompt_data(config, tok, train_rec, eval_rec, text_field: str, fields) -> Data:
+    """GRPO's prompts (`jaxft.data.prompts`): the training records' and the held-out ones', and the
+    reward functions tried on the first."""
+    from jaxft import grpo
     from jaxft.data import mixture, prompts, sft
     from jaxft.errors import JaxftError
 
+    d = config.data
     train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
     template, where = sft.chat_template(tok, str(d.chat_template))
     renderer = sft.Renderer(template, sft.special_strings(tok), where)
@@ -230,6 +233,7 @@ def prompt_data(d, tok, train_rec, eval_rec, text_field: str, fields) -> Data:
                 "tokens (a prompt keeps its last tokens, a document from the text field its first)")
     if not len(out["train"]["record"]):
         raise JaxftError(f"data.name={d.name!r}: no training prompts")
+    grpo.check_rewards(grpo.settings(config.train), train_rec, values["train"])
     return Data(out["train"], out.get("validation"), "grpo", None, tok,
                 records={"train": [train_rec], "validation": [eval_rec]}, prompts=values)
 

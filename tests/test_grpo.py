@@ -335,6 +335,40 @@ def test_cli_bad_prompt_record_is_one_line(tmp_path, run):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_reward_function_that_fails_is_one_line_before_anything_is_written(tmp_path, run):
+    f = tmp_path / "r.py"
+    f.write_text("def no_kwargs(prompts, completions):\n    return [0.0] * len(prompts)\n"
+                 "def short(prompts, completions, **kw):\n    return []\n")
+    for name, message in (("no_kwargs", "train.grpo_rewards: reward function 'no_kwargs' failed when called with the "
+                                        "prompt of "),
+                          ("short", "train.grpo_rewards: reward function 'short' returned 0 values for 1 completions")):
+        r = cli(tmp_path / "run", *run, f"--config.train.grpo_rewards={f}:{name}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: " + message), r.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_match_one(tmp_path, run):
+    """Two processes of 2 devices: each completes and scores its own prompts' groups; the losses, rewards
+    and eval of one 4-device process."""
+    from test_sharding import free_port
+
+    go = (*run, "--config.train.steps=4", "--config.export.enabled=False", "--config.mesh.data=2",
+          "--config.mesh.fsdp=2", "--config.eval.at_start=True")
+    one, two, port = tmp_path / "one", tmp_path / "two", free_port()
+    assert cli(one, *go, devices=4).returncode == 0
+    procs = [cli(two, *go, f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                 devices=2, wait=False) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    ref, got = metrics(one), metrics(two)
+    assert len(ref) == len(got) > 4
+    for a, b in zip(ref, got):
+        for k in a:
+            if "per_second" not in k and "mfu" not in k:
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+
+
 @pytest.mark.parametrize("method", ["ptuning_v2", "prompt_tuning", "ia3"])
 def test_other_methods_train_grpo(tmp_path, run, method):
     """Prefixes and soft prompts generate as they train (their keys and values in front of the cache)."""
