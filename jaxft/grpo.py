@@ -119,7 +119,8 @@ def objective(s: Settings) -> Objective:
                 "kl": jnp.sum(w * kl), "clip_ratio": jnp.sum(w * clipped)}
 
     return Objective("grpo", loss, model_inputs, sequences=s.generations, perplexity=False, accuracy=False,
-                     train_sums=("kl", "clip_ratio"), rollout=functools.partial(Rollout, s), new_tokens=s.max_new_tokens)
+                     train_sums=("kl", "clip_ratio"), rollout=functools.partial(Rollout, s), new_tokens=s.max_new_tokens,
+                     keeps_reference=s.beta > 0)
 
 
 def advantages(rewards, generations: int, scale: bool = True) -> np.ndarray:

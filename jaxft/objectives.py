@@ -58,6 +58,7 @@ class Objective:
     # `period` (steps per batch it makes) and `report()` (its figures for the log); None: the data's batch
     rollout: Callable | None = None
     new_tokens: int = 0  # tokens a rollout adds to each row after the data's (GRPO's completions), for jaxft.plan
+    keeps_reference: bool = False  # a rollout keeps a copy of the starting trainable parameters (for jaxft.plan)
 
 
 def classification_loss(logits, batch):

@@ -11,7 +11,9 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
   weights      every leaf's shard: frozen ones in model.param_dtype (frozen projections under
                model.quantization as their packed int8 / NF4 leaves), trainable ones in fp32; plus,
                when the frozen base is stored narrower than the compute dtype, its converted copy
-               (XLA converts it whole once per step: bf16 storage pays off with bf16 compute)
+               (XLA converts it whole once per step: bf16 storage pays off with bf16 compute); and
+               GRPO's reference policy, a copy of the trainable shards (its rollouts' KV cache is
+               freed before the train step runs, so it is not counted)
   gradients    the trainable shards in fp32, twice with train.grad_accum > 1 (the running sum and
                one micro-batch's)
   optimizer    Adam's moments: mu in optimizer.mu_dtype (or fp32) and nu in fp32
@@ -103,6 +105,7 @@ class Setup:
     platform: str  # where the run goes: cpu, gpu or tpu
     sequences: int = 1  # model rows per example (DPO: 2, the chosen and the rejected answer)
     length: int = 0  # tokens per row: data.seq_len, and what a rollout adds (GRPO's completions)
+    reference: bool = False  # a copy of the starting trainable parameters is kept (GRPO's reference policy)
 
 
 def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None, str]:
@@ -168,7 +171,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     platform = platform or jax.default_backend()
     objective = objectives.for_task(task, config.train)  # DPO and reward models: 2 rows a pair; GRPO: G rows a prompt
     return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform,
-                 objective.sequences, config.data.seq_len + objective.new_tokens)
+                 objective.sequences, config.data.seq_len + objective.new_tokens, objective.keeps_reference)
 
 
 def per_device(shape, dtype, named_sharding) -> int:
@@ -342,6 +345,7 @@ def estimate(s: Setup, batch: int | None = None) -> dict:
             trainable += per_device(x.shape, x.dtype, s.shardings[path])
             mu += per_device(x.shape, mu_dtype or x.dtype, s.shardings[path])
     optimizer = mu + trainable  # Adam's two moments (nu as the parameters)
+    weights += trainable if s.reference else 0
     compute = np.dtype(s.cfg.compute_dtype).itemsize
     # A frozen base stored narrower than the compute dtype is converted once per step, whole (measured
     # on XLA:CPU): bf16 storage saves memory only with bf16 compute. A quantized projection is not: it is
@@ -438,7 +442,8 @@ def text(s: Setup, r: dict) -> str:
         f"global batch {r['batch_size']} x "
         f"{r['seq_len']} tokens{prefix}, {s.config.train.grad_accum} micro-batch(es) | {s.platform}",
         f"  {'per device':<14}{'bytes':>16}",
-        f"  {'weights':<14}{human(b['weights']):>16}   (frozen {human(frozen)} stored, trainable {human(trainable)})",
+        f"  {'weights':<14}{human(b['weights']):>16}   (frozen {human(frozen)} stored, trainable {human(trainable)}"
+        + (f", its starting copy {human(trainable)} (the reference)" if s.reference else "") + ")",
         f"  {'gradients':<14}{human(b['gradients']):>16}",
         f"  {'optimizer':<14}{human(b['optimizer']):>16}",
         f"  {'activations':<14}{human(b['activations']):>16}   (remat {cfg.remat})",

@@ -216,7 +216,10 @@ def test_plan_counts_every_completion_row_within_15_percent_of_xla():
         floats = lambda shape, n: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding.batch_sharding(mesh, n))  # noqa: E731
         return {"loss_mask": ids, "advantages": floats((16,), 1), "ref_logps": floats(ids.shape, 2)}
 
-    want = compiled_bytes(rows, 1, extra=made, objective=grpo.objective(grpo.settings(c.train)))
+    # the train step's, and the reference policy the rollouts keep: a copy of the trainable leaves
+    reference = sum(np.prod(x.shape) * x.dtype.itemsize for p, x in s.abstract.items() if s.trainable[p])
+    assert s.reference and reference > 0
+    want = compiled_bytes(rows, 1, extra=made, objective=grpo.objective(grpo.settings(c.train))) + reference
     got = plan.estimate(s)
     assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
 
