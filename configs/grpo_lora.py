@@ -39,7 +39,7 @@ def get_config():
     c.train.grpo_rewards = "sentiment"
     c.train.grpo_generations = 4
     c.train.grpo_max_new_tokens = 24
-    c.train.grpo_beta = 0.04
+    c.train.grpo_beta = 0.1
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 5
     c.eval.at_start = True
