@@ -1,12 +1,17 @@
 """GRPO with LoRA: the bundled jaxft-tiny taught to write positive movie-review phrases, rewarded by a lexicon.
 
   python -m jaxft.train --config=configs/grpo_lora.py
-The classic RLHF demonstration (TRL's GPT-2 sentiment example), on CPU: each prompt is the first
-tokens of an SST-2 training sentence; the policy completes it 4 times by sampling, the `sentiment`
-reward scores each completion by counting positive and negative words (`jaxft.rewards`: a lexicon, a
-toy reward), and GRPO moves the policy towards the completions that beat their group. Eval (before
-training, every 25 steps, at the end): the mean reward of greedy completions of 64 held-out SST-2 dev
-prompts (`eval/reward`), the completions in samples/step_N.jsonl.
+About a minute on 2 CPU cores. The classic RLHF demonstration (TRL's GPT-2 sentiment example): each
+prompt is the first tokens of an SST-2 training sentence; the policy completes it 4 times by sampling,
+the `sentiment` reward scores each completion by counting positive and negative words (`jaxft.rewards`:
+a lexicon, a toy reward), and GRPO moves the policy towards the completions that beat their group.
+Eval (before training, every 25 steps, at the end): the mean reward of greedy completions of 64
+held-out SST-2 dev prompts (`eval/reward`), the completions in samples/step_N.jsonl. Measured on
+2026-11-27 (BENCHMARKS.md): eval/reward 0.10 -> 0.31 -> 0.68 -> 0.76 -> 0.82 at steps 0-100, KL to the
+start 0.27. Much of the gain is reward hacking, as a word-count reward invites: many completions
+repeat "funny , funny , ...", others read "s the best film is a good movie that is n't a good movie .".
+`--config.train.grpo_beta=0.2` keeps the policy nearer its start: fluent completions ("funny film .",
+"ing , but it 's a good one ."), reward 0.65 (KL 0.07; 0.34 with seed 1); 0.04 hacks it more (0.90).
 
 With a real base and a verifiable reward: `--config.model.path=Qwen/Qwen2.5-0.5B-Instruct
 --config.data.name=hub:openai/gsm8k --config.data.hub_config=main --config.train.grpo_rewards=accuracy`
