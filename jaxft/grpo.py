@@ -159,6 +159,18 @@ def reward_inputs(records, index, prompt_values, completions) -> tuple[list, lis
     return prompts, completions, {k: [r.get(k) if isinstance(r, dict) else None for r in rows] for k in keys}
 
 
+def score_completions(functions, tok, new, eos, records, index, prompt_values):
+    """New tokens [n, N] of the prompts of records `index` -> (total reward [n], each function's [k, n],
+    completion mask [n, N], prompts and completion texts as the reward functions got them)."""
+    from jaxft import rewards
+
+    mask = completion_mask(new, eos)
+    texts = completion_texts(tok, new, mask)
+    prompts, completions, columns = reward_inputs(records, index, prompt_values, texts)
+    total, each = rewards.score(functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)], columns)
+    return total, each, mask, prompts, texts
+
+
 def check_rewards(s: Settings, records, prompt_values) -> None:
     """Before anything is written: each reward function called once, on the first prompt and an empty
     completion, so a function that does not take TRL's arguments is one line, not a failure at step 1."""
@@ -206,7 +218,7 @@ class Rollout:
         self.cached, self.stats = None, {}
 
     def __call__(self, trainable, frozen, local, global_batch, step: int):
-        from jaxft import rewards, sharding
+        from jaxft import sharding
 
         if step % self.period and self.cached is not None:
             return self.cached
@@ -219,12 +231,9 @@ class Rollout:
                              jnp.asarray(self.eos, jnp.int32), jnp.int32(self.pad), key)
         start, stop = sharding.local_rows(mesh, n_global)
         new = np.asarray(sharding.gather(new))[start:stop]
-        mask = completion_mask(new, self.eos)
-        texts = completion_texts(self.data.tokenizer, new, mask)
-        prompts, completions, columns = reward_inputs(self.data.records["train"][0], prompt["record"],
-                                                      self.data.prompts["train"], texts)
-        total, each = rewards.score(self.functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)],
-                                    columns)
+        total, each, mask, _, _ = score_completions(self.functions, self.data.tokenizer, new, self.eos,
+                                                    self.data.records["train"][0], prompt["record"],
+                                                    self.data.prompts["train"])
         exp = {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, self.pad)], axis=1),
                "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
                "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1),
@@ -296,11 +305,8 @@ def reward_scores(config, data, model, params, split: str = "validation", limit:
                        repetition_penalty=float(config.eval.repetition_penalty), eos_token_id=eos,
                        pad_token_id=tok.pad_id)
         new.append(out[: min(batch, n - i)])
-    new = np.concatenate(new)
-    mask = completion_mask(new, np.asarray(eos))
-    texts = completion_texts(tok, new, mask)
-    prompts, completions, columns = reward_inputs(records, arrays["record"][:n], values, texts)
-    total, each = rewards.score(functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)], columns)
+    total, each, mask, prompts, texts = score_completions(functions, tok, np.concatenate(new), np.asarray(eos), records,
+                                                         arrays["record"][:n], values)
     scores = {"eval/reward": float(np.mean(total)), "eval/completion_length": float(np.mean(mask.sum(axis=1)))}
     if len(functions) > 1:
         scores.update({f"eval/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(functions, each)})
