@@ -671,7 +671,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         m, h = jax.device_get((metrics, health))
         stop_if_nonfinite(h, config.train.skip_nonfinite)
         # loss_scale: fp16's dynamic scale; aux_loss: a method's own term (AdaLoRA's orthogonality), in `loss`.
-        names = ("loss", "accuracy" if objective.accuracy else "", "grad_norm", "learning_rate", "loss_scale",
+        names = ("loss", *(("accuracy",) if objective.accuracy else ()), "grad_norm", "learning_rate", "loss_scale",
                  "aux_loss", *objective.train_sums)
         row = {f"train/{k}": float(m[k]) for k in names if k in m}
         row.update(made)
