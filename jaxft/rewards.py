@@ -168,6 +168,9 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
+_FILES: dict = {}  # reward files already run, by absolute path
+
+
 def _resolve(item: str) -> tuple[str, Callable]:
     """(name, function) for one item of the spec."""
     if ":" not in item:
@@ -182,10 +185,13 @@ def _resolve(item: str) -> tuple[str, Callable]:
             raise JaxftError(f"{SETTING}: reward file {target!r} (in {item!r}) does not exist "
                              f"(relative to {os.getcwd()})")
         name = "jaxft_reward_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(target))[0])
+        module = _FILES.get(os.path.abspath(target))
         try:
-            spec = importlib.util.spec_from_file_location(name, target)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            if module is None:  # run once per process, as an import is: it may load a model
+                spec = importlib.util.spec_from_file_location(name, target)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                _FILES[os.path.abspath(target)] = module
         except Exception as e:
             raise JaxftError(f"{SETTING}: cannot load reward file {target!r} (in {item!r}): {_one_line(e)}") from e
     else:

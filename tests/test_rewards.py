@@ -164,6 +164,11 @@ def test_load_module_and_file(tmp_path, monkeypatch):
     got = rewards.load("sentiment, sub/file_rewards.py:length_reward", "0.5,2")
     assert [(n, w) for n, _, w in got] == [("sentiment", 0.5), ("length_reward", 2.0)]
     assert got[1][1](prompts=[""], completions=["ab"]) == [2.0]
+    # a file runs once per process, as an imported module does (it may load a model): loaded again, the same
+    (sub / "counted.py").write_text("RUNS = []\nRUNS.append(1)\ndef fn(prompts, completions, **kw):\n"
+                                    "    return [float(len(RUNS))] * len(prompts)\n")
+    fns = [rewards.load("sub/counted.py:fn")[0][1] for _ in range(3)]
+    assert fns[0] is fns[2] and fns[2](prompts=["p"], completions=["c"]) == [1.0]
 
 
 @pytest.mark.parametrize("spec, match", [
