@@ -388,3 +388,23 @@ def test_grpo_config_runs_and_exports(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: eval/reward=" in r.stdout and "train/reward=" in r.stdout
     assert (tmp_path / "export" / "adapter_model.safetensors").exists()
+
+
+def test_chinese_prompts_completions_and_rewards(tok_dir):
+    """Chinese prompts round-trip through the tokenizer; completions decode whole characters, and the
+    built-in lexicon reads them (好 counts; 不喜欢 is negative, not also a 喜欢)."""
+    tok = Tokenizer(tok_dir)
+    arrays, _, values = prompts.encode(records({"prompt": "我们今天看电影"}, {"text": "电影很好看"}), tok,
+                                       renderer_for(tok), 16, "text")
+    assert tok.decode(arrays["input_ids"][0][arrays["attention_mask"][0] > 0]).strip() == "我们今天看电影"
+    assert values == ["我们今天看电影", "电影很好看"]
+    eos = tok.eos[0]
+    new = np.array([tok.encode("很好看") + [eos, 5], tok.encode("不喜欢") + [eos, eos]])
+    from jaxft import rewards
+
+    total, _, mask, got_prompts, texts = grpo.score_completions(rewards.load("sentiment"), tok, new, np.array([eos]),
+                                                                records({"prompt": "a"}, {"prompt": "b"}), [0, 1],
+                                                                ["a", "b"])
+    assert texts == ["很好看", "不喜欢"] and got_prompts == ["a", "b"]
+    assert list(mask.sum(axis=1)) == [len(tok.encode("很好看")) + 1, len(tok.encode("不喜欢")) + 1]
+    np.testing.assert_allclose(total, [1 / 2, -1 / 2])  # (1 - 0) / 2 and (0 - 1) / 2
