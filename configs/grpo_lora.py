@@ -13,9 +13,11 @@ repeat "funny , funny , ...", others read "s the best film is a good movie that 
 `--config.train.grpo_beta=0.2` keeps the policy nearer its start: fluent completions ("funny film .",
 "ing , but it 's a good one ."), reward 0.65 (KL 0.07; 0.34 with seed 1); 0.04 hacks it more (0.90).
 
-With a real base and a verifiable reward: `--config.model.path=Qwen/Qwen2.5-0.5B-Instruct
---config.data.name=hub:openai/gsm8k --config.data.hub_config=main --config.train.grpo_rewards=accuracy`
-(records with `question` need `data.source_field=question`; `answer` is the reference).
+With a real base and a verifiable reward (GSM8K: the question is the prompt, in the model's chat
+template; `answer`, "... #### 72", is the reference the `accuracy` reward reads):
+  --config.model.path=Qwen/Qwen2.5-0.5B-Instruct --config.data.name=hub:openai/gsm8k
+  --config.data.hub_config=main --config.data.source_field=question --config.data.target_field=answer
+  --config.data.seq_len=256 --config.train.grpo_rewards=accuracy --config.train.grpo_max_new_tokens=256
 """
 
 from jaxft.config import base_config

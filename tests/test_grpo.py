@@ -58,6 +58,12 @@ def test_prompt_formats(tok_dir):
         assert list(arrays["input_ids"][i, 64 - n:]) == templated, rows[i]  # left-padded
         assert not arrays["attention_mask"][i, : 64 - n].any() and (arrays["input_ids"][i, : 64 - n] == tok.pad_id).all()
         assert values[i] == user
+    # data.source_field / target_field (GSM8K's question and answer): the question, the answer a column
+    from jaxft.data import sft
+
+    arrays, _, values = prompts.encode(records({"question": "how was it?", "answer": "#### 1"}), tok, r, 64, "text",
+                                       sft.Fields("question", "answer"))
+    assert list(arrays["input_ids"][0][arrays["attention_mask"][0] > 0]) == templated and values == [user]
     # A text prompt is used as it is (TRL's standard format); a document gets BOS and its beginning.
     arrays, counts, values = prompts.encode(records({"prompt": "the movie is"}, {"text": "a b c d e f g h i j k"}), tok,
                                             r, 6, "text")
