@@ -164,8 +164,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0  # 0 = only at the end
     c.eval.batch_size = 0  # 0 = train.batch_size
     c.eval.at_start = False  # also evaluate before the first step (logged as step 0)
-    # Generation tasks (sft, seq2seq): each eval also generates answers to the first N distinct prompts of
-    # the eval split and logs eval/rouge1, rouge2, rougeL, bleu, exact_match (0 = off; see jaxft.evaluate).
+    # Generation tasks (sft, seq2seq, dpo): each eval also generates answers to the first N distinct prompts of
+    # the eval split and logs eval/rouge1, rouge2, rougeL, bleu, exact_match (0 = off; see jaxft.evaluate);
+    # for dpo the prompts of the held-out pairs, scored against their chosen answers.
     # GRPO: the first N held-out prompts are completed greedily and scored (eval/reward); 0 = all of them.
     c.eval.generate_examples = 0
     c.eval.max_new_tokens = 64  # longest generated answer

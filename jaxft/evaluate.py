@@ -15,8 +15,9 @@ jaxft adapter directory applied to the config's base model (`model.path`).
   source's records read with its own fields and also scored alone (`eval/rougeL/<source>`, ...);
 - other tasks (a reward model's preference pairs, language modelling): what training's eval reports,
   the split's loss and accuracy (a reward model's: the share of pairs whose chosen answer scores
-  higher, and the mean rewards; a language model's: perplexity). DPO runs are scored during training
-  only: their loss needs the run's starting point;
+  higher, and the mean rewards; a language model's: perplexity);
+- DPO: answers generated for the split's prompts, scored against the chosen answers as above (the
+  DPO loss needs the run's starting point: training's eval reports it);
 - GRPO (a policy trained on rewards): greedy completions of the split's prompts, scored by the run's
   reward functions (`eval/reward`, as training's eval).
 Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction) in --out (default
@@ -42,7 +43,7 @@ import numpy as np
 from jaxft.errors import JaxftError
 
 SPLITS = ("validation", "train")
-GENERATION_TASKS = ("sft", "seq2seq")
+GENERATION_TASKS = ("sft", "seq2seq", "dpo")  # dpo: the prompts of the held-out pairs, the chosen answers the references
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +314,6 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
     objective = objectives.for_task(data.task, config.train)
-    if objective.prepare is not None:
-        raise JaxftError(f"data.task={data.task!r}: a DPO run is scored against its starting point (the reference "
-                         "policy), which a checkpoint does not hold: its eval runs during training (eval.every_steps)")
     if kind == "orbax":
         model, params, step = restore_trained(config, where, step, cfg, base_root, data, mesh)
         params_out = where
@@ -363,12 +361,15 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     from jaxft.train import evaluate as loss_eval
 
     classifies = objective.class_logits is not None
-    # The loss (and perplexity) over the split, as training's eval computes it.
+    # The loss (and perplexity) over the split, as training's eval computes it. A DPO loss is measured
+    # against the run's starting point, which a checkpoint does not hold: its eval runs during training.
     if classifies and max_examples:
         arrays = {k: v[:max_examples] for k, v in arrays.items()}
-    eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=sharding.replicated(mesh))
-    scores = loss_eval(eval_step, types.SimpleNamespace(params=params), {}, arrays, mesh, batch,
-                       model.cfg.head == "causal_lm", model.cfg.labels, data.sources)
+    scores = {}
+    if objective.prepare is None:
+        eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=sharding.replicated(mesh))
+        scores = loss_eval(eval_step, types.SimpleNamespace(params=params), {}, arrays, mesh, batch,
+                           model.cfg.head == "causal_lm", model.cfg.labels, data.sources)
     tok = data.tokenizer
     if classifies:
         names = [str(v) for v in data.labels]

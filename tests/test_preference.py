@@ -306,6 +306,32 @@ def test_cli_dpo_starts_at_log_2_learns_and_resumes_exactly(tmp_path, pairs):
     assert [losses(split)[s] for s in range(16, 31)] == [losses(straight)[s] for s in range(16, 31)]
 
 
+def test_cli_dpo_generates_for_held_out_prompts_and_evaluate_scores_them(tmp_path, pairs):
+    """eval.generate_examples on DPO: answers to the held-out pairs' distinct prompts, ROUGE against their
+    chosen answers (as SFT's eval: the conversation ending in the chosen answer), samples written; jaxft.evaluate
+    gives the same scores from the checkpoint (it cannot give the DPO loss: no reference there)."""
+    from test_evaluate import cli as evaluate_cli
+
+    wd = tmp_path / "run"
+    run = (*pairs, "--config.train.steps=4", "--config.eval.generate_examples=6", "--config.eval.max_new_tokens=8",
+           "--config.eval.at_start=False", "--config.export.enabled=False")
+    r = cli(wd, *run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = [row for row in metrics(wd) if "eval/rougeL" in row][-1]
+    assert final["step"] == 4 and "eval/loss" in final and "eval/bleu" in final
+    samples = [json.loads(line) for line in (wd / "samples" / "step_4.jsonl").read_text().splitlines()]
+    # the pairs share two prompts (English and Chinese): each generated once, against all its chosen answers
+    held_out = json.loads(open(pairs[0].split("=", 1)[1]).read())[-32:]
+    assert len(samples) == 2 and "movie ?" in samples[0]["prompt"] and "电影" in samples[1]["prompt"]
+    for i, sample in enumerate(samples):
+        assert sample["reference"] == [row["chosen"]["value"] for row in held_out[i::2]]
+    r = evaluate_cli("--config=configs/tiny_test.py", *run, f"--checkpoint={wd}", f"--out={tmp_path / 'eval'}",
+                     "--max_examples=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert "eval/loss" not in scores and scores["eval/rougeL"] == pytest.approx(final["eval/rougeL"], abs=1e-9)
+
+
 def test_cli_bad_pair_is_one_line(tmp_path, pairs):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')

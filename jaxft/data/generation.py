@@ -3,6 +3,7 @@
 - SFT records (Alpaca, chat, ShareGPT, source/target pairs) on a decoder-only model: the prompt is the
   conversation rendered up to the generation prompt of its last assistant turn, tokenized segment by
   segment exactly as training tokenizes it (`jaxft.data.sft`); the reference is that turn's text.
+- preference pairs (DPO): the same, for the conversation that ends in the chosen answer.
 - source/target records on an encoder-decoder model (T5): the pair `jaxft.data.seq2seq.pair` reads
   (`data.source_field` -> `data.target_field`, or Alpaca's), as training reads it; the prompt is
   `jaxft.data.seq2seq.encode_source(tok, source, seq_len)` and the reference the target.
@@ -13,7 +14,7 @@ seq_len // 2) tokens (a leading BOS kept): the part of the prompt training's tru
 
 from __future__ import annotations
 
-from jaxft.data import seq2seq, sft
+from jaxft.data import preference, seq2seq, sft
 from jaxft.data.sources import Records
 from jaxft.errors import JaxftError
 
@@ -35,7 +36,8 @@ def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.F
                 source, reference = seq2seq.pair(row, at, fields)
                 prompt = seq2seq.encode_source(tok, source, seq_len)
             else:
-                messages = sft.conversation(row, at, fields)
+                # a preference pair's prompt is answered; its chosen answer is the reference
+                messages = preference.pair(row, at)[0] if preference.is_pair(row) else sft.conversation(row, at, fields)
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 segments = renderer.segments(messages[: last + 1])
                 reference = messages[last]["content"]

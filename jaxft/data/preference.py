@@ -25,9 +25,13 @@ from jaxft.data.sources import Records
 REJECTED = "rejected_"  # prefix of the rejected answer's arrays
 
 
+def is_pair(row) -> bool:
+    return isinstance(row, dict) and {"chosen", "rejected"} <= set(row)
+
+
 def detect(records: Records) -> bool:
     """Whether the first record is a preference pair (for choosing the task when data.task is empty)."""
-    return bool(records.rows) and isinstance(records.rows[0], dict) and {"chosen", "rejected"} <= set(records.rows[0])
+    return bool(records.rows) and is_pair(records.rows[0])
 
 
 def _turns(value, where: str, what: str) -> list[dict]:
