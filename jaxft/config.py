@@ -145,6 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grpo_epsilon = 0.2  # PPO's clip range of the probability ratio
     c.train.grpo_iterations = 1  # optimizer steps per batch of completions (PPO's epochs; TRL's num_iterations)
     c.train.grpo_scale_rewards = True  # divide advantages by their group's standard deviation
+    c.train.grpo_loss_type = "dapo"  # the token losses' mean: dapo (over tokens) | grpo (per completion) | dr_grpo
+    c.train.grpo_mask_truncated = False  # completions without an EOS (cut at max_new_tokens) count nothing
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()

@@ -11,7 +11,9 @@ starting point, as in DPO):
     loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * (ref / pi - log(ref / pi) - 1)
 
 summed over every completion token of the batch and divided by their count (TRL's `loss_type="dapo"`),
-as every jaxft loss is a sum and a count. pi_old is the policy that sampled: each batch of completions
+as every jaxft loss is a sum and a count; `train.grpo_loss_type=grpo` averages each completion's tokens
+first (the paper's), `dr_grpo` divides by completions x max_new_tokens (Dr. GRPO).
+`train.grpo_mask_truncated` leaves completions that reach max_new_tokens without an EOS out of the loss. pi_old is the policy that sampled: each batch of completions
 trains `train.grpo_iterations` optimizer steps (TRL's num_iterations); with one, pi_old is pi itself and
 the ratio is 1 (its gradient is the policy gradient's). Log-probabilities are of logits / temperature,
 as sampled (TRL's). What makes this PPO without a learned critic is the group baseline.
@@ -59,6 +61,8 @@ class Settings:
     scale_rewards: bool = True
     rewards: str = ""
     reward_weights: str = ""
+    loss_type: str = "dapo"  # how the token losses are averaged: dapo | grpo | dr_grpo (TRL's names)
+    mask_truncated: bool = False  # completions without an EOS count nothing in the loss (DAPO's overlong filter)
 
 
 def settings(train) -> Settings:
@@ -72,7 +76,8 @@ def settings(train) -> Settings:
                                ("top_p", 0 < s.top_p <= 1, "0 < top_p <= 1"),
                                ("beta", s.beta >= 0, ">= 0 (0: no KL penalty, no reference pass)"),
                                ("epsilon", 0 < s.epsilon < 1, "0 < epsilon < 1"),
-                               ("iterations", s.iterations >= 1, "a positive integer")):
+                               ("iterations", s.iterations >= 1, "a positive integer"),
+                               ("loss_type", s.loss_type in LOSS_TYPES, "one of " + ", ".join(map(repr, LOSS_TYPES)))):
         if not ok:  # NaN fails these comparisons too
             raise JaxftError(f"train.grpo_{name}={getattr(s, name)}: expected {expected}")
     return s
@@ -109,13 +114,30 @@ def per_token(logp, old, ref, advantages, beta: float, epsilon: float):
     return loss + beta * kl, kl, clipped.astype(jnp.float32)
 
 
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+
+def token_weights(batch, loss_type: str, max_new_tokens: int):
+    """-> (weight of each token's loss [rows, T], the count the summed loss is divided by), so that
+    sum / count over the whole batch is TRL's loss of that type: dapo, the mean over every completion
+    token; grpo (the paper's), the mean over completions of each one's token mean; dr_grpo (Dr. GRPO), the
+    token sum over completions x max_new_tokens."""
+    w = completion_weights(batch)
+    rows = batch["weight"] * (jnp.sum(w, axis=1) > 0)
+    if loss_type == "grpo":
+        return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0), jnp.sum(rows)
+    if loss_type == "dr_grpo":
+        return w, jnp.sum(batch["weight"]) * max_new_tokens
+    return w, jnp.sum(w)
+
+
 def objective(s: Settings) -> Objective:
     def loss(outputs, batch):
         logp = token_log_probs(outputs, batch, s.temperature)
         old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
         per, kl, clipped = per_token(logp, old, batch.get("ref_logps"), batch["advantages"], s.beta, s.epsilon)
-        w = completion_weights(batch)
-        return {"loss_sum": jnp.sum(w * per), "count": jnp.sum(w), "correct": jnp.zeros((), jnp.float32),
+        w, count = token_weights(batch, s.loss_type, s.max_new_tokens)  # kl and clip_ratio: averaged as the loss
+        return {"loss_sum": jnp.sum(w * per), "count": count, "correct": jnp.zeros((), jnp.float32),
                 "kl": jnp.sum(w * kl), "clip_ratio": jnp.sum(w * clipped)}
 
     return Objective("grpo", loss, model_inputs, sequences=s.generations, perplexity=False, accuracy=False,
@@ -234,17 +256,18 @@ class Rollout:
         total, each, mask, _, _ = score_completions(self.functions, self.data.tokenizer, new, self.eos,
                                                     self.data.records["train"][0], prompt["record"],
                                                     self.data.prompts["train"])
+        truncated = ~np.isin(new, self.eos).any(axis=1)  # no EOS within max_new_tokens
         exp = {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, self.pad)], axis=1),
                "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
                "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1),
-               "weight": prompt["weight"], "advantages": advantages(total, g, s.scale_rewards)}
+               "weight": prompt["weight"] * (~truncated if s.mask_truncated else 1),
+               "advantages": advantages(total, g, s.scale_rewards)}
         batch = sharding.to_global(mesh, exp, n_global)
         if s.beta:
             batch["ref_logps"] = self._logps(self.reference, frozen, batch)
         if self.period > 1:
             batch["old_logps"] = self._logps(trainable, frozen, batch)
-        no_eos = ~np.isin(new, self.eos).any(axis=1)
-        self.stats = self._stats(*sharding.gather((total, each.T, mask.sum(axis=1), no_eos)))  # all rows, by row
+        self.stats = self._stats(*sharding.gather((total, each.T, mask.sum(axis=1), truncated)))  # all rows, by row
         self.cached = exp, batch
         return self.cached
 

@@ -132,8 +132,10 @@ def test_token_log_probs_match_transformers(hf_pair, fused, temperature):  # noq
     np.testing.assert_allclose(got[keep], want[keep], rtol=1e-5, atol=1e-4)
 
 
-def trl_grpo_loss(logp, old, ref, advantages, mask, beta, epsilon):
-    """TRL's GRPOTrainer._compute_loss, loss_type="dapo" (sum over every completion token / their count)."""
+def trl_grpo_loss(logp, old, ref, advantages, mask, beta, epsilon, loss_type="dapo", max_new_tokens=0):
+    """TRL's GRPOTrainer._compute_loss: dapo, the sum over every completion token / their count; grpo,
+    the mean over completions of each one's token mean; dr_grpo, the sum / (completions x max_new_tokens).
+    (KL and clip ratio: averaged the same way.)"""
     coef_1 = torch.exp(logp - old)
     coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
     per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
@@ -141,17 +143,26 @@ def trl_grpo_loss(logp, old, ref, advantages, mask, beta, epsilon):
     per_token = per_token + beta * kl
     low = (coef_1 < 1 - epsilon) & (advantages[:, None] < 0)
     high = (coef_1 > 1 + epsilon) & (advantages[:, None] > 0)
-    n = mask.sum()
-    return (per_token * mask).sum() / n, (kl * mask).sum() / n, ((low | high).float() * mask).sum() / n
+
+    def mean(x):
+        if loss_type == "grpo":
+            rows = mask.sum(-1) > 0
+            return ((x * mask).sum(-1)[rows] / mask.sum(-1)[rows]).mean()
+        if loss_type == "dr_grpo":
+            return (x * mask).sum() / ((mask.sum(-1) > 0).sum() * max_new_tokens)
+        return (x * mask).sum() / mask.sum()
+
+    return mean(per_token), mean(kl), mean((low | high).float())
 
 
-@pytest.mark.parametrize("iterations", [1, 2])
-def test_loss_and_gradients_match_pytorch(hf_pair, iterations):  # noqa: F811
+@pytest.mark.parametrize("iterations, loss_type", [(1, "dapo"), (2, "dapo"), (2, "grpo"), (1, "dr_grpo")])
+def test_loss_and_gradients_match_pytorch(hf_pair, iterations, loss_type):  # noqa: F811
     """GRPO's loss, KL and clip ratio, and the gradient in every weight (full fine-tuning), against TRL's
     formulas in PyTorch: with one iteration pi_old is pi (detached); with two, the sampler's log-probs,
     here another policy's (the reference moved), so that some ratios leave the clip range."""
     (ref_t, ref_model, ref_params), (pol_t, model, params) = hf_pair
-    s = grpo.Settings(beta=0.3, epsilon=0.05, iterations=iterations, rewards="sentiment")
+    s = grpo.Settings(beta=0.3, epsilon=0.05, iterations=iterations, rewards="sentiment", loss_type=loss_type,
+                      max_new_tokens=8)
     batch = experience(8, 6, 8, seed=1)
     batch["weight"][-1] = 0.0  # an eval padding row counts nothing
     ref_logps = lambda p: grpo.token_log_probs(  # noqa: E731
@@ -175,7 +186,8 @@ def test_loss_and_gradients_match_pytorch(hf_pair, iterations):  # noqa: F811
     pol_t.zero_grad(set_to_none=True)
     logp = torch_token_log_probs(pol_t, batch)
     old = torch.tensor(np.asarray(batch["old_logps"])[:, :-1]) if iterations > 1 else logp.detach()
-    want, kl, clip = trl_grpo_loss(logp, old, ref, torch.tensor(batch["advantages"]), w, s.beta, s.epsilon)
+    want, kl, clip = trl_grpo_loss(logp, old, ref, torch.tensor(batch["advantages"]), w, s.beta, s.epsilon, loss_type,
+                                   s.max_new_tokens)
     want.backward()
     assert float(loss) == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
     assert float(sums["kl"] / sums["count"]) == pytest.approx(kl.item(), rel=1e-5, abs=1e-7) and kl.item() > 0
@@ -328,11 +340,22 @@ def test_eight_devices_and_micro_batches_match_one_device(tmp_path, run):
     (("--config.train.grpo_temperature=0",), "train.grpo_temperature=0.0: expected > 0"),
     (("--config.train.grpo_iterations=3",), "train.steps=4: expected a multiple of train.grpo_iterations=3"),
     (("--config.train.grpo_reward_weights=1,2",), "train.grpo_reward_weights='1,2': 2 weights for 1 reward"),
+    (("--config.train.grpo_loss_type=bnpo",), "train.grpo_loss_type=bnpo: expected one of 'dapo', 'grpo', 'dr_grpo'"),
 ])
 def test_cli_bad_settings_are_one_line(tmp_path, run, bad, message):
     r = cli(tmp_path / "run", *run, "--config.train.steps=4", *bad)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: " + message), r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_truncated_completions_can_be_left_out_of_the_loss(tmp_path, run):
+    """The random tiny policy never says EOS in 8 tokens: with grpo_mask_truncated nothing trains."""
+    go = (*run, "--config.train.steps=2", "--config.export.enabled=False")
+    for masked in (False, True):
+        assert cli(tmp_path / str(masked), *go, f"--config.train.grpo_mask_truncated={masked}").returncode == 0
+        rows = [row for row in metrics(tmp_path / str(masked)) if "train/loss" in row]
+        assert all(row["train/clipped_completions"] == 1 for row in rows)
+        assert all((row["train/grad_norm"] == 0) == masked for row in rows), rows
 
 
 def test_cli_bad_prompt_record_is_one_line(tmp_path, run):
