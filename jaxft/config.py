@@ -134,7 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.dpo_loss = "sigmoid"  # DPO's loss; ipo | hinge (jaxft.dpo)
     c.train.dpo_label_smoothing = 0.0  # sigmoid only: the share of pairs assumed mislabelled (cDPO), < 0.5
     # data.task=grpo (jaxft.grpo): reinforcement learning from the rewards of the policy's own completions.
-    c.train.grpo_rewards = ""  # reward functions: sentiment, accuracy, format, module:function, file.py:function
+    # reward functions: sentiment, accuracy, format, module:function, file.py:function, model=PATH (a reward model)
+    c.train.grpo_rewards = ""
     c.train.grpo_reward_weights = ""  # one weight per reward function ("" = all 1)
     c.train.grpo_generations = 4  # completions per prompt (the group); train.batch_size counts prompts
     c.train.grpo_max_new_tokens = 32  # longest completion

@@ -6,8 +6,8 @@ one float (or None: "no opinion on this completion") per completion. `prompts` a
 `[{"role": "assistant", "content": text}]`); `completion_ids` the sampled token ids; `columns` maps every
 other field of the dataset records to a list with one value per completion (None where a record lacks it).
 
-`train.grpo_rewards` names the functions: built-ins (`BUILTIN`), `module.path:function` or
-`path/to/file.py:function`. `load` resolves them, `score` calls them and sums their weighted rewards.
+`train.grpo_rewards` names the functions: built-ins (`BUILTIN`), `module.path:function`,
+`path/to/file.py:function`, or `model=PATH`, a reward model (`RewardModel`). `load` resolves them, `score` calls them and sums their weighted rewards.
 """
 
 from __future__ import annotations
@@ -161,6 +161,77 @@ def format(prompts, completions, **kwargs) -> list[float]:  # the setting's name
 BUILTIN: dict[str, Callable] = {"sentiment": sentiment, "accuracy": accuracy, "format": format}
 
 
+# --- a reward model ---------------------------------------------------------------------------------------
+
+
+class RewardModel:
+    """A reward model as a reward function (`model=PATH` in the spec): the score a sequence classifier
+    with one output gives each prompt + completion. PATH: a HF `*ForSequenceClassification` directory
+    (num_labels=1), or an adapter directory on its base (`data.task=reward`'s export: the base is the one
+    its adapter_config.json names). Each pair is rendered as `data.task=reward` trains on it: the prompt
+    as the user's turn (a conversational prompt's turns as they are), the completion as the assistant's,
+    in the reward model's chat template (else jaxft's default), cut to `max_length` tokens as SFT cuts."""
+
+    BATCH, WIDTHS = 16, (32, 64, 128, 256, 512, 1024)  # rows and padded widths per call: few compiles
+
+    def __init__(self, path: str, max_length: int = 1024):
+        import json
+        from pathlib import Path
+
+        import jax
+
+        from jaxft.data import sft
+        from jaxft.generate import load
+        from jaxft.tokenizer import Tokenizer
+
+        where = f"{SETTING}: model={path}"
+        p = Path(path)
+        if not p.is_dir():
+            raise JaxftError(f"{where}: no such directory (expected a reward model or its adapter)")
+        if (p / "adapter_config.json").is_file():
+            base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+            if not base:
+                raise JaxftError(f"{where}: its adapter_config.json names no base model (base_model_name_or_path)")
+            model, params, root = load(base, str(p))
+        else:
+            model, params, root = load(str(p))
+        cfg = model.cfg
+        if cfg.head != "classification" or cfg.num_labels != 1:
+            raise JaxftError(f"{where}: a {cfg.head} model with {cfg.num_labels} outputs; expected a reward model, a "
+                             "sequence classifier with one output (data.task=reward trains one)")
+        self.tok = Tokenizer(p if any((p / f).exists() for f in ("tokenizer.model", "tokenizer.json")) else root)
+        template, source = sft.chat_template(self.tok)
+        self.renderer = sft.Renderer(template, sft.special_strings(self.tok), source)
+        self.max_length, self.params = max_length, jax.device_put(params)
+        self.__name__ = "reward_model"
+        self._score = jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, mask)[:, 0])
+
+    def ids(self, prompt, completion) -> list[int]:
+        from jaxft.data import sft
+
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = turns + [{"role": "assistant", "content": text_of(completion)}]
+        ids, mask = sft.encode(self.renderer.segments(messages), self.tok)
+        return sft.truncate(ids, mask, self.max_length, self.tok.bos_id)[0]
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        rows = [self.ids(p, c) for p, c in zip(prompts, completions)]
+        out = []
+        for i in range(0, len(rows), self.BATCH):
+            chunk = rows[i:i + self.BATCH]
+            width = next((w for w in self.WIDTHS if w >= max(map(len, chunk))), self.max_length)
+            ids = np.full((self.BATCH, width), self.tok.pad_id or 0, np.int32)
+            mask = np.zeros((self.BATCH, width), np.int32)
+            mask[:, 0] = 1  # rows that only fill the batch: one token each
+            for r, x in enumerate(chunk):
+                ids[r, :len(x)], mask[r, :len(x)] = x, 1
+            out += np.asarray(self._score(self.params, ids, mask))[: len(chunk)].astype(float).tolist()
+        return out
+
+
+_MODELS: dict = {}  # reward models already loaded, by path
+
+
 # --- loading and scoring ----------------------------------------------------------------------------------
 
 
@@ -173,11 +244,16 @@ _FILES: dict = {}  # reward files already run, by absolute path
 
 def _resolve(item: str) -> tuple[str, Callable]:
     """(name, function) for one item of the spec."""
+    if item.startswith("model="):  # loaded once per process
+        path = item[len("model="):]
+        if path not in _MODELS:
+            _MODELS[path] = RewardModel(path)
+        return "reward_model", _MODELS[path]
     if ":" not in item:
         if item not in BUILTIN:
             raise JaxftError(
-                f"{SETTING}: unknown reward {item!r}: expected a built-in ({', '.join(BUILTIN)}) or "
-                f"module.path:function or path/to/file.py:function")
+                f"{SETTING}: unknown reward {item!r}: expected a built-in ({', '.join(BUILTIN)}), "
+                f"module.path:function, path/to/file.py:function or model=PATH")
         return item, BUILTIN[item]
     target, attr = item.rsplit(":", 1)
     if target.endswith(".py"):
@@ -213,7 +289,8 @@ def load(spec: str, weights: str = "") -> list[tuple[str, Callable, float]]:
     if not items:
         raise JaxftError(
             f"{SETTING} is empty: expected comma-separated reward functions, built-ins ({', '.join(BUILTIN)}) or "
-            f"module.path:function or path/to/file.py:function, e.g. sentiment, accuracy,format or mypkg.rewards:fn")
+            f"module.path:function or path/to/file.py:function or model=PATH (a reward model), e.g. sentiment, "
+            f"accuracy,format or mypkg.rewards:fn")
     functions = [_resolve(item) for item in items]
     if not str(weights).strip():
         values = [1.0] * len(functions)

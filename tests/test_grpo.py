@@ -437,3 +437,65 @@ def test_chinese_prompts_completions_and_rewards(tok_dir):
     assert texts == ["很好看", "不喜欢"] and got_prompts == ["a", "b"]
     assert list(mask.sum(axis=1)) == [len(tok.encode("很好看")) + 1, len(tok.encode("不喜欢")) + 1]
     np.testing.assert_allclose(total, [1 / 2, -1 / 2])  # (1 - 0) / 2 and (0 - 1) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A reward model as a reward function (`model=PATH`)
+
+
+def test_reward_model_scores_match_transformers(tmp_path, tok_dir):
+    """A HF LlamaForSequenceClassification with one output: each prompt + completion rendered as
+    data.task=reward trains on it (the user's turn, the assistant's answer, the chat template), and scored
+    as transformers scores those ids; conversational prompts keep their turns."""
+    import shutil
+
+    from test_hf import build_hf
+
+    from jaxft import rewards
+    from jaxft.data import sft
+
+    config = transformers.LlamaConfig(**{**BASE, "vocab_size": 300, "num_key_value_heads": 2, "num_labels": 1,
+                                         "pad_token_id": 3})
+    torch_model, d = build_hf(tmp_path, config, "LlamaForSequenceClassification")
+    for f in tok_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    [(name, fn, weight)] = rewards.load(f"model={d}")
+    assert (name, weight) == ("reward_model", 1.0)
+    tok = Tokenizer(d)
+    turns = [{"role": "user", "content": "电影怎么样"}]
+    prompts_, completions = ["the movie is", "the movie is", turns], ["good and funny", "bad", [{"role": "assistant",
+                                                                                                "content": "很好看"}]]
+    got = fn(prompts=prompts_, completions=completions)
+    r = renderer_for(tok)
+    for prompt, completion, value in zip(prompts_, completions, got):
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt) + [
+            {"role": "assistant", "content": rewards.text_of(completion)}]
+        ids = sft.encode(r.segments(messages), tok)[0]
+        assert ids == fn.ids(prompt, completion) and ids[-1] == tok.eos[0]
+        with torch.no_grad():
+            want = torch_model(torch.tensor([ids])).logits[0, 0].item()
+        assert value == pytest.approx(want, abs=1e-4)
+    assert len(set(got)) == 3
+    for bad, message in ((tmp_path / "none", "no such directory"),
+                         (ROOT / "jaxft" / "assets" / "jaxft-tiny", "a causal_lm model with")):
+        with pytest.raises(JaxftError, match=f"train.grpo_rewards: model={bad}: {message}"):
+            rewards.load(f"model={bad}")
+
+
+def test_cli_grpo_on_a_trained_reward_models_export(tmp_path):
+    """The RLHF pipeline in jaxft: configs/reward_lora.py trains a reward model (a PEFT adapter on
+    jaxft-tiny), and GRPO takes its export as the reward (`model=EXPORT`), the base named in the adapter."""
+    rm = tmp_path / "rm"
+    r = cli(rm, "--config.train.steps=2", "--config.data.max_train_examples=24", "--config.data.eval_holdout=8",
+            "--config.data.seq_len=64", "--config.eval.every_steps=0", config="configs/reward_lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    policy = tmp_path / "policy"
+    r = cli(policy, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
+            "--config.eval.generate_examples=8", "--config.eval.at_start=False",
+            f"--config.train.grpo_rewards=model={rm / 'export'},sentiment", "--config.train.grpo_reward_weights=1,0.5",
+            config="configs/grpo_lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = [row for row in metrics(policy) if "train/reward/reward_model" in row][-1]
+    assert row["train/reward"] == pytest.approx(row["train/reward/reward_model"] + 0.5 * row["train/reward/sentiment"],
+                                                abs=1e-5)
+    assert row["train/reward/reward_model"] != 0 and row["train/reward_std"] > 0
