@@ -148,6 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grpo_scale_rewards = True  # divide advantages by their group's standard deviation
     c.train.grpo_loss_type = "dapo"  # the token losses' mean: dapo (over tokens) | grpo (per completion) | dr_grpo
     c.train.grpo_mask_truncated = False  # completions without an EOS (cut at max_new_tokens) count nothing
+    # data.task=ppo (jaxft.ppo): PPO with a value head; its rollouts take the grpo_* settings above.
+    c.train.ppo_value_coef = 0.1  # weight of the value loss
+    c.train.ppo_value_clip = 0.2  # how far a value may move from the rollout's per update
+    c.train.ppo_gamma = 1.0  # discount
+    c.train.ppo_lam = 0.95  # GAE's lambda
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()
@@ -209,7 +214,7 @@ CHOICES = {
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
     "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze", "dpo",
-                  "reward", "grpo"),
+                  "reward", "grpo", "ppo"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "train.dpo_loss": ("sigmoid", "ipo", "hinge"),
     "optimizer.mu_dtype": ("", "bfloat16"),
@@ -253,7 +258,7 @@ def validate(config) -> None:
     if smoothing and config.train.dpo_loss != "sigmoid":
         raise JaxftError(f"train.dpo_label_smoothing={smoothing}: applies to train.dpo_loss='sigmoid', "
                          f"not {config.train.dpo_loss!r}")
-    if config.data.task == "grpo":
+    if config.data.task in ("grpo", "ppo"):
         check_grpo(config)
     if float(config.train.peak_flops) < 0:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
@@ -275,9 +280,9 @@ def validate(config) -> None:
 def check_grpo(config) -> None:
     """GRPO's settings, and a schedule that saves only where a batch of completions is used up (a
     resumed run draws the same completions only from such a step)."""
-    from jaxft import grpo, rewards
+    from jaxft import grpo, ppo, rewards
 
-    s = grpo.settings(config.train)
+    s = ppo.settings(config.train) if config.data.task == "ppo" else grpo.settings(config.train)
     rewards.load(s.rewards, s.reward_weights)
     for key in ("train.steps", "checkpoint.every_steps"):
         if int(get(config, key)) % s.iterations:

@@ -142,7 +142,7 @@ def generation_eval(config, data, model, workdir=None):
     answers go to `samples/step_N.jsonl` there, so a run's outputs can be read as it trains."""
     from jaxft.models import family
 
-    if data.task == "grpo":  # a policy's eval: the rewards of its completions
+    if data.task in ("grpo", "ppo"):  # a policy's eval: the rewards of its completions
         from jaxft.grpo import reward_eval
 
         return reward_eval(config, data, model, workdir)

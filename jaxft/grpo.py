@@ -65,11 +65,14 @@ class Settings:
     mask_truncated: bool = False  # completions without an EOS count nothing in the loss (DAPO's overlong filter)
 
 
-def settings(train) -> Settings:
-    """The config's `train.grpo_*` keys, checked (one line naming the key)."""
-    s = Settings(**{f.name: type(f.default)(train.get(f"grpo_{f.name}", f.default))
-                    for f in dataclasses.fields(Settings)})
-    for name, ok, expected in (("generations", s.generations >= 2, "an integer >= 2 (a group needs two rewards to compare)"),
+def settings(train, kind=Settings, min_generations: int = 2):
+    """The config's `train.grpo_*` keys (and, for a subclass of Settings, its own `train.<prefix>_*`
+    keys), checked (one line naming the key)."""
+    prefix = lambda name: "grpo" if name in Settings.__dataclass_fields__ else kind.PREFIX  # noqa: E731
+    s = kind(**{f.name: type(f.default)(train.get(f"{prefix(f.name)}_{f.name}", f.default))
+                for f in dataclasses.fields(kind)})
+    group = "an integer >= 2 (a group needs two rewards to compare)" if min_generations > 1 else "a positive integer"
+    for name, ok, expected in (("generations", s.generations >= min_generations, group),
                                ("max_new_tokens", s.max_new_tokens >= 1, "a positive integer"),
                                ("temperature", s.temperature > 0, "> 0 (GRPO samples its completions)"),
                                ("top_k", s.top_k >= 0, ">= 0 (0 keeps every token)"),
@@ -260,21 +263,31 @@ class Rollout:
         exp = {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, self.pad)], axis=1),
                "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
                "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1),
-               "weight": prompt["weight"] * (~truncated if s.mask_truncated else 1),
-               "advantages": advantages(total, g, s.scale_rewards)}
-        batch = sharding.to_global(mesh, exp, n_global)
-        if s.beta:
-            batch["ref_logps"] = self._logps(self.reference, frozen, batch)
-        if self.period > 1:
-            batch["old_logps"] = self._logps(trainable, frozen, batch)
-        self.stats = self._stats(*sharding.gather((total, each.T, mask.sum(axis=1), truncated)))  # all rows, by row
+               "weight": prompt["weight"] * (~truncated if s.mask_truncated else 1)}
+        batch, figures = self.complete(exp, total, trainable, frozen, n_global)
+        self.stats = {**self._stats(*sharding.gather((total, each.T, mask.sum(axis=1), truncated))), **figures}
         self.cached = exp, batch
         return self.cached
 
+    def complete(self, exp: dict, rewards, trainable, frozen, n_global: int) -> tuple[dict, dict]:
+        """The local rows of prompts + completions, and their rewards -> (the global batch the loss reads,
+        more figures for the log). GRPO: each completion's advantage in its group, the reference's and (with
+        several iterations) the sampler's log-probabilities."""
+        from jaxft import sharding
+
+        exp["advantages"] = advantages(rewards, self.s.generations, self.s.scale_rewards)
+        batch = sharding.to_global(self.mesh, exp, n_global)
+        if self.s.beta:
+            batch["ref_logps"] = self._logps(self.reference, frozen, batch)
+        if self.period > 1:
+            batch["old_logps"] = self._logps(trainable, frozen, batch)
+        return batch, {}
+
     def _stats(self, total, each, lengths, clipped) -> dict[str, float]:
         each = each.T  # [functions, rows]
-        out = {"train/reward": float(np.mean(total)),
-               "train/reward_std": float(np.mean(np.std(total.reshape(-1, self.s.generations), axis=1, ddof=1))),
+        g = self.s.generations
+        spread = np.std(total.reshape(-1, g), axis=1, ddof=1).mean() if g > 1 else np.std(total)
+        out = {"train/reward": float(np.mean(total)), "train/reward_std": float(spread),
                "train/completion_length": float(np.mean(lengths)), "train/clipped_completions": float(np.mean(clipped))}
         if len(self.functions) > 1:
             out.update({f"train/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(self.functions, each)})
@@ -315,7 +328,7 @@ def reward_scores(config, data, model, params, split: str = "validation", limit:
 
     arrays = data.eval if split == "validation" else data.train
     records, values = data.records[split][0], data.prompts[split]
-    s = settings(config.train)
+    s = settings(config.train, min_generations=1)  # GRPO's or PPO's: their rewards
     functions = rewards.load(s.rewards, s.reward_weights)
     n = min(int(limit) or len(arrays["record"]), len(arrays["record"]))
     tok, batch = data.tokenizer, config.eval.batch_size or config.train.batch_size

@@ -59,6 +59,25 @@ class Objective:
     rollout: Callable | None = None
     new_tokens: int = 0  # tokens a rollout adds to each row after the data's (GRPO's completions), for jaxft.plan
     keeps_reference: bool = False  # a rollout keeps a copy of the starting trainable parameters (for jaxft.plan)
+    # (model config) -> parameters the objective trains beside the model's (PPO's value head): they sit
+    # in the trainable tree under OWN, the loss is called as loss(outputs, batch, own parameters), and
+    # exports leave them out (they are no part of the model)
+    own_params: Callable | None = None
+
+
+OWN = "objective"  # where an objective's own parameters sit in the trainable tree
+
+
+def loss_of(objective: Objective, outputs, batch, trainable) -> dict:
+    """The objective's sums, given its own parameters where it has them."""
+    if objective.own_params is None:
+        return objective.loss(outputs, batch)
+    return objective.loss(outputs, batch, trainable[OWN])
+
+
+def without_own(tree: dict) -> dict:
+    """A trainable tree without an objective's own parameters: the model's (for exports)."""
+    return {k: v for k, v in tree.items() if k != OWN}
 
 
 def classification_loss(logits, batch):
@@ -270,7 +289,8 @@ OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: se
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
          "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm",
-         "cloze": "masked_lm", "dpo": "causal_lm", "reward": "classification", "grpo": "causal_lm"}
+         "cloze": "masked_lm", "dpo": "causal_lm", "reward": "classification", "grpo": "causal_lm",
+         "ppo": "causal_lm"}
 
 
 def _dpo(train) -> Objective:
@@ -286,7 +306,13 @@ def _grpo(train) -> Objective:
     return grpo.objective(grpo.settings(train))
 
 
-MADE = {"dpo": _dpo, "grpo": _grpo}  # objectives with settings: the config's train section -> Objective
+def _ppo(train) -> Objective:
+    from jaxft import ppo
+
+    return ppo.objective(ppo.settings(train))
+
+
+MADE = {"dpo": _dpo, "grpo": _grpo, "ppo": _ppo}  # objectives with settings: the config's train section -> Objective
 
 
 def for_task(task: str, train=None) -> Objective:

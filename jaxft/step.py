@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft import sharding
-from jaxft.objectives import Objective, causal_lm_loss, for_head  # noqa: F401 (causal_lm_loss: re-exported)
+from jaxft.objectives import Objective, causal_lm_loss, for_head, loss_of  # noqa: F401 (causal_lm_loss: re-exported)
 from jaxft.peft import registry
 from jaxft.peft.methods import aux_loss, init_method_state, update_method_state
 from jaxft.peft.partition import merge
@@ -154,7 +154,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     def forward(trainable, frozen, batch, rng, loss_scale):
         params = {"params": merge(trainable, frozen)}
         outputs = model.apply(params, **objective.inputs(batch), return_hidden=True, rngs={"dropout": rng})
-        sums = objective.loss(outputs, batch)
+        sums = loss_of(objective, outputs, batch, trainable)
         return sums["loss_sum"] * loss_scale, sums
 
     def like_params(grads):
@@ -233,7 +233,7 @@ def make_eval_step(model, mesh=None, objective: Objective | None = None):
         params = {"params": merge(trainable, frozen)}
         with sharding.axis_rules(mesh):
             outputs = model.apply(params, **objective.inputs(batch), return_hidden=True)
-        sums = objective.loss(outputs, batch)
+        sums = loss_of(objective, outputs, batch, trainable)
         if objective.eval_sums is not None:
             sums.update(objective.eval_sums(outputs, batch, model.cfg))
         return sums

@@ -152,9 +152,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
                              family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
-    if task == "grpo":  # prompts only: the policy writes the completions (jaxft.grpo)
+    if task in ("grpo", "ppo"):  # prompts only: the policy writes the completions (jaxft.grpo, jaxft.ppo)
         if extra:
-            raise JaxftError(f"data.name={d.name!r}: GRPO takes its prompts from one source")
+            raise JaxftError(f"data.name={d.name!r}: {task.upper()} takes its prompts from one source")
         return prompt_data(config, tok, train_rec, eval_rec, text_field, sft_fields)
     if task in ("classification", "cloze") and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo, reward and seq2seq only")
@@ -233,8 +233,8 @@ def prompt_data(config, tok, train_rec, eval_rec, text_field: str, fields) -> Da
                 "tokens (a prompt keeps its last tokens, a document from the text field its first)")
     if not len(out["train"]["record"]):
         raise JaxftError(f"data.name={d.name!r}: no training prompts")
-    grpo.check_rewards(grpo.settings(config.train), train_rec, values["train"])
-    return Data(out["train"], out.get("validation"), "grpo", None, tok,
+    grpo.check_rewards(grpo.settings(config.train, min_generations=1), train_rec, values["train"])
+    return Data(out["train"], out.get("validation"), str(config.data.task), None, tok,
                 records={"train": [train_rec], "validation": [eval_rec]}, prompts=values)
 
 
@@ -324,6 +324,9 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)
     trainable, frozen = split(params, method.trainable)
+    objective = objectives.for_task(data.task, config.train)
+    if objective.own_params is not None:  # e.g. PPO's value head, trained beside the method's parameters
+        trainable = {**trainable, objectives.OWN: objective.own_params(model.cfg)}
     return method, model, trainable, frozen
 
 
@@ -475,9 +478,11 @@ def check_export(config, model, method, trainable):
     """Before anything is written: an adapter export must be able to hold every weight the run trains
     (base weights beside the method go in as PEFT modules_to_save copies, but not those inside a module
     the method itself changes, e.g. `full+lora`)."""
+    from jaxft.objectives import without_own
     from jaxft.peft import hf_peft
     from jaxft.peft.partition import added_params
 
+    trainable = without_own(trainable)  # an objective's own parameters (PPO's value head) are not exported
     if config.export.enabled and added_params(trainable):
         hf_peft.check_exportable(model, trainable, method.name)
 
@@ -510,7 +515,9 @@ def export(config, out, model, method, trainable, frozen, tokenizer_path):
     from jaxft.peft import hf_peft
     from jaxft.peft.partition import added_params, merge
 
-    trainable = sharding.gather(trainable)
+    from jaxft.objectives import without_own
+
+    trainable = sharding.gather(without_own(trainable))
     if jax.process_index() != 0:
         return None
     params = merge(trainable, frozen)

@@ -1,0 +1,157 @@
+"""PPO with a learned critic (Schulman et al. 2017; for language models as in Ouyang et al. 2022 and TRL's
+PPOTrainer): the policy's completions are scored by reward functions, and a value head estimates, at each
+completion token, the return still to come, so each token's advantage is measured against it.
+
+The rollouts are GRPO's (`jaxft.grpo.Rollout`: `train.grpo_*` sampling, rewards and KL settings apply,
+here with any number of completions per prompt, 1 as TRL's). For each batch of completions:
+
+    r_t = -beta (log pi_old(t) - log ref(t)), plus the reward at the completion's last token
+    A_t = GAE(gamma, lambda) of r_t against the old values V_old(t); the value after the last token is 0
+    R_t = A_t + V_old(t) (the value target); A_t whitened over every completion token of the batch
+
+and the loss per completion token, averaged over them, is
+
+    max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + vf_coef 0.5 max((V - R)^2, (V_clip - R)^2),
+    V_clip = V_old + clip(V - V_old, -c, c)
+
+(`train.ppo_value_coef` 0.1, `train.ppo_value_clip` c 0.2, `train.ppo_gamma` 1, `train.ppo_lam` 0.95;
+eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`). The value head is a
+vector and a bias on the policy's final hidden states (a shared trunk, as TRL's value-head models),
+starting at zero; it is the objective's own parameter (`Objective.own_params`), trained with the
+method's, checkpointed, never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
+mean log pi_old - log ref per token), train/value_loss, train/clip_ratio, train/value_clip_ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import grpo
+from jaxft.errors import JaxftError
+from jaxft.objectives import Objective, model_inputs
+
+WHITEN_EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(grpo.Settings):
+    PREFIX = "ppo"  # its own keys: train.ppo_*
+    value_coef: float = 0.1
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+def settings(train) -> Settings:
+    s = grpo.settings(train, Settings, min_generations=1)
+    for name, ok, expected in (("value_coef", s.value_coef >= 0, ">= 0"), ("value_clip", s.value_clip > 0, "> 0"),
+                               ("gamma", 0 < s.gamma <= 1, "0 < gamma <= 1"), ("lam", 0 <= s.lam <= 1, "0 <= lam <= 1")):
+        if not ok:
+            raise JaxftError(f"train.ppo_{name}={getattr(s, name)}: expected {expected}")
+    return s
+
+
+def value_head(cfg) -> dict:
+    return {"value_head": {"kernel": jnp.zeros((cfg.hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+
+
+def values(outputs, own) -> jax.Array:
+    """[rows, T]: the value head on the final hidden states (position t: the state before token t + 1)."""
+    if not isinstance(outputs, tuple):
+        raise JaxftError("PPO's value head reads the model's final hidden states, which a method that changes the "
+                         "LM head hides (e.g. LoRA on lm_head): leave lm_head out of method.targets")
+    head = own["value_head"]
+    return jnp.einsum("btd,d->bt", outputs[0].astype(jnp.float32), head["kernel"]) + head["bias"]
+
+
+def gae(rewards, values_, mask, gamma: float, lam: float):
+    """Advantages [rows, T] of the rewards at the positions where `mask` is 1 (each row's completion, in
+    order), against `values_`; the value after a completion's last token is 0 (the episode ends)."""
+
+    def back(carry, x):
+        next_value, next_advantage = carry
+        r, v, m = x
+        a = r + gamma * next_value - v + gamma * lam * next_advantage
+        return (jnp.where(m > 0, v, 0.0), jnp.where(m > 0, a, 0.0)), jnp.where(m > 0, a, 0.0)
+
+    zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+    _, out = jax.lax.scan(back, (zeros, zeros), (rewards.T, values_.T, mask.T), reverse=True)
+    return out.T
+
+
+def whiten(x, mask):
+    """(x - mean) / std over the positions where `mask` is 1 (variance unbiased, as TRL's), 0 elsewhere."""
+    n = jnp.sum(mask)
+    mean = jnp.sum(x * mask) / n
+    var = jnp.sum(mask * (x - mean) ** 2) / jnp.maximum(n - 1, 1)
+    return jnp.where(mask > 0, (x - mean) * jax.lax.rsqrt(var + WHITEN_EPS), 0.0)
+
+
+def objective(s: Settings) -> Objective:
+    def loss(outputs, batch, own):
+        logp = grpo.token_log_probs(outputs, batch, s.temperature)
+        v = values(outputs, own)
+        a, ret, old_v = batch["advantages"], batch["returns"], batch["old_values"]
+        ratio = jnp.exp(logp - batch["old_logps"])
+        pg1, pg2 = -a * ratio, -a * jnp.clip(ratio, 1 - s.epsilon, 1 + s.epsilon)
+        # V itself where it moved less than c (old_v + (V - old_v) can differ from V in the last bit)
+        v_clipped = jnp.where(jnp.abs(v - old_v) > s.value_clip,
+                              old_v + jnp.clip(v - old_v, -s.value_clip, s.value_clip), v)
+        vf1, vf2 = (v - ret) ** 2, (v_clipped - ret) ** 2
+        vf = 0.5 * jnp.maximum(vf1, vf2)
+        w = grpo.completion_weights(batch)
+        return {"loss_sum": jnp.sum(w * (jnp.maximum(pg1, pg2) + s.value_coef * vf)), "count": jnp.sum(w),
+                "correct": jnp.zeros((), jnp.float32), "value_loss": jnp.sum(w * vf),
+                "clip_ratio": jnp.sum(w * (pg2 > pg1)), "value_clip_ratio": jnp.sum(w * (vf2 > vf1))}
+
+    return Objective("ppo", loss, model_inputs, sequences=s.generations, perplexity=False, accuracy=False,
+                     train_sums=("value_loss", "clip_ratio", "value_clip_ratio"),
+                     rollout=functools.partial(Rollout, s), new_tokens=s.max_new_tokens, keeps_reference=s.beta > 0,
+                     own_params=value_head)
+
+
+def targets(s: Settings, batch, old_logps, old_values, ref_logps):
+    """-> (whitened advantages, value targets [rows, T], the mean KL per completion token): the rewards
+    r_t (the module docstring) with the completion's reward at the position that predicts its last token."""
+    w = grpo.completion_weights(batch)
+    kl = (old_logps - ref_logps) * w
+    last = jnp.argmax(jnp.cumsum(w, axis=1), axis=1)
+    score = jnp.zeros_like(w).at[jnp.arange(w.shape[0]), last].set(batch["scores"]) * w
+    a = gae(score - s.beta * kl, old_values * w, w, s.gamma, s.lam)
+    return whiten(a, w), a + old_values * w, jnp.sum(kl) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+class Rollout(grpo.Rollout):
+    """GRPO's rollouts, completed with the sampler's log-probabilities and values, the reference's
+    log-probabilities, and the advantages and value targets of GAE (the module docstring)."""
+
+    def __init__(self, s: Settings, model, trainable, data, mesh, seed: int):
+        from jaxft import sharding
+        from jaxft.objectives import OWN
+        from jaxft.peft.partition import merge
+
+        super().__init__(s, model, trainable, data, mesh, seed)
+        rows = sharding.batch_sharding(mesh, 2)
+
+        def old(trainable, frozen, batch):
+            with sharding.axis_rules(mesh):
+                outputs = model.apply({"params": merge(trainable, frozen)}, **model_inputs(batch), return_hidden=True)
+            return grpo.token_log_probs(outputs, batch, s.temperature), values(outputs, trainable[OWN])
+
+        self._old = jax.jit(old, out_shardings=(rows, rows))
+        self._targets = jax.jit(functools.partial(targets, s), out_shardings=(rows, rows, sharding.replicated(mesh)))
+
+    def complete(self, exp, rewards, trainable, frozen, n_global):
+        from jaxft import sharding
+
+        exp["scores"] = np.asarray(rewards, np.float32)
+        batch = sharding.to_global(self.mesh, exp, n_global)
+        batch["old_logps"], batch["old_values"] = self._old(trainable, frozen, batch)
+        ref = self._logps(self.reference, frozen, batch) if self.s.beta else batch["old_logps"]
+        batch["advantages"], batch["returns"], kl = self._targets(batch, batch["old_logps"], batch["old_values"], ref)
+        return batch, {"train/kl": float(kl)}

@@ -1,0 +1,205 @@
+"""PPO with a value head (`jaxft.ppo`): GAE and whitening against TRL's PPOTrainer loops, the loss and
+every weight's gradient (the value head's too) against TRL's formulas in PyTorch autograd on
+transformers' hidden states, and the CLI: the reward rises, resume is exact, 8 devices with
+micro-batches match one, the value head is checkpointed but never exported, jaxft.evaluate restores it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_grpo import experience, metrics, run, torch_token_log_probs  # noqa: F401  (run: a fixture)
+from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
+from test_train import ROOT, cli, losses
+
+from jaxft import objectives, ppo
+from jaxft.models import family
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def trl_gae(rewards, values, mask, gamma, lam):
+    """TRL's PPOTrainer loop over the completion positions of each row (here: `mask`), with the value
+    after the last token 0."""
+    out = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        pos = np.flatnonzero(mask[b])
+        last = 0.0
+        for i in reversed(range(len(pos))):
+            t = pos[i]
+            next_value = values[b, pos[i + 1]] if i + 1 < len(pos) else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            last = delta + gamma * lam * last
+            out[b, t] = last
+    return out
+
+
+def trl_whiten(x, mask):
+    """TRL's masked_whiten: masked mean, masked variance with Bessel's correction."""
+    x, m = torch.tensor(x), torch.tensor(mask)
+    mean = (x * m).sum() / m.sum()
+    var = ((x - mean) ** 2 * m).sum() / m.sum() * (m.sum() / (m.sum() - 1))
+    return ((x - mean) * torch.rsqrt(var + 1e-8) * m).numpy()
+
+
+def test_gae_and_whitening_match_trl():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((4, 9), np.float32)
+    for b, (start, stop) in enumerate([(2, 9), (3, 5), (0, 1), (4, 8)]):
+        mask[b, start:stop] = 1
+    rewards, values = rng.normal(size=(2, 4, 9)).astype(np.float32) * mask
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.5)):
+        got = np.asarray(ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam))
+        np.testing.assert_allclose(got, trl_gae(rewards, values, mask, gamma, lam), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ppo.whiten(jnp.asarray(rewards), jnp.asarray(mask))), trl_whiten(rewards, mask),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_rewards_advantages_and_value_targets_match_trl():
+    """TRL's PPOTrainer: per-token rewards -beta (log pi_old - log ref), the score added at the last
+    completion token; GAE against the old values; returns = advantages + values; advantages whitened."""
+    s = ppo.Settings(beta=0.3, gamma=0.9, lam=0.8)
+    batch = experience(5, 4, 6, seed=4)
+    rng = np.random.default_rng(5)
+    old, ref, v = (rng.normal(size=batch["input_ids"].shape).astype(np.float32) for _ in range(3))
+    batch["scores"] = rng.normal(size=5).astype(np.float32)
+    a, ret, kl = ppo.targets(s, batch, old, v, ref)  # old log-probs, old values, the reference's
+    m = np.asarray(objectives.next_token(batch["attention_mask"] * batch["loss_mask"]), np.float32)
+    r = -s.beta * (old - ref) * m
+    for b in range(5):
+        r[b, np.flatnonzero(m[b])[-1]] += batch["scores"][b]
+    want = trl_gae(r, v * m, m, s.gamma, s.lam)
+    np.testing.assert_allclose(np.asarray(ret), want + v * m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), trl_whiten(want, m), rtol=1e-4, atol=1e-5)
+    assert float(kl) == pytest.approx(((old - ref) * m).sum() / m.sum(), rel=1e-5)
+
+
+def test_loss_and_gradients_match_pytorch(hf_pair):  # noqa: F811
+    """PPO's clipped policy loss plus vf_coef times the clipped value loss, the value head on the final
+    hidden states: against TRL's formulas on transformers' last hidden states, in every weight and in the
+    value head (full fine-tuning)."""
+    (_, _, _), (pol_t, model, params) = hf_pair
+    s = ppo.Settings(epsilon=0.05, value_clip=0.05, value_coef=0.7)
+    batch = experience(8, 6, 8, seed=2)
+    batch["weight"][-1] = 0.0
+    rng = np.random.default_rng(3)
+    t = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        base = torch_token_log_probs(pol_t, batch).numpy()
+    batch["old_logps"] = np.pad(base, ((0, 0), (0, 1))) + rng.normal(0, 0.1, (8, t)).astype(np.float32)
+    batch["old_values"] = rng.normal(size=(8, t)).astype(np.float32)
+    batch["returns"] = rng.normal(size=(8, t)).astype(np.float32)
+    batch["advantages"] = rng.normal(size=(8, t)).astype(np.float32)
+    own = {"value_head": {"kernel": rng.normal(0, 0.3, model.cfg.hidden_size).astype(np.float32),
+                          "bias": np.float32(0.2)}}
+    objective = ppo.objective(s)
+
+    def mean_loss(p, own):
+        outputs = model.apply({"params": p}, **objective.inputs(batch), return_hidden=True)
+        sums = objective.loss(outputs, batch, own)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), (grads, own_grads) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(params, own)
+
+    pol_t.zero_grad(set_to_none=True)
+    w_head = torch.tensor(own["value_head"]["kernel"], requires_grad=True)
+    b_head = torch.tensor(own["value_head"]["bias"], requires_grad=True)
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = pol_t(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    logp = torch.gather(torch.log_softmax(out.logits.float()[:, :-1], -1), 2, ids[:, 1:, None])[..., 0]
+    v = (out.hidden_states[-1].float() @ w_head + b_head)[:, :-1]
+    cut = lambda k: torch.tensor(batch[k][:, :-1])  # noqa: E731
+    m = torch.tensor(objectives.next_token(batch["attention_mask"] * batch["loss_mask"])[:, :-1] *
+                     batch["weight"][:, None], dtype=torch.float32)
+    a, ret, old_v = cut("advantages"), cut("returns"), cut("old_values")
+    ratio = torch.exp(logp - cut("old_logps"))
+    pg = torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - s.epsilon, 1 + s.epsilon))
+    v_clip = old_v + torch.clamp(v - old_v, -s.value_clip, s.value_clip)
+    vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+    want = ((pg + s.value_coef * vf) * m).sum() / m.sum()
+    want.backward()
+    assert float(loss) == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert float(sums["value_loss"] / sums["count"]) == pytest.approx(((vf * m).sum() / m.sum()).item(), rel=1e-5)
+    assert 0 < float(sums["clip_ratio"]) < float(sums["count"]) and 0 < float(sums["value_clip_ratio"])
+    np.testing.assert_allclose(own_grads["value_head"]["kernel"], w_head.grad.numpy(), rtol=1e-4, atol=1e-6)
+    assert float(own_grads["value_head"]["bias"]) == pytest.approx(b_head.grad.item(), rel=1e-4)
+    ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
+    theirs = {n: p.grad.numpy() for n, p in pol_t.named_parameters()}
+    for name in theirs:
+        scale = np.abs(theirs[name]).max()
+        assert scale > 0, name
+        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def ppo_run(run):  # noqa: F811
+    return (*run, "--config.data.task=ppo", "--config.train.grpo_generations=1", "--config.train.batch_size=16",
+            "--config.train.grpo_iterations=2")
+
+
+def test_cli_reward_rises_resumes_exactly_and_exports_the_policy_alone(tmp_path, run):  # noqa: F811
+    go = ppo_run(run)
+    straight = tmp_path / "straight"
+    r = cli(straight, *go, "--config.train.steps=30", "--config.eval.at_start=True", "--config.checkpoint.every_steps=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(straight)
+    evals = [row for row in rows if "eval/reward" in row]
+    assert evals[0]["step"] == 0 and evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.2, evals
+    first = next(row for row in rows if "train/loss" in row)
+    assert first["step"] == 1 and first["train/kl"] == 0 and first["train/clip_ratio"] == 0  # the start, its reference
+    assert first["train/value_loss"] > 0 and "train/value_clip_ratio" in first
+    # The value head trains and is checkpointed, but the export is the policy alone: a HF model.
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(straight / "export" / "model.safetensors"))
+    assert not any("value" in k for k in exported)
+    split = tmp_path / "split"
+    assert cli(split, *go, "--config.train.steps=10", "--config.checkpoint.every_steps=10").returncode == 0
+    r = cli(split, *go, "--config.train.steps=30", "--config.checkpoint.every_steps=10")
+    assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
+    assert [losses(split)[s] for s in range(11, 31)] == [losses(straight)[s] for s in range(11, 31)]
+    # jaxft.evaluate rebuilds the run (value head included) from the checkpoint and scores its completions
+    r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/tiny_test.py", *go,
+                        f"--checkpoint={straight}", f"--out={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert scores["eval/reward"] == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
+
+
+def test_eight_devices_and_micro_batches_match_one_device(tmp_path, run):  # noqa: F811
+    """Advantages are whitened over the whole batch, wherever its rows are."""
+    go = (*ppo_run(run), "--config.train.steps=4", "--config.export.enabled=False", "--config.eval.batch_size=16",
+          "--config.checkpoint.every_steps=4")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    assert cli(one, *go, "--config.mesh.data=1").returncode == 0
+    r = cli(eight, *go, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.train.grad_accum=2", devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = metrics(one), metrics(eight)
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        for k in a:
+            if "per_second" not in k and "mfu" not in k:
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+
+
+def test_cli_bad_ppo_settings_are_one_line(tmp_path, run):  # noqa: F811
+    for bad, message in ((("--config.train.ppo_lam=1.5",), "train.ppo_lam=1.5: expected 0 <= lam <= 1"),
+                         (("--config.train.ppo_value_clip=0",), "train.ppo_value_clip=0.0: expected > 0"),
+                         (("--config.train.grpo_generations=0",), "train.grpo_generations=0: expected a positive")):
+        r = cli(tmp_path / "run", *ppo_run(run), "--config.train.steps=4", *bad)
+        assert r.returncode == 2 and r.stderr.startswith("error: " + message), r.stderr
+        assert not (tmp_path / "run").exists()
