@@ -18,7 +18,7 @@ jaxft adapter directory applied to the config's base model (`model.path`).
   higher, and the mean rewards; a language model's: perplexity);
 - DPO: answers generated for the split's prompts, scored against the chosen answers as above (the
   DPO loss needs the run's starting point: training's eval reports it);
-- GRPO (a policy trained on rewards): greedy completions of the split's prompts, scored by the run's
+- GRPO and PPO (policies trained on rewards): greedy completions of the split's prompts, scored by the run's
   reward functions (`eval/reward`, as training's eval).
 Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction) in --out (default
 `<workdir>/eval/<split>-<step>` for a training checkpoint, `<export>/../eval/<split>-<export name>`

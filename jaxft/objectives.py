@@ -4,7 +4,9 @@ The train and eval steps take an `Objective` as an argument and never ask which 
 `inputs` say which batch fields the model is called with, `loss` turns the outputs into sums and
 counts (so micro-batches and devices add up exactly), and `eval_sums` adds what evaluation reports
 beyond the loss. An objective that needs more than the data, such as DPO's reference log-likelihoods
-(`jaxft.dpo`), adds it to the arrays once, before training (`prepare`).
+(`jaxft.dpo`), adds it to the arrays once, before training (`prepare`); one that learns from its own
+completions (`jaxft.grpo`, `jaxft.ppo`) makes each step's batch itself (`rollout`); one that trains
+parameters of its own beside the model's (PPO's value head) declares them (`own_params`).
 """
 
 from __future__ import annotations
