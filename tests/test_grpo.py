@@ -272,6 +272,36 @@ def metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_figures(one, other):
+    """Two runs' metrics.jsonl: the same rows and figures (speed aside)."""
+    ref, got = metrics(one), metrics(other)
+    assert len(ref) == len(got) > 2
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            if "per_second" not in k and "mfu" not in k:
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+
+
+def assert_eight_devices_match_one(tmp_path, go):
+    """`go` on 1 device and on a 2 x 2 x 2 mesh with two micro-batches: the same figures."""
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    assert cli(one, *go, "--config.mesh.data=1").returncode == 0
+    r = cli(eight, *go, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.train.grad_accum=2", devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_figures(one, eight)
+
+
+def evaluated_reward(tmp_path, args, checkpoint) -> float:
+    """eval/reward of jaxft.evaluate on `checkpoint`, the run's config being tiny_test + `args`."""
+    r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/tiny_test.py", *args,
+                        f"--checkpoint={checkpoint}", f"--out={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["eval/reward"]
+
+
 def test_cli_reward_rises_and_resumes_exactly(tmp_path, run):
     straight = tmp_path / "straight"
     r = cli(straight, *run, "--config.train.steps=20", "--config.eval.at_start=True")
@@ -287,12 +317,7 @@ def test_cli_reward_rises_and_resumes_exactly(tmp_path, run):
     assert (straight / "export" / "model.safetensors").exists()
     # jaxft.evaluate scores the checkpoint, and the export, as training's eval did.
     for checkpoint in (straight, straight / "export"):
-        r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/tiny_test.py", *run,
-                            f"--checkpoint={checkpoint}", f"--out={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        assert r.returncode == 0, r.stderr[-3000:]
-        scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
-        assert scores["eval/reward"] == pytest.approx(evals[-1]["eval/reward"], abs=1e-6), checkpoint
+        assert evaluated_reward(tmp_path, run, checkpoint) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
     # Stopped at 10 and run again to 20: the same completions are drawn, so the same steps follow.
     split = tmp_path / "split"
     assert cli(split, *run, "--config.train.steps=10").returncode == 0
@@ -319,18 +344,8 @@ def test_cli_several_iterations_per_batch_resume_exactly(tmp_path, run):
 
 def test_eight_devices_and_micro_batches_match_one_device(tmp_path, run):
     """Prompts spread over the devices, each group of completions on the devices of its prompt."""
-    go = (*run, "--config.train.steps=4", "--config.export.enabled=False", "--config.eval.batch_size=16")
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    assert cli(one, *go, "--config.mesh.data=1").returncode == 0
-    r = cli(eight, *go, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-            "--config.train.grad_accum=2", devices=8)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref, got = metrics(one), metrics(eight)
-    for a, b in zip(ref, got, strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
-            if "per_second" not in k and "mfu" not in k:
-                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+    assert_eight_devices_match_one(tmp_path, (*run, "--config.train.steps=4", "--config.export.enabled=False",
+                                              "--config.eval.batch_size=16"))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -393,12 +408,7 @@ def test_two_processes_match_one(tmp_path, run):
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-3000:]
-    ref, got = metrics(one), metrics(two)
-    assert len(ref) == len(got) > 4
-    for a, b in zip(ref, got):
-        for k in a:
-            if "per_second" not in k and "mfu" not in k:
-                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+    assert_same_figures(one, two)
 
 
 @pytest.mark.parametrize("method", ["ptuning_v2", "prompt_tuning", "ia3"])

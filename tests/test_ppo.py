@@ -5,18 +5,14 @@ micro-batches match one, the value head is checkpointed but never exported, jaxf
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_grpo import experience, metrics, run, torch_token_log_probs  # noqa: F401  (run: a fixture)
+from test_grpo import (assert_eight_devices_match_one, evaluated_reward, experience, metrics, run,  # noqa: F401
+                       torch_token_log_probs)  # (run: a fixture)
 from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
-from test_train import ROOT, cli, losses
+from test_train import cli, losses
 
 from jaxft import objectives, ppo
 from jaxft.models import family
@@ -171,29 +167,13 @@ def test_cli_reward_rises_resumes_exactly_and_exports_the_policy_alone(tmp_path,
     assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
     assert [losses(split)[s] for s in range(11, 31)] == [losses(straight)[s] for s in range(11, 31)]
     # jaxft.evaluate rebuilds the run (value head included) from the checkpoint and scores its completions
-    r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/tiny_test.py", *go,
-                        f"--checkpoint={straight}", f"--out={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
-    assert scores["eval/reward"] == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
+    assert evaluated_reward(tmp_path, go, straight) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
 
 
 def test_eight_devices_and_micro_batches_match_one_device(tmp_path, run):  # noqa: F811
     """Advantages are whitened over the whole batch, wherever its rows are."""
-    go = (*ppo_run(run), "--config.train.steps=4", "--config.export.enabled=False", "--config.eval.batch_size=16",
-          "--config.checkpoint.every_steps=4")
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    assert cli(one, *go, "--config.mesh.data=1").returncode == 0
-    r = cli(eight, *go, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-            "--config.train.grad_accum=2", devices=8)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref, got = metrics(one), metrics(eight)
-    assert len(ref) == len(got)
-    for a, b in zip(ref, got):
-        for k in a:
-            if "per_second" not in k and "mfu" not in k:
-                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+    assert_eight_devices_match_one(tmp_path, (*ppo_run(run), "--config.train.steps=4", "--config.export.enabled=False",
+                                              "--config.eval.batch_size=16", "--config.checkpoint.every_steps=4"))
 
 
 def test_cli_bad_ppo_settings_are_one_line(tmp_path, run):  # noqa: F811
