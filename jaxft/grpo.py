@@ -13,9 +13,10 @@ starting point, as in DPO):
 summed over every completion token of the batch and divided by their count (TRL's `loss_type="dapo"`),
 as every jaxft loss is a sum and a count; `train.grpo_loss_type=grpo` averages each completion's tokens
 first (the paper's), `dr_grpo` divides by completions x max_new_tokens (Dr. GRPO).
-`train.grpo_mask_truncated` leaves completions that reach max_new_tokens without an EOS out of the loss. pi_old is the policy that sampled: each batch of completions
-trains `train.grpo_iterations` optimizer steps (TRL's num_iterations); with one, pi_old is pi itself and
-the ratio is 1 (its gradient is the policy gradient's). Log-probabilities are of logits / temperature,
+`train.grpo_mask_truncated` leaves completions that reach max_new_tokens without an EOS out of the loss.
+pi_old is the policy that sampled: each batch of completions trains `train.grpo_iterations` optimizer
+steps (TRL's num_iterations); with one, pi_old is pi itself and the ratio is 1 (its gradient is the
+policy gradient's). Log-probabilities are of logits / temperature,
 as sampled (TRL's). What makes this PPO without a learned critic is the group baseline.
 
 The batch a step trains on is made by the policy itself, so the loop asks the objective's `rollout`
@@ -46,6 +47,7 @@ from jaxft.errors import JaxftError
 from jaxft.objectives import Objective, model_inputs, next_token
 
 EPS_STD = 1e-4  # TRL's: a group whose rewards are all equal gets advantage 0, not 0 / 0
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +117,6 @@ def per_token(logp, old, ref, advantages, beta: float, epsilon: float):
     kl = jnp.zeros_like(logp) if ref is None else jnp.exp(ref - logp) - (ref - logp) - 1  # Schulman's k3
     clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon) & (a > 0))
     return loss + beta * kl, kl, clipped.astype(jnp.float32)
-
-
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
 
 def token_weights(batch, loss_type: str, max_new_tokens: int):
