@@ -61,7 +61,7 @@ class Objective:
     rollout: Callable | None = None
     new_tokens: int = 0  # tokens a rollout adds to each row after the data's (GRPO's completions), for jaxft.plan
     keeps_reference: bool = False  # a rollout keeps a copy of the starting trainable parameters (for jaxft.plan)
-    # (model config) -> parameters the objective trains beside the model's (PPO's value head): they sit
+    # (model) -> parameters the objective trains beside the model's (PPO's value head): they sit
     # in the trainable tree under OWN, the loss is called as loss(outputs, batch, own parameters), and
     # exports leave them out (they are no part of the model)
     own_params: Callable | None = None

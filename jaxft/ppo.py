@@ -36,6 +36,8 @@ from jaxft.errors import JaxftError
 from jaxft.objectives import Objective, model_inputs
 
 WHITEN_EPS = 1e-8
+HIDDEN = ("PPO's value head reads the model's final hidden states, which a method that changes the LM head hides "
+          "(e.g. LoRA on lm_head): leave lm_head out of method.targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +58,18 @@ def settings(train) -> Settings:
     return s
 
 
-def value_head(cfg) -> dict:
-    return {"value_head": {"kernel": jnp.zeros((cfg.hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+def value_head(model) -> dict:
+    """The value head's parameters, zero; checked before anything is written: it needs the hidden states."""
+    if any(hook.acts_on("lm_head") for hook in model.hooks):
+        raise JaxftError(HIDDEN)
+    size = model.cfg.hidden_size
+    return {"value_head": {"kernel": jnp.zeros((size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
 
 
 def values(outputs, own) -> jax.Array:
     """[rows, T]: the value head on the final hidden states (position t: the state before token t + 1)."""
     if not isinstance(outputs, tuple):
-        raise JaxftError("PPO's value head reads the model's final hidden states, which a method that changes the "
-                         "LM head hides (e.g. LoRA on lm_head): leave lm_head out of method.targets")
+        raise JaxftError(HIDDEN)
     head = own["value_head"]
     return jnp.einsum("btd,d->bt", outputs[0].astype(jnp.float32), head["kernel"]) + head["bias"]
 

@@ -326,7 +326,7 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     trainable, frozen = split(params, method.trainable)
     objective = objectives.for_task(data.task, config.train)
     if objective.own_params is not None:  # e.g. PPO's value head, trained beside the method's parameters
-        trainable = {**trainable, objectives.OWN: objective.own_params(model.cfg)}
+        trainable = {**trainable, objectives.OWN: objective.own_params(model)}
     return method, model, trainable, frozen
 
 

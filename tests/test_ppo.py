@@ -179,7 +179,9 @@ def test_eight_devices_and_micro_batches_match_one_device(tmp_path, run):  # noq
 def test_cli_bad_ppo_settings_are_one_line(tmp_path, run):  # noqa: F811
     for bad, message in ((("--config.train.ppo_lam=1.5",), "train.ppo_lam=1.5: expected 0 <= lam <= 1"),
                          (("--config.train.ppo_value_clip=0",), "train.ppo_value_clip=0.0: expected > 0"),
-                         (("--config.train.grpo_generations=0",), "train.grpo_generations=0: expected a positive")):
+                         (("--config.train.grpo_generations=0",), "train.grpo_generations=0: expected a positive"),
+                         (("--config.method.name=lora", "--config.method.targets=q_proj,lm_head"), "PPO's value head reads the model's final "
+                                                                        "hidden states")):
         r = cli(tmp_path / "run", *ppo_run(run), "--config.train.steps=4", *bad)
         assert r.returncode == 2 and r.stderr.startswith("error: " + message), r.stderr
         assert not (tmp_path / "run").exists()
