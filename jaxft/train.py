@@ -152,10 +152,17 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
                              family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
+
+    def every_source():  # (name, train records, eval records or None, text field); data.max_*_examples each
+        resolved = [(first, train_rec, eval_rec, text_field)]
+        for name in extra:
+            more_train, more_eval, more_field = sources.resolve(d, name)[:3]
+            resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
+                             more_field))
+        return resolved
+
     if task in ("grpo", "ppo"):  # prompts only: the policy writes the completions (jaxft.grpo, jaxft.ppo)
-        if extra:
-            raise JaxftError(f"data.name={d.name!r}: {task.upper()} takes its prompts from one source")
-        return prompt_data(config, tok, train_rec, eval_rec, text_field, sft_fields)
+        return prompt_data(config, tok, every_source())
     if task in ("classification", "cloze") and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo, reward and seq2seq only")
     template = None
@@ -187,12 +194,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
         return Data(train, ev, task, labels, tok, records=split)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
-    resolved = [(first, train_rec, eval_rec, text_field)]
-    for name in extra:  # data.max_*_examples apply to each source
-        more_train, more_eval, more_field = sources.resolve(d, name)[:3]
-        resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
-                         more_field))
-    resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout)), field) for name, t, e, field in resolved]
+    resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout)), field) for name, t, e, field in every_source()]
     m = mixture.load(d, tok, task, resolved, log, getattr(cfg, "decoder_start_token_id", None))
     train, ev = m.train, m.eval
     transform = None
@@ -209,33 +211,55 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     return Data(train, ev, task, labels, tok, m.groups, m.weights, m.names, records, transform)
 
 
-def prompt_data(config, tok, train_rec, eval_rec, text_field: str, fields) -> Data:
-    """GRPO's prompts (`jaxft.data.prompts`): the training records' and the held-out ones', and the
-    reward functions tried on the first."""
+def prompt_data(config, tok, resolved: list) -> Data:
+    """GRPO's and PPO's prompts (`jaxft.data.prompts`) of every source (name, train records, eval
+    records or None, text field), the training records' and the held-out ones', and the reward
+    functions tried on the first. A mixture's sources are joined into one list of records (so reward
+    functions see every record's fields), each row remembering its source for `data.weights`."""
     from jaxft import grpo
     from jaxft.data import mixture, prompts, sft
+    from jaxft.data.sources import Records, pair_fields
     from jaxft.errors import JaxftError
 
     d = config.data
-    train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
     template, where = sft.chat_template(tok, str(d.chat_template))
     renderer = sft.Renderer(template, sft.special_strings(tok), where)
-    out, values = {}, {}
-    for split, records in (("train", train_rec), ("validation", eval_rec)):
-        if records is None:
+    parts = {"train": [], "validation": []}  # per split: (arrays, records, prompt values) of each source
+    for name, train_rec, eval_rec, text_field in resolved:
+        fields = sft.Fields(*pair_fields(d, name))
+        for split, records in zip(parts, mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))):
+            if records is None:
+                continue
+            arrays, counts, values = prompts.encode(records, tok, renderer, d.seq_len, text_field, fields,
+                                                    bool(d.skip_bad_records))
+            if counts.skipped:
+                log(f"note: skipped {counts.skipped} bad {split} records of {name} (data.skip_bad_records); the first: "
+                    f"{counts.first_skip}")
+            if counts.truncated:
+                log(f"note: {counts.truncated} of {len(records.rows)} {split} prompts of {name} were cut to "
+                    f"data.seq_len={d.seq_len} tokens (a prompt keeps its last tokens, a document its first)")
+            parts[split].append((arrays, records, values))
+    joined, groups = {}, None
+    for split, sources in parts.items():
+        if not sources:
             continue
-        out[split], counts, values[split] = prompts.encode(records, tok, renderer, d.seq_len, text_field, fields,
-                                                           bool(d.skip_bad_records))
-        if counts.skipped:
-            log(f"note: skipped {counts.skipped} bad {split} records (data.skip_bad_records); the first: {counts.first_skip}")
-        if counts.truncated:
-            log(f"note: {counts.truncated} of {len(records.rows)} {split} prompts were cut to data.seq_len={d.seq_len} "
-                "tokens (a prompt keeps its last tokens, a document from the text field its first)")
-    if not len(out["train"]["record"]):
+        offsets = np.cumsum([0] + [len(r.rows) for _, r, _ in sources])
+        arrays = {k: np.concatenate([a[k] + (o if k == "record" else 0) for (a, _, _), o in zip(sources, offsets)])
+                  for k in sources[0][0]}
+        records = Records([x for _, r, _ in sources for x in r.rows], [x for _, r, _ in sources for x in r.where])
+        joined[split] = (arrays, records, [v for _, _, vs in sources for v in vs])
+        if split == "train":
+            groups = np.concatenate([np.full(len(a["record"]), i, np.int32) for i, (a, _, _) in enumerate(sources)])
+    if "train" not in joined or not len(joined["train"][0]["record"]):
         raise JaxftError(f"data.name={d.name!r}: no training prompts")
-    grpo.check_rewards(grpo.settings(config.train, min_generations=1), train_rec, values["train"])
-    return Data(out["train"], out.get("validation"), str(config.data.task), None, tok,
-                records={"train": [train_rec], "validation": [eval_rec]}, prompts=values)
+    names = [name for name, *_ in resolved]
+    weights = mixture.parse_weights(d.weights, len(names)) if len(names) > 1 else None
+    grpo.check_rewards(grpo.settings(config.train, min_generations=1), joined["train"][1], joined["train"][2])
+    ev = joined.get("validation")
+    return Data(joined["train"][0], ev[0] if ev else None, str(config.data.task), None, tok,
+                groups=groups if len(names) > 1 else None, weights=weights, sources=mixture.source_names(names),
+                records={"train": [joined["train"][1]], "validation": [ev[1] if ev else None]},
+                prompts={"train": joined["train"][2], "validation": ev[2] if ev else None})
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):

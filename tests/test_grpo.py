@@ -509,3 +509,23 @@ def test_cli_grpo_on_a_trained_reward_models_export(tmp_path):
     assert row["train/reward"] == pytest.approx(row["train/reward/reward_model"] + 0.5 * row["train/reward/sentiment"],
                                                 abs=1e-5)
     assert row["train/reward/reward_model"] != 0 and row["train/reward_std"] > 0
+
+
+def test_cli_a_mixture_of_prompt_sources(tmp_path, run):
+    """data.name='a+b' with data.weights: each source read with its own fields and held out on its own; reward
+    functions see every record's fields, whichever source it came from."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"the movie {i}", "src": "a"}) + "\n" for i in range(40)))
+    b.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"电影 {i}"}], "src": "b"}) + "\n"
+                         for i in range(40)))
+    (tmp_path / "r.py").write_text("def from_b(prompts, completions, src, **kw):\n"
+                                   "    return [float(s == 'b') for s in src]\n")
+    r = cli(tmp_path / "run", *run, f"--config.data.name={a}+{b}", "--config.data.weights=0.5,0.5",
+            "--config.data.eval_holdout=4", f"--config.train.grpo_rewards={tmp_path / 'r.py'}:from_b",
+            "--config.train.steps=4", "--config.export.enabled=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rewards = [row["train/reward"] for row in metrics(tmp_path / "run") if "train/reward" in row]
+    assert len(rewards) == 4 and 0 < np.mean(rewards) < 1  # both sources sampled
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_4.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and [s["reward"] for s in samples] == [0.0] * 4 + [1.0] * 4
+    assert samples[0]["prompt"] == "the movie 36" and samples[4]["prompt"] == [{"role": "user", "content": "电影 36"}]
