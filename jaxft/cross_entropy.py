@@ -71,7 +71,7 @@ def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32):
 
 def row_sums(logits, targets, weights):
     """fp32 logits [B, T, V] -> [B]: each row's sum of weights * log p(target)."""
-    return -jnp.sum(_softmax_nll(logits, targets)[0] * weights, axis=1)
+    return jnp.sum(log_probs(logits, targets) * weights, axis=1)
 
 
 def row_log_likelihood(hidden, embedding, targets, weights, dtype=jnp.float32):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +194,13 @@ def score_completions(functions, tok, new, eos, records, index, prompt_values):
     return total, each, mask, prompts, texts
 
 
+def per_function(split: str, functions, each) -> dict[str, float]:
+    """<split>/reward/<name>: each reward function's mean (None skipped), where there are several."""
+    if len(functions) < 2:
+        return {}
+    return {f"{split}/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(functions, each)}
+
+
 def check_rewards(s: Settings, records, prompt_values) -> None:
     """Before anything is written: each reward function called once, on the first prompt and an empty
     completion, so a function that does not take TRL's arguments is one line, not a failure at step 1."""
@@ -230,16 +236,21 @@ class Rollout:
         self.reference = jax.tree_util.tree_map(jnp.copy, trainable) if s.beta else None
         self._generate = generate.compiled(model, generate.Settings(s.max_new_tokens, s.temperature, s.top_k, s.top_p,
                                                                     num_eos=len(self.eos)))
-        rows = sharding.batch_sharding(mesh, 2)
 
         def logps(trainable, frozen, batch):
-            with sharding.axis_rules(mesh):
-                outputs = model.apply({"params": merge(trainable, frozen)}, **model_inputs(batch), return_hidden=True)
-            return token_log_probs(outputs, batch, s.temperature)
+            return token_log_probs(self.outputs(trainable, frozen, batch), batch, s.temperature)
 
-        self._logps = jax.jit(logps, out_shardings=rows)
+        self._logps = jax.jit(logps, out_shardings=sharding.batch_sharding(mesh, 2))
         self._merge = merge
         self.cached, self.stats = None, {}
+
+    def outputs(self, trainable, frozen, batch):
+        """The policy's (final hidden states, output embedding) on rows of prompt + completion."""
+        from jaxft import sharding
+
+        with sharding.axis_rules(self.mesh):
+            return self.model.apply({"params": self._merge(trainable, frozen)}, **model_inputs(batch),
+                                    return_hidden=True)
 
     def __call__(self, trainable, frozen, local, global_batch, step: int):
         from jaxft import sharding
@@ -288,9 +299,7 @@ class Rollout:
         spread = np.std(total.reshape(-1, g), axis=1, ddof=1).mean() if g > 1 else np.std(total)
         out = {"train/reward": float(np.mean(total)), "train/reward_std": float(spread),
                "train/completion_length": float(np.mean(lengths)), "train/clipped_completions": float(np.mean(clipped))}
-        if len(self.functions) > 1:
-            out.update({f"train/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(self.functions, each)})
-        return out
+        return {**out, **per_function("train", self.functions, each)}
 
     def report(self) -> dict[str, float]:
         """The newest rollout's figures, for the log line."""
@@ -304,6 +313,8 @@ class Rollout:
 def reward_eval(config, data, model, workdir=None):
     """Training's eval: a function of (merged parameters, step) -> {"eval/reward", ...} (`reward_scores`
     of the held-out prompts), the completions to `samples/step_N.jsonl` in `workdir`; None without any."""
+    from jaxft.evaluate import write_jsonl
+
     if data.eval is None:
         return None
 
@@ -311,8 +322,7 @@ def reward_eval(config, data, model, workdir=None):
         scores, rows = reward_scores(config, data, model, params, "validation", int(config.eval.generate_examples))
         if workdir is not None and jax.process_index() == 0:
             (workdir / "samples").mkdir(parents=True, exist_ok=True)
-            lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-            (workdir / "samples" / f"step_{step}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            write_jsonl(workdir / "samples" / f"step_{step}.jsonl", rows)
         return scores
 
     return run
@@ -342,8 +352,7 @@ def reward_scores(config, data, model, params, split: str = "validation", limit:
         new.append(out[: min(batch, n - i)])
     total, each, mask, prompts, texts = score_completions(functions, tok, np.concatenate(new), np.asarray(eos), records,
                                                          arrays["record"][:n], values)
-    scores = {"eval/reward": float(np.mean(total)), "eval/completion_length": float(np.mean(mask.sum(axis=1)))}
-    if len(functions) > 1:
-        scores.update({f"eval/reward/{name}": float(np.nanmean(v)) for (name, _, _), v in zip(functions, each)})
+    scores = {"eval/reward": float(np.mean(total)), "eval/completion_length": float(np.mean(mask.sum(axis=1))),
+              **per_function("eval", functions, each)}
     rows = [{"prompt": p, "completion": t, "reward": float(r)} for p, t, r in zip(prompts, texts, total)]
     return scores, rows

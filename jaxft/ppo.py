@@ -138,14 +138,12 @@ class Rollout(grpo.Rollout):
     def __init__(self, s: Settings, model, trainable, data, mesh, seed: int):
         from jaxft import sharding
         from jaxft.objectives import OWN
-        from jaxft.peft.partition import merge
 
         super().__init__(s, model, trainable, data, mesh, seed)
         rows = sharding.batch_sharding(mesh, 2)
 
         def old(trainable, frozen, batch):
-            with sharding.axis_rules(mesh):
-                outputs = model.apply({"params": merge(trainable, frozen)}, **model_inputs(batch), return_hidden=True)
+            outputs = self.outputs(trainable, frozen, batch)
             return grpo.token_log_probs(outputs, batch, s.temperature), values(outputs, trainable[OWN])
 
         self._old = jax.jit(old, out_shardings=(rows, rows))

@@ -536,10 +536,9 @@ def clear_export(out):
 def export(config, out, model, method, trainable, frozen, tokenizer_path):
     """Into `out` (an epath.Path): written locally, then copied when `out` is remote."""
     from jaxft import hf, sharding, storage
+    from jaxft.objectives import without_own
     from jaxft.peft import hf_peft
     from jaxft.peft.partition import added_params, merge
-
-    from jaxft.objectives import without_own
 
     trainable = sharding.gather(without_own(trainable))
     if jax.process_index() != 0:
