@@ -90,8 +90,15 @@ def base_config() -> ml_collections.ConfigDict:
     # cloze (PET's hard prompts, on a masked LM): the text in a template with one mask, e.g.
     # "{text} it was {mask} ." ({text_b}: a pair's second text), and one label word per label, in the
     # labels' sorted order, e.g. "bad,good"; the class is the label word the model puts at the mask.
+    # On a causal LM (Llama, GPT-2) the row ends at the mask and the class is the word the model writes
+    # next, so {mask} comes last: "{text} It was {mask}".
     c.data.cloze_template = ""
     c.data.verbalizer = ""
+    # LM-BFF's demonstrations (Gao et al. 2021): this many training examples of every class, the template
+    # filled with their label word, shown with each cloze question (after it for a masked LM, before it
+    # for a causal LM), drawn per example (train.seed), never the example itself; 0 = none.
+    c.data.demonstrations = 0
+    c.data.demonstration_separator = ""  # text between them ("" = a masked LM's [SEP]; a space on a causal LM)
     c.data.text_field = ""  # "" = "text" (a bundled set: its own field)
     c.data.label_field = ""  # "" = "label" (a bundled set: its own field)
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
@@ -224,7 +231,7 @@ POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum
 NON_NEGATIVE = ("train.sync_every_steps", "eval.generate_examples",
                 "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
                 "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples", "data.eval_holdout",
-                "data.target_len")
+                "data.target_len", "data.demonstrations")
 
 
 def get(config, dotted: str):
@@ -258,6 +265,9 @@ def validate(config) -> None:
     if smoothing and config.train.dpo_loss != "sigmoid":
         raise JaxftError(f"train.dpo_label_smoothing={smoothing}: applies to train.dpo_loss='sigmoid', "
                          f"not {config.train.dpo_loss!r}")
+    if int(config.data.get("demonstrations", 0)) and config.data.task != "cloze":
+        raise JaxftError(f"data.demonstrations={config.data.demonstrations}: demonstrations fill a cloze template: "
+                         f"expected data.task='cloze', not {config.data.task!r}")
     if config.data.task in ("grpo", "ppo"):
         check_grpo(config)
     if float(config.train.peak_flops) < 0:

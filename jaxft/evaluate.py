@@ -236,6 +236,7 @@ def load_export(config, kind: str, path: Path, data, mesh):
     against the data: the head its task needs, the number and names of its classes."""
     from jaxft import objectives, sharding
     from jaxft.generate import load
+    from jaxft.models import family
     from jaxft.train import model_settings
 
     overrides = {k: v for k, v in model_settings(config, types.SimpleNamespace(pooling="")).items()
@@ -247,7 +248,8 @@ def load_export(config, kind: str, path: Path, data, mesh):
         model, params, _ = load(config.model.path, str(path), **overrides)
     else:
         model, params, _ = load(str(path), **overrides)
-    cfg, want = model.cfg, objectives.HEADS.get(data.task, data.task)
+    cfg = model.cfg
+    want = objectives.head_for(data.task, family.of(cfg).heads) or data.task
     if cfg.head != want and not (want == "causal_lm" and cfg.head == "seq2seq_lm"):
         raise JaxftError(f"--checkpoint={path}: a model with a {cfg.head} head does not fit data.task={data.task!r} "
                          f"(expected a {want} head)")

@@ -168,7 +168,12 @@ def masked_lm_loss(outputs, batch):
 
 
 def cloze_logits(outputs, batch):
-    """PET: the masked LM's logits at the mask ([B, 1, V], `mlm_positions`) -> the label words' [B, C]."""
+    """PET: the LM's logits at the mask ([B, 1, V], `mlm_positions`) -> the label words' [B, C]. A causal
+    LM's fused form, (final states [B, 1, D], output embedding [V, D]), projects onto the C words alone."""
+    if isinstance(outputs, tuple):
+        h, embed = outputs
+        words = jnp.take(embed, batch["verbalizer"], axis=0).astype(h.dtype)  # [B, C, D]
+        return jnp.einsum("bd,bcd->bc", h[:, 0], words, preferred_element_type=jnp.float32)
     return jnp.take_along_axis(outputs[:, 0, :], batch["verbalizer"], axis=-1)
 
 
@@ -280,7 +285,7 @@ OBJECTIVES: dict[str, Objective] = {
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
     # PET's hard prompts: classification read from a masked LM's words at the template's mask.
     "cloze": Objective("cloze", cloze_loss, masked_lm_inputs, eval_sums=cloze_confusion, head_width=lambda batch: 1,
-                       class_logits=cloze_logits),
+                       class_logits=cloze_logits, perplexity=False),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
     # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.
     "seq2seq": Objective("seq2seq", seq2seq_loss, seq2seq_inputs, eval_sums=per_task_of(seq2seq_loss)),
@@ -291,8 +296,18 @@ OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: se
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
          "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm",
-         "cloze": "masked_lm", "dpo": "causal_lm", "reward": "classification", "grpo": "causal_lm",
-         "ppo": "causal_lm"}
+         "dpo": "causal_lm", "reward": "classification", "grpo": "causal_lm", "ppo": "causal_lm"}
+# Tasks a model may answer with one of several heads: the first one it has. A cloze question goes to
+# a masked LM's mask (PET), or to a causal LM's next word after the template (its mask ends it).
+HEAD_CHOICES = {"cloze": ("masked_lm", "causal_lm")}
+
+
+def head_for(task: str, heads=()) -> str:
+    """The head a data task trains on a model with these `heads` (its family's); None for an unknown task."""
+    choices = HEAD_CHOICES.get(task)
+    if choices:
+        return next((h for h in choices if h in heads), choices[0])
+    return HEADS.get(task)
 
 
 def _dpo(train) -> Objective:

@@ -108,8 +108,9 @@ class Setup:
     reference: bool = False  # a copy of the starting trainable parameters is kept (GRPO's reference policy)
 
 
-def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None, str]:
-    """The task's head, label count and task, read from the config, or from the data file's first rows."""
+def head_of(config, fam) -> tuple[str, int | None, str]:
+    """The task's head on a model of family `fam`, label count and task, read from the config, or from
+    the data file's first rows."""
     from jaxft.data import sft, sources, tasks
 
     d = config.data
@@ -123,14 +124,14 @@ def head_of(config, encoder_decoder: bool = False) -> tuple[str, int | None, str
             raise JaxftError(f"data.name={d.name!r}: set data.task (the plan reads no hub dataset)")
         train, _, text_field, label_field = sources.resolve(d, first)
         task = tasks.choose_task(task, train, first, text_field, label_field, bool(d.label_field),  # as train.py
-                                 sft.Fields(*sources.pair_fields(d, first)), encoder_decoder)
+                                 sft.Fields(*sources.pair_fields(d, first)), fam.encoder_decoder)
         if task == "classification":
             labels = len(tasks.label_vocab(train, label_field))
     if task == "reward":  # one output: the score
         labels = 1
-    from jaxft.objectives import HEADS
+    from jaxft.objectives import head_for
 
-    return HEADS.get(task, task), labels, task
+    return head_for(task, fam.heads) or task, labels, task
 
 
 def setup(config, num_devices: int | None = None, platform: str | None = None) -> Setup:
@@ -154,7 +155,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
         raise JaxftError(f"train.batch_size={batch} (per micro-batch {batch // accum}) must be divisible by "
                          f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
     cfg, _, _ = load_model_config(config)  # config.json only
-    head, labels, task = head_of(config, family.of(cfg).encoder_decoder)
+    head, labels, task = head_of(config, family.of(cfg))
     if head not in family.of(cfg).heads:  # e.g. T5 on synthetic tokens: its own (first) head, seq2seq_lm
         head = family.of(cfg).heads[0]
     cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))
@@ -320,7 +321,9 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         saved_total += c * b * t * cfg.hidden_size  # the encoder's output, read by every cross-attention
     loss = 0
     vocab_split = tp if cfg.vocab_size % tp == 0 else 1
-    if cfg.head in ("causal_lm", "seq2seq_lm"):
+    if config.data.task == "cloze" and cfg.head == "causal_lm":  # the label words' logits at one position
+        loss = 2 * 4 * b * cfg.num_labels
+    elif cfg.head in ("causal_lm", "seq2seq_lm"):
         length = chunk_length(b, t, cfg.vocab_size)
         loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / vocab_split
     elif cfg.head == "masked_lm":  # fp32 logits at the targets only, and their gradient (not measured):

@@ -97,8 +97,8 @@ def check_task(task: str, cfg, head: str = ""):
     from jaxft.errors import JaxftError
     from jaxft.models import family
 
-    want = head or objectives.HEADS.get(task)
     heads = family.of(cfg).heads
+    want = head or objectives.head_for(task, heads)
     if want is not None and want not in heads:
         kind = "an encoder-decoder" if family.of(cfg).encoder_decoder else "this"
         raise JaxftError(f"data.task={task!r} trains a {want} head, which {kind} {cfg.model_type} model does not have "
@@ -119,6 +119,7 @@ def token_types(setting, pair_field, cfg) -> bool:
 
 
 def _load_data(config, cfg, tokenizer_path) -> Data:
+    from jaxft import objectives
     from jaxft.data import mixture, sft, sources, tasks
     from jaxft.errors import JaxftError
     from jaxft.models import family
@@ -179,8 +180,12 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         pair = sources.pair_field(d, first)
         types = token_types(d.token_type_ids, pair, cfg)
         if task == "cloze":
+            shots = tasks.Demonstrations(int(d.demonstrations), train_rec, int(config.train.seed),
+                                         str(d.demonstration_separator)) if int(d.demonstrations) else None
+            causal = objectives.head_for(task, family.of(cfg).heads) == "causal_lm"
             encode = lambda records: tasks.cloze(  # noqa: E731
-                records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer, pair, types)
+                records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer, pair, types,
+                causal, shots)
         else:
             encode = lambda records: tasks.classification(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, pair, types, template)
@@ -329,8 +334,9 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     from jaxft.peft import build
     from jaxft.peft.partition import split
 
-    head = config.model.head or objectives.HEADS[data.task]
-    if head != objectives.HEADS[data.task]:
+    want = objectives.head_for(data.task, family.of(cfg).heads)
+    head = config.model.head or want
+    if head != want:
         raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
     check_task(data.task, cfg, head)
     cfg = cfg.replace(

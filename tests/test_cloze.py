@@ -167,3 +167,243 @@ def test_lora_on_cloze_trains_exports_and_evaluates_alike(tiny_mlm, tmp_path):
     theirs, before = theirs[at_mask], before[at_mask]
     assert np.abs(theirs - before).max() > 1e-3  # the adapter trained
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Causal LMs: the row ends where the mask would be, the answer is the next word.
+
+LLAMA = hf.resolve("jaxft-tiny")
+CAUSAL, CAUSAL_WORDS = "{text} It was {mask}", "bad,good"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A random LlamaForCausalLM (hidden 32, 2 layers, untied head) with jaxft-tiny's SentencePiece."""
+    d = tmp_path_factory.mktemp("tiny-lm")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(LLAMA / name, d / name)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def test_causal_rows_end_at_the_mask_as_transformers_tokenizes_the_text():
+    tok, ref = Tokenizer(LLAMA), transformers.AutoTokenizer.from_pretrained(str(LLAMA))
+    records = sst2()
+    arrays, cut = tasks.cloze(records, tok, 64, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS, causal=True)
+    assert cut == 0
+    assert arrays["verbalizer"][0].tolist() == [ref.encode(w, add_special_tokens=False)[0] for w in ("bad", "good")]
+    for i, row in enumerate(records.rows):
+        want = ref(row["sentence"].strip() + " It was")["input_ids"]  # BOS, no EOS: the next word answers
+        n = int(arrays["attention_mask"][i].sum())
+        assert arrays["input_ids"][i, :n].tolist() == want
+        assert arrays["mlm_positions"][i, 0] == n - 1
+
+    # Too long: the text loses its end, "It was" stays and ends the row.
+    short, cut = tasks.cloze(records, tok, 6, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS, causal=True)
+    assert cut == len(records.rows)
+    assert all(r[-2:].tolist() == ref.encode("It was", add_special_tokens=False) for r in short["input_ids"])
+
+
+def test_causal_template_needs_the_mask_last():
+    tok = Tokenizer(LLAMA)
+    with pytest.raises(JaxftError, match=r"a causal LM reads left to right, so \{mask\} must come after \{text\}"):
+        tasks.cloze(sst2(), tok, 64, "sentence", "label", [0, 1], "It was {mask} : {text}", CAUSAL_WORDS, causal=True)
+    # Literal text after the mask is no part of the question (it cannot change the next word).
+    a, _ = tasks.cloze(sst2(), tok, 64, "sentence", "label", [0, 1], CAUSAL + " .", CAUSAL_WORDS, causal=True)
+    b, _ = tasks.cloze(sst2(), tok, 64, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS, causal=True)
+    assert (a["input_ids"] == b["input_ids"]).all()
+
+
+def test_byte_level_bpe_pieces_join_as_the_whole_text(tmp_path):
+    """A byte-level BPE makes the space part of the next word ("Ġword"): the template's pieces and the
+    pair's second text are encoded so that the row is what GPT-2's tokenizer makes of the whole string."""
+    from tokenizers import Tokenizer as Raw, decoders, models, pre_tokenizers, trainers
+
+    texts = [r["premise"] + " " + r["hypothesis"] for r in rte(40).rows] + [r["sentence"] for r in sst2(200).rows]
+    raw = Raw(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    end = "<|endoftext|>"
+    transformers.GPT2TokenizerFast(tokenizer_object=raw, bos_token=end, eos_token=end,
+                                   unk_token=end).save_pretrained(tmp_path)
+    tok, ref = Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    pairs = rte(4)
+    arrays, cut = tasks.cloze(pairs, tok, 1024, "premise", "label", ["entailment", "not_entailment"],
+                              "{text} Question: {text_b} True or false? Answer:{mask}", " a, the", "hypothesis",
+                              causal=True)
+    assert cut == 0
+    for i, row in enumerate(pairs.rows):
+        want = tok.bos + ref.encode(row["premise"].strip() + " Question: " + row["hypothesis"].strip() +
+                                    " True or false? Answer:")  # jaxft starts a row with GPT-2's <|endoftext|>
+        n = int(arrays["attention_mask"][i].sum())
+        assert arrays["input_ids"][i, :n].tolist() == want
+    shots = tasks.Demonstrations(1, sst2(8), seed=3)
+    arrays, _ = tasks.cloze(sst2(4), tok, 256, "sentence", "label", [0, 1], CAUSAL, " a, the", causal=True,
+                            demonstrations=shots)  # words the small vocabulary has whole
+    rows = sst2(8).rows
+    for i in range(4):
+        shown = tasks._demonstrations(sst2(4), shots, "label", {0: 0, 1: 1}, tok, True)["rows"](i)
+        text = " ".join(rows[j]["sentence"].strip() + " It was " + ["a", "the"][int(rows[j]["label"])]
+                        for j in shown)
+        want = tok.bos + ref.encode(text + " " + rows[i]["sentence"].strip() + " It was")
+        n = int(arrays["attention_mask"][i].sum())
+        assert arrays["input_ids"][i, :n].tolist() == want
+
+
+def test_causal_loss_is_the_next_word_after_the_template(tiny_lm):
+    import jax.numpy as jnp
+
+    model, params = hf.load(str(tiny_lm))
+    assert model.cfg.head == "causal_lm"
+    arrays, _ = tasks.cloze(sst2(), Tokenizer(tiny_lm), 32, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS,
+                            causal=True)
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    fused = model.apply({"params": params}, **objectives.masked_lm_inputs(batch), return_hidden=True)
+    logits = model.apply({"params": params}, **objectives.masked_lm_inputs(batch))
+    assert isinstance(fused, tuple) and logits.shape == (len(arrays["labels"]), 1, 4096)
+
+    ref = transformers.LlamaForCausalLM.from_pretrained(tiny_lm).eval()
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(arrays["input_ids"]).long(),
+                  attention_mask=torch.tensor(arrays["attention_mask"]).long()).logits
+    rows = torch.arange(len(out))
+    words = out[rows, torch.tensor(arrays["mlm_positions"][:, 0]).long()][:, torch.tensor(arrays["verbalizer"][0]).long()]
+    want = torch.nn.functional.cross_entropy(words, torch.tensor(arrays["labels"]).long())
+    for outputs in (fused, logits):  # the words' logits from the fused states, and from the full vocabulary
+        np.testing.assert_allclose(np.asarray(objectives.cloze_logits(outputs, batch)), words.numpy(), rtol=1e-5,
+                                   atol=1e-5)
+        sums = objectives.cloze_loss(outputs, batch)
+        assert float(sums["loss_sum"] / sums["count"]) == pytest.approx(float(want), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LM-BFF's demonstrations.
+
+
+def test_demonstrations_follow_a_masked_lm_question_as_transformers_tokenizes_them():
+    tok, ref = Tokenizer(BERT), transformers.AutoTokenizer.from_pretrained(str(BERT))
+    train, dev = sst2(40), sources.read_file(sources.BUNDLED["sst2"].eval)
+    dev = sources.Records(dev.rows[40:46], dev.where[40:46])
+    shots = tasks.Demonstrations(2, train, seed=0)
+    for records in (train, dev):
+        arrays, cut = tasks.cloze(records, tok, 256, "sentence", "label", [0, 1], TEMPLATE, WORDS, demonstrations=shots)
+        again, _ = tasks.cloze(records, tok, 256, "sentence", "label", [0, 1], TEMPLATE, WORDS, demonstrations=shots)
+        assert cut == 0 and (arrays["input_ids"] == again["input_ids"]).all()  # drawn from the seed
+        pick = tasks._demonstrations(records, shots, "label", {0: 0, 1: 1}, tok, False)["rows"]
+        for i, row in enumerate(records.rows):
+            shown = pick(i)
+            assert sorted(int(train.rows[j]["label"]) for j in shown) == [0, 0, 1, 1]  # two of each class
+            assert records is not train or i not in shown  # never the example itself
+            text = row["sentence"] + " it was [MASK] ." + "".join(
+                " [SEP] " + train.rows[j]["sentence"] + " it was " + ["bad", "good"][int(train.rows[j]["label"])] + " ."
+                for j in shown)
+            want = ref(text)["input_ids"]
+            n = int(arrays["attention_mask"][i].sum())
+            assert arrays["input_ids"][i, :n].tolist() == want
+            assert arrays["input_ids"][i, arrays["mlm_positions"][i, 0]] == ref.mask_token_id
+    drawn = tasks.cloze(train, tok, 256, "sentence", "label", [0, 1], TEMPLATE, WORDS, demonstrations=shots)[0]
+    other = tasks.cloze(train, tok, 256, "sentence", "label", [0, 1], TEMPLATE, WORDS,
+                        demonstrations=tasks.Demonstrations(2, train, seed=1))[0]
+    assert (other["input_ids"] != drawn["input_ids"]).any()  # another seed, other demonstrations
+
+    # Too long for data.seq_len: every text is cut, longest first; the templates and label words stay.
+    short, cut = tasks.cloze(train, tok, 40, "sentence", "label", [0, 1], TEMPLATE, WORDS, demonstrations=shots)
+    assert cut > 0 and (short["attention_mask"].sum(1) <= 40).all()
+    assert (short["input_ids"][np.arange(40), short["mlm_positions"][:, 0]] == ref.mask_token_id).all()
+    assert ((short["input_ids"] == ref.convert_tokens_to_ids("[SEP]")).sum(1) == 5).all()
+
+
+def test_demonstrations_come_before_a_causal_question():
+    tok, ref = Tokenizer(LLAMA), transformers.AutoTokenizer.from_pretrained(str(LLAMA))
+    train = sst2(30)
+    shots = tasks.Demonstrations(1, train, seed=0)
+    arrays, _ = tasks.cloze(train, tok, 256, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS, causal=True,
+                            demonstrations=shots)
+    pick = tasks._demonstrations(train, shots, "label", {0: 0, 1: 1}, tok, True)["rows"]
+    for i, row in enumerate(train.rows):
+        shown = pick(i)
+        text = " ".join(train.rows[j]["sentence"].strip() + " It was " + ["bad", "good"][int(train.rows[j]["label"])]
+                        for j in shown + [i])
+        want = ref(text.rsplit(" ", 1)[0])["input_ids"]  # the question's answer is left out
+        n = int(arrays["attention_mask"][i].sum())
+        assert arrays["input_ids"][i, :n].tolist() == want and arrays["mlm_positions"][i, 0] == n - 1
+
+
+def test_fit_texts_is_longest_first():
+    assert tasks.fit_texts([3, 4], 10) == [3, 4]
+    for a, b, room in ((9, 3, 8), (3, 9, 8), (9, 9, 7), (10, 9, 7), (9, 10, 7)):  # fit_pair's HF rule
+        x, y = tasks.fit_pair(list(range(a)), list(range(b)), room)
+        assert tasks.fit_texts([a, b], room) == [len(x), len(y)]
+    assert tasks.fit_texts([2, 10, 7, 10], 20) == [2, 6, 6, 6]  # the short one whole, the rest evened
+    assert tasks.fit_texts([2, 10, 7, 9], 21) == [2, 7, 6, 6]  # the token left over: the longest text
+    assert tasks.fit_texts([5, 5, 5], 14) == [4, 5, 5]  # on a tie: a later text
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(per_class=3, n=5), r"data.demonstrations=3: the training data has 2 examples of label 0, expected at "
+                             r"least 4"),
+    (dict(per_class=1, n=30, seq_len=18), r"the template and 2 demonstrations take 16 of data.seq_len=18 tokens"),
+])
+def test_demonstration_errors_are_one_line(args, message):
+    train = sst2(args["n"])
+    with pytest.raises(JaxftError, match=message):
+        tasks.cloze(train, Tokenizer(BERT), args.get("seq_len", 128), "sentence", "label", [0, 1], TEMPLATE, WORDS,
+                    demonstrations=tasks.Demonstrations(args["per_class"], train))
+
+
+def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_alike(tiny_lm, tmp_path):
+    """The CLI on a decoder: LoRA, a cloze question after one demonstration per class. The loss falls;
+    jaxft.evaluate on the export gives the run's final accuracy; peft serves the adapter with jaxft's
+    logits at the row's last token."""
+    from peft import PeftModel
+
+    from jaxft.config import base_config
+    from jaxft.evaluate import evaluate
+
+    settings = {"model.path": str(tiny_lm), "method.name": "lora", "data.name": "sst2", "data.task": "cloze",
+                "data.cloze_template": CAUSAL, "data.verbalizer": CAUSAL_WORDS, "data.demonstrations": 1,
+                "data.max_train_examples": 16, "data.max_eval_examples": 16, "data.seq_len": 96,
+                "train.batch_size": 8, "optimizer.learning_rate": 3e-2, "optimizer.warmup_steps": 0,
+                "train.log_every_steps": 1, "train.steps": 6, "eval.every_steps": 6}
+    r = cli(tmp_path, *(f"--config.{k}={v}" for k, v in settings.items()))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "head=causal_lm" in r.stdout
+    got = losses(tmp_path)
+    assert got[6] < got[1], got
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+
+    c = base_config()
+    for key, value in settings.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    result = evaluate(c, str(tmp_path / "export"), out=str(tmp_path / "eval"))
+    assert result["metrics"]["eval/accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-9)
+
+    bundled = sources.read_file(sources.BUNDLED["sst2"].train)
+    train = sources.Records(bundled.rows[:16], bundled.where[:16])  # dev rows, demonstrations from these
+    arrays, _ = tasks.cloze(sst2(16), Tokenizer(tiny_lm), 96, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS,
+                            causal=True, demonstrations=tasks.Demonstrations(1, train, seed=0))
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny_lm).eval()
+    served = PeftModel.from_pretrained(base, tmp_path / "export").eval()
+    model, params = hf.load(str(tiny_lm), adapter=str(tmp_path / "export"))
+    ours = np.asarray(objectives.cloze_logits(model.apply({"params": params}, **objectives.masked_lm_inputs(arrays)),
+                                              arrays))
+    with torch.no_grad():
+        theirs = served(input_ids=torch.tensor(arrays["input_ids"]).long(),
+                        attention_mask=torch.tensor(arrays["attention_mask"]).long()).logits.numpy()
+    theirs = theirs[np.arange(len(theirs))[:, None], arrays["mlm_positions"], arrays["verbalizer"]]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert (ours.argmax(1) == arrays["labels"]).mean() == pytest.approx(final["eval/accuracy"], abs=1e-9)
+
+
+def test_demonstrations_need_the_cloze_task(tmp_path):
+    r = cli(tmp_path, "--config.data.name=sst2", "--config.data.demonstrations=1", "--config.train.steps=1")
+    assert r.returncode != 0
+    assert "data.demonstrations=1: demonstrations fill a cloze template: expected data.task='cloze', not ''" in r.stderr
+    assert not (tmp_path / "checkpoints").exists()

@@ -119,6 +119,25 @@ def test_a_quantized_base_within_15_percent(kind):
     assert got["total"] == pytest.approx(compiled_bytes(c, 1, lambda f: quant.quantize_params(f, kind)), rel=0.15)
 
 
+def test_a_cloze_question_to_a_causal_lm_within_15_percent():
+    """PET's cloze task on a decoder with a 32k vocabulary: only the label words' logits at the row's last
+    token, where a language model's loss would keep chunks of the whole vocabulary's."""
+    from jaxft import objectives
+
+    c = config("full", "full", 1, data__task="cloze")
+    c.model.init.vocab_size, c.model.init.num_hidden_layers = 32000, 2
+    s = plan.setup(c, 1)
+    assert s.cfg.head == "causal_lm" and plan.activation_bytes(s, 16)["loss"] < 1e4
+
+    def cloze_batch(s, ids):  # the answer's position and two label words per row, a class per row
+        column = jax.ShapeDtypeStruct((16, 1), jnp.int32, sharding=ids.sharding)
+        return {"mlm_positions": column, "verbalizer": jax.ShapeDtypeStruct((16, 2), jnp.int32, sharding=ids.sharding),
+                "labels": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=sharding.replicated(ids.sharding.mesh))}
+
+    want = compiled_bytes(c, 1, extra=cloze_batch, objective=objectives.OBJECTIVES["cloze"])
+    assert plan.estimate(s)["total"] == pytest.approx(want, rel=0.15)
+
+
 def test_each_setting_moves_its_own_term():
     base = plan.estimate(plan.setup(config("lora", "none", 8), 8))
     bf16 = plan.estimate(plan.setup(config("lora", "none", 8, model__param_dtype="bfloat16",

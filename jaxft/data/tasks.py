@@ -18,6 +18,7 @@ Every array set carries `weight` (1 for a real example) so padded eval batches c
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -160,31 +161,63 @@ def classification(records: Records, tok, seq_len: int, text_field: str, label_f
 def fit_pair(a: list, b: list, room: int) -> tuple[list, list]:
     """Two texts cut to `room` tokens together as HF's `truncation="longest_first"` does: the shorter
     keeps up to half the room (the first counts as the shorter on a tie), the longer one the rest."""
-    if len(a) + len(b) <= room:
-        return a, b
-    if len(a) > len(b):
-        b = b[: room // 2]
-        return a[: room - len(b)], b
-    a = a[: room // 2]
-    return a, b[: room - len(a)]
+    keep = fit_texts([len(a), len(b)], room)
+    return a[: keep[0]], b[: keep[1]]
+
+
+def fit_texts(lengths: list[int], room: int) -> list[int]:
+    """How many tokens each text keeps so that they fit `room` together, longest first (HF's
+    `longest_first` for a pair, generalised): every text keeps min(its length, c) for the largest such
+    c, and the tokens left over go one each to the longest texts that were cut (a later text on a tie)."""
+    if sum(lengths) <= room:
+        return list(lengths)
+    low, high = 0, max(lengths)  # the largest c that fits: sum(min(n, c)) grows with c
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if sum(min(n, mid) for n in lengths) <= room else (low, mid - 1)
+    c = low
+    keep = [min(n, c) for n in lengths]
+    left = room - sum(keep)
+    for i in sorted((i for i, n in enumerate(lengths) if n > c), key=lambda i: (-lengths[i], -i))[:left]:
+        keep[i] += 1
+    return keep
 
 
 CLOZE_SLOT = re.compile(r"\{(\w*)\}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Demonstrations:
+    """LM-BFF's demonstrations (Gao et al. 2021): `per_class` training examples of every class, the
+    template filled with their label word, put beside each input; drawn for row i of a split from
+    (seed, split, i), from `pool` (the training records), never the row itself when it is one of them.
+    `separator`: text between the segments ("" = a masked LM's separator token, a space on a causal LM)."""
+    per_class: int
+    pool: Records
+    seed: int = 0
+    separator: str = ""
+
+
 def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list, template: str,
-          verbalizer: str, text_pair_field: str | None = None, token_type_ids: bool = False):
+          verbalizer: str, text_pair_field: str | None = None, token_type_ids: bool = False, causal: bool = False,
+          demonstrations: Demonstrations | None = None):
     """PET's cloze form (Schick & Schuetze 2021): each text put into `template` ("{text} it was {mask} .";
     "{text_b}" places a pair's second text), BOS/[CLS] before and EOS/[SEP] after; the literal parts
     are tokenized on their own. Each label's word (`verbalizer`, comma-separated, in `labels`' order)
     must be one token: the class is the word a masked LM puts at the mask. -> (arrays, truncated):
-    classification's arrays plus `mlm_positions` [N, 1] (the mask) and `verbalizer` [N, C] (the words'
-    ids). Texts too long lose their end (pairs: longest first); the template always stays whole."""
+    classification's arrays plus `mlm_positions` [N, 1] (where the answer is read) and `verbalizer`
+    [N, C] (the words' ids). Texts too long lose their end (longest first); the template stays whole.
+
+    `causal`: the question goes to a causal LM, which reads left to right: the row ends where the
+    mask would be (no EOS), and the answer is the next word after the row's last token, which is
+    `mlm_positions`. Nothing the answer depends on may follow the mask in the template.
+    `demonstrations` (LM-BFF): labelled examples after the input (a masked LM) or before it (a causal
+    LM, as in-context examples, so that the question stays last)."""
     where = "data.cloze_template"
     if not template or not verbalizer:
         raise JaxftError("data.task='cloze' needs data.cloze_template (e.g. '{text} it was {mask} .') and "
                          "data.verbalizer (a label word per label, e.g. 'bad,good')")
-    if tok.mask_id is None:
+    if not causal and tok.mask_id is None:
         raise JaxftError("data.task='cloze': the tokenizer has no mask token (expected a masked LM's, e.g. [MASK])")
     slots = CLOZE_SLOT.findall(template)
     want = ["text", "mask"] + (["text_b"] if text_pair_field else [])
@@ -192,6 +225,9 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
         pair = " and {text_b} (this data has pairs)" if text_pair_field else " (no {text_b}: this data has single texts)"
         raise JaxftError(f"{where}={template!r}: expected {{text}} and {{mask}} once each{pair}, found "
                          f"{', '.join('{' + x + '}' for x in slots) or 'none'}")
+    if causal and slots[-1] != "mask":
+        raise JaxftError(f"{where}={template!r}: a causal LM reads left to right, so {{mask}} must come after "
+                         f"{{{slots[-1]}}} (the answer is the next word)")
     words = str(verbalizer).split(",")  # as written: a BPE word inside a sentence has its leading space
     if len(words) != len(labels):
         raise JaxftError(f"data.verbalizer={verbalizer!r}: {len(words)} words for the {len(labels)} labels {labels} "
@@ -207,34 +243,83 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
                              f"(it is the unknown token {tok.piece(ids[0])!r})")
         word_ids.append(ids[0])
     parts = CLOZE_SLOT.split(template)  # literal, slot name, literal, ...
-    literal = {i: tok.encode(parts[i]) if parts[i].strip() else [] for i in range(0, len(parts), 2)}
-    fixed = len(tok.bos) + len(tok.eos) + 1 + sum(len(v) for v in literal.values())
+    # The pieces join as the whole text tokenizes: a SentencePiece-like tokenizer starts each piece with a
+    # word mark of its own (its dummy prefix), so pieces drop their spaces; a byte-level BPE (GPT-2,
+    # Llama 3, Qwen2, RoBERTa) makes a space part of the next word ("Ġword"), so a text after a space is
+    # encoded with it; WordPiece ignores spaces. A trailing space is never a token of its own.
+    marks_words = len(tok.encode(" a")) > len(tok.encode("a"))
+    literal = {j: tok.encode(parts[j].strip() if marks_words else parts[j].rstrip()) if parts[j].strip() else []
+               for j in range(0, len(parts), 2)}
+    question = parts[: parts.index("mask")] if causal else parts  # a causal LM's row stops at the mask
+    index = {v: k for k, v in enumerate(labels)}
+    demos = _demonstrations(records, demonstrations, label_field, index, tok, causal) if demonstrations else None
+    per_row = len(labels) * demonstrations.per_class if demos else 0
+    sep = demos["separator"] if demos else []
+    # whether a later segment starts after a space: the default join on a causal LM is one
+    joiner = demonstrations.separator if demonstrations else ""
+    after_sep = joiner[-1:].isspace() if joiner else causal
+    slots = [(j, parts[j]) for j in range(1, len(parts), 2) if parts[j] != "mask"]  # text, text_b
+    fields = {"text": text_field, "text_b": text_pair_field}
+    fixed = (len(tok.bos) + (0 if causal else len(tok.eos) + 1) + sum(len(literal[j]) for j in range(0, len(question), 2))
+             + per_row * (sum(len(v) for v in literal.values()) + 1 + len(sep)))
     room = seq_len - fixed
-    if room < 1 + bool(text_pair_field):
-        raise JaxftError(f"{where}={template!r}: the template takes {fixed} of data.seq_len={seq_len} tokens, "
-                         "leaving no room for the text")
+    if room < len(slots) * (1 + per_row):
+        more = f" and {per_row} demonstrations" if per_row else ""
+        raise JaxftError(f"{where}={template!r}: the template{more} take {fixed} of data.seq_len={seq_len} tokens, "
+                         "leaving no room for the texts")
+    encoded = {}
+
+    def encode(recs, i, first: bool) -> list[list[int]]:  # a record's texts in template order, once each
+        out = []
+        for j, slot in slots:
+            spaced = not marks_words and (parts[j - 1][-1:].isspace() or (j == 1 and not parts[0] and not first
+                                                                           and after_sep))
+            key = (id(recs), i, slot, spaced)
+            if key not in encoded:
+                text = _text(recs, i, fields[slot]).strip()  # SST-2's end in a space: no token of its own
+                encoded[key] = tok.encode(" " + text if spaced else text)
+            out.append(encoded[key])
+        return out
+
+    def segment(texts, answer, stop):  # the template filled; `stop` ends it at the mask
+        out, at, it = [], None, iter(texts)
+        for j, part in enumerate(parts[: parts.index("mask") + 1] if stop else parts):
+            if j % 2 == 0:
+                out += literal[j]
+            elif part == "mask":
+                at = len(out)
+                out += answer
+            else:
+                out += next(it)
+        return out, at
+
     n = len(records.rows)
     ids = np.full((n, seq_len), tok.pad_id, np.int32)
     mask = np.zeros((n, seq_len), np.int32)
     y = np.zeros((n,), np.int32)
     position = np.zeros((n, 1), np.int32)
-    index = {v: k for k, v in enumerate(labels)}
     truncated = 0
     for i in range(n):
-        a = tok.encode(_text(records, i, text_field))
-        b = tok.encode(_text(records, i, text_pair_field)) if text_pair_field else []
-        truncated += len(a) + len(b) > room
-        a, b = fit_pair(a, b, room) if text_pair_field else (a[:room], b)
-        fill = {"text": a, "text_b": b, "mask": [tok.mask_id]}
+        # the row's segments in order: (records, row, answer, stops at the mask); the question first on a
+        # masked LM ([CLS] question [SEP] demo [SEP] ...), last on a causal LM ([BOS] demo demo ... question)
+        shots = [(demonstrations.pool, j, [word_ids[demos["label"][j]]], False) for j in demos["rows"](i)] if demos else []
+        question = (records, i, [] if causal else [tok.mask_id], causal)
+        order = shots + [question] if causal else [question] + shots
+        pieces = [encode(recs, j, k == 0) for k, (recs, j, _, _) in enumerate(order)]
+        lengths = [len(t) for texts in pieces for t in texts]
+        keep = iter(fit_texts(lengths, room))  # one text or a pair alone: what fit_pair keeps
+        pieces = [[t[: next(keep)] for t in texts] for texts in pieces]
+        truncated += sum(len(t) for texts in pieces for t in texts) < sum(lengths)
         toks = list(tok.bos)
-        for j, part in enumerate(parts):
-            if j % 2 == 0:
-                toks += literal[j]
-            else:
-                if part == "mask":
-                    position[i, 0] = len(toks)
-                toks += fill[part]
-        toks += tok.eos
+        for k, (texts, (_, _, answer, stop)) in enumerate(zip(pieces, order)):
+            filled, at = segment(texts, answer, stop)
+            toks += (sep if k else []) + filled
+            if k == 0 and not causal:  # the question's mask
+                position[i, 0] = len(tok.bos) + at
+        if causal:
+            position[i, 0] = len(toks) - 1  # the answer is the next word after the row's last token
+        else:
+            toks += tok.eos
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
         y[i] = class_index(records, i, label_field, index)
@@ -243,6 +328,37 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     if token_type_ids:  # one sequence: every token is type 0
         arrays["token_type_ids"] = np.zeros((n, seq_len), np.int32)
     return arrays, truncated
+
+
+def _demonstrations(records: Records, d: Demonstrations, label_field: str, index: dict, tok, causal: bool) -> dict:
+    """-> {"rows": i -> the pool rows shown with row i, in the order shown, "label": pool row -> class,
+    "separator": ids}. Row i of `records` draws from (seed, split, i): the split is the training one
+    when `records` is the pool itself, and then row i is never its own demonstration."""
+    own = records is d.pool
+    classes = [class_index(d.pool, j, label_field, index) for j in range(len(d.pool.rows))]
+    by_class = [[j for j, c in enumerate(classes) if c == k] for k in range(len(index))]
+    place = {j: p for pool in by_class for p, j in enumerate(pool)}  # a row's index within its class
+    for k, rows in enumerate(by_class):
+        if len(rows) < d.per_class + own:
+            label = list(index)[k]
+            raise JaxftError(f"data.demonstrations={d.per_class}: the training data has {len(rows)} examples of "
+                             f"label {label!r}, expected at least {d.per_class + own}")
+    if d.separator:
+        separator = tok.encode(d.separator)
+    else:
+        separator = [] if causal else list(getattr(tok, "sep", None) or tok.eos)
+
+    def rows(i: int) -> list[int]:
+        rng = np.random.default_rng([d.seed, 0 if own else 1, i])
+        shown = []
+        for k, pool in enumerate(by_class):
+            skip = own and classes[i] == k  # draw from the others: indices from `at` on move up by one
+            at = place[i] if skip else len(pool)
+            drawn = rng.choice(len(pool) - skip, d.per_class, replace=False)
+            shown += [pool[j + (j >= at)] for j in drawn]
+        return [shown[j] for j in rng.permutation(len(shown))]
+
+    return {"rows": rows, "label": classes, "separator": separator}
 
 
 def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bool = False):

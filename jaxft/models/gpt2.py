@@ -176,9 +176,10 @@ class GPT2Model(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False,
-                 cache=None, cache_index=None, segment_ids=None):
+                 cache=None, cache_index=None, segment_ids=None, label_positions=None):
         """`return_hidden` (causal LM): (final hidden states [B, T, D], output embedding [V, D]) instead of
         logits, for a loss that fuses the vocabulary projection; logits where a hook acts on the head.
+        `label_positions` [B, K] (causal LM): the outputs at those positions only (a cloze answer's).
         `segment_ids` [B, T] (packed rows): attention stays within each example, positions restart."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         if attention_mask is None:
@@ -245,10 +246,10 @@ class GPT2Model(nn.Module):
             if kv is not None:
                 kv = tuple(jnp.stack([c[j] for c in per_layer]) for j in (0, 1))
         h = LayerNorm(cfg.layer_norm_epsilon, dt, name="ln_f")(h)
-        out = self._head(h, wte, input_ids, attention_mask, length, return_hidden)
+        out = self._head(h, wte, input_ids, attention_mask, length, return_hidden, label_positions)
         return out if cache is None else (out, {"keys": kv[0], "values": kv[1]})
 
-    def _head(self, h, wte, input_ids, attention_mask, length, return_hidden):
+    def _head(self, h, wte, input_ids, attention_mask, length, return_hidden, label_positions=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         head = lambda n, bias: Linear(cfg.num_labels, ("embed", None), bias, dt, self.hooks,  # noqa: E731
                                       preferred_element_type=jnp.float32, name=n)
@@ -263,6 +264,8 @@ class GPT2Model(nn.Module):
         h = h[:, h.shape[1] - length:]  # per-token outputs: not for virtual tokens
         if cfg.head == "token_classification":
             return head("classifier", True)(h).astype(jnp.float32)
+        if label_positions is not None:
+            h = jnp.take_along_axis(h, label_positions[..., None], axis=1)
         if cfg.tie_word_embeddings:
             return (h, wte) if return_hidden else jnp.dot(h, wte.astype(dt).T, preferred_element_type=jnp.float32)
         lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, preferred_element_type=jnp.float32,
@@ -420,8 +423,12 @@ def matmul_weights(cfg: GPT2Config) -> int:
     head (the tied vocabulary projection, or a classifier's). wte and wpe are lookups: 0 FLOPs."""
     d = cfg.hidden_size
     per_layer = 3 * d * d + d * d + 2 * d * cfg.intermediate_size
-    out = d * (cfg.vocab_size if cfg.head == "causal_lm" else cfg.num_labels)
-    return cfg.num_layers * per_layer + out
+    return cfg.num_layers * per_layer + head_weights(cfg)
+
+
+def head_weights(cfg: GPT2Config) -> int:
+    """The output head's matmul weights: the tied vocabulary projection, or a classifier's."""
+    return cfg.hidden_size * (cfg.vocab_size if cfg.head == "causal_lm" else cfg.num_labels)
 
 
 def activation_blocks(cfg: GPT2Config) -> tuple[Blocks, ...]:
@@ -454,6 +461,7 @@ FAMILY = Family(
     classifier_params=r"^(score|classifier)/",
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    head_weights=head_weights,
     activation_blocks=activation_blocks,
     init_cache=init_cache,
     tied_embedding=("wte", ("lm_head.weight",)),

@@ -173,10 +173,12 @@ class LlamaModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, return_hidden: bool = False,
-                 segment_ids=None, cache=None, cache_index=None):
+                 segment_ids=None, cache=None, cache_index=None, label_positions=None):
         """`return_hidden` (causal LM): return (final hidden states [B, T, D], output embedding [V, D])
         instead of logits, for a loss that fuses the vocabulary projection (`jaxft.cross_entropy`).
         Logits come back as usual where a method hooks the LM head, and for classification.
+        `label_positions` [B, K] (causal LM): the outputs at those positions only (a cloze question's
+        answer is the next token after one position: the vocabulary projection runs there alone).
         `segment_ids` [B, T] (packed rows, 1, 2, ... per example): attention stays within each example
         and positions restart at 0 with each one (unless `position_ids` are given).
 
@@ -254,6 +256,8 @@ class LlamaModel(nn.Module):
                            name="score")
             return score(pooled).astype(jnp.float32)
         h = h[:, h.shape[1] - length:]  # per-token outputs: not for virtual tokens
+        if label_positions is not None:
+            h = jnp.take_along_axis(h, label_positions[..., None], axis=1)
         if cache is not None:  # generation: logits, and the cache to carry on with
             return self.output_logits(h, embed), cache
         return self.output_logits(h, embed, return_hidden)
@@ -465,8 +469,12 @@ def matmul_weights(cfg: LlamaConfig) -> int:
     d = cfg.dim_per_head
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
     per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
-    out = cfg.hidden_size * (cfg.num_labels if cfg.head == "classification" else cfg.vocab_size)
-    return cfg.num_layers * per_layer + out
+    return cfg.num_layers * per_layer + head_weights(cfg)
+
+
+def head_weights(cfg: LlamaConfig) -> int:
+    """The output head's matmul weights: the vocabulary projection, or the classifier's tiny one."""
+    return cfg.hidden_size * (cfg.num_labels if cfg.head == "classification" else cfg.vocab_size)
 
 
 def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
@@ -497,6 +505,7 @@ FAMILY = Family(
     classifier_params=r"^score/",
     kv_layout=lambda cfg: (cfg.num_layers, cfg.num_kv_heads, cfg.dim_per_head),
     matmul_weights=matmul_weights,
+    head_weights=head_weights,
     activation_blocks=activation_blocks,
     init_cache=init_cache,
     tied_embedding=("embed_tokens", ("lm_head.weight",)),
