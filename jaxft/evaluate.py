@@ -357,7 +357,7 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     or a generation task's answers."""
     from tqdm import tqdm
 
-    from jaxft import metrics, sharding
+    from jaxft import metrics, objectives, sharding
     from jaxft.models import family
     from jaxft.step import make_eval_step
     from jaxft.train import evaluate as loss_eval
@@ -371,7 +371,7 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     if objective.prepare is None:
         eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=sharding.replicated(mesh))
         scores = loss_eval(eval_step, types.SimpleNamespace(params=params), {}, arrays, mesh, batch,
-                           model.cfg.head == "causal_lm", model.cfg.labels, data.sources)
+                           objectives.has_perplexity(objective, model.cfg.head), model.cfg.labels, data.sources)
     tok = data.tokenizer
     if classifies:
         names = [str(v) for v in data.labels]

@@ -70,6 +70,11 @@ class Objective:
 OWN = "objective"  # where an objective's own parameters sit in the trainable tree
 
 
+def has_perplexity(objective: Objective, head: str) -> bool:
+    """Whether exp(loss) means anything: as the objective says, else where the head is a language model's."""
+    return head in ("causal_lm", "seq2seq_lm") if objective.perplexity is None else objective.perplexity
+
+
 def loss_of(objective: Objective, outputs, batch, trainable) -> dict:
     """The objective's sums, given its own parameters where it has them."""
     if objective.own_params is None:

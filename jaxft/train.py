@@ -678,7 +678,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     writer = MetricWriter(workdir, resume_step=start)
     if meta.get("resumed_anyway"):
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
-    perplexity = cfg.head in ("causal_lm", "seq2seq_lm") if objective.perplexity is None else objective.perplexity
+    perplexity = objectives.has_perplexity(objective, cfg.head)
     preemption = Preemption(config.train.sync_every_steps)
     throughput = Throughput(cfg, trainable, method, peak)
     profile = Profile(profile_steps, workdir)

@@ -384,6 +384,7 @@ def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_al
         c[section][name] = value
     result = evaluate(c, str(tmp_path / "export"), out=str(tmp_path / "eval"))
     assert result["metrics"]["eval/accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-9)
+    assert "eval/perplexity" not in final and "eval/perplexity" not in result["metrics"]  # a loss over 2 words
 
     bundled = sources.read_file(sources.BUNDLED["sst2"].train)
     train = sources.Records(bundled.rows[:16], bundled.where[:16])  # dev rows, demonstrations from these
@@ -407,3 +408,22 @@ def test_demonstrations_need_the_cloze_task(tmp_path):
     assert r.returncode != 0
     assert "data.demonstrations=1: demonstrations fill a cloze template: expected data.task='cloze', not ''" in r.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_chinese_reviews_with_demonstrations_as_transformers_tokenizes_them():
+    """ChnSentiCorp on the bundled encoder: a Chinese template and label words, one demonstration per class."""
+    tok, ref = Tokenizer(BERT), transformers.AutoTokenizer.from_pretrained(str(BERT))
+    reviews = sources.read_file(sources.BUNDLED["chnsenticorp"].train)
+    short = [i for i, r in enumerate(reviews.rows) if len(r["review"]) < 40][:30]
+    records = sources.Records([reviews.rows[i] for i in short], [reviews.where[i] for i in short])
+    template, words = "{text}。总之很{mask}。", "差,好"
+    shots = tasks.Demonstrations(1, records, seed=0)
+    arrays, cut = tasks.cloze(records, tok, 256, "review", "label", [0, 1], template, words, demonstrations=shots)
+    assert cut == 0 and arrays["verbalizer"][0].tolist() == ref.convert_tokens_to_ids(["差", "好"])
+    pick = tasks._demonstrations(records, shots, "label", {0: 0, 1: 1}, tok, False)["rows"]
+    for i, row in enumerate(records.rows):
+        text = row["review"] + "。总之很[MASK]。" + "".join(
+            "[SEP]" + records.rows[j]["review"] + "。总之很" + words.split(",")[int(records.rows[j]["label"])] + "。"
+            for j in pick(i))
+        n = int(arrays["attention_mask"][i].sum())
+        assert arrays["input_ids"][i, :n].tolist() == ref(text)["input_ids"]
