@@ -203,7 +203,7 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
           demonstrations: Demonstrations | None = None):
     """PET's cloze form (Schick & Schuetze 2021): each text put into `template` ("{text} it was {mask} .";
     "{text_b}" places a pair's second text), BOS/[CLS] before and EOS/[SEP] after; the literal parts
-    are tokenized on their own. Each label's word (`verbalizer`, comma-separated, in `labels`' order)
+    are tokenized on their own, joined as the whole text would be. Each label's word (`verbalizer`, comma-separated, in `labels`' order)
     must be one token: the class is the word a masked LM puts at the mask. -> (arrays, truncated):
     classification's arrays plus `mlm_positions` [N, 1] (where the answer is read) and `verbalizer`
     [N, C] (the words' ids). Texts too long lose their end (longest first); the template stays whole.
@@ -250,7 +250,7 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     marks_words = len(tok.encode(" a")) > len(tok.encode("a"))
     literal = {j: tok.encode(parts[j].strip() if marks_words else parts[j].rstrip()) if parts[j].strip() else []
                for j in range(0, len(parts), 2)}
-    question = parts[: parts.index("mask")] if causal else parts  # a causal LM's row stops at the mask
+    asked = parts[: parts.index("mask")] if causal else parts  # a causal LM's row stops at the mask
     index = {v: k for k, v in enumerate(labels)}
     demos = _demonstrations(records, demonstrations, label_field, index, tok, causal) if demonstrations else None
     per_row = len(labels) * demonstrations.per_class if demos else 0
@@ -260,7 +260,7 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     after_sep = joiner[-1:].isspace() if joiner else causal
     slots = [(j, parts[j]) for j in range(1, len(parts), 2) if parts[j] != "mask"]  # text, text_b
     fields = {"text": text_field, "text_b": text_pair_field}
-    fixed = (len(tok.bos) + (0 if causal else len(tok.eos) + 1) + sum(len(literal[j]) for j in range(0, len(question), 2))
+    fixed = (len(tok.bos) + (0 if causal else len(tok.eos) + 1) + sum(len(literal[j]) for j in range(0, len(asked), 2))
              + per_row * (sum(len(v) for v in literal.values()) + 1 + len(sep)))
     room = seq_len - fixed
     if room < len(slots) * (1 + per_row):
