@@ -135,14 +135,19 @@ def write_jsonl(path, rows: list[dict]):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def generation_eval(config, data, model, workdir=None):
+def generation_eval(config, data, model, workdir=None, objective=None):
     """Training's periodic generation (`eval.generate_examples` > 0 on a generation task): a function
     of (the merged parameters, step) -> {"eval/rouge1", ..., "eval/bleu", "eval/exact_match"}, and each
-    source's ("eval/rougeL/<source>", ...) on a mixture; else None. With a `workdir` (an epath), the
-    answers go to `samples/step_N.jsonl` there, so a run's outputs can be read as it trains."""
+    source's ("eval/rougeL/<source>", ...) on a mixture; for a policy that learns from its own
+    completions (an objective with a `rollout`: GRPO, PPO), `jaxft.grpo.reward_eval`'s rewards; else None.
+    With a `workdir` (an epath), the answers go to `samples/step_N.jsonl` there, so a run's outputs can be
+    read as it trains. `objective`: the run's (default: the data task's)."""
+    from jaxft import objectives
     from jaxft.models import family
 
-    if data.task in ("grpo", "ppo"):  # a policy's eval: the rewards of its completions
+    if objective is None:
+        objective = objectives.for_task(data.task, config.train, model.cfg)
+    if objective.rollout is not None:  # a policy's eval: the rewards of its completions
         from jaxft.grpo import reward_eval
 
         return reward_eval(config, data, model, workdir)
@@ -315,7 +320,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     if arrays is None:
         raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
-    objective = objectives.for_task(data.task, config.train)
+    objective = objectives.for_task(data.task, config.train, cfg)
     if kind == "orbax":
         model, params, step = restore_trained(config, where, step, cfg, base_root, data, mesh)
         params_out = where

@@ -1,4 +1,7 @@
-"""GRPO (Shao et al. 2024, DeepSeekMath): reinforcement learning of a causal LM from rewards of its own completions.
+"""GRPO (Shao et al. 2024, DeepSeekMath): reinforcement learning of a policy from rewards of its own completions.
+
+The policy is a causal LM, which continues its prompt, or an encoder-decoder (T5; RL4LMs' seq2seq
+policies), whose encoder reads the prompt and whose decoder writes the completion from its start token.
 
 Every step the policy completes each of the batch's prompts G times (`train.grpo_generations`), by
 sampling; reward functions score the completions (`jaxft.rewards`, TRL's calling convention); each
@@ -23,8 +26,13 @@ The batch a step trains on is made by the policy itself, so the loop asks the ob
 for it instead of the data: `train.batch_size` prompts -> batch_size x G rows of prompt + completion
 (`attention_mask` up to and including the completion's first EOS, `loss_mask` on the completion),
 `advantages`, and the reference's (`ref_logps`) and, with several iterations, the sampler's (`old_logps`)
-log-probabilities of every token. The train step does not know it is GRPO. The completions are drawn
-with a key of (train.seed, step), so a resumed run draws the same ones.
+log-probabilities of every token. An encoder-decoder's rows keep the prompt as `input_ids` (the
+encoder's) and the completion as `labels` (-100 after its EOS) with `decoder_input_ids` the start token
+and the completion shifted right (as `jaxft.data.seq2seq`'s pairs), `loss_mask` on the completion: one
+seq2seq forward pass gives every completion token's log-probability (`completion_targets` says which
+position predicts which token, in both layouts). The train step does not know it is GRPO, nor which
+kind of policy trains. The completions are drawn with a key of (train.seed, step), so a resumed run
+draws the same ones.
 
 Logged: train/reward (the weighted sum's mean) and each function's (train/reward/<name>), train/reward_std
 (mean within groups), train/completion_length, train/clipped_completions (no EOS before
@@ -43,7 +51,7 @@ import numpy as np
 
 from jaxft import cross_entropy
 from jaxft.errors import JaxftError
-from jaxft.objectives import Objective, model_inputs, next_token
+from jaxft.objectives import Objective, model_inputs, next_token, seq2seq_inputs
 
 EPS_STD = 1e-4  # TRL's: a group whose rewards are all equal gets advantage 0, not 0 / 0
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
@@ -91,10 +99,30 @@ def settings(train, kind=Settings, min_generations: int = 2):
 # The loss.
 
 
+def policy_inputs(batch) -> dict:
+    """The policy's inputs: rows of prompt + completion (a decoder), or the prompt to the encoder and the
+    start token + completion to the decoder (an encoder-decoder's rows: they have `decoder_input_ids`)."""
+    return seq2seq_inputs(batch) if "decoder_input_ids" in batch else model_inputs(batch)
+
+
+def completion_targets(batch):
+    """-> (the token each output position predicts [rows, T], 1 where it is a completion's token). A
+    decoder's position t predicts token t + 1 of its row; an encoder-decoder's decoder position t predicts
+    completion token t (`labels`, -100 after the completion)."""
+    if "labels" in batch:
+        return jnp.maximum(batch["labels"], 0), batch["loss_mask"]
+    return next_token(batch["input_ids"]), next_token(batch["attention_mask"] * batch["loss_mask"])
+
+
+def tokens(batch):
+    """The real tokens of a batch of rows, prompts and completions (an encoder-decoder's in both streams)."""
+    return batch["attention_mask"].sum() + (batch["loss_mask"].sum() if "labels" in batch else 0)
+
+
 def token_log_probs(outputs, batch, temperature: float = 1.0):
-    """[rows, T]: position t holds log p(token t + 1) under logits / temperature. outputs: logits, or
-    (hidden, output embedding), projected chunk by chunk."""
-    targets = next_token(batch["input_ids"])
+    """[rows, T]: position t holds log p(the token it predicts, `completion_targets`) under logits / temperature.
+    outputs: logits, or (hidden, output embedding), projected chunk by chunk."""
+    targets = completion_targets(batch)[0]
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
         scaled = hidden if temperature == 1.0 else (hidden.astype(jnp.float32) / temperature).astype(hidden.dtype)
@@ -103,9 +131,8 @@ def token_log_probs(outputs, batch, temperature: float = 1.0):
 
 
 def completion_weights(batch):
-    """[rows, T]: 1 where position t predicts a completion token (the targets are shifted, as the log-probs)."""
-    keep = next_token(batch["attention_mask"] * batch["loss_mask"]).astype(jnp.float32)
-    return keep * batch["weight"][:, None]
+    """[rows, T]: the row's weight where position t predicts a completion token (`completion_targets`), else 0."""
+    return completion_targets(batch)[1].astype(jnp.float32) * batch["weight"][:, None]
 
 
 def per_token(logp, old, ref, advantages, beta: float, epsilon: float):
@@ -141,9 +168,9 @@ def objective(s: Settings) -> Objective:
         return {"loss_sum": jnp.sum(w * per), "count": count, "correct": jnp.zeros((), jnp.float32),
                 "kl": jnp.sum(w * kl), "clip_ratio": jnp.sum(w * clipped)}
 
-    return Objective("grpo", loss, model_inputs, sequences=s.generations, perplexity=False, accuracy=False,
-                     train_sums=("kl", "clip_ratio"), rollout=functools.partial(Rollout, s), new_tokens=s.max_new_tokens,
-                     keeps_reference=s.beta > 0)
+    return Objective("grpo", loss, policy_inputs, sequences=s.generations, tokens=tokens, perplexity=False,
+                     accuracy=False, train_sums=("kl", "clip_ratio"), rollout=functools.partial(Rollout, s),
+                     new_tokens=s.max_new_tokens, keeps_reference=s.beta > 0)
 
 
 def advantages(rewards, generations: int, scale: bool = True) -> np.ndarray:
@@ -224,9 +251,11 @@ class Rollout:
 
     def __init__(self, s: Settings, model, trainable, data, mesh, seed: int):
         from jaxft import generate, rewards, sharding
+        from jaxft.models import family
         from jaxft.peft.partition import merge
 
         self.s, self.model, self.mesh, self.seed, self.data = s, model, mesh, seed, data
+        self.encoder_decoder = family.of(model.cfg).encoder_decoder
         self.period = s.iterations
         self.functions = rewards.load(s.rewards, s.reward_weights)
         tok = data.tokenizer
@@ -249,7 +278,7 @@ class Rollout:
         from jaxft import sharding
 
         with sharding.axis_rules(self.mesh):
-            return self.model.apply({"params": self._merge(trainable, frozen)}, **model_inputs(batch),
+            return self.model.apply({"params": self._merge(trainable, frozen)}, **policy_inputs(batch),
                                     return_hidden=True)
 
     def __call__(self, trainable, frozen, local, global_batch, step: int):
@@ -270,14 +299,27 @@ class Rollout:
                                                     self.data.records["train"][0], prompt["record"],
                                                     self.data.prompts["train"])
         truncated = ~np.isin(new, self.eos).any(axis=1)  # no EOS within max_new_tokens
-        exp = {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, self.pad)], axis=1),
-               "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
-               "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1),
-               "weight": prompt["weight"] * (~truncated if s.mask_truncated else 1)}
+        exp = {**self.rows(prompt, new, mask), "weight": prompt["weight"] * (~truncated if s.mask_truncated else 1)}
         batch, figures = self.complete(exp, total, trainable, frozen, n_global)
         self.stats = {**self._stats(*sharding.gather((total, each.T, mask.sum(axis=1), truncated))), **figures}
         self.cached = exp, batch
         return self.cached
+
+    def rows(self, prompt: dict, new, mask) -> dict:
+        """Prompts and their completions (new tokens, 1 up to the first EOS) -> the rows the policy reads
+        (the module docstring): a decoder's prompt + completion, or an encoder-decoder's prompt for the
+        encoder and completion for the decoder."""
+        if not self.encoder_decoder:
+            return {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, self.pad)], axis=1),
+                    "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
+                    "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1)}
+        from jaxft.data import seq2seq
+
+        labels = np.where(mask > 0, new, seq2seq.IGNORE).astype(np.int32)
+        start = getattr(self.model.cfg, "decoder_start_token_id", None)  # as generation starts the decoder
+        return {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"], "labels": labels,
+                "decoder_input_ids": seq2seq.decoder_inputs(labels, self.pad if start is None else start, self.pad),
+                "loss_mask": mask}
 
     def complete(self, exp: dict, rewards, trainable, frozen, n_global: int) -> tuple[dict, dict]:
         """The local rows of prompts + completions, and their rewards -> (the global batch the loss reads,

@@ -301,10 +301,12 @@ OBJECTIVES["span_corruption"] = OBJECTIVES["seq2seq_lm"]  # T5's pretraining: se
 # The model head each data task trains.
 HEADS = {"classification": "classification", "causal_lm": "causal_lm", "sft": "causal_lm", "masked_lm": "masked_lm",
          "token_classification": "token_classification", "span_corruption": "seq2seq_lm", "seq2seq": "seq2seq_lm",
-         "dpo": "causal_lm", "reward": "classification", "grpo": "causal_lm", "ppo": "causal_lm"}
+         "dpo": "causal_lm", "reward": "classification"}
 # Tasks a model may answer with one of several heads: the first one it has. A cloze question goes to
-# a masked LM's mask (PET), or to a causal LM's next word after the template (its mask ends it).
-HEAD_CHOICES = {"cloze": ("masked_lm", "causal_lm")}
+# a masked LM's mask (PET), or to a causal LM's next word after the template (its mask ends it). A
+# policy that learns from its own completions (GRPO, PPO) is a decoder's LM head or an encoder-decoder's.
+POLICY_HEADS = ("causal_lm", "seq2seq_lm")
+HEAD_CHOICES = {"cloze": ("masked_lm", "causal_lm"), "grpo": POLICY_HEADS, "ppo": POLICY_HEADS}
 
 
 def head_for(task: str, heads=()) -> str:
@@ -315,31 +317,35 @@ def head_for(task: str, heads=()) -> str:
     return HEADS.get(task)
 
 
-def _dpo(train) -> Objective:
+def _dpo(train, cfg=None) -> Objective:
     from jaxft import dpo
 
     return dpo.objective(float(train.dpo_beta), str(train.get("dpo_loss", "sigmoid")),
                          float(train.get("dpo_label_smoothing", 0.0)))
 
 
-def _grpo(train) -> Objective:
+def _grpo(train, cfg=None) -> Objective:
     from jaxft import grpo
 
     return grpo.objective(grpo.settings(train))
 
 
-def _ppo(train) -> Objective:
+def _ppo(train, cfg=None) -> Objective:
     from jaxft import ppo
+    from jaxft.models import family
 
-    return ppo.objective(ppo.settings(train))
+    # the value head reads the final hidden states, which a family's LM head may scale first (T5)
+    return ppo.objective(ppo.settings(train), family.of(cfg).head_scale(cfg) if cfg is not None else 1.0)
 
 
-MADE = {"dpo": _dpo, "grpo": _grpo, "ppo": _ppo}  # objectives with settings: the config's train section -> Objective
+# objectives with settings: (the config's train section, the model's config or None) -> Objective
+MADE = {"dpo": _dpo, "grpo": _grpo, "ppo": _ppo}
 
 
-def for_task(task: str, train=None) -> Objective:
+def for_task(task: str, train=None, cfg=None) -> Objective:
     """The objective of a data task (`data.task`, or what the data says); `train`: the config's train
-    section, for the objectives that take settings (DPO's `train.dpo_beta`; its default without it)."""
+    section, for the objectives that take settings (DPO's `train.dpo_beta`; its default without it);
+    `cfg`: the model's config, for what its family changes (PPO's value head on T5's states)."""
     from jaxft.errors import JaxftError
 
     if task in MADE:
@@ -347,7 +353,7 @@ def for_task(task: str, train=None) -> Objective:
             from jaxft.config import base_config
 
             train = base_config().train
-        return MADE[task](train)
+        return MADE[task](train, cfg)
     if task not in OBJECTIVES:
         raise JaxftError(f"data.task={task!r}: no objective for it (expected one of {', '.join([*OBJECTIVES, *MADE])})")
     return OBJECTIVES[task]

@@ -170,7 +170,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
     platform = platform or jax.default_backend()
-    objective = objectives.for_task(task, config.train)  # DPO and reward models: 2 rows a pair; GRPO: G rows a prompt
+    objective = objectives.for_task(task, config.train, cfg)  # DPO and reward models: 2 rows a pair; GRPO: G rows a prompt
     return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform,
                  objective.sequences, config.data.seq_len + objective.new_tokens, objective.keeps_reference)
 

@@ -3,7 +3,8 @@ PPOTrainer): the policy's completions are scored by reward functions, and a valu
 completion token, the return still to come, so each token's advantage is measured against it.
 
 The rollouts are GRPO's (`jaxft.grpo.Rollout`: `train.grpo_*` sampling, rewards and KL settings apply,
-here with any number of completions per prompt, 1 as TRL's). For each batch of completions:
+here with any number of completions per prompt, 1 as TRL's), and so are its policies: a causal LM, or an
+encoder-decoder (T5) whose decoder writes the completion. For each batch of completions:
 
     r_t = -beta (log pi_old(t) - log ref(t)), plus the reward at the completion's last token
     A_t = GAE(gamma, lambda) of r_t against the old values V_old(t); the value after the last token is 0
@@ -16,7 +17,8 @@ and the loss per completion token, averaged over them, is
 
 (`train.ppo_value_coef` 0.1, `train.ppo_value_clip` c 0.2, `train.ppo_gamma` 1, `train.ppo_lam` 0.95;
 eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`). The value head is a
-vector and a bias on the policy's final hidden states (a shared trunk, as TRL's value-head models),
+vector and a bias on the policy's final hidden states (a shared trunk, as TRL's value-head models: an
+encoder-decoder's decoder states, unscaled by the factor its LM head applies, `Family.head_scale`),
 starting at zero; it is the objective's own parameter (`Objective.own_params`), trained with the
 method's, checkpointed, never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
 mean log pi_old - log ref per token), train/value_loss, train/clip_ratio, train/value_clip_ratio.
@@ -33,7 +35,7 @@ import numpy as np
 
 from jaxft import grpo
 from jaxft.errors import JaxftError
-from jaxft.objectives import Objective, model_inputs
+from jaxft.objectives import Objective
 
 WHITEN_EPS = 1e-8
 HIDDEN = ("PPO's value head reads the model's final hidden states, which a method that changes the LM head hides "
@@ -66,12 +68,16 @@ def value_head(model) -> dict:
     return {"value_head": {"kernel": jnp.zeros((size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
 
 
-def values(outputs, own) -> jax.Array:
-    """[rows, T]: the value head on the final hidden states (position t: the state before token t + 1)."""
+def values(outputs, own, head_scale: float = 1.0) -> jax.Array:
+    """[rows, T]: the value head on the final hidden states (position t: the state that predicts the token
+    `grpo.completion_targets` names). `head_scale`: the factor the outputs' states carry (`Family.head_scale`)."""
     if not isinstance(outputs, tuple):
         raise JaxftError(HIDDEN)
     head = own["value_head"]
-    return jnp.einsum("btd,d->bt", outputs[0].astype(jnp.float32), head["kernel"]) + head["bias"]
+    states = outputs[0].astype(jnp.float32)
+    if head_scale != 1.0:
+        states = states / head_scale
+    return jnp.einsum("btd,d->bt", states, head["kernel"]) + head["bias"]
 
 
 def gae(rewards, values_, mask, gamma: float, lam: float):
@@ -97,10 +103,13 @@ def whiten(x, mask):
     return jnp.where(mask > 0, (x - mean) * jax.lax.rsqrt(var + WHITEN_EPS), 0.0)
 
 
-def objective(s: Settings) -> Objective:
+def objective(s: Settings, head_scale: float = 1.0) -> Objective:
+    """PPO's loss; `head_scale`: the policy family's (`Family.head_scale`), which the value head takes off
+    the states it reads."""
+
     def loss(outputs, batch, own):
         logp = grpo.token_log_probs(outputs, batch, s.temperature)
-        v = values(outputs, own)
+        v = values(outputs, own, head_scale)
         a, ret, old_v = batch["advantages"], batch["returns"], batch["old_values"]
         ratio = jnp.exp(logp - batch["old_logps"])
         pg1, pg2 = -a * ratio, -a * jnp.clip(ratio, 1 - s.epsilon, 1 + s.epsilon)
@@ -114,9 +123,9 @@ def objective(s: Settings) -> Objective:
                 "correct": jnp.zeros((), jnp.float32), "value_loss": jnp.sum(w * vf),
                 "clip_ratio": jnp.sum(w * (pg2 > pg1)), "value_clip_ratio": jnp.sum(w * (vf2 > vf1))}
 
-    return Objective("ppo", loss, model_inputs, sequences=s.generations, perplexity=False, accuracy=False,
-                     train_sums=("value_loss", "clip_ratio", "value_clip_ratio"),
-                     rollout=functools.partial(Rollout, s), new_tokens=s.max_new_tokens, keeps_reference=s.beta > 0,
+    return Objective("ppo", loss, grpo.policy_inputs, sequences=s.generations, tokens=grpo.tokens, perplexity=False,
+                     accuracy=False, train_sums=("value_loss", "clip_ratio", "value_clip_ratio"),
+                     rollout=functools.partial(Rollout, s, head_scale), new_tokens=s.max_new_tokens, keeps_reference=s.beta > 0,
                      own_params=value_head)
 
 
@@ -135,16 +144,16 @@ class Rollout(grpo.Rollout):
     """GRPO's rollouts, completed with the sampler's log-probabilities and values, the reference's
     log-probabilities, and the advantages and value targets of GAE (the module docstring)."""
 
-    def __init__(self, s: Settings, model, trainable, data, mesh, seed: int):
+    def __init__(self, s: Settings, head_scale: float, model, trainable, data, mesh, seed: int):
         from jaxft import sharding
         from jaxft.objectives import OWN
 
         super().__init__(s, model, trainable, data, mesh, seed)
         rows = sharding.batch_sharding(mesh, 2)
 
-        def old(trainable, frozen, batch):
+        def old(trainable, frozen, batch):  # the values as the loss computes them: the same head_scale
             outputs = self.outputs(trainable, frozen, batch)
-            return grpo.token_log_probs(outputs, batch, s.temperature), values(outputs, trainable[OWN])
+            return grpo.token_log_probs(outputs, batch, s.temperature), values(outputs, trainable[OWN], head_scale)
 
         self._old = jax.jit(old, out_shardings=(rows, rows))
         self._targets = jax.jit(functools.partial(targets, s), out_shardings=(rows, rows, sharding.replicated(mesh)))

@@ -163,7 +163,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         return resolved
 
     if task in ("grpo", "ppo"):  # prompts only: the policy writes the completions (jaxft.grpo, jaxft.ppo)
-        return prompt_data(config, tok, every_source())
+        return prompt_data(config, tok, every_source(), family.of(cfg).encoder_decoder)
     if task in ("classification", "cloze") and extra:
         raise JaxftError(f"data.name={d.name!r}: several sources are supported for causal_lm, sft, dpo, reward and seq2seq only")
     template = None
@@ -216,11 +216,12 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     return Data(train, ev, task, labels, tok, m.groups, m.weights, m.names, records, transform)
 
 
-def prompt_data(config, tok, resolved: list) -> Data:
+def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> Data:
     """GRPO's and PPO's prompts (`jaxft.data.prompts`) of every source (name, train records, eval
     records or None, text field), the training records' and the held-out ones', and the reward
     functions tried on the first. A mixture's sources are joined into one list of records (so reward
-    functions see every record's fields), each row remembering its source for `data.weights`."""
+    functions see every record's fields), each row remembering its source for `data.weights`. An
+    encoder-decoder's prompts are the sources its encoder reads."""
     from jaxft import grpo
     from jaxft.data import mixture, prompts, sft
     from jaxft.data.sources import Records, pair_fields
@@ -236,13 +237,14 @@ def prompt_data(config, tok, resolved: list) -> Data:
             if records is None:
                 continue
             arrays, counts, values = prompts.encode(records, tok, renderer, d.seq_len, text_field, fields,
-                                                    bool(d.skip_bad_records))
+                                                    bool(d.skip_bad_records), encoder_decoder)
             if counts.skipped:
                 log(f"note: skipped {counts.skipped} bad {split} records of {name} (data.skip_bad_records); the first: "
                     f"{counts.first_skip}")
             if counts.truncated:
+                kept = "its first" if encoder_decoder else "its last"
                 log(f"note: {counts.truncated} of {len(records.rows)} {split} prompts of {name} were cut to "
-                    f"data.seq_len={d.seq_len} tokens (a prompt keeps its last tokens, a document its first)")
+                    f"data.seq_len={d.seq_len} tokens (a prompt keeps {kept} tokens, a document its first)")
             parts[split].append((arrays, records, values))
     joined, groups = {}, None
     for split, sources in parts.items():
@@ -354,7 +356,7 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)
     trainable, frozen = split(params, method.trainable)
-    objective = objectives.for_task(data.task, config.train)
+    objective = objectives.for_task(data.task, config.train, cfg)
     if objective.own_params is not None:  # e.g. PPO's value head, trained beside the method's parameters
         trainable = {**trainable, objectives.OWN: objective.own_params(model)}
     return method, model, trainable, frozen
@@ -597,7 +599,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
     check_export(config, model, method, trainable)
     cfg = model.cfg
-    objective = objectives.for_task(data.task, config.train)  # what the step minimises: a function of the data task
+    objective = objectives.for_task(data.task, config.train, cfg)  # what the step minimises: the data task's
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
     peak, peak_source = run_peak(config)
     packed = "segment_ids" in data.train
@@ -683,7 +685,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     throughput = Throughput(cfg, trainable, method, peak)
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
-    generated = generation_eval(config, data, model, workdir)  # eval.generate_examples: ROUGE, BLEU, samples/
+    generated = generation_eval(config, data, model, workdir, objective)  # ROUGE, BLEU or rewards; samples/
 
     def evaluate_all(state, step):
         metrics = {}

@@ -36,10 +36,10 @@ IGNORE = -100  # transformers' label of a position without a target
 
 def encode_source(tok, text: str, seq_len: int) -> list[int]:
     """The encoder's ids of one text: its tokens then EOS, cut to `seq_len` keeping the start (and the EOS)."""
-    return _with_eos(tok, text, seq_len)[0]
+    return with_eos(tok, text, seq_len)[0]
 
 
-def _with_eos(tok, text: str, n: int) -> tuple[list[int], bool]:
+def with_eos(tok, text: str, n: int) -> tuple[list[int], bool]:
     """-> (tokens + EOS cut to n keeping the start and the EOS, whether it was cut)."""
     ids = tok.encode(text) + tok.eos
     if len(ids) <= n:
@@ -108,8 +108,8 @@ def examples(records: Records, tok, seq_len: int, target_len: int, fields: Field
                 raise BadRecord(f"{e} (data.skip_bad_records=True skips such records)") from None
             skipped, first = skipped + 1, first or str(e)
             continue
-        s, s_cut = _with_eos(tok, source, seq_len)
-        t, t_cut = _with_eos(tok, target, target_len)
+        s, s_cut = with_eos(tok, source, seq_len)
+        t, t_cut = with_eos(tok, target, target_len)
         truncated, cut_s, cut_t = truncated + (s_cut or t_cut), cut_s + s_cut, cut_t + t_cut
         out.append((s, t))
     return Encoded(out, truncated, cut_s, cut_t, skipped, first)
@@ -124,10 +124,15 @@ def padded(examples: list[tuple[list[int], list[int]]], seq_len: int, target_len
     labels = np.full((n, target_len), IGNORE, np.int32)
     for i, (s, t) in enumerate(examples):
         ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(t)] = s, 1, t
-    decoder = np.concatenate([np.full((n, 1), decoder_start_id, np.int32), labels[:, :-1]], axis=1)
-    decoder = np.where(decoder == IGNORE, pad_id, decoder).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": decoder,
-            "weight": np.ones((n,), np.float32)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "decoder_input_ids": decoder_inputs(labels, decoder_start_id, pad_id), "weight": np.ones((n,), np.float32)}
+
+
+def decoder_inputs(labels: np.ndarray, decoder_start_id: int, pad_id: int) -> np.ndarray:
+    """Labels [N, T] (-100 after the target) -> the decoder's inputs: the start token, then the labels up
+    to the last but one, -100 read as padding (transformers' `_shift_right`)."""
+    decoder = np.concatenate([np.full((len(labels), 1), decoder_start_id, np.int32), labels[:, :-1]], axis=1)
+    return np.where(decoder == IGNORE, pad_id, decoder).astype(np.int32)
 
 
 def arrays(records: Records, tok, seq_len: int, target_len: int = 0, fields: Fields = Fields(),

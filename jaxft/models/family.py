@@ -154,6 +154,10 @@ class Family:
     # (`tie_word_embeddings`): an adapter that trains the embedding holds a copy for each, as PEFT
     # keeps one per module. None: not worked out for the family (such an export is an error).
     tied_embedding: tuple[str, tuple[str, ...] | None] = ("", None)
+    # cfg -> the factor `return_hidden`'s states carry beyond the final hidden states: what the LM head
+    # multiplies them by before its projection (T5 v1.0: d_model**-0.5). PPO's value head reads the states
+    # themselves, as TRL's value-head models read the last hidden states.
+    head_scale: Callable[[Any], float] = lambda cfg: 1.0
 
 
 def get(model_type: str, where: str = "config") -> Family:

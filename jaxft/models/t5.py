@@ -749,6 +749,7 @@ FAMILY = Family(
     init_cache=init_cache,
     tied_embedding=("shared", None),
     config_from_weights=config_from_weights,
+    head_scale=lambda cfg: cfg.d_model ** -0.5 if cfg.scale_decoder_outputs else 1.0,
     layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, "decoder.block": cfg.num_decoder_layers},
     prefix_keys_values=prefix_keys_values,
     projections=r"/(SelfAttention|EncDecAttention)/(q|k|v|o)/kernel$|/DenseReluDense/(wi|wi_0|wi_1|wo)/kernel$",
