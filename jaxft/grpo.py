@@ -245,6 +245,21 @@ def check_rewards(s: Settings, records, prompt_values) -> None:
                              f"{records.where[first]} and an empty completion: {type(e).__name__}: {e}") from None
 
 
+def policy_rows(prompt: dict, new, mask, pad: int, decoder_start: int | None = None) -> dict:
+    """Prompts (`input_ids`, `attention_mask`) and their completions (new tokens [n, N], `mask` 1 up to the
+    first EOS) -> the rows the policy reads (the module docstring): a decoder's prompt + completion, or with
+    a `decoder_start` token an encoder-decoder's prompt for the encoder and completion for the decoder."""
+    if decoder_start is None:
+        return {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, pad)], axis=1),
+                "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
+                "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1)}
+    from jaxft.data import seq2seq
+
+    labels = np.where(mask > 0, new, seq2seq.IGNORE).astype(np.int32)
+    return {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"], "labels": labels,
+            "decoder_input_ids": seq2seq.decoder_inputs(labels, decoder_start, pad), "loss_mask": mask}
+
+
 class Rollout:
     """The loop's source of batches for GRPO: `(trainable, frozen, prompt batch, step) -> (local rows,
     global batch)` of prompts + completions (module docstring); a new one every `period` steps."""
@@ -255,12 +270,14 @@ class Rollout:
         from jaxft.peft.partition import merge
 
         self.s, self.model, self.mesh, self.seed, self.data = s, model, mesh, seed, data
-        self.encoder_decoder = family.of(model.cfg).encoder_decoder
         self.period = s.iterations
         self.functions = rewards.load(s.rewards, s.reward_weights)
         tok = data.tokenizer
         self.eos = np.asarray(tok.eos or ([model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else [-1]))
         self.pad = tok.pad_id if tok.pad_id is not None else int(self.eos[0])
+        # an encoder-decoder's rows start the decoder as generation does (None: a decoder's rows)
+        start = getattr(model.cfg, "decoder_start_token_id", None)
+        self.decoder_start = (start if start is not None else self.pad) if family.of(model.cfg).encoder_decoder else None
         # the reference policy: the starting point, copied (the state's parameters are donated each step)
         self.reference = jax.tree_util.tree_map(jnp.copy, trainable) if s.beta else None
         self._generate = generate.compiled(model, generate.Settings(s.max_new_tokens, s.temperature, s.top_k, s.top_p,
@@ -299,27 +316,12 @@ class Rollout:
                                                     self.data.records["train"][0], prompt["record"],
                                                     self.data.prompts["train"])
         truncated = ~np.isin(new, self.eos).any(axis=1)  # no EOS within max_new_tokens
-        exp = {**self.rows(prompt, new, mask), "weight": prompt["weight"] * (~truncated if s.mask_truncated else 1)}
+        exp = {**policy_rows(prompt, new, mask, self.pad, self.decoder_start),
+               "weight": prompt["weight"] * (~truncated if s.mask_truncated else 1)}
         batch, figures = self.complete(exp, total, trainable, frozen, n_global)
         self.stats = {**self._stats(*sharding.gather((total, each.T, mask.sum(axis=1), truncated))), **figures}
         self.cached = exp, batch
         return self.cached
-
-    def rows(self, prompt: dict, new, mask) -> dict:
-        """Prompts and their completions (new tokens, 1 up to the first EOS) -> the rows the policy reads
-        (the module docstring): a decoder's prompt + completion, or an encoder-decoder's prompt for the
-        encoder and completion for the decoder."""
-        if not self.encoder_decoder:
-            return {"input_ids": np.concatenate([prompt["input_ids"], np.where(mask > 0, new, self.pad)], axis=1),
-                    "attention_mask": np.concatenate([prompt["attention_mask"], mask], axis=1),
-                    "loss_mask": np.concatenate([np.zeros_like(prompt["attention_mask"]), mask], axis=1)}
-        from jaxft.data import seq2seq
-
-        labels = np.where(mask > 0, new, seq2seq.IGNORE).astype(np.int32)
-        start = getattr(self.model.cfg, "decoder_start_token_id", None)  # as generation starts the decoder
-        return {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"], "labels": labels,
-                "decoder_input_ids": seq2seq.decoder_inputs(labels, self.pad if start is None else start, self.pad),
-                "loss_mask": mask}
 
     def complete(self, exp: dict, rewards, trainable, frozen, n_global: int) -> tuple[dict, dict]:
         """The local rows of prompts + completions, and their rewards -> (the global batch the loss reads,

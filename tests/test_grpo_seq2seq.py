@@ -1,0 +1,224 @@
+"""GRPO and PPO on an encoder-decoder policy (T5): the prompt is the encoder's source, the decoder writes the
+completion. Prompts as the seq2seq task reads sources; per-token log-probabilities of a tiny random T5 against
+transformers' (with temperature); the GRPO loss and PPO's loss with a value head on the decoder's final states,
+and every weight's gradient, against TRL's formulas in PyTorch autograd; the memory plan against XLA's; and the
+CLI on the bundled jaxft-tiny-t5: the reward rises, resume is exact, 8 devices match one, jaxft.evaluate on
+the checkpoint and the export gives training's eval, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_grpo import (assert_eight_devices_match_one, evaluated_reward, metrics, records,  # noqa: F401
+                       trl_grpo_loss)
+from test_sft import renderer_for
+from test_train import cli, losses
+
+from jaxft import grpo, hf, ppo
+from jaxft.data import prompts, seq2seq, sft
+from jaxft.errors import JaxftError
+from jaxft.models import family
+from jaxft.tokenizer import Tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+V = 99
+# T5 v1.0's layout (ReLU, the LM head tied to the embedding, the decoder's states scaled by d_model**-0.5
+# before it): the case where the states the head reads are not the decoder's final states.
+TINY = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            relative_attention_max_distance=20, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def t5_pair(tmp_path_factory):
+    """A tiny T5 (the reference) and another (the policy), in both frameworks."""
+    out = []
+    for seed in (0, 5):
+        torch.manual_seed(seed)
+        m = transformers.T5ForConditionalGeneration(transformers.T5Config(**TINY)).eval()
+        d = tmp_path_factory.mktemp(f"t5_{seed}")
+        m.save_pretrained(d)
+        out.append((m, *hf.load(str(d))))
+    return out
+
+
+def t5_rows(rows=6, prompt=7, new=6, seed=0):
+    """Right-padded prompts and completions that end at an EOS (1) or run to the end, laid out as the
+    rollout lays them out for an encoder-decoder (`grpo.policy_rows`)."""
+    rng = np.random.default_rng(seed)
+    p_len = rng.integers(2, prompt + 1, size=rows)
+    p_mask = (np.arange(prompt) < p_len[:, None]).astype(np.int32)
+    new_ids = rng.integers(2, V, size=(rows, new)).astype(np.int32)
+    ends = rng.integers(0, new + 2, size=rows)  # where the EOS goes; >= new: none (a truncated completion)
+    for r, e in enumerate(ends):
+        if e < new:
+            new_ids[r, e] = 1
+            new_ids[r, e + 1:] = 0  # the pad generation writes after EOS
+    mask = grpo.completion_mask(new_ids, np.array([1]))
+    ids = rng.integers(2, V, size=(rows, prompt)).astype(np.int32) * p_mask
+    batch = grpo.policy_rows({"input_ids": ids, "attention_mask": p_mask}, new_ids, mask, 0, decoder_start=0)
+    return {**batch, "weight": np.ones((rows,), np.float32), "advantages": rng.normal(size=rows).astype(np.float32)}
+
+
+def hf_token_log_probs(model, batch, temperature=1.0, hidden=False):
+    """[rows, N] log p(completion token t) as transformers computes them from `labels` (it shifts them right
+    behind the decoder start token itself); with `hidden`, also the decoder's final hidden states."""
+    labels = torch.tensor(batch["labels"], dtype=torch.long)
+    out = model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long), labels=labels,
+                output_hidden_states=hidden)
+    logp = torch.log_softmax(out.logits.float() / temperature, -1)
+    got = torch.gather(logp, 2, labels.clamp(min=0)[..., None])[..., 0]
+    return (got, out.decoder_hidden_states[-1]) if hidden else got
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: the encoder's sources
+
+
+def test_prompts_are_the_sources_the_seq2seq_task_reads(tok_dir):
+    tok = Tokenizer(tok_dir)
+    r = renderer_for(tok)
+    fields = sft.Fields("mr", "ref")
+    rows = [{"prompt": "the movie is"},
+            {"instruction": "how was it?", "input": "the film"},  # Alpaca, no answer: its source
+            {"mr": "name : x | area : y", "ref": "x is in y", "answer": "kept"},
+            {"text": " ".join(["word"] * 40)}]  # a document: its start
+    arrays, counts, values = prompts.encode(records(*rows), tok, r, 32, "text", fields, encoder_decoder=True)
+    sources = ["the movie is", "how was it?\n\nthe film", "name : x | area : y", " ".join(["word"] * 40)]
+    for i, text in enumerate(sources):
+        want = seq2seq.encode_source(tok, text, 32)  # tokens + EOS, the start kept
+        n = len(want)
+        assert list(arrays["input_ids"][i, :n]) == want and arrays["attention_mask"][i].sum() == n  # right-padded
+        assert not arrays["attention_mask"][i, n:].any() and (arrays["input_ids"][i, n:] == tok.pad_id).all()
+    assert values[:3] == sources[:3] and values[3] == tok.decode(seq2seq.encode_source(tok, sources[3], 32)[:-1])
+    assert counts.truncated == 1 and list(arrays["record"]) == [0, 1, 2, 3]
+    # a conversation has no one source text: a bad record, skipped on request
+    for row in ({"prompt": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user", "content": "hi"}]}):
+        with pytest.raises(JaxftError, match="prompts.jsonl:1: .*an encoder-decoder reads one source text"):
+            prompts.encode(records(row), tok, r, 12, "text", encoder_decoder=True)
+    arrays, counts, _ = prompts.encode(records({"messages": []}, {"prompt": "ok"}), tok, r, 12, "text",
+                                       skip_bad=True, encoder_decoder=True)
+    assert counts.skipped == 1 and list(arrays["record"]) == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers, TRL's formulas and PyTorch autograd
+
+
+@pytest.mark.parametrize("fused, temperature", [(True, 1.0), (False, 1.0), (True, 0.7)])
+def test_token_log_probs_match_transformers(t5_pair, fused, temperature):
+    _, (pol_t, model, params) = t5_pair
+    batch = t5_rows()
+    assert batch["loss_mask"].sum(1).min() >= 1 and not batch["loss_mask"].all()  # some ended early, some did not
+    outputs = model.apply({"params": params}, **grpo.policy_inputs(batch), return_hidden=fused)
+    got = np.asarray(grpo.token_log_probs(outputs, batch, temperature))
+    with torch.no_grad():
+        want = hf_token_log_probs(pol_t, batch, temperature).numpy()
+    keep = batch["loss_mask"] > 0
+    np.testing.assert_allclose(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(grpo.completion_weights(batch)), keep)
+
+
+@pytest.mark.parametrize("iterations, loss_type", [(1, "dapo"), (2, "grpo")])
+def test_grpo_loss_and_gradients_match_pytorch(t5_pair, iterations, loss_type):
+    """GRPO's loss, KL and clip ratio, and the gradient in every weight (full fine-tuning) of a T5 policy,
+    against TRL's formulas on transformers' log-probabilities; with two iterations the sampler's are
+    another policy's, so some ratios leave the clip range."""
+    (ref_t, ref_model, ref_params), (pol_t, model, params) = t5_pair
+    s = grpo.Settings(beta=0.3, epsilon=0.05, iterations=iterations, rewards="sentiment", loss_type=loss_type,
+                      max_new_tokens=6)
+    batch = t5_rows(8, 7, 6, seed=1)
+    batch["weight"][-1] = 0.0  # an eval padding row counts nothing
+    ref_logps = lambda p: grpo.token_log_probs(  # noqa: E731
+        ref_model.apply({"params": p}, **grpo.policy_inputs(batch), return_hidden=True), batch)
+    batch["ref_logps"] = ref_logps(ref_params)
+    if iterations > 1:
+        batch["old_logps"] = ref_logps(jax.tree_util.tree_map(lambda x: x * 1.02, ref_params))
+    objective = grpo.objective(s)
+
+    def mean_loss(p):
+        sums = objective.loss(model.apply({"params": p}, **objective.inputs(batch), return_hidden=True), batch)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+
+    w = torch.tensor(batch["loss_mask"] * batch["weight"][:, None], dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf_token_log_probs(ref_t, batch)
+    np.testing.assert_allclose(np.asarray(batch["ref_logps"])[w > 0], ref.numpy()[w > 0], rtol=1e-5, atol=1e-5)
+    pol_t.zero_grad(set_to_none=True)
+    logp = hf_token_log_probs(pol_t, batch)
+    old = torch.tensor(np.asarray(batch["old_logps"])) if iterations > 1 else logp.detach()
+    want, kl, clip = trl_grpo_loss(logp, old, ref, torch.tensor(batch["advantages"]), w, s.beta, s.epsilon, loss_type,
+                                   s.max_new_tokens)
+    want.backward()
+    assert float(loss) == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert float(sums["kl"] / sums["count"]) == pytest.approx(kl.item(), rel=1e-5, abs=1e-7) and kl.item() > 0
+    assert float(sums["clip_ratio"] / sums["count"]) == pytest.approx(clip.item(), abs=1e-6)
+    assert (clip.item() > 0) == (iterations > 1)
+    assert_gradients_match(model, grads, pol_t)
+
+
+def assert_gradients_match(model, grads, torch_model):
+    ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
+    theirs = {n: p.grad.numpy() for n, p in torch_model.named_parameters()}
+    assert set(theirs) <= set(ours), set(theirs) - set(ours)
+    for name in theirs:
+        scale = np.abs(theirs[name]).max()
+        assert scale > 0, name
+        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+
+
+def test_ppo_loss_and_value_head_match_pytorch(t5_pair):
+    """PPO's clipped policy loss plus vf_coef times the clipped value loss, the value head on the decoder's
+    final hidden states (transformers' `decoder_hidden_states[-1]`, as TRL's seq2seq value-head model reads
+    them, not the states T5 v1.0 scales for its tied head): the loss and every gradient, the head's too."""
+    _, (pol_t, model, params) = t5_pair
+    s = ppo.Settings(epsilon=0.05, value_clip=0.05, value_coef=0.7, temperature=0.8)
+    batch = t5_rows(8, 7, 6, seed=2)
+    batch["weight"][-1] = 0.0
+    rng = np.random.default_rng(3)
+    shape = batch["labels"].shape
+    with torch.no_grad():
+        base = hf_token_log_probs(pol_t, batch, s.temperature).numpy()
+    batch["old_logps"] = base + rng.normal(0, 0.1, shape).astype(np.float32)
+    batch["old_values"], batch["returns"], batch["advantages"] = (rng.normal(size=shape).astype(np.float32)
+                                                                  for _ in range(3))
+    own = {"value_head": {"kernel": rng.normal(0, 0.3, model.cfg.hidden_size).astype(np.float32),
+                          "bias": np.float32(0.2)}}
+    objective = ppo.objective(s, family.of(model.cfg).head_scale(model.cfg))
+    assert family.of(model.cfg).head_scale(model.cfg) == pytest.approx(32 ** -0.5)
+
+    def mean_loss(p, own):
+        outputs = model.apply({"params": p}, **objective.inputs(batch), return_hidden=True)
+        sums = objective.loss(outputs, batch, own)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), (grads, own_grads) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(params, own)
+
+    pol_t.zero_grad(set_to_none=True)
+    w_head = torch.tensor(own["value_head"]["kernel"], requires_grad=True)
+    b_head = torch.tensor(own["value_head"]["bias"], requires_grad=True)
+    logp, states = hf_token_log_probs(pol_t, batch, s.temperature, hidden=True)
+    v = states.float() @ w_head + b_head
+    m = torch.tensor(batch["loss_mask"] * batch["weight"][:, None], dtype=torch.float32)
+    a, ret, old_v = (torch.tensor(batch[k]) for k in ("advantages", "returns", "old_values"))
+    ratio = torch.exp(logp - torch.tensor(batch["old_logps"]))
+    pg = torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - s.epsilon, 1 + s.epsilon))
+    v_clip = old_v + torch.clamp(v - old_v, -s.value_clip, s.value_clip)
+    vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+    want = ((pg + s.value_coef * vf) * m).sum() / m.sum()
+    want.backward()
+    assert float(loss) == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert float(sums["value_loss"] / sums["count"]) == pytest.approx(((vf * m).sum() / m.sum()).item(), rel=1e-5)
+    assert 0 < float(sums["clip_ratio"]) < float(sums["count"]) and 0 < float(sums["value_clip_ratio"])
+    np.testing.assert_allclose(own_grads["value_head"]["kernel"], w_head.grad.numpy(), rtol=1e-4, atol=1e-6)
+    assert float(own_grads["value_head"]["bias"]) == pytest.approx(b_head.grad.item(), rel=1e-4)
+    assert_gradients_match(model, grads, pol_t)
