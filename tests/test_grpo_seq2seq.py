@@ -8,6 +8,7 @@ the checkpoint and the export gives training's eval, one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,82 @@ def test_ppo_loss_and_value_head_match_pytorch(t5_pair):
     np.testing.assert_allclose(own_grads["value_head"]["kernel"], w_head.grad.numpy(), rtol=1e-4, atol=1e-6)
     assert float(own_grads["value_head"]["bias"]) == pytest.approx(b_head.grad.item(), rel=1e-4)
     assert_gradients_match(model, grads, pol_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, on the bundled jaxft-tiny-t5
+
+REWARD = '''
+def low_ids(prompts, completions, completion_ids, **columns):
+    """The share of an 8-token budget spent on ids 3..999 (jaxft-tiny-t5 starts with sentinels, ids ~4000)."""
+    assert len(columns["id"]) == len(prompts)
+    return [sum(3 <= t < 1000 for t in ids) / 8 for ids in completion_ids]
+'''
+
+
+@pytest.fixture(scope="module")
+def t5_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo_t5")
+    rng = np.random.default_rng(0)
+    words = "the movie was good bad long short fun dull a an it is".split()
+    (d / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": " ".join(rng.choice(words, rng.integers(2, 7))), "id": i}) + "\n" for i in range(200)))
+    (d / "reward.py").write_text(REWARD)
+    return ("--config.model.path=jaxft-tiny-t5", f"--config.data.name={d / 'prompts.jsonl'}", "--config.data.task=grpo",
+            "--config.data.eval_holdout=16", "--config.data.seq_len=16",
+            f"--config.train.grpo_rewards={d / 'reward.py'}:low_ids", "--config.train.grpo_max_new_tokens=8",
+            "--config.eval.max_new_tokens=8", "--config.method.name=full", "--config.optimizer.learning_rate=3e-3",
+            "--config.optimizer.schedule=constant", "--config.train.log_every_steps=1",
+            "--config.checkpoint.every_steps=10")
+
+
+def test_cli_reward_rises_resumes_exactly_and_evaluates(tmp_path, t5_run):
+    run = tmp_path / "run"
+    r = cli(run, *t5_run, "--config.train.steps=20", "--config.eval.at_start=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled the train step for batch 8 x 16 -> 8 target tokens" in r.stdout  # encoder 16, decoder 8
+    rows = metrics(run)
+    evals = [row for row in rows if "eval/reward" in row]
+    assert evals[0]["step"] == 0 and evals[0]["eval/reward"] < 0.5 and evals[-1]["eval/reward"] >= 0.9, evals
+    first = next(row for row in rows if "train/loss" in row)
+    assert first["step"] == 1 and first["train/kl"] == 0 and 0 <= first["train/reward"] <= 1
+    samples = [json.loads(line) for line in (run / "samples" / "step_20.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in open(t5_run[1].split("=", 1)[1]).readlines()[-16:]]
+    assert [s["prompt"] for s in samples] == [h["prompt"] for h in held_out]  # the encoder's sources, as given
+    assert (run / "export" / "model.safetensors").exists()
+    # jaxft.evaluate scores the checkpoint, and the export, as training's eval did
+    for checkpoint in (run, run / "export"):
+        assert evaluated_reward(tmp_path, t5_run, checkpoint) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
+    # killed after the checkpoint of step 10 (the last one removed) and run again: the same completions are
+    # drawn, so the same steps follow
+    straight = losses(run)
+    shutil.rmtree(run / "checkpoints" / "20")
+    r = cli(run, *t5_run, "--config.train.steps=20")
+    assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
+    assert losses(run) == straight
+
+
+def test_ppo_eight_devices_and_micro_batches_match_one_device(tmp_path, t5_run):
+    """PPO's value head on T5's decoder states; prompts, their groups and the whitening over the devices.
+    Within 1e-4 (or 1e-5 of a figure near 0), not the decoders' 2e-5: T5's forward pass on XLA:CPU rounds
+    differently for another batch size (2e-6 in a log-prob; Llama's is the same bit for bit), and its
+    gradients (2e-5 apart) and Adam's first steps amplify that; with every weight training the figures part
+    by 1e-3 within 2 steps, hence LoRA."""
+    assert_eight_devices_match_one(tmp_path, (*t5_run, "--config.data.task=ppo", "--config.method.name=lora",
+                                              "--config.train.grpo_generations=2",
+                                              "--config.train.grpo_iterations=2", "--config.train.steps=4",
+                                              "--config.export.enabled=False", "--config.eval.batch_size=16",
+                                              "--config.checkpoint.every_steps=4"), rel=1e-4, abs=1e-5)
+    first = next(row for row in metrics(tmp_path / "one") if "train/loss" in row)
+    assert first["train/value_loss"] > 0 and first["train/kl"] == 0
+
+
+def test_cli_what_an_encoder_decoder_cannot_do_is_one_line(tmp_path, t5_run):
+    p = tmp_path / "chat.jsonl"
+    p.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    for bad, message in (((f"--config.data.name={p}", "--config.data.eval_holdout=0"),
+                          f"{p}:1: a conversation (a list of turns); an encoder-decoder reads one source text"),
+                         (("--config.model.head=causal_lm",), "model.head='causal_lm' does not fit data.task='grpo'")):
+        r = cli(tmp_path / "run", *t5_run, *bad)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: " + message), r.stderr
+        assert not (tmp_path / "run").exists()
