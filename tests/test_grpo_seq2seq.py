@@ -113,7 +113,7 @@ def test_prompts_are_the_sources_the_seq2seq_task_reads(tok_dir):
 # Against transformers, TRL's formulas and PyTorch autograd
 
 
-@pytest.mark.parametrize("fused, temperature", [(True, 1.0), (False, 1.0), (True, 0.7)])
+@pytest.mark.parametrize("fused, temperature", [(True, 1.0), (False, 1.0), (True, 0.7), (False, 0.7)])
 def test_token_log_probs_match_transformers(t5_pair, fused, temperature):
     _, (pol_t, model, params) = t5_pair
     batch = t5_rows()
@@ -279,16 +279,17 @@ def test_cli_reward_rises_resumes_exactly_and_evaluates(tmp_path, t5_run):
 
 
 def test_ppo_eight_devices_and_micro_batches_match_one_device(tmp_path, t5_run):
-    """PPO's value head on T5's decoder states; prompts, their groups and the whitening over the devices.
-    Within 1e-4 (or 1e-5 of a figure near 0), not the decoders' 2e-5: T5's forward pass on XLA:CPU rounds
-    differently for another batch size (2e-6 in a log-prob; Llama's is the same bit for bit), and its
-    gradients (2e-5 apart) and Adam's first steps amplify that; with every weight training the figures part
-    by 1e-3 within 2 steps, hence LoRA."""
+    """PPO's value head on T5's decoder states (encoder and decoder rows of other lengths), prompts, their
+    groups and the whitening over the devices and micro-batches. Within 1e-3 (or 1e-4 of a figure near 0),
+    not the decoders' 2e-5: T5's forward pass on XLA:CPU rounds differently for another batch size (2e-6 in
+    a log-prob, where Llama's is the same bit for bit), its gradients come out 2e-5 apart, and Adam's first
+    steps amplify that (measured: 1e-6 to 4e-4 apart in 4 steps with LoRA; with every weight training, 1e-3
+    after 2). A row or group in the wrong place parts by far more at step 1."""
     assert_eight_devices_match_one(tmp_path, (*t5_run, "--config.data.task=ppo", "--config.method.name=lora",
                                               "--config.train.grpo_generations=2",
                                               "--config.train.grpo_iterations=2", "--config.train.steps=4",
                                               "--config.export.enabled=False", "--config.eval.batch_size=16",
-                                              "--config.checkpoint.every_steps=4"), rel=1e-4, abs=1e-5)
+                                              "--config.checkpoint.every_steps=4"), rel=1e-3, abs=1e-4)
     first = next(row for row in metrics(tmp_path / "one") if "train/loss" in row)
     assert first["train/value_loss"] > 0 and first["train/kl"] == 0
 
