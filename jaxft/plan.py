@@ -19,11 +19,15 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
   optimizer    Adam's moments: mu in optimizer.mu_dtype (or fp32) and nu in fp32
   activations  summed over the family's stacks of blocks (`Family.activation_blocks`: Llama's layers,
                T5's encoder and decoder): L x saved + max(working, loss) + the batch's own arrays (a stack
-               no gradient flows through, T5's encoder under P-Tuning v2, keeps nothing). Per block, with
+               no gradient flows through, T5's encoder under P-Tuning v2, keeps nothing); with several
+               stacks, the backward pass through one holds what it and the stacks before it saved, the
+               later ones' freed: the largest of those sums and everything saved + loss. Per block, with
                its norms N, attentions (self; cross: T5's decoder, keys from the encoder, no prefix) and
                its MLP-wide tensors m (gated: gate and up, 2; GELU: its input, 1), for Llama
                (N = 2, m = 2, one self-attention), where, for the micro-batch
-               rows b on one device, t = data.seq_len (+ GRPO's completion tokens), k = t + prefix tokens p, c = the compute
+               rows b on one device, t = data.seq_len (+ GRPO's completion tokens; an encoder-decoder's
+               decoder: data.target_len, or GRPO's completion tokens alone, the prompt being the encoder's),
+               k = t + prefix tokens p (cross-attention: the encoder's t), c = the compute
                dtype's bytes, D = hidden, d = head dim and H, KV, F = heads, kv heads, MLP width
                (each divided by mesh.tensor where it divides):
     per_layer  what plain autodiff keeps of one layer for the backward pass:
@@ -67,7 +71,8 @@ train.grad_accum) whose total fits `--device_memory` (GB = 10^9, GiB = 2^30; def
 local accelerator reports). tests/test_plan.py holds the total to XLA's own memory analysis of the
 real jitted step (argument + output + temp - alias, per device) within 15% for full, LoRA and
 P-Tuning v2 on 1 and 8 devices, remat none and full; measured 0.96-1.11; GPT-2, BERT and T5 full and
-LoRA on 1 device: 0.88-1.08 (remat none). T5 under P-Tuning v2 is planned 18-20% high.
+LoRA on 1 device: 0.88-1.08 (remat none). T5 under P-Tuning v2 is planned 18-20% high. GRPO on T5
+(tests/test_grpo_seq2seq.py; prompts of 32-128 tokens, completions of 32-128): 0.94-1.12.
 
 Where the plan and XLA:CPU part: bf16 compute on CPU is emulated in fp32, so on CPU the plan
 counts 4 bytes per activation element (`--platform` plans another backend: 2 bytes there); with
@@ -104,7 +109,10 @@ class Setup:
     num_prefix: int
     platform: str  # where the run goes: cpu, gpu or tpu
     sequences: int = 1  # model rows per example (DPO: 2, the chosen and the rejected answer)
-    length: int = 0  # tokens per row: data.seq_len, and what a rollout adds (GRPO's completions)
+    length: int = 0  # tokens per row: data.seq_len, and what a rollout adds to a decoder's (GRPO's completions)
+    # an encoder-decoder's decoder rows: a rollout's completions (GRPO's max_new_tokens), else the targets
+    # (seq2seq: data.target_len); 0: `length`
+    target_length: int = 0
     reference: bool = False  # a copy of the starting trainable parameters is kept (GRPO's reference policy)
 
 
@@ -171,8 +179,12 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
     platform = platform or jax.default_backend()
     objective = objectives.for_task(task, config.train, cfg)  # DPO and reward models: 2 rows a pair; GRPO: G rows a prompt
+    seq_len, target = config.data.seq_len, 0
+    if family.of(cfg).encoder_decoder:  # the prompt is the encoder's, the completion the decoder's
+        target = objective.new_tokens or (int(config.data.target_len) if task == "seq2seq" else 0) or seq_len
     return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform,
-                 objective.sequences, config.data.seq_len + objective.new_tokens, objective.keeps_reference)
+                 objective.sequences, length=seq_len + (0 if target else objective.new_tokens), target_length=target,
+                 reference=objective.keeps_reference)
 
 
 def per_device(shape, dtype, named_sharding) -> int:
@@ -250,14 +262,16 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     tp = mesh.shape["tensor"]
     b = max(batch // config.train.grad_accum // shards, 1) * s.sequences  # rows of one micro-batch on one device
-    t, p = s.length or config.data.seq_len, s.num_prefix
+    p = s.num_prefix
+    lengths = {"input": s.length or config.data.seq_len}  # tokens per row of each stream the blocks read
+    lengths["target"] = s.target_length or lengths["input"]
     # XLA:CPU emulates bf16 arithmetic in fp32: its temporaries match an fp32 run's (measured).
     c = 4 if s.platform == "cpu" else np.dtype(cfg.compute_dtype).itemsize
     split = lambda n: n // tp if n % tp == 0 else n  # noqa: E731  (axes the tensor axis divides)
     rank = next((h.rank for h in s.method.hooks if hasattr(h, "rank")), 0)
     policy = "save_dots" if cfg.remat == "offload" and s.platform == "cpu" else cfg.remat  # CPU: host is the device
     quantized = config.model.get("quantization", "none") != "none"
-    stacks, saved_total, working = [], 0, 0
+    stacks, saved_total, working, backward = [], 0, 0, 0
     all_blocks = fam.activation_blocks(cfg)
     inside = [re.compile(rf"^{re.escape(bl.prefix)}(_\d+)?/") for bl in all_blocks]
     head = re.compile(fam.head_params)
@@ -271,6 +285,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         upstream |= any(t and inside[i].match(path) for path, t in s.trainable.items())
         if not (upstream or (p and outside and blocks.takes_prefix)):
             continue  # no gradient flows through this stack (T5's encoder under P-Tuning v2): forward only
+        t = lengths[blocks.stream]
         d_model, d = blocks.hidden, blocks.head_dim
         heads, kv, ffn = split(blocks.heads), split(blocks.kv_heads), split(blocks.ffn)
         trained, adapted = _block_modules(s, blocks)
@@ -284,7 +299,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         prefix = 0
         for kind in blocks.attention:
             pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only
-            k = t + pk  # keys per query
+            k = t + pk if kind == "self" else lengths["input"]  # keys per query (cross: the encoder's states)
             keep += c * (heads * d + 2 * kv * d * k / t)
             keep += c * heads * d + 4 * heads if fused else 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)
             kept += c * (2 * heads * d + 2 * kv * d * k / t) + (4 * heads if fused else 4 * heads * k)
@@ -316,9 +331,14 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # full remat `Blocks.recompute` times that (the docstring).
         factor = {"full": blocks.recompute, "none": RECOMPUTE_NONE}.get(cfg.remat, 1.0)
         working = max(working, factor * per_layer)
+        # the backward pass reaches this stack with what it and the stacks before it saved; the later
+        # stacks' (T5's decoder, when this is its encoder) are freed by then
+        backward = max(backward, saved_total + factor * per_layer)
         stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
     if fam.encoder_decoder and stacks:
-        saved_total += c * b * t * cfg.hidden_size  # the encoder's output, read by every cross-attention
+        encoded = c * b * lengths["input"] * cfg.hidden_size  # the encoder's output, read by every cross-attention
+        saved_total, backward = saved_total + encoded, backward + encoded
+    t = lengths["target"]  # the head reads the last stack's rows (an encoder-decoder's: the decoder's)
     loss = 0
     vocab_split = tp if cfg.vocab_size % tp == 0 else 1
     if config.data.task == "cloze" and cfg.head == "causal_lm":  # the label words' logits at one position
@@ -329,9 +349,9 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     elif cfg.head == "masked_lm":  # fp32 logits at the targets only, and their gradient (not measured):
         k = 1 if config.data.task == "cloze" else tasks.mlm_width(t)  # the mask, or BERT's 15%
         loss = 2 * 4 * b * k * cfg.vocab_size / vocab_split
-    streams = 2 if fam.encoder_decoder else 1
-    inputs_bytes = b * config.train.grad_accum * (streams * t * 8 + 12)  # ids, mask (per stream), labels, weight
-    total = saved_total + max(working, loss) + inputs_bytes
+    tokens = lengths["input"] + (lengths["target"] if fam.encoder_decoder else 0)
+    inputs_bytes = b * config.train.grad_accum * (tokens * 8 + 12)  # ids, mask (per stream), labels, weight
+    total = max(backward, saved_total + loss) + inputs_bytes
     first = stacks[0] if stacks else {"per_layer": 0, "saved": 0}
     return {"total": int(total), "per_layer": first["per_layer"], "saved": first["saved"], "working": working,
             "loss": loss, "stacks": stacks}
@@ -422,6 +442,7 @@ def report(s: Setup, device_memory: int | None) -> dict:
         "mesh": dict(s.mesh.shape),
         "batch_size": s.config.train.batch_size,
         "seq_len": s.length or s.config.data.seq_len,
+        **({"target_len": s.target_length} if s.target_length else {}),
         "num_prefix": s.num_prefix,
         "remat": s.cfg.remat,
         "attention": attention(s),
@@ -443,7 +464,8 @@ def text(s: Setup, r: dict) -> str:
         f"plan: {s.method.name} on {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size}, compute {cfg.dtype}, "
         f"frozen base {cfg.param_dtype}{quantized}, attention {r['attention']}, remat {cfg.remat} | mesh {r['mesh']} | "
         f"global batch {r['batch_size']} x "
-        f"{r['seq_len']} tokens{prefix}, {s.config.train.grad_accum} micro-batch(es) | {s.platform}",
+        f"{r['seq_len']} tokens{prefix}" + (f" -> {r['target_len']} target tokens" if "target_len" in r else "")
+        + f", {s.config.train.grad_accum} micro-batch(es) | {s.platform}",
         f"  {'per device':<14}{'bytes':>16}",
         f"  {'weights':<14}{human(b['weights']):>16}   (frozen {human(frozen)} stored, trainable {human(trainable)}"
         + (f", its starting copy {human(trainable)} (the reference)" if s.reference else "") + ")",

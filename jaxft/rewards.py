@@ -6,8 +6,8 @@ one float (or None: "no opinion on this completion") per completion. `prompts` a
 `[{"role": "assistant", "content": text}]`); `completion_ids` the sampled token ids; `columns` maps every
 other field of the dataset records to a list with one value per completion (None where a record lacks it).
 
-`train.grpo_rewards` names the functions: built-ins (`BUILTIN`), `module.path:function`,
-`path/to/file.py:function`, or `model=PATH`, a reward model (`RewardModel`). `load` resolves them, `score` calls them and sums their weighted rewards.
+`train.grpo_rewards` names the functions: built-ins (`BUILTIN`; `rouge=FIELD` reads the reference from FIELD),
+`module.path:function`, `path/to/file.py:function`, or `model=PATH`, a reward model (`RewardModel`). `load` resolves them, `score` calls them and sums their weighted rewards.
 """
 
 from __future__ import annotations
@@ -158,7 +158,40 @@ def format(prompts, completions, **kwargs) -> list[float]:  # the setting's name
     return [float(_FORMAT.match(text_of(c)) is not None) for c in completions]
 
 
-BUILTIN: dict[str, Callable] = {"sentiment": sentiment, "accuracy": accuracy, "format": format}
+# --- rouge: overlap with a reference text -----------------------------------------------------------------
+
+
+class Rouge:
+    """ROUGE-L F-measure (0-1; `jaxft.scores.rouge`, as rouge-score computes it, words lowercased, each CJK
+    character a word) of the completion against the record's reference text (a list: the best of them),
+    for summarisation and data-to-text. `rouge` reads the `reference`, `answer` or `solution` field;
+    `rouge=FIELD` names the field (`rouge=human_reference` for the bundled E2E NLG). A record with no
+    reference gets None."""
+
+    FIELDS = ("reference", "answer", "solution")
+
+    def __init__(self, field: str = ""):
+        self.fields = (field,) if field else self.FIELDS
+        self.__name__ = "rouge"
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        from jaxft import scores
+
+        fields = [columns[k] for k in self.fields if k in columns]
+        if not fields:
+            raise JaxftError(f"{SETTING}: the rouge reward needs a {' or '.join(map(repr, self.fields))} field in "
+                             f"the records (rouge=FIELD names another); they have {sorted(columns) or 'no other fields'}")
+        out: list[float | None] = []
+        for i, completion in enumerate(completions):
+            reference = next((f[i] for f in fields if f[i] is not None), None)
+            if reference is not None and not isinstance(reference, list):
+                reference = str(reference)
+            out.append(None if reference is None else scores.rouge([text_of(completion)], [reference])["rougeL"])
+        return out
+
+
+rouge = Rouge()
+BUILTIN: dict[str, Callable] = {"sentiment": sentiment, "accuracy": accuracy, "format": format, "rouge": rouge}
 
 
 # --- a reward model ---------------------------------------------------------------------------------------
@@ -249,10 +282,15 @@ def _resolve(item: str) -> tuple[str, Callable]:
         if path not in _MODELS:
             _MODELS[path] = RewardModel(path)
         return "reward_model", _MODELS[path]
+    if item.startswith("rouge="):
+        field = item[len("rouge="):].strip()
+        if not field:
+            raise JaxftError(f"{SETTING}: {item!r}: expected rouge=FIELD, the records' field holding the reference")
+        return "rouge", Rouge(field)
     if ":" not in item:
         if item not in BUILTIN:
             raise JaxftError(
-                f"{SETTING}: unknown reward {item!r}: expected a built-in ({', '.join(BUILTIN)}), "
+                f"{SETTING}: unknown reward {item!r}: expected a built-in ({', '.join(BUILTIN)}), rouge=FIELD, "
                 f"module.path:function, path/to/file.py:function or model=PATH")
         return item, BUILTIN[item]
     target, attr = item.rsplit(":", 1)

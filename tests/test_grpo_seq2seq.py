@@ -303,3 +303,43 @@ def test_cli_what_an_encoder_decoder_cannot_do_is_one_line(tmp_path, t5_run):
         r = cli(tmp_path / "run", *t5_run, *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: " + message), r.stderr
         assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan
+
+
+def test_plan_counts_encoder_and_decoder_rows_within_15_percent_of_xla():
+    """batch_size prompts plan as batch_size x G rows: the encoder's of seq_len prompt tokens, the decoder's
+    of max_new_tokens completion tokens; against XLA's figure for the train step on such rows."""
+    from test_plan import compiled_bytes, family_config
+
+    from jaxft import plan, sharding
+
+    def t5_config(**kw):
+        c = family_config("t5", "lora")
+        c.data.task, c.train.grpo_rewards = "grpo", "sentiment"
+        for k, v in kw.items():
+            section, name = k.split("__")
+            c[section][name] = v
+        return c
+
+    c = t5_config(data__seq_len=128, train__batch_size=4, train__grpo_max_new_tokens=32)
+    s = plan.setup(c, 1)
+    assert s.cfg.head == "seq2seq_lm" and s.sequences == 4 and (s.length, s.target_length) == (128, 32)
+    rows = t5_config(data__seq_len=128, train__batch_size=16, train__grpo_max_new_tokens=32)  # what the step sees
+
+    def made(s, ids):
+        mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+        at = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))  # noqa: E731
+        dec = at((16, 32), jnp.int32)
+        return {"decoder_input_ids": dec, "labels": dec, "loss_mask": dec, "advantages": at((16,), jnp.float32),
+                "ref_logps": at((16, 32), jnp.float32)}
+
+    reference = sum(np.prod(x.shape) * x.dtype.itemsize for p, x in s.abstract.items() if s.trainable[p])
+    want = compiled_bytes(rows, 1, extra=made, objective=grpo.objective(grpo.settings(c.train))) + reference
+    got = plan.estimate(s)
+    assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
+    # the decoder's rows are the completions': 4x more of them cost more than 4x more prompt tokens would
+    longer = plan.estimate(plan.setup(t5_config(data__seq_len=128, train__batch_size=4, train__grpo_max_new_tokens=128), 1))
+    assert longer["activations"] > got["activations"]

@@ -134,6 +134,28 @@ def test_format():
     assert rewards.format(prompts=[""], completions=[chat("<think>t</think><answer>a</answer>")]) == [1.0]
 
 
+# --- rouge ------------------------------------------------------------------------------------------------
+
+
+def test_rouge_is_rouge_scores_rouge_l():
+    scorer = pytest.importorskip("rouge_score.rouge_scorer").RougeScorer(["rougeL"])
+    refs = ["The Eagle is a coffee shop near Burger King .", "Blue Spice serves Italian food in the city centre"]
+    completions = ["Eagle coffee shop , near the Burger King", chat("Italian food : Blue Spice , city centre")]
+    want = [scorer.score(r, rewards.text_of(c))["rougeL"].fmeasure for r, c in zip(refs, completions)]
+    assert rewards.rouge(prompts=["", ""], completions=completions, reference=refs) == pytest.approx(want)
+    assert 0 < min(want) < max(want) < 1
+    # rouge=FIELD reads another field; several references: the best; no reference: None
+    [(name, fn, _)] = rewards.load("rouge=human_reference")
+    got = fn(prompts=[""] * 3, completions=[completions[0]] * 3, human_reference=[refs[0], [refs[1], refs[0]], None])
+    assert name == "rouge" and got[:2] == pytest.approx([want[0], want[0]]) and got[2] is None
+    assert rewards.rouge(prompts=[""], completions=["a b"], answer=["a b"]) == [1.0]
+    with pytest.raises(JaxftError, match=r"the rouge reward needs a 'reference' or 'answer' or 'solution' field .*"
+                                         r"rouge=FIELD.* they have \['mr'\]"):
+        rewards.rouge(prompts=[""], completions=["x"], mr=["y"])
+    with pytest.raises(JaxftError, match="'rouge=': expected rouge=FIELD"):
+        rewards.load("rouge=")
+
+
 # --- load -------------------------------------------------------------------------------------------------
 
 MODULE = """
@@ -148,7 +170,7 @@ def test_load_builtins():
     got = rewards.load(" accuracy,format ")
     assert [(name, fn, w) for name, fn, w in got] == [("accuracy", rewards.accuracy, 1.0),
                                                      ("format", rewards.format, 1.0)]
-    assert set(rewards.BUILTIN) == {"sentiment", "accuracy", "format"}
+    assert set(rewards.BUILTIN) == {"sentiment", "accuracy", "format", "rouge"}
 
 
 def test_load_module_and_file(tmp_path, monkeypatch):

@@ -105,6 +105,9 @@ class Blocks:
     takes_prefix: bool = True  # whether P-Tuning v2's prefix keys/values enter its self-attention
     fused_attention: bool = True  # whether `model.attention` may run a fused kernel here (T5's bias: never)
     recompute: float = 1.9  # remat=full: the backward's working set over one block's kept bytes (measured)
+    # the rows it runs over: "input" (input_ids) or "target" (an encoder-decoder's decoder inputs, whose
+    # length is the targets' or a rollout's completions')
+    stream: str = "input"
 
 
 @dataclasses.dataclass(frozen=True)

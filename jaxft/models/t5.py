@@ -703,9 +703,9 @@ def matmul_weights(cfg: T5Config) -> int:
 
 
 def activation_blocks(cfg: T5Config) -> tuple[Blocks, ...]:
-    """What `jaxft.plan` counts: the encoder's blocks (self-attention, MLP) and the decoder's (causal
-    self-attention, cross-attention over the encoder's states, MLP), RMS layer norms; the decoder's
-    length is taken as the encoder's (as `matmul_weights` does)."""
+    """What `jaxft.plan` counts: the encoder's blocks (self-attention, MLP) over the input rows and the
+    decoder's (causal self-attention, cross-attention over the encoder's states, MLP) over the target
+    rows, RMS layer norms."""
     d, hd, h, f = cfg.d_model, cfg.d_kv, cfg.num_heads, cfg.d_ff
     inner = h * hd
     mlp = (("wi_0", "mlp_in", d, f), ("wi_1", "mlp_in", d, f)) if cfg.gated else (("wi", "mlp_in", d, f),)
@@ -717,7 +717,7 @@ def activation_blocks(cfg: T5Config) -> tuple[Blocks, ...]:
                    fused_attention=False,
                    projections=attn("SelfAttention", "attn") + mlp),
             Blocks("decoder/block", cfg.num_decoder_layers, d, h, h, hd, f, attention=("self", "cross"), norms=3,
-                   fused_attention=False,
+                   fused_attention=False, stream="target",
                    mlp_tensors=tensors, recompute=1.5, projections=attn("SelfAttention", "attn") + attn("EncDecAttention", "cross") + mlp))
 
 
