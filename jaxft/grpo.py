@@ -120,8 +120,8 @@ def tokens(batch):
 
 
 def token_log_probs(outputs, batch, temperature: float = 1.0):
-    """[rows, T]: position t holds log p(the token it predicts, `completion_targets`) under logits / temperature.
-    outputs: logits, or (hidden, output embedding), projected chunk by chunk."""
+    """[rows, T]: position t holds log p(the token it predicts, `completion_targets`) under logits /
+    temperature. outputs: logits, or (hidden, output embedding), projected chunk by chunk."""
     targets = completion_targets(batch)[0]
     if isinstance(outputs, tuple):
         hidden, embedding = outputs
@@ -277,7 +277,8 @@ class Rollout:
         self.pad = tok.pad_id if tok.pad_id is not None else int(self.eos[0])
         # an encoder-decoder's rows start the decoder as generation does (None: a decoder's rows)
         start = getattr(model.cfg, "decoder_start_token_id", None)
-        self.decoder_start = (start if start is not None else self.pad) if family.of(model.cfg).encoder_decoder else None
+        start = start if start is not None else self.pad
+        self.decoder_start = start if family.of(model.cfg).encoder_decoder else None
         # the reference policy: the starting point, copied (the state's parameters are donated each step)
         self.reference = jax.tree_util.tree_map(jnp.copy, trainable) if s.beta else None
         self._generate = generate.compiled(model, generate.Settings(s.max_new_tokens, s.temperature, s.top_k, s.top_p,

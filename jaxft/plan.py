@@ -178,7 +178,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
     platform = platform or jax.default_backend()
-    objective = objectives.for_task(task, config.train, cfg)  # DPO and reward models: 2 rows a pair; GRPO: G rows a prompt
+    objective = objectives.for_task(task, config.train, cfg)  # DPO, reward models: 2 rows a pair; GRPO: G a prompt
     seq_len, target = config.data.seq_len, 0
     if family.of(cfg).encoder_decoder:  # the prompt is the encoder's, the completion the decoder's
         target = objective.new_tokens or (int(config.data.target_len) if task == "seq2seq" else 0) or seq_len

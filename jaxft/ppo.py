@@ -125,7 +125,8 @@ def objective(s: Settings, head_scale: float = 1.0) -> Objective:
 
     return Objective("ppo", loss, grpo.policy_inputs, sequences=s.generations, tokens=grpo.tokens, perplexity=False,
                      accuracy=False, train_sums=("value_loss", "clip_ratio", "value_clip_ratio"),
-                     rollout=functools.partial(Rollout, s, head_scale), new_tokens=s.max_new_tokens, keeps_reference=s.beta > 0,
+                     rollout=functools.partial(Rollout, s, head_scale), new_tokens=s.max_new_tokens,
+                     keeps_reference=s.beta > 0,
                      own_params=value_head)
 
 

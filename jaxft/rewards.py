@@ -6,8 +6,8 @@ one float (or None: "no opinion on this completion") per completion. `prompts` a
 `[{"role": "assistant", "content": text}]`); `completion_ids` the sampled token ids; `columns` maps every
 other field of the dataset records to a list with one value per completion (None where a record lacks it).
 
-`train.grpo_rewards` names the functions: built-ins (`BUILTIN`; `rouge=FIELD` reads the reference from FIELD),
-`module.path:function`, `path/to/file.py:function`, or `model=PATH`, a reward model (`RewardModel`). `load` resolves them, `score` calls them and sums their weighted rewards.
+`train.grpo_rewards` names the functions: built-ins (`BUILTIN`; `rouge=FIELD` reads the reference from
+FIELD), `module.path:function`, `path/to/file.py:function`, or `model=PATH`, a reward model (`RewardModel`). `load` resolves them, `score` calls them and sums their weighted rewards.
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ class Rouge:
         fields = [columns[k] for k in self.fields if k in columns]
         if not fields:
             raise JaxftError(f"{SETTING}: the rouge reward needs a {' or '.join(map(repr, self.fields))} field in "
-                             f"the records (rouge=FIELD names another); they have {sorted(columns) or 'no other fields'}")
+                             f"the records (rouge=FIELD names another); they have "
+                             f"{sorted(columns) or 'no other fields'}")
         out: list[float | None] = []
         for i, completion in enumerate(completions):
             reference = next((f[i] for f in fields if f[i] is not None), None)

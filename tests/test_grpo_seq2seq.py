@@ -331,7 +331,8 @@ def test_plan_counts_encoder_and_decoder_rows_within_15_percent_of_xla():
 
     def made(s, ids):
         mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-        at = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))  # noqa: E731
+        at = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+            shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
         dec = at((16, 32), jnp.int32)
         return {"decoder_input_ids": dec, "labels": dec, "loss_mask": dec, "advantages": at((16,), jnp.float32),
                 "ref_logps": at((16, 32), jnp.float32)}
@@ -341,5 +342,6 @@ def test_plan_counts_encoder_and_decoder_rows_within_15_percent_of_xla():
     got = plan.estimate(s)
     assert got["total"] == pytest.approx(want, rel=0.15), (got, want)
     # the decoder's rows are the completions': 4x more of them cost more than 4x more prompt tokens would
-    longer = plan.estimate(plan.setup(t5_config(data__seq_len=128, train__batch_size=4, train__grpo_max_new_tokens=128), 1))
+    longer = t5_config(data__seq_len=128, train__batch_size=4, train__grpo_max_new_tokens=128)
+    longer = plan.estimate(plan.setup(longer, 1))
     assert longer["activations"] > got["activations"]
