@@ -305,6 +305,19 @@ def test_cli_what_an_encoder_decoder_cannot_do_is_one_line(tmp_path, t5_run):
         assert not (tmp_path / "run").exists()
 
 
+def test_grpo_t5_config_runs_and_exports(tmp_path):
+    """configs/grpo_t5.py: E2E meaning representations as the encoder's sources, the rouge reward reading
+    each record's reference."""
+    r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
+            "--config.eval.generate_examples=8", "--config.train.grpo_max_new_tokens=8", "--config.eval.max_new_tokens=8",
+            config="configs/grpo_t5.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 0: eval/reward=" in r.stdout and "train/reward=" in r.stdout
+    samples = [json.loads(line) for line in (tmp_path / "samples" / "step_2.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and samples[0]["prompt"].startswith("name : ")
+    assert (tmp_path / "export" / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The memory plan
 
