@@ -1,7 +1,7 @@
 """GRPO on an encoder-decoder: jaxft-tiny-t5 (every weight) rewarded by ROUGE-L against E2E NLG's references.
 
   python -m jaxft.train --config=configs/grpo_t5.py
-About 4-5 minutes on 2 CPU cores. RL4LMs' setting (a seq2seq policy for data-to-text, a reference-based
+About 3.5 minutes on 2 CPU cores. RL4LMs' setting (a seq2seq policy for data-to-text, a reference-based
 reward) at toy scale: each prompt is an E2E meaning representation (`name : Blue Spice | Type : coffee
 shop | area : city centre`), which the encoder reads as the seq2seq task reads a source; the decoder
 samples 4 completions from its start token; the `rouge=human_reference` reward scores each by ROUGE-L
