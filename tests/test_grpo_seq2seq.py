@@ -19,7 +19,7 @@ from test_grpo import (assert_eight_devices_match_one, evaluated_reward, metrics
 from test_sft import renderer_for
 from test_train import cli, losses
 
-from jaxft import grpo, hf, ppo
+from jaxft import grpo, hf, objectives, ppo
 from jaxft.data import prompts, seq2seq, sft
 from jaxft.errors import JaxftError
 from jaxft.models import family
@@ -196,6 +196,8 @@ def test_ppo_loss_and_value_head_match_pytorch(t5_pair):
                           "bias": np.float32(0.2)}}
     objective = ppo.objective(s, family.of(model.cfg).head_scale(model.cfg))
     assert family.of(model.cfg).head_scale(model.cfg) == pytest.approx(32 ** -0.5)
+    # the run's objective (and its rollout's old values) take the family's scale from the model's config
+    assert objectives.for_task("ppo", None, model.cfg).rollout.args[1] == pytest.approx(32 ** -0.5)
 
     def mean_loss(p, own):
         outputs = model.apply({"params": p}, **objective.inputs(batch), return_hidden=True)
@@ -266,9 +268,8 @@ def test_cli_reward_rises_resumes_exactly_and_evaluates(tmp_path, t5_run):
     held_out = [json.loads(line) for line in open(t5_run[1].split("=", 1)[1]).readlines()[-16:]]
     assert [s["prompt"] for s in samples] == [h["prompt"] for h in held_out]  # the encoder's sources, as given
     assert (run / "export" / "model.safetensors").exists()
-    # jaxft.evaluate scores the checkpoint, and the export, as training's eval did
-    for checkpoint in (run, run / "export"):
-        assert evaluated_reward(tmp_path, t5_run, checkpoint) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
+    # jaxft.evaluate scores the export as training's eval did (a checkpoint goes the path test_grpo.py tests)
+    assert evaluated_reward(tmp_path, t5_run, run / "export") == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
     # killed after the checkpoint of step 10 (the last one removed) and run again: the same completions are
     # drawn, so the same steps follow
     straight = losses(run)
