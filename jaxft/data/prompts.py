@@ -105,6 +105,7 @@ def encode(records: Records, tok, renderer: sft.Renderer, seq_len: int, text_fie
     indexes `records`."""
     rows, index, truncated, skipped, first = [], [], 0, 0, ""
     values = [None] * len(records.rows)
+    special = {tok.bos_id, *(tok.eos if encoder_decoder else ())}  # left out of a document's prompt value
     for i, (row, where) in enumerate(zip(records.rows, records.where)):
         try:
             if encoder_decoder:  # the source, as the seq2seq task encodes it: its start and EOS kept
@@ -126,7 +127,6 @@ def encode(records: Records, tok, renderer: sft.Renderer, seq_len: int, text_fie
         rows.append(kept)
         index.append(i)
         # a document's prompt is the part the policy sees
-        special = {tok.bos_id, *(tok.eos if encoder_decoder else ())}
         values[i] = tok.decode([t for t in kept if t not in special]).strip() if p.document else p.value
     n = len(rows)
     arrays = {"input_ids": np.full((n, seq_len), tok.pad_id, np.int32), "attention_mask": np.zeros((n, seq_len), np.int32),
