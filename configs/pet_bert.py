@@ -7,8 +7,10 @@ head, the pretrained MLM head answers (`data.task=cloze`, `jaxft.data.tasks.cloz
 this is zero-shot classification. Every weight trains, as in PET; LoRA or BitFit work as well
 (`--config.method.name=lora`). The base is the bundled `jaxft-tiny-bert`; any BERT or RoBERTa
 masked-LM directory works (`--config.model.path=bert-base-uncased`). Each label word is encoded as
-written, and must be one token: with RoBERTa's byte-level BPE a word inside a sentence carries its
-leading space, so write `--config.data.verbalizer=" bad, good"` there. Pairs: `{text_b}` places the second text, e.g. for RTE
+written: with RoBERTa's byte-level BPE a word inside a sentence carries its leading space, so write
+`--config.data.verbalizer=" bad, good"` there. A word of several tokens is read at as many masks, its
+score the sum of their log-probabilities (Chinese: `--config.data.name=chnsenticorp
+"--config.data.cloze_template={text}。总之很{mask}。" --config.data.verbalizer=失望,满意`). Pairs: `{text_b}` places the second text, e.g. for RTE
 `--config.data.name=rte "--config.data.cloze_template={text} ? {mask} , {text_b}" --config.data.verbalizer=yes,no`.
 Measured (BENCHMARKS.md, "PET on jaxft-tiny-bert"): SST-2 dev 0.509 zero-shot (the small encoder
 says "good" for every sentence) -> 0.702 +- 0.016 over 3 seeds after 600 steps (about 4 minutes each

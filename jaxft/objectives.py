@@ -172,14 +172,31 @@ def masked_lm_loss(outputs, batch):
     return token_stats(outputs, jnp.maximum(labels, 0), weights)
 
 
+def cloze_inputs(batch) -> dict:
+    """A masked LM's inputs; rows of one class each ([B, C, L], multi-token label words) go as B*C rows."""
+    return {k: v.reshape((-1, v.shape[-1])) for k, v in masked_lm_inputs(batch).items()}
+
+
 def cloze_logits(outputs, batch):
-    """PET: the LM's logits at the mask ([B, 1, V], `mlm_positions`) -> the label words' [B, C]. A causal
-    LM's fused form, (final states [B, 1, D], output embedding [V, D]), projects onto the C words alone."""
+    """PET: the LM's outputs at `mlm_positions` -> the class logits [B, C]. One-token label words
+    (`verbalizer` [B, C]): their logits at the mask ([B, 1, V]); a causal LM's fused form, (final states
+    [B, 1, D], output embedding [V, D]), projects onto the C words alone. Longer words (`verbalizer`
+    [B, C, K], -1 after a word's end): the sum of their tokens' log-probabilities, read from outputs
+    [B * R, K, V] (R = 1 row shared by every class, or C rows, one each; see `jaxft.data.tasks.cloze`)."""
+    words = batch["verbalizer"]
     if isinstance(outputs, tuple):
         h, embed = outputs
-        words = jnp.take(embed, batch["verbalizer"], axis=0).astype(h.dtype)  # [B, C, D]
-        return jnp.einsum("bd,bcd->bc", h[:, 0], words, preferred_element_type=jnp.float32)
-    return jnp.take_along_axis(outputs[:, 0, :], batch["verbalizer"], axis=-1)
+        if words.ndim == 2:
+            picked = jnp.take(embed, words, axis=0).astype(h.dtype)  # [B, C, D]
+            return jnp.einsum("bd,bcd->bc", h[:, 0], picked, preferred_element_type=jnp.float32)
+        outputs = jnp.einsum("bkd,vd->bkv", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)
+    if words.ndim == 2:
+        return jnp.take_along_axis(outputs[:, 0, :], words, axis=-1)
+    b, _, k = words.shape
+    logp = jax.nn.log_softmax(outputs.astype(jnp.float32), -1).reshape((b, -1, k, outputs.shape[-1]))
+    logp = jnp.broadcast_to(logp, words.shape + logp.shape[-1:])  # a shared row serves every class
+    picked = jnp.take_along_axis(logp, jnp.maximum(words, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(words >= 0, picked, 0.0), -1)
 
 
 def cloze_loss(outputs, batch):
@@ -289,7 +306,8 @@ OBJECTIVES: dict[str, Objective] = {
                            head_width=lambda batch: batch["mlm_positions"].shape[1] if "mlm_positions" in batch else None),
     "token_classification": Objective("token_classification", token_classification_loss, eval_sums=token_confusion),
     # PET's hard prompts: classification read from a masked LM's words at the template's mask.
-    "cloze": Objective("cloze", cloze_loss, masked_lm_inputs, eval_sums=cloze_confusion, head_width=lambda batch: 1,
+    "cloze": Objective("cloze", cloze_loss, cloze_inputs, eval_sums=cloze_confusion,
+                       head_width=lambda batch: batch["mlm_positions"].shape[-1],
                        class_logits=cloze_logits, perplexity=False),
     "seq2seq_lm": Objective("seq2seq_lm", seq2seq_loss, seq2seq_inputs),
     # Encoder-decoder data (`jaxft.data.seq2seq`): the same loss, and per source of a mixture.

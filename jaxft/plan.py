@@ -114,6 +114,7 @@ class Setup:
     # (seq2seq: data.target_len); 0: `length`
     target_length: int = 0
     reference: bool = False  # a copy of the starting trainable parameters is kept (GRPO's reference policy)
+    answer_tokens: int = 1  # a cloze task's positions read per row (its longest label word's tokens)
 
 
 def head_of(config, fam) -> tuple[str, int | None, str]:
@@ -162,7 +163,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     if (batch // accum) % shards:  # as jaxft.train refuses it
         raise JaxftError(f"train.batch_size={batch} (per micro-batch {batch // accum}) must be divisible by "
                          f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
-    cfg, _, _ = load_model_config(config)  # config.json only
+    cfg, _, tokenizer = load_model_config(config)  # config.json only
     head, labels, task = head_of(config, family.of(cfg))
     if head not in family.of(cfg).heads:  # e.g. T5 on synthetic tokens: its own (first) head, seq2seq_lm
         head = family.of(cfg).heads[0]
@@ -182,9 +183,23 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     seq_len, target = config.data.seq_len, 0
     if family.of(cfg).encoder_decoder:  # the prompt is the encoder's, the completion the decoder's
         target = objective.new_tokens or (int(config.data.target_len) if task == "seq2seq" else 0) or seq_len
+    rows, answer = cloze_shape(config, tokenizer, head) if task == "cloze" else (1, 1)
     return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform,
-                 objective.sequences, length=seq_len + (0 if target else objective.new_tokens), target_length=target,
-                 reference=objective.keeps_reference)
+                 objective.sequences * rows, length=seq_len + (0 if target else objective.new_tokens),
+                 target_length=target, reference=objective.keeps_reference, answer_tokens=answer)
+
+
+def cloze_shape(config, tokenizer: str | None, head: str) -> tuple[int, int]:
+    """A cloze task's (model rows per example, positions read per row), from its label words' tokens
+    (`jaxft.data.tasks.cloze`); one-token words are assumed where there is no tokenizer to read them."""
+    from jaxft.data import tasks
+    from jaxft.tokenizer import Tokenizer
+
+    words = str(config.data.verbalizer).split(",")
+    if not tokenizer or not config.data.verbalizer:
+        return 1, 1
+    per_class, longest = tasks.cloze_layout(tasks.label_words(Tokenizer(tokenizer), words), head == "causal_lm")
+    return len(words) if per_class else 1, longest
 
 
 def per_device(shape, dtype, named_sharding) -> int:
@@ -341,14 +356,16 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     t = lengths["target"]  # the head reads the last stack's rows (an encoder-decoder's: the decoder's)
     loss = 0
     vocab_split = tp if cfg.vocab_size % tp == 0 else 1
-    if config.data.task == "cloze" and cfg.head == "causal_lm":  # the label words' logits at one position
+    cloze = config.data.task == "cloze"
+    if cloze and cfg.head == "causal_lm" and s.answer_tokens == 1:  # the label words' logits at one position
         loss = 2 * 4 * b * cfg.num_labels
+    elif cloze:  # fp32 log-probabilities over the vocabulary where the words' tokens are read, and their gradient
+        loss = 2 * 4 * b * s.answer_tokens * cfg.vocab_size / vocab_split
     elif cfg.head in ("causal_lm", "seq2seq_lm"):
         length = chunk_length(b, t, cfg.vocab_size)
         loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / vocab_split
     elif cfg.head == "masked_lm":  # fp32 logits at the targets only, and their gradient (not measured):
-        k = 1 if config.data.task == "cloze" else tasks.mlm_width(t)  # the mask, or BERT's 15%
-        loss = 2 * 4 * b * k * cfg.vocab_size / vocab_split
+        loss = 2 * 4 * b * tasks.mlm_width(t) * cfg.vocab_size / vocab_split  # BERT's 15%
     tokens = lengths["input"] + (lengths["target"] if fam.encoder_decoder else 0)
     inputs_bytes = b * config.train.grad_accum * (tokens * 8 + 12)  # ids, mask (per stream), labels, weight
     total = max(backward, saved_total + loss) + inputs_bytes

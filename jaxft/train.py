@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -632,7 +633,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
 
     # The model traced once (no compile) on the data's widest rows: what only tracing finds, such as a row
     # longer than GPT-2's or BERT's position table, stops here rather than after the workdir is written.
-    rows = {k: data.train[k][:1] for k in ("input_ids", "attention_mask")}
+    rows = {k: data.train[k][:1].reshape((-1, data.train[k].shape[-1])) for k in ("input_ids", "attention_mask")}
     jax.eval_shape(lambda p: model.apply({"params": p}, rows["input_ids"], rows["attention_mask"]),
                    merge(trainable, frozen))
     if objective.prepare is not None:  # what the loss needs beyond the data (DPO: the reference, from the start)
@@ -753,12 +754,13 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
             local, global_batch = prefetch.get(step)
             if rollout is not None:  # the policy's completions of this batch's prompts, scored
                 local, global_batch = rollout(state.params, frozen, local, global_batch, step)
-            width, t0 = local["input_ids"].shape[1], time.time()
+            width, t0 = local["input_ids"].shape[-1], time.time()
             shape = (width,) + tuple(local["labels"].shape[1:]) if "decoder_input_ids" in local else (width,)
             profile.before(done)
             state, metrics = train_step(state, frozen, global_batch)
             health = track_nonfinite(health, metrics, done)
-            throughput.add(batch * objective.sequences, width, float(objective.tokens(local)) * jax.process_count(),
+            model_rows = batch * objective.sequences * math.prod(local["input_ids"].shape[1:-1])  # cloze: one a class
+            throughput.add(model_rows, width, float(objective.tokens(local)) * jax.process_count(),
                            objective.head_width(local))
             if shape not in widths:  # each batch shape compiles once; say so, so a slow step is explained
                 jax.block_until_ready(metrics)

@@ -138,6 +138,29 @@ def test_a_cloze_question_to_a_causal_lm_within_15_percent():
     assert plan.estimate(s)["total"] == pytest.approx(want, rel=0.15)
 
 
+def test_a_cloze_question_with_words_of_several_tokens_within_15_percent():
+    """Label words of two tokens on a decoder: a row per class, each read at two positions over the
+    whole vocabulary (`jaxft.data.tasks.cloze`); the plan reads the words' tokens from the tokenizer."""
+    from jaxft import hf, objectives
+
+    c = config("full", "full", 1, data__task="cloze", data__verbalizer="not good,great")
+    c.model.tokenizer = str(hf.resolve("jaxft-tiny"))
+    c.model.init.vocab_size, c.model.init.num_hidden_layers = 32000, 2
+    s = plan.setup(c, 1)
+    assert (s.sequences, s.answer_tokens) == (2, 2)
+
+    def rows_per_class(s, ids):
+        def leaf(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(ids.sharding.mesh, len(shape)))
+
+        rows = leaf(16, 2, 128)
+        return {"input_ids": rows, "attention_mask": rows, "mlm_positions": leaf(16, 2, 2), "verbalizer": leaf(16, 2, 2),
+                "labels": leaf(16)}
+
+    want = compiled_bytes(c, 1, extra=rows_per_class, objective=objectives.OBJECTIVES["cloze"])
+    assert plan.estimate(s)["total"] == pytest.approx(want, rel=0.15)
+
+
 def test_each_setting_moves_its_own_term():
     base = plan.estimate(plan.setup(config("lora", "none", 8), 8))
     bf16 = plan.estimate(plan.setup(config("lora", "none", 8, model__param_dtype="bfloat16",

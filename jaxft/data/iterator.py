@@ -46,7 +46,7 @@ class Batches:
             self.counts = counts
         # A row's length: the longest of its masks (a preference pair's two answers share the row's width).
         masks = [v for k, v in arrays.items() if k.endswith("attention_mask") and not k.startswith("decoder_")]
-        self.lengths = np.max([m.sum(axis=1) for m in masks], axis=0) if masks else None
+        self.lengths = np.max([m.sum(axis=-1).reshape(len(m), -1).max(axis=1) for m in masks], axis=0) if masks else None
         self.target_lengths = None  # encoder-decoder rows: their targets' lengths (labels of -100 are padding)
         if "decoder_input_ids" in arrays and "labels" in arrays:
             self.target_lengths = (arrays["labels"] >= 0).sum(axis=1)
@@ -105,14 +105,20 @@ class Batches:
         batch = {k: v[idx[rows[0] : rows[1]]] for k, v in self.arrays.items()}
         if self.buckets:  # the width is decided on the global batch, so all processes agree
             width = _bucket(self.buckets, int(self.lengths[idx].max()))
-            widths = {k: width for k, v in batch.items() if v.ndim == 2}
+            widths = {k: width for k, v in batch.items() if v.ndim >= 2 and k.endswith(TOKEN_FIELDS)}
             if self.target_lengths is not None:
                 full = self.arrays["labels"].shape[1]
                 target = _bucket(tuple(b for b in self.buckets if b < full) + (full,),
                                  int(self.target_lengths[idx].max()))
                 widths.update({k: target for k in widths if k == "labels" or k.startswith("decoder_")})
-            batch = {k: v[:, : widths[k]] if k in widths else v for k, v in batch.items()}
+            batch = {k: v[..., : widths[k]] if k in widths else v for k, v in batch.items()}
         return self.transform(batch, position, rows[0]) if self.transform else batch
+
+
+# Arrays with a value per token (also as `rejected_...`, `decoder_...`), cut to a batch's width; the
+# others, such as a cloze question's `mlm_positions` and `verbalizer`, are not.
+TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "segment_ids", "position_ids", "labels", "loss_mask",
+                "mlm_labels")
 
 
 def _bucket(buckets: tuple[int, ...], longest: int) -> int:

@@ -203,10 +203,21 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
           demonstrations: Demonstrations | None = None):
     """PET's cloze form (Schick & Schuetze 2021): each text put into `template` ("{text} it was {mask} .";
     "{text_b}" places a pair's second text), BOS/[CLS] before and EOS/[SEP] after; the literal parts
-    are tokenized on their own, joined as the whole text would be. Each label's word (`verbalizer`, comma-separated, in `labels`' order)
-    must be one token: the class is the word a masked LM puts at the mask. -> (arrays, truncated):
-    classification's arrays plus `mlm_positions` [N, 1] (where the answer is read) and `verbalizer`
-    [N, C] (the words' ids). Texts too long lose their end (longest first); the template stays whole.
+    are tokenized on their own, joined as the whole text would be. Each label has a word (`verbalizer`,
+    comma-separated, in `labels`' order): the class is the word the model puts at the mask. Texts too
+    long lose their end (longest first); the template stays whole. -> (arrays, truncated):
+    classification's arrays plus `mlm_positions` (where the answer is read) and `verbalizer` (the
+    words' ids), in one of two layouts:
+
+    - every word one token: rows [N, L], `mlm_positions` [N, 1], `verbalizer` [N, C]; the class
+      logits are the words' logits at the mask.
+    - a word of several tokens (PET's multi-token verbalizers; a Chinese word of several characters):
+      the class logit is the sum of the word's tokens' log-probabilities, `verbalizer` [N, C, K]
+      (K the longest word, -1 after a shorter one's end). On a masked LM whose words are all K tokens
+      long, the mask is K [MASK]s and one row [N, L] serves every class (`mlm_positions` [N, K]);
+      otherwise each class has its own row, [N, C, L] with `mlm_positions` [N, C, K]: K_c masks on a
+      masked LM, the word's own first tokens after the question on a causal LM. Summed log-probabilities
+      favour short words, which training corrects; equally long words avoid it.
 
     `causal`: the question goes to a causal LM, which reads left to right: the row ends where the
     mask would be (no EOS), and the answer is the next word after the row's last token, which is
@@ -232,16 +243,8 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     if len(words) != len(labels):
         raise JaxftError(f"data.verbalizer={verbalizer!r}: {len(words)} words for the {len(labels)} labels {labels} "
                          "(one per label, in this order)")
-    word_ids = []
-    for label, word in zip(labels, words):
-        ids = tok.encode(word)
-        if len(ids) != 1:
-            raise JaxftError(f"data.verbalizer: the word {word!r} for label {label!r} is {len(ids)} tokens "
-                             f"({[tok.piece(i) for i in ids]}), expected one")
-        if ids[0] == getattr(tok, "unk_id", None):
-            raise JaxftError(f"data.verbalizer: the word {word!r} for label {label!r} is not in the vocabulary "
-                             f"(it is the unknown token {tok.piece(ids[0])!r})")
-        word_ids.append(ids[0])
+    word_ids = label_words(tok, words)
+    per_class, longest = cloze_layout(word_ids, causal)
     parts = CLOZE_SLOT.split(template)  # literal, slot name, literal, ...
     # The pieces join as the whole text tokenizes: a SentencePiece-like tokenizer starts each piece with a
     # word mark of its own (its dummy prefix), so pieces drop their spaces; a byte-level BPE (GPT-2,
@@ -260,8 +263,10 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     after_sep = joiner[-1:].isspace() if joiner else causal
     slots = [(j, parts[j]) for j in range(1, len(parts), 2) if parts[j] != "mask"]  # text, text_b
     fields = {"text": text_field, "text_b": text_pair_field}
-    fixed = (len(tok.bos) + (0 if causal else len(tok.eos) + 1) + sum(len(literal[j]) for j in range(0, len(asked), 2))
-             + per_row * (sum(len(v) for v in literal.values()) + 1 + len(sep)))
+    # the question's answer: a causal LM's word less its last token, or a masked LM's masks; a demonstration's: its word
+    fixed = (len(tok.bos) + (longest - 1 if causal else len(tok.eos) + longest)
+             + sum(len(literal[j]) for j in range(0, len(asked), 2))
+             + per_row * (sum(len(v) for v in literal.values()) + longest + len(sep)))
     room = seq_len - fixed
     if room < len(slots) * (1 + per_row):
         more = f" and {per_row} demonstrations" if per_row else ""
@@ -293,41 +298,70 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
                 out += next(it)
         return out, at
 
-    n = len(records.rows)
-    ids = np.full((n, seq_len), tok.pad_id, np.int32)
-    mask = np.zeros((n, seq_len), np.int32)
+    n, rows = len(records.rows), len(labels) if per_class else 1
+    ids = np.full((n, rows, seq_len), tok.pad_id, np.int32)
+    mask = np.zeros((n, rows, seq_len), np.int32)
     y = np.zeros((n,), np.int32)
-    position = np.zeros((n, 1), np.int32)
+    position = np.full((n, rows, longest), -1, np.int32)
     truncated = 0
+    q = per_row if causal else 0  # the question's place among the row's segments
     for i in range(n):
         # the row's segments in order: (records, row, answer, stops at the mask); the question first on a
         # masked LM ([CLS] question [SEP] demo [SEP] ...), last on a causal LM ([BOS] demo demo ... question)
-        shots = [(demonstrations.pool, j, [word_ids[demos["label"][j]]], False) for j in demos["rows"](i)] if demos else []
-        question = (records, i, [] if causal else [tok.mask_id], causal)
-        order = shots + [question] if causal else [question] + shots
+        shots = [(demonstrations.pool, j, word_ids[demos["label"][j]], False) for j in demos["rows"](i)] if demos else []
+        order = shots + [(records, i, None, causal)] if causal else [(records, i, None, causal)] + shots
         pieces = [encode(recs, j, k == 0) for k, (recs, j, _, _) in enumerate(order)]
         lengths = [len(t) for texts in pieces for t in texts]
         keep = iter(fit_texts(lengths, room))  # one text or a pair alone: what fit_pair keeps
         pieces = [[t[: next(keep)] for t in texts] for texts in pieces]
         truncated += sum(len(t) for texts in pieces for t in texts) < sum(lengths)
-        toks = list(tok.bos)
-        for k, (texts, (_, _, answer, stop)) in enumerate(zip(pieces, order)):
-            filled, at = segment(texts, answer, stop)
-            toks += (sep if k else []) + filled
-            if k == 0 and not causal:  # the question's mask
-                position[i, 0] = len(tok.bos) + at
-        if causal:
-            position[i, 0] = len(toks) - 1  # the answer is the next word after the row's last token
-        else:
-            toks += tok.eos
-        ids[i, : len(toks)] = toks
-        mask[i, : len(toks)] = 1
+        for r in range(rows):
+            word = word_ids[r] if per_class else word_ids[0]  # a shared row's words are equally long
+            answer = word[:-1] if causal else [tok.mask_id] * len(word)
+            toks = list(tok.bos)
+            for k, (texts, (_, _, shown, stop)) in enumerate(zip(pieces, order)):
+                filled, at = segment(texts, answer if k == q else shown, stop)
+                if k == q:  # a masked LM reads the word at its masks, a causal LM each token one place earlier
+                    first = len(toks) + (len(sep) if k else 0) + at - causal
+                    position[i, r, : len(word)] = first + np.arange(len(word))
+                toks += (sep if k else []) + filled
+            toks += [] if causal else tok.eos
+            ids[i, r, : len(toks)] = toks
+            mask[i, r, : len(toks)] = 1
         y[i] = class_index(records, i, label_field, index)
+    if not per_class:
+        ids, mask, position = ids[:, 0], mask[:, 0], position[:, 0]
+    words = np.full((len(labels), longest), -1, np.int32)
+    for c, w in enumerate(word_ids):
+        words[c, : len(w)] = w
+    words = words[:, 0] if longest == 1 else words  # one token each: [C], the layout before multi-token words
     arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32),
-              "mlm_positions": position, "verbalizer": np.tile(np.asarray(word_ids, np.int32), (n, 1))}
+              "mlm_positions": position, "verbalizer": np.ascontiguousarray(np.broadcast_to(words, (n,) + words.shape))}
     if token_type_ids:  # one sequence: every token is type 0
-        arrays["token_type_ids"] = np.zeros((n, seq_len), np.int32)
+        arrays["token_type_ids"] = np.zeros_like(ids)
     return arrays, truncated
+
+
+def label_words(tok, words: list[str]) -> list[list[int]]:
+    """A cloze task's label words (`data.verbalizer`, split) -> their token ids, each word as written."""
+    out = []
+    for word in words:
+        ids = tok.encode(word)
+        if not ids:
+            raise JaxftError(f"data.verbalizer={','.join(words)!r}: an empty label word")
+        if getattr(tok, "unk_id", None) in ids:
+            raise JaxftError(f"data.verbalizer: the word {word!r} is not in the vocabulary "
+                             f"(it reads as {[tok.piece(i) for i in ids]}, with the unknown token)")
+        out.append(ids)
+    return out
+
+
+def cloze_layout(word_ids: list[list[int]], causal: bool) -> tuple[bool, int]:
+    """-> (a row per class, positions read per row): one row serves every class where all read the same
+    positions, with one-token words or a masked LM's equally long ones; else each class has its own row
+    (a causal LM reads a word's tokens after its own first ones)."""
+    longest = max(len(w) for w in word_ids)
+    return longest > 1 and (causal or len({len(w) for w in word_ids}) > 1), longest
 
 
 def _demonstrations(records: Records, d: Demonstrations, label_field: str, index: dict, tok, causal: bool) -> dict:
