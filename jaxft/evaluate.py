@@ -255,7 +255,7 @@ def load_export(config, kind: str, path: Path, data, mesh):
         model, params, _ = load(str(path), **overrides)
     cfg = model.cfg
     want = objectives.head_for(data.task, family.of(cfg).heads) or data.task
-    if cfg.head != want and not (want == "causal_lm" and cfg.head == "seq2seq_lm"):
+    if cfg.head != want:
         raise JaxftError(f"--checkpoint={path}: a model with a {cfg.head} head does not fit data.task={data.task!r} "
                          f"(expected a {want} head)")
     if data.labels:

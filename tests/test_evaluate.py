@@ -236,6 +236,16 @@ def test_export_of_another_head_does_not_fit(tmp_path, lm, tok_dir):
     assert not (tmp_path / "never").exists()
 
 
+def test_encoder_decoder_export_does_not_fit_a_decoder_task(tmp_path, lm):
+    """An sft (or causal_lm, dpo) task wants a causal LM head; T5's seq2seq LM would be fed the decoder's
+    rows as its source and scored on them (a loss, not an error). A T5 config's own task is seq2seq."""
+    model_dir, (train, dev) = lm
+    t5 = Path(__file__).resolve().parent.parent / "jaxft" / "assets" / "jaxft-tiny-t5"
+    with pytest.raises(JaxftError, match=r"a seq2seq_lm head does not fit data.task='sft' \(expected a causal_lm"):
+        evaluate(config(model_dir, train, dev, task="sft"), str(t5), out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
 def cli(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     return subprocess.run([sys.executable, "-m", "jaxft.evaluate", *args], cwd=ROOT, env=env, capture_output=True,
