@@ -217,11 +217,12 @@ def test_causal_template_needs_the_mask_last():
     assert (a["input_ids"] == b["input_ids"]).all()
 
 
-def test_byte_level_bpe_pieces_join_as_the_whole_text(tmp_path):
-    """A byte-level BPE makes the space part of the next word ("Ġword"): the template's pieces and the
-    pair's second text are encoded so that the row is what GPT-2's tokenizer makes of the whole string."""
+@pytest.fixture(scope="module")
+def byte_bpe(tmp_path_factory):
+    """A GPT-2-style byte-level BPE (600 pieces) trained on RTE and SST-2 sentences."""
     from tokenizers import Tokenizer as Raw, decoders, models, pre_tokenizers, trainers
 
+    d = tmp_path_factory.mktemp("byte-bpe")
     texts = [r["premise"] + " " + r["hypothesis"] for r in rte(40).rows] + [r["sentence"] for r in sst2(200).rows]
     raw = Raw(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -230,8 +231,14 @@ def test_byte_level_bpe_pieces_join_as_the_whole_text(tmp_path):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     end = "<|endoftext|>"
     transformers.GPT2TokenizerFast(tokenizer_object=raw, bos_token=end, eos_token=end,
-                                   unk_token=end).save_pretrained(tmp_path)
-    tok, ref = Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+                                   unk_token=end).save_pretrained(d)
+    return d
+
+
+def test_byte_level_bpe_pieces_join_as_the_whole_text(byte_bpe):
+    """A byte-level BPE makes the space part of the next word ("Ġword"): the template's pieces and the
+    pair's second text are encoded so that the row is what GPT-2's tokenizer makes of the whole string."""
+    tok, ref = Tokenizer(byte_bpe), transformers.AutoTokenizer.from_pretrained(str(byte_bpe))
     pairs = rte(4)
     arrays, cut = tasks.cloze(pairs, tok, 1024, "premise", "label", ["entailment", "not_entailment"],
                               "{text} Question: {text_b} True or false? Answer:{mask}", " a, the", "hypothesis",
@@ -400,6 +407,34 @@ def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_al
     theirs = theirs[np.arange(len(theirs))[:, None], arrays["mlm_positions"], arrays["verbalizer"]]
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert (ours.argmax(1) == arrays["labels"]).mean() == pytest.approx(final["eval/accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("separator", ["", "\n", "\n\n", " | ", ". ", " ;"])
+@pytest.mark.parametrize("template", [CAUSAL, "Review: {text} It was {mask}"])
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level BPE"])
+def test_causal_demonstrations_join_as_the_whole_text_with_any_separator(kind, template, separator, byte_bpe):
+    """In-context examples joined by a separator of the user's, a template that opens with text of its
+    own: the row is what the tokenizer makes of the whole string (after a newline SentencePiece and
+    GPT-2 start the next word without a space mark)."""
+    path = LLAMA if kind == "sentencepiece" else byte_bpe
+    tok, ref = Tokenizer(path), transformers.AutoTokenizer.from_pretrained(str(path))
+    words = ["bad", "good"] if kind == "sentencepiece" else ["a", "the"]  # the small BPE has these whole
+    if kind != "sentencepiece":
+        words = [" " + w for w in words]
+    pool = sst2(8)
+    shots = tasks.Demonstrations(1, pool, seed=3, separator=separator)
+    arrays, _ = tasks.cloze(sst2(4), tok, 256, "sentence", "label", [0, 1], template, ",".join(words), causal=True,
+                            demonstrations=shots)
+    fill = lambda row, word: template.replace("{text}", row["sentence"].strip()).replace("{mask}", word)  # noqa: E731
+    for i in range(4):
+        shown = tasks._demonstrations(sst2(4), shots, "label", {0: 0, 1: 1}, tok, True)["rows"](i)
+        pieces = [fill(pool.rows[j], words[int(pool.rows[j]["label"])].strip()) for j in shown]
+        text = (separator or " ").join(pieces + [fill(sst2(4).rows[i], "").rstrip()])
+        want = ref(text)["input_ids"]
+        want = want if want[:1] == tok.bos else tok.bos + want  # GPT-2's tokenizer adds no BOS; jaxft's rows start with one
+        n = int(arrays["attention_mask"][i].sum())
+        assert arrays["input_ids"][i, :n].tolist() == want, (ref.convert_ids_to_tokens(want),
+                                                             [tok.piece(int(t)) for t in arrays["input_ids"][i, :n]])
 
 
 def test_demonstrations_need_the_cloze_task(tmp_path):

@@ -258,15 +258,25 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     demos = _demonstrations(records, demonstrations, label_field, index, tok, causal) if demonstrations else None
     per_row = len(labels) * demonstrations.per_class if demos else 0
     sep = demos["separator"] if demos else []
-    # whether a later segment starts after a space: the default join on a causal LM is one
+    # A later segment opens after the separator: after a space as a new word (the default join on a causal
+    # LM is one), else glued on, as the whole text tokenizes (after a newline neither SentencePiece nor
+    # GPT-2 marks the next word).
     joiner = demonstrations.separator if demonstrations else ""
-    after_sep = joiner[-1:].isspace() if joiner else causal
+    after_space = joiner.endswith(" ") if joiner else causal
+
+    def opening(text: str) -> list[int]:
+        if after_space:
+            return tok.encode(text if marks_words else " " + text)
+        return in_context(tok, joiner[-1:], text)
+
+    opened = opening(parts[0].strip()) if parts[0].strip() else []  # the template's first literal there
     slots = [(j, parts[j]) for j in range(1, len(parts), 2) if parts[j] != "mask"]  # text, text_b
     fields = {"text": text_field, "text_b": text_pair_field}
     # the question's answer: a causal LM's word less its last token, or a masked LM's masks; a demonstration's: its word
     fixed = (len(tok.bos) + (longest - 1 if causal else len(tok.eos) + longest)
              + sum(len(literal[j]) for j in range(0, len(asked), 2))
-             + per_row * (sum(len(v) for v in literal.values()) + longest + len(sep)))
+             + per_row * (sum(len(v) for v in literal.values()) + longest + len(sep))
+             + (1 + per_row) * max(len(opened) - len(literal[0]), 0))
     room = seq_len - fixed
     if room < len(slots) * (1 + per_row):
         more = f" and {per_row} demonstrations" if per_row else ""
@@ -277,20 +287,20 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     def encode(recs, i, first: bool) -> list[list[int]]:  # a record's texts in template order, once each
         out = []
         for j, slot in slots:
-            spaced = not marks_words and (parts[j - 1][-1:].isspace() or (j == 1 and not parts[0] and not first
-                                                                           and after_sep))
-            key = (id(recs), i, slot, spaced)
+            opens = j == 1 and not parts[0] and not first  # a later segment opens with this text
+            spaced = not opens and not marks_words and parts[j - 1][-1:].isspace()
+            key = (id(recs), i, slot, opens, spaced)
             if key not in encoded:
                 text = _text(recs, i, fields[slot]).strip()  # SST-2's end in a space: no token of its own
-                encoded[key] = tok.encode(" " + text if spaced else text)
+                encoded[key] = opening(text) if opens else tok.encode(" " + text if spaced else text)
             out.append(encoded[key])
         return out
 
-    def segment(texts, answer, stop):  # the template filled; `stop` ends it at the mask
+    def segment(texts, answer, stop, first):  # the template filled; `stop` ends it at the mask
         out, at, it = [], None, iter(texts)
         for j, part in enumerate(parts[: parts.index("mask") + 1] if stop else parts):
             if j % 2 == 0:
-                out += literal[j]
+                out += opened if j == 0 and not first else literal[j]
             elif part == "mask":
                 at = len(out)
                 out += answer
@@ -320,7 +330,7 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
             answer = word[:-1] if causal else [tok.mask_id] * len(word)
             toks = list(tok.bos)
             for k, (texts, (_, _, shown, stop)) in enumerate(zip(pieces, order)):
-                filled, at = segment(texts, answer if k == q else shown, stop)
+                filled, at = segment(texts, answer if k == q else shown, stop, k == 0)
                 if k == q:  # a masked LM reads the word at its masks, a causal LM each token one place earlier
                     first = len(toks) + (len(sep) if k else 0) + at - causal
                     position[i, r, : len(word)] = first + np.arange(len(word))
@@ -340,6 +350,13 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     if token_type_ids:  # one sequence: every token is type 0
         arrays["token_type_ids"] = np.zeros_like(ids)
     return arrays, truncated
+
+
+def in_context(tok, before: str, text: str) -> list[int]:
+    """`text`'s tokens where it follows `before` in one string (after a newline a SentencePiece word has
+    no word mark, say), or its own where the two merge at the seam."""
+    lead, both = tok.encode(before), tok.encode(before + text)
+    return both[len(lead):] if both[: len(lead)] == lead else tok.encode(text)
 
 
 def label_words(tok, words: list[str]) -> list[list[int]]:
@@ -377,8 +394,8 @@ def _demonstrations(records: Records, d: Demonstrations, label_field: str, index
             label = list(index)[k]
             raise JaxftError(f"data.demonstrations={d.per_class}: the training data has {len(rows)} examples of "
                              f"label {label!r}, expected at least {d.per_class + own}")
-    if d.separator:
-        separator = tok.encode(d.separator)
+    if d.separator:  # as it tokenizes after a word; its trailing spaces mark the next word
+        separator = in_context(tok, "a", d.separator.rstrip(" "))
     else:
         separator = [] if causal else list(getattr(tok, "sep", None) or tok.eos)
 
