@@ -6,9 +6,8 @@ label word (the verbalizer: "bad" for 0, "good" for 1) the masked LM ranks highe
 head, the pretrained MLM head answers (`data.task=cloze`, `jaxft.data.tasks.cloze`). Before training
 this is zero-shot classification. Every weight trains, as in PET; LoRA or BitFit work as well
 (`--config.method.name=lora`). The base is the bundled `jaxft-tiny-bert`; any BERT or RoBERTa
-masked-LM directory works (`--config.model.path=bert-base-uncased`). Each label word is encoded as
-written: with RoBERTa's byte-level BPE a word inside a sentence carries its leading space, so write
-`--config.data.verbalizer=" bad, good"` there. A word of several tokens is read at as many masks, its
+masked-LM directory works (`--config.model.path=bert-base-uncased`). Each label word is encoded as it
+stands in the filled template (with RoBERTa's byte-level BPE, "Ġgood" after "was "). A word of several tokens is read at as many masks, its
 score the sum of their log-probabilities (Chinese: `--config.data.name=chnsenticorp
 "--config.data.cloze_template={text}。总之很{mask}。" --config.data.verbalizer=失望,满意`). Pairs: `{text_b}` places the second text, e.g. for RTE
 `--config.data.name=rte "--config.data.cloze_template={text} ? {mask} , {text_b}" --config.data.verbalizer=yes,no`.

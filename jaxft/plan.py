@@ -196,9 +196,10 @@ def cloze_shape(config, tokenizer: str | None, head: str) -> tuple[int, int]:
     from jaxft.tokenizer import Tokenizer
 
     words = str(config.data.verbalizer).split(",")
-    if not tokenizer or not config.data.verbalizer:
+    if not tokenizer or not config.data.verbalizer or "{mask}" not in str(config.data.cloze_template):
         return 1, 1
-    per_class, longest = tasks.cloze_layout(tasks.label_words(Tokenizer(tokenizer), words), head == "causal_lm")
+    ids = tasks.label_words(Tokenizer(tokenizer), words, str(config.data.cloze_template))
+    per_class, longest = tasks.cloze_layout(ids, head == "causal_lm")
     return len(words) if per_class else 1, longest
 
 

@@ -410,7 +410,7 @@ def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_al
 
 
 @pytest.mark.parametrize("separator", ["", "\n", "\n\n", " | ", ". ", " ;"])
-@pytest.mark.parametrize("template", [CAUSAL, "Review: {text} It was {mask}"])
+@pytest.mark.parametrize("template", [CAUSAL, "Review: {text} It was {mask}", "{text}! It was {mask}"])
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte-level BPE"])
 def test_causal_demonstrations_join_as_the_whole_text_with_any_separator(kind, template, separator, byte_bpe):
     """In-context examples joined by a separator of the user's, a template that opens with text of its
@@ -435,6 +435,21 @@ def test_causal_demonstrations_join_as_the_whole_text_with_any_separator(kind, t
         n = int(arrays["attention_mask"][i].sum())
         assert arrays["input_ids"][i, :n].tolist() == want, (ref.convert_ids_to_tokens(want),
                                                              [tok.piece(int(t)) for t in arrays["input_ids"][i, :n]])
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level BPE", "wordpiece"])
+def test_label_words_are_tokenized_as_they_stand_in_the_filled_template(kind, byte_bpe):
+    """A word after "It was " is a new word however it is written ("good", " good"); after "It was:" it
+    is glued on unless written with its own space. As the tokenizer reads the whole string."""
+    path = {"sentencepiece": LLAMA, "byte-level BPE": byte_bpe, "wordpiece": BERT}[kind]
+    tok, ref = Tokenizer(path), transformers.AutoTokenizer.from_pretrained(str(path))
+    for before in ("It was ", "It was:"):
+        for words in ("bad,good", "bad, good", " bad, good"):
+            got = tasks.label_words(tok, words.split(","), "{text} " + before + "{mask}")
+            for word, ids in zip(words.split(","), got):
+                text = before + (" " if before.endswith(":") and word.startswith(" ") else "") + word.strip()
+                whole, lead = (ref.encode(t, add_special_tokens=False) for t in (text, before.rstrip()))
+                assert whole[: len(lead)] == lead and ids == whole[len(lead):], (before, words, word)
 
 
 def test_demonstrations_need_the_cloze_task(tmp_path):

@@ -143,7 +143,8 @@ def test_a_cloze_question_with_words_of_several_tokens_within_15_percent():
     whole vocabulary (`jaxft.data.tasks.cloze`); the plan reads the words' tokens from the tokenizer."""
     from jaxft import hf, objectives
 
-    c = config("full", "full", 1, data__task="cloze", data__verbalizer="not good,great")
+    c = config("full", "full", 1, data__task="cloze", data__cloze_template="{text} It was {mask}",
+               data__verbalizer="not good,great")
     c.model.tokenizer = str(hf.resolve("jaxft-tiny"))
     c.model.init.vocab_size, c.model.init.num_hidden_layers = 32000, 2
     s = plan.setup(c, 1)

@@ -239,20 +239,19 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     if causal and slots[-1] != "mask":
         raise JaxftError(f"{where}={template!r}: a causal LM reads left to right, so {{mask}} must come after "
                          f"{{{slots[-1]}}} (the answer is the next word)")
-    words = str(verbalizer).split(",")  # as written: a BPE word inside a sentence has its leading space
+    words = str(verbalizer).split(",")
     if len(words) != len(labels):
         raise JaxftError(f"data.verbalizer={verbalizer!r}: {len(words)} words for the {len(labels)} labels {labels} "
                          "(one per label, in this order)")
-    word_ids = label_words(tok, words)
+    word_ids = label_words(tok, words, template)
     per_class, longest = cloze_layout(word_ids, causal)
     parts = CLOZE_SLOT.split(template)  # literal, slot name, literal, ...
-    # The pieces join as the whole text tokenizes: a SentencePiece-like tokenizer starts each piece with a
-    # word mark of its own (its dummy prefix), so pieces drop their spaces; a byte-level BPE (GPT-2,
-    # Llama 3, Qwen2, RoBERTa) makes a space part of the next word ("Ġword"), so a text after a space is
-    # encoded with it; WordPiece ignores spaces. A trailing space is never a token of its own.
-    marks_words = len(tok.encode(" a")) > len(tok.encode("a"))
-    literal = {j: tok.encode(parts[j].strip() if marks_words else parts[j].rstrip()) if parts[j].strip() else []
-               for j in range(0, len(parts), 2)}
+    # The pieces join as the whole text tokenizes (`follow`); a literal after a slot is a new word where it
+    # starts with a space, else glued on. A trailing space is never a token of its own.
+    marks = marks_words(tok)
+    literal = {j: follow(tok, marks, "a " if parts[j][:1].isspace() else "a", parts[j].strip())
+               if parts[j].strip() else [] for j in range(2, len(parts), 2)}
+    literal[0] = tok.encode(parts[0].strip()) if parts[0].strip() else []  # the row's start
     asked = parts[: parts.index("mask")] if causal else parts  # a causal LM's row stops at the mask
     index = {v: k for k, v in enumerate(labels)}
     demos = _demonstrations(records, demonstrations, label_field, index, tok, causal) if demonstrations else None
@@ -261,15 +260,8 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     # A later segment opens after the separator: after a space as a new word (the default join on a causal
     # LM is one), else glued on, as the whole text tokenizes (after a newline neither SentencePiece nor
     # GPT-2 marks the next word).
-    joiner = demonstrations.separator if demonstrations else ""
-    after_space = joiner.endswith(" ") if joiner else causal
-
-    def opening(text: str) -> list[int]:
-        if after_space:
-            return tok.encode(text if marks_words else " " + text)
-        return in_context(tok, joiner[-1:], text)
-
-    opened = opening(parts[0].strip()) if parts[0].strip() else []  # the template's first literal there
+    joiner = (demonstrations.separator if demonstrations else "") or (" " if causal else "")
+    opened = follow(tok, marks, joiner, parts[0].strip()) if parts[0].strip() else []  # the template's first literal there
     slots = [(j, parts[j]) for j in range(1, len(parts), 2) if parts[j] != "mask"]  # text, text_b
     fields = {"text": text_field, "text_b": text_pair_field}
     # the question's answer: a causal LM's word less its last token, or a masked LM's masks; a demonstration's: its word
@@ -287,12 +279,12 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     def encode(recs, i, first: bool) -> list[list[int]]:  # a record's texts in template order, once each
         out = []
         for j, slot in slots:
-            opens = j == 1 and not parts[0] and not first  # a later segment opens with this text
-            spaced = not opens and not marks_words and parts[j - 1][-1:].isspace()
-            key = (id(recs), i, slot, opens, spaced)
+            # what the text follows: the separator where it opens a later segment, the row's start, or a literal
+            before = (joiner if not first else "") if j == 1 and not parts[0] else parts[j - 1] or "a"
+            key = (id(recs), i, slot, before)
             if key not in encoded:
                 text = _text(recs, i, fields[slot]).strip()  # SST-2's end in a space: no token of its own
-                encoded[key] = opening(text) if opens else tok.encode(" " + text if spaced else text)
+                encoded[key] = follow(tok, marks, before, text)
             out.append(encoded[key])
         return out
 
@@ -359,13 +351,36 @@ def in_context(tok, before: str, text: str) -> list[int]:
     return both[len(lead):] if both[: len(lead)] == lead else tok.encode(text)
 
 
-def label_words(tok, words: list[str]) -> list[list[int]]:
-    """A cloze task's label words (`data.verbalizer`, split) -> their token ids, each word as written."""
-    out = []
+def marks_words(tok) -> bool:
+    """Whether the tokenizer opens every text it encodes with a word mark (SentencePiece's dummy prefix)."""
+    return len(tok.encode(" a")) > len(tok.encode("a"))
+
+
+def follow(tok, marks: bool, before: str, text: str) -> list[int]:
+    """`text`'s tokens where it follows `before` in one string, so that pieces join as the whole text
+    tokenizes: at the start ("") as it is; after a space a new word (SentencePiece: its own word mark;
+    a byte-level BPE such as GPT-2's, Llama 3's or RoBERTa's: " text", the space part of the word;
+    WordPiece ignores spaces); after anything else glued on (after a newline, say, neither
+    SentencePiece nor GPT-2 marks the next word). `marks`: `marks_words(tok)`."""
+    if not before:
+        return tok.encode(text)
+    if before.endswith(" "):
+        return tok.encode(text if marks else " " + text)
+    return in_context(tok, before[-1], text)
+
+
+def label_words(tok, words: list[str], template: str) -> list[list[int]]:
+    """A cloze task's label words (`data.verbalizer`, split) -> their token ids, each as it stands in
+    place of the template's {mask}: a new word after a space there (or where the word is written with a
+    leading space), else glued to what precedes the mask."""
+    parts = CLOZE_SLOT.split(template)
+    at = parts.index("mask")
+    before = parts[at - 1] or ("a" if at > 1 else "")  # "": the row's start, or glued to a text
+    marks, out = marks_words(tok), []
     for word in words:
-        ids = tok.encode(word)
-        if not ids:
+        if not word.strip():
             raise JaxftError(f"data.verbalizer={','.join(words)!r}: an empty label word")
+        ids = follow(tok, marks, " " if word[:1].isspace() else before, word.strip())
         if getattr(tok, "unk_id", None) in ids:
             raise JaxftError(f"data.verbalizer: the word {word!r} is not in the vocabulary "
                              f"(it reads as {[tok.piece(i) for i in ids]}, with the unknown token)")
