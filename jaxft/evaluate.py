@@ -385,8 +385,12 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
         preds, refs = [names[i] for i in predicted], [names[i] for i in arrays["labels"]]
         scores["eval/accuracy"] = metrics.accuracy(preds, refs)
         scores.update({f"eval/{k}": v for k, v in metrics.precision_recall_f1(preds, refs, names).items()})
-        texts = [tok.decode(ids[mask > 0]) if tok else "" for ids, mask in zip(arrays["input_ids"],
-                                                                              arrays["attention_mask"])]
+        ids, real = arrays["input_ids"], arrays["attention_mask"] > 0
+        if ids.ndim == 3:  # a row per class (cloze, words of several tokens): the first, on a causal LM up to its question's end
+            ids, real = ids[:, 0], real[:, 0]
+            if model.cfg.head == "causal_lm":
+                real = real & (np.arange(ids.shape[1]) <= arrays["mlm_positions"][:, 0, :1])
+        texts = [tok.decode(row[keep]) if tok else "" for row, keep in zip(ids, real)]
         rows = [{"prompt": t, "reference": r, "prediction": p} for t, p, r in zip(texts, preds, refs)]
     elif data.task not in GENERATION_TASKS:  # scored pairs (a reward model): the loss eval's figures are all
         rows = []

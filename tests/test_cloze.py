@@ -579,6 +579,22 @@ def test_causal_scores_of_several_tokens_read_each_word_after_its_own_first_toke
         assert float(sums["loss_sum"] / sums["count"]) == pytest.approx(float(loss), rel=1e-5)
 
 
+def test_evaluate_shows_each_causal_question_once(tiny_lm, tmp_path):
+    """jaxft.evaluate's predictions with a row per class: each example's prompt is its question alone."""
+    from jaxft.config import base_config
+    from jaxft.evaluate import evaluate
+
+    c = base_config()
+    c.model.path, c.data.name, c.data.task, c.data.seq_len = str(tiny_lm), "sst2", "cloze", 48
+    c.data.cloze_template, c.data.verbalizer, c.data.max_eval_examples = CAUSAL, "not good,great", 4
+    result = evaluate(c, str(tiny_lm), out=str(tmp_path / "eval"))
+    shown = [json.loads(line)["prompt"] for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    tok = Tokenizer(tiny_lm)
+    questions, _ = tasks.cloze(sst2(4), tok, 48, "sentence", "label", [0, 1], CAUSAL, "bad,good", causal=True)
+    assert result["examples"] == 4
+    assert shown == [tok.decode(row[mask > 0]) for row, mask in zip(questions["input_ids"], questions["attention_mask"])]
+
+
 def test_length_buckets_cut_the_tokens_and_leave_the_label_words_whole():
     """Twenty classes on a batch cut to a short bucket: the words' arrays keep all twenty; rows of one
     class each ([N, C, L]) are cut along their tokens."""
