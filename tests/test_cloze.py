@@ -579,6 +579,27 @@ def test_causal_scores_of_several_tokens_read_each_word_after_its_own_first_toke
         assert float(sums["loss_sum"] / sums["count"]) == pytest.approx(float(loss), rel=1e-5)
 
 
+def test_rows_per_class_train_alike_on_eight_devices(tiny_lm, tmp_path):
+    """[B, C, L] batches split over a 2 x 2 x 2 mesh in two micro-batches: the figures of one device."""
+    go = [f"--config.model.path={tiny_lm}", "--config.method.name=lora", "--config.data.name=sst2",
+          "--config.data.task=cloze", f"--config.data.cloze_template={CAUSAL}", "--config.data.verbalizer=not good,great",
+          "--config.data.max_train_examples=16", "--config.data.max_eval_examples=16", "--config.data.seq_len=48",
+          "--config.train.batch_size=8", "--config.optimizer.learning_rate=3e-2", "--config.train.log_every_steps=1",
+          "--config.train.steps=3", "--config.eval.every_steps=3"]
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    r = cli(one, *go)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli(eight, *go, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.train.grad_accum=2", devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, eight)]
+    assert len(rows[0]) == len(rows[1]) >= 4 and "eval/accuracy" in rows[0][-1]
+    for a, b in zip(*rows):
+        for k in a:
+            if "per_second" not in k and "mfu" not in k:
+                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+
+
 def test_evaluate_shows_each_causal_question_once(tiny_lm, tmp_path):
     """jaxft.evaluate's predictions with a row per class: each example's prompt is its question alone."""
     from jaxft.config import base_config
