@@ -363,33 +363,39 @@ def test_demonstration_errors_are_one_line(args, message):
                     demonstrations=tasks.Demonstrations(args["per_class"], train))
 
 
-def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_alike(tiny_lm, tmp_path):
-    """The CLI on a decoder: LoRA, a cloze question after one demonstration per class. The loss falls;
-    jaxft.evaluate on the export gives the run's final accuracy; peft serves the adapter with jaxft's
-    logits at the row's last token."""
-    from peft import PeftModel
-
+def train_and_evaluate(tmp_path, settings: dict):
+    """The CLI with `settings` ({"section.key": value}) for 6 steps: the loss falls, and jaxft.evaluate
+    on the export gives the run's final accuracy. -> (the run, its last metrics row, evaluate's result)."""
     from jaxft.config import base_config
     from jaxft.evaluate import evaluate
 
-    settings = {"model.path": str(tiny_lm), "method.name": "lora", "data.name": "sst2", "data.task": "cloze",
-                "data.cloze_template": CAUSAL, "data.verbalizer": CAUSAL_WORDS, "data.demonstrations": 1,
-                "data.max_train_examples": 16, "data.max_eval_examples": 16, "data.seq_len": 96,
-                "train.batch_size": 8, "optimizer.learning_rate": 3e-2, "optimizer.warmup_steps": 0,
-                "train.log_every_steps": 1, "train.steps": 6, "eval.every_steps": 6}
     r = cli(tmp_path, *(f"--config.{k}={v}" for k, v in settings.items()))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "head=causal_lm" in r.stdout
     got = losses(tmp_path)
     assert got[6] < got[1], got
     final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
-
     c = base_config()
     for key, value in settings.items():
         section, name = key.split(".")
         c[section][name] = value
     result = evaluate(c, str(tmp_path / "export"), out=str(tmp_path / "eval"))
     assert result["metrics"]["eval/accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-9)
+    return r, final, result
+
+
+def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_alike(tiny_lm, tmp_path):
+    """The CLI on a decoder: LoRA, a cloze question after one demonstration per class. The loss falls;
+    jaxft.evaluate on the export gives the run's final accuracy; peft serves the adapter with jaxft's
+    logits at the row's last token."""
+    from peft import PeftModel
+
+    settings = {"model.path": str(tiny_lm), "method.name": "lora", "data.name": "sst2", "data.task": "cloze",
+                "data.cloze_template": CAUSAL, "data.verbalizer": CAUSAL_WORDS, "data.demonstrations": 1,
+                "data.max_train_examples": 16, "data.max_eval_examples": 16, "data.seq_len": 96,
+                "train.batch_size": 8, "optimizer.learning_rate": 3e-2, "optimizer.warmup_steps": 0,
+                "train.log_every_steps": 1, "train.steps": 6, "eval.every_steps": 6}
+    r, final, result = train_and_evaluate(tmp_path, settings)
+    assert "head=causal_lm" in r.stdout
     assert "eval/perplexity" not in final and "eval/perplexity" not in result["metrics"]  # a loss over 2 words
 
     bundled = sources.read_file(sources.BUNDLED["sst2"].train)
@@ -643,27 +649,13 @@ def test_lora_on_words_of_several_tokens_trains_exports_and_evaluates_alike(tiny
     import jax.numpy as jnp
     from peft import PeftModel
 
-    from jaxft.config import base_config
-    from jaxft.evaluate import evaluate
-
     words = "不满意,满意"
     settings = {"model.path": str(tiny_mlm), "method.name": "lora", "data.name": "chnsenticorp", "data.task": "cloze",
                 "data.cloze_template": ZH_TEMPLATE, "data.verbalizer": words, "data.max_train_examples": 8,
                 "data.max_eval_examples": 16, "data.seq_len": 64, "train.batch_size": 8,
                 "optimizer.learning_rate": 3e-2, "optimizer.warmup_steps": 0, "train.log_every_steps": 1,
                 "train.steps": 6, "eval.every_steps": 6}
-    r = cli(tmp_path, *(f"--config.{k}={v}" for k, v in settings.items()))
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = losses(tmp_path)
-    assert got[6] < got[1], got
-    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
-
-    c = base_config()
-    for key, value in settings.items():
-        section, name = key.split(".")
-        c[section][name] = value
-    result = evaluate(c, str(tmp_path / "export"), out=str(tmp_path / "eval"))
-    assert result["metrics"]["eval/accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-9)
+    final = train_and_evaluate(tmp_path, settings)[1]
 
     dev = sources.read_file(sources.BUNDLED["chnsenticorp"].eval)
     arrays, _ = tasks.cloze(sources.Records(dev.rows[:16], dev.where[:16]), Tokenizer(tiny_mlm), 64, "review",
