@@ -197,6 +197,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")
+        if train["input_ids"].ndim == 3:  # cloze words of several tokens that cannot share a row
+            log(f"note: label words of up to {train['verbalizer'].shape[-1]} tokens: each example is "
+                f"{train['input_ids'].shape[1]} rows, one a class (compute and memory x{train['input_ids'].shape[1]})")
         split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
         return Data(train, ev, task, labels, tok, records=split)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.

@@ -655,7 +655,8 @@ def test_lora_on_words_of_several_tokens_trains_exports_and_evaluates_alike(tiny
                 "data.max_eval_examples": 16, "data.seq_len": 64, "train.batch_size": 8,
                 "optimizer.learning_rate": 3e-2, "optimizer.warmup_steps": 0, "train.log_every_steps": 1,
                 "train.steps": 6, "eval.every_steps": 6}
-    final = train_and_evaluate(tmp_path, settings)[1]
+    r, final, _ = train_and_evaluate(tmp_path, settings)
+    assert "note: label words of up to 3 tokens: each example is 2 rows, one a class" in r.stdout
 
     dev = sources.read_file(sources.BUNDLED["chnsenticorp"].eval)
     arrays, _ = tasks.cloze(sources.Records(dev.rows[:16], dev.where[:16]), Tokenizer(tiny_mlm), 64, "review",

@@ -107,3 +107,24 @@ def test_encoder_configs_run_on_the_bundled_bert_and_export(tmp_path, name):
     arrays, _ = tasks.classification(dev, Tokenizer(hf.resolve("jaxft-tiny-bert")), 64, "sentence", "label", [0, 1])
     logits = np.asarray(model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"]))
     assert float((logits.argmax(-1) == arrays["labels"]).mean()) == pytest.approx(final["eval/accuracy"], abs=1e-6)
+
+
+def test_chinese_cloze_config_runs_and_its_export_answers_alike(tmp_path):
+    """configs/pet_chnsenticorp.py on the bundled encoder: the exported masked LM, loaded alone, puts the
+    run's label words at the mask of the first 40 dev reviews as the run's own evaluation did."""
+    from jaxft import objectives
+
+    r = cli(tmp_path, *QUICK, "--config.eval.at_start=False", config="configs/pet_chnsenticorp.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "head=masked_lm" in r.stdout
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    config = load_config("pet_chnsenticorp.py")
+    model, params = hf.load(str(tmp_path / "export"))
+    dev = sources.read_file(sources.BUNDLED["chnsenticorp"].eval)
+    dev = sources.Records(dev.rows[:40], dev.where[:40])
+    d = config.data
+    arrays, _ = tasks.cloze(dev, Tokenizer(hf.resolve(config.model.path)), d.seq_len, "review", "label", [0, 1],
+                            d.cloze_template, d.verbalizer)
+    logits = objectives.cloze_logits(model.apply({"params": params}, **objectives.cloze_inputs(arrays)), arrays)
+    assert float((np.asarray(logits).argmax(-1) == arrays["labels"]).mean()) == pytest.approx(final["eval/accuracy"],
+                                                                                             abs=1e-6)
