@@ -10,9 +10,9 @@ log-probabilities: `--config.data.verbalizer=失望,满意` ("disappointed", "sa
 or words of different lengths, `"--config.data.cloze_template={text}。总之{mask}。"
 --config.data.verbalizer=不满意,满意` (a row per class).
 Measured (BENCHMARKS.md, "ChnSentiCorp as a cloze question"): dev accuracy 0.678 zero-shot (always
-"good", the majority class) -> 0.864 / 0.860 / A2S600 (seeds 0 / 1 / 2) after 600 steps, about 25 minutes on 2
-cores shared with another run; 失望 / 满意 0.840, 不满意 / 满意 0.820. LoRA with a new head on the
-same base (`configs/chnsenticorp_lora.py`) reaches 0.829 +- 0.020.
+"good", the majority class) -> 0.864 / 0.860 / 0.860 (seeds 0 / 1 / 2) after 600 steps, 15-25 minutes
+on 2 cores shared with other runs; 失望 / 满意 0.840 / 0.855, 不满意 / 满意 0.820. LoRA with a new head
+on the same base (`configs/chnsenticorp_lora.py`) reaches 0.829 +- 0.020.
 """
 
 from jaxft.config import base_config
