@@ -162,6 +162,31 @@ def test_a_cloze_question_with_words_of_several_tokens_within_15_percent():
     assert plan.estimate(s)["total"] == pytest.approx(want, rel=0.15)
 
 
+@pytest.mark.parametrize("words, rows", [("很失望,很满意", 1), ("不满意,满意", 2)])
+def test_a_masked_lm_cloze_question_with_words_of_several_tokens_within_15_percent(words, rows):
+    """On a masked LM: three [MASK]s in one row for equally long words, a row per class otherwise."""
+    from jaxft import hf, objectives
+
+    c = config("full", "none", 1, data__task="cloze", data__cloze_template="{text}。总之{mask}。", data__verbalizer=words)
+    c.model.init = ml_collections.ConfigDict(dict(model_type="bert", vocab_size=8192, hidden_size=128,
+                                                  intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                                  max_position_embeddings=256))
+    c.model.tokenizer = str(hf.resolve("jaxft-tiny-bert"))
+    s = plan.setup(c, 1)
+    assert (s.sequences, s.answer_tokens, s.cfg.head) == (rows, 3, "masked_lm")
+
+    def cloze_batch(s, ids):
+        def leaf(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(ids.sharding.mesh, len(shape)))
+
+        per_row = (16, rows) if rows > 1 else (16,)
+        return {"input_ids": leaf(*per_row, 128), "attention_mask": leaf(*per_row, 128), "mlm_positions": leaf(*per_row, 3),
+                "verbalizer": leaf(16, 2, 3), "labels": leaf(16)}
+
+    want = compiled_bytes(c, 1, extra=cloze_batch, objective=objectives.OBJECTIVES["cloze"])
+    assert plan.estimate(s)["total"] == pytest.approx(want, rel=0.15)
+
+
 def test_each_setting_moves_its_own_term():
     base = plan.estimate(plan.setup(config("lora", "none", 8), 8))
     bf16 = plan.estimate(plan.setup(config("lora", "none", 8, model__param_dtype="bfloat16",
