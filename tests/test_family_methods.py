@@ -43,6 +43,10 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                       num_attention_heads=4, num_key_value_heads=2,
                                                       attention_bias=True, tie_word_embeddings=False)),
+    # the Llama module's Qwen3: queries and keys RMS-normed per head before rotary
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                      tie_word_embeddings=True)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=32)),
     "bert": ("BertConfig", "BertForSequenceClassification",
              dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -250,6 +254,7 @@ def hf_modules_with(tensors: dict, leaf: str) -> set:
 
 CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS]
 CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "houlsby")]
+CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
 
 
 @pytest.mark.parametrize("family_name,method_name", CELLS, ids=[f"{f}-{m}" for f, m in CELLS])

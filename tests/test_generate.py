@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from jaxft import generate as gen
 from jaxft import hf
@@ -30,6 +31,8 @@ FAMILIES = {
     # windows shorter than prompt + new tokens, so that they cut
     "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=4)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=0)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=24, use_sliding_window=True, sliding_window=5,
+                                                  max_window_layers=0)),
     "gpt2": (GPT2LMHeadModel, GPT2Config, dict(n_inner=80, n_positions=64)),  # learned positions, fused c_attn
 }
 PAD = 7
@@ -72,12 +75,12 @@ def until_eos(row, eos):
 
 
 @pytest.mark.parametrize("name,scan,beams", [("llama", True, 1), ("llama", True, 4), ("llama", False, 4),
-                                             ("mistral", True, 1), ("qwen2", True, 4), ("gpt2", True, 1),
+                                             ("mistral", True, 1), ("qwen2", True, 4), ("qwen3", False, 1), ("gpt2", True, 1),
                                              ("gpt2", False, 4)])
 def test_matches_transformers(saved, name, scan, beams):
     m, d = saved[name]
     model, params = hf.load(d, scan_layers=scan)
-    if name in ("mistral", "qwen2"):
+    if name in ("mistral", "qwen2", "qwen3"):
         assert model.cfg.sliding_window is not None
     ids, mask = prompts()
     unused = [96, 97]  # EOS ids that cannot come up (beyond the vocabulary)

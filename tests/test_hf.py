@@ -62,10 +62,18 @@ VARIANTS = {
         "Qwen2Config",
         dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=0),
     ),
+    # Qwen3: per-head RMSNorm of queries and keys (its weights randomised too), explicit head_dim, no bias
+    "qwen3_qknorm_head_dim": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24)),
+    "qwen3_tied_sliding_bias": (
+        "Qwen3Config",
+        dict(tie_word_embeddings=True, attention_bias=True, use_sliding_window=True, sliding_window=5,
+             max_window_layers=0),
+    ),
     "mistral_head_dim": ("MistralConfig", dict(head_dim=24, num_key_value_heads=2, sliding_window=None)),
     "mistral_sliding_mqa": ("MistralConfig", dict(head_dim=8, num_key_value_heads=1, sliding_window=6)),
 }
-CAUSAL = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "MistralConfig": "MistralForCausalLM"}
+CAUSAL = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
+          "MistralConfig": "MistralForCausalLM"}
 
 
 def _config(cls_name: str, **kw):
@@ -188,7 +196,7 @@ def test_mistral_sliding_window_matters(tmp_path):
 # 2. left padding
 
 
-@pytest.mark.parametrize("variant", ["llama3_rope_gqa", "qwen2_bias_gqa"])
+@pytest.mark.parametrize("variant", ["llama3_rope_gqa", "qwen2_bias_gqa", "qwen3_qknorm_head_dim"])
 def test_left_padded_batch(tmp_path, variant):
     cls_name, kw = VARIANTS[variant]
     ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
@@ -268,7 +276,7 @@ def test_sequence_classification_mean_pooling(tmp_path):
 # 4. unscanned layers
 
 
-@pytest.mark.parametrize("variant", ["llama2_bias", "qwen2_bias_gqa", "mistral_head_dim"])
+@pytest.mark.parametrize("variant", ["llama2_bias", "qwen2_bias_gqa", "qwen3_qknorm_head_dim", "mistral_head_dim"])
 def test_scan_layers_false_matches_scanned(tmp_path, variant):
     cls_name, kw = VARIANTS[variant]
     ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
@@ -310,6 +318,8 @@ def test_sharded_checkpoint(tmp_path):
         ("llama_mqa_tied", False),
         ("qwen2_bias_gqa", True),
         ("qwen2_tied_sliding", False),
+        ("qwen3_qknorm_head_dim", True),
+        ("qwen3_tied_sliding_bias", False),
         ("mistral_head_dim", True),
         ("mistral_sliding_mqa", True),
     ],
@@ -341,9 +351,10 @@ def test_save_round_trip(tmp_path, variant, scan):
     assert rel_err(our_logits(again, p_again, x), ref) <= TOL
 
 
-def test_save_round_trip_classification(tmp_path):
-    config = _config("Qwen2Config", num_labels=3, pad_token_id=0)
-    ref_model, d = build_hf(tmp_path, config, "Qwen2ForSequenceClassification")
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3"])
+def test_save_round_trip_classification(tmp_path, arch):
+    config = _config(f"{arch}Config", num_labels=3, pad_token_id=0)
+    ref_model, d = build_hf(tmp_path, config, f"{arch}ForSequenceClassification")
     model, params = hf.load(str(d))
     out = hf.save(model, params, str(tmp_path / "saved"))
     reloaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(

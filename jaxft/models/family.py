@@ -35,6 +35,7 @@ from jaxft.errors import JaxftError
 REGISTRY = {
     "llama": "jaxft.models.llama",
     "qwen2": "jaxft.models.llama",
+    "qwen3": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
     "gpt2": "jaxft.models.gpt2",
     "bert": "jaxft.models.bert",
@@ -148,7 +149,9 @@ class Family:
     activation_blocks: Callable | None = None
     # regex on "a/b/kernel" paths: the frozen projections `model.quantization` stores in 8 or 4 bits
     projections: str = r"(^|/)(q|k|v|o|gate|up|down)_proj/kernel$"
-    ia3_targets: str = ""  # the default `method.ia3_targets` (HF PEFT's for the family)
+    # the default `method.ia3_targets`, HF PEFT's for the family: a string, or cfg -> string where PEFT's
+    # differ between the family's model types
+    ia3_targets: str | Callable[[Any], str] = ""
     ia3_feedforward: str = ""  # the default `method.feedforward_modules`: IA3 scales their input
     # config -> the part of `matmul_weights` in the output head, for a head that runs at some positions
     # only (a masked LM at its targets: `label_positions`)

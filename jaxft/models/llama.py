@@ -1,7 +1,7 @@
-"""The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Mistral.
+"""The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Qwen3, Mistral.
 
 Differences between the variants are data in `LlamaConfig` (q/k/v bias, explicit head_dim, rope
-scaling, tied embeddings, sliding window), not subclasses. Module names follow Hugging Face
+scaling, tied embeddings, sliding window, Qwen3's per-head RMSNorm of queries and keys), not subclasses. Module names follow Hugging Face
 (`self_attn.q_proj`, `mlp.gate_proj`, ...) so checkpoint and PEFT keys map one to one.
 
 Methods hook in at named points: every `Linear` (see `layers.py`), the embeddings, each block's
@@ -54,6 +54,7 @@ class LlamaConfig(Settings):
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -80,6 +81,9 @@ class Attention(nn.Module):
         q = proj("q_proj", h * d, ("embed", "heads"), cfg.qkv_bias)(x).reshape(b, t, h, d)
         k = proj("k_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
         v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
+        if cfg.qk_norm:  # one weight of head_dim, shared by every head
+            q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
         q, k = rope(q, k, positions, d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.sow("intermediates", "keys_values", (k, v))  # stored only when asked for (e.g. prefix init)
         num_prefix = 0
@@ -277,7 +281,7 @@ class LlamaModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Hugging Face: config.json and weight names, both ways.
 
-ARCH = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 
 
 def config_from_hf(c: dict, file: str) -> LlamaConfig:
@@ -287,7 +291,7 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
     rope = _rope_scaling(rope, c, file)
     window = c.get("sliding_window")
-    if mtype == "qwen2":
+    if mtype in ("qwen2", "qwen3"):
         window = window if c.get("use_sliding_window") else None
         if window is not None:  # as transformers: layer_types, else sliding from max_window_layers on
             n, first = c["num_hidden_layers"], c.get("max_window_layers", 28)
@@ -296,7 +300,7 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
             if types == {"full_attention"}:
                 window = None
             elif types != {"sliding_attention"}:
-                raise JaxftError(f"{file}: Qwen2 with mixed sliding/full attention layers is not supported")
+                raise JaxftError(f"{file}: {ARCH[mtype]} with mixed sliding/full attention layers is not supported")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in c]
     if missing:
@@ -325,6 +329,7 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         o_bias=mtype != "qwen2" and bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
         sliding_window=window,
+        qk_norm=mtype == "qwen3",
         model_type=mtype,
         bos_token_id=c.get("bos_token_id"),
         eos_token_id=c.get("eos_token_id") if not isinstance(c.get("eos_token_id"), list) else c["eos_token_id"][0],
@@ -384,7 +389,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     }
     if cfg.rope_scaling:
         c["rope_scaling"] = rope
-    if cfg.model_type == "qwen2":
+    if cfg.model_type in ("qwen2", "qwen3"):
         sliding = cfg.sliding_window is not None
         c.update(
             use_sliding_window=sliding,
@@ -392,6 +397,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             max_window_layers=0 if sliding else cfg.num_layers,  # every layer slides, or none
             layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
         )
+        if cfg.model_type == "qwen3":  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
+            c.update(attention_bias=cfg.qkv_bias)
     else:
         c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
         if cfg.model_type == "mistral":
@@ -499,7 +506,8 @@ FAMILY = Family(
     hf_module=hf_module,
     our_module=our_module,
     lora_targets="q_proj,v_proj",
-    ia3_targets="k_proj,v_proj,down_proj",
+    # PEFT's IA3 defaults: keys for Llama and Mistral, queries for Qwen
+    ia3_targets=lambda cfg: ("q_proj" if cfg.model_type.startswith("qwen") else "k_proj") + ",v_proj,down_proj",
     ia3_feedforward="down_proj",
     head_params=r"^(score|lm_head)/",
     classifier_params=r"^score/",

@@ -189,7 +189,7 @@ def _ia3(m, cfg) -> Method:
     from jaxft.peft import ia3
 
     fam = family.of(cfg)
-    targets = m.get("ia3_targets", "") or fam.ia3_targets
+    targets = m.get("ia3_targets", "") or (fam.ia3_targets(cfg) if callable(fam.ia3_targets) else fam.ia3_targets)
     ff = m.get("feedforward_modules", "") or (fam.ia3_feedforward if not m.get("ia3_targets", "") else "")
     for key, value in (("method.ia3_targets", targets), ("method.feedforward_modules", ff)):
         try:
