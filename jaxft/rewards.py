@@ -245,7 +245,7 @@ class RewardModel:
 
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages = turns + [{"role": "assistant", "content": text_of(completion)}]
-        ids, mask = sft.encode(self.renderer.segments(messages), self.tok)
+        ids, mask = sft.encode(self.renderer.last_answer(messages), self.tok)
         return sft.truncate(ids, mask, self.max_length, self.tok.bos_id)[0]
 
     def __call__(self, prompts, completions, **columns) -> list[float]:

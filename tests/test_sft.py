@@ -140,6 +140,78 @@ def test_chat_template_matches_transformers(chatml_dir, chat):
         m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
 
 
+# Qwen3's kind of template (written here in its manner): an answer after the last question shows its
+# reasoning in <think> tags; earlier answers lose theirs. Rendering a later turn rewrites an earlier one.
+THINKING = (
+    "{%- set ns = namespace(found=false, last_query=messages|length - 1) %}"
+    "{%- for m in messages[::-1] %}{%- if m.role == 'user' and not ns.found %}"
+    "{%- set ns.found = true %}{%- set ns.last_query = (messages|length - 1) - loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set thought = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set thought = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
+    "{{- '<|im_start|>assistant\n' }}{% generation %}"
+    "{%- if loop.index0 > ns.last_query %}{{- '<think>\n' + thought + '\n</think>\n\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>\n' }}{% endgeneration %}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+THOUGHTFUL = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>Add them.</think>4"},
+              {"role": "user", "content": "再乘以三？"}, {"role": "assistant", "content": "<think>4 × 3</think>12"}]
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_each_answer_alone(chatml_dir, tmp_path):
+    """Each answer of a conversation is its own example, the conversation before it as the template
+    renders it then (transformers' ids), the answer alone learned (transformers' assistant mask of that
+    turn); a preference side and a generation prompt read the last answer the same way."""
+    from transformers import AutoTokenizer
+
+    from jaxft.data import generation, preference
+
+    d = tmp_path / "thinking"
+    shutil.copytree(chatml_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING}))
+    hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
+    r = renderer_for(tok)
+    with pytest.raises(sft.NotTurnByTurn, match="does not render turn by turn"):
+        r.segments(THOUGHTFUL)
+    enc = sft.examples(Records([{"messages": THOUGHTFUL}, {"messages": CHATS[0]}], ["f:1", "f:2"]), tok, r, 256)
+    assert enc.split == 1 and len(enc.examples) == 3  # two answers, then the one-turn chat as before
+
+    def last_run(mask):  # transformers marks every answer; keep the last one's tokens
+        start = max(i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+        return [int(m and i >= start) for i, m in enumerate(mask)]
+
+    for (ids, mask), end in zip(enc.examples, (2, 4)):
+        out = hf.apply_chat_template(THOUGHTFUL[:end], tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        assert ids == list(out["input_ids"]) and mask == last_run(list(out["assistant_masks"]))
+    first, second = (tok.decode([i for i, m in zip(ids, mask) if m]) for ids, mask in enc.examples[:2])
+    assert first == "<think>\nAdd them.\n</think>\n\n4<|im_end|>\n"
+    assert second == "<think>\n4 × 3\n</think>\n\n12<|im_end|>\n"
+    assert "Add them" not in tok.decode(enc.examples[1][0])  # the earlier answer as history: no reasoning
+
+    pair = {"conversations": [{"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "4"},
+                              {"from": "human", "value": "再乘以三？"}],
+            "chosen": {"from": "gpt", "value": "<think>4 × 3</think>12"}, "rejected": {"from": "gpt", "value": "7"}}
+    arrays, counts = preference.encode(Records([pair], ["p:1"]), tok, r, 256)
+    chosen = THOUGHTFUL[:3] + [THOUGHTFUL[3]]
+    out = hf.apply_chat_template(chosen, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    n = len(out["input_ids"])
+    assert arrays["input_ids"][0][:n].tolist() == list(out["input_ids"])
+    assert arrays["loss_mask"][0][:n].tolist() == last_run(list(out["assistant_masks"]))
+    prompts, references = generation.prompts_and_references(Records([{"messages": THOUGHTFUL}], ["g:1"]), tok, 256,
+                                                            max_new_tokens=16)
+    assert prompts[0] == list(hf.apply_chat_template(THOUGHTFUL[:3], tokenize=True, return_dict=True,
+                                                     add_generation_prompt=True)["input_ids"])
+    assert references == [THOUGHTFUL[3]["content"]]
+
+
 def test_default_template(tok_dir, tmp_path):
     """No chat template: jaxft's default, whose rendering transformers' renderer agrees with; special
     token strings become their ids; the masked tokens decode to the answers and their EOS."""

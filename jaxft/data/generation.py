@@ -39,7 +39,7 @@ def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.F
                 # a preference pair's prompt is answered; its chosen answer is the reference
                 messages = preference.pair(row, at)[0] if preference.is_pair(row) else sft.conversation(row, at, fields)
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                segments = renderer.segments(messages[: last + 1])
+                segments = renderer.last_answer(messages[: last + 1])
                 reference = messages[last]["content"]
                 prompt = cut_left(sft.encode(segments[:-1], tok)[0], keep, tok.bos_id)  # the last one is the answer
         except sft.BadRecord as e:

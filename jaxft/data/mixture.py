@@ -165,7 +165,10 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
             if not enc.examples:
                 raise JaxftError(f"data source {name!r} ({split}): no usable SFT record")
             out = (sft.pack if d.packing else sft.padded)(enc.examples, seq_len, tok.pad_id)
-            line = (f"{len(enc.examples)} examples, {enc.truncated} longer than data.seq_len={seq_len} truncated "
+            line = (f"{len(enc.examples)} examples"
+                    + (f" ({enc.split} conversations one example per answer: the chat template rewrites earlier "
+                       "turns)" if enc.split else "")
+                    + f", {enc.truncated} longer than data.seq_len={seq_len} truncated "
                     f"(prompt cut from the left, response from the right), {enc.skipped} bad records skipped"
                     + (f" (first: {enc.first_skip})" if enc.skipped else "")
                     + f"; {len(out['input_ids'])} rows {'packed' if d.packing else 'padded'}, "

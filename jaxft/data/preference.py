@@ -77,12 +77,6 @@ def pair(row, where: str) -> tuple[list[dict], list[dict]]:
     return out[0], out[1]
 
 
-def _answer_only(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    """The response flag on the last response segment only: earlier answers of the prompt are context."""
-    last = max((i for i, (_, response) in enumerate(segments) if response), default=-1)
-    return [(text, response and i == last) for i, (text, response) in enumerate(segments)]
-
-
 def encode(records: Records, tok, renderer: sft.Renderer, seq_len: int,
            skip_bad: bool = False) -> tuple[dict[str, np.ndarray], sft.Encoded]:
     """-> (padded arrays, counts): `Encoded.examples` holds the chosen sides; truncated counts pairs."""
@@ -91,7 +85,7 @@ def encode(records: Records, tok, renderer: sft.Renderer, seq_len: int,
         try:
             sides = []
             for name, messages in zip(("chosen", "rejected"), pair(row, where)):
-                ids, mask = sft.encode(_answer_only(renderer.segments(messages)), tok)
+                ids, mask = sft.encode(renderer.last_answer(messages), tok)
                 if not any(mask):
                     raise sft.BadRecord(f"{where}: the {name} answer renders to no tokens")
                 sides.append(sft.truncate(ids, mask, seq_len, tok.bos_id))

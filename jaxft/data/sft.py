@@ -18,7 +18,10 @@ their ids.
 Loss: every assistant turn is a response. A response's text is what rendering the conversation up
 to and including that turn adds to rendering it up to the turn before with the generation prompt (so
 end-of-turn markers such as EOS or `<|im_end|>` are learned too); everything else is prompt, with
-loss_mask 0 unless `data.train_on_prompt`.
+loss_mask 0 unless `data.train_on_prompt`. A template that rewrites earlier turns once a later one
+comes (Qwen3's drops the reasoning of answers before the last question) cannot render a conversation
+turn by turn: each of its answers is then an example of its own, the conversation before it as the
+template renders it at that point (as the model sees it when it answers).
 
 Truncation (an example longer than data.seq_len): the last response keeps its first
 max(seq_len - prompt length, seq_len // 2) tokens (cut from the right), and the text before it (the
@@ -57,6 +60,10 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 class BadRecord(JaxftError):
     """A record that is not a usable SFT example (skipped and counted with data.skip_bad_records)."""
+
+
+class NotTurnByTurn(BadRecord):
+    """The chat template rewrites an earlier turn of this conversation when it renders a later one."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,19 +150,48 @@ class Renderer:
             raise BadRecord(f"chat template {self.where}: {e}") from None
 
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """-> [(text, is_response), ...] whose concatenation is the rendered conversation."""
+        """-> [(text, is_response), ...] whose concatenation is the rendered conversation; NotTurnByTurn
+        where rendering a later turn rewrites an earlier one."""
         out, done = [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt = self(messages[:i], add_generation_prompt=True)
-            full = self(messages[: i + 1])
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise BadRecord(f"chat template {self.where} does not render turn by turn (the conversation up to "
-                                f"message {i} is not a prefix of the conversation up to message {i + 1})")
-            out += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
+            prompt, answer = self._answer(messages, i)
+            if not prompt.startswith(done):
+                raise NotTurnByTurn(f"chat template {self.where} does not render turn by turn (the conversation "
+                                    f"up to message {i} is not a prefix of the conversation up to message {i + 1})")
+            out += [(prompt[len(done):], False), (answer, True)]
+            done = prompt + answer
         return [(text, response) for text, response in out if text]
+
+    def _answer(self, messages: list[dict], i: int) -> tuple[str, str]:
+        """(the conversation before assistant turn i with the generation prompt, what turn i adds to it)."""
+        prompt = self(messages[:i], add_generation_prompt=True)
+        full = self(messages[: i + 1])
+        if not full.startswith(prompt):
+            raise BadRecord(f"chat template {self.where}: the conversation up to message {i} does not start with "
+                            "the one before it and the generation prompt")
+        return prompt, full[len(prompt):]
+
+    def examples(self, messages: list[dict]) -> list[list[tuple[str, bool]]]:
+        """The examples one conversation trains, as segments: itself, every answer a response, where the
+        template renders turn by turn; else one per answer (see the module docstring)."""
+        try:
+            return [self.segments(messages)]
+        except NotTurnByTurn:
+            return [self.last_answer(messages[: i + 1]) for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+    def last_answer(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """Segments with the last answer the only response, earlier ones context (a preference pair's sides,
+        a generation prompt, a reward model's input)."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        try:
+            segs = self.segments(messages[: last + 1])
+        except NotTurnByTurn:
+            prompt, answer = self._answer(messages, last)
+            segs = [(prompt, False), (answer, True)]
+        final = max((i for i, (_, response) in enumerate(segs) if response), default=-1)
+        return [(text, response and i == final) for i, (text, response) in enumerate(segs) if text]
 
 
 def special_strings(tok) -> dict[str, str]:
@@ -309,25 +345,27 @@ class Encoded:
     truncated: int
     skipped: int
     first_skip: str
+    split: int = 0  # conversations made one example per answer (a template that does not render turn by turn)
 
 
 def examples(records: Records, tok, renderer: Renderer, seq_len: int, fields: Fields = Fields(),
              train_on_prompt: bool = False, skip_bad: bool = False) -> Encoded:
-    out, truncated, skipped, first = [], 0, 0, ""
+    out, truncated, skipped, first, split = [], 0, 0, "", 0
     for row, where in zip(records.rows, records.where):
         try:
-            segs = renderer.segments(conversation(row, where, fields))
-            ids, mask = encode(segs, tok)
-            if not any(mask):
+            encoded = [encode(segs, tok) for segs in renderer.examples(conversation(row, where, fields))]
+            if not any(any(mask) for _, mask in encoded):
                 raise BadRecord(f"{where}: the responses render to no tokens")
         except BadRecord as e:
             msg = skip_or_raise(e, where, skip_bad)
             skipped, first = skipped + 1, first or msg
             continue
-        ids, mask, cut = truncate(ids, mask, seq_len, tok.bos_id)
-        truncated += cut
-        out.append((ids, [1] * len(ids) if train_on_prompt else mask))
-    return Encoded(out, truncated, skipped, first)
+        split += len(encoded) > 1
+        for ids, mask in encoded:
+            ids, mask, cut = truncate(ids, mask, seq_len, tok.bos_id)
+            truncated += cut
+            out.append((ids, [1] * len(ids) if train_on_prompt else mask))
+    return Encoded(out, truncated, skipped, first, split)
 
 
 def skip_or_raise(e: BadRecord, where: str, skip_bad: bool) -> str:
