@@ -51,12 +51,14 @@ GENERATION_TASKS = ("sft", "seq2seq", "dpo")  # dpo: the prompts of the held-out
 
 
 def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: int, max_new_tokens: int,
-                   num_beams: int = 1, repetition_penalty: float = 1.0, progress=None) -> list[str]:
-    """Decoded answers to `prompts` (text up to the first EOS), `batch_size` at a time. Every batch has
-    the same shape (left-padded to the longest prompt, the last filled up), so generation compiles once."""
+                   num_beams: int = 1, repetition_penalty: float = 1.0, stop: list[int] | None = None,
+                   progress=None) -> list[str]:
+    """Decoded answers to `prompts` (text up to the first of the `stop` ids, default EOS), `batch_size` at a
+    time. Every batch has the same shape (left-padded to the longest prompt, the last filled up), so
+    generation compiles once."""
     from jaxft.generate import generate
 
-    eos = tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id
+    eos = stop or [tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id]
     width = max(map(len, prompts))
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -67,16 +69,22 @@ def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: 
         new = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                        repetition_penalty=repetition_penalty, eos_token_id=eos, pad_token_id=tok.pad_id)
         for row in np.asarray(new)[: len(chunk)].tolist():
-            out.append(tok.decode(row[: row.index(eos)] if eos in row else row).strip())
+            end = next((i for i, t in enumerate(row) if t in eos), len(row))
+            out.append(tok.decode(row[:end]).strip())
         if progress is not None:
             progress.update(len(chunk))
     return out
 
 
-def decoding(config) -> dict:
-    """The `eval.*` decoding settings, as `generate_texts` takes them (training's and evaluate's eval alike)."""
+def decoding(config, tok, encoder_decoder: bool) -> dict:
+    """The `eval.*` decoding settings, as `generate_texts` takes them (training's and evaluate's eval alike);
+    a decoder's answers stop where the chat template ends them (`jaxft.data.sft.stop_ids`)."""
+    from jaxft.data import sft
+
     e = config.eval
-    return dict(max_new_tokens=e.max_new_tokens, num_beams=e.num_beams, repetition_penalty=float(e.repetition_penalty))
+    stop = None if encoder_decoder or tok is None else sft.stop_ids(tok, str(config.data.chat_template))
+    return dict(max_new_tokens=e.max_new_tokens, num_beams=e.num_beams, repetition_penalty=float(e.repetition_penalty),
+                stop=stop)
 
 
 def generation_scores(predictions: list[str], references: list, sources: list[str] | None = None) -> dict[str, float]:
@@ -155,11 +163,13 @@ def generation_eval(config, data, model, workdir=None, objective=None):
     if not n or data.task not in GENERATION_TASKS or not any(r is not None and r.rows
                                                             for r in (data.records or {}).get("validation", ())):
         return None
-    prompts, refs, tags = generation_prompts(config, data, "validation", family.of(model.cfg).encoder_decoder, n)
+    encoder_decoder = family.of(model.cfg).encoder_decoder
+    prompts, refs, tags = generation_prompts(config, data, "validation", encoder_decoder, n)
     batch = config.eval.batch_size or config.train.batch_size
+    settings = decoding(config, data.tokenizer, encoder_decoder)
 
     def run(params, step: int) -> dict[str, float]:
-        predictions = generate_texts(model, params, prompts, data.tokenizer, batch_size=batch, **decoding(config))
+        predictions = generate_texts(model, params, prompts, data.tokenizer, batch_size=batch, **settings)
         if workdir is not None and jax.process_index() == 0:
             rows = prediction_rows(data.tokenizer, prompts, refs, predictions, tags)
             (workdir / "samples").mkdir(parents=True, exist_ok=True)
@@ -395,10 +405,11 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     elif data.task not in GENERATION_TASKS:  # scored pairs (a reward model): the loss eval's figures are all
         rows = []
     else:
-        prompts, refs, tags = generation_prompts(config, data, split, family.of(model.cfg).encoder_decoder,
-                                                 max_examples)
+        encoder_decoder = family.of(model.cfg).encoder_decoder
+        prompts, refs, tags = generation_prompts(config, data, split, encoder_decoder, max_examples)
         with tqdm(total=len(prompts), desc="generate", file=sys.stdout, dynamic_ncols=True) as bar:
-            preds = generate_texts(model, params, prompts, tok, batch_size=batch, progress=bar, **decoding(config))
+            preds = generate_texts(model, params, prompts, tok, batch_size=batch, progress=bar,
+                                   **decoding(config, tok, encoder_decoder))
         scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs, tags).items()})
         rows = prediction_rows(tok, prompts, refs, preds, tags)
     return scores, rows

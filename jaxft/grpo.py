@@ -193,8 +193,9 @@ def completion_mask(new, eos) -> np.ndarray:
     return (np.arange(new.shape[1])[None] <= first[:, None]).astype(np.int32)
 
 
-def completion_texts(tok, new, mask) -> list[str]:
-    eos = set(tok.eos or ())
+def completion_texts(tok, new, mask, eos=()) -> list[str]:
+    """The completions' texts, without the stop tokens (`eos`) they end with."""
+    eos = set(np.asarray(eos).tolist()) | set(tok.eos or ())
     return [tok.decode([t for t, m in zip(row, keep) if m and t not in eos]).strip() for row, keep in zip(new, mask)]
 
 
@@ -215,7 +216,7 @@ def score_completions(functions, tok, new, eos, records, index, prompt_values):
     from jaxft import rewards
 
     mask = completion_mask(new, eos)
-    texts = completion_texts(tok, new, mask)
+    texts = completion_texts(tok, new, mask, eos)
     prompts, completions, columns = reward_inputs(records, index, prompt_values, texts)
     total, each = rewards.score(functions, prompts, completions, [list(r[m > 0]) for r, m in zip(new, mask)], columns)
     return total, each, mask, prompts, texts
@@ -273,7 +274,9 @@ class Rollout:
         self.period = s.iterations
         self.functions = rewards.load(s.rewards, s.reward_weights)
         tok = data.tokenizer
-        self.eos = np.asarray(tok.eos or ([model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else [-1]))
+        # where completions end: EOS, and a chat template's end of answer (`Data.stop`)
+        self.eos = np.asarray(data.stop or tok.eos or ([model.cfg.eos_token_id] if model.cfg.eos_token_id is not None
+                                                        else [-1]))
         self.pad = tok.pad_id if tok.pad_id is not None else int(self.eos[0])
         # an encoder-decoder's rows start the decoder as generation does (None: a decoder's rows)
         start = getattr(model.cfg, "decoder_start_token_id", None)
@@ -386,7 +389,7 @@ def reward_scores(config, data, model, params, split: str = "validation", limit:
     functions = rewards.load(s.rewards, s.reward_weights)
     n = min(int(limit) or len(arrays["record"]), len(arrays["record"]))
     tok, batch = data.tokenizer, config.eval.batch_size or config.train.batch_size
-    eos = tok.eos or [model.cfg.eos_token_id]
+    eos = data.stop or tok.eos or [model.cfg.eos_token_id]
     new = []
     for i in range(0, n, batch):  # every batch full (the last one repeats rows): one compile
         ids, mask = (np.resize(arrays[k][i:min(i + batch, n)], (batch, arrays[k].shape[1]))

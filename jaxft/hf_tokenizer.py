@@ -101,6 +101,10 @@ class HFTokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
 
+    def is_special(self, i: int) -> bool:
+        token = self._tok.get_added_tokens_decoder().get(int(i))
+        return token is not None and token.special
+
     def decode(self, ids: list[int]) -> str:
         text = self._tok.decode(ids, skip_special_tokens=False)
         if self.clean_up_spaces and type(self._tok.model).__name__ != "BPE":  # transformers skips it for BPE

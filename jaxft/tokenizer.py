@@ -102,6 +102,12 @@ class Tokenizer:
             return i if self._sp.id_to_piece(i) == piece else None
         return self._hf.token_to_id(piece)
 
+    def is_special(self, i: int) -> bool:
+        """Whether id `i` is a special token (a role or control token, a chat template's `<|im_end|>`), not text."""
+        if self._sp is None:
+            return self._hf.is_special(i)
+        return i in self._added_ids or self._sp.is_control(i) or self._sp.is_unknown(i)
+
     def sentinels(self, n: int) -> list[int]:
         """T5's span-corruption sentinels `<extra_id_0>` ... `<extra_id_{n-1}>`, as ids."""
         ids = [self.token_id(f"<extra_id_{i}>") for i in range(n)]

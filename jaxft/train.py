@@ -62,6 +62,7 @@ class Data:
     transform: object | None = None
     # {"train": [...], "validation": [...]}: each record's prompt as reward functions get it (GRPO), by index
     prompts: dict | None = None
+    stop: list | None = None  # where the policy's completions end (GRPO): `jaxft.data.sft.stop_ids`
 
 
 def load_model_config(config):
@@ -270,7 +271,8 @@ def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> D
     return Data(joined["train"][0], ev[0] if ev else None, str(config.data.task), None, tok,
                 groups=groups if len(names) > 1 else None, weights=weights, sources=mixture.source_names(names),
                 records={"train": [joined["train"][1]], "validation": [ev[1] if ev else None]},
-                prompts={"train": joined["train"][2], "validation": ev[2] if ev else None})
+                prompts={"train": joined["train"][2], "validation": ev[2] if ev else None},
+                stop=None if encoder_decoder else sft.stop_ids(tok, str(d.chat_template)))
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):

@@ -447,6 +447,13 @@ def test_chinese_prompts_completions_and_rewards(tok_dir):
     assert texts == ["很好看", "不喜欢"] and got_prompts == ["a", "b"]
     assert list(mask.sum(axis=1)) == [len(tok.encode("很好看")) + 1, len(tok.encode("不喜欢")) + 1]
     np.testing.assert_allclose(total, [1 / 2, -1 / 2])  # (1 - 0) / 2 and (0 - 1) / 2
+    # A chat template's end of answer (here BOS standing in for <|im_end|>, `Data.stop`) ends a completion too.
+    end = tok.bos_id
+    new = np.array([tok.encode("很好看") + [end, 5, eos], tok.encode("不喜欢") + [eos, end, 5]])
+    _, _, mask, _, texts = grpo.score_completions(rewards.load("sentiment"), tok, new, np.array([eos, end]),
+                                                  records({"prompt": "a"}, {"prompt": "b"}), [0, 1], ["a", "b"])
+    assert texts == ["很好看", "不喜欢"]
+    assert list(mask.sum(axis=1)) == [len(tok.encode("很好看")) + 1, len(tok.encode("不喜欢")) + 1]
 
 
 # ---------------------------------------------------------------------------------------------

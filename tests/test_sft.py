@@ -212,6 +212,46 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_answer_alone(chatml_
     assert references == [THOUGHTFUL[3]["content"]]
 
 
+def test_generation_stops_where_the_chat_template_ends_an_answer(chatml_dir, tok_dir, tmp_path):
+    """A base model's tokenizer (EOS <|endoftext|>) under a ChatML template: the answers it learns end in
+    <|im_end|>, so its generation eval stops there too; where EOS is what ends an answer (an instruct
+    tokenizer, jaxft's default template), EOS alone."""
+    from ml_collections import ConfigDict
+
+    from jaxft import evaluate
+
+    base = tmp_path / "base"
+    shutil.copytree(chatml_dir, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    tok = Tokenizer(base)
+    endoftext, im_end = tok.token_id("<|endoftext|>"), tok.token_id("<|im_end|>")
+    assert tok.eos == [endoftext] and tok.is_special(im_end) and not any(map(tok.is_special, tok.encode("hi 你好")))
+    assert sft.stop_ids(tok) == [endoftext, im_end]
+    assert sft.stop_ids(Tokenizer(chatml_dir)) == [im_end]
+    plain = Tokenizer(tok_dir)
+    assert sft.stop_ids(plain) == plain.eos and plain.is_special(plain.eos_id)  # "...</s>": EOS ends an answer
+    c = ConfigDict({"eval": {"max_new_tokens": 8, "num_beams": 1, "repetition_penalty": 1.0},
+                    "data": {"chat_template": ""}})
+    assert evaluate.decoding(c, tok, encoder_decoder=False)["stop"] == [endoftext, im_end]
+    assert evaluate.decoding(c, tok, encoder_decoder=True)["stop"] is None  # T5: its EOS
+
+    # generate_texts cuts each answer at the first of the stop ids
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head="causal_lm")
+    model = LlamaModel(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    prompts = [tok.encode("用中文说再见"), tok.encode("What is 2 + 2?")]
+    from jaxft.generate import generate
+
+    rows = [list(np.asarray(generate(model, params, np.asarray([p]), np.ones((1, len(p)), np.int32), max_new_tokens=8,
+                                     pad_token_id=tok.pad_id))[0]) for p in prompts]
+    stop = [int(rows[0][3]), int(rows[1][5])]
+    got = evaluate.generate_texts(model, params, prompts, tok, batch_size=2, max_new_tokens=8, stop=stop)
+    cut = [next(i for i, t in enumerate(row) if t in stop) for row in rows]
+    assert cut[0] <= 3 and cut[1] <= 5 and got == [tok.decode(row[:n]).strip() for row, n in zip(rows, cut)]
+
+
 def test_default_template(tok_dir, tmp_path):
     """No chat template: jaxft's default, whose rendering transformers' renderer agrees with; special
     token strings become their ids; the masked tokens decode to the answers and their EOS."""

@@ -194,6 +194,21 @@ class Renderer:
         return [(text, response and i == final) for i, (text, response) in enumerate(segs) if text]
 
 
+def stop_ids(tok, choice: str = "") -> list[int]:
+    """Where generation stops for a model trained on answers the chat template renders: EOS, and the special
+    token the template closes an answer with where that is another (ChatML's `<|im_end|>` on a base model
+    whose EOS is `<|endoftext|>`, Llama 3's `<|eot_id|>`): the model learned to end its answers there."""
+    template, where = chat_template(tok, choice)
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "jaxft"}]
+    try:
+        answer = Renderer(template, special_strings(tok), where).last_answer(probe)[-1][0]
+    except JaxftError:  # a template that wants other turns (a system prompt, ...): EOS alone
+        return list(tok.eos)
+    tail = answer[answer.rfind("jaxft") + len("jaxft"):].lstrip() if "jaxft" in answer else ""
+    first = tok.encode_special(tail)[:1]
+    return list(tok.eos) + [i for i in first if i not in tok.eos and tok.is_special(i)]
+
+
 def special_strings(tok) -> dict[str, str]:
     """The special-token strings a template reads (bos_token, eos_token, ...)."""
     names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
