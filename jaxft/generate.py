@@ -377,6 +377,12 @@ def parse_args(argv):
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     ap.add_argument("--prompt", help="one prompt")
     ap.add_argument("--prompts", help="a file of prompts, one a line (blank lines skipped)")
+    ap.add_argument("--chat", action="store_true",
+                    help="each prompt is the user's turn, rendered with the chat template and its generation prompt "
+                         "as SFT trains on it; the answer ends where the template ends one")
+    ap.add_argument("--chat_template", default="",
+                    help="with --chat: a template file, or 'default' (default: the tokenizer's, else jaxft's)")
+    ap.add_argument("--system", help="with --chat: a system turn before each prompt")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top_k", type=int, default=0)
@@ -388,6 +394,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
         ap.error("give exactly one of --prompt=TEXT and --prompts=FILE")
+    if not args.chat and (args.system is not None or args.chat_template):
+        ap.error("--system and --chat_template are for --chat")
     return args
 
 
@@ -419,7 +427,8 @@ def main(argv=None):
         from jaxft.tokenizer import Tokenizer
 
         tok = Tokenizer(tok_dir)
-        rows = [tok.bos + tok.encode(p) for p in prompts]
+        rows, eos = chat_rows(tok, prompts, args) if args.chat else ([tok.bos + tok.encode(p) for p in prompts], [
+            tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id])
         top = max(max(r) for r in rows)
         if top >= model.cfg.vocab_size:
             raise JaxftError(f"{tok_dir}: the tokenizer gives id {top}, beyond the model's vocab_size "
@@ -427,7 +436,6 @@ def main(argv=None):
         width = max(map(len, rows))
         ids = np.array([[tok.pad_id] * (width - len(r)) + r for r in rows])
         mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        eos = tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id
         out = generate(model, params, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
                        repetition_penalty=args.repetition_penalty, eos_token_id=eos, pad_token_id=tok.pad_id,
@@ -437,8 +445,21 @@ def main(argv=None):
         sys.exit(2)
     for row in out:
         row = list(row)
-        row = row[:row.index(eos)] if eos in row else row
+        row = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
         print(tok.decode(row).replace("\n", "\\n"), flush=True)
+
+
+def chat_rows(tok, prompts: list[str], args) -> tuple[list[list[int]], list[int]]:
+    """--chat: (each prompt as a user turn after --system, rendered with the generation prompt and tokenized
+    as SFT tokenizes it; the ids an answer ends at: `jaxft.data.sft.stop_ids`)."""
+    from jaxft.data import sft
+
+    template, where = sft.chat_template(tok, args.chat_template)
+    renderer = sft.Renderer(template, sft.special_strings(tok), where)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    rows = [sft.encode([(renderer(system + [{"role": "user", "content": p}], add_generation_prompt=True), False)],
+                       tok)[0] for p in prompts]
+    return rows, sft.stop_ids(tok, args.chat_template)
 
 
 if __name__ == "__main__":

@@ -336,6 +336,46 @@ def test_cli_bundled_model(tmp_path):
     assert one.stdout.rstrip("\n") == want[0]
 
 
+def test_cli_chat_renders_prompts_as_sft_trains_on_them(tmp_path):
+    """--chat: each prompt a user turn (after --system) in the chat template with its generation prompt
+    (the text transformers' apply_chat_template renders), tokenized as SFT's generation eval tokenizes
+    it; answers end at the template's end of answer."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from jaxft.data import generation, sft
+    from jaxft.data.sources import Records
+    from jaxft.tokenizer import Tokenizer
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("Name a film.\n用中文说你好\n")
+    r = cli("--model=jaxft-tiny", f"--prompts={prompts_file}", "--chat", "--system=Be brief.", "--max_new_tokens=12")
+    assert r.returncode == 0, r.stderr
+    model, params = hf.load("jaxft-tiny")
+    tok = Tokenizer(hf.BUNDLED_MODELS["jaxft-tiny"])
+    d = tmp_path / "tok"  # jaxft-tiny's tokenizer with the template it is rendered with (jaxft's default) written in
+    shutil.copytree(hf.BUNDLED_MODELS["jaxft-tiny"], d, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": sft.DEFAULT_TEMPLATE}))
+    hf_tok = AutoTokenizer.from_pretrained(str(d))
+    want = []
+    for text in ("Name a film.", "用中文说你好"):
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+        rendered = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert rendered.startswith("<s>Be brief.") and rendered.endswith("### Response:\n")
+        ids, _ = generation.prompts_and_references(Records([{"messages": chat + [{"role": "assistant", "content": "x"}]}],
+                                                           ["f:1"]), tok, 256, max_new_tokens=12)
+        assert ids[0][0] == tok.bos_id and tok.decode(ids[0]) == rendered.removeprefix("<s>")  # decode drops <s>
+        out = generate(model, params, np.array(ids), np.ones((1, len(ids[0])), np.int32), max_new_tokens=12,
+                       eos_token_id=sft.stop_ids(tok), pad_token_id=tok.pad_id)
+        want.append(tok.decode(until_eos(out[0], tok.eos_id)).replace("\n", "\\n"))
+    assert r.stdout.rstrip("\n").split("\n") == want
+    plain = cli("--model=jaxft-tiny", "--prompt=Name a film.", "--max_new_tokens=12")
+    assert plain.returncode == 0 and plain.stdout.rstrip("\n") != want[0]  # without --chat: the bare text
+
+
 @pytest.mark.parametrize("name", ["jaxft-tiny-t5", "jaxft-tiny-bert"])
 def test_cli_finds_t5_and_bert_tokenizers(name):
     """A directory with T5's spiece.model or BERT's vocab.txt is its own tokenizer, as one with
@@ -378,6 +418,7 @@ def test_cli_adapter_and_bad_input(saved, tok_dir, tmp_path):
         (["--model=jaxft-tiny", f"--prompts={tmp_path / 'missing.txt'}"], "missing.txt"),
         (["--model=jaxft-tiny", "--prompt=x", "--top_p=2"], "top_p=2"),
         (["--model=jaxft-tiny", "--prompt=x", "--num_beams=two"], "num_beams"),
+        (["--model=jaxft-tiny", "--prompt=x", "--system=Be brief."], "--chat"),
         (["--model=/no/such/dir", "--prompt=x"], "/no/such/dir"),
         (["--model=jaxft-tiny", f"--adapter={tmp_path}", "--prompt=x"], str(tmp_path)),
         ([f"--model={d}", "--prompt=x"], "tokenizer"),
