@@ -241,3 +241,18 @@ def test_exact_match_and_perplexity():
     assert metrics.perplexity(6.0, 3) == pytest.approx(math.exp(2.0))
     with pytest.raises(ValueError):
         metrics.perplexity(1.0, 0)
+
+
+def test_generation_scores_read_the_answer_after_the_reasoning():
+    """A reasoning model's <think> block (Qwen3's, empty in its non-thinking mode) is not scored, in a
+    prediction or a reference: the figures are those of the answers alone."""
+    from jaxft.evaluate import final_answer, generation_scores
+
+    preds = ["<think>\n\n</think>\n\nthe cat sat on the mat", "<think>\n4 × 3 = 12\n</think>\n\n答案是12", "no tags"]
+    refs = [["the cat sat on a mat"], "<think>乘法</think>答案是12", "no tags here"]
+    answers = ["the cat sat on the mat", "答案是12", "no tags"]
+    assert [final_answer(p) for p in preds] == answers
+    got = generation_scores(preds, refs)
+    assert got == generation_scores(answers, [["the cat sat on a mat"], "答案是12", "no tags here"])
+    assert got["exact_match"] == pytest.approx(1 / 3)
+    assert generation_scores(preds, refs, ["a", "b", "b"])["exact_match/b"] == pytest.approx(1 / 2)
