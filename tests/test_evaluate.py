@@ -296,6 +296,35 @@ def test_prompts_keep_their_end_and_share_references(tok_dir):
         generation.prompts_and_references(Records([long, {"instruction": "a", "output": ""}], ["f:1", "f:2"]), tok, 32)
 
 
+def test_references_are_what_the_tokenizer_writes():
+    """ADGEN on jaxft-tiny-t5: T5's NFKC writes Chinese full-width punctuation as ASCII ('，' -> ','), so the
+    references are scored as the model can write them: transformers' decoded labels, as its seq2seq recipes
+    score. A model that answers every target exactly then scores BLEU 100 and exact match 1 (against the
+    records' own text: BLEU 84, exact match 0)."""
+    from transformers import AutoTokenizer
+
+    from jaxft import hf
+    from jaxft.data.sources import ASSETS
+    from jaxft.evaluate import generation_scores
+
+    d = hf.resolve("jaxft-tiny-t5")
+    tok, ref = Tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+    rows = [json.loads(line) for line in (ASSETS / "adgen" / "dev.json").read_text(encoding="utf-8").splitlines()]
+    # targets transformers' T5Tokenizer (no byte fallback) reads without <unk>: its decoded labels are whole
+    rows = [r for r in rows if "，" in r["summary"] and ref.unk_token_id not in ref(text_target=r["summary"]).input_ids]
+    rows = rows[:12]
+    assert len(rows) == 12
+    records = Records(rows, [f"dev.json:{i + 1}" for i in range(len(rows))])
+    _, refs = generation.prompts_and_references(records, tok, 64, fields=sft.Fields("content", "summary"),
+                                                encoder_decoder=True)
+    labels = [ref(text_target=r["summary"]).input_ids for r in rows]
+    assert refs == ref.batch_decode(labels, skip_special_tokens=True)
+    perfect = [tok.decode(tok.encode(r["summary"])).strip() for r in rows]  # what greedy answers decode to
+    got = generation_scores(perfect, [[r] for r in refs])
+    assert got["bleu"] == pytest.approx(100.0) and got["exact_match"] == 1.0 and got["rougeL"] == pytest.approx(1.0)
+    assert generation_scores(perfect, [r["summary"] for r in rows])["exact_match"] == 0.0
+
+
 def test_e2e_pairs_are_bundled():
     from jaxft.data.sources import resolve
 
