@@ -223,7 +223,7 @@ class RewardModel:
         if not p.is_dir():
             raise JaxftError(f"{where}: no such directory (expected a reward model or its adapter)")
         if (p / "adapter_config.json").is_file():
-            base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+            base = json.loads((p / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
             if not base:
                 raise JaxftError(f"{where}: its adapter_config.json names no base model (base_model_name_or_path)")
             model, params, root = load(base, str(p))

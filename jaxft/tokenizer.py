@@ -178,9 +178,11 @@ def added_tokens(directory: Path, sp_size: int) -> dict[str, int]:
     if not file.is_file():
         return {}
     try:
-        c = json.loads(file.read_text())
+        c = json.loads(file.read_text(encoding="utf-8"))  # as transformers reads it, whatever the locale
     except json.JSONDecodeError as e:
         raise JaxftError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise JaxftError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     decoder = c.get("added_tokens_decoder") or {}
     added = {v["content"]: int(k) for k, v in decoder.items() if int(k) >= sp_size}
     if not added and int(c.get("extra_ids") or 0) > 0:

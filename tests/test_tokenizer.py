@@ -287,3 +287,43 @@ def test_training_imports_no_transformers():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("[2] [3]")  # [CLS], [SEP]
+
+
+def test_files_read_as_utf8_under_a_gbk_locale(tmp_path, tok_dir):
+    """On a machine whose locale is zh_CN.GBK (Chinese Linux servers), a SentencePiece directory whose
+    tokenizer_config.json holds Chinese text (InternLM's chat template names 书生·浦语; transformers saves
+    it unescaped) and a config.json with Chinese class names load as transformers loads them, as UTF-8.
+    Before, the locale's GBK was used: a UnicodeDecodeError traceback."""
+    import os
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    if not shutil.which("localedef"):
+        pytest.skip("no localedef to build a zh_CN.GBK locale")
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    r = subprocess.run(["localedef", "-i", "zh_CN", "-f", "GBK", str(locales / "zh_CN.GBK")], capture_output=True)
+    if not (locales / "zh_CN.GBK").exists():
+        pytest.skip(f"cannot build a zh_CN.GBK locale: {r.stderr.decode(errors='replace').strip()[-200:]}")
+    d = tmp_path / "tok"
+    shutil.copytree(tok_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "你是书生·浦语。{% for m in messages %}{{ m.content }}{% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, id2label={0: "负面", 1: "正面"})
+    cfg.save_pretrained(d)
+    (d / "config.json").write_text(json.dumps(cfg.to_dict(), ensure_ascii=False), encoding="utf-8")
+    script = tmp_path / "load.py"  # a file: the locale would misread Chinese in a -c argument
+    script.write_text(
+        "import locale, pathlib, transformers\nfrom jaxft import hf\nfrom jaxft.tokenizer import Tokenizer\n"
+        "assert locale.getpreferredencoding(False) == 'GBK'\n"
+        f"d = pathlib.Path({str(d)!r})\nref = transformers.AutoTokenizer.from_pretrained(d)\ntok = Tokenizer(d)\n"
+        "assert tok.vocab_size == len(ref) and tok.encode('好') == ref.encode('好', add_special_tokens=False)\n"
+        "labels = transformers.AutoConfig.from_pretrained(d).id2label\n"
+        "assert hf.read_config(d).labels == (labels[0], labels[1]) == ('负面', '正面')\n", encoding="utf-8")
+    env = {**os.environ, "LOCPATH": str(locales), "LC_ALL": "zh_CN.GBK", "PYTHONUTF8": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, encoding="utf-8",
+                       errors="replace", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

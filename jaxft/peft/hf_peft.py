@@ -407,9 +407,9 @@ def _load_one(model, params: dict, root: Path):
     from safetensors.numpy import load_file
 
     try:
-        config = json.loads((root / "adapter_config.json").read_text())
+        config = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
         tensors = load_file(str(root / "adapter_model.safetensors"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxftError(f"{root}: not a HF PEFT adapter directory ({e})") from None
     cfg = model.cfg
     fam = family.of(cfg)
