@@ -1,8 +1,8 @@
 """Hugging Face tokenizer directories read with the `tokenizers` library alone (no `transformers` at run time).
 
 A directory holds `tokenizer.json` (Llama 3, Qwen2, GPT-2 as saved by recent transformers), or the
-older vocabulary files: `vocab.txt` (BERT's WordPiece) or `vocab.json` + `merges.txt` (GPT-2's and
-RoBERTa's byte-level BPE). Which token is BOS, EOS, PAD, [CLS], [SEP], [MASK] comes from
+older vocabulary files: `vocab.txt` (BERT's WordPiece) or `vocab.json` + `merges.txt` (GPT-2's,
+RoBERTa's and Qwen2's byte-level BPE). Which token is BOS, EOS, PAD, [CLS], [SEP], [MASK] comes from
 `tokenizer_config.json` and `special_tokens_map.json`, with the defaults of the `tokenizer_class`
 it names where a role is not written down, as transformers fills them in. Ids, texts and decoding
 equal transformers' own tokenizers (tests/test_tokenizer.py checks each kind against them).
@@ -68,7 +68,7 @@ class HFTokenizer:
             self._tok = _wordpiece(path / "vocab.txt", config)
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             kind = kind or "GPT2"
-            self._tok = _byte_level_bpe(path, config)
+            self._tok = _byte_level_bpe(path, config, kind)
         else:
             raise JaxftError(f"tokenizer {str(path)!r}: no tokenizer.model (SentencePiece), tokenizer.json, vocab.txt or "
                             "vocab.json + merges.txt")
@@ -134,15 +134,29 @@ def _wordpiece(vocab_file: Path, config: dict):
     return tok
 
 
-def _byte_level_bpe(path: Path, config: dict):
-    """GPT-2's / RoBERTa's byte-level BPE from vocab.json + merges.txt."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+# Qwen2Tokenizer's words (transformers' PRETOKENIZE_REGEX), not GPT-2's: a word may open with one mark of
+# punctuation ("，我们"), and digits are words of one digit each.
+QWEN2_WORDS = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+               r"""\s+(?!\S)|\s+""")
+
+
+def _byte_level_bpe(path: Path, config: dict, kind: str = "GPT2"):
+    """GPT-2's / RoBERTa's byte-level BPE from vocab.json + merges.txt; Qwen2's (`kind`) splits words by its
+    own pattern after NFC, as transformers' Qwen2Tokenizer builds it from these files."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     vocab = _read_json(path / "vocab.json")
     merges = [tuple(line.split(" ")) for line in (path / "merges.txt").read_text(encoding="utf-8").split("\n")
               if line and not line.startswith("#version")]
     tok = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
+    prefix_space = bool(config.get("add_prefix_space", False))
+    if kind == "Qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_WORDS), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tok.decoder = decoders.ByteLevel()
     return tok

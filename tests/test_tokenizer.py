@@ -278,6 +278,37 @@ def test_hf_tokenizer_files_read_as_transformers_reads_them(tmp_path, kind):
     assert [tok.piece(i) for i in tok.encode(HF_TEXTS[0])] == ref.convert_ids_to_tokens(tok.encode(HF_TEXTS[0]))
 
 
+def test_qwen2_vocabulary_files_split_words_as_qwen2_does(tmp_path):
+    """A Qwen2 tokenizer saved as vocab.json + merges.txt (no tokenizer.json) reads as transformers'
+    Qwen2Tokenizer builds it: NFC, then Qwen2's words (one mark of punctuation may open a word, "，我们";
+    digits one by one), not GPT-2's. Before, GPT-2's split gave other ids for most Chinese sentences."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Regex, Tokenizer as RustTokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from jaxft.data.sources import ASSETS
+    from jaxft.hf_tokenizer import HFTokenizer
+
+    rows = json.loads((ASSETS / "alpaca_zh_demo" / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in rows]
+    words = transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX
+    tok = RustTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(words), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator(texts[:300], trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    d = tmp_path / "qwen2"
+    d.mkdir()
+    tok.model.save(str(d))  # vocab.json + merges.txt
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"}))
+    ours, ref = HFTokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    assert type(ref).__name__ == "Qwen2Tokenizer" and len(ours) == len(ref)
+    for text in texts[900:940] + ["价格１２３元，约合123.45美元！（含税）", "e\u0301 café 😀"]:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == ref.decode(ids), text
+
+
 def test_training_imports_no_transformers():
     """transformers is a test oracle only: the main job's modules and HF tokenizer files load without it."""
     code = ("import sys; sys.modules['transformers'] = None\n"
