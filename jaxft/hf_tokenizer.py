@@ -122,8 +122,8 @@ def _wordpiece(vocab_file: Path, config: dict):
     if lines and lines[-1] == "":
         lines = lines[:-1]
     vocab = {}
-    for i, token in enumerate(lines):
-        vocab.setdefault(token.rstrip("\r"), i)
+    for i, token in enumerate(lines):  # a token on several lines is its last line's, as transformers reads it
+        vocab[token.rstrip("\r")] = i
     unk = _content(config.get("unk_token", "[UNK]")) or "[UNK]"
     tok = Tokenizer(models.WordPiece(vocab, unk_token=unk))
     tok.normalizer = normalizers.BertNormalizer(

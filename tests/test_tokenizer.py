@@ -309,6 +309,28 @@ def test_qwen2_vocabulary_files_split_words_as_qwen2_does(tmp_path):
         assert ours.decode(ids) == ref.decode(ids), text
 
 
+def test_a_vocabulary_with_repeated_lines_reads_as_transformers_reads_it(tmp_path):
+    """A BERT vocab.txt whose characters repeat (Chinese vocabularies extended by hand often hold a
+    character twice): the token is its last line's id, as transformers' BertTokenizer (and the tokenizers
+    library) read the file, not its first's; decoding and the vocabulary size agree too."""
+    transformers = pytest.importorskip("transformers")
+    from jaxft.hf_tokenizer import HFTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "你", "好", "世", "界", "，", "好", "##好", "你", "。"]
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}))
+    ours, ref = HFTokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    assert len(ours) == len(ref)
+    for text in ("你好，世界。", "好好你", "世界你好"):
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert 10 in ids or 12 in ids
+        assert ours.decode(ids) == ref.decode(ids)
+    assert [ours.id_to_token(i) for i in range(len(vocab))] == ref.convert_ids_to_tokens(list(range(len(vocab))))
+
+
 def test_training_imports_no_transformers():
     """transformers is a test oracle only: the main job's modules and HF tokenizer files load without it."""
     code = ("import sys; sys.modules['transformers'] = None\n"
