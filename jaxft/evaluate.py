@@ -53,10 +53,10 @@ GENERATION_TASKS = ("sft", "seq2seq", "dpo")  # dpo: the prompts of the held-out
 def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: int, max_new_tokens: int,
                    num_beams: int = 1, repetition_penalty: float = 1.0, stop: list[int] | None = None,
                    progress=None) -> list[str]:
-    """Decoded answers to `prompts` (text up to the first of the `stop` ids, default EOS), `batch_size` at a
-    time. Every batch has the same shape (left-padded to the longest prompt, the last filled up), so
-    generation compiles once."""
-    from jaxft.generate import generate
+    """Decoded answers to `prompts` (`jaxft.generate.answer_text`: text up to the first of the `stop` ids,
+    default EOS, no character cut short at the end), `batch_size` at a time. Every batch has the same
+    shape (left-padded to the longest prompt, the last filled up), so generation compiles once."""
+    from jaxft.generate import answer_text, generate
 
     eos = stop or [tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id]
     width = max(map(len, prompts))
@@ -69,8 +69,7 @@ def generate_texts(model, params, prompts: list[list[int]], tok, *, batch_size: 
         new = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                        repetition_penalty=repetition_penalty, eos_token_id=eos, pad_token_id=tok.pad_id)
         for row in np.asarray(new)[: len(chunk)].tolist():
-            end = next((i for i, t in enumerate(row) if t in eos), len(row))
-            out.append(tok.decode(row[:end]).strip())
+            out.append(answer_text(tok, row, eos).strip())
         if progress is not None:
             progress.update(len(chunk))
     return out

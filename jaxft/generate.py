@@ -335,6 +335,29 @@ def _beam_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key, a
     return state[3][2][:, 0]  # the best finished hypothesis of each prompt
 
 
+def answer_text(tok, row, eos) -> str:
+    """The text of one row of new tokens, up to its first EOS (`eos`: an id, several, or None). A row that
+    ran out of new tokens in the middle of a character, with only its first UTF-8 bytes written
+    (byte-fallback or byte-level tokens, e.g. most Chinese characters for jaxft-tiny), ends before them
+    instead of in U+FFFD (as any bytes at its end that make no character): the decoded text less its
+    trailing U+FFFD, or that of the row less up to 3 tokens (a tokenizer that decodes a whole run of byte
+    tokens to U+FFFD), whichever keeps more. A row that ends with EOS is decoded as it is."""
+    row = [int(t) for t in row]
+    stop = {int(e) for e in np.atleast_1d(eos if eos is not None else []) if e is not None}
+    end = next((i for i, t in enumerate(row) if t in stop), None)
+    if end is not None:
+        return tok.decode(row[:end])
+    text = tok.decode(row)
+    if not text.endswith("\ufffd"):
+        return text
+    kept = text.rstrip("\ufffd")
+    for k in range(1, min(3, len(row)) + 1):  # a character cut short leaves at most 3 of its bytes
+        shorter = tok.decode(row[:-k])
+        if not shorter.endswith("\ufffd"):
+            return max(kept, shorter, key=len)
+    return kept
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
@@ -444,9 +467,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for row in out:
-        row = list(row)
-        row = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
-        print(tok.decode(row).replace("\n", "\\n"), flush=True)
+        print(answer_text(tok, row, eos).replace("\n", "\\n"), flush=True)
 
 
 def chat_rows(tok, prompts: list[str], args) -> tuple[list[list[int]], list[int]]:

@@ -142,6 +142,8 @@ def test_generation_equals_transformers_and_scorers(tmp_path, lm, penalty):
     from rouge_score import rouge_scorer
     from transformers import LlamaForCausalLM
 
+    from jaxft.generate import answer_text
+
     model_dir, (train, dev) = lm
     tok = Tokenizer(model_dir)
     # The prompt: the training example's tokens before its response (jaxft.data.sft's rendering).
@@ -158,7 +160,7 @@ def test_generation_equals_transformers_and_scorers(tmp_path, lm, penalty):
     with torch.no_grad():
         new = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=2,
                          pad_token_id=3, repetition_penalty=penalty).numpy()[:, width:].tolist()
-    expected = [tok.decode(r[: r.index(2)] if 2 in r else r).strip() for r in new]
+    expected = [answer_text(tok, r, 2).strip() for r in new]  # jaxft's decoding of answers
 
     # References made from those answers (half exact, half longer), so that every score is a real one.
     refs = [(e if i % 2 == 0 else f"{e} good movie").strip() or "good movie" for i, e in enumerate(expected)]
