@@ -426,7 +426,8 @@ def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     try:
-        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte order mark (Windows Notepad's UTF-8) is not part of the first prompt, as in data files
+        lines = Path(args.prompts).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise JaxftError(f"--prompts={args.prompts}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     prompts = [line for line in lines if line.strip()]

@@ -431,6 +431,17 @@ def test_cli_adapter_and_bad_input(saved, tok_dir, tmp_path):
         assert len(err) == 1 and err[0].startswith("error: ") and text in err[0], (args, r.stderr)
 
 
+def test_prompts_file_with_a_byte_order_mark(tmp_path):
+    """Windows Notepad saves UTF-8 with a byte order mark (EF BB BF): it is not part of the first prompt, as
+    jaxft's data files read it (before, U+FEFF became 3 byte tokens in front of the first prompt)."""
+    from jaxft.data.sources import read_file
+
+    p = tmp_path / "prompts.txt"
+    p.write_bytes("\ufeff今天天气很好，\n\n写一首诗。\n".encode("utf-8"))
+    args = gen.parse_args(["--model=jaxft-tiny", f"--prompts={p}"])
+    assert gen.read_prompts(args) == ["今天天气很好，", "写一首诗。"] == [r["text"] for r in read_file(p).rows]
+
+
 def gpt2_bytes() -> dict[str, int]:
     """GPT-2's byte-level alphabet, character -> byte (its bytes_to_unicode, inverted)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
