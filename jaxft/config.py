@@ -229,7 +229,7 @@ CHOICES = {
 }
 POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps",
             "mesh.dcn_data", "mesh.dcn_fsdp", "eval.max_new_tokens", "eval.num_beams")
-NON_NEGATIVE = ("train.sync_every_steps", "eval.generate_examples",
+NON_NEGATIVE = ("train.seed", "train.sync_every_steps", "eval.generate_examples",
                 "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps", "eval.batch_size",
                 "optimizer.warmup_steps", "data.max_train_examples", "data.max_eval_examples", "data.eval_holdout",
                 "data.target_len", "data.demonstrations")
@@ -278,6 +278,11 @@ def validate(config) -> None:
     for key in ("method.dropout", "method.prompt_dropout", "method.encoder_dropout"):
         if not 0 <= float(get(config, key)) < 1:
             raise JaxftError(f"{key}={get(config, key)}: expected a probability, 0 <= p < 1")
+    # LoRA's scale is alpha / rank: 0 trains nothing, NaN stops the run only at step 1.
+    if not 0 < float(config.method.get("alpha", 16.0)) < float("inf"):
+        raise JaxftError(f"method.alpha={config.method.alpha}: expected a positive number")
+    if not 0 <= float(config.method.get("init_std", 1.0)) < float("inf"):
+        raise JaxftError(f"method.init_std={config.method.init_std}: expected a standard deviation, >= 0")
     opt = config.optimizer
     for key, ok, expected in (("b1", 0 <= float(opt.b1) < 1, "0 <= b1 < 1"), ("b2", 0 <= float(opt.b2) < 1, "0 <= b2 < 1"),
                               ("eps", float(opt.eps) >= 0, ">= 0"), ("weight_decay", float(opt.weight_decay) >= 0, ">= 0"),

@@ -533,3 +533,20 @@ def test_corrupt_only_checkpoint_is_one_clean_line_and_touches_nothing(tmp_path)
         assert_one_line_error(r, f"{wd / 'checkpoints' / '4'}: cannot restore this checkpoint", "no older checkpoint")
         assert "TensorStore" not in r.stderr
     assert checksums(wd) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by the second input audit.
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("train.seed", "-1", "expected zero or a positive integer"),  # was a numpy traceback
+    ("method.alpha", "nan", "expected a positive number"),  # was a NaN at step 1, blamed on the learning rate
+    ("method.alpha", "0", "expected a positive number"),  # was exit 0: LoRA's scale 0, nothing learned
+    ("method.init_std", "nan", "expected a standard deviation, >= 0"),
+])
+def test_impossible_run_settings_are_errors(tmp_path, key, value, expected):
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.{key}={value}")
+    assert_one_line_error(r, f"{key}=", expected)
+    assert checksums(wd) == {}
