@@ -162,8 +162,23 @@ def read_labels(c: dict, file: str) -> tuple[str, ...] | None:
     return None if names == tuple(f"LABEL_{i}" for i in range(len(names))) else names
 
 
+# The sizes of config.json (every family's names) that must be whole numbers: a string or a float there
+# was a traceback from inside the model's init. head_dim may be 0 (Llama: hidden_size / heads).
+SIZE_KEYS = {k: 1 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
+                            "n_positions", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+                            "type_vocab_size", "relative_attention_num_buckets", "relative_attention_max_distance")}
+SIZE_KEYS["head_dim"] = 0
+
+
 def config_from_dict(c: dict, file: str = "config", **overrides):
     """A HF config dict (as in config.json) -> its family's config; unknown architectures are an error."""
+    if not isinstance(c, dict):
+        raise JaxftError(f"{file}: expected a JSON object of config keys, got a {type(c).__name__}")
+    for key, least in SIZE_KEYS.items():
+        value = c.get(key)
+        if value is not None and (type(value) is not int or value < least):
+            raise JaxftError(f"{file}: {key}={value!r}: expected an integer >= {least}")
     fam = family.get(c.get("model_type"), file)
     cfg = fam.config_from_hf(c, file)
     head = family.head_of(c.get("architectures"), fam)
@@ -290,6 +305,8 @@ def complete(model, params: dict, root) -> dict:
             name = next(iter(params_to_hf(unflat({path: np.zeros((1,) * len(shape.shape))}), model.cfg)), path)
             raise JaxftError(f"{root}: the checkpoint has no {name} (expected every weight of "
                              f"{family.of(model.cfg).architecture(model.cfg)}; model.head={model.cfg.head!r})")
+        if got[path].shape != shape.shape:  # else a traceback from inside the first forward
+            raise JaxftError(f"{root}: {path} has shape {got[path].shape}, the model expects {shape.shape}")
     return unflat({p: v for p, v in got.items() if p in shapes})
 
 

@@ -550,3 +550,29 @@ def test_impossible_run_settings_are_errors(tmp_path, key, value, expected):
     r = cli(wd, f"--config.{key}={value}")
     assert_one_line_error(r, f"{key}=", expected)
     assert checksums(wd) == {}
+
+
+def test_malformed_config_json_is_one_line(tmp_path):
+    """Was: an AttributeError traceback (a JSON list), a TypeError from inside the model's init (a string size)."""
+    wd = tmp_path / "run"
+    listed = tiny_hf_model(tmp_path / "listed")
+    (listed / "config.json").write_text("[1, 2]")
+    r = cli(wd, f"--config.model.path={listed}")
+    assert_one_line_error(r, f"{listed / 'config.json'}: expected a JSON object of config keys, got a list")
+    quoted = edited_config(tiny_hf_model(tmp_path / "quoted"), hidden_size="32")
+    r = cli(wd, f"--config.model.path={quoted}")
+    assert_one_line_error(r, f"{quoted / 'config.json'}: hidden_size='32': expected an integer >= 1")
+    assert checksums(wd) == {}
+
+
+def test_generate_with_a_wrongly_shaped_weight_is_one_line(tmp_path):
+    """Was: a flax ScopeParamShapeError traceback (hf.load checked that each weight is there, not its shape)."""
+    d = tiny_hf_model(tmp_path / "base", tie_word_embeddings=False)
+    tensors = load_file(str(d / "model.safetensors"))
+    for i in range(2):  # the same in every layer: the stacking does not notice
+        tensors[f"model.layers.{i}.mlp.up_proj.weight"] = tensors[f"model.layers.{i}.mlp.up_proj.weight"][:48].copy()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", "--prompt=hi",
+                        f"--tokenizer={ROOT / 'jaxft' / 'assets' / 'jaxft-tiny'}", "--max_new_tokens=2"], cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert_one_line_error(r, f"{d}: layers/mlp/up_proj/kernel has shape (2, 32, 48), the model expects (2, 32, 64)")
