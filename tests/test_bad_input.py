@@ -576,3 +576,12 @@ def test_generate_with_a_wrongly_shaped_weight_is_one_line(tmp_path):
                         f"--tokenizer={ROOT / 'jaxft' / 'assets' / 'jaxft-tiny'}", "--max_new_tokens=2"], cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
     assert_one_line_error(r, f"{d}: layers/mlp/up_proj/kernel has shape (2, 32, 48), the model expects (2, 32, 64)")
+
+
+def test_ptuning_v2_projection_of_width_0_is_an_error(tmp_path):
+    """Was: a ZeroDivisionError traceback (prefix_tuning's same MLP already checked its width)."""
+    wd = tmp_path / "run"
+    r = cli(wd, "--config.method.name=ptuning_v2", "--config.method.projection=True",
+            "--config.method.projection_hidden=0")
+    assert_one_line_error(r, "method.projection_hidden=0: expected a positive integer")
+    assert checksums(wd) == {}

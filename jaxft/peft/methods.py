@@ -93,10 +93,13 @@ def _ptuning_v2(m, cfg) -> Method:
     if m.get("init_from_tokens", False) and m.get("projection", False):
         # The MLP's output is shared weights, not per-token values a real token's keys could seed.
         raise JaxftError("method.init_from_tokens=True needs method.projection=False")
+    hidden = int(m.get("projection_hidden", 512))
+    if m.get("projection", False) and hidden <= 0:
+        raise JaxftError(f"method.projection_hidden={hidden}: expected a positive integer")
     hook = PrefixHook(
         n,
         bool(m.get("projection", False)),
-        int(m.get("projection_hidden", 512)),
+        hidden,
         float(m.get("prompt_dropout", 0.0)),
         float(m.get("init_std", 1.0)),
         bool(m.get("init_from_tokens", False)),
