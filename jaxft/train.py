@@ -128,6 +128,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     from jaxft.tokenizer import Tokenizer
 
     d, seq_len = config.data, config.data.seq_len
+    if str(d.get("weights", "")).strip() and "+" not in str(d.name):  # else ignored: every example once per epoch
+        raise JaxftError(f"data.weights={d.weights!r}: weights sample the sources of data.name='a+b', and "
+                         f"data.name={d.name!r} names one source")
     if d.name == "synthetic":
         n_labels = int(d.synthetic_labels)
         if n_labels < 0 or n_labels == 1:

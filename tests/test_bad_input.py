@@ -585,3 +585,12 @@ def test_ptuning_v2_projection_of_width_0_is_an_error(tmp_path):
             "--config.method.projection_hidden=0")
     assert_one_line_error(r, "method.projection_hidden=0: expected a positive integer")
     assert checksums(wd) == {}
+
+
+def test_data_weights_of_a_single_source_is_an_error(tmp_path):
+    """Was: exit 0, data.weights ignored (synthetic ids, classification data)."""
+    wd = tmp_path / "run"
+    r = cli(wd, "--config.data.weights=0.7,0.3")
+    assert_one_line_error(r, "data.weights='0.7,0.3': weights sample the sources of data.name='a+b'",
+                          "data.name='synthetic' names one source")
+    assert checksums(wd) == {}
