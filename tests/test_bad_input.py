@@ -594,3 +594,20 @@ def test_data_weights_of_a_single_source_is_an_error(tmp_path):
     assert_one_line_error(r, "data.weights='0.7,0.3': weights sample the sources of data.name='a+b'",
                           "data.name='synthetic' names one source")
     assert checksums(wd) == {}
+
+
+def test_json_file_holding_one_object_names_its_keys(tmp_path):
+    """Was: "dict.json:1: invalid JSON (Expecting property name enclosed in double quotes)" for a valid JSON
+    file whose records sit under a key (as many dataset dumps are)."""
+    from jaxft.data import sources
+    from jaxft.errors import JaxftError
+
+    data = tmp_path / "dict.json"
+    data.write_text(json.dumps({"version": 1, "data": [{"text": "good", "label": 1}]}, indent=1))
+    with pytest.raises(JaxftError, match=r"dict.json: one JSON object \(keys: version, data\), expected a list of "
+                                         r"records \[\{\.\.\.\}, \.\.\.\] or one record a line"):
+        sources.read_file(data)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"text": "good", "label": 1}\n{"text": "bad"\n')
+    with pytest.raises(JaxftError, match=r"broken.json:2: invalid JSON"):
+        sources.read_file(broken)

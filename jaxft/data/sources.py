@@ -133,12 +133,24 @@ def read_file(path: str | Path) -> Records:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            whole = _json_object(text) if suffix == ".json" else None
+            if whole is not None:  # valid JSON, but one object over several lines: records nested inside it?
+                raise JaxftError(f"{p}: one JSON object (keys: {', '.join(map(str, whole)) or 'none'}), expected a "
+                                 "list of records [{...}, ...] or one record a line") from None
             raise JaxftError(f"{p}:{n}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise JaxftError(f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
         where.append(f"{p}:{n}")
     return Records(rows, where)
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return whole if isinstance(whole, dict) else None
 
 
 def read_e2e(path: str | Path) -> Records:
