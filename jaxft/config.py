@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Data section.
     c.data = ml_collections.ConfigDict()
     c.data.name = "sst2"  # bundled name, local file (jsonl/json/csv/tsv/parquet), hub name, or synthetic
-    c.data.eval_name = ""  # eval file for local data ("" = none; bundled sets bring their own)
+    c.data.eval_name = ""  # eval file ("" = none for local data; a bundled set's own eval split)
     # Hub datasets (data.name="hub:owner/name", or a bare hub name), loaded through `datasets` and its cache:
     c.data.hub_config = ""  # the dataset's config (subset) name, e.g. "sst2" of "hub:nyu-mll/glue"
     c.data.train_split = "train"

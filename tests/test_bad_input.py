@@ -611,3 +611,23 @@ def test_json_file_holding_one_object_names_its_keys(tmp_path):
     broken.write_text('{"text": "good", "label": 1}\n{"text": "bad"\n')
     with pytest.raises(JaxftError, match=r"broken.json:2: invalid JSON"):
         sources.read_file(broken)
+
+
+def test_eval_name_replaces_a_bundled_sets_eval_split(tmp_path):
+    """Was: data.eval_name ignored next to a bundled data.name (exit 0, evaluated on the bundled dev split;
+    for adgen, which has none, jaxft.evaluate's own advice to set data.eval_name changed nothing)."""
+    import ml_collections
+
+    from jaxft.data import sources
+    from jaxft.errors import JaxftError
+
+    dev = write_csv(tmp_path / "dev.csv", ["sentence", "label"], sst2_rows("dev", 5))
+    cfg = ml_collections.ConfigDict({"name": "sst2", "eval_name": str(dev), "text_field": "", "label_field": ""})
+    train, ev, text_field, label_field = sources.resolve(cfg)
+    assert len(train.rows) > 60000 and (text_field, label_field) == ("sentence", "label")
+    assert len(ev.rows) == 5 and ev.where[0] == f"{dev}:2"
+    cfg.eval_name = str(tmp_path / "none.txt")
+    for name in ("sst2", "e2e_nlg"):  # e2e_nlg's own reader: its format, and a missing file is one line too
+        cfg.name = name
+        with pytest.raises(JaxftError, match="none.txt': not found"):
+            sources.resolve(cfg)

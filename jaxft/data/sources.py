@@ -157,6 +157,8 @@ def read_e2e(path: str | Path) -> Records:
     """E2E NLG as the LoRA repository ships it: `MR||reference` a line -> {"meaning_representation",
     "human_reference"}, each stripped."""
     p = Path(path)
+    if not p.is_file():
+        raise JaxftError(f"data file {str(p)!r}: not found")
     text = p.read_text(encoding="utf-8").replace("\r\n", "\n")
     rows, where = [], []
     for n, line in enumerate(text.split("\n"), 1):
@@ -231,14 +233,15 @@ def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None,
     name = str(data_cfg.name) if name is None else name
     text_field = data_cfg.get("text_field") or None
     label_field = data_cfg.get("label_field") or None
-    if name in BUNDLED:
+    eval_name = data_cfg.get("eval_name") or ""
+    if name in BUNDLED:  # data.eval_name, a file in the set's own format, replaces its eval split
         b = BUNDLED[name]
         read = b.reader or read_file
-        train, ev = read(b.train), read(b.eval) if b.eval else None
+        train = read(b.train)
+        ev = read(eval_name) if eval_name else read(b.eval) if b.eval else None
         if b.group_phrases:
             train = group_phrases(train, text_field or b.text_field)
         return train, ev, text_field or b.text_field, label_field or b.label_field
-    eval_name = data_cfg.get("eval_name") or ""
     hub = hub_name(name)
     if hub is None:
         train = read_file(name)
