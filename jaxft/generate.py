@@ -442,6 +442,9 @@ def main(argv=None):
     try:
         check(Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_beams,
                        args.repetition_penalty))
+        if args.temperature == 0 and (args.top_k or args.top_p != 1):  # else ignored, as transformers does
+            raise JaxftError(f"--top_k={args.top_k}, --top_p={args.top_p} shape sampling, and --temperature=0 "
+                             "decodes greedily: expected --temperature > 0 with them")
         prompts = read_prompts(args)
         model, params, root = load(args.model, args.adapter, dtype=args.dtype)
         tok_dir = Path(args.tokenizer) if args.tokenizer else root
