@@ -329,6 +329,9 @@ def main(argv=None) -> int:
                 print(f"compare: {config_file} seed {seed} -> {run_dir}", flush=True)
                 row = run_one(config_file, seed, run_dir, args.overrides)
             print(f"  {config_file} seed {seed}: {row.get('error') or row.get('eval')}", flush=True)
+            if args.metric and row.get("returncode") == 0 and args.metric not in row.get("eval", {}):
+                raise JaxftError(f"--metric={args.metric}: the run {run_dir} reports no such metric (it reports "
+                                 f"{', '.join(sorted(row.get('eval', {}))) or 'none'})")  # else an empty table, exit 0
             row["order"] = (order[config_file], i)
             with lock:
                 rows.append(row)

@@ -150,3 +150,19 @@ def test_usage_errors_are_one_line(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert fragment in lines[0], lines[0]
     assert afile.read_text() == "x"
+
+
+def test_a_metric_no_run_reports_is_an_error(tmp_path):
+    """Found by the second input audit. Was: exit 0 and a table whose metric columns were empty
+    (--metric=eval/acuracy, say)."""
+    a = tiny_config(tmp_path / "tiny_lora.py", "lora")
+    work = tmp_path / "cmp"
+    r = compare([a], work, "--metric=eval/acuracy", seeds=1)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: --metric=eval/acuracy: the run {work / 'tiny_lora-seed0'} reports no such "
+                               "metric (it reports eval/accuracy, "), lines[0]
+    assert "eval/loss" in lines[0]
+    assert not (work / "compare.md").exists() and (work / "tiny_lora-seed0" / "result.json").exists()  # the run kept
+    r = compare([a], work, "--metric=eval/accuracy", seeds=1)  # reused: the table
+    assert r.returncode == 0 and "reused" in r.stdout and "| eval/accuracy |" in (work / "compare.md").read_text()
