@@ -164,10 +164,11 @@ def read_labels(c: dict, file: str) -> tuple[str, ...] | None:
 
 # The sizes of config.json (every family's names) that must be whole numbers: a string or a float there
 # was a traceback from inside the model's init. head_dim may be 0 (Llama: hidden_size / heads).
-SIZE_KEYS = {k: 1 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                            "num_key_value_heads", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
-                            "n_positions", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
-                            "type_vocab_size", "relative_attention_num_buckets", "relative_attention_max_distance")}
+SIZE_KEYS = {k: 1 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "n_embd",
+                            "n_layer", "n_head", "n_inner", "n_positions", "d_model", "d_kv", "d_ff", "num_layers",
+                            "num_decoder_layers", "num_heads", "type_vocab_size", "relative_attention_num_buckets",
+                            "relative_attention_max_distance")}
 SIZE_KEYS["head_dim"] = 0
 
 

@@ -637,5 +637,6 @@ def test_eval_name_replaces_a_bundled_sets_eval_split(tmp_path):
 def test_generate_sampling_settings_without_a_temperature_are_an_error(flag):
     """Was: exit 0 with the greedy completion, --top_k / --top_p ignored (transformers warns; nothing here did)."""
     r = subprocess.run([sys.executable, "-m", "jaxft.generate", "--model=jaxft-tiny", "--prompt=the movie was", flag],
-                       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                       timeout=600)
     assert_one_line_error(r, flag, "--temperature=0 decodes greedily: expected --temperature > 0 with them")
