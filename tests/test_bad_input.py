@@ -640,3 +640,17 @@ def test_generate_sampling_settings_without_a_temperature_are_an_error(flag):
                        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
                        timeout=600)
     assert_one_line_error(r, flag, "--temperature=0 decodes greedily: expected --temperature > 0 with them")
+
+
+def test_preference_pairs_that_prefer_nothing_are_an_error(tmp_path):
+    """Was: exit 0, DPO's loss log 2 and its gradient 0 from the first step (chosen == rejected in every pair)."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}", "chosen": "the same answer",
+                                        "rejected": "the same answer"}) + "\n" for i in range(48)))
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", "--config.data.weights=", "--config.data.cache_dir=none",
+            "--config.data.seq_len=32", "--config.data.eval_holdout=8", "--config.train.steps=2",
+            config="configs/dpo_lora.py")
+    assert_one_line_error(r, f"data source 'pairs': in every training pair the chosen and rejected answers are the "
+                             "same tokens (after truncation to data.seq_len=32)")
+    assert checksums(wd) == {}

@@ -154,6 +154,12 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
             out, enc = preference.encode(records, tok, renderer, seq_len, bool(d.skip_bad_records))
             if not enc.examples:
                 raise JaxftError(f"data source {name!r} ({split}): no usable preference pair")
+            rejected = {k: out[preference.REJECTED + k] for k in ("input_ids", "attention_mask", "loss_mask")}
+            if split == "train" and all(np.array_equal(out[k], v) for k, v in rejected.items()):
+                # else exit 0: the loss is log 2 and its gradient 0 from the first step, nothing learned
+                raise JaxftError(f"data source {name!r}: in every training pair the chosen and rejected answers are "
+                                 f"the same tokens (after truncation to data.seq_len={seq_len}): expected pairs that "
+                                 "prefer one answer")
             line = (f"{len(enc.examples)} preference pairs, {enc.truncated} with an answer longer than data.seq_len="
                     f"{seq_len} truncated (prompt cut from the left, answer from the right), {enc.skipped} bad records "
                     "skipped" + (f" (first: {enc.first_skip})" if enc.skipped else "")
