@@ -604,6 +604,11 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         )
 
     cfg, base_root, tokenizer_path = load_model_config(config)
+    # An export first clears its directory of model and adapter files: never the base model's own.
+    if config.export.enabled and base_root is not None and storage.is_local(export_dir) and \
+            Path(base_root).resolve() == Path(export_dir).resolve():
+        raise JaxftError(f"export.dir={export_dir}: the directory of model.path={config.model.path!r}, whose "
+                         "weights the export would replace: expected another directory")
     data = load_data(config, cfg, tokenizer_path)
     method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
     check_export(config, model, method, trainable)

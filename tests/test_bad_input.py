@@ -654,3 +654,14 @@ def test_preference_pairs_that_prefer_nothing_are_an_error(tmp_path):
     assert_one_line_error(r, f"data source 'pairs': in every training pair the chosen and rejected answers are the "
                              "same tokens (after truncation to data.seq_len=32)")
     assert checksums(wd) == {}
+
+
+def test_export_into_the_base_models_directory_is_an_error(tmp_path):
+    """Was: exit 0 with the base's config.json and model.safetensors deleted (an export first clears its
+    directory of model files) and an adapter left in their place that names that directory as its base."""
+    d = tiny_hf_model(tmp_path / "base", tie_word_embeddings=False)
+    before = checksums(d)
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.model.path={d}", f"--config.export.dir={d}", "--config.train.steps=2")
+    assert_one_line_error(r, f"export.dir={d}: the directory of model.path='{d}'", "expected another directory")
+    assert checksums(d) == before and checksums(wd) == {}
