@@ -388,7 +388,7 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     classifies = objective.class_logits is not None
     # The loss (and perplexity) over the split, as training's eval computes it. A DPO loss is measured
     # against the run's starting point, which a checkpoint does not hold: its eval runs during training.
-    if classifies and max_examples:
+    if max_examples and (classifies or data.task not in GENERATION_TASKS):  # rows: examples, pairs or blocks
         arrays = {k: v[:max_examples] for k, v in arrays.items()}
     scores = {}
     if objective.prepare is None:
@@ -435,7 +435,8 @@ def define_flags():
 
     flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax step directory, HF model or adapter directory.")
     flags.DEFINE_string("split", "validation", "validation or train.")
-    flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples (distinct prompts) only; 0 = all.")
+    flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples (distinct prompts; a language model's "
+                         "rows) only; 0 = all.")
     flags.DEFINE_integer("max_new_tokens", None, "Longest generated answer (default: eval.max_new_tokens).")
     flags.DEFINE_integer("num_beams", None, "Beam search width; 1 is greedy (default: eval.num_beams).")
     flags.DEFINE_string("out", None, "Where metrics.json, predictions.jsonl and TensorBoard events go.")

@@ -360,3 +360,29 @@ def test_encoder_decoder_prompts_are_the_pairs_training_reads(tok_dir):
     kept = generation.prompts_and_references(bad, tok, 16, fields=sft.Fields("src", "tgt"), encoder_decoder=True,
                                              skip_bad=True)
     assert kept[1] == ["good"]
+
+
+
+def test_max_examples_applies_to_a_language_models_rows(tmp_path):
+    """Found by the second input audit. Was: --max_examples ignored for tasks that neither classify nor
+    generate (exit 0, the loss of the whole split). Oracle: the export's cross-entropy on the first 3 rows."""
+    from jaxft import hf
+    from jaxft.compare import load_config
+    from jaxft.data import tasks
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r = subprocess.run([sys.executable, "-m", "jaxft.train", "--config=configs/tiny_test.py", f"--workdir={tmp_path}",
+                        "--config.method.name=full", "--config.train.steps=2", "--config.checkpoint.every_steps=0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config, export = load_config(str(ROOT / "configs" / "tiny_test.py")), str(tmp_path / "export")
+    every = evaluate(config, export, out=str(tmp_path / "all"))["metrics"]["eval/loss"]
+    three = evaluate(config, export, max_examples=3, out=str(tmp_path / "three"))["metrics"]["eval/loss"]
+
+    model, params = hf.load(export)
+    ids = tasks.synthetic(32, 16, 128, config.train.seed + 1, 0)["input_ids"][:3]  # the eval split's first rows
+    logits = np.asarray(model.apply({"params": params}, ids, np.ones_like(ids)), np.float64)[:, :-1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+    assert three == pytest.approx(want, rel=1e-5) and abs(three - every) > 1e-4
