@@ -665,3 +665,19 @@ def test_export_into_the_base_models_directory_is_an_error(tmp_path):
     r = cli(wd, f"--config.model.path={d}", f"--config.export.dir={d}", "--config.train.steps=2")
     assert_one_line_error(r, f"export.dir={d}: the directory of model.path='{d}'", "expected another directory")
     assert checksums(d) == before and checksums(wd) == {}
+
+
+def test_chat_template_that_leaves_out_the_messages_is_an_error(tmp_path):
+    """Was: exit 0, every example trained on the template's own text ('hellohello'), the records unread."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}hello{% endfor %}")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": t, "output": "yes" if y else "no"}) + "\n"
+                            for t, y in sst2_rows("train", 40)))
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={data}", f"--config.data.chat_template={template}", "--config.data.weights=",
+            "--config.data.eval_holdout=0", "--config.data.cache_dir=none", "--config.train.steps=2",
+            config="configs/sft_alpaca.py")
+    assert_one_line_error(r, f"chat template {template}: a user message's content is not in what it renders "
+                             "('hellohello'...)", "expected a template that writes each message's content")
+    assert checksums(wd) == {}

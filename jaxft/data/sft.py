@@ -139,6 +139,16 @@ class Renderer:
             self._template = env.from_string(template)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise JaxftError(f"chat template {where}:{e.lineno}: {e.message}") from None
+        # A template that leaves out what the messages say would train every example on its own text.
+        probe = [{"role": "user", "content": "Question 7?"}, {"role": "assistant", "content": "Answer 7."}]
+        try:
+            text = self(probe)
+        except BadRecord:  # demands of its own (a system turn first, ...): the records will show them
+            return
+        missing = [m["role"] for m in probe if m["content"] not in text]
+        if missing:
+            raise JaxftError(f"chat template {where}: a {missing[0]} message's content is not in what it renders "
+                             f"({text[:60]!r}...): expected a template that writes each message's content")
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         import jinja2
