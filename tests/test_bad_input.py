@@ -681,3 +681,37 @@ def test_chat_template_that_leaves_out_the_messages_is_an_error(tmp_path):
     assert_one_line_error(r, f"chat template {template}: a user message's content is not in what it renders "
                              "('hellohello'...)", "expected a template that writes each message's content")
     assert checksums(wd) == {}
+
+
+def test_undecodable_or_truncated_side_files_are_one_line(tmp_path):
+    """Was: a UnicodeDecodeError traceback for a config.json, chat template or E2E file with bytes that are
+    not UTF-8, and a SafetensorError traceback for a truncated adapter_model.safetensors."""
+    from jaxft.data import sft, sources
+    from jaxft.errors import JaxftError
+
+    wd = tmp_path / "run"
+    d = tiny_hf_model(tmp_path / "base")
+    (d / "config.json").write_bytes((d / "config.json").read_bytes().replace(b'"llama"', b'"llama", "x": "caf\xe9"'))
+    r = cli(wd, f"--config.model.path={d}")
+    assert_one_line_error(r, f"{d / 'config.json'}: not UTF-8 text (invalid continuation byte at byte")
+    assert checksums(wd) == {}
+
+    template = tmp_path / "t.jinja"
+    template.write_bytes(b"{{ caf\xe9 }}")
+    with pytest.raises(JaxftError, match=r"t.jinja: not UTF-8 text \(invalid continuation byte at byte 6\)"):
+        sft.chat_template(None, str(template))
+    e2e = tmp_path / "e2e.txt"
+    e2e.write_bytes(b"name[a]||A.\nname[b]||caf\xe9\n")
+    with pytest.raises(JaxftError, match=r"e2e.txt:2: not UTF-8 text"):
+        sources.read_e2e(e2e)
+
+    d = tiny_hf_model(tmp_path / "base2")
+    run = tmp_path / "adapter-run"
+    r = cli(run, "--config.train.steps=1", "--config.checkpoint.every_steps=0", f"--config.model.path={d}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    adapter = run / "export" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", f"--adapter={run / 'export'}",
+                        "--prompt=hi", f"--tokenizer={ROOT / 'jaxft' / 'assets' / 'jaxft-tiny'}"], cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert_one_line_error(r, f"{adapter}: unreadable safetensors file")

@@ -79,7 +79,10 @@ def chat_template(tok, choice: str = "") -> tuple[str, str]:
         p = Path(choice)
         if not p.is_file():
             raise JaxftError(f"data.chat_template={choice!r}: expected '', 'default' or a template file")
-        return p.read_text(encoding="utf-8"), str(p)
+        try:
+            return p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError as e:
+            raise JaxftError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     directory = getattr(tok, "directory", None)
     if directory is not None:
         config = directory / "tokenizer_config.json"
@@ -88,6 +91,8 @@ def chat_template(tok, choice: str = "") -> tuple[str, str]:
                 template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
             except json.JSONDecodeError as e:
                 raise JaxftError(f"{config}:{e.lineno}: invalid JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise JaxftError(f"{config}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if isinstance(template, list):  # named templates: the default one
                 template = next((t.get("template") for t in template if t.get("name") == "default"), None)
             if isinstance(template, str) and template:

@@ -159,7 +159,12 @@ def read_e2e(path: str | Path) -> Records:
     p = Path(path)
     if not p.is_file():
         raise JaxftError(f"data file {str(p)!r}: not found")
-    text = p.read_text(encoding="utf-8").replace("\r\n", "\n")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise JaxftError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows, where = [], []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():

@@ -408,9 +408,12 @@ def _load_one(model, params: dict, root: Path):
 
     try:
         config = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(root / "adapter_model.safetensors"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON, or bytes that are not UTF-8
         raise JaxftError(f"{root}: not a HF PEFT adapter directory ({e})") from None
+    try:
+        tensors = load_file(str(root / "adapter_model.safetensors"))
+    except Exception as e:  # noqa: BLE001  (missing, truncated or not safetensors: safetensors' own error type)
+        raise JaxftError(f"{root / 'adapter_model.safetensors'}: unreadable safetensors file ({e})") from None
     cfg = model.cfg
     fam = family.of(cfg)
     kind = config.get("peft_type")
