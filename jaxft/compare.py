@@ -309,7 +309,7 @@ def main(argv=None) -> int:
         from jaxft import storage
 
         storage.check_writable_dir(storage.path(str(work), "--workdir"), "--workdir")
-        work.mkdir(parents=True, exist_ok=True)
+        storage.make_dir(storage.path(str(work), "--workdir"), "--workdir")
         order = {c: k for k, c in enumerate(args.configs)}
         base_seeds = {c: config_seed(c) for c in args.configs}
         rows, figure = [], None

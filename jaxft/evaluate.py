@@ -362,7 +362,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
 
     # Only now, with everything computed, is anything written.
     if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        storage.make_dir(out_dir, "--out")
         summary = {"checkpoint": str(checkpoint), "step": step, "split": split, "examples": len(rows),
                    "metrics": scores}
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")

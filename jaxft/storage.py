@@ -42,7 +42,17 @@ def check_writable_dir(p: epath.Path, key: str) -> None:
         if q.exists():
             if not q.is_dir():
                 raise JaxftError(f"{key}={p}: {q} is a file, expected a directory (or a path that does not exist)")
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise JaxftError(f"{key}={p}: {q} is not writable")
             return
+
+
+def make_dir(p: epath.Path, key: str) -> None:
+    """`p.mkdir`, a directory that cannot be made (a read-only or special file system) one line."""
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JaxftError(f"{key}={p}: cannot be created ({e.strerror or e})") from None
 
 
 def is_local(p: epath.Path) -> bool:

@@ -661,7 +661,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         data = dataclasses.replace(data, **prepared)
 
     # Only now, with every input checked, does the run write anything.
-    workdir.mkdir(parents=True, exist_ok=True)
+    storage.make_dir(workdir, "workdir")
     ckpt = Checkpoints(workdir, config.checkpoint.every_steps or config.train.steps, config.checkpoint.keep)
     total = config.train.steps
     meta = {"method": method.name, "trainable": sorted(flat(trainable)), "steps": total,

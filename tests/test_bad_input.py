@@ -715,3 +715,19 @@ def test_undecodable_or_truncated_side_files_are_one_line(tmp_path):
                         "--prompt=hi", f"--tokenizer={ROOT / 'jaxft' / 'assets' / 'jaxft-tiny'}"], cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
     assert_one_line_error(r, f"{adapter}: unreadable safetensors file")
+
+
+def test_workdir_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    """Was: a FileNotFoundError / PermissionError traceback from workdir.mkdir, once the model was loaded and
+    the data tokenized (a read-only directory, or a file system such as /proc that takes no new directory)."""
+    from jaxft import storage
+    from jaxft.errors import JaxftError
+
+    r = cli("/proc/jaxft-no-such-dir/run")
+    assert_one_line_error(r, "workdir=/proc/jaxft-no-such-dir/run: cannot be created (No such file or directory)")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p) != locked)  # as a user sees 0o555
+    with pytest.raises(JaxftError, match=f"workdir={locked / 'run'}: {locked} is not writable"):
+        storage.check_writable_dir(storage.path(str(locked / "run")), "workdir")
