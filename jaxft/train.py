@@ -154,6 +154,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     train_rec, eval_rec = limit(train_rec, d.max_train_examples), limit(eval_rec, d.max_eval_examples)
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
+    if eval_rec is not None and not eval_rec.rows:  # else a KeyError traceback at the first eval, after training
+        where = f"data.eval_name={d.eval_name!r}" if d.eval_name else f"data.name={d.name!r}"
+        raise JaxftError(f"{where}: no eval examples (expected at least one record, or no eval split)")
     sft_fields = sft.Fields(*sources.pair_fields(d, first))
     task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
                              family.of(cfg).encoder_decoder)

@@ -731,3 +731,15 @@ def test_workdir_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p) != locked)  # as a user sees 0o555
     with pytest.raises(JaxftError, match=f"workdir={locked / 'run'}: {locked} is not writable"):
         storage.check_writable_dir(storage.path(str(locked / "run")), "workdir")
+
+
+def test_empty_eval_file_is_an_error(tmp_path):
+    """Was: the whole run trained and checkpointed, then a KeyError traceback at the final eval (no export)."""
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], sst2_rows("train", 40))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n")
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={train}", f"--config.data.eval_name={dev}", "--config.train.steps=2",
+            config="configs/lora.py")
+    assert_one_line_error(r, f"data.eval_name='{dev}': no eval examples")
+    assert checksums(wd) == {}
