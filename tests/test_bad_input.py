@@ -743,3 +743,13 @@ def test_empty_eval_file_is_an_error(tmp_path):
             config="configs/lora.py")
     assert_one_line_error(r, f"data.eval_name='{dev}': no eval examples")
     assert checksums(wd) == {}
+
+
+def test_cloze_verbalizer_with_one_word_for_two_labels_is_an_error(tmp_path):
+    """Was: exit 0 with train/accuracy=1.0 and eval/accuracy=1.0 (the tie of two equal scores), loss log 2
+    and no gradient: the model cannot tell the two classes apart."""
+    wd = tmp_path / "run"
+    r = cli(wd, "--config.data.verbalizer=good,good", "--config.train.steps=2", config="configs/pet_bert.py")
+    assert_one_line_error(r, "data.verbalizer='good,good': labels 0 and 1 have the same word (['good'])",
+                          "expected a different word per label")
+    assert checksums(wd) == {}

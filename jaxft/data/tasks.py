@@ -244,6 +244,11 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
         raise JaxftError(f"data.verbalizer={verbalizer!r}: {len(words)} words for the {len(labels)} labels {labels} "
                          "(one per label, in this order)")
     word_ids = label_words(tok, words, template)
+    dup = next((i for i, w in enumerate(word_ids) if w in word_ids[:i]), None)
+    if dup is not None:  # else exit 0: equal scores, loss log(C) and no gradient, accuracy from the tie-break
+        first = word_ids.index(word_ids[dup])
+        raise JaxftError(f"data.verbalizer={verbalizer!r}: labels {labels[first]!r} and {labels[dup]!r} have the same "
+                         f"word ({[tok.piece(i) for i in word_ids[dup]]}): expected a different word per label")
     per_class, longest = cloze_layout(word_ids, causal)
     parts = CLOZE_SLOT.split(template)  # literal, slot name, literal, ...
     # The pieces join as the whole text tokenizes (`follow`); a literal after a slot is a new word where it
