@@ -100,6 +100,34 @@ def test_peft_adapter_loads_in_jaxft(torch_models, tmp_path, kind, name):
     close(np.asarray(model.apply({"params": params}, ids, mask))[real], ref[real])
 
 
+PATTERNS = {
+    "rank": dict(rank_pattern={"q_proj": 2}),
+    "alpha": dict(alpha_pattern={"v_proj": 32}),
+    "one_layer": dict(rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"layers.0.mlp.down_proj": 2}),
+    "rslora": dict(use_rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3}),
+    "dora": dict(use_dora=True, rank_pattern={"v_proj": 6}, alpha_pattern={"q_proj": 16}),
+}
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_peft_lora_rank_and_alpha_patterns(torch_models, tmp_path, name):
+    """PEFT's rank_pattern / alpha_pattern give some modules (or one layer's) their own rank and scale;
+    jaxft loads such an adapter with PEFT's logits, and its export loads back in PEFT with them (was:
+    alpha_pattern ignored, wrong logits; rank_pattern a shape error)."""
+    base, base_dir = torch_models["causal"]
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        **PATTERNS[name])
+    ids, mask = batch()
+    real = mask.astype(bool)
+    ref = torch_logits(peft_saved(base, config, tmp_path / "a"), ids, mask)[real]
+    model, params = hf.load(base_dir, adapter=str(tmp_path / "a"))
+    close(np.asarray(model.apply({"params": params}, ids, mask))[real], ref)
+    method = Method("lora", (r"/lora_(a|b|magnitude)$",), model.hooks)
+    save_adapter(model, method, split(params, method.trainable)[0], tmp_path / "ours")
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    close(torch_logits(again, ids, mask)[real], ref)
+
+
 def test_peft_adalora_rank_pattern_survives(torch_models, tmp_path):
     """PEFT trains AdaLoRA with its own allocator until the budget is final; jaxft loads the saved
     adapter with PEFT's logits and rank pattern, and its export loads back in PEFT with both."""

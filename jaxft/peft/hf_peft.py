@@ -144,7 +144,7 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
     if config.get("bias", "none") != "none":
         raise JaxftError(f"{where}/adapter_config.json: LoRA biases are not supported yet")
     stacks = family.of(cfg).layer_stacks(cfg)
-    per_module, magnitudes = {}, {}
+    per_module, magnitudes, scales = {}, {}, {}
     for key, value in tensors.items():  # DoRA
         if m := re.fullmatch(r"base_model\.model\.(.+)\.lora_magnitude_vector", key):
             path, layer = peft_keys.our_name(cfg, m[1], where)
@@ -163,7 +163,22 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
             if hit:
                 block = (stack, int(hit[1]), hit[2])
         path = name if block is None else f"{block[0]}.{block[2]}"
-        per_module.setdefault(path, {}).setdefault(m[2], {})[None if block is None else block[1]] = value.T
+        layer = None if block is None else block[1]
+        per_module.setdefault(path, {}).setdefault(m[2], {})[layer] = value.T
+        scales[path, layer] = _lora_scale(config, m[1])
+    # PEFT's rank_pattern / alpha_pattern give modules ranks and scales of their own; the hook has one
+    # of each, so each module is padded with zeros to the largest rank and its scale folded into B.
+    rank = max([int(config["r"])] + [v.shape[1] for ab in per_module.values() for v in ab.get("A", {}).values()])
+    grow = rank / int(config["r"])  # the default scale kept at the larger rank
+    alpha = float(config["lora_alpha"]) * (np.sqrt(grow) if config.get("use_rslora") else grow)
+    hook = LoraHook(rank, float(alpha), 0.0, "", bool(config.get("use_rslora")), bool(config.get("use_dora")))
+    for path, ab in per_module.items():
+        for which, per_layer in ab.items():
+            for layer, v in per_layer.items():
+                if which == "B":
+                    v = v * np.float32(scales[path, layer] / hook.scale)
+                per_layer[layer] = np.pad(v, [(0, rank - v.shape[0]), (0, 0)] if which == "B"
+                                          else [(0, 0), (0, rank - v.shape[1])])
     patterns = []
     for path, ab in per_module.items():
         stack = next((s for s in stacks if path.startswith(s + ".")), None)
@@ -188,10 +203,19 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
             else:
                 for i, v in per_layer.items():
                     new[f"{stack.replace('.', '/')}_{i}/" + rest.replace(".", "/") + "/" + leaf] = v
-    targets = "|".join(sorted(patterns))
-    hook = LoraHook(int(config["r"]), float(config["lora_alpha"]), 0.0, targets, bool(config.get("use_rslora")),
-                    bool(config.get("use_dora")))
-    return hook, new
+    return dataclasses.replace(hook, targets="|".join(sorted(patterns))), new
+
+
+def _lora_scale(config: dict, module: str | None) -> float:
+    """PEFT's LoRA scale of a module (its HF name; None: the default), after rank_pattern and
+    alpha_pattern, whose keys match a name's end as PEFT matches them (`peft.utils.other.get_pattern_key`)."""
+    def lookup(pattern: str, default):
+        hit = next((k for k in config.get(pattern) or {} if module is not None
+                    and re.match(rf"(.*\.)?({k})$", module)), None)
+        return float(default if hit is None else config[pattern][hit])
+
+    r, alpha = lookup("rank_pattern", config["r"]), lookup("alpha_pattern", config["lora_alpha"])
+    return alpha / (np.sqrt(r) if config.get("use_rslora") else r)
 
 
 def _export_prefix(model, hook: PrefixHook, params: dict, base: str):
