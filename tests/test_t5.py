@@ -255,6 +255,30 @@ def test_peft_saved_lora_loads(tiny, tmp_path):
           dmask.astype(bool), rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["prompt_tuning", "ptuning"])
+def test_peft_saved_soft_prompt_loads(tiny, tmp_path, kind):
+    """PEFT's seq2seq soft prompts default to num_transformer_submodules=2: the adapter holds twice the
+    virtual tokens, and PEFT's forward puts the first num_virtual_tokens in front of the encoder's input
+    only. jaxft loads them with PEFT's logits (was: all rows in front, wrong logits)."""
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    m, d = tiny["v1.1"]
+    torch.manual_seed(5)
+    config = (PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3) if kind == "prompt_tuning" else
+              PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, encoder_hidden_size=16))
+    peft_model = get_peft_model(copy.deepcopy(m), config)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids, mask, dec, dmask = batch(5)
+    ref = torch_logits(peft_model.eval(), ids, mask, dec, dmask)
+    model, params = hf.load(d, adapter=str(tmp_path / "peft"))
+    assert model.hooks[0].num_virtual_tokens == 3
+    close(model.apply({"params": params}, ids, mask, decoder_input_ids=dec, decoder_attention_mask=dmask), ref,
+          dmask.astype(bool))
+
+
 def test_prefix_adapter_matches_peft_prefix_tuning(tiny, tmp_path):
     """P-Tuning v2 on T5 is PEFT's prefix tuning: keys/values in front of the decoder's self-attention."""
     m, d = tiny["v1.1"]

@@ -266,7 +266,9 @@ def _export_prompt(model, hook: PromptHook, params: dict, base: str):
 
 def _load_prompt(kind: str):
     def load(cfg, config: dict, tensors: dict, where: str):
-        emb = tensors["prompt_embeddings"]
+        # A seq2seq adapter with PEFT's default num_transformer_submodules=2 holds a second prompt for the
+        # decoder, which PEFT's forward and generate leave out: the virtual tokens are the first rows.
+        emb = tensors["prompt_embeddings"][:config.get("num_virtual_tokens")]
         if emb.ndim != 2 or emb.shape[1] != cfg.hidden_size:
             raise JaxftError(f"{where}: prompt_embeddings of shape {tuple(emb.shape)} does not fit this model "
                              f"(expected [tokens, {cfg.hidden_size}])")
