@@ -13,6 +13,7 @@ import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from jaxft import hf
+from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.peft import Method, adalora, build, lora
 from jaxft.peft.hf_peft import save_adapter
@@ -126,6 +127,32 @@ def test_peft_lora_rank_and_alpha_patterns(torch_models, tmp_path, name):
     save_adapter(model, method, split(params, method.trainable)[0], tmp_path / "ours")
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     close(torch_logits(again, ids, mask)[real], ref)
+
+
+def test_peft_lora_on_the_lm_head_loads(torch_models, tmp_path):
+    """PEFT saves the LM head it puts LoRA on as `lm_head.base_layer.weight` beside its factors: jaxft
+    reads it as the head's weight, with PEFT's logits (was: 'not a weight of this llama model')."""
+    base, base_dir = torch_models["causal"]
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    ids, mask = batch()
+    real = mask.astype(bool)
+    ref = torch_logits(peft_saved(base, config, tmp_path / "a"), ids, mask)[real]
+    model, params = hf.load(base_dir, adapter=str(tmp_path / "a"))
+    close(np.asarray(model.apply({"params": params}, ids, mask))[real], ref)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(target_modules=["q_proj", "embed_tokens"]), "LoRA on an embedding layer, not supported"),
+    (dict(target_modules=["q_proj"], lora_bias=True), r"a LoRA bias \(lora_bias=True\), not supported"),
+    (dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]), "trainable tokens' rows"),
+], ids=["embedding", "lora_bias", "trainable_tokens"])
+def test_peft_lora_parts_jaxft_lacks_are_one_error(torch_models, tmp_path, kw, match):
+    """A PEFT LoRA adapter holding what jaxft's LoRA cannot compute is refused in one line naming it
+    (was: '...base_layer.weight is not a weight of this llama model')."""
+    base, base_dir = torch_models["causal"]
+    peft_saved(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **kw), tmp_path / "a")
+    with pytest.raises(JaxftError, match=match):
+        hf.load(base_dir, adapter=str(tmp_path / "a"))
 
 
 def test_peft_adalora_rank_pattern_survives(torch_models, tmp_path):

@@ -143,6 +143,14 @@ def _export_lora(model, hook: LoraHook, params: dict, base: str):
 def _load_lora(cfg, config: dict, tensors: dict, where: str):
     if config.get("bias", "none") != "none":
         raise JaxftError(f"{where}/adapter_config.json: LoRA biases are not supported yet")
+    for key in tensors:  # what PEFT's LoRA adapters may hold beyond jaxft's LoRA on linear layers
+        what = next((w for part, w in ((r"\.lora_embedding_[AB]$", "LoRA on an embedding layer"),
+                                       (r"\.lora_[AB]\.bias$", "a LoRA bias (lora_bias=True)"),
+                                       (r"\.trainable_tokens_", "trainable tokens' rows (trainable_token_indices)"))
+                     if re.search(part, key)), None)
+        if what:
+            raise JaxftError(f"{where}: {key} is {what}, not supported yet (expected LoRA on linear layers, "
+                             "with modules_to_save for whole modules)")
     stacks = family.of(cfg).layer_stacks(cfg)
     per_module, magnitudes, scales = {}, {}, {}
     for key, value in tensors.items():  # DoRA
@@ -281,7 +289,8 @@ def _load_prompt(kind: str):
 
 
 PROMPT_SCORE = "base_model."  # prompt learning wraps no tuner around the base model
-register_format(Format("LORA", _export_lora, _load_lora, owns=lambda k: k.endswith(".lora_magnitude_vector")))
+register_format(Format("LORA", _export_lora, _load_lora, owns=lambda k: re.search(
+    r"\.lora_magnitude_vector$|\.lora_embedding_[AB]$|\.lora_[AB]\.bias$|\.trainable_tokens_", k)))
 register_format(Format("PREFIX_TUNING", _export_prefix, _load_prefix, PROMPT_SCORE))
 register_format(Format("PROMPT_TUNING", _export_prompt, _load_prompt("prompt_tuning"), PROMPT_SCORE))
 register_format(Format("P_TUNING", _export_prompt, _load_prompt("ptuning"), PROMPT_SCORE))
@@ -449,7 +458,8 @@ def _load_one(model, params: dict, root: Path):
     new = {}
     # Base weights the run trained beside the method (PEFT's modules_to_save copies), under their HF
     # names: a new classifier head, and any other module of the base model.
-    copies = {re.sub(r"^base_model\.(model\.)?", "", k): v for k, v in tensors.items()
+    # PEFT saves the weights of an embedding or LM head it puts LoRA on as `<module>.base_layer.weight`.
+    copies = {re.sub(r"^base_model\.(model\.)?", "", k.replace(".base_layer.", ".")): v for k, v in tensors.items()
               if not LORA_KEY.fullmatch(k) and k != "prompt_embeddings" and not FORMATS[kind].owns(k)}
     head_tensors = {k: v for k, v in copies.items() if not _base_module(cfg, k)}
     if head_tensors:
