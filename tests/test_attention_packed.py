@@ -35,7 +35,8 @@ def packed(heads=(4, 2), prefix=0, t=24, d=64, dtype="float32", seed=0):
 
 
 def numpy_packed(q, k, v, segments, prefix, window, causal):
-    """Each example alone: its queries see the prefix and its own tokens (up to themselves, in the window)."""
+    """Each example alone: its queries see the prefix and its own tokens (up to themselves, in the window,
+    the prefix at positions 0..P-1 in front of the example's)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, h, d = q.shape
     k, v = np.repeat(k, h // k.shape[2], axis=2), np.repeat(v, h // v.shape[2], axis=2)
@@ -47,7 +48,9 @@ def numpy_packed(q, k, v, segments, prefix, window, causal):
                 continue
             cols = [c for c in range(t) if seg[i, c] == seg[i, j] and (not causal or c <= j)
                     and (not window or j - c < window)]
-            keys = list(range(prefix)) + [prefix + c for c in cols]
+            start = int(np.argmax(seg[i] == seg[i, j]))  # the prefix: positions 0..P-1 before each example
+            seen = [c for c in range(prefix) if not window or prefix + j - start - c < window]
+            keys = seen + [prefix + c for c in cols]
             s = np.einsum("hd,khd->hk", q[i, j], k[i, keys]) / np.sqrt(d)
             p = np.exp(s - s.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)

@@ -109,11 +109,11 @@ def test_right_padded_prompts_are_left_aligned(saved):
                                   generate(model, params, ids, mask, max_new_tokens=NEW))
 
 
-def _peft(d, config, tmp_path, prefix_std=None):
+def _peft(d, config, tmp_path, prefix_std=None, cls=LlamaForCausalLM):
     from peft import get_peft_model
 
     torch.manual_seed(1)
-    pm = get_peft_model(LlamaForCausalLM.from_pretrained(d), config).eval()
+    pm = get_peft_model(cls.from_pretrained(d), config).eval()
     if prefix_std:
         with torch.no_grad():
             pm.prompt_encoder["default"].embedding.weight.normal_(0, prefix_std)
@@ -140,13 +140,21 @@ def test_lora_adapter_merged_and_unmerged(saved, tmp_path, beams):
     assert not (generate(base_model, base, ids, mask, max_new_tokens=NEW, num_beams=beams) == out).all()
 
 
-def test_prefix_adapter_matches_transformers_forward(saved, tmp_path):
+@pytest.mark.parametrize("window", [None, 12])
+def test_prefix_adapter_matches_transformers_forward(saved, tmp_path, window):
     """Greedy from transformers' forward over the whole sequence each step, PEFT's prompt as the cache
-    and positions counting real tokens from the prefix length (jaxft's and PEFT's forward convention)."""
+    and positions counting real tokens from the prefix length (jaxft's and PEFT's forward convention).
+    With Mistral's sliding window (12), as in transformers, the prefix sits at positions 0..4 in front
+    of the tokens, and later tokens' windows leave it (was: always visible, other tokens)."""
     from peft import PrefixTuningConfig
 
     _, d = saved["llama"]
-    pm = _peft(d, PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"), tmp_path, prefix_std=1.0)
+    if window:
+        torch.manual_seed(0)
+        d = tmp_path / "mistral"
+        MistralForCausalLM(MistralConfig(**TINY, sliding_window=window)).save_pretrained(d)
+    pm = _peft(d, PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"), tmp_path, prefix_std=1.0,
+               cls=MistralForCausalLM if window else LlamaForCausalLM)
     model, params = hf.load(d, adapter=tmp_path)
     ids, mask = prompts()
     out = generate(model, params, ids, mask, max_new_tokens=NEW)

@@ -8,11 +8,13 @@
 Every implementation gets the same structured mask, not a dense one: the [B, T] padding mask, the number
 P of prefix key/value columns in front of the keys (P-Tuning v2), the sliding window, whether it is
 causal and, for packed rows, the [B, T] segment ids (1, 2, ... per example, 0 for padding). Query i
-sees key column c when c < P (a prefix is always visible), or c = P + j with token j real, j <= i,
-i - j < window and j in i's segment. Without causality (encoders: BERT) query i sees every prefix
-column and every real token of its segment; there is no window then. The fused kernels build this from
-their own causal masks and skip the masked tiles; rows of padding queries are finite but may differ
-between implementations (nothing downstream reads them).
+sees key column c when c < P and P + i - c < window (the prefix holds positions 0..P-1 and the tokens,
+in packed rows each example's, follow it, as in transformers with PEFT's prefix as the cache: far rows'
+windows leave it), or c = P + j with token j real, j <= i, i - j < window and j in i's segment. Without
+causality (encoders: BERT) query i sees every prefix column and every real token of its segment; there
+is no window then. The fused kernels build this from their own causal masks and skip the masked tiles;
+rows of padding queries are finite but may differ between implementations (nothing downstream reads
+them).
 
 Packed rows (segment ids), exact with every implementation: xla folds them into its dense mask; splash
 and flash take them as their own segment ids; with a prefix as well (which segment ids would hide from
@@ -31,7 +33,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
@@ -116,7 +117,8 @@ def pallas_interpret():
 
 def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None, causal: bool = True):
     """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window, same segment (where
-    `segments` [B, T] is given); prefixes always visible. `causal=False`: no causality (every real
+    `segments` [B, T] is given); prefix columns at positions 0..P-1, inside the window as the tokens
+    after them. `causal=False`: no causality (every real
     token sees every real token of its segment)."""
     t = mask.shape[1]
     i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
@@ -127,8 +129,20 @@ def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None
     if segments is not None:
         full &= segments[:, :, None] == segments[:, None, :]
     if num_prefix:
-        full = jnp.concatenate([jnp.ones((mask.shape[0], t, num_prefix), bool), full], axis=-1)
+        seen = prefix_seen(mask.shape[0], t, num_prefix, sliding_window, segments)
+        full = jnp.concatenate([seen, full], axis=-1)
     return full
+
+
+def prefix_seen(b: int, t: int, num_prefix: int, window: int | None, segments=None):
+    """[B, T, P]: which prefix columns each query sees. The prefix holds positions 0..P-1 and each
+    example's tokens follow it (packed rows: from its segment's start), so a window leaves it behind."""
+    if not window:
+        return jnp.ones((b, t, num_prefix), bool)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if segments is not None:
+        pos = pos - jnp.argmax(segments[:, None, :] == segments[:, :, None], axis=-1)  # from the segment's start
+    return num_prefix + pos[..., None] - jnp.arange(num_prefix) < window
 
 
 def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True):
@@ -156,8 +170,8 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
       any padding mask without a window, and with one for left or right padding (index gaps are kept).
     - P prefix columns get P dummy query rows in front, so queries and keys have one length and the
       causal mask lets row P+i see the whole prefix and the tokens up to i; the dummies are dropped.
-    - A window with prefix columns is not expressible: the kernel's window would hide the prefix from
-      rows far from it, and a dense bias has no batched gradient in cuDNN. That combination runs the xla
+    - A window with prefix columns is not expressible: moving real tokens to the front moves them nearer
+      the prefix, and a dense bias has no batched gradient in cuDNN. That combination runs the xla
       reference (exact, dense).
     - An odd total length gets one zero row and column at the end: JAX's cuDNN call refuses odd lengths
       when it is differentiated (seen on an H200, jax 0.11.2), and the causal mask hides the extra key
@@ -247,13 +261,14 @@ _permute.defvjp(
 
 def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True):
     """Pallas TPU splash attention. Its static masks are block-sparse (fully masked tiles are skipped):
-    causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window, OR-ed with the
-    prefix columns when both, or (not causal) a `FullMask`; padding is segment ids (1 real, 0 padding),
+    causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window (offset P too, so
+    far rows leave the prefix), or (not causal) a `FullMask`; padding is segment ids (1 real, 0 padding),
     or the packed rows' own segment ids (0 padding). No dense mask is built."""
     if segments is not None:
         mask = segments  # 0 = padding already
         if num_prefix:  # the kernel's segment ids would hide the prefix from every example but one
-            fn = functools.partial(_merge_prefix, _splash_packed(window, causal), num_prefix=num_prefix)
+            fn = functools.partial(_merge_prefix, _splash_packed(window, causal), num_prefix=num_prefix,
+                                   window=window)
             return _on_shards(fn, q, k, v, mask)
     fn = functools.partial(_splash, num_prefix=num_prefix, window=window, causal=causal)
     return _on_shards(fn, q, k, v, mask)
@@ -267,7 +282,7 @@ def _splash_packed(window, causal):
     return token_part
 
 
-def _merge_prefix(token_part, q, k, v, segments, num_prefix):
+def _merge_prefix(token_part, q, k, v, segments, num_prefix, window=None):
     """Packed rows with P prefix columns that every example sees, exactly, from a kernel that keeps
     attention within segments: the kernel attends over the tokens (its segment ids and causal tiles as
     without a prefix), the P prefix columns are a small dense [T, P] softmax here, and the two merge by
@@ -275,7 +290,8 @@ def _merge_prefix(token_part, q, k, v, segments, num_prefix):
     gradient of its own, so it gets its exact one from two kernel outputs: d l_t / d q_i = s * sum_j p_ij
     k_j (the kernel with the keys as values: `kbar`), and d l_t / d k_j = s * sum_i c_i p_ij q_i (the same
     call's gradient wrt those values). `token_part(q, k, v, segments, residuals)` -> [B, T, H, D], or
-    with residuals the row log-sum-exps [B, T, H] of the scaled scores."""
+    with residuals the row log-sum-exps [B, T, H] of the scaled scores. With a window, prefix columns it
+    leaves get the lowest finite score: their weight after the merge is exactly zero."""
     b, t, h, d = q.shape
     kv, p, scale = k.shape[2], num_prefix, 1 / math.sqrt(d)
     sg = jax.lax.stop_gradient
@@ -287,6 +303,9 @@ def _merge_prefix(token_part, q, k, v, segments, num_prefix):
     lse_t = lse_t + scale * (jnp.sum((q32 - sg(q32)) * sg(kbar), -1) + jnp.sum(sg(q32) * (kbar - sg(kbar)), -1))
     groups = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->btkgs", groups, kp, preferred_element_type=jnp.float32) * scale
+    if window:
+        seen = prefix_seen(b, t, p, window, segments)[:, :, None, None, :]
+        scores = jnp.where(seen, scores, jnp.finfo(jnp.float32).min)
     lse_p = jax.nn.logsumexp(scores, axis=-1).reshape(b, t, h)
     out_p = jnp.einsum("btkgs,bskd->btkgd", jax.nn.softmax(scores, -1).astype(vp.dtype), vp,
                        preferred_element_type=jnp.float32).reshape(b, t, h, d)
@@ -311,9 +330,7 @@ def _splash(q, k, v, mask, num_prefix, window, causal=True, residuals=False):
     if not causal:  # segment ids alone: real rows see the prefix and the real tokens
         m = sm.FullMask((tq, s))
     elif window:
-        m = sm.LocalMask((tq, s), (window - 1, 0), offset=p)
-        if p:  # the prefix lies outside far rows' windows but stays visible
-            m = m | sm.NumpyMask(np.broadcast_to(np.arange(s) < p, (tq, s)).copy())
+        m = sm.LocalMask((tq, s), (window - 1, 0), offset=p)  # far rows' windows leave the prefix
     else:
         m = sm.CausalMask((tq, s), offset=p)
     kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (h // kv)), save_residuals=residuals)
@@ -421,8 +438,9 @@ def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None =
 
     q [B, t, H, D] at cache slots [cache_index, cache_index + t); keys, values [B, S, KV, D] (the new
     ones already written); mask [B, S] over all slots. Query i sees slot j iff j <= cache_index + i,
-    mask[j], and cache_index + i - j < window. `prefix` (keys, values [B, P, KV, D]) is always visible:
-    its scores join the cache's before the softmax, so the cache is never copied to put it in front.
+    mask[j], and cache_index + i - j < window. `prefix` (keys, values [B, P, KV, D]) holds positions
+    0..P-1 in front of the slots (visible while P + cache_index + i - c < window): its scores join the
+    cache's before the softmax, so the cache is never copied to put it in front.
     -> [B, t, H*D] in the values' dtype."""
     b, t, h, d = q.shape
     kv, s = keys.shape[2], keys.shape[1]
@@ -439,6 +457,9 @@ def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None =
         p = prefix[0].shape[1]
         pk = prefix[0].astype(keys.dtype)
         prefix_scores = jnp.einsum("btkgd,bskd->bkgts", q, pk, preferred_element_type=jnp.float32) / math.sqrt(d)
+        if window:
+            seen = p + i[:, :1] - jnp.arange(p)[None, :] < window
+            prefix_scores = jnp.where(seen, prefix_scores, jnp.finfo(jnp.float32).min)
         scores = jnp.concatenate([prefix_scores, scores], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs[..., p:], values, preferred_element_type=jnp.float32)
