@@ -141,11 +141,33 @@ def test_peft_lora_on_the_lm_head_loads(torch_models, tmp_path):
     close(np.asarray(model.apply({"params": params}, ids, mask))[real], ref)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("kw", [dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+                                dict(target_modules=r"model\.layers\.1\.self_attn\.q_proj|.*\.0\.mlp\.down_proj")],
+                         ids=["layers_to_transform", "regex"])
+def test_peft_lora_on_some_layers(torch_models, tmp_path, kw, scan):
+    """LoRA on some layers only (PEFT's layers_to_transform, or a regex naming layers): the others get
+    zero factors, so jaxft gives PEFT's logits, scanned or not, and its export loads back in PEFT with
+    them (was: 'expected one per layer ... not supported')."""
+    base, base_dir = torch_models["causal"]
+    ids, mask = batch()
+    real = mask.astype(bool)
+    ref = torch_logits(peft_saved(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **kw), tmp_path / "a"),
+                       ids, mask)[real]
+    model, params = hf.load(base_dir, adapter=str(tmp_path / "a"), scan_layers=scan)
+    close(np.asarray(model.apply({"params": params}, ids, mask))[real], ref)
+    method = Method("lora", (r"/lora_[ab]$",), model.hooks)
+    save_adapter(model, method, split(params, method.trainable)[0], tmp_path / "ours")
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    close(torch_logits(again, ids, mask)[real], ref)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(target_modules=["q_proj", "embed_tokens"]), "LoRA on an embedding layer, not supported"),
     (dict(target_modules=["q_proj"], lora_bias=True), r"a LoRA bias \(lora_bias=True\), not supported"),
     (dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]), "trainable tokens' rows"),
-], ids=["embedding", "lora_bias", "trainable_tokens"])
+    (dict(target_modules=["q_proj"], layers_to_transform=[1], use_dora=True), "in some layers only"),
+], ids=["embedding", "lora_bias", "trainable_tokens", "dora_some_layers"])
 def test_peft_lora_parts_jaxft_lacks_are_one_error(torch_models, tmp_path, kw, match):
     """A PEFT LoRA adapter holding what jaxft's LoRA cannot compute is refused in one line naming it
     (was: '...base_layer.weight is not a weight of this llama model')."""

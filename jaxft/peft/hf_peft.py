@@ -200,18 +200,38 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
         n = stacks[stack]
         for which, per_layer in ab.items():
             leaf = "lora_" + which.lower()
-            if sorted(per_layer) != list(range(n)):
-                got = sorted(per_layer)
+            got = sorted(per_layer)
+            if got[-1] >= n:
                 raise JaxftError(f"{where}: LoRA on {path} has weights for {len(got)} layers "
                                  f"({', '.join(map(str, got[:8]))}{', ...' if len(got) > 8 else ''}), "
                                  f"the model has {n} (0-{n - 1}): expected one per layer (an adapter of another base "
-                                 "model? one covering only some layers is not supported)")
+                                 "model?)")
+            # Layers the adapter leaves out (PEFT's layers_to_transform, a regex on some layers) get zero
+            # factors: no update, as in PEFT. (DoRA's magnitudes have no such neutral value: an error above.)
+            zero = np.zeros_like(per_layer[got[0]])
+            full = [per_layer.get(i, zero) for i in range(n)]
             if cfg.scan_layers:
-                new[path.replace(".", "/") + "/" + leaf] = np.stack([per_layer[i] for i in range(n)])
+                new[path.replace(".", "/") + "/" + leaf] = np.stack(full)
             else:
-                for i, v in per_layer.items():
+                for i, v in enumerate(full):
                     new[f"{stack.replace('.', '/')}_{i}/" + rest.replace(".", "/") + "/" + leaf] = v
     return dataclasses.replace(hook, targets="|".join(sorted(patterns))), new
+
+
+def _check_factors(params: dict, added: dict, where: str):
+    """LoRA factors fit the kernels they update ([L?, in, r] and [L?, r, out] against [L?, in, out]):
+    one error for an adapter of another base model, not a shape error inside the model."""
+    base = flat(params)
+    for path, v in added.items():
+        kernel = base.get(path.rsplit("/", 1)[0] + "/kernel") if path.endswith(("/lora_a", "/lora_b")) else None
+        if kernel is None:
+            continue
+        ours, theirs = (v.shape[:-1], kernel.shape[:-1]) if path.endswith("a") else \
+            (v.shape[:-2] + v.shape[-1:], kernel.shape[:-2] + kernel.shape[-1:])
+        if tuple(ours) != tuple(theirs):
+            raise JaxftError(f"{where}: LoRA on {path.rsplit('/', 1)[0]} has {path[-1].upper()} of shape "
+                             f"{tuple(v.shape)}, which does not fit the base model's kernel {tuple(kernel.shape)} "
+                             "(an adapter of another base model?)")
 
 
 def _lora_scale(config: dict, module: str | None) -> float:
@@ -482,6 +502,7 @@ def _load_one(model, params: dict, root: Path):
     if base_copies:
         new.update(_replace_base(cfg, params, base_copies, str(root)))
     hook, added = FORMATS[kind].load(cfg, config, tensors, str(root))
+    _check_factors(params, added, str(root))
     new.update(added)
     import jax.numpy as jnp
 
