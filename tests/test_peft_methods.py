@@ -162,6 +162,18 @@ def test_peft_lora_on_some_layers(torch_models, tmp_path, kw, scan):
     close(torch_logits(again, ids, mask)[real], ref)
 
 
+def test_peft_ia3_on_some_layers(torch_models, tmp_path):
+    """IA3 on one layer of two (a regex on layer 1): the other scales by one, PEFT's logits (was: 'has an
+    adapter in some layers only')."""
+    base, base_dir = torch_models["cls"]
+    config = IA3Config(task_type="SEQ_CLS", target_modules=r".*\.1\.(self_attn\.k_proj|mlp\.down_proj)",
+                       feedforward_modules=r".*\.1\.mlp\.down_proj")
+    ids, mask = batch()
+    ref = torch_logits(peft_saved(base, config, tmp_path / "a"), ids, mask)
+    model, params = hf.load(base_dir, adapter=str(tmp_path / "a"))
+    close(np.asarray(model.apply({"params": params}, ids, mask)), ref)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(target_modules=["q_proj", "embed_tokens"]), "LoRA on an embedding layer, not supported"),
     (dict(target_modules=["q_proj"], lora_bias=True), r"a LoRA bias \(lora_bias=True\), not supported"),

@@ -13,6 +13,7 @@ import re
 from typing import ClassVar
 
 import flax.linen as nn
+import numpy as np
 
 from jaxft.models.layers import param_with_axes
 from jaxft.peft import peft_keys
@@ -80,4 +81,5 @@ def import_peft(cfg, config: dict, tensors: dict, where: str) -> tuple[IA3Hook, 
         values.setdefault((path, "ia3_l"), {})[layer] = value.reshape(-1)
     paths = sorted({p for p, _ in values})
     hook = IA3Hook("|".join(map(re.escape, paths)), "|".join(map(re.escape, sorted(ff))))
-    return hook, peft_keys.to_params(values, cfg, where)
+    # Layers the adapter leaves out (a target regex naming some layers) scale by one: no change, as in PEFT.
+    return hook, peft_keys.to_params(values, cfg, where, fill=lambda shape: np.ones(shape, np.float32))
