@@ -115,15 +115,21 @@ def test_peft_lora_rank_and_alpha_patterns(torch_models, tmp_path, name):
     """PEFT's rank_pattern / alpha_pattern give some modules (or one layer's) their own rank and scale;
     jaxft loads such an adapter with PEFT's logits, and its export loads back in PEFT with them (was:
     alpha_pattern ignored, wrong logits; rank_pattern a shape error)."""
-    base, base_dir = torch_models["causal"]
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                         **PATTERNS[name])
+    lora_round_trip(torch_models["causal"], config, tmp_path, r"/lora_(a|b|magnitude)$")
+
+
+def lora_round_trip(torch_model, config, tmp_path, trainable: str, scan: bool = True):
+    """A PEFT-saved LoRA adapter loads in jaxft with PEFT's logits, and jaxft's export of it loads back
+    in PEFT with them."""
+    base, base_dir = torch_model
     ids, mask = batch()
     real = mask.astype(bool)
     ref = torch_logits(peft_saved(base, config, tmp_path / "a"), ids, mask)[real]
-    model, params = hf.load(base_dir, adapter=str(tmp_path / "a"))
+    model, params = hf.load(base_dir, adapter=str(tmp_path / "a"), scan_layers=scan)
     close(np.asarray(model.apply({"params": params}, ids, mask))[real], ref)
-    method = Method("lora", (r"/lora_(a|b|magnitude)$",), model.hooks)
+    method = Method("lora", (trainable,), model.hooks)
     save_adapter(model, method, split(params, method.trainable)[0], tmp_path / "ours")
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     close(torch_logits(again, ids, mask)[real], ref)
@@ -149,17 +155,8 @@ def test_peft_lora_on_some_layers(torch_models, tmp_path, kw, scan):
     """LoRA on some layers only (PEFT's layers_to_transform, or a regex naming layers): the others get
     zero factors, so jaxft gives PEFT's logits, scanned or not, and its export loads back in PEFT with
     them (was: 'expected one per layer ... not supported')."""
-    base, base_dir = torch_models["causal"]
-    ids, mask = batch()
-    real = mask.astype(bool)
-    ref = torch_logits(peft_saved(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **kw), tmp_path / "a"),
-                       ids, mask)[real]
-    model, params = hf.load(base_dir, adapter=str(tmp_path / "a"), scan_layers=scan)
-    close(np.asarray(model.apply({"params": params}, ids, mask))[real], ref)
-    method = Method("lora", (r"/lora_[ab]$",), model.hooks)
-    save_adapter(model, method, split(params, method.trainable)[0], tmp_path / "ours")
-    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    close(torch_logits(again, ids, mask)[real], ref)
+    lora_round_trip(torch_models["causal"], LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **kw), tmp_path,
+                    r"/lora_[ab]$", scan)
 
 
 def test_peft_ia3_on_some_layers(torch_models, tmp_path):
