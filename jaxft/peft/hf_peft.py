@@ -140,14 +140,17 @@ def _export_lora(model, hook: LoraHook, params: dict, base: str):
     return config, tensors
 
 
+# What PEFT's LoRA adapters may hold beyond jaxft's LoRA on linear layers: key pattern, what it is.
+LORA_UNSUPPORTED = ((r"\.lora_embedding_[AB]$", "LoRA on an embedding layer"),
+                    (r"\.lora_[AB]\.bias$", "a LoRA bias (lora_bias=True)"),
+                    (r"\.trainable_tokens_", "trainable tokens' rows (trainable_token_indices)"))
+
+
 def _load_lora(cfg, config: dict, tensors: dict, where: str):
     if config.get("bias", "none") != "none":
         raise JaxftError(f"{where}/adapter_config.json: LoRA biases are not supported yet")
-    for key in tensors:  # what PEFT's LoRA adapters may hold beyond jaxft's LoRA on linear layers
-        what = next((w for part, w in ((r"\.lora_embedding_[AB]$", "LoRA on an embedding layer"),
-                                       (r"\.lora_[AB]\.bias$", "a LoRA bias (lora_bias=True)"),
-                                       (r"\.trainable_tokens_", "trainable tokens' rows (trainable_token_indices)"))
-                     if re.search(part, key)), None)
+    for key in tensors:
+        what = next((w for part, w in LORA_UNSUPPORTED if re.search(part, key)), None)
         if what:
             raise JaxftError(f"{where}: {key} is {what}, not supported yet (expected LoRA on linear layers, "
                              "with modules_to_save for whole modules)")
@@ -310,7 +313,7 @@ def _load_prompt(kind: str):
 
 PROMPT_SCORE = "base_model."  # prompt learning wraps no tuner around the base model
 register_format(Format("LORA", _export_lora, _load_lora, owns=lambda k: re.search(
-    r"\.lora_magnitude_vector$|\.lora_embedding_[AB]$|\.lora_[AB]\.bias$|\.trainable_tokens_", k)))
+    "|".join([r"\.lora_magnitude_vector$"] + [part for part, _ in LORA_UNSUPPORTED]), k)))
 register_format(Format("PREFIX_TUNING", _export_prefix, _load_prefix, PROMPT_SCORE))
 register_format(Format("PROMPT_TUNING", _export_prompt, _load_prompt("prompt_tuning"), PROMPT_SCORE))
 register_format(Format("P_TUNING", _export_prompt, _load_prompt("ptuning"), PROMPT_SCORE))
