@@ -1,11 +1,29 @@
 """One exception type for bad input; the CLI prints it as one line and exits non-zero."""
 
 import argparse
+import json
 import sys
 
 
 class JaxftError(Exception):
     """A user-facing error: the message names the value, file or line and what was expected."""
+
+
+def read_text(path) -> str:
+    """A file's text as UTF-8 whatever the locale, as transformers reads its files; other bytes are one
+    line naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JaxftError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path):
+    """A JSON file's value (`read_text`); invalid JSON is one line naming the file and line."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise JaxftError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, read_json
 from jaxft.models import family
 from jaxft.models.family import POOLING
 
@@ -99,13 +99,9 @@ def read_config(path: Path, **overrides):
     """config.json of a HF directory (or the file itself) -> its family's config."""
     file = path if path.suffix == ".json" else path / "config.json"
     try:
-        c = json.loads(file.read_text(encoding="utf-8"))  # as transformers reads it, whatever the locale
+        c = read_json(file)
     except FileNotFoundError:
         raise JaxftError(f"{file}: missing (expected a Hugging Face config.json)") from None
-    except json.JSONDecodeError as e:
-        raise JaxftError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise JaxftError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     cfg = config_from_dict(c, str(file), **overrides)
     fam = family.of(cfg)
     names = tensor_names(file.parent)

@@ -10,10 +10,9 @@ equal transformers' own tokenizers (tests/test_tokenizer.py checks each kind aga
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, read_json
 
 ROLES = ("bos", "eos", "unk", "pad", "mask", "cls", "sep")
 
@@ -31,12 +30,7 @@ CLASS_DEFAULTS = {
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise JaxftError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path) if path.is_file() else {}
 
 
 def _content(value) -> str | None:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, read_json
 
 SETTING, WEIGHTS = "train.grpo_rewards", "train.grpo_reward_weights"
 
@@ -209,7 +209,6 @@ class RewardModel:
     BATCH, WIDTHS = 16, (32, 64, 128, 256, 512, 1024)  # rows and padded widths per call: few compiles
 
     def __init__(self, path: str, max_length: int = 1024):
-        import json
         from pathlib import Path
 
         import jax
@@ -223,7 +222,7 @@ class RewardModel:
         if not p.is_dir():
             raise JaxftError(f"{where}: no such directory (expected a reward model or its adapter)")
         if (p / "adapter_config.json").is_file():
-            base = json.loads((p / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+            base = read_json(p / "adapter_config.json").get("base_model_name_or_path") or ""
             if not base:
                 raise JaxftError(f"{where}: its adapter_config.json names no base model (base_model_name_or_path)")
             model, params, root = load(base, str(p))

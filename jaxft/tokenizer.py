@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from jaxft.errors import ArgumentParser, JaxftError
+from jaxft.errors import ArgumentParser, JaxftError, read_json
 
 # A directory holding one of these is a tokenizer jaxft reads: SentencePiece (Llama's name, T5's name),
 # WordPiece (BERT), or a tokenizers JSON (GPT-2, Qwen2).
@@ -177,12 +177,7 @@ def added_tokens(directory: Path, sp_size: int) -> dict[str, int]:
     file = directory / "tokenizer_config.json"
     if not file.is_file():
         return {}
-    try:
-        c = json.loads(file.read_text(encoding="utf-8"))  # as transformers reads it, whatever the locale
-    except json.JSONDecodeError as e:
-        raise JaxftError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise JaxftError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    c = read_json(file)
     decoder = c.get("added_tokens_decoder") or {}
     added = {v["content"]: int(k) for k, v in decoder.items() if int(k) >= sp_size}
     if not added and int(c.get("extra_ids") or 0) > 0:

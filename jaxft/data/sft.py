@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.data.sources import Records
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, read_json, read_text
 
 # The default chat template (tokenizers without one, e.g. jaxft-tiny's): Alpaca's prompt layout for
 # every turn, BOS once at the start, each answer ended by EOS.
@@ -79,20 +79,12 @@ def chat_template(tok, choice: str = "") -> tuple[str, str]:
         p = Path(choice)
         if not p.is_file():
             raise JaxftError(f"data.chat_template={choice!r}: expected '', 'default' or a template file")
-        try:
-            return p.read_text(encoding="utf-8"), str(p)
-        except UnicodeDecodeError as e:
-            raise JaxftError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return read_text(p), str(p)
     directory = getattr(tok, "directory", None)
     if directory is not None:
         config = directory / "tokenizer_config.json"
         if config.is_file():
-            try:
-                template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-            except json.JSONDecodeError as e:
-                raise JaxftError(f"{config}:{e.lineno}: invalid JSON ({e.msg})") from None
-            except UnicodeDecodeError as e:
-                raise JaxftError(f"{config}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            template = read_json(config).get("chat_template")
             if isinstance(template, list):  # named templates: the default one
                 template = next((t.get("template") for t in template if t.get("name") == "default"), None)
             if isinstance(template, str) and template:
