@@ -75,13 +75,7 @@ def read_file(path: str | Path) -> Records:
         except Exception as e:
             raise JaxftError(f"{p}: unreadable parquet file ({e})") from None
         return Records(rows, [f"{p}:row {i + 1}" for i in range(len(rows))])
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise JaxftError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text did
+    text = _utf8(p).replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text did
     if suffix == ".txt":  # raw text for continued pretraining: one document per blank-line-separated block
         line = 1
         for block in text.split("\n\n"):
@@ -145,6 +139,16 @@ def read_file(path: str | Path) -> Records:
     return Records(rows, where)
 
 
+def _utf8(p: Path) -> str:
+    """A data file's text (UTF-8, a byte order mark dropped); other bytes are one line naming the file's line."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise JaxftError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _json_object(text: str) -> dict | None:
     try:
         whole = json.loads(text)
@@ -159,12 +163,7 @@ def read_e2e(path: str | Path) -> Records:
     p = Path(path)
     if not p.is_file():
         raise JaxftError(f"data file {str(p)!r}: not found")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise JaxftError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = _utf8(p).replace("\r\n", "\n")
     rows, where = [], []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
