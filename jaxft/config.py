@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.packing = True
     c.data.train_on_prompt = False  # sft: the loss covers prompts too, not only the responses
     c.data.chat_template = ""  # sft: "" (the tokenizer's, else jaxft's default), "default", or a .jinja file
+    # Variables the chat template reads, as apply_chat_template(**kwargs): "enable_thinking=false" (Qwen3's
+    # answers without reasoning), "name=value,..." (JSON values, else text) or a JSON object
+    c.data.chat_template_kwargs = ""
     c.data.source_field = ""  # sft / seq2seq on pairs: the prompt (source) field (e.g. "content")
     c.data.target_field = ""  # sft / seq2seq on pairs: the response (target) field (e.g. "summary")
     c.data.skip_bad_records = False  # sft, seq2seq: skip (and count) malformed or empty records instead of stopping
@@ -269,6 +272,10 @@ def validate(config) -> None:
     if int(config.data.get("demonstrations", 0)) and config.data.task != "cloze":
         raise JaxftError(f"data.demonstrations={config.data.demonstrations}: demonstrations fill a cloze template: "
                          f"expected data.task='cloze', not {config.data.task!r}")
+    if config.data.get("chat_template_kwargs"):
+        from jaxft.data import sft
+
+        sft.template_variables(config.data.chat_template_kwargs)
     if config.data.task in ("grpo", "ppo"):
         check_grpo(config)
     if float(config.train.peak_flops) < 0:

@@ -81,7 +81,8 @@ def decoding(config, tok, encoder_decoder: bool) -> dict:
     from jaxft.data import sft
 
     e = config.eval
-    stop = None if encoder_decoder or tok is None else sft.stop_ids(tok, str(config.data.chat_template))
+    stop = None if encoder_decoder or tok is None else sft.stop_ids(
+        tok, str(config.data.chat_template), str(config.data.get("chat_template_kwargs", "")))
     return dict(max_new_tokens=e.max_new_tokens, num_beams=e.num_beams, repetition_penalty=float(e.repetition_penalty),
                 stop=stop)
 
@@ -129,7 +130,7 @@ def generation_prompts(config, data, split: str, encoder_decoder: bool, limit: i
             continue
         prompts, refs = generation.prompts_and_references(
             records, data.tokenizer, d.seq_len, fields=sft.Fields(*sources.pair_fields(d, name)),
-            chat_template=d.chat_template, encoder_decoder=encoder_decoder,
+            chat_template=d.chat_template, chat_template_kwargs=d.chat_template_kwargs, encoder_decoder=encoder_decoder,
             max_new_tokens=config.eval.max_new_tokens, skip_bad=d.skip_bad_records)
         prompts, refs = generation.distinct(prompts, refs)
         parts.append([(p, r, label) for p, r in zip(prompts, refs)])

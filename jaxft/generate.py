@@ -405,6 +405,9 @@ def parse_args(argv):
                          "as SFT trains on it; the answer ends where the template ends one")
     ap.add_argument("--chat_template", default="",
                     help="with --chat: a template file, or 'default' (default: the tokenizer's, else jaxft's)")
+    ap.add_argument("--chat_template_kwargs", default="",
+                    help="with --chat: variables the template reads, as data.chat_template_kwargs "
+                         "(e.g. enable_thinking=false)")
     ap.add_argument("--system", help="with --chat: a system turn before each prompt")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -417,8 +420,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
         ap.error("give exactly one of --prompt=TEXT and --prompts=FILE")
-    if not args.chat and (args.system is not None or args.chat_template):
-        ap.error("--system and --chat_template are for --chat")
+    if not args.chat and (args.system is not None or args.chat_template or args.chat_template_kwargs):
+        ap.error("--system, --chat_template and --chat_template_kwargs are for --chat")
     return args
 
 
@@ -479,12 +482,11 @@ def chat_rows(tok, prompts: list[str], args) -> tuple[list[list[int]], list[int]
     as SFT tokenizes it; the ids an answer ends at: `jaxft.data.sft.stop_ids`)."""
     from jaxft.data import sft
 
-    template, where = sft.chat_template(tok, args.chat_template)
-    renderer = sft.Renderer(template, sft.special_strings(tok), where)
+    renderer = sft.renderer(tok, args.chat_template, args.chat_template_kwargs)
     system = [{"role": "system", "content": args.system}] if args.system else []
     rows = [sft.encode([(renderer(system + [{"role": "user", "content": p}], add_generation_prompt=True), False)],
                        tok)[0] for p in prompts]
-    return rows, sft.stop_ids(tok, args.chat_template)
+    return rows, sft.stop_ids(tok, args.chat_template, args.chat_template_kwargs)
 
 
 if __name__ == "__main__":

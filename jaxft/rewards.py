@@ -233,8 +233,7 @@ class RewardModel:
             raise JaxftError(f"{where}: a {cfg.head} model with {cfg.num_labels} outputs; expected a reward model, a "
                              "sequence classifier with one output (data.task=reward trains one)")
         self.tok = Tokenizer(p if any((p / f).exists() for f in ("tokenizer.model", "tokenizer.json")) else root)
-        template, source = sft.chat_template(self.tok)
-        self.renderer = sft.Renderer(template, sft.special_strings(self.tok), source)
+        self.renderer = sft.renderer(self.tok)
         self.max_length, self.params = max_length, jax.device_put(params)
         self.__name__ = "reward_model"
         self._score = jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, mask)[:, 0])

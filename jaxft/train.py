@@ -239,8 +239,7 @@ def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> D
     from jaxft.errors import JaxftError
 
     d = config.data
-    template, where = sft.chat_template(tok, str(d.chat_template))
-    renderer = sft.Renderer(template, sft.special_strings(tok), where)
+    renderer = sft.renderer(tok, str(d.chat_template), str(d.chat_template_kwargs))
     parts = {"train": [], "validation": []}  # per split: (arrays, records, prompt values) of each source
     for name, train_rec, eval_rec, text_field in resolved:
         fields = sft.Fields(*pair_fields(d, name))
@@ -278,7 +277,8 @@ def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> D
                 groups=groups if len(names) > 1 else None, weights=weights, sources=mixture.source_names(names),
                 records={"train": [joined["train"][1]], "validation": [ev[1] if ev else None]},
                 prompts={"train": joined["train"][2], "validation": ev[2] if ev else None},
-                stop=None if encoder_decoder else sft.stop_ids(tok, str(d.chat_template)))
+                stop=None if encoder_decoder else sft.stop_ids(tok, str(d.chat_template),
+                                                                       str(d.chat_template_kwargs)))
 
 
 def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):

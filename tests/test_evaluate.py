@@ -58,11 +58,6 @@ def config(model_dir, train, dev, **data):
     return c
 
 
-def renderer(tok):
-    template, where = sft.chat_template(tok)
-    return sft.Renderer(template, sft.special_strings(tok), where)
-
-
 def read_jsonl(p):
     return [json.loads(line) for line in Path(p).read_text().splitlines()]
 
@@ -149,7 +144,7 @@ def test_generation_equals_transformers_and_scorers(tmp_path, lm, penalty):
     # The prompt: the training example's tokens before its response (jaxft.data.sft's rendering).
     records = read_file(dev)
     prompts, _ = generation.prompts_and_references(records, tok, SEQ, max_new_tokens=8)
-    for (ids, mask), prompt in zip(sft.examples(records, tok, renderer(tok), SEQ).examples, prompts, strict=True):
+    for (ids, mask), prompt in zip(sft.examples(records, tok, sft.renderer(tok), SEQ).examples, prompts, strict=True):
         assert ids[: mask.index(1)] == prompt
 
     # transformers' greedy generate on the same prompts, left-padded
@@ -290,7 +285,7 @@ def test_prompts_keep_their_end_and_share_references(tok_dir):
     tok = Tokenizer(tok_dir)
     long = {"instruction": " ".join(sentences(1, 0, 30, 31)), "output": "good"}
     prompts, refs = generation.prompts_and_references(Records([long], ["f:1"]), tok, 32, max_new_tokens=8)
-    full = sft.encode(renderer(tok).segments(sft.conversation(long, "f:1"))[:-1], tok)[0]
+    full = sft.encode(sft.renderer(tok).segments(sft.conversation(long, "f:1"))[:-1], tok)[0]
     assert len(full) > 24 and prompts[0] == [tok.bos_id] + full[len(full) - 23:] and refs == ["good"]
     assert generation.distinct([[1, 2], [3], [1, 2]], ["a", "b", "c"]) == ([[1, 2], [3]], [["a", "c"], ["b"]])
     assert generation.interleave([["a1", "a2", "a3"], [], ["b1"]]) == ["a1", "b1", "a2", "a3"]

@@ -428,6 +428,8 @@ def test_cli_adapter_and_bad_input(saved, tok_dir, tmp_path):
         (["--model=jaxft-tiny", "--prompt=x", "--top_p=2"], "top_p=2"),
         (["--model=jaxft-tiny", "--prompt=x", "--num_beams=two"], "num_beams"),
         (["--model=jaxft-tiny", "--prompt=x", "--system=Be brief."], "--chat"),
+        (["--model=jaxft-tiny", "--prompt=x", "--chat_template_kwargs=enable_thinking=false"], "--chat"),
+        (["--model=jaxft-tiny", "--prompt=x", "--chat", "--chat_template_kwargs=thinking"], "'thinking'"),
         (["--model=/no/such/dir", "--prompt=x"], "/no/such/dir"),
         (["--model=jaxft-tiny", f"--adapter={tmp_path}", "--prompt=x"], str(tmp_path)),
         ([f"--model={d}", "--prompt=x"], "tokenizer"),

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from test_hf import BASE
 from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
-from test_sft import renderer_for, tokenizer_args
+from test_sft import tokenizer_args
 from test_train import ROOT, cli, losses
 
 from jaxft import grpo, objectives
-from jaxft.data import prompts
+from jaxft.data import prompts, sft
 from jaxft.data.sources import Records
 from jaxft.errors import JaxftError
 from jaxft.models import family
@@ -41,7 +41,7 @@ def records(*rows, where="prompts.jsonl"):
 
 def test_prompt_formats(tok_dir):
     tok = Tokenizer(tok_dir)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     user = [{"role": "user", "content": "how was it?"}]
     templated = tok.encode_special(r(user, add_generation_prompt=True))
     rows = [
@@ -59,7 +59,6 @@ def test_prompt_formats(tok_dir):
         assert not arrays["attention_mask"][i, : 64 - n].any() and (arrays["input_ids"][i, : 64 - n] == tok.pad_id).all()
         assert values[i] == user
     # data.source_field / target_field (GSM8K's question and answer): the question, the answer a column
-    from jaxft.data import sft
 
     arrays, _, values = prompts.encode(records({"question": "how was it?", "answer": "#### 1"}), tok, r, 64, "text",
                                        sft.Fields("question", "answer"))
@@ -85,8 +84,8 @@ def test_prompt_formats(tok_dir):
 def test_bad_prompt_records_name_where(tok_dir, row, message):
     tok = Tokenizer(tok_dir)
     with pytest.raises(JaxftError, match="^" + message):
-        prompts.encode(records(row), tok, renderer_for(tok), 16, "text")
-    arrays, counts, values = prompts.encode(records(row, {"prompt": "ok"}), tok, renderer_for(tok), 16, "text",
+        prompts.encode(records(row), tok, sft.renderer(tok), 16, "text")
+    arrays, counts, values = prompts.encode(records(row, {"prompt": "ok"}), tok, sft.renderer(tok), 16, "text",
                                             skip_bad=True)
     assert counts.skipped == 1 and list(arrays["record"]) == [1] and values == [None, "ok"]
 
@@ -434,7 +433,7 @@ def test_chinese_prompts_completions_and_rewards(tok_dir):
     built-in lexicon reads them (好 counts; 不喜欢 is negative, not also a 喜欢)."""
     tok = Tokenizer(tok_dir)
     arrays, _, values = prompts.encode(records({"prompt": "我们今天看电影"}, {"text": "电影很好看"}), tok,
-                                       renderer_for(tok), 16, "text")
+                                       sft.renderer(tok), 16, "text")
     assert tok.decode(arrays["input_ids"][0][arrays["attention_mask"][0] > 0]).strip() == "我们今天看电影"
     assert values == ["我们今天看电影", "电影很好看"]
     eos = tok.eos[0]
@@ -483,7 +482,7 @@ def test_reward_model_scores_match_transformers(tmp_path, tok_dir):
     prompts_, completions = ["the movie is", "the movie is", turns], ["good and funny", "bad", [{"role": "assistant",
                                                                                                 "content": "很好看"}]]
     got = fn(prompts=prompts_, completions=completions)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     for prompt, completion, value in zip(prompts_, completions, got):
         messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt) + [
             {"role": "assistant", "content": rewards.text_of(completion)}]

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from test_grpo import (assert_eight_devices_match_one, evaluated_reward, metrics, records,  # noqa: F401
                        trl_grpo_loss)
-from test_sft import renderer_for
 from test_train import cli, losses
 
 from jaxft import grpo, hf, objectives, ppo
@@ -85,7 +84,7 @@ def hf_token_log_probs(model, batch, temperature=1.0, hidden=False):
 
 def test_prompts_are_the_sources_the_seq2seq_task_reads(tok_dir):
     tok = Tokenizer(tok_dir)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     fields = sft.Fields("mr", "ref")
     rows = [{"prompt": "the movie is"},
             {"instruction": "how was it?", "input": "the film"},  # Alpaca, no answer: its source

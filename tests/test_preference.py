@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_hf import BASE, build_hf
-from test_sft import renderer_for, tokenizer_args
+from test_sft import tokenizer_args
 from test_train import ROOT, cli, losses
 
 from jaxft import dpo, hf, objectives, plan, sharding
@@ -52,7 +52,7 @@ SAME_PAIR = [  # one prompt ("how was it?"), chosen "good", rejected "bad", in e
 
 def test_every_format_gives_the_same_rows_as_sft_with_the_answer_scored(tok_dir):
     tok = Tokenizer(tok_dir)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     arrays = [preference.encode(records(row), tok, r, 32)[0] for row in SAME_PAIR]
     for a in arrays[1:]:
         assert a.keys() == arrays[0].keys()
@@ -70,7 +70,7 @@ def test_every_format_gives_the_same_rows_as_sft_with_the_answer_scored(tok_dir)
 
 def test_earlier_answers_are_context_and_the_last_answer_alone_is_scored(tok_dir):
     tok = Tokenizer(tok_dir)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}, {"from": "human", "value": "and?"}]
     row = {"conversations": turns, "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}
     got = preference.encode(records(row), tok, r, 64)[0]
@@ -98,7 +98,7 @@ def test_earlier_answers_are_context_and_the_last_answer_alone_is_scored(tok_dir
 def test_bad_records_name_where(tok_dir, row, message):
     tok = Tokenizer(tok_dir)
     with pytest.raises(JaxftError) as e:
-        preference.encode(records(row), tok, renderer_for(tok), 32)
+        preference.encode(records(row), tok, sft.renderer(tok), 32)
     assert str(e.value).startswith(message), str(e.value)
 
 
@@ -432,7 +432,7 @@ def test_cli_reward_model_learns_exports_and_serves_with_peft(tmp_path, pairs):
     model, params = hf.load(adapter["base_model_name_or_path"], adapter=str(export))
     tok = Tokenizer(hf.resolve("jaxft-tiny"))
     ev = preference.encode(records(*json.loads(open(data.split("=", 1)[1]).read())[-32:]), tok,
-                           renderer_for(tok), 32)[0]
+                           sft.renderer(tok), 32)[0]
     ours = np.asarray(model.apply({"params": params}, **objectives.pair_inputs(ev)))[:, 0]
     with torch.no_grad():
         theirs = np.concatenate([served(input_ids=torch.tensor(ev[p + "input_ids"], dtype=torch.long),

@@ -59,11 +59,6 @@ def chatml_dir(tmp_path_factory):
     return out
 
 
-def renderer_for(tok, choice=""):
-    template, where = sft.chat_template(tok, choice)
-    return sft.Renderer(template, sft.special_strings(tok), where)
-
-
 # ---------------------------------------------------------------------------------------------
 # Formats
 
@@ -126,7 +121,7 @@ def test_chat_template_matches_transformers(chatml_dir, chat):
 
     hf = AutoTokenizer.from_pretrained(str(chatml_dir))
     tok = Tokenizer(chatml_dir)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     assert r.where.endswith("tokenizer_config.json")
     for gen in (False, True):
         prompt = chat[:-1] if gen else chat
@@ -158,7 +153,9 @@ THINKING = (
     "{{- content + '<|im_end|>\n' }}{% endgeneration %}"
     "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 THOUGHTFUL = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>Add them.</think>4"},
               {"role": "user", "content": "再乘以三？"}, {"role": "assistant", "content": "<think>4 × 3</think>12"}]
@@ -177,7 +174,7 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_answer_alone(chatml_
     config = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING}))
     hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     with pytest.raises(sft.NotTurnByTurn, match="does not render turn by turn"):
         r.segments(THOUGHTFUL)
     enc = sft.examples(Records([{"messages": THOUGHTFUL}, {"messages": CHATS[0]}], ["f:1", "f:2"]), tok, r, 256)
@@ -210,6 +207,55 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_answer_alone(chatml_
     assert prompts[0] == list(hf.apply_chat_template(THOUGHTFUL[:3], tokenize=True, return_dict=True,
                                                      add_generation_prompt=True)["input_ids"])
     assert references == [THOUGHTFUL[3]["content"]]
+
+
+def test_template_variables_as_transformers_passes_them(chatml_dir, tmp_path):
+    """data.chat_template_kwargs=enable_thinking=false (Qwen3's non-thinking mode): the text and ids of
+    transformers' apply_chat_template(..., enable_thinking=False); the empty reasoning block is part of
+    the generation prompt, so it is prompt in training too, and the eval prompts end with it."""
+    from transformers import AutoTokenizer
+
+    from jaxft.data import generation
+
+    d = tmp_path / "thinking"
+    shutil.copytree(chatml_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING}))
+    hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
+    chat = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+    plain, quiet = sft.renderer(tok), sft.renderer(tok, "", "enable_thinking=false")
+    for gen in (False, True):
+        prompt = chat[:-1] if gen else chat
+        want = hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=gen, enable_thinking=False)
+        assert quiet(prompt, add_generation_prompt=gen) == want
+    assert plain(chat[:1], add_generation_prompt=True) != quiet(chat[:1], add_generation_prompt=True)
+    ids, mask = sft.examples(Records([{"messages": chat}], ["f:1"]), tok, quiet, 64).examples[0]
+    # the prompt's ids as generation sees them (its "\n\n" one token, where the whole text splits it in two)
+    prompt = list(hf.apply_chat_template(chat[:1], tokenize=True, return_dict=True, add_generation_prompt=True,
+                                         enable_thinking=False)["input_ids"])
+    assert ids == prompt + hf.encode("4<|im_end|>\n", add_special_tokens=False)
+    assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))  # the empty <think> block: prompt
+    ids, mask = sft.examples(Records([{"messages": chat}], ["f:1"]), tok, plain, 64).examples[0]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "<think>\n\n</think>\n\n4<|im_end|>\n"
+    prompts, _ = generation.prompts_and_references(Records([{"messages": chat}], ["g:1"]), tok, 64,
+                                                   chat_template_kwargs="enable_thinking=false")
+    assert prompts[0] == prompt
+
+    assert sft.template_variables("enable_thinking=false, reasoning_effort=high,n=2") == {
+        "enable_thinking": False, "reasoning_effort": "high", "n": 2}
+    assert sft.template_variables('{"tools": [{"name": "f"}]}') == {"tools": [{"name": "f"}]}
+    assert sft.template_variables("") == {}
+    for bad, match in (("enable_thinking", "expected name=value"), ("2x=1", "expected name=value"),
+                       ("{1: 2}", "invalid JSON"), ("[1]", "expected name=value"),
+                       ("eos_token=x", "set by jaxft itself")):
+        with pytest.raises(JaxftError, match=match):
+            sft.template_variables(bad)
+    from jaxft.config import base_config, validate
+
+    c = base_config()
+    c.model.path, c.data.chat_template_kwargs = "jaxft-tiny", "thinking"
+    with pytest.raises(JaxftError, match="data.chat_template_kwargs: 'thinking'"):
+        validate(c)  # at start-up, before anything is written
 
 
 def test_generation_stops_where_the_chat_template_ends_an_answer(chatml_dir, tok_dir, tmp_path):
@@ -258,7 +304,7 @@ def test_default_template(tok_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tok = Tokenizer(tok_dir)
-    r = renderer_for(tok)
+    r = sft.renderer(tok)
     assert "default" in r.where
     chat = CHATS[1]
     text = r(chat)

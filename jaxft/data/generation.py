@@ -26,14 +26,13 @@ from jaxft.errors import JaxftError
 
 
 def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.Fields = sft.Fields(),
-                           chat_template: str = "", encoder_decoder: bool = False, max_new_tokens: int = 0,
+                           chat_template: str = "", chat_template_kwargs: str = "", encoder_decoder: bool = False, max_new_tokens: int = 0,
                            skip_bad: bool = False) -> tuple[list[list[int]], list[str]]:
     """-> (prompt ids of each usable record, its reference text). Bad records stop with their
     `file:line`, or are skipped with `skip_bad` (as training skips them)."""
     renderer = None
     if not encoder_decoder:
-        template, where = sft.chat_template(tok, chat_template)
-        renderer = sft.Renderer(template, sft.special_strings(tok), where)
+        renderer = sft.renderer(tok, chat_template, chat_template_kwargs)
     keep = max(seq_len - max_new_tokens, seq_len // 2, 1)
     prompts, references = [], []
     for row, at in zip(records.rows, records.where):

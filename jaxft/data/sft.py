@@ -99,7 +99,7 @@ class Renderer:
     """A chat template compiled as transformers compiles it: jinja2's immutable sandbox, trim_blocks,
     lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII."""
 
-    def __init__(self, template: str, special: dict[str, str], where: str):
+    def __init__(self, template: str, special: dict[str, str], where: str, variables: dict | None = None):
         import datetime
 
         import jinja2
@@ -131,7 +131,8 @@ class Renderer:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        self.where, self.special, self.template = where, special, template
+        self.where, self.template = where, template
+        self.special = {**special, **(variables or {})}  # what the template reads beside the messages
         try:
             self._template = env.from_string(template)
         except jinja2.exceptions.TemplateSyntaxError as e:
@@ -201,14 +202,52 @@ class Renderer:
         return [(text, response and i == final) for i, (text, response) in enumerate(segs) if text]
 
 
-def stop_ids(tok, choice: str = "") -> list[int]:
+def template_variables(spec: str, setting: str = "data.chat_template_kwargs") -> dict:
+    """`spec` -> the variables a chat template reads beyond the messages, as transformers'
+    `apply_chat_template(..., **kwargs)` passes them: "name=value,..." (a value is read as JSON where it
+    is JSON, `enable_thinking=false`, else as text, `reasoning_effort=high`) or one JSON object."""
+    spec = str(spec or "").strip()
+    if not spec:
+        return {}
+    if spec.startswith("{"):
+        try:
+            out = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise JaxftError(f"{setting}={spec!r}: invalid JSON at column {e.colno}: {e.msg}") from None
+        if not isinstance(out, dict):
+            raise JaxftError(f"{setting}={spec!r}: expected a JSON object or name=value,...")
+    else:
+        out = {}
+        for item in (x.strip() for x in spec.split(",")):
+            name, eq, value = item.partition("=")
+            if not eq or not name.strip().isidentifier():
+                raise JaxftError(f"{setting}: {item!r} in {spec!r}: expected name=value (e.g. enable_thinking=false)")
+            try:
+                out[name.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                out[name.strip()] = value.strip()
+    taken = sorted(set(out) & {"messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token"})
+    if taken:
+        raise JaxftError(f"{setting}: {taken[0]!r} is set by jaxft itself: expected other template variables "
+                         "(e.g. enable_thinking)")
+    return out
+
+
+def renderer(tok, choice: str = "", kwargs: str = "") -> Renderer:
+    """The Renderer of `choice` (see `chat_template`) with `kwargs` (`template_variables`) set."""
+    template, where = chat_template(tok, choice)
+    return Renderer(template, special_strings(tok), where, template_variables(kwargs))
+
+
+def stop_ids(tok, choice: str = "", kwargs: str = "") -> list[int]:
     """Where generation stops for a model trained on answers the chat template renders: EOS, and the special
     token the template closes an answer with where that is another (ChatML's `<|im_end|>` on a base model
     whose EOS is `<|endoftext|>`, Llama 3's `<|eot_id|>`): the model learned to end its answers there."""
     template, where = chat_template(tok, choice)
+    variables = template_variables(kwargs)
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "jaxft"}]
     try:
-        answer = Renderer(template, special_strings(tok), where).last_answer(probe)[-1][0]
+        answer = Renderer(template, special_strings(tok), where, variables).last_answer(probe)[-1][0]
     except JaxftError:  # a template that wants other turns (a system prompt, ...): EOS alone
         return list(tok.eos)
     tail = answer[answer.rfind("jaxft") + len("jaxft"):].lstrip() if "jaxft" in answer else ""
