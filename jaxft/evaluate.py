@@ -87,17 +87,12 @@ def decoding(config, tok, encoder_decoder: bool) -> dict:
                 stop=stop)
 
 
-def final_answer(text: str) -> str:
-    """A reasoning model's answer without its reasoning: what follows the last `</think>` (Qwen3 and
-    DeepSeek-R1 answer after a `<think>...</think>` block, empty in their non-thinking mode), else the text."""
-    return text.rsplit("</think>", 1)[1].strip() if "</think>" in text else text
-
-
 def generation_scores(predictions: list[str], references: list, sources: list[str] | None = None) -> dict[str, float]:
     """ROUGE-1/2/L F-measures, corpus BLEU (0-100) and exact match of the final answers (`final_answer`:
     reasoning in <think> tags is not scored; predictions.jsonl keeps it); a reference may be a list. With
     `sources` (each prediction's source in a mixture), also each source's, as "<metric>/<source>"."""
     from jaxft import metrics
+    from jaxft.scores import final_answer
 
     def scores(preds, refs):
         preds = [final_answer(p) for p in preds]

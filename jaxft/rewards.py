@@ -105,9 +105,12 @@ def _normalize(text: str) -> str:
 
 
 def _answer_span(text: str) -> str:
-    """The last <answer>...</answer> span's content, or the whole text if there is none."""
+    """The last <answer>...</answer> span's content; else what follows the reasoning (`scores.final_answer`:
+    Qwen3's and DeepSeek-R1's `<think>...</think>` block is not the answer), the whole text if there is none."""
+    from jaxft.scores import final_answer
+
     spans = _ANSWER.findall(text)
-    return spans[-1] if spans else text
+    return spans[-1] if spans else final_answer(text)
 
 
 def _reference_number(reference: str) -> float | None:
@@ -119,9 +122,9 @@ def accuracy(prompts, completions, **columns) -> list[float | None]:
     """1.0 if the completion's answer matches the record's `answer` (else `solution`) field, else 0.0.
 
     GSM8K references ("...#### 1,234") count from the last "####". A numeric reference is compared with
-    the last number in the completion (in its last <answer>...</answer> span if it has one); another
-    reference must equal the span (or the whole completion) up to case and whitespace. A record with no
-    reference gets None.
+    the last number of the completion's answer (its last <answer>...</answer> span if it has one, else
+    what follows a `</think>`, else all of it); another reference must equal that answer up to case and
+    whitespace. A record with no reference gets None.
     """
     fields = [columns[k] for k in ("answer", "solution") if k in columns]
     if not fields:
@@ -163,7 +166,8 @@ def format(prompts, completions, **kwargs) -> list[float]:  # the setting's name
 
 class Rouge:
     """ROUGE-L F-measure (0-1; `jaxft.scores.rouge`, as rouge-score computes it, words lowercased, each CJK
-    character a word) of the completion against the record's reference text (a list: the best of them),
+    character a word) of the completion's answer (as `accuracy` reads it: reasoning in <think> tags is not
+    scored, as the eval's ROUGE does not score it) against the record's reference text (a list: the best of them),
     for summarisation and data-to-text. `rouge` reads the `reference`, `answer` or `solution` field;
     `rouge=FIELD` names the field (`rouge=human_reference` for the bundled E2E NLG). A record with no
     reference gets None."""
@@ -187,7 +191,7 @@ class Rouge:
             reference = next((f[i] for f in fields if f[i] is not None), None)
             if reference is not None and not isinstance(reference, list):
                 reference = str(reference)
-            out.append(None if reference is None else scores.rouge([text_of(completion)], [reference])["rougeL"])
+            out.append(None if reference is None else scores.rouge([_answer_span(text_of(completion))], [reference])["rougeL"])
         return out
 
 

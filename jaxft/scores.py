@@ -29,6 +29,12 @@ _IDEOGRAPH = re.compile(f"[{IDEOGRAPH}]")
 _ROUGE_TOKEN = re.compile(f"[{IDEOGRAPH}]|[a-z0-9]+")
 
 
+def final_answer(text: str) -> str:
+    """A reasoning model's answer without its reasoning: what follows the last `</think>` (Qwen3 and
+    DeepSeek-R1 answer after a `<think>...</think>` block, empty in their non-thinking mode), else the text."""
+    return text.rsplit("</think>", 1)[1].strip() if "</think>" in text else text
+
+
 # ---------------------------------------------------------------------------------------------
 # Classification.
 

@@ -246,7 +246,8 @@ def test_exact_match_and_perplexity():
 def test_generation_scores_read_the_answer_after_the_reasoning():
     """A reasoning model's <think> block (Qwen3's, empty in its non-thinking mode) is not scored, in a
     prediction or a reference: the figures are those of the answers alone."""
-    from jaxft.evaluate import final_answer, generation_scores
+    from jaxft.evaluate import generation_scores
+    from jaxft.scores import final_answer
 
     preds = ["<think>\n\n</think>\n\nthe cat sat on the mat", "<think>\n4 × 3 = 12\n</think>\n\n答案是12", "no tags"]
     refs = [["the cat sat on a mat"], "<think>乘法</think>答案是12", "no tags here"]

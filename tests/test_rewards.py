@@ -98,12 +98,13 @@ def test_accuracy_numbers():
 
 
 def test_accuracy_text_reference_and_none():
-    completions = ["  Paris ", "<think>hmm</think><answer> New   york</answer>", "London", "anything", "Rome"]
+    completions = ["  Paris ", "<think>hmm</think><answer> New   york</answer>", "London", "anything", "Rome",
+                   "<think>Lyon? No.</think>\n\nParis", "<think>Paris? No.</think>Lyon"]  # Qwen3's reasoning
     got = rewards.accuracy(
-        prompts=[""] * 5, completions=completions,
-        answer=["paris", "New York", "Paris", None, None],
-        solution=[None, None, None, None, "rome"])
-    assert got == [1.0, 1.0, 0.0, None, 1.0]
+        prompts=[""] * 7, completions=completions,
+        answer=["paris", "New York", "Paris", None, None, "Paris", "Paris"],
+        solution=[None, None, None, None, "rome", None, None])
+    assert got == [1.0, 1.0, 0.0, None, 1.0, 1.0, 0.0]
 
 
 def test_accuracy_solution_column_and_conversational():
@@ -149,6 +150,10 @@ def test_rouge_is_rouge_scores_rouge_l():
     got = fn(prompts=[""] * 3, completions=[completions[0]] * 3, human_reference=[refs[0], [refs[1], refs[0]], None])
     assert name == "rouge" and got[:2] == pytest.approx([want[0], want[0]]) and got[2] is None
     assert rewards.rouge(prompts=[""], completions=["a b"], answer=["a b"]) == [1.0]
+    # the answer after a reasoning block, or in R1's <answer> tags, as the eval scores it
+    thought = ["<think>Coffee? Pub? Burger King .</think>\n\n" + rewards.text_of(completions[0]),
+               "<think>near</think> <answer>" + rewards.text_of(completions[0]) + "</answer>"]
+    assert rewards.rouge(prompts=[""] * 2, completions=thought, reference=[refs[0]] * 2) == pytest.approx([want[0]] * 2)
     with pytest.raises(JaxftError, match=r"the rouge reward needs a 'reference' or 'answer' or 'solution' field .*"
                                          r"rouge=FIELD.* they have \['mr'\]"):
         rewards.rouge(prompts=[""], completions=["x"], mr=["y"])
