@@ -11,6 +11,8 @@ from jaxft import hf
 from jaxft.config import validate
 from jaxft.data import sources, tasks
 from jaxft.tokenizer import Tokenizer
+from test_evaluate import cli as evaluate_cli
+from test_sft import THINKING, chatml_dir  # noqa: F401 (a fixture)
 from test_train import ROOT, cli
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
@@ -128,3 +130,43 @@ def test_chinese_cloze_config_runs_and_its_export_answers_alike(tmp_path):
     logits = objectives.cloze_logits(model.apply({"params": params}, **objectives.cloze_inputs(arrays)), arrays)
     assert float((np.asarray(logits).argmax(-1) == arrays["labels"]).mean()) == pytest.approx(final["eval/accuracy"],
                                                                                              abs=1e-6)
+
+
+def test_qwen3_sft_config_runs_on_a_tiny_qwen3_in_non_thinking_mode(tmp_path, chatml_dir):
+    """configs/gpu_qwen3_lora_sft_zh.py, its model.path a tiny random Qwen3 beside a ChatML tokenizer whose
+    template has Qwen3's non-thinking switch: it trains and exports, and the eval prompts of its export
+    are transformers' apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)."""
+    import shutil
+
+    import transformers
+    from test_hf import build_hf
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(chatml_dir))
+    hf_tok.chat_template = THINKING
+    config = transformers.Qwen3Config(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                                      eos_token_id=hf_tok.eos_token_id, max_position_embeddings=512)
+    _, model_dir = build_hf(tmp_path, config, "Qwen3ForCausalLM")
+    for f in chatml_dir.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": THINKING}))
+    name, run = "configs/gpu_qwen3_lora_sft_zh.py", tmp_path / "run"
+    small = (f"--config.model.path={model_dir}", "--config.data.seq_len=96", "--config.train.batch_size=4",
+             "--config.data.eval_holdout=8", "--config.eval.at_start=False")
+    r = cli(run, *QUICK, *small, config=name)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "chat template from" in r.stdout and "with enable_thinking=false" in r.stdout and "done:" in r.stdout
+    assert (run / "export" / "adapter_config.json").is_file()
+
+    e = evaluate_cli(f"--config={name}", f"--checkpoint={run / 'export'}", *small, "--max_examples=3",
+                     "--max_new_tokens=4", f"--out={tmp_path / 'eval'}")
+    assert e.returncode == 0, e.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    records = json.loads((ROOT / "jaxft/assets/alpaca_zh_demo/alpaca_zh_demo.json").read_text())[-8:]
+    assert len(rows) == 3
+    for row, record in zip(rows, records):
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        want = hf_tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                          add_generation_prompt=True, enable_thinking=False)
+        assert want.endswith("<think>\n\n</think>\n\n") and row["prompt"] == want
