@@ -41,13 +41,17 @@ def chunk_length(batch: int, length: int, vocab: int) -> int:
 
 def _softmax_nll(logits, targets):
     """fp32 logits [..., V] -> NLL and correct [...], and the softmax as numerators p / denominator s.
-    Correct means the target has the highest logit (ties count): an argmax pass would cost as much as
-    the softmax."""
+    Correct means the target is the argmax, the first of equal highest logits as `jnp.argmax` and
+    `np.argmax` take it (so accuracy agrees with the confusion matrix, and equal scores, e.g. two
+    logits that round to one bf16 value, are not all counted right). The first maximum's index is a
+    reduction over the same row as the softmax's sum, which XLA fuses with it."""
     m = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.exp(logits - m)
     s = jnp.sum(p, axis=-1, keepdims=True)
     target = jnp.take_along_axis(logits, targets[..., None], axis=-1)
-    return (jnp.log(s) + m - target)[..., 0], (target >= m)[..., 0].astype(jnp.float32), p, s
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    first = jnp.min(jnp.where(logits == m, index, logits.shape[-1]), axis=-1)
+    return (jnp.log(s) + m - target)[..., 0], (first == targets).astype(jnp.float32), p, s
 
 
 def token_stats(logits, targets, weights):

@@ -61,6 +61,22 @@ def test_values_and_gradients_match_torch(small_chunks):
     np.testing.assert_allclose(ge, de, rtol=1e-4, atol=1e-6)
 
 
+def test_accuracy_is_the_argmax_on_equal_logits(small_chunks):
+    """Equal highest logits (a repeated output row; two logits rounded to one bf16 value): the first is
+    the prediction, as torch's and numpy's argmax take it, not every one of them."""
+    h, e, _, w = inputs(1)
+    e[7] = e[3] = e[11] * 1.5  # rows 3 and 7 tie; 1.5x row 11 wins wherever h . e[11] > 0
+    logits = h @ e.T
+    top = logits.argmax(-1)
+    assert set(top.ravel()) >= {3}  # ties exist
+    y = np.where(top == 3, np.where(np.arange(T) % 2 == 0, 3, 7), top).astype(np.int32)  # half the tied targets are 7
+    _, correct, _, _ = torch_oracle(h, e, y, w)
+    fused = jax.jit(cross_entropy.fused_cross_entropy)(h, e, y, w)
+    plain = cross_entropy.token_stats(jnp.asarray(logits), y, w)
+    assert fused["correct"] == plain["correct"] == correct == float(((top == y) * w).sum())
+    assert correct < float(((logits.max(-1) == np.take_along_axis(logits, y[..., None], -1)[..., 0]) * w).sum())
+
+
 def test_frozen_embedding_costs_no_embedding_gradient(small_chunks):
     h, e, y, w = inputs(1)
     _, _, dh, _ = torch_oracle(h, e, y, w)
