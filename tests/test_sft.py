@@ -145,7 +145,8 @@ THINKING = (
     "{%- for m in messages %}"
     "{%- if m.role == 'assistant' %}"
     "{%- set content = m.content %}{%- set thought = '' %}"
-    "{%- if '</think>' in content %}"
+    "{%- if m.reasoning_content is string %}{%- set thought = m.reasoning_content.strip('\n') %}"
+    "{%- elif '</think>' in content %}"
     "{%- set thought = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
     "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
     "{{- '<|im_start|>assistant\n' }}{% generation %}"
@@ -207,6 +208,14 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_answer_alone(chatml_
     assert prompts[0] == list(hf.apply_chat_template(THOUGHTFUL[:3], tokenize=True, return_dict=True,
                                                      add_generation_prompt=True)["input_ids"])
     assert references == [THOUGHTFUL[3]["content"]]
+
+    # the reasoning apart from the answer (`reasoning_content`), as transformers hands it to the template
+    apart = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Add."}]
+    assert sft.conversation({"messages": apart}, "f:1") == apart
+    [(ids, mask)] = sft.examples(Records([{"messages": apart}], ["f:1"]), tok, r, 256).examples
+    out = hf.apply_chat_template(apart, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(out["input_ids"]) and mask == list(out["assistant_masks"])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "<think>\nAdd.\n</think>\n\n4<|im_end|>\n"
 
 
 def test_template_variables_as_transformers_passes_them(chatml_dir, tmp_path):

@@ -3,7 +3,9 @@
 Record formats, recognised by their fields:
 - Alpaca: `{"instruction", "input" (optional), "output"}`, optional `system` and `history` ([[query,
   answer], ...] of earlier turns); the user turn is the instruction, then a blank line and the input.
-- chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": text}, ...]}`.
+- chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": text}, ...]}`; an assistant
+  turn's `reasoning_content` (Qwen3's and DeepSeek-R1's reasoning kept apart from the answer) goes to
+  the template with it, as transformers passes it (Qwen3's renders it in `<think>` tags).
 - ShareGPT: `{"conversations": [{"from": "system" | "human" | "gpt", "value": text}, ...]}` (`user` and
   `assistant` are accepted as `from` too), optional top-level `system`.
 - pairs: `data.source_field` -> `data.target_field` (seq2seq data for a decoder-only model): one user
@@ -352,6 +354,9 @@ def _turns(value, where, key, role_key, content_key, roles) -> list[dict]:
         if turn[role_key] not in roles:
             raise BadRecord(f"{where}: {key}[{i}]: {role_key} {turn[role_key]!r} is not one of {', '.join(roles)}")
         out.append({"role": roles[turn[role_key]], "content": _text(turn[content_key], where, f"{key}[{i}]")})
+        if turn.get("reasoning_content") is not None and out[-1]["role"] == "assistant":
+            # an answer's reasoning apart from it (Qwen3's, DeepSeek-R1's): the template places it
+            out[-1]["reasoning_content"] = _text(turn["reasoning_content"], where, f"{key}[{i}].reasoning_content")
     return out
 
 
