@@ -101,9 +101,11 @@ class Throughput:
 
     FLOPs come from `train_flops_per_token` per batch width (padded tokens are computed too); the peak is the
     datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once.
+    A measured peak is a sample of a machine that may have been busier then: an interval that runs faster
+    than it raises it to the interval's rate (`log` says so once), so MFU never exceeds 1.
     """
 
-    def __init__(self, cfg, params_trainable, method, peak: float):
+    def __init__(self, cfg, params_trainable, method, peak: float, measured: bool = False, log=print):
         from jaxft.peft.partition import ADDED_PARAMS, flat
 
         names = {k: v for k, v in flat(params_trainable).items()}
@@ -117,6 +119,7 @@ class Throughput:
                            if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
         self.num_prefix = sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
         self.cfg, self.peak, self.devices = cfg, peak, jax.device_count()
+        self.measured, self.log = measured, log
         self._per_token = {}
         self.tokens = self.flops = 0.0  # running totals over dispatched steps
         self._mark = (time.time(), 0.0, 0.0)
@@ -141,6 +144,14 @@ class Throughput:
             return {}
         dt = max(now - t0, 1e-9)
         self._mark = (now, tokens, flops)
+        rate = (flops - flop0) / dt / self.devices
+        if self.measured and rate > self.peak:
+            if self.log:
+                self.log(f"train/mfu: the steps ran at {rate / 1e9:.1f} GFLOP/s per device, above the matmul peak "
+                         f"measured at start-up ({self.peak / 1e9:.1f}; the machine was busier then): MFU is now "
+                         "against the faster rate (train.peak_flops sets the peak)")
+                self.log = None
+            self.peak = rate
         return {
             "train/tokens_per_second": (tokens - tok0) / dt,
             "train/tokens_per_second_per_device": (tokens - tok0) / dt / self.devices,
@@ -149,7 +160,8 @@ class Throughput:
 
 
 def run_peak(config) -> tuple[float, str]:
-    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line)."""
+    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line; `MEASURED` starts
+    it where the peak was timed here)."""
     kind = jax.devices()[0].device_kind
     if float(config.train.peak_flops) > 0:
         return float(config.train.peak_flops), "train.peak_flops"
@@ -158,4 +170,7 @@ def run_peak(config) -> tuple[float, str]:
         return table, f"datasheet {kind} {config.model.dtype}"
     # No datasheet row (CPUs): time a matmul; fake CPU devices share the host's cores.
     measured = measured_peak_flops(config.model.dtype) / jax.local_device_count()
-    return measured, f"measured {config.model.dtype} matmul on {kind} (no datasheet row; train.peak_flops overrides)"
+    return measured, f"{MEASURED} {config.model.dtype} matmul on {kind} (no datasheet row; train.peak_flops overrides)"
+
+
+MEASURED = "measured"

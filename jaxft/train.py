@@ -585,7 +585,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.data.iterator import Batches, Prefetch
     from jaxft.errors import JaxftError
     from jaxft.evaluate import generation_eval
-    from jaxft.flops import Throughput, run_peak
+    from jaxft.flops import MEASURED, Throughput, run_peak
     from jaxft.metrics import MetricWriter
     from jaxft.models import family
     from jaxft.peft.partition import count, flat, merge
@@ -699,7 +699,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
     perplexity = objectives.has_perplexity(objective, cfg.head)
     preemption = Preemption(config.train.sync_every_steps)
-    throughput = Throughput(cfg, trainable, method, peak)
+    throughput = Throughput(cfg, trainable, method, peak, measured=peak_source.startswith(MEASURED), log=log)
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
     generated = generation_eval(config, data, model, workdir, objective)  # ROUGE, BLEU or rewards; samples/
