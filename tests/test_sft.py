@@ -259,6 +259,10 @@ def test_template_variables_as_transformers_passes_them(chatml_dir, tmp_path):
                        ("eos_token=x", "set by jaxft itself")):
         with pytest.raises(JaxftError, match=match):
             sft.template_variables(bad)
+    with pytest.raises(JaxftError, match=r"data.chat_template_kwargs: the chat template jaxft's default \(Alpaca "
+                                         r"layout\) does not read 'enable_thinking': expected one of the variables "
+                                         r"it reads \(bos_token, eos_token\)"):
+        sft.renderer(tok, "default", "enable_thinking=false")  # a setting that would change nothing
     from jaxft.config import base_config, validate
 
     c = base_config()

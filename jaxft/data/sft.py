@@ -106,6 +106,7 @@ class Renderer:
 
         import jinja2
         import jinja2.ext
+        import jinja2.meta
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
@@ -137,8 +138,13 @@ class Renderer:
         self.special = {**special, **(variables or {})}  # what the template reads beside the messages
         try:
             self._template = env.from_string(template)
+            reads = jinja2.meta.find_undeclared_variables(env.parse(template))
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise JaxftError(f"chat template {where}:{e.lineno}: {e.message}") from None
+        unread = sorted(set(variables or ()) - reads)
+        if unread:  # a setting that changes nothing (jaxft's default template has no thinking mode)
+            raise JaxftError(f"data.chat_template_kwargs: the chat template {where} does not read {unread[0]!r}: "
+                             f"expected one of the variables it reads ({', '.join(sorted(reads - {'messages'} - set(env.globals))) or 'none'})")
         # A template that leaves out what the messages say would train every example on its own text.
         probe = [{"role": "user", "content": "Question 7?"}, {"role": "assistant", "content": "Answer 7."}]
         try:
