@@ -55,7 +55,9 @@ def _softmax_nll(logits, targets):
         return jnp.where(first, va, vb), jnp.where(first, ia, ib)
 
     init = (jnp.array(-jnp.inf, logits.dtype), jnp.array(logits.shape[-1], jnp.int32))
-    m, argmax = jax.lax.reduce((logits, index), init, larger, (logits.ndim - 1,))
+    # The shift m has no gradient (log-sum-exp does not depend on it), and a variadic reduction has no
+    # autodiff rule: it reads the logits as constants.
+    m, argmax = jax.lax.reduce((jax.lax.stop_gradient(logits), index), init, larger, (logits.ndim - 1,))
     m = m[..., None]
     p = jnp.exp(logits - m)
     s = jnp.sum(p, axis=-1, keepdims=True)
