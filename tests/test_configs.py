@@ -2,13 +2,14 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxft import hf
-from jaxft.config import validate
+from jaxft.config import base_config, get as config_get, validate
 from jaxft.data import sources, tasks
 from jaxft.tokenizer import Tokenizer
 from test_evaluate import cli as evaluate_cli
@@ -170,3 +171,29 @@ def test_qwen3_sft_config_runs_on_a_tiny_qwen3_in_non_thinking_mode(tmp_path, ch
         want = hf_tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                           add_generation_prompt=True, enable_thinking=False)
         assert want.endswith("<think>\n\n</think>\n\n") and row["prompt"] == want
+
+
+def documented_keys(text, sections):
+    """The config keys a text names: every `--config.KEY=...`, and every `KEY` or `KEY=VALUE` in backticks
+    whose first part is a config section (`model.pooling`, `data.task=cloze`)."""
+    keys = set(re.findall(r"--config\.([a-z_]+(?:\.[a-z0-9_]+)+)", text))
+    keys |= set(re.findall(r"`((?:%s)\.[a-z0-9_]+)(?:=[^`]*)?`" % "|".join(sections), text))
+    return {k for k in keys if not k.startswith("model.init.")}  # model.init holds a config.json's keys
+
+
+def test_every_config_key_the_docs_name_exists():
+    """README.md, BENCHMARKS.md, docs/, launch/README.md and the configs' docstrings name config keys a
+    user will type: each must be a key of the base config, or the command stops with 'no such config key'."""
+    base = base_config()
+    files = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "launch" / "README.md",
+             *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.py"))]
+    missing, named = [], 0
+    for path in files:
+        for key in sorted(documented_keys(path.read_text(), tuple(base.keys()))):
+            named += 1
+            try:
+                config_get(base, key)
+            except KeyError:
+                missing.append(f"{path.relative_to(ROOT)}: {key}")
+    assert named > 100  # the pattern still finds the README's keys
+    assert not missing, missing
