@@ -10,7 +10,8 @@ The frozen base is stored in bf16 and computed in bf16; LoRA's factors keep fp32
 the projections' outputs and recomputes the rest.
 
 Expected memory per device (`python -m jaxft.plan --config=configs/gpu_tinyllama_lora.py
---device_memory=80GB`, on a local copy of TinyLlama's config.json): see the README's "Accelerators";
+--config.model.path=DIR --device_memory=80GB --platform=gpu`, DIR a local copy of TinyLlama's config.json;
+without `--platform=gpu` a CPU plans XLA's attention instead of cuDNN's): see the README's "Accelerators";
 not yet run end to end on a GPU with these weights (the GPU check runs the same shapes on random weights).
 """
 

@@ -9,7 +9,8 @@ visible to every host (a gs:// bucket). `model.attention=auto` picks the Pallas 
 Causal LM on the bundled C4 sample, 2,048-token blocks.
 
 Expected memory per chip (`python -m jaxft.plan --config=configs/tpu_pod_qwen_full.py --devices=16
---device_memory=16GB`, on a local copy of the model's config.json): see the README's "Accelerators";
+--device_memory=16GB --platform=tpu --config.model.path=DIR`, DIR a local copy of the model's config.json;
+without `--platform=tpu` a CPU plans XLA's attention instead of splash): see the README's "Accelerators";
 not yet run on a TPU.
 """
 
