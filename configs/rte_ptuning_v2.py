@@ -5,8 +5,8 @@ Each example is `<s> premise </s> hypothesis </s>` (`data.text_pair_field=hypoth
 set's own), cut to 128 tokens as HF cuts pairs (longest first). RTE is the P-Tuning v2 paper's
 SuperGLUE task; figures are in BENCHMARKS.md ("RTE over 3 seeds"). jaxft-tiny is a 4M-parameter
 decoder pretrained on SST-2 and C4 text, and entailment is beyond it: measured 2026-11-26 over seeds
-0-2 (`--config.train.seed=`), validation accuracy 0.517 ± 0.006 after 200 steps (0.504 ± 0.006 with
-lr 3e-3) against 0.546 ± 0.022 untrained (random heads that answer "entailment" for 90-100% of pairs;
+0-2 (`--config.train.seed=`), validation accuracy 0.517 ± 0.006 after 200 steps (`--config.train.steps=200`: the config
+runs 400; 0.504 ± 0.006 with lr 3e-3) against 0.546 ± 0.022 untrained (random heads that answer "entailment" for 90-100% of pairs;
 majority class 0.527): no learning beyond chance. Nor on the bundled encoder (`--config.model.path=jaxft-tiny-bert
 --config.model.pooling=first`, with BERT's token types, which pairs get by default there; or mean pooling, lr 1e-2 or 3e-3), nor
 with every weight training on either base (BENCHMARKS.md, "RTE on both bundled bases"): entailment
