@@ -1,7 +1,8 @@
 """LoRA (rank 8 on q/v, alpha 16) on SST-2 over the frozen bundled jaxft-tiny, plus a classifier head.
 
   python -m jaxft.train --config=configs/lora.py
-About 1 minute on 2 CPU cores; SST-2 dev accuracy 0.727 (2026-11-25), with the mean-pooling head. Target other layers with `--config.method.targets=q_proj,k_proj,v_proj,o_proj`
+About 1 minute on 2 CPU cores; SST-2 dev accuracy 0.727 (2026-11-25; 0.721 on 2026-11-27's code,
+BENCHMARKS.md), with the mean-pooling head. Target other layers with `--config.method.targets=q_proj,k_proj,v_proj,o_proj`
 or a regex such as `--config.method.targets='.*mlp\\..*_proj'`; rsLoRA with `--config.method.rslora=True`.
 """
 
