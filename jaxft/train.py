@@ -183,7 +183,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task in ("classification", "cloze"):
         # data.eval_holdout: the last N records evaluate when the source has no eval split (as for the LM tasks below)
-        train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
+        train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout), int(d.max_train_examples))
         labels = tasks.label_vocab(train_rec, label_field)
         pair = sources.pair_field(d, first)
         types = token_types(d.token_type_ids, pair, cfg)
@@ -210,7 +210,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
         return Data(train, ev, task, labels, tok, records=split)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
-    resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout)), field) for name, t, e, field in every_source()]
+    resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout), int(d.max_train_examples)), field)
+                for name, t, e, field in every_source()]
     m = mixture.load(d, tok, task, resolved, log, getattr(cfg, "decoder_start_token_id", None))
     train, ev = m.train, m.eval
     transform = None
@@ -243,7 +244,8 @@ def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> D
     parts = {"train": [], "validation": []}  # per split: (arrays, records, prompt values) of each source
     for name, train_rec, eval_rec, text_field in resolved:
         fields = sft.Fields(*pair_fields(d, name))
-        for split, records in zip(parts, mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))):
+        held = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout), int(d.max_train_examples))
+        for split, records in zip(parts, held):
             if records is None:
                 continue
             arrays, counts, values = prompts.encode(records, tok, renderer, d.seq_len, text_field, fields,
