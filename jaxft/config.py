@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Tokenized arrays of every task but classification and cloze, kept across runs:
     # "" = $JAXFT_CACHE or ~/.cache/jaxft; "none" = off
     c.data.cache_dir = ""
-    c.data.max_train_examples = 0  # 0 = all; else the source's first N (data.eval_holdout's come out of these)
+    c.data.max_train_examples = 0  # 0 = all; else the first N training records (after data.eval_holdout's)
     c.data.max_eval_examples = 0
     c.data.synthetic_examples = 4096
     c.data.synthetic_labels = 0  # >0: synthetic classification with this many classes

@@ -149,9 +149,15 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     if tok.vocab_size > cfg.vocab_size:
         raise JaxftError(f"tokenizer {tokenizer_path}: {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
     first, *extra = str(d.name).split("+")
-    train_rec, eval_rec, text_field, label_field = sources.resolve(d, first)
-    limit = lambda r, n: sources.Records(r.rows[:n], r.where[:n]) if r is not None and n else r  # noqa: E731
-    train_rec, eval_rec = limit(train_rec, d.max_train_examples), limit(eval_rec, d.max_eval_examples)
+
+    def source_records(name):  # (train, eval or None, text field, label field) of a source, data.max_*_examples applied
+        train_rec, eval_rec, *fields = sources.resolve(d, name)
+        # data.eval_holdout before data.max_train_examples: the eval records do not depend on the training cut
+        train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout))
+        limit = lambda r, n: sources.Records(r.rows[:n], r.where[:n]) if r is not None and n else r  # noqa: E731
+        return limit(train_rec, d.max_train_examples), limit(eval_rec, d.max_eval_examples), *fields
+
+    train_rec, eval_rec, text_field, label_field = source_records(first)
     if not train_rec.rows:
         raise JaxftError(f"data.name={d.name!r}: no training examples")
     if eval_rec is not None and not eval_rec.rows:  # else a KeyError traceback at the first eval, after training
@@ -163,12 +169,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
 
     def every_source():  # (name, train records, eval records or None, text field); data.max_*_examples each
-        resolved = [(first, train_rec, eval_rec, text_field)]
-        for name in extra:
-            more_train, more_eval, more_field = sources.resolve(d, name)[:3]
-            resolved.append((name, limit(more_train, d.max_train_examples), limit(more_eval, d.max_eval_examples),
-                             more_field))
-        return resolved
+        return [(first, train_rec, eval_rec, text_field)] + [(name, *source_records(name)[:3]) for name in extra]
 
     if task in ("grpo", "ppo"):  # prompts only: the policy writes the completions (jaxft.grpo, jaxft.ppo)
         return prompt_data(config, tok, every_source(), family.of(cfg).encoder_decoder)
@@ -182,8 +183,6 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             raise JaxftError(f"method.template: supported for classification data, not {task}")
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task in ("classification", "cloze"):
-        # data.eval_holdout: the last N records evaluate when the source has no eval split (as for the LM tasks below)
-        train_rec, eval_rec = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout), int(d.max_train_examples))
         labels = tasks.label_vocab(train_rec, label_field)
         pair = sources.pair_field(d, first)
         types = token_types(d.token_type_ids, pair, cfg)
@@ -210,8 +209,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
         return Data(train, ev, task, labels, tok, records=split)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
-    resolved = [(name, *mixture.holdout(t, e, int(d.eval_holdout), int(d.max_train_examples)), field)
-                for name, t, e, field in every_source()]
+    resolved = every_source()
     m = mixture.load(d, tok, task, resolved, log, getattr(cfg, "decoder_start_token_id", None))
     train, ev = m.train, m.eval
     transform = None
@@ -244,8 +242,7 @@ def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> D
     parts = {"train": [], "validation": []}  # per split: (arrays, records, prompt values) of each source
     for name, train_rec, eval_rec, text_field in resolved:
         fields = sft.Fields(*pair_fields(d, name))
-        held = mixture.holdout(train_rec, eval_rec, int(d.eval_holdout), int(d.max_train_examples))
-        for split, records in zip(parts, held):
+        for split, records in zip(parts, (train_rec, eval_rec)):
             if records is None:
                 continue
             arrays, counts, values = prompts.encode(records, tok, renderer, d.seq_len, text_field, fields,

@@ -766,8 +766,10 @@ def test_eval_holdout_gives_classification_an_eval_split(tmp_path):
     assert len(held.train["input_ids"]) == 14 and len(held.eval["input_ids"]) == 6
     np.testing.assert_array_equal(held.eval["labels"], [i % 2 for i in range(14, 20)])
     assert len(data(eval_holdout=6, eval_name=str(path)).eval["input_ids"]) == 20  # its own eval split wins
-    # data.max_train_examples keeps the source's first records before the holdout: the error says so.
-    assert len(data(eval_holdout=6, max_train_examples=10).train["input_ids"]) == 4
-    with pytest.raises(JaxftError, match=r"eval_holdout=6: the source has only 6 records \(its first "
-                                         r"data.max_train_examples=6"):
-        data(eval_holdout=6, max_train_examples=6)
+    # data.max_train_examples cuts what the holdout leaves: the eval records are the same whatever the cut
+    cut = data(eval_holdout=6, max_train_examples=10)
+    assert len(cut.train["input_ids"]) == 10
+    np.testing.assert_array_equal(cut.eval["input_ids"], held.eval["input_ids"])
+    np.testing.assert_array_equal(cut.train["input_ids"], held.train["input_ids"][:10])
+    with pytest.raises(JaxftError, match=r"eval_holdout=20: the source has only 20 records$"):
+        data(eval_holdout=20, max_train_examples=6)

@@ -50,14 +50,13 @@ def parse_weights(text: str, n: int) -> list[float] | None:
     return w
 
 
-def holdout(train: Records, ev: Records | None, n: int, cut: int = 0) -> tuple[Records, Records | None]:
-    """The last `n` training records evaluate when there is no eval split. `cut` is data.max_train_examples,
-    which has already kept the source's first records: the holdout comes out of those."""
+def holdout(train: Records, ev: Records | None, n: int) -> tuple[Records, Records | None]:
+    """The last `n` training records evaluate when there is no eval split (taken before
+    data.max_train_examples cuts the rest, so the eval records do not depend on that cut)."""
     if ev is not None or not n:
         return train, ev
     if n >= len(train.rows):
-        after = f" (its first data.max_train_examples={cut}: the holdout comes out of those)" if cut else ""
-        raise JaxftError(f"data.eval_holdout={n}: the source has only {len(train.rows)} records{after}")
+        raise JaxftError(f"data.eval_holdout={n}: the source has only {len(train.rows)} records")
     return Records(train.rows[:-n], train.where[:-n]), Records(train.rows[-n:], train.where[-n:])
 
 
@@ -193,7 +192,7 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
     trains, evals, eval_groups = [], [], []
     for k, ((source, train_rec, eval_rec, text_field), name) in enumerate(zip(sources, names)):
         fields = sft.Fields(*pair_fields(d, source))  # data.source_field / target_field, else a bundled set's own
-        train_rec, eval_rec = holdout(train_rec, eval_rec, int(d.get("eval_holdout", 0)), int(d.max_train_examples))
+        train_rec, eval_rec = holdout(train_rec, eval_rec, int(d.get("eval_holdout", 0)))
         trains.append(arrays(train_rec, name, text_field, "train", fields))
         if eval_rec is not None and eval_rec.rows:
             evals.append(arrays(eval_rec, name, text_field, "eval", fields))
