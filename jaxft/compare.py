@@ -10,14 +10,18 @@ method. The workdir gets one run directory per config and seed, `compare.json` (
 `compare.md` (the table: dev metric mean and spread over seeds, each seed's figure, trainable
 parameters, adapter/export size, tokens/s, peak host memory) and a plot of the dev metric against
 trainable parameters (`compare.png` with matplotlib, else `compare.svg`), with `--reference` as a
-dashed line. A run that fails is a row with its one-line error, not the end of the comparison.
+dashed line. A run that fails is a row with its one-line error, not the end of the comparison; but
+the comparison then exits with status 1 and one `error:` line naming the runs that failed or did not
+finish (a table with a row missing is not the comparison asked for), after writing the table of the
+runs that did. Exit status 0 means every run finished and reports the metric.
 
 A run that finished writes its figures to `<run dir>/result.json`; a later comparison with the same
 workdir reuses them instead of training again, as long as the config file's text and the overrides
 are the same (so a killed comparison continues where it stopped, adding a config or a seed trains only
 the new runs, and an edited config trains again). A run that failed, was stopped (SIGTERM: jaxft.train
 checkpoints and exits cleanly) or did not finish is run again from scratch. The table and plot are
-rewritten after every run; `--collect` writes them from the finished runs alone, training nothing.
+rewritten after every run; `--collect` writes them from the finished runs alone, training nothing
+(exit status 1 if any run was not run).
 """
 
 from __future__ import annotations
@@ -173,6 +177,22 @@ def run_one(config_file: str, seed: int, workdir: Path, overrides) -> dict:
     row["export_bytes"] = dir_bytes(workdir / "export")
     (workdir / "result.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+def unfinished_runs(rows, summary) -> list[dict]:
+    """The runs with no figure in the table: failed, stopped, not run, or finished without the dev metric
+    -> [{"config", "seed", "why"}], in the table's order."""
+    metric = {s["config"]: s["metric"] for s in summary}
+    out = []
+    for r in rows:
+        if r.get("returncode") != 0:
+            why = (r.get("error") or f"exit status {r.get('returncode')}").removeprefix("error: ")
+        elif metric[r["config"]] not in r.get("eval", {}):
+            why = f"finished without {metric[r['config']]}"
+        else:
+            continue
+        out.append({"config": r["config"], "seed": r["seed"], "why": why})
+    return out
 
 
 def mean_std(values):
@@ -352,7 +372,15 @@ def main(argv=None) -> int:
                 for proc in list(LIVE):
                     proc.kill()
                 raise
-        print(table(summarize(rows, args.metric), args.ref) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
+        summary = summarize(rows, args.metric)
+        print(table(summary, args.ref) + f"written: {work / 'compare.md'}, {work / 'compare.json'}, {figure}")
+        unfinished = unfinished_runs(rows, summary)
+        if unfinished:
+            first = unfinished[0]
+            print(f"error: {len(unfinished)} of {len(rows)} runs failed or did not finish (first: {first['config']} "
+                  f"seed {first['seed']}: {first['why']}); {work / 'compare.md'} holds the "
+                  f"{len(rows) - len(unfinished)} that finished", file=sys.stderr)
+            return 1
         return 0
     except JaxftError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -58,7 +58,10 @@ def test_compare_two_configs(tmp_path):
     # --collect trains nothing: a config never run and a seed never run are counted as not run.
     c = tiny_config(tmp_path / "tiny_ia3.py", "ia3")
     r = compare([a, c], work, "--collect", "--reference=majority class=0.5", seeds=3)
-    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()  # the table is written, but rows are missing: not exit 0
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0] == (f"error: 4 of 6 runs failed or did not finish (first: tiny_lora seed 2: not run); "
+                        f"{work / 'compare.md'} holds the 2 that finished"), lines[0]
     assert " -> " not in r.stdout and not (work / "tiny_ia3-seed0").exists()
     table = (work / "compare.md").read_text()
     assert "| tiny_ia3 | | | not run | | | 0/3 |" in table and "| 2/3 |" in table and "majority class: 0.5000" in table
@@ -77,7 +80,12 @@ def test_compare_reports_a_failed_run_and_goes_on(tmp_path):
     work = tmp_path / "cmp"
     r = subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={bad}", f"--workdir={work}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # Was: exit 0 with every run failed. The table is still written; the exit status says it is incomplete.
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: 1 of 1 runs failed or did not finish (first: tiny_bitfit seed 0: "
+                               "method.name='bitfit': this llama model has no bias parameters"), lines[0]
+    assert lines[0].endswith(f"{work / 'compare.md'} holds the 0 that finished"), lines[0]
     assert "failed: error: method.name='bitfit': this llama model has no bias parameters" in (work / "compare.md").read_text()
 
 
@@ -103,6 +111,20 @@ def test_table_and_plot_from_rows(tmp_path):
     svg = cmp.svg_plot([s for s in summary if s["ok"]], "eval/accuracy", tmp_path / "p.svg", ("majority class", 0.509))
     body = svg.read_text()
     assert body.count("<circle") == 2 and "stroke-dasharray" in body and "majority class 0.509" in body
+
+
+def test_unfinished_runs_are_named():
+    """The runs that make the comparison exit non-zero: failed, not run, or finished without the dev metric."""
+    from jaxft import compare as cmp
+
+    ok = {"config": "a", "seed": 0, "returncode": 0, "eval": {"eval/accuracy": 0.7}, "peak_rss_mib": 1.0}
+    rows = [ok, {**ok, "seed": 1, "eval": {"eval/loss": 0.5}},
+            {"config": "b", "seed": 0, "returncode": 2, "peak_rss_mib": 1.0, "error": "error: no biases"},
+            {"config": "b", "seed": 1, "returncode": None, "peak_rss_mib": None, "error": "not run"}]
+    assert cmp.unfinished_runs(rows, cmp.summarize(rows, "")) == [
+        {"config": "a", "seed": 1, "why": "finished without eval/accuracy"},
+        {"config": "b", "seed": 0, "why": "no biases"}, {"config": "b", "seed": 1, "why": "not run"}]
+    assert cmp.unfinished_runs([ok], cmp.summarize([ok], "")) == []
 
 
 def test_unfinished_runs_are_not_reused(tmp_path, monkeypatch):
