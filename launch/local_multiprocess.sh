@@ -10,7 +10,7 @@
 #   launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [extra args...]
 #
 # Example:
-#   launch/local_multiprocess.sh 2 2 configs/lora.py /tmp/run --config.train.steps=20
+#   launch/local_multiprocess.sh 2 2 configs/lora.py /tmp/run --config.train.steps=30
 #
 # Environment variables:
 #   PORT          coordinator port on localhost (default 12355)
@@ -38,13 +38,13 @@ DEVICES_PER_PROCESS fake CPU devices, coordinated through localhost:$PORT.
   DEVICES_PER_PROCESS  CPU devices per process, e.g. 2
   CONFIG               config file, e.g. configs/lora.py
   WORKDIR              output directory (logs go to WORKDIR/logs)
-  extra args           passed on to jaxft.train, e.g. --config.train.steps=20
+  extra args           passed on to jaxft.train, e.g. --config.train.steps=30
 
 Environment: PORT (default 12355), PYTHON (default python3),
              LOG_DIR (default WORKDIR/logs), KILL_TIMEOUT (default 30).
 
 Example:
-  launch/local_multiprocess.sh 2 2 configs/lora.py /tmp/run --config.train.steps=20
+  launch/local_multiprocess.sh 2 2 configs/lora.py /tmp/run --config.train.steps=30
 EOF
 }
 

@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_test.py"
 SST2 = ROOT / "jaxft" / "assets" / "sst2"
+NO_WARMUP = "--config.optimizer.warmup_steps=0"  # a shipped config cut to a few steps (its warmup is longer)
 
 
 def cli(workdir, *overrides, config=TINY, env=None):
@@ -85,7 +86,7 @@ def test_label_column_under_another_name_is_an_error(tmp_path, rows):
     data = write_csv(tmp_path / "reviews.csv", ["text", "sentiment"],
                      [(t, "pos" if y else "neg") for t, y in sst2_rows("train", rows)])
     wd = tmp_path / "run"
-    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", NO_WARMUP, config="configs/lora.py")
     assert_one_line_error(r, "data.task is empty", "no 'label' column", "columns found: text, sentiment")
     assert "fewer than one block" not in r.stderr
     assert checksums(wd) == {}
@@ -273,7 +274,7 @@ def test_adapter_names_a_loadable_base_and_keeps_label_names(tmp_path, named_dat
 
     from jaxft import hf
 
-    run_named(tmp_path, named_data, "--config.method.name=lora", steps=4)  # a trained adapter; no accuracy asked
+    run_named(tmp_path, named_data, "--config.method.name=lora", NO_WARMUP, steps=4)  # a trained adapter; no accuracy asked
     export = tmp_path / "export"
     from safetensors.numpy import load_file
 
@@ -307,7 +308,7 @@ def test_missing_pair_field_names_file_and_line_via_the_cli(tmp_path):
                     '{"premise": "a bird", "hypo": "a bird flew", "label": "yes"}\n')
     wd = tmp_path / "run"
     r = cli(wd, f"--config.data.name={data}", "--config.data.text_field=premise",
-            "--config.data.text_pair_field=hypothesis", "--config.train.steps=2", config="configs/lora.py")
+            "--config.data.text_pair_field=hypothesis", "--config.train.steps=2", NO_WARMUP, config="configs/lora.py")
     assert_one_line_error(r, f"{data}:3:", "missing field 'hypothesis'", "premise, hypo, label")
     assert checksums(wd) == {}
 
@@ -368,7 +369,7 @@ def test_one_class_training_data_is_an_error(tmp_path):
     """Was: exit 0, a one-way softmax (loss 0 from the first step: nothing learns) exported as a classifier."""
     data = write_csv(tmp_path / "train.csv", ["text", "label"], [(t, "pos") for t, _ in sst2_rows("train", 40)])
     wd = tmp_path / "run"
-    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", NO_WARMUP, config="configs/lora.py")
     assert_one_line_error(r, f"{data}:2:", "label 'label' = 'pos'", "expected at least 2 classes")
     assert checksums(wd) == {}
 
@@ -412,7 +413,7 @@ def test_bad_model_files_are_one_line(tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.model").write_bytes(b"not a protobuf")
-    r = cli(wd, f"--config.model.tokenizer={tok}", "--config.train.steps=2", config="configs/lora.py")
+    r = cli(wd, f"--config.model.tokenizer={tok}", "--config.train.steps=2", NO_WARMUP, config="configs/lora.py")
     assert_one_line_error(r, f"{tok / 'tokenizer.model'}: not a SentencePiece model")
     assert checksums(wd) == {}
 
@@ -483,7 +484,7 @@ def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
     """Was: exit 0, each row keeping the last of the two columns."""
     data = write_csv(tmp_path / "d.csv", ["text", "text", "label"], [(t, "x", y) for t, y in sst2_rows("train", 40)])
     wd = tmp_path / "run"
-    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", NO_WARMUP, config="configs/lora.py")
     assert_one_line_error(r, f"{data}:1: column 'text' appears twice in the header (text, text, label)")
     assert checksums(wd) == {}
 
@@ -497,7 +498,7 @@ def test_empty_or_white_space_variant_label_is_an_error(tmp_path, bad, fragment)
     rows[k] = (rows[k][0], bad)
     data = write_csv(tmp_path / "d.csv", ["text", "label"], rows)
     wd = tmp_path / "run"
-    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", config="configs/lora.py")
+    r = cli(wd, f"--config.data.name={data}", "--config.train.steps=2", NO_WARMUP, config="configs/lora.py")
     assert_one_line_error(r, f"{data}:{k + 2}:", fragment)
     assert checksums(wd) == {}
 
@@ -510,7 +511,7 @@ def test_eval_holdout_applies_to_classification(tmp_path):
     r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=100000", config="configs/lora.py")
     assert_one_line_error(r, "data.eval_holdout=100000: the source has only 40 records")
     assert checksums(wd) == {}
-    r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=8", "--config.train.steps=2",
+    r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=8", "--config.train.steps=2", NO_WARMUP,
             "--config.train.batch_size=8", "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0",
             config="configs/lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -649,9 +650,9 @@ def test_preference_pairs_that_prefer_nothing_are_an_error(tmp_path):
                                         "rejected": "the same answer"}) + "\n" for i in range(48)))
     wd = tmp_path / "run"
     r = cli(wd, f"--config.data.name={data}", "--config.data.weights=", "--config.data.cache_dir=none",
-            "--config.data.seq_len=32", "--config.data.eval_holdout=8", "--config.train.steps=2",
+            "--config.data.seq_len=32", "--config.data.eval_holdout=8", "--config.train.steps=2", NO_WARMUP,
             config="configs/dpo_lora.py")
-    assert_one_line_error(r, f"data source 'pairs': in every training pair the chosen and rejected answers are the "
+    assert_one_line_error(r, "data source 'pairs': in every training pair the chosen and rejected answers are the "
                              "same tokens (after truncation to data.seq_len=32)")
     assert checksums(wd) == {}
 
@@ -676,7 +677,7 @@ def test_chat_template_that_leaves_out_the_messages_is_an_error(tmp_path):
                             for t, y in sst2_rows("train", 40)))
     wd = tmp_path / "run"
     r = cli(wd, f"--config.data.name={data}", f"--config.data.chat_template={template}", "--config.data.weights=",
-            "--config.data.eval_holdout=0", "--config.data.cache_dir=none", "--config.train.steps=2",
+            "--config.data.eval_holdout=0", "--config.data.cache_dir=none", "--config.train.steps=2", NO_WARMUP,
             config="configs/sft_alpaca.py")
     assert_one_line_error(r, f"chat template {template}: a user message's content is not in what it renders "
                              "('hellohello'...)", "expected a template that writes each message's content")
@@ -739,7 +740,7 @@ def test_empty_eval_file_is_an_error(tmp_path):
     dev = tmp_path / "dev.jsonl"
     dev.write_text("\n")
     wd = tmp_path / "run"
-    r = cli(wd, f"--config.data.name={train}", f"--config.data.eval_name={dev}", "--config.train.steps=2",
+    r = cli(wd, f"--config.data.name={train}", f"--config.data.eval_name={dev}", "--config.train.steps=2", NO_WARMUP,
             config="configs/lora.py")
     assert_one_line_error(r, f"data.eval_name='{dev}': no eval examples")
     assert checksums(wd) == {}
@@ -749,7 +750,33 @@ def test_cloze_verbalizer_with_one_word_for_two_labels_is_an_error(tmp_path):
     """Was: exit 0 with train/accuracy=1.0 and eval/accuracy=1.0 (the tie of two equal scores), loss log 2
     and no gradient: the model cannot tell the two classes apart."""
     wd = tmp_path / "run"
-    r = cli(wd, "--config.data.verbalizer=good,good", "--config.train.steps=2", config="configs/pet_bert.py")
+    r = cli(wd, "--config.data.verbalizer=good,good", "--config.train.steps=2", NO_WARMUP, config="configs/pet_bert.py")
     assert_one_line_error(r, "data.verbalizer='good,good': labels 0 and 1 have the same word (['good'])",
                           "expected a different word per label")
     assert checksums(wd) == {}
+
+
+@pytest.mark.parametrize("config,steps,warmup", [
+    (TINY, 8, 9), ("configs/lora.py", 2, 30), ("configs/sft_alpaca.py", 10, 20), ("configs/dpo_lora.py", 2, 10),
+    ("configs/grpo_lora.py", 4, 5), ("configs/ppo_lora.py", 2, 5)])
+def test_warmup_longer_than_the_run_is_an_error(tmp_path, config, steps, warmup):
+    """Was: exit 0 from a run whose learning rate never reached optimizer.learning_rate (every entry point's
+    schedule is train.py's make_schedule over train.steps, checked by config.validate at start-up)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.train.steps={steps}", f"--config.optimizer.warmup_steps={warmup}", config=config)
+    assert_one_line_error(r, f"optimizer.warmup_steps={warmup} is more than train.steps={steps}: expected at most "
+                          "train.steps (the learning rate would never reach optimizer.learning_rate=")
+    assert checksums(wd) == {}
+
+
+def test_warmup_steps_bounds():
+    from jaxft.config import base_config, validate
+    from jaxft.errors import JaxftError
+
+    c = base_config()
+    c.model.init = {"model_type": "llama"}
+    c.train.steps, c.optimizer.warmup_steps = 10, 10
+    validate(c)  # a warmup over the whole run reaches the peak at its end: allowed
+    c.optimizer.warmup_steps = -1
+    with pytest.raises(JaxftError, match=r"^optimizer.warmup_steps=-1: expected zero or a positive integer$"):
+        validate(c)

@@ -422,7 +422,7 @@ def test_other_methods_train_grpo(tmp_path, run, method):
 
 def test_grpo_config_runs_and_exports(tmp_path):
     r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
-            "--config.eval.generate_examples=8", config="configs/grpo_lora.py")
+            "--config.eval.generate_examples=8", "--config.optimizer.warmup_steps=0", config="configs/grpo_lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: eval/reward=" in r.stdout and "train/reward=" in r.stdout
     assert (tmp_path / "export" / "adapter_model.safetensors").exists()
@@ -503,13 +503,14 @@ def test_cli_grpo_on_a_trained_reward_models_export(tmp_path):
     jaxft-tiny), and GRPO takes its export as the reward (`model=EXPORT`), the base named in the adapter."""
     rm = tmp_path / "rm"
     r = cli(rm, "--config.train.steps=2", "--config.data.max_train_examples=24", "--config.data.eval_holdout=8",
-            "--config.data.seq_len=64", "--config.eval.every_steps=0", config="configs/reward_lora.py")
+            "--config.data.seq_len=64", "--config.eval.every_steps=0",
+            "--config.optimizer.warmup_steps=0", config="configs/reward_lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
     policy = tmp_path / "policy"
     r = cli(policy, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
             "--config.eval.generate_examples=8", "--config.eval.at_start=False",
             f"--config.train.grpo_rewards=model={rm / 'export'},sentiment", "--config.train.grpo_reward_weights=1,0.5",
-            config="configs/grpo_lora.py")
+            "--config.optimizer.warmup_steps=0", config="configs/grpo_lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
     row = [row for row in metrics(policy) if "train/reward/reward_model" in row][-1]
     assert row["train/reward"] == pytest.approx(row["train/reward/reward_model"] + 0.5 * row["train/reward/sentiment"],

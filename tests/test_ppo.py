@@ -189,7 +189,8 @@ def test_cli_bad_ppo_settings_are_one_line(tmp_path, run):  # noqa: F811
 
 def test_ppo_config_runs_and_exports(tmp_path):
     r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
-            "--config.eval.generate_examples=8", "--config.checkpoint.every_steps=2", config="configs/ppo_lora.py")
+            "--config.eval.generate_examples=8", "--config.checkpoint.every_steps=2",
+            "--config.optimizer.warmup_steps=0", config="configs/ppo_lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: eval/reward=" in r.stdout and "train/value_loss=" in r.stdout
     assert (tmp_path / "export" / "adapter_model.safetensors").exists()

@@ -352,7 +352,8 @@ def test_cli_bad_pair_is_one_line(tmp_path, pairs):
 @pytest.mark.parametrize("name", ["dpo_lora.py", "reward_lora.py"])
 def test_preference_configs_run_and_export(tmp_path, name):
     r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=24", "--config.data.eval_holdout=8",
-            "--config.data.seq_len=64", "--config.eval.every_steps=0", config=f"configs/{name}")
+            "--config.data.seq_len=64", "--config.eval.every_steps=0",
+            "--config.optimizer.warmup_steps=0", config=f"configs/{name}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: eval/loss=" in r.stdout and "done:" in r.stdout and "eval/reward_margin=" in r.stdout
     if name == "dpo_lora.py":

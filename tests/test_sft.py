@@ -571,7 +571,8 @@ def test_cli_sft_unpacked_compiles_once_per_bucket(tmp_path, mixture):
 def test_sft_alpaca_config_runs(tmp_path):
     r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.data.eval_holdout=8",
             "--config.data.seq_len=128", "--config.eval.every_steps=0", "--config.export.enabled=False",
-            "--config.eval.generate_examples=4", "--config.eval.max_new_tokens=4", config="configs/sft_alpaca.py")
+            "--config.eval.generate_examples=4", "--config.eval.max_new_tokens=4",
+            "--config.optimizer.warmup_steps=0", config="configs/sft_alpaca.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: eval/loss=" in r.stdout and "eval/loss/alpaca_zh_demo=" in r.stdout and "done:" in r.stdout
     # the generation eval answers 2 prompts of each language (taken in turn) and scores each language alone
