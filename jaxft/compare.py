@@ -37,7 +37,7 @@ import sys
 import threading
 from pathlib import Path
 
-from jaxft.errors import ArgumentParser, JaxftError
+from jaxft.errors import ArgumentParser, JaxftError, printable_stdout
 
 
 def parse_args(argv):
@@ -321,6 +321,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
+    printable_stdout()  # a failed run's error line quotes its data
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, `kill`: the training processes end with it
     try:

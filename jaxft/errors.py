@@ -26,6 +26,20 @@ def read_json(path):
         raise JaxftError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
+def printable_stdout() -> None:
+    """Model and data text printed where stdout's encoding cannot write every character (a GBK or cp1252
+    console): such a character is written `?` instead of a UnicodeEncodeError ending the CLI after its
+    work is done. A UTF-8 stdout is left as it is; PYTHONIOENCODING=utf-8 keeps every character."""
+    import codecs
+
+    try:
+        utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
+    except (AttributeError, LookupError):
+        utf8 = False
+    if not utf8 and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the CLIs: a usage error is one `error:` line and exit status 2, like other bad input,
     not a usage page."""

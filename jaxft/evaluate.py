@@ -40,7 +40,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, printable_stdout
 
 SPLITS = ("validation", "train")
 GENERATION_TASKS = ("sft", "seq2seq", "dpo")  # dpo: the prompts of the held-out pairs, the chosen answers the references
@@ -455,6 +455,7 @@ def main(argv):
     from absl import flags, logging
 
     FLAGS = flags.FLAGS
+    printable_stdout()
     logging.set_verbosity(logging.WARNING)
     try:
         evaluate(FLAGS.config, FLAGS.checkpoint, split=FLAGS.split, max_examples=FLAGS.max_examples,

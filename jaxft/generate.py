@@ -21,7 +21,8 @@ an always-visible prefix, the prompt's positions counting on after them, as PEFT
 them. P-Tuning v2 / prefix tuning prefixes are such a prefix already.
 
 `python -m jaxft.generate --model=DIR [--adapter=DIR] --prompt="..."` (or `--prompts=FILE`, one prompt a
-line) prints one completion per prompt.
+line) prints one completion per prompt (where stdout's encoding cannot write a character, it is `?`;
+PYTHONIOENCODING=utf-8 keeps every one).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.errors import ArgumentParser, JaxftError
+from jaxft.errors import ArgumentParser, JaxftError, printable_stdout
 from jaxft.models import family
 from jaxft.peft.hook import Hook
 
@@ -441,6 +442,7 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None):
     """Prints one completion per prompt, one a line (a newline inside a completion is written \\n)."""
+    printable_stdout()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         check(Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_beams,

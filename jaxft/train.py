@@ -855,8 +855,9 @@ def profile_steps(text: str | None) -> tuple[int, int] | None:
 
 
 def main(argv):
-    from jaxft.errors import JaxftError
+    from jaxft.errors import JaxftError, printable_stdout
 
+    printable_stdout()  # the log quotes data text (a skipped record, a label)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     init_distributed()
     workdir = FLAGS.workdir or str(Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)

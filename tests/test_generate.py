@@ -1,6 +1,7 @@
 """Generation against transformers' `generate` (and, for prefixes, against transformers' forward with
 PEFT's prompt as the cache, which PEFT 0.21's own generate ignores on transformers 5)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -507,3 +508,47 @@ def test_an_answer_cut_inside_a_character_ends_before_it(kind, tmp_path):
         assert gen.answer_text(tok, ids[:n], None) == want, n
     assert cut >= 10  # many cuts fall inside a character
     assert gen.answer_text(tok, ids + [tok.eos_id, 5], tok.eos_id) == text  # up to EOS
+
+
+FAKE_ANSWER = """
+import sys
+import numpy as np
+import jaxft.generate as g
+from jaxft import hf
+from jaxft.tokenizer import Tokenizer
+
+tok = Tokenizer(hf.resolve("jaxft-tiny"))
+answer = tok.encode("好的😀 ok\\nbye")  # the model's answer, whatever the prompt
+assert tok.decode(answer) == "好的😀 ok\\nbye"
+g.generate = lambda *a, **kw: np.array([answer + [tok.eos_id]])
+g.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("encoding,want", [("gbk", "好的? ok\\nbye\n"), ("utf-8", "好的😀 ok\\nbye\n")])
+def test_cli_prints_to_a_console_that_cannot_write_an_emoji(tmp_path, encoding, want):
+    """Was: UnicodeEncodeError (a traceback, exit 1) printing an answer with an emoji to a GBK console; now the
+    character the console cannot write is `?` and the rest is the answer. A UTF-8 stdout keeps it."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("hello\n")
+    r = subprocess.run([sys.executable, "-c", FAKE_ANSWER, "--model=jaxft-tiny", f"--prompts={prompts_file}",
+                        "--max_new_tokens=8"], cwd=ROOT, capture_output=True, timeout=600,
+                       env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    assert r.stdout.decode(encoding) == want
+
+
+def test_printable_stdout_replaces_only_what_the_encoding_cannot_write(monkeypatch):
+    import io
+
+    from jaxft.errors import printable_stdout
+
+    for encoding, written in (("gbk", "好?".encode("gbk")), ("cp1252", b"caf\xe9 ?"), ("utf-8", "好😀".encode())):
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding=encoding)
+        monkeypatch.setattr(sys, "stdout", out)
+        printable_stdout()
+        print("好😀" if encoding != "cp1252" else "café 😀", end="")
+        out.flush()
+        assert raw.getvalue() == written, encoding
+        assert out.errors == ("strict" if encoding == "utf-8" else "replace")
