@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.task = ""
     # cloze (PET's hard prompts, on a masked LM): the text in a template with one mask, e.g.
     # "{text} it was {mask} ." ({text_b}: a pair's second text), and one label word per label, in the
-    # labels' sorted order, e.g. "bad,good"; the class is the label word the model puts at the mask (a word
+    # order of data.labels (default: the labels sorted), e.g. "bad,good"; the class is the label word the model puts at the mask (a word
     # of several tokens: the sum of their log-probabilities, read at as many masks).
     # On a causal LM (Llama, GPT-2) the row ends at the mask and the class is the word the model writes
     # next, so {mask} comes last: "{text} It was {mask}".
@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.demonstration_separator = ""  # text between them ("" = a masked LM's [SEP]; a space on a causal LM)
     c.data.text_field = ""  # "" = "text" (a bundled set: its own field)
     c.data.label_field = ""  # "" = "label" (a bundled set: its own field)
+    # Classification and cloze: the labels and their order (class 0 first), comma-separated, e.g. "neg,pos" or
+    # "0,1"; a record whose label is not one of them is an error. "" = the training set's labels, sorted.
+    c.data.labels = ""
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
     # token_type_ids in the batch (0 first text, 1 second): auto = for pairs on a model with token-type
     # embeddings (BERT's), as HF's tokenizers give them; True / False force them on or off.
@@ -284,6 +287,9 @@ def validate(config) -> None:
         sft.template_variables(config.data.chat_template_kwargs)
     if config.data.task in ("grpo", "ppo"):
         check_grpo(config)
+    from jaxft.data.tasks import declared_labels
+
+    declared_labels(config.data.get("labels", ""))
     if float(config.train.peak_flops) < 0:
         raise JaxftError(f"train.peak_flops={config.train.peak_flops}: expected >= 0 (0 = the datasheet table)")
     if float(config.eval.get("repetition_penalty", 1.0)) <= 0:

@@ -135,7 +135,7 @@ def head_of(config, fam) -> tuple[str, int | None, str]:
         task = tasks.choose_task(task, train, first, text_field, label_field, bool(d.label_field),  # as train.py
                                  sft.Fields(*sources.pair_fields(d, first)), fam.encoder_decoder)
         if task == "classification":
-            labels = len(tasks.label_vocab(train, label_field))
+            labels = len(tasks.declared_labels(d.get("labels", "")) or tasks.label_vocab(train, label_field))
     if task == "reward":  # one output: the score
         labels = 1
     from jaxft.objectives import head_for

@@ -131,8 +131,12 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     if str(d.get("weights", "")).strip() and "+" not in str(d.name):  # else ignored: every example once per epoch
         raise JaxftError(f"data.weights={d.weights!r}: weights sample the sources of data.name='a+b', and "
                          f"data.name={d.name!r} names one source")
+    declared = tasks.declared_labels(d.get("labels", ""))
     if d.name == "synthetic":
         n_labels = int(d.synthetic_labels)
+        if declared:
+            raise JaxftError(f"data.labels={d.labels!r}: data.name='synthetic' has the labels 0..N-1 of "
+                             "data.synthetic_labels: expected data.labels empty")
         if n_labels < 0 or n_labels == 1:
             raise JaxftError(f"data.synthetic_labels={n_labels}: expected 0 (a causal LM) or at least 2 classes")
         task = "classification" if n_labels else "causal_lm"
@@ -167,6 +171,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
                              family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
+    if declared and task not in ("classification", "cloze"):  # else ignored
+        raise JaxftError(f"data.labels={d.labels!r}: declares the labels of classification or cloze, but the task "
+                         f"is {task} (expected data.labels empty)")
 
     def every_source():  # (name, train records, eval records or None, text field); data.max_*_examples each
         return [(first, train_rec, eval_rec, text_field)] + [(name, *source_records(name)[:3]) for name in extra]
@@ -183,7 +190,11 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             raise JaxftError(f"method.template: supported for classification data, not {task}")
         template = render(config.method.template, int(config.method.num_virtual_tokens), tok)
     if task in ("classification", "cloze"):
-        labels = tasks.label_vocab(train_rec, label_field)
+        labels = declared or tasks.label_vocab(train_rec, label_field)
+        # Before tokenizing: a label outside data.labels (train or eval), or an eval label training never saw.
+        for records in (train_rec, eval_rec) if declared else (eval_rec,):
+            if records is not None:
+                tasks.check_labels(records, label_field, labels, bool(declared))
         pair = sources.pair_field(d, first)
         types = token_types(d.token_type_ids, pair, cfg)
         if task == "cloze":
@@ -197,9 +208,10 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             encode = lambda records: tasks.classification(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, pair, types, template)
         train, cut = encode(train_rec)
-        if len(labels) < 2:  # one class: its softmax is 1 whatever the model says, so nothing would learn
-            raise JaxftError(f"{train_rec.where[0]}: every training record has label {label_field!r} = {labels[0]!r}: "
-                             "expected at least 2 classes")
+        present = np.unique(train["labels"])
+        if len(present) < 2:  # one class: its softmax is 1 whatever the model says, so nothing would learn
+            raise JaxftError(f"{train_rec.where[0]}: every training record has label {label_field!r} = "
+                             f"{labels[int(present[0])]!r}: expected at least 2 classes")
         ev = encode(eval_rec)[0] if eval_rec else None
         if cut:
             log(f"note: {cut} of {len(train_rec.rows)} training examples were truncated to data.seq_len={seq_len}")

@@ -780,3 +780,61 @@ def test_warmup_steps_bounds():
     c.optimizer.warmup_steps = -1
     with pytest.raises(JaxftError, match=r"^optimizer.warmup_steps=-1: expected zero or a positive integer$"):
         validate(c)
+
+
+@pytest.mark.parametrize("stray_in", ["train", "eval"])
+def test_a_label_outside_data_labels_is_an_error(tmp_path, stray_in):
+    """Was: a stray "2" in a binary set became a third class (a 3-way head, exit 0). With data.labels
+    declared, it is one line naming the file, line and value, before anything is written."""
+    train, dev = sst2_rows("train", 40), sst2_rows("dev", 16)
+    (train if stray_in == "train" else dev)[6] = ("a stray label", 2)  # line 8: the header is line 1
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], train)
+    dev = write_csv(tmp_path / "dev.csv", ["text", "label"], dev)
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={train}", f"--config.data.eval_name={dev}", "--config.data.labels=0,1",
+            "--config.train.steps=2", NO_WARMUP, config="configs/lora.py")
+    where = train if stray_in == "train" else dev
+    assert_one_line_error(r, f"error: {where}:8: label 2 is not one of data.labels: expected one of [0, 1]")
+    assert checksums(wd) == {}
+
+
+def test_an_eval_label_never_trained_on_is_an_error(tmp_path):
+    """Labels inferred from the training set: an eval label it lacks is a class the model can never predict."""
+    named = lambda rows: [(t, "pos" if y else "neg") for t, y in rows]  # noqa: E731
+    dev = named(sst2_rows("dev", 16))
+    dev[3] = ("neither here nor there", "neutral")
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], named(sst2_rows("train", 40)))
+    dev = write_csv(tmp_path / "dev.csv", ["text", "label"], dev)
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={train}", f"--config.data.eval_name={dev}", "--config.train.steps=2", NO_WARMUP,
+            config="configs/lora.py")
+    assert_one_line_error(r, f"error: {dev}:5: label 'neutral' never occurs in the training set, whose labels are "
+                          "['neg', 'pos']: the model could never predict it")
+    assert checksums(wd) == {}
+
+
+def test_data_labels_declare_the_class_order(tmp_path):
+    """data.labels='pos,neg': class 0 is pos, as the export's id2label says (inferred: sorted, neg first)."""
+    train = write_csv(tmp_path / "train.csv", ["text", "label"],
+                      [(t, "pos" if y else "neg") for t, y in sst2_rows("train", 40)])
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.data.name={train}", "--config.data.labels=pos,neg", "--config.data.eval_holdout=8",
+            "--config.train.steps=2", NO_WARMUP, "--config.checkpoint.every_steps=0", config="configs/lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from jaxft import hf
+
+    model, _ = hf.load("jaxft-tiny", adapter=str(wd / "export"))
+    assert model.cfg.labels == ("pos", "neg")
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (("--config.data.name=synthetic", "--config.data.synthetic_labels=2"),
+     "data.labels='0,1': data.name='synthetic' has the labels 0..N-1 of data.synthetic_labels"),
+    (("--config.data.name=c4_demo", "--config.model.path=jaxft-tiny"),
+     "data.labels='0,1': declares the labels of classification or cloze, but the task is causal_lm"),
+    (("--config.data.labels=0,1,0",), "data.labels='0,1,0': label 0 is named twice")])
+def test_data_labels_where_they_mean_nothing_are_an_error(tmp_path, overrides, fragment):
+    wd = tmp_path / "run"
+    r = cli(wd, "--config.data.labels=0,1", *overrides)
+    assert_one_line_error(r, fragment)
+    assert checksums(wd) == {}

@@ -197,6 +197,37 @@ def test_label_not_seen_in_training(tmp_path, tok):
     ev = write(tmp_path / "eval.csv", "text,label\nc,pos\nd,neutral\n")
     raises([f"{ev}:3:", "'neutral'", "not one of the training labels", "['neg', 'pos']"], tasks.classification,
            read_file(ev), tok, 16, "text", "label", labels)
+    # Checked before tokenizing (train.py), naming why it matters.
+    raises([f"{ev}:3: label 'neutral' never occurs in the training set, whose labels are ['neg', 'pos']: the model "
+            "could never predict it"], tasks.check_labels, read_file(ev), "label", labels, False)
+    tasks.check_labels(train, "label", labels, False)
+
+
+def test_declared_labels():
+    """data.labels: the label set and its order; integer-like entries are integers, as the data's labels."""
+    assert tasks.declared_labels("") == [] and tasks.declared_labels("  ") == []
+    assert tasks.declared_labels("pos, neg") == ["pos", "neg"]  # the order declared, not sorted
+    assert tasks.declared_labels("1,0") == [1, 0] and tasks.declared_labels(["neg", "pos"]) == ["neg", "pos"]
+    assert tasks.declared_labels("not entailment,entailment") == ["not entailment", "entailment"]
+    for value, fragment in (("pos", "one label: expected at least 2 classes"),
+                            ("neg,,pos", "an empty label: expected labels separated by commas"),
+                            ("neg,pos,neg", "label 'neg' is named twice"),
+                            ("0,pos", "labels mix integers and strings"),
+                            ([0, 1.5], "label 1.5 is float, expected an integer or a string")):
+        raises([f"data.labels={value!r}: {fragment}"], tasks.declared_labels, value)
+
+
+def test_labels_outside_the_declared_set(tmp_path):
+    """A stray label (a "2" in a binary set, an empty cell, a float) is one line naming file, line, value and
+    the labels expected; the declared order is the class order."""
+    p = write(tmp_path / "train.csv", "text,label\na,0\nb,1\nc,2\n")
+    raises([f"{p}:4: label 2 is not one of data.labels: expected one of [0, 1]"], tasks.check_labels,
+           read_file(p), "label", [0, 1], True)
+    tasks.check_labels(read_file(p), "label", [2, 1, 0], True)
+    for rows, value in (([{"text": "a", "label": ""}], "''"), ([{"text": "a", "label": 1.0}], "1.0"),
+                        ([{"text": "a", "label": True}], "True")):
+        raises([f"mem.jsonl:1: label {value} is not one of data.labels"], tasks.check_labels, records(rows), "label",
+               [0, 1], True)
 
 
 # --------------------------------------------------------------------------------------------------

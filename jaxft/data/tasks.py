@@ -105,6 +105,46 @@ def label_vocab(records: Records, label_field: str) -> list:
     return distinct
 
 
+def declared_labels(value) -> list:
+    """data.labels ("neg,pos", or a list) -> the labels in their order; [] = none declared (the training
+    set's are used). Integer-like entries are integers, as the data's labels are."""
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        items = [v.strip() for v in value.split(",")]
+    else:
+        items = list(value or [])
+    labels = [_label(v) for v in items]
+    if any(v == "" for v in labels):
+        raise JaxftError(f"data.labels={value!r}: an empty label: expected labels separated by commas, e.g. 'neg,pos'")
+    for v in labels:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise JaxftError(f"data.labels={value!r}: label {v!r} is {type(v).__name__}, expected an integer or a string")
+    if len({type(v) for v in labels}) > 1:
+        raise JaxftError(f"data.labels={value!r}: labels mix integers and strings (a data set's labels are one or "
+                         "the other)")
+    dup = next((v for k, v in enumerate(labels) if v in labels[:k]), None)
+    if dup is not None:
+        raise JaxftError(f"data.labels={value!r}: label {dup!r} is named twice: expected each label once")
+    if len(labels) < 2:
+        raise JaxftError(f"data.labels={value!r}: one label: expected at least 2 classes")
+    return labels
+
+
+def check_labels(records: Records, label_field: str, labels: list, declared: bool) -> None:
+    """Every record's label is one of `labels`: data.labels if `declared`, else the training set's (an eval
+    label never seen in training is a class the model cannot predict: every such example would count wrong)."""
+    known = set(labels)
+    for i in range(len(records.rows)):
+        v = _label(field(records, i, label_field))
+        if isinstance(v, (int, str)) and not isinstance(v, bool) and v in known:
+            continue
+        if declared:
+            raise JaxftError(f"{records.where[i]}: label {v!r} is not one of data.labels: expected one of {labels}")
+        raise JaxftError(f"{records.where[i]}: label {v!r} never occurs in the training set, whose labels are "
+                         f"{labels}: the model could never predict it (data.labels declares the label set)")
+
+
 def class_index(records: Records, i: int, label_field: str, index: dict) -> int:
     """Record i's label as its class number (`index`: label -> number, the training labels')."""
     v = _label(field(records, i, label_field))
