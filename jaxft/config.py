@@ -258,12 +258,6 @@ def validate(config) -> None:
     for key in NON_NEGATIVE:
         if int(get(config, key)) < 0:
             raise JaxftError(f"{key}={get(config, key)}: expected zero or a positive integer")
-    # The warmup ramps to optimizer.learning_rate at step warmup_steps: past the last step, the run never
-    # trains at the rate asked for (and the decay that follows never starts).
-    if int(config.optimizer.warmup_steps) > int(config.train.steps):
-        raise JaxftError(f"optimizer.warmup_steps={config.optimizer.warmup_steps} is more than train.steps="
-                         f"{config.train.steps}: expected at most train.steps (the learning rate would never reach "
-                         f"optimizer.learning_rate={config.optimizer.learning_rate})")
     if config.train.batch_size % config.train.grad_accum:
         raise JaxftError(
             f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={config.train.grad_accum}"

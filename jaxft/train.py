@@ -603,6 +603,10 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.step import dynamic_loss_scale, init_state, make_eval_step, make_optimizer, make_train_step
 
     validate(config)
+    warmup, steps = int(config.optimizer.warmup_steps), int(config.train.steps)
+    if warmup > steps:  # a config cut short for a try: it trains, but not at the rate asked for
+        log(f"note: optimizer.warmup_steps={warmup} is more than train.steps={steps}: the learning rate rises to "
+            f"{steps / warmup:.2g} of optimizer.learning_rate={config.optimizer.learning_rate} and never decays")
     workdir = storage.path(workdir, "workdir")
     export_dir = storage.path(config.export.dir, "export.dir") if config.export.dir else workdir / "export"
     storage.check_writable_dir(workdir, "workdir")

@@ -756,17 +756,20 @@ def test_cloze_verbalizer_with_one_word_for_two_labels_is_an_error(tmp_path):
     assert checksums(wd) == {}
 
 
-@pytest.mark.parametrize("config,steps,warmup", [
-    (TINY, 8, 9), ("configs/lora.py", 2, 30), ("configs/sft_alpaca.py", 10, 20), ("configs/dpo_lora.py", 2, 10),
-    ("configs/grpo_lora.py", 4, 5), ("configs/ppo_lora.py", 2, 5)])
-def test_warmup_longer_than_the_run_is_an_error(tmp_path, config, steps, warmup):
-    """Was: exit 0 from a run whose learning rate never reached optimizer.learning_rate (every entry point's
-    schedule is train.py's make_schedule over train.steps, checked by config.validate at start-up)."""
+def test_warmup_longer_than_the_run_is_said(tmp_path):
+    """Was: silent. A config cut short for a try (its warmup longer than the run) trains, and the start-up
+    log says the learning rate never reaches its peak: the logged rates show it (0.8 of it at step 8)."""
     wd = tmp_path / "run"
-    r = cli(wd, f"--config.train.steps={steps}", f"--config.optimizer.warmup_steps={warmup}", config=config)
-    assert_one_line_error(r, f"optimizer.warmup_steps={warmup} is more than train.steps={steps}: expected at most "
-                          "train.steps (the learning rate would never reach optimizer.learning_rate=")
-    assert checksums(wd) == {}
+    r = cli(wd, "--config.train.steps=8", "--config.optimizer.warmup_steps=10", "--config.train.log_every_steps=1",
+            "--config.export.enabled=False")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("note: optimizer.warmup_steps=10 is more than train.steps=8: the learning rate rises to 0.8 of "
+            "optimizer.learning_rate=0.01 and never decays") in r.stdout
+    rates = [json.loads(line).get("train/learning_rate") for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert max(x for x in rates if x is not None) == pytest.approx(0.01 * 7 / 10)  # step 8 ran at step index 7
+    r = cli(tmp_path / "full", "--config.train.steps=8", "--config.optimizer.warmup_steps=8",
+            "--config.export.enabled=False")
+    assert r.returncode == 0 and "warmup_steps" not in r.stdout
 
 
 def test_warmup_steps_bounds():
@@ -775,8 +778,6 @@ def test_warmup_steps_bounds():
 
     c = base_config()
     c.model.init = {"model_type": "llama"}
-    c.train.steps, c.optimizer.warmup_steps = 10, 10
-    validate(c)  # a warmup over the whole run reaches the peak at its end: allowed
     c.optimizer.warmup_steps = -1
     with pytest.raises(JaxftError, match=r"^optimizer.warmup_steps=-1: expected zero or a positive integer$"):
         validate(c)
