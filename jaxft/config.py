@@ -89,8 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.task = ""
     # cloze (PET's hard prompts, on a masked LM): the text in a template with one mask, e.g.
     # "{text} it was {mask} ." ({text_b}: a pair's second text), and one label word per label, in the
-    # order of data.labels (default: the labels sorted), e.g. "bad,good"; the class is the label word the model puts at the mask (a word
-    # of several tokens: the sum of their log-probabilities, read at as many masks).
+    # order of data.labels (default: the labels sorted), e.g. "bad,good"; the class is the label word the
+    # model puts at the mask (a word of several tokens: the sum of their log-probabilities, read at as
+    # many masks).
     # On a causal LM (Llama, GPT-2) the row ends at the mask and the class is the word the model writes
     # next, so {mask} comes last: "{text} It was {mask}".
     c.data.cloze_template = ""

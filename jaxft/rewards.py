@@ -167,7 +167,7 @@ def format(prompts, completions, **kwargs) -> list[float]:  # the setting's name
 class Rouge:
     """ROUGE-L F-measure (0-1; `jaxft.scores.rouge`, as rouge-score computes it, words lowercased, each CJK
     character a word) of the completion's answer (as `accuracy` reads it: reasoning in <think> tags is not
-    scored, as the eval's ROUGE does not score it) against the record's reference text (a list: the best of them),
+    scored, as the eval's ROUGE does not score it) against the record's reference text (a list: the best),
     for summarisation and data-to-text. `rouge` reads the `reference`, `answer` or `solution` field;
     `rouge=FIELD` names the field (`rouge=human_reference` for the bundled E2E NLG). A record with no
     reference gets None."""
@@ -191,7 +191,8 @@ class Rouge:
             reference = next((f[i] for f in fields if f[i] is not None), None)
             if reference is not None and not isinstance(reference, list):
                 reference = str(reference)
-            out.append(None if reference is None else scores.rouge([_answer_span(text_of(completion))], [reference])["rougeL"])
+            answer = _answer_span(text_of(completion))
+            out.append(None if reference is None else scores.rouge([answer], [reference])["rougeL"])
         return out
 
 

@@ -26,8 +26,8 @@ from jaxft.errors import JaxftError
 
 
 def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.Fields = sft.Fields(),
-                           chat_template: str = "", chat_template_kwargs: str = "", encoder_decoder: bool = False, max_new_tokens: int = 0,
-                           skip_bad: bool = False) -> tuple[list[list[int]], list[str]]:
+                           chat_template: str = "", chat_template_kwargs: str = "", encoder_decoder: bool = False,
+                           max_new_tokens: int = 0, skip_bad: bool = False) -> tuple[list[list[int]], list[str]]:
     """-> (prompt ids of each usable record, its reference text). Bad records stop with their
     `file:line`, or are skipped with `skip_bad` (as training skips them)."""
     renderer = None

@@ -143,8 +143,9 @@ class Renderer:
             raise JaxftError(f"chat template {where}:{e.lineno}: {e.message}") from None
         unread = sorted(set(variables or ()) - reads)
         if unread:  # a setting that changes nothing (jaxft's default template has no thinking mode)
+            known = ", ".join(sorted(reads - {"messages"} - set(env.globals))) or "none"
             raise JaxftError(f"data.chat_template_kwargs: the chat template {where} does not read {unread[0]!r}: "
-                             f"expected one of the variables it reads ({', '.join(sorted(reads - {'messages'} - set(env.globals))) or 'none'})")
+                             f"expected one of the variables it reads ({known})")
         # A template that leaves out what the messages say would train every example on its own text.
         probe = [{"role": "user", "content": "Question 7?"}, {"role": "assistant", "content": "Answer 7."}]
         try:
@@ -251,11 +252,10 @@ def stop_ids(tok, choice: str = "", kwargs: str = "") -> list[int]:
     """Where generation stops for a model trained on answers the chat template renders: EOS, and the special
     token the template closes an answer with where that is another (ChatML's `<|im_end|>` on a base model
     whose EOS is `<|endoftext|>`, Llama 3's `<|eot_id|>`): the model learned to end its answers there."""
-    template, where = chat_template(tok, choice)
-    variables = template_variables(kwargs)
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "jaxft"}]
+    template = renderer(tok, choice, kwargs)
     try:
-        answer = Renderer(template, special_strings(tok), where, variables).last_answer(probe)[-1][0]
+        answer = template.last_answer(probe)[-1][0]
     except JaxftError:  # a template that wants other turns (a system prompt, ...): EOS alone
         return list(tok.eos)
     tail = answer[answer.rfind("jaxft") + len("jaxft"):].lstrip() if "jaxft" in answer else ""

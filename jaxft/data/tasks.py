@@ -119,7 +119,8 @@ def declared_labels(value) -> list:
         raise JaxftError(f"data.labels={value!r}: an empty label: expected labels separated by commas, e.g. 'neg,pos'")
     for v in labels:
         if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise JaxftError(f"data.labels={value!r}: label {v!r} is {type(v).__name__}, expected an integer or a string")
+            raise JaxftError(f"data.labels={value!r}: label {v!r} is {type(v).__name__}, "
+                             "expected an integer or a string")
     if len({type(v) for v in labels}) > 1:
         raise JaxftError(f"data.labels={value!r}: labels mix integers and strings (a data set's labels are one or "
                          "the other)")
