@@ -124,12 +124,12 @@ def load(d, tok, task: str, sources: list[tuple[str, Records, Records | None, st
         renderer = sft.renderer(tok, str(d.get("chat_template", "")), str(d.get("chat_template_kwargs", "")))
         scored = "each pair's two answers" if task != "sft" else "every token" if d.train_on_prompt else "responses only"
         log(f"{task}: chat template from {renderer.where}"
-            + (f" with {d.chat_template_kwargs}" if d.get("chat_template_kwargs") else "") + f"; loss on {scored}")
+            + (f" with {d.chat_template_kwargs}" if renderer.variables else "") + f"; loss on {scored}")
     settings = {"task": task, "seq_len": seq_len, "packing": bool(d.packing), "text_field": None,
                 "train_on_prompt": bool(d.train_on_prompt), "skip_bad": bool(d.skip_bad_records),
                 "template": renderer and renderer.template, "fields": None}
-    if d.get("chat_template_kwargs") and renderer:  # only then, as for seq2seq below
-        settings.update(template_variables=sft.template_variables(d.chat_template_kwargs))
+    if renderer and renderer.variables:  # only then, as for seq2seq below
+        settings.update(template_variables=renderer.variables)
     if task == "seq2seq":  # only then, so the other tasks' cache keys stay as they were
         settings.update(target_len=target_len, decoder_start=decoder_start_id, packing=False, train_on_prompt=False)
     if task in ("dpo", "reward"):  # padded pairs, scored on their answers: neither setting applies

@@ -134,14 +134,14 @@ class Renderer:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        self.where, self.template = where, template
-        self.special = {**special, **(variables or {})}  # what the template reads beside the messages
+        self.where, self.template, self.variables = where, template, dict(variables or {})
+        self.special = {**special, **self.variables}  # what the template reads beside the messages
         try:
             self._template = env.from_string(template)
             reads = jinja2.meta.find_undeclared_variables(env.parse(template))
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise JaxftError(f"chat template {where}:{e.lineno}: {e.message}") from None
-        unread = sorted(set(variables or ()) - reads)
+        unread = sorted(set(self.variables) - reads)
         if unread:  # a setting that changes nothing (jaxft's default template has no thinking mode)
             known = ", ".join(sorted(reads - {"messages"} - set(env.globals))) or "none"
             raise JaxftError(f"data.chat_template_kwargs: the chat template {where} does not read {unread[0]!r}: "
@@ -253,9 +253,9 @@ def stop_ids(tok, choice: str = "", kwargs: str = "") -> list[int]:
     token the template closes an answer with where that is another (ChatML's `<|im_end|>` on a base model
     whose EOS is `<|endoftext|>`, Llama 3's `<|eot_id|>`): the model learned to end its answers there."""
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "jaxft"}]
-    template = renderer(tok, choice, kwargs)
+    rendering = renderer(tok, choice, kwargs)
     try:
-        answer = template.last_answer(probe)[-1][0]
+        answer = rendering.last_answer(probe)[-1][0]
     except JaxftError:  # a template that wants other turns (a system prompt, ...): EOS alone
         return list(tok.eos)
     tail = answer[answer.rfind("jaxft") + len("jaxft"):].lstrip() if "jaxft" in answer else ""
