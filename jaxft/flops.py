@@ -159,18 +159,16 @@ class Throughput:
         }
 
 
-def run_peak(config) -> tuple[float, str]:
-    """Per-device peak FLOP/s for MFU, and where it came from (for the start-up line; `MEASURED` starts
-    it where the peak was timed here)."""
+def run_peak(config) -> tuple[float, str, bool]:
+    """Per-device peak FLOP/s for MFU, where it came from (for the start-up line), and whether it was
+    timed here (`Throughput` may raise such a peak)."""
     kind = jax.devices()[0].device_kind
     if float(config.train.peak_flops) > 0:
-        return float(config.train.peak_flops), "train.peak_flops"
+        return float(config.train.peak_flops), "train.peak_flops", False
     table = peak_flops(kind, config.model.dtype)
     if table:
-        return table, f"datasheet {kind} {config.model.dtype}"
+        return table, f"datasheet {kind} {config.model.dtype}", False
     # No datasheet row (CPUs): time a matmul; fake CPU devices share the host's cores.
     measured = measured_peak_flops(config.model.dtype) / jax.local_device_count()
-    return measured, f"{MEASURED} {config.model.dtype} matmul on {kind} (no datasheet row; train.peak_flops overrides)"
-
-
-MEASURED = "measured"
+    source = f"measured {config.model.dtype} matmul on {kind} (no datasheet row; train.peak_flops overrides)"
+    return measured, source, True

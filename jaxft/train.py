@@ -596,7 +596,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.data.iterator import Batches, Prefetch
     from jaxft.errors import JaxftError
     from jaxft.evaluate import generation_eval
-    from jaxft.flops import MEASURED, Throughput, run_peak
+    from jaxft.flops import Throughput, run_peak
     from jaxft.metrics import MetricWriter
     from jaxft.models import family
     from jaxft.peft.partition import count, flat, merge
@@ -633,7 +633,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     cfg = model.cfg
     objective = objectives.for_task(data.task, config.train, cfg)  # what the step minimises: the data task's
     n_train, n_total = count(trainable), count(trainable) + count(frozen)
-    peak, peak_source = run_peak(config)
+    peak, peak_source, peak_measured = run_peak(config)
     packed = "segment_ids" in data.train
     impl = family.attention_impl(cfg, packed)
     log(
@@ -714,7 +714,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
     perplexity = objectives.has_perplexity(objective, cfg.head)
     preemption = Preemption(config.train.sync_every_steps)
-    throughput = Throughput(cfg, trainable, method, peak, measured=peak_source.startswith(MEASURED), log=log)
+    throughput = Throughput(cfg, trainable, method, peak, measured=peak_measured, log=log)
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
     generated = generation_eval(config, data, model, workdir, objective)  # ROUGE, BLEU or rewards; samples/
