@@ -13,7 +13,7 @@ from jaxft.config import base_config, get as config_get, validate
 from jaxft.data import sources, tasks
 from jaxft.tokenizer import Tokenizer
 from test_evaluate import cli as evaluate_cli
-from test_sft import THINKING, chatml_dir  # noqa: F401 (a fixture)
+from test_sft import chatml_dir, with_template  # noqa: F401 (a fixture)
 from test_train import ROOT, cli
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
@@ -138,21 +138,14 @@ def test_qwen3_sft_config_runs_on_a_tiny_qwen3_in_non_thinking_mode(tmp_path, ch
     """configs/gpu_qwen3_lora_sft_zh.py, its model.path a tiny random Qwen3 beside a ChatML tokenizer whose
     template has Qwen3's non-thinking switch: it trains and exports, and the eval prompts of its export
     are transformers' apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)."""
-    import shutil
-
     import transformers
     from test_hf import build_hf
 
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(chatml_dir))
-    hf_tok.chat_template = THINKING
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(with_template(chatml_dir, tmp_path / "thinking")))
     config = transformers.Qwen3Config(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
                                       eos_token_id=hf_tok.eos_token_id, max_position_embeddings=512)
-    _, model_dir = build_hf(tmp_path, config, "Qwen3ForCausalLM")
-    for f in chatml_dir.iterdir():
-        shutil.copy(f, model_dir / f.name)
-    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": THINKING}))
+    model_dir = with_template(chatml_dir, build_hf(tmp_path, config, "Qwen3ForCausalLM")[1])
     name, run = "configs/gpu_qwen3_lora_sft_zh.py", tmp_path / "run"
     small = (f"--config.model.path={model_dir}", "--config.data.seq_len=96", "--config.train.batch_size=4",
              "--config.data.eval_holdout=8", "--config.eval.at_start=False")

@@ -158,6 +158,16 @@ THINKING = (
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
     "{%- endif %}"
 )
+
+
+def with_template(tokenizer_dir, d, template=THINKING):
+    """`tokenizer_dir`'s files copied into `d` (which may hold a model already), its chat template `template`."""
+    shutil.copytree(tokenizer_dir, d, dirs_exist_ok=True)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return d
+
+
 THOUGHTFUL = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>Add them.</think>4"},
               {"role": "user", "content": "再乘以三？"}, {"role": "assistant", "content": "<think>4 × 3</think>12"}]
 
@@ -170,10 +180,7 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_answer_alone(chatml_
 
     from jaxft.data import generation, preference
 
-    d = tmp_path / "thinking"
-    shutil.copytree(chatml_dir, d)
-    config = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING}))
+    d = with_template(chatml_dir, tmp_path / "thinking")
     hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
     r = sft.renderer(tok)
     with pytest.raises(sft.NotTurnByTurn, match="does not render turn by turn"):
@@ -226,10 +233,7 @@ def test_template_variables_as_transformers_passes_them(chatml_dir, tmp_path):
 
     from jaxft.data import generation
 
-    d = tmp_path / "thinking"
-    shutil.copytree(chatml_dir, d)
-    config = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING}))
+    d = with_template(chatml_dir, tmp_path / "thinking")
     hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
     chat = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
     plain, quiet = sft.renderer(tok), sft.renderer(tok, "", "enable_thinking=false")
