@@ -231,7 +231,7 @@ def test_template_variables_as_transformers_passes_them(chatml_dir, tmp_path):
     the generation prompt, so it is prompt in training too, and the eval prompts end with it."""
     from transformers import AutoTokenizer
 
-    from jaxft.data import generation
+    from jaxft.data import generation, prompts
 
     d = with_template(chatml_dir, tmp_path / "thinking")
     hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
@@ -360,6 +360,159 @@ def test_truncation_rule():
     # A response longer than half the budget keeps seq_len // 2 tokens (cut from the right).
     got, m, cut = sft.truncate(ids, mask, 12, 1)
     assert got == [1] + prompt[-5:] + response[:6] and sum(m) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calling
+
+# Qwen2.5's kind of tool template (written here in its manner): the tools listed in the system turn, calls
+# as <tool_call> JSON, consecutive results in one user turn of <tool_response>s.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n<tools>' }}{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\n</tools><|im_end|>\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{{- '<|im_start|>user\n' + m.content + '<|im_end|>\n' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}{% generation %}"
+    "{%- if m.content %}{{- m.content }}{%- endif %}"
+    "{%- for call in m.tool_calls %}{%- set fn = call.function if call.function is defined else call %}"
+    "{%- if m.content or not loop.first %}{{- '\n' }}{%- endif %}"
+    "{{- '<tool_call>\n{\"name\": \"' + fn.name + '\", \"arguments\": ' + (fn.arguments | tojson) + '}\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\n' }}{% endgeneration %}"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + m.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "今天的天气",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_CHAT = [  # OpenAI's form: arguments as JSON text, content null beside the calls
+    {"role": "system", "content": "You help with travel."},
+    {"role": "user", "content": "北京和上海今天天气怎么样？"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}},
+        {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "上海"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "晴，25°C"},
+    {"role": "tool", "tool_call_id": "c2", "content": "小雨，19°C"},
+    {"role": "assistant", "content": "北京晴，25°C；上海小雨，19°C。"},
+]
+
+
+def _as_transformers_takes_it(chat):
+    """TOOL_CHAT with arguments as objects, the form transformers' templates are written for."""
+    out = json.loads(json.dumps(chat))
+    for m in out:
+        for c in m.get("tool_calls", ()):
+            c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+        if m.get("content") is None:
+            m["content"] = ""
+    return out
+
+
+def test_tool_calls_match_transformers(chatml_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    d = with_template(chatml_dir, tmp_path / "tools", TOOLS_TEMPLATE)
+    hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
+    messages = sft.conversation({"messages": TOOL_CHAT, "tools": [WEATHER]}, "f:1")
+    assert messages == _as_transformers_takes_it(TOOL_CHAT)
+    r = sft.renderer(tok)
+    [segments] = r.examples(messages, sft.record_tools({"tools": [WEATHER]}, "f:1"))
+    ids, mask = sft.encode(segments, tok)
+    out = hf.apply_chat_template(_as_transformers_takes_it(TOOL_CHAT), tools=[WEATHER], tokenize=True,
+                                 return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(out["input_ids"])
+    assert mask == list(out["assistant_masks"])  # the calls are learned, the results are prompt
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海"}}\n</tool_call>' in learned
+    assert "<tool_response>" not in learned and "今天的天气" not in learned
+    assert "今天的天气" in tok.decode(ids)  # the tool's schema, listed in the system turn
+    # one list of tools for every record (data.chat_template_kwargs), which a record's own replaces
+    everyone = sft.renderer(tok, kwargs=json.dumps({"tools": [WEATHER]}))
+    assert everyone.examples(messages) == [segments]
+    other = {**WEATHER, "function": {**WEATHER["function"], "name": "get_time"}}
+    assert everyone(messages, tools=[other]) == r(messages, tools=[other]) != r(messages, tools=[WEATHER])
+
+
+def test_llama_factory_function_call_records(chatml_dir, tmp_path):
+    """LLaMA-Factory's ShareGPT tool records (function_call / observation turns, tools as JSON text) read as
+    the chat form says the same."""
+    row = {"conversations": [
+        {"from": "human", "value": "北京和上海今天天气怎么样？"},
+        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "北京"}},
+                                                      {"name": "get_weather", "arguments": {"city": "上海"}}])},
+        {"from": "observation", "value": "晴，25°C"}, {"from": "observation", "value": "小雨，19°C"},
+        {"from": "gpt", "value": "北京晴，25°C；上海小雨，19°C。"}],
+        "system": "You help with travel.", "tools": json.dumps([WEATHER])}
+    chat = _as_transformers_takes_it(TOOL_CHAT)
+    for m in chat:
+        m.pop("tool_call_id", None)
+        for c in m.get("tool_calls", ()):
+            c.pop("id")
+    assert sft.conversation(row, "f:1") == chat
+    assert sft.record_tools(row, "f:1") == [WEATHER]
+    tok = Tokenizer(with_template(chatml_dir, tmp_path / "tools", TOOLS_TEMPLATE))
+    enc = sft.examples(Records([row], ["f:1"]), tok, sft.renderer(tok), 512)
+    assert len(enc.examples) == 1 and sum(enc.examples[0][1]) > 0
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": '{"name": '}]},
+     "messages[1].tool_calls is not valid JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"function": {}}]}]},
+     "messages[1].tool_calls[0]: expected a tool call with a name"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "tool_calls": [{"name": "f", "arguments": "[1]"}]}]},
+     "messages[1].tool_calls[0].arguments is a list"),
+    ({"messages": [{"role": "user", "content": "q", "tool_calls": [{"name": "f"}]},
+                   {"role": "assistant", "content": "a"}]}, "a user turn with tool_calls"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather"}]},
+     "conversations[1].value is not valid JSON"),
+])
+def test_bad_tool_records_name_where(row, message):
+    with pytest.raises(sft.BadRecord) as e:
+        sft.conversation(row, "data.jsonl:7")
+    assert str(e.value).startswith("data.jsonl:7: ") and message in str(e.value)
+
+
+def test_bad_tools_field_and_a_template_without_tools(chatml_dir, tok_dir):
+    for tools, message in (("[{", "'tools' is not valid JSON"), ({"name": "f"}, "'tools' is a dict")):
+        with pytest.raises(sft.BadRecord, match=message):
+            sft.record_tools({"tools": tools}, "f:3")
+    # jaxft's default template and a plain ChatML one have no tool support: the record is refused, not
+    # trained without the calls it answers
+    for tok in (Tokenizer(tok_dir), Tokenizer(chatml_dir)):
+        with pytest.raises(JaxftError) as e:
+            sft.examples(Records([{"messages": TOOL_CHAT}], ["f:3"]), tok, sft.renderer(tok), 256)
+        assert str(e.value).startswith("f:3: ") and "does not render the tool call 'get_weather'" in str(e.value)
+        with pytest.raises(JaxftError, match="does not render the tool 'get_weather' of 'tools'"):
+            sft.examples(Records([{"messages": CHATS[0], "tools": [WEATHER]}], ["f:4"]), tok, sft.renderer(tok), 256)
+
+
+def test_a_tool_call_is_scored_as_the_model_writes_it(chatml_dir, tmp_path):
+    """A generation eval on a turn of tool calls: the prompt lists the tools, the reference is the calls as
+    the template renders them, up to where generation stops."""
+    from transformers import AutoTokenizer
+
+    from jaxft.data import generation, prompts
+
+    d = with_template(chatml_dir, tmp_path / "tools", TOOLS_TEMPLATE)
+    hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
+    row = {"messages": TOOL_CHAT[:3], "tools": [WEATHER]}
+    [prompt], [reference] = generation.prompts_and_references(Records([row], ["f:1"]), tok, 512)
+    assert prompt == hf.apply_chat_template(_as_transformers_takes_it(TOOL_CHAT[:2]), tools=[WEATHER],
+                                            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert reference == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>\n'
+                         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海"}}\n</tool_call>')
+    # a GRPO prompt (the turns before the answer) lists them too
+    text = prompts.prompt_of(row, "f:1", sft.renderer(tok), "text").text
+    assert text == hf.apply_chat_template(_as_transformers_takes_it(TOOL_CHAT[:2]), tools=[WEATHER],
+                                          add_generation_prompt=True, tokenize=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 - SFT records (Alpaca, chat, ShareGPT, source/target pairs) on a decoder-only model: the prompt is the
   conversation rendered up to the generation prompt of its last assistant turn, tokenized segment by
-  segment exactly as training tokenizes it (`jaxft.data.sft`); the reference is that turn's text.
+  segment exactly as training tokenizes it (`jaxft.data.sft`); the reference is that turn's text, or for
+  a turn of tool calls what the template renders for it up to where generation stops (the calls as the
+  model writes them: Qwen2.5's `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`).
 - preference pairs (DPO): the same, for the conversation that ends in the chosen answer.
 - source/target records on an encoder-decoder model (T5): the pair `jaxft.data.seq2seq.pair` reads
   (`data.source_field` -> `data.target_field`, or Alpaca's), as training reads it; the prompt is
@@ -30,9 +32,10 @@ def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.F
                            max_new_tokens: int = 0, skip_bad: bool = False) -> tuple[list[list[int]], list[str]]:
     """-> (prompt ids of each usable record, its reference text). Bad records stop with their
     `file:line`, or are skipped with `skip_bad` (as training skips them)."""
-    renderer = None
+    renderer = stops = None
     if not encoder_decoder:
         renderer = sft.renderer(tok, chat_template, chat_template_kwargs)
+        stops = set(sft.stop_ids(tok, chat_template, chat_template_kwargs))
     keep = max(seq_len - max_new_tokens, seq_len // 2, 1)
     prompts, references = [], []
     for row, at in zip(records.rows, records.where):
@@ -44,8 +47,12 @@ def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.F
                 # a preference pair's prompt is answered; its chosen answer is the reference
                 messages = preference.pair(row, at)[0] if preference.is_pair(row) else sft.conversation(row, at, fields)
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                segments = renderer.last_answer(messages[: last + 1])
+                segments = renderer.last_answer(messages[: last + 1], sft.record_tools(row, at))
                 reference = messages[last]["content"]
+                if messages[last].get("tool_calls"):
+                    answer = tok.encode_special(segments[-1][0])
+                    end = next((k for k, t in enumerate(answer) if t in stops), len(answer))
+                    reference = tok.decode(answer[:end]).strip()
                 prompt = cut_left(sft.encode(segments[:-1], tok)[0], keep, tok.bos_id)  # the last one is the answer
         except sft.BadRecord as e:
             if skip_bad:

@@ -85,7 +85,7 @@ def encode(records: Records, tok, renderer: sft.Renderer, seq_len: int,
         try:
             sides = []
             for name, messages in zip(("chosen", "rejected"), pair(row, where)):
-                ids, mask = sft.encode(renderer.last_answer(messages), tok)
+                ids, mask = sft.encode(renderer.last_answer(messages, sft.record_tools(row, where)), tok)
                 if not any(mask):
                     raise sft.BadRecord(f"{where}: the {name} answer renders to no tokens")
                 sides.append(sft.truncate(ids, mask, seq_len, tok.bos_id))

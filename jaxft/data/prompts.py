@@ -49,7 +49,7 @@ def prompt_of(row, where: str, renderer: sft.Renderer, text_field: str, fields: 
                 raise sft.BadRecord(f"{where}: empty 'prompt'")
             return Prompt(p, p, False)
         turns = sft.completed(sft.turns(p, where, "prompt"), row, where, " in 'prompt'")
-        return Prompt(renderer(turns, add_generation_prompt=True), turns, False)
+        return Prompt(_rendered(renderer, turns, row, where), turns, False)
     if any(k in row for k in TURN_FIELDS) or "instruction" in row or sft.pair_values(row, where, fields) is not None:
         # an Alpaca record's `output` is the reference answer, which may be absent: a stand-in, dropped below
         turns = sft.conversation({**row, "output": row.get("output") or "-"}, where, fields) \
@@ -58,13 +58,20 @@ def prompt_of(row, where: str, renderer: sft.Renderer, text_field: str, fields: 
             turns = turns[:-1]
         if not turns or turns[-1]["role"] == "system":
             raise sft.BadRecord(f"{where}: no prompt before the answer")
-        return Prompt(renderer(turns, add_generation_prompt=True), turns, False)
+        return Prompt(_rendered(renderer, turns, row, where), turns, False)
     text = row.get(text_field)
     if not isinstance(text, str) or not text.strip():
         raise sft.BadRecord(f"{where}: no prompt: expected a 'prompt' field, a conversation ('messages', "
                             f"'conversations', 'instruction') or a text in field {text_field!r} (fields: "
                             f"{', '.join(map(str, row))})")
     return Prompt(text, text, True)
+
+
+def _rendered(renderer: sft.Renderer, turns: list[dict], row: dict, where: str) -> str:
+    """The turns with the generation prompt, the record's `tools` listed as the template lists them."""
+    tools = sft.record_tools(row, where)
+    renderer.check_tools(turns, tools)
+    return renderer(turns, add_generation_prompt=True, tools=tools)
 
 
 def source_of(row, where: str, text_field: str, fields: sft.Fields = sft.Fields()) -> Prompt:

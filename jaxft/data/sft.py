@@ -3,11 +3,23 @@
 Record formats, recognised by their fields:
 - Alpaca: `{"instruction", "input" (optional), "output"}`, optional `system` and `history` ([[query,
   answer], ...] of earlier turns); the user turn is the instruction, then a blank line and the input.
-- chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": text}, ...]}`; an assistant
-  turn's `reasoning_content` (Qwen3's and DeepSeek-R1's reasoning kept apart from the answer) goes to
-  the template with it, as transformers passes it (Qwen3's renders it in `<think>` tags).
+- chat: `{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": text}, ...]}`; an
+  assistant turn's `reasoning_content` (Qwen3's and DeepSeek-R1's reasoning kept apart from the answer)
+  goes to the template with it, as transformers passes it (Qwen3's renders it in `<think>` tags).
 - ShareGPT: `{"conversations": [{"from": "system" | "human" | "gpt", "value": text}, ...]}` (`user` and
   `assistant` are accepted as `from` too), optional top-level `system`.
+
+Tool calling (function calling), in both formats, as transformers' `apply_chat_template` takes it:
+- an assistant turn's `tool_calls`: [{"type": "function", "function": {"name", "arguments"}}, ...] (OpenAI's
+  form; a bare {"name", "arguments"} is accepted), its `content` then optional; arguments given as a JSON
+  text become the object (transformers' templates write `arguments | tojson`);
+- a `tool` turn holds a call's result (optional `tool_call_id`, `name`);
+- ShareGPT as LLaMA-Factory writes it: `function_call` turns (the value a JSON {"name", "arguments"} or a
+  list of them) are the assistant's calls, `observation` turns the results;
+- the record's `tools` (a list of JSON schemas, or that list as JSON text) goes to the template as `tools`
+  (else `tools` of data.chat_template_kwargs, one list for all records).
+A tool call is an answer the model learns like any other; a result is prompt. A template that drops a
+call or a result (jaxft's default has no tool support) is an error naming the record.
 - pairs: `data.source_field` -> `data.target_field` (seq2seq data for a decoder-only model): one user
   turn, the source, answered by the target.
 
@@ -56,8 +68,9 @@ DEFAULT_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}"
 )
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
 class BadRecord(JaxftError):
@@ -157,23 +170,46 @@ class Renderer:
             raise JaxftError(f"chat template {where}: a {missing[0]} message's content is not in what it renders "
                              f"({text[:60]!r}...): expected a template that writes each message's content")
 
-    def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def __call__(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        """The text of `messages`; `tools`: the record's tool schemas, else those of data.chat_template_kwargs."""
         import jinja2
 
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special)
+            return self._template.render(**{**self.special, "messages": messages, "tools": self.tools(tools),
+                                            "add_generation_prompt": add_generation_prompt})
         except jinja2.exceptions.TemplateError as e:
             raise BadRecord(f"chat template {self.where}: {e}") from None
 
-    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def tools(self, tools: list | None) -> list | None:
+        """The tools a conversation may call: its record's, else any given in data.chat_template_kwargs
+        (one list for every record), else None (as transformers passes no tools)."""
+        return tools if tools is not None else self.variables.get("tools")
+
+    def check_tools(self, messages: list[dict], tools: list | None = None) -> None:
+        """BadRecord unless the template renders the conversation's tool calls, tool results and `tools`:
+        a template without tool support would train the answers without what they answer."""
+        calls = [c["function"]["name"] for m in messages for c in m.get("tool_calls", ())]
+        results = [m["content"].strip() for m in messages if m["role"] == "tool"]
+        tools = self.tools(tools)
+        if not (calls or results or tools):
+            return
+        text = self(messages, tools=tools)
+        names = [t.get("function", t).get("name") if isinstance(t, dict) else None for t in tools or ()]
+        missing = ([f"the tool call {c!r}" for c in calls if c not in text]
+                   + [f"a tool result ({r[:30]!r})" for r in results if r not in text]
+                   + [f"the tool {n!r} of 'tools'" for n in names if isinstance(n, str) and n not in text])
+        if missing:
+            raise BadRecord(f"chat template {self.where} does not render {missing[0]}: expected a template with "
+                            "tool support (the model's own, or data.chat_template=FILE)")
+
+    def segments(self, messages: list[dict], tools: list | None = None) -> list[tuple[str, bool]]:
         """-> [(text, is_response), ...] whose concatenation is the rendered conversation; NotTurnByTurn
         where rendering a later turn rewrites an earlier one."""
         out, done = [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt, answer = self._answer(messages, i)
+            prompt, answer = self._answer(messages, i, tools)
             if not prompt.startswith(done):
                 raise NotTurnByTurn(f"chat template {self.where} does not render turn by turn (the conversation "
                                     f"up to message {i} is not a prefix of the conversation up to message {i + 1})")
@@ -181,31 +217,34 @@ class Renderer:
             done = prompt + answer
         return [(text, response) for text, response in out if text]
 
-    def _answer(self, messages: list[dict], i: int) -> tuple[str, str]:
+    def _answer(self, messages: list[dict], i: int, tools: list | None = None) -> tuple[str, str]:
         """(the conversation before assistant turn i with the generation prompt, what turn i adds to it)."""
-        prompt = self(messages[:i], add_generation_prompt=True)
-        full = self(messages[: i + 1])
+        prompt = self(messages[:i], add_generation_prompt=True, tools=tools)
+        full = self(messages[: i + 1], tools=tools)
         if not full.startswith(prompt):
             raise BadRecord(f"chat template {self.where}: the conversation up to message {i} does not start with "
                             "the one before it and the generation prompt")
         return prompt, full[len(prompt):]
 
-    def examples(self, messages: list[dict]) -> list[list[tuple[str, bool]]]:
+    def examples(self, messages: list[dict], tools: list | None = None) -> list[list[tuple[str, bool]]]:
         """The examples one conversation trains, as segments: itself, every answer a response, where the
         template renders turn by turn; else one per answer (see the module docstring)."""
+        self.check_tools(messages, tools)
         try:
-            return [self.segments(messages)]
+            return [self.segments(messages, tools)]
         except NotTurnByTurn:
-            return [self.last_answer(messages[: i + 1]) for i, m in enumerate(messages) if m["role"] == "assistant"]
+            return [self.last_answer(messages[: i + 1], tools) for i, m in enumerate(messages)
+                    if m["role"] == "assistant"]
 
-    def last_answer(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def last_answer(self, messages: list[dict], tools: list | None = None) -> list[tuple[str, bool]]:
         """Segments with the last answer the only response, earlier ones context (a preference pair's sides,
         a generation prompt, a reward model's input)."""
+        self.check_tools(messages, tools)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         try:
-            segs = self.segments(messages[: last + 1])
+            segs = self.segments(messages[: last + 1], tools)
         except NotTurnByTurn:
-            prompt, answer = self._answer(messages, last)
+            prompt, answer = self._answer(messages, last, tools)
             segs = [(prompt, False), (answer, True)]
         final = max((i for i, (_, response) in enumerate(segs) if response), default=-1)
         return [(text, response and i == final) for i, (text, response) in enumerate(segs) if text]
@@ -336,10 +375,58 @@ def completed(messages: list[dict], row: dict, where: str, what: str = "") -> li
     checked: no empty turn but a system turn's. `what` ends the error (" in 'chosen'")."""
     if isinstance(row.get("system"), str) and row["system"] and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": row["system"]}] + messages
-    for m in messages:
-        if m["role"] != "system" and not m["content"].strip():
+    for m in messages:  # a call's content and a result may be empty
+        if m["role"] in ("user", "assistant") and not m.get("tool_calls") and not m["content"].strip():
             raise BadRecord(f"{where}: empty {m['role']} turn{what}")
     return messages
+
+
+def record_tools(row: dict, where: str) -> list[dict] | None:
+    """The record's `tools` (the tool schemas the template lists), a list or a JSON text of one; None if none."""
+    tools = row.get("tools") if isinstance(row, dict) else None
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{where}: 'tools' is not valid JSON (column {e.colno}: {e.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRecord(f"{where}: 'tools' is a {type(tools).__name__}: expected a list of tool schemas "
+                        '([{"type": "function", "function": {"name", "description", "parameters"}}, ...])')
+    return tools or None
+
+
+def _tool_calls(value, where: str, what: str) -> list[dict]:
+    """Tool calls in OpenAI's form, or bare {"name", "arguments"}, or their JSON text (LLaMA-Factory's
+    function_call value) -> [{"type": "function", "function": {"name", "arguments": object}}, ...] (+ "id")."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{where}: {what} is not valid JSON (column {e.colno}: {e.msg}): expected a tool call "
+                            '{"name", "arguments"} or a list of them') from None
+    calls = [value] if isinstance(value, dict) else value
+    if not isinstance(calls, list) or not calls:
+        raise BadRecord(f"{where}: {what}: expected a non-empty list of tool calls")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRecord(f"{where}: {what}[{j}]: expected a tool call with a name "
+                            '({"type": "function", "function": {"name", "arguments"}})')
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise BadRecord(f"{where}: {what}[{j}].arguments is not valid JSON (column {e.colno}: {e.msg})") from None
+        if not isinstance(args, dict):
+            raise BadRecord(f"{where}: {what}[{j}].arguments is a {type(args).__name__}: expected an object")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+        if isinstance(call.get("id"), str):
+            out[-1]["id"] = call["id"]
+    return out
 
 
 def turns(value, where: str, key: str) -> list[dict]:
@@ -355,14 +442,27 @@ def _turns(value, where, key, role_key, content_key, roles) -> list[dict]:
         raise BadRecord(f"{where}: {key!r} is not a non-empty list of turns")
     out = []
     for i, turn in enumerate(value):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        calls = isinstance(turn, dict) and (turn.get("tool_calls") is not None or turn.get(role_key) == "function_call")
+        if not isinstance(turn, dict) or role_key not in turn or (content_key not in turn and not calls):
             raise BadRecord(f"{where}: {key}[{i}] has no {role_key!r} and {content_key!r}")
         if turn[role_key] not in roles:
             raise BadRecord(f"{where}: {key}[{i}]: {role_key} {turn[role_key]!r} is not one of {', '.join(roles)}")
-        out.append({"role": roles[turn[role_key]], "content": _text(turn[content_key], where, f"{key}[{i}]")})
-        if turn.get("reasoning_content") is not None and out[-1]["role"] == "assistant":
+        m = {"role": roles[turn[role_key]]}
+        if turn[role_key] == "function_call":  # LLaMA-Factory: the value is the call
+            m.update(content="", tool_calls=_tool_calls(turn[content_key], where, f"{key}[{i}].{content_key}"))
+        else:
+            content = turn.get(content_key)
+            m["content"] = "" if content is None and calls else _text(content, where, f"{key}[{i}]")
+            if turn.get("tool_calls") is not None:
+                if m["role"] != "assistant":
+                    raise BadRecord(f"{where}: {key}[{i}]: a {m['role']} turn with tool_calls: expected the assistant's")
+                m["tool_calls"] = _tool_calls(turn["tool_calls"], where, f"{key}[{i}].tool_calls")
+        if turn.get("reasoning_content") is not None and m["role"] == "assistant":
             # an answer's reasoning apart from it (Qwen3's, DeepSeek-R1's): the template places it
-            out[-1]["reasoning_content"] = _text(turn["reasoning_content"], where, f"{key}[{i}].reasoning_content")
+            m["reasoning_content"] = _text(turn["reasoning_content"], where, f"{key}[{i}].reasoning_content")
+        if m["role"] == "tool":  # which call a result answers, where the record says
+            m.update({k: turn[k] for k in ("tool_call_id", "name") if isinstance(turn.get(k), str)})
+        out.append(m)
     return out
 
 
@@ -425,7 +525,8 @@ def examples(records: Records, tok, renderer: Renderer, seq_len: int, fields: Fi
     out, truncated, skipped, first, split = [], 0, 0, "", 0
     for row, where in zip(records.rows, records.where):
         try:
-            encoded = [encode(segs, tok) for segs in renderer.examples(conversation(row, where, fields))]
+            messages = conversation(row, where, fields)
+            encoded = [encode(segs, tok) for segs in renderer.examples(messages, record_tools(row, where))]
             if not any(any(mask) for _, mask in encoded):
                 raise BadRecord(f"{where}: the responses render to no tokens")
         except BadRecord as e:
