@@ -362,6 +362,41 @@ def test_truncation_rule():
     assert got == [1] + prompt[-5:] + response[:6] and sum(m) == 6
 
 
+LLAMA2_SP = Path("/work/shared/data/tokenizers/llama2_sentencepiece")
+LLAMA2 = ("{% for m in messages %}{% if m.role == 'user' %}{{ bos_token + '[INST] ' + m.content + ' [/INST]' }}"
+          "{% elif m.role == 'assistant' %}{{ ' ' + m.content + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("files", ["tokenizer.model", "tokenizer.json"])
+def test_sentencepiece_segments_tokenize_as_the_whole_conversation(tmp_path, files):
+    """Llama 2's SentencePiece vocabulary marks the start of what it encodes with '▁': encoded alone, an
+    answer would start with one that the conversation, tokenized whole by transformers, lacks (an extra '▁'
+    token before Chinese). Each segment is encoded as it follows the one before it."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    if not (LLAMA2_SP / "tokenizer.model").is_file():
+        pytest.skip("no Llama 2 tokenizer.model in shared/data")
+    d = tmp_path / files
+    d.mkdir()
+    shutil.copy(LLAMA2_SP / "tokenizer.model", d)
+    if files == "tokenizer.json":  # transformers' conversion (Metaspace, prepend_scheme "first"), as hub repos ship it
+        LlamaTokenizer.from_pretrained(str(d), legacy=False).save_pretrained(str(d))
+        (d / "tokenizer.model").unlink()
+        hf = AutoTokenizer.from_pretrained(str(d))
+    else:  # the SentencePiece model alone, read as transformers' legacy LlamaTokenizer reads it
+        hf = LlamaTokenizer.from_pretrained(str(d), legacy=True)
+    tok = Tokenizer(d)
+    chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Four, 四。"},
+            {"role": "user", "content": "用中文说再见"}, {"role": "assistant", "content": "再见 ，朋友。"}]
+    for template in (LLAMA2, sft.DEFAULT_TEMPLATE):
+        hf.chat_template = template
+        r = sft.Renderer(template, sft.special_strings(tok), "test")
+        ids, mask = sft.encode(r.segments(chat), tok)
+        assert ids == list(hf.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+        answers = [tok.decode([i for i, m in zip(ids, mask) if m])]
+        assert "再见 ，朋友。" in answers[0] and tok.piece(ids[mask.index(1)]) != "\u2581"
+
+
 # ---------------------------------------------------------------------------------------------
 # Tool calling
 

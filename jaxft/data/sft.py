@@ -471,13 +471,34 @@ def _turns(value, where, key, role_key, content_key, roles) -> list[dict]:
 
 
 def encode(segments: list[tuple[str, bool]], tok) -> tuple[list[int], list[int]]:
-    """-> (ids, response mask): each segment tokenised on its own, special-token strings as their ids."""
-    ids, mask = [], []
+    """-> (ids, response mask): each segment tokenised on its own (a prompt's ids are those generation
+    starts from), as it tokenizes after the segment before it (`following`); special-token strings as
+    their ids."""
+    ids, mask, before = [], [], ""
     for text, response in segments:
-        piece = tok.encode_special(text)
+        piece = following(tok, before, ids[-1] if ids else None, text)
         ids += piece
         mask += [int(response)] * len(piece)
+        before = text
     return ids, mask
+
+
+def following(tok, before: str, last_id: int | None, text: str) -> list[int]:
+    """The ids of `text` where it follows `before` (whose last id is `last_id`) in one text. SentencePiece
+    and Metaspace tokenizers (Llama 2's, Mistral's) mark the start of what they encode with a '▁'
+    (a space) that the same words lack in mid-text: alone, an answer after "[/INST]" would start with an
+    extra '▁' token and Chinese text with a '▁' of its own, where transformers, tokenizing the
+    whole conversation, has none. So `text` is encoded after the end of `before` (its last character,
+    or the special token it ends with, which starts a text of its own) and that end's ids taken off;
+    where the two merge into one token, `text` alone. Byte-level BPE (GPT-2's, Qwen's, Llama 3's)
+    tokenizes the same either way."""
+    if not before:
+        return tok.encode_special(text)
+    tail = before[-1]
+    if last_id is not None and tok.is_special(last_id) and before.endswith(tok.piece(last_id)):
+        tail = tok.piece(last_id)
+    head, both = tok.encode_special(tail), tok.encode_special(tail + text)
+    return both[len(head):] if both[: len(head)] == head else tok.encode_special(text)
 
 
 def truncate(ids: list[int], mask: list[int], seq_len: int, bos_id) -> tuple[list[int], list[int], bool]:
