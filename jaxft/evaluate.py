@@ -89,16 +89,19 @@ def decoding(config, tok, encoder_decoder: bool) -> dict:
 
 def generation_scores(predictions: list[str], references: list, sources: list[str] | None = None) -> dict[str, float]:
     """ROUGE-1/2/L F-measures, corpus BLEU (0-100) and exact match of the final answers (`final_answer`:
-    reasoning in <think> tags is not scored; predictions.jsonl keeps it); a reference may be a list. With
-    `sources` (each prediction's source in a mixture), also each source's, as "<metric>/<source>"."""
+    reasoning in <think> tags is not scored; predictions.jsonl keeps it), and where references make tool
+    calls, `tool_call_accuracy` over those (`jaxft.scores.tool_call_accuracy`); a reference may be a list.
+    With `sources` (each prediction's source in a mixture), also each source's, as "<metric>/<source>"."""
     from jaxft import metrics
     from jaxft.scores import final_answer
 
     def scores(preds, refs):
         preds = [final_answer(p) for p in preds]
         refs = [[final_answer(x) for x in r] if isinstance(r, list) else final_answer(r) for r in refs]
-        return {**metrics.rouge(preds, refs), "bleu": metrics.bleu(preds, refs),
-                "exact_match": metrics.exact_match(preds, refs)}
+        out = {**metrics.rouge(preds, refs), "bleu": metrics.bleu(preds, refs),
+               "exact_match": metrics.exact_match(preds, refs)}
+        calls = metrics.tool_call_accuracy(preds, refs)
+        return out if calls is None else {**out, "tool_call_accuracy": calls}
 
     out = scores(predictions, references)
     names = list(dict.fromkeys(sources or ()))

@@ -19,7 +19,7 @@ import time
 import jax
 
 from jaxft.scores import (accuracy, bleu, confusion_matrix, exact_match, from_confusion,  # noqa: F401
-                          perplexity, precision_recall_f1, rouge)
+                          perplexity, precision_recall_f1, rouge, tool_call_accuracy)
 
 
 class MetricWriter:

@@ -18,6 +18,7 @@ both are on characters, so no segmenter version changes a score.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -93,6 +94,59 @@ def exact_match(predictions: Sequence[str], references: Sequence) -> float:
     """The fraction of predictions equal to (one of) their reference(s), ignoring surrounding whitespace."""
     refs = _reference_lists(predictions, references)
     return sum(p.strip() in {r.strip() for r in rs} for p, rs in zip(predictions, refs)) / max(len(refs), 1)
+
+
+def tool_calls(text: str) -> list[tuple[str, str]]:
+    """The tool calls written in `text`, as sorted (name, arguments as canonical JSON) pairs: every JSON
+    object with a text `name` and an `arguments` (or Llama 3.1's `parameters`) object or JSON text,
+    wherever it stands (Qwen's `<tool_call>` tags, Mistral's `[TOOL_CALLS] [...]`, Llama 3.1's bare
+    JSON, OpenAI's `tool_calls` list). Key order and spacing do not matter; text that is not JSON is skipped."""
+    found, decoder, at = [], json.JSONDecoder(), 0
+    while (at := _next_json(text, at)) >= 0:
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            at += 1
+            continue
+        _collect_calls(value, found)
+        at = end
+    return sorted(found)
+
+
+def _next_json(text: str, at: int) -> int:
+    """Where the next JSON object or array may start, from `at`; -1 when none."""
+    starts = [i for i in (text.find("{", at), text.find("[", at)) if i >= 0]
+    return min(starts, default=-1)
+
+
+def _collect_calls(value, out: list) -> None:
+    if isinstance(value, list):
+        for v in value:
+            _collect_calls(v, out)
+    elif isinstance(value, dict):
+        fn = value.get("function") if isinstance(value.get("function"), dict) else value
+        args = fn.get("arguments", fn.get("parameters"))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(fn.get("name"), str) and isinstance(args, dict):
+            out.append((fn["name"], json.dumps(args, sort_keys=True, ensure_ascii=False)))
+            return
+        for v in value.values():
+            _collect_calls(v, out)
+
+
+def tool_call_accuracy(predictions: Sequence[str], references: Sequence) -> float | None:
+    """Over the examples whose reference makes tool calls (`tool_calls`), the fraction whose prediction
+    makes the same calls (names and arguments as JSON values; in any order); None when no reference
+    makes one."""
+    refs = _reference_lists(predictions, references)
+    scored = [(p, rs) for p, rs in zip(predictions, refs) if any(tool_calls(r) for r in rs)]
+    if not scored:
+        return None
+    return sum(tool_calls(p) in [tool_calls(r) for r in rs] for p, rs in scored) / len(scored)
 
 
 def perplexity(loss_sum: float, count: float) -> float:

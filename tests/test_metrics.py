@@ -257,3 +257,32 @@ def test_generation_scores_read_the_answer_after_the_reasoning():
     assert got == generation_scores(answers, [["the cat sat on a mat"], "答案是12", "no tags here"])
     assert got["exact_match"] == pytest.approx(1 / 3)
     assert generation_scores(preds, refs, ["a", "b", "b"])["exact_match/b"] == pytest.approx(1 / 2)
+
+
+def test_tool_calls_are_compared_as_json():
+    """A tool call is right when its name and arguments are, whatever the key order, spacing or the
+    format around it (Qwen's <tool_call> tags, Mistral's list, Llama 3.1's `parameters`)."""
+    from jaxft.evaluate import generation_scores
+    from jaxft.scores import tool_calls
+
+    qwen = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京", "unit": "c"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海", "unit": "c"}}\n</tool_call>')
+    assert tool_calls(qwen) == [("get_weather", '{"city": "上海", "unit": "c"}'),
+                                ("get_weather", '{"city": "北京", "unit": "c"}')]
+    # an argument holding a "name" is part of its call, not a call of its own
+    assert tool_calls('{"name": "add_user", "arguments": {"user": {"name": "Li", "arguments": {}}}}') == [
+        ("add_user", '{"user": {"arguments": {}, "name": "Li"}}')]
+    assert tool_calls('[TOOL_CALLS] [{"name": "f", "arguments": "{\\"a\\": 1}"}] {not json') == [("f", '{"a": 1}')]
+    assert tool_calls('Paris is {sunny} and {"name": "x"} has no arguments') == []
+    refs = [qwen, qwen, qwen, qwen, "晴天"]
+    preds = [  # the calls in the other order, keys reordered, no spaces: right
+             '[TOOL_CALLS] [{"arguments":{"unit":"c","city":"上海"},"name":"get_weather"},'
+             '{"name":"get_weather","parameters":{"city":"北京","unit":"c"}}]',
+             qwen.replace("上海", "广州"),  # a wrong argument
+             qwen.split("\n<tool_call>")[0] + "\n",  # one of the two calls
+             "北京和上海都是晴天",  # an answer instead of the calls
+             "晴天"]  # not a call: not counted
+    got = generation_scores(preds, refs)
+    assert got["tool_call_accuracy"] == pytest.approx(1 / 4)
+    assert "tool_call_accuracy" not in generation_scores(["晴天"], ["晴天"])
+    assert generation_scores(preds, refs, ["a", "a", "b", "b", "b"])["tool_call_accuracy/a"] == pytest.approx(1 / 2)
