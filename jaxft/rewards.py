@@ -197,7 +197,29 @@ class Rouge:
 
 
 rouge = Rouge()
-BUILTIN: dict[str, Callable] = {"sentiment": sentiment, "accuracy": accuracy, "format": format, "rouge": rouge}
+
+
+def tool_calls(prompts, completions, **columns) -> list[float | None]:
+    """1.0 if the completion makes the tool calls the record's `tool_calls` field makes (a list of calls in
+    OpenAI's or the bare {"name", "arguments"} form, or their text; else the `answer` field's), else 0.0:
+    names and arguments compared as JSON values, in any order (`jaxft.scores.tool_calls`). An empty list
+    asks for no call. A record with no reference gets None."""
+    from jaxft import scores
+
+    fields = [columns[k] for k in ("tool_calls", "answer") if k in columns]
+    if not fields:
+        raise JaxftError(f"{SETTING}: the tool_calls reward needs a `tool_calls` or `answer` field in the records; "
+                         f"they have {sorted(columns) or 'no other fields'}")
+    out: list[float | None] = []
+    for i, completion in enumerate(completions):
+        reference = next((f[i] for f in fields if f[i] is not None), None)
+        made = scores.tool_calls(scores.final_answer(text_of(completion)))
+        out.append(None if reference is None else float(made == scores.tool_calls(reference)))
+    return out
+
+
+BUILTIN: dict[str, Callable] = {"sentiment": sentiment, "accuracy": accuracy, "format": format, "rouge": rouge,
+                                "tool_calls": tool_calls}
 
 
 # --- a reward model ---------------------------------------------------------------------------------------

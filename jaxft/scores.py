@@ -96,12 +96,16 @@ def exact_match(predictions: Sequence[str], references: Sequence) -> float:
     return sum(p.strip() in {r.strip() for r in rs} for p, rs in zip(predictions, refs)) / max(len(refs), 1)
 
 
-def tool_calls(text: str) -> list[tuple[str, str]]:
+def tool_calls(text) -> list[tuple[str, str]]:
     """The tool calls written in `text`, as sorted (name, arguments as canonical JSON) pairs: every JSON
     object with a text `name` and an `arguments` (or Llama 3.1's `parameters`) object or JSON text,
     wherever it stands (Qwen's `<tool_call>` tags, Mistral's `[TOOL_CALLS] [...]`, Llama 3.1's bare
-    JSON, OpenAI's `tool_calls` list). Key order and spacing do not matter; text that is not JSON is skipped."""
+    JSON, OpenAI's `tool_calls` list). Key order and spacing do not matter; text that is not JSON is
+    skipped. `text` may also be such calls as values (a record's list of calls)."""
     found, decoder, at = [], json.JSONDecoder(), 0
+    if not isinstance(text, str):
+        _collect_calls(text, found)
+        return sorted(found)
     while (at := _next_json(text, at)) >= 0:
         try:
             value, end = decoder.raw_decode(text, at)

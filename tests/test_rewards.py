@@ -118,6 +118,22 @@ def test_accuracy_needs_a_reference_column():
         rewards.accuracy(prompts=["q"], completions=["4"], label=["4"])
 
 
+
+def test_tool_calls_reward():
+    """The completion's calls against the record's, as JSON values: OpenAI's list, its JSON text, an empty
+    list (no call asked), no reference; reasoning before the calls is not read."""
+    openai = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]
+    qwen = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    completions = [qwen, qwen.replace("北京", "上海"), "<think>{\"name\": \"x\", \"arguments\": {}}</think>" + qwen,
+                   "北京晴。", qwen, "北京晴。", qwen]
+    got = rewards.tool_calls(prompts=[""] * 7, completions=completions,
+                             tool_calls=[openai, openai, '[{"name": "get_weather", "arguments": {"city": "北京"}}]',
+                                         openai, [], [], None])
+    assert got == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, None]
+    assert rewards.load("tool_calls")[0][:2] == ("tool_calls", rewards.tool_calls)
+    with pytest.raises(JaxftError, match="tool_calls reward needs a `tool_calls` or `answer` field"):
+        rewards.tool_calls(prompts=["q"], completions=[qwen], label=["x"])
+
 # --- format -----------------------------------------------------------------------------------------------
 
 
@@ -175,7 +191,7 @@ def test_load_builtins():
     got = rewards.load(" accuracy,format ")
     assert [(name, fn, w) for name, fn, w in got] == [("accuracy", rewards.accuracy, 1.0),
                                                      ("format", rewards.format, 1.0)]
-    assert set(rewards.BUILTIN) == {"sentiment", "accuracy", "format", "rouge"}
+    assert set(rewards.BUILTIN) == {"sentiment", "accuracy", "format", "rouge", "tool_calls"}
 
 
 def test_load_module_and_file(tmp_path, monkeypatch):
