@@ -8,6 +8,8 @@ Record formats, recognised by their fields:
   goes to the template with it, as transformers passes it (Qwen3's renders it in `<think>` tags).
 - ShareGPT: `{"conversations": [{"from": "system" | "human" | "gpt", "value": text}, ...]}` (`user` and
   `assistant` are accepted as `from` too), optional top-level `system`.
+- pairs: `data.source_field` -> `data.target_field` (seq2seq data for a decoder-only model): one user
+  turn, the source, answered by the target.
 
 Tool calling (function calling), in both formats, as transformers' `apply_chat_template` takes it:
 - an assistant turn's `tool_calls`: [{"type": "function", "function": {"name", "arguments"}}, ...] (OpenAI's
@@ -19,9 +21,7 @@ Tool calling (function calling), in both formats, as transformers' `apply_chat_t
 - the record's `tools` (a list of JSON schemas, or that list as JSON text) goes to the template as `tools`
   (else `tools` of data.chat_template_kwargs, one list for all records).
 A tool call is an answer the model learns like any other; a result is prompt. A template that drops a
-call or a result (jaxft's default has no tool support) is an error naming the record.
-- pairs: `data.source_field` -> `data.target_field` (seq2seq data for a decoder-only model): one user
-  turn, the source, answered by the target.
+call, a result or a tool (jaxft's default has no tool support) is an error naming the record.
 
 Rendering: the tokenizer's chat template (`chat_template` in tokenizer_config.json, or a
 chat_template.jinja file next to it) rendered with jinja2 in the sandbox and with the settings
