@@ -410,6 +410,8 @@ def parse_args(argv):
                     help="with --chat: variables the template reads, as data.chat_template_kwargs "
                          "(e.g. enable_thinking=false)")
     ap.add_argument("--system", help="with --chat: a system turn before each prompt")
+    ap.add_argument("--tools", help="with --chat: a JSON file holding the list of tool schemas the template lists "
+                                    "(as a record's `tools` in SFT)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top_k", type=int, default=0)
@@ -421,8 +423,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
         ap.error("give exactly one of --prompt=TEXT and --prompts=FILE")
-    if not args.chat and (args.system is not None or args.chat_template or args.chat_template_kwargs):
-        ap.error("--system, --chat_template and --chat_template_kwargs are for --chat")
+    if not args.chat and (args.system is not None or args.chat_template or args.chat_template_kwargs or args.tools):
+        ap.error("--system, --chat_template, --chat_template_kwargs and --tools are for --chat")
     return args
 
 
@@ -486,8 +488,20 @@ def chat_rows(tok, prompts: list[str], args) -> tuple[list[list[int]], list[int]
 
     renderer = sft.renderer(tok, args.chat_template, args.chat_template_kwargs)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    rows = [sft.encode([(renderer(system + [{"role": "user", "content": p}], add_generation_prompt=True), False)],
-                       tok)[0] for p in prompts]
+    tools = None
+    if getattr(args, "tools", None):
+        where = f"--tools={args.tools}"
+        try:
+            tools = sft.record_tools({"tools": Path(args.tools).read_text(encoding="utf-8-sig")}, where)
+        except OSError as e:
+            raise JaxftError(f"{where}: cannot be read ({e.strerror or e})") from None
+        if tools is None:
+            raise JaxftError(f"{where}: no tool in the file (expected a JSON list of tool schemas)")
+    rows = []
+    for p in prompts:
+        turns = system + [{"role": "user", "content": p}]
+        renderer.check_tools(turns, tools)  # a template without tool support would leave them out
+        rows.append(sft.encode([(renderer(turns, add_generation_prompt=True, tools=tools), False)], tok)[0])
     return rows, sft.stop_ids(tok, args.chat_template, args.chat_template_kwargs)
 
 

@@ -791,3 +791,27 @@ def test_tokenized_once(tmp_path, tok_dir, monkeypatch):
     d.train_on_prompt = True
     with pytest.raises(AssertionError, match="tokenized again"):
         mixture.load(d, tok, "sft", sources, print)
+
+
+def test_generate_cli_lists_tools_as_training_does(chatml_dir, tmp_path):
+    """`jaxft.generate --chat --tools=FILE`: the prompt lists the tools as transformers' template does;
+    a bad file or a template without tool support is one error."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    from jaxft.generate import chat_rows
+
+    d = with_template(chatml_dir, tmp_path / "tools", TOOLS_TEMPLATE)
+    hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer(d)
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER], ensure_ascii=False), encoding="utf-8")
+    args = argparse.Namespace(chat_template="", chat_template_kwargs="", system=None, tools=str(tmp_path / "tools.json"))
+    rows, _ = chat_rows(tok, ["北京天气？"], args)
+    assert rows[0] == hf.apply_chat_template([{"role": "user", "content": "北京天气？"}], tools=[WEATHER],
+                                             add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    (tmp_path / "bad.json").write_text('{"name": "f"}')
+    for tools, tokenizer, message in ((tmp_path / "bad.json", tok, "'tools' is a dict"),
+                                      (tmp_path / "missing.json", tok, "cannot be read"),
+                                      (tmp_path / "tools.json", Tokenizer(chatml_dir), "does not render the tool")):
+        with pytest.raises(JaxftError, match=message):
+            chat_rows(tokenizer, ["北京天气？"], argparse.Namespace(**{**vars(args), "tools": str(tools)}))
