@@ -489,7 +489,7 @@ def chat_rows(tok, prompts: list[str], args) -> tuple[list[list[int]], list[int]
     renderer = sft.renderer(tok, args.chat_template, args.chat_template_kwargs)
     system = [{"role": "system", "content": args.system}] if args.system else []
     tools = None
-    if getattr(args, "tools", None):
+    if args.tools:
         where = f"--tools={args.tools}"
         try:
             tools = sft.record_tools({"tools": Path(args.tools).read_text(encoding="utf-8-sig")}, where)

@@ -104,6 +104,15 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _references(columns: dict, names, n: int, needs: str) -> list:
+    """Each completion's reference: the first of the record's fields `names` that it has (None where it has
+    none); `needs` (what the reward needs) starts the error when the records have none of them."""
+    fields = [columns[k] for k in names if k in columns]
+    if not fields:
+        raise JaxftError(f"{SETTING}: {needs}; they have {sorted(columns) or 'no other fields'}")
+    return [next((f[i] for f in fields if f[i] is not None), None) for i in range(n)]
+
+
 def _answer_span(text: str) -> str:
     """The last <answer>...</answer> span's content; else what follows the reasoning (`scores.final_answer`:
     Qwen3's and DeepSeek-R1's `<think>...</think>` block is not the answer), the whole text if there is none."""
@@ -126,14 +135,10 @@ def accuracy(prompts, completions, **columns) -> list[float | None]:
     what follows a `</think>`, else all of it); another reference must equal that answer up to case and
     whitespace. A record with no reference gets None.
     """
-    fields = [columns[k] for k in ("answer", "solution") if k in columns]
-    if not fields:
-        raise JaxftError(
-            f"{SETTING}: the accuracy reward needs an `answer` or `solution` field in the records; "
-            f"they have {sorted(columns) or 'no other fields'}")
     out: list[float | None] = []
-    for i, completion in enumerate(completions):
-        reference = next((f[i] for f in fields if f[i] is not None), None)
+    refs = _references(columns, ("answer", "solution"), len(completions), "the accuracy reward needs an `answer` "
+                      "or `solution` field in the records")
+    for completion, reference in zip(completions, refs):
         if reference is None:
             out.append(None)
             continue
@@ -181,14 +186,10 @@ class Rouge:
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
         from jaxft import scores
 
-        fields = [columns[k] for k in self.fields if k in columns]
-        if not fields:
-            raise JaxftError(f"{SETTING}: the rouge reward needs a {' or '.join(map(repr, self.fields))} field in "
-                             f"the records (rouge=FIELD names another); they have "
-                             f"{sorted(columns) or 'no other fields'}")
         out: list[float | None] = []
-        for i, completion in enumerate(completions):
-            reference = next((f[i] for f in fields if f[i] is not None), None)
+        refs = _references(columns, self.fields, len(completions), f"the rouge reward needs a "
+                          f"{' or '.join(map(repr, self.fields))} field in the records (rouge=FIELD names another)")
+        for completion, reference in zip(completions, refs):
             if reference is not None and not isinstance(reference, list):
                 reference = str(reference)
             answer = _answer_span(text_of(completion))
@@ -206,13 +207,10 @@ def tool_calls(prompts, completions, **columns) -> list[float | None]:
     asks for no call. A record with no reference gets None."""
     from jaxft import scores
 
-    fields = [columns[k] for k in ("tool_calls", "answer") if k in columns]
-    if not fields:
-        raise JaxftError(f"{SETTING}: the tool_calls reward needs a `tool_calls` or `answer` field in the records; "
-                         f"they have {sorted(columns) or 'no other fields'}")
     out: list[float | None] = []
-    for i, completion in enumerate(completions):
-        reference = next((f[i] for f in fields if f[i] is not None), None)
+    refs = _references(columns, ("tool_calls", "answer"), len(completions), "the tool_calls reward needs a "
+                      "`tool_calls` or `answer` field in the records")
+    for completion, reference in zip(completions, refs):
         made = scores.tool_calls(scores.final_answer(text_of(completion)))
         out.append(None if reference is None else float(made == scores.tool_calls(reference)))
     return out

@@ -146,11 +146,11 @@ def tool_call_accuracy(predictions: Sequence[str], references: Sequence) -> floa
     """Over the examples whose reference makes tool calls (`tool_calls`), the fraction whose prediction
     makes the same calls (names and arguments as JSON values; in any order); None when no reference
     makes one."""
-    refs = _reference_lists(predictions, references)
-    scored = [(p, rs) for p, rs in zip(predictions, refs) if any(tool_calls(r) for r in rs)]
+    calls = [[tool_calls(r) for r in rs] for rs in _reference_lists(predictions, references)]
+    scored = [(p, made) for p, made in zip(predictions, calls) if any(made)]
     if not scored:
         return None
-    return sum(tool_calls(p) in [tool_calls(r) for r in rs] for p, rs in scored) / len(scored)
+    return sum(tool_calls(p) in made for p, made in scored) / len(scored)
 
 
 def perplexity(loss_sum: float, count: float) -> float:

@@ -35,7 +35,7 @@ def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.F
     renderer = stops = None
     if not encoder_decoder:
         renderer = sft.renderer(tok, chat_template, chat_template_kwargs)
-        stops = set(sft.stop_ids(tok, chat_template, chat_template_kwargs))
+        stops = sft.stop_ids(tok, chat_template, chat_template_kwargs)
     keep = max(seq_len - max_new_tokens, seq_len // 2, 1)
     prompts, references = [], []
     for row, at in zip(records.rows, records.where):
@@ -49,10 +49,10 @@ def prompts_and_references(records: Records, tok, seq_len: int, *, fields: sft.F
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 segments = renderer.last_answer(messages[: last + 1], sft.record_tools(row, at))
                 reference = messages[last]["content"]
-                if messages[last].get("tool_calls"):
-                    answer = tok.encode_special(segments[-1][0])
-                    end = next((k for k, t in enumerate(answer) if t in stops), len(answer))
-                    reference = tok.decode(answer[:end]).strip()
+                if messages[last].get("tool_calls"):  # the calls as the model writes them, up to where it stops
+                    from jaxft.generate import answer_text
+
+                    reference = answer_text(tok, tok.encode_special(segments[-1][0]), stops).strip()
                 prompt = cut_left(sft.encode(segments[:-1], tok)[0], keep, tok.bos_id)  # the last one is the answer
         except sft.BadRecord as e:
             if skip_bad:
