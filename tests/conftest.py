@@ -80,3 +80,25 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
+
+
+# The README's test command runs every feature; `--run-slow` adds the rest of the combinatorial matrices
+# (each method on each family, each method under each objective, ...) and the longer variants of end-to-end
+# runs whose features a default test already covers. A test is marked slow only with a comment naming the
+# default test that covers what it checks, so the default run (CI) drops no feature, only repetitions.
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (the full matrices; about twice the default run's time)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a repetition of a feature a default test covers; runs with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: a default test covers this feature; --run-slow runs it too")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
