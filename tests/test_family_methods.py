@@ -257,7 +257,27 @@ CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "p
 CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
 
 
-@pytest.mark.parametrize("family_name,method_name", CELLS, ids=[f"{f}-{m}" for f, m in CELLS])
+# The default run keeps every method on llama (the main family) and, on each other family, the methods whose
+# code differs per family: LoRA and IA3 (each family's own targets, checked against PEFT's; GPT-2's Conv1D
+# fan_in_fan_out also for DoRA and AdaLoRA), the Houlsby adapter (both adapter sites), a prefix method
+# (ptuning_v2: the family's key/value layout), prompt tuning on the encoders (T5, RoBERTa's padded positions),
+# a whole-model export (head or bitfit or full), and the refused cells.
+# slow: each of the other cells repeats a default cell's feature: the method itself on llama in
+# test_method_on_family[llama-<method>], and the family's code path in the family's default cells above
+# (pfeiffer = houlsby's MLP site; prefix_tuning = ptuning_v2 plus the family-independent projection;
+# ptuning / lora+ptuning_v2 = prompt_tuning / lora + ptuning_v2; full / bitfit = the family's head or bitfit
+# export; DoRA's and IA3's per-module formats on T5 and BERT also in test_unscanned_blocks_export_as_scanned).
+DEFAULT_CELLS = {("llama", m) for m in METHODS} | {
+    ("gpt2", m) for m in ("head", "bitfit", "lora", "dora", "adalora", "ia3", "houlsby", "ptuning_v2")} | {
+    ("bert", m) for m in ("head", "lora", "ia3", "houlsby", "ptuning_v2")} | {
+    ("roberta", m) for m in ("lora", "prompt_tuning")} | {
+    ("t5", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")} | {
+    ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")}
+
+
+@pytest.mark.parametrize("family_name,method_name", [
+    c if c in DEFAULT_CELLS else pytest.param(*c, marks=pytest.mark.slow) for c in CELLS],
+    ids=[f"{f}-{m}" for f, m in CELLS])
 def test_method_on_family(bases, tmp_path, family_name, method_name):
     base = bases(family_name)
     kw = METHODS[method_name]

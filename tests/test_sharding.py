@@ -28,7 +28,10 @@ def single_device(tmp_path_factory):
     return losses(wd)
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4)])
+# slow: (8, 1, 1) (data parallelism: the data axis splits the batch in (2, 2, 2)) and (1, 2, 4) (FSDP with tensor
+# parallelism: (1, 4, 2)); the default meshes use every axis, data+FSDP+tensor at once and FSDP+tensor alone.
+@pytest.mark.parametrize("mesh", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2), (1, 4, 2),
+                                  pytest.param((1, 2, 4), marks=pytest.mark.slow)])
 def test_eight_devices_match_one(single_device, tmp_path, mesh):
     d, f, t = mesh
     r = cli(tmp_path, *RUN, f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}",
