@@ -107,29 +107,12 @@ def test_rates_leave_out_the_step_that_compiled(tmp_path, monkeypatch):
     assert counted == [2 * per_step, 3 * per_step]  # steps 2-3 (step 1 compiled), then steps 4-6
 
 
-def test_a_log_step_of_only_the_compiling_step_has_no_rates(tmp_path):
-    """Nothing left to rate there (its time is compile time): no 0 tokens/s in the log; the next log
-    step rates the steps after it."""
-    from jaxft import train
-
-    config = tiny_config(steps=3, log_every_steps=1)
-    config.export.enabled = False
-    train.train_and_evaluate(config, str(tmp_path))
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    rates = {r["step"]: r.get("train/tokens_per_second") for r in rows if "train/loss" in r}
-    assert rates[1] is None and rates[2] > 0 and rates[3] > 0, rates
-
-
-def test_cpu_peak_is_measured_and_said(tmp_path):
-    r = cli(tmp_path, "--config.train.steps=2", "--config.export.enabled=False")
-    assert r.returncode == 0, r.stderr
-    assert "GFLOP/s per device (measured float32 matmul on cpu" in r.stdout
-    assert all(0 < row["train/mfu"] < 1 for row in rows(tmp_path) if "train/mfu" in row)
-
-
 def test_a_peak_measured_on_a_busier_machine_is_raised_to_what_the_steps_ran(tmp_path, monkeypatch, capsys):
     """A CPU peak timed while other work shared the cores (8.8 GFLOP/s where the steps later ran 59: MFU
-    1.68 in a log): the first faster interval becomes the peak, said once; MFU never exceeds 1."""
+    1.68 in a log): the first faster interval becomes the peak, said once; MFU never exceeds 1.
+    The same run, logging every step, checks that a log step of only the compiling step has no rates:
+    nothing left to rate there (its time is compile time): no 0 tokens/s in the log; the next log step
+    rates the steps after it."""
     from jaxft import flops, train
 
     monkeypatch.setattr(flops, "measured_peak_flops", lambda dtype: 1.0)  # 1 FLOP/s: every interval is faster
@@ -141,11 +124,17 @@ def test_a_peak_measured_on_a_busier_machine_is_raised_to_what_the_steps_ran(tmp
     assert out.count("above the matmul peak measured at start-up") == 1
     mfu = [row["train/mfu"] for row in rows(tmp_path) if "train/mfu" in row]
     assert len(mfu) == 5 and mfu[0] == pytest.approx(1.0) and all(0 < x <= 1 + 1e-9 for x in mfu)
+    rates = {r["step"]: r.get("train/tokens_per_second") for r in rows(tmp_path) if "train/loss" in r}
+    assert rates[1] is None and rates[2] > 0 and rates[3] > 0, rates
 
 
-def test_profile_steps_write_a_trace(tmp_path):
+def test_profile_steps_write_a_trace_and_the_cpu_peak_is_measured_and_said(tmp_path):
+    """One CLI run checks both: --profile_steps writes a trace, and the CPU's matmul peak is measured at
+    start-up, said, and keeps MFU below 1."""
     r = cli(tmp_path, "--config.train.steps=4", "--profile_steps=2:3", "--config.export.enabled=False")
     assert r.returncode == 0, r.stderr
+    assert "GFLOP/s per device (measured float32 matmul on cpu" in r.stdout
+    assert all(0 < row["train/mfu"] < 1 for row in rows(tmp_path) if "train/mfu" in row)
     traces = list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
 

@@ -112,24 +112,20 @@ def test_resume_with_other_settings_is_an_error(finished, tmp_path, override, me
     assert checksums(run) == before  # nothing written
 
 
-def test_resume_anyway_is_recorded(finished, tmp_path):
+def test_resume_anyway_is_recorded_and_more_steps_train_on(finished, tmp_path):
+    """One resumed run checks both: other settings accepted with resume_anyway are recorded, and more
+    steps than the checkpoint's train on from it and say so."""
     run = copy_of(finished, tmp_path)
-    r = cli(run, "--config.train.steps=6", "--config.checkpoint.every_steps=2", "--config.train.seed=1",
-            "--config.train.resume_anyway=True")
+    r = cli(run, "--config.train.steps=6", "--config.checkpoint.every_steps=2", "--config.train.log_every_steps=1",
+            "--config.train.seed=1", "--config.train.resume_anyway=True")
     assert r.returncode == 0, r.stderr
     assert "resuming with other settings (train.seed: 0 -> 1)" in r.stdout
+    assert "train.steps raised from 4 to 6: training on from step 4" in r.stdout
+    assert steps_saved(run)[-1] == 6 and sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
     notes = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "resumed_anyway" in line]
     assert notes == [{"step": 4, "resumed_anyway": ["train.seed: 0 -> 1"]}]
     meta = json.loads((run / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["resumed_anyway"] == ["train.seed: 0 -> 1"] and meta["settings"]["train.seed"] == 1
-
-
-def test_more_steps_trains_on_and_says_so(finished, tmp_path):
-    run = copy_of(finished, tmp_path)
-    r = cli(run, "--config.train.steps=6", "--config.checkpoint.every_steps=2", "--config.train.log_every_steps=1")
-    assert r.returncode == 0, r.stderr
-    assert "train.steps raised from 4 to 6: training on from step 4" in r.stdout
-    assert steps_saved(run)[-1] == 6 and sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_fewer_steps_than_trained_is_an_error(finished, tmp_path):

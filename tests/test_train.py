@@ -114,6 +114,10 @@ def test_tensorboard_tags(uninterrupted):
     assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_second"))
 
 
+# slow: grad_accum=4 gives the full batch's loss, gradient norm and parameters in
+# test_sharding.py::test_grad_accumulation_same_loss_and_gradient (the train step the CLI builds), and a CLI run
+# with train.grad_accum=2 logs one device's figures in test_cloze.py::test_rows_per_class_train_alike_on_eight_devices.
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch(tmp_path):
     base = ("--config.train.steps=3", "--config.train.log_every_steps=1")
     a = cli(tmp_path / "a", *base)
@@ -167,16 +171,27 @@ def test_missing_field_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["--config.method.name=full", "--config.model.dtype=bfloat16"],
+    # Each option of the slow cases below in one default case: full fine-tuning of layer 1 only, unscanned, in
+    # bfloat16; a composition with deep prompts through a projection with dropout, unscanned, rematerialized.
+    ["--config.method.name=full", "--config.model.dtype=bfloat16", "--config.method.layers=1",
+     "--config.model.scan_layers=False"],
+    ["--config.method.name=lora+ptuning_v2", "--config.method.projection=True", "--config.method.prompt_dropout=0.1",
+     "--config.model.scan_layers=False", "--config.model.remat=True"],
     ["--config.method.name=head", "--config.data.synthetic_labels=3"],
-    ["--config.method.name=ptuning_v2", "--config.method.projection=True", "--config.method.prompt_dropout=0.1"],
-    ["--config.method.name=lora+ptuning_v2", "--config.model.scan_layers=False", "--config.model.remat=True"],
-    # slow: a composed method trains through the CLI in the lora+ptuning_v2 case above, lora+prompt_tuning runs
+    # slow: the four cases below (full in bfloat16, ptuning_v2 with a projection and dropout, lora+ptuning_v2
+    # unscanned with remat, full of layer 1 unscanned) train with each of their options in the first two cases.
+    pytest.param(["--config.method.name=full", "--config.model.dtype=bfloat16"], marks=pytest.mark.slow),
+    pytest.param(["--config.method.name=ptuning_v2", "--config.method.projection=True",
+                  "--config.method.prompt_dropout=0.1"], marks=pytest.mark.slow),
+    pytest.param(["--config.method.name=lora+ptuning_v2", "--config.model.scan_layers=False",
+                  "--config.model.remat=True"], marks=pytest.mark.slow),
+    pytest.param(["--config.method.name=full", "--config.method.layers=1", "--config.model.scan_layers=False"],
+                 marks=pytest.mark.slow),
+    # slow: lora+prompt_tuning; a composed method trains through the CLI in the lora+ptuning_v2 case above, lora+prompt_tuning runs
     # through the CLI in test_an_export_replaces_an_earlier_runs_export_in_the_same_dir, and synthetic labels
     # train a classifier in the head case.
     pytest.param(["--config.method.name=lora+prompt_tuning", "--config.data.synthetic_labels=2"],
                  marks=pytest.mark.slow),
-    ["--config.method.name=full", "--config.method.layers=1", "--config.model.scan_layers=False"],
 ])
 def test_methods_and_model_options_train(tmp_path, overrides):
     # 8 examples = one batch seen every step, so any method can fit it a little.
