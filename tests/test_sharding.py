@@ -29,7 +29,7 @@ def single_device(tmp_path_factory):
 
 
 # slow: (2, 2, 2); 8 devices on a 2 x 2 x 2 mesh end with one device's losses in
-# test_mean_pooling_classifier_eight_devices_match_one, and each axis size is in a default mesh here.
+# test_mean_pooling_classifier_eight_devices_match_one, and every other axis size is in a default mesh here.
 @pytest.mark.parametrize("mesh", [(8, 1, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow), (1, 4, 2), (1, 2, 4)])
 def test_eight_devices_match_one(single_device, tmp_path, mesh):
     d, f, t = mesh
