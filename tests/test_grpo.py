@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -317,9 +318,12 @@ def test_cli_reward_rises_and_resumes_exactly(tmp_path, run):
     # jaxft.evaluate scores the checkpoint, and the export, as training's eval did.
     for checkpoint in (straight, straight / "export"):
         assert evaluated_reward(tmp_path, run, checkpoint) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
-    # Stopped at 10 and run again to 20: the same completions are drawn, so the same steps follow.
+    # Killed after the checkpoint of step 10 (a copy of the run, the last checkpoint removed) and run again to
+    # 20: the same completions are drawn, so the same steps follow. (A finished shorter run trained on further
+    # is tested on SFT, test_sft.py::test_cli_sft_mixture_learns_and_resumes_exactly.)
     split = tmp_path / "split"
-    assert cli(split, *run, "--config.train.steps=10").returncode == 0
+    shutil.copytree(straight, split)
+    shutil.rmtree(split / "checkpoints" / "20")
     r = cli(split, *run, "--config.train.steps=20")
     assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
     assert [losses(split)[s] for s in range(11, 21)] == [losses(straight)[s] for s in range(11, 21)]
@@ -328,23 +332,29 @@ def test_cli_reward_rises_and_resumes_exactly(tmp_path, run):
 def test_cli_several_iterations_per_batch_resume_exactly(tmp_path, run):
     """grpo_iterations=2: each batch of completions trains two steps; the second's ratios move off 1."""
     it = (*run, "--config.train.grpo_iterations=2", "--config.train.grpo_epsilon=0.01",
-          "--config.optimizer.learning_rate=1e-2", "--config.export.enabled=False")
+          "--config.optimizer.learning_rate=1e-2", "--config.export.enabled=False", "--config.checkpoint.every_steps=4")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cli(straight, *it, "--config.train.steps=20").returncode == 0
+    assert cli(straight, *it, "--config.train.steps=8").returncode == 0
     rows = {row["step"]: row for row in metrics(straight) if "train/loss" in row}
-    assert all(rows[s]["train/clip_ratio"] == 0 for s in range(1, 21, 2))  # pi_old is pi: ratio 1
-    assert any(rows[s]["train/clip_ratio"] > 0 for s in range(2, 21, 2))
-    assert all(rows[s]["train/reward"] == rows[s + 1]["train/reward"] for s in range(1, 21, 2))  # one batch, 2 steps
-    assert cli(split, *it, "--config.train.steps=10").returncode == 0
-    r = cli(split, *it, "--config.train.steps=20")
-    assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
-    assert [losses(split)[s] for s in range(11, 21)] == [losses(straight)[s] for s in range(11, 21)]
+    assert all(rows[s]["train/clip_ratio"] == 0 for s in range(1, 9, 2))  # pi_old is pi: ratio 1
+    assert any(rows[s]["train/clip_ratio"] > 0 for s in range(2, 9, 2))
+    assert all(rows[s]["train/reward"] == rows[s + 1]["train/reward"] for s in range(1, 9, 2))  # one batch, 2 steps
+    assert cli(split, *it, "--config.train.steps=4").returncode == 0
+    r = cli(split, *it, "--config.train.steps=8")
+    assert r.returncode == 0 and "resuming from step 4" in r.stdout, r.stderr[-3000:]
+    assert [losses(split)[s] for s in range(5, 9)] == [losses(straight)[s] for s in range(5, 9)]
 
 
 def test_eight_devices_and_micro_batches_match_one_device(tmp_path, run):
     """Prompts spread over the devices, each group of completions on the devices of its prompt."""
     assert_eight_devices_match_one(tmp_path, (*run, "--config.train.steps=4", "--config.export.enabled=False",
                                               "--config.eval.batch_size=16"))
+    # The one-device run is also test_cli_truncated_completions_can_be_left_out_of_the_loss's unmasked case
+    # (train.grpo_mask_truncated=False, the default): its steps 1 and 2 are that test's 2-step run (a constant
+    # schedule), every completion truncated, and yet they train.
+    rows = [row for row in metrics(tmp_path / "one") if "train/loss" in row][:2]
+    assert [row["step"] for row in rows] == [1, 2] and all(row["train/clipped_completions"] == 1 for row in rows)
+    assert all(row["train/grad_norm"] != 0 for row in rows), rows
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -363,9 +373,11 @@ def test_cli_bad_settings_are_one_line(tmp_path, run, bad, message):
 
 
 def test_cli_truncated_completions_can_be_left_out_of_the_loss(tmp_path, run):
-    """The random tiny policy never says EOS in 8 tokens: with grpo_mask_truncated nothing trains."""
-    go = (*run, "--config.train.steps=2", "--config.export.enabled=False")
-    for masked in (False, True):
+    """The random tiny policy never says EOS in 8 tokens: with grpo_mask_truncated nothing trains. (Without
+    it, the default, they train: asserted on the one-device run of test_eight_devices_and_micro_batches_match_one_
+    device, which pays for that run anyway.)"""
+    go = (*run, "--config.train.steps=2", "--config.export.enabled=False", "--config.data.eval_holdout=0")  # no eval
+    for masked in (True,):
         assert cli(tmp_path / str(masked), *go, f"--config.train.grpo_mask_truncated={masked}").returncode == 0
         rows = [row for row in metrics(tmp_path / str(masked)) if "train/loss" in row]
         assert all(row["train/clipped_completions"] == 1 for row in rows)
@@ -398,7 +410,7 @@ def test_two_processes_match_one(tmp_path, run):
     and eval of one 4-device process."""
     from test_sharding import free_port
 
-    go = (*run, "--config.train.steps=4", "--config.export.enabled=False", "--config.mesh.data=2",
+    go = (*run, "--config.train.steps=2", "--config.export.enabled=False", "--config.mesh.data=2",
           "--config.mesh.fsdp=2", "--config.eval.at_start=True")
     one, two, port = tmp_path / "one", tmp_path / "two", free_port()
     assert cli(one, *go, devices=4).returncode == 0
@@ -410,22 +422,16 @@ def test_two_processes_match_one(tmp_path, run):
     assert_same_figures(one, two)
 
 
-@pytest.mark.parametrize("method", ["ptuning_v2", "prompt_tuning", "ia3"])
+# slow: IA3 (no prefix; it generates as LoRA does) trains a preference objective with a reference in
+# test_preference.py::test_other_methods_train_dpo[method1]; the prefixes' rollouts stay here.
+@pytest.mark.parametrize("method", ["ptuning_v2", "prompt_tuning", pytest.param("ia3", marks=pytest.mark.slow)])
 def test_other_methods_train_grpo(tmp_path, run, method):
     """Prefixes and soft prompts generate as they train (their keys and values in front of the cache)."""
     r = cli(tmp_path, *run, f"--config.method.name={method}", "--config.method.num_virtual_tokens=4",
-            "--config.train.steps=2", "--config.export.enabled=False")
+            "--config.train.steps=2", "--config.export.enabled=False", "--config.data.eval_holdout=0")  # no eval
     assert r.returncode == 0, r.stderr[-3000:]
     row = [row for row in metrics(tmp_path) if "train/loss" in row][0]
     assert row["train/kl"] == 0 and np.isfinite(row["train/loss"])
-
-
-def test_grpo_config_runs_and_exports(tmp_path):
-    r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
-            "--config.eval.generate_examples=8", "--config.optimizer.warmup_steps=0", config="configs/grpo_lora.py")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 0: eval/reward=" in r.stdout and "train/reward=" in r.stdout
-    assert (tmp_path / "export" / "adapter_model.safetensors").exists()
 
 
 def test_chinese_prompts_completions_and_rewards(tok_dir):
@@ -500,18 +506,24 @@ def test_reward_model_scores_match_transformers(tmp_path, tok_dir):
 
 def test_cli_grpo_on_a_trained_reward_models_export(tmp_path):
     """The RLHF pipeline in jaxft: configs/reward_lora.py trains a reward model (a PEFT adapter on
-    jaxft-tiny), and GRPO takes its export as the reward (`model=EXPORT`), the base named in the adapter."""
+    jaxft-tiny), and GRPO takes its export as the reward (`model=EXPORT`), the base named in the adapter.
+    Both runs are also the tests that configs/reward_lora.py and configs/grpo_lora.py run and export (the
+    latter's own reward, sentiment, one of the two here)."""
     rm = tmp_path / "rm"
     r = cli(rm, "--config.train.steps=2", "--config.data.max_train_examples=24", "--config.data.eval_holdout=8",
             "--config.data.seq_len=64", "--config.eval.every_steps=0",
             "--config.optimizer.warmup_steps=0", config="configs/reward_lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 0: eval/loss=" in r.stdout and "done:" in r.stdout and "eval/reward_margin=" in r.stdout
+    assert (rm / "export" / "adapter_model.safetensors").exists()
     policy = tmp_path / "policy"
     r = cli(policy, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
-            "--config.eval.generate_examples=8", "--config.eval.at_start=False",
+            "--config.eval.generate_examples=8",
             f"--config.train.grpo_rewards=model={rm / 'export'},sentiment", "--config.train.grpo_reward_weights=1,0.5",
             "--config.optimizer.warmup_steps=0", config="configs/grpo_lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 0: eval/reward=" in r.stdout and "train/reward=" in r.stdout
+    assert (policy / "export" / "adapter_model.safetensors").exists()
     row = [row for row in metrics(policy) if "train/reward/reward_model" in row][-1]
     assert row["train/reward"] == pytest.approx(row["train/reward/reward_model"] + 0.5 * row["train/reward/sentiment"],
                                                 abs=1e-5)
