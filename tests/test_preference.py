@@ -309,17 +309,26 @@ def test_cli_dpo_starts_at_log_2_learns_and_resumes_exactly(tmp_path, pairs):
     assert [losses(split)[s] for s in range(16, 31)] == [losses(straight)[s] for s in range(16, 31)]
 
 
-def test_cli_dpo_generates_for_held_out_prompts_and_evaluate_scores_them(tmp_path, pairs):
+@pytest.fixture(scope="module")
+def dpo_four_steps(tmp_path_factory, pairs):
+    """One 4-step DPO run on one device that generates in its evals, paid for once: its answers are
+    test_cli_dpo_generates_for_held_out_prompts_and_evaluate_scores_them's, and its figures the one-device side
+    of test_eight_devices_and_micro_batches_match_one_device."""
+    wd = tmp_path_factory.mktemp("dpo4") / "run"
+    run = (*pairs, "--config.train.steps=4", "--config.eval.generate_examples=6", "--config.eval.max_new_tokens=8",
+           "--config.eval.at_start=False", "--config.export.enabled=False")
+    r = cli(wd, *run, "--config.mesh.data=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return wd, run
+
+
+def test_cli_dpo_generates_for_held_out_prompts_and_evaluate_scores_them(tmp_path, pairs, dpo_four_steps):
     """eval.generate_examples on DPO: answers to the held-out pairs' distinct prompts, ROUGE against their
     chosen answers (as SFT's eval: the conversation ending in the chosen answer), samples written; jaxft.evaluate
     gives the same scores from the checkpoint (it cannot give the DPO loss: no reference there)."""
     from test_evaluate import cli as evaluate_cli
 
-    wd = tmp_path / "run"
-    run = (*pairs, "--config.train.steps=4", "--config.eval.generate_examples=6", "--config.eval.max_new_tokens=8",
-           "--config.eval.at_start=False", "--config.export.enabled=False")
-    r = cli(wd, *run)
-    assert r.returncode == 0, r.stderr[-3000:]
+    wd, run = dpo_four_steps
     final = [row for row in metrics(wd) if "eval/rougeL" in row][-1]
     assert final["step"] == 4 and "eval/loss" in final and "eval/bleu" in final
     samples = [json.loads(line) for line in (wd / "samples" / "step_4.jsonl").read_text().splitlines()]
@@ -366,11 +375,11 @@ def test_preference_configs_run_and_export(tmp_path, name):
     assert (tmp_path / "export" / "adapter_model.safetensors").exists()
 
 
-def test_eight_devices_and_micro_batches_match_one_device(tmp_path, pairs):
-    """The reference pass feeds each device its rows; micro-batches keep each pair's two answers together."""
+def test_eight_devices_and_micro_batches_match_one_device(tmp_path, pairs, dpo_four_steps):
+    """The reference pass feeds each device its rows; micro-batches keep each pair's two answers together.
+    (The one-device run, `dpo_four_steps`, also generates in its final eval: that does not touch the figures.)"""
     run = (*pairs, "--config.train.steps=4", "--config.export.enabled=False", "--config.eval.at_start=False")
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    assert cli(one, *run, "--config.mesh.data=1").returncode == 0
+    one, eight = dpo_four_steps[0], tmp_path / "eight"
     r = cli(eight, *run, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
             "--config.train.grad_accum=2", "--config.eval.batch_size=16", devices=8)
     assert r.returncode == 0, r.stderr[-3000:]
