@@ -189,7 +189,10 @@ def _bitfit_base(name, d):
     return m
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert"])
+# slow: [bert]: BitFit through train_and_evaluate is checked on gpt2 here; on BERT (a classifier: exactly the
+# biases and the head train, the whole-model export reads in transformers with jaxft's logits, the loss falls) in
+# tests/test_family_methods.py::test_method_on_family[bert-bitfit].
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("bert", marks=pytest.mark.slow)])
 def test_bitfit_trains_exactly_the_biases(tmp_path, name):
     from safetensors.numpy import load_file
     from transformers import AutoModelForSequenceClassification
