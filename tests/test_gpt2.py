@@ -152,8 +152,17 @@ def test_unsupported_config_is_one_line_error(tmp_path):
             hf.load(d)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("method_kw", [None, dict(name="ptuning_v2", num_virtual_tokens=3)])
+# Each scan setting and each method appear in a default cell: [None-True] (plain, scanned) and
+# [method_kw1-False] (P-Tuning v2 prefix, unscanned).
+# slow: [method_kw1-True] (the prefix with the cache in [method_kw1-False], scanned layers' cache in [None-True]),
+# [None-False] (unscanned layers' cache in [method_kw1-False]).
+KV_CASES = [pytest.param(None, True), pytest.param(None, False, marks=pytest.mark.slow),
+            pytest.param(dict(name="ptuning_v2", num_virtual_tokens=3), True, marks=pytest.mark.slow),
+            pytest.param(dict(name="ptuning_v2", num_virtual_tokens=3), False)]
+
+
+@pytest.mark.parametrize("method_kw,scan", KV_CASES,
+                         ids=[f"{'method_kw1' if c.values[0] else 'None'}-{c.values[1]}" for c in KV_CASES])
 def test_kv_cache_decode_matches_full_forward(tmp_path, scan, method_kw):
     _, d = build_hf(tmp_path)
     if method_kw:
@@ -234,7 +243,10 @@ def test_prefix_adapter_matches_peft(tmp_path):
     assert rel_err(ours(model2, params2, ids, mask)[real], ref[real]) < 1e-5
 
 
-@pytest.mark.parametrize("scan", [True, False])
+# slow: [False]: unscanned GPT-2 layers are checked in test_kv_cache_decode_matches_full_forward[method_kw1-False]
+# and init_from_tokens on unscanned blocks in test_bert.py::test_prefix_init_from_tokens_on_an_encoder[False];
+# [True] keeps GPT-2's keys and values here.
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_prefix_init_from_tokens_uses_real_keys_and_values(tmp_path, scan):
     """P-Tuning v2's init_from_tokens finds GPT-2's keys and values (its attention is `attn`, not Llama's
     `self_attn`): transformers' own cache of the same tokens."""
@@ -306,7 +318,11 @@ SST2 = ("--config.data.name=sst2", "--config.data.max_train_examples=64", "--con
         "--config.eval.every_steps=0", "--config.optimizer.learning_rate=1e-2", "--config.optimizer.warmup_steps=0")
 
 
-@pytest.mark.parametrize("method", ["full", "head", "lora", "ptuning_v2", "lora+ptuning_v2"])
+# slow: [lora] and [ptuning_v2]: both train together through the CLI in [lora+ptuning_v2] (their adapters
+# exported), LoRA alone through the CLI in test_sharded_run_resumes; each alone trains on GPT-2 in
+# test_family_methods.py::test_method_on_family[gpt2-lora]/[gpt2-ptuning_v2].
+@pytest.mark.parametrize("method", ["full", "head", pytest.param("lora", marks=pytest.mark.slow),
+                                    pytest.param("ptuning_v2", marks=pytest.mark.slow), "lora+ptuning_v2"])
 def test_train_cli_on_sst2(gpt2_dir, tmp_path, method):
     # 8 examples = one batch seen every step, so any method can fit it a little.
     r = cli(tmp_path, f"--config.model.path={gpt2_dir}", f"--config.method.name={method}", *SST2,
