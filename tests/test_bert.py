@@ -297,7 +297,12 @@ SST2_FEW = ("--config.data.name=sst2", "--config.data.max_train_examples=8", "--
             "--config.train.log_every_steps=1")
 
 
-@pytest.mark.parametrize("method", ["full", "head", "lora", "ptuning_v2"])
+# slow: [head]: a whole classifier trains and exports through the CLI in [full] (the same export branch and
+# checks), head alone trains on BERT in test_family_methods.py::test_method_on_family[bert-head];
+# [lora]: LoRA on BERT through the CLI trains and exports in test_sharded_run_resumes_exactly, its targets are
+# PEFT's in test_family_methods.py::test_method_on_family[bert-lora].
+@pytest.mark.parametrize("method", ["full", pytest.param("head", marks=pytest.mark.slow),
+                                    pytest.param("lora", marks=pytest.mark.slow), "ptuning_v2"])
 def test_methods_train_a_bert_classifier(tiny_bert, tmp_path, method):
     # 8 examples = one batch seen every step, so any method can fit it a little.
     r = cli(tmp_path, f"--config.model.path={tiny_bert}", f"--config.method.name={method}", "--config.train.steps=6",
@@ -505,7 +510,9 @@ def test_masks_are_redrawn_every_batch_and_do_not_depend_on_the_process_split():
     assert (next_epoch["mlm_labels"] >= 0).tolist() != (whole["mlm_labels"] >= 0).tolist()
 
 
-@pytest.mark.parametrize("scan", [True, False])
+# slow: [True]: BERT's sown keys/values are read in [False]; init_from_tokens over scanned blocks in
+# test_gpt2.py::test_prefix_init_from_tokens_uses_real_keys_and_values[True] and test_t5.py::test_prefix_init_from_tokens.
+@pytest.mark.parametrize("scan", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_prefix_init_from_tokens_on_an_encoder(models, scan):
     """`method.init_from_tokens` reads the keys and values BERT's attention sows (its modules are not
     Llama's): the prefix starts as the frozen encoder's keys/values of the first real tokens."""
