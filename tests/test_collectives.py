@@ -135,9 +135,18 @@ def assert_gathers_only_parameters(step: Step):
 
 
 CASES = [(mesh, method) for mesh in (DATA, FSDP, TENSOR, FSDP_TENSOR) for method in ("full", "lora")]
+# Every mesh and both methods stay in the default run: lora-8x1x1, full-1x8x1, lora-1x1x8 and both on 1x2x4
+# (LoRA's rank-wide activations and its one permute exception). The slow cells repeat a layout's checks with
+# the other method:
+# slow: full-8x1x1 (the data layout's checks in lora-8x1x1; full fine-tuning's gradients reduced once on it in
+# test_grad_accumulation_moves_no_batch[data]); lora-1x8x1 (the FSDP checks in full-1x8x1, LoRA under FSDP in
+# lora-1x2x4); full-1x1x8 (the tensor-parallel checks in lora-1x1x8 and full-1x2x4).
+SLOW_CASES = {(DATA, "full"), (FSDP, "lora"), (TENSOR, "full")}
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{'x'.join(map(str, s))}" for s, m in CASES])
+@pytest.fixture(scope="module", params=[
+    pytest.param(c, id=f"{c[1]}-{'x'.join(map(str, c[0]))}", marks=[pytest.mark.slow] if c in SLOW_CASES else [])
+    for c in CASES])
 def compiled(request):
     mesh, method = request.param
     return mesh, method, compile_step(mesh, method)
