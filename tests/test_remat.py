@@ -41,8 +41,17 @@ def loss_and_grads(cfg, method_name="lora+ptuning_v2"):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("policy", [p for p in REMAT if p != "none"])
+# Every policy stays in the default run, each scan setting too: full and save_dots over scanned layers (the
+# default), offload over unrolled ones.
+# slow: [full-False] and [save_dots-False] (unrolled layers' remat in [offload-False], each policy in its
+# scanned cell), [offload-True] (offload in [offload-False], scanned remat in [full-True]/[save_dots-True]).
+POLICY_CASES = [(policy, scan) for policy in REMAT if policy != "none" for scan in (True, False)]
+SLOW_POLICY_CASES = {("full", False), ("save_dots", False), ("offload", True)}
+
+
+@pytest.mark.parametrize("policy,scan", [
+    pytest.param(*c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.slow] if c in SLOW_POLICY_CASES else [])
+    for c in POLICY_CASES])
 def test_every_policy_gives_the_same_loss_and_gradients(scan, policy):
     ref_loss, ref_grads = loss_and_grads(TINY.replace(scan_layers=scan))
     loss, grads = loss_and_grads(TINY.replace(scan_layers=scan, remat=policy))
@@ -54,6 +63,7 @@ def test_every_policy_gives_the_same_loss_and_gradients(scan, policy):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+@functools.lru_cache  # save_dots' step is compiled once for the two tests below
 def temp_bytes(remat: str, scan: bool) -> int:
     """XLA's own count of the scratch memory of a full fine-tuning step's forward and backward pass."""
     cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
