@@ -78,8 +78,16 @@ def check(fn, case, dtype):
     assert_matches(run(fn, q, k, v, mask, prefix, window), ref, mask, dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", GRID, ids=case_id)
+# Every heads, window, prefix and dtype value and every window x prefix pair stays in the default run:
+# gqa-window5-prefix3-float32, mha-window0-prefix0-bfloat16, gqa-window0-prefix3-bfloat16, mha-window5-prefix0-float32.
+# slow: the other twelve cells, each a repetition of a mask/offset/permutation path those four take.
+DPA_DEFAULT = {((4, 2), 5, 3, "float32"), ((4, 4), None, 0, "bfloat16"), ((4, 2), None, 3, "bfloat16"),
+               ((4, 4), 5, 0, "float32")}
+DPA_CASES = [pytest.param(c, d, id=f"{case_id(c)}-{d}", marks=[] if (*c, d) in DPA_DEFAULT else [pytest.mark.slow])
+             for c in GRID for d in ("float32", "bfloat16")]
+
+
+@pytest.mark.parametrize("case,dtype", DPA_CASES)
 def test_dot_product_attention_call_matches_xla(case, dtype):
     """The cudnn path's masks, offsets and permutations, through jax.nn's own XLA implementation."""
     check(functools.partial(A.cudnn, implementation="xla"), case, dtype)
@@ -99,11 +107,15 @@ PALLAS_CASES = [("splash", c, "float32")
                 for c in ((GQA, None, 0), (GQA, None, 3), (GQA, 5, 0), (GQA, 5, 3), (MHA, 5, 3))]
 PALLAS_CASES += [("flash", c, "float32") for c in ((GQA, None, 0), (GQA, None, 3), (MHA, None, 3), (GQA, 5, 3))]
 PALLAS_CASES += [("splash", (GQA, 5, 3), "bfloat16"), ("flash", (GQA, None, 3), "bfloat16")]
+# slow: splash-gqa-window5-prefix3-float32: the same case runs in bf16 here and splash's window + prefix in
+# float32 through a whole model in test_model_logits_match_xla[splash-window6-prefix3].
+SLOW_PALLAS = {("splash", (GQA, 5, 3), "float32")}
 
 
 @needs_pallas
-@pytest.mark.parametrize("kernel,case,dtype", PALLAS_CASES, 
-                         ids=[f"{k}-{case_id(c)}-{d}" for k, c, d in PALLAS_CASES])
+@pytest.mark.parametrize("kernel,case,dtype", [
+    pytest.param(k, c, d, id=f"{k}-{case_id(c)}-{d}", marks=[pytest.mark.slow] if (k, c, d) in SLOW_PALLAS else [])
+    for k, c, d in PALLAS_CASES])
 def test_pallas_kernel_matches_xla(kernel, case, dtype):
     with interpreted():
         check(getattr(A, kernel), case, dtype)
@@ -292,8 +304,10 @@ def numpy_bidirectional(q, k, v, mask, prefix):
     return np.einsum("bhts,bshd->bthd", p, v)
 
 
-@pytest.mark.parametrize("prefix", [0, 3])
-@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+# slow: [gqa-0] and [mha-3]: each heads layout and each prefix stays in [gqa-3] and [mha-0].
+@pytest.mark.parametrize("heads,prefix", [pytest.param((4, 2), 0, id="gqa-0", marks=pytest.mark.slow),
+                                          pytest.param((4, 2), 3, id="gqa-3"), pytest.param((4, 4), 0, id="mha-0"),
+                                          pytest.param((4, 4), 3, id="mha-3", marks=pytest.mark.slow)])
 def test_bidirectional_xla_matches_numpy(heads, prefix):
     q, k, v, mask = inputs("float32", heads, prefix)
     got = A.xla(q, k, v, mask, prefix, None, causal=False)
@@ -303,8 +317,15 @@ def test_bidirectional_xla_matches_numpy(heads, prefix):
     assert not np.allclose(np.asarray(causal), ref, atol=1e-3)  # the flag changes what a row sees
 
 
-@pytest.mark.parametrize("prefix", [0, 3])
-@pytest.mark.parametrize("impl", list(BIDIRECTIONAL))
+# slow: [splash-0] (splash's non-causal path forward and backward in [splash-3], with no prefix through the
+# kernel in [flash-0]) and [flash-3] (flash's in [flash-0], a prefix in [splash-3]); every implementation and
+# each prefix stays in the default run.
+SLOW_BIDIRECTIONAL = {("splash", 0), ("flash", 3)}
+
+
+@pytest.mark.parametrize("impl,prefix", [
+    pytest.param(i, p, id=f"{i}-{p}", marks=[pytest.mark.slow] if (i, p) in SLOW_BIDIRECTIONAL else [])
+    for i in BIDIRECTIONAL for p in (0, 3)])
 def test_bidirectional_matches_xla(impl, prefix):
     """Each implementation's non-causal path, forward and gradients, against the xla reference."""
     fn, available = BIDIRECTIONAL[impl]
