@@ -276,7 +276,11 @@ def test_sequence_classification_mean_pooling(tmp_path):
 # 4. unscanned layers
 
 
-@pytest.mark.parametrize("variant", ["llama2_bias", "qwen2_bias_gqa", "qwen3_qknorm_head_dim", "mistral_head_dim"])
+# slow: [llama2_bias] (biases through unrolled layers in [qwen2_bias_gqa]; an unscanned Llama against
+# transformers in test_save_round_trip[llama_mqa_tied-False]) and [mistral_head_dim] (an explicit head_dim
+# through unrolled layers in [qwen3_qknorm_head_dim]).
+@pytest.mark.parametrize("variant", [pytest.param("llama2_bias", marks=pytest.mark.slow), "qwen2_bias_gqa",
+                                     "qwen3_qknorm_head_dim", pytest.param("mistral_head_dim", marks=pytest.mark.slow)])
 def test_scan_layers_false_matches_scanned(tmp_path, variant):
     cls_name, kw = VARIANTS[variant]
     ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
