@@ -299,8 +299,7 @@ SST2_FEW = ("--config.data.name=sst2", "--config.data.max_train_examples=8", "--
 
 # slow: [head]: a whole classifier trains and exports through the CLI in [full] (the same export branch and
 # checks), head alone trains on BERT in test_family_methods.py::test_method_on_family[bert-head];
-# [lora]: LoRA on BERT through the CLI trains and exports in test_sharded_run_resumes_exactly, its targets are
-# PEFT's in test_family_methods.py::test_method_on_family[bert-lora].
+# [lora]: LoRA on BERT through the CLI trains and exports (the same checks) in test_sharded_run_resumes_exactly.
 @pytest.mark.parametrize("method", ["full", pytest.param("head", marks=pytest.mark.slow),
                                     pytest.param("lora", marks=pytest.mark.slow), "ptuning_v2"])
 def test_methods_train_a_bert_classifier(tiny_bert, tmp_path, method):
@@ -335,6 +334,13 @@ def test_sharded_run_resumes_exactly(tiny_bert, tmp_path):
     r = cli(tmp_path, *args, devices=8)
     assert r.returncode == 0, r.stderr
     first = losses(tmp_path)
+    # LoRA on a BERT classifier through the CLI (test_methods_train_a_bert_classifier[lora]'s checks): it learns,
+    # and its adapter is PEFT's SEQ_CLS one with BERT's default targets.
+    assert "model: bert 2x32 head=classification (first pooling)" in r.stdout
+    assert all(np.isfinite(v) for v in first.values()) and first[6] < first[1], first
+    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and set(config["modules_to_save"]) == {"classifier", "pooler"}
+    assert "query" in config["target_modules"] and "value" in config["target_modules"]
     adapter = (tmp_path / "export" / "adapter_model.safetensors").read_bytes()
     shutil.rmtree(tmp_path / "checkpoints" / "6")
     r = cli(tmp_path, *args, devices=8)
