@@ -319,7 +319,7 @@ SST2 = ("--config.data.name=sst2", "--config.data.max_train_examples=64", "--con
 
 
 # slow: [lora] and [ptuning_v2]: both train together through the CLI in [lora+ptuning_v2] (their adapters
-# exported), LoRA alone through the CLI in test_sharded_run_resumes; each alone trains on GPT-2 in
+# exported), LoRA alone through the CLI (the same checks) in test_sharded_run_resumes; each alone trains on GPT-2 in
 # test_family_methods.py::test_method_on_family[gpt2-lora]/[gpt2-ptuning_v2].
 @pytest.mark.parametrize("method", ["full", "head", pytest.param("lora", marks=pytest.mark.slow),
                                     pytest.param("ptuning_v2", marks=pytest.mark.slow), "lora+ptuning_v2"])
@@ -348,10 +348,15 @@ def test_sharded_run_resumes(gpt2_dir, tmp_path):
     """fsdp x tensor over 4 devices; with its last checkpoint removed, a rerun resumes from the one before
     and ends with the same adapter and losses."""
     args = (f"--config.model.path={gpt2_dir}", "--config.method.name=lora", *SST2, "--config.mesh.fsdp=2",
-            "--config.mesh.tensor=2", "--config.checkpoint.every_steps=3", "--config.train.steps=6")
+            "--config.mesh.tensor=2", "--config.checkpoint.every_steps=3", "--config.train.steps=6",
+            "--config.data.max_train_examples=8")
     r = cli(tmp_path, *args, devices=4)
     assert r.returncode == 0, r.stderr
     first, first_losses = adapter(tmp_path), losses(tmp_path)
+    # LoRA through the CLI (test_train_cli_on_sst2[lora]'s checks): 8 examples, one batch seen every step, fit a little.
+    assert "model: gpt2 2x32 head=classification" in r.stdout
+    assert all(np.isfinite(v) for v in first_losses.values()) and first_losses[6] < first_losses[1], first_losses
+    assert any((tmp_path / "export").rglob("adapter_config.json"))
     shutil.rmtree(tmp_path / "checkpoints" / "6")
     r = cli(tmp_path, *args, devices=4)
     assert r.returncode == 0, r.stderr
