@@ -269,7 +269,7 @@ CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prom
 # export; DoRA's and IA3's per-module formats on T5 and BERT also in test_unscanned_blocks_export_as_scanned).
 DEFAULT_CELLS = {("llama", m) for m in METHODS} | {
     ("gpt2", m) for m in ("head", "bitfit", "lora", "dora", "adalora", "ia3", "houlsby", "ptuning_v2")} | {
-    ("bert", m) for m in ("head", "lora", "ia3", "houlsby", "ptuning_v2")} | {
+    ("bert", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "ptuning_v2")} | {
     ("roberta", m) for m in ("lora", "prompt_tuning")} | {
     ("t5", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")} | {
     ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")}
