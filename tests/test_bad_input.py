@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from test_train import xla_flags
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -31,7 +33,7 @@ NO_WARMUP = "--config.optimizer.warmup_steps=0"  # a shipped config cut to a few
 
 
 def cli(workdir, *overrides, config=TINY, env=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(), **(env or {})}
     cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

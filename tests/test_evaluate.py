@@ -19,6 +19,7 @@ from jaxft.data.sources import Records, read_file
 from jaxft.errors import JaxftError
 from jaxft.evaluate import evaluate
 from jaxft.tokenizer import Tokenizer
+from test_train import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 EN = "the a movie film is was very good bad funny boring story actor charming , . it 's not and of".split()
@@ -244,7 +245,7 @@ def test_encoder_decoder_export_does_not_fit_a_decoder_task(tmp_path, lm):
 
 
 def cli(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     return subprocess.run([sys.executable, "-m", "jaxft.evaluate", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -365,7 +366,7 @@ def test_max_examples_applies_to_a_language_models_rows(tmp_path):
     from jaxft.compare import load_config
     from jaxft.data import tasks
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     r = subprocess.run([sys.executable, "-m", "jaxft.train", "--config=configs/tiny_test.py", f"--workdir={tmp_path}",
                         "--config.method.name=full", "--config.train.steps=2", "--config.checkpoint.every_steps=0"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

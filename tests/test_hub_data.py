@@ -12,7 +12,7 @@ import pytest
 
 from jaxft.data import sources
 from jaxft.errors import JaxftError
-from test_train import ROOT
+from test_train import ROOT, xla_flags
 
 SPLITS = {"en": ("train", "dev"), "fr": ("train", "test")}
 README = """---
@@ -78,7 +78,7 @@ def test_missing_config_or_split_is_one_line(repo, kw, fragments):
 
 
 def run_train(tmp_path, *overrides, **env):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HF_HOME": str(tmp_path / "hf"),
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(), "HF_HOME": str(tmp_path / "hf"),
            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), **env}
     cmd = [sys.executable, "-m", "jaxft.train", "--config=configs/lora.py", f"--workdir={tmp_path / 'run'}",
            *overrides]

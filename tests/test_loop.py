@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_train import ROOT, TINY, adapter, assert_same_adapter, cli
+from test_train import ROOT, TINY, adapter, assert_same_adapter, cli, xla_flags
 
 
 def tiny_config(**train):
@@ -149,7 +149,7 @@ def test_bad_profile_steps_is_one_line_error(tmp_path, value):
 
 def fake_gcs_cli(root, workdir, *overrides):
     cmd = [sys.executable, "tests/fake_gcs.py", str(root), f"--config={TINY}", f"--workdir={workdir}", *overrides]
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     import os
 
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)

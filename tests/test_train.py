@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_test.py"
 
 
+def xla_flags(devices=1) -> str:
+    """The test run's XLA flags (conftest's) for a subprocess on `devices` fake CPU devices."""
+    return re.sub(r"--xla_force_host_platform_device_count=\d+", f"--xla_force_host_platform_device_count={devices}",
+                  os.environ["XLA_FLAGS"])
+
+
 def cli(workdir, *overrides, config=TINY, devices=1, wait=True, **popen):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
     cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", *overrides]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
