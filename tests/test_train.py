@@ -194,9 +194,9 @@ def test_missing_field_names_file_and_line(tmp_path):
                   "--config.model.remat=True"], marks=pytest.mark.slow),
     pytest.param(["--config.method.name=full", "--config.method.layers=1", "--config.model.scan_layers=False"],
                  marks=pytest.mark.slow),
-    # slow: lora+prompt_tuning; a composed method trains through the CLI in the lora+ptuning_v2 case above, lora+prompt_tuning runs
-    # through the CLI in test_an_export_replaces_an_earlier_runs_export_in_the_same_dir, and synthetic labels
-    # train a classifier in the head case.
+    # slow: lora+prompt_tuning; a composed method trains through the CLI in the lora+ptuning_v2 case above,
+    # lora+prompt_tuning runs through the CLI in test_an_export_replaces_an_earlier_runs_export_in_the_same_dir,
+    # and synthetic labels train a classifier in the head case.
     pytest.param(["--config.method.name=lora+prompt_tuning", "--config.data.synthetic_labels=2"],
                  marks=pytest.mark.slow),
 ])
