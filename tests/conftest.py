@@ -94,7 +94,7 @@ def pytest_unconfigure(config):
 # default test that covers what it checks, so the default run (CI) drops no feature, only repetitions.
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
-                     help="also run the tests marked slow (the full matrices; about twice the default run's time)")
+                     help="also run the tests marked slow (the rest of the full matrices; about a quarter more time)")
 
 
 def pytest_configure(config):
