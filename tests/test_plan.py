@@ -76,11 +76,12 @@ def compiled_bytes(c, devices: int, transform_frozen=None, extra=None, objective
 # The default run keeps a covering subset of method x remat x devices: each method, each remat policy on 1
 # and on 8 devices (full-full-1, full-none-8, lora-full-8, ptuning_v2-none-1).
 # slow: the other cells repeat a method, remat policy and mesh those four cases check.
-_SLOW = pytest.mark.slow
+PLAN_DEFAULT = {("full", "full", 1), ("full", "none", 8), ("lora", "full", 8), ("ptuning_v2", "none", 1)}
+
+
 @pytest.mark.parametrize("method, remat, devices", [
     pytest.param(method, remat, devices, id=f"{method}-{remat}-{devices}",
-                 marks=() if (method, remat, devices) in {("full", "full", 1), ("full", "none", 8),
-                                                          ("lora", "full", 8), ("ptuning_v2", "none", 1)} else _SLOW)
+                 marks=() if (method, remat, devices) in PLAN_DEFAULT else pytest.mark.slow)
     for method in ["full", "lora", "ptuning_v2"] for remat in ["none", "full"] for devices in [1, 8]])
 def test_total_is_within_15_percent_of_xla(method, remat, devices):
     c = config(method, remat, devices)
