@@ -8,6 +8,7 @@ what a fused kernel that skips the masked half really computes, and what MaxText
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 
@@ -80,9 +81,11 @@ def train_flops_per_token(cfg, seq_len: int, *, trains_base: bool, adapter_weigh
 # A run's peak and throughput (the train loop's train/mfu).
 
 
+@functools.cache
 def measured_peak_flops(dtype: str, n: int = 1024, budget_s: float = 0.5) -> float:
     """Best FLOP/s of an n x n matmul on the first device, timed for about `budget_s` seconds: the
-    peak for MFU where the datasheet table has no row (CPUs)."""
+    peak for MFU where the datasheet table has no row (CPUs). Timed once per process: runs started from
+    one Python session (a notebook, a sweep) rate their steps against the same peak."""
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), dtype)
