@@ -30,11 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_test.py"
 SST2 = ROOT / "jaxft" / "assets" / "sst2"
 NO_WARMUP = "--config.optimizer.warmup_steps=0"  # a shipped config cut to a few steps (its warmup is longer)
+TINY_TOKENIZER = ROOT / "jaxft" / "assets" / "jaxft-tiny"  # real text for a tiny_hf_model of vocab=4096
+
+
+# MFU against a given peak: no run here spends its first half second timing a matmul (nothing here reads MFU).
+PEAK = "--config.train.peak_flops=1e11"
 
 
 def cli(workdir, *overrides, config=TINY, env=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(), **(env or {})}
-    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", PEAK, *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -212,7 +217,8 @@ def test_tokenizer_without_bos_trains(tmp_path):
     data = write_csv(tmp_path / "train.csv", ["text", "label"], sst2_rows("train", 64))
     wd = tmp_path / "run"
     r = cli(wd, f"--config.model.path={base}", f"--config.model.tokenizer={tok_dir}", f"--config.data.name={data}",
-            "--config.data.seq_len=32", "--config.train.steps=4", "--config.method.name=lora")
+            "--config.data.seq_len=32", "--config.data.length_buckets=False", "--config.train.steps=2",
+            "--config.method.name=lora")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (wd / "export" / "adapter_config.json").exists()
 
@@ -246,7 +252,11 @@ def test_full_export_keeps_label_names_and_eval_reports_each_class(tmp_path, nam
     from jaxft.data import sources, tasks
     from jaxft.tokenizer import Tokenizer
 
-    r, metrics = run_named(tmp_path, named_data, "--config.method.name=full", "--config.optimizer.learning_rate=1e-3")
+    # A 32-wide random Llama (tied embeddings, as jaxft-tiny's) with jaxft-tiny's tokenizer: its 30 steps of
+    # full fine-tuning take seconds (jaxft-tiny's took half a minute) and predict both classes (0.66 accuracy).
+    base = tiny_hf_model(tmp_path / "base", vocab=4096, tie_word_embeddings=True)
+    r, metrics = run_named(tmp_path, named_data, "--config.method.name=full", "--config.optimizer.learning_rate=1e-3",
+                           f"--config.model.path={base}", f"--config.model.tokenizer={TINY_TOKENIZER}")
     assert "new classification head score/kernel" in r.stdout  # the head the config creates, named at start-up
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
@@ -276,7 +286,10 @@ def test_adapter_names_a_loadable_base_and_keeps_label_names(tmp_path, named_dat
 
     from jaxft import hf
 
-    run_named(tmp_path, named_data, "--config.method.name=lora", NO_WARMUP, steps=4)  # a trained adapter; no accuracy asked
+    # A trained adapter; no accuracy asked: two short steps, one row length, a few eval rows.
+    run_named(tmp_path, named_data, "--config.method.name=lora", NO_WARMUP, "--config.train.batch_size=8",
+              "--config.data.seq_len=32", "--config.data.length_buckets=False", "--config.data.max_eval_examples=16",
+              steps=2)
     export = tmp_path / "export"
     from safetensors.numpy import load_file
 
@@ -505,7 +518,24 @@ def test_empty_or_white_space_variant_label_is_an_error(tmp_path, bad, fragment)
     assert checksums(wd) == {}
 
 
-def test_eval_holdout_applies_to_classification(tmp_path):
+@pytest.fixture(scope="module")
+def pos_neg_run(tmp_path_factory):
+    """One short LoRA run on 40 records labelled pos / neg, data.labels='pos,neg', the last 8 held out for
+    evaluation (one row length): test_data_labels_declare_the_class_order and
+    test_eval_holdout_applies_to_classification."""
+    d = tmp_path_factory.mktemp("pos_neg")
+    train = write_csv(d / "train.csv", ["text", "label"],
+                      [(t, "pos" if y else "neg") for t, y in sst2_rows("train", 40)])
+    wd = d / "run"
+    r = cli(wd, f"--config.data.name={train}", "--config.data.labels=pos,neg", "--config.data.eval_holdout=8",
+            "--config.train.steps=2", NO_WARMUP, "--config.train.batch_size=8", "--config.eval.every_steps=0",
+            "--config.checkpoint.every_steps=0", "--config.data.seq_len=32", "--config.data.length_buckets=False",
+            config="configs/lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return wd
+
+
+def test_eval_holdout_applies_to_classification(tmp_path, pos_neg_run):
     """Was: data.eval_holdout ignored for classification data (exit 0, no evaluation; 10**5 of 40 records
     accepted)."""
     data = write_csv(tmp_path / "d.csv", ["text", "label"], sst2_rows("train", 40))
@@ -513,11 +543,7 @@ def test_eval_holdout_applies_to_classification(tmp_path):
     r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=100000", config="configs/lora.py")
     assert_one_line_error(r, "data.eval_holdout=100000: the source has only 40 records")
     assert checksums(wd) == {}
-    r = cli(wd, f"--config.data.name={data}", "--config.data.eval_holdout=8", "--config.train.steps=2", NO_WARMUP,
-            "--config.train.batch_size=8", "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0",
-            config="configs/lora.py")
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (pos_neg_run / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in row for row in rows)
 
 
@@ -709,12 +735,19 @@ def test_undecodable_or_truncated_side_files_are_one_line(tmp_path):
         sources.read_e2e(e2e)
 
     d = tiny_hf_model(tmp_path / "base2")
-    run = tmp_path / "adapter-run"
-    r = cli(run, "--config.train.steps=1", "--config.checkpoint.every_steps=0", f"--config.model.path={d}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    adapter = run / "export" / "adapter_model.safetensors"
+    export = tmp_path / "export"  # a LoRA adapter of d as a run exports it (q_proj and v_proj of both layers)
+    export.mkdir()
+    rng = np.random.default_rng(0)
+    save_file({f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight":
+               rng.normal(size=(4, 32) if ab == "A" else ((32 if m == "q_proj" else 16), 4)).astype(np.float32)
+               for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"},
+              str(export / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (export / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+         "base_model_name_or_path": str(d), "task_type": "CAUSAL_LM"}))
+    adapter = export / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
-    r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", f"--adapter={run / 'export'}",
+    r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", f"--adapter={export}",
                         "--prompt=hi", f"--tokenizer={ROOT / 'jaxft' / 'assets' / 'jaxft-tiny'}"], cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
     assert_one_line_error(r, f"{adapter}: unreadable safetensors file")
@@ -816,17 +849,11 @@ def test_an_eval_label_never_trained_on_is_an_error(tmp_path):
     assert checksums(wd) == {}
 
 
-def test_data_labels_declare_the_class_order(tmp_path):
+def test_data_labels_declare_the_class_order(pos_neg_run):
     """data.labels='pos,neg': class 0 is pos, as the export's id2label says (inferred: sorted, neg first)."""
-    train = write_csv(tmp_path / "train.csv", ["text", "label"],
-                      [(t, "pos" if y else "neg") for t, y in sst2_rows("train", 40)])
-    wd = tmp_path / "run"
-    r = cli(wd, f"--config.data.name={train}", "--config.data.labels=pos,neg", "--config.data.eval_holdout=8",
-            "--config.train.steps=2", NO_WARMUP, "--config.checkpoint.every_steps=0", config="configs/lora.py")
-    assert r.returncode == 0, r.stderr[-3000:]
     from jaxft import hf
 
-    model, _ = hf.load("jaxft-tiny", adapter=str(wd / "export"))
+    model, _ = hf.load("jaxft-tiny", adapter=str(pos_neg_run / "export"))
     assert model.cfg.labels == ("pos", "neg")
 
 
