@@ -150,8 +150,8 @@ def ppo_run(run):  # noqa: F811
 def test_cli_reward_rises_resumes_exactly_and_exports_the_policy_alone(tmp_path, run):  # noqa: F811
     go = ppo_run(run)
     straight = tmp_path / "straight"
-    r = cli(straight, *go, "--config.train.steps=30", "--config.eval.at_start=True", "--config.checkpoint.every_steps=10",
-            "--config.checkpoint.keep=0")
+    ckpt = "--config.checkpoint.every_steps=14"  # checkpoints at 14, 28 and the last step, 30 (2 kept)
+    r = cli(straight, *go, "--config.train.steps=30", "--config.eval.at_start=True", ckpt)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(straight)
     evals = [row for row in rows if "eval/reward" in row]
@@ -164,14 +164,13 @@ def test_cli_reward_rises_resumes_exactly_and_exports_the_policy_alone(tmp_path,
 
     exported = load_file(str(straight / "export" / "model.safetensors"))
     assert not any("value" in k for k in exported)
-    # killed after the checkpoint of step 10 (a copy of the run, the later checkpoints removed) and run again
+    # killed after the checkpoint of step 28 (a copy of the run, the last checkpoint removed) and run again
     split = tmp_path / "split"
     shutil.copytree(straight, split)
-    for later in ("20", "30"):
-        shutil.rmtree(split / "checkpoints" / later)
-    r = cli(split, *go, "--config.train.steps=30", "--config.checkpoint.every_steps=10", "--config.checkpoint.keep=0")
-    assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
-    assert [losses(split)[s] for s in range(11, 31)] == [losses(straight)[s] for s in range(11, 31)]
+    shutil.rmtree(split / "checkpoints" / "30")
+    r = cli(split, *go, "--config.train.steps=30", ckpt)
+    assert r.returncode == 0 and "resuming from step 28" in r.stdout, r.stderr[-3000:]
+    assert [losses(split)[s] for s in range(29, 31)] == [losses(straight)[s] for s in range(29, 31)]
     # jaxft.evaluate rebuilds the run (value head included) from the checkpoint and scores its completions
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
 
@@ -201,6 +200,7 @@ def test_cli_bad_ppo_settings_are_one_line(tmp_path, run):  # noqa: F811
 def test_ppo_config_runs_and_exports(tmp_path):
     r = cli(tmp_path, "--config.train.steps=2", "--config.data.max_train_examples=64", "--config.eval.every_steps=0",
             "--config.eval.generate_examples=8", "--config.checkpoint.every_steps=2",
+            "--config.train.grpo_max_new_tokens=8", "--config.eval.max_new_tokens=8",
             "--config.optimizer.warmup_steps=0", config="configs/ppo_lora.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: eval/reward=" in r.stdout and "train/value_loss=" in r.stdout
