@@ -65,14 +65,16 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("method", [(), ("--config.method.name=lora", "--config.model.quantization=nf4")],
                          ids=["full", "qlora"])
-def test_two_processes_match_one(tmp_path, method):
-    """Two processes of 2 devices end with one 4-device process's losses. Full fine-tuning starts them with
-    launch/local_multiprocess.sh (a log per process); QLoRA passes the process flags itself, and the NF4
-    base's packed leaves are sharded over FSDP across the two processes."""
+def test_two_processes_match_one(single_device, tmp_path, method):
+    """Two processes of 2 devices end with one process's losses. Full fine-tuning starts them with
+    launch/local_multiprocess.sh (a log per process) and compares with the module's one-device run (the same
+    RUN); QLoRA passes the process flags itself, the NF4 base's packed leaves are sharded over FSDP across the
+    two processes, and its reference is one 4-device process."""
     run = (*RUN, *method, "--config.mesh.data=2", "--config.mesh.fsdp=2")
-    ref = tmp_path / "one"
-    r = cli(ref, *run, devices=4)
-    assert r.returncode == 0, r.stderr
+    if method:
+        ref = tmp_path / "one"
+        r = cli(ref, *run, devices=4)
+        assert r.returncode == 0, r.stderr
 
     wd, port = tmp_path / "two", free_port()
     if not method:
@@ -92,7 +94,7 @@ def test_two_processes_match_one(tmp_path, method):
         outs = [out.decode() for out, _ in outs]
     assert "over 4 devices, 2 process(es)" in outs[0]
     assert "done:" in outs[0] and outs[1].count("done:") == 0  # only process 0 reports
-    one, two = losses(ref), losses(wd)
+    one, two = (losses(ref) if method else single_device), losses(wd)
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     np.testing.assert_allclose([two[s] for s in two], [one[s] for s in one], rtol=2e-5)
     assert (wd / "checkpoints" / "4").is_dir()
