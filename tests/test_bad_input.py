@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from test_train import xla_flags
+from test_train import PEAK, xla_flags
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,10 +31,6 @@ TINY = "configs/tiny_test.py"
 SST2 = ROOT / "jaxft" / "assets" / "sst2"
 NO_WARMUP = "--config.optimizer.warmup_steps=0"  # a shipped config cut to a few steps (its warmup is longer)
 TINY_TOKENIZER = ROOT / "jaxft" / "assets" / "jaxft-tiny"  # real text for a tiny_hf_model of vocab=4096
-
-
-# MFU against a given peak: no run here spends its first half second timing a matmul (nothing here reads MFU).
-PEAK = "--config.train.peak_flops=1e11"
 
 
 def cli(workdir, *overrides, config=TINY, env=None):

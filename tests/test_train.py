@@ -23,9 +23,14 @@ def xla_flags(devices=1) -> str:
                   os.environ["XLA_FLAGS"])
 
 
+# MFU against a given CPU peak: a run does not spend its first half second timing a matmul. The measured
+# peak is tested where a run asks for it (--config.train.peak_flops=0, test_loop.py).
+PEAK = "--config.train.peak_flops=1e11"
+
+
 def cli(workdir, *overrides, config=TINY, devices=1, wait=True, **popen):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
-    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", PEAK, *overrides]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
