@@ -65,6 +65,23 @@ def tiny_hf_model(directory, model_cls="LlamaForCausalLM", config_cls="LlamaConf
     return Path(directory)
 
 
+def lora_adapter(out, layers: int, widths: dict, r: int, alpha: int, base=None):
+    """A LoRA adapter of tiny_hf_model's 32-wide Llama, written as PEFT writes one (and a run exports it):
+    random A and B of each `widths` module (its output width) in `layers` layers."""
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    save_file({f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight":
+               rng.normal(size=(r, 32) if ab == "A" else (width, r)).astype(np.float32)
+               for i in range(layers) for m, width in widths.items() for ab in "AB"},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(widths),
+              "task_type": "CAUSAL_LM"}
+    if base is not None:
+        config["base_model_name_or_path"] = str(base)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 def sst2_rows(split: str, n: int):
     with open(SST2 / f"{split}.tsv", encoding="utf-8") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : n + 1]
@@ -436,14 +453,7 @@ def test_lora_adapter_of_a_deeper_model_names_the_layer_counts(tmp_path):
     from jaxft.errors import JaxftError
 
     base = tiny_hf_model(tmp_path / "base")
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    rng = np.random.default_rng(0)
-    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight":
-               rng.normal(size=(2, 32) if ab == "A" else (32, 2)).astype(np.float32) for i in range(4) for ab in "AB"},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    adapter = lora_adapter(tmp_path / "adapter", layers=4, widths={"q_proj": 32}, r=2, alpha=4)
     with pytest.raises(JaxftError, match=r"has weights for 4 layers \(0, 1, 2, 3\), the model has 2 \(0-1\).*"
                                          r"an adapter of another base model"):
         hf.load(str(base), adapter=str(adapter))
@@ -731,20 +741,12 @@ def test_undecodable_or_truncated_side_files_are_one_line(tmp_path):
         sources.read_e2e(e2e)
 
     d = tiny_hf_model(tmp_path / "base2")
-    export = tmp_path / "export"  # a LoRA adapter of d as a run exports it (q_proj and v_proj of both layers)
-    export.mkdir()
-    rng = np.random.default_rng(0)
-    save_file({f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight":
-               rng.normal(size=(4, 32) if ab == "A" else ((32 if m == "q_proj" else 16), 4)).astype(np.float32)
-               for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"},
-              str(export / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (export / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-         "base_model_name_or_path": str(d), "task_type": "CAUSAL_LM"}))
+    # a LoRA adapter of d as a run exports it (q_proj and v_proj of both layers)
+    export = lora_adapter(tmp_path / "export", layers=2, widths={"q_proj": 32, "v_proj": 16}, r=4, alpha=16, base=d)
     adapter = export / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
     r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", f"--adapter={export}",
-                        "--prompt=hi", f"--tokenizer={ROOT / 'jaxft' / 'assets' / 'jaxft-tiny'}"], cwd=ROOT,
+                        "--prompt=hi", f"--tokenizer={TINY_TOKENIZER}"], cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
     assert_one_line_error(r, f"{adapter}: unreadable safetensors file")
 
