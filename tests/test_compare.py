@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from test_train import ROOT, xla_flags
+from test_train import PEAK, ROOT, xla_flags
 
 TINY = (ROOT / "configs" / "tiny_test.py").read_text()
 
@@ -16,11 +16,11 @@ def tiny_config(path, method: str):
 
 
 def compare(configs, work, *extra, seeds=2):
-    # Its training runs on one CPU device, as test_train.cli's: the test run's 8 fake devices (conftest) made
-    # each a data-parallel run over 8, half as dear again to compile and run.
+    # Its training runs on one CPU device at a given CPU peak, as test_train.cli's: the test run's 8 fake devices
+    # (conftest) made each a data-parallel run over 8, half as dear again to compile and run.
     return subprocess.run([sys.executable, "-m", "jaxft.compare", f"--configs={','.join(map(str, configs))}",
                            f"--seeds={seeds}", f"--workdir={work}", "--config.train.steps=4",
-                           "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64", *extra],
+                           "--config.data.synthetic_labels=2", "--config.data.synthetic_examples=64", PEAK, *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "XLA_FLAGS": xla_flags(1)})
 
