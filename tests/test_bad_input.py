@@ -21,22 +21,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from test_train import PEAK, xla_flags
+from test_train import ROOT, cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = "configs/tiny_test.py"
 SST2 = ROOT / "jaxft" / "assets" / "sst2"
 NO_WARMUP = "--config.optimizer.warmup_steps=0"  # a shipped config cut to a few steps (its warmup is longer)
 TINY_TOKENIZER = ROOT / "jaxft" / "assets" / "jaxft-tiny"  # real text for a tiny_hf_model of vocab=4096
-
-
-def cli(workdir, *overrides, config=TINY, env=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(), **(env or {})}
-    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", PEAK, *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def checksums(workdir) -> dict:
@@ -310,7 +302,7 @@ def test_adapter_names_a_loadable_base_and_keeps_label_names(tmp_path, named_dat
                if "lora_B" in k)  # B starts at zero: the logits below compare a trained adapter
     config = json.loads((export / "adapter_config.json").read_text())
     base = config["base_model_name_or_path"]
-    assert Path(base).is_absolute() and Path(base) == (ROOT / "jaxft" / "assets" / "jaxft-tiny").resolve()
+    assert Path(base).is_absolute() and Path(base) == TINY_TOKENIZER.resolve()
     assert config["id2label"] == {"0": "negative", "1": "positive"}
 
     # What a PEFT user does: the base by the adapter's own reference, the labels from its config.
@@ -608,7 +600,7 @@ def test_generate_with_a_wrongly_shaped_weight_is_one_line(tmp_path):
         tensors[f"model.layers.{i}.mlp.up_proj.weight"] = tensors[f"model.layers.{i}.mlp.up_proj.weight"][:48].copy()
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
     r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", "--prompt=hi",
-                        f"--tokenizer={ROOT / 'jaxft' / 'assets' / 'jaxft-tiny'}", "--max_new_tokens=2"], cwd=ROOT,
+                        f"--tokenizer={TINY_TOKENIZER}", "--max_new_tokens=2"], cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
     assert_one_line_error(r, f"{d}: layers/mlp/up_proj/kernel has shape (2, 32, 48), the model expects (2, 32, 64)")
 

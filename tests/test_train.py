@@ -28,8 +28,9 @@ def xla_flags(devices=1) -> str:
 PEAK = "--config.train.peak_flops=1e11"
 
 
-def cli(workdir, *overrides, config=TINY, devices=1, wait=True, **popen):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
+def cli(workdir, *overrides, config=TINY, devices=1, env=None, wait=True, **popen):
+    """`python -m jaxft.train` on `devices` fake CPU devices, `env` added to the test run's environment."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **(env or {})}
     cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", PEAK, *overrides]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
