@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.verbalizer = ""
     # LM-BFF's demonstrations (Gao et al. 2021): this many training examples of every class, the template
     # filled with their label word, shown with each cloze question (after it for a masked LM, before it
-    # for a causal LM), drawn per example (train.seed), never the example itself; 0 = none.
+    # for a causal LM), drawn per example (train.seed), never the example itself; 0 = none. LM-BFF's ensemble
+    # over several drawn sets at test time: `jaxft.evaluate --demonstration_sets=N`.
     c.data.demonstrations = 0
     c.data.demonstration_separator = ""  # text between them ("" = a masked LM's [SEP]; a space on a causal LM)
     c.data.text_field = ""  # "" = "text" (a bundled set: its own field)

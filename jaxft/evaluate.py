@@ -1,13 +1,17 @@
 """Evaluate a trained model on a config's data.
 
   python -m jaxft.evaluate --config=configs/NAME.py [--config.KEY=VALUE ...] --checkpoint=DIR
-      [--split=validation|train] [--max_examples=N] [--max_new_tokens=N] [--num_beams=N] [--out=DIR]
+      [--split=validation|train] [--max_examples=N] [--max_new_tokens=N] [--num_beams=N]
+      [--demonstration_sets=N] [--out=DIR]
 
 `--checkpoint` is a training workdir (its newest Orbax checkpoint, restored as a resume restores it),
 one step directory `WORKDIR/checkpoints/STEP`, or an export: a HF model directory, or a HF PEFT /
 jaxft adapter directory applied to the config's base model (`model.path`).
 - classification: accuracy, precision/recall/F1 (macro, micro and per class, by label name) of the
-  argmax predictions, and the loss;
+  argmax predictions, and the loss; with LM-BFF's demonstrations (`data.demonstrations`),
+  `--demonstration_sets=N` predicts from the class logits averaged over N independently drawn sets
+  of demonstrations per example (Gao et al. 2021's ensemble; set 0 is training's, and the loss is
+  its) and adds `eval/single_set_accuracy`, the sets' mean accuracy alone;
 - generation tasks (sft; source/target pairs on an encoder-decoder): an answer generated for each
   distinct prompt of the split (greedy unless --num_beams; `eval.repetition_penalty`; prompts that
   share several references, as E2E's, are scored against all), ROUGE-1/2/L, BLEU and exact match
@@ -20,7 +24,8 @@ jaxft adapter directory applied to the config's base model (`model.path`).
   DPO loss needs the run's starting point: training's eval reports it);
 - GRPO and PPO (policies trained on rewards): greedy completions of the split's prompts, scored by the run's
   reward functions (`eval/reward`, as training's eval).
-Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction) in --out (default
+Outputs: `metrics.json` and `predictions.jsonl` (prompt, reference, prediction; a classifier's class
+logits too, `scores` by label name) in --out (default
 `<workdir>/eval/<split>-<step>` for a training checkpoint, `<export>/../eval/<split>-<export name>`
 for an export), and the metrics as `eval/...` TensorBoard scalars at the checkpoint's step (an export
 counts as step 0): in the run's own `<workdir>/tensorboard` by default, else `<out>/tensorboard`.
@@ -290,14 +295,14 @@ def load_export(config, kind: str, path: Path, data, mesh):
 # Evaluation.
 
 
-def classify(model, params, arrays, batch_size: int, objective, progress=None) -> np.ndarray:
-    """Argmax class of every row of `arrays`, from the objective's class logits (a classifier's own, or
-    cloze's label words at the mask)."""
+def class_logits(model, params, arrays, batch_size: int, objective, progress=None) -> np.ndarray:
+    """[N, C]: the objective's class logits of every row of `arrays` (a classifier's own, or cloze's label
+    words at the mask)."""
 
     def logits(p, batch):
         return objective.class_logits(model.apply({"params": p}, **objective.inputs(batch)), batch)
 
-    forward = jax.jit(lambda p, batch: jax.numpy.argmax(logits(p, batch), -1))
+    forward = jax.jit(logits)
     n, out = len(arrays["input_ids"]), []
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # the last batch filled up: one shape
@@ -308,8 +313,8 @@ def classify(model, params, arrays, batch_size: int, objective, progress=None) -
 
 
 def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples: int = 0,
-             max_new_tokens: int | None = None, num_beams: int | None = None, out: str | None = None,
-             log=print) -> dict:
+             max_new_tokens: int | None = None, num_beams: int | None = None, demonstration_sets: int = 1,
+             out: str | None = None, log=print) -> dict:
     """The CLI's work: -> {"step", "split", "examples", "out", "metrics": {...}}; see the module docstring."""
     from jaxft import metrics, objectives, sharding, storage
     from jaxft.config import validate
@@ -319,6 +324,11 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         raise JaxftError(f"--split={split}: expected one of {', '.join(SPLITS)}")
     if max_examples < 0:
         raise JaxftError(f"--max_examples={max_examples}: expected 0 (all) or a positive number")
+    if demonstration_sets < 1:
+        raise JaxftError(f"--demonstration_sets={demonstration_sets}: expected a positive number (1: no ensemble)")
+    if demonstration_sets > 1 and not int(config.data.get("demonstrations", 0)):
+        raise JaxftError(f"--demonstration_sets={demonstration_sets}: ensembles LM-BFF's demonstrations, and "
+                         "data.demonstrations=0: expected data.demonstrations >= 1 (a cloze task) or no ensemble")
     with config.unlocked():
         config.eval.max_new_tokens = config.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
         config.eval.num_beams = config.eval.num_beams if num_beams is None else num_beams
@@ -357,7 +367,8 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
 
         scores, rows = reward_scores(config, data, model, params, split, max_examples)
     else:
-        scores, rows = score_split(config, data, model, params, arrays, objective, mesh, batch, split, max_examples)
+        scores, rows = score_split(config, data, model, params, arrays, objective, mesh, batch, split, max_examples,
+                                   demonstration_sets)
 
     # Only now, with everything computed, is anything written.
     if jax.process_index() == 0:
@@ -374,9 +385,11 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     return {"step": step, "split": split, "examples": len(rows), "out": str(out_dir), "metrics": scores}
 
 
-def score_split(config, data, model, params, arrays, objective, mesh, batch: int, split: str, max_examples: int):
+def score_split(config, data, model, params, arrays, objective, mesh, batch: int, split: str, max_examples: int,
+                demonstration_sets: int = 1):
     """-> (scores, prediction rows) of a split: the loss eval's figures, and a classifier's predictions
-    or a generation task's answers."""
+    (from the class logits averaged over `demonstration_sets` draws of LM-BFF's demonstrations) or a
+    generation task's answers."""
     from tqdm import tqdm
 
     from jaxft import metrics, objectives, sharding
@@ -387,8 +400,11 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     classifies = objective.class_logits is not None
     # The loss (and perplexity) over the split, as training's eval computes it. A DPO loss is measured
     # against the run's starting point, which a checkpoint does not hold: its eval runs during training.
-    if max_examples and (classifies or data.task not in GENERATION_TASKS):  # rows: examples, pairs or blocks
-        arrays = {k: v[:max_examples] for k, v in arrays.items()}
+    def first(a):  # --max_examples: the first rows (examples, pairs or blocks)
+        return {k: v[:max_examples] for k, v in a.items()} if max_examples else a
+
+    if classifies or data.task not in GENERATION_TASKS:
+        arrays = first(arrays)
     scores = {}
     if objective.prepare is None:
         eval_step = jax.jit(make_eval_step(model, mesh, objective), out_shardings=sharding.replicated(mesh))
@@ -397,10 +413,15 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     tok = data.tokenizer
     if classifies:
         names = [str(v) for v in data.labels]
-        with tqdm(total=len(arrays["input_ids"]), desc="classify", file=sys.stdout, dynamic_ncols=True) as bar:
-            predicted = classify(model, params, arrays, batch, objective, bar)
-        preds, refs = [names[i] for i in predicted], [names[i] for i in arrays["labels"]]
+        sets = [arrays] + [first(data.demonstration_set(split, k)) for k in range(1, demonstration_sets)]
+        with tqdm(total=len(arrays["input_ids"]) * len(sets), desc="classify", file=sys.stdout,
+                  dynamic_ncols=True) as bar:
+            logits = np.stack([class_logits(model, params, a, batch, objective, bar) for a in sets])
+        mean = logits.mean(0)
+        preds, refs = [names[i] for i in mean.argmax(-1)], [names[i] for i in arrays["labels"]]
         scores["eval/accuracy"] = metrics.accuracy(preds, refs)
+        if len(sets) > 1:
+            scores["eval/single_set_accuracy"] = float(np.mean(logits.argmax(-1) == arrays["labels"]))
         scores.update({f"eval/{k}": v for k, v in metrics.precision_recall_f1(preds, refs, names).items()})
         ids, real = arrays["input_ids"], arrays["attention_mask"] > 0
         if ids.ndim == 3:  # a row per class (cloze, words of several tokens): the first, on a causal LM up to its question's end
@@ -408,7 +429,8 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
             if model.cfg.head == "causal_lm":
                 real = real & (np.arange(ids.shape[1]) <= arrays["mlm_positions"][:, 0, :1])
         texts = [tok.decode(row[keep]) if tok else "" for row, keep in zip(ids, real)]
-        rows = [{"prompt": t, "reference": r, "prediction": p} for t, p, r in zip(texts, preds, refs)]
+        rows = [{"prompt": t, "reference": r, "prediction": p, "scores": dict(zip(names, map(float, s)))}
+                for t, p, r, s in zip(texts, preds, refs, mean)]
     elif data.task not in GENERATION_TASKS:  # scored pairs (a reward model): the loss eval's figures are all
         rows = []
     else:
@@ -438,6 +460,8 @@ def define_flags():
                          "rows) only; 0 = all.")
     flags.DEFINE_integer("max_new_tokens", None, "Longest generated answer (default: eval.max_new_tokens).")
     flags.DEFINE_integer("num_beams", None, "Beam search width; 1 is greedy (default: eval.num_beams).")
+    flags.DEFINE_integer("demonstration_sets", 1, "Cloze with data.demonstrations: predict from the class logits "
+                         "averaged over N drawn sets of demonstrations per example (LM-BFF's ensemble).")
     flags.DEFINE_string("out", None, "Where metrics.json, predictions.jsonl and TensorBoard events go.")
 
 
@@ -462,7 +486,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         evaluate(FLAGS.config, FLAGS.checkpoint, split=FLAGS.split, max_examples=FLAGS.max_examples,
-                 max_new_tokens=FLAGS.max_new_tokens, num_beams=FLAGS.num_beams, out=FLAGS.out)
+                 max_new_tokens=FLAGS.max_new_tokens, num_beams=FLAGS.num_beams,
+                 demonstration_sets=FLAGS.demonstration_sets, out=FLAGS.out)
     except JaxftError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

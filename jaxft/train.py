@@ -63,6 +63,9 @@ class Data:
     # {"train": [...], "validation": [...]}: each record's prompt as reward functions get it (GRPO), by index
     prompts: dict | None = None
     stop: list | None = None  # where the policy's completions end (GRPO): `jaxft.data.sft.stop_ids`
+    # (split, k) -> a cloze split's arrays with demonstration set k (set 0: `train` or `eval` itself), for
+    # LM-BFF's ensemble (`jaxft.evaluate --demonstration_sets`); None without data.demonstrations
+    demonstration_set: object | None = None
 
 
 def load_model_config(config):
@@ -201,9 +204,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             shots = tasks.Demonstrations(int(d.demonstrations), train_rec, int(config.train.seed),
                                          str(d.demonstration_separator)) if int(d.demonstrations) else None
             causal = objectives.head_for(task, family.of(cfg).heads) == "causal_lm"
-            encode = lambda records: tasks.cloze(  # noqa: E731
+            encode = lambda records, draw=0: tasks.cloze(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer, pair, types,
-                causal, shots)
+                causal, dataclasses.replace(shots, draw=draw) if shots else None)
         else:
             encode = lambda records: tasks.classification(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, pair, types, template)
@@ -219,7 +222,10 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             log(f"note: label words of up to {train['verbalizer'].shape[-1]} tokens: each example is "
                 f"{train['input_ids'].shape[1]} rows, one a class (compute and memory x{train['input_ids'].shape[1]})")
         split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
-        return Data(train, ev, task, labels, tok, records=split)
+        drawn = None
+        if task == "cloze" and shots:
+            drawn = lambda name, k: encode(split[name][0], k)[0]  # noqa: E731
+        return Data(train, ev, task, labels, tok, records=split, demonstration_set=drawn)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
     resolved = every_source()
     m = mixture.load(d, tok, task, resolved, log, getattr(cfg, "decoder_start_token_id", None))

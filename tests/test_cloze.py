@@ -4,8 +4,11 @@ read with the run's own predictions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -317,6 +320,14 @@ def test_demonstrations_follow_a_masked_lm_question_as_transformers_tokenizes_th
     other = tasks.cloze(train, tok, 256, "sentence", "label", [0, 1], TEMPLATE, WORDS,
                         demonstrations=tasks.Demonstrations(2, train, seed=1))[0]
     assert (other["input_ids"] != drawn["input_ids"]).any()  # another seed, other demonstrations
+    # Another draw of the same seed (LM-BFF's ensemble at evaluation): other demonstrations, drawn by the same rules.
+    second = dataclasses.replace(shots, draw=1)
+    again = tasks.cloze(train, tok, 256, "sentence", "label", [0, 1], TEMPLATE, WORDS, demonstrations=second)[0]
+    assert (again["input_ids"] != drawn["input_ids"]).any()
+    first, pick = (tasks._demonstrations(train, s, "label", {0: 0, 1: 1}, tok, False)["rows"] for s in (shots, second))
+    assert sum(first(i) != pick(i) for i in range(len(train.rows))) > len(train.rows) // 2
+    for i in range(len(train.rows)):
+        assert sorted(int(train.rows[j]["label"]) for j in pick(i)) == [0, 0, 1, 1] and i not in pick(i)
 
     # Too long for data.seq_len: every text is cut, longest first; the templates and label words stay.
     short, cut = tasks.cloze(train, tok, 40, "sentence", "label", [0, 1], TEMPLATE, WORDS, demonstrations=shots)
@@ -363,10 +374,19 @@ def test_demonstration_errors_are_one_line(args, message):
                     demonstrations=tasks.Demonstrations(args["per_class"], train))
 
 
+def config_of(settings: dict):
+    from jaxft.config import base_config
+
+    c = base_config()
+    for key, value in settings.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
 def train_and_evaluate(tmp_path, settings: dict):
     """The CLI with `settings` ({"section.key": value}) for 6 steps: the loss falls, and jaxft.evaluate
     on the export gives the run's final accuracy. -> (the run, its last metrics row, evaluate's result)."""
-    from jaxft.config import base_config
     from jaxft.evaluate import evaluate
 
     r = cli(tmp_path, *(f"--config.{k}={v}" for k, v in settings.items()))
@@ -374,11 +394,7 @@ def train_and_evaluate(tmp_path, settings: dict):
     got = losses(tmp_path)
     assert got[6] < got[1], got
     final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
-    c = base_config()
-    for key, value in settings.items():
-        section, name = key.split(".")
-        c[section][name] = value
-    result = evaluate(c, str(tmp_path / "export"), out=str(tmp_path / "eval"))
+    result = evaluate(config_of(settings), str(tmp_path / "export"), out=str(tmp_path / "eval"))
     assert result["metrics"]["eval/accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-9)
     return r, final, result
 
@@ -386,8 +402,11 @@ def train_and_evaluate(tmp_path, settings: dict):
 def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_alike(tiny_lm, tmp_path):
     """The CLI on a decoder: LoRA, a cloze question after one demonstration per class. The loss falls;
     jaxft.evaluate on the export gives the run's final accuracy; peft serves the adapter with jaxft's
-    logits at the row's last token."""
+    logits at the row's last token, and jaxft.evaluate's ensemble over 3 sets of demonstrations predicts
+    what peft's class logits averaged over the same 3 sets do."""
     from peft import PeftModel
+
+    from jaxft.evaluate import evaluate
 
     settings = {"model.path": str(tiny_lm), "method.name": "lora", "data.name": "sst2", "data.task": "cloze",
                 "data.cloze_template": CAUSAL, "data.verbalizer": CAUSAL_WORDS, "data.demonstrations": 1,
@@ -400,19 +419,47 @@ def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_al
 
     bundled = sources.read_file(sources.BUNDLED["sst2"].train)
     train = sources.Records(bundled.rows[:16], bundled.where[:16])  # dev rows, demonstrations from these
-    arrays, _ = tasks.cloze(sst2(16), Tokenizer(tiny_lm), 96, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS,
-                            causal=True, demonstrations=tasks.Demonstrations(1, train, seed=0))
+    sets = [tasks.cloze(sst2(16), Tokenizer(tiny_lm), 96, "sentence", "label", [0, 1], CAUSAL, CAUSAL_WORDS,
+                        causal=True, demonstrations=tasks.Demonstrations(1, train, seed=0, draw=k))[0] for k in range(3)]
+    arrays = sets[0]
     base = transformers.LlamaForCausalLM.from_pretrained(tiny_lm).eval()
     served = PeftModel.from_pretrained(base, tmp_path / "export").eval()
     model, params = hf.load(str(tiny_lm), adapter=str(tmp_path / "export"))
     ours = np.asarray(objectives.cloze_logits(model.apply({"params": params}, **objectives.masked_lm_inputs(arrays)),
                                               arrays))
-    with torch.no_grad():
-        theirs = served(input_ids=torch.tensor(arrays["input_ids"]).long(),
-                        attention_mask=torch.tensor(arrays["attention_mask"]).long()).logits.numpy()
-    theirs = theirs[np.arange(len(theirs))[:, None], arrays["mlm_positions"], arrays["verbalizer"]]
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+    def peft_logits(a):
+        with torch.no_grad():
+            out = served(input_ids=torch.tensor(a["input_ids"]).long(),
+                         attention_mask=torch.tensor(a["attention_mask"]).long()).logits.numpy()
+        return out[np.arange(len(out))[:, None], a["mlm_positions"], a["verbalizer"]]
+
+    theirs = np.stack([peft_logits(a) for a in sets])
+    np.testing.assert_allclose(ours, theirs[0], rtol=1e-4, atol=1e-4)
     assert (ours.argmax(1) == arrays["labels"]).mean() == pytest.approx(final["eval/accuracy"], abs=1e-9)
+
+    # LM-BFF's ensemble: the class logits averaged over 3 drawn sets of demonstrations per example.
+    assert all((a["input_ids"] != arrays["input_ids"]).any() for a in sets[1:])
+    ensemble = evaluate(config_of(settings), str(tmp_path / "export"), demonstration_sets=3,
+                        out=str(tmp_path / "eval3"))["metrics"]
+    labels = arrays["labels"]
+    assert ensemble["eval/accuracy"] == pytest.approx((theirs.mean(0).argmax(1) == labels).mean(), abs=1e-9)
+    assert ensemble["eval/single_set_accuracy"] == pytest.approx((theirs.argmax(2) == labels).mean(), abs=1e-9)
+    rows = [json.loads(line) for line in (tmp_path / "eval3" / "predictions.jsonl").open()]
+    np.testing.assert_allclose([[r["scores"][c] for c in ("0", "1")] for r in rows], theirs.mean(0), rtol=1e-4, atol=1e-4)
+    assert [r["prediction"] for r in rows] == [str(c) for c in theirs.mean(0).argmax(1)]
+    assert ensemble["eval/loss"] == pytest.approx(result["metrics"]["eval/loss"], rel=1e-6)  # set 0's, as training's
+
+
+def test_demonstration_sets_are_one_line_errors(tmp_path):
+    for sets, want in (("0", "--demonstration_sets=0: expected a positive number"),
+                       ("2", "--demonstration_sets=2: ensembles LM-BFF's demonstrations, and data.demonstrations=0")):
+        r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/pet_bert.py",
+                            f"--checkpoint={tmp_path}", f"--demonstration_sets={sets}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {want}"), r.stderr
+        assert not list(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.parametrize("separator", ["", "\n", "\n\n", " | ", ". ", " ;"])

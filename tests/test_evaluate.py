@@ -92,6 +92,7 @@ def test_classification_equals_transformers_and_sklearn(tmp_path, tok_dir):
         logits = m(input_ids=torch.tensor(arrays["input_ids"], dtype=torch.long),
                    attention_mask=torch.tensor(arrays["attention_mask"], dtype=torch.long)).logits.numpy()
     assert [r["prediction"] for r in rows] == [["neg", "neu", "pos"][i] for i in logits.argmax(-1)]
+    np.testing.assert_allclose([[r["scores"][n] for n in names] for r in rows], logits, rtol=1e-4, atol=1e-4)
     assert len({r["prediction"] for r in rows}) > 1  # not one class for all: the comparison means something
 
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]

@@ -232,11 +232,14 @@ class Demonstrations:
     """LM-BFF's demonstrations (Gao et al. 2021): `per_class` training examples of every class, the
     template filled with their label word, put beside each input; drawn for row i of a split from
     (seed, split, i), from `pool` (the training records), never the row itself when it is one of them.
-    `separator`: text between the segments ("" = a masked LM's separator token, a space on a causal LM)."""
+    `separator`: text between the segments ("" = a masked LM's separator token, a space on a causal LM).
+    `draw`: which of independent sets (LM-BFF's ensemble at evaluation, `jaxft.evaluate
+    --demonstration_sets`): draw 0 is the one training and its evaluation show, each other one its own."""
     per_class: int
     pool: Records
     seed: int = 0
     separator: str = ""
+    draw: int = 0
 
 
 def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list, template: str,
@@ -461,7 +464,7 @@ def _demonstrations(records: Records, d: Demonstrations, label_field: str, index
         separator = [] if causal else list(getattr(tok, "sep", None) or tok.eos)
 
     def rows(i: int) -> list[int]:
-        rng = np.random.default_rng([d.seed, 0 if own else 1, i])
+        rng = np.random.default_rng([d.seed, 0 if own else 1, i] + ([d.draw] if d.draw else []))
         shown = []
         for k, pool in enumerate(by_class):
             skip = own and classes[i] == k  # draw from the others: indices from `at` on move up by one
