@@ -413,14 +413,14 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
     tok = data.tokenizer
     if classifies:
         names = [str(v) for v in data.labels]
-        sets = [arrays] + [first(data.demonstration_set(split, k)) for k in range(1, demonstration_sets)]
-        with tqdm(total=len(arrays["input_ids"]) * len(sets), desc="classify", file=sys.stdout,
-                  dynamic_ncols=True) as bar:
-            logits = np.stack([class_logits(model, params, a, batch, objective, bar) for a in sets])
+        with tqdm(total=len(arrays["input_ids"]) * demonstration_sets, desc="classify", file=sys.stdout,
+                  dynamic_ncols=True) as bar:  # set k > 0 drawn as its turn comes: the bar moves from the start
+            logits = np.stack([class_logits(model, params, first(data.demonstration_set(split, k)) if k else arrays,
+                                            batch, objective, bar) for k in range(demonstration_sets)])
         mean = logits.mean(0)
         preds, refs = [names[i] for i in mean.argmax(-1)], [names[i] for i in arrays["labels"]]
         scores["eval/accuracy"] = metrics.accuracy(preds, refs)
-        if len(sets) > 1:
+        if demonstration_sets > 1:
             scores["eval/single_set_accuracy"] = float(np.mean(logits.argmax(-1) == arrays["labels"]))
         scores.update({f"eval/{k}": v for k, v in metrics.precision_recall_f1(preds, refs, names).items()})
         ids, real = arrays["input_ids"], arrays["attention_mask"] > 0
