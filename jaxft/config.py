@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     # for a causal LM), drawn per example (train.seed), never the example itself; 0 = none. LM-BFF's ensemble
     # over several drawn sets at test time: `jaxft.evaluate --demonstration_sets=N`.
     c.data.demonstrations = 0
+    # True: a training example gets new demonstrations each time it is in a batch, drawn from (train.seed,
+    # the batch's position, the example), as LM-BFF's training samples them; False: drawn once, up front.
+    c.data.redraw_demonstrations = False
     c.data.demonstration_separator = ""  # text between them ("" = a masked LM's [SEP]; a space on a causal LM)
     c.data.text_field = ""  # "" = "text" (a bundled set: its own field)
     c.data.label_field = ""  # "" = "label" (a bundled set: its own field)
@@ -277,6 +280,9 @@ def validate(config) -> None:
     if int(config.data.get("demonstrations", 0)) and config.data.task != "cloze":
         raise JaxftError(f"data.demonstrations={config.data.demonstrations}: demonstrations fill a cloze template: "
                          f"expected data.task='cloze', not {config.data.task!r}")
+    if config.data.get("redraw_demonstrations", False) and not int(config.data.get("demonstrations", 0)):
+        raise JaxftError("data.redraw_demonstrations=True: redraws LM-BFF's demonstrations, and "
+                         "data.demonstrations=0: expected data.demonstrations >= 1")
     if config.data.get("chat_template_kwargs"):
         from jaxft.data import sft
 

@@ -204,9 +204,9 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             shots = tasks.Demonstrations(int(d.demonstrations), train_rec, int(config.train.seed),
                                          str(d.demonstration_separator)) if int(d.demonstrations) else None
             causal = objectives.head_for(task, family.of(cfg).heads) == "causal_lm"
-            encode = lambda records, draw=0: tasks.cloze(  # noqa: E731
+            encode = lambda records, draw=0, which=None: tasks.cloze(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer, pair, types,
-                causal, dataclasses.replace(shots, draw=draw) if shots else None)
+                causal, dataclasses.replace(shots, draw=draw) if shots else None, which)
         else:
             encode = lambda records: tasks.classification(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, pair, types, template)
@@ -222,10 +222,15 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
             log(f"note: label words of up to {train['verbalizer'].shape[-1]} tokens: each example is "
                 f"{train['input_ids'].shape[1]} rows, one a class (compute and memory x{train['input_ids'].shape[1]})")
         split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
-        drawn = None
+        drawn = redrawn = None
         if task == "cloze" and shots:
             drawn = lambda name, k: encode(split[name][0], k)[0]  # noqa: E731
-        return Data(train, ev, task, labels, tok, records=split, demonstration_set=drawn)
+            if d.redraw_demonstrations:  # batch `position`'s examples with draw position + 1 (draw 0: `train`)
+                log(f"demonstrations: {shots.per_class} per class, drawn anew for each example in every batch "
+                    "(data.redraw_demonstrations)")
+                redrawn = lambda batch, position, first, examples: {  # noqa: E731
+                    **encode(train_rec, position + 1, examples)[0], "weight": batch["weight"]}
+        return Data(train, ev, task, labels, tok, records=split, transform=redrawn, demonstration_set=drawn)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
     resolved = every_source()
     m = mixture.load(d, tok, task, resolved, log, getattr(cfg, "decoder_start_token_id", None))
@@ -381,7 +386,7 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     model = family.build(cfg, method.hooks)
     params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
     sample = {k: v[:64] for k, v in data.train.items()}
-    sample = data.transform(sample, 0, 0) if data.transform else sample
+    sample = data.transform(sample, 0, 0, np.arange(len(sample["weight"]))) if data.transform else sample
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)
     trainable, frozen = split(params, method.trainable)

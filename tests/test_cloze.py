@@ -451,6 +451,57 @@ def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_al
     assert ensemble["eval/loss"] == pytest.approx(result["metrics"]["eval/loss"], rel=1e-6)  # set 0's, as training's
 
 
+def test_redrawn_demonstrations_are_each_batch_encoded_with_its_own_draw(tmp_path):
+    """data.redraw_demonstrations: batch p's rows are its examples encoded with draw p + 1 (the rows of a
+    subset as the whole set's), other demonstrations every time an example comes again."""
+    from jaxft.config import base_config
+    from jaxft.data.iterator import Batches
+    from jaxft.train import load_data, load_model_config
+
+    tok, train = Tokenizer(BERT), sources.read_file(sources.BUNDLED["sst2"].train)
+    train = sources.Records(train.rows[:24], train.where[:24])
+    shots = tasks.Demonstrations(1, train, seed=3)
+    encode = lambda **kw: tasks.cloze(train, tok, 96, "sentence", "label", [0, 1], TEMPLATE, WORDS, **kw)[0]  # noqa: E731
+    whole, part = encode(demonstrations=shots), encode(demonstrations=shots, which=[7, 3, 7])
+    assert all((part[k] == whole[k][[7, 3, 7]]).all() for k in whole)
+
+    c = base_config()
+    c.model.path, c.data.name, c.data.task = str(BERT), "sst2", "cloze"
+    c.data.cloze_template, c.data.verbalizer, c.data.seq_len = TEMPLATE, WORDS, 96
+    c.data.demonstrations, c.data.redraw_demonstrations, c.train.seed = 1, True, 3
+    c.data.max_train_examples, c.data.max_eval_examples = 24, 8
+    cfg, root, tokenizer = load_model_config(c)
+    data = load_data(c, cfg, tokenizer)
+    assert all((data.train[k] == whole[k]).all() for k in whole)  # draw 0, as without redrawing
+    batches = Batches(data.train, 8, seed=3, transform=data.transform)
+    seen = {}
+    for p in range(6):  # two epochs of 3 batches: every example twice
+        got, idx = batches.local(p, (0, 8)), batches.indices(p)
+        want = encode(demonstrations=dataclasses.replace(shots, draw=p + 1), which=idx)
+        assert all((got[k] == want[k]).all() for k in want)
+        for e, row in zip(idx.tolist(), got["input_ids"]):
+            seen.setdefault(e, []).append(row)
+    assert sum((a != b).any() for a, b in seen.values()) > len(seen) // 2  # new demonstrations the second time
+
+
+def test_cli_redrawn_demonstrations_resume_exactly(tiny_mlm, tmp_path):
+    run = [f"--config.{k}={v}" for k, v in {
+        "model.path": tiny_mlm, "method.name": "lora", "data.name": "sst2", "data.task": "cloze",
+        "data.cloze_template": TEMPLATE, "data.verbalizer": WORDS, "data.demonstrations": 1,
+        "data.redraw_demonstrations": True, "data.max_train_examples": 16, "data.max_eval_examples": 8,
+        "data.seq_len": 96, "train.batch_size": 8, "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 0,
+        "optimizer.schedule": "constant", "train.log_every_steps": 1, "eval.every_steps": 0,
+        "checkpoint.every_steps": 2}.items()]
+    r = cli(tmp_path / "straight", *run, "--config.train.steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "demonstrations: 1 per class, drawn anew for each example in every batch" in r.stdout
+    assert cli(tmp_path / "split", *run, "--config.train.steps=2").returncode == 0
+    r = cli(tmp_path / "split", *run, "--config.train.steps=4")
+    assert r.returncode == 0 and "resuming from step 2" in r.stdout, r.stderr[-3000:]
+    straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert [split[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+
+
 def test_demonstration_sets_are_one_line_errors(tmp_path):
     for sets, want in (("0", "--demonstration_sets=0: expected a positive number"),
                        ("2", "--demonstration_sets=2: ensembles LM-BFF's demonstrations, and data.demonstrations=0")):
@@ -508,6 +559,13 @@ def test_demonstrations_need_the_cloze_task(tmp_path):
     assert r.returncode != 0
     assert "data.demonstrations=1: demonstrations fill a cloze template: expected data.task='cloze', not ''" in r.stderr
     assert not (tmp_path / "checkpoints").exists()
+    from jaxft.config import base_config, validate
+
+    c = base_config()
+    c.data.task, c.data.redraw_demonstrations = "cloze", True
+    with pytest.raises(JaxftError, match=r"^data.redraw_demonstrations=True: redraws LM-BFF's demonstrations, and "
+                                         r"data.demonstrations=0: expected data.demonstrations >= 1$"):
+        validate(c)
 
 
 def test_chinese_reviews_with_demonstrations_as_transformers_tokenizes_them():

@@ -27,8 +27,9 @@ class Batches:
     source is read in its own shuffled passes, continued across epochs, and the sources interleaved
     at random. Still a pure function of (seed, position).
 
-    `transform(rows, position, first)` (optional) maps this process's rows of each batch, the first
-    being global row `first`, to what the step reads: MLM masks and T5 spans, redrawn every batch.
+    `transform(rows, position, first, examples)` (optional) maps this process's rows of each batch, the
+    first being global row `first`, examples `examples` of `arrays`, to what the step reads: MLM masks and
+    T5 spans, redrawn every batch; LM-BFF's demonstrations, redrawn for each example as it comes.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool = True,
@@ -112,7 +113,7 @@ class Batches:
                                  int(self.target_lengths[idx].max()))
                 widths.update({k: target for k in widths if k == "labels" or k.startswith("decoder_")})
             batch = {k: v[..., : widths[k]] if k in widths else v for k, v in batch.items()}
-        return self.transform(batch, position, rows[0]) if self.transform else batch
+        return self.transform(batch, position, rows[0], idx[rows[0] : rows[1]]) if self.transform else batch
 
 
 # Arrays with a value per token (also as `rejected_...`, `decoder_...`), cut to a batch's width; the

@@ -244,7 +244,7 @@ class Demonstrations:
 
 def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list, template: str,
           verbalizer: str, text_pair_field: str | None = None, token_type_ids: bool = False, causal: bool = False,
-          demonstrations: Demonstrations | None = None):
+          demonstrations: Demonstrations | None = None, which=None):
     """PET's cloze form (Schick & Schuetze 2021): each text put into `template` ("{text} it was {mask} .";
     "{text_b}" places a pair's second text), BOS/[CLS] before and EOS/[SEP] after; the literal parts
     are tokenized on their own, joined as the whole text would be. Each label has a word (`verbalizer`,
@@ -267,7 +267,8 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     mask would be (no EOS), and the answer is the next word after the row's last token, which is
     `mlm_positions`. Nothing the answer depends on may follow the mask in the template.
     `demonstrations` (LM-BFF): labelled examples after the input (a masked LM) or before it (a causal
-    LM, as in-context examples, so that the question stays last)."""
+    LM, as in-context examples, so that the question stays last). `which`: the indices of the records
+    to encode, in this order (a training batch's, its demonstrations redrawn); default all."""
     where = "data.cloze_template"
     if not template or not verbalizer:
         raise JaxftError("data.task='cloze' needs data.cloze_template (e.g. '{text} it was {mask} .') and "
@@ -349,14 +350,15 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
                 out += next(it)
         return out, at
 
-    n, rows = len(records.rows), len(labels) if per_class else 1
+    which = np.arange(len(records.rows)) if which is None else np.asarray(which)
+    n, rows = len(which), len(labels) if per_class else 1
     ids = np.full((n, rows, seq_len), tok.pad_id, np.int32)
     mask = np.zeros((n, rows, seq_len), np.int32)
     y = np.zeros((n,), np.int32)
     position = np.full((n, rows, longest), -1, np.int32)
     truncated = 0
     q = per_row if causal else 0  # the question's place among the row's segments
-    for i in range(n):
+    for o, i in enumerate(which.tolist()):  # output row o, record i
         # the row's segments in order: (records, row, answer, stops at the mask); the question first on a
         # masked LM ([CLS] question [SEP] demo [SEP] ...), last on a causal LM ([BOS] demo demo ... question)
         shots = [(demonstrations.pool, j, word_ids[demos["label"][j]], False) for j in demos["rows"](i)] if demos else []
@@ -374,12 +376,12 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
                 filled, at = segment(texts, answer if k == q else shown, stop, k == 0)
                 if k == q:  # a masked LM reads the word at its masks, a causal LM each token one place earlier
                     first = len(toks) + (len(sep) if k else 0) + at - causal
-                    position[i, r, : len(word)] = first + np.arange(len(word))
+                    position[o, r, : len(word)] = first + np.arange(len(word))
                 toks += (sep if k else []) + filled
             toks += [] if causal else tok.eos
-            ids[i, r, : len(toks)] = toks
-            mask[i, r, : len(toks)] = 1
-        y[i] = class_index(records, i, label_field, index)
+            ids[o, r, : len(toks)] = toks
+            mask[o, r, : len(toks)] = 1
+        y[o] = class_index(records, i, label_field, index)
     if not per_class:
         ids, mask, position = ids[:, 0], mask[:, 0], position[:, 0]
     words = np.full((len(labels), longest), -1, np.int32)
@@ -549,7 +551,8 @@ def redraw(fn, seed: int):
     """A per-batch transform for `Batches`: `fn(batch, rngs)`, global row r of batch number `position`
     drawing from (seed, position, r). A pure function of the position, so resume stays exact; new
     draws every batch, so no epoch repeats another's masks."""
-    return lambda batch, position, first: fn(batch, row_rngs(seed, len(batch["weight"]), position, first=first))
+    return lambda batch, position, first, examples: fn(batch, row_rngs(seed, len(batch["weight"]), position,
+                                                                        first=first))
 
 
 def synthetic(n: int, seq_len: int, vocab_size: int, seed: int, num_labels: int | None):
