@@ -240,6 +240,9 @@ class Demonstrations:
     seed: int = 0
     separator: str = ""
     draw: int = 0
+    # The pool's classes by (label field, labels), shared by every draw (`dataclasses.replace` keeps it):
+    # redrawn each batch, the demonstrations of 32 rows would otherwise read all 60k of SST-2's labels.
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str, labels: list, template: str,
@@ -452,9 +455,13 @@ def _demonstrations(records: Records, d: Demonstrations, label_field: str, index
     "separator": ids}. Row i of `records` draws from (seed, split, i): the split is the training one
     when `records` is the pool itself, and then row i is never its own demonstration."""
     own = records is d.pool
-    classes = [class_index(d.pool, j, label_field, index) for j in range(len(d.pool.rows))]
-    by_class = [[j for j, c in enumerate(classes) if c == k] for k in range(len(index))]
-    place = {j: p for pool in by_class for p, j in enumerate(pool)}  # a row's index within its class
+    key = (label_field, tuple(index))
+    if key not in d.cache:
+        classes = [class_index(d.pool, j, label_field, index) for j in range(len(d.pool.rows))]
+        by_class = [[j for j, c in enumerate(classes) if c == k] for k in range(len(index))]
+        place = {j: p for pool in by_class for p, j in enumerate(pool)}  # a row's index within its class
+        d.cache[key] = classes, by_class, place
+    classes, by_class, place = d.cache[key]
     for k, rows in enumerate(by_class):
         if len(rows) < d.per_class + own:
             label = list(index)[k]
