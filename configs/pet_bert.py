@@ -17,7 +17,9 @@ on 2 cores); a new classification head on the same base reaches 0.739. With 64 t
 neither learns: PET's few-shot strength needs a masked LM that already knows the words.
 LM-BFF's demonstrations (`--config.data.demonstrations=1 --config.data.seq_len=128`: one training
 sentence of each class, filled with its label word, after each question) measured 0.591 / 0.552 (seeds
-0 / 1) on this small base. A causal LM takes the question too, with `{mask}` last: `configs/full.py` with
+0 / 1) on this small base; redrawn for every batch as LM-BFF trains (`--config.data.redraw_demonstrations=True`)
+0.581, and LM-BFF's ensemble over 16 drawn sets at test time (`python -m jaxft.evaluate ... --demonstration_sets=16`)
+0.610 / 0.611 (BENCHMARKS.md). A causal LM takes the question too, with `{mask}` last: `configs/full.py` with
 `--config.data.task=cloze "--config.data.cloze_template={text} It was {mask}"
 --config.data.verbalizer=bad,good` reached 0.752 on jaxft-tiny (BENCHMARKS.md).
 """
