@@ -454,7 +454,6 @@ def test_lora_on_a_causal_lm_with_demonstrations_trains_exports_and_evaluates_al
 def test_redrawn_demonstrations_are_each_batch_encoded_with_its_own_draw(tmp_path):
     """data.redraw_demonstrations: batch p's rows are its examples encoded with draw p + 1 (the rows of a
     subset as the whole set's), other demonstrations every time an example comes again."""
-    from jaxft.config import base_config
     from jaxft.data.iterator import Batches
     from jaxft.train import load_data, load_model_config
 
@@ -465,11 +464,10 @@ def test_redrawn_demonstrations_are_each_batch_encoded_with_its_own_draw(tmp_pat
     whole, part = encode(demonstrations=shots), encode(demonstrations=shots, which=[7, 3, 7])
     assert all((part[k] == whole[k][[7, 3, 7]]).all() for k in whole)
 
-    c = base_config()
-    c.model.path, c.data.name, c.data.task = str(BERT), "sst2", "cloze"
-    c.data.cloze_template, c.data.verbalizer, c.data.seq_len = TEMPLATE, WORDS, 96
-    c.data.demonstrations, c.data.redraw_demonstrations, c.train.seed = 1, True, 3
-    c.data.max_train_examples, c.data.max_eval_examples = 24, 8
+    c = config_of({"model.path": str(BERT), "data.name": "sst2", "data.task": "cloze", "data.cloze_template": TEMPLATE,
+                   "data.verbalizer": WORDS, "data.seq_len": 96, "data.demonstrations": 1,
+                   "data.redraw_demonstrations": True, "train.seed": 3, "data.max_train_examples": 24,
+                   "data.max_eval_examples": 8})
     cfg, root, tokenizer = load_model_config(c)
     data = load_data(c, cfg, tokenizer)
     assert all((data.train[k] == whole[k]).all() for k in whole)  # draw 0, as without redrawing
