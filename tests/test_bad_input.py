@@ -12,8 +12,6 @@ import csv
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from test_train import ROOT, cli
+from forkserver import python_m
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -599,9 +598,8 @@ def test_generate_with_a_wrongly_shaped_weight_is_one_line(tmp_path):
     for i in range(2):  # the same in every layer: the stacking does not notice
         tensors[f"model.layers.{i}.mlp.up_proj.weight"] = tensors[f"model.layers.{i}.mlp.up_proj.weight"][:48].copy()
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", "--prompt=hi",
-                        f"--tokenizer={TINY_TOKENIZER}", "--max_new_tokens=2"], cwd=ROOT,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    r = python_m("jaxft.generate", f"--model={d}", "--prompt=hi", f"--tokenizer={TINY_TOKENIZER}", "--max_new_tokens=2",
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
     assert_one_line_error(r, f"{d}: layers/mlp/up_proj/kernel has shape (2, 32, 48), the model expects (2, 32, 64)")
 
 
@@ -663,9 +661,8 @@ def test_eval_name_replaces_a_bundled_sets_eval_split(tmp_path):
 @pytest.mark.parametrize("flag", ["--top_k=5", "--top_p=0.9"])
 def test_generate_sampling_settings_without_a_temperature_are_an_error(flag):
     """Was: exit 0 with the greedy completion, --top_k / --top_p ignored (transformers warns; nothing here did)."""
-    r = subprocess.run([sys.executable, "-m", "jaxft.generate", "--model=jaxft-tiny", "--prompt=the movie was", flag],
-                       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-                       timeout=600)
+    r = python_m("jaxft.generate", "--model=jaxft-tiny", "--prompt=the movie was", flag,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
     assert_one_line_error(r, flag, "--temperature=0 decodes greedily: expected --temperature > 0 with them")
 
 
@@ -737,9 +734,8 @@ def test_undecodable_or_truncated_side_files_are_one_line(tmp_path):
     export = lora_adapter(tmp_path / "export", layers=2, widths={"q_proj": 32, "v_proj": 16}, r=4, alpha=16, base=d)
     adapter = export / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
-    r = subprocess.run([sys.executable, "-m", "jaxft.generate", f"--model={d}", f"--adapter={export}",
-                        "--prompt=hi", f"--tokenizer={TINY_TOKENIZER}"], cwd=ROOT,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    r = python_m("jaxft.generate", f"--model={d}", f"--adapter={export}", "--prompt=hi", f"--tokenizer={TINY_TOKENIZER}",
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
     assert_one_line_error(r, f"{adapter}: unreadable safetensors file")
 
 

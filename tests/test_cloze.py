@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from jaxft.data import sources, tasks  # noqa: E402
 from jaxft.errors import JaxftError  # noqa: E402
 from jaxft.tokenizer import Tokenizer  # noqa: E402
 from tests.test_train import ROOT, cli, losses  # noqa: E402
+from forkserver import python_m
 
 BERT = hf.resolve("jaxft-tiny-bert")
 TEMPLATE, WORDS = "{text} it was {mask} .", "bad,good"
@@ -503,9 +502,8 @@ def test_cli_redrawn_demonstrations_resume_exactly(tiny_mlm, tmp_path):
 def test_demonstration_sets_are_one_line_errors(tmp_path):
     for sets, want in (("0", "--demonstration_sets=0: expected a positive number"),
                        ("2", "--demonstration_sets=2: ensembles LM-BFF's demonstrations, and data.demonstrations=0")):
-        r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/pet_bert.py",
-                            f"--checkpoint={tmp_path}", f"--demonstration_sets={sets}"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
+        r = python_m("jaxft.evaluate", "--config=configs/pet_bert.py", f"--checkpoint={tmp_path}",
+                     f"--demonstration_sets={sets}")
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {want}"), r.stderr
         assert not list(tmp_path.iterdir())  # nothing written

@@ -5,8 +5,6 @@ a training checkpoint and its export give the same answers, as does training's o
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from jaxft.errors import JaxftError
 from jaxft.evaluate import evaluate
 from jaxft.tokenizer import Tokenizer
 from test_train import xla_flags
+from forkserver import python_m
 
 ROOT = Path(__file__).resolve().parent.parent
 EN = "the a movie film is was very good bad funny boring story actor charming , . it 's not and of".split()
@@ -247,8 +246,7 @@ def test_encoder_decoder_export_does_not_fit_a_decoder_task(tmp_path, lm):
 
 def cli(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
-    return subprocess.run([sys.executable, "-m", "jaxft.evaluate", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return python_m("jaxft.evaluate", *args, env=env)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -368,9 +366,8 @@ def test_max_examples_applies_to_a_language_models_rows(tmp_path):
     from jaxft.data import tasks
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
-    r = subprocess.run([sys.executable, "-m", "jaxft.train", "--config=configs/tiny_test.py", f"--workdir={tmp_path}",
-                        "--config.method.name=full", "--config.train.steps=2", "--config.checkpoint.every_steps=0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = python_m("jaxft.train", "--config=configs/tiny_test.py", f"--workdir={tmp_path}", "--config.method.name=full",
+                 "--config.train.steps=2", "--config.checkpoint.every_steps=0", env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     config, export = load_config(str(ROOT / "configs" / "tiny_test.py")), str(tmp_path / "export")
     every = evaluate(config, export, out=str(tmp_path / "all"))["metrics"]["eval/loss"]

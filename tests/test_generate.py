@@ -22,6 +22,7 @@ from jaxft.errors import JaxftError
 from jaxft.generate import generate
 from jaxft.models import family
 from jaxft.peft.lora import merge_lora
+from forkserver import python_m
 
 ROOT = Path(__file__).resolve().parents[1]
 # initializer_range 0.2: peaked logits, so that no two candidates tie within float error.
@@ -320,8 +321,7 @@ def test_bad_arguments(saved):
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "jaxft.generate", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return python_m("jaxft.generate", *args, cwd=cwd, timeout=600)
 
 
 def test_cli_bundled_model(tmp_path):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ from jaxft.data.sources import Records
 from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.tokenizer import Tokenizer
+from forkserver import python_m
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -298,9 +297,8 @@ def assert_eight_devices_match_one(tmp_path, go, one=None, **tolerance):
 
 def evaluated_reward(tmp_path, args, checkpoint) -> float:
     """eval/reward of jaxft.evaluate on `checkpoint`, the run's config being tiny_test + `args`."""
-    r = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/tiny_test.py", *args,
-                        f"--checkpoint={checkpoint}", f"--out={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = python_m("jaxft.evaluate", "--config=configs/tiny_test.py", *args, f"--checkpoint={checkpoint}",
+                 f"--out={tmp_path / 'eval'}", env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["eval/reward"]
 

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -18,6 +16,7 @@ from jaxft.config import base_config
 from jaxft.peft.partition import unflat
 from jaxft.step import TrainState, make_optimizer, make_train_step
 from test_train import ROOT, TINY
+from forkserver import python_m
 
 MESHES = {1: {"data": 1}, 8: {"data": 2, "fsdp": 4}}
 
@@ -259,9 +258,8 @@ def test_max_batch_size_is_the_largest_that_fits():
 
 
 def test_cli_json_and_errors():
-    cmd = [sys.executable, "-m", "jaxft.plan", f"--config={TINY}", "--device_memory=1GB", "--json",
-           "--config.model.remat=save_dots"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = [f"--config={TINY}", "--device_memory=1GB", "--json", "--config.model.remat=save_dots"]
+    r = python_m("jaxft.plan", *args)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     b = out["per_device_bytes"]
@@ -271,10 +269,10 @@ def test_cli_json_and_errors():
     assert isinstance(out["max_batch_size"], int) and out["max_batch_size"] >= 8 and out["remat"] == "save_dots"
     assert out["attention"] == "xla"  # tiny_test.py on this CPU
 
-    r = subprocess.run(cmd[:5], cwd=ROOT, capture_output=True, text=True, timeout=300)  # the table
+    r = python_m("jaxft.plan", *args[:2])  # the table
     assert r.returncode == 0 and "activations" in r.stdout and "max batch" in r.stdout, r.stderr
     # CPU: no memory figure, so the bytes and no largest batch
-    r = subprocess.run(cmd[:4] + cmd[5:], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = python_m("jaxft.plan", *args[:1], *args[2:])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["per_device_bytes"] == b and out["max_batch_size"] is None
@@ -283,8 +281,7 @@ def test_cli_json_and_errors():
 
 def test_cli_zero_devices_is_an_error():
     """Found by the input audit. Was: exit 0 with a plan for the local devices (0 read as "not given")."""
-    r = subprocess.run([sys.executable, "-m", "jaxft.plan", f"--config={TINY}", "--devices=0"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = python_m("jaxft.plan", f"--config={TINY}", "--devices=0")
     assert r.returncode == 2 and r.stderr.strip() == "error: --devices=0: expected a positive integer (or no flag: " \
         "the local devices)", r.stderr
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 from test_hf import BASE, build_hf
 from test_sft import tokenizer_args
-from test_train import ROOT, cli, losses
+from test_train import cli, losses
 
 from jaxft import dpo, hf, objectives, plan, sharding
 from jaxft.config import base_config
@@ -26,6 +24,7 @@ from jaxft.data.sources import Records, read_file
 from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.tokenizer import Tokenizer
+from forkserver import python_m
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -464,10 +463,9 @@ def test_cli_reward_model_learns_exports_and_serves_with_peft(tmp_path, pairs):
 
     # jaxft.evaluate on the export: the same figures as training's last eval.
     out = tmp_path / "eval"
-    e = subprocess.run([sys.executable, "-m", "jaxft.evaluate", "--config=configs/lora.py", f"--checkpoint={export}",
-                        f"--out={out}", data, "--config.data.task=reward", "--config.data.eval_holdout=32",
-                        "--config.data.seq_len=32", "--config.model.pooling=last"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    e = python_m("jaxft.evaluate", "--config=configs/lora.py", f"--checkpoint={export}", f"--out={out}", data,
+                 "--config.data.task=reward", "--config.data.eval_holdout=32", "--config.data.seq_len=32",
+                 "--config.model.pooling=last")
     assert e.returncode == 0, e.stderr[-3000:]
     scores = json.loads((out / "metrics.json").read_text())["metrics"]
     for k in ("eval/loss", "eval/accuracy", "eval/reward_margin"):

@@ -6,14 +6,13 @@ import hashlib
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import ROOT, TINY, adapter, assert_same_adapter, cli, losses
+from test_train import TINY, adapter, assert_same_adapter, cli, losses
+from forkserver import python_m
 
 
 def checksums(directory):
@@ -208,8 +207,7 @@ def test_corrupted_newest_checkpoint_falls_back(finished, tmp_path):
 ])
 def test_usage_errors_exit_2_in_one_line(tmp_path, args, message):
     wd = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "jaxft.train", f"--workdir={wd}", *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = python_m("jaxft.train", f"--workdir={wd}", *args, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert "\\'" not in r.stderr

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from forkserver import python_m
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_test.py"
 
@@ -31,10 +33,11 @@ PEAK = "--config.train.peak_flops=1e11"
 def cli(workdir, *overrides, config=TINY, devices=1, env=None, wait=True, **popen):
     """`python -m jaxft.train` on `devices` fake CPU devices, `env` added to the test run's environment."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **(env or {})}
-    cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}", PEAK, *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = [f"--config={config}", f"--workdir={workdir}", PEAK, *overrides]
+    if not wait:  # a process of its own, to signal or watch
+        return subprocess.Popen([sys.executable, "-m", "jaxft.train", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    return python_m("jaxft.train", *args, env=env)
 
 
 def losses(workdir):
@@ -225,8 +228,7 @@ def test_methods_and_model_options_train(tmp_path, overrides):
 ])
 def test_bad_command_line_is_one_line_error(tmp_path, args, message):
     wd = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "jaxft.train", f"--workdir={wd}", *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = python_m("jaxft.train", f"--workdir={wd}", *args, timeout=120)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert not wd.exists()
