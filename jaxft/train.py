@@ -200,6 +200,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
                 tasks.check_labels(records, label_field, labels, bool(declared))
         pair = sources.pair_field(d, first)
         types = token_types(d.token_type_ids, pair, cfg)
+        shots = None  # cloze with data.demonstrations: LM-BFF's demonstrations, drawn from the training set
         if task == "cloze":
             shots = tasks.Demonstrations(int(d.demonstrations), train_rec, int(config.train.seed),
                                          str(d.demonstration_separator)) if int(d.demonstrations) else None
@@ -223,7 +224,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
                 f"{train['input_ids'].shape[1]} rows, one a class (compute and memory x{train['input_ids'].shape[1]})")
         split = {"train": [train_rec], "validation": [eval_rec] if eval_rec else []}
         drawn = redrawn = None
-        if task == "cloze" and shots:
+        if shots:
             drawn = lambda name, k: encode(split[name][0], k)[0]  # noqa: E731
             if d.redraw_demonstrations:  # batch `position`'s examples with draw position + 1 (draw 0: `train`)
                 log(f"demonstrations: {shots.per_class} per class, drawn anew for each example in every batch "

@@ -26,12 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the CLIs import, so that a child finds it in sys.modules. A module missing here only costs its import in
-# each child; one that started a thread at import would make forking unsafe (checked).
+# each child; one that started a thread at import would make forking unsafe (checked). Not the CLI modules run
+# as __main__ (jaxft.evaluate, generate, plan): runpy warns on stderr when the module is already imported.
 SERVER = r"""
 import json, os, runpy, sys, threading, traceback
 import jaxft.train
 import flax.linen, optax, orbax.checkpoint, etils.epath, tqdm, safetensors.numpy
 import jaxft.checkpoint, jaxft.metrics, jaxft.step, jaxft.objectives, jaxft.peft, jaxft.models.family, jaxft.hf
+import jaxft.models.llama, jaxft.models.gpt2, jaxft.models.bert, jaxft.models.t5, jaxft.peft.hf_peft, jaxft.tokenizer
+import jaxft.data.tasks, jaxft.data.mixture, jaxft.data.seq2seq, jaxft.data.iterator, jaxft.flops, jaxft.storage
 from tensorboard.summary.writer.record_writer import RecordWriter
 from jax._src import xla_bridge
 
