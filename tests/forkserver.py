@@ -14,6 +14,7 @@ or XLA thread is shared; each child starts its own.
 """
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -119,7 +120,13 @@ def python_m(module, *args, env=None, cwd=ROOT, timeout=300) -> subprocess.Compl
         server.stdin.flush()
         pid = int(server.stdout.readline())
         killed = []
-        timer = threading.Timer(timeout, lambda: killed.append(os.kill(pid, signal.SIGKILL)))  # as subprocess.run
+
+        def kill():  # as subprocess.run's timeout does; the child may have just exited
+            killed.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
         timer.start()
         try:
             code = int(server.stdout.readline())

@@ -17,6 +17,7 @@ from jaxft.data.sources import Records, read_file
 from jaxft.errors import JaxftError
 from jaxft.evaluate import evaluate
 from jaxft.tokenizer import Tokenizer
+from test_train import cli as train_cli
 from test_train import xla_flags
 from forkserver import python_m
 
@@ -365,9 +366,7 @@ def test_max_examples_applies_to_a_language_models_rows(tmp_path):
     from jaxft.compare import load_config
     from jaxft.data import tasks
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
-    r = python_m("jaxft.train", "--config=configs/tiny_test.py", f"--workdir={tmp_path}", "--config.method.name=full",
-                 "--config.train.steps=2", "--config.checkpoint.every_steps=0", env=env, timeout=600)
+    r = train_cli(tmp_path, "--config.method.name=full", "--config.train.steps=2", "--config.checkpoint.every_steps=0")
     assert r.returncode == 0, r.stderr[-3000:]
     config, export = load_config(str(ROOT / "configs" / "tiny_test.py")), str(tmp_path / "export")
     every = evaluate(config, export, out=str(tmp_path / "all"))["metrics"]["eval/loss"]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import TINY, adapter, assert_same_adapter, cli, losses
-from forkserver import python_m
+from test_train import adapter, assert_same_adapter, cli, losses
 
 
 def checksums(directory):
@@ -192,23 +191,3 @@ def test_corrupted_newest_checkpoint_falls_back(finished, tmp_path):
     assert (run / "checkpoints" / "4.unreadable").is_dir()
     assert steps_saved(run) == [2, 4]
     assert_same_adapter(adapter(run), adapter(finished))  # resuming from 2 ends where the run did
-
-
-# ---------------------------------------------------------------------------------------------
-# Usage errors.
-
-
-@pytest.mark.parametrize("args,message", [
-    ([f"--config={TINY}", "--num_processes=2"], "--coordinator_address, --num_processes and --process_id go together"),
-    ([f"--config={TINY}", "stray"], "unexpected arguments: stray"),
-    ([f"--config={TINY}", "--config.train.steps=abc"], "--config.train.steps=abc"),
-    ([f"--config={TINY}", "--config.train.stepz=3"],
-     'error: --config.train.stepz: no such config key. Did you mean "steps" instead of "stepz"?\n'),
-])
-def test_usage_errors_exit_2_in_one_line(tmp_path, args, message):
-    wd = tmp_path / "run"
-    r = python_m("jaxft.train", f"--workdir={wd}", *args, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-    assert "\\'" not in r.stderr
-    assert not wd.exists()

@@ -222,15 +222,19 @@ def test_methods_and_model_options_train(tmp_path, overrides):
 
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/nope.py"], "--config=configs/nope.py: no such config file"),
-    ([f"--config={TINY}", "--config.train.stepz=3"], "Did you mean \"steps\""),
+    ([f"--config={TINY}", "--config.train.stepz=3"],
+     'error: --config.train.stepz: no such config key. Did you mean "steps" instead of "stepz"?\n'),
     ([f"--config={TINY}", "--config.train.steps=abc"], "--config.train.steps=abc"),
     ([], "--config=configs/NAME.py is required"),
+    ([f"--config={TINY}", "--num_processes=2"], "--coordinator_address, --num_processes and --process_id go together"),
+    ([f"--config={TINY}", "stray"], "unexpected arguments: stray"),
 ])
 def test_bad_command_line_is_one_line_error(tmp_path, args, message):
     wd = tmp_path / "run"
     r = python_m("jaxft.train", f"--workdir={wd}", *args, timeout=120)
-    assert r.returncode == 2
+    assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert "\\'" not in r.stderr
     assert not wd.exists()
 
 
