@@ -172,6 +172,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ppo_value_clip = 0.2  # how far a value may move from the rollout's per update
     c.train.ppo_gamma = 1.0  # discount
     c.train.ppo_lam = 0.95  # GAE's lambda
+    c.train.ppo_critic = ""  # a separate critic's model directory (e.g. the reward model), fully trained; "": a value head
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()
@@ -287,6 +288,9 @@ def validate(config) -> None:
         from jaxft.data import sft
 
         sft.template_variables(config.data.chat_template_kwargs)
+    if config.train.get("ppo_critic", "") and config.data.task != "ppo":
+        raise JaxftError(f"train.ppo_critic={config.train.ppo_critic!r}: PPO's separate critic: expected "
+                         f"data.task='ppo', not {config.data.task!r}")
     if config.data.task in ("grpo", "ppo"):
         check_grpo(config)
     from jaxft.data.tasks import declared_labels

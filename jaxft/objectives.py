@@ -61,7 +61,8 @@ class Objective:
     rollout: Callable | None = None
     new_tokens: int = 0  # tokens a rollout adds to each row after the data's (GRPO's completions), for jaxft.plan
     keeps_reference: bool = False  # a rollout keeps a copy of the starting trainable parameters (for jaxft.plan)
-    # (model) -> parameters the objective trains beside the model's (PPO's value head): they sit
+    # (model, mesh, seed) -> parameters the objective trains beside the model's (PPO's value head or
+    # critic), sharded over the mesh as the model's are: they sit
     # in the trainable tree under OWN, the loss is called as loss(outputs, batch, own parameters), and
     # exports leave them out (they are no part of the model)
     own_params: Callable | None = None
@@ -352,8 +353,9 @@ def _ppo(train, cfg=None) -> Objective:
     from jaxft import ppo
     from jaxft.models import family
 
-    # the value head reads the final hidden states, which a family's LM head may scale first (T5)
-    return ppo.objective(ppo.settings(train), family.of(cfg).head_scale(cfg) if cfg is not None else 1.0)
+    # the value head reads the final hidden states, which a family's LM head may scale first (T5); a
+    # separate critic is built to compute as the policy does
+    return ppo.objective(ppo.settings(train), family.of(cfg).head_scale(cfg) if cfg is not None else 1.0, cfg)
 
 
 # objectives with settings: (the config's train section, the model's config or None) -> Objective

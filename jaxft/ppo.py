@@ -16,11 +16,20 @@ and the loss per completion token, averaged over them, is
     V_clip = V_old + clip(V - V_old, -c, c)
 
 (`train.ppo_value_coef` 0.1, `train.ppo_value_clip` c 0.2, `train.ppo_gamma` 1, `train.ppo_lam` 0.95;
-eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`). The value head is a
-vector and a bias on the policy's final hidden states (a shared trunk, as TRL's value-head models: an
-encoder-decoder's decoder states, unscaled by the factor its LM head applies, `Family.head_scale`),
-starting at zero; it is the objective's own parameter (`Objective.own_params`), trained with the
-method's, checkpointed, never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
+eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`). The critic V is one of:
+
+- (default) a value head, a vector and a bias on the policy's final hidden states (a shared trunk, as
+  TRL's value-head models: an encoder-decoder's decoder states, unscaled by the factor its LM head
+  applies, `Family.head_scale`), starting at zero;
+- `train.ppo_critic=PATH`: a model of its own (InstructGPT's, TRL's PPOTrainer's value model), every
+  weight of it trained: a decoder-only HF directory read as a one-output classifier at every position,
+  V(t) = score(final state t). A reward model (a `*ForSequenceClassification` directory with one
+  output, e.g. a `data.task=reward` run's full export) starts with its score head; a causal LM gets a
+  new one. It reads the policy's token ids, so it must share the policy's tokenizer (its vocabulary
+  size is checked); the policy must be a decoder.
+
+Either is the objective's own parameters (`Objective.own_params`), trained with the method's (one
+optimizer), checkpointed, never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
 mean log pi_old - log ref per token), train/value_loss, train/clip_ratio, train/value_clip_ratio.
 """
 
@@ -38,6 +47,7 @@ from jaxft.errors import JaxftError
 from jaxft.objectives import Objective
 
 WHITEN_EPS = 1e-8
+CRITIC = "train.ppo_critic"
 HIDDEN = ("PPO's value head reads the model's final hidden states, which a method that changes the LM head hides "
           "(e.g. LoRA on lm_head): leave lm_head out of method.targets")
 
@@ -49,6 +59,7 @@ class Settings(grpo.Settings):
     value_clip: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
+    critic: str = ""  # a separate critic's model directory; "": a value head on the policy
 
 
 def settings(train) -> Settings:
@@ -60,7 +71,7 @@ def settings(train) -> Settings:
     return s
 
 
-def value_head(model) -> dict:
+def value_head(model, mesh=None, seed: int = 0) -> dict:
     """The value head's parameters, zero; checked before anything is written: it needs the hidden states."""
     if any(hook.acts_on("lm_head") for hook in model.hooks):
         raise JaxftError(HIDDEN)
@@ -68,9 +79,65 @@ def value_head(model) -> dict:
     return {"value_head": {"kernel": jnp.zeros((size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
 
 
-def values(outputs, own, head_scale: float = 1.0) -> jax.Array:
+def critic_model(path: str, policy_cfg):
+    """`train.ppo_critic`'s model, built to compute as the policy does (dtype, attention, remat, scan),
+    as a one-output classifier read at every position -> (model, its directory, whether it brings its
+    score head). One line naming the key for a directory that cannot be the policy's critic."""
+    from jaxft import hf
+    from jaxft.models import family
+
+    where = f"{CRITIC}={path!r}"
+    if family.of(policy_cfg).encoder_decoder:
+        raise JaxftError(f"{where}: a separate critic reads the policy's rows as one sequence; {policy_cfg.model_type} "
+                         "is an encoder-decoder: expected a decoder-only policy, or no critic (the value head)")
+    try:
+        root = hf.resolve(path)
+    except JaxftError as e:
+        raise JaxftError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
+    if (root / "adapter_config.json").is_file() and not (root / "config.json").is_file():
+        raise JaxftError(f"{where}: an adapter directory; expected a whole model (export the reward model with "
+                         "method.name=full, or give a causal LM)")
+    cfg = hf.read_config(root)
+    fam = family.of(cfg)
+    if fam.encoder_decoder or "causal_lm" not in fam.heads or "classification" not in fam.heads:
+        raise JaxftError(f"{where}: a {cfg.model_type} model; a critic's value at a token may read only the tokens "
+                         "before it: expected a decoder-only model (Llama, Qwen2, Mistral, GPT-2)")
+    if cfg.head == "classification" and cfg.num_labels != 1:
+        raise JaxftError(f"{where}: a classifier with {cfg.num_labels} outputs; expected a reward model (one "
+                         "output) or a causal LM")
+    if cfg.vocab_size != policy_cfg.vocab_size:
+        raise JaxftError(f"{where}: a vocabulary of {cfg.vocab_size} tokens, the policy's has "
+                         f"{policy_cfg.vocab_size}: the critic reads the policy's token ids, so it must share its "
+                         "tokenizer")
+    brings_head = cfg.head == "classification"
+    cfg = cfg.replace(head="classification", num_labels=1, pooling="every", labels=None, dtype=policy_cfg.dtype,
+                      param_dtype="float32", scan_layers=policy_cfg.scan_layers, remat=policy_cfg.remat,
+                      attention=policy_cfg.attention)
+    return family.build(cfg), root, brings_head
+
+
+def critic_params(path: str):
+    """own_params with a separate critic: its weights, every one trainable, sharded as the policy's."""
+
+    def make(model, mesh=None, seed: int = 0) -> dict:
+        from jaxft.peft.partition import count
+        from jaxft.train import init_params, log
+
+        critic, root, brings_head = critic_model(path, model.cfg)
+        params = init_params(critic, root, mesh, seed)
+        log(f"critic: {root} ({count(params):,} parameters, every one trains; "
+            f"{'its score head' if brings_head else 'a new score head'} gives the value at each token)")
+        return {"critic": params}
+
+    return make
+
+
+def values(outputs, own, head_scale: float = 1.0, critic=None, batch=None) -> jax.Array:
     """[rows, T]: the value head on the final hidden states (position t: the state that predicts the token
-    `grpo.completion_targets` names). `head_scale`: the factor the outputs' states carry (`Family.head_scale`)."""
+    `grpo.completion_targets` names). `head_scale`: the factor the outputs' states carry (`Family.head_scale`).
+    `critic` (a separate critic's model, `critic_model`): its values on the batch's rows instead."""
+    if critic is not None:
+        return critic.apply({"params": own["critic"]}, batch["input_ids"], batch["attention_mask"])[..., 0]
     if not isinstance(outputs, tuple):
         raise JaxftError(HIDDEN)
     head = own["value_head"]
@@ -103,13 +170,16 @@ def whiten(x, mask):
     return jnp.where(mask > 0, (x - mean) * jax.lax.rsqrt(var + WHITEN_EPS), 0.0)
 
 
-def objective(s: Settings, head_scale: float = 1.0) -> Objective:
+def objective(s: Settings, head_scale: float = 1.0, policy_cfg=None) -> Objective:
     """PPO's loss; `head_scale`: the policy family's (`Family.head_scale`), which the value head takes off
-    the states it reads."""
+    the states it reads. `policy_cfg`: the policy's model config, which a separate critic (`s.critic`)
+    is built to match (None: a value head only)."""
+    critic = critic_model(s.critic, policy_cfg)[0] if s.critic and policy_cfg is not None else None
+    value = functools.partial(values, head_scale=head_scale, critic=critic)
 
     def loss(outputs, batch, own):
         logp = grpo.token_log_probs(outputs, batch, s.temperature)
-        v = values(outputs, own, head_scale)
+        v = value(outputs, own, batch=batch)
         a, ret, old_v = batch["advantages"], batch["returns"], batch["old_values"]
         ratio = jnp.exp(logp - batch["old_logps"])
         pg1, pg2 = -a * ratio, -a * jnp.clip(ratio, 1 - s.epsilon, 1 + s.epsilon)
@@ -125,9 +195,9 @@ def objective(s: Settings, head_scale: float = 1.0) -> Objective:
 
     return Objective("ppo", loss, grpo.policy_inputs, sequences=s.generations, tokens=grpo.tokens, perplexity=False,
                      accuracy=False, train_sums=("value_loss", "clip_ratio", "value_clip_ratio"),
-                     rollout=functools.partial(Rollout, s, head_scale), new_tokens=s.max_new_tokens,
+                     rollout=functools.partial(Rollout, s, value), new_tokens=s.max_new_tokens,
                      keeps_reference=s.beta > 0,
-                     own_params=value_head)
+                     own_params=critic_params(s.critic) if s.critic else value_head)
 
 
 def targets(s: Settings, batch, old_logps, old_values, ref_logps):
@@ -145,16 +215,18 @@ class Rollout(grpo.Rollout):
     """GRPO's rollouts, completed with the sampler's log-probabilities and values, the reference's
     log-probabilities, and the advantages and value targets of GAE (the module docstring)."""
 
-    def __init__(self, s: Settings, head_scale: float, model, trainable, data, mesh, seed: int):
+    def __init__(self, s: Settings, value, model, trainable, data, mesh, seed: int):
         from jaxft import sharding
         from jaxft.objectives import OWN
 
         super().__init__(s, model, trainable, data, mesh, seed)
         rows = sharding.batch_sharding(mesh, 2)
 
-        def old(trainable, frozen, batch):  # the values as the loss computes them: the same head_scale
+        def old(trainable, frozen, batch):  # the values as the loss computes them (`value`: the loss's)
             outputs = self.outputs(trainable, frozen, batch)
-            return grpo.token_log_probs(outputs, batch, s.temperature), values(outputs, trainable[OWN], head_scale)
+            with sharding.axis_rules(mesh):
+                v = value(outputs, trainable[OWN], batch=batch)
+            return grpo.token_log_probs(outputs, batch, s.temperature), v
 
         self._old = jax.jit(old, out_shardings=(rows, rows))
         self._targets = jax.jit(functools.partial(targets, s), out_shardings=(rows, rows, sharding.replicated(mesh)))

@@ -393,7 +393,7 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     trainable, frozen = split(params, method.trainable)
     objective = objectives.for_task(data.task, config.train, cfg)
     if objective.own_params is not None:  # e.g. PPO's value head, trained beside the method's parameters
-        trainable = {**trainable, objectives.OWN: objective.own_params(model)}
+        trainable = {**trainable, objectives.OWN: objective.own_params(model, mesh, config.train.seed)}
     return method, model, trainable, frozen
 
 

@@ -5,6 +5,7 @@ micro-batches match one, the value head is checkpointed but never exported, jaxf
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import jax
@@ -13,10 +14,13 @@ import numpy as np
 import pytest
 from test_grpo import (assert_eight_devices_match_one, evaluated_reward, experience, metrics, run,  # noqa: F401
                        torch_token_log_probs)  # (run: a fixture)
+from test_hf import BASE, build_hf
 from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
 from test_train import cli, losses
 
-from jaxft import objectives, ppo
+from jaxft import hf, objectives, ppo
+from jaxft.config import base_config, validate
+from jaxft.errors import JaxftError
 from jaxft.models import family
 
 torch = pytest.importorskip("torch")
@@ -138,6 +142,105 @@ def test_loss_and_gradients_match_pytorch(hf_pair):  # noqa: F811
         np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
 
 
+def critic_batch(seed=2):
+    """A batch of completions with the rollout's figures, for the loss with a separate critic."""
+    batch = experience(8, 6, 8, seed=seed)
+    batch["weight"][-1] = 0.0
+    rng = np.random.default_rng(seed + 1)
+    for k in ("old_values", "returns", "advantages"):
+        batch[k] = rng.normal(size=batch["input_ids"].shape).astype(np.float32)
+    return batch
+
+
+def test_separate_critic_values_loss_and_gradients_match_pytorch(hf_pair, tmp_path):  # noqa: F811
+    """train.ppo_critic: a reward model (LlamaForSequenceClassification, one output) as the critic, its score
+    head read at every position as TRL's value model is (`score(model(...).last_hidden_state)`): the values,
+    the value loss and every critic weight's gradient against PyTorch autograd; the policy's gradients
+    are the value head's run's (the value loss reaches the critic alone)."""
+    (_, _, _), (pol_t, model, params) = hf_pair
+    config = transformers.LlamaConfig(**{**BASE, "num_hidden_layers": 3, "num_labels": 1, "pad_token_id": 0})
+    critic_t, critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", seed=9, sub="critic")
+    s = ppo.Settings(epsilon=0.05, value_clip=0.05, value_coef=0.7, critic=str(critic_dir))
+    critic, root, brings_head = ppo.critic_model(s.critic, model.cfg)
+    assert brings_head and root == critic_dir and critic.cfg.pooling == "every"
+    own = {"critic": hf.load(str(critic_dir))[1]}
+    batch = critic_batch()
+    with torch.no_grad():
+        base = torch_token_log_probs(pol_t, batch).numpy()
+    batch["old_logps"] = np.pad(base, ((0, 0), (0, 1)))
+    objective = ppo.objective(s, 1.0, model.cfg)
+
+    def mean_loss(p, own):
+        outputs = model.apply({"params": p}, **objective.inputs(batch), return_hidden=True)
+        sums = objective.loss(outputs, batch, own)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (loss, sums), (grads, own_grads) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(params, own)
+
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    critic_t.zero_grad(set_to_none=True)
+    states = critic_t.model(ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    v_full = critic_t.score(states).float()[..., 0]
+    np.testing.assert_allclose(np.asarray(ppo.values(None, own, critic=critic, batch=batch)), v_full.detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    v = v_full[:, :-1]
+    cut = lambda k: torch.tensor(batch[k][:, :-1])  # noqa: E731
+    m = torch.tensor(objectives.next_token(batch["attention_mask"] * batch["loss_mask"])[:, :-1] *
+                     batch["weight"][:, None], dtype=torch.float32)
+    ret, old_v, a = cut("returns"), cut("old_values"), cut("advantages")
+    v_clip = old_v + torch.clamp(v - old_v, -s.value_clip, s.value_clip)
+    vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+    ((s.value_coef * vf * m).sum() / m.sum()).backward()
+    pg = torch.max(-a, -a * torch.clamp(torch.ones_like(a), 1 - s.epsilon, 1 + s.epsilon))  # ratio 1: old = new
+    want = ((pg + s.value_coef * vf) * m).sum() / m.sum()
+    assert float(loss) == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert float(sums["value_loss"] / sums["count"]) == pytest.approx(((vf * m).sum() / m.sum()).item(), rel=1e-5)
+    assert 0 < float(sums["value_clip_ratio"]) < float(sums["count"])
+    ours = family.of(critic.cfg).params_to_hf(jax.device_get(own_grads["critic"]), hf.load(str(critic_dir))[0].cfg)
+    theirs = {n: p.grad.numpy() for n, p in critic_t.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        scale = np.abs(theirs[name]).max()
+        assert scale > 0, name
+        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+    # The policy's gradient is the policy loss's alone, as with the value head (whose value loss does not reach it).
+    head_own = {"value_head": {"kernel": np.zeros(model.cfg.hidden_size, np.float32), "bias": np.float32(0)}}
+    plain = ppo.objective(dataclasses.replace(s, critic=""))
+    policy_only = jax.grad(lambda p: (lambda o: o["loss_sum"] / o["count"])(plain.loss(
+        model.apply({"params": p}, **plain.inputs(batch), return_hidden=True), batch, head_own)))(params)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), grads, policy_only)
+
+
+def test_separate_critic_is_checked(hf_pair, tmp_path):  # noqa: F811
+    """A critic that cannot read the policy's rows is one line naming train.ppo_critic, before anything runs."""
+    (_, _, _), (_, model, _) = hf_pair
+    cases = {
+        "nowhere": (str(tmp_path / "nowhere"), "no such directory"),
+        "labels": (transformers.LlamaConfig(**{**BASE, "num_labels": 3}), "a classifier with 3 outputs"),
+        "vocab": (transformers.LlamaConfig(**{**BASE, "vocab_size": BASE["vocab_size"] + 8, "num_labels": 1}),
+                  "must share its tokenizer"),
+        "bert": (transformers.BertConfig(vocab_size=BASE["vocab_size"], hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=64), "expected a decoder-only model"),
+    }
+    for name, (config, message) in cases.items():
+        path = config
+        if not isinstance(config, str):
+            cls = {"bert": "BertForSequenceClassification"}.get(name, "LlamaForSequenceClassification")
+            path = str(build_hf(tmp_path, config, cls, sub=name)[1])
+        with pytest.raises(JaxftError, match=f"^train.ppo_critic='{path}': .*{message}"):
+            ppo.critic_model(path, model.cfg)
+    config = base_config()
+    config.data.task, config.train.ppo_critic = "grpo", str(tmp_path / "labels")
+    with pytest.raises(JaxftError, match=r"^train.ppo_critic='.*': PPO's separate critic: expected data.task='ppo'"):
+        validate(config)
+    t5 = transformers.T5Config(vocab_size=BASE["vocab_size"], d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    t5_cfg = hf.read_config(build_hf(tmp_path, t5, "T5ForConditionalGeneration", sub="t5")[1])
+    with pytest.raises(JaxftError, match="an encoder-decoder: expected a decoder-only policy"):
+        ppo.critic_model("jaxft-tiny", t5_cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 
@@ -173,6 +276,36 @@ def test_cli_reward_rises_resumes_exactly_and_exports_the_policy_alone(tmp_path,
     assert [losses(split)[s] for s in range(29, 31)] == [losses(straight)[s] for s in range(29, 31)]
     # jaxft.evaluate rebuilds the run (value head included) from the checkpoint and scores its completions
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
+
+
+def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_path, run):  # noqa: F811
+    """train.ppo_critic: a reward model of its own as the critic, every weight trained beside the policy's:
+    its value loss falls, resume is exact (the critic is checkpointed), the export is the policy alone,
+    jaxft.evaluate rebuilds the run, and a 2 x 2 x 2 mesh with micro-batches (the critic's weights split
+    over FSDP and tensor shards as the policy's) gives the same figures."""
+    config = transformers.LlamaConfig(**{**BASE, "vocab_size": 300, "num_labels": 1, "pad_token_id": 0})
+    critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", sub="critic")[1]
+    go = (*ppo_run(run), f"--config.train.ppo_critic={critic_dir}", "--config.train.steps=12",
+          "--config.checkpoint.every_steps=6", "--config.eval.every_steps=12", "--config.eval.batch_size=16")
+    straight = tmp_path / "straight"
+    r = cli(straight, *go)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"critic: {critic_dir} (" in r.stdout and "its score head gives the value" in r.stdout, r.stdout
+    rows = [row for row in metrics(straight) if "train/value_loss" in row]
+    assert rows[-1]["train/value_loss"] < rows[0]["train/value_loss"] / 2, rows
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(straight / "export" / "model.safetensors"))
+    assert not any(k.startswith("score") or "critic" in k for k in exported)
+    split = tmp_path / "split"
+    shutil.copytree(straight, split)
+    shutil.rmtree(split / "checkpoints" / "12")
+    r = cli(split, *go)
+    assert r.returncode == 0 and "resuming from step 6" in r.stdout, r.stderr[-3000:]
+    assert [losses(split)[s] for s in range(7, 13)] == [losses(straight)[s] for s in range(7, 13)]
+    final = [row for row in metrics(straight) if "eval/reward" in row][-1]
+    assert evaluated_reward(tmp_path, go, straight) == pytest.approx(final["eval/reward"], abs=1e-6)
+    assert_eight_devices_match_one(tmp_path, go, one=straight)
 
 
 # slow: the mesh x objective matrix keeps GRPO on a decoder (test_grpo.py::test_eight_devices_and_micro_batches_

@@ -221,6 +221,8 @@ def pool(h, mask, how: str):
 
     "last": the last real token's state, as HF's `*ForSequenceClassification` decoders do.
     "first": the first token's state ([CLS] of BERT-like encoders).
+    "every": no pooling, every state [B, T, D] (PPO's separate critic: a value at each position; internal,
+    never a `model.pooling` choice).
     "mean": the average over real tokens. A frozen decoder's last state is trained to predict the next
     token, not to summarise the sentence; the mean lets every token's own features (and what a method
     writes into them) reach the head (P-Tuning v2 on jaxft-tiny: 0.764 against 0.672 SST-2 dev accuracy).
@@ -229,6 +231,8 @@ def pool(h, mask, how: str):
         return h[jnp.arange(h.shape[0]), last_token(mask)]
     if how == "first":
         return h[:, 0]
+    if how == "every":
+        return h
     if how == "mean":  # summed in fp32: bf16 sums of long sequences lose the low bits
         m = mask.astype(jnp.float32)[..., None]
         return ((h.astype(jnp.float32) * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)).astype(h.dtype)
