@@ -51,7 +51,7 @@ import numpy as np
 
 from jaxft import cross_entropy
 from jaxft.errors import JaxftError
-from jaxft.objectives import Objective, model_inputs, next_token, seq2seq_inputs
+from jaxft.objectives import Objective, model_inputs, next_token, seq2seq_inputs, without_own
 
 EPS_STD = 1e-4  # TRL's: a group whose rewards are all equal gets advantage 0, not 0 / 0
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
@@ -282,8 +282,9 @@ class Rollout:
         start = getattr(model.cfg, "decoder_start_token_id", None)
         start = start if start is not None else self.pad
         self.decoder_start = start if family.of(model.cfg).encoder_decoder else None
-        # the reference policy: the starting point, copied (the state's parameters are donated each step)
-        self.reference = jax.tree_util.tree_map(jnp.copy, trainable) if s.beta else None
+        # the reference policy: the starting point, copied (the state's parameters are donated each step);
+        # the model's alone, not an objective's own parameters (PPO's critic)
+        self.reference = jax.tree_util.tree_map(jnp.copy, without_own(trainable)) if s.beta else None
         self._generate = generate.compiled(model, generate.Settings(s.max_new_tokens, s.temperature, s.top_k, s.top_p,
                                                                     num_eos=len(self.eos)))
 

@@ -66,6 +66,9 @@ class Objective:
     # in the trainable tree under OWN, the loss is called as loss(outputs, batch, own parameters), and
     # exports leave them out (they are no part of the model)
     own_params: Callable | None = None
+    # a model of its own that the loss runs on those parameters, every one trained (PPO's separate
+    # critic), on the same rows as the model's: what jaxft.plan adds for it
+    own_model: object = None
 
 
 OWN = "objective"  # where an objective's own parameters sit in the trainable tree

@@ -17,6 +17,9 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
   gradients    the trainable shards in fp32, twice with train.grad_accum > 1 (the running sum and
                one micro-batch's)
   optimizer    Adam's moments: mu in optimizer.mu_dtype (or fp32) and nu in fp32
+  (critic)     PPO's separate critic (`train.ppo_critic`) adds its own: fp32 weights, their gradients and
+               moments, and its activations on the policy's rows; the backward pass through either model
+               holds what the other saved (0.99 of XLA's figure with a LoRA policy, tests/test_ppo.py)
   activations  summed over the family's stacks of blocks (`Family.activation_blocks`: Llama's layers,
                T5's encoder and decoder): L x saved + max(working, loss) + the batch's own arrays (a stack
                no gradient flows through, T5's encoder under P-Tuning v2, keeps nothing); with several
@@ -115,6 +118,7 @@ class Setup:
     target_length: int = 0
     reference: bool = False  # a copy of the starting trainable parameters is kept (GRPO's reference policy)
     answer_tokens: int = 1  # a cloze task's positions read per row (its longest label word's tokens)
+    own: "Setup | None" = None  # a model the objective trains beside this one, on its rows (PPO's critic)
 
 
 def head_of(config, fam) -> tuple[str, int | None, str]:
@@ -145,14 +149,14 @@ def head_of(config, fam) -> tuple[str, int | None, str]:
 
 def setup(config, num_devices: int | None = None, platform: str | None = None) -> Setup:
     """config -> the model, method, mesh and parameter shapes/shardings a run would build."""
-    import flax.linen as nn
     from jax.sharding import AbstractMesh
 
     from jaxft import objectives, sharding
     from jaxft.config import validate
     from jaxft.models import family
     from jaxft.peft import build
-    from jaxft.peft.partition import flat, is_trainable
+    from jaxft.peft.methods import Method
+    from jaxft.peft.partition import is_trainable
     from jaxft.train import load_model_config, model_settings
 
     validate(config)
@@ -170,10 +174,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))
     method = build(config.method, cfg)
     model = family.build(cfg, method.hooks)
-    dummy = jax.ShapeDtypeStruct((1, 2), np.int32)
-    boxed = jax.eval_shape(lambda r, x: model.init(r, x), jax.random.PRNGKey(0), dummy)["params"]
-    shardings = flat(sharding.param_shardings(boxed, mesh))
-    shapes = flat(nn.unbox(boxed))
+    shapes, shardings = shapes_of(model, mesh)
     trainable = {p: is_trainable(p, method.trainable) for p in shapes}
     frozen_dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
     abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
@@ -184,9 +185,28 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     if family.of(cfg).encoder_decoder:  # the prompt is the encoder's, the completion the decoder's
         target = objective.new_tokens or (int(config.data.target_len) if task == "seq2seq" else 0) or seq_len
     rows, answer = cloze_shape(config, tokenizer, head) if task == "cloze" else (1, 1)
+    length = seq_len + (0 if target else objective.new_tokens)
+    own = None
+    if objective.own_model is not None:  # PPO's critic: every weight trains (fp32), on the policy's rows
+        critic = objective.own_model
+        own_shapes, own_shardings = shapes_of(critic, mesh)
+        own = Setup(config, critic.cfg, Method("full", (r".",)), critic, mesh, own_shapes,
+                    {p: True for p in own_shapes}, own_shardings, 0, platform, objective.sequences, length=length)
     return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform,
-                 objective.sequences * rows, length=seq_len + (0 if target else objective.new_tokens),
-                 target_length=target, reference=objective.keeps_reference, answer_tokens=answer)
+                 objective.sequences * rows, length=length, target_length=target,
+                 reference=objective.keeps_reference, answer_tokens=answer, own=own)
+
+
+def shapes_of(model, mesh) -> tuple[dict, dict]:
+    """A model's parameters as flat path -> ShapeDtypeStruct (as `init` makes them) and -> NamedSharding."""
+    import flax.linen as nn
+
+    from jaxft import sharding
+    from jaxft.peft.partition import flat
+
+    dummy = jax.ShapeDtypeStruct((1, 2), np.int32)
+    boxed = jax.eval_shape(lambda r, x: model.init(r, x), jax.random.PRNGKey(0), dummy)["params"]
+    return flat(nn.unbox(boxed)), flat(sharding.param_shardings(boxed, mesh))
 
 
 def cloze_shape(config, tokenizer: str | None, head: str) -> tuple[int, int]:
@@ -372,7 +392,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     total = max(backward, saved_total + loss) + inputs_bytes
     first = stacks[0] if stacks else {"per_layer": 0, "saved": 0}
     return {"total": int(total), "per_layer": first["per_layer"], "saved": first["saved"], "working": working,
-            "loss": loss, "stacks": stacks}
+            "loss": loss, "stacks": stacks, "saved_total": saved_total}
 
 
 def estimate(s: Setup, batch: int | None = None) -> dict:
@@ -394,10 +414,18 @@ def estimate(s: Setup, batch: int | None = None) -> dict:
     weights += sum(per_device(x.shape, s.cfg.compute_dtype, s.shardings[p]) for p, x in s.abstract.items()
                    if not s.trainable[p] and x.dtype.itemsize < compute and stored(s, p, x) == per_device(
                        x.shape, x.dtype, s.shardings[p]))
-    activations = activation_bytes(s, batch)["total"]
+    acts = activation_bytes(s, batch)
+    activations = acts["total"]
+    gradients = trainable * (2 if s.config.train.grad_accum > 1 else 1)  # + one micro-batch's, when accumulating
+    if s.own is not None:  # PPO's critic: its weights, gradients and moments, and its activations beside the policy's
+        own = estimate(s.own, batch)
+        weights, gradients, optimizer = weights + own["weights"], gradients + own["gradients"], optimizer + own["optimizer"]
+        trainable += own["weights"]
+        # the backward pass through one model holds what the other saved
+        theirs = activation_bytes(s.own, batch)
+        activations = max(activations + theirs["saved_total"], theirs["total"] + acts["saved_total"])
     # The update (clipped gradients, new moments) is made after the activations are freed: the step
     # needs the larger of the two, on top of the gradients.
-    gradients = trainable * (2 if s.config.train.grad_accum > 1 else 1)  # + one micro-batch's, when accumulating
     total = weights + gradients + optimizer + max(activations, trainable)
     return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
             "activations": int(activations), "total": int(total)}
@@ -475,6 +503,10 @@ def text(s: Setup, r: dict) -> str:
             trainable += per_device(x.shape, x.dtype, s.shardings[path])
         else:
             frozen += stored(s, path, x)
+    critic = ""
+    if s.own is not None:
+        own = sum(per_device(x.shape, x.dtype, s.own.shardings[p]) for p, x in s.own.abstract.items())
+        critic = f", the critic {human(own)} ({s.own.cfg.model_type} {s.own.cfg.num_layers}x{s.own.cfg.hidden_size})"
     prefix = f" (+{s.num_prefix} prefix)" if s.num_prefix else ""
     kind = s.config.model.get("quantization", "none")
     quantized = f" ({kind} projections)" if kind != "none" else ""
@@ -486,7 +518,7 @@ def text(s: Setup, r: dict) -> str:
         + f", {s.config.train.grad_accum} micro-batch(es) | {s.platform}",
         f"  {'per device':<14}{'bytes':>16}",
         f"  {'weights':<14}{human(b['weights']):>16}   (frozen {human(frozen)} stored, trainable {human(trainable)}"
-        + (f", its starting copy {human(trainable)} (the reference)" if s.reference else "") + ")",
+        + (f", its starting copy {human(trainable)} (the reference)" if s.reference else "") + critic + ")",
         f"  {'gradients':<14}{human(b['gradients']):>16}",
         f"  {'optimizer':<14}{human(b['optimizer']):>16}",
         f"  {'activations':<14}{human(b['activations']):>16}   (remat {cfg.remat})",

@@ -197,7 +197,7 @@ def objective(s: Settings, head_scale: float = 1.0, policy_cfg=None) -> Objectiv
                      accuracy=False, train_sums=("value_loss", "clip_ratio", "value_clip_ratio"),
                      rollout=functools.partial(Rollout, s, value), new_tokens=s.max_new_tokens,
                      keeps_reference=s.beta > 0,
-                     own_params=critic_params(s.critic) if s.critic else value_head)
+                     own_params=critic_params(s.critic) if s.critic else value_head, own_model=critic)
 
 
 def targets(s: Settings, batch, old_logps, old_values, ref_logps):

@@ -196,7 +196,7 @@ def test_ppo_loss_and_value_head_match_pytorch(t5_pair):
     objective = ppo.objective(s, family.of(model.cfg).head_scale(model.cfg))
     assert family.of(model.cfg).head_scale(model.cfg) == pytest.approx(32 ** -0.5)
     # the run's objective (and its rollout's old values) take the family's scale from the model's config
-    assert objectives.for_task("ppo", None, model.cfg).rollout.args[1] == pytest.approx(32 ** -0.5)
+    assert objectives.for_task("ppo", None, model.cfg).rollout.args[1].keywords["head_scale"] == pytest.approx(32 ** -0.5)
 
     def mean_loss(p, own):
         outputs = model.apply({"params": p}, **objective.inputs(batch), return_hidden=True)

@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 
-from jaxft import plan, sharding
+from jaxft import objectives, plan, sharding
 from jaxft.config import base_config
 from jaxft.peft.partition import unflat
 from jaxft.step import TrainState, make_optimizer, make_train_step
@@ -38,8 +38,9 @@ def config(method: str, remat: str, devices: int, **overrides):
     return c
 
 
-def compiled_bytes(c, devices: int, transform_frozen=None, extra=None, objective=None) -> int:
-    """argument + output + temp - alias bytes of the train step as jaxft.train jits it, on `devices` devices."""
+def compiled_bytes(c, devices: int, transform_frozen=None, extra=None, objective=None, own=None) -> int:
+    """argument + output + temp - alias bytes of the train step as jaxft.train jits it, on `devices` devices.
+    `own`: (setup, mesh, leaf) -> the objective's own parameters as shapes (PPO's critic)."""
     s = plan.setup(c, devices)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
     rep = sharding.replicated(mesh)
@@ -47,6 +48,8 @@ def compiled_bytes(c, devices: int, transform_frozen=None, extra=None, objective
     sds = {p: leaf(x, NamedSharding(mesh, s.shardings[p].spec)) for p, x in s.abstract.items()}
     trainable = unflat({p: x for p, x in sds.items() if s.trainable[p]})
     frozen = unflat({p: x for p, x in sds.items() if not s.trainable[p]})
+    if own is not None:  # trained beside the model's, in the trainable tree as jaxft.train puts them
+        trainable[objectives.OWN] = own(s, mesh, leaf)
     if transform_frozen is not None:  # e.g. a quantized base, as shapes
         frozen = jax.eval_shape(transform_frozen, frozen)
     tx, schedule = make_optimizer(c.optimizer, c.train.steps)

@@ -241,6 +241,51 @@ def test_separate_critic_is_checked(hf_pair, tmp_path):  # noqa: F811
         ppo.critic_model("jaxft-tiny", t5_cfg)
 
 
+def test_plan_counts_the_critic_within_15_percent_of_xla(tmp_path):
+    """jaxft.plan with train.ppo_critic: the critic's fp32 weights, gradients, moments and activations on the
+    policy's rows (prompt + completion tokens) beside a LoRA policy's, against XLA's figure for the train step."""
+    from test_plan import compiled_bytes
+    from test_plan import config as plan_config
+
+    from jaxft import plan
+    from jaxft.peft.partition import unflat
+
+    critic = transformers.LlamaConfig(**{**BASE, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 352,
+                                         "num_attention_heads": 4, "num_hidden_layers": 3, "num_labels": 1})
+    critic_dir = build_hf(tmp_path, critic, "LlamaForSequenceClassification", sub="critic")[1]
+
+    def ppo_config(seq_len):
+        c = plan_config("lora", "none", 1, data__task="ppo", data__seq_len=seq_len, train__grpo_rewards="sentiment",
+                        train__grpo_max_new_tokens=32, train__ppo_critic=str(critic_dir))
+        c.train.grpo_generations = 1
+        return c
+
+    c = ppo_config(96)
+    s = plan.setup(c, 1)
+    assert s.own is not None and s.own.length == s.length == 128 and all(s.own.trainable.values())
+    alone = plan.setup(ppo_config(96), 1)
+    alone.own = None
+    got, without = plan.estimate(s), plan.estimate(alone)
+    critic_bytes = sum(4 * int(np.prod(x.shape)) for x in s.own.abstract.values())
+    assert got["weights"] - without["weights"] == critic_bytes  # fp32, on one device
+    assert got["optimizer"] - without["optimizer"] == 2 * critic_bytes
+
+    def made(s, ids):
+        f32 = jax.ShapeDtypeStruct(ids.shape, jnp.float32, sharding=ids.sharding)
+        return {"loss_mask": ids, **{k: f32 for k in ("old_logps", "old_values", "returns", "advantages")}}
+
+    def own(s, mesh, leaf):
+        from jax.sharding import NamedSharding
+
+        return {"critic": unflat({p: leaf(x, NamedSharding(mesh, s.own.shardings[p].spec))
+                                  for p, x in s.own.abstract.items()})}
+
+    rows = ppo_config(128)  # what the step sees: prompt + completion tokens
+    reference = sum(np.prod(x.shape) * x.dtype.itemsize for p, x in s.abstract.items() if s.trainable[p])
+    want = compiled_bytes(rows, 1, extra=made, objective=objectives.for_task("ppo", rows.train, s.cfg), own=own)
+    assert got["total"] == pytest.approx(want + reference, rel=0.15), (got, want + reference)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 
