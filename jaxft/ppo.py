@@ -24,8 +24,8 @@ eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`
 - `train.ppo_critic=PATH`: a model of its own (InstructGPT's, TRL's PPOTrainer's value model), every
   weight of it trained: a decoder-only HF directory read as a one-output classifier at every position,
   V(t) = score(final state t). A reward model (a `*ForSequenceClassification` directory with one
-  output, e.g. a `data.task=reward` run's full export) starts with its score head; a causal LM gets a
-  new one. It reads the policy's token ids, so it must share the policy's tokenizer (its vocabulary
+  output, or a `data.task=reward` run's export: a LoRA adapter, folded into the base it names, or a
+  full model) starts with its score head; a causal LM gets a new one. It reads the policy's token ids, so it must share the policy's tokenizer (its vocabulary
   size is checked); the policy must be a decoder.
 
 Either is the objective's own parameters (`Objective.own_params`), trained with the method's (one
@@ -84,20 +84,29 @@ def critic_model(path: str, policy_cfg):
     as a one-output classifier read at every position -> (model, its directory, whether it brings its
     score head). One line naming the key for a directory that cannot be the policy's critic."""
     from jaxft import hf
+    from jaxft.errors import read_json
     from jaxft.models import family
 
     where = f"{CRITIC}={path!r}"
     if family.of(policy_cfg).encoder_decoder:
         raise JaxftError(f"{where}: a separate critic reads the policy's rows as one sequence; {policy_cfg.model_type} "
                          "is an encoder-decoder: expected a decoder-only policy, or no critic (the value head)")
-    try:
-        root = hf.resolve(path)
-    except JaxftError as e:
-        raise JaxftError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
-    if (root / "adapter_config.json").is_file() and not (root / "config.json").is_file():
-        raise JaxftError(f"{where}: an adapter directory; expected a whole model (export the reward model with "
-                         "method.name=full, or give a causal LM)")
-    cfg = hf.read_config(root)
+    def resolve(name: str):
+        try:
+            return hf.resolve(name)
+        except JaxftError as e:
+            raise JaxftError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
+
+    root = base = resolve(path)
+    if (root / "adapter_config.json").is_file() and not (root / "config.json").is_file():  # a reward model's adapter
+        adapter = read_json(root / "adapter_config.json")
+        if adapter.get("task_type") != "SEQ_CLS":
+            raise JaxftError(f"{where}: an adapter with task_type={adapter.get('task_type')!r}; expected a reward "
+                             "model's (SEQ_CLS) or a whole model directory")
+        if not adapter.get("base_model_name_or_path"):
+            raise JaxftError(f"{where}: its adapter_config.json names no base model (base_model_name_or_path)")
+        base = resolve(str(adapter["base_model_name_or_path"]))
+    cfg = hf.read_config(base)
     fam = family.of(cfg)
     if fam.encoder_decoder or "causal_lm" not in fam.heads or "classification" not in fam.heads:
         raise JaxftError(f"{where}: a {cfg.model_type} model; a critic's value at a token may read only the tokens "
@@ -109,7 +118,7 @@ def critic_model(path: str, policy_cfg):
         raise JaxftError(f"{where}: a vocabulary of {cfg.vocab_size} tokens, the policy's has "
                          f"{policy_cfg.vocab_size}: the critic reads the policy's token ids, so it must share its "
                          "tokenizer")
-    brings_head = cfg.head == "classification"
+    brings_head = cfg.head == "classification" or base != root
     cfg = cfg.replace(head="classification", num_labels=1, pooling="every", labels=None, dtype=policy_cfg.dtype,
                       param_dtype="float32", scan_layers=policy_cfg.scan_layers, remat=policy_cfg.remat,
                       attention=policy_cfg.attention)
@@ -120,11 +129,27 @@ def critic_params(path: str):
     """own_params with a separate critic: its weights, every one trainable, sharded as the policy's."""
 
     def make(model, mesh=None, seed: int = 0) -> dict:
+        from jaxft.errors import read_json
         from jaxft.peft.partition import count
         from jaxft.train import init_params, log
 
         critic, root, brings_head = critic_model(path, model.cfg)
-        params = init_params(critic, root, mesh, seed)
+        weights = None
+        if not (root / "config.json").is_file():  # a reward model's adapter, folded into its base
+            from jaxft import generate
+            from jaxft.peft.lora import merge_lora
+
+            adapter = read_json(root / "adapter_config.json")
+            rm, weights, base = generate.load(str(adapter["base_model_name_or_path"]), str(root))
+            if rm.cfg.head != "classification" or rm.cfg.num_labels != 1:
+                raise JaxftError(f"{CRITIC}={path!r}: a {rm.cfg.head} adapter with {rm.cfg.num_labels} outputs; "
+                                 "expected a reward model (one output)")
+            rm, weights = merge_lora(rm, weights)
+            if rm.hooks:
+                raise JaxftError(f"{CRITIC}={path!r}: a {type(rm.hooks[0]).__name__} adapter cannot be folded into "
+                                 "its base; expected a LoRA reward model or a whole model directory")
+            root = base
+        params = init_params(critic, root, mesh, seed, weights=weights)
         log(f"critic: {root} ({count(params):,} parameters, every one trains; "
             f"{'its score head' if brings_head else 'a new score head'} gives the value at each token)")
         return {"critic": params}

@@ -304,8 +304,9 @@ def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> D
                                                                        str(d.chat_template_kwargs)))
 
 
-def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
-    """Random init of what the base checkpoint lacks (sharded), and the checkpoint's weights.
+def init_params(model, base_root, mesh, seed: int, trainable=(r".",), weights=None):
+    """Random init of what the base checkpoint lacks (sharded), and the checkpoint's weights (or
+    `weights`, a parameter tree already read, e.g. an adapter folded into `base_root`'s).
 
     Leaves that `trainable` (the method's regexes) does not match are frozen and stored in
     `model.cfg.param_dtype`: cast inside the jitted init, or on the host before a loaded weight goes
@@ -326,7 +327,8 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",)):
     dtypes = {p: x.dtype if is_trainable(p, trainable) else frozen_dtype for p, x in shapes.items()}
     loaded = {}
     if base_root is not None:
-        loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root)))
+        loaded = flat(hf.params_from_hf(hf.read_tensors(base_root), model.cfg, where=str(base_root))) \
+            if weights is None else {p: np.asarray(v) for p, v in flat(weights).items()}
         loaded = {p: v for p, v in loaded.items() if p in shapes}
         # Missing base weights are an error (a random frozen layer trains nothing useful), except the
         # classifier head that a classification run puts on a checkpoint that has none.

@@ -20,6 +20,7 @@ from test_sft import tokenizer_args
 from test_train import ROOT, cli, losses
 
 from jaxft import grpo, objectives
+from jaxft.config import base_config
 from jaxft.data import prompts, sft
 from jaxft.data.sources import Records
 from jaxft.errors import JaxftError
@@ -531,7 +532,9 @@ def test_cli_grpo_on_a_trained_reward_models_export(tmp_path):
     """The RLHF pipeline in jaxft: configs/reward_lora.py trains a reward model (a PEFT adapter on
     jaxft-tiny), and GRPO takes its export as the reward (`model=EXPORT`), the base named in the adapter.
     Both runs are also the tests that configs/reward_lora.py and configs/grpo_lora.py run and export (the
-    latter's own reward, sentiment, one of the two here)."""
+    latter's own reward, sentiment, one of the two here). PPO takes the same export as its separate critic
+    (`train.ppo_critic`): the adapter folded into its base, whose score at a row's last token is the reward
+    model's."""
     rm = tmp_path / "rm"
     r = cli(rm, "--config.train.steps=2", "--config.data.max_train_examples=24", "--config.data.eval_holdout=8",
             "--config.data.seq_len=32", "--config.eval.every_steps=0",
@@ -552,6 +555,26 @@ def test_cli_grpo_on_a_trained_reward_models_export(tmp_path):
     assert row["train/reward"] == pytest.approx(row["train/reward/reward_model"] + 0.5 * row["train/reward/sentiment"],
                                                 abs=1e-5)
     assert row["train/reward/reward_model"] != 0 and row["train/reward_std"] > 0
+    # the critic, as the run builds it, against the reward model with its adapter unmerged
+    from jaxft import generate, ppo, sharding
+
+    config = base_config()
+    policy = generate.load("jaxft-tiny")[0]
+    critic, _, brings_head = ppo.critic_model(str(rm / "export"), policy.cfg)
+    params = ppo.critic_params(str(rm / "export"))(policy, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    reward_model, reward_params, _ = generate.load("jaxft-tiny", str(rm / "export"))
+    ids = np.random.default_rng(0).integers(3, policy.cfg.vocab_size, (3, 10)).astype(np.int32)
+    mask = (np.arange(10) < np.array([[10], [7], [4]])).astype(np.int32)
+    values = np.asarray(ppo.values(None, params, critic=critic, batch={"input_ids": ids, "attention_mask": mask}))
+    scores = np.asarray(reward_model.apply({"params": reward_params}, ids, mask))[:, 0]
+    assert brings_head and reward_model.hooks
+    np.testing.assert_allclose(values[np.arange(3), mask.sum(1) - 1], scores, rtol=1e-4, atol=1e-5)
+    r = cli(tmp_path / "ppo", "--config.train.steps=2", "--config.data.max_train_examples=64",
+            "--config.eval.every_steps=0", "--config.eval.generate_examples=8", "--config.train.grpo_max_new_tokens=8",
+            "--config.eval.max_new_tokens=8", f"--config.train.ppo_critic={rm / 'export'}",
+            "--config.optimizer.warmup_steps=0", config="configs/ppo_lora.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "its score head gives the value at each token" in r.stdout and "train/value_loss=" in r.stdout
 
 
 def test_cli_a_mixture_of_prompt_sources(tmp_path, run):

@@ -6,6 +6,7 @@ micro-batches match one, the value head is checkpointed but never exported, jaxf
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import jax
@@ -224,6 +225,12 @@ def test_separate_critic_is_checked(hf_pair, tmp_path):  # noqa: F811
         "bert": (transformers.BertConfig(vocab_size=BASE["vocab_size"], hidden_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=64), "expected a decoder-only model"),
     }
+    for name, adapter, message in (("causal_adapter", {"task_type": "CAUSAL_LM", "base_model_name_or_path": "jaxft-tiny"},
+                                    "an adapter with task_type='CAUSAL_LM'; expected a reward model's"),
+                                   ("baseless_adapter", {"task_type": "SEQ_CLS"}, "names no base model")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(adapter))
+        cases[name] = (str(tmp_path / name), message)
     for name, (config, message) in cases.items():
         path = config
         if not isinstance(config, str):
