@@ -106,9 +106,11 @@ class Throughput:
     datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once.
     A measured peak is a sample of a machine that may have been busier then: an interval that runs faster
     than it raises it to the interval's rate (`log` says so once), so MFU never exceeds 1.
+    `own_cfg`: a model the objective trains whole beside this one, on the same rows (PPO's critic).
     """
 
-    def __init__(self, cfg, params_trainable, method, peak: float, measured: bool = False, log=print):
+    def __init__(self, cfg, params_trainable, method, peak: float, measured: bool = False, log=print,
+                 own_cfg=None):
         from jaxft.peft.partition import ADDED_PARAMS, flat
 
         names = {k: v for k, v in flat(params_trainable).items()}
@@ -121,7 +123,7 @@ class Throughput:
         self.adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
                            if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
         self.num_prefix = sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
-        self.cfg, self.peak, self.devices = cfg, peak, jax.device_count()
+        self.cfg, self.own_cfg, self.peak, self.devices = cfg, own_cfg, peak, jax.device_count()
         self.measured, self.log = measured, log
         self._per_token = {}
         self.tokens = self.flops = 0.0  # running totals over dispatched steps
@@ -132,6 +134,8 @@ class Throughput:
             self._per_token[width, head_width] = train_flops_per_token(
                 self.cfg, width, trains_base=self.trains_base, adapter_weights=self.adapter, num_prefix=self.num_prefix,
                 head_width=head_width)
+            if self.own_cfg is not None:
+                self._per_token[width, head_width] += train_flops_per_token(self.own_cfg, width, trains_base=True)
         self.tokens += real_tokens
         self.flops += self._per_token[width, head_width] * batch_rows * width
 

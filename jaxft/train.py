@@ -728,7 +728,11 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         writer.note(start, {"resumed_anyway": meta["resumed_anyway"]})
     perplexity = objectives.has_perplexity(objective, cfg.head)
     preemption = Preemption(config.train.sync_every_steps)
-    throughput = Throughput(cfg, trainable, method, peak, measured=peak_measured, log=log)
+    # the model's trainable leaves (an objective's own, e.g. PPO's value head, do not make its base train);
+    # a critic of its own is counted beside it
+    own_cfg = objective.own_model.cfg if objective.own_model is not None else None
+    throughput = Throughput(cfg, objectives.without_own(trainable), method, peak, measured=peak_measured, log=log,
+                            own_cfg=own_cfg)
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
     generated = generation_eval(config, data, model, workdir, objective)  # ROUGE, BLEU or rewards; samples/

@@ -6,6 +6,7 @@ micro-batches match one, the value head is checkpointed but never exported, jaxf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -358,6 +359,43 @@ def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_pa
     final = [row for row in metrics(straight) if "eval/reward" in row][-1]
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(final["eval/reward"], abs=1e-6)
     assert_eight_devices_match_one(tmp_path, go, one=straight)
+
+
+def test_mfu_counts_a_lora_policy_and_its_critic(tmp_path, run, monkeypatch):  # noqa: F811
+    """train/mfu's FLOPs: a LoRA policy's frozen base costs 4N per token whatever the objective's own
+    parameters (the value head, a critic) are, and a separate critic adds its own full training, 6N."""
+    from test_loop import tiny_config
+
+    from jaxft import flops, train
+
+    config = tiny_config()
+    for arg in (*ppo_run(run), "--config.method.name=lora", "--config.train.steps=2", "--config.export.enabled=False",
+                "--config.eval.every_steps=0", "--config.checkpoint.every_steps=2"):
+        key, value = arg[len("--config."):].split("=", 1)
+        *path, name = key.split(".")
+        node = functools.reduce(lambda d, k: d[k], path, config)
+        node[name] = (value == "True") if isinstance(node[name], bool) else type(node[name])(value)
+    critic = transformers.LlamaConfig(**{**BASE, "vocab_size": 300, "num_labels": 1})
+    critic_dir = build_hf(tmp_path, critic, "LlamaForSequenceClassification", sub="critic")[1]
+    made, real_init = [], flops.Throughput.__init__
+
+    def init(self, *args, **kw):
+        made.append(self)
+        real_init(self, *args, **kw)
+
+    monkeypatch.setattr(flops.Throughput, "__init__", init)
+    for own in ("", str(critic_dir)):
+        config.train.ppo_critic = own
+        train.train_and_evaluate(config, str(tmp_path / f"run{len(made)}"))
+        t = made[-1]
+        assert not t.trains_base and t.adapter > 0 and t._per_token
+        cfg = hf.config_from_dict(config.model.init.to_dict(), "model.init")
+        for (width, head_width), per_token in t._per_token.items():
+            want = flops.train_flops_per_token(cfg, width, trains_base=False, adapter_weights=t.adapter)
+            if own:
+                want += flops.train_flops_per_token(hf.read_config(critic_dir).replace(num_labels=1), width,
+                                                    trains_base=True)
+            assert per_token == pytest.approx(want, rel=1e-12)
 
 
 # slow: the mesh x objective matrix keeps GRPO on a decoder (test_grpo.py::test_eight_devices_and_micro_batches_
