@@ -25,8 +25,8 @@ eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`
   weight of it trained: a decoder-only HF directory read as a one-output classifier at every position,
   V(t) = score(final state t). A reward model (a `*ForSequenceClassification` directory with one
   output, or a `data.task=reward` run's export: a LoRA adapter, folded into the base it names, or a
-  full model) starts with its score head; a causal LM gets a new one. It reads the policy's token ids, so it must share the policy's tokenizer (its vocabulary
-  size is checked); the policy must be a decoder.
+  full model) starts with its score head; a causal LM gets a new one. It reads the policy's token ids,
+  so it must share the policy's tokenizer (its vocabulary size is checked); the policy must be a decoder.
 
 Either is the objective's own parameters (`Objective.own_params`), trained with the method's (one
 optimizer), checkpointed, never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
@@ -91,6 +91,7 @@ def critic_model(path: str, policy_cfg):
     if family.of(policy_cfg).encoder_decoder:
         raise JaxftError(f"{where}: a separate critic reads the policy's rows as one sequence; {policy_cfg.model_type} "
                          "is an encoder-decoder: expected a decoder-only policy, or no critic (the value head)")
+
     def resolve(name: str):
         try:
             return hf.resolve(name)

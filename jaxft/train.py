@@ -23,6 +23,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+if __name__ == "__main__":  # `python -m jaxft.train`: a module that imports jaxft.train gets this one, not a
+    sys.modules.setdefault("jaxft.train", sys.modules[__name__])  # second copy defining the same flags again
+
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and exports go (default: runs/<config>).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")

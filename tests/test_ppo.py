@@ -331,7 +331,7 @@ def test_cli_reward_rises_resumes_exactly_and_exports_the_policy_alone(tmp_path,
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
 
 
-def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_path, run):  # noqa: F811
+def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_path, run, monkeypatch):  # noqa: F811
     """train.ppo_critic: a reward model of its own as the critic, every weight trained beside the policy's:
     its value loss falls, resume is exact (the critic is checkpointed), the export is the policy alone,
     jaxft.evaluate rebuilds the run, and a 2 x 2 x 2 mesh with micro-batches (the critic's weights split
@@ -353,7 +353,9 @@ def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_pa
     split = tmp_path / "split"
     shutil.copytree(straight, split)
     shutil.rmtree(split / "checkpoints" / "12")
-    r = cli(split, *go)
+    with monkeypatch.context() as m:  # a new interpreter, jaxft.train its __main__ (the critic imports it)
+        m.setenv("JAXFT_TEST_FORK", "0")
+        r = cli(split, *go)
     assert r.returncode == 0 and "resuming from step 6" in r.stdout, r.stderr[-3000:]
     assert [losses(split)[s] for s in range(7, 13)] == [losses(straight)[s] for s in range(7, 13)]
     final = [row for row in metrics(straight) if "eval/reward" in row][-1]
