@@ -649,7 +649,9 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     check_export(config, model, method, trainable)
     cfg = model.cfg
     objective = objectives.for_task(data.task, config.train, cfg)  # what the step minimises: the data task's
-    n_train, n_total = count(trainable), count(trainable) + count(frozen)
+    # the model's parameters; an objective's own (PPO's value head or critic) are said apart
+    n_train = count(objectives.without_own(trainable))
+    n_own, n_total = count(trainable) - n_train, n_train + count(frozen)
     peak, peak_source, peak_measured = run_peak(config)
     packed = "segment_ids" in data.train
     impl = family.attention_impl(cfg, packed)
@@ -658,7 +660,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         f"{f' ({cfg.pooling} pooling)' if cfg.head == 'classification' else ''} | "
         f"{cfg.compute_dtype.name}, attention {impl}{' (auto)' if cfg.attention == 'auto' else ''}, remat {cfg.remat} | "
         f"method: {method.name} | "
-        f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%) | "
+        f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%)"
+        f"{f' + {n_own:,} of the {objective.name} objective' if n_own else ''} | "
         f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es) | "
         f"MFU against {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})"
     )
