@@ -186,6 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.mu_dtype = ""  # Adam's first moment: "" (as the parameters) or bfloat16
+    # "regex=factor,...": trainable leaves whose path a regex matches train at factor x the learning rate
+    # (the first match; e.g. "lora_b=16", LoRA+; "critic=0.1", PPO's separate critic slower)
+    c.optimizer.lr_multipliers = ""
 
     # Eval section.
     c.eval = ml_collections.ConfigDict()
@@ -309,6 +312,9 @@ def validate(config) -> None:
     if not 0 <= float(config.method.get("init_std", 1.0)) < float("inf"):
         raise JaxftError(f"method.init_std={config.method.init_std}: expected a standard deviation, >= 0")
     opt = config.optimizer
+    from jaxft.step import lr_multipliers
+
+    lr_multipliers(opt.get("lr_multipliers", ""))
     for key, ok, expected in (("b1", 0 <= float(opt.b1) < 1, "0 <= b1 < 1"), ("b2", 0 <= float(opt.b2) < 1, "0 <= b2 < 1"),
                               ("eps", float(opt.eps) >= 0, ">= 0"), ("weight_decay", float(opt.weight_decay) >= 0, ">= 0"),
                               ("grad_clip", float(opt.grad_clip) >= 0, ">= 0 (0 = no clipping)"),

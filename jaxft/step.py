@@ -7,6 +7,7 @@ PEFT method is running.
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -86,17 +87,71 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
 
     def decay_mask(params):
         def keep(path, _):
-            return not no_decay("/".join(str(getattr(k, "key", k)) for k in path))
+            return not no_decay(path_name(path))
 
         return jax.tree_util.tree_map_with_path(keep, params)
 
-    tx = optax.chain(
+    parts = [
         optax.clip_by_global_norm(float(opt_cfg.grad_clip)) if opt_cfg.grad_clip else optax.identity(),
         optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                     weight_decay=float(opt_cfg.weight_decay), mask=decay_mask,
                     mu_dtype=opt_cfg.get("mu_dtype") or None),  # bfloat16 halves the first moment
-    )
-    return tx, schedule
+    ]
+    rules = lr_multipliers(opt_cfg.get("lr_multipliers", ""))
+    if rules:  # only then: the optimizer state of a run without them keeps its layout (and its checkpoints)
+        parts.append(scale_by_path(rules))
+    return optax.chain(*parts), schedule
+
+
+def lr_multipliers(spec: str) -> list[tuple[re.Pattern, float]]:
+    """`optimizer.lr_multipliers`, "regex=factor,..." -> [(regex, factor)]: a trainable leaf whose path
+    ("layers/self_attn/q_proj/lora_b") the first regex matches trains at factor x the learning rate (its
+    weight decay too, as a PyTorch parameter group's lr scales both). "lora_b=16" is LoRA+ (Hayou et al.
+    2024, PEFT's `create_loraplus_optimizer`)."""
+    from jaxft.errors import JaxftError
+
+    rules = []
+    for item in filter(None, (x.strip() for x in str(spec).split(","))):
+        pattern, _, factor = item.rpartition("=")
+        where = f"optimizer.lr_multipliers={spec!r}: {item!r}"
+        try:
+            value = float(factor)
+            regex = re.compile(pattern)
+        except (ValueError, re.error) as e:
+            raise JaxftError(f"{where}: expected regex=factor, e.g. 'lora_b=16' ({e})") from None
+        if not pattern or not 0 < value < float("inf"):
+            raise JaxftError(f"{where}: expected regex=factor with a regex and a positive factor, e.g. 'lora_b=16'")
+        rules.append((regex, value))
+    return rules
+
+
+def path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def scale_by_path(rules) -> optax.GradientTransformation:
+    """The updates of leaves that a rule's regex matches (`lr_multipliers`), times its factor."""
+
+    def factor(path) -> float:
+        name = path_name(path)
+        return next((f for regex, f in rules if regex.search(name)), 1.0)
+
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def check_lr_multipliers(spec: str, trainable) -> None:
+    """Each rule must match a trainable leaf: a typo would otherwise train everything at the plain rate."""
+    from jaxft.errors import JaxftError
+    from jaxft.peft.partition import flat
+
+    names = list(flat(trainable))
+    for regex, _ in lr_multipliers(spec):
+        if not any(regex.search(n) for n in names):
+            raise JaxftError(f"optimizer.lr_multipliers: {regex.pattern!r} matches no trainable parameter (they are "
+                             f"e.g. {', '.join(names[:3])})")
 
 
 def all_finite(tree) -> jax.Array:

@@ -617,7 +617,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     from jaxft.metrics import MetricWriter
     from jaxft.models import family
     from jaxft.peft.partition import count, flat, merge
-    from jaxft.step import dynamic_loss_scale, init_state, make_eval_step, make_optimizer, make_train_step
+    from jaxft.step import (check_lr_multipliers, dynamic_loss_scale, init_state, make_eval_step, make_optimizer,
+                            make_train_step)
 
     validate(config)
     warmup, steps = int(config.optimizer.warmup_steps), int(config.train.steps)
@@ -676,6 +677,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
         frozen = quantize_base(config, cfg, frozen)
         log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
+    check_lr_multipliers(config.optimizer.lr_multipliers, trainable)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
     if config.model.dtype == "float16":  # fp16's range needs a loss scale; it lives in the optimizer state
         tx = dynamic_loss_scale(tx)

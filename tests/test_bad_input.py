@@ -464,6 +464,20 @@ def test_impossible_optimizer_settings_are_errors(tmp_path, key, value, expected
     assert checksums(wd) == {}
 
 
+@pytest.mark.parametrize("value,expected", [
+    ("lora_b", "optimizer.lora_multipliers"), ("lora_b=fast", "expected regex=factor"),
+    ("lora_b=0", "a positive factor"), ("(=2", "expected regex=factor"),
+    ("lora_bb=16", "optimizer.lr_multipliers: 'lora_bb' matches no trainable parameter (they are e.g. "),
+])
+def test_bad_lr_multipliers_are_errors(tmp_path, value, expected):
+    """A rule that does not parse, or matches no trainable leaf (a typo would train all at the plain rate)."""
+    wd = tmp_path / "run"
+    r = cli(wd, f"--config.optimizer.lr_multipliers={value}")
+    expected = expected.replace("optimizer.lora_multipliers", f"optimizer.lr_multipliers={value!r}: {value!r}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr
+    assert checksums(wd) == {}
+
+
 @pytest.mark.parametrize("overrides,fragment", [
     (["--config.data.task=cloze"], "data.task='cloze': data.name='synthetic' with data.synthetic_labels=0 is causal_lm"),
     (["--config.data.task=classification"], "is causal_lm (expected data.task='causal_lm' or empty)"),

@@ -444,3 +444,50 @@ def test_adalora_trains_through_the_cli_and_resumes(tmp_path):
     assert rewritten.keys() == written.keys()
     for k in written:
         np.testing.assert_array_equal(rewritten[k], written[k])
+
+
+def test_loraplus_matches_peft(torch_models, tmp_path):
+    """optimizer.lr_multipliers="lora_b=16" is LoRA+ (Hayou et al. 2024) as PEFT's create_loraplus_optimizer
+    builds it: lora_B at 16x the learning rate, its weight decay scaled with it, lora_A and the classifier head
+    at the plain rate. Three AdamW steps from one random adapter: every trained weight against PEFT's."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from jaxft.config import base_config
+    from jaxft.objectives import classification_loss
+
+    base, base_dir = torch_models["cls"]
+    torch.manual_seed(0)
+    m = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                       target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    m.save_pretrained(tmp_path / "start")
+    ids, mask = batch()
+    labels = np.array([0, 1, 1])
+    opt = create_loraplus_optimizer(m, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.01)
+    for _ in range(3):
+        m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    m.save_pretrained(tmp_path / "peft")
+
+    model, params = hf.load(base_dir, adapter=str(tmp_path / "start"))
+    trainable, frozen = split(params, (r"lora_", r"^score/"))
+    c = base_config().optimizer
+    c.learning_rate, c.schedule, c.weight_decay, c.grad_clip, c.lr_multipliers = 1e-3, "constant", 0.01, 0.0, "lora_b=16"
+    tx, _ = make_optimizer(c, 3)
+    state = tx.init(trainable)
+    batch_ = {"labels": labels, "weight": np.ones(3, np.float32)}
+
+    def loss(t):
+        sums = classification_loss(model.apply({"params": merge(t, frozen)}, ids, mask), batch_)
+        return sums["loss_sum"] / sums["count"]
+
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(loss)(trainable), state, trainable)
+        trainable = jax.tree_util.tree_map(lambda p, u: p + u, trainable, updates)
+    want = flat(split(hf.load(base_dir, adapter=str(tmp_path / "peft"))[1], (r"lora_", r"^score/"))[0])
+    got, start = flat(trainable), flat(split(params, (r"lora_", r"^score/"))[0])
+    assert got.keys() == want.keys() and any(k.endswith("lora_b") for k in got)
+    for k in got:
+        moved = np.abs(np.asarray(want[k]) - np.asarray(start[k])).max()
+        assert moved > 1e-4, k  # every leaf trained (B at 16x: far more than A)
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=2e-3 * moved, err_msg=k)
