@@ -47,3 +47,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line_errors(main):
+    """A CLI's `main(argv)` whose JaxftError (bad input) is one line on stderr and exit status 2."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except JaxftError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return guarded

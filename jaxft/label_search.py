@@ -25,12 +25,11 @@ one-token words (any: the search reads one mask); demonstrations are left out of
 from __future__ import annotations
 
 import itertools
-import sys
 
 import jax
 import numpy as np
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, one_line_errors
 
 MAX_ASSIGNMENTS = 200_000
 CHUNK = 2048  # assignments scored at once: [examples, CHUNK, classes] gathered log-probabilities
@@ -223,14 +222,7 @@ def run():
     flags.DEFINE_integer("examples", 512, "Training (and dev) examples scored; 0: all of them.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
-    def guarded(argv):
-        try:
-            main(argv)
-        except JaxftError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    app.run(guarded, flags_parser=parse_flags)
+    app.run(one_line_errors(main), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

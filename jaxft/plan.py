@@ -89,12 +89,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 
 import jax
 import numpy as np
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, one_line_errors
 
 
 @dataclasses.dataclass
@@ -562,14 +561,7 @@ def run():
     flags.DEFINE_integer("devices", None, "Plan for this many devices (default: the local ones).")
     flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "Plan for this backend (default: the local one).")
 
-    def guarded(argv):
-        try:
-            main(argv)
-        except JaxftError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    app.run(guarded, flags_parser=parse_flags)
+    app.run(one_line_errors(main), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_hf import BASE
-from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
+from test_preference import assert_gradients_match, hf_pair  # noqa: F401  (hf_pair: a fixture)
 from test_sft import tokenizer_args
 from test_train import ROOT, cli, losses
 
@@ -194,12 +194,7 @@ def test_loss_and_gradients_match_pytorch(hf_pair, iterations, loss_type):  # no
     assert float(sums["clip_ratio"] / sums["count"]) == pytest.approx(clip.item(), abs=1e-6)
     assert (clip.item() > 0) == (iterations > 1)
     ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
-    theirs = {n: p.grad.numpy() for n, p in pol_t.named_parameters()}
-    assert ours.keys() == theirs.keys()
-    for name in theirs:
-        scale = np.abs(theirs[name]).max()
-        assert scale > 0, name
-        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+    assert_gradients_match(ours, pol_t)
 
 
 def test_advantages_match_trl():

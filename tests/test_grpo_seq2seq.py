@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from test_grpo import (assert_eight_devices_match_one, evaluated_reward, metrics, records,  # noqa: F401
                        trl_grpo_loss)
+import test_preference
 from test_train import cli, losses
 
 from jaxft import grpo, hf, objectives, ppo
@@ -168,12 +169,7 @@ def test_grpo_loss_and_gradients_match_pytorch(t5_pair, iterations, loss_type):
 
 def assert_gradients_match(model, grads, torch_model):
     ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
-    theirs = {n: p.grad.numpy() for n, p in torch_model.named_parameters()}
-    assert set(theirs) <= set(ours), set(theirs) - set(ours)
-    for name in theirs:
-        scale = np.abs(theirs[name]).max()
-        assert scale > 0, name
-        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+    test_preference.assert_gradients_match(ours, torch_model, every=False)
 
 
 def test_ppo_loss_and_value_head_match_pytorch(t5_pair):

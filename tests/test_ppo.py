@@ -17,7 +17,7 @@ import pytest
 from test_grpo import (assert_eight_devices_match_one, evaluated_reward, experience, metrics, run,  # noqa: F401
                        torch_token_log_probs)  # (run: a fixture)
 from test_hf import BASE, build_hf
-from test_preference import hf_pair  # noqa: F401  (a fixture: a reference and a policy Llama, both frameworks)
+from test_preference import assert_gradients_match, hf_pair  # noqa: F401  (hf_pair: a fixture)
 from test_train import cli, losses
 
 from jaxft import hf, objectives, ppo
@@ -137,11 +137,7 @@ def test_loss_and_gradients_match_pytorch(hf_pair):  # noqa: F811
     np.testing.assert_allclose(own_grads["value_head"]["kernel"], w_head.grad.numpy(), rtol=1e-4, atol=1e-6)
     assert float(own_grads["value_head"]["bias"]) == pytest.approx(b_head.grad.item(), rel=1e-4)
     ours = family.of(model.cfg).params_to_hf(jax.device_get(grads), model.cfg)
-    theirs = {n: p.grad.numpy() for n, p in pol_t.named_parameters()}
-    for name in theirs:
-        scale = np.abs(theirs[name]).max()
-        assert scale > 0, name
-        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+    assert_gradients_match(ours, pol_t)
 
 
 def critic_batch(seed=2):
@@ -201,12 +197,7 @@ def test_separate_critic_values_loss_and_gradients_match_pytorch(hf_pair, tmp_pa
     assert float(sums["value_loss"] / sums["count"]) == pytest.approx(((vf * m).sum() / m.sum()).item(), rel=1e-5)
     assert 0 < float(sums["value_clip_ratio"]) < float(sums["count"])
     ours = family.of(critic.cfg).params_to_hf(jax.device_get(own_grads["critic"]), hf.load(str(critic_dir))[0].cfg)
-    theirs = {n: p.grad.numpy() for n, p in critic_t.named_parameters()}
-    assert ours.keys() == theirs.keys()
-    for name in theirs:
-        scale = np.abs(theirs[name]).max()
-        assert scale > 0, name
-        np.testing.assert_allclose(ours[name], theirs[name], atol=3e-5 * scale, err_msg=name)
+    assert_gradients_match(ours, critic_t)
     # The policy's gradient is the policy loss's alone, as with the value head (whose value loss does not reach it).
     head_own = {"value_head": {"kernel": np.zeros(model.cfg.hidden_size, np.float32), "bias": np.float32(0)}}
     plain = ppo.objective(dataclasses.replace(s, critic=""))
@@ -226,9 +217,10 @@ def test_separate_critic_is_checked(hf_pair, tmp_path):  # noqa: F811
         "bert": (transformers.BertConfig(vocab_size=BASE["vocab_size"], hidden_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=64), "expected a decoder-only model"),
     }
-    for name, adapter, message in (("causal_adapter", {"task_type": "CAUSAL_LM", "base_model_name_or_path": "jaxft-tiny"},
-                                    "an adapter with task_type='CAUSAL_LM'; expected a reward model's"),
-                                   ("baseless_adapter", {"task_type": "SEQ_CLS"}, "names no base model")):
+    adapters = (("causal_adapter", {"task_type": "CAUSAL_LM", "base_model_name_or_path": "jaxft-tiny"},
+                 "an adapter with task_type='CAUSAL_LM'; expected a reward model's"),
+                ("baseless_adapter", {"task_type": "SEQ_CLS"}, "names no base model"))
+    for name, adapter, message in adapters:
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps(adapter))
         cases[name] = (str(tmp_path / name), message)
