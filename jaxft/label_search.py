@@ -24,6 +24,7 @@ one-token words (any: the search reads one mask); demonstrations are left out of
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -131,50 +132,88 @@ def sample(arrays: dict, n: int, seed: int) -> dict:
     return {k: v[keep] for k, v in arrays.items()}
 
 
-def label_search(config, candidates: int = 100, top: int = 10, examples: int = 512, log=print) -> dict:
-    """The search (module docstring) for a cloze config -> {"examples", "dev_examples", "labels",
-    "candidates" (each label's words, best first), "assignments" (the `top` best: "verbalizer",
-    "train_accuracy", "dev_accuracy"), "config_verbalizer" (the config's own, scored the same)}."""
+@dataclasses.dataclass
+class ZeroShot:
+    """A cloze config's untrained model, ready to score: `arrays(template)` encodes the data in another
+    template, `log_probs(arrays)` reads the mask."""
+
+    config: object  # the config as scored: method full, no demonstrations
+    data: object  # `jaxft.train.Data` in the config's own template
+    model: object
+    params: dict
+    mesh: object
+    batch: int
+    tool: str
+
+    def log_probs(self, arrays: dict) -> np.ndarray:
+        return log_probs(self.model, self.params, arrays, self.batch, self.mesh)
+
+    def arrays(self, template: str):
+        """The data (training, dev or None) encoded in `template` (`jaxft.train.load_data`)."""
+        from jaxft.train import load_data, load_model_config
+
+        config = self.config.copy_and_resolve_references()
+        config.data.cloze_template = template
+        cfg, _, tokenizer_path = load_model_config(config)
+        data = load_data(config, cfg, tokenizer_path)
+        return data.train, data.eval
+
+
+def zero_shot(config, tool: str, log=print) -> ZeroShot:
+    """A cloze config's base model (every method starts from it) and data, checked: one line naming the
+    key where the config is no cloze question of one-token words. `tool`: the CLI, for the messages."""
     from jaxft import sharding
     from jaxft.config import validate
     from jaxft.peft.partition import merge
     from jaxft.train import build_model, load_data, load_model_config
 
-    for name, value in (("candidates", candidates), ("top", top), ("examples", examples)):
-        if value < (0 if name == "examples" else 1):
-            raise JaxftError(f"--{name}={value}: expected a positive integer"
-                             + (" (or 0: every example)" if name == "examples" else ""))
     if jax.process_count() > 1:
-        raise JaxftError("jaxft.label_search runs in one process (it reads every log-probability on the host)")
+        raise JaxftError(f"{tool} runs in one process (it reads every log-probability on the host)")
     config = config.copy_and_resolve_references()
     validate(config)
     if config.data.task != "cloze":
-        raise JaxftError(f"data.task={config.data.task!r}: jaxft.label_search searches a cloze template's label words: "
-                         "expected data.task='cloze' with data.cloze_template and data.verbalizer")
+        raise JaxftError(f"data.task={config.data.task!r}: {tool} works on a cloze question: expected "
+                         "data.task='cloze' with data.cloze_template and data.verbalizer")
     if int(config.data.demonstrations):
-        log(f"note: data.demonstrations={config.data.demonstrations} is left out: the search reads the template alone")
+        log(f"note: data.demonstrations={config.data.demonstrations} is left out: {tool} reads the template alone")
         config.data.demonstrations, config.data.redraw_demonstrations = 0, False
     config.method.name = "full"  # the base model, as every method starts from it
     cfg, base_root, tokenizer_path = load_model_config(config)
     data = load_data(config, cfg, tokenizer_path)
     if data.train["verbalizer"].ndim != 2:
-        raise JaxftError(f"data.verbalizer={config.data.verbalizer!r}: a word of several tokens; the search reads one "
+        raise JaxftError(f"data.verbalizer={config.data.verbalizer!r}: a word of several tokens; {tool} reads one "
                          "mask: expected one-token words (any, e.g. a first guess such as 'bad,good')")
     mesh = sharding.make_mesh(config.mesh)
     _, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
-    params = merge(trainable, frozen)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = -(-(config.eval.batch_size or config.train.batch_size) // shards) * shards
+    return ZeroShot(config, data, model, merge(trainable, frozen), mesh, batch, tool)
+
+
+def check_counts(**counts) -> None:
+    for name, value in counts.items():
+        if value < (0 if name == "examples" else 1):
+            raise JaxftError(f"--{name}={value}: expected a positive integer"
+                             + (" (or 0: every example)" if name == "examples" else ""))
+
+
+def label_search(config, candidates: int = 100, top: int = 10, examples: int = 512, log=print) -> dict:
+    """The search (module docstring) for a cloze config -> {"examples", "dev_examples", "labels",
+    "candidates" (each label's words, best first), "assignments" (the `top` best: "verbalizer",
+    "train_accuracy", "dev_accuracy"), "config_verbalizer" (the config's own, scored the same)}."""
+    check_counts(candidates=candidates, top=top, examples=examples)
+    z = zero_shot(config, "jaxft.label_search", log)
+    config, data = z.config, z.data
     template, labels, tok = str(config.data.cloze_template), [str(x) for x in data.labels], data.tokenizer
     train = sample(data.train, examples, int(config.train.seed))
     log(f"label search: {len(train['labels'])} training examples of {config.data.name} in {template!r}, "
         f"{len(labels)} classes, {candidates} candidates each")
-    logp = log_probs(model, params, train, batch, mesh)
+    logp = z.log_probs(train)
     lists, assignments, _ = search(logp, train["labels"], len(labels), candidates, tok, template, log)
     dev = dev_logp = None
     if data.eval is not None:
         dev = sample(data.eval, examples, int(config.train.seed))
-        dev_logp = log_probs(model, params, dev, batch, mesh)
+        dev_logp = z.log_probs(dev)
 
     def scored(rows) -> list[dict]:
         dev_acc = accuracy(dev_logp, dev["labels"], rows) if dev is not None else [None] * len(rows)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -464,18 +465,24 @@ def test_impossible_optimizer_settings_are_errors(tmp_path, key, value, expected
     assert checksums(wd) == {}
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("lora_b", "optimizer.lora_multipliers"), ("lora_b=fast", "expected regex=factor"),
-    ("lora_b=0", "a positive factor"), ("(=2", "expected regex=factor"),
-    ("lora_bb=16", "optimizer.lr_multipliers: 'lora_bb' matches no trainable parameter (they are e.g. "),
-])
-def test_bad_lr_multipliers_are_errors(tmp_path, value, expected):
+def test_bad_lr_multipliers_are_errors(tmp_path):
     """A rule that does not parse, or matches no trainable leaf (a typo would train all at the plain rate)."""
-    wd = tmp_path / "run"
-    r = cli(wd, f"--config.optimizer.lr_multipliers={value}")
-    expected = expected.replace("optimizer.lora_multipliers", f"optimizer.lr_multipliers={value!r}: {value!r}")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr
-    assert checksums(wd) == {}
+    from jaxft.errors import JaxftError
+    from jaxft.step import lr_multipliers
+
+    for value, expected in (("lora_b", "expected regex=factor"), ("lora_b=fast", "expected regex=factor"),
+                            ("lora_b=0", "a positive factor"), ("(=2", "expected regex=factor")):
+        with pytest.raises(JaxftError, match=re.escape(f"optimizer.lr_multipliers={value!r}: {value!r}: ") + ".*"
+                           + re.escape(expected)):
+            lr_multipliers(value)
+    assert [(r.pattern, f) for r, f in lr_multipliers(" lora_b=16, critic=0.1,")] == [("lora_b", 16.0), ("critic", 0.1)]
+    for value, expected in (("lora_b=0", "'lora_b=0': 'lora_b=0': expected regex=factor with a regex and a positive"),
+                            ("lora_bb=16", "optimizer.lr_multipliers: 'lora_bb' matches no trainable parameter (they "
+                                           "are e.g. ")):
+        wd = tmp_path / "run"
+        r = cli(wd, f"--config.optimizer.lr_multipliers={value}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr
+        assert checksums(wd) == {}
 
 
 @pytest.mark.parametrize("overrides,fragment", [

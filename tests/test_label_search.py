@@ -1,6 +1,7 @@
-"""jaxft.label_search (LM-BFF's automatic label words): the log-probabilities at the mask, each class's candidates,
-the best assignments and their accuracies against transformers' masked LM and a brute-force search over every
-pair of candidates; a causal LM's next word; the command line's table, JSON and one-line errors."""
+"""jaxft.label_search and jaxft.template_search (LM-BFF's automatic label words and templates): the
+log-probabilities at the mask, each class's candidates, the best assignments and their accuracies against
+transformers' masked LM and a brute-force search over every pair of candidates; a causal LM's next word;
+each T5-written template's score against transformers' T5; the command lines' tables, JSON and one-line errors."""
 
 from __future__ import annotations
 
@@ -169,6 +170,69 @@ def test_cli_table_json_and_errors(tmp_path):
     for args, message in ((("--candidates=0",), "--candidates=0: expected a positive integer"),
                           (("--config.data.task=classification",), "data.task='classification': jaxft.label_search"),
                           (("--config.data.verbalizer=bad,unwatchable",), "a word of several tokens")):
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert message in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Templates written by T5 (jaxft.template_search)
+
+T5 = os.path.join(os.path.dirname(label_search.__file__), "assets", "jaxft-tiny-t5")
+
+
+def test_joint_beam_search_scores_are_t5s_summed_log_likelihoods():
+    """Every template the joint beam search returns: `<extra_id_0> X <extra_id_1> Y <extra_id_2>`, its score
+    transformers' T5 log-likelihood of those tokens summed over the examples, best first."""
+    from jaxft import hf, template_search
+
+    tok = Tokenizer(T5)
+    s0, s1, s2 = tok.sentinels(3)
+    texts = ["a gorgeous , witty film", "the plot is thin and dull", "an engaging ride", "it never takes off"]
+    ids, mask = template_search.t5_inputs(tok, texts, ["great", "terrible", "great", "terrible"], 24)
+    assert all(r[m > 0][-1] == tok.eos_id and s1 in r for r, m in zip(ids, mask))
+    model, params = hf.load(T5)
+    found = template_search.joint_beam_search(model, params, ids, mask, tok, beams=4, max_tokens=6)
+    assert found and [t.score for t in found] == sorted((t.score for t in found), reverse=True)
+    hf_model = transformers.T5ForConditionalGeneration.from_pretrained(T5).eval()
+    for t in found:
+        assert t.tokens[0] == s0 and t.tokens[-1] == s2 and t.tokens.count(s1) == 1 and len(t.tokens) <= 7
+        cut = t.tokens.index(s1)
+        assert (t.before, t.after) == (tok.decode(t.tokens[1:cut]).strip(), tok.decode(t.tokens[cut + 1:-1]).strip())
+        assert t.template == " ".join(p for p in ("{text}", t.before, "{mask}", t.after) if p)
+        labels = torch.tensor([list(t.tokens)] * len(texts)).long()
+        with torch.no_grad():
+            logits = hf_model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
+                              labels=labels).logits.float()
+        want = torch.log_softmax(logits, -1).gather(2, labels[..., None])[..., 0].sum().item()
+        assert t.score == pytest.approx(want, rel=1e-4, abs=1e-3)
+
+
+def test_template_search_scores_templates_zero_shot():
+    """Each template found is scored as jaxft.label_search scores words: the config's own template gets the
+    same zero-shot accuracy from both tools."""
+    from jaxft import template_search
+
+    c = pet_config()
+    result = template_search.template_search(c, T5, examples=8, beams=3, max_tokens=5, top=3, log=lambda *_: None)
+    assert 1 <= len(result["templates"]) <= 3 and result["examples"] == 8
+    assert all("{text}" in row["template"] and "{mask}" in row["template"] for row in result["templates"])
+    own = label_search.label_search(c, candidates=2, top=1, examples=8, log=lambda *_: None)["config_verbalizer"]
+    assert result["config_template"]["train_accuracy"] == own["train_accuracy"]
+    assert result["config_template"]["dev_accuracy"] == own["dev_accuracy"]
+
+
+def test_template_search_cli_errors(tmp_path):
+    def cli(*args):
+        return python_m("jaxft.template_search", "--config=configs/pet_bert.py",
+                        *[f"--config.{k}={v}" for k, v in SMALL.items()], *args,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    for args, message in ((("--t5=jaxft-tiny-t5", "--beams=0"), "--beams=0: expected a positive integer"),
+                          ((), "--t5=PATH is required"),
+                          (("--t5=jaxft-tiny",), "--t5=jaxft-tiny: a llama causal_lm model; expected T5"),
+                          (("--t5=jaxft-tiny-t5", "--config.data.name=rte", "--config.data.verbalizer=yes,no",
+                            "--config.data.cloze_template={text} ? {mask} , {text_b}"), "sentence pairs")):
         r = cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert message in r.stderr, r.stderr
