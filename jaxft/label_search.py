@@ -208,6 +208,10 @@ def label_search(config, candidates: int = 100, top: int = 10, examples: int = 5
     train = sample(data.train, examples, int(config.train.seed))
     log(f"label search: {len(train['labels'])} training examples of {config.data.name} in {template!r}, "
         f"{len(labels)} classes, {candidates} candidates each")
+    missing = [labels[c] for c in range(len(labels)) if not np.any(train["labels"] == c)]
+    if missing:  # its candidates would be ranked by nothing
+        raise JaxftError(f"--examples={examples}: no sampled training example has label {missing[0]!r}; expected "
+                         "every class among them (more examples, or 0: all)")
     logp = z.log_probs(train)
     lists, assignments, _ = search(logp, train["labels"], len(labels), candidates, tok, template, log)
     dev = dev_logp = None

@@ -169,7 +169,8 @@ def test_cli_table_json_and_errors(tmp_path):
     assert len(result["assignments"]) == 3 and all(len(v) == 8 for v in result["candidates"].values())
     for args, message in ((("--candidates=0",), "--candidates=0: expected a positive integer"),
                           (("--config.data.task=classification",), "data.task='classification': jaxft.label_search"),
-                          (("--config.data.verbalizer=bad,unwatchable",), "a word of several tokens")):
+                          (("--config.data.verbalizer=bad,unwatchable",), "a word of several tokens"),
+                          (("--examples=1",), "--examples=1: no sampled training example has label")):
         r = cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert message in r.stderr, r.stderr
