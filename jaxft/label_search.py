@@ -25,6 +25,7 @@ one-token words (any: the search reads one mask); demonstrations are left out of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -34,28 +35,6 @@ from jaxft.errors import JaxftError, one_line_errors
 
 MAX_ASSIGNMENTS = 200_000
 CHUNK = 2048  # assignments scored at once: [examples, CHUNK, classes] gathered log-probabilities
-
-
-def log_probs(model, params, arrays: dict, batch_size: int, mesh) -> np.ndarray:
-    """[N, V] fp32: log P(token | example) at each cloze row's mask (`mlm_positions`)."""
-    import jax.numpy as jnp
-
-    from jaxft import sharding
-    from jaxft.data.iterator import eval_batches
-    from jaxft.objectives import cloze_inputs
-
-    @jax.jit
-    def at_mask(params, batch):
-        with sharding.axis_rules(mesh):
-            logits = model.apply({"params": params}, **cloze_inputs(batch))
-        return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
-
-    fields = {k: v for k, v in arrays.items() if k != "verbalizer"}
-    out = []
-    for local in eval_batches(fields, batch_size, (0, batch_size)):
-        real = local["weight"] > 0  # the last batch's padding rows
-        out.append(np.asarray(jax.device_get(at_mask(params, sharding.to_global(mesh, local, batch_size))))[real])
-    return np.concatenate(out)
 
 
 def word_of(tok, i: int, template: str) -> str | None:
@@ -146,7 +125,31 @@ class ZeroShot:
     tool: str
 
     def log_probs(self, arrays: dict) -> np.ndarray:
-        return log_probs(self.model, self.params, arrays, self.batch, self.mesh)
+        """[N, V] fp32: log P(token | example) at each cloze row's mask (`mlm_positions`)."""
+        from jaxft import sharding
+        from jaxft.data.iterator import eval_batches
+
+        fields = {k: v for k, v in arrays.items() if k != "verbalizer"}
+        out = []
+        for local in eval_batches(fields, self.batch, (0, self.batch)):
+            real = local["weight"] > 0  # the last batch's padding rows
+            logp = self._at_mask(self.params, sharding.to_global(self.mesh, local, self.batch))
+            out.append(np.asarray(jax.device_get(logp))[real])
+        return np.concatenate(out)
+
+    @functools.cached_property
+    def _at_mask(self):  # compiled once per shape, whatever the template
+        import jax.numpy as jnp
+
+        from jaxft import sharding
+        from jaxft.objectives import cloze_inputs
+
+        def at_mask(params, batch):
+            with sharding.axis_rules(self.mesh):
+                logits = self.model.apply({"params": params}, **cloze_inputs(batch))
+            return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
+
+        return jax.jit(at_mask)
 
     def arrays(self, template: str):
         """The data (training, dev or None) encoded in `template` (`jaxft.train.load_data`)."""

@@ -215,10 +215,10 @@ def test_template_search_scores_templates_zero_shot():
     from jaxft import template_search
 
     c = pet_config()
-    result = template_search.template_search(c, T5, examples=8, beams=3, max_tokens=5, top=3, log=lambda *_: None)
-    assert 1 <= len(result["templates"]) <= 3 and result["examples"] == 8
+    result = template_search.template_search(c, T5, examples=16, beams=3, max_tokens=5, top=3, log=lambda *_: None)
+    assert 1 <= len(result["templates"]) <= 3 and result["examples"] == 16
     assert all("{text}" in row["template"] and "{mask}" in row["template"] for row in result["templates"])
-    own = label_search.label_search(c, candidates=2, top=1, examples=8, log=lambda *_: None)["config_verbalizer"]
+    own = label_search.label_search(c, candidates=2, top=1, examples=16, log=lambda *_: None)["config_verbalizer"]
     assert result["config_template"]["train_accuracy"] == own["train_accuracy"]
     assert result["config_template"]["dev_accuracy"] == own["dev_accuracy"]
 
