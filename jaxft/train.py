@@ -227,10 +227,13 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if shots:
             drawn = lambda name, k: encode(split[name][0], k)[0]  # noqa: E731
             if d.redraw_demonstrations:  # batch `position`'s examples with draw position + 1 (draw 0: `train`)
+                from jaxft.data.iterator import Reencode
+
                 log(f"demonstrations: {shots.per_class} per class, drawn anew for each example in every batch "
                     "(data.redraw_demonstrations)")
-                redrawn = lambda batch, position, first, examples: {  # noqa: E731
-                    **encode(train_rec, position + 1, examples)[0], "weight": batch["weight"]}
+                # Reencode: Batches encodes the whole global batch and cuts it to its longest new row's bucket
+                redrawn = Reencode(lambda batch, position, first, examples: {
+                    **encode(train_rec, position + 1, examples)[0], "weight": batch["weight"]})
         return Data(train, ev, task, labels, tok, records=split, transform=redrawn, demonstration_set=drawn)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
     resolved = every_source()

@@ -240,8 +240,9 @@ class Demonstrations:
     seed: int = 0
     separator: str = ""
     draw: int = 0
-    # The pool's classes by (label field, labels), shared by every draw (`dataclasses.replace` keeps it):
-    # redrawn each batch, the demonstrations of 32 rows would otherwise read all 60k of SST-2's labels.
+    # The pool's classes by (label field, labels) and its texts' tokens, shared by every draw
+    # (`dataclasses.replace` keeps it): redrawn each batch, the demonstrations of 32 rows would otherwise
+    # read all 60k of SST-2's labels, and tokenize the same texts again and again.
     cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
@@ -328,17 +329,21 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
         raise JaxftError(f"{where}={template!r}: the template{more} take {fixed} of data.seq_len={seq_len} tokens, "
                          "leaving no room for the texts")
     encoded = {}
+    # The pool's texts are kept across calls (the Demonstrations' cache, by tokenizer): redrawn for every
+    # batch, the same texts would be tokenized again and again.
+    kept = demonstrations.cache.setdefault(("texts", tok), {}) if demonstrations else {}
 
     def encode(recs, i, first: bool) -> list[list[int]]:  # a record's texts in template order, once each
         out = []
         for j, slot in slots:
             # what the text follows: the separator where it opens a later segment, the row's start, or a literal
             before = (joiner if not first else "") if j == 1 and not parts[0] else parts[j - 1] or "a"
-            key = (id(recs), i, slot, before)
-            if key not in encoded:
+            pooled = demonstrations is not None and recs is demonstrations.pool
+            memo, key = (kept, (i, fields[slot], before)) if pooled else (encoded, (id(recs), i, slot, before))
+            if key not in memo:
                 text = _text(recs, i, fields[slot]).strip()  # SST-2's end in a space: no token of its own
-                encoded[key] = follow(tok, marks, before, text)
-            out.append(encoded[key])
+                memo[key] = follow(tok, marks, before, text)
+            out.append(memo[key])
         return out
 
     def segment(texts, answer, stop, first):  # the template filled; `stop` ends it at the mask
