@@ -204,6 +204,19 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if task == "cloze":
             shots = tasks.Demonstrations(int(d.demonstrations), train_rec, int(config.train.seed),
                                          str(d.demonstration_separator)) if int(d.demonstrations) else None
+            if shots and float(d.demonstration_filter) < 1:  # LM-BFF's filter: from the examples most like each
+                from jaxft.data.embeddings import embed
+
+                encoder = str(d.demonstration_encoder) or str(config.model.path)
+                if not encoder:
+                    raise JaxftError(f"data.demonstration_filter={d.demonstration_filter}: data.demonstration_encoder "
+                                     "and model.path are empty: expected a model directory to embed the texts with")
+                fields = [text_field] + ([pair] if pair else [])
+                shots = dataclasses.replace(shots, keep=float(d.demonstration_filter), embed=lambda records: embed(
+                    tasks.joined_texts(records, fields), encoder, seq_len,
+                    "training texts" if records is train_rec else "eval texts", log))
+                log(f"demonstrations: drawn from the {float(d.demonstration_filter):.0%} of each class's training "
+                    f"examples nearest each example (data.demonstration_filter), embedded by {encoder}")
             causal = objectives.head_for(task, family.of(cfg).heads) == "causal_lm"
             encode = lambda records, draw=0, which=None: tasks.cloze(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer, pair, types,
