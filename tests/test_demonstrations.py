@@ -61,6 +61,24 @@ def test_embeddings_are_transformers_mean_pooled_states(sbert):
     np.testing.assert_allclose(ours, reference_embeddings(sbert, [t.strip() for t in texts]), atol=1e-4)
 
 
+@pytest.mark.parametrize("name, auto", [("jaxft-tiny", "AutoModel"), ("jaxft-tiny-t5", "T5EncoderModel")])
+def test_causal_and_t5_embeddings_are_transformers_mean_pooled_states(name, auto):
+    """A causal LM's final (normed) states after its BOS, T5's encoder states before its </s>, each as
+    transformers' tokenizer frames the text, mean-pooled."""
+    path = hf.resolve(name)
+    texts = [r["sentence"].strip() for r in split("eval", 0, 12).rows]
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    model = getattr(transformers, auto).from_pretrained(path).eval()
+    ids = [tok(t)["input_ids"] for t in texts]
+    want = []
+    with torch.no_grad():
+        for row in ids:  # one at a time: no padding for the reference to handle
+            h = model(input_ids=torch.tensor([row])).last_hidden_state[0].numpy().astype(np.float64)
+            want.append(h.mean(0) / np.linalg.norm(h.mean(0)))
+    ours = embeddings.embed(texts, str(path), 64) / embeddings.SCALE
+    np.testing.assert_allclose(ours, np.stack(want), atol=1e-4)
+
+
 def test_filtered_candidates_are_the_nearest_fraction_of_each_class(sbert):
     """jaxft's candidates for each (row, class) are numpy's top half of the class by cosine with the row
     (the row itself left out of its own class), and every demonstration drawn comes from them."""

@@ -21,8 +21,9 @@ HEAD_MODULES = ("cls", "lm_head", "classifier", "pooler", "score")  # never read
 
 def encoder(path: str):
     """A HF model directory (or hub name) -> (pooled(params, ids, mask) -> [B, D] jitted, params, its
-    tokenizer, the longest row it takes). A masked LM (BERT, RoBERTa, a sentence-transformers BERT
-    directory) gives its last layer's states, a causal LM its final (normed) states, T5 its encoder's."""
+    tokenizer, the longest row it takes or None, whether it is a causal LM). A masked LM (BERT, RoBERTa,
+    a sentence-transformers BERT directory) gives its last layer's states, a causal LM its final (normed)
+    states, T5 its encoder's."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
@@ -70,16 +71,18 @@ def encoder(path: str):
         return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
     longest = int(getattr(cfg, "max_position_embeddings", 0) or 0) - (2 if getattr(cfg, "roberta", False) else 0)
-    return jax.jit(pooled), params, Tokenizer(root), longest if longest > 0 else None
+    return jax.jit(pooled), params, Tokenizer(root), longest if longest > 0 else None, cfg.head == "causal_lm"
 
 
 def embed(texts: list[str], path: str, seq_len: int, what: str = "texts", log=print) -> np.ndarray:
     """`texts` -> their embeddings [N, D], unit vectors as integers (x 2^15, float64), computed in batches
-    of similar lengths (the encoder's tokenizer; [CLS]/BOS before, [SEP]/EOS after; cut to seq_len)."""
-    pooled, params, tok, limit = encoder(path)
+    of similar lengths. Each text as the encoder's tokenizer frames it: [CLS] text [SEP] on BERT, text </s>
+    on T5, BOS text on a causal LM (its BOS where it has one); cut to seq_len tokens."""
+    pooled, params, tok, limit, causal = encoder(path)
     seq_len = min(seq_len, limit) if limit else seq_len
-    room = seq_len - len(tok.bos) - len(tok.eos)
-    rows = [tok.bos + tok.encode(t)[:room] + tok.eos for t in texts]
+    eos = [] if causal else tok.eos
+    room = seq_len - len(tok.bos) - len(eos)
+    rows = [tok.bos + tok.encode(t)[:room] + eos for t in texts]
     order = np.argsort([len(r) for r in rows], kind="stable")
     out = np.zeros((len(rows), 0), np.float32)
     widths = tuple(w for w in WIDTHS if w < seq_len) + (seq_len,)
