@@ -493,14 +493,15 @@ def _demonstrations(records: Records, d: Demonstrations, label_field: str, index
     else:
         separator = [] if causal else list(getattr(tok, "sep", None) or tok.eos)
     members = [np.asarray(pool, np.int64) for pool in by_class]
-    similar = _similarities(records, d, which) if d.embed is not None else None
+    similar = _similarities(records, d, which, members, key) if d.embed is not None else None
 
     def candidates(i: int, k: int) -> np.ndarray:
         skip = own and classes[i] == k
         if similar is None:  # the whole class, less the row itself
             return np.delete(members[k], place[i]) if skip else members[k]
-        sims = similar(i)[members[k]]
+        sims = similar(i)[k]
         if skip:
+            sims = sims.copy()
             sims[place[i]] = -np.inf  # never among the nearest: at most n of the n + 1 are taken
         n = len(sims) - skip
         return members[k][nearest(sims, max(d.per_class, math.floor(d.keep * n)))]
@@ -522,29 +523,34 @@ def _demonstrations(records: Records, d: Demonstrations, label_field: str, index
     return {"rows": rows, "label": classes, "separator": separator, "candidates": candidates}
 
 
-def _similarities(records: Records, d: Demonstrations, which) -> object:
-    """-> i -> row i's cosine with every pool row (integers, `jaxft.data.embeddings`), for the rows of
-    `which`, computed 128 rows at a time. Embeddings are computed once per records (`d.cache`)."""
+def _similarities(records: Records, d: Demonstrations, which, members: list, key) -> object:
+    """-> i -> [row i's cosines with the pool rows `members[c]` of each class c] (integers,
+    `jaxft.data.embeddings`), for the rows of `which`, 128 rows at a time. Embeddings are computed once per
+    records (`d.cache`)."""
     def embedded(recs):
         got = d.cache.get(("embeddings", id(recs)))
         if got is None or got[0] is not recs:  # the records kept: an id is never another's
             got = d.cache[("embeddings", id(recs))] = recs, d.embed(recs)
         return got[1]
 
-    pool, query = embedded(d.pool), embedded(records)
+    query = embedded(records)
+    if ("by class", key) not in d.cache:  # the pool's embeddings of each class (`key`: its label field and labels)
+        d.cache[("by class", key)] = [embedded(d.pool)[m] for m in members]
+    pools = d.cache[("by class", key)]
     which = np.arange(len(records.rows)) if which is None else np.asarray(which)
     first = {}
     for o, i in enumerate(which.tolist()):
         first.setdefault(i, o)
     block = {}
 
-    def similar(i: int) -> np.ndarray:
+    def similar(i: int) -> list[np.ndarray]:
         if i not in block:
             at = first.get(i)
             rows = [i] if at is None else list(dict.fromkeys(which[at : at + 128].tolist()))
             block.clear()
-            block.update(zip(rows, query[rows] @ pool.T))  # exact: integer values in float64
-        return block[i].copy()
+            per_class = [query[rows] @ p.T for p in pools]  # exact: integer values in float64
+            block.update((r, [s[o] for s in per_class]) for o, r in enumerate(rows))
+        return block[i]
 
     return similar
 
