@@ -212,9 +212,10 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
                     raise JaxftError(f"data.demonstration_filter={d.demonstration_filter}: data.demonstration_encoder "
                                      "and model.path are empty: expected a model directory to embed the texts with")
                 fields = [text_field] + ([pair] if pair else [])
+                key = "data.demonstration_encoder" if d.demonstration_encoder else "model.path"  # for its errors
                 shots = dataclasses.replace(shots, keep=float(d.demonstration_filter), embed=lambda records: embed(
                     tasks.joined_texts(records, fields), encoder, seq_len,
-                    "training texts" if records is train_rec else "eval texts", log))
+                    "training texts" if records is train_rec else "eval texts", log, key))
                 log(f"demonstrations: drawn from the {float(d.demonstration_filter):.0%} of each class's training "
                     f"examples nearest each example (data.demonstration_filter), embedded by {encoder}")
             causal = objectives.head_for(task, family.of(cfg).heads) == "causal_lm"

@@ -172,6 +172,13 @@ def test_filter_errors_are_one_line(settings, message):
         validate(c)
 
 
+def test_an_encoder_that_is_not_a_model_is_one_line(tmp_path):
+    for path, message in ((tmp_path / "none", r"^data.demonstration_encoder='.*none': no such directory"),
+                          (tmp_path, r"config.json: missing \(expected a Hugging Face config.json\)$")):
+        with pytest.raises(JaxftError, match=message):
+            embeddings.embed(["a text"], str(path), 64)
+
+
 def test_cli_with_filtered_demonstrations(sbert, tmp_path):
     """A short run of a cloze config with one demonstration per class from the nearest half, embedded
     by a bare sentence encoder: exit 0, and the log says how the demonstrations are drawn."""

@@ -19,11 +19,11 @@ WIDTHS = (16, 32, 64, 128, 256, 512)  # padded lengths (one compiled program eac
 HEAD_MODULES = ("cls", "lm_head", "classifier", "pooler", "score")  # never read here: zeros where a checkpoint lacks them
 
 
-def encoder(path: str):
+def encoder(path: str, key: str = "data.demonstration_encoder"):
     """A HF model directory (or hub name) -> (pooled(params, ids, mask) -> [B, D] jitted, params, its
     tokenizer, the longest row it takes or None, whether it is a causal LM). A masked LM (BERT, RoBERTa,
     a sentence-transformers BERT directory) gives its last layer's states, a causal LM its final (normed)
-    states, T5 its encoder's."""
+    states, T5 its encoder's. `key`: the setting that named the directory, for errors."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
@@ -33,8 +33,11 @@ def encoder(path: str):
     from jaxft.peft.partition import flat, unflat
     from jaxft.tokenizer import Tokenizer
 
-    root = hf.resolve(str(path))
-    cfg = hf.read_config(root)
+    try:
+        root = hf.resolve(str(path))
+        cfg = hf.read_config(root)
+    except JaxftError as e:  # resolve's errors name model.path: say which setting it was
+        raise JaxftError(str(e).replace(f"model.path {str(path)!r}", f"{key}={str(path)!r}", 1)) from None
     fam = family.of(cfg)
     if fam.encoder_decoder:
         cfg = cfg.replace(head="seq2seq_lm")
@@ -43,7 +46,7 @@ def encoder(path: str):
     elif "masked_lm" in fam.heads:  # states of the last layer, unrolled so that its output can be captured
         cfg = cfg.replace(head="masked_lm", scan_layers=False)
     else:
-        raise JaxftError(f"data.demonstration_encoder={str(path)!r}: a {cfg.model_type} model cannot give its final "
+        raise JaxftError(f"{key}={str(path)!r}: a {cfg.model_type} model cannot give its final "
                          "hidden states here (expected a masked LM, a causal LM or T5)")
     model = family.build(cfg)
     params = flat(hf.params_from_hf(hf.read_tensors(root), cfg, where=str(root)))
@@ -74,11 +77,12 @@ def encoder(path: str):
     return jax.jit(pooled), params, Tokenizer(root), longest if longest > 0 else None, cfg.head == "causal_lm"
 
 
-def embed(texts: list[str], path: str, seq_len: int, what: str = "texts", log=print) -> np.ndarray:
+def embed(texts: list[str], path: str, seq_len: int, what: str = "texts", log=print,
+          key: str = "data.demonstration_encoder") -> np.ndarray:
     """`texts` -> their embeddings [N, D], unit vectors as integers (x 2^15, float64), computed in batches
     of similar lengths. Each text as the encoder's tokenizer frames it: [CLS] text [SEP] on BERT, text </s>
     on T5, BOS text on a causal LM (its BOS where it has one); cut to seq_len tokens."""
-    pooled, params, tok, limit, causal = encoder(path)
+    pooled, params, tok, limit, causal = encoder(path, key)
     seq_len = min(seq_len, limit) if limit else seq_len
     eos = [] if causal else tok.eos
     room = seq_len - len(tok.bos) - len(eos)
