@@ -128,7 +128,8 @@ class Reencode:
     the same arguments), so their lengths change: Batches hands it the whole global batch and keeps this
     process's rows of the result, cut to the bucket of the longest row of all. Every process thus encodes
     every row of the batch (LM-BFF's redrawn demonstrations, one per class of SST-2: about 0.25 ms a row
-    on a CPU core)."""
+    on a CPU core). An epoch still groups examples by the lengths of `arrays` (their first encoding),
+    which the new rows' lengths follow only roughly."""
 
     def __init__(self, fn):
         self.fn = fn
