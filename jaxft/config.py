@@ -105,6 +105,12 @@ def base_config() -> ml_collections.ConfigDict:
     # the batch's position, the example), as LM-BFF's training samples them; False: drawn once, up front.
     c.data.redraw_demonstrations = False
     c.data.demonstration_separator = ""  # text between them ("" = a masked LM's [SEP]; a space on a causal LM)
+    # LM-BFF's demonstration filter (section 6.2): each example's demonstrations drawn from only this top
+    # fraction of each class's training examples, by the cosine of sentence embeddings with it (LM-BFF: 0.5
+    # with SBERT); 1.0 = no filter. The embeddings: data.demonstration_encoder's final hidden states (a HF
+    # model directory or hub name; "" = model.path), mean-pooled over the real tokens, as SBERT's.
+    c.data.demonstration_filter = 1.0
+    c.data.demonstration_encoder = ""
     c.data.text_field = ""  # "" = "text" (a bundled set: its own field)
     c.data.label_field = ""  # "" = "label" (a bundled set: its own field)
     # Classification and cloze: the labels and their order (class 0 first), comma-separated, e.g. "neg,pos" or
@@ -286,6 +292,13 @@ def validate(config) -> None:
                          f"expected data.task='cloze', not {config.data.task!r}")
     if config.data.get("redraw_demonstrations", False) and not int(config.data.get("demonstrations", 0)):
         raise JaxftError("data.redraw_demonstrations=True: redraws LM-BFF's demonstrations, and "
+                         "data.demonstrations=0: expected data.demonstrations >= 1")
+    keep = config.data.get("demonstration_filter", 1.0)
+    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):  # NaN fails too
+        raise JaxftError(f"data.demonstration_filter={keep!r}: expected a fraction in (0, 1] (1.0: no filter; "
+                         "LM-BFF's 0.5)")
+    if keep < 1 and not int(config.data.get("demonstrations", 0)):
+        raise JaxftError(f"data.demonstration_filter={keep}: filters LM-BFF's demonstrations, and "
                          "data.demonstrations=0: expected data.demonstrations >= 1")
     if config.data.get("chat_template_kwargs"):
         from jaxft.data import sft

@@ -207,6 +207,20 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if task == "cloze":
             shots = tasks.Demonstrations(int(d.demonstrations), train_rec, int(config.train.seed),
                                          str(d.demonstration_separator)) if int(d.demonstrations) else None
+            if shots and float(d.demonstration_filter) < 1:  # LM-BFF's filter: from the examples most like each
+                from jaxft.data.embeddings import embed
+
+                encoder = str(d.demonstration_encoder) or str(config.model.path)
+                if not encoder:
+                    raise JaxftError(f"data.demonstration_filter={d.demonstration_filter}: data.demonstration_encoder "
+                                     "and model.path are empty: expected a model directory to embed the texts with")
+                fields = [text_field] + ([pair] if pair else [])
+                key = "data.demonstration_encoder" if d.demonstration_encoder else "model.path"  # for its errors
+                shots = dataclasses.replace(shots, keep=float(d.demonstration_filter), embed=lambda records: embed(
+                    tasks.joined_texts(records, fields), encoder, seq_len,
+                    "training texts" if records is train_rec else "eval texts", log, key))
+                log(f"demonstrations: drawn from the {float(d.demonstration_filter):.0%} of each class's training "
+                    f"examples nearest each example (data.demonstration_filter), embedded by {encoder}")
             causal = objectives.head_for(task, family.of(cfg).heads) == "causal_lm"
             encode = lambda records, draw=0, which=None: tasks.cloze(  # noqa: E731
                 records, tok, seq_len, text_field, label_field, labels, d.cloze_template, d.verbalizer, pair, types,
@@ -230,10 +244,13 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if shots:
             drawn = lambda name, k: encode(split[name][0], k)[0]  # noqa: E731
             if d.redraw_demonstrations:  # batch `position`'s examples with draw position + 1 (draw 0: `train`)
+                from jaxft.data.iterator import Reencode
+
                 log(f"demonstrations: {shots.per_class} per class, drawn anew for each example in every batch "
                     "(data.redraw_demonstrations)")
-                redrawn = lambda batch, position, first, examples: {  # noqa: E731
-                    **encode(train_rec, position + 1, examples)[0], "weight": batch["weight"]}
+                # Reencode: Batches encodes the whole global batch and cuts it to its longest new row's bucket
+                redrawn = Reencode(lambda batch, position, first, examples: {
+                    **encode(train_rec, position + 1, examples)[0], "weight": batch["weight"]})
         return Data(train, ev, task, labels, tok, records=split, transform=redrawn, demonstration_set=drawn)
     # Language modelling (causal or masked) and SFT may mix sources ('sst2+c4_demo'), sampled by data.weights.
     resolved = every_source()

@@ -481,6 +481,46 @@ def test_redrawn_demonstrations_are_each_batch_encoded_with_its_own_draw(tmp_pat
     assert sum((a != b).any() for a, b in seen.values()) > len(seen) // 2  # new demonstrations the second time
 
 
+def test_redrawn_batches_are_cut_to_the_bucket_of_their_longest_redrawn_row():
+    """data.redraw_demonstrations with length buckets: batch p is as wide as the smallest bucket that holds
+    the longest row of its examples encoded with draw p + 1 (not seq_len, not the bucket of draw 0's
+    lengths); the rows are the uncut encoding's on their tokens; two processes' rows get the same width."""
+    from jaxft.data.iterator import Batches
+    from jaxft.train import load_data, load_model_config
+
+    tok, train = Tokenizer(BERT), sources.read_file(sources.BUNDLED["sst2"].train)
+    train = sources.Records(train.rows[:48], train.where[:48])
+    shots, buckets = tasks.Demonstrations(1, train, seed=5), tuple(range(16, 129, 16))  # fine buckets: widths differ
+    c = config_of({"model.path": str(BERT), "data.name": "sst2", "data.task": "cloze", "data.cloze_template": TEMPLATE,
+                   "data.verbalizer": WORDS, "data.seq_len": 128, "data.demonstrations": 1,
+                   "data.redraw_demonstrations": True, "train.seed": 5, "data.max_train_examples": 48,
+                   "data.max_eval_examples": 8})
+    cfg, _, tokenizer = load_model_config(c)
+    data = load_data(c, cfg, tokenizer)
+    batches = Batches(data.train, 8, seed=5, buckets=buckets, transform=data.transform)
+    widths, stale = [], []
+    for p in range(12):  # two epochs of 6 batches
+        idx = batches.indices(p)
+        want = tasks.cloze(train, tok, 128, "sentence", "label", [0, 1], TEMPLATE, WORDS,
+                           demonstrations=dataclasses.replace(shots, draw=p + 1), which=idx)[0]
+        longest = int(want["attention_mask"].sum(1).max())
+        width = min(b for b in buckets if b >= longest)
+        got = batches.local(p, (0, 8))
+        assert got["input_ids"].shape == got["attention_mask"].shape == (8, width)
+        assert set(got) == set(want)
+        for k in want:
+            assert (got[k] == (want[k][:, :width] if k in ("input_ids", "attention_mask") else want[k])).all(), k
+        assert want["attention_mask"][:, width:].sum() == 0  # only padding was cut
+        top, bottom = batches.local(p, (0, 3)), batches.local(p, (3, 8))  # two processes' rows
+        for k in got:
+            assert top[k].shape[1:] == bottom[k].shape[1:] == got[k].shape[1:], k
+            assert (np.concatenate([top[k], bottom[k]]) == got[k]).all(), k
+        widths.append(width)
+        stale.append(min(b for b in buckets if b >= int(data.train["attention_mask"][idx].sum(1).max())))
+    assert min(widths) < 128  # cut below seq_len
+    assert widths != stale  # and not to the bucket of draw 0's lengths
+
+
 def test_cli_redrawn_demonstrations_resume_exactly(tiny_mlm, tmp_path):
     run = [f"--config.{k}={v}" for k, v in {
         "model.path": tiny_mlm, "method.name": "lora", "data.name": "sst2", "data.task": "cloze",

@@ -29,7 +29,9 @@ class Batches:
 
     `transform(rows, position, first, examples)` (optional) maps this process's rows of each batch, the
     first being global row `first`, examples `examples` of `arrays`, to what the step reads: MLM masks and
-    T5 spans, redrawn every batch; LM-BFF's demonstrations, redrawn for each example as it comes.
+    T5 spans, redrawn every batch. A `Reencode` transform (LM-BFF's demonstrations, redrawn for each
+    example as it comes) makes new rows of new lengths: it gets the whole global batch, whose longest new
+    row picks the bucket, so every process cuts to the same width without a word to the others.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, shuffle: bool = True,
@@ -46,11 +48,7 @@ class Batches:
             counts[np.argsort(-(exact - counts), kind="stable")[: self.size - counts.sum()]] += 1
             self.counts = counts
         # A row's length: the longest of its masks (a preference pair's two answers share the row's width).
-        masks = [v for k, v in arrays.items() if k.endswith("attention_mask") and not k.startswith("decoder_")]
-        self.lengths = np.max([m.sum(axis=-1).reshape(len(m), -1).max(axis=1) for m in masks], axis=0) if masks else None
-        self.target_lengths = None  # encoder-decoder rows: their targets' lengths (labels of -100 are padding)
-        if "decoder_input_ids" in arrays and "labels" in arrays:
-            self.target_lengths = (arrays["labels"] >= 0).sum(axis=1)
+        self.lengths, self.target_lengths = _lengths(arrays)
         self.buckets = tuple(sorted(buckets)) if self.size >= global_batch else ()
         self._epoch, self._perm = None, None
 
@@ -103,17 +101,51 @@ class Batches:
 
     def local(self, position: int, rows: tuple[int, int]) -> dict[str, np.ndarray]:
         idx = self.indices(position)
+        if isinstance(self.transform, Reencode):  # new rows: the global batch's own lengths pick the width
+            whole = self.transform({k: v[idx] for k, v in self.arrays.items()}, position, 0, idx)
+            batch = {k: v[rows[0] : rows[1]] for k, v in whole.items()}
+            return self._cut(batch, *_lengths(whole)) if self.buckets else batch
         batch = {k: v[idx[rows[0] : rows[1]]] for k, v in self.arrays.items()}
         if self.buckets:  # the width is decided on the global batch, so all processes agree
-            width = _bucket(self.buckets, int(self.lengths[idx].max()))
-            widths = {k: width for k, v in batch.items() if v.ndim >= 2 and k.endswith(TOKEN_FIELDS)}
-            if self.target_lengths is not None:
-                full = self.arrays["labels"].shape[1]
-                target = _bucket(tuple(b for b in self.buckets if b < full) + (full,),
-                                 int(self.target_lengths[idx].max()))
-                widths.update({k: target for k in widths if k == "labels" or k.startswith("decoder_")})
-            batch = {k: v[..., : widths[k]] if k in widths else v for k, v in batch.items()}
+            batch = self._cut(batch, self.lengths[idx],
+                              None if self.target_lengths is None else self.target_lengths[idx])
         return self.transform(batch, position, rows[0], idx[rows[0] : rows[1]]) if self.transform else batch
+
+    def _cut(self, batch: dict, lengths: np.ndarray, target_lengths: np.ndarray | None) -> dict:
+        """`batch` cut to the bucket of the longest of `lengths` (the global batch's rows), an encoder-decoder's
+        decoder side to the bucket of the longest of `target_lengths`."""
+        width = _bucket(self.buckets, int(lengths.max()))
+        widths = {k: width for k, v in batch.items() if v.ndim >= 2 and k.endswith(TOKEN_FIELDS)}
+        if target_lengths is not None:
+            full = batch["labels"].shape[1]
+            target = _bucket(tuple(b for b in self.buckets if b < full) + (full,), int(target_lengths.max()))
+            widths.update({k: target for k in widths if k == "labels" or k.startswith("decoder_")})
+        return {k: v[..., : widths[k]] if k in widths else v for k, v in batch.items()}
+
+
+class Reencode:
+    """A `Batches` transform that encodes a batch's examples anew (`fn(batch, position, first, examples)`,
+    the same arguments), so their lengths change: Batches hands it the whole global batch and keeps this
+    process's rows of the result, cut to the bucket of the longest row of all. Every process thus encodes
+    every row of the batch (LM-BFF's redrawn demonstrations, one per class of SST-2: about 0.25 ms a row
+    on a CPU core). An epoch still groups examples by the lengths of `arrays` (their first encoding),
+    which the new rows' lengths follow only roughly."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, batch: dict, position: int, first: int, examples: np.ndarray) -> dict:
+        return self.fn(batch, position, first, examples)
+
+
+def _lengths(arrays: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """-> (each row's length, its target's length or None): a row's length is the longest of its masks (a
+    preference pair's two answers share the row's width); an encoder-decoder row's target length counts its
+    `labels` that are not -100 (padding)."""
+    masks = [v for k, v in arrays.items() if k.endswith("attention_mask") and not k.startswith("decoder_")]
+    lengths = np.max([m.sum(axis=-1).reshape(len(m), -1).max(axis=1) for m in masks], axis=0) if masks else None
+    targets = (arrays["labels"] >= 0).sum(axis=1) if "decoder_input_ids" in arrays and "labels" in arrays else None
+    return lengths, targets
 
 
 # Arrays with a value per token (also as `rejected_...`, `decoder_...`), cut to a batch's width; the

@@ -19,11 +19,13 @@ Every array set carries `weight` (1 for a real example) so padded eval batches c
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import numpy as np
 
 from jaxft.data import preference, seq2seq
+from jaxft.data.embeddings import nearest
 from jaxft.data.sft import Fields, detect as detect_sft
 from jaxft.data.sources import Records, field
 from jaxft.errors import JaxftError
@@ -234,14 +236,20 @@ class Demonstrations:
     (seed, split, i), from `pool` (the training records), never the row itself when it is one of them.
     `separator`: text between the segments ("" = a masked LM's separator token, a space on a causal LM).
     `draw`: which of independent sets (LM-BFF's ensemble at evaluation, `jaxft.evaluate
-    --demonstration_sets`): draw 0 is the one training and its evaluation show, each other one its own."""
+    --demonstration_sets`): draw 0 is the one training and its evaluation show, each other one its own.
+    `embed` (LM-BFF's demonstration filter, section 6.2): records -> their sentence embeddings
+    (`jaxft.data.embeddings.embed`); a row's demonstrations of class c then come from the max(per_class,
+    floor(`keep` x n)) of its n candidates of class c nearest it by cosine (ties: the lower index)."""
     per_class: int
     pool: Records
     seed: int = 0
     separator: str = ""
     draw: int = 0
-    # The pool's classes by (label field, labels), shared by every draw (`dataclasses.replace` keeps it):
-    # redrawn each batch, the demonstrations of 32 rows would otherwise read all 60k of SST-2's labels.
+    keep: float = 1.0
+    embed: object = dataclasses.field(default=None, compare=False, repr=False)
+    # The pool's classes by (label field, labels) and its texts' tokens, shared by every draw
+    # (`dataclasses.replace` keeps it): redrawn each batch, the demonstrations of 32 rows would otherwise
+    # read all 60k of SST-2's labels, and tokenize the same texts again and again.
     cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
@@ -307,7 +315,8 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
     literal[0] = tok.encode(parts[0].strip()) if parts[0].strip() else []  # the row's start
     asked = parts[: parts.index("mask")] if causal else parts  # a causal LM's row stops at the mask
     index = {v: k for k, v in enumerate(labels)}
-    demos = _demonstrations(records, demonstrations, label_field, index, tok, causal) if demonstrations else None
+    which = np.arange(len(records.rows)) if which is None else np.asarray(which)
+    demos = _demonstrations(records, demonstrations, label_field, index, tok, causal, which) if demonstrations else None
     per_row = len(labels) * demonstrations.per_class if demos else 0
     sep = demos["separator"] if demos else []
     # A later segment opens after the separator: after a space as a new word (the default join on a causal
@@ -328,17 +337,21 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
         raise JaxftError(f"{where}={template!r}: the template{more} take {fixed} of data.seq_len={seq_len} tokens, "
                          "leaving no room for the texts")
     encoded = {}
+    # The pool's texts are kept across calls (the Demonstrations' cache, by tokenizer): redrawn for every
+    # batch, the same texts would be tokenized again and again.
+    kept = demonstrations.cache.setdefault(("texts", tok), {}) if demonstrations else {}
 
     def encode(recs, i, first: bool) -> list[list[int]]:  # a record's texts in template order, once each
         out = []
         for j, slot in slots:
             # what the text follows: the separator where it opens a later segment, the row's start, or a literal
             before = (joiner if not first else "") if j == 1 and not parts[0] else parts[j - 1] or "a"
-            key = (id(recs), i, slot, before)
-            if key not in encoded:
+            pooled = demonstrations is not None and recs is demonstrations.pool
+            memo, key = (kept, (i, fields[slot], before)) if pooled else (encoded, (id(recs), i, slot, before))
+            if key not in memo:
                 text = _text(recs, i, fields[slot]).strip()  # SST-2's end in a space: no token of its own
-                encoded[key] = follow(tok, marks, before, text)
-            out.append(encoded[key])
+                memo[key] = follow(tok, marks, before, text)
+            out.append(memo[key])
         return out
 
     def segment(texts, answer, stop, first):  # the template filled; `stop` ends it at the mask
@@ -353,7 +366,6 @@ def cloze(records: Records, tok, seq_len: int, text_field: str, label_field: str
                 out += next(it)
         return out, at
 
-    which = np.arange(len(records.rows)) if which is None else np.asarray(which)
     n, rows = len(which), len(labels) if per_class else 1
     ids = np.full((n, rows, seq_len), tok.pad_id, np.int32)
     mask = np.zeros((n, rows, seq_len), np.int32)
@@ -450,10 +462,19 @@ def cloze_layout(word_ids: list[list[int]], causal: bool) -> tuple[bool, int]:
     return longest > 1 and (causal or len({len(w) for w in word_ids}) > 1), longest
 
 
-def _demonstrations(records: Records, d: Demonstrations, label_field: str, index: dict, tok, causal: bool) -> dict:
+def joined_texts(records: Records, fields: list[str]) -> list[str]:
+    """Each record's texts of `fields`, stripped and joined by a space (a pair's two in one sentence, as
+    LM-BFF embeds a pair for its demonstration filter)."""
+    return [" ".join(_text(records, i, f).strip() for f in fields) for i in range(len(records.rows))]
+
+
+def _demonstrations(records: Records, d: Demonstrations, label_field: str, index: dict, tok, causal: bool,
+                    which=None) -> dict:
     """-> {"rows": i -> the pool rows shown with row i, in the order shown, "label": pool row -> class,
-    "separator": ids}. Row i of `records` draws from (seed, split, i): the split is the training one
-    when `records` is the pool itself, and then row i is never its own demonstration."""
+    "separator": ids, "candidates": (i, class) -> the pool rows row i draws that class's from, ascending}.
+    Row i of `records` draws from (seed, split, i): the split is the training one when `records` is the
+    pool itself, and then row i is never its own demonstration. `which`: the rows about to be drawn for,
+    in order (their similarities to the pool are computed in blocks; any order gives the same draws)."""
     own = records is d.pool
     key = (label_field, tuple(index))
     if key not in d.cache:
@@ -471,18 +492,67 @@ def _demonstrations(records: Records, d: Demonstrations, label_field: str, index
         separator = in_context(tok, "a", d.separator.rstrip(" "))
     else:
         separator = [] if causal else list(getattr(tok, "sep", None) or tok.eos)
+    members = [np.asarray(pool, np.int64) for pool in by_class]
+    similar = _similarities(records, d, which, members, key) if d.embed is not None else None
+
+    def candidates(i: int, k: int) -> np.ndarray:
+        skip = own and classes[i] == k
+        if similar is None:  # the whole class, less the row itself
+            return np.delete(members[k], place[i]) if skip else members[k]
+        sims = similar(i)[k]
+        if skip:
+            sims = sims.copy()
+            sims[place[i]] = -np.inf  # never among the nearest: at most n of the n + 1 are taken
+        n = len(sims) - skip
+        return members[k][nearest(sims, max(d.per_class, math.floor(d.keep * n)))]
 
     def rows(i: int) -> list[int]:
         rng = np.random.default_rng([d.seed, 0 if own else 1, i] + ([d.draw] if d.draw else []))
         shown = []
         for k, pool in enumerate(by_class):
+            if similar is not None:  # the same numbers drawn as unfiltered, over the nearest
+                near = candidates(i, k)
+                shown += [int(near[j]) for j in rng.choice(len(near), d.per_class, replace=False)]
+                continue
             skip = own and classes[i] == k  # draw from the others: indices from `at` on move up by one
             at = place[i] if skip else len(pool)
             drawn = rng.choice(len(pool) - skip, d.per_class, replace=False)
             shown += [pool[j + (j >= at)] for j in drawn]
         return [shown[j] for j in rng.permutation(len(shown))]
 
-    return {"rows": rows, "label": classes, "separator": separator}
+    return {"rows": rows, "label": classes, "separator": separator, "candidates": candidates}
+
+
+def _similarities(records: Records, d: Demonstrations, which, members: list, key) -> object:
+    """-> i -> [row i's cosines with the pool rows `members[c]` of each class c] (integers,
+    `jaxft.data.embeddings`), for the rows of `which`, 128 rows at a time. Embeddings are computed once per
+    records (`d.cache`)."""
+    def embedded(recs):
+        got = d.cache.get(("embeddings", id(recs)))
+        if got is None or got[0] is not recs:  # the records kept: an id is never another's
+            got = d.cache[("embeddings", id(recs))] = recs, d.embed(recs)
+        return got[1]
+
+    query = embedded(records)
+    if ("by class", key) not in d.cache:  # the pool's embeddings of each class (`key`: its label field and labels)
+        d.cache[("by class", key)] = [embedded(d.pool)[m] for m in members]
+    pools = d.cache[("by class", key)]
+    which = np.arange(len(records.rows)) if which is None else np.asarray(which)
+    first = {}
+    for o, i in enumerate(which.tolist()):
+        first.setdefault(i, o)
+    block = {}
+
+    def similar(i: int) -> list[np.ndarray]:
+        if i not in block:
+            at = first.get(i)
+            rows = [i] if at is None else list(dict.fromkeys(which[at : at + 128].tolist()))
+            block.clear()
+            per_class = [query[rows] @ p.T for p in pools]  # exact: integer values in float64
+            block.update((r, [s[o] for s in per_class]) for o, r in enumerate(rows))
+        return block[i]
+
+    return similar
 
 
 def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bool = False):
