@@ -180,6 +180,7 @@ def zero_shot(config, tool: str, log=print) -> ZeroShot:
     if int(config.data.demonstrations):
         log(f"note: data.demonstrations={config.data.demonstrations} is left out: {tool} reads the template alone")
         config.data.demonstrations, config.data.redraw_demonstrations = 0, False
+        config.data.demonstration_filter = 1.0  # it filters demonstrations: none left to filter
     config.method.name = "full"  # the base model, as every method starts from it
     cfg, base_root, tokenizer_path = load_model_config(config)
     data = load_data(config, cfg, tokenizer_path)
