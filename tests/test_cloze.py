@@ -38,13 +38,17 @@ def rte(n=4):
 @pytest.fixture(scope="module")
 def tiny_mlm(tmp_path_factory):
     """A random BertForMaskedLM (hidden 32, 2 layers) with the bundled WordPiece vocabulary."""
-    d = tmp_path_factory.mktemp("tiny-mlm")
+    return tiny_bert(tmp_path_factory.mktemp("tiny-mlm"), "BertForMaskedLM")
+
+
+def tiny_bert(d, model_class: str):
+    """A random `model_class` (hidden 32, 2 layers) saved in `d` with the bundled WordPiece vocabulary."""
     for name in ("vocab.txt", "tokenizer_config.json"):
         shutil.copy(BERT / name, d / name)
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=128)
-    transformers.BertForMaskedLM(cfg).save_pretrained(d)
+    getattr(transformers, model_class)(cfg).save_pretrained(d)
     return d
 
 

@@ -6,7 +6,6 @@ draws unchanged; the errors; a CLI run."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +17,8 @@ from jaxft import hf  # noqa: E402
 from jaxft.data import embeddings, sources, tasks  # noqa: E402
 from jaxft.errors import JaxftError  # noqa: E402
 from jaxft.tokenizer import Tokenizer  # noqa: E402
-from tests.test_train import cli  # noqa: E402
+from test_cloze import tiny_bert  # noqa: E402
+from test_train import cli  # noqa: E402
 
 BERT = hf.resolve("jaxft-tiny-bert")
 TEMPLATE, WORDS = "{text} it was {mask} .", "bad,good"
@@ -33,14 +33,7 @@ def split(name: str, start: int, stop: int):
 def sbert(tmp_path_factory):
     """A random bare BertModel (hidden 32, 2 layers) as a sentence-transformers directory holds one, with
     the bundled WordPiece vocabulary: no masked-LM head in its weights."""
-    d = tmp_path_factory.mktemp("sbert")
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        shutil.copy(BERT / name, d / name)
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=128)
-    transformers.BertModel(cfg).save_pretrained(d)
-    return d
+    return tiny_bert(tmp_path_factory.mktemp("sbert"), "BertModel")
 
 
 def reference_embeddings(path, texts, seq_len=64):
