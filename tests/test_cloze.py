@@ -458,7 +458,6 @@ def test_redrawn_demonstrations_are_each_batch_encoded_with_its_own_draw(tmp_pat
     """data.redraw_demonstrations: batch p's rows are its examples encoded with draw p + 1 (the rows of a
     subset as the whole set's), other demonstrations every time an example comes again."""
     from jaxft.data.iterator import Batches
-    from jaxft.train import load_data, load_model_config
 
     tok, train = Tokenizer(BERT), sources.read_file(sources.BUNDLED["sst2"].train)
     train = sources.Records(train.rows[:24], train.where[:24])
@@ -467,12 +466,7 @@ def test_redrawn_demonstrations_are_each_batch_encoded_with_its_own_draw(tmp_pat
     whole, part = encode(demonstrations=shots), encode(demonstrations=shots, which=[7, 3, 7])
     assert all((part[k] == whole[k][[7, 3, 7]]).all() for k in whole)
 
-    c = config_of({"model.path": str(BERT), "data.name": "sst2", "data.task": "cloze", "data.cloze_template": TEMPLATE,
-                   "data.verbalizer": WORDS, "data.seq_len": 96, "data.demonstrations": 1,
-                   "data.redraw_demonstrations": True, "train.seed": 3, "data.max_train_examples": 24,
-                   "data.max_eval_examples": 8})
-    cfg, root, tokenizer = load_model_config(c)
-    data = load_data(c, cfg, tokenizer)
+    data = redrawn_data(seq_len=96, seed=3, examples=24)
     assert all((data.train[k] == whole[k]).all() for k in whole)  # draw 0, as without redrawing
     batches = Batches(data.train, 8, seed=3, transform=data.transform)
     seen = {}
@@ -485,22 +479,29 @@ def test_redrawn_demonstrations_are_each_batch_encoded_with_its_own_draw(tmp_pat
     assert sum((a != b).any() for a, b in seen.values()) > len(seen) // 2  # new demonstrations the second time
 
 
+def redrawn_data(seq_len: int, seed: int, examples: int):
+    """jaxft.train's data for SST-2's first `examples` training sentences as cloze questions on the bundled
+    BERT, one demonstration per class redrawn every batch (data.redraw_demonstrations)."""
+    from jaxft.train import load_data, load_model_config
+
+    c = config_of({"model.path": str(BERT), "data.name": "sst2", "data.task": "cloze", "data.cloze_template": TEMPLATE,
+                   "data.verbalizer": WORDS, "data.seq_len": seq_len, "data.demonstrations": 1,
+                   "data.redraw_demonstrations": True, "train.seed": seed, "data.max_train_examples": examples,
+                   "data.max_eval_examples": 8})
+    cfg, _, tokenizer = load_model_config(c)
+    return load_data(c, cfg, tokenizer)
+
+
 def test_redrawn_batches_are_cut_to_the_bucket_of_their_longest_redrawn_row():
     """data.redraw_demonstrations with length buckets: batch p is as wide as the smallest bucket that holds
     the longest row of its examples encoded with draw p + 1 (not seq_len, not the bucket of draw 0's
     lengths); the rows are the uncut encoding's on their tokens; two processes' rows get the same width."""
     from jaxft.data.iterator import Batches
-    from jaxft.train import load_data, load_model_config
 
     tok, train = Tokenizer(BERT), sources.read_file(sources.BUNDLED["sst2"].train)
     train = sources.Records(train.rows[:48], train.where[:48])
     shots, buckets = tasks.Demonstrations(1, train, seed=5), tuple(range(16, 129, 16))  # fine buckets: widths differ
-    c = config_of({"model.path": str(BERT), "data.name": "sst2", "data.task": "cloze", "data.cloze_template": TEMPLATE,
-                   "data.verbalizer": WORDS, "data.seq_len": 128, "data.demonstrations": 1,
-                   "data.redraw_demonstrations": True, "train.seed": 5, "data.max_train_examples": 48,
-                   "data.max_eval_examples": 8})
-    cfg, _, tokenizer = load_model_config(c)
-    data = load_data(c, cfg, tokenizer)
+    data = redrawn_data(seq_len=128, seed=5, examples=48)
     batches = Batches(data.train, 8, seed=5, buckets=buckets, transform=data.transform)
     widths, stale = [], []
     for p in range(12):  # two epochs of 6 batches
