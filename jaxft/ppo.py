@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +81,17 @@ def value_head(model, mesh=None, seed: int = 0) -> dict:
     return {"value_head": {"kernel": jnp.zeros((size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
 
 
-def critic_model(path: str, policy_cfg):
+class Critic(NamedTuple):
+    model: object  # a one-output classifier read at every position
+    root: Path  # the directory `train.ppo_critic` names
+    base: Path  # where its weights are: `root`, or the base a reward model's adapter names
+    brings_head: bool  # whether its score head comes with it (a reward model's), else new
+
+
+def critic_model(path: str, policy_cfg) -> Critic:
     """`train.ppo_critic`'s model, built to compute as the policy does (dtype, attention, remat, scan),
-    as a one-output classifier read at every position -> (model, its directory, whether it brings its
-    score head). One line naming the key for a directory that cannot be the policy's critic."""
+    as a one-output classifier read at every position. One line naming the key for a directory that
+    cannot be the policy's critic."""
     from jaxft import hf
     from jaxft.errors import read_json
     from jaxft.models import family
@@ -123,36 +132,34 @@ def critic_model(path: str, policy_cfg):
     cfg = cfg.replace(head="classification", num_labels=1, pooling="every", labels=None, dtype=policy_cfg.dtype,
                       param_dtype="float32", scan_layers=policy_cfg.scan_layers, remat=policy_cfg.remat,
                       attention=policy_cfg.attention)
-    return family.build(cfg), root, brings_head
+    return Critic(family.build(cfg), root, base, brings_head)
 
 
-def critic_params(path: str):
-    """own_params with a separate critic: its weights, every one trainable, sharded as the policy's."""
+def critic_params(critic: Critic):
+    """own_params with a separate critic (`critic_model`'s): its weights, every one trainable, sharded as
+    the policy's."""
 
-    def make(model, mesh=None, seed: int = 0) -> dict:
-        from jaxft.errors import read_json
+    def make(model=None, mesh=None, seed: int = 0) -> dict:
         from jaxft.peft.partition import count
         from jaxft.train import init_params, log
 
-        critic, root, brings_head = critic_model(path, model.cfg)
         weights = None
-        if not (root / "config.json").is_file():  # a reward model's adapter, folded into its base
+        if critic.base != critic.root:  # a reward model's adapter, folded into its base
             from jaxft import generate
             from jaxft.peft.lora import merge_lora
 
-            adapter = read_json(root / "adapter_config.json")
-            rm, weights, base = generate.load(str(adapter["base_model_name_or_path"]), str(root))
+            where = f"{CRITIC}={str(critic.root)!r}"
+            rm, weights, _ = generate.load(str(critic.base), str(critic.root))
             if rm.cfg.head != "classification" or rm.cfg.num_labels != 1:
-                raise JaxftError(f"{CRITIC}={path!r}: a {rm.cfg.head} adapter with {rm.cfg.num_labels} outputs; "
+                raise JaxftError(f"{where}: a {rm.cfg.head} adapter with {rm.cfg.num_labels} outputs; "
                                  "expected a reward model (one output)")
             rm, weights = merge_lora(rm, weights)
             if rm.hooks:
-                raise JaxftError(f"{CRITIC}={path!r}: a {type(rm.hooks[0]).__name__} adapter cannot be folded into "
-                                 "its base; expected a LoRA reward model or a whole model directory")
-            root = base
-        params = init_params(critic, root, mesh, seed, weights=weights)
-        log(f"critic: {root} ({count(params):,} parameters, every one trains; "
-            f"{'its score head' if brings_head else 'a new score head'} gives the value at each token)")
+                raise JaxftError(f"{where}: a {type(rm.hooks[0]).__name__} adapter cannot be folded into its base; "
+                                 "expected a LoRA reward model or a whole model directory")
+        params = init_params(critic.model, critic.base, mesh, seed, weights=weights)
+        log(f"critic: {critic.base} ({count(params):,} parameters, every one trains; "
+            f"{'its score head' if critic.brings_head else 'a new score head'} gives the value at each token)")
         return {"critic": params}
 
     return make
@@ -199,9 +206,9 @@ def whiten(x, mask):
 def objective(s: Settings, head_scale: float = 1.0, policy_cfg=None) -> Objective:
     """PPO's loss; `head_scale`: the policy family's (`Family.head_scale`), which the value head takes off
     the states it reads. `policy_cfg`: the policy's model config, which a separate critic (`s.critic`)
-    is built to match (None: a value head only)."""
-    critic = critic_model(s.critic, policy_cfg)[0] if s.critic and policy_cfg is not None else None
-    value = functools.partial(values, head_scale=head_scale, critic=critic)
+    is built to match (needed with one)."""
+    critic = critic_model(s.critic, policy_cfg) if s.critic else None
+    value = functools.partial(values, head_scale=head_scale, critic=critic.model if critic else None)
 
     def loss(outputs, batch, own):
         logp = grpo.token_log_probs(outputs, batch, s.temperature)
@@ -223,7 +230,8 @@ def objective(s: Settings, head_scale: float = 1.0, policy_cfg=None) -> Objectiv
                      accuracy=False, train_sums=("value_loss", "clip_ratio", "value_clip_ratio"),
                      rollout=functools.partial(Rollout, s, value), new_tokens=s.max_new_tokens,
                      keeps_reference=s.beta > 0,
-                     own_params=critic_params(s.critic) if s.critic else value_head, own_model=critic)
+                     own_params=critic_params(critic) if critic else value_head,
+                     own_model=critic.model if critic else None)
 
 
 def targets(s: Settings, batch, old_logps, old_values, ref_logps):

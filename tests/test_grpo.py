@@ -555,8 +555,9 @@ def test_cli_grpo_on_a_trained_reward_models_export(tmp_path):
 
     config = base_config()
     policy = generate.load("jaxft-tiny")[0]
-    critic, _, brings_head = ppo.critic_model(str(rm / "export"), policy.cfg)
-    params = ppo.critic_params(str(rm / "export"))(policy, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    built = ppo.critic_model(str(rm / "export"), policy.cfg)
+    critic, brings_head = built.model, built.brings_head
+    params = ppo.critic_params(built)(policy, sharding.make_mesh(config.mesh, jax.devices()[:1]))
     reward_model, reward_params, _ = generate.load("jaxft-tiny", str(rm / "export"))
     ids = np.random.default_rng(0).integers(3, policy.cfg.vocab_size, (3, 10)).astype(np.int32)
     mask = (np.arange(10) < np.array([[10], [7], [4]])).astype(np.int32)

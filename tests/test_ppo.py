@@ -159,8 +159,8 @@ def test_separate_critic_values_loss_and_gradients_match_pytorch(hf_pair, tmp_pa
     config = transformers.LlamaConfig(**{**BASE, "num_hidden_layers": 3, "num_labels": 1, "pad_token_id": 0})
     critic_t, critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", seed=9, sub="critic")
     s = ppo.Settings(epsilon=0.05, value_clip=0.05, value_coef=0.7, critic=str(critic_dir))
-    critic, root, brings_head = ppo.critic_model(s.critic, model.cfg)
-    assert brings_head and root == critic_dir and critic.cfg.pooling == "every"
+    critic, root, base, brings_head = ppo.critic_model(s.critic, model.cfg)
+    assert brings_head and root == base == critic_dir and critic.cfg.pooling == "every"
     own = {"critic": hf.load(str(critic_dir))[1]}
     batch = critic_batch()
     with torch.no_grad():
