@@ -104,10 +104,15 @@ def search(logp, labels, num_classes: int, k: int, tok, template: str, log=print
     return lists, assignments[order], acc[order]
 
 
+def sampled_rows(size: int, n: int, seed: int) -> np.ndarray:
+    """The first `n` of a fixed-seed permutation of `size` examples, ascending (all of them where there are
+    fewer, or n is 0)."""
+    return np.sort(np.random.default_rng(seed).permutation(size)[:n]) if n and n < size else np.arange(size)
+
+
 def sample(arrays: dict, n: int, seed: int) -> dict:
-    """The first `n` examples of a fixed-seed permutation (all of them where there are fewer)."""
-    size = len(arrays["labels"])
-    keep = np.sort(np.random.default_rng(seed).permutation(size)[:n]) if n and n < size else np.arange(size)
+    """The arrays' rows `sampled_rows` picks."""
+    keep = sampled_rows(len(arrays["labels"]), n, seed)
     return {k: v[keep] for k, v in arrays.items()}
 
 

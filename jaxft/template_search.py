@@ -135,12 +135,11 @@ def template_search(config, t5: str, examples: int = 32, beams: int = 20, max_to
     tok.sentinels(3)  # one line where the tokenizer has none
     text_field = sources.resolve(config.data, str(config.data.name))[2]
     words = str(config.data.verbalizer).split(",")
-    train = label_search.sample(data.train, examples, int(config.train.seed))
-    chosen = label_search.sample({"labels": data.train["labels"], "row": np.arange(len(data.train["labels"]))},
-                                 examples, int(config.train.seed))["row"]
+    seed = int(config.train.seed)
+    chosen = label_search.sampled_rows(len(data.train["labels"]), examples, seed)  # as label_search samples
     records = data.records["train"][0]
     texts = [str(records.rows[i][text_field]) for i in chosen]
-    ids, mask = t5_inputs(tok, texts, [words[int(y)] for y in train["labels"]], int(config.data.seq_len))
+    ids, mask = t5_inputs(tok, texts, [words[int(y)] for y in data.train["labels"][chosen]], int(config.data.seq_len))
     log(f"template search: T5 {root} writes {beams} beams of up to {max_tokens} tokens for {len(texts)} "
         f"examples of {config.data.name}")
     found = joint_beam_search(model, jax.device_put(params), ids, mask, tok, beams, max_tokens)
@@ -153,7 +152,7 @@ def template_search(config, t5: str, examples: int = 32, beams: int = 20, max_to
             return {"template": template, "train_accuracy": None, "dev_accuracy": None, "error": str(e)}
         out = {"template": template}
         for split, a in (("train", arrays), ("dev", dev)):
-            a = label_search.sample(a, examples, int(config.train.seed)) if a is not None else None
+            a = label_search.sample(a, examples, seed) if a is not None else None
             out[f"{split}_accuracy"] = None if a is None else float(
                 label_search.accuracy(z.log_probs(a), a["labels"], own_words)[0])
         return out
@@ -166,7 +165,7 @@ def template_search(config, t5: str, examples: int = 32, beams: int = 20, max_to
         templates.append({**scored(t.template), "score": t.score / len(texts)})
         if len(templates) == top:
             break
-    dev = 0 if data.eval is None else len(label_search.sample(data.eval, examples, int(config.train.seed))["labels"])
+    dev = 0 if data.eval is None else len(label_search.sampled_rows(len(data.eval["labels"]), examples, seed))
     return {"examples": len(texts), "dev_examples": dev, "templates": templates,
             "config_template": scored(str(config.data.cloze_template))}
 
