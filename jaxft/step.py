@@ -136,8 +136,12 @@ def scale_by_path(rules) -> optax.GradientTransformation:
         name = path_name(path)
         return next((f for regex, f in rules if regex.search(name)), 1.0)
 
+    def scaled(path, u):
+        f = factor(path)
+        return u if f == 1.0 else u * f
+
     def update(updates, state, params=None):
-        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u, updates), state
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
