@@ -394,9 +394,8 @@ def activation_bytes(s: Setup, batch: int) -> dict:
             "loss": loss, "stacks": stacks, "saved_total": saved_total}
 
 
-def estimate(s: Setup, batch: int | None = None) -> dict:
-    """Per-device bytes of a run: weights, gradients, optimizer state, activations, total."""
-    batch = batch or s.config.train.batch_size
+def parameter_bytes(s: Setup) -> tuple[int, int, int]:
+    """-> (weights, trainable weights, optimizer state) per device, whatever the batch."""
     weights = trainable = mu = 0
     mu_dtype = np.dtype(jax.numpy.bfloat16) if s.config.optimizer.get("mu_dtype") == "bfloat16" else None
     for path, x in s.abstract.items():
@@ -404,7 +403,6 @@ def estimate(s: Setup, batch: int | None = None) -> dict:
         if s.trainable[path]:
             trainable += per_device(x.shape, x.dtype, s.shardings[path])
             mu += per_device(x.shape, mu_dtype or x.dtype, s.shardings[path])
-    optimizer = mu + trainable  # Adam's two moments (nu as the parameters)
     weights += trainable if s.reference else 0
     compute = np.dtype(s.cfg.compute_dtype).itemsize
     # A frozen base stored narrower than the compute dtype is converted once per step, whole (measured
@@ -413,16 +411,22 @@ def estimate(s: Setup, batch: int | None = None) -> dict:
     weights += sum(per_device(x.shape, s.cfg.compute_dtype, s.shardings[p]) for p, x in s.abstract.items()
                    if not s.trainable[p] and x.dtype.itemsize < compute and stored(s, p, x) == per_device(
                        x.shape, x.dtype, s.shardings[p]))
+    return weights, trainable, mu + trainable  # Adam's two moments (nu as the parameters)
+
+
+def estimate(s: Setup, batch: int | None = None) -> dict:
+    """Per-device bytes of a run: weights, gradients, optimizer state, activations, total."""
+    batch = batch or s.config.train.batch_size
+    weights, trainable, optimizer = parameter_bytes(s)
     acts = activation_bytes(s, batch)
     activations = acts["total"]
-    gradients = trainable * (2 if s.config.train.grad_accum > 1 else 1)  # + one micro-batch's, when accumulating
     if s.own is not None:  # PPO's critic: its weights, gradients and moments, and its activations beside the policy's
-        own = estimate(s.own, batch)
-        weights, gradients, optimizer = weights + own["weights"], gradients + own["gradients"], optimizer + own["optimizer"]
-        trainable += own["weights"]
+        own_weights, own_trainable, own_optimizer = parameter_bytes(s.own)
+        weights, trainable, optimizer = weights + own_weights, trainable + own_trainable, optimizer + own_optimizer
         # the backward pass through one model holds what the other saved
         theirs = activation_bytes(s.own, batch)
         activations = max(activations + theirs["saved_total"], theirs["total"] + acts["saved_total"])
+    gradients = trainable * (2 if s.config.train.grad_accum > 1 else 1)  # + one micro-batch's, when accumulating
     # The update (clipped gradients, new moments) is made after the activations are freed: the step
     # needs the larger of the two, on top of the gradients.
     total = weights + gradients + optimizer + max(activations, trainable)
@@ -504,7 +508,7 @@ def text(s: Setup, r: dict) -> str:
             frozen += stored(s, path, x)
     critic = ""
     if s.own is not None:
-        own = sum(per_device(x.shape, x.dtype, s.own.shardings[p]) for p, x in s.own.abstract.items())
+        own = parameter_bytes(s.own)[1]
         critic = f", the critic {human(own)} ({s.own.cfg.model_type} {s.own.cfg.num_layers}x{s.own.cfg.hidden_size})"
     prefix = f" (+{s.num_prefix} prefix)" if s.num_prefix else ""
     kind = s.config.model.get("quantization", "none")
