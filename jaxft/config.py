@@ -178,7 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ppo_value_clip = 0.2  # how far a value may move from the rollout's per update
     c.train.ppo_gamma = 1.0  # discount
     c.train.ppo_lam = 0.95  # GAE's lambda
-    c.train.ppo_critic = ""  # a separate critic's model directory (e.g. the reward model), fully trained; "": a value head
+    c.train.ppo_critic = ""  # a separate critic's model directory (e.g. the reward model); "": a value head
+    # what of that critic trains: "full" (every weight), or lora, ia3, adapter, bitfit, head (+ its score head,
+    # with the method.* settings of that method)
+    c.train.ppo_critic_method = "full"
 
     # Optimizer section.
     c.optimizer = ml_collections.ConfigDict()
@@ -307,6 +310,10 @@ def validate(config) -> None:
     if config.train.get("ppo_critic", "") and config.data.task != "ppo":
         raise JaxftError(f"train.ppo_critic={config.train.ppo_critic!r}: PPO's separate critic: expected "
                          f"data.task='ppo', not {config.data.task!r}")
+    if config.train.get("ppo_critic_method", "full") != "full" and not config.train.get("ppo_critic", ""):
+        raise JaxftError(f"train.ppo_critic_method={config.train.ppo_critic_method!r}: the method of PPO's separate "
+                         "critic, and train.ppo_critic is unset: expected train.ppo_critic=PATH (the value head "
+                         "always trains whole)")
     if config.data.task in ("grpo", "ppo"):
         check_grpo(config)
     from jaxft.data.tasks import declared_labels

@@ -166,7 +166,7 @@ def generation_eval(config, data, model, workdir=None, objective=None):
     from jaxft.models import family
 
     if objective is None:
-        objective = objectives.for_task(data.task, config.train, model.cfg)
+        objective = objectives.for_task(data.task, config.train, model.cfg, config.method)
     if objective.rollout is not None:  # a policy's eval: the rewards of its completions
         from jaxft.grpo import reward_eval
 
@@ -347,7 +347,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     if arrays is None:
         raise JaxftError(f"--split=validation: data.name={config.data.name!r} has no validation split (set "
                          "data.eval_name, or data.eval_holdout=N for the last N training records)")
-    objective = objectives.for_task(data.task, config.train, cfg)
+    objective = objectives.for_task(data.task, config.train, cfg, config.method)
     if kind == "orbax":
         model, params, step = restore_trained(config, where, step, cfg, base_root, data, mesh)
         params_out = where

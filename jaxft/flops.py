@@ -99,6 +99,21 @@ def measured_peak_flops(dtype: str, n: int = 1024, budget_s: float = 0.5) -> flo
     return best
 
 
+def trained_matmuls(cfg, params_trainable, method) -> tuple[bool, int, int]:
+    """-> (whether the base's own matmuls train, the adapter weights run per token, virtual tokens)."""
+    from jaxft.models import family
+    from jaxft.peft.partition import ADDED_PARAMS, flat
+
+    names = flat(params_trainable)
+    # The output head trains in nearly every method; only the base's own matmuls cost 2N more.
+    head = family.of(cfg).head_params
+    trains_base = any(not ADDED_PARAMS.search(k) and not re.search(head, k) for k in names)
+    # Per-token adapter matmuls: method-added kernels inside the layers (a prefix encoder runs per batch).
+    adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
+                  if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
+    return trains_base, adapter, sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
+
+
 class Throughput:
     """Tokens/s per device and MFU between two log steps, from host-side counts (no device reads).
 
@@ -106,24 +121,14 @@ class Throughput:
     datasheet's for the device kind, `train.peak_flops` if given, or on CPUs a matmul measured once.
     A measured peak is a sample of a machine that may have been busier then: an interval that runs faster
     than it raises it to the interval's rate (`log` says so once), so MFU never exceeds 1.
-    `own_cfg`: a model the objective trains whole beside this one, on the same rows (PPO's critic).
+    `own`: (config, trainable parameters, method) of a model the objective trains beside this one, on the
+    same rows (PPO's critic).
     """
 
-    def __init__(self, cfg, params_trainable, method, peak: float, measured: bool = False, log=print,
-                 own_cfg=None):
-        from jaxft.peft.partition import ADDED_PARAMS, flat
-
-        names = {k: v for k, v in flat(params_trainable).items()}
-        # The output head trains in nearly every method; only the base's own matmuls cost 2N more.
-        from jaxft.models import family
-
-        head = family.of(cfg).head_params
-        self.trains_base = any(not ADDED_PARAMS.search(k) and not re.search(head, k) for k in names)
-        # Per-token adapter matmuls: method-added kernels inside the layers (a prefix encoder runs per batch).
-        self.adapter = sum(int(np.prod(v.shape)) for k, v in names.items()
-                           if ADDED_PARAMS.search(k) and k.startswith("layers") and v.ndim >= 2)
-        self.num_prefix = sum(int(getattr(h, "num_virtual_tokens", 0)) for h in method.hooks)
-        self.cfg, self.own_cfg, self.peak, self.devices = cfg, own_cfg, peak, jax.device_count()
+    def __init__(self, cfg, params_trainable, method, peak: float, measured: bool = False, log=print, own=None):
+        self.trains_base, self.adapter, self.num_prefix = trained_matmuls(cfg, params_trainable, method)
+        self.own = None if own is None else (own[0], *trained_matmuls(*own))
+        self.cfg, self.peak, self.devices = cfg, peak, jax.device_count()
         self.measured, self.log = measured, log
         self._per_token = {}
         self.tokens = self.flops = 0.0  # running totals over dispatched steps
@@ -134,8 +139,10 @@ class Throughput:
             self._per_token[width, head_width] = train_flops_per_token(
                 self.cfg, width, trains_base=self.trains_base, adapter_weights=self.adapter, num_prefix=self.num_prefix,
                 head_width=head_width)
-            if self.own_cfg is not None:
-                self._per_token[width, head_width] += train_flops_per_token(self.own_cfg, width, trains_base=True)
+            if self.own is not None:
+                own_cfg, trains_base, adapter, num_prefix = self.own
+                self._per_token[width, head_width] += train_flops_per_token(
+                    own_cfg, width, trains_base=trains_base, adapter_weights=adapter, num_prefix=num_prefix)
         self.tokens += real_tokens
         self.flops += self._per_token[width, head_width] * batch_rows * width
 

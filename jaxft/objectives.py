@@ -12,7 +12,7 @@ parameters of its own beside the model's (PPO's value head) declares them (`own_
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,16 +62,23 @@ class Objective:
     new_tokens: int = 0  # tokens a rollout adds to each row after the data's (GRPO's completions), for jaxft.plan
     keeps_reference: bool = False  # a rollout keeps a copy of the starting trainable parameters (for jaxft.plan)
     # (model, mesh, seed) -> parameters the objective trains beside the model's (PPO's value head or
-    # critic), sharded over the mesh as the model's are: they sit
-    # in the trainable tree under OWN, the loss is called as loss(outputs, batch, own parameters), and
-    # exports leave them out (they are no part of the model)
+    # critic), sharded over the mesh as the model's are: they sit under OWN in the trainable tree (and,
+    # for an `own_model`'s frozen leaves, the frozen one), the loss is called as loss(outputs, batch, own
+    # parameters), and exports leave them out (they are no part of the model)
     own_params: Callable | None = None
-    # a model of its own that the loss runs on those parameters, every one trained (PPO's separate
-    # critic), on the same rows as the model's: what jaxft.plan adds for it
-    own_model: object = None
+    own_model: "OwnModel | None" = None
 
 
-OWN = "objective"  # where an objective's own parameters sit in the trainable tree
+class OwnModel(NamedTuple):
+    """A model of its own that an objective's loss runs on the model's rows (PPO's separate critic): its
+    parameters are `own_params()[key]`, and `method` (a `jaxft.peft.Method`) says which of them train;
+    the rest are frozen, with the model's frozen base. jaxft.plan and train/mfu count it."""
+    key: str
+    model: object
+    method: object
+
+
+OWN = "objective"  # where an objective's own parameters sit in the trainable (and frozen) tree
 
 
 def has_perplexity(objective: Objective, head: str) -> bool:
@@ -79,11 +86,24 @@ def has_perplexity(objective: Objective, head: str) -> bool:
     return head in ("causal_lm", "seq2seq_lm") if objective.perplexity is None else objective.perplexity
 
 
-def loss_of(objective: Objective, outputs, batch, trainable) -> dict:
-    """The objective's sums, given its own parameters where it has them."""
+def loss_of(objective: Objective, outputs, batch, params) -> dict:
+    """The objective's sums, given its own parameters where it has them (`params`: the trainable and
+    frozen trees merged)."""
     if objective.own_params is None:
         return objective.loss(outputs, batch)
-    return objective.loss(outputs, batch, trainable[OWN])
+    return objective.loss(outputs, batch, params[OWN])
+
+
+def split_own(objective: Objective, own: dict) -> tuple[dict, dict]:
+    """An objective's own parameters -> (trainable, frozen): every one trains, except the leaves of an
+    `own_model` its method leaves frozen."""
+    if objective.own_model is None:
+        return own, {}
+    from jaxft.peft.partition import split
+
+    key = objective.own_model.key
+    trains, frozen = split(own[key], objective.own_model.method.trainable)
+    return {**own, key: trains}, ({key: frozen} if frozen else {})
 
 
 def without_own(tree: dict) -> dict:
@@ -339,36 +359,39 @@ def head_for(task: str, heads=()) -> str:
     return HEADS.get(task)
 
 
-def _dpo(train, cfg=None) -> Objective:
+def _dpo(train, cfg=None, method=None) -> Objective:
     from jaxft import dpo
 
     return dpo.objective(float(train.dpo_beta), str(train.get("dpo_loss", "sigmoid")),
                          float(train.get("dpo_label_smoothing", 0.0)))
 
 
-def _grpo(train, cfg=None) -> Objective:
+def _grpo(train, cfg=None, method=None) -> Objective:
     from jaxft import grpo
 
     return grpo.objective(grpo.settings(train))
 
 
-def _ppo(train, cfg=None) -> Objective:
+def _ppo(train, cfg=None, method=None) -> Objective:
     from jaxft import ppo
     from jaxft.models import family
 
     # the value head reads the final hidden states, which a family's LM head may scale first (T5); a
-    # separate critic is built to compute as the policy does
-    return ppo.objective(ppo.settings(train), family.of(cfg).head_scale(cfg) if cfg is not None else 1.0, cfg)
+    # separate critic is built to compute as the policy does, with its method's settings from `method`
+    return ppo.objective(ppo.settings(train), family.of(cfg).head_scale(cfg) if cfg is not None else 1.0, cfg,
+                         method)
 
 
-# objectives with settings: (the config's train section, the model's config or None) -> Objective
+# objectives with settings: (the config's train section, the model's config or None, the config's method
+# section or None) -> Objective
 MADE = {"dpo": _dpo, "grpo": _grpo, "ppo": _ppo}
 
 
-def for_task(task: str, train=None, cfg=None) -> Objective:
+def for_task(task: str, train=None, cfg=None, method=None) -> Objective:
     """The objective of a data task (`data.task`, or what the data says); `train`: the config's train
     section, for the objectives that take settings (DPO's `train.dpo_beta`; its default without it);
-    `cfg`: the model's config, for what its family changes (PPO's value head on T5's states)."""
+    `cfg`: the model's config, for what its family changes (PPO's value head on T5's states); `method`:
+    the config's method section, whose settings a PPO critic's own method takes."""
     from jaxft.errors import JaxftError
 
     if task in MADE:
@@ -376,7 +399,7 @@ def for_task(task: str, train=None, cfg=None) -> Objective:
             from jaxft.config import base_config
 
             train = base_config().train
-        return MADE[task](train, cfg)
+        return MADE[task](train, cfg, method)
     if task not in OBJECTIVES:
         raise JaxftError(f"data.task={task!r}: no objective for it (expected one of {', '.join([*OBJECTIVES, *MADE])})")
     return OBJECTIVES[task]

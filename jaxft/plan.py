@@ -17,9 +17,11 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
   gradients    the trainable shards in fp32, twice with train.grad_accum > 1 (the running sum and
                one micro-batch's)
   optimizer    Adam's moments: mu in optimizer.mu_dtype (or fp32) and nu in fp32
-  (critic)     PPO's separate critic (`train.ppo_critic`) adds its own: fp32 weights, their gradients and
-               moments, and its activations on the policy's rows; the backward pass through either model
-               holds what the other saved (0.99 of XLA's figure with a LoRA policy, tests/test_ppo.py)
+  (critic)     PPO's separate critic (`train.ppo_critic`) adds its own: weights (stored as the policy's:
+               trainable in fp32, those its `train.ppo_critic_method` freezes as the frozen base), the
+               trainable ones' gradients and moments, and its activations on the policy's rows; the backward
+               pass through either model holds what the other saved (0.99 of XLA's figure with a LoRA
+               policy, tests/test_ppo.py)
   activations  summed over the family's stacks of blocks (`Family.activation_blocks`: Llama's layers,
                T5's encoder and decoder): L x saved + max(working, loss) + the batch's own arrays (a stack
                no gradient flows through, T5's encoder under P-Tuning v2, keeps nothing); with several
@@ -154,8 +156,6 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     from jaxft.config import validate
     from jaxft.models import family
     from jaxft.peft import build
-    from jaxft.peft.methods import Method
-    from jaxft.peft.partition import is_trainable
     from jaxft.train import load_model_config, model_settings
 
     validate(config)
@@ -173,27 +173,35 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     cfg = cfg.replace(head=head, num_labels=labels or cfg.num_labels, **model_settings(config, cfg))
     method = build(config.method, cfg)
     model = family.build(cfg, method.hooks)
-    shapes, shardings = shapes_of(model, mesh)
-    trainable = {p: is_trainable(p, method.trainable) for p in shapes}
-    frozen_dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
-    abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
+    abstract, trainable, shardings = stored_shapes(model, method, mesh)
     num_prefix = sum(getattr(h, "num_virtual_tokens", 0) for h in method.hooks)
     platform = platform or jax.default_backend()
-    objective = objectives.for_task(task, config.train, cfg)  # DPO, reward models: 2 rows a pair; GRPO: G a prompt
+    objective = objectives.for_task(task, config.train, cfg, config.method)  # DPO, reward models: 2 rows a pair
     seq_len, target = config.data.seq_len, 0
     if family.of(cfg).encoder_decoder:  # the prompt is the encoder's, the completion the decoder's
         target = objective.new_tokens or (int(config.data.target_len) if task == "seq2seq" else 0) or seq_len
     rows, answer = cloze_shape(config, tokenizer, head) if task == "cloze" else (1, 1)
     length = seq_len + (0 if target else objective.new_tokens)
     own = None
-    if objective.own_model is not None:  # PPO's critic: every weight trains (fp32), on the policy's rows
-        critic = objective.own_model
-        own_shapes, own_shardings = shapes_of(critic, mesh)
-        own = Setup(config, critic.cfg, Method("full", (r".",)), critic, mesh, own_shapes,
-                    {p: True for p in own_shapes}, own_shardings, 0, platform, objective.sequences, length=length)
+    if objective.own_model is not None:  # PPO's critic, on the policy's rows
+        critic, critic_method = objective.own_model.model, objective.own_model.method
+        own = Setup(config, critic.cfg, critic_method, critic, mesh, *stored_shapes(critic, critic_method, mesh), 0,
+                    platform, objective.sequences, length=length)
     return Setup(config, cfg, method, model, mesh, abstract, trainable, shardings, num_prefix, platform,
                  objective.sequences * rows, length=length, target_length=target,
                  reference=objective.keeps_reference, answer_tokens=answer, own=own)
+
+
+def stored_shapes(model, method, mesh) -> tuple[dict, dict, dict]:
+    """A model's parameters as flat path -> ShapeDtypeStruct as a run stores them (trainable leaves as
+    `init` makes them, frozen ones in `model.param_dtype`), -> whether it trains, -> NamedSharding."""
+    from jaxft.peft.partition import is_trainable
+
+    shapes, shardings = shapes_of(model, mesh)
+    trainable = {p: is_trainable(p, method.trainable) for p in shapes}
+    frozen_dtype = np.dtype(model.cfg.param_dtype) if model.cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
+    abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype if trainable[p] else frozen_dtype) for p, x in shapes.items()}
+    return abstract, trainable, shardings
 
 
 def shapes_of(model, mesh) -> tuple[dict, dict]:
@@ -508,8 +516,9 @@ def text(s: Setup, r: dict) -> str:
             frozen += stored(s, path, x)
     critic = ""
     if s.own is not None:
-        own = parameter_bytes(s.own)[1]
-        critic = f", the critic {human(own)} ({s.own.cfg.model_type} {s.own.cfg.num_layers}x{s.own.cfg.hidden_size})"
+        own, own_trainable, _ = parameter_bytes(s.own)
+        critic = f", the critic {human(own)} ({s.own.cfg.model_type} {s.own.cfg.num_layers}x{s.own.cfg.hidden_size}"
+        critic += ")" if own == own_trainable else f", {s.own.method.name}: {human(own_trainable)} of it trainable)"
     prefix = f" (+{s.num_prefix} prefix)" if s.num_prefix else ""
     kind = s.config.model.get("quantization", "none")
     quantized = f" ({kind} projections)" if kind != "none" else ""

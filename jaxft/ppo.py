@@ -21,15 +21,21 @@ eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`
 - (default) a value head, a vector and a bias on the policy's final hidden states (a shared trunk, as
   TRL's value-head models: an encoder-decoder's decoder states, unscaled by the factor its LM head
   applies, `Family.head_scale`), starting at zero;
-- `train.ppo_critic=PATH`: a model of its own (InstructGPT's, TRL's PPOTrainer's value model), every
-  weight of it trained: a decoder-only HF directory read as a one-output classifier at every position,
-  V(t) = score(final state t). A reward model (a `*ForSequenceClassification` directory with one
-  output, or a `data.task=reward` run's export: a LoRA adapter, folded into the base it names, or a
-  full model) starts with its score head; a causal LM gets a new one. It reads the policy's token ids,
-  so it must share the policy's tokenizer (its vocabulary size is checked); the policy must be a decoder.
+- `train.ppo_critic=PATH`: a model of its own (InstructGPT's, TRL's PPOTrainer's value model): a
+  decoder-only HF directory read as a one-output classifier at every position, V(t) = score(final
+  state t). A reward model (a `*ForSequenceClassification` directory with one output, or a
+  `data.task=reward` run's export: a LoRA adapter, folded into the base it names, or a full model)
+  starts with its score head; a causal LM gets a new one. It reads the policy's token ids, so it must
+  share the policy's tokenizer (its vocabulary size is checked); the policy must be a decoder. Every
+  weight of it trains, or with `train.ppo_critic_method` (as OpenRLHF's LoRA critic) a method of its
+  own: lora, ia3, adapter, bitfit or head (each with the score head, and composable with '+'), with
+  that method's `method.*` settings (rank, alpha, targets, dora, ...; not method.layers,
+  method.trainable_pattern or method.template, which name the policy's weights; no dropout: its
+  values are those the rollout computed). Its frozen weights are stored as the policy's frozen base
+  (`model.param_dtype`, and `model.quantization`'s projections: a QLoRA critic beside a QLoRA policy).
 
 Either is the objective's own parameters (`Objective.own_params`), trained with the method's (one
-optimizer), checkpointed, never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
+optimizer), checkpointed (a critic's frozen weights are read again from its directory), never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
 mean log pi_old - log ref per token), train/value_loss, train/clip_ratio, train/value_clip_ratio.
 """
 
@@ -46,10 +52,13 @@ import numpy as np
 
 from jaxft import grpo
 from jaxft.errors import JaxftError
-from jaxft.objectives import Objective
+from jaxft.objectives import Objective, OwnModel
 
 WHITEN_EPS = 1e-8
 CRITIC = "train.ppo_critic"
+# a critic's own methods: those that leave its positions as they are (each of its values is a token's)
+# and keep no per-step state (AdaLoRA's)
+CRITIC_METHODS = ("full", "head", "bitfit", "lora", "ia3", "adapter")
 HIDDEN = ("PPO's value head reads the model's final hidden states, which a method that changes the LM head hides "
           "(e.g. LoRA on lm_head): leave lm_head out of method.targets")
 
@@ -62,6 +71,7 @@ class Settings(grpo.Settings):
     gamma: float = 1.0
     lam: float = 0.95
     critic: str = ""  # a separate critic's model directory; "": a value head on the policy
+    critic_method: str = "full"  # what of the critic trains: every weight, or a method of its own
 
 
 def settings(train) -> Settings:
@@ -86,12 +96,38 @@ class Critic(NamedTuple):
     root: Path  # the directory `train.ppo_critic` names
     base: Path  # where its weights are: `root`, or the base a reward model's adapter names
     brings_head: bool  # whether its score head comes with it (a reward model's), else new
+    method: object  # what of it trains (`jaxft.peft.Method`; "full": every weight)
 
 
-def critic_model(path: str, policy_cfg) -> Critic:
+def critic_method(name: str, method_config, cfg):
+    """`train.ppo_critic_method` -> the critic's Method, built from the run's `method.*` settings (the
+    config's method section; None: the defaults) less those that name the policy's weights."""
+    import ml_collections
+
+    from jaxft.peft import build
+
+    where = f"{CRITIC}_method={name!r}"
+    parts = [p.strip() for p in str(name).split("+")]
+    if not all(p in CRITIC_METHODS for p in parts):
+        raise JaxftError(f"{where}: expected one of {', '.join(CRITIC_METHODS)}, or several joined by '+' (a "
+                         "method that adds no positions and keeps no per-step state)")
+    if method_config is None:
+        from jaxft.config import base_config
+
+        method_config = base_config().method
+    m = ml_collections.ConfigDict(method_config.to_dict())
+    m.name, m.template, m.layers, m.trainable_pattern = "+".join(parts), "", "", ""
+    try:
+        return build(m, cfg)
+    except JaxftError as e:
+        raise JaxftError(f"{where}: {e}") from None
+
+
+def critic_model(path: str, policy_cfg, method: str = "full", method_config=None) -> Critic:
     """`train.ppo_critic`'s model, built to compute as the policy does (dtype, attention, remat, scan),
-    as a one-output classifier read at every position. One line naming the key for a directory that
-    cannot be the policy's critic."""
+    as a one-output classifier read at every position, with `method` (`train.ppo_critic_method`, its
+    settings from `method_config`) hooked in. One line naming the key for a directory that cannot be the
+    policy's critic."""
     from jaxft import hf
     from jaxft.errors import read_json
     from jaxft.models import family
@@ -130,17 +166,18 @@ def critic_model(path: str, policy_cfg) -> Critic:
                          "tokenizer")
     brings_head = cfg.head == "classification" or base != root
     cfg = cfg.replace(head="classification", num_labels=1, pooling="every", labels=None, dtype=policy_cfg.dtype,
-                      param_dtype="float32", scan_layers=policy_cfg.scan_layers, remat=policy_cfg.remat,
+                      param_dtype=policy_cfg.param_dtype, scan_layers=policy_cfg.scan_layers, remat=policy_cfg.remat,
                       attention=policy_cfg.attention)
-    return Critic(family.build(cfg), root, base, brings_head)
+    m = critic_method(method, method_config, cfg)
+    return Critic(family.build(cfg, m.hooks), root, base, brings_head, m)
 
 
 def critic_params(critic: Critic):
-    """own_params with a separate critic (`critic_model`'s): its weights, every one trainable, sharded as
-    the policy's."""
+    """own_params with a separate critic (`critic_model`'s): its weights and its method's new ones,
+    sharded as the policy's; those its method trains in fp32, the rest stored as the policy's frozen base."""
 
     def make(model=None, mesh=None, seed: int = 0) -> dict:
-        from jaxft.peft.partition import count
+        from jaxft.peft.partition import count, split
         from jaxft.train import init_params, log
 
         weights = None
@@ -157,8 +194,12 @@ def critic_params(critic: Critic):
             if rm.hooks:
                 raise JaxftError(f"{where}: a {type(rm.hooks[0]).__name__} adapter cannot be folded into its base; "
                                  "expected a LoRA reward model or a whole model directory")
-        params = init_params(critic.model, critic.base, mesh, seed, weights=weights)
-        log(f"critic: {critic.base} ({count(params):,} parameters, every one trains; "
+        params = init_params(critic.model, critic.base, mesh, seed, critic.method.trainable, weights=weights)
+        for hook in critic.model.hooks:  # e.g. DoRA's magnitudes, from the loaded kernels
+            params = hook.initialize(critic.model, params, None)
+        trains = count(split(params, critic.method.trainable)[0])
+        what = "every one trains" if trains == count(params) else f"{trains:,} train ({critic.method.name})"
+        log(f"critic: {critic.base} ({count(params):,} parameters, {what}; "
             f"{'its score head' if critic.brings_head else 'a new score head'} gives the value at each token)")
         return {"critic": params}
 
@@ -203,11 +244,12 @@ def whiten(x, mask):
     return jnp.where(mask > 0, (x - mean) * jax.lax.rsqrt(var + WHITEN_EPS), 0.0)
 
 
-def objective(s: Settings, head_scale: float = 1.0, policy_cfg=None) -> Objective:
+def objective(s: Settings, head_scale: float = 1.0, policy_cfg=None, method_config=None) -> Objective:
     """PPO's loss; `head_scale`: the policy family's (`Family.head_scale`), which the value head takes off
     the states it reads. `policy_cfg`: the policy's model config, which a separate critic (`s.critic`)
-    is built to match (needed with one)."""
-    critic = critic_model(s.critic, policy_cfg) if s.critic else None
+    is built to match (needed with one); `method_config`: the config's method section, the settings of
+    the critic's own method (`s.critic_method`)."""
+    critic = critic_model(s.critic, policy_cfg, s.critic_method, method_config) if s.critic else None
     value = functools.partial(values, head_scale=head_scale, critic=critic.model if critic else None)
 
     def loss(outputs, batch, own):
@@ -231,7 +273,7 @@ def objective(s: Settings, head_scale: float = 1.0, policy_cfg=None) -> Objectiv
                      rollout=functools.partial(Rollout, s, value), new_tokens=s.max_new_tokens,
                      keeps_reference=s.beta > 0,
                      own_params=critic_params(critic) if critic else value_head,
-                     own_model=critic.model if critic else None)
+                     own_model=OwnModel("critic", critic.model, critic.method) if critic else None)
 
 
 def targets(s: Settings, batch, old_logps, old_values, ref_logps):
@@ -252,6 +294,7 @@ class Rollout(grpo.Rollout):
     def __init__(self, s: Settings, value, model, trainable, data, mesh, seed: int):
         from jaxft import sharding
         from jaxft.objectives import OWN
+        from jaxft.peft.partition import merge
 
         super().__init__(s, model, trainable, data, mesh, seed)
         rows = sharding.batch_sharding(mesh, 2)
@@ -259,7 +302,7 @@ class Rollout(grpo.Rollout):
         def old(trainable, frozen, batch):  # the values as the loss computes them (`value`: the loss's)
             outputs = self.outputs(trainable, frozen, batch)
             with sharding.axis_rules(mesh):
-                v = value(outputs, trainable[OWN], batch=batch)
+                v = value(outputs, merge(trainable, frozen)[OWN], batch=batch)
             return grpo.token_log_probs(outputs, batch, s.temperature), v
 
         self._old = jax.jit(old, out_shardings=(rows, rows))

@@ -213,7 +213,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     def forward(trainable, frozen, batch, rng, loss_scale):
         params = {"params": merge(trainable, frozen)}
         outputs = model.apply(params, **objective.inputs(batch), return_hidden=True, rngs={"dropout": rng})
-        sums = loss_of(objective, outputs, batch, trainable)
+        sums = loss_of(objective, outputs, batch, params["params"])
         return sums["loss_sum"] * loss_scale, sums
 
     def like_params(grads):
@@ -292,7 +292,7 @@ def make_eval_step(model, mesh=None, objective: Objective | None = None):
         params = {"params": merge(trainable, frozen)}
         with sharding.axis_rules(mesh):
             outputs = model.apply(params, **objective.inputs(batch), return_hidden=True)
-        sums = loss_of(objective, outputs, batch, trainable)
+        sums = loss_of(objective, outputs, batch, params["params"])
         if objective.eval_sums is not None:
             sums.update(objective.eval_sums(outputs, batch, model.cfg))
         return sums

@@ -413,20 +413,32 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     for hook in method.hooks:
         params = hook.initialize(model, params, sample)
     trainable, frozen = split(params, method.trainable)
-    objective = objectives.for_task(data.task, config.train, cfg)
+    objective = objectives.for_task(data.task, config.train, cfg, config.method)
     if objective.own_params is not None:  # e.g. PPO's value head, trained beside the method's parameters
-        trainable = {**trainable, objectives.OWN: objective.own_params(model, mesh, config.train.seed)}
+        own, own_frozen = objectives.split_own(objective, objective.own_params(model, mesh, config.train.seed))
+        trainable = {**trainable, objectives.OWN: own}
+        frozen = {**frozen, objectives.OWN: own_frozen} if own_frozen else frozen
     return method, model, trainable, frozen
 
 
-def quantize_base(config, cfg, frozen):
-    """The frozen base stored as `model.quantization` says (QLoRA); trainable leaves keep fp32."""
+def quantize_base(config, cfg, frozen, own=None):
+    """The frozen base stored as `model.quantization` says (QLoRA); trainable leaves keep fp32. `own`: an
+    objective's own model (`objectives.OwnModel`, a LoRA critic), whose frozen weights are stored so too,
+    found by its family's names; without it they stay as they are."""
     if config.model.quantization == "none":
         return frozen
     from jaxft import quant
     from jaxft.models import family
+    from jaxft.objectives import OWN
 
-    return quant.quantize_params(frozen, config.model.quantization, targets=family.of(cfg).projections)
+    def quantized(tree, model_cfg):
+        return quant.quantize_params(tree, config.model.quantization, targets=family.of(model_cfg).projections)
+
+    out = quantized({k: v for k, v in frozen.items() if k != OWN}, cfg)
+    if OWN in frozen:
+        out[OWN] = {k: quantized(v, own.model.cfg) if own is not None and k == own.key else v
+                    for k, v in frozen[OWN].items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,7 +620,7 @@ def export(config, out, model, method, trainable, frozen, tokenizer_path):
     trainable = sharding.gather(without_own(trainable))
     if jax.process_index() != 0:
         return None
-    params = merge(trainable, frozen)
+    params = merge(trainable, without_own(frozen))
     clear_export(out)
     with storage.local_dir(out) as local:
         if added_params(params):  # PEFT: adapter-only weights
@@ -666,10 +678,11 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     method, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
     check_export(config, model, method, trainable)
     cfg = model.cfg
-    objective = objectives.for_task(data.task, config.train, cfg)  # what the step minimises: the data task's
+    # what the step minimises: the data task's
+    objective = objectives.for_task(data.task, config.train, cfg, config.method)
     # the model's parameters; an objective's own (PPO's value head or critic) are said apart
     n_train = count(objectives.without_own(trainable))
-    n_own, n_total = count(trainable) - n_train, n_train + count(frozen)
+    n_own, n_total = count(trainable) - n_train, n_train + count(objectives.without_own(frozen))
     peak, peak_source, peak_measured = run_peak(config)
     packed = "segment_ids" in data.train
     impl = family.attention_impl(cfg, packed)
@@ -691,7 +704,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
         from jaxft import quant
 
-        frozen = quantize_base(config, cfg, frozen)
+        frozen = quantize_base(config, cfg, frozen, objective.own_model)
         log(f"base quantized to {config.model.quantization}: frozen weights {quant.nbytes(frozen):,} bytes")
 
     check_lr_multipliers(config.optimizer.lr_multipliers, trainable)
@@ -755,9 +768,9 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     preemption = Preemption(config.train.sync_every_steps)
     # the model's trainable leaves (an objective's own, e.g. PPO's value head, do not make its base train);
     # a critic of its own is counted beside it
-    own_cfg = objective.own_model.cfg if objective.own_model is not None else None
+    own = objective.own_model
     throughput = Throughput(cfg, objectives.without_own(trainable), method, peak, measured=peak_measured, log=log,
-                            own_cfg=own_cfg)
+                            own=own and (own.model.cfg, trainable[objectives.OWN][own.key], own.method))
     profile = Profile(profile_steps, workdir)
     eval_every, log_every = config.eval.every_steps, config.train.log_every_steps
     generated = generation_eval(config, data, model, workdir, objective)  # ROUGE, BLEU or rewards; samples/

@@ -48,8 +48,10 @@ def compiled_bytes(c, devices: int, transform_frozen=None, extra=None, objective
     sds = {p: leaf(x, NamedSharding(mesh, s.shardings[p].spec)) for p, x in s.abstract.items()}
     trainable = unflat({p: x for p, x in sds.items() if s.trainable[p]})
     frozen = unflat({p: x for p, x in sds.items() if not s.trainable[p]})
-    if own is not None:  # trained beside the model's, in the trainable tree as jaxft.train puts them
-        trainable[objectives.OWN] = own(s, mesh, leaf)
+    if own is not None:  # beside the model's, in the trainable (and frozen) tree as jaxft.train puts them
+        trainable[objectives.OWN], own_frozen = objectives.split_own(objective, own(s, mesh, leaf))
+        if own_frozen:
+            frozen[objectives.OWN] = own_frozen
     if transform_frozen is not None:  # e.g. a quantized base, as shapes
         frozen = jax.eval_shape(transform_frozen, frozen)
     tx, schedule = make_optimizer(c.optimizer, c.train.steps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import shutil
 
 import jax
@@ -20,10 +21,11 @@ from test_hf import BASE, build_hf
 from test_preference import assert_gradients_match, hf_pair  # noqa: F401  (hf_pair: a fixture)
 from test_train import cli, losses
 
-from jaxft import hf, objectives, ppo
+from jaxft import generate, hf, objectives, ppo
 from jaxft.config import base_config, validate
 from jaxft.errors import JaxftError
 from jaxft.models import family
+from jaxft.peft.partition import flat, merge
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -150,39 +152,45 @@ def critic_batch(seed=2):
     return batch
 
 
-def test_separate_critic_values_loss_and_gradients_match_pytorch(hf_pair, tmp_path):  # noqa: F811
-    """train.ppo_critic: a reward model (LlamaForSequenceClassification, one output) as the critic, its score
-    head read at every position as TRL's value model is (`score(model(...).last_hidden_state)`): the values,
-    the value loss and every critic weight's gradient against PyTorch autograd; the policy's gradients
-    are the value head's run's (the value loss reaches the critic alone)."""
+def critic_setup(hf_pair, tmp_path, method="full", method_config=None):  # noqa: F811
+    """A reward model (LlamaForSequenceClassification, one output) as the critic, with `method`: -> (its
+    torch model, its directory, the settings, the batch, the objective, our mean loss's value, its sums
+    and its gradients as (the policy's, the critic's trainable leaves), the critic's parameters)."""
     (_, _, _), (pol_t, model, params) = hf_pair
     config = transformers.LlamaConfig(**{**BASE, "num_hidden_layers": 3, "num_labels": 1, "pad_token_id": 0})
     critic_t, critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", seed=9, sub="critic")
-    s = ppo.Settings(epsilon=0.05, value_clip=0.05, value_coef=0.7, critic=str(critic_dir))
-    critic, root, base, brings_head = ppo.critic_model(s.critic, model.cfg)
-    assert brings_head and root == base == critic_dir and critic.cfg.pooling == "every"
-    own = {"critic": hf.load(str(critic_dir))[1]}
+    s = ppo.Settings(epsilon=0.05, value_clip=0.05, value_coef=0.7, critic=str(critic_dir), critic_method=method)
     batch = critic_batch()
     with torch.no_grad():
         base = torch_token_log_probs(pol_t, batch).numpy()
     batch["old_logps"] = np.pad(base, ((0, 0), (0, 1)))
-    objective = ppo.objective(s, 1.0, model.cfg)
+    objective = ppo.objective(s, 1.0, model.cfg, method_config)
+    return critic_t, critic_dir, s, batch, objective, functools.partial(our_loss, objective, batch, model, params)
+
+
+def our_loss(objective, batch, model, params, own):
+    """-> (the mean loss, its sums, (the policy's gradients, those of the critic's trainable leaves))."""
+    own, own_frozen = objectives.split_own(objective, own)
 
     def mean_loss(p, own):
         outputs = model.apply({"params": p}, **objective.inputs(batch), return_hidden=True)
-        sums = objective.loss(outputs, batch, own)
+        sums = objective.loss(outputs, batch, merge(own, own_frozen))
         return sums["loss_sum"] / sums["count"], sums
 
-    (loss, sums), (grads, own_grads) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(params, own)
+    (loss, sums), grads = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(params, own)
+    return loss, sums, grads
 
+
+def torch_value_loss(critic_t, batch, s):
+    """TRL's losses with the critic read at every position (`score(model(...).last_hidden_state)`), the
+    value loss's backward run: -> (the values at every position, the mean value loss, the mean loss
+    (the policy's at ratio 1, old = new, plus the weighted value loss))."""
     ids = torch.tensor(batch["input_ids"], dtype=torch.long)
     mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     critic_t.zero_grad(set_to_none=True)
     states = critic_t.model(ids, attention_mask=mask, position_ids=positions).last_hidden_state
     v_full = critic_t.score(states).float()[..., 0]
-    np.testing.assert_allclose(np.asarray(ppo.values(None, own, critic=critic, batch=batch)), v_full.detach().numpy(),
-                               rtol=1e-4, atol=1e-5)
     v = v_full[:, :-1]
     cut = lambda k: torch.tensor(batch[k][:, :-1])  # noqa: E731
     m = torch.tensor(objectives.next_token(batch["attention_mask"] * batch["loss_mask"])[:, :-1] *
@@ -192,10 +200,33 @@ def test_separate_critic_values_loss_and_gradients_match_pytorch(hf_pair, tmp_pa
     vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
     ((s.value_coef * vf * m).sum() / m.sum()).backward()
     pg = torch.max(-a, -a * torch.clamp(torch.ones_like(a), 1 - s.epsilon, 1 + s.epsilon))  # ratio 1: old = new
-    want = ((pg + s.value_coef * vf) * m).sum() / m.sum()
-    assert float(loss) == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
-    assert float(sums["value_loss"] / sums["count"]) == pytest.approx(((vf * m).sum() / m.sum()).item(), rel=1e-5)
+    return v_full.detach().numpy(), ((vf * m).sum() / m.sum()).item(), (((pg + s.value_coef * vf) * m).sum() / m.sum()).item()
+
+
+def assert_losses_match(ours, theirs):
+    (loss, sums, _), (_, value_loss, want) = ours, theirs
+    assert float(loss) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert float(sums["value_loss"] / sums["count"]) == pytest.approx(value_loss, rel=1e-5)
     assert 0 < float(sums["value_clip_ratio"]) < float(sums["count"])
+
+
+def test_separate_critic_values_loss_and_gradients_match_pytorch(hf_pair, tmp_path):  # noqa: F811
+    """train.ppo_critic: a reward model (LlamaForSequenceClassification, one output) as the critic, its score
+    head read at every position as TRL's value model is (`score(model(...).last_hidden_state)`): the values,
+    the value loss and every critic weight's gradient against PyTorch autograd; the policy's gradients
+    are the value head's run's (the value loss reaches the critic alone)."""
+    (_, _, _), (_, model, params) = hf_pair
+    critic_t, critic_dir, s, batch, objective, loss_of = critic_setup(hf_pair, tmp_path)
+    critic, root, base, brings_head, method = ppo.critic_model(s.critic, model.cfg)
+    assert brings_head and root == base == critic_dir and critic.cfg.pooling == "every" and method.name == "full"
+    own = {"critic": hf.load(str(critic_dir))[1]}
+    assert not objectives.split_own(objective, own)[1]  # every weight trains
+    ours = loss_of(own)
+    grads, own_grads = ours[2]
+    theirs = torch_value_loss(critic_t, batch, s)
+    np.testing.assert_allclose(np.asarray(ppo.values(None, own, critic=critic, batch=batch)), theirs[0],
+                               rtol=1e-4, atol=1e-5)
+    assert_losses_match(ours, theirs)
     ours = family.of(critic.cfg).params_to_hf(jax.device_get(own_grads["critic"]), hf.load(str(critic_dir))[0].cfg)
     assert_gradients_match(ours, critic_t)
     # The policy's gradient is the policy loss's alone, as with the value head (whose value loss does not reach it).
@@ -204,6 +235,48 @@ def test_separate_critic_values_loss_and_gradients_match_pytorch(hf_pair, tmp_pa
     policy_only = jax.grad(lambda p: (lambda o: o["loss_sum"] / o["count"])(plain.loss(
         model.apply({"params": p}, **plain.inputs(batch), return_hidden=True), batch, head_own)))(params)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), grads, policy_only)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_critic_values_loss_and_gradients_match_peft(hf_pair, tmp_path, dora):  # noqa: F811
+    """train.ppo_critic_method=lora: the critic is PEFT's SEQ_CLS LoRA model of the reward model (the run's
+    method.rank, alpha, targets and dora), its score head trained beside the factors: the values, the
+    losses and the gradient of every trained weight (LoRA's A and B, DoRA's magnitudes, the score head)
+    against PyTorch autograd through PEFT; its frozen weights sit apart from the trained ones."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file
+
+    from jaxft.peft import hf_peft
+
+    method = base_config().method
+    method.rank, method.alpha, method.targets, method.dora = 4, 8.0, "q_proj,v_proj,down_proj", dora
+    method.trainable_pattern = "embed_tokens"  # the policy's: never the critic's
+    critic_t, critic_dir, s, batch, objective, loss_of = critic_setup(hf_pair, tmp_path, "lora", method)
+    peft_t = get_peft_model(critic_t, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"], use_dora=dora))
+    peft_t.save_pretrained(tmp_path / "adapter")
+    critic, model_method = objective.own_model.model, objective.own_model.method
+    assert model_method.name == "lora" and len(critic.hooks) == 1 and critic.hooks[0].dora == dora
+    _, own, _ = generate.load(str(critic_dir), str(tmp_path / "adapter"))
+    own = {"critic": own}
+    trains, frozen = objectives.split_own(objective, own)
+    names = set(flat(trains["critic"]))
+    assert names and all(re.search(r"lora_(a|b|magnitude)$|^score/", p) for p in names), names
+    assert not set(flat(frozen["critic"])) & names and "embed_tokens" in flat(frozen["critic"])
+    ours = loss_of(own)
+    theirs = torch_value_loss(critic_t, batch, s)
+    np.testing.assert_allclose(np.asarray(ppo.values(None, own, critic=critic, batch=batch)), theirs[0],
+                               rtol=1e-4, atol=1e-5)
+    assert_losses_match(ours, theirs)
+    # our gradients through the adapter export (linear in its tensors), named as PEFT saves them
+    hf_peft.save_adapter(critic, model_method, jax.device_get(ours[2][1]["critic"]), tmp_path / "grads")
+    grads = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
+    want = {re.sub(r"\.(modules_to_save\.)?default\b", "", n).replace("magnitude_vector.weight", "magnitude_vector"):
+            p.grad.numpy() for n, p in peft_t.named_parameters() if p.requires_grad}
+    assert grads.keys() == want.keys() and any("lora_B" in n for n in want), set(grads) ^ set(want)
+    for name, g in want.items():
+        assert np.abs(g).max() > 0, name
+        np.testing.assert_allclose(grads[name], g, atol=3e-5 * np.abs(g).max(), err_msg=name)
 
 
 def test_separate_critic_is_checked(hf_pair, tmp_path):  # noqa: F811
@@ -239,11 +312,29 @@ def test_separate_critic_is_checked(hf_pair, tmp_path):  # noqa: F811
     t5_cfg = hf.read_config(build_hf(tmp_path, t5, "T5ForConditionalGeneration", sub="t5")[1])
     with pytest.raises(JaxftError, match="an encoder-decoder: expected a decoder-only policy"):
         ppo.critic_model("jaxft-tiny", t5_cfg)
+    # train.ppo_critic_method: a method of the critic's own, with the run's settings of it
+    reward_model = str(tmp_path / "reward")
+    build_hf(tmp_path, transformers.LlamaConfig(**{**BASE, "num_labels": 1}), "LlamaForSequenceClassification",
+             sub="reward")
+    method = base_config().method
+    method.targets = "lm_head"
+    for name, method_config, message in (
+            ("adalora", None, "expected one of full, head, bitfit, lora, ia3, adapter, or several joined by '\\+'"),
+            ("lora+prompt_tuning", None, "expected one of"),
+            ("lora", method, "method.targets='lm_head'")):
+        with pytest.raises(JaxftError, match=f"^train.ppo_critic_method='{re.escape(name)}': {message}"):
+            ppo.critic_model(reward_model, model.cfg, name, method_config)
+    config = base_config()
+    config.data.task, config.train.ppo_critic_method = "ppo", "lora"
+    with pytest.raises(JaxftError, match=r"^train.ppo_critic_method='lora': .* expected train.ppo_critic=PATH"):
+        validate(config)
 
 
-def test_plan_counts_the_critic_within_15_percent_of_xla(tmp_path):
-    """jaxft.plan with train.ppo_critic: the critic's fp32 weights, gradients, moments and activations on the
-    policy's rows (prompt + completion tokens) beside a LoRA policy's, against XLA's figure for the train step."""
+@pytest.mark.parametrize("critic_method", ["full", "lora"])
+def test_plan_counts_the_critic_within_15_percent_of_xla(tmp_path, critic_method):
+    """jaxft.plan with train.ppo_critic: the critic's weights, its trainable ones' gradients and moments, and
+    its activations on the policy's rows (prompt + completion tokens) beside a LoRA policy's, against XLA's
+    figure for the train step; every critic weight trains, or its LoRA factors and score head."""
     from test_plan import compiled_bytes
     from test_plan import config as plan_config
 
@@ -256,19 +347,22 @@ def test_plan_counts_the_critic_within_15_percent_of_xla(tmp_path):
 
     def ppo_config(seq_len):
         c = plan_config("lora", "none", 1, data__task="ppo", data__seq_len=seq_len, train__grpo_rewards="sentiment",
-                        train__grpo_max_new_tokens=32, train__ppo_critic=str(critic_dir))
+                        train__grpo_max_new_tokens=32, train__ppo_critic=str(critic_dir),
+                        train__ppo_critic_method=critic_method)
         c.train.grpo_generations = 1
         return c
 
     c = ppo_config(96)
     s = plan.setup(c, 1)
-    assert s.own is not None and s.own.length == s.length == 128 and all(s.own.trainable.values())
+    assert s.own is not None and s.own.length == s.length == 128
+    assert all(s.own.trainable.values()) == (critic_method == "full") and s.own.method.name == critic_method
     alone = plan.setup(ppo_config(96), 1)
     alone.own = None
     got, without = plan.estimate(s), plan.estimate(alone)
     critic_bytes = sum(4 * int(np.prod(x.shape)) for x in s.own.abstract.values())
+    trained = sum(4 * int(np.prod(x.shape)) for p, x in s.own.abstract.items() if s.own.trainable[p])
     assert got["weights"] - without["weights"] == critic_bytes  # fp32, on one device
-    assert got["optimizer"] - without["optimizer"] == 2 * critic_bytes
+    assert got["optimizer"] - without["optimizer"] == 2 * trained and got["gradients"] - without["gradients"] == trained
 
     def made(s, ids):
         f32 = jax.ShapeDtypeStruct(ids.shape, jnp.float32, sharding=ids.sharding)
@@ -353,6 +447,63 @@ def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_pa
     final = [row for row in metrics(straight) if "eval/reward" in row][-1]
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(final["eval/reward"], abs=1e-6)
     assert_eight_devices_match_one(tmp_path, go, one=straight)
+
+
+def test_cli_lora_critic_beside_a_qlora_policy_trains_and_resumes_exactly(tmp_path, run):  # noqa: F811
+    """train.ppo_critic_method=lora beside a QLoRA policy: only the critic's LoRA factors and score head
+    train (the model line counts them as the objective's), its value loss falls, resume is exact with its
+    frozen weights read again (and quantized as the policy's base), and a 2 x 2 x 2 mesh with micro-batches
+    gives the same figures."""
+    config = transformers.LlamaConfig(**{**BASE, "vocab_size": 300, "num_labels": 1, "pad_token_id": 0})
+    critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", sub="critic")[1]
+    go = (*ppo_run(run), "--config.method.name=lora", "--config.method.rank=4", "--config.model.quantization=nf4",
+          f"--config.train.ppo_critic={critic_dir}", "--config.train.ppo_critic_method=lora",
+          "--config.optimizer.learning_rate=1e-2", "--config.train.steps=12", "--config.checkpoint.every_steps=6",
+          "--config.eval.every_steps=12", "--config.eval.batch_size=16", "--config.export.enabled=False")
+    straight = tmp_path / "straight"
+    r = cli(straight, *go)
+    assert r.returncode == 0, r.stderr[-3000:]
+    total, trains = map(lambda n: int(n.replace(",", "")), re.search(
+        rf"critic: {re.escape(str(critic_dir))} \(([\d,]+) parameters, ([\d,]+) train \(lora\)", r.stdout).groups())
+    lora = 2 * 4 * 2 * (config.hidden_size + config.num_key_value_heads * config.hidden_size // 4)  # q and v, 2 layers
+    assert trains == lora + config.hidden_size and total > 10 * trains, (total, trains)  # + the score head
+    assert f"+ {trains:,} of the ppo objective" in r.stdout, r.stdout
+    rows = [row for row in metrics(straight) if "train/value_loss" in row]
+    assert rows[-1]["train/value_loss"] < rows[0]["train/value_loss"] / 2, rows
+    split = tmp_path / "split"
+    shutil.copytree(straight, split)
+    shutil.rmtree(split / "checkpoints" / "12")
+    r = cli(split, *go)
+    assert r.returncode == 0 and "resuming from step 6" in r.stdout, r.stderr[-3000:]
+    assert [losses(split)[s] for s in range(7, 13)] == [losses(straight)[s] for s in range(7, 13)]
+    assert_eight_devices_match_one(tmp_path, go, one=straight)
+
+
+def test_a_lora_critics_frozen_projections_are_quantized_as_the_policys_base(hf_pair, tmp_path):  # noqa: F811
+    """model.quantization stores the frozen projections of a LoRA critic as the policy's (found by the
+    critic's family), never its trained leaves; without the critic's model they stay as they are."""
+    from flax import linen as nn
+
+    from jaxft.quant import Quantized
+    from jaxft.train import quantize_base
+
+    (_, _, _), (_, model, params) = hf_pair
+    critic_dir = build_hf(tmp_path, transformers.LlamaConfig(**{**BASE, "num_labels": 1}),
+                          "LlamaForSequenceClassification", sub="critic")[1]
+    objective = ppo.objective(ppo.Settings(critic=str(critic_dir), critic_method="lora"), 1.0, model.cfg)
+    critic = objective.own_model.model
+    own = nn.unbox(critic.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    trains, frozen = objectives.split_own(objective, {"critic": own})
+    config = base_config()
+    config.model.quantization = "nf4"
+    tree = {**params, objectives.OWN: frozen}
+    out = flat(quantize_base(config, model.cfg, tree, objective.own_model))
+    quantized = {p for p, x in out.items() if isinstance(x, Quantized)}
+    want = {p for p in flat(tree) if re.search(r"(q|k|v|o|gate|up|down)_proj/kernel$", p)}
+    assert quantized == want and any(p.startswith("objective/critic/") for p in want), quantized ^ want
+    assert flat(trains)  # the critic's factors and score head: trainable, never in the frozen tree
+    alone = flat(quantize_base(config, model.cfg, tree))  # no model given: the critic's weights as they were
+    assert {p for p, x in alone.items() if isinstance(x, Quantized)} == {p for p in want if p.startswith("layers")}
 
 
 def test_mfu_counts_a_lora_policy_and_its_critic(tmp_path, run, monkeypatch):  # noqa: F811
