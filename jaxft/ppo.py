@@ -35,8 +35,9 @@ eps `train.grpo_epsilon`, beta `train.grpo_beta`, epochs `train.grpo_iterations`
   (`model.param_dtype`, and `model.quantization`'s projections: a QLoRA critic beside a QLoRA policy).
 
 Either is the objective's own parameters (`Objective.own_params`), trained with the method's (one
-optimizer), checkpointed (a critic's frozen weights are read again from its directory), never exported. Logged beside GRPO's rollout figures: train/kl (the rollout's
-mean log pi_old - log ref per token), train/value_loss, train/clip_ratio, train/value_clip_ratio.
+optimizer), checkpointed (a critic's frozen weights are read again from its directory), never
+exported. Logged beside GRPO's rollout figures: train/kl (the rollout's mean log pi_old - log ref per
+token), train/value_loss, train/clip_ratio, train/value_clip_ratio.
 """
 
 from __future__ import annotations

@@ -200,7 +200,8 @@ def torch_value_loss(critic_t, batch, s):
     vf = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
     ((s.value_coef * vf * m).sum() / m.sum()).backward()
     pg = torch.max(-a, -a * torch.clamp(torch.ones_like(a), 1 - s.epsilon, 1 + s.epsilon))  # ratio 1: old = new
-    return v_full.detach().numpy(), ((vf * m).sum() / m.sum()).item(), (((pg + s.value_coef * vf) * m).sum() / m.sum()).item()
+    mean = lambda x: ((x * m).sum() / m.sum()).item()  # noqa: E731
+    return v_full.detach().numpy(), mean(vf), mean(pg + s.value_coef * vf)
 
 
 def assert_losses_match(ours, theirs):
@@ -452,8 +453,8 @@ def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_pa
 def test_cli_lora_critic_beside_a_qlora_policy_trains_and_resumes_exactly(tmp_path, run):  # noqa: F811
     """train.ppo_critic_method=lora beside a QLoRA policy: only the critic's LoRA factors and score head
     train (the model line counts them as the objective's), its value loss falls, resume is exact with its
-    frozen weights read again (and quantized as the policy's base), and a 2 x 2 x 2 mesh with micro-batches
-    gives the same figures."""
+    frozen weights read again (and quantized as the policy's base), jaxft.evaluate rebuilds the run, and a
+    2 x 2 x 2 mesh with micro-batches gives the same figures."""
     config = transformers.LlamaConfig(**{**BASE, "vocab_size": 300, "num_labels": 1, "pad_token_id": 0})
     critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", sub="critic")[1]
     go = (*ppo_run(run), "--config.method.name=lora", "--config.method.rank=4", "--config.model.quantization=nf4",
@@ -476,6 +477,8 @@ def test_cli_lora_critic_beside_a_qlora_policy_trains_and_resumes_exactly(tmp_pa
     r = cli(split, *go)
     assert r.returncode == 0 and "resuming from step 6" in r.stdout, r.stderr[-3000:]
     assert [losses(split)[s] for s in range(7, 13)] == [losses(straight)[s] for s in range(7, 13)]
+    final = [row for row in metrics(straight) if "eval/reward" in row][-1]  # jaxft.evaluate rebuilds the run
+    assert evaluated_reward(tmp_path, go, straight) == pytest.approx(final["eval/reward"], abs=1e-6)
     assert_eight_devices_match_one(tmp_path, go, one=straight)
 
 
