@@ -189,6 +189,38 @@ def test_qwen3_sft_config_runs_on_a_tiny_qwen3_in_non_thinking_mode(tmp_path, ch
         assert want.endswith("<think>\n\n</think>\n\n") and row["prompt"] == want
 
 
+def test_glm4_ptuning_v2_config_runs_on_a_tiny_glm4_and_peft_reads_its_prefix(tmp_path, chatml_dir):
+    """configs/gpu_glm4_ptuning_v2_adgen.py, its model.path a tiny random GLM-4-0414 (half-rotated heads, fused
+    gate_up_proj, sandwich norms) beside a ChatML tokenizer: ADGEN's content -> summary trains as chat turns,
+    ROUGE is scored, and the export is a PEFT prefix-tuning adapter with the config's 128 virtual tokens
+    that PEFT loads onto transformers' Glm4ForCausalLM with jaxft's logits."""
+    import peft
+    import torch
+    import transformers
+    from test_hf import build_hf
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(chatml_dir))
+    config = transformers.Glm4Config(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                     eos_token_id=hf_tok.eos_token_id, max_position_embeddings=512)
+    model_dir = with_template(chatml_dir, build_hf(tmp_path, config, "Glm4ForCausalLM")[1])
+    name, run = "configs/gpu_glm4_ptuning_v2_adgen.py", tmp_path / "run"
+    r = cli(run, *QUICK, f"--config.model.path={model_dir}", "--config.data.eval_holdout=8",
+            "--config.eval.generate_examples=4", "--config.eval.max_new_tokens=4", config=name)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "chat template from" in r.stdout and "model: glm4 2x32" in r.stdout and "eval/rougeL=" in r.stdout
+    adapter = json.loads((run / "export" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "PREFIX_TUNING" and adapter["num_virtual_tokens"] == 128
+    ours_model, params = hf.load(str(model_dir), adapter=str(run / "export"))
+    ids = np.random.default_rng(0).integers(3, len(hf_tok), (2, 10)).astype(np.int32)
+    ours = np.asarray(ours_model.apply({"params": params}, ids, np.ones_like(ids)))
+    theirs = peft.PeftModel.from_pretrained(transformers.Glm4ForCausalLM.from_pretrained(str(model_dir)).eval(),
+                                            str(run / "export")).eval()
+    with torch.no_grad():
+        got = theirs(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+    assert np.abs(got - ours).max() <= 1e-4 * np.abs(got).max()
+
+
 def documented_keys(text, sections):
     """The config keys a text names: every `--config.KEY=...`, and every `KEY` or `KEY=VALUE` in backticks
     whose first part is a config section (`model.pooling`, `data.task=cloze`)."""

@@ -47,6 +47,11 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                                       tie_word_embeddings=True)),
+    # the Llama module's GLM-4-0414: rotary on half of each head over adjacent pairs, one fused gate_up_proj,
+    # norms on the attention and MLP outputs
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                   tie_word_embeddings=False)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=32)),
     "bert": ("BertConfig", "BertForSequenceClassification",
              dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -77,6 +82,7 @@ METHODS = {
     "prefix_tuning": dict(name="prefix_tuning", projection_hidden=16, **PROMPT),
     "ptuning_v2": dict(name="ptuning_v2", **PROMPT),
     "lora+ptuning_v2": dict(LORA, name="lora+ptuning_v2", **PROMPT),
+    "lora_mlp": dict(LORA, targets="q_proj,gate_up_proj,down_proj"),  # GLM's fused MLP projection (glm4 only)
 }
 LR = {"full": 3e-3, "ia3": 1e-1}  # IA3's few scales take a larger step; the rest 1e-2
 
@@ -87,7 +93,7 @@ OWN_LEAVES = {
     "lora": r"/lora_[ab]$", "dora": r"/lora_(a|b|magnitude)$", "adalora": r"/adalora_[abe]$", "ia3": r"/ia3_l$",
     "houlsby": r"/adapter_(attention|mlp)/", "pfeiffer": r"/adapter_mlp/", "prompt_tuning": r"^prompt_embeddings/",
     "ptuning": r"^prompt_encoder/", "prefix_tuning": r"^prefix_encoder/", "ptuning_v2": r"^prefix_encoder/",
-    "lora+ptuning_v2": r"/lora_[ab]$|^prefix_encoder/",
+    "lora+ptuning_v2": r"/lora_[ab]$|^prefix_encoder/", "lora_mlp": r"/lora_[ab]$",
 }
 # The cells that cannot make sense, and the error each raises at build time.
 REFUSED = {
@@ -240,7 +246,7 @@ def expected_trainable(base, name, params) -> set:
 def peft_default_targets(mapping: str, model_type: str) -> set:
     from peft.utils import constants
 
-    return set(getattr(constants, f"TRANSFORMERS_MODELS_TO_{mapping}_TARGET_MODULES_MAPPING")[model_type])
+    return set(getattr(constants, f"TRANSFORMERS_MODELS_TO_{mapping}_TARGET_MODULES_MAPPING").get(model_type, ()))
 
 
 def hf_modules_with(tensors: dict, leaf: str) -> set:
@@ -255,13 +261,15 @@ def hf_modules_with(tensors: dict, leaf: str) -> set:
 CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS]
 CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "houlsby")]
 CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
+CELLS += [("glm4", m) for m in ("full", "lora", "lora_mlp", "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
 
 
 # The default run keeps every method on llama (the main family) and, on each other family, the methods whose
 # code differs per family: LoRA and IA3 (each family's own targets, checked against PEFT's; GPT-2's Conv1D
 # fan_in_fan_out also for DoRA and AdaLoRA), the Houlsby adapter (both adapter sites), a prefix method
 # (ptuning_v2: the family's key/value layout), prompt tuning on the encoders (T5, RoBERTa's padded positions),
-# a whole-model export (head or bitfit or full), and the refused cells.
+# a whole-model export (head or bitfit or full), and the refused cells; on GLM-4, LoRA on its fused gate_up_proj
+# (read by PEFT), the prefix (its half-rotated keys) and the whole model.
 # slow: each of the other cells repeats a default cell's feature: the method itself on llama in
 # test_method_on_family[llama-<method>], and the family's code path in the family's default cells above
 # (pfeiffer = houlsby's MLP site; prefix_tuning = ptuning_v2 plus the family-independent projection;
@@ -272,7 +280,8 @@ DEFAULT_CELLS = {("llama", m) for m in METHODS} | {
     ("bert", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "ptuning_v2")} | {
     ("roberta", m) for m in ("lora", "prompt_tuning")} | {
     ("t5", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")} | {
-    ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")}
+    ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")} | {
+    ("glm4", m) for m in ("full", "lora_mlp", "ptuning_v2")}
 
 
 @pytest.mark.parametrize("family_name,method_name", [
@@ -325,8 +334,8 @@ def test_method_on_family(bases, tmp_path, family_name, method_name):
         mine = base.logits(alone, params) if len(method.hooks) > 1 else ours
         close(base.real(base.torch_logits(peft_model, prefix=hook.kind in PREFIX_KINDS)), base.real(mine))
 
-    # LoRA's and IA3's default targets are PEFT's for this model type.
-    if method_name in ("lora", "ia3"):
+    # LoRA's and IA3's default targets are PEFT's for this model type (where PEFT has defaults: not GLM's).
+    if method_name in ("lora", "ia3") and peft_default_targets("LORA", base.cfg.model_type):
         from safetensors.numpy import load_file
 
         mapping, leaf = ("LORA", ".lora_A.weight") if method_name == "lora" else ("IA3", ".ia3_l")

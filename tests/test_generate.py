@@ -14,7 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Glm4Config, Glm4ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from jaxft import generate as gen
 from jaxft import hf
@@ -36,6 +36,8 @@ FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=24, use_sliding_window=True, sliding_window=5,
                                                   max_window_layers=0)),
     "gpt2": (GPT2LMHeadModel, GPT2Config, dict(n_inner=80, n_positions=64)),  # learned positions, fused c_attn
+    # half of each head rotated over adjacent pairs: the cached keys keep the rest unrotated
+    "glm4": (Glm4ForCausalLM, Glm4Config, dict(head_dim=24)),
 }
 PAD = 7
 NEW = 10
@@ -81,7 +83,7 @@ def until_eos(row, eos):
 @pytest.mark.parametrize("name,scan,beams", [("llama", True, 1),
                                              pytest.param("llama", True, 4, marks=pytest.mark.slow), ("llama", False, 4),
                                              ("mistral", True, 1), ("qwen2", True, 4), ("qwen3", False, 1), ("gpt2", True, 1),
-                                             ("gpt2", False, 4)])
+                                             ("gpt2", False, 4), ("glm4", True, 1)])
 def test_matches_transformers(saved, name, scan, beams):
     m, d = saved[name]
     model, params = hf.load(d, scan_layers=scan)

@@ -71,9 +71,16 @@ VARIANTS = {
     ),
     "mistral_head_dim": ("MistralConfig", dict(head_dim=24, num_key_value_heads=2, sliding_window=None)),
     "mistral_sliding_mqa": ("MistralConfig", dict(head_dim=8, num_key_value_heads=1, sliding_window=6)),
+    # GLM-4: rotary on half of each head over adjacent pairs, q/k/v biases, one fused gate_up_proj
+    "glm_partial_rope_gqa": ("GlmConfig", dict(num_key_value_heads=2, head_dim=24, pad_token_id=0)),
+    # GLM-4-0414: its norms on the attention and MLP outputs too; a quarter of each head rotated, tied
+    "glm4_sandwich_tied": ("Glm4Config", dict(num_key_value_heads=1, tie_word_embeddings=True, attention_bias=False,
+                                              pad_token_id=0,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 5e4,
+                                                               "partial_rotary_factor": 0.25})),
 }
 CAUSAL = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
-          "MistralConfig": "MistralForCausalLM"}
+          "MistralConfig": "MistralForCausalLM", "GlmConfig": "GlmForCausalLM", "Glm4Config": "Glm4ForCausalLM"}
 
 
 def _config(cls_name: str, **kw):
@@ -179,6 +186,29 @@ def test_llama3_rope_scaling_changes_logits_and_matches_hf_frequencies(tmp_path)
     assert rel_err(our_logits(unscaled, params, x), ref) > 1e-3
 
 
+@pytest.mark.parametrize("variant", ["glm_partial_rope_gqa", "glm4_sandwich_tied"])
+def test_glm_rotary_layout_and_norms_matter(tmp_path, variant):
+    """GLM's variant tests are meaningful: rotating the whole head, or its halves rather than adjacent
+    pairs, or (GLM-4-0414) leaving out the output norms changes the logits."""
+    cls_name, kw = VARIANTS[variant]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+    cfg = model.cfg
+    factor = ref_model.config.rope_parameters["partial_rotary_factor"]
+    assert cfg.rotary_dim == int(cfg.dim_per_head * factor) < cfg.dim_per_head and cfg.rope_interleaved
+    assert cfg.fused_gate_up and "gate_up_proj" in params["layers"]["mlp"]
+    assert cfg.sandwich_norms == (cls_name == "Glm4Config") and cfg.qkv_bias == ref_model.config.attention_bias
+    x = ids(2, 32, seed=5)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(our_logits(model, params, x), ref) <= TOL
+    for change in (dict(rotary_dim=0), dict(rope_interleaved=False)):
+        assert rel_err(our_logits(model.clone(cfg=cfg.replace(**change)), params, x), ref) > 1e-3, change
+    if cfg.sandwich_norms:
+        plain = {**params, "layers": {k: v for k, v in params["layers"].items() if not k.startswith("post_")
+                                      or k == "post_attention_layernorm"}}
+        assert rel_err(our_logits(model.clone(cfg=cfg.replace(sandwich_norms=False)), plain, x), ref) > 1e-3
+
+
 def test_mistral_sliding_window_matters(tmp_path):
     """The sliding-window variant would fail if our model ignored the window."""
     cls_name, kw = VARIANTS["mistral_sliding_mqa"]
@@ -196,7 +226,8 @@ def test_mistral_sliding_window_matters(tmp_path):
 # 2. left padding
 
 
-@pytest.mark.parametrize("variant", ["llama3_rope_gqa", "qwen2_bias_gqa", "qwen3_qknorm_head_dim"])
+@pytest.mark.parametrize("variant", ["llama3_rope_gqa", "qwen2_bias_gqa", "qwen3_qknorm_head_dim",
+                                     "glm_partial_rope_gqa"])
 def test_left_padded_batch(tmp_path, variant):
     cls_name, kw = VARIANTS[variant]
     ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
@@ -326,6 +357,8 @@ def test_sharded_checkpoint(tmp_path):
         ("qwen3_tied_sliding_bias", False),
         ("mistral_head_dim", True),
         ("mistral_sliding_mqa", True),
+        ("glm_partial_rope_gqa", False),
+        ("glm4_sandwich_tied", True),
     ],
 )
 def test_save_round_trip(tmp_path, variant, scan):
@@ -355,7 +388,7 @@ def test_save_round_trip(tmp_path, variant, scan):
     assert rel_err(our_logits(again, p_again, x), ref) <= TOL
 
 
-@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3"])
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3", "Glm4"])
 def test_save_round_trip_classification(tmp_path, arch):
     config = _config(f"{arch}Config", num_labels=3, pad_token_id=0)
     ref_model, d = build_hf(tmp_path, config, f"{arch}ForSequenceClassification")

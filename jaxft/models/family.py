@@ -37,6 +37,8 @@ REGISTRY = {
     "qwen2": "jaxft.models.llama",
     "qwen3": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
+    "glm": "jaxft.models.llama",
+    "glm4": "jaxft.models.llama",
     "gpt2": "jaxft.models.gpt2",
     "bert": "jaxft.models.bert",
     "roberta": "jaxft.models.bert:ROBERTA",  # "module:NAME": a module defining several families
@@ -148,7 +150,7 @@ class Family:
     # cfg -> the stacks of blocks `jaxft.plan` predicts activation memory from (`Blocks`); None: no plan
     activation_blocks: Callable | None = None
     # regex on "a/b/kernel" paths: the frozen projections `model.quantization` stores in 8 or 4 bits
-    projections: str = r"(^|/)(q|k|v|o|gate|up|down)_proj/kernel$"
+    projections: str = r"(^|/)(q|k|v|o|gate|up|down|gate_up)_proj/kernel$"
     # the default `method.ia3_targets`, HF PEFT's for the family: a string, or cfg -> string where PEFT's
     # differ between the family's model types
     ia3_targets: str | Callable[[Any], str] = ""

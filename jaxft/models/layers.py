@@ -187,9 +187,12 @@ def rope_attention_factor(scaling: tuple | None) -> float:
     return mscale(s["factor"])
 
 
-def rope(q, k, positions, head_dim: int, theta: float, scaling: tuple | None, max_positions: int):
+def rope(q, k, positions, head_dim: int, theta: float, scaling: tuple | None, max_positions: int,
+         interleaved: bool = False):
     """q and k rotated. Dynamic NTK scaling raises the base once the longest position passes
-    `max_positions`, from the positions of this batch, as transformers does (stateless here)."""
+    `max_positions`, from the positions of this batch, as transformers does (stateless here). `head_dim`:
+    the rotated width, the first `head_dim` of each head (GLM's partial rotary: half a head); the rest
+    passes unrotated. `interleaved`: the pairs rotated are (2i, 2i + 1), GLM's layout, not (i, i + D/2)."""
     inv = rope_inv_freq(head_dim, theta, scaling)
     s = dict(scaling or ())
     if s.get("rope_type", s.get("type")) == "dynamic":
@@ -198,17 +201,25 @@ def rope(q, k, positions, head_dim: int, theta: float, scaling: tuple | None, ma
         base = theta * ((factor * seq_len / max_positions) - (factor - 1)) ** (head_dim / (head_dim - 2))
         inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     scale = rope_attention_factor(scaling)
-    return apply_rope(q, positions, inv, scale), apply_rope(k, positions, inv, scale)
+    return apply_rope(q, positions, inv, scale, interleaved), apply_rope(k, positions, inv, scale, interleaved)
 
 
-def apply_rope(x, positions, inv_freq, scale: float = 1.0):
-    """Rotate-half rotary embedding (HF Llama layout). x: [B, T, H, D], positions: [B, T]."""
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+def apply_rope(x, positions, inv_freq, scale: float = 1.0, interleaved: bool = False):
+    """Rotary embedding of x's first 2 len(inv_freq) features (the rest as they are): rotate-half (HF
+    Llama layout) or, `interleaved`, over adjacent pairs (HF GLM). x: [B, T, H, D], positions: [B, T]."""
+    width = 2 * inv_freq.shape[0]
+    x, rest = (x, None) if width == x.shape[-1] else (x[..., :width], x[..., width:])
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
+    if interleaved:
+        emb = jnp.repeat(freqs, 2, axis=-1)[:, :, None, :]
+        rotated = jnp.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+    else:
+        emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+        x1, x2 = jnp.split(x, 2, axis=-1)
+        rotated = jnp.concatenate([-x2, x1], axis=-1)
     cos, sin = jnp.cos(emb) * scale, jnp.sin(emb) * scale
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    out = (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    return out if rest is None else jnp.concatenate([out, rest], axis=-1)
 
 
 def last_token(mask):

@@ -1,8 +1,11 @@
-"""The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Qwen3, Mistral.
+"""The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Qwen3, Mistral, GLM-4 (`glm`:
+glm-4-9b-chat-hf; `glm4`: GLM-4-0414, GLM-Z1).
 
 Differences between the variants are data in `LlamaConfig` (q/k/v bias, explicit head_dim, rope
-scaling, tied embeddings, sliding window, Qwen3's per-head RMSNorm of queries and keys), not subclasses. Module names follow Hugging Face
-(`self_attn.q_proj`, `mlp.gate_proj`, ...) so checkpoint and PEFT keys map one to one.
+scaling, tied embeddings, sliding window, Qwen3's per-head RMSNorm of queries and keys; GLM's rotary on
+half of each head over adjacent pairs, its fused gate/up projection, GLM-4-0414's norms on the
+attention and MLP outputs), not subclasses. Module names follow Hugging Face (`self_attn.q_proj`,
+`mlp.gate_proj`, GLM's `mlp.gate_up_proj`, ...) so checkpoint and PEFT keys map one to one.
 
 Methods hook in at named points: every `Linear` (see `layers.py`), the embeddings, each block's
 attention and MLP outputs, and `prefix`, which returns per-layer key/value prefixes (P-Tuning v2)
@@ -55,6 +58,10 @@ class LlamaConfig(Settings):
     mlp_bias: bool = False
     sliding_window: int | None = None
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
+    rotary_dim: int = 0  # GLM: rotary on the first rotary_dim features of each head (partial_rotary_factor); 0: all
+    rope_interleaved: bool = False  # GLM: rotary over adjacent pairs (2i, 2i + 1), not the two halves
+    fused_gate_up: bool = False  # GLM: one gate_up_proj [D, 2F] (gate, then up) for gate_proj and up_proj
+    sandwich_norms: bool = False  # GLM-4-0414: RMSNorm on the attention and MLP outputs before each residual
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -84,7 +91,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # one weight of head_dim, shared by every head
             q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
-        q, k = rope(q, k, positions, d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        q, k = rope(q, k, positions, cfg.rotary_dim or d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+                    cfg.rope_interleaved)
         self.sow("intermediates", "keys_values", (k, v))  # stored only when asked for (e.g. prefix init)
         num_prefix = 0
         o_proj = proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)
@@ -112,8 +120,11 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         proj = lambda n, f, ax: Linear(f, ax, cfg.mlp_bias, dt, self.hooks, name=n)  # noqa: E731
-        gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        if cfg.fused_gate_up:
+            gate, up = jnp.split(proj("gate_up_proj", 2 * cfg.intermediate_size, ("embed", "mlp"))(x), 2, axis=-1)
+        else:
+            gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+            up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         hidden = constrain(gated(nn.silu, gate, up), ("batch", "length", "act_mlp"))  # split like gate/up's outputs
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
@@ -133,9 +144,14 @@ class DecoderLayer(nn.Module):
                                                          layer)
         if cache is not None:
             a, cache = a
+        if cfg.sandwich_norms:
+            a = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_self_attn_layernorm")(a)
         h = h + block_output(self, a, "attention")
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(h)
-        h = h + block_output(self, MLP(cfg, self.hooks, name="mlp")(x), "mlp")
+        m = MLP(cfg, self.hooks, name="mlp")(x)
+        if cfg.sandwich_norms:
+            m = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_mlp_layernorm")(m)
+        h = h + block_output(self, m, "mlp")
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         if cache is None:
             return h, None
@@ -281,7 +297,8 @@ class LlamaModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Hugging Face: config.json and weight names, both ways.
 
-ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "glm": "Glm", "glm4": "Glm4"}
+GLM = ("glm", "glm4")
 
 
 def config_from_hf(c: dict, file: str) -> LlamaConfig:
@@ -289,6 +306,10 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
     mtype = c.get("model_type")
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+    # the rotated share of each head: GLM's 0.5 (in rope_parameters, or at the top level before transformers 5)
+    partial = float(rope.pop("partial_rotary_factor", None) or c.get("partial_rotary_factor") or 1.0)
+    if partial != 1.0 and mtype not in GLM:
+        raise JaxftError(f"{file}: partial_rotary_factor={partial} is not supported for {mtype} (expected 1.0)")
     rope = _rope_scaling(rope, c, file)
     window = c.get("sliding_window")
     if mtype in ("qwen2", "qwen3"):
@@ -312,6 +333,12 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
     if not c.get("head_dim") and c["hidden_size"] % heads:
         raise JaxftError(f"{file}: hidden_size={c['hidden_size']} is not divisible by num_attention_heads={heads} "
                          "(and no head_dim is given)")
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    rotary = int(head_dim * partial)
+    if not 0 < rotary <= head_dim or rotary % 2:
+        raise JaxftError(f"{file}: partial_rotary_factor={partial} of head_dim {head_dim} rotates {rotary} "
+                         "features: expected an even number from 2 to head_dim")
+    glm = mtype in GLM  # q/k/v biases by default (attention_bias), none on o_proj
     return LlamaConfig(
         vocab_size=c["vocab_size"],
         hidden_size=c["hidden_size"],
@@ -325,11 +352,15 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         rope_scaling=tuple(sorted(rope.items())) or None,
         max_position_embeddings=c.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=mtype == "qwen2" or bool(c.get("attention_bias", False)),
-        o_bias=mtype != "qwen2" and bool(c.get("attention_bias", False)),
+        qkv_bias=mtype == "qwen2" or bool(c.get("attention_bias", glm)),
+        o_bias=mtype != "qwen2" and not glm and bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
         sliding_window=window,
         qk_norm=mtype == "qwen3",
+        rotary_dim=rotary if rotary != head_dim else 0,
+        rope_interleaved=glm,
+        fused_gate_up=glm,
+        sandwich_norms=mtype == "glm4",
         model_type=mtype,
         bos_token_id=c.get("bos_token_id"),
         eos_token_id=c.get("eos_token_id") if not isinstance(c.get("eos_token_id"), list) else c["eos_token_id"][0],
@@ -349,9 +380,6 @@ def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
         return {}
     if kind not in ROPE_TYPES:
         raise JaxftError(f"{file}: rope_type {kind!r} is not supported (expected one of {', '.join(ROPE_TYPES)})")
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise JaxftError(f"{file}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported "
-                         "(expected 1.0)")
     rope = {**rope, "rope_type": kind}
     rope.pop("type", None)
     if kind == "yarn":  # transformers' defaults, made explicit
@@ -368,6 +396,8 @@ def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
 def config_to_hf(cfg: LlamaConfig) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     rope.update(dict(cfg.rope_scaling or {}))
+    if cfg.rotary_dim:
+        rope["partial_rotary_factor"] = cfg.rotary_dim / cfg.dim_per_head
     c = {
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
@@ -399,6 +429,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         )
         if cfg.model_type == "qwen3":  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
             c.update(attention_bias=cfg.qkv_bias)
+    elif cfg.model_type in GLM:  # transformers before 5 read the factor at the top level
+        c.update(attention_bias=cfg.qkv_bias, partial_rotary_factor=cfg.rotary_dim / cfg.dim_per_head
+                 if cfg.rotary_dim else 1.0)
     else:
         c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
         if cfg.model_type == "mistral":
@@ -485,12 +518,16 @@ def head_weights(cfg: LlamaConfig) -> int:
 
 
 def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
-    """What `jaxft.plan` counts: one stack of pre-norm blocks, RMSNorms, gated SiLU MLP."""
+    """What `jaxft.plan` counts: one stack of pre-norm blocks, RMSNorms (GLM-4-0414: two more, on the
+    attention and MLP outputs), gated SiLU MLP."""
     d, hd = cfg.hidden_size, cfg.dim_per_head
     q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
-    return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f, projections=(
+    return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f,
+                   norms=4 if cfg.sandwich_norms else 2, projections=(
         ("q_proj", "attn_in", d, q), ("k_proj", "attn_in", d, kv), ("v_proj", "attn_in", d, kv),
-        ("o_proj", "attn_out", q, d), ("gate_proj", "mlp_in", d, f), ("up_proj", "mlp_in", d, f),
+        ("o_proj", "attn_out", q, d),
+        *((("gate_up_proj", "mlp_in", d, 2 * f),) if cfg.fused_gate_up else
+          (("gate_proj", "mlp_in", d, f), ("up_proj", "mlp_in", d, f))),
         ("down_proj", "mlp_act", f, d))),)
 
 
