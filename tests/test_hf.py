@@ -207,6 +207,16 @@ def test_glm_rotary_layout_and_norms_matter(tmp_path, variant):
         plain = {**params, "layers": {k: v for k, v in params["layers"].items() if not k.startswith("post_")
                                       or k == "post_attention_layernorm"}}
         assert rel_err(our_logits(model.clone(cfg=cfg.replace(sandwich_norms=False)), plain, x), ref) > 1e-3
+    # QLoRA's base: the fused gate_up_proj is quantized with the other projections, and runs as its
+    # dequantized weights would
+    from jaxft import quant
+    from jaxft.models import family
+    from jaxft.peft.partition import flat
+
+    packed = quant.quantize_params(params, "nf4", targets=family.of(cfg).projections)
+    kinds = {p.split("/")[-2] for p, v in flat(packed).items() if isinstance(v, quant.Quantized)}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}, kinds
+    assert rel_err(our_logits(model, packed, x), our_logits(model, quant.dequantize_params(packed), x)) <= TOL
 
 
 def test_mistral_sliding_window_matters(tmp_path):
