@@ -458,11 +458,12 @@ def main(argv=None):
         if not args.tokenizer and not tokenizer_files(tok_dir):
             raise JaxftError(f"{tok_dir}: no tokenizer.model, spiece.model, vocab.txt or tokenizer.json "
                              "(pass --tokenizer=DIR)")
+        from jaxft.data.sft import generation_eos
         from jaxft.tokenizer import Tokenizer
 
         tok = Tokenizer(tok_dir)
-        rows, eos = chat_rows(tok, prompts, args) if args.chat else ([tok.bos + tok.encode(p) for p in prompts], [
-            tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id])
+        rows, eos = chat_rows(tok, prompts, args) if args.chat else ([tok.bos + tok.encode(p) for p in prompts], list(
+            dict.fromkeys([tok.eos_id if tok.eos_id is not None else model.cfg.eos_token_id, *generation_eos(root)])))
         top = max(max(r) for r in rows)
         if top >= model.cfg.vocab_size:
             raise JaxftError(f"{tok_dir}: the tokenizer gives id {top}, beyond the model's vocab_size "

@@ -1,6 +1,7 @@
 """Generation against transformers' `generate` (and, for prefixes, against transformers' forward with
 PEFT's prompt as the cache, which PEFT 0.21's own generate ignores on transformers 5)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -425,6 +426,13 @@ def test_cli_adapter_and_bad_input(saved, tok_dir, tmp_path):
     want = hf_generate(pm, ids, np.ones_like(ids), new=4, num_beams=2, repetition_penalty=1.2, eos_token_id=tok.eos_id)
     # decoded as jaxft decodes answers (no stray bytes at the end of one that ran out of tokens)
     assert r.stdout.rstrip("\n") == gen.answer_text(tok, want[0], tok.eos_id).replace("\n", "\\n")
+    # generation_config.json's end ids stop plain prompts too, as transformers' generate: here the greedy
+    # answer's second token
+    greedy = hf_generate(pm, ids, np.ones_like(ids), new=4, eos_token_id=tok.eos_id)[0]
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_id, int(greedy[1])]}))
+    r = cli(f"--model={model_dir}", f"--adapter={tmp_path / 'adapter'}", "--prompt=the film", "--max_new_tokens=4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == gen.answer_text(tok, greedy[:1], tok.eos_id).replace("\n", "\\n")
     _, d = saved["llama"]
     bad = [
         (["--prompt=x"], "--model"),

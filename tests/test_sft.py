@@ -6,6 +6,7 @@ mixtures, and the CLI: bad records, a short SFT run whose loss falls and resumes
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -313,6 +314,27 @@ def test_generation_stops_where_the_chat_template_ends_an_answer(chatml_dir, tok
     got = evaluate.generate_texts(model, params, prompts, tok, batch_size=2, max_new_tokens=8, stop=stop)
     cut = [next(i for i, t in enumerate(row) if t in stop) for row in rows]
     assert cut[0] <= 3 and cut[1] <= 5 and got == [tok.decode(row[:n]).strip() for row, n in zip(rows, cut)]
+
+
+def test_generation_also_stops_where_generation_config_says(chatml_dir, tmp_path):
+    """generation_config.json's eos_token_id (one id or a list), as transformers' generate reads it: GLM-4's
+    chat models end a turn with <|user|>, which its template does not close an answer with. A file that
+    names no ids, or bad ones, is one line."""
+    d = tmp_path / "glm_like"
+    shutil.copytree(chatml_dir, d)
+    tok = Tokenizer(d)
+    im_start, im_end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, im_start]}))
+    assert sft.stop_ids(Tokenizer(d)) == [im_end, im_start]
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": im_start, "do_sample": True}))
+    assert sft.generation_eos(d) == [im_start] and sft.stop_ids(Tokenizer(d)) == [im_end, im_start]
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    assert sft.stop_ids(Tokenizer(d)) == [im_end]
+    for bad in ('{"eos_token_id": ["x"]}', '{"eos_token_id": '):
+        (d / "generation_config.json").write_text(bad)
+        with pytest.raises(JaxftError, match=f"^{re.escape(str(d / 'generation_config.json'))}: ") as e:
+            sft.stop_ids(Tokenizer(d))
+        assert "\n" not in str(e.value)
 
 
 def test_default_template(tok_dir, tmp_path):

@@ -288,18 +288,34 @@ def renderer(tok, choice: str = "", kwargs: str = "") -> Renderer:
 
 
 def stop_ids(tok, choice: str = "", kwargs: str = "") -> list[int]:
-    """Where generation stops for a model trained on answers the chat template renders: EOS, and the special
+    """Where generation stops for a model trained on answers the chat template renders: EOS, the special
     token the template closes an answer with where that is another (ChatML's `<|im_end|>` on a base model
-    whose EOS is `<|endoftext|>`, Llama 3's `<|eot_id|>`): the model learned to end its answers there."""
+    whose EOS is `<|endoftext|>`, Llama 3's `<|eot_id|>`): the model learned to end its answers there; and
+    the model's own `generation_eos` (GLM-4's `<|user|>`, which begins the next turn)."""
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "jaxft"}]
     rendering = renderer(tok, choice, kwargs)
+    own = generation_eos(tok.directory)
     try:
         answer = rendering.last_answer(probe)[-1][0]
     except JaxftError:  # a template that wants other turns (a system prompt, ...): EOS alone
-        return list(tok.eos)
+        return list(dict.fromkeys(list(tok.eos) + own))
     tail = answer[answer.rfind("jaxft") + len("jaxft"):].lstrip() if "jaxft" in answer else ""
     first = tok.encode_special(tail)[:1]
-    return list(tok.eos) + [i for i in first if i not in tok.eos and tok.is_special(i)]
+    return list(dict.fromkeys(list(tok.eos) + [i for i in first if tok.is_special(i)] + own))
+
+
+def generation_eos(directory) -> list[int]:
+    """The ids `generation_config.json` in a model (or tokenizer) directory ends generation at
+    (`eos_token_id`, one or a list), as transformers' `generate` stops at them by default: an instruct
+    model's end of turn where it is not the tokenizer's EOS. [] without the file."""
+    path = Path(directory) / "generation_config.json" if directory else None
+    if path is None or not path.is_file():
+        return []
+    ids = read_json(path).get("eos_token_id")
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise JaxftError(f"{path}: eos_token_id={ids!r}: expected a token id or a list of them")
+    return ids
 
 
 def special_strings(tok) -> dict[str, str]:
