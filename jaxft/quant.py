@@ -29,7 +29,7 @@ from jaxft.errors import JaxftError
 KINDS = ("int8", "nf4")
 DOUBLE_QUANT_BLOCK = 256
 # The projections of the decoder layers; never embeddings, norms, the LM head or a classifier head.
-TARGETS = re.compile(r"(^|/)(q|k|v|o|gate|up|down|gate_up)_proj/kernel$")
+TARGETS = re.compile(r"(^|/)(q|k|v|o|gate|up|down|gate_up|qkv)_proj/kernel$")
 
 
 def nf4_levels() -> np.ndarray:

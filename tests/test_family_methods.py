@@ -52,6 +52,11 @@ FAMILIES = {
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                                    tie_word_embeddings=False)),
+    # the Llama module's Phi-3: fused qkv_proj and gate_up_proj, three quarters of each head rotated
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                                   rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                    "partial_rotary_factor": 0.75})),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=32)),
     "bert": ("BertConfig", "BertForSequenceClassification",
              dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -262,6 +267,7 @@ CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS]
 CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "houlsby")]
 CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
 CELLS += [("glm4", m) for m in ("full", "lora", "lora_mlp", "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
+CELLS += [("phi3", m) for m in ("full", "lora", "dora", "ia3", "ptuning_v2")]
 
 
 # The default run keeps every method on llama (the main family) and, on each other family, the methods whose
@@ -269,7 +275,8 @@ CELLS += [("glm4", m) for m in ("full", "lora", "lora_mlp", "dora", "ia3", "houl
 # fan_in_fan_out also for DoRA and AdaLoRA), the Houlsby adapter (both adapter sites), a prefix method
 # (ptuning_v2: the family's key/value layout), prompt tuning on the encoders (T5, RoBERTa's padded positions),
 # a whole-model export (head or bitfit or full), and the refused cells; on GLM-4, LoRA on its fused gate_up_proj
-# (read by PEFT), the prefix (its half-rotated keys) and the whole model.
+# (read by PEFT), the prefix (its half-rotated keys) and the whole model; on Phi-3, LoRA and IA3 on its fused
+# qkv_proj (their defaults there).
 # slow: each of the other cells repeats a default cell's feature: the method itself on llama in
 # test_method_on_family[llama-<method>], and the family's code path in the family's default cells above
 # (pfeiffer = houlsby's MLP site; prefix_tuning = ptuning_v2 plus the family-independent projection;
@@ -281,7 +288,7 @@ DEFAULT_CELLS = {("llama", m) for m in METHODS} | {
     ("roberta", m) for m in ("lora", "prompt_tuning")} | {
     ("t5", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")} | {
     ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")} | {
-    ("glm4", m) for m in ("full", "lora_mlp", "ptuning_v2")}
+    ("glm4", m) for m in ("full", "lora_mlp", "ptuning_v2")} | {("phi3", m) for m in ("lora", "ia3")}
 
 
 @pytest.mark.parametrize("family_name,method_name", [

@@ -78,9 +78,14 @@ VARIANTS = {
                                               pad_token_id=0,
                                               rope_parameters={"rope_type": "default", "rope_theta": 5e4,
                                                                "partial_rotary_factor": 0.25})),
+    # Phi-3: one fused qkv_proj and gate_up_proj, three quarters of each head rotated (Phi-4-mini's), a window
+    "phi3_fused_partial_window": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=6, pad_token_id=0,
+                                                     rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                      "partial_rotary_factor": 0.75})),
 }
 CAUSAL = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
-          "MistralConfig": "MistralForCausalLM", "GlmConfig": "GlmForCausalLM", "Glm4Config": "Glm4ForCausalLM"}
+          "MistralConfig": "MistralForCausalLM", "GlmConfig": "GlmForCausalLM", "Glm4Config": "Glm4ForCausalLM",
+          "Phi3Config": "Phi3ForCausalLM"}
 
 
 def _config(cls_name: str, **kw):
@@ -219,6 +224,32 @@ def test_glm_rotary_layout_and_norms_matter(tmp_path, variant):
     assert rel_err(our_logits(model, packed, x), our_logits(model, quant.dequantize_params(packed), x)) <= TOL
 
 
+def test_phi3_fused_projections_partial_rotary_and_window_matter(tmp_path):
+    """Phi-3's variant test is meaningful: rotating the whole head, or no window, changes the logits; its
+    fused qkv_proj is what LoRA targets by default and what QLoRA quantizes."""
+    from jaxft import quant
+    from jaxft.models import family
+    from jaxft.peft import build
+    from jaxft.peft.partition import flat
+    from hooked_models import method_cfg
+
+    cls_name, kw = VARIANTS["phi3_fused_partial_window"]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+    cfg = model.cfg
+    assert cfg.fused_qkv and cfg.fused_gate_up and not cfg.rope_interleaved and cfg.sliding_window == 6
+    assert cfg.rotary_dim == 12 and {"qkv_proj", "o_proj"} == set(params["layers"]["self_attn"])
+    x = ids(2, 24, seed=6)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(our_logits(model, params, x), ref) <= TOL
+    for change in (dict(rotary_dim=0), dict(sliding_window=None)):
+        assert rel_err(our_logits(model.clone(cfg=cfg.replace(**change)), params, x), ref) > 1e-3, change
+    assert [h.targets for h in build(method_cfg(name="lora"), cfg).hooks] == ["qkv_proj"]
+    packed = quant.quantize_params(params, "nf4", targets=family.of(cfg).projections)
+    kinds = {p.split("/")[-2] for p, v in flat(packed).items() if isinstance(v, quant.Quantized)}
+    assert kinds == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, kinds
+
+
 def test_mistral_sliding_window_matters(tmp_path):
     """The sliding-window variant would fail if our model ignored the window."""
     cls_name, kw = VARIANTS["mistral_sliding_mqa"]
@@ -237,7 +268,7 @@ def test_mistral_sliding_window_matters(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["llama3_rope_gqa", "qwen2_bias_gqa", "qwen3_qknorm_head_dim",
-                                     "glm_partial_rope_gqa"])
+                                     "glm_partial_rope_gqa", "phi3_fused_partial_window"])
 def test_left_padded_batch(tmp_path, variant):
     cls_name, kw = VARIANTS[variant]
     ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
@@ -369,6 +400,7 @@ def test_sharded_checkpoint(tmp_path):
         ("mistral_sliding_mqa", True),
         ("glm_partial_rope_gqa", False),
         ("glm4_sandwich_tied", True),
+        ("phi3_fused_partial_window", False),
     ],
 )
 def test_save_round_trip(tmp_path, variant, scan):
@@ -398,7 +430,7 @@ def test_save_round_trip(tmp_path, variant, scan):
     assert rel_err(our_logits(again, p_again, x), ref) <= TOL
 
 
-@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3", "Glm4"])
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3", "Glm4", "Phi3"])
 def test_save_round_trip_classification(tmp_path, arch):
     config = _config(f"{arch}Config", num_labels=3, pad_token_id=0)
     ref_model, d = build_hf(tmp_path, config, f"{arch}ForSequenceClassification")
@@ -513,6 +545,12 @@ ROPE_VARIANTS = {
     "llama_dynamic": ("LlamaConfig", dict(max_position_embeddings=16, rope_parameters={
         "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 3.0})),
     "llama_linear": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0})),
+    # Phi-3.5 / Phi-4-mini: LongRoPE's short factors up to the original 16 positions, the long ones past them, on
+    # three quarters of each head; the attention factor from max_position_embeddings / the original length
+    "phi3_longrope_partial": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0, max_position_embeddings=64,
+                                                 original_max_position_embeddings=16, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+        "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0]})),
 }
 
 
@@ -541,7 +579,10 @@ def test_rope_types_match_transformers(tmp_path, variant):
 
 
 @pytest.mark.parametrize("rope,message", [
-    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}, "rope_type 'longrope' is not supported"),
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}, "long_factor and short_factor have 1 and 1 "
+                                                                              "values: expected 8"),
+    ({"rope_type": "longrope", "short_factor": "1", "long_factor": [2.0]}, "needs short_factor as a list of numbers"),
+    ({"rope_type": "longrope2"}, "rope_type 'longrope2' is not supported"),
     ({"type": "su"}, "rope_type 'su' is not supported"),
     ({"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
     ({"rope_type": "dynamic"}, "rope_type 'dynamic' needs factor"),

@@ -39,6 +39,7 @@ REGISTRY = {
     "mistral": "jaxft.models.llama",
     "glm": "jaxft.models.llama",
     "glm4": "jaxft.models.llama",
+    "phi3": "jaxft.models.llama",
     "gpt2": "jaxft.models.gpt2",
     "bert": "jaxft.models.bert",
     "roberta": "jaxft.models.bert:ROBERTA",  # "module:NAME": a module defining several families
@@ -125,7 +126,7 @@ class Family:
     params_to_hf: Callable[[dict, Any], dict]  # our param tree, config -> {HF name: array}
     hf_module: Callable[..., str]  # (our dotted module path, layer index included, cfg=None) -> HF's module name
     our_module: Callable[[str], str | None]  # HF module name -> our dotted module path (None: not ours)
-    lora_targets: str  # the default `method.targets`
+    lora_targets: str | Callable[[Any], str]  # the default `method.targets` (or cfg -> it, as `ia3_targets`)
     head_params: str  # regex on "a/b/c" parameter paths: the output head(s), what `method.name='head'` trains
     classifier_params: str  # regex: a classification head, which always trains when the run adds it
     kv_layout: Callable[[Any], tuple[int, int, int]]  # config -> (layers, kv heads, head dim) a prefix fills
@@ -150,7 +151,7 @@ class Family:
     # cfg -> the stacks of blocks `jaxft.plan` predicts activation memory from (`Blocks`); None: no plan
     activation_blocks: Callable | None = None
     # regex on "a/b/kernel" paths: the frozen projections `model.quantization` stores in 8 or 4 bits
-    projections: str = r"(^|/)(q|k|v|o|gate|up|down|gate_up)_proj/kernel$"
+    projections: str = r"(^|/)(q|k|v|o|gate|up|down|gate_up|qkv)_proj/kernel$"
     # the default `method.ia3_targets`, HF PEFT's for the family: a string, or cfg -> string where PEFT's
     # differ between the family's model types
     ia3_targets: str | Callable[[Any], str] = ""

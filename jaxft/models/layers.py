@@ -136,7 +136,7 @@ class LayerNorm(nn.Module):
         return _layer_norm(x, weight, bias, self.eps, jnp.dtype(self.dtype))
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # as transformers computes them
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")  # as transformers computes them
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> jnp.ndarray:
@@ -148,6 +148,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> jnp.nda
     kind = s.get("rope_type", s.get("type", "default"))
     if kind in ("default", "dynamic"):  # dynamic NTK changes only past max_position_embeddings
         return inv
+    if kind == "longrope":  # LongRoPE (Phi-3): per-frequency factors, the short ones up to the original length
+        return inv / jnp.asarray(s["short_factor"], jnp.float32)
     if kind == "linear":
         return inv / s["factor"]
     if kind == "llama3":
@@ -177,10 +179,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> jnp.nda
 def rope_attention_factor(scaling: tuple | None) -> float:
     """YaRN scales cos and sin (so the attention logits) by this factor; 1 for the other types."""
     s = dict(scaling or ())
-    if s.get("rope_type", s.get("type")) != "yarn":
+    kind = s.get("rope_type", s.get("type"))
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
+    if kind == "longrope":
+        factor, old_len = s["factor"], s["original_max_position_embeddings"]
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
     mscale = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
     if s.get("mscale") and s.get("mscale_all_dim"):
         return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
@@ -200,6 +206,10 @@ def rope(q, k, positions, head_dim: int, theta: float, scaling: tuple | None, ma
         factor = s["factor"]
         base = theta * ((factor * seq_len / max_positions) - (factor - 1)) ** (head_dim / (head_dim - 2))
         inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if s.get("rope_type") == "longrope":  # the long factors once the batch passes the original length, as transformers
+        seq_len = jnp.max(positions) + 1
+        long = rope_inv_freq(head_dim, theta, None) / jnp.asarray(s["long_factor"], jnp.float32)
+        inv = jnp.where(seq_len > s["original_max_position_embeddings"], long, inv)
     scale = rope_attention_factor(scaling)
     return apply_rope(q, positions, inv, scale, interleaved), apply_rope(k, positions, inv, scale, interleaved)
 

@@ -1,11 +1,12 @@
 """The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Qwen3, Mistral, GLM-4 (`glm`:
-glm-4-9b-chat-hf; `glm4`: GLM-4-0414, GLM-Z1).
+glm-4-9b-chat-hf; `glm4`: GLM-4-0414, GLM-Z1), Phi-3 (`phi3`: Phi-3, Phi-3.5 and Phi-4-mini).
 
 Differences between the variants are data in `LlamaConfig` (q/k/v bias, explicit head_dim, rope
 scaling, tied embeddings, sliding window, Qwen3's per-head RMSNorm of queries and keys; GLM's rotary on
 half of each head over adjacent pairs, its fused gate/up projection, GLM-4-0414's norms on the
-attention and MLP outputs), not subclasses. Module names follow Hugging Face (`self_attn.q_proj`,
-`mlp.gate_proj`, GLM's `mlp.gate_up_proj`, ...) so checkpoint and PEFT keys map one to one.
+attention and MLP outputs; Phi-3's fused q/k/v and gate/up projections), not subclasses. Module names
+follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, GLM's and Phi-3's `mlp.gate_up_proj`, Phi-3's
+`self_attn.qkv_proj`, ...) so checkpoint and PEFT keys map one to one.
 
 Methods hook in at named points: every `Linear` (see `layers.py`), the embeddings, each block's
 attention and MLP outputs, and `prefix`, which returns per-layer key/value prefixes (P-Tuning v2)
@@ -60,7 +61,8 @@ class LlamaConfig(Settings):
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
     rotary_dim: int = 0  # GLM: rotary on the first rotary_dim features of each head (partial_rotary_factor); 0: all
     rope_interleaved: bool = False  # GLM: rotary over adjacent pairs (2i, 2i + 1), not the two halves
-    fused_gate_up: bool = False  # GLM: one gate_up_proj [D, 2F] (gate, then up) for gate_proj and up_proj
+    fused_gate_up: bool = False  # GLM, Phi-3: one gate_up_proj [D, 2F] (gate, then up) for gate_proj and up_proj
+    fused_qkv: bool = False  # Phi-3: one qkv_proj [D, (H + 2 KV) d] (queries, keys, values) for q/k/v_proj
     sandwich_norms: bool = False  # GLM-4-0414: RMSNorm on the attention and MLP outputs before each residual
     model_type: str = "llama"
     bos_token_id: int | None = 1
@@ -85,9 +87,14 @@ class Attention(nn.Module):
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         b, t, _ = x.shape
         proj = lambda n, f, ax, bias: Linear(f, ax, bias, dt, self.hooks, name=n)  # noqa: E731
-        q = proj("q_proj", h * d, ("embed", "heads"), cfg.qkv_bias)(x).reshape(b, t, h, d)
-        k = proj("k_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
-        v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
+        if cfg.fused_qkv:
+            qkv = proj("qkv_proj", (h + 2 * kv) * d, ("embed", "heads"), cfg.qkv_bias)(x)
+            q, k, v = jnp.split(qkv, [h * d, (h + kv) * d], axis=-1)
+            q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
+        else:
+            q = proj("q_proj", h * d, ("embed", "heads"), cfg.qkv_bias)(x).reshape(b, t, h, d)
+            k = proj("k_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
+            v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
         if cfg.qk_norm:  # one weight of head_dim, shared by every head
             q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
@@ -297,8 +304,10 @@ class LlamaModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Hugging Face: config.json and weight names, both ways.
 
-ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "glm": "Glm", "glm4": "Glm4"}
+ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "glm": "Glm", "glm4": "Glm4",
+        "phi3": "Phi3"}
 GLM = ("glm", "glm4")
+PARTIAL_ROTARY = GLM + ("phi3",)  # the model types whose rotary may cover part of each head
 
 
 def config_from_hf(c: dict, file: str) -> LlamaConfig:
@@ -308,7 +317,7 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
     # the rotated share of each head: GLM's 0.5 (in rope_parameters, or at the top level before transformers 5)
     partial = float(rope.pop("partial_rotary_factor", None) or c.get("partial_rotary_factor") or 1.0)
-    if partial != 1.0 and mtype not in GLM:
+    if partial != 1.0 and mtype not in PARTIAL_ROTARY:
         raise JaxftError(f"{file}: partial_rotary_factor={partial} is not supported for {mtype} (expected 1.0)")
     rope = _rope_scaling(rope, c, file)
     window = c.get("sliding_window")
@@ -338,6 +347,9 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
     if not 0 < rotary <= head_dim or rotary % 2:
         raise JaxftError(f"{file}: partial_rotary_factor={partial} of head_dim {head_dim} rotates {rotary} "
                          "features: expected an even number from 2 to head_dim")
+    if rope.get("rope_type") == "longrope" and {len(rope["long_factor"]), len(rope["short_factor"])} != {rotary // 2}:
+        raise JaxftError(f"{file}: rope_type 'longrope': long_factor and short_factor have {len(rope['long_factor'])} "
+                         f"and {len(rope['short_factor'])} values: expected {rotary // 2}, one per rotated frequency")
     glm = mtype in GLM  # q/k/v biases by default (attention_bias), none on o_proj
     return LlamaConfig(
         vocab_size=c["vocab_size"],
@@ -359,7 +371,8 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         qk_norm=mtype == "qwen3",
         rotary_dim=rotary if rotary != head_dim else 0,
         rope_interleaved=glm,
-        fused_gate_up=glm,
+        fused_gate_up=glm or mtype == "phi3",
+        fused_qkv=mtype == "phi3",
         sandwich_norms=mtype == "glm4",
         model_type=mtype,
         bos_token_id=c.get("bos_token_id"),
@@ -369,7 +382,8 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
 
 
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "longrope": ("long_factor", "short_factor", "original_max_position_embeddings")}
 
 
 def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
@@ -382,11 +396,17 @@ def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
         raise JaxftError(f"{file}: rope_type {kind!r} is not supported (expected one of {', '.join(ROPE_TYPES)})")
     rope = {**rope, "rope_type": kind}
     rope.pop("type", None)
-    if kind == "yarn":  # transformers' defaults, made explicit
+    if kind in ("yarn", "longrope"):  # transformers' defaults, made explicit
         rope.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings")
                         or c.get("max_position_embeddings", 2048))
         if rope.get("factor") is None:
             rope["factor"] = c.get("max_position_embeddings", 2048) / rope["original_max_position_embeddings"]
+    if kind == "longrope":  # one factor per rotated frequency, kept as tuples (the config is hashed)
+        for key in ("long_factor", "short_factor"):
+            value = rope.get(key)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+                raise JaxftError(f"{file}: rope_type 'longrope' needs {key} as a list of numbers, not {value!r}")
+            rope[key] = tuple(float(v) for v in value)
     missing = [k for k in ROPE_KEYS[kind] if rope.get(k) is None]
     if missing:
         raise JaxftError(f"{file}: rope_type {kind!r} needs {', '.join(missing)} in rope_parameters")
@@ -429,9 +449,12 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         )
         if cfg.model_type == "qwen3":  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
             c.update(attention_bias=cfg.qkv_bias)
-    elif cfg.model_type in GLM:  # transformers before 5 read the factor at the top level
-        c.update(attention_bias=cfg.qkv_bias, partial_rotary_factor=cfg.rotary_dim / cfg.dim_per_head
-                 if cfg.rotary_dim else 1.0)
+    elif cfg.model_type in PARTIAL_ROTARY:  # transformers before 5 read the factor at the top level
+        c.update(partial_rotary_factor=cfg.rotary_dim / cfg.dim_per_head if cfg.rotary_dim else 1.0)
+        if cfg.model_type == "phi3":
+            c["sliding_window"] = cfg.sliding_window
+        else:
+            c["attention_bias"] = cfg.qkv_bias
     else:
         c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
         if cfg.model_type == "mistral":
@@ -524,7 +547,8 @@ def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
     q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
     return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f,
                    norms=4 if cfg.sandwich_norms else 2, projections=(
-        ("q_proj", "attn_in", d, q), ("k_proj", "attn_in", d, kv), ("v_proj", "attn_in", d, kv),
+        *((("qkv_proj", "attn_in", d, q + 2 * kv),) if cfg.fused_qkv else
+          (("q_proj", "attn_in", d, q), ("k_proj", "attn_in", d, kv), ("v_proj", "attn_in", d, kv))),
         ("o_proj", "attn_out", q, d),
         *((("gate_up_proj", "mlp_in", d, 2 * f),) if cfg.fused_gate_up else
           (("gate_proj", "mlp_in", d, f), ("up_proj", "mlp_in", d, f))),
@@ -542,9 +566,10 @@ FAMILY = Family(
     params_to_hf=params_to_hf,
     hf_module=hf_module,
     our_module=our_module,
-    lora_targets="q_proj,v_proj",
+    lora_targets=lambda cfg: "qkv_proj" if cfg.fused_qkv else "q_proj,v_proj",  # PEFT has no Phi-3 default
     # PEFT's IA3 defaults: keys for Llama and Mistral, queries for Qwen
-    ia3_targets=lambda cfg: ("q_proj" if cfg.model_type.startswith("qwen") else "k_proj") + ",v_proj,down_proj",
+    ia3_targets=lambda cfg: "qkv_proj,down_proj" if cfg.fused_qkv else (
+        "q_proj" if cfg.model_type.startswith("qwen") else "k_proj") + ",v_proj,down_proj",
     ia3_feedforward="down_proj",
     head_params=r"^(score|lm_head)/",
     classifier_params=r"^score/",

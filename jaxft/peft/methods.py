@@ -72,7 +72,8 @@ def _bitfit(m, cfg) -> Method:
 def _lora(m, cfg) -> Method:
     if m.rank <= 0:
         raise JaxftError(f"method.rank={m.rank}: expected a positive integer")
-    targets = m.targets or family.of(cfg).lora_targets
+    fam = family.of(cfg)
+    targets = m.targets or (fam.lora_targets(cfg) if callable(fam.lora_targets) else fam.lora_targets)
     try:
         parse_targets(targets)
     except Exception as e:
