@@ -15,7 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers import Glm4Config, Glm4ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Glm4Config, Glm4ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from jaxft import generate as gen
 from jaxft import hf
@@ -39,6 +39,13 @@ FAMILIES = {
     "gpt2": (GPT2LMHeadModel, GPT2Config, dict(n_inner=80, n_positions=64)),  # learned positions, fused c_attn
     # half of each head rotated over adjacent pairs: the cached keys keep the rest unrotated
     "glm4": (Glm4ForCausalLM, Glm4Config, dict(head_dim=24)),
+    # fused q/k/v, half of each head rotated, a window, and LongRoPE's long factors: the prompts are already
+    # past the original 6 positions (a prompt within it, generating past it, differs: transformers then
+    # recomputes the cache once with the long factors, jaxft keeps it; the README says so)
+    "phi3": (Phi3ForCausalLM, Phi3Config, dict(sliding_window=5, max_position_embeddings=64,
+                                               original_max_position_embeddings=6, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 4.0, 6.0]})),
 }
 PAD = 7
 NEW = 10
@@ -84,11 +91,11 @@ def until_eos(row, eos):
 @pytest.mark.parametrize("name,scan,beams", [("llama", True, 1),
                                              pytest.param("llama", True, 4, marks=pytest.mark.slow), ("llama", False, 4),
                                              ("mistral", True, 1), ("qwen2", True, 4), ("qwen3", False, 1), ("gpt2", True, 1),
-                                             ("gpt2", False, 4), ("glm4", True, 1)])
+                                             ("gpt2", False, 4), ("glm4", True, 1), ("phi3", True, 1)])
 def test_matches_transformers(saved, name, scan, beams):
     m, d = saved[name]
     model, params = hf.load(d, scan_layers=scan)
-    if name in ("mistral", "qwen2", "qwen3"):
+    if name in ("mistral", "qwen2", "qwen3", "phi3"):
         assert model.cfg.sliding_window is not None
     ids, mask = prompts()
     unused = [96, 97]  # EOS ids that cannot come up (beyond the vocabulary)
