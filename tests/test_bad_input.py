@@ -153,12 +153,13 @@ def test_missing_untied_lm_head_is_an_error(tmp_path):
 # Bad input that ended in a traceback.
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
-     "original_max_position_embeddings": 32},
-    {"rope_type": "proportional", "factor": 2.0},
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 3,  # a factor per frequency short
+      "original_max_position_embeddings": 32}, ("rope_type 'longrope': long_factor and short_factor have 3 and 3 "
+                                                "values: expected",)),
+    ({"rope_type": "proportional", "factor": 2.0}, ("rope_type 'proportional' is not supported", "expected one of default")),
 ])
-def test_unsupported_rope_type_is_one_line(tmp_path, rope):
+def test_unsupported_rope_type_is_one_line(tmp_path, rope, message):
     """Was: a ValueError traceback from inside the traced model."""
     d = tiny_hf_model(tmp_path / "base")
     config = json.loads((d / "config.json").read_text())
@@ -166,7 +167,7 @@ def test_unsupported_rope_type_is_one_line(tmp_path, rope):
     (d / "config.json").write_text(json.dumps(config))
     wd = tmp_path / "run"
     r = cli(wd, f"--config.model.path={d}")
-    assert_one_line_error(r, f"rope_type {rope['rope_type']!r} is not supported", "expected one of default")
+    assert_one_line_error(r, *message)
     assert checksums(wd) == {}
 
 

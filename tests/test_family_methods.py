@@ -263,7 +263,7 @@ def hf_modules_with(tensors: dict, leaf: str) -> set:
     return out
 
 
-CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS]
+CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS if m != "lora_mlp"]
 CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "houlsby")]
 CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
 CELLS += [("glm4", m) for m in ("full", "lora", "lora_mlp", "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]

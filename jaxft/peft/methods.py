@@ -69,11 +69,16 @@ def _bitfit(m, cfg) -> Method:
     return Method("bitfit", (pattern,))
 
 
+def default_lora_targets(cfg) -> str:
+    """The family's default `method.targets` (LoRA's, AdaLoRA's) for this config."""
+    targets = family.of(cfg).lora_targets
+    return targets(cfg) if callable(targets) else targets
+
+
 def _lora(m, cfg) -> Method:
     if m.rank <= 0:
         raise JaxftError(f"method.rank={m.rank}: expected a positive integer")
-    fam = family.of(cfg)
-    targets = m.targets or (fam.lora_targets(cfg) if callable(fam.lora_targets) else fam.lora_targets)
+    targets = m.targets or default_lora_targets(cfg)
     try:
         parse_targets(targets)
     except Exception as e:
@@ -207,7 +212,7 @@ def _adalora(m, cfg, steps: int = 0) -> Method:
     from jaxft.peft import adalora
 
     hook = adalora.AdaLoraHook(
-        int(m.get("init_r", 12)), int(m.get("target_r", 8)), float(m.alpha), float(m.dropout), m.targets or family.of(cfg).lora_targets,
+        int(m.get("init_r", 12)), int(m.get("target_r", 8)), float(m.alpha), float(m.dropout), m.targets or default_lora_targets(cfg),
         int(m.get("tinit", 0)), int(m.get("tfinal", 0)), int(m.get("delta_t", 1)), float(m.get("beta1", 0.85)),
         float(m.get("beta2", 0.85)), float(m.get("orth_reg_weight", 0.5)), int(m.get("total_step", 0)))
     if not 0 < hook.target_r <= hook.init_r or hook.delta_t <= 0 or hook.orth_reg_weight < 0:
