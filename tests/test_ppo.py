@@ -154,8 +154,7 @@ def critic_batch(seed=2):
 
 def critic_setup(hf_pair, tmp_path, method="full", method_config=None):  # noqa: F811
     """A reward model (LlamaForSequenceClassification, one output) as the critic, with `method`: -> (its
-    torch model, its directory, the settings, the batch, the objective, our mean loss's value, its sums
-    and its gradients as (the policy's, the critic's trainable leaves), the critic's parameters)."""
+    torch model, its directory, the settings, the batch, the objective, own parameters -> `our_loss`)."""
     (_, _, _), (pol_t, model, params) = hf_pair
     config = transformers.LlamaConfig(**{**BASE, "num_hidden_layers": 3, "num_labels": 1, "pad_token_id": 0})
     critic_t, critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", seed=9, sub="critic")
