@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import pytest
 from test_hf import BASE
 from test_preference import assert_gradients_match, hf_pair  # noqa: F401  (hf_pair: a fixture)
 from test_sft import tokenizer_args
-from test_train import ROOT, cli, losses
+from test_train import ROOT, assert_resumes_exactly, cli
 
 from jaxft import grpo, objectives
 from jaxft.config import base_config
@@ -321,12 +320,7 @@ def test_cli_reward_rises_and_resumes_exactly(tmp_path, run):
     # Killed after the checkpoint of step 10 (a copy of the run, the last checkpoint removed) and run again to
     # 12: the same completions are drawn, so the same steps follow. (A finished shorter run trained on further
     # is tested on SFT, test_sft.py::test_cli_sft_mixture_learns_and_resumes_exactly.)
-    split = tmp_path / "split"
-    shutil.copytree(straight, split)
-    shutil.rmtree(split / "checkpoints" / "12")
-    r = cli(split, *go)
-    assert r.returncode == 0 and "resuming from step 10" in r.stdout, r.stderr[-3000:]
-    assert [losses(split)[s] for s in range(11, 13)] == [losses(straight)[s] for s in range(11, 13)]
+    assert_resumes_exactly(straight, tmp_path / "split", go, 10, 12)
 
 
 def test_cli_several_iterations_per_batch_resume_exactly(tmp_path, run):
@@ -342,11 +336,7 @@ def test_cli_several_iterations_per_batch_resume_exactly(tmp_path, run):
     assert all(rows[s]["train/reward"] == rows[s + 1]["train/reward"] for s in range(1, 5, 2))  # one batch, 2 steps
     # killed after the checkpoint of step 2, between two batches of completions (a copy of the run, the last
     # checkpoint removed), and run again
-    shutil.copytree(straight, split)
-    shutil.rmtree(split / "checkpoints" / "4")
-    r = cli(split, *it)
-    assert r.returncode == 0 and "resuming from step 2" in r.stdout, r.stderr[-3000:]
-    assert [losses(split)[s] for s in range(3, 5)] == [losses(straight)[s] for s in range(3, 5)]
+    assert_resumes_exactly(straight, split, it, 2, 4)
 
 
 def sharded(run):

@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import json
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ from test_grpo import (assert_eight_devices_match_one, evaluated_reward, experie
                        torch_token_log_probs)  # (run: a fixture)
 from test_hf import BASE, build_hf
 from test_preference import assert_gradients_match, hf_pair  # noqa: F401  (hf_pair: a fixture)
-from test_train import cli, losses
+from test_train import assert_resumes_exactly, cli
 
 from jaxft import generate, hf, objectives, ppo
 from jaxft.config import base_config, validate
@@ -407,12 +406,7 @@ def test_cli_reward_rises_resumes_exactly_and_exports_the_policy_alone(tmp_path,
     exported = load_file(str(straight / "export" / "model.safetensors"))
     assert not any("value" in k for k in exported)
     # killed after the checkpoint of step 28 (a copy of the run, the last checkpoint removed) and run again
-    split = tmp_path / "split"
-    shutil.copytree(straight, split)
-    shutil.rmtree(split / "checkpoints" / "30")
-    r = cli(split, *go, "--config.train.steps=30", ckpt)
-    assert r.returncode == 0 and "resuming from step 28" in r.stdout, r.stderr[-3000:]
-    assert [losses(split)[s] for s in range(29, 31)] == [losses(straight)[s] for s in range(29, 31)]
+    assert_resumes_exactly(straight, tmp_path / "split", (*go, "--config.train.steps=30", ckpt), 28, 30)
     # jaxft.evaluate rebuilds the run (value head included) from the checkpoint and scores its completions
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(evals[-1]["eval/reward"], abs=1e-6)
 
@@ -436,14 +430,9 @@ def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_pa
 
     exported = load_file(str(straight / "export" / "model.safetensors"))
     assert not any(k.startswith("score") or "critic" in k for k in exported)
-    split = tmp_path / "split"
-    shutil.copytree(straight, split)
-    shutil.rmtree(split / "checkpoints" / "12")
     with monkeypatch.context() as m:  # a new interpreter, jaxft.train its __main__ (the critic imports it)
         m.setenv("JAXFT_TEST_FORK", "0")
-        r = cli(split, *go)
-    assert r.returncode == 0 and "resuming from step 6" in r.stdout, r.stderr[-3000:]
-    assert [losses(split)[s] for s in range(7, 13)] == [losses(straight)[s] for s in range(7, 13)]
+        assert_resumes_exactly(straight, tmp_path / "split", go, 6, 12)
     final = [row for row in metrics(straight) if "eval/reward" in row][-1]
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(final["eval/reward"], abs=1e-6)
     assert_eight_devices_match_one(tmp_path, go, one=straight)
@@ -470,12 +459,7 @@ def test_cli_lora_critic_beside_a_qlora_policy_trains_and_resumes_exactly(tmp_pa
     assert f"+ {trains:,} of the ppo objective" in r.stdout, r.stdout
     rows = [row for row in metrics(straight) if "train/value_loss" in row]
     assert rows[-1]["train/value_loss"] < rows[0]["train/value_loss"] / 2, rows
-    split = tmp_path / "split"
-    shutil.copytree(straight, split)
-    shutil.rmtree(split / "checkpoints" / "12")
-    r = cli(split, *go)
-    assert r.returncode == 0 and "resuming from step 6" in r.stdout, r.stderr[-3000:]
-    assert [losses(split)[s] for s in range(7, 13)] == [losses(straight)[s] for s in range(7, 13)]
+    assert_resumes_exactly(straight, tmp_path / "split", go, 6, 12)
     final = [row for row in metrics(straight) if "eval/reward" in row][-1]  # jaxft.evaluate rebuilds the run
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(final["eval/reward"], abs=1e-6)
     assert_eight_devices_match_one(tmp_path, go, one=straight)

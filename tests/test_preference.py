@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from test_hf import BASE, build_hf
 from test_sft import tokenizer_args
-from test_train import cli, losses
+from test_train import assert_resumes_exactly, cli, losses
 
 from jaxft import dpo, hf, objectives, plan, sharding
 from jaxft.config import base_config
@@ -307,12 +306,7 @@ def test_cli_dpo_starts_at_log_2_learns_and_resumes_exactly(tmp_path, pairs):
     assert after["eval/reward_margin"] == pytest.approx(after["eval/rewards_chosen"] - after["eval/rewards_rejected"])
     # Killed after the checkpoint of step 15 (a copy of the run, the last checkpoint removed) and run again to
     # 30: the reference is computed again, the same, and so are the steps.
-    split = tmp_path / "split"
-    shutil.copytree(straight, split)
-    shutil.rmtree(split / "checkpoints" / "30")
-    r = cli(split, *pairs, "--config.train.steps=30")
-    assert r.returncode == 0 and "resuming from step 15" in r.stdout, r.stderr
-    assert [losses(split)[s] for s in range(16, 31)] == [losses(straight)[s] for s in range(16, 31)]
+    assert_resumes_exactly(straight, tmp_path / "split", (*pairs, "--config.train.steps=30"), 15, 30)
 
 
 @pytest.fixture(scope="module")
