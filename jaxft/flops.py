@@ -54,12 +54,13 @@ def attention_flops_per_token(cfg, seq_len: int, num_prefix: int = 0) -> float:
     encoder family (`Family.causal` false) sees all `seq_len` keys."""
     from jaxft.models import family
 
-    window = getattr(cfg, "sliding_window", None)
-    if family.of(cfg).causal:
-        keys = sum(min(i + 1, window or i + 1) for i in range(seq_len)) / seq_len + num_prefix
+    windows = getattr(cfg, "layer_windows", None) or (getattr(cfg, "sliding_window", None),) * cfg.num_layers
+    if family.of(cfg).causal:  # summed over layers: each has its own window (Gemma 2/3), or none
+        seen = {w: sum(min(i + 1, w or i + 1) for i in range(seq_len)) / seq_len + num_prefix for w in set(windows)}
+        keys = sum(seen[w] for w in windows)
     else:
-        keys = seq_len + num_prefix
-    return cfg.num_layers * 2 * 2 * keys * cfg.num_heads * cfg.dim_per_head
+        keys = cfg.num_layers * (seq_len + num_prefix)
+    return 2 * 2 * keys * cfg.num_heads * cfg.dim_per_head
 
 
 def train_flops_per_token(cfg, seq_len: int, *, trains_base: bool, adapter_weights: int = 0,

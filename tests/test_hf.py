@@ -48,6 +48,9 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 16,  # small, so scaling changes the frequencies we use
 }
 
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+
 # name -> (transformers config class name, config kwargs)
 VARIANTS = {
     "llama2_mha": ("LlamaConfig", dict(tie_word_embeddings=False)),
@@ -62,6 +65,8 @@ VARIANTS = {
         "Qwen2Config",
         dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=0),
     ),
+    # the first layer full, the second sliding (max_window_layers): each layer takes its own kind
+    "qwen2_mixed_window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     # Qwen3: per-head RMSNorm of queries and keys (its weights randomised too), explicit head_dim, no bias
     "qwen3_qknorm_head_dim": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24)),
     "qwen3_tied_sliding_bias": (
@@ -82,10 +87,25 @@ VARIANTS = {
     "phi3_fused_partial_window": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=6, pad_token_id=0,
                                                      rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                                       "partial_rotary_factor": 0.75})),
+    # Gemma: RMSNorm by 1 + weight, embeddings times sqrt(hidden), GELU-tanh gate, explicit head_dim, tied
+    "gemma_gqa_head_dim": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=24, pad_token_id=0,
+                                               tie_word_embeddings=True)),
+    # Gemma 2: norms on the attention and MLP outputs, capped scores and logits, scores scaled by
+    # query_pre_attn_scalar, every other layer (from the first) sliding
+    "gemma2_softcap_alternating": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=24, pad_token_id=0,
+                                                        tie_word_embeddings=True, sliding_window=6,
+                                                        query_pre_attn_scalar=32, attn_logit_softcapping=3.0,
+                                                        final_logit_softcapping=5.0)),
+    # Gemma 3: two sliding layers (their own rotary base, unscaled) to one full (linear scaling), q/k norms
+    "gemma3_local_global": ("Gemma3TextConfig", dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=24,
+                                                     pad_token_id=0, tie_word_embeddings=False, sliding_window=6,
+                                                     query_pre_attn_scalar=32, sliding_window_pattern=3,
+                                                     rope_parameters=GEMMA3_ROPE)),
 }
 CAUSAL = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
           "MistralConfig": "MistralForCausalLM", "GlmConfig": "GlmForCausalLM", "Glm4Config": "Glm4ForCausalLM",
-          "Phi3Config": "Phi3ForCausalLM"}
+          "Phi3Config": "Phi3ForCausalLM", "GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
+          "Gemma3TextConfig": "Gemma3ForCausalLM"}
 
 
 def _config(cls_name: str, **kw):
@@ -250,6 +270,36 @@ def test_phi3_fused_projections_partial_rotary_and_window_matter(tmp_path):
     assert kinds == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, kinds
 
 
+@pytest.mark.parametrize("variant", ["gemma_gqa_head_dim", "gemma2_softcap_alternating", "gemma3_local_global"])
+def test_gemma_differences_matter(tmp_path, variant):
+    """Gemma's variant tests are meaningful: each of its differences from Llama, left out, changes the
+    logits (the 1 + weight norms, the embedding scale, the GELU gate; Gemma 2's caps, score scale and
+    alternating windows; Gemma 3's local rotary base and per-layer kinds)."""
+    cls_name, kw = VARIANTS[variant]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+    cfg = model.cfg
+    assert cfg.norm_offset and cfg.embed_scale and cfg.hidden_act == "gelu_tanh"
+    x = ids(2, 24, seed=11)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(our_logits(model, params, x), ref) <= TOL
+    changes = [dict(norm_offset=False), dict(embed_scale=False), dict(hidden_act="silu")]
+    if variant.startswith("gemma2"):
+        assert cfg.layer_types == ("sliding_attention", "full_attention") and cfg.sandwich_norms
+        changes += [dict(attn_softcap=None), dict(final_softcap=None), dict(query_pre_attn_scalar=0.0),
+                    dict(layer_types=None), dict(sliding_window=None)]
+    if variant.startswith("gemma3"):
+        assert cfg.layer_types == ("sliding_attention", "sliding_attention", "full_attention") and cfg.qk_norm
+        assert cfg.rope_local_theta == 100.0 and cfg.rope_theta == 1e5 and dict(cfg.rope_scaling)["factor"] == 4.0
+        changes += [dict(rope_local_theta=None), dict(rope_scaling=None), dict(layer_types=None),
+                    dict(query_pre_attn_scalar=0.0)]
+    for change in changes:
+        assert rel_err(our_logits(model.clone(cfg=cfg.replace(**change)), params, x), ref) > 1e-3, change
+    # unrolled layers take the same kinds as the scanned ones
+    unrolled, p_unrolled = hf.load(str(d), scan_layers=False)
+    assert rel_err(our_logits(unrolled, p_unrolled, x), ref) <= TOL
+
+
 def test_mistral_sliding_window_matters(tmp_path):
     """The sliding-window variant would fail if our model ignored the window."""
     cls_name, kw = VARIANTS["mistral_sliding_mqa"]
@@ -268,7 +318,8 @@ def test_mistral_sliding_window_matters(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["llama3_rope_gqa", "qwen2_bias_gqa", "qwen3_qknorm_head_dim",
-                                     "glm_partial_rope_gqa", "phi3_fused_partial_window"])
+                                     "glm_partial_rope_gqa", "phi3_fused_partial_window",
+                                     "gemma2_softcap_alternating", "gemma3_local_global"])
 def test_left_padded_batch(tmp_path, variant):
     cls_name, kw = VARIANTS[variant]
     ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
@@ -401,6 +452,10 @@ def test_sharded_checkpoint(tmp_path):
         ("glm_partial_rope_gqa", False),
         ("glm4_sandwich_tied", True),
         ("phi3_fused_partial_window", False),
+        ("qwen2_mixed_window", True),
+        ("gemma_gqa_head_dim", False),
+        ("gemma2_softcap_alternating", True),
+        ("gemma3_local_global", True),
     ],
 )
 def test_save_round_trip(tmp_path, variant, scan):
@@ -420,6 +475,7 @@ def test_save_round_trip(tmp_path, variant, scan):
     assert hf_head_dim(rc) == hf_head_dim(oc) and rc.num_key_value_heads == oc.num_key_value_heads
     assert rc.tie_word_embeddings == oc.tie_word_embeddings
     assert getattr(rc, "sliding_window", None) == getattr(oc, "sliding_window", None)
+    assert getattr(rc, "layer_types", None) == getattr(oc, "layer_types", None)
     assert rc.rope_parameters == oc.rope_parameters
 
     x = ids(2, 30, seed=8)
@@ -430,7 +486,7 @@ def test_save_round_trip(tmp_path, variant, scan):
     assert rel_err(our_logits(again, p_again, x), ref) <= TOL
 
 
-@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3", "Glm4", "Phi3"])
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3", "Glm4", "Phi3", "Gemma2", "Gemma3Text"])
 def test_save_round_trip_classification(tmp_path, arch):
     config = _config(f"{arch}Config", num_labels=3, pad_token_id=0)
     ref_model, d = build_hf(tmp_path, config, f"{arch}ForSequenceClassification")
@@ -509,13 +565,11 @@ def test_qwen2_sliding_config_without_layer_types(tmp_path, max_window_layers):
     }
     c.pop("initializer_range")
     (tmp_path / "config.json").write_text(json.dumps(c))
-    hf_types = set(transformers.Qwen2Config(**{k: v for k, v in c.items() if k != "model_type"}).layer_types)
-    if hf_types == {"sliding_attention", "full_attention"}:
-        with pytest.raises(JaxftError, match="mixed"):
-            hf.read_config(tmp_path)
-    else:
-        expected = 5 if hf_types == {"sliding_attention"} else None
-        assert hf.read_config(tmp_path).sliding_window == expected
+    hf_types = transformers.Qwen2Config(**{k: v for k, v in c.items() if k != "model_type"}).layer_types
+    expected = tuple(5 if t == "sliding_attention" else None for t in hf_types)
+    cfg = hf.read_config(tmp_path)
+    assert cfg.layer_windows == expected
+    assert cfg.mixed_layers == (len(set(hf_types)) == 2)  # 1: the first layer full, the second sliding
 
 
 def test_dir_without_config_or_weights(tmp_path):

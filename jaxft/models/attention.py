@@ -48,15 +48,18 @@ _INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
 
 
 def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dtype=jnp.float32, impl: str = "xla",
-              segment_ids=None, causal: bool = True):
+              segment_ids=None, causal: bool = True, softcap: float | None = None):
     """q [B, T, H, D]; k, v [B, P+T, KV, D] with the P prefix columns first; mask [B, T] (1 = real token);
     segment_ids [B, T] or None (packed rows: attention stays within each example) -> [B, T, H*D] in
     `dtype`. H may be a multiple of KV (grouped-query attention). `causal=False`: bidirectional
-    (padding and prefix only), for encoders."""
+    (padding and prefix only), for encoders. `softcap` (Gemma 2): scores -> softcap * tanh(scores /
+    softcap) before the mask; xla and splash take it."""
     b, t, h, d = q.shape
-    impl = resolve(impl, dtype, d, packed=segment_ids is not None, num_prefix=num_prefix)
+    impl = resolve(impl, dtype, d, packed=segment_ids is not None, num_prefix=num_prefix, softcap=softcap)
     q, k, v = (checkpoint_name(x.astype(dtype), ATTENTION) for x in (q, k, v))  # kept by remat "none"
     kw = {} if causal else {"causal": False}  # the decoder path calls the implementations as it always did
+    if softcap:
+        kw["softcap"] = softcap
     if not causal:
         window = None
     if segment_ids is None:
@@ -67,18 +70,23 @@ def attention(q, k, v, mask, num_prefix: int = 0, window: int | None = None, dty
     return checkpoint_name(out.reshape(b, t, h * d), ATTENTION)
 
 
-def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: int = 0, backend: str | None = None) -> str:
+def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: int = 0, backend: str | None = None,
+            softcap: float | None = None) -> str:
     """`model.attention` -> the implementation this backend runs. One it cannot run is an error, never a
     silent fallback; `auto` picks the fastest it can. `packed`: rows hold several examples (segment ids).
-    `backend`: another backend than this machine's (`jaxft.plan --platform`)."""
+    `backend`: another backend than this machine's (`jaxft.plan --platform`). `softcap`: capped scores
+    (Gemma 2), which cuDNN's and flash's kernels do not compute."""
     local = jax.default_backend()
     backend, half = backend or local, jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if impl == "auto":  # packed rows on a GPU: xla (cuDNN's packed path, a per-row mask, is not timed yet)
-        if backend == "gpu" and half and _cudnn_head_dim(head_dim, backend == local) and not packed:
+        if backend == "gpu" and half and _cudnn_head_dim(head_dim, backend == local) and not packed and not softcap:
             return "cudnn"
         return "splash" if backend == "tpu" else "xla"
     if impl not in IMPLEMENTATIONS:
         raise JaxftError(f"model.attention={impl!r}: expected one of {', '.join(map(repr, CHOICES))}")
+    if softcap and impl in ("cudnn", "flash"):
+        raise JaxftError(f"model.attention={impl!r} does not cap attention scores (this model's attn_logit_softcapping="
+                         f"{softcap}): use xla, splash (TPU) or auto")
     if impl == "cudnn" and not (backend == "gpu" and half):
         raise JaxftError(
             f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 (cuDNN flash attention): "
@@ -145,18 +153,24 @@ def prefix_seen(b: int, t: int, num_prefix: int, window: int | None, segments=No
     return num_prefix + pos[..., None] - jnp.arange(num_prefix) < window
 
 
-def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True):
+def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True,
+        softcap: float | None = None):
     """The reference: scores accumulated in fp32 (not rounded to bf16 first), a dense [B, T, P+T] mask,
     softmax in fp32. q [B, T, H, D], k, v [B, P+T, KV, D] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = cap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d), softcap)
     allowed = causal_mask(mask, num_prefix, window, segments, causal)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(v.dtype)
+
+
+def cap(scores, softcap: float | None):
+    """Gemma 2's soft cap of attention scores: softcap * tanh(scores / softcap)."""
+    return softcap * jnp.tanh(scores / softcap) if softcap else scores
 
 
 def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn",
@@ -259,18 +273,23 @@ _permute.defvjp(
 )
 
 
-def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True):
+def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True,
+           softcap: float | None = None):
     """Pallas TPU splash attention. Its static masks are block-sparse (fully masked tiles are skipped):
     causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window (offset P too, so
     far rows leave the prefix), or (not causal) a `FullMask`; padding is segment ids (1 real, 0 padding),
-    or the packed rows' own segment ids (0 padding). No dense mask is built."""
+    or the packed rows' own segment ids (0 padding). No dense mask is built. The kernel caps scores
+    itself (`softcap`); packed rows with a prefix and a cap run the xla reference (the merge's exact
+    log-sum-exp gradient assumes uncapped scores)."""
     if segments is not None:
+        if num_prefix and softcap:
+            return xla(q, k, v, mask, num_prefix, window, segments, causal, softcap)
         mask = segments  # 0 = padding already
         if num_prefix:  # the kernel's segment ids would hide the prefix from every example but one
             fn = functools.partial(_merge_prefix, _splash_packed(window, causal), num_prefix=num_prefix,
                                    window=window)
             return _on_shards(fn, q, k, v, mask)
-    fn = functools.partial(_splash, num_prefix=num_prefix, window=window, causal=causal)
+    fn = functools.partial(_splash, num_prefix=num_prefix, window=window, causal=causal, softcap=softcap)
     return _on_shards(fn, q, k, v, mask)
 
 
@@ -314,7 +333,7 @@ def _merge_prefix(token_part, q, k, v, segments, num_prefix, window=None):
     return out.astype(q.dtype)
 
 
-def _splash(q, k, v, mask, num_prefix, window, causal=True, residuals=False):
+def _splash(q, k, v, mask, num_prefix, window, causal=True, residuals=False, softcap=None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -333,7 +352,8 @@ def _splash(q, k, v, mask, num_prefix, window, causal=True, residuals=False):
         m = sm.LocalMask((tq, s), (window - 1, 0), offset=p)  # far rows' windows leave the prefix
     else:
         m = sm.CausalMask((tq, s), offset=p)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (h // kv)), save_residuals=residuals)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([m] * (h // kv)), save_residuals=residuals,
+                                              attn_logits_soft_cap=softcap)
     heads = lambda x, n: x.transpose(0, 2, 1, 3).reshape((b, kv, n) + x.shape[1:2] + (d,))  # noqa: E731
     per_kv_head = _vmap(lambda q, k, v, seg: kernel(q, k, v, seg), broadcast_last=True)
     k, v = heads(k, 1)[:, :, 0], heads(v, 1)[:, :, 0]
@@ -433,7 +453,7 @@ def _on_shards(fn, q, k, v, mask):
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
-def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None = None):
+def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None = None, softcap: float | None = None):
     """Attention of t new queries over a KV cache (generation), the xla reference's arithmetic.
 
     q [B, t, H, D] at cache slots [cache_index, cache_index + t); keys, values [B, S, KV, D] (the new
@@ -445,7 +465,7 @@ def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None =
     b, t, h, d = q.shape
     kv, s = keys.shape[2], keys.shape[1]
     q = q.astype(keys.dtype).reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = cap(jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d), softcap)
     i, j = cache_index + jnp.arange(t)[:, None], jnp.arange(s)[None, :]
     allowed = j <= i
     if window:
@@ -456,7 +476,8 @@ def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None =
     if prefix is not None:
         p = prefix[0].shape[1]
         pk = prefix[0].astype(keys.dtype)
-        prefix_scores = jnp.einsum("btkgd,bskd->bkgts", q, pk, preferred_element_type=jnp.float32) / math.sqrt(d)
+        prefix_scores = cap(jnp.einsum("btkgd,bskd->bkgts", q, pk, preferred_element_type=jnp.float32) / math.sqrt(d),
+                            softcap)
         if window:
             seen = p + i[:, :1] - jnp.arange(p)[None, :] < window
             prefix_scores = jnp.where(seen, prefix_scores, jnp.finfo(jnp.float32).min)

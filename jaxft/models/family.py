@@ -40,6 +40,9 @@ REGISTRY = {
     "glm": "jaxft.models.llama",
     "glm4": "jaxft.models.llama",
     "phi3": "jaxft.models.llama",
+    "gemma": "jaxft.models.llama",
+    "gemma2": "jaxft.models.llama",
+    "gemma3_text": "jaxft.models.llama",
     "gpt2": "jaxft.models.gpt2",
     "bert": "jaxft.models.bert",
     "roberta": "jaxft.models.bert:ROBERTA",  # "module:NAME": a module defining several families
@@ -197,7 +200,8 @@ def attention_impl(cfg, packed: bool, backend: str | None = None) -> str:
     from jaxft.models.attention import resolve
 
     head_dim = blocks[0].head_dim if blocks else cfg.hidden_size // cfg.num_heads
-    return resolve(cfg.attention, cfg.compute_dtype, head_dim, packed=packed, backend=backend)
+    return resolve(cfg.attention, cfg.compute_dtype, head_dim, packed=packed, backend=backend,
+                   softcap=getattr(cfg, "attn_softcap", None))
 
 
 def head_of(architectures, family: Family) -> str:

@@ -96,10 +96,12 @@ def gated(act, gate, up):
     return act(gate) * up
 
 
-@functools.partial(recomputed, static_argnums=(2, 3))
-def _rms_norm(x, weight, eps: float, dtype):
+@functools.partial(recomputed, static_argnums=(2, 3, 4))
+def _rms_norm(x, weight, eps: float, dtype, offset: bool = False):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:  # Gemma: scaled by 1 + weight in fp32, then cast
+        return (x32 * (1.0 + weight.astype(jnp.float32))).astype(dtype)
     # Match HF: normalise in fp32, cast back, then scale.
     return weight.astype(dtype) * x32.astype(dtype)
 
@@ -116,11 +118,13 @@ def _layer_norm(x, weight, bias, eps: float, dtype):
 class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    offset: bool = False  # Gemma's: x * (1 + weight), the weight starting at 0
 
     @nn.compact
     def __call__(self, x):
-        weight = param_with_axes(self, "weight", nn.initializers.ones, (x.shape[-1],), ("norm",))
-        return _rms_norm(x, weight, self.eps, jnp.dtype(self.dtype))
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        weight = param_with_axes(self, "weight", init, (x.shape[-1],), ("norm",))
+        return _rms_norm(x, weight, self.eps, jnp.dtype(self.dtype), self.offset)
 
 
 class LayerNorm(nn.Module):

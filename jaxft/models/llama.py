@@ -17,6 +17,7 @@ weights to and from Hugging Face, and declares the family (`FAMILY`, see `jaxft.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Sequence
 
@@ -63,7 +64,17 @@ class LlamaConfig(Settings):
     rope_interleaved: bool = False  # GLM: rotary over adjacent pairs (2i, 2i + 1), not the two halves
     fused_gate_up: bool = False  # GLM, Phi-3: one gate_up_proj [D, 2F] (gate, then up) for gate_proj and up_proj
     fused_qkv: bool = False  # Phi-3: one qkv_proj [D, (H + 2 KV) d] (queries, keys, values) for q/k/v_proj
-    sandwich_norms: bool = False  # GLM-4-0414: RMSNorm on the attention and MLP outputs before each residual
+    sandwich_norms: bool = False  # GLM-4-0414, Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual
+    norm_offset: bool = False  # Gemma: RMSNorm scales by 1 + weight (weights start at 0), in fp32
+    hidden_act: str = "silu"  # the MLP gate's activation: silu, or gelu_tanh (Gemma's gelu_pytorch_tanh)
+    embed_scale: bool = False  # Gemma: token embeddings times sqrt(hidden_size), in the table's dtype
+    query_pre_attn_scalar: float = 0.0  # Gemma 2/3: scores scaled by its -1/2 power, not head_dim's; 0: head_dim
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    # Per layer "sliding_attention" or "full_attention" where layers differ (Gemma 2/3, Qwen2's
+    # max_window_layers): only the sliding ones use `sliding_window`. None: every layer does.
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # Gemma 3: the sliding layers' rotary base (no rope scaling on them)
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -72,17 +83,38 @@ class LlamaConfig(Settings):
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention)."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Whether layers differ in their attention (window, Gemma 3's rotary base): each gets its kind."""
+        return len(set(self.layer_windows)) > 1
+
+    @property
+    def norm_names(self) -> tuple[str, str, str]:
+        """The norms on the attention output, before the MLP and on the MLP output, as HF names them."""
+        if self.model_type.startswith("gemma"):
+            return "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"
+        return "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"
+
 
 class Attention(nn.Module):
     cfg: LlamaConfig
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, x, mask, positions, prefix, segment_ids=None, cache=None, cache_index=None, layer=None):
+    def __call__(self, x, mask, positions, prefix, segment_ids=None, cache=None, cache_index=None, layer=None,
+                 sliding=None):
         """mask: the [B, T] padding mask; each implementation builds causality, window and prefix from it
         (and from `segment_ids`, packed rows, where given). With a `cache` (generation, see `init_cache`):
         mask covers its S slots, the new keys and values are written at `cache_index`, and this returns
-        (output, cache)."""
+        (output, cache). `sliding` (layers of mixed kinds): whether this layer slides, a traced bool under
+        the layer scan."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         b, t, _ = x.shape
@@ -96,17 +128,28 @@ class Attention(nn.Module):
             k = proj("k_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
             v = proj("v_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
         if cfg.qk_norm:  # one weight of head_dim, shared by every head
-            q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
-        q, k = rope(q, k, positions, cfg.rotary_dim or d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
-                    cfg.rope_interleaved)
+            q = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="k_norm")(k)
+        if sliding is None:  # every layer alike
+            sliding = cfg.layer_windows[0] is not None
+        rotate = lambda theta, scaling: rope(q, k, positions, cfg.rotary_dim or d, theta, scaling,  # noqa: E731
+                                             cfg.max_position_embeddings, cfg.rope_interleaved)
+        if cfg.rope_local_theta is None:
+            q, k = rotate(cfg.rope_theta, cfg.rope_scaling)
+        else:  # Gemma 3: the sliding layers turn at their own base, unscaled
+            q, k = by_kind(sliding, lambda slides: rotate(cfg.rope_local_theta, None) if slides
+                           else rotate(cfg.rope_theta, cfg.rope_scaling))
+        if cfg.query_pre_attn_scalar:  # the kernels divide by sqrt(head_dim): scores / sqrt(scalar) instead
+            q = q * jnp.asarray(math.sqrt(d / cfg.query_pre_attn_scalar), q.dtype)
         self.sow("intermediates", "keys_values", (k, v))  # stored only when asked for (e.g. prefix init)
         num_prefix = 0
         o_proj = proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias)
+        window = lambda slides: cfg.sliding_window if slides else None  # noqa: E731
         if cache is not None:
             cache, keys, values = write_cache(cache, k, v, cache_index, layer)
             p = None if prefix is None else (prefix[0].astype(keys.dtype), prefix[1].astype(keys.dtype))
-            out = cached(q, keys, values, mask, cache_index, p, cfg.sliding_window)
+            out = by_kind(sliding, lambda slides: cached(q, keys, values, mask, cache_index, p, window(slides),
+                                                         cfg.attn_softcap))
             return o_proj(out.astype(dt)), cache
         if prefix is not None:  # learned keys/values, no rotary: they are not at a position
             num_prefix = prefix[0].shape[1]
@@ -114,9 +157,26 @@ class Attention(nn.Module):
             v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
         q = constrain(q, ("batch", "length", "act_heads", None))  # heads stay split (tensor parallel)
         k, v = (constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
-        out = attention(q, k, v, mask, num_prefix, cfg.sliding_window, dt, cfg.attention, segment_ids)
+        out = by_kind(sliding, lambda slides: attention(q, k, v, mask, num_prefix, window(slides), dt, cfg.attention,
+                                                        segment_ids, softcap=cfg.attn_softcap))
         out = constrain(out, ("batch", "length", "act_heads"))
         return o_proj(out)
+
+
+def by_kind(sliding, fn):
+    """fn(slides) for this layer's kind: `sliding` a Python bool, or traced under the layer scan, where
+    both kinds are compiled and the layer's runs (`lax.cond`)."""
+    if isinstance(sliding, bool):
+        return fn(sliding)
+    return jax.lax.cond(sliding, lambda: fn(True), lambda: fn(False))
+
+
+def gelu_tanh(x):
+    """HF's gelu_pytorch_tanh (Gemma's MLP)."""
+    return nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": gelu_tanh}
 
 
 class MLP(nn.Module):
@@ -132,7 +192,8 @@ class MLP(nn.Module):
         else:
             gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
             up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        hidden = constrain(gated(nn.silu, gate, up), ("batch", "length", "act_mlp"))  # split like gate/up's outputs
+        hidden = gated(ACTIVATIONS[cfg.hidden_act], gate, up)
+        hidden = constrain(hidden, ("batch", "length", "act_mlp"))  # split like gate/up's outputs
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 
@@ -141,23 +202,24 @@ class DecoderLayer(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, carry, mask, positions, prefix, segment_ids=None, cache_index=None):
+    def __call__(self, carry, mask, positions, prefix, segment_ids=None, cache_index=None, sliding=None):
         """carry: h, or in generation (h, cache, layer): the cache travels with the hidden states (through
         the scan, with the layer index that says where in the stacked cache this layer writes)."""
         cfg = self.cfg
         h, cache, layer = carry if isinstance(carry, tuple) else (carry, None, None)
-        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="input_layernorm")(h)
-        a = Attention(cfg, self.hooks, name="self_attn")(x, mask, positions, prefix, segment_ids, cache, cache_index,
-                                                         layer)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.norm_offset, name=name)  # noqa: E731
+        post_attention, pre_mlp, post_mlp = cfg.norm_names if cfg.sandwich_norms else (None, "post_attention_layernorm",
+                                                                                       None)
+        a = Attention(cfg, self.hooks, name="self_attn")(norm("input_layernorm")(h), mask, positions, prefix,
+                                                         segment_ids, cache, cache_index, layer, sliding)
         if cache is not None:
             a, cache = a
-        if cfg.sandwich_norms:
-            a = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_self_attn_layernorm")(a)
+        if post_attention:
+            a = norm(post_attention)(a)
         h = h + block_output(self, a, "attention")
-        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(h)
-        m = MLP(cfg, self.hooks, name="mlp")(x)
-        if cfg.sandwich_norms:
-            m = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_mlp_layernorm")(m)
+        m = MLP(cfg, self.hooks, name="mlp")(norm(pre_mlp)(h))
+        if post_mlp:
+            m = norm(post_mlp)(m)
         h = h + block_output(self, m, "mlp")
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         if cache is None:
@@ -224,7 +286,10 @@ class LlamaModel(nn.Module):
             self, "embed_tokens", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
         )
         # FSDP gathers the table like every other weight, rather than swapping looked-up rows all-to-all.
-        h = jnp.take(constrain(embed, ("vocab", None)), input_ids, axis=0).astype(dt)
+        h = jnp.take(constrain(embed, ("vocab", None)), input_ids, axis=0)
+        if cfg.embed_scale:  # Gemma, as HF: the scale rounded to the table's dtype, before any virtual token joins
+            h = h * jnp.asarray(math.sqrt(cfg.hidden_size), h.dtype)
+        h = h.astype(dt)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         length = input_ids.shape[1]
         for hook in self.hooks:  # prompt tuning puts virtual tokens in front
@@ -248,34 +313,37 @@ class LlamaModel(nn.Module):
                 position_ids = jax.lax.dynamic_slice_in_dim(position_ids, cache_index, length, axis=1)
 
         layer = remat(DecoderLayer, cfg)
+        slides = [w is not None for w in cfg.layer_windows] if cfg.mixed_layers else None  # each layer's kind
         if cfg.scan_layers:
             stack = nn.scan(
                 layer,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             layers = stack(cfg, self.hooks, name="layers")
+            kinds = None if slides is None else jnp.asarray(slides)
             if cache is None:
-                h, _ = layers(h, mask, position_ids, prefix, segment_ids, None)
+                h, _ = layers(h, mask, position_ids, prefix, segment_ids, None, kinds)
             else:  # the stacked cache is carried, each layer writing its own slice in place
                 (h, new, _), _ = layers((h, cache["layers"], jnp.int32(0)), mask, position_ids, prefix, segment_ids,
-                                        cache_index)
+                                        cache_index, kinds)
                 cache = {"layers": new}
         else:
             new = {}
             for i in range(cfg.num_layers):
                 p = None if prefix is None else (prefix[0][i], prefix[1][i])
                 mod = layer(cfg, self.hooks, name=f"layers_{i}")
+                kind = None if slides is None else slides[i]
                 if cache is None:
-                    h, _ = mod(h, mask, position_ids, p, segment_ids)
+                    h, _ = mod(h, mask, position_ids, p, segment_ids, None, kind)
                 else:
                     (h, new[f"layers_{i}"], _), _ = mod((h, cache[f"layers_{i}"], None), mask, position_ids, p,
-                                                        segment_ids, cache_index)
+                                                        segment_ids, cache_index, kind)
             cache = new if cache is not None else None
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="norm")(h)
+        h = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="norm")(h)
 
         if cfg.head == "classification":
             pooled = pool(h, attention_mask, cfg.pooling)
@@ -290,51 +358,71 @@ class LlamaModel(nn.Module):
         return self.output_logits(h, embed, return_hidden)
 
     def output_logits(self, h, embed, return_hidden: bool = False):
-        """Final states -> logits [B, T, V] (or, with `return_hidden`, the states and output embedding)."""
+        """Final states -> logits [B, T, V] (or, with `return_hidden`, the states and output embedding).
+        Gemma 2's capped logits always come back as logits: the fused loss reads the plain product."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
+        return_hidden = return_hidden and not cfg.final_softcap
         if cfg.tie_word_embeddings:
-            return (h, embed) if return_hidden else jnp.dot(h, embed.astype(dt).T, preferred_element_type=jnp.float32)
-        lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks, preferred_element_type=jnp.float32,
-                         name="lm_head")
-        if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
-            return h, lm_head(h, kernel_only=True).T
-        return lm_head(h).astype(jnp.float32)
+            if return_hidden:
+                return h, embed
+            logits = jnp.dot(h, embed.astype(dt).T, preferred_element_type=jnp.float32)
+        else:
+            lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks,
+                             preferred_element_type=jnp.float32, name="lm_head")
+            if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
+                return h, lm_head(h, kernel_only=True).T
+            logits = lm_head(h).astype(jnp.float32)
+        if cfg.final_softcap:
+            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+        return logits
 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face: config.json and weight names, both ways.
 
 ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "glm": "Glm", "glm4": "Glm4",
-        "phi3": "Phi3"}
+        "phi3": "Phi3", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 GLM = ("glm", "glm4")
+GEMMA = ("gemma", "gemma2", "gemma3_text")
 PARTIAL_ROTARY = GLM + ("phi3",)  # the model types whose rotary may cover part of each head
+LAYER_TYPES = ("sliding_attention", "full_attention")
+ACTIVATION_OF_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name -> ours
+HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
 def config_from_hf(c: dict, file: str) -> LlamaConfig:
     """A HF config dict (as in config.json) -> LlamaConfig (the architecture; hf.py adds head and labels)."""
     mtype = c.get("model_type")
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+    local_theta = None
+    if mtype == "gemma3_text":  # rope parameters per layer type (transformers 5), or rope_local_base_freq
+        local = dict(rope.pop("sliding_attention", None) or {})
+        rope = dict(rope.pop("full_attention", None) or rope)
+        local_theta = float(local.get("rope_theta", c.get("rope_local_base_freq", 10000.0)))
+        if local.get("rope_type", "default") != "default":
+            raise JaxftError(f"{file}: the sliding layers' rope_type {local['rope_type']!r} is not supported "
+                             "(expected 'default')")
+    theta = rope.pop("rope_theta", c.get("rope_theta", 1e6 if mtype == "gemma3_text" else 10000.0))
     # the rotated share of each head: GLM's 0.5 (in rope_parameters, or at the top level before transformers 5)
     partial = float(rope.pop("partial_rotary_factor", None) or c.get("partial_rotary_factor") or 1.0)
     if partial != 1.0 and mtype not in PARTIAL_ROTARY:
         raise JaxftError(f"{file}: partial_rotary_factor={partial} is not supported for {mtype} (expected 1.0)")
     rope = _rope_scaling(rope, c, file)
-    window = c.get("sliding_window")
-    if mtype in ("qwen2", "qwen3"):
-        window = window if c.get("use_sliding_window") else None
-        if window is not None:  # as transformers: layer_types, else sliding from max_window_layers on
-            n, first = c["num_hidden_layers"], c.get("max_window_layers", 28)
-            default = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-            types = set(c.get("layer_types") or default)
-            if types == {"full_attention"}:
-                window = None
-            elif types != {"sliding_attention"}:
-                raise JaxftError(f"{file}: {ARCH[mtype]} with mixed sliding/full attention layers is not supported")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in c]
     if missing:
         raise JaxftError(f"{file}: missing {', '.join(missing)}")
+    window, types = _layer_types(c, mtype, file)
+    gemma = mtype in GEMMA
+    if c.get("use_bidirectional_attention"):
+        raise JaxftError(f"{file}: use_bidirectional_attention=true (an embedding model) is not supported: jaxft's "
+                         f"{mtype} is a causal decoder")
+    act = c.get("hidden_activation") or c.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if mtype == "gemma" and act == "gelu":  # transformers: Gemma's legacy "gelu" means the tanh approximation
+        act = "gelu_pytorch_tanh"
+    if act not in ACTIVATION_OF_HF:
+        raise JaxftError(f"{file}: hidden activation {act!r} is not supported for {mtype} (expected "
+                         f"{'gelu_pytorch_tanh' if gemma else 'silu'})")
     heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     if not (isinstance(heads, int) and isinstance(kv_heads, int) and 0 < kv_heads <= heads and heads % kv_heads == 0):
         raise JaxftError(f"{file}: num_attention_heads={heads}, num_key_value_heads={kv_heads}: expected positive "
@@ -351,6 +439,7 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         raise JaxftError(f"{file}: rope_type 'longrope': long_factor and short_factor have {len(rope['long_factor'])} "
                          f"and {len(rope['short_factor'])} values: expected {rotary // 2}, one per rotated frequency")
     glm = mtype in GLM  # q/k/v biases by default (attention_bias), none on o_proj
+    capped = mtype == "gemma2"  # Gemma 3 keeps attn_logit_softcapping in its config but does not apply it
     return LlamaConfig(
         vocab_size=c["vocab_size"],
         hidden_size=c["hidden_size"],
@@ -363,22 +452,56 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         rope_theta=float(theta),
         rope_scaling=tuple(sorted(rope.items())) or None,
         max_position_embeddings=c.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", gemma)),
         qkv_bias=mtype == "qwen2" or bool(c.get("attention_bias", glm)),
         o_bias=mtype != "qwen2" and not glm and bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
         sliding_window=window,
-        qk_norm=mtype == "qwen3",
+        qk_norm=mtype in ("qwen3", "gemma3_text"),
         rotary_dim=rotary if rotary != head_dim else 0,
         rope_interleaved=glm,
         fused_gate_up=glm or mtype == "phi3",
         fused_qkv=mtype == "phi3",
-        sandwich_norms=mtype == "glm4",
+        sandwich_norms=mtype in ("glm4", "gemma2", "gemma3_text"),
+        norm_offset=gemma,
+        hidden_act=ACTIVATION_OF_HF[act],
+        embed_scale=gemma,
+        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or 256) if mtype in GEMMA[1:] else 0.0,
+        attn_softcap=(c.get("attn_logit_softcapping") or None) if capped else None,
+        final_softcap=c.get("final_logit_softcapping") or None,
+        layer_types=types,
+        rope_local_theta=local_theta,
         model_type=mtype,
         bos_token_id=c.get("bos_token_id"),
         eos_token_id=c.get("eos_token_id") if not isinstance(c.get("eos_token_id"), list) else c["eos_token_id"][0],
         pad_token_id=c.get("pad_token_id"),
     )
+
+
+def _layer_types(c: dict, mtype: str, file: str) -> tuple[int | None, tuple[str, ...] | None]:
+    """config.json's window and layer kinds -> (sliding_window, layer_types): layer_types only where the
+    layers differ, the window None where no layer slides. As transformers: Qwen2/3 slide from
+    max_window_layers on (with use_sliding_window); Gemma 2 every other layer from the first, Gemma 3 all
+    but every sliding_window_pattern-th; config.json's own layer_types first."""
+    window, n = c.get("sliding_window"), c["num_hidden_layers"]
+    if mtype in ("qwen2", "qwen3"):
+        if not c.get("use_sliding_window"):
+            return None, None
+        first = c.get("max_window_layers", 28)
+        default = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    elif mtype == "gemma2":
+        default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    elif mtype == "gemma3_text":
+        pattern = c.get("sliding_window_pattern") or 6
+        default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    else:
+        return window, None  # Llama's, Mistral's, Phi-3's one window (or none) for every layer
+    types = c.get("layer_types") or default
+    if len(types) != n or not set(types) <= set(LAYER_TYPES):
+        raise JaxftError(f"{file}: layer_types {types!r}: expected {n} values, each one of {', '.join(LAYER_TYPES)}")
+    if window is None or set(types) == {"full_attention"}:
+        return None, None
+    return window, (None if set(types) == {"sliding_attention"} else tuple(types))
 
 
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
@@ -427,7 +550,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.dim_per_head,
-        "hidden_act": "silu",
+        "hidden_act": HF_ACTIVATION[cfg.hidden_act],
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": rope,
@@ -439,13 +562,14 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     }
     if cfg.rope_scaling:
         c["rope_scaling"] = rope
+    types = ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
     if cfg.model_type in ("qwen2", "qwen3"):
         sliding = cfg.sliding_window is not None
         c.update(
             use_sliding_window=sliding,
             sliding_window=cfg.sliding_window,
-            max_window_layers=0 if sliding else cfg.num_layers,  # every layer slides, or none
-            layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
+            max_window_layers=types.index("sliding_attention") if sliding else cfg.num_layers,
+            layer_types=types,
         )
         if cfg.model_type == "qwen3":  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
             c.update(attention_bias=cfg.qkv_bias)
@@ -455,6 +579,18 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             c["sliding_window"] = cfg.sliding_window
         else:
             c["attention_bias"] = cfg.qkv_bias
+    elif cfg.model_type in GEMMA:
+        c.update(hidden_activation=HF_ACTIVATION[cfg.hidden_act], attention_bias=cfg.qkv_bias)
+        if cfg.model_type != "gemma":
+            scalar = cfg.query_pre_attn_scalar  # an int in transformers' config
+            c.update(query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar, sliding_window=cfg.sliding_window,
+                     layer_types=types, attn_logit_softcapping=cfg.attn_softcap,
+                     final_logit_softcapping=cfg.final_softcap)
+        if cfg.model_type == "gemma3_text":  # rope parameters per layer type, the sliding layers' unscaled
+            local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
+            c.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                     rope_local_base_freq=cfg.rope_local_theta)
+            c.pop("rope_scaling", None)
     else:
         c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
         if cfg.model_type == "mistral":
@@ -463,7 +599,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
 
 
 def architecture(cfg: LlamaConfig) -> str:
-    return ARCH[cfg.model_type] + ("ForSequenceClassification" if cfg.head == "classification" else "ForCausalLM")
+    if cfg.head == "classification":  # Gemma 3's text-only classifier is Gemma3TextForSequenceClassification
+        return ARCH[cfg.model_type] + ("Text" if cfg.model_type == "gemma3_text" else "") + "ForSequenceClassification"
+    return ARCH[cfg.model_type] + "ForCausalLM"
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -567,9 +705,9 @@ FAMILY = Family(
     hf_module=hf_module,
     our_module=our_module,
     lora_targets=lambda cfg: "qkv_proj" if cfg.fused_qkv else "q_proj,v_proj",  # PEFT has no Phi-3 default
-    # PEFT's IA3 defaults: keys for Llama and Mistral, queries for Qwen
+    # PEFT's IA3 defaults: keys for Llama and Mistral, queries for Qwen and Gemma
     ia3_targets=lambda cfg: "qkv_proj,down_proj" if cfg.fused_qkv else (
-        "q_proj" if cfg.model_type.startswith("qwen") else "k_proj") + ",v_proj,down_proj",
+        "q_proj" if cfg.model_type.startswith(("qwen", "gemma")) else "k_proj") + ",v_proj,down_proj",
     ia3_feedforward="down_proj",
     head_params=r"^(score|lm_head)/",
     classifier_params=r"^score/",
