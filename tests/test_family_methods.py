@@ -57,6 +57,17 @@ FAMILIES = {
                                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                                                    rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                                     "partial_rotary_factor": 0.75})),
+    # the Llama module's Gemma 2: capped scores and logits, every other layer sliding (a window the 8 tokens pass)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                         sliding_window=4, query_pre_attn_scalar=12,
+                                                         attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
+    # the Llama module's Gemma 3: a sliding layer at its own rotary base, then a full one; q/k norms; untied
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=12, tie_word_embeddings=False,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=32)),
     "bert": ("BertConfig", "BertForSequenceClassification",
              dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -268,6 +279,8 @@ CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "p
 CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
 CELLS += [("glm4", m) for m in ("full", "lora", "lora_mlp", "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
 CELLS += [("phi3", m) for m in ("full", "lora", "dora", "ia3", "ptuning_v2")]
+CELLS += [("gemma2", m) for m in ("full", "lora", "ia3", "prompt_tuning", "ptuning_v2")]
+CELLS += [("gemma3", m) for m in ("full", "lora", "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
 
 
 # The default run keeps every method on llama (the main family) and, on each other family, the methods whose
@@ -276,7 +289,9 @@ CELLS += [("phi3", m) for m in ("full", "lora", "dora", "ia3", "ptuning_v2")]
 # (ptuning_v2: the family's key/value layout), prompt tuning on the encoders (T5, RoBERTa's padded positions),
 # a whole-model export (head or bitfit or full), and the refused cells; on GLM-4, LoRA on its fused gate_up_proj
 # (read by PEFT), the prefix (its half-rotated keys) and the whole model; on Phi-3, LoRA and IA3 on its fused
-# qkv_proj (their defaults there).
+# qkv_proj (their defaults there); on Gemma 2, LoRA and the prefix under its capped scores and alternating
+# windows; on Gemma 3, the whole model (its 1 + weight norms), IA3 (its default, queries), prompt tuning (the
+# virtual tokens join after the embedding scale, as in PEFT) and the prefix (its per-layer kinds).
 # slow: each of the other cells repeats a default cell's feature: the method itself on llama in
 # test_method_on_family[llama-<method>], and the family's code path in the family's default cells above
 # (pfeiffer = houlsby's MLP site; prefix_tuning = ptuning_v2 plus the family-independent projection;
@@ -288,7 +303,8 @@ DEFAULT_CELLS = {("llama", m) for m in METHODS} | {
     ("roberta", m) for m in ("lora", "prompt_tuning")} | {
     ("t5", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")} | {
     ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")} | {
-    ("glm4", m) for m in ("full", "lora_mlp", "ptuning_v2")} | {("phi3", m) for m in ("lora", "ia3")}
+    ("glm4", m) for m in ("full", "lora_mlp", "ptuning_v2")} | {("phi3", m) for m in ("lora", "ia3")} | {
+    ("gemma2", m) for m in ("lora", "ptuning_v2")} | {("gemma3", m) for m in ("full", "ia3", "prompt_tuning", "ptuning_v2")}
 
 
 @pytest.mark.parametrize("family_name,method_name", [

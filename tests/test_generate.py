@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers import Glm4Config, Glm4ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from jaxft import generate as gen
 from jaxft import hf
@@ -46,6 +47,14 @@ FAMILIES = {
                                                original_max_position_embeddings=6, rope_parameters={
         "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
         "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 4.0, 6.0]})),
+    # every other layer sliding (the cache keeps every slot; the window is in the mask), capped scores and logits
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(head_dim=24, sliding_window=4, query_pre_attn_scalar=20,
+                                                     attn_logit_softcapping=3.0, final_logit_softcapping=30.0)),
+    # two sliding layers at their own rotary base to one full layer with linear scaling
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, dict(num_hidden_layers=3, head_dim=24, sliding_window=4,
+                                                         sliding_window_pattern=3, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 PAD = 7
 NEW = 10
@@ -56,7 +65,7 @@ def saved(tmp_path_factory):
     out = {}
     for name, (cls, cfg_cls, extra) in FAMILIES.items():
         torch.manual_seed(0)
-        m = cls(cfg_cls(**TINY, **extra)).eval()
+        m = cls(cfg_cls(**{**TINY, **extra})).eval()
         d = tmp_path_factory.mktemp(name)
         m.save_pretrained(d)
         out[name] = (m, d)
@@ -91,11 +100,12 @@ def until_eos(row, eos):
 @pytest.mark.parametrize("name,scan,beams", [("llama", True, 1),
                                              pytest.param("llama", True, 4, marks=pytest.mark.slow), ("llama", False, 4),
                                              ("mistral", True, 1), ("qwen2", True, 4), ("qwen3", False, 1), ("gpt2", True, 1),
-                                             ("gpt2", False, 4), ("glm4", True, 1), ("phi3", True, 1)])
+                                             ("gpt2", False, 4), ("glm4", True, 1), ("phi3", True, 1),
+                                             ("gemma2", True, 1), ("gemma3", False, 4)])
 def test_matches_transformers(saved, name, scan, beams):
     m, d = saved[name]
     model, params = hf.load(d, scan_layers=scan)
-    if name in ("mistral", "qwen2", "qwen3", "phi3"):
+    if name in ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"):
         assert model.cfg.sliding_window is not None
     ids, mask = prompts()
     unused = [96, 97]  # EOS ids that cannot come up (beyond the vocabulary)
