@@ -71,16 +71,28 @@ def token_stats(logits, targets, weights):
     return {"loss_sum": jnp.sum(nll * weights), "count": jnp.sum(weights), "correct": jnp.sum(correct * weights)}
 
 
-def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32):
+def softcap(logits, cap: float | None):
+    """Gemma 2's soft cap of scores or logits, cap * tanh(logits / cap); as they are without one."""
+    return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def hidden_outputs(outputs: tuple):
+    """A causal LM's `return_hidden` outputs -> (final states, output embedding, logit cap or None): a model
+    whose logits are capped (Gemma 2's final_logit_softcapping) returns its cap as a third element."""
+    return (*outputs, None)[:3]
+
+
+def fused_cross_entropy(hidden, embedding, targets, weights, dtype=jnp.float32, cap: float | None = None):
     """Sums of NLL, weight and correct predictions of `hidden @ embedding.T` against `targets`.
 
     hidden [B, T, D]; embedding [V, D] (the output embedding, tied or not); targets [B, T] int;
     weights [B, T] float (0 drops a token). The projection runs in `dtype` and the softmax in fp32,
-    as the unfused `logits.astype(float32)` path does. Differentiable in hidden and embedding.
+    as the unfused `logits.astype(float32)` path does. Differentiable in hidden and embedding. `cap`:
+    the logits are `softcap`ped first.
     """
     b, t, _ = hidden.shape
     length = chunk_length(b, t, embedding.shape[0])  # t = 0: no targets, sums of 0
-    sums = _fused(hidden, embedding, targets, weights.astype(jnp.float32), length, jnp.dtype(dtype))
+    sums = _fused(hidden, embedding, targets, weights.astype(jnp.float32), length, jnp.dtype(dtype), cap)
     return {"loss_sum": sums[0], "count": jnp.sum(weights), "correct": sums[1]}
 
 
@@ -89,17 +101,20 @@ def row_sums(logits, targets, weights):
     return jnp.sum(log_probs(logits, targets) * weights, axis=1)
 
 
-def row_log_likelihood(hidden, embedding, targets, weights, dtype=jnp.float32):
+def row_log_likelihood(hidden, embedding, targets, weights, dtype=jnp.float32, cap: float | None = None):
     """[B]: each row's sum of weights * log p(target) under `hidden @ embedding.T` (DPO's sequence
     log-likelihoods), from `token_log_probs`."""
-    return jnp.sum(token_log_probs(hidden, embedding, targets, dtype) * weights.astype(jnp.float32), axis=1)
+    log_p = token_log_probs(hidden, embedding, targets, dtype, cap)
+    return jnp.sum(log_p * weights.astype(jnp.float32), axis=1)
 
 
-def token_log_probs(hidden, embedding, targets, dtype=jnp.float32):
-    """[B, T]: log p(target) of every position under `hidden @ embedding.T` (GRPO's per-token ratios).
-    Chunked along the sequence as `fused_cross_entropy`, but differentiated by plain autodiff: each
-    chunk's logits are recomputed in the backward pass (`jax.checkpoint`) instead of kept, since a
-    per-token output cannot fold its gradient into the forward pass as a single sum does."""
+def token_log_probs(hidden, embedding, targets, dtype=jnp.float32, cap: float | None = None,
+                    temperature: float = 1.0):
+    """[B, T]: log p(target) of every position under `hidden @ embedding.T`, `softcap`ped by `cap`, over
+    `temperature` (GRPO's per-token ratios). Chunked along the sequence as `fused_cross_entropy`, but
+    differentiated by plain autodiff: each chunk's logits are recomputed in the backward pass
+    (`jax.checkpoint`) instead of kept, since a per-token output cannot fold its gradient into the
+    forward pass as a single sum does."""
     b, t, _ = hidden.shape
     length = chunk_length(b, t, embedding.shape[0])
     e = embedding.astype(dtype)
@@ -107,7 +122,9 @@ def token_log_probs(hidden, embedding, targets, dtype=jnp.float32):
     @jax.checkpoint
     def chunk(_, xs):
         h, y = xs  # [B, length, ...]
-        logits = jnp.einsum("bld,vd->blv", h.astype(dtype), e, preferred_element_type=jnp.float32)
+        logits = softcap(jnp.einsum("bld,vd->blv", h.astype(dtype), e, preferred_element_type=jnp.float32), cap)
+        if temperature != 1.0:
+            logits = logits / temperature
         return None, -_softmax_nll(logits, y)[0]
 
     xs = (_chunks(hidden, length), _chunks(targets, length))
@@ -132,18 +149,22 @@ def _unchunk(x, t: int):
     return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :t]
 
 
-def _forward(hidden, embedding, targets, weights, length, dtype, hidden_grad: bool, embedding_grad: bool):
+def _forward(hidden, embedding, targets, weights, length, dtype, cap, hidden_grad: bool, embedding_grad: bool):
     """Loss sums, and the gradients of the NLL sum (for a cotangent of 1) asked for, in one pass."""
     e = embedding.astype(dtype)
 
     def chunk(grad_e, xs):
         h, y, w = (x.reshape((-1,) + x.shape[2:]) for x in xs)  # [B * length, ...]: plain 2-D matmuls
         logits = jnp.einsum("nd,vd->nv", h.astype(dtype), e, preferred_element_type=jnp.float32)
-        nll, correct, p, s = _softmax_nll(logits, y)
+        tanh = jnp.tanh(logits / cap) if cap else None
+        nll, correct, p, s = _softmax_nll(logits if tanh is None else cap * tanh, y)
         sums = (jnp.sum(nll * w), jnp.sum(correct * w))
         if not (hidden_grad or embedding_grad):
             return grad_e, (sums, None)
-        d_logits = ((p / s - jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * w[..., None]).astype(dtype)
+        d_logits = (p / s - jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * w[..., None]
+        if tanh is not None:  # through the cap: d(c tanh(z / c)) / dz = 1 - tanh^2
+            d_logits = d_logits * (1 - tanh * tanh)
+        d_logits = d_logits.astype(dtype)
         d_h = jnp.einsum("nv,vd->nd", d_logits, e).reshape(xs[0].shape) if hidden_grad else None
         if embedding_grad:
             grad_e = grad_e + jnp.einsum("nv,nd->vd", d_logits, h.astype(dtype), preferred_element_type=jnp.float32)
@@ -157,19 +178,19 @@ def _forward(hidden, embedding, targets, weights, length, dtype, hidden_grad: bo
     return (jnp.sum(nll), jnp.sum(correct)), (d_h, grad_e)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(hidden, embedding, targets, weights, length, dtype):
-    return _forward(hidden, embedding, targets, weights, length, dtype, False, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(hidden, embedding, targets, weights, length, dtype, cap):
+    return _forward(hidden, embedding, targets, weights, length, dtype, cap, False, False)[0]
 
 
-def _fused_fwd(hidden, embedding, targets, weights, length, dtype):
+def _fused_fwd(hidden, embedding, targets, weights, length, dtype, cap):
     # With symbolic zeros, each primal says whether it is differentiated: a frozen embedding
     # (LoRA, P-Tuning v2, head-only) costs no [V, D] gradient matmul.
     h, e, y, w = hidden.value, embedding.value, targets.value, weights.value
-    return _forward(h, e, y, w, length, dtype, hidden.perturbed, embedding.perturbed)
+    return _forward(h, e, y, w, length, dtype, cap, hidden.perturbed, embedding.perturbed)
 
 
-def _fused_bwd(length, dtype, residuals, cotangents):
+def _fused_bwd(length, dtype, cap, residuals, cotangents):
     d_h, grad_e = residuals
     g = cotangents[0]  # d(loss) / d(NLL sum); the count of correct predictions has no gradient
     if isinstance(g, jax.custom_derivatives.SymbolicZero):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.cross_entropy import row_log_likelihood, row_sums
+from jaxft.cross_entropy import hidden_outputs, row_log_likelihood, row_sums
 from jaxft.objectives import Objective, both_answers, next_token, pair_inputs, pair_means, pair_tokens
 
 REFERENCE = "reference_logps"  # [pairs, 2]: the chosen and the rejected answer's log-likelihood under the reference
@@ -40,8 +40,8 @@ def log_likelihoods(outputs, batch) -> jax.Array:
     weights = next_token(both_answers(batch, "attention_mask") * both_answers(batch, "loss_mask")).astype(jnp.float32)
     targets = next_token(both_answers(batch, "input_ids"))
     if isinstance(outputs, tuple):
-        hidden, embedding = outputs
-        ll = row_log_likelihood(hidden, embedding, targets, weights, hidden.dtype)
+        hidden, embedding, cap = hidden_outputs(outputs)
+        ll = row_log_likelihood(hidden, embedding, targets, weights, hidden.dtype, cap)
     else:
         ll = row_sums(outputs.astype(jnp.float32), targets, weights)
     return ll.reshape(2, -1).T

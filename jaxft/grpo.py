@@ -124,7 +124,9 @@ def token_log_probs(outputs, batch, temperature: float = 1.0):
     temperature. outputs: logits, or (hidden, output embedding), projected chunk by chunk."""
     targets = completion_targets(batch)[0]
     if isinstance(outputs, tuple):
-        hidden, embedding = outputs
+        hidden, embedding, cap = cross_entropy.hidden_outputs(outputs)
+        if cap:  # the temperature divides the capped logits
+            return cross_entropy.token_log_probs(hidden, embedding, targets, hidden.dtype, cap, temperature)
         scaled = hidden if temperature == 1.0 else (hidden.astype(jnp.float32) / temperature).astype(hidden.dtype)
         return cross_entropy.token_log_probs(scaled, embedding, targets, hidden.dtype)
     return cross_entropy.log_probs(outputs.astype(jnp.float32) / temperature, targets)

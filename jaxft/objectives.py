@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxft.cross_entropy import fused_cross_entropy, token_stats
+from jaxft.cross_entropy import fused_cross_entropy, hidden_outputs, softcap, token_stats
 from jaxft.data.preference import REJECTED
 
 
@@ -141,8 +141,8 @@ def causal_lm_loss(outputs, batch):
     w = keep.astype(jnp.float32) * batch["weight"][:, None]
     targets = next_token(batch["input_ids"])
     if isinstance(outputs, tuple):
-        hidden, embedding = outputs
-        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype)
+        hidden, embedding, cap = hidden_outputs(outputs)
+        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype, cap)
     return token_stats(outputs, targets, w)
 
 
@@ -209,11 +209,11 @@ def cloze_logits(outputs, batch):
     [B * R, K, V] (R = 1 row shared by every class, or C rows, one each; see `jaxft.data.tasks.cloze`)."""
     words = batch["verbalizer"]
     if isinstance(outputs, tuple):
-        h, embed = outputs
+        h, embed, cap = hidden_outputs(outputs)
         if words.ndim == 2:
             picked = jnp.take(embed, words, axis=0).astype(h.dtype)  # [B, C, D]
-            return jnp.einsum("bd,bcd->bc", h[:, 0], picked, preferred_element_type=jnp.float32)
-        outputs = jnp.einsum("bkd,vd->bkv", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)
+            return softcap(jnp.einsum("bd,bcd->bc", h[:, 0], picked, preferred_element_type=jnp.float32), cap)
+        outputs = softcap(jnp.einsum("bkd,vd->bkv", h, embed.astype(h.dtype), preferred_element_type=jnp.float32), cap)
     if words.ndim == 2:
         return jnp.take_along_axis(outputs[:, 0, :], words, axis=-1)
     b, _, k = words.shape
@@ -271,8 +271,8 @@ def seq2seq_loss(outputs, batch):
     w = keep.astype(jnp.float32) * weight
     targets = jnp.where(keep, labels, 0)
     if isinstance(outputs, tuple):
-        hidden, embedding = outputs
-        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype)
+        hidden, embedding, cap = hidden_outputs(outputs)
+        return fused_cross_entropy(hidden, embedding, targets, w, hidden.dtype, cap)
     return token_stats(outputs, targets, w)
 
 

@@ -93,6 +93,28 @@ def test_dot_product_attention_call_matches_xla(case, dtype):
     check(functools.partial(A.cudnn, implementation="xla"), case, dtype)
 
 
+@needs_pallas
+def test_splash_caps_scores_as_xla():
+    """Gemma 2's capped scores (softcap * tanh(scores / softcap)) in the splash kernel, forward and
+    gradients, against the xla reference with the same cap, which the cap really changes; packed rows
+    with a prefix and a cap take the reference itself."""
+    q, k, v, mask = inputs("float32", GQA, 3)
+    q = q * 3  # scores well past the cap
+    capped = lambda fn: functools.partial(fn, softcap=2.0)  # noqa: E731
+    ref = run(capped(A.xla), q, k, v, mask, 3, 5)
+    assert np.abs(np.asarray(ref - run(A.xla, q, k, v, mask, 3, 5))).max() > 1e-2
+    with interpreted():
+        assert_matches(run(capped(A.splash), q, k, v, mask, 3, 5), ref, mask, "float32")
+        got = grads(capped(A.splash), q, k, v, mask, 3, 5)
+    for name, g, r in zip("qkv", got, grads(capped(A.xla), q, k, v, mask, 3, 5)):
+        scale = float(np.max(np.abs(np.asarray(r))))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=TOL["float32"] * scale, rtol=TOL["float32"],
+                                   err_msg=name)
+    segments = jnp.asarray(np.repeat([[1, 2]], 12, axis=1).reshape(1, 24).repeat(3, 0))
+    packed = A.splash(q, k, v, mask, 3, None, segments, softcap=2.0)
+    np.testing.assert_array_equal(packed, A.xla(q, k, v, mask, 3, None, segments, softcap=2.0))
+
+
 @needs_gpu
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_cudnn_matches_xla(case):
@@ -275,6 +297,13 @@ def test_choice_and_errors():
     if not GPU:
         with pytest.raises(JaxftError, match=f"model.attention='cudnn'.*{BACKEND}"):
             A.resolve("cudnn", jnp.bfloat16, 64)
+    # capped scores (Gemma 2): auto leaves cuDNN for xla on a GPU; cudnn and flash, asked for, are an error
+    assert A.resolve("auto", jnp.bfloat16, 64, backend="gpu") == "cudnn"
+    assert A.resolve("auto", jnp.bfloat16, 64, backend="gpu", softcap=50.0) == "xla"
+    assert A.resolve("auto", jnp.bfloat16, 64, backend="tpu", softcap=50.0) == "splash"
+    for kernel in ("cudnn", "flash"):
+        with pytest.raises(JaxftError, match=f"model.attention='{kernel}' does not cap attention scores"):
+            A.resolve(kernel, jnp.bfloat16, 64, backend={"cudnn": "gpu", "flash": "tpu"}[kernel], softcap=50.0)
     config = base_config()
     assert config.model.attention == "auto"
     config.model.attention = "fast"

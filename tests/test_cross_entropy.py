@@ -36,9 +36,11 @@ def inputs(seed=0):
     return h, e, y, w
 
 
-def torch_oracle(h, e, y, w):
+def torch_oracle(h, e, y, w, cap=None):
     th, te = torch.tensor(h, requires_grad=True), torch.tensor(e, requires_grad=True)
     logits = th @ te.T
+    if cap:  # Gemma 2's final_logit_softcapping, as transformers applies it
+        logits = torch.tanh(logits / cap) * cap
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.tensor(y).reshape(-1).long(), reduction="none")
     loss = (nll * torch.tensor(w).reshape(-1)).sum()
     loss.backward()
@@ -46,12 +48,16 @@ def torch_oracle(h, e, y, w):
     return loss.item(), correct.item(), th.grad.numpy(), te.grad.numpy()
 
 
-def test_values_and_gradients_match_torch(small_chunks):
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_values_and_gradients_match_torch(small_chunks, cap):
+    """Also with capped logits (cap 2: most of these logits are past it), the cap's derivative folded in."""
     h, e, y, w = inputs()
-    loss, correct, dh, de = torch_oracle(h, e, y, w)
+    loss, correct, dh, de = torch_oracle(h, e, y, w, cap)
+    if cap:
+        assert abs(loss - torch_oracle(h, e, y, w)[0]) > 0.1 * loss
 
     def f(h, e):
-        sums = cross_entropy.fused_cross_entropy(h, e, y, w)
+        sums = cross_entropy.fused_cross_entropy(h, e, y, w, cap=cap)
         return sums["loss_sum"], sums
 
     (gh, ge), sums = jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(h, e)
@@ -59,6 +65,16 @@ def test_values_and_gradients_match_torch(small_chunks):
     assert sums["correct"] == correct and sums["count"] == w.sum()
     np.testing.assert_allclose(gh, dh, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ge, de, rtol=1e-4, atol=1e-6)
+
+
+def test_token_log_probs_cap_then_temperature(small_chunks):
+    """GRPO's per-token log-probabilities of a capped model (Gemma 2): the temperature divides the capped
+    logits, as transformers' sampling does."""
+    h, e, y, _ = inputs()
+    got = cross_entropy.token_log_probs(h, e, y, cap=2.0, temperature=0.7)
+    logits = torch.tanh(torch.tensor(h) @ torch.tensor(e).T / 2.0) * 2.0 / 0.7
+    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(y).long()[..., None])[..., 0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_accuracy_is_the_argmax_on_equal_logits(small_chunks):
@@ -124,6 +140,16 @@ def test_return_hidden_gives_what_logits_are_made_of(tiny_dirs, tied):
     logits = model.apply({"params": params}, ids)
     h, emb = model.apply({"params": params}, ids, return_hidden=True)
     np.testing.assert_allclose(jnp.einsum("btd,vd->btv", h, emb), logits, rtol=1e-5, atol=1e-6)
+    # Gemma 2's capped logits: the cap comes with the states, and the loss of both forms agrees
+    capped = model.clone(cfg=model.cfg.replace(final_softcap=0.5))
+    h, emb, cap = capped.apply({"params": params}, ids, return_hidden=True)
+    assert cap == 0.5
+    logits = capped.apply({"params": params}, ids)
+    np.testing.assert_allclose(cross_entropy.softcap(jnp.einsum("btd,vd->btv", h, emb), cap), logits, rtol=1e-5,
+                               atol=1e-6)
+    y, w = jnp.asarray(ids), jnp.ones(ids.shape)
+    np.testing.assert_allclose(cross_entropy.fused_cross_entropy(h, emb, y, w, cap=cap)["loss_sum"],
+                               cross_entropy.token_stats(logits, y, w)["loss_sum"], rtol=1e-5)
 
 
 def test_hooked_lm_head_returns_logits(tiny_dirs):

@@ -57,15 +57,17 @@ def test_mean_pooling_classifier_eight_devices_match_one(tmp_path):
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
 
 
-def test_glm4_tensor_parallel_matches_one_device(tmp_path):
+@pytest.mark.parametrize("model_type", ["glm4", "gemma2"])
+def test_tensor_parallel_matches_one_device(tmp_path, model_type):
     """GLM-4-0414 (`model.init.model_type=glm4`: rotary over adjacent pairs, output norms) with its fused
-    gate_up_proj split over 4 tensor shards, the gate half on two devices and the up half on the other two:
-    the same losses as one device."""
-    run = (*RUN, "--config.model.init.model_type=glm4")
+    gate_up_proj split over 4 tensor shards, the gate half on two devices and the up half on the other two;
+    Gemma 2 (its layers' kinds a `lax.cond` in the layer scan, capped scores and logits): the same losses as
+    one device."""
+    run = (*RUN, f"--config.model.init.model_type={model_type}")
     one, eight = tmp_path / "one", tmp_path / "eight"
     r = cli(one, *run, "--config.mesh.data=1")
     assert r.returncode == 0, r.stderr
-    assert "model: glm4 2x32" in r.stdout
+    assert f"model: {model_type} 2x32" in r.stdout
     r = cli(eight, *run, "--config.mesh.fsdp=2", "--config.mesh.tensor=4", devices=8)
     assert r.returncode == 0, r.stderr
     ref, got = losses(one), losses(eight)

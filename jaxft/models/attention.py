@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
+from jaxft.cross_entropy import softcap as cap
 from jaxft.errors import JaxftError
 
 ATTENTION = "attention"  # names attention's inputs and output, which remat "none" keeps (`layers.keep_products`)
@@ -166,11 +167,6 @@ def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(v.dtype)
-
-
-def cap(scores, softcap: float | None):
-    """Gemma 2's soft cap of attention scores: softcap * tanh(scores / softcap)."""
-    return softcap * jnp.tanh(scores / softcap) if softcap else scores
 
 
 def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn",

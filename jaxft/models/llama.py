@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxft.cross_entropy import softcap
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention, cached
 from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
@@ -358,23 +359,21 @@ class LlamaModel(nn.Module):
         return self.output_logits(h, embed, return_hidden)
 
     def output_logits(self, h, embed, return_hidden: bool = False):
-        """Final states -> logits [B, T, V] (or, with `return_hidden`, the states and output embedding).
-        Gemma 2's capped logits always come back as logits: the fused loss reads the plain product."""
+        """Final states -> logits [B, T, V] (or, with `return_hidden`, the states and output embedding, and
+        Gemma 2's logit cap where it has one: `jaxft.cross_entropy.hidden_outputs`)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        return_hidden = return_hidden and not cfg.final_softcap
+        cap = (cfg.final_softcap,) if cfg.final_softcap else ()
         if cfg.tie_word_embeddings:
             if return_hidden:
-                return h, embed
+                return (h, embed, *cap)
             logits = jnp.dot(h, embed.astype(dt).T, preferred_element_type=jnp.float32)
         else:
             lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, dt, self.hooks,
                              preferred_element_type=jnp.float32, name="lm_head")
             if return_hidden and not any(hook.acts_on("lm_head") for hook in self.hooks):
-                return h, lm_head(h, kernel_only=True).T
+                return (h, lm_head(h, kernel_only=True).T, *cap)
             logits = lm_head(h).astype(jnp.float32)
-        if cfg.final_softcap:
-            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
-        return logits
+        return softcap(logits, cfg.final_softcap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,8 +466,8 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         hidden_act=ACTIVATION_OF_HF[act],
         embed_scale=gemma,
         query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or 256) if mtype in GEMMA[1:] else 0.0,
-        attn_softcap=(c.get("attn_logit_softcapping") or None) if capped else None,
-        final_softcap=c.get("final_logit_softcapping") or None,
+        attn_softcap=c.get("attn_logit_softcapping", 50.0) or None if capped else None,  # transformers' defaults
+        final_softcap=c.get("final_logit_softcapping", 30.0 if capped else None) or None,
         layer_types=types,
         rope_local_theta=local_theta,
         model_type=mtype,
@@ -483,7 +482,7 @@ def _layer_types(c: dict, mtype: str, file: str) -> tuple[int | None, tuple[str,
     layers differ, the window None where no layer slides. As transformers: Qwen2/3 slide from
     max_window_layers on (with use_sliding_window); Gemma 2 every other layer from the first, Gemma 3 all
     but every sliding_window_pattern-th; config.json's own layer_types first."""
-    window, n = c.get("sliding_window"), c["num_hidden_layers"]
+    window, n = c.get("sliding_window", 4096 if mtype in GEMMA[1:] else None), c["num_hidden_layers"]
     if mtype in ("qwen2", "qwen3"):
         if not c.get("use_sliding_window"):
             return None, None
