@@ -647,3 +647,20 @@ def test_unsupported_rope_is_one_line_error(tmp_path, rope, message):
     with pytest.raises(JaxftError, match=message) as e:
         hf.read_config(tmp_path)
     assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model_type,extra,message", [
+    ("gemma2", {"layer_types": ["sliding_attention"]}, "layer_types .*expected 2 values"),
+    ("gemma3_text", {"layer_types": ["sliding_attention", "local"]}, "each one of sliding_attention, full_attention"),
+    ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
+    ("gemma3_text", {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "the sliding layers' rope_type 'linear' is not supported"),
+    ("gemma", {"hidden_act": "relu"}, "hidden activation 'relu' is not supported for gemma .expected gelu_pytorch_tanh"),
+    ("llama", {"hidden_act": "gelu"}, "hidden activation 'gelu' is not supported for llama .expected silu"),
+])
+def test_bad_layer_kinds_and_activations_are_one_line_errors(tmp_path, model_type, extra, message):
+    c = {**BASE, "model_type": model_type, **extra}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(JaxftError, match=message) as e:
+        hf.read_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)

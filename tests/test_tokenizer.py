@@ -258,13 +258,34 @@ def _chatml_dir(root):
     return root
 
 
-@pytest.mark.parametrize("kind", ["wordpiece", "byte_level_bpe", "tokenizer_json"])
+def _gemma_dir(root):
+    """Gemma's tokenizer.json (a SentencePiece BPE as transformers' GemmaTokenizer lays it out: spaces as
+    U+2581, splits after them, byte fallback for what the pieces miss, e.g. most Chinese here), saved by
+    transformers: its pieces trained on the synthetic texts, after the specials and the 256 byte tokens."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
+    tok.train_from_iterator(synthetic_texts(), trainers.BpeTrainer(vocab_size=300))
+    trained = json.loads(tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+                                         + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    transformers.GemmaTokenizer(vocab=vocab, merges=merges).save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte_level_bpe", "tokenizer_json", "gemma"])
 def test_hf_tokenizer_files_read_as_transformers_reads_them(tmp_path, kind):
     transformers = pytest.importorskip("transformers")
     from jaxft.hf_tokenizer import HFTokenizer
 
     d = {"wordpiece": _wordpiece_dir, "byte_level_bpe": lambda: _byte_level_dir(tmp_path / "bpe"),
-         "tokenizer_json": lambda: _chatml_dir(tmp_path / "chatml")}[kind]()
+         "tokenizer_json": lambda: _chatml_dir(tmp_path / "chatml"), "gemma": lambda: _gemma_dir(tmp_path / "gemma")}[kind]()
     ours, ref = HFTokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
     assert len(ours) == len(ref)
     for role in ("bos", "eos", "unk", "pad", "mask", "cls", "sep"):
@@ -273,6 +294,8 @@ def test_hf_tokenizer_files_read_as_transformers_reads_them(tmp_path, kind):
         ids = ours.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False), text
         assert ours.decode(ids) == ref.decode(ids), text
+    if kind == "gemma":  # the Chinese text really takes the byte fallback
+        assert any(p.startswith("<0x") for p in ref.convert_ids_to_tokens(ours.encode(HF_TEXTS[2])))
     tok = Tokenizer(d)
     assert tok.encode(HF_TEXTS[0]) == ref.encode(HF_TEXTS[0], add_special_tokens=False)
     assert [tok.piece(i) for i in tok.encode(HF_TEXTS[0])] == ref.convert_ids_to_tokens(tok.encode(HF_TEXTS[0]))

@@ -22,6 +22,10 @@ all examples but one) splash attends over the tokens and merges a dense [T, P] p
 log-sum-exp (`_merge_prefix`), flash takes the mask as its dense bias; cudnn (JAX's call has no segment
 ids) takes the mask as a boolean mask, one row at a time, with its causal tiles still skipped
 (`_cudnn_packed`). `auto` keeps xla for packed rows on a GPU (the cuDNN packed path is not timed yet).
+
+Capped scores (Gemma 2's `attn_logit_softcapping`: softcap * tanh(scores / softcap) before the mask): xla,
+the cache's path and splash (the kernel's own `attn_logits_soft_cap`) compute them; cuDNN's call and the
+flash kernel cannot, so `auto` takes xla on a GPU and asking for either is an error.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Qwen3, Mistral, GLM-4 (`glm`:
-glm-4-9b-chat-hf; `glm4`: GLM-4-0414, GLM-Z1), Phi-3 (`phi3`: Phi-3, Phi-3.5 and Phi-4-mini).
+glm-4-9b-chat-hf; `glm4`: GLM-4-0414, GLM-Z1), Phi-3 (`phi3`: Phi-3, Phi-3.5 and Phi-4-mini), Gemma
+(`gemma`, `gemma2`, `gemma3_text`).
 
 Differences between the variants are data in `LlamaConfig` (q/k/v bias, explicit head_dim, rope
 scaling, tied embeddings, sliding window, Qwen3's per-head RMSNorm of queries and keys; GLM's rotary on
 half of each head over adjacent pairs, its fused gate/up projection, GLM-4-0414's norms on the
-attention and MLP outputs; Phi-3's fused q/k/v and gate/up projections), not subclasses. Module names
+attention and MLP outputs; Phi-3's fused q/k/v and gate/up projections; Gemma's 1 + weight norms,
+scaled embeddings and GELU gate, Gemma 2's capped scores and logits; layers of mixed kinds, sliding or
+full, with Gemma 3's own rotary base for the sliding ones), not subclasses. Module names
 follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, GLM's and Phi-3's `mlp.gate_up_proj`, Phi-3's
 `self_attn.qkv_proj`, ...) so checkpoint and PEFT keys map one to one.
 
