@@ -32,6 +32,7 @@ RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("expert", None),  # a mixture's experts: each device holds every expert's slice of embed and mlp
     ("layers", None),
     ("norm", None),
     # Activations: attention heads and the MLP's hidden units stay split over the tensor axis between

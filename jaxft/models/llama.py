@@ -79,6 +79,13 @@ class LlamaConfig(Settings):
     # max_window_layers): only the sliding ones use `sliding_window`. None: every layer does.
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None  # Gemma 3: the sliding layers' rotary base (no rope scaling on them)
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): every layer's MLP routes each token to its top
+    # `experts_per_token` of `num_experts` gated MLPs `moe_intermediate_size` wide (0 experts: one dense MLP)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to 1 (Mixtral: always)
+    shared_expert_size: int = 0  # Qwen2-MoE: a dense MLP every token also takes, gated by a sigmoid
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -186,19 +193,70 @@ ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": gelu_tanh}
 class MLP(nn.Module):
     cfg: LlamaConfig
     hooks: Sequence[Any] = ()
+    features: int = 0  # its width; 0: intermediate_size
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt, width = self.cfg, self.cfg.compute_dtype, self.features or self.cfg.intermediate_size
+        proj = lambda n, f, ax: Linear(f, ax, cfg.mlp_bias, dt, self.hooks, name=n)  # noqa: E731
+        if cfg.fused_gate_up:
+            gate, up = jnp.split(proj("gate_up_proj", 2 * width, ("embed", "mlp"))(x), 2, axis=-1)
+        else:
+            gate = proj("gate_proj", width, ("embed", "mlp"))(x)
+            up = proj("up_proj", width, ("embed", "mlp"))(x)
+        hidden = gated(ACTIVATIONS[cfg.hidden_act], gate, up)
+        hidden = constrain(hidden, ("batch", "length", "act_mlp"))  # split like gate/up's outputs
+        return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
+
+
+class Experts(nn.Module):
+    """The routed experts of a mixture-of-experts MLP, stacked: gate and up [E, D, 2F], down [E, F, D]. The
+    token copies are sorted by the expert they go to and each expert's rows meet its own weights in one
+    grouped matmul (`jax.lax.ragged_dot`): no token computes with an expert it did not pick."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, weights, chosen):
+        """x [N, D]; weights, chosen [N, k]: each token's experts and their router weights -> [N, D]."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        e, f, (n, d), k = cfg.num_experts, cfg.moe_intermediate_size, x.shape, chosen.shape[1]
+        init = nn.initializers.normal(0.02)
+        gate_up = param_with_axes(self, "gate_up_proj", init, (e, d, 2 * f), ("expert", "embed", "mlp"))
+        down = param_with_axes(self, "down_proj", init, (e, f, d), ("expert", "mlp", "embed"))
+        flat = chosen.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        token = order // k  # the token each sorted row copies
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        gate, up = jnp.split(jax.lax.ragged_dot(x[token].astype(dt), gate_up.astype(dt), sizes), 2, axis=-1)
+        y = jax.lax.ragged_dot(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down.astype(dt), sizes)
+        y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+        return jnp.zeros((n, d), y.dtype).at[token].add(y)
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's and Qwen2/3-MoE's MLP: a router (`gate`, a hookable projection) picks each token's top k
+    experts by softmax probability (renormalised over the k where `norm_topk_prob`), and their outputs are
+    summed by those weights; Qwen2-MoE adds a shared dense MLP gated per token by a sigmoid."""
+
+    cfg: LlamaConfig
+    hooks: Sequence[Any] = ()
 
     @nn.compact
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        proj = lambda n, f, ax: Linear(f, ax, cfg.mlp_bias, dt, self.hooks, name=n)  # noqa: E731
-        if cfg.fused_gate_up:
-            gate, up = jnp.split(proj("gate_up_proj", 2 * cfg.intermediate_size, ("embed", "mlp"))(x), 2, axis=-1)
-        else:
-            gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-            up = proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        hidden = gated(ACTIVATIONS[cfg.hidden_act], gate, up)
-        hidden = constrain(hidden, ("batch", "length", "act_mlp"))  # split like gate/up's outputs
-        return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        logits = Linear(cfg.num_experts, ("embed", None), False, dt, self.hooks, name="gate")(flat)
+        weights, chosen = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), cfg.experts_per_token)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        out = Experts(cfg, name="experts")(flat, weights.astype(logits.dtype), chosen)
+        if cfg.shared_expert_size:
+            shared = MLP(cfg, self.hooks, cfg.shared_expert_size, name="shared_expert")(flat)
+            share = Linear(1, ("embed", None), False, dt, self.hooks, name="shared_expert_gate")(flat)
+            out = out + jax.nn.sigmoid(share) * shared
+        return out.reshape(b, t, d)
 
 
 class DecoderLayer(nn.Module):
@@ -221,7 +279,7 @@ class DecoderLayer(nn.Module):
         if post_attention:
             a = norm(post_attention)(a)
         h = h + block_output(self, a, "attention")
-        m = MLP(cfg, self.hooks, name="mlp")(norm(pre_mlp)(h))
+        m = (SparseMoE if cfg.num_experts else MLP)(cfg, self.hooks, name="mlp")(norm(pre_mlp)(h))
         if post_mlp:
             m = norm(post_mlp)(m)
         h = h + block_output(self, m, "mlp")
@@ -383,8 +441,11 @@ class LlamaModel(nn.Module):
 # Hugging Face: config.json and weight names, both ways.
 
 ARCH = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "glm": "Glm", "glm4": "Glm4",
-        "phi3": "Phi3", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
+        "phi3": "Phi3", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3", "qwen2_moe": "Qwen2Moe",
+        "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}
 GLM = ("glm", "glm4")
+MOE = ("qwen2_moe", "qwen3_moe", "mixtral")
+QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # sliding windows from use_sliding_window and max_window_layers
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 PARTIAL_ROTARY = GLM + ("phi3",)  # the model types whose rotary may cover part of each head
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -455,11 +516,11 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         rope_scaling=tuple(sorted(rope.items())) or None,
         max_position_embeddings=c.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", gemma)),
-        qkv_bias=mtype == "qwen2" or bool(c.get("attention_bias", glm)),
-        o_bias=mtype != "qwen2" and not glm and bool(c.get("attention_bias", False)),
+        qkv_bias=mtype in ("qwen2", "qwen2_moe") or bool(c.get("attention_bias", glm)),
+        o_bias=mtype not in ("qwen2", "qwen2_moe") and not glm and bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
         sliding_window=window,
-        qk_norm=mtype in ("qwen3", "gemma3_text"),
+        qk_norm=mtype in ("qwen3", "qwen3_moe", "gemma3_text"),
         rotary_dim=rotary if rotary != head_dim else 0,
         rope_interleaved=glm,
         fused_gate_up=glm or mtype == "phi3",
@@ -473,6 +534,7 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         final_softcap=c.get("final_logit_softcapping", 30.0 if capped else None) or None,
         layer_types=types,
         rope_local_theta=local_theta,
+        **(_experts(c, mtype, file) if mtype in MOE else {}),
         model_type=mtype,
         bos_token_id=c.get("bos_token_id"),
         eos_token_id=c.get("eos_token_id") if not isinstance(c.get("eos_token_id"), list) else c["eos_token_id"][0],
@@ -486,7 +548,7 @@ def _layer_types(c: dict, mtype: str, file: str) -> tuple[int | None, tuple[str,
     max_window_layers on (with use_sliding_window); Gemma 2 every other layer from the first, Gemma 3 all
     but every sliding_window_pattern-th; config.json's own layer_types first."""
     window, n = c.get("sliding_window", 4096 if mtype in GEMMA[1:] else None), c["num_hidden_layers"]
-    if mtype in ("qwen2", "qwen3"):
+    if mtype in QWEN:
         if not c.get("use_sliding_window"):
             return None, None
         first = c.get("max_window_layers", 28)
@@ -504,6 +566,28 @@ def _layer_types(c: dict, mtype: str, file: str) -> tuple[int | None, tuple[str,
     if window is None or set(types) == {"full_attention"}:
         return None, None
     return window, (None if set(types) == {"sliding_attention"} else tuple(types))
+
+
+def _experts(c: dict, mtype: str, file: str) -> dict:
+    """config.json's mixture of experts -> LlamaConfig's fields; what jaxft does not run is an error here."""
+    mixtral = mtype == "mixtral"  # transformers 5 writes num_local_experts for Qwen's too
+    experts, k = c.get("num_local_experts") or c.get("num_experts"), c.get("num_experts_per_tok", 2)
+    if not (isinstance(experts, int) and isinstance(k, int) and 0 < k <= experts):
+        raise JaxftError(f"{file}: num_experts={experts}, num_experts_per_tok={k}: expected positive integers, no more "
+                         "experts per token than experts")
+    if c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1:
+        raise JaxftError(f"{file}: mlp_only_layers={c.get('mlp_only_layers')}, decoder_sparse_step="
+                         f"{c.get('decoder_sparse_step')}: dense layers among the experts' are not supported (expected "
+                         "[] and 1)")
+    if c.get("router_jitter_noise"):
+        raise JaxftError(f"{file}: router_jitter_noise={c['router_jitter_noise']} is not supported (expected 0)")
+    if c.get("output_router_logits"):
+        raise JaxftError(f"{file}: output_router_logits=true (transformers' load-balancing loss) is not supported: "
+                         "set it to false")
+    return dict(num_experts=experts, experts_per_token=k,
+                moe_intermediate_size=c["intermediate_size"] if mixtral else c.get("moe_intermediate_size") or 0,
+                norm_topk_prob=mixtral or bool(c.get("norm_topk_prob", False)),
+                shared_expert_size=c.get("shared_expert_intermediate_size") or 0 if mtype == "qwen2_moe" else 0)
 
 
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
@@ -565,7 +649,16 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     if cfg.rope_scaling:
         c["rope_scaling"] = rope
     types = ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
-    if cfg.model_type in ("qwen2", "qwen3"):
+    if cfg.num_experts:
+        c.update(num_experts_per_tok=cfg.experts_per_token, output_router_logits=False)
+        if cfg.model_type == "mixtral":
+            c.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size)
+        else:
+            c.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+                     norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+            if cfg.model_type == "qwen2_moe":
+                c["shared_expert_intermediate_size"] = cfg.shared_expert_size
+    if cfg.model_type in QWEN:
         sliding = cfg.sliding_window is not None
         c.update(
             use_sliding_window=sliding,
@@ -573,7 +666,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             max_window_layers=types.index("sliding_attention") if sliding else cfg.num_layers,
             layer_types=types,
         )
-        if cfg.model_type == "qwen3":  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
+        if cfg.model_type in ("qwen3", "qwen3_moe"):  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
             c.update(attention_bias=cfg.qkv_bias)
     elif cfg.model_type in PARTIAL_ROTARY:  # transformers before 5 read the factor at the top level
         c.update(partial_rotary_factor=cfg.rotary_dim / cfg.dim_per_head if cfg.rotary_dim else 1.0)
@@ -595,7 +688,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             c.pop("rope_scaling", None)
     else:
         c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-        if cfg.model_type == "mistral":
+        if cfg.model_type in ("mistral", "mixtral"):
             c["sliding_window"] = cfg.sliding_window
     return c
 
@@ -607,6 +700,11 @@ def architecture(cfg: LlamaConfig) -> str:
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# One expert's projection (transformers' files: Qwen's names, Mixtral's w1 / w3 / w2), or a layer's fused experts
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)"
+                     r"\.weight")
+_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+ROUTERS = ("gate", "shared_expert_gate")  # a mixture's projections that HF names without _proj
 
 
 def _from_hf_key(key: str):
@@ -617,17 +715,51 @@ def _from_hf_key(key: str):
         return ("norm", "weight"), None, False
     if key in ("lm_head.weight", "score.weight"):
         return (key.split(".")[0], "kernel"), None, True
+    m = _FUSED.fullmatch(key)
+    if m:  # the experts stacked by `_stack_experts`, [E, in, out] already
+        return ("mlp", "experts", m[2]), int(m[1]), False
     m = _LAYER.fullmatch(key)
     if not m:
         return None
-    mods = tuple(m[2].split("."))
+    mods = tuple(m[2].replace("block_sparse_moe", "mlp").split("."))
     if m[3] == "bias":
         return mods + ("bias",), int(m[1]), False
-    is_linear = mods[-1].endswith("_proj")
+    is_linear = mods[-1].endswith("_proj") or mods[-2:] in (("mlp", "gate"), ("mlp", "shared_expert_gate"))
     return mods + ("kernel" if is_linear else "weight",), int(m[1]), is_linear
 
 
+def _stack_experts(tensors: dict, cfg: LlamaConfig, where: str) -> dict:
+    """One key per expert and projection, as transformers saves them -> one per layer: `mlp.experts.gate_up_proj`
+    [E, D, 2F] (gate, then up) and `mlp.experts.down_proj` [E, F, D], as the model holds them. A fused file's
+    own [E, 2F, D] / [E, D, F] (transformers' in-memory layout) is transposed."""
+    out, per = {}, {}
+    for key, value in tensors.items():
+        m = _EXPERT.fullmatch(key)
+        if m:
+            part = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m[3], m[3])
+            per.setdefault((int(m[1]), part), {})[int(m[2])] = np.asarray(value).T
+        elif _FUSED.fullmatch(key):
+            out[key] = np.swapaxes(np.asarray(value), 1, 2)
+        else:
+            out[key] = value
+    for (layer, part), experts in per.items():
+        missing = sorted(set(range(cfg.num_experts)) - set(experts))
+        if missing:
+            raise JaxftError(f"{where}: layer {layer} has no {part} for expert {missing[0]} (expected "
+                             f"{cfg.num_experts} experts)")
+        out[(layer, part)] = np.stack([experts[e] for e in range(cfg.num_experts)])
+    for layer in sorted({layer for layer, _ in per}):
+        parts = [out.pop((layer, p), None) for p in ("gate_proj", "up_proj", "down_proj")]
+        if any(p is None for p in parts):
+            raise JaxftError(f"{where}: layer {layer}'s experts lack gate_proj, up_proj or down_proj (w1, w3, w2)")
+        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.concatenate(parts[:2], axis=-1)
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = parts[2]
+    return out
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = "checkpoint") -> dict:
+    if cfg.num_experts:
+        tensors = _stack_experts(tensors, cfg, where)
     flat = params_from_keys(tensors, cfg, where, _from_hf_key)
     if cfg.tie_word_embeddings:
         flat.pop(("lm_head", "kernel"), None)
@@ -647,11 +779,25 @@ def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
             out[f"{path[0]}.weight"] = value.T
         elif per_layer is not None:
             for i, (*mods, leaf), v in per_layer:
+                if mods == ["mlp", "experts"]:  # one key per expert, as transformers saves them
+                    out.update(_expert_keys(i, leaf, v, cfg))
+                    continue
+                if cfg.model_type == "mixtral" and mods[0] == "mlp":
+                    mods[0] = "block_sparse_moe"
                 name = "bias" if leaf == "bias" else "weight"
                 out[f"model.layers.{i}.{'.'.join(mods)}.{name}"] = v.T if leaf == "kernel" else v
         else:
             raise ValueError(f"no Hugging Face name for parameter {'/'.join(path)}")
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _expert_keys(layer: int, leaf: str, value, cfg: LlamaConfig) -> dict:
+    """A layer's stacked experts -> transformers' key per expert and projection ([out, in])."""
+    mixtral = cfg.model_type == "mixtral"
+    where = f"model.layers.{layer}.{'block_sparse_moe' if mixtral else 'mlp'}.experts"
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    parts = dict(zip(names[:2], np.split(value, 2, axis=-1))) if leaf == "gate_up_proj" else {names[2]: value}
+    return {f"{where}.{e}.{name}.weight": v[e].T for name, v in parts.items() for e in range(v.shape[0])}
 
 
 def hf_module(path: str, cfg=None) -> str:
@@ -671,8 +817,17 @@ def matmul_weights(cfg: LlamaConfig) -> int:
     lookup: 0 FLOPs."""
     d = cfg.dim_per_head
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
-    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * mlp_width(cfg)
+    if cfg.num_experts:  # the router (and Qwen2-MoE's shared expert's gate)
+        per_layer += cfg.hidden_size * (cfg.num_experts + bool(cfg.shared_expert_size))
     return cfg.num_layers * per_layer + head_weights(cfg)
+
+
+def mlp_width(cfg: LlamaConfig) -> int:
+    """The gated MLP width a token goes through: a mixture's chosen experts' (and shared expert's) together."""
+    if cfg.num_experts:
+        return cfg.experts_per_token * cfg.moe_intermediate_size + cfg.shared_expert_size
+    return cfg.intermediate_size
 
 
 def head_weights(cfg: LlamaConfig) -> int:
@@ -684,7 +839,7 @@ def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
     """What `jaxft.plan` counts: one stack of pre-norm blocks, RMSNorms (GLM-4-0414: two more, on the
     attention and MLP outputs), gated SiLU MLP."""
     d, hd = cfg.hidden_size, cfg.dim_per_head
-    q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
+    q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, mlp_width(cfg)  # a mixture: as a dense MLP of its width
     return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f,
                    norms=4 if cfg.sandwich_norms else 2, projections=(
         *((("qkv_proj", "attn_in", d, q + 2 * kv),) if cfg.fused_qkv else
@@ -709,7 +864,8 @@ FAMILY = Family(
     lora_targets=lambda cfg: "qkv_proj" if cfg.fused_qkv else "q_proj,v_proj",  # PEFT has no Phi-3 default
     # PEFT's IA3 defaults: keys for Llama and Mistral, queries for Qwen and Gemma
     ia3_targets=lambda cfg: "qkv_proj,down_proj" if cfg.fused_qkv else (
-        "q_proj" if cfg.model_type.startswith(("qwen", "gemma")) else "k_proj") + ",v_proj,down_proj",
+        "q_proj" if cfg.model_type.startswith(("qwen", "gemma")) else "k_proj") + ",v_proj" + (
+        ",down_proj" if not cfg.num_experts or cfg.shared_expert_size else ""),  # experts are no projections
     ia3_feedforward="down_proj",
     head_params=r"^(score|lm_head)/",
     classifier_params=r"^score/",
