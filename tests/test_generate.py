@@ -17,6 +17,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers import Glm4Config, Glm4ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from jaxft import generate as gen
 from jaxft import hf
@@ -55,6 +56,11 @@ FAMILIES = {
                                                          sliding_window_pattern=3, rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    # experts: the first layer sliding, the second not (Qwen2-MoE's layout below max_window_layers), a shared expert
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                                            shared_expert_intermediate_size=32, use_sliding_window=True,
+                                                            sliding_window=4, max_window_layers=2)),
+    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
 }
 PAD = 7
 NEW = 10
@@ -101,11 +107,12 @@ def until_eos(row, eos):
                                              pytest.param("llama", True, 4, marks=pytest.mark.slow), ("llama", False, 4),
                                              ("mistral", True, 1), ("qwen2", True, 4), ("qwen3", False, 1), ("gpt2", True, 1),
                                              ("gpt2", False, 4), ("glm4", True, 1), ("phi3", True, 1),
-                                             ("gemma2", True, 1), ("gemma3", False, 4)])
+                                             ("gemma2", True, 1), ("gemma3", False, 4), ("qwen2_moe", True, 1),
+                                             ("mixtral", False, 1)])
 def test_matches_transformers(saved, name, scan, beams):
     m, d = saved[name]
     model, params = hf.load(d, scan_layers=scan)
-    if name in ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"):
+    if name in ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2_moe", "mixtral"):
         assert model.cfg.sliding_window is not None
     ids, mask = prompts()
     unused = [96, 97]  # EOS ids that cannot come up (beyond the vocabulary)

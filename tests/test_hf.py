@@ -101,11 +101,21 @@ VARIANTS = {
                                                      pad_token_id=0, tie_word_embeddings=False, sliding_window=6,
                                                      query_pre_attn_scalar=32, sliding_window_pattern=3,
                                                      rope_parameters=GEMMA3_ROPE)),
+    # Mixtures of experts: each token's top 2 of 6 experts (Qwen3-MoE: their weights renormalised; Qwen2-MoE:
+    # not, plus a shared expert behind a sigmoid gate; Mixtral: always renormalised, Mistral's window)
+    "qwen3_moe_norm_topk": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=24, num_experts=6,
+                                                   num_experts_per_tok=2, moe_intermediate_size=40,
+                                                   norm_topk_prob=True)),
+    "qwen2_moe_shared": ("Qwen2MoeConfig", dict(num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                                                moe_intermediate_size=40, shared_expert_intermediate_size=56)),
+    "mixtral_sliding": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                              intermediate_size=40, sliding_window=6)),
 }
 CAUSAL = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
           "MistralConfig": "MistralForCausalLM", "GlmConfig": "GlmForCausalLM", "Glm4Config": "Glm4ForCausalLM",
           "Phi3Config": "Phi3ForCausalLM", "GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
-          "Gemma3TextConfig": "Gemma3ForCausalLM"}
+          "Gemma3TextConfig": "Gemma3ForCausalLM", "Qwen3MoeConfig": "Qwen3MoeForCausalLM",
+          "Qwen2MoeConfig": "Qwen2MoeForCausalLM", "MixtralConfig": "MixtralForCausalLM"}
 
 
 def _config(cls_name: str, **kw):
@@ -300,6 +310,61 @@ def test_gemma_differences_matter(tmp_path, variant):
     assert rel_err(our_logits(unrolled, p_unrolled, x), ref) <= TOL
 
 
+@pytest.mark.parametrize("variant", ["qwen3_moe_norm_topk", "qwen2_moe_shared", "mixtral_sliding"])
+def test_experts_routing_matters(tmp_path, variant):
+    """The mixture variants' tests are meaningful: routing each token to one expert fewer or more, or
+    leaving the top-k weights as they come (or renormalising them), or dropping Qwen2-MoE's shared expert,
+    changes the logits; each expert's weights land where transformers keeps them."""
+    cls_name, kw = VARIANTS[variant]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    model, params = hf.load(str(d))
+    cfg = model.cfg
+    assert cfg.experts_per_token == 2 and cfg.num_experts == kw.get("num_experts", kw.get("num_local_experts"))
+    experts = params["layers"]["mlp"]["experts"]
+    assert experts["gate_up_proj"].shape == (2, cfg.num_experts, 64, 2 * cfg.moe_intermediate_size)
+    x = ids(2, 24, seed=12)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(our_logits(model, params, x), ref) <= TOL
+    changes = [dict(experts_per_token=1), dict(experts_per_token=3), dict(norm_topk_prob=not cfg.norm_topk_prob)]
+    for change in changes:
+        assert rel_err(our_logits(model.clone(cfg=cfg.replace(**change)), params, x), ref) > 1e-3, change
+    if cfg.shared_expert_size:
+        mlp = {k: v for k, v in params["layers"]["mlp"].items() if not k.startswith("shared_expert")}
+        plain = {**params, "layers": {**params["layers"], "mlp": mlp}}
+        assert rel_err(our_logits(model.clone(cfg=cfg.replace(shared_expert_size=0)), plain, x), ref) > 1e-3
+    # expert 1 of layer 0 holds transformers' expert 1 (gate, then up; [in, out])
+    hf_experts = ref_model.model.layers[0].mlp.experts
+    gate_up = hf_experts.gate_up_proj[1].detach().numpy().T
+    np.testing.assert_array_equal(np.asarray(experts["gate_up_proj"][0, 1]), gate_up)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"mlp_only_layers": [1]}, "dense layers among the experts' are not supported"),
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ({"output_router_logits": True}, "output_router_logits=true .transformers' load-balancing loss. is not supported"),
+    ({"num_experts_per_tok": 8}, "num_experts=6, num_experts_per_tok=8"),
+])
+def test_unsupported_experts_are_one_line_errors(tmp_path, extra, message):
+    c = {**BASE, "model_type": "qwen3_moe", "num_experts": 6, "moe_intermediate_size": 8, **extra}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(JaxftError, match=message) as e:
+        hf.read_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_expert_is_one_line_error(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    cls_name, kw = VARIANTS["mixtral_sliding"]
+    _, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    tensors = load_file(str(d / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(JaxftError, match="layer 1 has no up_proj for expert 3 .expected 4 experts.") as e:
+        hf.load(str(d))
+    assert "\n" not in str(e.value)
+
+
 def test_mistral_sliding_window_matters(tmp_path):
     """The sliding-window variant would fail if our model ignored the window."""
     cls_name, kw = VARIANTS["mistral_sliding_mqa"]
@@ -456,6 +521,9 @@ def test_sharded_checkpoint(tmp_path):
         ("gemma_gqa_head_dim", False),
         ("gemma2_softcap_alternating", True),
         ("gemma3_local_global", True),
+        ("qwen3_moe_norm_topk", True),
+        ("qwen2_moe_shared", False),
+        ("mixtral_sliding", True),
     ],
 )
 def test_save_round_trip(tmp_path, variant, scan):
@@ -553,19 +621,24 @@ def test_missing_dir(tmp_path):
     assert "does-not-exist" in str(e.value)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen2_moe", "qwen3_moe"])
 @pytest.mark.parametrize("max_window_layers", [0, 1, 2])
-def test_qwen2_sliding_config_without_layer_types(tmp_path, max_window_layers):
-    """Older Qwen2 configs carry no layer_types: read max_window_layers as transformers does."""
+def test_qwen2_sliding_config_without_layer_types(tmp_path, max_window_layers, model_type):
+    """Older Qwen2 configs carry no layer_types: read max_window_layers as transformers does (Qwen2-MoE:
+    odd-numbered layers below it; Qwen3-MoE: every layer)."""
     c = {
         **BASE,
-        "model_type": "qwen2",
+        "model_type": model_type,
         "use_sliding_window": True,
         "sliding_window": 5,
         "max_window_layers": max_window_layers,
+        **({"num_experts": 4, "moe_intermediate_size": 8} if model_type.endswith("moe") else {}),
     }
     c.pop("initializer_range")
     (tmp_path / "config.json").write_text(json.dumps(c))
-    hf_types = transformers.Qwen2Config(**{k: v for k, v in c.items() if k != "model_type"}).layer_types
+    config_cls = {"qwen2": "Qwen2Config", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}[model_type]
+    hf_config = getattr(transformers, config_cls)(**{k: v for k, v in c.items() if k != "model_type"})
+    hf_types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * BASE["num_hidden_layers"]
     expected = tuple(5 if t == "sliding_attention" else None for t in hf_types)
     cfg = hf.read_config(tmp_path)
     assert cfg.layer_windows == expected

@@ -553,6 +553,10 @@ def _layer_types(c: dict, mtype: str, file: str) -> tuple[int | None, tuple[str,
             return None, None
         first = c.get("max_window_layers", 28)
         default = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        if mtype == "qwen2_moe":  # transformers' Qwen2-MoE: odd-numbered layers (from 1) below max_window_layers
+            default = ["sliding_attention" if (i + 1) % 2 and i < first else "full_attention" for i in range(n)]
+        if mtype == "qwen3_moe":  # every layer, whatever max_window_layers says (no layer_types)
+            return window, None
     elif mtype == "gemma2":
         default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
     elif mtype == "gemma3_text":
@@ -664,8 +668,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             use_sliding_window=sliding,
             sliding_window=cfg.sliding_window,
             max_window_layers=types.index("sliding_attention") if sliding else cfg.num_layers,
-            layer_types=types,
         )
+        if cfg.model_type != "qwen3_moe":  # which has no layer_types (it slides everywhere or nowhere)
+            c["layer_types"] = types
         if cfg.model_type in ("qwen3", "qwen3_moe"):  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
             c.update(attention_bias=cfg.qkv_bias)
     elif cfg.model_type in PARTIAL_ROTARY:  # transformers before 5 read the factor at the top level
