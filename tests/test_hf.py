@@ -336,6 +336,15 @@ def test_experts_routing_matters(tmp_path, variant):
     hf_experts = ref_model.model.layers[0].mlp.experts
     gate_up = hf_experts.gate_up_proj[1].detach().numpy().T
     np.testing.assert_array_equal(np.asarray(experts["gate_up_proj"][0, 1]), gate_up)
+    # QLoRA's base: the stacked experts are quantized with the projections, and run as their dequantized weights
+    from jaxft import quant
+    from jaxft.models import family
+
+    packed = quant.quantize_params(params, "nf4", targets=family.of(cfg).projections)
+    assert isinstance(packed["layers"]["mlp"]["experts"]["gate_up_proj"], quant.Quantized)
+    assert isinstance(packed["layers"]["mlp"]["experts"]["down_proj"], quant.Quantized)
+    assert not isinstance(packed["layers"]["mlp"]["gate"]["kernel"], quant.Quantized)  # the router stays
+    assert rel_err(our_logits(model, packed, x), our_logits(model, quant.dequantize_params(packed), x)) <= TOL
 
 
 @pytest.mark.parametrize("extra,message", [

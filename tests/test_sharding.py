@@ -57,6 +57,32 @@ def test_mean_pooling_classifier_eight_devices_match_one(tmp_path):
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
 
 
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_experts_sharded_match_one_device(tmp_path, method):
+    """A Qwen3-MoE (stacked experts, grouped matmuls over tokens sorted by expert) over FSDP x 4 tensor shards:
+    the same losses as one device, training every expert (full) or LoRA over NF4 experts (qlora)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
+    run = (*RUN, f"--config.model.path={tmp_path / 'moe'}")
+    if method == "qlora":
+        run += ("--config.method.name=lora", "--config.model.quantization=nf4")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    r = cli(one, *run, "--config.mesh.data=1")
+    assert r.returncode == 0, r.stderr
+    assert "model: qwen3_moe 2x32" in r.stdout
+    r = cli(eight, *run, "--config.mesh.fsdp=2", "--config.mesh.tensor=4", devices=8)
+    assert r.returncode == 0, r.stderr
+    ref, got = losses(one), losses(eight)
+    assert got.keys() == ref.keys() == {1, 2, 3, 4}
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
+
+
 @pytest.mark.parametrize("model_type", ["glm4", "gemma2"])
 def test_tensor_parallel_matches_one_device(tmp_path, model_type):
     """GLM-4-0414 (`model.init.model_type=glm4`: rotary over adjacent pairs, output norms) with its fused

@@ -40,6 +40,7 @@ from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     ROPE_TYPES, Linear, RMSNorm, block_output, gated, last_token, param_with_axes, pool, remat, rope,
     segment_positions,
 )
+from jaxft.quant import Quantized, dequantize
 from jaxft.sharding import constrain
 
 HEADS = ("causal_lm", "classification")
@@ -221,9 +222,8 @@ class Experts(nn.Module):
         """x [N, D]; weights, chosen [N, k]: each token's experts and their router weights -> [N, D]."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         e, f, (n, d), k = cfg.num_experts, cfg.moe_intermediate_size, x.shape, chosen.shape[1]
-        init = nn.initializers.normal(0.02)
-        gate_up = param_with_axes(self, "gate_up_proj", init, (e, d, 2 * f), ("expert", "embed", "mlp"))
-        down = param_with_axes(self, "down_proj", init, (e, f, d), ("expert", "mlp", "embed"))
+        gate_up = self.weights("gate_up_proj", (e, d, 2 * f), ("expert", "embed", "mlp"))
+        down = self.weights("down_proj", (e, f, d), ("expert", "mlp", "embed"))
         flat = chosen.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         token = order // k  # the token each sorted row copies
@@ -232,6 +232,13 @@ class Experts(nn.Module):
         y = jax.lax.ragged_dot(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down.astype(dt), sizes)
         y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
         return jnp.zeros((n, d), y.dtype).at[token].add(y)
+
+    def weights(self, name: str, shape, axes):
+        """A stacked weight, or its int8 / NF4 form under `model.quantization` (QLoRA), dequantized here."""
+        stored = self.get_variable("params", name) if self.has_variable("params", name) else None
+        if isinstance(stored, Quantized):
+            return dequantize(stored, self.cfg.compute_dtype)
+        return param_with_axes(self, name, nn.initializers.normal(0.02), shape, axes)
 
 
 class SparseMoE(nn.Module):
@@ -880,4 +887,5 @@ FAMILY = Family(
     activation_blocks=activation_blocks,
     init_cache=init_cache,
     tied_embedding=("embed_tokens", ("lm_head.weight",)),
+    projections=r"(^|/)(q|k|v|o|gate|up|down|gate_up|qkv)_proj/kernel$|(^|/)experts/(gate_up|down)_proj$",
 )
