@@ -1,13 +1,14 @@
 """The Llama family as one functional Flax decoder: Llama 2/3, Qwen2, Qwen3, Mistral, GLM-4 (`glm`:
 glm-4-9b-chat-hf; `glm4`: GLM-4-0414, GLM-Z1), Phi-3 (`phi3`: Phi-3, Phi-3.5 and Phi-4-mini), Gemma
-(`gemma`, `gemma2`, `gemma3_text`).
+(`gemma`, `gemma2`, `gemma3_text`), and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 Differences between the variants are data in `LlamaConfig` (q/k/v bias, explicit head_dim, rope
 scaling, tied embeddings, sliding window, Qwen3's per-head RMSNorm of queries and keys; GLM's rotary on
 half of each head over adjacent pairs, its fused gate/up projection, GLM-4-0414's norms on the
 attention and MLP outputs; Phi-3's fused q/k/v and gate/up projections; Gemma's 1 + weight norms,
 scaled embeddings and GELU gate, Gemma 2's capped scores and logits; layers of mixed kinds, sliding or
-full, with Gemma 3's own rotary base for the sliding ones), not subclasses. Module names
+full, with Gemma 3's own rotary base for the sliding ones; a mixture's routed experts in place of the
+MLP), not subclasses. Module names
 follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, GLM's and Phi-3's `mlp.gate_up_proj`, Phi-3's
 `self_attn.qkv_proj`, ...) so checkpoint and PEFT keys map one to one.
 
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.cross_entropy import softcap
 from jaxft.errors import JaxftError
@@ -37,7 +39,7 @@ from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
     POOLING, REMAT, Blocks, Family, Settings, params_from_keys, unstack_layers,
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
-    ROPE_TYPES, Linear, RMSNorm, block_output, gated, last_token, param_with_axes, pool, remat, rope,
+    PROJECTION, ROPE_TYPES, Linear, RMSNorm, block_output, gated, last_token, param_with_axes, pool, remat, rope,
     segment_positions,
 )
 from jaxft.quant import Quantized, dequantize
@@ -228,8 +230,11 @@ class Experts(nn.Module):
         order = jnp.argsort(flat, stable=True)
         token = order // k  # the token each sorted row copies
         sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-        gate, up = jnp.split(jax.lax.ragged_dot(x[token].astype(dt), gate_up.astype(dt), sizes), 2, axis=-1)
-        y = jax.lax.ragged_dot(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down.astype(dt), sizes)
+        # named as `Linear` names its outputs: remat "none" and "save_dots" keep them (XLA's dots_saveable
+        # knows dot_general, not ragged_dot)
+        product = lambda a, w: checkpoint_name(jax.lax.ragged_dot(a, w.astype(dt), sizes), PROJECTION)  # noqa: E731
+        gate, up = jnp.split(product(x[token].astype(dt), gate_up), 2, axis=-1)
+        y = product(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down)
         y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
         return jnp.zeros((n, d), y.dtype).at[token].add(y)
 
