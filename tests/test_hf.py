@@ -361,6 +361,22 @@ def test_unsupported_experts_are_one_line_errors(tmp_path, extra, message):
     assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
 
 
+def test_lora_on_the_experts_is_one_line_error(tmp_path):
+    """The dense models' usual `targets` (every projection) name the experts' projections, which are stacked
+    weights in a mixture: an error that says so, not a run that quietly trains less."""
+    from jaxft.peft import build
+    from hooked_models import method_cfg
+
+    cls_name, kw = VARIANTS["qwen3_moe_norm_topk"]
+    _, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    cfg = hf.read_config(d)
+    with pytest.raises(JaxftError, match="'down_proj', 'gate_proj', 'up_proj' names no module .*experts are stacked "
+                                         "weights") as e:
+        build(method_cfg(name="lora", targets="q_proj,v_proj,gate_proj,up_proj,down_proj"), cfg)
+    assert "\n" not in str(e.value)
+    assert [h.targets for h in build(method_cfg(name="lora"), cfg).hooks] == ["q_proj,v_proj"]
+
+
 def test_a_missing_expert_is_one_line_error(tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -271,6 +271,8 @@ def check_hooks(method: Method, model_cfg) -> None:
     paths = linear_paths(model_cfg)
     names = sorted({p.split(".")[-1] for p in paths})
     known = f"module names: {', '.join(names)}; full paths such as {paths[0]!r} for a regex"
+    if getattr(model_cfg, "num_experts", 0):  # gate_proj / up_proj / down_proj of a dense model, asked of a mixture
+        known += "; a mixture's experts are stacked weights, not modules: LoRA reaches attention and the router"
     for hook in linear_hooks:
         key = getattr(hook, "targets_key", "method.targets")
         what = f"{key}={hook.targets!r}" if hasattr(hook, "targets") else type(hook).__name__
