@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = ml_collections.FieldReference("none", field_type=object)
     c.model.attention = "auto"  # xla, cudnn, splash, flash, or auto: the fastest the backend runs (see README)
     c.model.quantization = "none"  # none | int8 | nf4: the frozen decoder projections stored so (QLoRA)
+    # A mixture of experts' load-balancing loss (transformers' output_router_logits), this times it joins the
+    # training loss: -1 as the model's config.json says, 0 none (LLaMA-Factory's moe_aux_loss_coef)
+    c.model.router_aux_loss_coef = -1.0
 
     # Method section: which parameters train and how the model is hooked.
     c.method = ml_collections.ConfigDict()

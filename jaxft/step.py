@@ -212,8 +212,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
 
     def forward(trainable, frozen, batch, rng, loss_scale):
         params = {"params": merge(trainable, frozen)}
-        outputs = model.apply(params, **objective.inputs(batch), return_hidden=True, rngs={"dropout": rng})
+        outputs, extra = model.apply(params, **objective.inputs(batch), return_hidden=True, rngs={"dropout": rng},
+                                     mutable=["losses"])
         sums = loss_of(objective, outputs, batch, params["params"])
+        for term in jax.tree_util.tree_leaves(extra.get("losses", {})):  # the model's own (a mixture's routers')
+            sums = {**sums, "loss_sum": sums["loss_sum"] + term * sums["count"]}
         return sums["loss_sum"] * loss_scale, sums
 
     def like_params(grads):

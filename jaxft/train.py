@@ -85,9 +85,12 @@ def load_model_config(config):
 def model_settings(config, cfg) -> dict:
     """The config fields the run's config sets (how the model computes, not what it is); the
     trainer and `jaxft.plan` build the same model from them."""
-    return dict(pooling=config.model.pooling or cfg.pooling, dtype=config.model.dtype,
-                scan_layers=config.model.scan_layers, remat=config.model.remat, attention=config.model.attention,
-                param_dtype=config.model.param_dtype)
+    settings = dict(pooling=config.model.pooling or cfg.pooling, dtype=config.model.dtype,
+                    scan_layers=config.model.scan_layers, remat=config.model.remat, attention=config.model.attention,
+                    param_dtype=config.model.param_dtype)
+    if config.model.router_aux_loss_coef >= 0 and getattr(cfg, "num_experts", 0):
+        settings["router_aux_loss_coef"] = float(config.model.router_aux_loss_coef)
+    return settings
 
 
 def load_data(config, cfg, tokenizer_path) -> Data:
@@ -398,6 +401,9 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     if head != want:
         raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
     check_task(data.task, cfg, head)
+    if config.model.router_aux_loss_coef > 0 and not getattr(cfg, "num_experts", 0):
+        raise JaxftError(f"model.router_aux_loss_coef={config.model.router_aux_loss_coef}: this {cfg.model_type} model "
+                         "has no experts (the loss balances a mixture of experts' routers): leave it at -1")
     cfg = cfg.replace(
         head=head,
         num_labels=len(data.labels) if data.labels else cfg.num_labels,

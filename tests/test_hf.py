@@ -350,7 +350,6 @@ def test_experts_routing_matters(tmp_path, variant):
 @pytest.mark.parametrize("extra,message", [
     ({"mlp_only_layers": [1]}, "dense layers among the experts' are not supported"),
     ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
-    ({"output_router_logits": True}, "output_router_logits=true .transformers' load-balancing loss. is not supported"),
     ({"num_experts_per_tok": 8}, "num_experts=6, num_experts_per_tok=8"),
 ])
 def test_unsupported_experts_are_one_line_errors(tmp_path, extra, message):
@@ -359,6 +358,50 @@ def test_unsupported_experts_are_one_line_errors(tmp_path, extra, message):
     with pytest.raises(JaxftError, match=message) as e:
         hf.read_config(tmp_path)
     assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("variant,scan", [("qwen3_moe_norm_topk", True), ("mixtral_sliding", False)])
+def test_router_balance_loss_matches_transformers(tmp_path, variant, scan):
+    """`output_router_logits` (as LLaMA-Factory's moe_aux_loss_coef sets it): transformers' load-balancing
+    loss over every layer's router and the real tokens, times `router_aux_loss_coef`, joins the training
+    loss; the train step's loss and router gradients are transformers' on a padded batch."""
+    import optax
+
+    from jaxft.peft import build
+    from jaxft.peft.partition import split
+    from jaxft.step import TrainState, make_train_step
+    from hooked_models import method_cfg
+
+    cls_name, kw = VARIANTS[variant]
+    config = _config(cls_name, **kw, output_router_logits=True, router_aux_loss_coef=0.05)
+    ref_model, d = build_hf(tmp_path, config, CAUSAL[cls_name])
+    model, params = hf.load(str(d), scan_layers=scan)
+    assert model.cfg.router_aux_loss_coef == 0.05
+    x = ids(3, 16, seed=13)
+    mask = np.ones_like(x)  # right padding: transformers' loss would read a left-padded row's padding position
+    mask[1, 7:] = 0
+    mask[2, 11:] = 0
+    out = ref_model(torch.tensor(x).long(), attention_mask=torch.tensor(mask).long(),
+                    labels=torch.tensor(np.where(mask == 1, x, -100)).long())
+    out.loss.backward()
+    _, extra = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(mask), mutable=["losses"])
+    np.testing.assert_allclose(jax.tree_util.tree_leaves(extra["losses"]), [0.05 * out.aux_loss.item()], rtol=1e-5)
+    assert 0.05 * out.aux_loss.item() > 1e-2 * out.loss.item()  # a share of the loss that a test can see
+
+    trainable, frozen = split(params, build(method_cfg(name="full"), model.cfg).trainable)
+    tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
+                       rng=jax.random.PRNGKey(0))
+    batch = {"input_ids": x, "attention_mask": mask, "weight": np.ones(3, np.float32)}
+    new, metrics = jax.jit(make_train_step(model, tx, schedule, grad_accum=1))(state, frozen, batch)
+    np.testing.assert_allclose(metrics["loss"], out.loss.item(), rtol=1e-5)
+    router = lambda p: np.asarray(p["layers"]["mlp"]["gate"]["kernel"][0] if scan  # noqa: E731
+                                  else p["layers_0"]["mlp"]["gate"]["kernel"])
+    ref_grad = ref_model.model.layers[0].mlp.gate.weight.grad.numpy().T
+    np.testing.assert_allclose(router(trainable) - router(new.params), ref_grad, rtol=1e-4, atol=1e-6)
+    # ... and leaves it out, saved and read back, only where transformers would
+    again = hf.read_config(hf.save(model, params, str(tmp_path / "saved")))
+    assert again.router_aux_loss_coef == 0.05
 
 
 def test_lora_on_the_experts_is_one_line_error(tmp_path):

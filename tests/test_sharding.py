@@ -57,10 +57,8 @@ def test_mean_pooling_classifier_eight_devices_match_one(tmp_path):
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
 
 
-@pytest.mark.parametrize("method", ["full", "qlora"])
-def test_experts_sharded_match_one_device(tmp_path, method):
-    """A Qwen3-MoE (stacked experts, grouped matmuls over tokens sorted by expert) over FSDP x 4 tensor shards:
-    the same losses as one device, training every expert (full) or LoRA over NF4 experts (qlora)."""
+def tiny_moe(root):
+    """A tiny random Qwen3-MoE saved by transformers: 4 experts, 2 per token."""
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -68,8 +66,15 @@ def test_experts_sharded_match_one_device(tmp_path, method):
     config = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
                                          num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
-    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
-    run = (*RUN, f"--config.model.path={tmp_path / 'moe'}")
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_experts_sharded_match_one_device(tmp_path, method):
+    """A Qwen3-MoE (stacked experts, grouped matmuls over tokens sorted by expert) over FSDP x 4 tensor shards:
+    the same losses as one device, training every expert (full) or LoRA over NF4 experts (qlora)."""
+    run = (*RUN, f"--config.model.path={tiny_moe(tmp_path / 'moe')}")
     if method == "qlora":
         run += ("--config.method.name=lora", "--config.model.quantization=nf4")
     one, eight = tmp_path / "one", tmp_path / "eight"
@@ -81,6 +86,20 @@ def test_experts_sharded_match_one_device(tmp_path, method):
     ref, got = losses(one), losses(eight)
     assert got.keys() == ref.keys() == {1, 2, 3, 4}
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=2e-5)
+
+
+def test_router_balance_loss_setting(tmp_path):
+    """`model.router_aux_loss_coef` turns on a mixture's load-balancing loss without editing config.json: near
+    balance it is about experts-per-token (2) times the weight; asked of a dense model, it is one line."""
+    run = (*RUN, f"--config.model.path={tiny_moe(tmp_path / 'moe')}", "--config.train.steps=1")
+    plain, balanced = tmp_path / "plain", tmp_path / "balanced"
+    assert cli(plain, *run).returncode == 0
+    r = cli(balanced, *run, "--config.model.router_aux_loss_coef=0.5")
+    assert r.returncode == 0, r.stderr
+    assert 0.5 * 1.5 < losses(balanced)[1] - losses(plain)[1] < 0.5 * 4
+    r = cli(tmp_path / "dense", *RUN, "--config.model.router_aux_loss_coef=0.5")
+    assert r.returncode != 0 and "model.router_aux_loss_coef=0.5: this llama model has no experts" in r.stderr
+    assert not (tmp_path / "dense" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("model_type", ["glm4", "gemma2"])

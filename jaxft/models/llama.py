@@ -89,6 +89,8 @@ class LlamaConfig(Settings):
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to 1 (Mixtral: always)
     shared_expert_size: int = 0  # Qwen2-MoE: a dense MLP every token also takes, gated by a sigmoid
+    # transformers' load-balancing loss (output_router_logits), this times it added to the training loss; 0: none
+    router_aux_loss_coef: float = 0.0
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -255,12 +257,15 @@ class SparseMoE(nn.Module):
     hooks: Sequence[Any] = ()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
+        """-> (output, router statistics for the load-balancing loss, or None: see `balance_loss`). `mask`
+        [B, T]: the tokens the statistics count (transformers' attention mask); None: no statistics."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         logits = Linear(cfg.num_experts, ("embed", None), False, dt, self.hooks, name="gate")(flat)
-        weights, chosen = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), cfg.experts_per_token)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdims=True)
         out = Experts(cfg, name="experts")(flat, weights.astype(logits.dtype), chosen)
@@ -268,7 +273,20 @@ class SparseMoE(nn.Module):
             shared = MLP(cfg, self.hooks, cfg.shared_expert_size, name="shared_expert")(flat)
             share = Linear(1, ("embed", None), False, dt, self.hooks, name="shared_expert_gate")(flat)
             out = out + jax.nn.sigmoid(share) * shared
-        return out.reshape(b, t, d)
+        stats = None
+        if cfg.router_aux_loss_coef and mask is not None:  # per expert: tokens routed to it (by rank), probability
+            real = mask.reshape(-1).astype(jnp.float32)
+            picked = jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32)  # [N, k, E]
+            stats = (jnp.einsum("n,nke->ke", real, picked), jnp.einsum("n,ne->e", real, probs), jnp.sum(real))
+        return out.reshape(b, t, d), stats
+
+
+def balance_loss(cfg: LlamaConfig, stats) -> jax.Array:
+    """transformers' load-balancing loss from every layer's router statistics (summed over layers, as it
+    concatenates their logits): E * sum over ranks and experts of (share of tokens routed there) x (mean
+    router probability), over the real tokens."""
+    routed, probs, tokens = stats
+    return cfg.num_experts * jnp.sum(routed / tokens * (probs / tokens)[None])
 
 
 class DecoderLayer(nn.Module):
@@ -291,14 +309,17 @@ class DecoderLayer(nn.Module):
         if post_attention:
             a = norm(post_attention)(a)
         h = h + block_output(self, a, "attention")
-        m = (SparseMoE if cfg.num_experts else MLP)(cfg, self.hooks, name="mlp")(norm(pre_mlp)(h))
+        if cfg.num_experts:  # router statistics while training (a mask of the layer's tokens), not from a cache
+            m, stats = SparseMoE(cfg, self.hooks, name="mlp")(norm(pre_mlp)(h), mask if cache is None else None)
+        else:
+            m, stats = MLP(cfg, self.hooks, name="mlp")(norm(pre_mlp)(h)), None
         if post_mlp:
             m = norm(post_mlp)(m)
         h = h + block_output(self, m, "mlp")
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         if cache is None:
-            return h, None
-        return (h, cache, None if layer is None else layer + 1), None
+            return h, stats
+        return (h, cache, None if layer is None else layer + 1), stats
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict:
@@ -400,23 +421,29 @@ class LlamaModel(nn.Module):
             layers = stack(cfg, self.hooks, name="layers")
             kinds = None if slides is None else jnp.asarray(slides)
             if cache is None:
-                h, _ = layers(h, mask, position_ids, prefix, segment_ids, None, kinds)
+                h, stats = layers(h, mask, position_ids, prefix, segment_ids, None, kinds)
             else:  # the stacked cache is carried, each layer writing its own slice in place
-                (h, new, _), _ = layers((h, cache["layers"], jnp.int32(0)), mask, position_ids, prefix, segment_ids,
-                                        cache_index, kinds)
+                (h, new, _), stats = layers((h, cache["layers"], jnp.int32(0)), mask, position_ids, prefix,
+                                            segment_ids, cache_index, kinds)
                 cache = {"layers": new}
         else:
-            new = {}
+            new, per_layer = {}, []
             for i in range(cfg.num_layers):
                 p = None if prefix is None else (prefix[0][i], prefix[1][i])
                 mod = layer(cfg, self.hooks, name=f"layers_{i}")
                 kind = None if slides is None else slides[i]
                 if cache is None:
-                    h, _ = mod(h, mask, position_ids, p, segment_ids, None, kind)
+                    h, layer_stats = mod(h, mask, position_ids, p, segment_ids, None, kind)
+                    per_layer.append(layer_stats)
                 else:
                     (h, new[f"layers_{i}"], _), _ = mod((h, cache[f"layers_{i}"], None), mask, position_ids, p,
                                                         segment_ids, cache_index, kind)
             cache = new if cache is not None else None
+            stats = None if cache is not None or per_layer[0] is None else jax.tree_util.tree_map(
+                lambda *xs: jnp.stack(xs), *per_layer)
+        if cache is None and stats is not None:  # the routers' load-balancing loss, for a caller that collects it
+            self.sow("losses", "router_balance", cfg.router_aux_loss_coef * balance_loss(
+                cfg, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), stats)))
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="norm")(h)
 
         if cfg.head == "classification":
@@ -597,10 +624,8 @@ def _experts(c: dict, mtype: str, file: str) -> dict:
                          "[] and 1)")
     if c.get("router_jitter_noise"):
         raise JaxftError(f"{file}: router_jitter_noise={c['router_jitter_noise']} is not supported (expected 0)")
-    if c.get("output_router_logits"):
-        raise JaxftError(f"{file}: output_router_logits=true (transformers' load-balancing loss) is not supported: "
-                         "set it to false")
-    return dict(num_experts=experts, experts_per_token=k,
+    coef = float(c.get("router_aux_loss_coef", 0.001)) if c.get("output_router_logits") else 0.0
+    return dict(router_aux_loss_coef=coef,num_experts=experts, experts_per_token=k,
                 moe_intermediate_size=c["intermediate_size"] if mixtral else c.get("moe_intermediate_size") or 0,
                 norm_topk_prob=mixtral or bool(c.get("norm_topk_prob", False)),
                 shared_expert_size=c.get("shared_expert_intermediate_size") or 0 if mtype == "qwen2_moe" else 0)
@@ -666,7 +691,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         c["rope_scaling"] = rope
     types = ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
     if cfg.num_experts:
-        c.update(num_experts_per_tok=cfg.experts_per_token, output_router_logits=False)
+        c.update(num_experts_per_tok=cfg.experts_per_token, output_router_logits=bool(cfg.router_aux_loss_coef),
+                 router_aux_loss_coef=cfg.router_aux_loss_coef or 0.001)
         if cfg.model_type == "mixtral":
             c.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size)
         else:
