@@ -57,9 +57,9 @@ FAMILIES = {
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
     # experts: the first layer sliding, the second not (Qwen2-MoE's layout below max_window_layers), a shared expert
-    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                                                            shared_expert_intermediate_size=32, use_sliding_window=True,
-                                                            sliding_window=4, max_window_layers=2)),
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig, dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+        use_sliding_window=True, sliding_window=4, max_window_layers=2)),
     "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
 }
 PAD = 7

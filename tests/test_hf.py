@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -418,6 +419,25 @@ def test_lora_on_the_experts_is_one_line_error(tmp_path):
         build(method_cfg(name="lora", targets="q_proj,v_proj,gate_proj,up_proj,down_proj"), cfg)
     assert "\n" not in str(e.value)
     assert [h.targets for h in build(method_cfg(name="lora"), cfg).hooks] == ["q_proj,v_proj"]
+
+
+def test_fused_experts_file_reads_as_per_expert(tmp_path):
+    """A file that holds each layer's experts fused, in transformers 5's in-memory layout
+    (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]), reads as the per-expert one."""
+    from safetensors.numpy import load_file, save_file
+
+    cls_name, kw = VARIANTS["qwen3_moe_norm_topk"]
+    ref_model, d = build_hf(tmp_path, _config(cls_name, **kw), CAUSAL[cls_name])
+    tensors = load_file(str(d / "model.safetensors"))
+    for layer in range(2):
+        experts = ref_model.model.layers[layer].mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            tensors[f"model.layers.{layer}.mlp.experts.{name}"] = getattr(experts, name).detach().numpy()
+    tensors = {k: v for k, v in tensors.items() if not re.search(r"experts\.\d+\.", k)}
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model, params = hf.load(str(d))
+    x = ids(2, 12, seed=14)
+    assert rel_err(our_logits(model, params, x), torch_logits(ref_model, x)) <= TOL
 
 
 def test_a_missing_expert_is_one_line_error(tmp_path):

@@ -285,7 +285,8 @@ def test_hf_tokenizer_files_read_as_transformers_reads_them(tmp_path, kind):
     from jaxft.hf_tokenizer import HFTokenizer
 
     d = {"wordpiece": _wordpiece_dir, "byte_level_bpe": lambda: _byte_level_dir(tmp_path / "bpe"),
-         "tokenizer_json": lambda: _chatml_dir(tmp_path / "chatml"), "gemma": lambda: _gemma_dir(tmp_path / "gemma")}[kind]()
+         "tokenizer_json": lambda: _chatml_dir(tmp_path / "chatml"),
+         "gemma": lambda: _gemma_dir(tmp_path / "gemma")}[kind]()
     ours, ref = HFTokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
     assert len(ours) == len(ref)
     for role in ("bos", "eos", "unk", "pad", "mask", "cls", "sep"):

@@ -625,7 +625,7 @@ def _experts(c: dict, mtype: str, file: str) -> dict:
     if c.get("router_jitter_noise"):
         raise JaxftError(f"{file}: router_jitter_noise={c['router_jitter_noise']} is not supported (expected 0)")
     coef = float(c.get("router_aux_loss_coef", 0.001)) if c.get("output_router_logits") else 0.0
-    return dict(router_aux_loss_coef=coef,num_experts=experts, experts_per_token=k,
+    return dict(router_aux_loss_coef=coef, num_experts=experts, experts_per_token=k,
                 moe_intermediate_size=c["intermediate_size"] if mixtral else c.get("moe_intermediate_size") or 0,
                 norm_topk_prob=mixtral or bool(c.get("norm_topk_prob", False)),
                 shared_expert_size=c.get("shared_expert_intermediate_size") or 0 if mtype == "qwen2_moe" else 0)
@@ -721,8 +721,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         c.update(hidden_activation=HF_ACTIVATION[cfg.hidden_act], attention_bias=cfg.qkv_bias)
         if cfg.model_type != "gemma":
             scalar = cfg.query_pre_attn_scalar  # an int in transformers' config
-            c.update(query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar, sliding_window=cfg.sliding_window,
-                     layer_types=types, attn_logit_softcapping=cfg.attn_softcap,
+            c.update(query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
+                     sliding_window=cfg.sliding_window, layer_types=types, attn_logit_softcapping=cfg.attn_softcap,
                      final_logit_softcapping=cfg.final_softcap)
         if cfg.model_type == "gemma3_text":  # rope parameters per layer type, the sliding layers' unscaled
             local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
@@ -744,8 +744,8 @@ def architecture(cfg: LlamaConfig) -> str:
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 # One expert's projection (transformers' files: Qwen's names, Mixtral's w1 / w3 / w2), or a layer's fused experts
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)"
-                     r"\.weight")
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                     r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 ROUTERS = ("gate", "shared_expert_gate")  # a mixture's projections that HF names without _proj
 
@@ -767,7 +767,7 @@ def _from_hf_key(key: str):
     mods = tuple(m[2].replace("block_sparse_moe", "mlp").split("."))
     if m[3] == "bias":
         return mods + ("bias",), int(m[1]), False
-    is_linear = mods[-1].endswith("_proj") or mods[-2:] in (("mlp", "gate"), ("mlp", "shared_expert_gate"))
+    is_linear = mods[-1].endswith("_proj") or (mods[:-1] == ("mlp",) and mods[-1] in ROUTERS)
     return mods + ("kernel" if is_linear else "weight",), int(m[1]), is_linear
 
 
@@ -785,14 +785,15 @@ def _stack_experts(tensors: dict, cfg: LlamaConfig, where: str) -> dict:
             out[key] = np.swapaxes(np.asarray(value), 1, 2)
         else:
             out[key] = value
+    stacked = {}
     for (layer, part), experts in per.items():
         missing = sorted(set(range(cfg.num_experts)) - set(experts))
         if missing:
             raise JaxftError(f"{where}: layer {layer} has no {part} for expert {missing[0]} (expected "
                              f"{cfg.num_experts} experts)")
-        out[(layer, part)] = np.stack([experts[e] for e in range(cfg.num_experts)])
+        stacked[layer, part] = np.stack([experts[e] for e in range(cfg.num_experts)])
     for layer in sorted({layer for layer, _ in per}):
-        parts = [out.pop((layer, p), None) for p in ("gate_proj", "up_proj", "down_proj")]
+        parts = [stacked.get((layer, p)) for p in ("gate_proj", "up_proj", "down_proj")]
         if any(p is None for p in parts):
             raise JaxftError(f"{where}: layer {layer}'s experts lack gate_proj, up_proj or down_proj (w1, w3, w2)")
         out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.concatenate(parts[:2], axis=-1)
@@ -879,8 +880,8 @@ def head_weights(cfg: LlamaConfig) -> int:
 
 
 def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
-    """What `jaxft.plan` counts: one stack of pre-norm blocks, RMSNorms (GLM-4-0414: two more, on the
-    attention and MLP outputs), gated SiLU MLP."""
+    """What `jaxft.plan` counts: one stack of pre-norm blocks, RMSNorms (GLM-4-0414, Gemma 2/3: two more, on
+    the attention and MLP outputs), gated MLP (a mixture's: its chosen experts' widths together)."""
     d, hd = cfg.hidden_size, cfg.dim_per_head
     q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, mlp_width(cfg)  # a mixture: as a dense MLP of its width
     return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f,
