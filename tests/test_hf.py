@@ -311,6 +311,44 @@ def test_gemma_differences_matter(tmp_path, variant):
     assert rel_err(our_logits(unrolled, p_unrolled, x), ref) <= TOL
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_gemma3_with_vision_reads_its_text_model(tmp_path, scan):
+    """Gemma 3 4B and up ship as `gemma3` (Gemma3ForConditionalGeneration: a vision tower, the text model under
+    text_config, which lists few keys): jaxft reads the text model, with transformers' logits on text; saves it
+    as a text-only Gemma 3 transformers reads back; and its LoRA adapter names the modules where PEFT finds them
+    in the model with vision, which PEFT loads there with jaxft's logits."""
+    peft = pytest.importorskip("peft")
+    from hooked_models import hooked
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, sliding_window=6, sliding_window_pattern=3,
+                query_pre_attn_scalar=32, rope_parameters=GEMMA3_ROPE, initializer_range=0.2)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                       image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                                       eoi_token_index=VOCAB - 2)
+    ref_model, d = build_hf(tmp_path, config, "Gemma3ForConditionalGeneration")
+    model, params = hf.load(str(d), scan_layers=scan)
+    cfg = model.cfg
+    assert cfg.model_type == "gemma3" and cfg.num_layers == 3 and cfg.rope_local_theta == 100.0 and cfg.qk_norm
+    x = ids(2, 20, seed=15)
+    ref = torch_logits(ref_model, x)
+    assert rel_err(our_logits(model, params, x), ref) <= TOL
+
+    out = hf.save(model, params, str(tmp_path / "saved"))
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    assert type(again).__name__ == "Gemma3ForCausalLM"
+    assert rel_err(torch_logits(again, x), ref) <= TOL
+
+    hooked_model, _, hooked_params = hooked(d, dict(name="lora", rank=4, alpha=8.0), scan_layers=scan)
+    adapter = hf.save_adapter(hooked_model, hooked_params, str(tmp_path / "adapter"), base=str(d))
+    ours = our_logits(hooked_model, hooked_params, x)
+    assert rel_err(ours, ref) > 1e-3
+    with_adapter = peft.PeftModel.from_pretrained(ref_model, str(adapter)).eval()
+    assert rel_err(torch_logits(with_adapter, x), ours) <= TOL
+
+
 @pytest.mark.parametrize("variant", ["qwen3_moe_norm_topk", "qwen2_moe_shared", "mixtral_sliding"])
 def test_experts_routing_matters(tmp_path, variant):
     """The mixture variants' tests are meaningful: routing each token to one expert fewer or more, or

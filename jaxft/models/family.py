@@ -45,6 +45,7 @@ REGISTRY = {
     "mixtral": "jaxft.models.llama",
     "gemma": "jaxft.models.llama",
     "gemma2": "jaxft.models.llama",
+    "gemma3": "jaxft.models.llama",
     "gemma3_text": "jaxft.models.llama",
     "gpt2": "jaxft.models.gpt2",
     "bert": "jaxft.models.bert",

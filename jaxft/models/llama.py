@@ -488,6 +488,12 @@ QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # sliding windows from use_
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 PARTIAL_ROTARY = GLM + ("phi3",)  # the model types whose rotary may cover part of each head
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# transformers' Gemma3TextConfig defaults: a Gemma 3 with vision (`gemma3`, 4B and up) lists few text_config keys
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+    rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True,
+    query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1e6, rope_local_base_freq=10000.0)
 ACTIVATION_OF_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's name -> ours
 HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
@@ -495,6 +501,12 @@ HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 def config_from_hf(c: dict, file: str) -> LlamaConfig:
     """A HF config dict (as in config.json) -> LlamaConfig (the architecture; hf.py adds head and labels)."""
     mtype = c.get("model_type")
+    if mtype == "gemma3":  # Gemma 3 with vision: its text model (the vision tower is not read)
+        text = c.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise JaxftError(f"{file}: text_config: expected an object of Gemma 3's text model keys")
+        return config_from_hf({**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}, file).replace(
+            model_type="gemma3")
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     local_theta = None
     if mtype == "gemma3_text":  # rope parameters per layer type (transformers 5), or rope_local_base_freq
@@ -663,13 +675,19 @@ def _rope_scaling(rope: dict, c: dict, file: str) -> dict:
     return rope
 
 
+def text_type(cfg: LlamaConfig) -> str:
+    """The model type jaxft writes: a Gemma 3 with vision is saved as its text model (`gemma3_text`)."""
+    return "gemma3_text" if cfg.model_type == "gemma3" else cfg.model_type
+
+
 def config_to_hf(cfg: LlamaConfig) -> dict:
+    mtype = text_type(cfg)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     rope.update(dict(cfg.rope_scaling or {}))
     if cfg.rotary_dim:
         rope["partial_rotary_factor"] = cfg.rotary_dim / cfg.dim_per_head
     c = {
-        "model_type": cfg.model_type,
+        "model_type": mtype,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -693,56 +711,59 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     if cfg.num_experts:
         c.update(num_experts_per_tok=cfg.experts_per_token, output_router_logits=bool(cfg.router_aux_loss_coef),
                  router_aux_loss_coef=cfg.router_aux_loss_coef or 0.001)
-        if cfg.model_type == "mixtral":
+        if mtype == "mixtral":
             c.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size)
         else:
             c.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
                      norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
-            if cfg.model_type == "qwen2_moe":
+            if mtype == "qwen2_moe":
                 c["shared_expert_intermediate_size"] = cfg.shared_expert_size
-    if cfg.model_type in QWEN:
+    if mtype in QWEN:
         sliding = cfg.sliding_window is not None
         c.update(
             use_sliding_window=sliding,
             sliding_window=cfg.sliding_window,
             max_window_layers=types.index("sliding_attention") if sliding else cfg.num_layers,
         )
-        if cfg.model_type != "qwen3_moe":  # which has no layer_types (it slides everywhere or nowhere)
+        if mtype != "qwen3_moe":  # which has no layer_types (it slides everywhere or nowhere)
             c["layer_types"] = types
-        if cfg.model_type in ("qwen3", "qwen3_moe"):  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
+        if mtype in ("qwen3", "qwen3_moe"):  # Qwen3's q/k/v/o biases follow attention_bias, as Llama's
             c.update(attention_bias=cfg.qkv_bias)
-    elif cfg.model_type in PARTIAL_ROTARY:  # transformers before 5 read the factor at the top level
+    elif mtype in PARTIAL_ROTARY:  # transformers before 5 read the factor at the top level
         c.update(partial_rotary_factor=cfg.rotary_dim / cfg.dim_per_head if cfg.rotary_dim else 1.0)
-        if cfg.model_type == "phi3":
+        if mtype == "phi3":
             c["sliding_window"] = cfg.sliding_window
         else:
             c["attention_bias"] = cfg.qkv_bias
-    elif cfg.model_type in GEMMA:
+    elif mtype in GEMMA:
         c.update(hidden_activation=HF_ACTIVATION[cfg.hidden_act], attention_bias=cfg.qkv_bias)
-        if cfg.model_type != "gemma":
+        if mtype != "gemma":
             scalar = cfg.query_pre_attn_scalar  # an int in transformers' config
             c.update(query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
                      sliding_window=cfg.sliding_window, layer_types=types, attn_logit_softcapping=cfg.attn_softcap,
                      final_logit_softcapping=cfg.final_softcap)
-        if cfg.model_type == "gemma3_text":  # rope parameters per layer type, the sliding layers' unscaled
+        if mtype == "gemma3_text":  # rope parameters per layer type, the sliding layers' unscaled
             local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
             c.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
                      rope_local_base_freq=cfg.rope_local_theta)
             c.pop("rope_scaling", None)
     else:
         c.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-        if cfg.model_type in ("mistral", "mixtral"):
+        if mtype in ("mistral", "mixtral"):
             c["sliding_window"] = cfg.sliding_window
     return c
 
 
 def architecture(cfg: LlamaConfig) -> str:
+    mtype = text_type(cfg)
     if cfg.head == "classification":  # Gemma 3's text-only classifier is Gemma3TextForSequenceClassification
-        return ARCH[cfg.model_type] + ("Text" if cfg.model_type == "gemma3_text" else "") + "ForSequenceClassification"
-    return ARCH[cfg.model_type] + "ForCausalLM"
+        return ARCH[mtype] + ("Text" if mtype == "gemma3_text" else "") + "ForSequenceClassification"
+    return ARCH[mtype] + "ForCausalLM"
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# Gemma 3's text model inside one with vision: its files' prefix, and transformers 5's module names
+TEXT_OF_VISION = re.compile(r"^(language_model\.model|model\.language_model)\.")
 # One expert's projection (transformers' files: Qwen's names, Mixtral's w1 / w3 / w2), or a layer's fused experts
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
                      r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
@@ -802,6 +823,9 @@ def _stack_experts(tensors: dict, cfg: LlamaConfig, where: str) -> dict:
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = "checkpoint") -> dict:
+    if cfg.model_type == "gemma3":  # the text model's keys, as files (language_model.model.) or modules name them
+        tensors = {TEXT_OF_VISION.sub("model.", k).replace("language_model.lm_head", "lm_head"): v
+                   for k, v in tensors.items()}
     if cfg.num_experts:
         tensors = _stack_experts(tensors, cfg, where)
     flat = params_from_keys(tensors, cfg, where, _from_hf_key)
@@ -845,13 +869,17 @@ def _expert_keys(layer: int, leaf: str, value, cfg: LlamaConfig) -> dict:
 
 
 def hf_module(path: str, cfg=None) -> str:
-    """'layers.3.self_attn.q_proj' -> 'model.layers.3.self_attn.q_proj'; the heads keep their names."""
-    return path if path.split(".")[0] in ("lm_head", "score") else "model." + path
+    """'layers.3.self_attn.q_proj' -> 'model.layers.3.self_attn.q_proj' (a Gemma 3 with vision:
+    'model.language_model.layers.3...', as PEFT finds it there); the heads keep their names."""
+    if path.split(".")[0] in ("lm_head", "score"):
+        return path
+    return ("model.language_model." if cfg is not None and cfg.model_type == "gemma3" else "model.") + path
 
 
 def our_module(name: str) -> str | None:
     if name.split(".")[0] in ("lm_head", "score"):
         return name
+    name = TEXT_OF_VISION.sub("model.", name)
     return name[len("model."):] if name.startswith("model.") else None
 
 
