@@ -17,8 +17,9 @@ decoder start token with `method="decode"`.
 Soft prompts (prompt tuning, P-Tuning) put virtual tokens in front of every prompt. They see only
 each other (they come first, attention is causal), so their keys and values at every layer are the
 same for every row: they are computed once, at the start, and held in front of each layer's cache as
-an always-visible prefix, the prompt's positions counting on after them, as PEFT's generate places
-them. P-Tuning v2 / prefix tuning prefixes are such a prefix already.
+a prefix, the prompt's positions counting on after them, as PEFT's generate places them. P-Tuning v2 /
+prefix tuning prefixes are such a prefix already. A sliding window leaves them behind as transformers'
+does over [virtual tokens, padded prompt, answer]: by slot, padding included.
 
 `python -m jaxft.generate --model=DIR [--adapter=DIR] --prompt="..."` (or `--prompts=FILE`, one prompt a
 line) prints one completion per prompt (where stdout's encoding cannot write a character, it is `?`;
@@ -184,9 +185,6 @@ def soft_prompt_prefix(model, params):
     n = sum(getattr(h, "virtual_tokens", 0) for h in hooks)
     if not n:
         return model, params
-    if getattr(model.cfg, "sliding_window", None):  # in the cache they would slide out of the window
-        raise JaxftError("generation with virtual tokens in front (prompt tuning, P-Tuning) and a sliding window "
-                         "attention is not supported")
     one = jnp.zeros((1, 1), jnp.int32)  # any token: the virtual tokens before it do not see it
     _, state = model.apply({"params": params}, one, one + 1, mutable=["intermediates"])
     k, v = sown_keys_values(state["intermediates"], model.cfg)  # [layers, 1, P + 1, KV, D]

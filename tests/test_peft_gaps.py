@@ -79,6 +79,38 @@ def test_soft_prompt_generation_matches_peft(lms, tmp_path, name, kind, beams):
     assert not (plain[:, ids.shape[1]:] == out).all()
 
 
+def test_soft_prompt_generation_with_a_sliding_window(tmp_path):
+    """Mistral with a window (5) shorter than 4 virtual tokens + prompt + answer: greedy from transformers'
+    forward over [virtual tokens, left-padded prompt, answer so far] each step (PEFT's layout; positions
+    counting the real tokens after the virtual ones), which the window leaves behind by slot. (PEFT's own
+    generate drops positions on padded rows.)"""
+    from peft import get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    m = MistralForCausalLM(MistralConfig(**TINY, sliding_window=5)).eval()
+    m.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    pm = get_peft_model(copy.deepcopy(m), soft_prompt_config("prompt_tuning")).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    model, params = hf.load(tmp_path / "base", adapter=tmp_path / "adapter")
+    ids, mask = prompts(pad=PAD)
+    out = generate(model, params, ids, mask, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=96)
+    seq, m_ = torch.tensor(ids), torch.tensor(mask)
+    virtual = pm.get_prompt(batch_size=len(ids))  # [3, 4, D]
+    with torch.no_grad():
+        for _ in range(NEW):
+            full = torch.cat([torch.ones(len(ids), 4, dtype=m_.dtype), m_], 1)
+            embeds = torch.cat([virtual, m.get_input_embeddings()(seq)], 1)
+            logits = m(inputs_embeds=embeds, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            m_ = torch.cat([m_, torch.ones(len(ids), 1, dtype=m_.dtype)], 1)
+    np.testing.assert_array_equal(out, seq[:, ids.shape[1]:].numpy())
+    wide, wide_params = hf.load(tmp_path / "base", adapter=tmp_path / "adapter", sliding_window=None)
+    assert not (generate(wide, wide_params, ids, mask, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=96)
+                == out).all()  # the window matters here
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Several adapters active at once (jaxft.peft.multi), as PEFT's set_adapter(["a", "b"]).
 
