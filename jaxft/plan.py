@@ -278,6 +278,12 @@ LOSS_CHUNK_BUFFERS = 1.05
 # (XLA's einsum) probabilities beside the gradients: 1.24-1.89 times what plain autodiff keeps of the
 # layer on XLA:CPU (Llama, GPT-2, BERT and T5, full and LoRA, from how XLA's figure grows with depth).
 RECOMPUTE_NONE = 1.5
+# A mixture's grouped matmuls (`jax.lax.ragged_dot`) off TPU: XLA masks the routed rows into one dense
+# operand over every expert's columns, [rows, E * in], forward and backward (and for the experts' weight
+# gradients where they train). The backward pass through a layer holds about this many such operands
+# of its two grouped matmuls, by (remat full, experts trained): fitted on XLA:CPU over 8 to 32 experts,
+# 2 to 4 per token (tests/test_plan.py).
+EXPANDED = {(False, False): 0.85, (False, True): 2.3, (True, False): 1.3, (True, True): 2.6}
 
 
 def attention(s: Setup) -> str:
@@ -360,8 +366,22 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         frozen_bytes = 0 if quantized else (4 if cfg.param_dtype == "float32" else 2)
         casts = sum(width(n_in) * width(n_out) for name, _, n_in, n_out in blocks.projections
                     if (4 if name in trained else frozen_bytes) > c)
-        per_layer = keep * b * t + prefix + c * casts
         outputs = sum(width(n_out) for _, _, _, n_out in blocks.projections)
+        expanded = 0
+        if blocks.experts:  # a mixture: each token's k copies through the experts it was routed to
+            module, e, top, f_e = blocks.experts
+            tuned = any(t_ and inside[i].match(path) and f"/{module}/" in path for path, t_ in s.trainable.items())
+            # the routed copies and the down projections' inputs (the experts' weight gradients), their outputs
+            # (the routing weights' gradient), the router's fp32 probabilities
+            keep += c * top * (d_model + split(f_e)) * tuned + c * top * d_model + 4 * e
+            kept += c * top * d_model  # the down projections' outputs, named as projections
+            outputs += top * (2 * split(f_e) + d_model)
+            # stacked weights cast to the compute dtype (or dequantized) whole, once per layer
+            casts += e * 3 * d_model * split(f_e) * ((4 if tuned else frozen_bytes) > c or (quantized and not tuned))
+            if s.platform != "tpu":  # XLA expands each grouped matmul into a masked dense one over every expert
+                # ([rows, E * in]); the backward pass holds some such at once (`EXPANDED`)
+                expanded = EXPANDED[cfg.remat == "full", tuned] * c * b * t * top * e * (d_model + split(f_e))
+        per_layer = keep * b * t + prefix + c * casts
         saved = {  # what each block leaves for the backward pass
             "none": kept * b * t + prefix,
             "full": c * b * t * d_model + prefix,  # its input
@@ -373,10 +393,10 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # gradients, or what save_dots recomputes); under remat none also what it recomputes, and under
         # full remat `Blocks.recompute` times that (the docstring).
         factor = {"full": blocks.recompute, "none": RECOMPUTE_NONE}.get(cfg.remat, 1.0)
-        working = max(working, factor * per_layer)
+        working = max(working, factor * per_layer + expanded)
         # the backward pass reaches this stack with what it and the stacks before it saved; the later
         # stacks' (T5's decoder, when this is its encoder) are freed by then
-        backward = max(backward, saved_total + factor * per_layer)
+        backward = max(backward, saved_total + factor * per_layer + expanded)
         stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
     if fam.encoder_decoder and stacks:
         encoded = c * b * lengths["input"] * cfg.hidden_size  # the encoder's output, read by every cross-attention

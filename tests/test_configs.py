@@ -189,39 +189,6 @@ def test_qwen3_sft_config_runs_on_a_tiny_qwen3_in_non_thinking_mode(tmp_path, ch
         assert want.endswith("<think>\n\n</think>\n\n") and row["prompt"] == want
 
 
-def test_qwen3_moe_qlora_config_runs_on_a_tiny_qwen3_moe(tmp_path, chatml_dir):
-    """configs/gpu_qwen3_moe_qlora_sft_zh.py, its model.path a tiny random Qwen3-MoE beside a ChatML tokenizer:
-    it trains over an NF4 base whose experts are NF4 too, and its export is a PEFT LoRA adapter on the
-    attention that PEFT loads onto transformers' Qwen3MoeForCausalLM with jaxft's logits."""
-    import peft
-    import torch
-    import transformers
-    from test_hf import build_hf
-
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(chatml_dir))
-    config = transformers.Qwen3MoeConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                                         norm_topk_prob=True, eos_token_id=hf_tok.eos_token_id,
-                                         max_position_embeddings=512)
-    model_dir = with_template(chatml_dir, build_hf(tmp_path, config, "Qwen3MoeForCausalLM")[1])
-    name, run = "configs/gpu_qwen3_moe_qlora_sft_zh.py", tmp_path / "run"
-    r = cli(run, *QUICK, f"--config.model.path={model_dir}", "--config.data.seq_len=96", "--config.train.batch_size=4",
-            "--config.data.eval_holdout=8", config=name)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "model: qwen3_moe 2x32" in r.stdout and "base quantized to nf4" in r.stdout and "done:" in r.stdout
-    adapter = json.loads((run / "export" / "adapter_config.json").read_text())
-    assert adapter["peft_type"] == "LORA" and "o_proj" in str(adapter["target_modules"])
-    ours_model, params = hf.load(str(model_dir), adapter=str(run / "export"))
-    ids = np.random.default_rng(0).integers(3, len(hf_tok), (2, 10)).astype(np.int32)
-    ours = np.asarray(ours_model.apply({"params": params}, ids))
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager")
-    theirs = peft.PeftModel.from_pretrained(base, str(run / "export")).eval()
-    with torch.no_grad():
-        ref = theirs(torch.tensor(ids).long()).logits.numpy()
-    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
-
-
 def test_glm4_ptuning_v2_config_runs_on_a_tiny_glm4_and_peft_reads_its_prefix(tmp_path, chatml_dir):
     """configs/gpu_glm4_ptuning_v2_adgen.py, its model.path a tiny random GLM-4-0414 (half-rotated heads, fused
     gate_up_proj, sandwich norms) beside a ChatML tokenizer: ADGEN's content -> summary trains as chat turns,

@@ -119,6 +119,9 @@ class Blocks:
     # the rows it runs over: "input" (input_ids) or "target" (an encoder-decoder's decoder inputs, whose
     # length is the targets' or a rollout's completions')
     stream: str = "input"
+    # A mixture of experts' routed experts, stacked weights outside `projections`: (their module path inside
+    # a block, experts, experts per token, each one's width); () for a dense MLP
+    experts: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,7 +217,8 @@ class MLP(nn.Module):
 class Experts(nn.Module):
     """The routed experts of a mixture-of-experts MLP, stacked: gate and up [E, D, 2F], down [E, F, D]. The
     token copies are sorted by the expert they go to and each expert's rows meet its own weights in one
-    grouped matmul (`jax.lax.ragged_dot`): no token computes with an expert it did not pick."""
+    grouped matmul (`jax.lax.ragged_dot`), exact and dropless. TPUs run it as such; XLA on CPUs and GPUs
+    expands it into a masked dense product over every expert (`jaxft.plan` counts that)."""
 
     cfg: LlamaConfig
 
@@ -909,17 +910,26 @@ def head_weights(cfg: LlamaConfig) -> int:
 
 def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
     """What `jaxft.plan` counts: one stack of pre-norm blocks, RMSNorms (GLM-4-0414, Gemma 2/3: two more, on
-    the attention and MLP outputs), gated MLP (a mixture's: its chosen experts' widths together)."""
+    the attention and MLP outputs), gated MLP; a mixture's router, routed experts (`Blocks.experts`) and
+    Qwen2-MoE's shared expert instead."""
     d, hd = cfg.hidden_size, cfg.dim_per_head
-    q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, mlp_width(cfg)  # a mixture: as a dense MLP of its width
+    q, kv, f = cfg.num_heads * hd, cfg.num_kv_heads * hd, mlp_width(cfg)  # a mixture: its experts' widths together
+    if cfg.num_experts:
+        fs = cfg.shared_expert_size
+        mlp = (("gate", "mlp_in", d, cfg.num_experts),
+               *((("gate_proj", "mlp_in", d, fs), ("up_proj", "mlp_in", d, fs), ("down_proj", "mlp_act", fs, d),
+                  ("shared_expert_gate", "mlp_in", d, 1)) if fs else ()))
+    elif cfg.fused_gate_up:
+        mlp = (("gate_up_proj", "mlp_in", d, 2 * f), ("down_proj", "mlp_act", f, d))
+    else:
+        mlp = (("gate_proj", "mlp_in", d, f), ("up_proj", "mlp_in", d, f), ("down_proj", "mlp_act", f, d))
     return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f,
                    norms=4 if cfg.sandwich_norms else 2, projections=(
         *((("qkv_proj", "attn_in", d, q + 2 * kv),) if cfg.fused_qkv else
           (("q_proj", "attn_in", d, q), ("k_proj", "attn_in", d, kv), ("v_proj", "attn_in", d, kv))),
-        ("o_proj", "attn_out", q, d),
-        *((("gate_up_proj", "mlp_in", d, 2 * f),) if cfg.fused_gate_up else
-          (("gate_proj", "mlp_in", d, f), ("up_proj", "mlp_in", d, f))),
-        ("down_proj", "mlp_act", f, d))),)
+        ("o_proj", "attn_out", q, d), *mlp),
+        experts=("mlp/experts", cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size)
+        if cfg.num_experts else ()),)
 
 
 FAMILY = Family(
