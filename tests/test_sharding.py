@@ -70,7 +70,8 @@ def tiny_moe(root):
     return root
 
 
-@pytest.mark.parametrize("method", ["full", "qlora"])
+# slow: full repeats qlora's sharded experts' module and grouped matmuls, with their gradients as well.
+@pytest.mark.parametrize("method", [pytest.param("full", marks=pytest.mark.slow), "qlora"])
 def test_experts_sharded_match_one_device(tmp_path, method):
     """A Qwen3-MoE (stacked experts, grouped matmuls over tokens sorted by expert) over FSDP x 4 tensor shards:
     the same losses as one device, training every expert (full) or LoRA over NF4 experts (qlora)."""
