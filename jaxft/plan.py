@@ -278,12 +278,10 @@ LOSS_CHUNK_BUFFERS = 1.05
 # (XLA's einsum) probabilities beside the gradients: 1.24-1.89 times what plain autodiff keeps of the
 # layer on XLA:CPU (Llama, GPT-2, BERT and T5, full and LoRA, from how XLA's figure grows with depth).
 RECOMPUTE_NONE = 1.5
-# A mixture's grouped matmuls (`jax.lax.ragged_dot`) off TPU: XLA masks the routed rows into one dense
-# operand over every expert's columns, [rows, E * in], forward and backward (and for the experts' weight
-# gradients where they train). The backward pass through a layer holds about this many such operands
-# of its two grouped matmuls, by (remat full, experts trained): fitted on XLA:CPU over 8 to 32 experts,
-# 2 to 4 per token (tests/test_plan.py).
-EXPANDED = {(False, False): 0.85, (False, True): 2.3, (True, False): 1.3, (True, True): 2.6}
+# A mixture's grouped matmuls off TPU (`grouped_matmul`): the backward pass through a layer holds about
+# this many copies of the routed rows, padded to whole tiles, in and out of its two grouped matmuls, by
+# remat policy: fitted on XLA:CPU over 8 to 64 experts, 2 to 4 per token (tests/test_plan.py).
+TILED = {"full": 2.0, "none": 2.2, "save_dots": 2.6, "offload": 2.6}
 
 
 def attention(s: Setup) -> str:
@@ -378,9 +376,14 @@ def activation_bytes(s: Setup, batch: int) -> dict:
             outputs += top * (2 * split(f_e) + d_model)
             # stacked weights cast to the compute dtype (or dequantized) whole, once per layer
             casts += e * 3 * d_model * split(f_e) * ((4 if tuned else frozen_bytes) > c or (quantized and not tuned))
-            if s.platform != "tpu":  # XLA expands each grouped matmul into a masked dense one over every expert
-                # ([rows, E * in]); the backward pass holds some such at once (`EXPANDED`)
-                expanded = EXPANDED[cfg.remat == "full", tuned] * c * b * t * top * e * (d_model + split(f_e))
+            if s.platform != "tpu":  # `grouped_matmul`: the routed rows padded to whole tiles per expert, in and
+                # out of both grouped matmuls, forward and backward (`TILED`)
+                from jaxft.models.layers import grouped_tile
+
+                rows = b * t * top
+                tile = grouped_tile(rows, e)
+                padded = (-(-rows // tile) + e) * tile
+                expanded = TILED[cfg.remat] * c * padded * (2 * d_model + 3 * split(f_e))
         per_layer = keep * b * t + prefix + c * casts
         saved = {  # what each block leaves for the backward pass
             "none": kept * b * t + prefix,

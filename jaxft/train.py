@@ -707,10 +707,6 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     if impl == "xla" and packed and cfg.attention == "auto" and family.attention_impl(cfg, False) != "xla":
         log("note: model.attention=auto runs XLA's dense attention for packed rows (segment ids), several times "
             "slower than the fused kernel; data.packing=False lets the fused kernel run")
-    experts = getattr(cfg, "num_experts", 0)
-    if experts > getattr(cfg, "experts_per_token", 0) and jax.default_backend() != "tpu":
-        log(f"note: on {jax.default_backend()} XLA expands the experts' grouped matmuls into dense products over all "
-            f"{experts} experts: memory and time grow with their number (jaxft.plan counts it; TPUs run them grouped)")
     if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
         from jaxft import quant
 

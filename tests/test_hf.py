@@ -459,6 +459,23 @@ def test_lora_on_the_experts_is_one_line_error(tmp_path):
     assert [h.targets for h in build(method_cfg(name="lora"), cfg).hooks] == ["q_proj,v_proj"]
 
 
+@pytest.mark.parametrize("rows, groups", [(100, 5), (4096, 8), (24, 64)])
+def test_grouped_matmul_is_ragged_dot(rows, groups):
+    """`layers.grouped_matmul` (the experts' products off TPU) computes what `jax.lax.ragged_dot` does, values
+    and both gradients, with empty groups and groups of fewer rows than a tile."""
+    from jaxft.models.layers import grouped_matmul
+
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((groups, 16, 24)), jnp.float32)
+    sizes = jnp.asarray(rng.multinomial(rows, rng.dirichlet(np.full(groups, 0.5))), jnp.int32)
+    assert groups < 64 or int((sizes == 0).sum()) > 0  # 24 rows over 64 groups: most are empty
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, sizes)))  # noqa: E731
+    np.testing.assert_allclose(grouped_matmul(x, w, sizes), jax.lax.ragged_dot(x, w, sizes), rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(jax.grad(loss(grouped_matmul), (0, 1))(x, w), jax.grad(loss(jax.lax.ragged_dot), (0, 1))(x, w)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_experts_file_reads_as_per_expert(tmp_path):
     """A file that holds each layer's experts fused, in transformers 5's in-memory layout
     (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]), reads as the per-expert one."""

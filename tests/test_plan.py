@@ -347,7 +347,7 @@ def moe_config(method: str, remat: str, experts: int, per_token: int, width: int
     return c
 
 
-# slow: the other cells of the grid the constants in jaxft.plan's EXPANDED were fitted on.
+# slow: the other cells of the grid the constants in jaxft.plan's TILED were fitted on.
 MOE_DEFAULT = {("lora", "full", 32), ("full", "none", 16), ("full", "full", 8)}
 
 
@@ -356,9 +356,9 @@ MOE_DEFAULT = {("lora", "full", 32), ("full", "none", 16), ("full", "full", 8)}
                  marks=() if (m, r, e) in MOE_DEFAULT else pytest.mark.slow)
     for e, k, f in ((8, 2, 96), (16, 4, 64), (32, 2, 32)) for m in ("lora", "full") for r in ("full", "none", "save_dots")])
 def test_a_mixture_of_experts_within_20_percent(method, remat, experts, per_token, width):
-    """A mixture's grouped matmuls, which XLA (off TPU) expands into dense ones over every expert: the plan
-    counts those operands (`plan.EXPANDED`), within 20% of XLA's figure over 8 to 32 experts, 2 to 4 per
-    token, trained or frozen, under each remat policy; the expansion is most of the activations."""
+    """A mixture's grouped matmuls (off TPU, `grouped_matmul`'s tiles of routed rows): the plan counts those
+    copies (`plan.TILED`), within 20% of XLA's figure over 8 to 32 experts, 2 to 4 per token, trained or
+    frozen, under each remat policy."""
     c = moe_config(method, remat, experts, per_token, width)
     s = plan.setup(c, 1)
     got = plan.estimate(s)

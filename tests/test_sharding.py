@@ -97,7 +97,6 @@ def test_router_balance_loss_setting(tmp_path):
     assert cli(plain, *run).returncode == 0
     r = cli(balanced, *run, "--config.model.router_aux_loss_coef=0.5")
     assert r.returncode == 0, r.stderr
-    assert "note: on cpu XLA expands the experts' grouped matmuls into dense products over all 4 experts" in r.stdout
     assert 0.5 * 1.5 < losses(balanced)[1] - losses(plain)[1] < 0.5 * 4
     r = cli(tmp_path / "dense", *RUN, "--config.model.router_aux_loss_coef=0.5")
     assert r.returncode != 0 and "model.router_aux_loss_coef=0.5: this llama model has no experts" in r.stderr

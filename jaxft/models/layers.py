@@ -79,6 +79,39 @@ class Linear(nn.Module):
         return checkpoint_name(y, PROJECTION)
 
 
+MAX_TILE = 512  # rows per product in `grouped_matmul`
+
+
+def grouped_tile(rows: int, groups: int) -> int:
+    """`grouped_matmul`'s rows per product: about a group's share of the rows, a power of 2 from 8 to MAX_TILE."""
+    return int(min(MAX_TILE, max(8, 2 ** math.ceil(math.log2(max(1, -(-rows // groups)))))))
+
+
+def grouped_matmul(x, w, sizes):
+    """x [M, K], its rows sorted into groups of `sizes` [G] rows; w [G, K, N] -> [M, N]: each group's rows
+    times its own weights, what `jax.lax.ragged_dot` computes. Each group is padded to whole tiles of rows
+    and every tile is one [tile, K] x [K, N] product with its group's weights (a `lax.map`): the work is
+    the rows' own plus at most a tile per group, where XLA's CPU and GPU lowering of `ragged_dot` multiplies
+    every row by every group's weights (64 groups on 2 CPU cores: 14x the time, 18x the memory; BENCHMARKS)."""
+    m, k = x.shape
+    g, _, n = w.shape
+    tile = grouped_tile(m, g)
+    count = -(-m // tile) + g
+    padded = (sizes + tile - 1) // tile * tile
+    ends = jnp.cumsum(padded)
+    starts, padded_starts = jnp.cumsum(sizes) - sizes, ends - padded
+    at = jnp.arange(count * tile)  # the padded layout: each group from a tile's start
+    group = jnp.minimum(jnp.searchsorted(ends, at, side="right"), g - 1)
+    offset = at - padded_starts[group]
+    real = (at < ends[-1]) & (offset < sizes[group])
+    rows = jnp.where(real[:, None], x[jnp.where(real, starts[group] + offset, 0)], 0).reshape(count, tile, k)
+    products = jax.lax.map(lambda a: jnp.dot(a[0], jax.lax.dynamic_index_in_dim(w, a[1], keepdims=False)),
+                           (rows, group.reshape(count, tile)[:, 0]))
+    row = jnp.arange(m)
+    of_row = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"), g - 1)
+    return products.reshape(-1, n)[padded_starts[of_row] + row - starts[of_row]]
+
+
 def recomputed(fn, static_argnums=()):
     """`fn` whose backward pass recomputes its insides from its inputs instead of keeping them.
 

@@ -39,8 +39,8 @@ from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
     POOLING, REMAT, Blocks, Family, Settings, params_from_keys, unstack_layers,
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
-    PROJECTION, ROPE_TYPES, Linear, RMSNorm, block_output, gated, last_token, param_with_axes, pool, remat, rope,
-    segment_positions,
+    PROJECTION, ROPE_TYPES, Linear, RMSNorm, block_output, gated, grouped_matmul, last_token, param_with_axes, pool,
+    remat, rope, segment_positions,
 )
 from jaxft.quant import Quantized, dequantize
 from jaxft.sharding import constrain
@@ -216,9 +216,10 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """The routed experts of a mixture-of-experts MLP, stacked: gate and up [E, D, 2F], down [E, F, D]. The
-    token copies are sorted by the expert they go to and each expert's rows meet its own weights in one
-    grouped matmul (`jax.lax.ragged_dot`), exact and dropless. TPUs run it as such; XLA on CPUs and GPUs
-    expands it into a masked dense product over every expert (`jaxft.plan` counts that)."""
+    token copies are sorted by the expert they go to and each expert's rows meet its own weights in a
+    grouped matmul, exact and dropless: `jax.lax.ragged_dot` on TPUs, which run it as such, and
+    `layers.grouped_matmul` (tiles of rows) elsewhere, where XLA would expand `ragged_dot` into a masked
+    dense product over every expert."""
 
     cfg: LlamaConfig
 
@@ -235,7 +236,8 @@ class Experts(nn.Module):
         sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
         # named as `Linear` names its outputs: remat "none" and "save_dots" keep them (XLA's dots_saveable
         # knows dot_general, not ragged_dot)
-        product = lambda a, w: checkpoint_name(jax.lax.ragged_dot(a, w.astype(dt), sizes), PROJECTION)  # noqa: E731
+        grouped = jax.lax.ragged_dot if jax.default_backend() == "tpu" else grouped_matmul
+        product = lambda a, w: checkpoint_name(grouped(a, w.astype(dt), sizes), PROJECTION)  # noqa: E731
         gate, up = jnp.split(product(x[token].astype(dt), gate_up), 2, axis=-1)
         y = product(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down)
         y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
