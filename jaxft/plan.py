@@ -300,6 +300,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     from jaxft.cross_entropy import chunk_length
     from jaxft.data import tasks
     from jaxft.models import family
+    from jaxft.models.layers import grouped_tile
 
     cfg, config, mesh = s.cfg, s.config, s.mesh
     fam = family.of(cfg)
@@ -365,7 +366,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         casts = sum(width(n_in) * width(n_out) for name, _, n_in, n_out in blocks.projections
                     if (4 if name in trained else frozen_bytes) > c)
         outputs = sum(width(n_out) for _, _, _, n_out in blocks.projections)
-        expanded = 0
+        tiles = 0  # bytes of a mixture's tiled grouped matmuls, held beside the layer's own in its backward pass
         if blocks.experts:  # a mixture: each token's k copies through the experts it was routed to
             module, e, top, f_e = blocks.experts
             tuned = any(t_ and inside[i].match(path) and f"/{module}/" in path for path, t_ in s.trainable.items())
@@ -378,12 +379,10 @@ def activation_bytes(s: Setup, batch: int) -> dict:
             casts += e * 3 * d_model * split(f_e) * ((4 if tuned else frozen_bytes) > c or (quantized and not tuned))
             if s.platform != "tpu":  # `grouped_matmul`: the routed rows padded to whole tiles per expert, in and
                 # out of both grouped matmuls, forward and backward (`TILED`)
-                from jaxft.models.layers import grouped_tile
-
                 rows = b * t * top
                 tile = grouped_tile(rows, e)
                 padded = (-(-rows // tile) + e) * tile
-                expanded = TILED[cfg.remat] * c * padded * (2 * d_model + 3 * split(f_e))
+                tiles = TILED[cfg.remat] * c * padded * (2 * d_model + 3 * split(f_e))
         per_layer = keep * b * t + prefix + c * casts
         saved = {  # what each block leaves for the backward pass
             "none": kept * b * t + prefix,
@@ -396,10 +395,10 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # gradients, or what save_dots recomputes); under remat none also what it recomputes, and under
         # full remat `Blocks.recompute` times that (the docstring).
         factor = {"full": blocks.recompute, "none": RECOMPUTE_NONE}.get(cfg.remat, 1.0)
-        working = max(working, factor * per_layer + expanded)
+        working = max(working, factor * per_layer + tiles)
         # the backward pass reaches this stack with what it and the stacks before it saved; the later
         # stacks' (T5's decoder, when this is its encoder) are freed by then
-        backward = max(backward, saved_total + factor * per_layer + expanded)
+        backward = max(backward, saved_total + factor * per_layer + tiles)
         stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
     if fam.encoder_decoder and stacks:
         encoded = c * b * lengths["input"] * cfg.hidden_size  # the encoder's output, read by every cross-attention
