@@ -148,6 +148,27 @@ def constrain(x, logical: tuple):
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def on_batch_shards(fn, batched, *args):
+    """fn(*args) once per batch shard: a `shard_map` over the batch axes of the mesh in use (as `constrain`
+    reads it; the other axes stay XLA's), the args flagged in `batched` split on their leading axis and the
+    rest whole on each shard; fn's output is batched.
+
+    For work that must stay on each device's own rows, where XLA would gather every row of the global batch
+    onto each device first (a sort over all tokens: a mixture of experts' dispatch). Batch axes that do not
+    divide the rows are left out; with none left (no mesh, one device, a batch of one), fn(*args)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = next(a for a, split in zip(args, batched) if split).shape[0]
+    axes = [] if mesh.empty else [a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1]
+    while axes and rows % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    if not axes:
+        return fn(*args)
+    specs = tuple(P(tuple(axes)) if split else P() for split in batched)
+    if not mesh.are_all_axes_auto:  # explicit axes: shard_map takes its inputs laid out as its specs
+        args = tuple(jax.sharding.reshard(x, s) for x, s in zip(args, specs))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(tuple(axes)), axis_names=set(axes))(*args)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 

@@ -101,15 +101,16 @@ def grouped_matmul(x, w, sizes):
     ends = jnp.cumsum(padded)
     starts, padded_starts = jnp.cumsum(sizes) - sizes, ends - padded
     at = jnp.arange(count * tile)  # the padded layout: each group from a tile's start
-    group = jnp.minimum(jnp.searchsorted(ends, at, side="right"), g - 1)
+    # each tile's group (no `searchsorted`: under `shard_map` it fails JAX's varying-axes check)
+    tiles = jnp.minimum(jnp.sum(ends[None, :] <= at[::tile, None], axis=1), g - 1)
+    group = jnp.repeat(tiles, tile)
     offset = at - padded_starts[group]
     real = (at < ends[-1]) & (offset < sizes[group])
     rows = jnp.where(real[:, None], x[jnp.where(real, starts[group] + offset, 0)], 0).reshape(count, tile, k)
     products = jax.lax.map(lambda a: jnp.dot(a[0], jax.lax.dynamic_index_in_dim(w, a[1], keepdims=False)),
-                           (rows, group.reshape(count, tile)[:, 0]))
-    row = jnp.arange(m)
-    of_row = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"), g - 1)
-    return products.reshape(-1, n)[padded_starts[of_row] + row - starts[of_row]]
+                           (rows, tiles))
+    of_row = jnp.repeat(jnp.arange(g), sizes, total_repeat_length=m)
+    return products.reshape(-1, n)[padded_starts[of_row] + jnp.arange(m) - starts[of_row]]
 
 
 def recomputed(fn, static_argnums=()):

@@ -43,7 +43,7 @@ from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     remat, rope, segment_positions,
 )
 from jaxft.quant import Quantized, dequantize
-from jaxft.sharding import constrain
+from jaxft.sharding import constrain, on_batch_shards
 
 HEADS = ("causal_lm", "classification")
 
@@ -225,15 +225,22 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x, weights, chosen):
-        """x [N, D]; weights, chosen [N, k]: each token's experts and their router weights -> [N, D]."""
-        cfg, dt = self.cfg, self.cfg.compute_dtype
-        e, f, (n, d), k = cfg.num_experts, cfg.moe_intermediate_size, x.shape, chosen.shape[1]
+        """x [B, T, D]; weights, chosen [B, T, k]: each token's experts and their router weights -> [B, T, D].
+        Each batch shard sorts and multiplies its own tokens (`on_batch_shards`): over the global batch, XLA
+        gathers every token onto every device and each repeats the whole mixture's work."""
+        cfg = self.cfg
+        e, f, d = cfg.num_experts, cfg.moe_intermediate_size, x.shape[-1]
         gate_up = self.weights("gate_up_proj", (e, d, 2 * f), ("expert", "embed", "mlp"))
         down = self.weights("down_proj", (e, f, d), ("expert", "mlp", "embed"))
-        flat = chosen.reshape(-1)
+        return on_batch_shards(self.dispatch, (True, True, True, False, False), x, weights, chosen, gate_up, down)
+
+    def dispatch(self, x, weights, chosen, gate_up, down):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        shape, k = x.shape, chosen.shape[-1]
+        x, flat = x.reshape(-1, shape[-1]), chosen.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         token = order // k  # the token each sorted row copies
-        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
         # named as `Linear` names its outputs: remat "none" and "save_dots" keep them (XLA's dots_saveable
         # knows dot_general, not ragged_dot)
         grouped = jax.lax.ragged_dot if jax.default_backend() == "tpu" else grouped_matmul
@@ -241,7 +248,7 @@ class Experts(nn.Module):
         gate, up = jnp.split(product(x[token].astype(dt), gate_up), 2, axis=-1)
         y = product(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down)
         y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-        return jnp.zeros((n, d), y.dtype).at[token].add(y)
+        return jnp.zeros(x.shape, y.dtype).at[token].add(y).reshape(shape)
 
     def weights(self, name: str, shape, axes):
         """A stacked weight, or its int8 / NF4 form under `model.quantization` (QLoRA), dequantized here."""
@@ -264,24 +271,29 @@ class SparseMoE(nn.Module):
         """-> (output, router statistics for the load-balancing loss, or None: see `balance_loss`). `mask`
         [B, T]: the tokens the statistics count (transformers' attention mask); None: no statistics."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        logits = Linear(cfg.num_experts, ("embed", None), False, dt, self.hooks, name="gate")(flat)
+        logits = Linear(cfg.num_experts, ("embed", None), False, dt, self.hooks, name="gate")(x)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
-        if cfg.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        out = Experts(cfg, name="experts")(flat, weights.astype(logits.dtype), chosen)
+        # per batch shard: XLA gathers the global batch's probabilities onto every device for `top_k`
+        weights, chosen = on_batch_shards(self.route, (True,), probs)
+        out = Experts(cfg, name="experts")(x, weights.astype(logits.dtype), chosen)
         if cfg.shared_expert_size:
-            shared = MLP(cfg, self.hooks, cfg.shared_expert_size, name="shared_expert")(flat)
-            share = Linear(1, ("embed", None), False, dt, self.hooks, name="shared_expert_gate")(flat)
+            shared = MLP(cfg, self.hooks, cfg.shared_expert_size, name="shared_expert")(x)
+            share = Linear(1, ("embed", None), False, dt, self.hooks, name="shared_expert_gate")(x)
             out = out + jax.nn.sigmoid(share) * shared
         stats = None
         if cfg.router_aux_loss_coef and mask is not None:  # per expert: tokens routed to it (by rank), probability
-            real = mask.reshape(-1).astype(jnp.float32)
-            picked = jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32)  # [N, k, E]
-            stats = (jnp.einsum("n,nke->ke", real, picked), jnp.einsum("n,ne->e", real, probs), jnp.sum(real))
-        return out.reshape(b, t, d), stats
+            real = mask.astype(jnp.float32)
+            picked = jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32)  # [B, T, k, E]
+            stats = (jnp.einsum("bt,btke->ke", real, picked), jnp.einsum("bt,bte->e", real, probs), jnp.sum(real))
+        return out, stats
+
+
+    def route(self, probs):
+        """Each token's top k experts and their weights (renormalised over the k where `norm_topk_prob`)."""
+        weights, chosen = jax.lax.top_k(probs, self.cfg.experts_per_token)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights, chosen
 
 
 def balance_loss(cfg: LlamaConfig, stats) -> jax.Array:
