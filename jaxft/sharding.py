@@ -9,6 +9,7 @@ traced under `axis_rules(mesh)`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ from jaxft.errors import JaxftError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+TENSOR_AXIS = "tensor"
 
 RULES = (
     ("batch", BATCH_AXES),
@@ -148,25 +150,42 @@ def constrain(x, logical: tuple):
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def on_batch_shards(fn, batched, *args):
+def on_batch_shards(fn, batched, *args, tensor=None):
     """fn(*args) once per batch shard: a `shard_map` over the batch axes of the mesh in use (as `constrain`
     reads it; the other axes stay XLA's), the args flagged in `batched` split on their leading axis and the
     rest whole on each shard; fn's output is batched.
 
     For work that must stay on each device's own rows, where XLA would gather every row of the global batch
     onto each device first (a sort over all tokens: a mixture of experts' dispatch). Batch axes that do not
-    divide the rows are left out; with none left (no mesh, one device, a batch of one), fn(*args)."""
+    divide the rows are left out; with none left (no mesh, one device, a batch of one), fn(*args).
+
+    `tensor`, per arg, the dimension split over the tensor axis (or None): when the axis divides each, it is
+    manual too and fn is called with `tensor_axis=` its name, to sum its partial results; else with None."""
     mesh = jax.sharding.get_abstract_mesh()
     rows = next(a for a, split in zip(args, batched) if split).shape[0]
     axes = [] if mesh.empty else [a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1]
     while axes and rows % math.prod(mesh.shape[a] for a in axes):
         axes.pop()
-    if not axes:
+    dims = tensor or (None,) * len(args)
+    split_tensor = (tensor is not None and not mesh.empty and TENSOR_AXIS in mesh.axis_names
+                    and mesh.shape[TENSOR_AXIS] > 1
+                    and all(d is None or x.shape[d] % mesh.shape[TENSOR_AXIS] == 0 for x, d in zip(args, dims)))
+    if tensor is not None:
+        fn = functools.partial(fn, tensor_axis=TENSOR_AXIS if split_tensor else None)
+    if not axes and not split_tensor:
         return fn(*args)
-    specs = tuple(P(tuple(axes)) if split else P() for split in batched)
+
+    def spec(x, split, dim):
+        out = [tuple(axes) if split and axes else None] + [None] * (x.ndim - 1)
+        if split_tensor and dim is not None:
+            out[dim] = TENSOR_AXIS
+        return P(*out)
+
+    specs = tuple(spec(x, split, d) for x, split, d in zip(args, batched, dims))
     if not mesh.are_all_axes_auto:  # explicit axes: shard_map takes its inputs laid out as its specs
         args = tuple(jax.sharding.reshard(x, s) for x, s in zip(args, specs))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(tuple(axes)), axis_names=set(axes))(*args)
+    manual = set(axes) | ({TENSOR_AXIS} if split_tensor else set())
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(tuple(axes) or None), axis_names=manual)(*args)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

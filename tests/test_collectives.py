@@ -12,6 +12,7 @@ heads x head_dim 128, MLP 96 and vocabulary 128 tell activations apart by their 
 
 import collections
 import dataclasses
+import math
 import re
 
 import jax
@@ -219,19 +220,34 @@ def test_grad_accumulation_moves_no_batch(mesh):
 MOE = dataclasses.replace(CFG, num_experts=4, experts_per_token=2, moe_intermediate_size=24, norm_topk_prob=True)
 
 
-@pytest.mark.parametrize("mesh", [DATA, FSDP], ids=["data", "fsdp"])
+@pytest.mark.parametrize("mesh", [DATA, FSDP, TENSOR, FSDP_TENSOR], ids=["data", "fsdp", "tensor", "fsdp-tensor"])
 def test_experts_route_each_shards_own_tokens(mesh):
-    """A mixture of experts over a split batch: each device routes, sorts and multiplies its own tokens, and
-    no activation moves. (Left to XLA, the global sort gathered the router's probabilities [B, T, E] onto
-    every device, and each device ran all B x T x k token copies through the experts.)"""
+    """A mixture of experts over a split batch: each device routes, sorts and multiplies its own tokens, and no
+    activation moves. (Left to XLA, the global sort gathered the router's probabilities [B, T, E] onto every
+    device, and each device ran all B x T x k token copies through the experts.) Under tensor parallelism each
+    device holds its share of every expert's units: the experts' output is summed once per layer, after each
+    token's k copies are combined, and the backward pass sums the tokens' and routing weights' gradients once.
+    (Left to XLA, the product's partial sums were all-reduced tile by tile, and the fused gate/up weight's
+    halves moved between devices.)"""
     step = compile_step(mesh, "full", cfg=MOE)
-    assert not [s for c in step.collectives for s in c.shapes if is_activation(s)], describe(step)
-    assert not ops(step, "all-to-all") and not ops(step, "collective-permute"), describe(step)
-    if mesh == DATA:
-        assert not ops(step, "all-gather"), describe(step)
-        assert_gradients_reduced_once(step)
-    else:
-        assert_gathers_only_parameters(step)
+    experts = [c for c in step.collectives if "/experts/" in c.where]
+    assert not [c for c in experts if c.op in ("all-to-all", "collective-permute")], describe(step)
+    if mesh[2] == 1:
+        assert not [s for c in step.collectives for s in c.shapes if is_activation(s)], describe(step)
+        if mesh == DATA:  # each layer's gradients summed over the batch shards once (the experts' gate and up
+            # together, as they meet the rows in one grouped product)
+            assert not ops(step, "all-gather"), describe(step)
+            reduced = sum(math.prod(s) for c in ops(step, "all-reduce", in_layer=True) for s in c.shapes)
+            assert reduced == sum(math.prod(s) for p, s in step.trainable.items() if p.startswith("layers/"))
+        else:
+            assert_gathers_only_parameters(step)
+        return
+    rows = B // (mesh[0] * mesh[1])
+    summed = collections.Counter(s for c in experts for s in c.shapes if is_activation(s))
+    assert set(summed) == {(rows * T, HIDDEN), (rows, T, HIDDEN), (rows, T, MOE.experts_per_token)}, describe(step)
+    assert max(summed.values()) <= 2, describe(step)  # a forward pass recomputed in the backward may repeat one
+    assert {c.op for c in experts} <= {"all-reduce", "all-gather"}, describe(step)
+    assert_gathers_only_parameters(step)
 
 
 @pytest.mark.parametrize("rows", [16, 4, 3])

@@ -360,7 +360,8 @@ def test_experts_routing_matters(tmp_path, variant):
     cfg = model.cfg
     assert cfg.experts_per_token == 2 and cfg.num_experts == kw.get("num_experts", kw.get("num_local_experts"))
     experts = params["layers"]["mlp"]["experts"]
-    assert experts["gate_up_proj"].shape == (2, cfg.num_experts, 64, 2 * cfg.moe_intermediate_size)
+    for name in ("gate_proj", "up_proj"):
+        assert experts[name].shape == (2, cfg.num_experts, 64, cfg.moe_intermediate_size)
     x = ids(2, 24, seed=12)
     ref = torch_logits(ref_model, x)
     assert rel_err(our_logits(model, params, x), ref) <= TOL
@@ -374,14 +375,14 @@ def test_experts_routing_matters(tmp_path, variant):
     # expert 1 of layer 0 holds transformers' expert 1 (gate, then up; [in, out])
     hf_experts = ref_model.model.layers[0].mlp.experts
     gate_up = hf_experts.gate_up_proj[1].detach().numpy().T
-    np.testing.assert_array_equal(np.asarray(experts["gate_up_proj"][0, 1]), gate_up)
+    np.testing.assert_array_equal(np.concatenate([experts["gate_proj"][0, 1], experts["up_proj"][0, 1]], -1), gate_up)
     # QLoRA's base: the stacked experts are quantized with the projections, and run as their dequantized weights
     from jaxft import quant
     from jaxft.models import family
 
     packed = quant.quantize_params(params, "nf4", targets=family.of(cfg).projections)
-    assert isinstance(packed["layers"]["mlp"]["experts"]["gate_up_proj"], quant.Quantized)
-    assert isinstance(packed["layers"]["mlp"]["experts"]["down_proj"], quant.Quantized)
+    assert all(isinstance(packed["layers"]["mlp"]["experts"][name], quant.Quantized)
+               for name in ("gate_proj", "up_proj", "down_proj"))
     assert not isinstance(packed["layers"]["mlp"]["gate"]["kernel"], quant.Quantized)  # the router stays
     assert rel_err(our_logits(model, packed, x), our_logits(model, quant.dequantize_params(packed), x)) <= TOL
 

@@ -215,7 +215,7 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts of a mixture-of-experts MLP, stacked: gate and up [E, D, 2F], down [E, F, D]. The
+    """The routed experts of a mixture-of-experts MLP, stacked: gate, up [E, D, F], down [E, F, D]. The
     token copies are sorted by the expert they go to and each expert's rows meet its own weights in a
     grouped matmul, exact and dropless: `jax.lax.ragged_dot` on TPUs, which run it as such, and
     `layers.grouped_matmul` (tiles of rows) elsewhere, where XLA would expand `ragged_dot` into a masked
@@ -227,16 +227,22 @@ class Experts(nn.Module):
     def __call__(self, x, weights, chosen):
         """x [B, T, D]; weights, chosen [B, T, k]: each token's experts and their router weights -> [B, T, D].
         Each batch shard sorts and multiplies its own tokens (`on_batch_shards`): over the global batch, XLA
-        gathers every token onto every device and each repeats the whole mixture's work."""
+        gathers every token onto every device and each repeats the whole mixture's work. Under tensor
+        parallelism each shard holds its slice of every expert's units and the experts' output is summed over
+        the tensor axis once, after each token's k copies are combined."""
         cfg = self.cfg
         e, f, d = cfg.num_experts, cfg.moe_intermediate_size, x.shape[-1]
-        gate_up = self.weights("gate_up_proj", (e, d, 2 * f), ("expert", "embed", "mlp"))
+        gate = self.weights("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
+        up = self.weights("up_proj", (e, d, f), ("expert", "embed", "mlp"))
         down = self.weights("down_proj", (e, f, d), ("expert", "mlp", "embed"))
-        return on_batch_shards(self.dispatch, (True, True, True, False, False), x, weights, chosen, gate_up, down)
+        return on_batch_shards(self.dispatch, (True, True, True, False, False, False), x, weights, chosen, gate, up,
+                               down, tensor=(None, None, None, 2, 2, 1))
 
-    def dispatch(self, x, weights, chosen, gate_up, down):
+    def dispatch(self, x, weights, chosen, gate, up, down, tensor_axis=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         shape, k = x.shape, chosen.shape[-1]
+        if tensor_axis:  # varying over the tensor shards from here: their gradients are summed here, once
+            x, weights = jax.lax.pcast((x, weights), tensor_axis, to="varying")
         x, flat = x.reshape(-1, shape[-1]), chosen.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         token = order // k  # the token each sorted row copies
@@ -245,10 +251,14 @@ class Experts(nn.Module):
         # knows dot_general, not ragged_dot)
         grouped = jax.lax.ragged_dot if jax.default_backend() == "tpu" else grouped_matmul
         product = lambda a, w: checkpoint_name(grouped(a, w.astype(dt), sizes), PROJECTION)  # noqa: E731
+        gate_up = jnp.concatenate([gate.astype(dt), up.astype(dt)], axis=-1)  # one grouped product for both
         gate, up = jnp.split(product(x[token].astype(dt), gate_up), 2, axis=-1)
         y = product(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down)
         y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-        return jnp.zeros(x.shape, y.dtype).at[token].add(y).reshape(shape)
+        out = jnp.zeros(x.shape, y.dtype).at[token].add(y)
+        if tensor_axis:  # each shard's units' share of every token's output
+            out = jax.lax.psum(out, tensor_axis)
+        return out.reshape(shape)
 
     def weights(self, name: str, shape, axes):
         """A stacked weight, or its int8 / NF4 form under `model.quantization` (QLoRA), dequantized here."""
@@ -782,7 +792,9 @@ TEXT_OF_VISION = re.compile(r"^(language_model\.model|model\.language_model)\.")
 # One expert's projection (transformers' files: Qwen's names, Mixtral's w1 / w3 / w2), or a layer's fused experts
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
                      r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+# transformers 5's in-memory experts, fused per layer
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_STACKED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)")  # `_stack_experts`
 ROUTERS = ("gate", "shared_expert_gate")  # a mixture's projections that HF names without _proj
 
 
@@ -794,7 +806,7 @@ def _from_hf_key(key: str):
         return ("norm", "weight"), None, False
     if key in ("lm_head.weight", "score.weight"):
         return (key.split(".")[0], "kernel"), None, True
-    m = _FUSED.fullmatch(key)
+    m = _STACKED.fullmatch(key)
     if m:  # the experts stacked by `_stack_experts`, [E, in, out] already
         return ("mlp", "experts", m[2]), int(m[1]), False
     m = _LAYER.fullmatch(key)
@@ -808,17 +820,21 @@ def _from_hf_key(key: str):
 
 
 def _stack_experts(tensors: dict, cfg: LlamaConfig, where: str) -> dict:
-    """One key per expert and projection, as transformers saves them -> one per layer: `mlp.experts.gate_up_proj`
-    [E, D, 2F] (gate, then up) and `mlp.experts.down_proj` [E, F, D], as the model holds them. A fused file's
-    own [E, 2F, D] / [E, D, F] (transformers' in-memory layout) is transposed."""
+    """One key per expert and projection, as transformers saves them -> one per layer and projection:
+    `mlp.experts.gate_proj` and `up_proj` [E, D, F], `down_proj` [E, F, D], as the model holds them. A fused
+    file's own gate_up_proj [E, 2F, D] (gate, then up) and down_proj [E, D, F] (transformers' in-memory
+    layout) is transposed and split."""
     out, per = {}, {}
     for key, value in tensors.items():
         m = _EXPERT.fullmatch(key)
         if m:
             part = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m[3], m[3])
             per.setdefault((int(m[1]), part), {})[int(m[2])] = np.asarray(value).T
-        elif _FUSED.fullmatch(key):
-            out[key] = np.swapaxes(np.asarray(value), 1, 2)
+        elif m := _FUSED.fullmatch(key):
+            value, where_ = np.swapaxes(np.asarray(value), 1, 2), f"model.layers.{m[1]}.mlp.experts"
+            parts = zip(("gate_proj", "up_proj"), np.split(value, 2, axis=-1)) if m[2] == "gate_up_proj" else [
+                ("down_proj", value)]
+            out.update({f"{where_}.{name}": v for name, v in parts})
         else:
             out[key] = value
     stacked = {}
@@ -832,8 +848,8 @@ def _stack_experts(tensors: dict, cfg: LlamaConfig, where: str) -> dict:
         parts = [stacked.get((layer, p)) for p in ("gate_proj", "up_proj", "down_proj")]
         if any(p is None for p in parts):
             raise JaxftError(f"{where}: layer {layer}'s experts lack gate_proj, up_proj or down_proj (w1, w3, w2)")
-        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.concatenate(parts[:2], axis=-1)
-        out[f"model.layers.{layer}.mlp.experts.down_proj"] = parts[2]
+        out.update({f"model.layers.{layer}.mlp.experts.{p}": v for p, v in zip(("gate_proj", "up_proj", "down_proj"),
+                                                                               parts)})
     return out
 
 
@@ -878,9 +894,8 @@ def _expert_keys(layer: int, leaf: str, value, cfg: LlamaConfig) -> dict:
     """A layer's stacked experts -> transformers' key per expert and projection ([out, in])."""
     mixtral = cfg.model_type == "mixtral"
     where = f"model.layers.{layer}.{'block_sparse_moe' if mixtral else 'mlp'}.experts"
-    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-    parts = dict(zip(names[:2], np.split(value, 2, axis=-1))) if leaf == "gate_up_proj" else {names[2]: value}
-    return {f"{where}.{e}.{name}.weight": v[e].T for name, v in parts.items() for e in range(v.shape[0])}
+    name = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[leaf] if mixtral else leaf
+    return {f"{where}.{e}.{name}.weight": value[e].T for e in range(value.shape[0])}
 
 
 def hf_module(path: str, cfg=None) -> str:
@@ -971,5 +986,5 @@ FAMILY = Family(
     activation_blocks=activation_blocks,
     init_cache=init_cache,
     tied_embedding=("embed_tokens", ("lm_head.weight",)),
-    projections=r"(^|/)(q|k|v|o|gate|up|down|gate_up|qkv)_proj/kernel$|(^|/)experts/(gate_up|down)_proj$",
+    projections=r"(^|/)(q|k|v|o|gate|up|down|gate_up|qkv)_proj/kernel$|(^|/)experts/(gate|up|down)_proj$",
 )
