@@ -9,7 +9,8 @@ the last 64 held out, each rendered in Qwen3's non-thinking mode (`data.chat_tem
 enable_thinking=false`: the generation prompt ends with an empty `<think>` block, so the answers are
 learned without reasoning, as `apply_chat_template(..., enable_thinking=False)` renders them). The
 loss covers the answers only. One example per row, padded to length buckets (`data.packing=False`),
-so `model.attention=auto` takes cuDNN's flash attention (packed rows would run XLA's einsum). LoRA
+so `model.attention=auto` takes cuDNN's flash attention (packed rows would run `chunked`, XLA's einsum
+in blocks of queries). LoRA
 r=16 on every projection; the frozen base is stored and computed in bf16.
 
 After training, talk to it:

@@ -37,7 +37,8 @@ def get_config():
     c.data.task = "causal_lm"
     c.data.seq_len = 2048
     # Blocks cut across documents, as in pretraining: no segment ids, so `auto` can take cuDNN's flash
-    # attention (packed rows, each document attending only within itself, would run XLA's dense einsum).
+    # attention (packed rows, each document attending only within itself, would run `chunked`: XLA's einsum
+    # in blocks of queries, unfused).
     c.data.packing = False
 
     # Training section.

@@ -242,7 +242,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
+    "model.attention": ("auto", "xla", "chunked", "cudnn", "splash", "flash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),

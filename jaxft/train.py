@@ -704,9 +704,9 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     )
     if n_train == 0:
         raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
-    if impl == "xla" and packed and cfg.attention == "auto" and family.attention_impl(cfg, False) != "xla":
-        log("note: model.attention=auto runs XLA's dense attention for packed rows (segment ids), several times "
-            "slower than the fused kernel; data.packing=False lets the fused kernel run")
+    if impl != "cudnn" and packed and cfg.attention == "auto" and family.attention_impl(cfg, False) == "cudnn":
+        log(f"note: model.attention=auto runs {impl} attention for packed rows (segment ids), which cuDNN's call "
+            "cannot take, not the fused kernel; data.packing=False lets the fused kernel run")
     if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
         from jaxft import quant
 

@@ -202,15 +202,17 @@ def tiny_model(attention, dtype, window, prefix=3):
 # cudnn runs a window with a prefix as xla, so its window case has no prefix (the kernel's own window).
 # flash's model case would repeat its grid cases at interpret mode's cost: splash's covers the model path.
 MODEL_CASES = [("cudnn", None, 3, "bfloat16", GPU), ("cudnn", 6, 0, "bfloat16", GPU),
-               ("splash", 6, 3, "float32", PALLAS)]
+               ("splash", 6, 3, "float32", PALLAS), ("chunked", 6, 3, "float32", True)]
 
 
 @pytest.mark.parametrize("impl,window,prefix,dtype,available", MODEL_CASES,
                          ids=[f"{c[0]}-window{c[1] or 0}-prefix{c[2]}" for c in MODEL_CASES])
-def test_model_logits_match_xla(impl, window, prefix, dtype, available):
-    """A whole Llama (P-Tuning v2 prefix, padded on either side): the same logits whatever the attention."""
+def test_model_logits_match_xla(impl, window, prefix, dtype, available, monkeypatch):
+    """A whole Llama (P-Tuning v2 prefix, padded on either side): the same logits whatever the attention
+    (chunked in blocks of 8 of the 24 tokens)."""
     if not available:
         pytest.skip(f"{impl} does not run on {BACKEND}")
+    monkeypatch.setattr(A, "CHUNK", 8)
     ids = jnp.asarray(np.random.RandomState(0).randint(1, 64, (3, 24)))
     mask = inputs("float32")[3].astype(jnp.int32)
     ref_model = tiny_model("xla", dtype, window, prefix)
@@ -299,7 +301,8 @@ def test_choice_and_errors():
             A.resolve("cudnn", jnp.bfloat16, 64)
     # capped scores (Gemma 2): auto leaves cuDNN for xla on a GPU; cudnn and flash, asked for, are an error
     assert A.resolve("auto", jnp.bfloat16, 64, backend="gpu") == "cudnn"
-    assert A.resolve("auto", jnp.bfloat16, 64, backend="gpu", softcap=50.0) == "xla"
+    assert A.resolve("auto", jnp.bfloat16, 64, backend="gpu", softcap=50.0) == "chunked"
+    assert A.resolve("auto", jnp.float32, 64, backend="gpu") == "chunked"
     assert A.resolve("auto", jnp.bfloat16, 64, backend="tpu", softcap=50.0) == "splash"
     for kernel in ("cudnn", "flash"):
         with pytest.raises(JaxftError, match=f"model.attention='{kernel}' does not cap attention scores"):
@@ -416,8 +419,8 @@ def test_encoder_logits_match_xla(impl, available):
 
 
 def test_the_run_names_the_attention_it_takes(monkeypatch):
-    """`family.attention_impl` (what jaxft.train prints at start-up): `auto` on a GPU in bf16 is cuDNN,
-    but XLA's einsum for packed rows and for T5 (its position bias); on this CPU, XLA."""
+    """`family.attention_impl` (what jaxft.train prints at start-up): `auto` on a GPU in bf16 is cuDNN, but
+    chunked for packed rows and in fp32, and XLA's einsum for T5 (its position bias); on this CPU, XLA."""
     from jaxft.models import family
     from jaxft.models.t5 import T5Config
 
@@ -429,6 +432,53 @@ def test_the_run_names_the_attention_it_takes(monkeypatch):
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(A, "_cudnn_head_dim", lambda d, local=True: True)
     assert family.attention_impl(llama, False) == "cudnn"
-    assert family.attention_impl(llama, True) == "xla"
+    assert family.attention_impl(llama, True) == "chunked"
     assert family.attention_impl(t5, False) == "xla"
-    assert family.attention_impl(llama.replace(dtype="float32"), False) == "xla"
+    assert family.attention_impl(llama.replace(dtype="float32"), False) == "chunked"
+
+
+CHUNKED_CASES = [(window, prefix, packed) for window in (None, 5) for prefix in (0, 3) for packed in (False, True)]
+
+
+@pytest.mark.parametrize("window,prefix,packed", CHUNKED_CASES,
+                         ids=[f"window{w or 0}-prefix{p}-{'packed' if k else 'rows'}" for w, p, k in CHUNKED_CASES])
+def test_chunked_matches_xla(window, prefix, packed):
+    """24 queries in blocks of 8, each over only the keys it can see: the xla reference's outputs and
+    gradients, causal (capped scores on packed rows) and, without a window, bidirectional; grouped-query."""
+    q, k, v, mask = inputs("float32", GQA, prefix)
+    segments = jnp.asarray(np.repeat([[1, 2, 3]], 8, axis=1).reshape(1, 24).repeat(3, 0)) if packed else None
+    softcap = 2.0 if packed else None
+    for causal in (True, False) if not window else (True,):
+        kw = dict(segments=segments, causal=causal, softcap=softcap)
+        ref_fn = lambda q, k, v, m, p, w: A.xla(q, k, v, m, p, w, **kw)  # noqa: E731
+        fn = lambda q, k, v, m, p, w: A.chunked(q, k, v, m, p, w, block=8, **kw)  # noqa: E731
+        assert_matches(run(fn, q, k, v, mask, prefix, window), run(ref_fn, q, k, v, mask, prefix, window), mask,
+                       "float32")
+        for name, g, r in zip("qkv", grads(fn, q, k, v, mask, prefix, window),
+                              grads(ref_fn, q, k, v, mask, prefix, window)):
+            scale = float(np.max(np.abs(np.asarray(r))))
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=TOL["float32"] * scale,
+                                       rtol=TOL["float32"], err_msg=f"{name} causal={causal}")
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_chunked_reads_only_what_a_block_can_see(window):
+    """One block of 8 queries at a time (`lax.map`), scoring the 3 prefix columns and, with a window of 5,
+    the 8 + 5 - 1 keys its queries reach; without one, all 24."""
+    q, k, v, mask = inputs("float32", GQA, 3)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: A.chunked(q, k, v, mask, 3, window, block=8))(q, k, v).jaxpr
+    scored = [e.outvars[0].aval.shape for e in dot_generals(jaxpr) if 64 not in e.outvars[0].aval.shape]  # not P V
+    b, h = q.shape[0], q.shape[2]
+    assert [int(np.prod(s)) for s in scored] == [b * h * 8 * (3 + (8 + window - 1 if window else 24))], scored
+
+
+def test_chunked_holds_no_full_scores():
+    """A 2,048-token row: chunked's forward and backward need a fraction of xla's temporary memory (XLA's own
+    figure), which holds fp32 [T, T] scores and probabilities per head (807 MB; chunked 204 MB in blocks of
+    512, 104 MB in blocks of 256)."""
+    q, k, v, mask = inputs("float32", GQA, 0, t=2048, d=16)
+    loss = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask, 0, None) ** 2),  # noqa: E731
+                                       argnums=(0, 1, 2)))
+    temp = {name: loss(fn).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+            for name, fn in (("xla", A.xla), ("chunked", A.chunked))}
+    assert temp["chunked"] < temp["xla"] / 3, temp

@@ -145,11 +145,11 @@ def test_pallas_kernel_packed_matches_xla(kernel, heads, window, prefix, causal)
 
 
 def test_every_implementation_is_offered_packed_rows():
-    """No implementation refuses packed rows (with or without a prefix); `auto` keeps xla for them on GPUs."""
-    for impl in ("xla", "splash", "flash") if not GPU else ("xla", "cudnn"):
+    """No implementation refuses packed rows (with or without a prefix); `auto` takes chunked for them on GPUs."""
+    for impl in ("xla", "chunked", "splash", "flash") if not GPU else ("xla", "chunked", "cudnn"):
         ctx = interpreted() if impl in ("splash", "flash") else contextlib.nullcontext()
         with ctx:
             assert A.resolve(impl, jnp.bfloat16 if impl == "cudnn" else jnp.float32, 64, packed=True,
                              num_prefix=3) == impl
-    assert A.resolve("auto", jnp.bfloat16, 64, packed=True, num_prefix=3) == {"tpu": "splash"}.get(
+    assert A.resolve("auto", jnp.bfloat16, 64, packed=True, num_prefix=3) == {"tpu": "splash", "gpu": "chunked"}.get(
         jax.default_backend(), "xla")

@@ -1,9 +1,12 @@
 """Attention behind one call: the XLA einsum reference and the fused kernels, picked by `model.attention`.
 
 `xla`: einsum scores accumulated in fp32 and a dense mask; the reference, and what CPUs run.
+`chunked`: xla's arithmetic a block of queries at a time over the keys each block can see (the masked half
+of causal attention skipped), its scores recomputed in the backward pass: no [T, T] tensor is kept.
 `cudnn`: flash attention through `jax.nn.dot_product_attention` on NVIDIA GPUs (bf16/fp16).
 `splash`, `flash`: the Pallas TPU kernels (`jax.experimental.pallas.ops.tpu`).
-`auto`: cudnn on a GPU computing in bf16/fp16, splash on a TPU, xla otherwise.
+`auto`: cudnn on a GPU computing in bf16/fp16 (chunked where cuDNN cannot: fp32, capped scores, packed
+rows), splash on a TPU, xla otherwise.
 
 Every implementation gets the same structured mask, not a dense one: the [B, T] padding mask, the number
 P of prefix key/value columns in front of the keys (P-Tuning v2), the sliding window, whether it is
@@ -21,11 +24,11 @@ and flash take them as their own segment ids; with a prefix as well (which segme
 all examples but one) splash attends over the tokens and merges a dense [T, P] prefix softmax by
 log-sum-exp (`_merge_prefix`), flash takes the mask as its dense bias; cudnn (JAX's call has no segment
 ids) takes the mask as a boolean mask, one row at a time, with its causal tiles still skipped
-(`_cudnn_packed`). `auto` keeps xla for packed rows on a GPU (the cuDNN packed path is not timed yet).
+(`_cudnn_packed`). `auto` takes chunked (xla's arithmetic) for packed rows on a GPU (the cuDNN packed path is not timed yet).
 
 Capped scores (Gemma 2's `attn_logit_softcapping`: softcap * tanh(scores / softcap) before the mask): xla,
-the cache's path and splash (the kernel's own `attn_logits_soft_cap`) compute them; cuDNN's call and the
-flash kernel cannot, so `auto` takes xla on a GPU and asking for either is an error.
+chunked, the cache's path and splash (the kernel's own `attn_logits_soft_cap`) compute them; cuDNN's call
+and the flash kernel cannot, so `auto` takes chunked on a GPU and asking for either is an error.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ from jaxft.errors import JaxftError
 
 ATTENTION = "attention"  # names attention's inputs and output, which remat "none" keeps (`layers.keep_products`)
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash", "flash")
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash", "flash")
 CHOICES = ("auto",) + IMPLEMENTATIONS
+CHUNK = 512  # `chunked`: queries per block
 BLOCK = 128  # the Pallas TPU kernels' tile along both sequence axes: lengths are padded to a multiple
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # as jaxft.sharding's rules lay out batch and heads
 _INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
@@ -83,15 +87,16 @@ def resolve(impl: str, dtype, head_dim: int, packed: bool = False, num_prefix: i
     (Gemma 2), which cuDNN's and flash's kernels do not compute."""
     local = jax.default_backend()
     backend, half = backend or local, jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if impl == "auto":  # packed rows on a GPU: xla (cuDNN's packed path, a per-row mask, is not timed yet)
-        if backend == "gpu" and half and _cudnn_head_dim(head_dim, backend == local) and not packed and not softcap:
-            return "cudnn"
+    if impl == "auto":  # packed rows on a GPU: chunked (cuDNN's packed path, a per-row mask, is not timed yet)
+        if backend == "gpu":
+            fits = half and _cudnn_head_dim(head_dim, backend == local)
+            return "cudnn" if fits and not packed and not softcap else "chunked"
         return "splash" if backend == "tpu" else "xla"
     if impl not in IMPLEMENTATIONS:
         raise JaxftError(f"model.attention={impl!r}: expected one of {', '.join(map(repr, CHOICES))}")
     if softcap and impl in ("cudnn", "flash"):
         raise JaxftError(f"model.attention={impl!r} does not cap attention scores (this model's attn_logit_softcapping="
-                         f"{softcap}): use xla, splash (TPU) or auto")
+                         f"{softcap}): use xla, chunked, splash (TPU) or auto")
     if impl == "cudnn" and not (backend == "gpu" and half):
         raise JaxftError(
             f"model.attention='cudnn' needs an NVIDIA GPU and model.dtype=bfloat16 (cuDNN flash attention): "
@@ -128,33 +133,39 @@ def pallas_interpret():
         _INTERPRET.reset(token)
 
 
-def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None, causal: bool = True):
+def causal_mask(mask, num_prefix: int, sliding_window: int | None, segments=None, causal: bool = True,
+                rows=None, cols=None):
     """[B, T] padding mask -> [B, T, P+T] boolean: causal, padding, window, same segment (where
     `segments` [B, T] is given); prefix columns at positions 0..P-1, inside the window as the tokens
     after them. `causal=False`: no causality (every real
-    token sees every real token of its segment)."""
+    token sees every real token of its segment). `rows`, `cols`: only those queries and token columns
+    (index arrays)."""
     t = mask.shape[1]
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    allowed = j <= i if causal else jnp.ones((t, t), bool)
+    rows = jnp.arange(t) if rows is None else rows
+    cols = jnp.arange(t) if cols is None else cols
+    i, j = rows[:, None], cols[None, :]
+    allowed = j <= i if causal else jnp.ones((rows.shape[0], cols.shape[0]), bool)
     if sliding_window:
         allowed &= i - j < sliding_window
-    full = allowed[None] & mask[:, None, :].astype(bool)
+    full = allowed[None] & mask[:, None, cols].astype(bool)
     if segments is not None:
-        full &= segments[:, :, None] == segments[:, None, :]
+        full &= segments[:, rows, None] == segments[:, None, cols]
     if num_prefix:
-        seen = prefix_seen(mask.shape[0], t, num_prefix, sliding_window, segments)
+        seen = prefix_seen(mask.shape[0], t, num_prefix, sliding_window, segments, rows)
         full = jnp.concatenate([seen, full], axis=-1)
     return full
 
 
-def prefix_seen(b: int, t: int, num_prefix: int, window: int | None, segments=None):
-    """[B, T, P]: which prefix columns each query sees. The prefix holds positions 0..P-1 and each
-    example's tokens follow it (packed rows: from its segment's start), so a window leaves it behind."""
+def prefix_seen(b: int, t: int, num_prefix: int, window: int | None, segments=None, rows=None):
+    """[B, T, P]: which prefix columns each query (of `rows`, an index array) sees. The prefix holds positions
+    0..P-1 and each example's tokens follow it (packed rows: from its segment's start), so a window leaves
+    it behind."""
+    rows = jnp.arange(t) if rows is None else rows
+    pos = jnp.broadcast_to(rows, (b, rows.shape[0]))
     if not window:
-        return jnp.ones((b, t, num_prefix), bool)
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    if segments is not None:
-        pos = pos - jnp.argmax(segments[:, None, :] == segments[:, :, None], axis=-1)  # from the segment's start
+        return jnp.ones(pos.shape + (num_prefix,), bool)
+    if segments is not None:  # from the segment's start
+        pos = pos - jnp.argmax(segments[:, None, :] == segments[:, rows, None], axis=-1)
     return num_prefix + pos[..., None] - jnp.arange(num_prefix) < window
 
 
@@ -162,15 +173,49 @@ def xla(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=
         softcap: float | None = None):
     """The reference: scores accumulated in fp32 (not rounded to bf16 first), a dense [B, T, P+T] mask,
     softmax in fp32. q [B, T, H, D], k, v [B, P+T, KV, D] -> [B, T, H, D]."""
+    return _attend(q, k, v, causal_mask(mask, num_prefix, window, segments, causal), softcap)
+
+
+def _attend(q, k, v, allowed, softcap=None):
+    """q [B, t, H, D] over k, v [B, s, KV, D] where `allowed` [B, t, s]: xla's arithmetic."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = cap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d), softcap)
-    allowed = causal_mask(mask, num_prefix, window, segments, causal)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(v.dtype)
+
+
+def chunked(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segments=None, causal: bool = True,
+            softcap: float | None = None, block: int | None = None):
+    """xla's arithmetic `block` queries at a time (CHUNK by default), one block after another (`lax.map`),
+    each block's scores recomputed in its backward pass (`jax.checkpoint`): the most a layer holds is one
+    block's [block, P + keys] scores, never [T, T]. With a sliding window a block reads only the prefix and
+    the block + window - 1 keys its queries can reach. For what the fused kernels cannot do on a GPU (capped
+    scores, packed rows, fp32) and for long rows on any backend. Exact as xla is, but for the rows of
+    padding queries (which nothing reads)."""
+    b, t = mask.shape
+    block = block or CHUNK
+    if t <= block:
+        return xla(q, k, v, mask, num_prefix, window, segments, causal, softcap)
+    p, n = num_prefix, -(-t // block)
+    span = min(t, block + window - 1) if causal and window else t  # the token keys one block reads
+    qs = jnp.pad(q, [(0, 0), (0, n * block - t), (0, 0), (0, 0)])  # whole blocks; the padding rows are dropped
+    tokens = k[:, p:], v[:, p:]
+
+    @jax.checkpoint
+    def attend(i):
+        lo = jnp.clip(i * block + block - span, 0, t - span)  # the first key the block's first query reaches
+        rows, cols = i * block + jnp.arange(block), lo + jnp.arange(span)
+        keys, values = (jnp.concatenate([x[:, :p], jax.lax.dynamic_slice_in_dim(y, lo, span, axis=1)], axis=1)
+                        for x, y in zip((k, v), tokens))
+        allowed = causal_mask(mask, p, window, segments, causal, jnp.minimum(rows, t - 1), cols)
+        return _attend(jax.lax.dynamic_slice_in_dim(qs, i * block, block, axis=1), keys, values, allowed, softcap)
+
+    out = jax.lax.map(attend, jnp.arange(n))  # [n, B, block, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape((b, n * block) + q.shape[2:])[:, :t]
 
 
 def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, implementation: str = "cudnn",
@@ -490,4 +535,4 @@ def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None =
     return out.reshape(b, t, h * d).astype(values.dtype)
 
 
-IMPLS = {"xla": xla, "cudnn": cudnn, "splash": splash, "flash": flash}
+IMPLS = {"xla": xla, "chunked": chunked, "cudnn": cudnn, "splash": splash, "flash": flash}

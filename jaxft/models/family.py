@@ -81,7 +81,7 @@ class Settings:
     param_dtype: str = "float32"  # storage of the frozen base (see `jaxft.train.init_params`)
     scan_layers: bool = True
     remat: str = "none"  # what the backward pass keeps of each layer: see `jaxft.models.layers.remat_policy`
-    attention: str = "xla"  # xla | cudnn | splash | flash | auto: see `jaxft.models.attention`
+    attention: str = "xla"  # xla | chunked | cudnn | splash | flash | auto: see `jaxft.models.attention`
 
     def __post_init__(self):  # the old boolean `remat` setting: True is "full"
         if isinstance(self.remat, bool):
