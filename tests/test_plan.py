@@ -244,14 +244,16 @@ def test_a_gpu_step_within_15_percent_of_xla_there(method, remat, file):
 
 
 def test_attention_follows_resolve():
-    """`auto` is fused on a TPU, and on a GPU in bf16 unless rows are packed (segment ids) or fp32."""
-    def fused(platform, **overrides):
-        return plan.attention(plan.setup(config("lora", "none", 1, **overrides), 1, platform=platform)) != "xla"
+    """`auto` is fused on a TPU, and on a GPU in bf16 unless rows are packed (segment ids) or fp32, which
+    take chunked there."""
+    def impl(platform, **overrides):
+        return plan.attention(plan.setup(config("lora", "none", 1, **overrides), 1, platform=platform))
     bf16 = dict(model__dtype="bfloat16", model__attention="auto")
-    assert fused("gpu", **bf16, data__task="causal_lm", data__packing=False)
-    assert not fused("gpu", **bf16, data__task="causal_lm", data__packing=True)
-    assert not fused("gpu", model__attention="auto")  # fp32 compute
-    assert not fused("cpu", **bf16) and fused("tpu", **bf16) and not fused("tpu", model__attention="xla")
+    assert impl("gpu", **bf16, data__task="causal_lm", data__packing=False) == "cudnn"
+    assert impl("gpu", **bf16, data__task="causal_lm", data__packing=True) == "chunked"
+    assert impl("gpu", model__attention="auto") == "chunked"  # fp32 compute
+    assert impl("cpu", **bf16) == "xla" and impl("tpu", **bf16) == "splash"
+    assert impl("tpu", model__attention="xla") == "xla"
 
 
 def test_max_batch_size_is_the_largest_that_fits():
