@@ -368,3 +368,14 @@ def test_a_mixture_of_experts_within_20_percent(method, remat, experts, per_toke
     assert got["total"] == pytest.approx(want, rel=0.2), (got, want)
     few = plan.setup(moe_config(method, remat, per_token, per_token, width), 1)  # each token takes every expert
     assert plan.estimate(few)["activations"] < got["activations"]
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1)], ids=["data8", "data2-fsdp4"])
+def test_a_mixture_of_experts_on_eight_devices_within_20_percent(mesh):
+    """Each batch shard routes and multiplies its own tokens (`sharding.on_batch_shards`), so a device's
+    routed copies are its own rows' k copies, as the plan counts them."""
+    c = moe_config("full", "none", 8, 2, 96)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    got = plan.estimate(plan.setup(c, 8))
+    want = compiled_bytes(c, 8, extra=family_batch)
+    assert got["total"] == pytest.approx(want, rel=0.2), (got, want)
