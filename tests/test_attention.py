@@ -199,7 +199,7 @@ def tiny_model(attention, dtype, window, prefix=3):
     return LlamaModel(cfg, hooks=build(method, cfg).hooks)
 
 
-# cudnn runs a window with a prefix as xla, so its window case has no prefix (the kernel's own window).
+# cudnn runs a window with a prefix as chunked, so its window case has no prefix (the kernel's own window).
 # flash's model case would repeat its grid cases at interpret mode's cost: splash's covers the model path.
 MODEL_CASES = [("cudnn", None, 3, "bfloat16", GPU), ("cudnn", 6, 0, "bfloat16", GPU),
                ("splash", 6, 3, "float32", PALLAS), ("chunked", 6, 3, "float32", True)]

@@ -230,8 +230,8 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
     - P prefix columns get P dummy query rows in front, so queries and keys have one length and the
       causal mask lets row P+i see the whole prefix and the tokens up to i; the dummies are dropped.
     - A window with prefix columns is not expressible: moving real tokens to the front moves them nearer
-      the prefix, and a dense bias has no batched gradient in cuDNN. That combination runs the xla
-      reference (exact, dense).
+      the prefix, and a dense bias has no batched gradient in cuDNN. That combination runs `chunked` (the
+      xla reference's arithmetic a block of queries at a time).
     - An odd total length gets one zero row and column at the end: JAX's cuDNN call refuses odd lengths
       when it is differentiated (seen on an H200, jax 0.11.2), and the causal mask hides the extra key
       from every earlier row.
@@ -244,7 +244,7 @@ def cudnn(q, k, v, mask, num_prefix: int = 0, window: int | None = None, impleme
     if not causal:
         return _cudnn_bidirectional(q, k, v, mask, num_prefix, implementation)
     if window and num_prefix:
-        return xla(q, k, v, mask, num_prefix, window)
+        return chunked(q, k, v, mask, num_prefix, window)
     b, t, h, d = q.shape
     p = num_prefix
     order = jnp.argsort(1 - mask.astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
@@ -324,11 +324,11 @@ def splash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segmen
     causal with the prefix as an offset, `CausalMask(offset=P)`, or a `LocalMask` window (offset P too, so
     far rows leave the prefix), or (not causal) a `FullMask`; padding is segment ids (1 real, 0 padding),
     or the packed rows' own segment ids (0 padding). No dense mask is built. The kernel caps scores
-    itself (`softcap`); packed rows with a prefix and a cap run the xla reference (the merge's exact
-    log-sum-exp gradient assumes uncapped scores)."""
+    itself (`softcap`); packed rows with a prefix and a cap run `chunked` (the xla reference's arithmetic in
+    blocks: the merge's exact log-sum-exp gradient assumes uncapped scores)."""
     if segments is not None:
         if num_prefix and softcap:
-            return xla(q, k, v, mask, num_prefix, window, segments, causal, softcap)
+            return chunked(q, k, v, mask, num_prefix, window, segments, causal, softcap)
         mask = segments  # 0 = padding already
         if num_prefix:  # the kernel's segment ids would hide the prefix from every example but one
             fn = functools.partial(_merge_prefix, _splash_packed(window, causal), num_prefix=num_prefix,
@@ -412,9 +412,9 @@ def flash(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segment
     """Pallas TPU flash attention (the older kernel; splash is the one `auto` picks). Its causal mask is
     top-left, so P prefix columns get P dummy query rows in front; padding is segment ids (not causal:
     the segment ids alone). It takes equal head counts: grouped keys and values are repeated per query
-    head. It has no window: with one, this runs the xla reference (exact, dense)."""
+    head. It has no window: with one, this runs `chunked` (the xla reference's arithmetic in blocks)."""
     if window:
-        return xla(q, k, v, mask, num_prefix, window, segments, causal)
+        return chunked(q, k, v, mask, num_prefix, window, segments, causal)
     if segments is not None:
         mask = segments  # its segment ids: 0 = padding
         if num_prefix:  # segment ids would hide the prefix from all examples but one: a bias instead
