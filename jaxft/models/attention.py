@@ -193,7 +193,9 @@ def chunked(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segme
     """xla's arithmetic `block` queries at a time (CHUNK by default), one block after another (`lax.map`),
     each block's scores recomputed in its backward pass (`jax.checkpoint`): the most a layer holds is one
     block's [block, P + keys] scores, never [T, T]. With a sliding window a block reads only the prefix and
-    the block + window - 1 keys its queries can reach. For what the fused kernels cannot do on a GPU (capped
+    the block + window - 1 keys its queries can reach; without one, every key (the masked half of causal
+    attention is scored and masked, as xla does; a flash-style loop over key blocks that skipped it was
+    slower on CPU). For what the fused kernels cannot do on a GPU (capped
     scores, packed rows, fp32) and for long rows on any backend. Exact as xla is, but for the rows of
     padding queries (which nothing reads)."""
     b, t = mask.shape
