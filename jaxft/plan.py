@@ -330,7 +330,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
                   for path, t in s.trainable.items())
     upstream = outside and not p
     # every stack's attention but T5's (which attention_impl says is xla); chunked is planned as the einsum:
-    # XLA's figure for a whole step with it was 0.29-0.84x the einsum's on CPU (1,024-2,048 tokens, each remat)
+    # XLA's figure for a whole step with it was 0.29-0.71x the einsum's on CPU (1,024-2,048 tokens, each remat)
     fused = attention(s) not in ("xla", "chunked")
     for i, blocks in enumerate(all_blocks):
         upstream |= any(t and inside[i].match(path) for path, t in s.trainable.items())

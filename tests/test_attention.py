@@ -463,19 +463,22 @@ def test_chunked_matches_xla(window, prefix, packed):
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_chunked_reads_only_what_a_block_can_see(window):
-    """One block of 8 queries at a time (`lax.map`), scoring the 3 prefix columns and, with a window of 5,
-    the 8 + 5 - 1 keys its queries reach; without one, all 24."""
+    """Blocks of 8 queries (`lax.map`) score the 3 prefix columns and, with a window of 5, the 8 + 5 - 1 keys
+    their queries reach; without one, the 3 blocks run as GROUPS = 2 groups (one `lax.map` each) of 2 and 1
+    blocks, each over the keys up to its last query: 16 and 24."""
     q, k, v, mask = inputs("float32", GQA, 3)
     jaxpr = jax.make_jaxpr(lambda q, k, v: A.chunked(q, k, v, mask, 3, window, block=8))(q, k, v).jaxpr
     scored = [e.outvars[0].aval.shape for e in dot_generals(jaxpr) if 64 not in e.outvars[0].aval.shape]  # not P V
     b, h = q.shape[0], q.shape[2]
-    assert [int(np.prod(s)) for s in scored] == [b * h * 8 * (3 + (8 + window - 1 if window else 24))], scored
+    assert A.GROUPS == 2
+    columns = [8 + window - 1] if window else [16, 24]
+    assert [int(np.prod(s)) for s in scored] == [b * h * 8 * (3 + c) for c in columns], scored
 
 
 def test_chunked_holds_no_full_scores():
     """A 2,048-token row: chunked's forward and backward need a fraction of xla's temporary memory (XLA's own
-    figure), which holds fp32 [T, T] scores and probabilities per head (807 MB; chunked 204 MB in blocks of
-    512, 104 MB in blocks of 256)."""
+    figure), which holds fp32 [T, T] scores and probabilities per head (807 MB; chunked 182 MB in blocks of
+    512, 108 MB in blocks of 256)."""
     q, k, v, mask = inputs("float32", GQA, 0, t=2048, d=16)
     loss = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask, 0, None) ** 2),  # noqa: E731
                                        argnums=(0, 1, 2)))

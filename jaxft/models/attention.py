@@ -51,6 +51,7 @@ ATTENTION = "attention"  # names attention's inputs and output, which remat "non
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash", "flash")
 CHOICES = ("auto",) + IMPLEMENTATIONS
 CHUNK = 512  # `chunked`: queries per block
+GROUPS = 2  # `chunked`, causal without a window: groups of query blocks, each reading the keys up to its end
 BLOCK = 128  # the Pallas TPU kernels' tile along both sequence axes: lengths are padded to a multiple
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # as jaxft.sharding's rules lay out batch and heads
 _INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
@@ -192,23 +193,22 @@ def chunked(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segme
             softcap: float | None = None, block: int | None = None):
     """xla's arithmetic `block` queries at a time (CHUNK by default), one block after another (`lax.map`),
     each block's scores recomputed in its backward pass (`jax.checkpoint`): the most a layer holds is one
-    block's [block, P + keys] scores, never [T, T]. With a sliding window a block reads only the prefix and
-    the block + window - 1 keys its queries can reach; without one, every key (the masked half of causal
-    attention is scored and masked, as xla does; a flash-style loop over key blocks that skipped it was
-    slower on CPU). For what the fused kernels cannot do on a GPU (capped
-    scores, packed rows, fp32) and for long rows on any backend. Exact as xla is, but for the rows of
-    padding queries (which nothing reads)."""
+    block's [block, P + keys] scores (or one per group, below), never [T, T]. Each block reads the prefix and
+    only the keys it may see: with a sliding window the block + window - 1 its queries reach; without one,
+    causally, the blocks run in up to GROUPS groups (one `lax.map` each), a group reading the keys up to its
+    last query, so part of the masked half of causal attention is never scored (half of it with 2 groups;
+    more groups skip more but may run side by side, each holding its block's scores).
+    For what the fused kernels cannot do on a GPU (capped scores, packed rows, fp32) and for long rows on any
+    backend. Exact as xla is, but for the rows of padding queries (which nothing reads)."""
     b, t = mask.shape
     block = block or CHUNK
     if t <= block:
         return xla(q, k, v, mask, num_prefix, window, segments, causal, softcap)
     p, n = num_prefix, -(-t // block)
-    span = min(t, block + window - 1) if causal and window else t  # the token keys one block reads
     qs = jnp.pad(q, [(0, 0), (0, n * block - t), (0, 0), (0, 0)])  # whole blocks; the padding rows are dropped
     tokens = k[:, p:], v[:, p:]
 
-    @jax.checkpoint
-    def attend(i):
+    def attend(i, span):  # query block i over the `span` token keys that end with its reach
         lo = jnp.clip(i * block + block - span, 0, t - span)  # the first key the block's first query reaches
         rows, cols = i * block + jnp.arange(block), lo + jnp.arange(span)
         keys, values = (jnp.concatenate([x[:, :p], jax.lax.dynamic_slice_in_dim(y, lo, span, axis=1)], axis=1)
@@ -216,7 +216,15 @@ def chunked(q, k, v, mask, num_prefix: int = 0, window: int | None = None, segme
         allowed = causal_mask(mask, p, window, segments, causal, jnp.minimum(rows, t - 1), cols)
         return _attend(jax.lax.dynamic_slice_in_dim(qs, i * block, block, axis=1), keys, values, allowed, softcap)
 
-    out = jax.lax.map(attend, jnp.arange(n))  # [n, B, block, H, D]
+    if causal and window:
+        groups = [(0, n, min(t, block + window - 1))]
+    elif causal:
+        per = -(-n // min(GROUPS, n))
+        groups = [(a, min(a + per, n), min(t, min(a + per, n) * block)) for a in range(0, n, per)]
+    else:
+        groups = [(0, n, t)]
+    out = jnp.concatenate([jax.lax.map(jax.checkpoint(functools.partial(attend, span=span)), jnp.arange(a, z))
+                           for a, z, span in groups])  # [n, B, block, H, D]
     return jnp.moveaxis(out, 0, 1).reshape((b, n * block) + q.shape[2:])[:, :t]
 
 
