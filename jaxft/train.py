@@ -705,8 +705,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     if n_train == 0:
         raise JaxftError(f"method.name={method.name!r} trains no parameter of this model")
     if impl != "cudnn" and packed and cfg.attention == "auto" and family.attention_impl(cfg, False) == "cudnn":
-        log(f"note: model.attention=auto runs {impl} attention for packed rows (segment ids), which cuDNN's call "
-            "cannot take, not the fused kernel; data.packing=False lets the fused kernel run")
+        log(f"note: packed rows (segment ids) run {impl} attention, not cuDNN's fused kernel (JAX's call takes no "
+            "segment ids); data.packing=False lets model.attention=auto take the fused kernel")
     if config.model.quantization != "none":  # the frozen base only; trainable leaves keep fp32
         from jaxft import quant
 

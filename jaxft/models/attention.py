@@ -1,8 +1,9 @@
 """Attention behind one call: the XLA einsum reference and the fused kernels, picked by `model.attention`.
 
 `xla`: einsum scores accumulated in fp32 and a dense mask; the reference, and what CPUs run.
-`chunked`: xla's arithmetic a block of queries at a time over the keys each block can see (the masked half
-of causal attention skipped), its scores recomputed in the backward pass: no [T, T] tensor is kept.
+`chunked`: xla's arithmetic a block of queries at a time over the keys each block may see (what a window
+leaves behind and half of causality's masked half skipped), its scores recomputed in the backward pass: no
+[T, T] tensor is kept.
 `cudnn`: flash attention through `jax.nn.dot_product_attention` on NVIDIA GPUs (bf16/fp16).
 `splash`, `flash`: the Pallas TPU kernels (`jax.experimental.pallas.ops.tpu`).
 `auto`: cudnn on a GPU computing in bf16/fp16 (chunked where cuDNN cannot: fp32, capped scores, packed
@@ -24,7 +25,8 @@ and flash take them as their own segment ids; with a prefix as well (which segme
 all examples but one) splash attends over the tokens and merges a dense [T, P] prefix softmax by
 log-sum-exp (`_merge_prefix`), flash takes the mask as its dense bias; cudnn (JAX's call has no segment
 ids) takes the mask as a boolean mask, one row at a time, with its causal tiles still skipped
-(`_cudnn_packed`). `auto` takes chunked (xla's arithmetic) for packed rows on a GPU (the cuDNN packed path is not timed yet).
+(`_cudnn_packed`). `auto` takes chunked (xla's arithmetic) for packed rows on a GPU (the cuDNN packed path
+is not timed yet).
 
 Capped scores (Gemma 2's `attn_logit_softcapping`: softcap * tanh(scores / softcap) before the mask): xla,
 chunked, the cache's path and splash (the kernel's own `attn_logits_soft_cap`) compute them; cuDNN's call

@@ -297,7 +297,6 @@ class SparseMoE(nn.Module):
             stats = (jnp.einsum("bt,btke->ke", real, picked), jnp.einsum("bt,bte->e", real, probs), jnp.sum(real))
         return out, stats
 
-
     def route(self, probs):
         """Each token's top k experts and their weights (renormalised over the k where `norm_topk_prob`)."""
         weights, chosen = jax.lax.top_k(probs, self.cfg.experts_per_token)
