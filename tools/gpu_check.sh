@@ -14,6 +14,8 @@
 #      tokens; PEFT's full fine-tuning does not fit an H100 there, so jaxft alone),
 #   4d. and once more with the layers unrolled (model.scan_layers=False: its compile time and speed),
 #   5. runs the main job (configs/ptuning_v2.py) on the GPU as configured (fp32) and in bf16,
+#   6. times a mixture of experts' grouped matmul, jaxft's tiles against `ragged_dot` (tools/moe_bench.py;
+#      last, so it never takes the time of the steps before),
 # and writes its figures to OUT/gpu_check.json, and the logs, the profiles (`*.trace.json.gz`) and the compiled
 # train steps (`*.hlo.gz`) to OUT/raw.tgz. BENCHMARKS.md holds the results.
 #
@@ -124,6 +126,15 @@ for dtype in float32 bfloat16; do  # as configured (XLA attention), then bf16 co
     --config.model.dtype=$dtype 2>&1 | tr "\r" "\n" | grep -v "^train:" | tail -3 | tee -a "$OUT/main_job.log"
 done
 
+echo "== 6. a mixture's grouped matmul: jaxft's tiles against ragged_dot ($((SECONDS - t0)) s)"
+if [ -f tools/moe_bench.py ]; then  # 8 experts; Qwen3-30B-A3B's expert shapes (2048 -> 768, 16k routed rows)
+  for shape in "--experts 8 --rows 4096" "--experts 128 --rows 16384 --dim 2048 --out 768"; do
+    t=$(limit 60) || break
+    timeout "$t" python3 tools/moe_bench.py grouped $shape --dtype bfloat16 --steps 5 2>&1 \
+      | tee -a "$OUT/moe_bench.log" | tail -3
+  done
+fi
+
 python3 - "$OUT" "$attn_rc" "$((SECONDS - t0))" <<'EOF'
 import json, os, sys
 out, attn_rc, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -142,7 +153,8 @@ summary = {"seconds": seconds, "attention_tests_exit_status": None if attn_rc < 
            "benchmark_batch2x": read("benchmark_batch2x.json"),
            "benchmark_unrolled_layers": read("benchmark_unrolled.json"),
            "logs": {name: open(os.path.join(out, name)).read()[-6000:] for name in
-                    ("test_attention.log", "attention_bench.log", "main_job.log") if os.path.exists(os.path.join(out, name))}}
+                    ("test_attention.log", "attention_bench.log", "main_job.log", "moe_bench.log")
+                    if os.path.exists(os.path.join(out, name))}}
 json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 print(f"wrote {out}/gpu_check.json ({seconds} s)")
 EOF
