@@ -9,7 +9,7 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.6",
+        "jax>=0.8.2",  # jax.lax.pcast (a mixture's tensor-parallel experts)
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
