@@ -485,3 +485,24 @@ def test_chunked_holds_no_full_scores():
     temp = {name: loss(fn).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
             for name, fn in (("xla", A.xla), ("chunked", A.chunked))}
     assert temp["chunked"] < temp["xla"] / 3, temp
+
+
+def test_chunked_under_a_mesh_matches_one_device(monkeypatch):
+    """A whole Llama with chunked attention (blocks of 8 of 24 tokens, two groups) on a 2 x 2 x 2 mesh (batch
+    over data and fsdp, heads over tensor): the logits and gradients of one device."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    monkeypatch.setattr(A, "CHUNK", 8)
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 64, (4, 24)))
+    mask = jnp.concatenate([inputs("float32")[3], inputs("float32")[3][:1]]).astype(jnp.int32)
+    model = tiny_model("chunked", "float32", None, prefix=0)
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), ids, mask)["params"])
+    loss = lambda p, ids, mask: jnp.sum(model.apply({"params": p}, ids, mask) ** 2 * mask[..., None])  # noqa: E731
+    ref = jax.jit(jax.value_and_grad(loss))(params, ids, mask)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES)))  # noqa: E731
+    with sharding.axis_rules(mesh):
+        got = jax.jit(jax.value_and_grad(loss))(params, put(ids), put(mask))
+    np.testing.assert_allclose(got[0], ref[0], rtol=2e-5)
+    for g, r in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(ref[1])):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5 * float(np.max(np.abs(r))))
