@@ -162,10 +162,7 @@ def on_batch_shards(fn, batched, *args, tensor=None):
     `tensor`, per arg, the dimension split over the tensor axis (or None): when the axis divides each, it is
     manual too and fn is called with `tensor_axis=` its name, to sum its partial results; else with None."""
     mesh = jax.sharding.get_abstract_mesh()
-    rows = next(a for a, split in zip(args, batched) if split).shape[0]
-    axes = [] if mesh.empty else [a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1]
-    while axes and rows % math.prod(mesh.shape[a] for a in axes):
-        axes.pop()
+    axes = batch_axes_dividing(mesh, next(a for a, split in zip(args, batched) if split).shape[0])
     dims = tensor or (None,) * len(args)
     split_tensor = (tensor is not None and not mesh.empty and TENSOR_AXIS in mesh.axis_names
                     and mesh.shape[TENSOR_AXIS] > 1
@@ -182,10 +179,25 @@ def on_batch_shards(fn, batched, *args, tensor=None):
         return P(*out)
 
     specs = tuple(spec(x, split, d) for x, split, d in zip(args, batched, dims))
-    if not mesh.are_all_axes_auto:  # explicit axes: shard_map takes its inputs laid out as its specs
-        args = tuple(jax.sharding.reshard(x, s) for x, s in zip(args, specs))
     manual = set(axes) | ({TENSOR_AXIS} if split_tensor else set())
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(tuple(axes) or None), axis_names=manual)(*args)
+    return shard_map_over(fn, mesh, args, specs, P(tuple(axes) or None), axis_names=manual)
+
+
+def batch_axes_dividing(mesh, rows: int) -> list[str]:
+    """The mesh's batch axes (of more than one device) over which `rows` split evenly: the innermost are left
+    out first. [] without a mesh."""
+    axes = [] if mesh.empty else [a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1]
+    while axes and rows % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    return axes
+
+
+def shard_map_over(fn, mesh, args, in_specs, out_specs, **kwargs):
+    """`jax.shard_map` of fn over `mesh` called on args; on a mesh with explicit axes the args are laid out as
+    `in_specs` first (shard_map takes them only so)."""
+    if not mesh.are_all_axes_auto:
+        args = tuple(jax.sharding.reshard(x, s) for x, s in zip(args, in_specs))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kwargs)(*args)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

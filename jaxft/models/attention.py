@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec
 
 from jaxft.cross_entropy import softcap as cap
 from jaxft.errors import JaxftError
+from jaxft.sharding import TENSOR_AXIS, batch_axes_dividing, shard_map_over
 
 ATTENTION = "attention"  # names attention's inputs and output, which remat "none" keeps (`layers.keep_products`)
 
@@ -55,7 +56,6 @@ CHOICES = ("auto",) + IMPLEMENTATIONS
 CHUNK = 512  # `chunked`: queries per block
 GROUPS = 2  # `chunked`, causal without a window: groups of query blocks, each reading the keys up to its end
 BLOCK = 128  # the Pallas TPU kernels' tile along both sequence axes: lengths are padded to a multiple
-BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # as jaxft.sharding's rules lay out batch and heads
 _INTERPRET = contextvars.ContextVar("jaxft_pallas_interpret", default=False)
 
 
@@ -498,16 +498,11 @@ def _on_shards(fn, q, k, v, mask):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(q, k, v, mask)
-    batch = [a for a in BATCH_AXES if a in mesh.axis_names]
-    while batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch):
-        batch.pop()
-    heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names and k.shape[2] % mesh.shape[HEAD_AXIS] == 0 else None
+    batch = batch_axes_dividing(mesh, q.shape[0])
+    heads = TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names and k.shape[2] % mesh.shape[TENSOR_AXIS] == 0 else None
     spec = PartitionSpec(tuple(batch) or None, None, heads, None)
     specs = (spec, spec, spec, PartitionSpec(spec[0], None))
-    args = (q, k, v, mask)
-    if not mesh.are_all_axes_auto:  # explicit axes: shard_map takes its inputs laid out as its specs
-        args = tuple(jax.sharding.reshard(x, s) for x, s in zip(args, specs))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
+    return shard_map_over(fn, mesh, (q, k, v, mask), specs, spec, check_vma=False)
 
 
 def cached(q, keys, values, mask, cache_index, prefix=None, window: int | None = None, softcap: float | None = None):
