@@ -44,7 +44,7 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                with A = 4 H k + c H k + 4 (4 + 2 H) for XLA's einsum attention (fp32 scores,
                probabilities, row statistics) or c H d + 4 H for a fused kernel (its output and row
                log-sum-exps: cuDNN, splash, flash; `attention` says which the run takes; chunked
-               is planned as XLA's einsum, which holds at least as much).
+               keeps its output alone, and runs the einsum up to one block of tokens).
                The terms are what XLA kept per layer without a remat policy (read from the compiled
                step's layer loop): the norms' inputs, q, k and v, the attention's own, the MLP's gate
                and up, the projections' inputs, the kernels' casts (the norms and the MLP's activation
@@ -60,11 +60,17 @@ local ones), so a pod can be planned from a laptop. Per device, in bytes:
                where host memory is the device's, as save_dots).
     working    the backward pass through one layer: per_layer x 1.0 (save_dots, offload), x 1.5 (none:
                what it recomputes beside the gradients, `RECOMPUTE_NONE`), x `Blocks.recompute` (full:
-               it recomputes the layer first; Llama 1.9, GPT-2 1.0, T5 1.5).
+               it recomputes the layer first; Llama 1.9, GPT-2 1.0, T5 1.5); with XLA's einsum at
+               least per_layer + b t (4 + c) H k (the softmax's backward holds its scores' and
+               probabilities' gradients beside all the layer kept: the larger at long rows); with chunked
+               + (4 + c) b H 512 (p + keys) per group of query blocks (`attention.chunk_groups`: each
+               group's backward pass holds one block's scores and probabilities, the groups side by side).
                Set against XLA's own figures: on XLA:CPU (tests/test_plan.py: full, LoRA and P-Tuning
                v2 on 1 and 8 devices) the plan is 0.96-1.11 of XLA under remat none, 0.96-1.00 with
                remat full and 0.88 with save_dots; on an H200 (a 1.1B Llama in bf16) 1.05 with
-               save_dots (the rows without remat were measured before remat none recomputed).
+               save_dots (the rows without remat were measured before remat none recomputed). Long rows
+               (2,048 tokens, LoRA, full and P-Tuning v2): 0.95-0.99 with the einsum under each remat
+               policy; chunked 0.81-1.10 at 2,048-4,096 tokens, 0.73-0.90 at 1,024 (two one-block groups).
     loss       causal LM: 1.05 fp32 [b x chunk, vocab] buffers of the fused loss (logits, exponentials
                and their gradient, fused; `jaxft.cross_entropy` chunks the sequence, up to 512 MiB of
                logits per chunk; measured 1.01-1.02 with a 32k vocabulary), alive before the backward
@@ -301,6 +307,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     from jaxft.cross_entropy import chunk_length
     from jaxft.data import tasks
     from jaxft.models import family
+    from jaxft.models.attention import CHUNK, chunk_groups
     from jaxft.models.layers import grouped_tile
 
     cfg, config, mesh = s.cfg, s.config, s.mesh
@@ -329,9 +336,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     outside = any(t and not any(r.match(path) for r in inside) and not head.search(path)
                   for path, t in s.trainable.items())
     upstream = outside and not p
-    # every stack's attention but T5's (which attention_impl says is xla); chunked is planned as the einsum:
-    # XLA's figure for a whole step with it was 0.29-0.71x the einsum's on CPU (1,024-2,048 tokens, each remat)
-    fused = attention(s) not in ("xla", "chunked")
+    impl = attention(s)  # every stack's but T5's (which attention_impl says is xla)
     for i, blocks in enumerate(all_blocks):
         upstream |= any(t and inside[i].match(path) for path, t in s.trainable.items())
         if not (upstream or (p and outside and blocks.takes_prefix)):
@@ -340,6 +345,9 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         d_model, d = blocks.hidden, blocks.head_dim
         heads, kv, ffn = split(blocks.heads), split(blocks.kv_heads), split(blocks.ffn)
         trained, adapted = _block_modules(s, blocks)
+        # chunked keeps what a fused kernel keeps (its output), beside one block's scores per group below; up to
+        # one block of tokens it runs the einsum
+        fused = impl != "xla" and not (impl == "chunked" and t <= CHUNK)
         width = lambda n: split(n) if n != d_model else n  # noqa: E731  (the model width is not split)
         # What plain autodiff keeps of one block (per_layer), per token: the norms' inputs, per attention
         # q, k, v and either (XLA's einsum) fp32 scores, probabilities and row statistics or (a fused
@@ -347,13 +355,17 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # and the kernels' casts.
         keep = c * blocks.norms * d_model + c * blocks.mlp_tensors * ffn
         kept = keep  # what remat none keeps (`layers.keep_products`): no projection input, no cast
-        prefix = 0
+        prefix = scores = blockwise = 0
         for kind in blocks.attention:
             pk = p if kind == "self" and blocks.takes_prefix else 0  # a prefix joins self-attention only
             k = t + pk if kind == "self" else lengths["input"]  # keys per query (cross: the encoder's states)
             keep += c * (heads * d + 2 * kv * d * k / t)
             keep += c * heads * d + 4 * heads if fused else 4 * heads * k + c * heads * k + 4 * (4 + 2 * heads)
             kept += c * (2 * heads * d + 2 * kv * d * k / t) + (4 * heads if fused else 4 * heads * k)
+            scores += 0 if fused else (4 + c) * heads * k  # the einsum's [H, T, K] scores and probabilities
+            if fused and impl == "chunked":  # each group's backward pass holds one block's scores and probabilities
+                blockwise += sum((4 + c) * b * heads * CHUNK * (pk + span)
+                                 for _, _, span in chunk_groups(t, CHUNK, blocks.causal or kind == "cross"))
             prefix += c * 2 * b * pk * kv * d  # this block's prefix keys and values
         inputs = {}  # the distinct inputs that projections with weight gradients read
         for name, group, n_in, _ in blocks.projections:
@@ -397,11 +409,15 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # The backward pass through one layer holds about what plain autodiff would keep of it (their
         # gradients, or what save_dots recomputes); under remat none also what it recomputes, and under
         # full remat `Blocks.recompute` times that (the docstring).
+        # The einsum's softmax backward holds its scores' and probabilities' gradients beside all the layer
+        # kept: at long rows, where [H, T, K] outweighs the rest, that is the larger (measured 1.9-2.0x
+        # per_layer at 2,048 tokens under remat none and save_dots).
         factor = {"full": blocks.recompute, "none": RECOMPUTE_NONE}.get(cfg.remat, 1.0)
-        working = max(working, factor * per_layer + tiles)
+        layer = max(factor * per_layer, per_layer + scores * b * t) + blockwise + tiles
+        working = max(working, layer)
         # the backward pass reaches this stack with what it and the stacks before it saved; the later
         # stacks' (T5's decoder, when this is its encoder) are freed by then
-        backward = max(backward, saved_total + factor * per_layer + tiles)
+        backward = max(backward, saved_total + layer)
         stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
     if fam.encoder_decoder and stacks:
         encoded = c * b * lengths["input"] * cfg.hidden_size  # the encoder's output, read by every cross-attention

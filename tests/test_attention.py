@@ -478,13 +478,22 @@ def test_chunked_reads_only_what_a_block_can_see(window):
 def test_chunked_holds_no_full_scores():
     """A 2,048-token row: chunked's forward and backward need a fraction of xla's temporary memory (XLA's own
     figure), which holds fp32 [T, T] scores and probabilities per head (807 MB; chunked 182 MB in blocks of
-    512, 108 MB in blocks of 256)."""
+    512, 108 MB in blocks of 256). Also inside a layer's remat policy, as the model runs it (output named):
+    remat none keeps every dot, and once kept every block's scores through their checkpoints (445 MB)."""
+    from jaxft.models.layers import remat_policy
+
     q, k, v, mask = inputs("float32", GQA, 0, t=2048, d=16)
-    loss = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask, 0, None) ** 2),  # noqa: E731
-                                       argnums=(0, 1, 2)))
-    temp = {name: loss(fn).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
-            for name, fn in (("xla", A.xla), ("chunked", A.chunked))}
-    assert temp["chunked"] < temp["xla"] / 3, temp
+
+    def temp(fn, policy=None):
+        out = lambda q, k, v: A.checkpoint_name(fn(q, k, v, mask, 0, None), A.ATTENTION)  # noqa: E731
+        if policy:
+            out = jax.checkpoint(out, policy=remat_policy(policy))
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(out(q, k, v) ** 2), argnums=(0, 1, 2)))
+        return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    xla = temp(A.xla)
+    got = {policy: temp(A.chunked, policy) for policy in (None, "none", "full", "save_dots")}
+    assert all(v < xla / 3 for v in got.values()), (xla, got)
 
 
 def test_chunked_under_a_mesh_matches_one_device(monkeypatch):
