@@ -411,9 +411,11 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # full remat `Blocks.recompute` times that (the docstring).
         # The einsum's softmax backward holds its scores' and probabilities' gradients beside all the layer
         # kept: at long rows, where [H, T, K] outweighs the rest, that is the larger (measured 1.9-2.0x
-        # per_layer at 2,048 tokens under remat none and save_dots).
+        # per_layer at 2,048 tokens under remat none and save_dots). Attention's backward and a mixture's
+        # grouped matmuls' run one after the other: the larger of their own counts.
         factor = {"full": blocks.recompute, "none": RECOMPUTE_NONE}.get(cfg.remat, 1.0)
-        layer = max(factor * per_layer, per_layer + scores * b * t) + blockwise + tiles
+        softmax = max(0, per_layer + scores * b * t - factor * per_layer) + blockwise
+        layer = factor * per_layer + max(softmax, tiles)
         working = max(working, layer)
         # the backward pass reaches this stack with what it and the stacks before it saved; the later
         # stacks' (T5's decoder, when this is its encoder) are freed by then
