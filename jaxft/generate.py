@@ -148,6 +148,21 @@ def _generate(model, s: Settings, params, ids, mask, eos, pad, key):
         logits, cache = model.apply({"params": params}, tokens, slot_mask, cache=cache, cache_index=index, **extra)
         return logits[:, -1].astype(jnp.float32), cache
 
+    # A rotation that changes past some length (LongRoPE's long factors): the loop step at which a sequence
+    # first holds one token more than it feeds the whole sequence again, writing every slot's keys anew, as
+    # transformers' Phi-3 drops its cache there. Static: the prompts' padded width decides it, as there.
+    reset = None if fam.encoder_decoder else fam.cache_reset(cfg)
+    reset = reset + 1 - length if reset is not None and 1 <= reset + 1 - length < s.max_new_tokens else None
+
+    def feed(cache, slot_mask, i, token, so_far):
+        """Loop step i: the previous token (`token`, at slot length + i - 1) into the cache, or at the reset
+        step the prompts and all `so_far` [rows, max_new_tokens] generated before it."""
+        one = lambda: step(cache, slot_mask, token[:, None], length + i - 1)  # noqa: E731
+        if reset is None:
+            return one()
+        every = lambda: step(cache, slot_mask, jnp.concatenate([prompt, so_far[:, :reset]], 1), 0)  # noqa: E731
+        return jax.lax.cond(i == reset, every, one)
+
     logits, cache = step(cache, slot_mask, prompt, jnp.int32(0))
     seen = None
     if s.repetition_penalty != 1.0:  # ids of the sequence so far: transformers penalises prompt padding too
@@ -155,9 +170,9 @@ def _generate(model, s: Settings, params, ids, mask, eos, pad, key):
         seen = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], jnp.where(prompt < 0, logits.shape[-1],
                                                                                    prompt)].set(True)
     if beams == 1:
-        return _sample_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key)
+        return _sample_loop(s, feed, logits, cache, slot_mask, seen, length, eos, pad, key)
     axis = batch_axis(fam, cfg, cache)
-    return _beam_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key, axis)
+    return _beam_loop(s, feed, logits, cache, slot_mask, seen, length, eos, pad, key, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +245,7 @@ def process(s: Settings, scores, seen):
     return scores
 
 
-def _sample_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key):
+def _sample_loop(s, feed, logits, cache, slot_mask, seen, length, eos, pad, key):
     rows = logits.shape[0]
 
     def choose(i, logits, out, done, seen, key):
@@ -254,9 +269,8 @@ def _sample_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key)
 
     def body(state):
         i, cache, slot_mask, out, done, seen, key, token = state
-        slot = length + i - 1  # the previous token's slot
-        slot_mask = slot_mask.at[:, slot].set(1)
-        logits, cache = step(cache, slot_mask, token[:, None], slot)
+        slot_mask = slot_mask.at[:, length + i - 1].set(1)  # the previous token's slot
+        logits, cache = feed(cache, slot_mask, i, token, out)
         out, done, seen, key, token = choose(i, logits, out, done, seen, key)
         return i + 1, cache, slot_mask, out, done, seen, key, token
 
@@ -264,7 +278,7 @@ def _sample_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key)
     return jax.lax.while_loop(cond, body, state)[3]
 
 
-def _beam_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key, axis):
+def _beam_loop(s, feed, logits, cache, slot_mask, seen, length, eos, pad, key, axis):
     """transformers' `_beam_search`, step for step (its names in comments)."""
     beams, n = s.num_beams, s.max_new_tokens
     batch, vocab = logits.shape[0] // beams, logits.shape[-1]
@@ -324,9 +338,8 @@ def _beam_loop(s, step, logits, cache, slot_mask, seen, length, eos, pad, key, a
     def body(state):
         i, cache, slot_mask, st, rows, token, _, key = state
         cache = jax.tree.map(lambda x, a: jnp.take(x, rows, axis=a), cache, axis)  # follow the surviving beams
-        slot = length + i - 1
-        slot_mask = slot_mask.at[:, slot].set(1)
-        logits, cache = step(cache, slot_mask, token[:, None], slot)
+        slot_mask = slot_mask.at[:, length + i - 1].set(1)
+        logits, cache = feed(cache, slot_mask, i, token, st[0].reshape(token.shape[0], n))  # each beam's tokens
         st, rows, token, go, key = select(i, logits, st, key)
         return i + 1, cache, slot_mask, st, rows, token, go, key
 

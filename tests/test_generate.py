@@ -42,8 +42,7 @@ FAMILIES = {
     # half of each head rotated over adjacent pairs: the cached keys keep the rest unrotated
     "glm4": (Glm4ForCausalLM, Glm4Config, dict(head_dim=24)),
     # fused q/k/v, half of each head rotated, a window, and LongRoPE's long factors: the prompts are already
-    # past the original 6 positions (a prompt within it, generating past it, differs: transformers then
-    # recomputes the cache once with the long factors, jaxft keeps it; the README says so)
+    # past the original 6 positions (generating across them: test_longrope_recomputes_the_cache_once)
     "phi3": (Phi3ForCausalLM, Phi3Config, dict(sliding_window=5, max_position_embeddings=64,
                                                original_max_position_embeddings=6, rope_parameters={
         "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
@@ -128,6 +127,19 @@ def test_matches_transformers(saved, name, scan, beams):
     for row, hits in zip(out, ended):
         if hits.any():  # padding after EOS
             assert (row[np.argmax(hits) + 1:] == PAD).all()
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_longrope_recomputes_the_cache_once(saved, beams):
+    """Prompts within LongRoPE's original 6 positions, answers past them: when a sequence first holds 7 tokens,
+    transformers' Phi-3 drops its cache and feeds everything again with the long factors; so does jaxft (it
+    had kept the short-factor keys, and its tokens parted from transformers' there)."""
+    m, d = saved["phi3"]
+    model, params = hf.load(d)
+    ids, mask = prompts(lengths=(4, 2, 3), width=4)
+    out = generate(model, params, ids, mask, max_new_tokens=NEW, num_beams=beams, pad_token_id=PAD,
+                   eos_token_id=[96])
+    np.testing.assert_array_equal(out, hf_generate(m, ids, mask, num_beams=beams))
 
 
 def test_right_padded_prompts_are_left_aligned(saved):

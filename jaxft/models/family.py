@@ -147,6 +147,10 @@ class Family:
     # Generation (`jaxft.generate`): cfg, batch, max_length, dtype -> a KV cache of zeros, None where the
     # family cannot generate; encoder-decoders (T5) also offer `method="encode"` / `method="decode"`.
     init_cache: Callable | None = None
+    # cfg -> a length past which every position's rotation changes (LongRoPE's original length: the long
+    # factors from there on), or None. Generation recomputes the whole cache once, when a sequence first holds
+    # one token more, as transformers' Phi-3 does: the keys cached before were rotated with the short factors.
+    cache_reset: Callable[[Any], int | None] = lambda cfg: None
     encoder_decoder: bool = False
     fan_in_fan_out: bool = False  # HF stores the LoRA targets as Conv1D [in, out] (GPT-2): PEFT's flag
     # config -> the "a/b/kernel" path of the classifier's output projection (its width is num_labels)

@@ -214,6 +214,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> jnp.nda
     raise ValueError(f"unsupported rope_type {kind!r}: expected one of {', '.join(ROPE_TYPES)}")
 
 
+def rope_switch_length(scaling: tuple | None) -> int | None:
+    """The length past which `rope` rotates every position differently (LongRoPE: the long factors once a
+    batch passes the original length), or None."""
+    s = dict(scaling or ())
+    return s["original_max_position_embeddings"] if s.get("rope_type") == "longrope" else None
+
+
 def rope_attention_factor(scaling: tuple | None) -> float:
     """YaRN scales cos and sin (so the attention logits) by this factor; 1 for the other types."""
     s = dict(scaling or ())
@@ -244,10 +251,10 @@ def rope(q, k, positions, head_dim: int, theta: float, scaling: tuple | None, ma
         factor = s["factor"]
         base = theta * ((factor * seq_len / max_positions) - (factor - 1)) ** (head_dim / (head_dim - 2))
         inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if s.get("rope_type") == "longrope":  # the long factors once the batch passes the original length, as transformers
+    if rope_switch_length(scaling):  # the long factors once the batch passes the original length, as transformers
         seq_len = jnp.max(positions) + 1
         long = rope_inv_freq(head_dim, theta, None) / jnp.asarray(s["long_factor"], jnp.float32)
-        inv = jnp.where(seq_len > s["original_max_position_embeddings"], long, inv)
+        inv = jnp.where(seq_len > rope_switch_length(scaling), long, inv)
     scale = rope_attention_factor(scaling)
     return apply_rope(q, positions, inv, scale, interleaved), apply_rope(k, positions, inv, scale, interleaved)
 

@@ -40,7 +40,7 @@ from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     PROJECTION, ROPE_TYPES, Linear, RMSNorm, block_output, gated, grouped_matmul, last_token, param_with_axes, pool,
-    remat, rope, segment_positions,
+    remat, rope, rope_switch_length, segment_positions,
 )
 from jaxft.quant import Quantized, dequantize
 from jaxft.sharding import constrain, on_batch_shards
@@ -984,6 +984,7 @@ FAMILY = Family(
     head_weights=head_weights,
     activation_blocks=activation_blocks,
     init_cache=init_cache,
+    cache_reset=lambda cfg: rope_switch_length(cfg.rope_scaling),
     tied_embedding=("embed_tokens", ("lm_head.weight",)),
     projections=r"(^|/)(q|k|v|o|gate|up|down|gate_up|qkv)_proj/kernel$|(^|/)experts/(gate|up|down)_proj$",
 )
