@@ -364,8 +364,9 @@ def activation_bytes(s: Setup, batch: int) -> dict:
             kept += c * (2 * heads * d + 2 * kv * d * k / t) + (4 * heads if fused else 4 * heads * k)
             scores += 0 if fused else (4 + c) * heads * k  # the einsum's [H, T, K] scores and probabilities
             if fused and impl == "chunked":  # each group's backward pass holds one block's scores and probabilities
+                # (self-attention: chunked never runs cross-attention, T5's einsum)
                 blockwise += sum((4 + c) * b * heads * CHUNK * (pk + span)
-                                 for _, _, span in chunk_groups(t, CHUNK, blocks.causal or kind == "cross"))
+                                 for _, _, span in chunk_groups(t, CHUNK, blocks.causal, blocks.window))
             prefix += c * 2 * b * pk * kv * d  # this block's prefix keys and values
         inputs = {}  # the distinct inputs that projections with weight gradients read
         for name, group, n_in, _ in blocks.projections:

@@ -115,6 +115,7 @@ class Blocks:
     projections: tuple[tuple[str, str, int, int], ...] = ()
     takes_prefix: bool = True  # whether P-Tuning v2's prefix keys/values enter its self-attention
     causal: bool = True  # its self-attention (BERT's is bidirectional: `chunked` reads every key for each block)
+    window: int | None = None  # every block's sliding window (None: some block attends to every earlier key)
     fused_attention: bool = True  # whether `model.attention` may run a fused kernel here (T5's bias: never)
     recompute: float = 1.9  # remat=full: the backward's working set over one block's kept bytes (measured)
     # the rows it runs over: "input" (input_ids) or "target" (an encoder-decoder's decoder inputs, whose
