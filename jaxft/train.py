@@ -45,6 +45,43 @@ def log(message: str):
         sys.stdout.flush()
 
 
+# XLA's persistent compilation cache: how many compiles this process loaded from it (JAX's own event).
+CACHE_HITS = [0]
+jax.monitoring.register_event_listener(
+    lambda event, **_: CACHE_HITS.__setitem__(0, CACHE_HITS[0] + (event == "/jax/compilation_cache/cache_hits")))
+
+
+def cache_dir(setting: str, workdir):
+    """`train.compilation_cache` -> the cache's directory, or None: off, or the one the user gave JAX."""
+    from jaxft import storage
+
+    if setting == "off" or (not setting and jax.config.jax_compilation_cache_dir):
+        return None
+    return workdir / "xla_cache" if not setting else storage.path(setting, "train.compilation_cache")
+
+
+@contextlib.contextmanager
+def compilation_cache(directory):
+    """XLA's persistent compilation cache in `directory` while the run lasts: a run started again after a
+    crash or a preemption (or another run of the same shapes) loads its compiled steps instead of compiling
+    them again, minutes for a large model on a pod. JAX caches compiles of a second or more; process 0
+    writes, every process reads. JAX's own setting is restored afterwards, so runs in one process (tests, a
+    notebook) keep apart."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if directory is None:
+        yield
+        return
+    before = jax.config.jax_compilation_cache_dir
+    cc.reset_cache()
+    cc.set_cache_dir(str(directory))
+    try:
+        yield
+    finally:
+        cc.reset_cache()
+        cc.set_cache_dir(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # Set-up: model, data, parameters.
 
@@ -640,6 +677,11 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     """The one entry point: build everything from `config`, train, evaluate, checkpoint, export.
 
     `workdir` (and `export.dir`) may be local or any etils.epath URL (gs://bucket/run)."""
+    with contextlib.ExitStack() as run:  # what the run sets up for its own time (the compilation cache)
+        return _train_and_evaluate(config, workdir, profile_steps, run)
+
+
+def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.ExitStack) -> dict:
     from tqdm import tqdm
 
     from jaxft import objectives, sharding, storage
@@ -664,6 +706,9 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
     export_dir = storage.path(config.export.dir, "export.dir") if config.export.dir else workdir / "export"
     storage.check_writable_dir(workdir, "workdir")
     storage.check_writable_dir(export_dir, "export.dir" if config.export.dir else "workdir")
+    xla_cache = cache_dir(config.train.compilation_cache, workdir)
+    if xla_cache is not None and config.train.compilation_cache:
+        storage.check_writable_dir(xla_cache, "train.compilation_cache")
     mesh = sharding.make_mesh(config.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, accum = config.train.batch_size, config.train.grad_accum
@@ -738,6 +783,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
 
     # Only now, with every input checked, does the run write anything.
     storage.make_dir(workdir, "workdir")
+    run.enter_context(compilation_cache(xla_cache))
     ckpt = Checkpoints(workdir, config.checkpoint.every_steps or config.train.steps, config.checkpoint.keep)
     total = config.train.steps
     meta = {"method": method.name, "trainable": sorted(flat(trainable)), "steps": total,
@@ -847,7 +893,7 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
             local, global_batch = prefetch.get(step)
             if rollout is not None:  # the policy's completions of this batch's prompts, scored
                 local, global_batch = rollout(state.params, frozen, local, global_batch, step)
-            width, t0 = local["input_ids"].shape[-1], time.time()
+            width, t0, hits = local["input_ids"].shape[-1], time.time(), CACHE_HITS[0]
             shape = (width,) + tuple(local["labels"].shape[1:]) if "decoder_input_ids" in local else (width,)
             profile.before(done)
             state, metrics = train_step(state, frozen, global_batch)
@@ -859,7 +905,8 @@ def train_and_evaluate(config, workdir: str, profile_steps: tuple[int, int] | No
                 jax.block_until_ready(metrics)
                 widths.add(shape)
                 target = f" -> {shape[1]} target tokens" if len(shape) > 1 else ""
-                log(f"compiled the train step for batch {batch} x {width}{target} in {time.time() - t0:.1f}s")
+                cached = " (from the compilation cache)" if CACHE_HITS[0] > hits else ""
+                log(f"compiled the train step for batch {batch} x {width}{target} in {time.time() - t0:.1f}s{cached}")
                 throughput.restart()  # after this step's count: the rates leave out its tokens and time alike
             if pending:  # the previous step's numbers: on the host only now that this step is queued
                 last = read_log_step(*pending)

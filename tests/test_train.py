@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -172,6 +173,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     (["--config.train.batch_size=3"], "divisible by the 2 data-parallel shards"),
     (["--config.method.name=ptuning_v2", "--config.method.init_from_tokens=True", "--config.method.projection=True"],
      "method.init_from_tokens=True needs method.projection=False"),
+    (["--config.train.compilation_cache=README.md/xla"], "README.md is a file, expected a directory"),
 ])
 def test_bad_config_is_one_line_error(tmp_path, overrides, message):
     wd = tmp_path / "run"
@@ -181,6 +183,28 @@ def test_bad_config_is_one_line_error(tmp_path, overrides, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not wd.exists()  # nothing written half-way
+
+
+def test_compilation_cache_serves_another_run(tmp_path):
+    """A run leaves its compiled steps in <workdir>/xla_cache; a second run reading that cache loads them
+    (JAX's own cache-hit event, in the compile line) and trains to the same losses. JAX caches only
+    compiles of a second or more by default: every compile here. (Not the tests' own shared cache, which
+    conftest gives JAX and a run then keeps.)"""
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_COMPILATION_CACHE_DIR": ""}
+    steps = ("--config.train.steps=2", "--config.train.log_every_steps=1")
+    a = cli(tmp_path / "a", *steps, env=env)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "compiled the train step" in a.stdout and "(from the compilation cache)" not in a.stdout
+    assert any(p.name.endswith("-cache") for p in (tmp_path / "a" / "xla_cache").iterdir())
+    b = cli(tmp_path / "b", *steps, f"--config.train.compilation_cache={tmp_path / 'a' / 'xla_cache'}", env=env)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "(from the compilation cache)" in b.stdout and not (tmp_path / "b" / "xla_cache").exists()
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    # A cache the user gave JAX (here conftest's) is kept, and "off" sets none.
+    from jaxft.train import cache_dir
+
+    assert jax.config.jax_compilation_cache_dir
+    assert cache_dir("", tmp_path / "c") is None and cache_dir("off", tmp_path / "c") is None
 
 
 def test_malformed_data_names_file_and_line(tmp_path):
