@@ -318,7 +318,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     """The CLI's work: -> {"step", "split", "examples", "out", "metrics": {...}}; see the module docstring."""
     from jaxft import metrics, objectives, sharding, storage
     from jaxft.config import validate
-    from jaxft.train import load_data, load_model_config
+    from jaxft.train import cache_dir, compilation_cache, load_data, load_model_config
 
     if split not in SPLITS:
         raise JaxftError(f"--split={split}: expected one of {', '.join(SPLITS)}")
@@ -362,13 +362,15 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
         tb_dir = storage.path(str(where / "tensorboard"), "--out") if kind == "orbax" else out_dir / "tensorboard"
     storage.check_writable_dir(out_dir, "--out")  # before the scoring, not a traceback once it is done
 
-    if objective.rollout is not None:  # a policy trained on rewards (GRPO): the rewards of its greedy completions
-        from jaxft.grpo import reward_scores
+    # A run's workdir: its compilation cache, which holds the eval and generation steps its evals compiled.
+    with compilation_cache(cache_dir(config.train.compilation_cache, where) if kind == "orbax" else None):
+        if objective.rollout is not None:  # a policy trained on rewards (GRPO): its greedy completions' rewards
+            from jaxft.grpo import reward_scores
 
-        scores, rows = reward_scores(config, data, model, params, split, max_examples)
-    else:
-        scores, rows = score_split(config, data, model, params, arrays, objective, mesh, batch, split, max_examples,
-                                   demonstration_sets)
+            scores, rows = reward_scores(config, data, model, params, split, max_examples)
+        else:
+            scores, rows = score_split(config, data, model, params, arrays, objective, mesh, batch, split,
+                                       max_examples, demonstration_sets)
 
     # Only now, with everything computed, is anything written.
     if jax.process_index() == 0:

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -186,28 +187,40 @@ def test_generation_equals_transformers_and_scorers(tmp_path, lm, penalty):
 def test_checkpoint_export_and_training_eval_agree(tmp_path, lm, monkeypatch):
     """One LoRA run that generates during its evals: its workdir and its export evaluate alike, and the
     training's eval/rougeL and eval/bleu (logged to TensorBoard) are jaxft.evaluate's on the same prompts."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from jaxft.train import train_and_evaluate
+    from jaxft.train import CACHE_HITS, train_and_evaluate
 
     model_dir, (train, dev) = lm
     c = config(model_dir, train, dev, task="sft")
     c.method.name, c.method.rank = "lora", 4
     c.train.steps, c.optimizer.learning_rate = 3, 3e-2
     c.eval.generate_examples, c.eval.max_new_tokens, c.eval.at_start = 4, 6, True
-    train_and_evaluate(c, str(tmp_path / "run"))
-    logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval/rougeL" in r]
-    assert logged and logged[-1]["step"] == 3 and "eval/bleu" in logged[-1]
+    # The run's own compilation cache (not the tests' shared one): evaluating its checkpoint again loads the
+    # steps the first evaluation compiled.
+    shared = jax.config.jax_compilation_cache_dir
+    cc.reset_cache()
+    cc.set_cache_dir(None)
+    try:
+        train_and_evaluate(c, str(tmp_path / "run"))
+        logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval/rougeL" in r]
+        assert logged and logged[-1]["step"] == 3 and "eval/bleu" in logged[-1]
 
-    a = evaluate(c, str(tmp_path / "run"), max_examples=4)
-    b = evaluate(c, str(tmp_path / "run" / "export"), max_examples=4)
-    assert a["step"] == 3 and a["out"] == str(tmp_path / "run" / "eval" / "validation-3")
-    pa, pb = (read_jsonl(Path(x["out"]) / "predictions.jsonl") for x in (a, b))
-    assert pa == pb
-    assert read_jsonl(tmp_path / "run" / "samples" / "step_3.jsonl") == pa  # training wrote its answers too
-    monkeypatch.chdir(tmp_path)  # a relative --checkpoint (Orbax itself takes absolute paths only)
-    evaluate(c, "run/checkpoints/3", max_examples=4, out="rel")
-    assert read_jsonl(tmp_path / "rel" / "predictions.jsonl") == pa
+        a = evaluate(c, str(tmp_path / "run"), max_examples=4)
+        b = evaluate(c, str(tmp_path / "run" / "export"), max_examples=4)
+        assert a["step"] == 3 and a["out"] == str(tmp_path / "run" / "eval" / "validation-3")
+        pa, pb = (read_jsonl(Path(x["out"]) / "predictions.jsonl") for x in (a, b))
+        assert pa == pb
+        assert read_jsonl(tmp_path / "run" / "samples" / "step_3.jsonl") == pa  # training wrote its answers too
+        monkeypatch.chdir(tmp_path)  # a relative --checkpoint (Orbax itself takes absolute paths only)
+        hits = CACHE_HITS[0]
+        evaluate(c, "run/checkpoints/3", max_examples=4, out="rel")
+        assert CACHE_HITS[0] > hits
+        assert read_jsonl(tmp_path / "rel" / "predictions.jsonl") == pa
+    finally:
+        cc.reset_cache()
+        cc.set_cache_dir(shared)
     assert len(read_jsonl(tmp_path / "run" / "samples" / "step_0.jsonl")) == 4
     untrained = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] == 0][0]
     assert a["metrics"]["eval/loss"] != pytest.approx(untrained["eval/loss"])  # the trained weights count
