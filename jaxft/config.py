@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.skip_nonfinite = False  # a NaN/Inf loss or gradient skips that update instead of stopping the run
     c.train.resume_anyway = False  # resume even if the checkpoint was made with other run-defining settings
     # XLA's persistent compilation cache: "" = <workdir>/xla_cache (or JAX_COMPILATION_CACHE_DIR where set),
-    # "off", or a directory / epath URL that several runs share (gs://bucket/xla_cache)
+    # "none" = off, or a directory / epath URL that several runs share (gs://bucket/xla_cache)
     c.train.compilation_cache = ""
     c.train.dpo_beta = 0.1  # data.task=dpo: how far from the reference the policy may move (DPO's beta; TRL's default)
     c.train.dpo_loss = "sigmoid"  # DPO's loss; ipo | hinge (jaxft.dpo)

@@ -318,7 +318,8 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     """The CLI's work: -> {"step", "split", "examples", "out", "metrics": {...}}; see the module docstring."""
     from jaxft import metrics, objectives, sharding, storage
     from jaxft.config import validate
-    from jaxft.train import cache_dir, compilation_cache, load_data, load_model_config
+    from jaxft.compilation_cache import cache_dir, compilation_cache
+    from jaxft.train import load_data, load_model_config
 
     if split not in SPLITS:
         raise JaxftError(f"--split={split}: expected one of {', '.join(SPLITS)}")
@@ -363,7 +364,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     storage.check_writable_dir(out_dir, "--out")  # before the scoring, not a traceback once it is done
 
     # A run's workdir: its compilation cache, which holds the eval and generation steps its evals compiled.
-    with compilation_cache(cache_dir(config.train.compilation_cache, where) if kind == "orbax" else None):
+    with compilation_cache(cache_dir(config.train.compilation_cache, where / "xla_cache") if kind == "orbax" else None):
         if objective.rollout is not None:  # a policy trained on rewards (GRPO): its greedy completions' rewards
             from jaxft.grpo import reward_scores
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -431,6 +432,10 @@ def parse_args(argv):
     ap.add_argument("--repetition_penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--compilation_cache", default="",
+                    help="XLA's persistent compilation cache, so that the next call with these shapes loads the "
+                         "compiled generation: a directory or URL, or 'none' (default: $JAXFT_CACHE/xla or "
+                         "~/.cache/jaxft/xla; a cache given to JAX in JAX_COMPILATION_CACHE_DIR is kept)")
     args = ap.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
         ap.error("give exactly one of --prompt=TEXT and --prompts=FILE")
@@ -455,6 +460,8 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None):
     """Prints one completion per prompt, one a line (a newline inside a completion is written \\n)."""
+    from jaxft.compilation_cache import cache_dir, compilation_cache
+
     printable_stdout()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -464,6 +471,8 @@ def main(argv=None):
             raise JaxftError(f"--top_k={args.top_k}, --top_p={args.top_p} shape sampling, and --temperature=0 "
                              "decodes greedily: expected --temperature > 0 with them")
         prompts = read_prompts(args)
+        user = Path(os.environ.get("JAXFT_CACHE") or Path.home() / ".cache" / "jaxft") / "xla"
+        xla = cache_dir(args.compilation_cache, user, "--compilation_cache")
         model, params, root = load(args.model, args.adapter, dtype=args.dtype)
         tok_dir = Path(args.tokenizer) if args.tokenizer else root
         if not args.tokenizer and not tokenizer_files(tok_dir):
@@ -482,10 +491,11 @@ def main(argv=None):
         width = max(map(len, rows))
         ids = np.array([[tok.pad_id] * (width - len(r)) + r for r in rows])
         mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out = generate(model, params, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                       repetition_penalty=args.repetition_penalty, eos_token_id=eos, pad_token_id=tok.pad_id,
-                       seed=args.seed)
+        with compilation_cache(xla):
+            out = generate(model, params, ids, mask, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+                           repetition_penalty=args.repetition_penalty, eos_token_id=eos, pad_token_id=tok.pad_id,
+                           seed=args.seed)
     except JaxftError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -23,6 +23,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxft.compilation_cache import CACHE_HITS, cache_dir, compilation_cache
+
 if __name__ == "__main__":  # `python -m jaxft.train`: a module that imports jaxft.train gets this one, not a
     sys.modules.setdefault("jaxft.train", sys.modules[__name__])  # second copy defining the same flags again
 
@@ -43,43 +45,6 @@ def log(message: str):
 
         tqdm.write(message)
         sys.stdout.flush()
-
-
-# XLA's persistent compilation cache: how many compiles this process loaded from it (JAX's own event).
-CACHE_HITS = [0]
-jax.monitoring.register_event_listener(
-    lambda event, **_: CACHE_HITS.__setitem__(0, CACHE_HITS[0] + (event == "/jax/compilation_cache/cache_hits")))
-
-
-def cache_dir(setting: str, workdir):
-    """`train.compilation_cache` -> the cache's directory, or None: off, or the one the user gave JAX."""
-    from jaxft import storage
-
-    if setting == "off" or (not setting and jax.config.jax_compilation_cache_dir):
-        return None
-    return workdir / "xla_cache" if not setting else storage.path(setting, "train.compilation_cache")
-
-
-@contextlib.contextmanager
-def compilation_cache(directory):
-    """XLA's persistent compilation cache in `directory` while the run lasts: a run started again after a
-    crash or a preemption (or another run of the same shapes) loads its compiled steps instead of compiling
-    them again, minutes for a large model on a pod. JAX caches compiles of a second or more; process 0
-    writes, every process reads. JAX's own setting is restored afterwards, so runs in one process (tests, a
-    notebook) keep apart."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    if directory is None:
-        yield
-        return
-    before = jax.config.jax_compilation_cache_dir
-    cc.reset_cache()
-    cc.set_cache_dir(str(directory))
-    try:
-        yield
-    finally:
-        cc.reset_cache()
-        cc.set_cache_dir(before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,9 +671,7 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
     export_dir = storage.path(config.export.dir, "export.dir") if config.export.dir else workdir / "export"
     storage.check_writable_dir(workdir, "workdir")
     storage.check_writable_dir(export_dir, "export.dir" if config.export.dir else "workdir")
-    xla_cache = cache_dir(config.train.compilation_cache, workdir)
-    if xla_cache is not None and config.train.compilation_cache:
-        storage.check_writable_dir(xla_cache, "train.compilation_cache")
+    xla_cache = cache_dir(config.train.compilation_cache, workdir / "xla_cache")
     mesh = sharding.make_mesh(config.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, accum = config.train.batch_size, config.train.grad_accum

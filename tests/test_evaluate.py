@@ -190,7 +190,8 @@ def test_checkpoint_export_and_training_eval_agree(tmp_path, lm, monkeypatch):
     from jax.experimental.compilation_cache import compilation_cache as cc
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from jaxft.train import CACHE_HITS, train_and_evaluate
+    from jaxft.compilation_cache import CACHE_HITS
+    from jaxft.train import train_and_evaluate
 
     model_dir, (train, dev) = lm
     c = config(model_dir, train, dev, task="sft")

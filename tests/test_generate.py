@@ -368,10 +368,12 @@ def test_cli_bundled_model(tmp_path):
 
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("the movie was\n\na charming and funny film\n")
-    r = cli("--model=jaxft-tiny", f"--prompts={prompts_file}", "--max_new_tokens=8")
+    r = cli("--model=jaxft-tiny", f"--prompts={prompts_file}", "--max_new_tokens=8",
+            f"--compilation_cache={tmp_path / 'xla'}")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.rstrip("\n").split("\n")
     assert len(lines) == 2  # blank lines are skipped
+    assert any(p.name.endswith("-cache") for p in (tmp_path / "xla").iterdir())  # the compiled generation
     model, params = hf.load("jaxft-tiny")
     tok = Tokenizer(hf.BUNDLED_MODELS["jaxft-tiny"])
     texts = ["the movie was", "a charming and funny film"]
@@ -482,6 +484,7 @@ def test_cli_adapter_and_bad_input(saved, tok_dir, tmp_path):
         (["--model=jaxft-tiny", "--prompt=x", "--chat", "--chat_template_kwargs=thinking"], "'thinking'"),
         (["--model=/no/such/dir", "--prompt=x"], "/no/such/dir"),
         (["--model=jaxft-tiny", f"--adapter={tmp_path}", "--prompt=x"], str(tmp_path)),
+        (["--model=jaxft-tiny", "--prompt=x", "--compilation_cache=README.md/xla"], "README.md is a file"),
         ([f"--model={d}", "--prompt=x"], "tokenizer"),
     ]
     for args, text in bad:

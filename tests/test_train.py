@@ -200,11 +200,11 @@ def test_compilation_cache_serves_another_run(tmp_path):
     assert b.returncode == 0, b.stderr[-3000:]
     assert "(from the compilation cache)" in b.stdout and not (tmp_path / "b" / "xla_cache").exists()
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
-    # A cache the user gave JAX (here conftest's) is kept, and "off" sets none.
-    from jaxft.train import cache_dir
+    # A cache the user gave JAX (here conftest's) is kept, and "none" sets none.
+    from jaxft.compilation_cache import cache_dir
 
     assert jax.config.jax_compilation_cache_dir
-    assert cache_dir("", tmp_path / "c") is None and cache_dir("off", tmp_path / "c") is None
+    assert cache_dir("", tmp_path / "c") is None and cache_dir("none", tmp_path / "c") is None
 
 
 def test_malformed_data_names_file_and_line(tmp_path):
