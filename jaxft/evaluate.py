@@ -317,8 +317,8 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
              out: str | None = None, log=print) -> dict:
     """The CLI's work: -> {"step", "split", "examples", "out", "metrics": {...}}; see the module docstring."""
     from jaxft import metrics, objectives, sharding, storage
-    from jaxft.config import validate
     from jaxft.compilation_cache import cache_dir, compilation_cache
+    from jaxft.config import validate
     from jaxft.train import load_data, load_model_config
 
     if split not in SPLITS:

@@ -522,9 +522,9 @@ def activation_blocks(cfg: BertConfig) -> tuple[Blocks, ...]:
     """What `jaxft.plan` counts: post-LayerNorm blocks, bidirectional attention, a GELU MLP."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_heads, cfg.dim_per_head, f, mlp_tensors=MLP_TENSORS,
-                   causal=False, projections=(("query", "attn_in", d, d), ("key", "attn_in", d, d), ("value", "attn_in", d, d),
+                   projections=(("query", "attn_in", d, d), ("key", "attn_in", d, d), ("value", "attn_in", d, d),
                                 ("attention/output/dense", "attn_out", d, d), ("intermediate/dense", "mlp_in", d, f),
-                                ("output/dense", "mlp_act", f, d))),)
+                                ("output/dense", "mlp_act", f, d)), causal=False),)
 
 
 MLP_TENSORS = 1  # F-wide tensors a GELU MLP keeps for the backward: its input (the activation is recomputed)

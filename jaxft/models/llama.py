@@ -952,7 +952,8 @@ def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
     else:
         mlp = (("gate_proj", "mlp_in", d, f), ("up_proj", "mlp_in", d, f), ("down_proj", "mlp_act", f, d))
     return (Blocks("layers", cfg.num_layers, d, cfg.num_heads, cfg.num_kv_heads, hd, f,
-                   norms=4 if cfg.sandwich_norms else 2, window=max(cfg.layer_windows, key=lambda w: w or 1 << 62),
+                   norms=4 if cfg.sandwich_norms else 2,
+                   window=max(cfg.layer_windows, key=lambda w: w or math.inf),  # None where a layer attends to all
                    projections=(
         *((("qkv_proj", "attn_in", d, q + 2 * kv),) if cfg.fused_qkv else
           (("q_proj", "attn_in", d, q), ("k_proj", "attn_in", d, kv), ("v_proj", "attn_in", d, kv))),
