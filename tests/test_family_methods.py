@@ -105,9 +105,15 @@ METHODS = {
     "prefix_tuning": dict(name="prefix_tuning", projection_hidden=16, **PROMPT),
     "ptuning_v2": dict(name="ptuning_v2", **PROMPT),
     "lora+ptuning_v2": dict(LORA, name="lora+ptuning_v2", **PROMPT),
-    "lora_mlp": dict(LORA, targets="q_proj,gate_up_proj,down_proj"),  # GLM's fused MLP projection (glm4 only)
+    # GLM's fused MLP projection (glm4 only), stored in blocks of gate and up units (`llama.gate_up_order`):
+    # each method's tensors along its outputs convert to PEFT's order and back
+    "lora_mlp": dict(LORA, targets="q_proj,gate_up_proj,down_proj"),
+    "dora_mlp": dict(LORA, dora=True, targets="gate_up_proj"),
+    "ia3_mlp": dict(name="ia3", ia3_targets="gate_up_proj,down_proj", feedforward_modules="down_proj"),
+    "adalora_mlp": dict(name="adalora", init_r=4, target_r=2, alpha=8.0, targets="gate_up_proj"),
 }
-LR = {"full": 3e-3, "ia3": 1e-1}  # IA3's few scales take a larger step; the rest 1e-2
+FUSED_MLP = ("lora_mlp", "dora_mlp", "ia3_mlp", "adalora_mlp")
+LR = {"full": 3e-3, "ia3": 1e-1, "ia3_mlp": 1e-1}  # IA3's few scales take a larger step; the rest 1e-2
 
 # What each method trains, named independently of its patterns: leaf names, or top-level modules.
 HEAD_MODULES = ("lm_head", "score", "classifier", "pooler", "classification_head")
@@ -117,6 +123,7 @@ OWN_LEAVES = {
     "houlsby": r"/adapter_(attention|mlp)/", "pfeiffer": r"/adapter_mlp/", "prompt_tuning": r"^prompt_embeddings/",
     "ptuning": r"^prompt_encoder/", "prefix_tuning": r"^prefix_encoder/", "ptuning_v2": r"^prefix_encoder/",
     "lora+ptuning_v2": r"/lora_[ab]$|^prefix_encoder/", "lora_mlp": r"/lora_[ab]$",
+    "dora_mlp": r"/lora_(a|b|magnitude)$", "ia3_mlp": r"/ia3_l$", "adalora_mlp": r"/adalora_[abe]$",
 }
 # The cells that cannot make sense, and the error each raises at build time.
 REFUSED = {
@@ -281,10 +288,10 @@ def hf_modules_with(tensors: dict, leaf: str) -> set:
     return out
 
 
-CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS if m != "lora_mlp"]
+CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS if m not in FUSED_MLP]
 CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "houlsby")]
 CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
-CELLS += [("glm4", m) for m in ("full", "lora", "lora_mlp", "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
+CELLS += [("glm4", m) for m in ("full", "lora", *FUSED_MLP, "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
 CELLS += [("phi3", m) for m in ("full", "lora", "dora", "ia3", "ptuning_v2")]
 CELLS += [("gemma2", m) for m in ("full", "lora", "ia3", "prompt_tuning", "ptuning_v2")]
 CELLS += [("gemma3", m) for m in ("full", "lora", "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
@@ -296,8 +303,8 @@ CELLS += [("mixtral", m) for m in ("full", "lora", "ia3")]
 # code differs per family: LoRA and IA3 (each family's own targets, checked against PEFT's; GPT-2's Conv1D
 # fan_in_fan_out also for DoRA and AdaLoRA), the Houlsby adapter (both adapter sites), a prefix method
 # (ptuning_v2: the family's key/value layout), prompt tuning on the encoders (T5, RoBERTa's padded positions),
-# a whole-model export (head or bitfit or full), and the refused cells; on GLM-4, LoRA on its fused gate_up_proj
-# (read by PEFT), the prefix (its half-rotated keys) and the whole model; on Phi-3, LoRA and IA3 on its fused
+# a whole-model export (head or bitfit or full), and the refused cells; on GLM-4, LoRA, DoRA, IA3 and AdaLoRA on
+# its fused gate_up_proj (stored in our order, read by PEFT in its own), the prefix (its half-rotated keys) and the whole model; on Phi-3, LoRA and IA3 on its fused
 # qkv_proj (their defaults there); on Gemma 2, LoRA and the prefix under its capped scores and alternating
 # windows; on Gemma 3, the whole model (its 1 + weight norms), IA3 (its default, queries), prompt tuning (the
 # virtual tokens join after the embedding scale, as in PEFT) and the prefix (its per-layer kinds); on Qwen3-MoE the
@@ -314,7 +321,7 @@ DEFAULT_CELLS = {("llama", m) for m in METHODS} | {
     ("roberta", m) for m in ("lora", "prompt_tuning")} | {
     ("t5", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")} | {
     ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")} | {
-    ("glm4", m) for m in ("full", "lora_mlp", "ptuning_v2")} | {("phi3", m) for m in ("lora", "ia3")} | {
+    ("glm4", m) for m in ("full", *FUSED_MLP, "ptuning_v2")} | {("phi3", m) for m in ("lora", "ia3")} | {
     ("gemma2", m) for m in ("lora", "ptuning_v2")} | {("gemma3", m) for m in ("full", "ia3", "prompt_tuning", "ptuning_v2")} | {
     ("qwen3_moe", m) for m in ("full", "houlsby")} | {("mixtral", m) for m in ("lora", "ia3")}
 

@@ -204,14 +204,44 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg, dt, width = self.cfg, self.cfg.compute_dtype, self.features or self.cfg.intermediate_size
         proj = lambda n, f, ax: Linear(f, ax, cfg.mlp_bias, dt, self.hooks, name=n)  # noqa: E731
-        if cfg.fused_gate_up:
-            gate, up = jnp.split(proj("gate_up_proj", 2 * width, ("embed", "mlp"))(x), 2, axis=-1)
+        if cfg.fused_gate_up:  # stored in blocks, gate's and up's alternating (`gate_up_order`)
+            n = gate_up_blocks(width)
+            y = proj("gate_up_proj", 2 * width, ("embed", "mlp"))(x).reshape(x.shape[:-1] + (n, 2, width // n))
+            gate, up = (y[..., i, :].reshape(x.shape[:-1] + (width,)) for i in (0, 1))
         else:
             gate = proj("gate_proj", width, ("embed", "mlp"))(x)
             up = proj("up_proj", width, ("embed", "mlp"))(x)
         hidden = gated(ACTIVATIONS[cfg.hidden_act], gate, up)
         hidden = constrain(hidden, ("batch", "length", "act_mlp"))  # split like gate/up's outputs
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
+
+
+def gate_up_blocks(width: int) -> int:
+    """Blocks per half of a fused gate_up_proj as stored: the largest power of two up to 64 that divides the
+    MLP's width."""
+    n = 1
+    while n < 64 and width % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def gate_up_order(width: int) -> np.ndarray:
+    """Our gate_up_proj's output unit j is HF's unit order[j]. HF stacks gate's units, then up's; we store
+    them in `gate_up_blocks` blocks, each gate block followed by up's same units. A tensor-parallel shard of
+    the outputs (the tensor axis dividing the blocks) then holds matching gate and up units, which the MLP
+    multiplies on the device where they are: with HF's order one device held the gates and another the ups,
+    and every layer moved activations between them (collective-permutes and all-to-alls)."""
+    n = gate_up_blocks(width)
+    g = width // n
+    return np.concatenate([np.r_[i * g:(i + 1) * g, width + i * g:width + (i + 1) * g] for i in range(n)])
+
+
+_GATE_UP = re.compile(r"(model\.)?layers\.\d+\.mlp\.gate_up_proj")
+
+
+def hf_rows(cfg, name: str) -> np.ndarray | None:
+    """HF module `name`'s output units as we store them (`Family.hf_rows`): a fused gate_up_proj's blocks."""
+    return gate_up_order(cfg.intermediate_size) if cfg.fused_gate_up and _GATE_UP.fullmatch(name) else None
 
 
 class Experts(nn.Module):
@@ -858,6 +888,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str 
                    for k, v in tensors.items()}
     if cfg.num_experts:
         tensors = _stack_experts(tensors, cfg, where)
+    tensors = {k: _rows(cfg, k, v, inverse=False) for k, v in tensors.items()}
     flat = params_from_keys(tensors, cfg, where, _from_hf_key)
     if cfg.tie_word_embeddings:
         flat.pop(("lm_head", "kernel"), None)
@@ -886,7 +917,15 @@ def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
                 out[f"model.layers.{i}.{'.'.join(mods)}.{name}"] = v.T if leaf == "kernel" else v
         else:
             raise ValueError(f"no Hugging Face name for parameter {'/'.join(path)}")
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return {k: np.ascontiguousarray(_rows(cfg, k, v, inverse=True)) for k, v in out.items()}
+
+
+def _rows(cfg, key: str, value, inverse: bool):
+    """An HF weight or bias in HF's row order -> ours (`hf_rows`), or back (`inverse`)."""
+    order = hf_rows(cfg, key.rsplit(".", 1)[0])
+    if order is None:
+        return value
+    return np.asarray(value)[np.argsort(order) if inverse else order]
 
 
 def _expert_keys(layer: int, leaf: str, value, cfg: LlamaConfig) -> dict:
@@ -986,6 +1025,7 @@ FAMILY = Family(
     head_weights=head_weights,
     activation_blocks=activation_blocks,
     init_cache=init_cache,
+    hf_rows=hf_rows,
     cache_reset=lambda cfg: rope_switch_length(cfg.rope_scaling),
     tied_embedding=("embed_tokens", ("lm_head.weight",)),
     projections=r"(^|/)(q|k|v|o|gate|up|down|gate_up|qkv)_proj/kernel$|(^|/)experts/(gate|up|down)_proj$",

@@ -184,7 +184,7 @@ def export_peft(cfg, hook: AdaLoraHook, trainable, total: int) -> tuple[dict, di
         keep = e != 0
         name = peft_keys.hf_name(cfg, path, layer)
         tensors[f"base_model.model.{name}.lora_A"] = a_of[path, layer][:, keep].T
-        tensors[f"base_model.model.{name}.lora_B"] = b_of[path, layer][keep, :].T
+        tensors[f"base_model.model.{name}.lora_B"] = peft_keys.hf_rows(cfg, name, b_of[path, layer][keep, :].T)
         tensors[f"base_model.model.{name}.lora_E"] = e[keep][:, None]
         rank_pattern[f"{name}.lora_E"] = keep.tolist()
         patterns.add(peft_keys.pattern(cfg, path, layer))
@@ -215,6 +215,8 @@ def import_peft(cfg, config: dict, tensors: dict, where: str) -> tuple[AdaLoraHo
         if len(keep) != init_r or keep.sum() != (value.shape[1] if m[2] == "B" else value.shape[0]):
             raise JaxftError(f"{where}: {key} of shape {tuple(value.shape)} does not fit init_r={init_r} and its "
                              f"rank_pattern ({int(keep.sum())} kept)")
+        if m[2] == "B":
+            value = peft_keys.hf_rows(cfg, m[1], value, False)
         ours = value.T if m[2] in "AB" else value.reshape(-1)  # A: [in, k], B: [k, out], E: [k]
         full = np.zeros((init_r,) + ours.shape[1:] if m[2] != "A" else (ours.shape[0], init_r), np.float32)
         if m[2] == "A":
