@@ -205,15 +205,17 @@ def test_layout_collectives(compiled):
         assert acts[(rows, T, RANK)] <= (4 if method == "lora" else 0), describe(step)
 
 
-def test_fused_gate_up_moves_no_activation():
-    """GLM-4's and Phi-3's one gate_up_proj on a tensor mesh: stored in blocks of gate and up units
-    (`llama.gate_up_order`), each device holds matching gate and up units and multiplies them where they
-    are. In HF's order (gate's units, then up's) every layer permuted and all-to-all'ed [rows, T, units]
-    activations between devices, forward and backward."""
-    step = compile_step(TENSOR, "full", cfg=dataclasses.replace(CFG, fused_gate_up=True))
+@pytest.mark.parametrize("fused", ["gate_up", "qkv"])
+def test_fused_projections_move_no_activation(fused):
+    """GLM-4's and Phi-3's one gate_up_proj, and Phi-3's one qkv_proj, on a tensor mesh: stored in blocks of
+    gate and up units (`llama.gate_up_order`) and in kv-head groups of queries, key and value
+    (`llama.qkv_order`), each device holds what it multiplies. In HF's order (gate's units, then up's; every
+    query, then the keys, then the values) every layer permuted and all-to-all'ed activations between
+    devices, forward and backward."""
+    step = compile_step(TENSOR, "full", cfg=dataclasses.replace(CFG, **{f"fused_{fused}": True}))
     assert not ops(step, "all-to-all") and not ops(step, "collective-permute"), describe(step)
     acts = [s for s in operands(step.collectives) if is_activation(s)]
-    assert not [s for s in acts if s[-1] in (MLP, 2 * MLP)], describe(step)
+    assert not [s for s in acts if s[-1] in (MLP, 2 * MLP, HEADS_X_DIM) or len(s) > 3], describe(step)
 
 
 @pytest.mark.parametrize("mesh", [DATA, FSDP], ids=["data", "fsdp"])

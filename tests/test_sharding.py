@@ -103,13 +103,14 @@ def test_router_balance_loss_setting(tmp_path):
     assert not (tmp_path / "dense" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("model_type", ["glm4", "gemma2"])
+@pytest.mark.parametrize("model_type", ["glm4", "phi3", "gemma2"])
 def test_tensor_parallel_matches_one_device(tmp_path, model_type):
     """GLM-4-0414 (`model.init.model_type=glm4`: rotary over adjacent pairs, output norms) with its fused
-    gate_up_proj split over 4 tensor shards, the gate half on two devices and the up half on the other two;
-    Gemma 2 (its layers' kinds a `lax.cond` in the layer scan, capped scores and logits): the same losses as
-    one device."""
-    run = (*RUN, f"--config.model.init.model_type={model_type}")
+    gate_up_proj split over 4 tensor shards, each holding its blocks of gate and up units; Phi-3 with its
+    fused qkv_proj too, one kv head's queries, key and value on each shard; Gemma 2 (its layers' kinds a
+    `lax.cond` in the layer scan, capped scores and logits): the same losses as one device."""
+    run = (*RUN, f"--config.model.init.model_type={model_type}",
+           *(("--config.model.init.num_key_value_heads=4",) if model_type == "phi3" else ()))
     one, eight = tmp_path / "one", tmp_path / "eight"
     r = cli(one, *run, "--config.mesh.data=1")
     assert r.returncode == 0, r.stderr

@@ -135,10 +135,10 @@ class Attention(nn.Module):
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         b, t, _ = x.shape
         proj = lambda n, f, ax, bias: Linear(f, ax, bias, dt, self.hooks, name=n)  # noqa: E731
-        if cfg.fused_qkv:
-            qkv = proj("qkv_proj", (h + 2 * kv) * d, ("embed", "heads"), cfg.qkv_bias)(x)
-            q, k, v = jnp.split(qkv, [h * d, (h + kv) * d], axis=-1)
-            q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
+        if cfg.fused_qkv:  # stored per kv head: its group's queries, its key, its value (`qkv_order`)
+            g = h // kv
+            qkv = proj("qkv_proj", (h + 2 * kv) * d, ("embed", "heads"), cfg.qkv_bias)(x).reshape(b, t, kv, g + 2, d)
+            q, k, v = qkv[..., :g, :].reshape(b, t, h, d), qkv[..., g, :], qkv[..., g + 1, :]
         else:
             q = proj("q_proj", h * d, ("embed", "heads"), cfg.qkv_bias)(x).reshape(b, t, h, d)
             k = proj("k_proj", kv * d, ("embed", "kv_heads"), cfg.qkv_bias)(x).reshape(b, t, kv, d)
@@ -236,12 +236,29 @@ def gate_up_order(width: int) -> np.ndarray:
     return np.concatenate([np.r_[i * g:(i + 1) * g, width + i * g:width + (i + 1) * g] for i in range(n)])
 
 
-_GATE_UP = re.compile(r"(model\.)?layers\.\d+\.mlp\.gate_up_proj")
+def qkv_order(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    """Our qkv_proj's output unit j is HF's unit order[j]. HF stacks every query head, then the keys, then the
+    values; we store each kv head's group: its queries, its key, its value. A tensor-parallel shard of kv heads
+    then holds its queries, keys and values whole (with HF's order the queries of one device's heads lay on
+    another, and every layer moved activations)."""
+    g, d = heads // kv_heads, head_dim
+    keys, values = heads * d, (heads + kv_heads) * d  # where HF's keys and values start
+    return np.concatenate([np.r_[j * g * d:(j + 1) * g * d, keys + j * d:keys + (j + 1) * d,
+                                 values + j * d:values + (j + 1) * d] for j in range(kv_heads)])
+
+
+_FUSED_PROJ = re.compile(r"(model\.)?layers\.\d+\.(mlp\.gate_up_proj|self_attn\.qkv_proj)")
 
 
 def hf_rows(cfg, name: str) -> np.ndarray | None:
-    """HF module `name`'s output units as we store them (`Family.hf_rows`): a fused gate_up_proj's blocks."""
-    return gate_up_order(cfg.intermediate_size) if cfg.fused_gate_up and _GATE_UP.fullmatch(name) else None
+    """HF module `name`'s output units as we store them (`Family.hf_rows`): a fused gate_up_proj's blocks
+    (`gate_up_order`), a fused qkv_proj's kv-head groups (`qkv_order`)."""
+    m = _FUSED_PROJ.fullmatch(name)
+    if m and m[2].endswith("gate_up_proj") and cfg.fused_gate_up:
+        return gate_up_order(cfg.intermediate_size)
+    if m and m[2].endswith("qkv_proj") and cfg.fused_qkv:
+        return qkv_order(cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head)
+    return None
 
 
 class Experts(nn.Module):
