@@ -10,8 +10,14 @@ import jax
 
 # How many compiles this process loaded from the cache (JAX's own event): the compile lines say so.
 CACHE_HITS = [0]
-jax.monitoring.register_event_listener(
-    lambda event, **_: CACHE_HITS.__setitem__(0, CACHE_HITS[0] + (event == "/jax/compilation_cache/cache_hits")))
+
+
+def _count_hits(event: str, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+        CACHE_HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_hits)
 
 
 def cache_dir(setting: str, default, key: str = "train.compilation_cache"):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -460,6 +459,7 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None):
     """Prints one completion per prompt, one a line (a newline inside a completion is written \\n)."""
+    from jaxft import storage
     from jaxft.compilation_cache import cache_dir, compilation_cache
 
     printable_stdout()
@@ -471,8 +471,7 @@ def main(argv=None):
             raise JaxftError(f"--top_k={args.top_k}, --top_p={args.top_p} shape sampling, and --temperature=0 "
                              "decodes greedily: expected --temperature > 0 with them")
         prompts = read_prompts(args)
-        user = Path(os.environ.get("JAXFT_CACHE") or Path.home() / ".cache" / "jaxft") / "xla"
-        xla = cache_dir(args.compilation_cache, user, "--compilation_cache")
+        xla = cache_dir(args.compilation_cache, storage.user_cache() / "xla", "--compilation_cache")
         model, params, root = load(args.model, args.adapter, dtype=args.dtype)
         tok_dir = Path(args.tokenizer) if args.tokenizer else root
         if not args.tokenizer and not tokenizer_files(tok_dir):

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 from etils import epath
 
@@ -17,6 +18,12 @@ from jaxft.errors import JaxftError
 
 # The fsspec package each URL scheme needs when TensorFlow's gfile is not installed.
 BACKENDS = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
+
+
+def user_cache() -> Path:
+    """Where jaxft keeps what it can rebuild (tokenized data, compiled programs): $JAXFT_CACHE, else
+    ~/.cache/jaxft."""
+    return Path(os.environ.get("JAXFT_CACHE") or Path.home() / ".cache" / "jaxft")
 
 
 def path(location: str, key: str = "workdir") -> epath.Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxft import storage
 from jaxft.data import preference, seq2seq, sft, tasks
 from jaxft.data.sources import Records, pair_fields
 from jaxft.errors import JaxftError
@@ -80,7 +81,7 @@ def cache_dir(d) -> Path | None:
     where = str(d.get("cache_dir", ""))
     if where == "none":
         return None
-    return Path(where or os.environ.get("JAXFT_CACHE") or Path.home() / ".cache" / "jaxft") / "data"
+    return Path(where or storage.user_cache()) / "data"
 
 
 def read_cache(d, key: str):

@@ -235,6 +235,15 @@ def head_of(architectures, family: Family) -> str:
 # What the families' HF weight mappings share.
 
 
+def hf_order(cfg, name: str, x, to_hf: bool = True):
+    """`x`, whose first axis is HF module `name`'s outputs, from our order to HF's (`to_hf`) or back: the
+    family's `hf_rows` (Llama's fused projections); most modules keep HF's order."""
+    order = of(cfg).hf_rows(cfg, name)
+    if order is None:
+        return x
+    return np.asarray(x)[np.argsort(order) if to_hf else order]
+
+
 def params_from_keys(tensors: dict, cfg, where: str, from_hf_key: Callable) -> dict:
     """{HF name: array} -> our flat params {path tuple: array}, through a family's
     `from_hf_key(key)` -> (our path, layer index or None, transpose?) or None for a key it does not use;

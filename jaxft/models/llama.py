@@ -36,7 +36,7 @@ from jaxft.cross_entropy import softcap
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention, cached
 from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
-    POOLING, REMAT, Blocks, Family, Settings, params_from_keys, unstack_layers,
+    POOLING, REMAT, Blocks, Family, Settings, hf_order, params_from_keys, unstack_layers,
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     PROJECTION, ROPE_TYPES, Linear, RMSNorm, block_output, gated, grouped_matmul, last_token, param_with_axes, pool,
@@ -905,7 +905,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str 
                    for k, v in tensors.items()}
     if cfg.num_experts:
         tensors = _stack_experts(tensors, cfg, where)
-    tensors = {k: _rows(cfg, k, v, inverse=False) for k, v in tensors.items()}
+    tensors = {k: hf_order(cfg, k.rsplit(".", 1)[0], v, to_hf=False) for k, v in tensors.items()}  # weight, bias
     flat = params_from_keys(tensors, cfg, where, _from_hf_key)
     if cfg.tie_word_embeddings:
         flat.pop(("lm_head", "kernel"), None)
@@ -934,15 +934,7 @@ def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
                 out[f"model.layers.{i}.{'.'.join(mods)}.{name}"] = v.T if leaf == "kernel" else v
         else:
             raise ValueError(f"no Hugging Face name for parameter {'/'.join(path)}")
-    return {k: np.ascontiguousarray(_rows(cfg, k, v, inverse=True)) for k, v in out.items()}
-
-
-def _rows(cfg, key: str, value, inverse: bool):
-    """An HF weight or bias in HF's row order -> ours (`hf_rows`), or back (`inverse`)."""
-    order = hf_rows(cfg, key.rsplit(".", 1)[0])
-    if order is None:
-        return value
-    return np.asarray(value)[np.argsort(order) if inverse else order]
+    return {k: np.ascontiguousarray(hf_order(cfg, k.rsplit(".", 1)[0], v)) for k, v in out.items()}
 
 
 def _expert_keys(layer: int, leaf: str, value, cfg: LlamaConfig) -> dict:

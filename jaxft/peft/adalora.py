@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.models import family
 from jaxft.models.layers import param_with_axes
 from jaxft.peft import peft_keys
 from jaxft.peft.hook import Hook
@@ -184,7 +185,7 @@ def export_peft(cfg, hook: AdaLoraHook, trainable, total: int) -> tuple[dict, di
         keep = e != 0
         name = peft_keys.hf_name(cfg, path, layer)
         tensors[f"base_model.model.{name}.lora_A"] = a_of[path, layer][:, keep].T
-        tensors[f"base_model.model.{name}.lora_B"] = peft_keys.hf_rows(cfg, name, b_of[path, layer][keep, :].T)
+        tensors[f"base_model.model.{name}.lora_B"] = family.hf_order(cfg, name, b_of[path, layer][keep, :].T)
         tensors[f"base_model.model.{name}.lora_E"] = e[keep][:, None]
         rank_pattern[f"{name}.lora_E"] = keep.tolist()
         patterns.add(peft_keys.pattern(cfg, path, layer))
@@ -216,7 +217,7 @@ def import_peft(cfg, config: dict, tensors: dict, where: str) -> tuple[AdaLoraHo
             raise JaxftError(f"{where}: {key} of shape {tuple(value.shape)} does not fit init_r={init_r} and its "
                              f"rank_pattern ({int(keep.sum())} kept)")
         if m[2] == "B":
-            value = peft_keys.hf_rows(cfg, m[1], value, False)
+            value = family.hf_order(cfg, m[1], value, False)
         ours = value.T if m[2] in "AB" else value.reshape(-1)  # A: [in, k], B: [k, out], E: [k]
         full = np.zeros((init_r,) + ours.shape[1:] if m[2] != "A" else (ours.shape[0], init_r), np.float32)
         if m[2] == "A":

@@ -131,13 +131,13 @@ def _export_lora(model, hook: LoraHook, params: dict, base: str):
         for path, i, a, b in per_layer:
             name = peft_keys.hf_name(cfg, path, i)
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
-            tensors[f"base_model.model.{name}.lora_B.weight"] = peft_keys.hf_rows(cfg, name, b.T)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = family.hf_order(cfg, name, b.T)
     config = {"r": hook.rank, "lora_alpha": hook.alpha, "lora_dropout": hook.dropout, "use_rslora": hook.rslora,
               "target_modules": "|".join(sorted(set(patterns))), "bias": "none",
               "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True, "use_dora": hook.dora}
     for path, i, m in peft_keys.per_layer(unflat(params), "lora_magnitude", cfg):  # DoRA
         name = peft_keys.hf_name(cfg, path, i)
-        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = peft_keys.hf_rows(cfg, name, m)
+        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = family.hf_order(cfg, name, m)
     return config, tensors
 
 
@@ -160,7 +160,7 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
     for key, value in tensors.items():  # DoRA
         if m := re.fullmatch(r"base_model\.model\.(.+)\.lora_magnitude_vector", key):
             path, layer = peft_keys.our_name(cfg, m[1], where)
-            magnitudes.setdefault((path, "lora_magnitude"), {})[layer] = peft_keys.hf_rows(cfg, m[1], value, False)
+            magnitudes.setdefault((path, "lora_magnitude"), {})[layer] = family.hf_order(cfg, m[1], value, False)
     new = peft_keys.to_params(magnitudes, cfg, where) if magnitudes else {}
     for key, value in tensors.items():
         m = LORA_KEY.fullmatch(key)
@@ -177,7 +177,7 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
         path = name if block is None else f"{block[0]}.{block[2]}"
         layer = None if block is None else block[1]
         if m[2] == "B":
-            value = peft_keys.hf_rows(cfg, m[1], value, False)
+            value = family.hf_order(cfg, m[1], value, False)
         per_module.setdefault(path, {}).setdefault(m[2], {})[layer] = value.T
         scales[path, layer] = _lora_scale(config, m[1])
     # PEFT's rank_pattern / alpha_pattern give modules ranks and scales of their own; the hook has one

@@ -15,6 +15,7 @@ from typing import ClassVar
 import flax.linen as nn
 import numpy as np
 
+from jaxft.models import family
 from jaxft.models.layers import param_with_axes
 from jaxft.peft import peft_keys
 from jaxft.peft.hook import Hook
@@ -59,7 +60,7 @@ def export_peft(cfg, hook: IA3Hook, trainable) -> tuple[dict, dict]:
     for path, layer, v in peft_keys.per_layer(trainable, "ia3_l", cfg):
         name = peft_keys.hf_name(cfg, path, layer)
         is_ff = hook._feedforward(path)
-        tensors[f"base_model.model.{name}.ia3_l"] = v[None, :] if is_ff else peft_keys.hf_rows(cfg, name, v)[:, None]
+        tensors[f"base_model.model.{name}.ia3_l"] = v[None, :] if is_ff else family.hf_order(cfg, name, v)[:, None]
         (ff if is_ff else names).add(peft_keys.pattern(cfg, path, layer))
     # Regexes on the full HF module names, as PEFT matches a string (not a list) of target_modules.
     config = {"peft_type": "IA3", "target_modules": "|".join(sorted(names | ff)),
@@ -79,7 +80,7 @@ def import_peft(cfg, config: dict, tensors: dict, where: str) -> tuple[IA3Hook, 
         if value.ndim == 2 and value.shape[0] == 1 and value.shape[1] != 1:
             ff.add(path)
         else:  # the module's output scales
-            value = peft_keys.hf_rows(cfg, m[1], value, False)
+            value = family.hf_order(cfg, m[1], value, False)
         values.setdefault((path, "ia3_l"), {})[layer] = value.reshape(-1)
     paths = sorted({p for p, _ in values})
     hook = IA3Hook("|".join(map(re.escape, paths)), "|".join(map(re.escape, sorted(ff))))

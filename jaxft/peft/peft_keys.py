@@ -68,15 +68,6 @@ def hf_name(cfg, path: str, layer: int | None) -> str:
     return hf_module(cfg, path)
 
 
-def hf_rows(cfg, name: str, x, to_hf: bool = True):
-    """`x`, whose first axis is HF module `name`'s outputs, from our order to HF's (`to_hf`) or back: the
-    family's `hf_rows` (a fused gate_up_proj's blocks); most modules keep HF's order."""
-    order = family.of(cfg).hf_rows(cfg, name)
-    if order is None:
-        return x
-    return np.asarray(x)[np.argsort(order) if to_hf else order]
-
-
 def pattern(cfg, path: str, layer: int | None) -> str:
     """A regex on HF module names matching this module in every block (PEFT's target_modules)."""
     name = re.escape(hf_name(cfg, path, layer))
