@@ -22,6 +22,10 @@ from jaxft.errors import JaxftError
 RUN_SECTIONS = ("model", "data", "method", "optimizer")
 RUN_KEYS = ("train.batch_size", "train.grad_accum", "train.seed", "train.skip_nonfinite")
 HOW = ("model.remat", "model.attention", "data.cache_dir")
+# How jaxft lays parameters out against HF's, recorded in every checkpoint. 2: fused projections (GLM-4's
+# and Phi-3's gate_up_proj, Phi-3's qkv_proj, GPT-2's c_attn) store their outputs in the groups one tensor
+# shard multiplies (`Family.hf_rows`); before, in HF's order.
+LAYOUT = 2
 
 
 class Unreadable(JaxftError):
@@ -127,6 +131,27 @@ class Checkpoints:
             self._mngr.wait_until_finished()
             self._mngr.close()
             self._mngr = None
+
+
+def check_layout(cfg, saved: dict, where):
+    """A checkpoint of an older layout whose trained parameters include a module stored differently now
+    would resume silently mis-ordered: an error instead."""
+    from jaxft.models import family
+    from jaxft.peft import peft_keys
+
+    if saved.get("layout", 1) >= LAYOUT:
+        return
+    for path in saved.get("trainable", ()):
+        stack = peft_keys.stack_of(cfg, ".".join(path.split("/")[:-1]))
+        if stack is None:
+            continue
+        name = peft_keys.hf_name(cfg, peft_keys.join(stack[0], stack[2]), 0)
+        if family.of(cfg).hf_rows(cfg, name) is not None:
+            raise JaxftError(
+                f"{where}: written by an older jaxft that kept {name}'s outputs in HF's order (layout "
+                f"{saved.get('layout', 1)}); this version groups them per tensor shard (layout {LAYOUT}): resume or "
+                "export it with the jaxft that wrote it, or start a new --workdir"
+            )
 
 
 def run_settings(config) -> dict:

@@ -219,7 +219,7 @@ def restore_trained(config, workdir: Path, step: int | None, cfg, base_root, dat
     made by this config's model and method."""
     from etils import epath
 
-    from jaxft.checkpoint import HOW, Checkpoints, changed_settings, run_settings
+    from jaxft.checkpoint import HOW, Checkpoints, changed_settings, check_layout, run_settings
     from jaxft.peft.partition import flat, merge
     from jaxft.step import dynamic_loss_scale, init_state, make_optimizer
     from jaxft.train import build_model, quantize_base
@@ -246,6 +246,7 @@ def restore_trained(config, workdir: Path, step: int | None, cfg, base_root, dat
             if meta.get("trainable") != sorted(flat(trainable)):
                 raise JaxftError(f"--checkpoint={where}: it trained other parameters than method {method.name!r} of "
                                  "the config (another method or model?)")
+            check_layout(model.cfg, meta, f"--checkpoint={where}")
             made = {k: v for k, v in meta.get("settings", {}).items() if k.split(".")[0] in ("model", "method")}
             changed = [c for c in changed_settings(made, run_settings(config)) if c[0] not in HOW]
             if changed:

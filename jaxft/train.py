@@ -504,19 +504,20 @@ def stop_if_nonfinite(health: dict, skip: bool):
         )
 
 
-def check_resume(config, meta: dict, saved: dict, ckpt):
+def check_resume(config, meta: dict, saved: dict, ckpt, cfg):
     """A checkpoint resumes only the run that made it: the same trainable parameters and run-defining
     settings (`train.resume_anyway=True` accepts others, recorded), and at most `train.steps` steps.
 
     A larger `train.steps` trains on. The learning-rate schedule is a function of `train.steps`, so
     the remaining steps follow the schedule of the new total (as if it had been planned from the start);
     the steps already taken are not redone."""
-    from jaxft.checkpoint import changed_settings
+    from jaxft.checkpoint import changed_settings, check_layout
     from jaxft.errors import JaxftError
 
     where = ckpt.directory
     if saved.get("trainable") != meta["trainable"]:
         raise JaxftError(f"{where}: checkpoint trains other parameters than method {meta['method']!r}")
+    check_layout(cfg, saved, where)
     position, total = int(saved["data_position"]), meta["steps"]
     if position > total:
         raise JaxftError(
@@ -650,7 +651,7 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
     from tqdm import tqdm
 
     from jaxft import objectives, sharding, storage
-    from jaxft.checkpoint import Checkpoints, run_settings
+    from jaxft.checkpoint import LAYOUT, Checkpoints, run_settings
     from jaxft.config import validate
     from jaxft.data.iterator import Batches, Prefetch
     from jaxft.errors import JaxftError
@@ -750,11 +751,11 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
     ckpt = Checkpoints(workdir, config.checkpoint.every_steps or config.train.steps, config.checkpoint.keep)
     total = config.train.steps
     meta = {"method": method.name, "trainable": sorted(flat(trainable)), "steps": total,
-            "settings": run_settings(config)}
+            "settings": run_settings(config), "layout": LAYOUT}
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    latest, restored, saved_meta = ckpt.restore_latest(abstract, lambda m: check_resume(config, meta, m, ckpt), log)
+    latest, restored, saved_meta = ckpt.restore_latest(abstract, lambda m: check_resume(config, meta, m, ckpt, model.cfg), log)
     start, skipped = 0, 0
     if latest is not None:
         state, start, skipped = restored, int(saved_meta["data_position"]), int(saved_meta.get("skipped_steps", 0))

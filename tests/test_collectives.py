@@ -22,7 +22,9 @@ import pytest
 
 from jaxft import sharding
 from jaxft.config import base_config
-from jaxft.models.llama import LlamaConfig, LlamaModel
+from jaxft.models import family
+from jaxft.models.gpt2 import GPT2Config
+from jaxft.models.llama import LlamaConfig
 from jaxft.peft import build
 from jaxft.peft.partition import flat, split
 from jaxft.step import init_state, make_optimizer, make_train_step
@@ -75,7 +77,7 @@ def compile_step(mesh_sizes, method="full", grad_accum=1, batch_size=B, cfg=CFG)
     c.method.name, c.method.rank = method, RANK
     mesh = sharding.make_mesh(c.mesh)
     m = build(c.method, cfg)
-    model = LlamaModel(cfg, hooks=m.hooks)
+    model = family.of(cfg).model(cfg, hooks=m.hooks)
     params = init_params(model, None, mesh, 0)
     trainable, frozen = split(params, m.trainable)
     tx, schedule = make_optimizer(c.optimizer, 10)
@@ -216,6 +218,18 @@ def test_fused_projections_move_no_activation(fused):
     assert not ops(step, "all-to-all") and not ops(step, "collective-permute"), describe(step)
     acts = [s for s in operands(step.collectives) if is_activation(s)]
     assert not [s for s in acts if s[-1] in (MLP, 2 * MLP, HEADS_X_DIM) or len(s) > 3], describe(step)
+
+
+def test_gpt2_c_attn_moves_no_activation():
+    """GPT-2's fused c_attn on a tensor mesh: stored in head groups of query, key and value
+    (`family.qkv_order`), each device holds its heads' three (in HF's order, queries then keys then values, a
+    device's keys and values lay on others, and every layer moved activations between them)."""
+    cfg = GPT2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=MLP, num_layers=2, num_heads=16,
+                     max_position_embeddings=T, head="causal_lm")
+    step = compile_step(TENSOR, "full", cfg=cfg)
+    assert not ops(step, "all-to-all") and not ops(step, "collective-permute"), describe(step)
+    acts = [s for s in operands(step.collectives) if is_activation(s)]
+    assert not [s for s in acts if s[-1] in (MLP, 3 * HIDDEN) or len(s) > 3], describe(step)
 
 
 @pytest.mark.parametrize("mesh", [DATA, FSDP], ids=["data", "fsdp"])

@@ -191,3 +191,53 @@ def test_corrupted_newest_checkpoint_falls_back(finished, tmp_path):
     assert (run / "checkpoints" / "4.unreadable").is_dir()
     assert steps_saved(run) == [2, 4]
     assert_same_adapter(adapter(run), adapter(finished))  # resuming from 2 ends where the run did
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint of an older parameter layout.
+
+GPT2 = ("--config.model.init.model_type=gpt2", "--config.train.steps=2", "--config.checkpoint.every_steps=2")
+
+
+def test_checkpoint_of_an_older_layout_is_an_error(tmp_path):
+    """GPT-2's c_attn now stores its outputs per head (`checkpoint.LAYOUT` 2). A LoRA checkpoint on c_attn
+    written before (no layout in its meta: HF's order) would resume or evaluate silently mis-ordered: both are
+    one-line errors that write nothing."""
+    from test_evaluate import cli as evaluate
+
+    from jaxft.checkpoint import LAYOUT
+
+    r = cli(tmp_path, *GPT2)
+    assert r.returncode == 0, r.stderr
+    file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(file.read_text())
+    assert meta["layout"] == LAYOUT and "layers/attn/c_attn/lora_b" in meta["trainable"]
+    file.write_text(json.dumps({k: v for k, v in meta.items() if k != "layout"}))
+    before = checksums(tmp_path)
+    message = "written by an older jaxft that kept transformer.h.0.attn.c_attn's outputs in HF's order (layout 1)"
+    one_line_error(cli(tmp_path, *GPT2, "--config.train.steps=4"), message)
+    r = evaluate("--config=configs/tiny_test.py", *GPT2, f"--checkpoint={tmp_path}",
+                     f"--out={tmp_path / 'eval'}")
+    assert r.returncode != 0 and message in r.stderr and "--checkpoint=" in r.stderr, r.stderr
+    assert checksums(tmp_path) == before
+
+
+@pytest.mark.parametrize("trainable, stored_otherwise", [
+    (["layers/mlp/gate_up_proj/lora_b", "layers/self_attn/q_proj/lora_b"], "model.layers.0.mlp.gate_up_proj"),
+    (["layers/self_attn/q_proj/lora_b", "layers/mlp/down_proj/kernel", "score/kernel"], None),
+])
+def test_older_layout_matters_only_for_modules_stored_otherwise(trainable, stored_otherwise):
+    """GLM-4's fused gate_up_proj is stored in blocks since layout 2; its other projections, and Llama's
+    unfused ones, never moved: their older checkpoints resume."""
+    from jaxft.checkpoint import LAYOUT, check_layout
+    from jaxft.errors import JaxftError
+    from jaxft.models.llama import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                      num_kv_heads=2, fused_gate_up=True, model_type="glm4")
+    check_layout(cfg, {"trainable": trainable, "layout": LAYOUT}, "ckpt")
+    if stored_otherwise is None:
+        check_layout(cfg, {"trainable": trainable}, "ckpt")
+    else:
+        with pytest.raises(JaxftError, match=f"ckpt: written by an older jaxft that kept {stored_otherwise}'s"):
+            check_layout(cfg, {"trainable": trainable}, "ckpt")

@@ -235,13 +235,24 @@ def head_of(architectures, family: Family) -> str:
 # What the families' HF weight mappings share.
 
 
-def hf_order(cfg, name: str, x, to_hf: bool = True):
-    """`x`, whose first axis is HF module `name`'s outputs, from our order to HF's (`to_hf`) or back: the
-    family's `hf_rows` (Llama's fused projections); most modules keep HF's order."""
+def hf_order(cfg, name: str, x, to_hf: bool = True, axis: int = 0):
+    """`x`, whose `axis` is HF module `name`'s outputs, from our order to HF's (`to_hf`) or back: the
+    family's `hf_rows` (fused projections); most modules keep HF's order."""
     order = of(cfg).hf_rows(cfg, name)
     if order is None:
         return x
-    return np.asarray(x)[np.argsort(order) if to_hf else order]
+    return np.take(np.asarray(x), np.argsort(order) if to_hf else order, axis=axis)
+
+
+def qkv_order(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    """A fused query/key/value projection's output unit j as we store it is HF's unit order[j]. HF stacks
+    every query head, then the keys, then the values; we store each kv head's group: its queries, its key,
+    its value. A tensor-parallel shard of kv heads then holds its queries, keys and values whole (with HF's
+    order the queries of one device's heads lay on another, and every layer moved activations)."""
+    g, d = heads // kv_heads, head_dim
+    keys, values = heads * d, (heads + kv_heads) * d  # where HF's keys and values start
+    return np.concatenate([np.r_[j * g * d:(j + 1) * g * d, keys + j * d:keys + (j + 1) * d,
+                                 values + j * d:values + (j + 1) * d] for j in range(kv_heads)])
 
 
 def params_from_keys(tensors: dict, cfg, where: str, from_hf_key: Callable) -> dict:

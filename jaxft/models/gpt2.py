@@ -2,8 +2,10 @@
 
 Module names follow Hugging Face (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`, `ln_1`,
 `ln_2`, `ln_f`), so checkpoint and PEFT keys map one to one; HF's Conv1D already stores its weight
-as [in, out], our `Linear` layout. `c_attn` stays one fused projection of width 3 x hidden (queries,
-keys, values side by side), as PEFT's default LoRA target names it.
+as [in, out], our `Linear` layout. `c_attn` stays one fused projection of width 3 x hidden, as PEFT's
+default LoRA target names it, its outputs stored per head (that head's query, key, value: `hf_rows`)
+so that a tensor-parallel shard holds its heads' three; HF's order (every query, then the keys, then
+the values) is restored at the HF and PEFT boundary.
 
 Positions: without `position_ids` a token's position is its count of real tokens before it (after
 any P-Tuning v2 prefix, as after PEFT's prefix cache), so left padding does not shift the learned
@@ -30,7 +32,7 @@ from flax import traverse_util
 
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention
-from jaxft.models.family import Blocks, Family, Settings, params_from_keys, unstack_layers
+from jaxft.models.family import Blocks, Family, Settings, hf_order, params_from_keys, qkv_order, unstack_layers
 from jaxft.models.layers import (
     LayerNorm, Linear, block_output, param_with_axes, pool, recomputed, remat, segment_positions,
 )
@@ -110,8 +112,8 @@ class Attention(nn.Module):
         h, d = cfg.num_heads, cfg.dim_per_head
         b, t, _ = x.shape
         qkv = Linear(3 * cfg.hidden_size, ("embed", "heads"), True, dt, self.hooks, name="c_attn")(x)
-        qkv = qkv.reshape(b, t, 3, h, d)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        qkv = qkv.reshape(b, t, h, 3, d)  # per head: query, key, value (`hf_rows`)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         # attention() divides the scores by sqrt(d); other scalings go into the queries.
         factor = 1.0 if cfg.scale_attn_weights else math.sqrt(d)
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -374,7 +376,19 @@ def _from_hf_key(key: str):
     return mods + ("kernel" if is_linear and m[3] == "weight" else m[3],), int(m[1]), False  # Conv1D: [in, out]
 
 
+def hf_rows(cfg: GPT2Config, name: str) -> np.ndarray | None:
+    """HF module `name`'s output units as we store them (`Family.hf_rows`): c_attn's per head."""
+    if _C_ATTN.fullmatch(name):
+        return qkv_order(cfg.num_heads, cfg.num_heads, cfg.dim_per_head)
+    return None
+
+
+_C_ATTN = re.compile(r"(transformer\.)?h\.\d+\.attn\.c_attn")
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: GPT2Config, where: str = "checkpoint") -> dict:
+    # Conv1D's weight is [in, out]: its outputs are the last axis (the bias's only one).
+    tensors = {k: hf_order(cfg, k.rsplit(".", 1)[0], v, to_hf=False, axis=-1) for k, v in tensors.items()}
     flat = params_from_keys(tensors, cfg, where, _from_hf_key)
     if cfg.tie_word_embeddings:
         flat.pop(("lm_head", "kernel"), None)
@@ -397,7 +411,7 @@ def params_to_hf(params: dict, cfg: GPT2Config) -> dict[str, np.ndarray]:
                 out[f"transformer.h.{i}.{'.'.join(mods)}.{'bias' if leaf == 'bias' else 'weight'}"] = v
         else:
             raise ValueError(f"no Hugging Face name for parameter {'/'.join(path)}")
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return {k: np.ascontiguousarray(hf_order(cfg, k.rsplit(".", 1)[0], v, axis=-1)) for k, v in out.items()}
 
 
 def hf_module(path: str, cfg=None) -> str:
@@ -454,6 +468,7 @@ FAMILY = Family(
     params_to_hf=params_to_hf,
     hf_module=hf_module,
     our_module=our_module,
+    hf_rows=hf_rows,
     lora_targets="c_attn",
     ia3_targets="c_attn,mlp.c_proj",  # PEFT's IA3 defaults for gpt2
     ia3_feedforward="mlp.c_proj",

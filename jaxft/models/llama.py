@@ -36,7 +36,7 @@ from jaxft.cross_entropy import softcap
 from jaxft.errors import JaxftError
 from jaxft.models.attention import attention, cached
 from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
-    POOLING, REMAT, Blocks, Family, Settings, hf_order, params_from_keys, unstack_layers,
+    POOLING, REMAT, Blocks, Family, Settings, hf_order, params_from_keys, qkv_order, unstack_layers,
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     PROJECTION, ROPE_TYPES, Linear, RMSNorm, block_output, gated, grouped_matmul, last_token, param_with_axes, pool,
@@ -234,17 +234,6 @@ def gate_up_order(width: int) -> np.ndarray:
     n = gate_up_blocks(width)
     g = width // n
     return np.concatenate([np.r_[i * g:(i + 1) * g, width + i * g:width + (i + 1) * g] for i in range(n)])
-
-
-def qkv_order(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
-    """Our qkv_proj's output unit j is HF's unit order[j]. HF stacks every query head, then the keys, then the
-    values; we store each kv head's group: its queries, its key, its value. A tensor-parallel shard of kv heads
-    then holds its queries, keys and values whole (with HF's order the queries of one device's heads lay on
-    another, and every layer moved activations)."""
-    g, d = heads // kv_heads, head_dim
-    keys, values = heads * d, (heads + kv_heads) * d  # where HF's keys and values start
-    return np.concatenate([np.r_[j * g * d:(j + 1) * g * d, keys + j * d:keys + (j + 1) * d,
-                                 values + j * d:values + (j + 1) * d] for j in range(kv_heads)])
 
 
 _FUSED_PROJ = re.compile(r"(model\.)?layers\.\d+\.(mlp\.gate_up_proj|self_attn\.qkv_proj)")
