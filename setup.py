@@ -30,7 +30,8 @@ setup(
         # torch is pinned: on the project's machines 2.13.0 is a local CPU wheel.
         # pytest-xdist: the README's test command runs the suite in two processes, one test file each at a time.
         # transformers, torch and peft are the oracles of the models, tokenizers and methods;
-        # rouge-score, sacrebleu and scikit-learn are the oracles of jaxft.metrics (tests/test_metrics.py).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.45", "torch==2.13.0", "peft>=0.13", "rouge-score>=0.1.2", "sacrebleu>=2.3", "scikit-learn"],
+        # rouge-score, sacrebleu and scikit-learn are the oracles of jaxft.metrics (tests/test_metrics.py), seqeval
+        # of jaxft.entities (NER).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.45", "torch==2.13.0", "peft>=0.13", "rouge-score>=0.1.2", "sacrebleu>=2.3", "scikit-learn", "seqeval>=1.2"],
     },
 )

@@ -17,6 +17,9 @@ jaxft adapter directory applied to the config's base model (`model.path`).
   share several references, as E2E's, are scored against all), ROUGE-1/2/L, BLEU and exact match
   (`jaxft.metrics`: Chinese on characters), and the split's loss and perplexity; on a mixture, each
   source's records read with its own fields and also scored alone (`eval/rougeL/<source>`, ...);
+- token classification (NER): the loss, accuracy and per-tag precision/recall/F1 over the tagged words,
+  and with tag names (`B-PER`, ...) seqeval's entity precision, recall and F1 (`jaxft.entities`);
+  predictions.jsonl holds each sentence's words, true and predicted tags;
 - other tasks (a reward model's preference pairs, language modelling): what training's eval reports,
   the split's loss and accuracy (a reward model's: the share of pairs whose chosen answer scores
   higher, and the mean rewards; a language model's: perplexity);
@@ -43,6 +46,7 @@ import types
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError, printable_stdout
@@ -296,12 +300,13 @@ def load_export(config, kind: str, path: Path, data, mesh):
 # Evaluation.
 
 
-def class_logits(model, params, arrays, batch_size: int, objective, progress=None) -> np.ndarray:
+def class_logits(model, params, arrays, batch_size: int, objective, progress=None, read=None) -> np.ndarray:
     """[N, C]: the objective's class logits of every row of `arrays` (a classifier's own, or cloze's label
-    words at the mask)."""
+    words at the mask); with `read`, read(outputs, batch) of every row instead."""
+    read = read or objective.class_logits
 
     def logits(p, batch):
-        return objective.class_logits(model.apply({"params": p}, **objective.inputs(batch)), batch)
+        return read(model.apply({"params": p}, **objective.inputs(batch)), batch)
 
     forward = jax.jit(logits)
     n, out = len(arrays["input_ids"]), []
@@ -435,6 +440,10 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
         texts = [tok.decode(row[keep]) if tok else "" for row, keep in zip(ids, real)]
         rows = [{"prompt": t, "reference": r, "prediction": p, "scores": dict(zip(names, map(float, s)))}
                 for t, p, r, s in zip(texts, preds, refs, mean)]
+    elif data.task == "token_classification":  # the loss eval's figures (tags and entities), and each tagged word
+        with tqdm(total=len(arrays["input_ids"]), desc="tag", file=sys.stdout, dynamic_ncols=True) as bar:
+            preds = class_logits(model, params, arrays, batch, objective, bar, lambda out, b: jnp.argmax(out, -1))
+        rows = tagged_rows(arrays, preds, [str(v) for v in data.labels], tok)
     elif data.task not in GENERATION_TASKS:  # scored pairs (a reward model): the loss eval's figures are all
         rows = []
     else:
@@ -446,6 +455,19 @@ def score_split(config, data, model, params, arrays, objective, mesh, batch: int
         scores.update({f"eval/{k}": v for k, v in generation_scores(preds, refs, tags).items()})
         rows = prediction_rows(tok, prompts, refs, preds, tags)
     return scores, rows
+
+
+def tagged_rows(arrays, preds, names: list[str], tok) -> list[dict]:
+    """predictions.jsonl's rows of tagged words: each sentence's words (as its tokens decode: the words a
+    truncated sentence kept), their true and predicted tags."""
+    rows = []
+    for ids, labels, mask, pred in zip(arrays["input_ids"], arrays["labels"], arrays["attention_mask"], preds):
+        starts = np.flatnonzero(labels >= 0)
+        end = int(mask.sum()) - len(tok.eos)  # the words end where EOS / [SEP] is
+        bounds = list(starts[1:]) + [end]
+        rows.append({"words": [tok.decode(ids[a:b].tolist()).strip() for a, b in zip(starts, bounds)],
+                     "reference": [names[i] for i in labels[starts]], "prediction": [names[i] for i in pred[starts]]})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

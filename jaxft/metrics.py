@@ -125,4 +125,8 @@ def summarize(sums: dict, prefix: str, perplexity: bool, labels=None) -> dict[st
         names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(len(confusion))]
         scores = from_confusion(confusion, names)
         out.update({f"{prefix}/{k}": v for k, v in scores.items() if not k.endswith("_micro")})
+    if "entities/true" in sums:  # tagged words (NER): whole entities, as seqeval scores them
+        from jaxft.entities import scores as entity_scores
+
+        out.update({f"{prefix}/{k}": v for k, v in entity_scores(sums, labels).items()})
     return out

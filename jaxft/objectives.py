@@ -238,11 +238,15 @@ def token_classification_loss(logits, batch):
 
 
 def token_confusion(logits, batch, cfg):
-    """Weights of (true, predicted) pairs over the labelled tokens."""
+    """Weights of (true, predicted) pairs over the labelled tokens; with tag names (`B-PER`, ...) the
+    entities too (`jaxft.entities`)."""
+    from jaxft.entities import entity_sums
+
     c, labels = cfg.num_labels, batch["labels"]
     pred = jnp.argmax(logits, axis=-1)
     w = per_token_weights(labels, batch)
-    return {"confusion": jnp.zeros((c, c), jnp.float32).at[jnp.maximum(labels, 0), pred].add(w)}
+    return {"confusion": jnp.zeros((c, c), jnp.float32).at[jnp.maximum(labels, 0), pred].add(w),
+            **entity_sums(logits, batch, getattr(cfg, "labels", None))}
 
 
 def shift_labels(labels, decoder_start_token_id: int, pad_token_id: int):

@@ -179,12 +179,17 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         where = f"data.eval_name={d.eval_name!r}" if d.eval_name else f"data.name={d.name!r}"
         raise JaxftError(f"{where}: no eval examples (expected at least one record, or no eval split)")
     sft_fields = sft.Fields(*sources.pair_fields(d, first))
-    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
-                             family.of(cfg).encoder_decoder)
+    tagged = tasks.tagged_fields(train_rec, text_field, label_field, bool(d.text_field), bool(d.label_field))
+    task = tasks.choose_task(d.task or ("token_classification" if tagged else ""), train_rec, first, text_field,
+                             label_field, bool(d.label_field), sft_fields, family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
-    if declared and task not in ("classification", "cloze"):  # else ignored
-        raise JaxftError(f"data.labels={d.labels!r}: declares the labels of classification or cloze, but the task "
-                         f"is {task} (expected data.labels empty)")
+    if declared and task not in ("classification", "cloze", "token_classification"):  # else ignored
+        raise JaxftError(f"data.labels={d.labels!r}: declares the labels of classification, cloze or "
+                         f"token_classification, but the task is {task} (expected data.labels empty)")
+    if task == "token_classification":
+        if extra:
+            raise JaxftError(f"data.name={d.name!r}: several sources are not supported for token_classification")
+        return tagged_data(train_rec, eval_rec, tok, seq_len, tagged or (text_field, label_field), declared)
 
     def every_source():  # (name, train records, eval records or None, text field); data.max_*_examples each
         return [(first, train_rec, eval_rec, text_field)] + [(name, *source_records(name)[:3]) for name in extra]
@@ -273,6 +278,35 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     records = {"train": [r[1] for r in resolved], "validation": [r[2] for r in resolved]}  # one per source
     labels = ["reward"] if task == "reward" else None  # a reward model: a classifier with one output, its score
     return Data(train, ev, task, labels, tok, m.groups, m.weights, m.names, records, transform)
+
+
+def tagged_data(train_rec, eval_rec, tok, seq_len: int, fields: tuple[str, str], declared: list) -> Data:
+    """Tagged words (NER, `jaxft.data.tasks.token_classification`): every tag of both splits checked before
+    anything is tokenized; the classes are the training tags (or `data.labels`)."""
+    from jaxft.data import tasks
+    from jaxft.errors import JaxftError
+
+    splits = [train_rec] + ([eval_rec] if eval_rec else [])
+    labels = tasks.tag_labels(splits, *fields, declared)
+    known = set(tasks.tag_labels([train_rec], *fields, declared))
+    if eval_rec and not declared:  # a tag training never saw: a class the model cannot predict
+        unseen = next((t for t in labels if t not in known), None)
+        if unseen is not None:
+            raise JaxftError(f"{eval_rec.where[0].rsplit(':', 1)[0]}: tag {unseen!r} never occurs in the training set, "
+                             f"whose tags are {sorted(known, key=str)} (data.labels declares the tag set)")
+    train, cut, empty = tasks.token_classification(train_rec, tok, seq_len, *fields, labels)
+    ev = tasks.token_classification(eval_rec, tok, seq_len, *fields, labels)[0] if eval_rec else None
+    if cut:
+        log(f"note: {cut} of {len(train_rec.rows)} training sentences were cut to data.seq_len={seq_len} tokens "
+            "(the words past it are neither trained nor scored)")
+    if empty:
+        log(f"note: {empty} training words have no token (the tokenizer drops them): their tags are not trained")
+    if len(np.unique(train["labels"][train["labels"] >= 0])) < 2:
+        raise JaxftError(f"{train_rec.where[0].rsplit(':', 1)[0]}: every tagged word has the same tag: expected at "
+                         "least 2 classes")
+    log(f"token classification: words {fields[0]!r}, tags {fields[1]!r}, {len(labels)} classes")
+    return Data(train, ev, "token_classification", labels, tok,
+                records={"train": [train_rec], "validation": [eval_rec] if eval_rec else []})
 
 
 def prompt_data(config, tok, resolved: list, encoder_decoder: bool = False) -> Data:

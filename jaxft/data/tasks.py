@@ -555,6 +555,116 @@ def _similarities(records: Records, d: Demonstrations, which, members: list, key
     return similar
 
 
+# ---------------------------------------------------------------------------------------------
+# Tagged words (NER): a tag per word, read at the word's first token.
+
+WORD_FIELDS = ("tokens", "words")  # where HF's NER sets (conll2003, wnut_17, ...) keep the words
+TAG_FIELDS = ("ner_tags", "tags", "labels", "label")  # and the tags
+
+
+def tagged_fields(records: Records, text_field: str, label_field: str | None, text_given: bool,
+                  label_given: bool) -> tuple[str, str] | None:
+    """(words field, tags field) when the records are tagged words (the tags' column holds lists): the
+    fields given, else the first of WORD_FIELDS / TAG_FIELDS the records have; None otherwise."""
+    row = records.rows[0] if records.rows else {}
+    words = text_field if text_given or text_field in row else next((f for f in WORD_FIELDS if f in row), text_field)
+    tags = label_field if label_given else next((f for f in (label_field, *TAG_FIELDS) if f and f in row), label_field)
+    return (words, tags) if tags and isinstance(row.get(tags), list) else None
+
+
+def words_and_tags(records: Records, i: int, words_field: str, tags_field: str) -> tuple[list[str], list]:
+    """Record i's words and their tags. Words are a list of strings, or a string: its whitespace-separated
+    words when there are as many as tags, else its characters without spaces (a Chinese sentence
+    tagged character by character)."""
+    where = records.where[i]
+    words, tags = field(records, i, words_field), field(records, i, tags_field)
+    if not isinstance(tags, list):
+        raise JaxftError(f"{where}: field {tags_field!r} is {type(tags).__name__}, expected a list of tags, one per "
+                         f"word of {words_field!r} (data.label_field)")
+    if isinstance(words, str):
+        split, chars = words.split(), [c for c in words if not c.isspace()]
+        words = split if len(split) == len(tags) else chars if len(chars) == len(tags) else None
+        if words is None:
+            raise JaxftError(f"{where}: {len(tags)} tags for the text of {words_field!r}, which has {len(split)} words "
+                             f"and {len(chars)} characters: expected a tag per word (or per character)")
+    elif not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise JaxftError(f"{where}: field {words_field!r} is {type(words).__name__}, expected a list of words "
+                         "(data.text_field)")
+    if len(words) != len(tags):
+        raise JaxftError(f"{where}: {len(words)} words in {words_field!r} but {len(tags)} tags in {tags_field!r}: "
+                         "expected a tag per word")
+    for tag in tags:
+        if isinstance(tag, bool) or not isinstance(tag, (int, str)) or (isinstance(tag, str) and not tag.strip()):
+            raise JaxftError(f"{where}: tag {tag!r} in {tags_field!r}: expected a tag name (e.g. B-PER) or a "
+                             "class number")
+    return words, tags
+
+
+def tag_labels(splits: list[Records], words_field: str, tags_field: str, declared: list) -> list:
+    """The classes of tagged words: named tags, sorted (or `data.labels`, which must hold every tag);
+    class numbers 0..N-1 (named by `data.labels` in that order, if given: seqeval's entity scores need
+    the names)."""
+    seen = {}
+    for records in splits:
+        for i in range(len(records.rows)):
+            for tag in words_and_tags(records, i, words_field, tags_field)[1]:
+                seen.setdefault(tag, records.where[i])
+    kinds = {type(t) for t in seen}
+    if len(kinds) > 1:
+        number = next(t for t in seen if isinstance(t, int))
+        name = next(t for t in seen if isinstance(t, str))
+        raise JaxftError(f"{seen[number]}: tag {number!r} is a class number, but {seen[name]} has the tag {name!r}: "
+                         "expected names or numbers throughout")
+    if kinds == {int}:
+        top = max(seen)
+        bad = next((t for t in seen if t < 0), None)
+        if bad is not None:
+            raise JaxftError(f"{seen[bad]}: tag {bad}: expected class numbers from 0")
+        if declared and len(declared) <= top:
+            raise JaxftError(f"data.labels={','.join(map(str, declared))!r}: {len(declared)} names, but {seen[top]} has "
+                             f"class {top}: expected a name for each class 0..{top}")
+        return list(declared) if declared else list(range(top + 1))
+    if declared:
+        missing = next((t for t in seen if t not in declared), None)
+        if missing is not None:
+            raise JaxftError(f"{seen[missing]}: tag {missing!r} is not one of data.labels: expected one of {declared}")
+        return list(declared)
+    return sorted(seen)
+
+
+def token_classification(records: Records, tok, seq_len: int, words_field: str, tags_field: str, labels: list):
+    """Tagged words -> (arrays, examples truncated, words without a token). Each word is tokenized as it
+    stands in the sentence (the first on its own, the others after a space: `follow`), BOS/[CLS] before
+    and EOS/[SEP] after; its tag is the label of its first token, -100 (no loss, no score) on its other
+    tokens and the special ones, as HF's token-classification recipes align them. A sentence too long
+    for `seq_len` keeps its first words whole and loses the rest (their tags are not scored). A word that
+    tokenizes to nothing has no label."""
+    n = len(records.rows)
+    ids = np.full((n, seq_len), tok.pad_id, np.int32)
+    mask = np.zeros((n, seq_len), np.int32)
+    y = np.full((n, seq_len), -100, np.int32)
+    index = {v: k for k, v in enumerate(labels)}
+    marks = marks_words(tok)
+    room = seq_len - len(tok.bos) - len(tok.eos)
+    truncated = empty = 0
+    for i in range(n):
+        words, tags = words_and_tags(records, i, words_field, tags_field)
+        toks, tagged = list(tok.bos), [-100] * len(tok.bos)
+        for j, (word, tag) in enumerate(zip(words, tags)):
+            pieces = tok.encode(word) if j == 0 else follow(tok, marks, " ", word)
+            if not pieces:
+                empty += 1
+                continue
+            if len(toks) - len(tok.bos) + len(pieces) > room:
+                truncated += 1
+                break
+            toks += pieces
+            tagged += [tag if isinstance(tag, int) else index[tag]] + [-100] * (len(pieces) - 1)
+        toks, tagged = toks + tok.eos, tagged + [-100] * len(tok.eos)
+        ids[i, :len(toks)], mask[i, :len(toks)], y[i, :len(toks)] = toks, 1, tagged
+    return {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32)}, truncated, empty
+
+
 def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bool = False):
     stream, document = [], []
     for i in range(len(records.rows)):  # a record's text may be a list of segments, each ended by EOS

@@ -1,0 +1,153 @@
+"""Token classification (NER) through the CLI: tagged words read, aligned to tokens as HF's recipes align
+them, trained, scored by entity (seqeval's rules, tests/test_entities.py) and exported as a model
+transformers reads with its tag names."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from test_bert import tiny_bert  # noqa: F401 (fixture)
+from test_train import cli
+
+from jaxft import hf
+from jaxft.data import tasks
+from jaxft.data.sources import Records
+from jaxft.errors import JaxftError
+from jaxft.tokenizer import Tokenizer
+
+PEOPLE = [["john"], ["mary", "smith"], ["peter", "brown"], ["anna"], ["schwarzenegger"]]
+PLACES = [["paris"], ["london"], ["new", "york"], ["berlin"]]
+ORGS = [["google"], ["the", "red", "cross"], ["microsoft"]]
+FORMS = [("{p} lives in {l} .", "p l"), ("{p} works for {o} in {l} .", "p o l"), ("yesterday {p} visited {l}", "p l"),
+         ("{o} hired {p}", "o p"), ("the weather in {l} was fine", "l")]
+
+
+def sentences(n, seed):
+    """Tagged sentences from templates: people (PER), places (LOC), organisations (ORG); a name of several
+    words is B- then I-, and one word (schwarzenegger) is several WordPiece tokens."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        form, _ = FORMS[rng.integers(len(FORMS))]
+        words, tags = [], []
+        for part in form.split():
+            kind = {"{p}": ("PER", PEOPLE), "{l}": ("LOC", PLACES), "{o}": ("ORG", ORGS)}.get(part)
+            if kind is None:
+                words.append(part)
+                tags.append("O")
+                continue
+            name = kind[1][rng.integers(len(kind[1]))]
+            words += name
+            tags += [f"B-{kind[0]}"] + [f"I-{kind[0]}"] * (len(name) - 1)
+        out.append({"tokens": words, "ner_tags": tags})
+    return out
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_tags_align_with_transformers(tiny_bert):  # noqa: F811
+    """A word's tag on its first token, -100 on its other tokens and on [CLS] / [SEP] / padding: what HF's
+    token-classification recipe makes from `word_ids()`."""
+    rows = sentences(20, 0)
+    records = Records(rows, [f"x.jsonl:{i + 1}" for i in range(len(rows))])
+    labels = tasks.tag_labels([records], "tokens", "ner_tags", [])
+    arrays, cut, empty = tasks.token_classification(records, Tokenizer(tiny_bert), 24, "tokens", "ner_tags", labels)
+    assert (cut, empty) == (0, 0) and labels == ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
+    ref = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    several = 0
+    for i, row in enumerate(rows):
+        enc = ref(row["tokens"], is_split_into_words=True, padding="max_length", max_length=24)
+        words = enc.word_ids()
+        want = [-100 if w is None or (k and words[k - 1] == w) else labels.index(row["ner_tags"][w])
+                for k, w in enumerate(words)]
+        several += sum(1 for k, w in enumerate(words) if w is not None and k and words[k - 1] == w)
+        assert arrays["input_ids"][i].tolist() == enc["input_ids"], row
+        assert arrays["labels"][i].tolist() == want, row
+        assert arrays["attention_mask"][i].tolist() == enc["attention_mask"]
+    assert several  # some words are several tokens
+
+
+def test_long_sentences_keep_their_first_words_whole(tiny_bert):  # noqa: F811
+    rows = [{"tokens": ["schwarzenegger"] * 6, "ner_tags": ["B-PER"] * 6}, {"tokens": ["a", "b"], "ner_tags": ["O"] * 2}]
+    tok = Tokenizer(tiny_bert)
+    per_word = len(tok.encode("schwarzenegger"))
+    arrays, cut, _ = tasks.token_classification(Records(rows, ["a:1", "a:2"]), tok, 2 + 2 * per_word + 1, "tokens",
+                                                "ner_tags", ["B-PER", "O"])
+    assert cut == 1 and (arrays["labels"][0] == 0).sum() == 2  # two whole words fit, not a third's first token
+    assert arrays["input_ids"][0][2 * per_word + 1] == tok.eos_id
+
+
+def test_text_tagged_by_word_or_by_character():
+    records = Records([{"text": "John lives here", "tags": ["B-PER", "O", "O"]},
+                       {"text": "张三在北京", "tags": ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]}], ["f:1", "f:2"])
+    assert tasks.words_and_tags(records, 0, "text", "tags")[0] == ["John", "lives", "here"]
+    assert tasks.words_and_tags(records, 1, "text", "tags")[0] == list("张三在北京")
+    bad = Records([{"text": "John lives", "tags": ["B-PER", "O", "O"]}], ["f:7"])
+    with pytest.raises(JaxftError, match=r"^f:7: 3 tags for the text of 'text', which has 2 words and 9 characters"):
+        tasks.words_and_tags(bad, 0, "text", "tags")
+
+
+@pytest.mark.parametrize("rows, declared, message", [
+    ([{"tokens": ["a", "b"], "ner_tags": ["O"]}], [], "t.jsonl:1: 2 words in 'tokens' but 1 tags in 'ner_tags'"),
+    ([{"tokens": ["a"], "ner_tags": ["O"]}, {"tokens": ["b"], "ner_tags": [3]}], [],
+     "t.jsonl:2: tag 3 is a class number, but t.jsonl:1 has the tag 'O'"),
+    ([{"tokens": ["a"], "ner_tags": [0]}, {"tokens": ["b"], "ner_tags": [2]}], ["O", "B-X"],
+     "data.labels='O,B-X': 2 names, but t.jsonl:2 has class 2"),
+    ([{"tokens": ["a"], "ner_tags": ["B-Y"]}], ["O", "B-X"], "t.jsonl:1: tag 'B-Y' is not one of data.labels"),
+    ([{"tokens": "a", "ner_tags": [None]}], [], "t.jsonl:1: tag None in 'ner_tags'"),
+])
+def test_bad_tags_name_the_record(rows, declared, message):
+    records = Records(rows, [f"t.jsonl:{i + 1}" for i in range(len(rows))])
+    with pytest.raises(JaxftError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        tasks.tag_labels([records], "tokens", "ner_tags", declared)
+
+
+def test_ner_trains_scores_entities_and_exports(tiny_bert, tmp_path):  # noqa: F811
+    """conll2003's layout (`tokens`, `ner_tags`) is found without settings; entity F1 rises from the untrained
+    model's; `jaxft.evaluate` scores the export as training's eval did and writes each sentence's tags; the
+    export is a BertForTokenClassification with the tag names and our logits."""
+    from test_evaluate import cli as evaluate
+
+    train, dev = write(tmp_path / "train.jsonl", sentences(200, 1)), write(tmp_path / "dev.jsonl", sentences(40, 2))
+    run = tmp_path / "run"
+    settings = (f"--config.model.path={tiny_bert}", "--config.method.name=full", f"--config.data.name={train}",
+                f"--config.data.eval_name={dev}", "--config.data.seq_len=24")
+    r = cli(run, *settings, "--config.train.steps=30", "--config.train.batch_size=16",
+            "--config.optimizer.learning_rate=5e-3", "--config.eval.every_steps=30", "--config.eval.at_start=True",
+            "--config.train.log_every_steps=10")
+    assert r.returncode == 0, r.stderr
+    assert "token classification: words 'tokens', tags 'ner_tags', 7 classes" in r.stdout
+    assert "head=token_classification" in r.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval/entity_f1" in row]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["eval/entity_f1"] > 0.8 > evals[0]["eval/entity_f1"] + 0.5, evals  # 0.91 and 0.09
+    assert {"eval/entity_f1/PER", "eval/entity_f1/LOC", "eval/entity_f1/ORG", "eval/f1/B-PER"} <= set(evals[-1])
+
+    export = run / "export"
+    r = evaluate("--config=configs/tiny_test.py", *settings, f"--checkpoint={export}", f"--out={tmp_path / 'eval'}")
+    assert r.returncode == 0, r.stderr
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert scored == pytest.approx({k: v for k, v in evals[-1].items() if k.startswith("eval/")}, abs=1e-5)
+    tagged = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["words"] for row in tagged] == [row["tokens"] for row in sentences(40, 2)]
+    assert [row["reference"] for row in tagged] == [row["ner_tags"] for row in sentences(40, 2)]
+    assert np.mean([p == t for row in tagged for p, t in zip(row["prediction"], row["reference"])]) == \
+        pytest.approx(evals[-1]["eval/accuracy"])
+    back = transformers.BertForTokenClassification.from_pretrained(export).eval()
+    assert back.config.id2label == {i: n for i, n in enumerate(["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG",
+                                                                 "I-PER", "O"])}
+    model, params = hf.load(export)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    enc = ref([["mary", "smith", "lives", "in", "paris"]], is_split_into_words=True, return_tensors="np")
+    ours = np.asarray(model.apply({"params": params}, enc["input_ids"], attention_mask=enc["attention_mask"]))
+    with torch.no_grad():
+        theirs = back(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    names = [back.config.id2label[i] for i in theirs[0].argmax(-1)[1:-1]]
+    assert names == ["B-PER", "I-PER", "O", "O", "B-LOC"]
