@@ -399,8 +399,9 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",), weights=No
                     got, want = loaded[path].shape, shapes[path].shape
                     raise JaxftError(f"{base_root}: {path} has shape {got}, the model expects {want}")
             elif re.search(family.of(model.cfg).classifier_params, path) and new_head:
+                kind = "token" if model.cfg.head == "token_classification" else "sequence"
                 log(f"new classification head {path} {tuple(shapes[path].shape)}: random init, trains "
-                    f"({base_root} is not a sequence classifier)")
+                    f"({base_root} is not a {kind} classifier)")
             elif not ADDED_PARAMS.search(path):
                 hf_name = next(iter(hf.params_to_hf(unflat({path: np.zeros((1,) * len(shapes[path].shape))}),
                                                     model.cfg)), path)
