@@ -1,7 +1,7 @@
 """Named entities in tagged words (NER's BIO tags), counted on the device as seqeval counts them.
 
 A token-classification run whose label names are tags (`O`, `B-PER`, `I-PER`; IOB2, or IOBES with
-`E-` and `S-`) also scores whole entities: an entity is a run of words of one type, opened by `B-`/`S-`
+`E-` and `S-`, or BMES, whose `M-` is IOBES's `I-`) also scores whole entities: an entity is a run of words of one type, opened by `B-`/`S-`
 (or by an `I-`/`E-` that does not continue the word before it, as seqeval's default mode reads it) and
 continued by `I-`/`E-` of its type after a `B-`/`I-`; a predicted entity is right when its type, first
 and last word equal a true one's. Only the labelled positions count (a word's first sub-word token);
@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 O, B, I, E, S = range(5)
-_TAG = re.compile(r"([BIES])[-_](.+)")
+_TAG = re.compile(r"([BIMES])[-_](.+)")
 
 
 def scheme(labels) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
     """Label names -> (prefix code per class, entity type index per class (-1 for O), type names), or
-    None when the names are not all tags (`O`, `B-X`, `I-X`, `E-X`, `S-X`): no entities to count."""
+    None when the names are not all tags (`O`, `B-X`, `I-X`, `M-X`, `E-X`, `S-X`): no entities to count."""
     if not labels:
         return None
     prefix, kind, types = [], [], []
@@ -40,7 +40,7 @@ def scheme(labels) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
             return None
         if m[2] not in types:
             types.append(m[2])
-        prefix.append("OBIES".index(m[1]))
+        prefix.append("OBIES".index(m[1].replace("M", "I")))  # BMES's M (middle) is IOBES's I
         kind.append(types.index(m[2]))
     if not types:
         return None

@@ -8,6 +8,7 @@ from jaxft.entities import entity_sums, scheme, scores
 
 IOB2 = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 IOBES = ["O", "B-PER", "I-PER", "E-PER", "S-PER", "B-ORG", "I-ORG", "E-ORG", "S-ORG"]
+BMES = ["O", "B-NAME", "M-NAME", "E-NAME", "S-NAME", "B-ORG", "M-ORG", "E-ORG", "S-ORG"]  # Chinese NER sets' scheme
 
 
 def random_batch(rng, labels, rows=24, length=20, sparse=0.3):
@@ -23,16 +24,18 @@ def random_batch(rng, labels, rows=24, length=20, sparse=0.3):
 
 
 def as_seqeval(logits, batch, labels):
-    """The labelled positions of each real row as tag strings: seqeval's input."""
+    """The labelled positions of each real row as tag strings: seqeval's input (BMES's M- read as IOBES's I-,
+    which seqeval knows)."""
     gold, pred = [], []
+    names = [n.replace("M-", "I-") for n in labels]
     for row in range(len(batch["weight"]) - 1):
         keep = batch["labels"][row] >= 0
-        gold.append([labels[i] for i in batch["labels"][row][keep]])
-        pred.append([labels[i] for i in np.argmax(logits[row], -1)[keep]])
+        gold.append([names[i] for i in batch["labels"][row][keep]])
+        pred.append([names[i] for i in np.argmax(logits[row], -1)[keep]])
     return gold, pred
 
 
-@pytest.mark.parametrize("labels", [IOB2, IOBES], ids=["iob2", "iobes"])
+@pytest.mark.parametrize("labels", [IOB2, IOBES, BMES], ids=["iob2", "iobes", "bmes"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_entity_scores_equal_seqeval(labels, seed):
     logits, batch = random_batch(np.random.default_rng(seed), labels)

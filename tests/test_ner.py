@@ -107,6 +107,28 @@ def test_text_tagged_by_word_or_by_character():
         tasks.words_and_tags(bad, 0, "text", "tags")
 
 
+def test_conll_files_read_as_tagged_words(tmp_path):
+    """CoNLL-2003's four columns with -DOCSTART- and blank lines, and a Chinese .bio file tagged per character:
+    records in conll2003's layout, found as token classification; a line without a tag names its line."""
+    from jaxft.data.sources import read_file
+
+    conll = tmp_path / "train.conll"
+    conll.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\nPeter NNP B-NP B-PER\n"
+                     "Blackburn NNP I-NP I-PER\n")
+    records = read_file(conll)
+    assert records.rows == [{"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]},
+                            {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]}]
+    assert records.where == [f"{conll}:3", f"{conll}:7"]
+    assert tasks.tagged_fields(records, "text", "label", False, False) == ("tokens", "ner_tags")
+    bio = tmp_path / "msra.bio"
+    bio.write_text("张\tB-PER\n三\tI-PER\n在\tO\n\n北\tB-LOC\n京\tI-LOC\n")
+    assert read_file(bio).rows[1] == {"tokens": ["北", "京"], "ner_tags": ["B-LOC", "I-LOC"]}
+    bad = tmp_path / "bad.bmes"
+    bad.write_text("张 B-PER\n三\n")
+    with pytest.raises(JaxftError, match=f"^{bad}:2: '三' has no tag: expected a word and its tag"):
+        read_file(bad)
+
+
 @pytest.mark.parametrize("rows, declared, message", [
     ([{"tokens": ["a", "b"], "ner_tags": ["O"]}], [], "t.jsonl:1: 2 words in 'tokens' but 1 tags in 'ner_tags'"),
     ([{"tokens": ["a"], "ner_tags": ["O"]}, {"tokens": ["b"], "ner_tags": [3]}], [],

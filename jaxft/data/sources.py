@@ -47,7 +47,8 @@ BUNDLED = {
                      target_field="summary"),
 }
 E2E_SEPARATOR = "||"  # E2E NLG's files: one `meaning representation||reference` pair a line
-FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll", ".bio", ".bmes")
+TAGGED = (".conll", ".bio", ".bmes")  # a word and its tag per line (`read_tagged`)
 
 
 @dataclasses.dataclass
@@ -76,6 +77,8 @@ def read_file(path: str | Path) -> Records:
             raise JaxftError(f"{p}: unreadable parquet file ({e})") from None
         return Records(rows, [f"{p}:row {i + 1}" for i in range(len(rows))])
     text = _utf8(p).replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text did
+    if suffix in TAGGED:
+        return read_tagged(p, text)
     if suffix == ".txt":  # raw text for continued pretraining: one document per blank-line-separated block
         line = 1
         for block in text.split("\n\n"):
@@ -270,6 +273,29 @@ def _hub_if_split(name: str, config: str | None, split: str) -> Records | None:
         if "has no such split" in str(e):
             return None
         raise
+
+
+def read_tagged(path: Path, text: str) -> Records:
+    """CoNLL-style tagged words: a word per line, its tag in the last column (CoNLL-2003's
+    `word POS chunk tag`, or `word tag`; spaces or tabs), a blank line between sentences, `-DOCSTART-`
+    lines skipped (Chinese NER sets in .bio / .bmes tag a character per line) -> records {tokens,
+    ner_tags}, each where its first word is."""
+    rows, where, words, tags, start = [], [], [], [], 0
+    for n, line in enumerate(text.split("\n") + [""], 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if words:
+                rows.append({"tokens": words, "ner_tags": tags})
+                where.append(f"{path}:{start}")
+            words, tags = [], []
+            continue
+        if len(parts) < 2:
+            raise JaxftError(f"{path}:{n}: {line.strip()!r} has no tag: expected a word and its tag, separated by "
+                             "white space")
+        start = start if words else n
+        words.append(parts[0])
+        tags.append(parts[-1])
+    return Records(rows, where)
 
 
 def read_pairs(path: Path, source: str, target: str, separator: str = "||") -> Records:
