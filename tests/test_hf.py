@@ -604,6 +604,30 @@ def test_sequence_classification_mean_pooling(tmp_path):
         hf.load(str(out))
 
 
+@pytest.mark.parametrize("arch, kw", [("Llama", {}), ("Qwen2", {"token_classification_bias": False})],
+                         ids=["llama", "qwen2-unbiased"])
+def test_token_classification(tmp_path, arch, kw):
+    """transformers' *ForTokenClassification (a `score` on every position, biased unless
+    token_classification_bias=False): read, the same logits at the real tokens of a padded batch, saved as a
+    directory transformers reads back."""
+    config = _config(f"{arch}Config", num_labels=5, pad_token_id=0, **kw)
+    ref_model, d = build_hf(tmp_path, config, f"{arch}ForTokenClassification")
+    model, params = hf.load(str(d))
+    assert model.cfg.head == "token_classification" and ("bias" in params["score"]) == (not kw)
+    x = ids(2, 12, seed=3)
+    mask = np.ones_like(x)
+    mask[1, 7:] = 0
+    ref = torch_logits(ref_model, x, mask)
+    ours = our_logits(model, params, x, mask)
+    assert ours.shape == (2, 12, 5)
+    real = mask == 1
+    assert rel_err(ours[real], ref[real]) <= TOL
+    out = hf.save(model, params, str(tmp_path / "saved"))
+    reloaded, info = transformers.AutoModelForTokenClassification.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert rel_err(torch_logits(reloaded.eval(), x, mask)[real], ref[real]) <= TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. unscanned layers
 

@@ -45,7 +45,7 @@ from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
 from jaxft.quant import Quantized, dequantize
 from jaxft.sharding import constrain, on_batch_shards
 
-HEADS = ("causal_lm", "classification")
+HEADS = ("causal_lm", "classification", "token_classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,7 @@ class LlamaConfig(Settings):
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    score_bias: bool = True  # a token classifier's (`token_classification_bias`; a sequence classifier's has none)
     sliding_window: int | None = None
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys, before rotary
     rotary_dim: int = 0  # GLM: rotary on the first rotary_dim features of each head (partial_rotary_factor); 0: all
@@ -512,6 +513,13 @@ class LlamaModel(nn.Module):
                            name="score")
             return score(pooled).astype(jnp.float32)
         h = h[:, h.shape[1] - length:]  # per-token outputs: not for virtual tokens
+        if cfg.head == "token_classification":  # transformers' *ForTokenClassification: a biased `score`
+            if text_type(cfg) == "gemma3_text":
+                raise JaxftError("a token_classification head on Gemma 3: transformers has no "
+                                 "Gemma3ForTokenClassification to read it (expected classification or causal_lm)")
+            score = Linear(cfg.num_labels, ("embed", None), cfg.score_bias, dt, self.hooks,
+                           preferred_element_type=jnp.float32, name="score")
+            return score(h).astype(jnp.float32)
         if label_positions is not None:
             h = jnp.take_along_axis(h, label_positions[..., None], axis=1)
         if cache is not None:  # generation: logits, and the cache to carry on with
@@ -630,6 +638,7 @@ def config_from_hf(c: dict, file: str) -> LlamaConfig:
         qkv_bias=mtype in ("qwen2", "qwen2_moe") or bool(c.get("attention_bias", glm)),
         o_bias=mtype not in ("qwen2", "qwen2_moe") and not glm and bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
+        score_bias=bool(c.get("token_classification_bias", True)),
         sliding_window=window,
         qk_norm=mtype in ("qwen3", "qwen3_moe", "gemma3_text"),
         rotary_dim=rotary if rotary != head_dim else 0,
@@ -767,6 +776,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     }
     if cfg.rope_scaling:
         c["rope_scaling"] = rope
+    if not cfg.score_bias:
+        c["token_classification_bias"] = False
     types = ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
     if cfg.num_experts:
         c.update(num_experts_per_tok=cfg.experts_per_token, output_router_logits=bool(cfg.router_aux_loss_coef),
@@ -818,6 +829,8 @@ def architecture(cfg: LlamaConfig) -> str:
     mtype = text_type(cfg)
     if cfg.head == "classification":  # Gemma 3's text-only classifier is Gemma3TextForSequenceClassification
         return ARCH[mtype] + ("Text" if mtype == "gemma3_text" else "") + "ForSequenceClassification"
+    if cfg.head == "token_classification":
+        return ARCH[mtype] + "ForTokenClassification"
     return ARCH[mtype] + "ForCausalLM"
 
 
@@ -841,6 +854,8 @@ def _from_hf_key(key: str):
         return ("norm", "weight"), None, False
     if key in ("lm_head.weight", "score.weight"):
         return (key.split(".")[0], "kernel"), None, True
+    if key == "score.bias":  # a token classifier's
+        return ("score", "bias"), None, False
     m = _STACKED.fullmatch(key)
     if m:  # the experts stacked by `_stack_experts`, [E, in, out] already
         return ("mlp", "experts", m[2]), int(m[1]), False
@@ -911,7 +926,7 @@ def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
         elif path[0] == "norm":
             out["model.norm.weight"] = value
         elif path[0] in ("lm_head", "score"):
-            out[f"{path[0]}.weight"] = value.T
+            out[f"{path[0]}.{'weight' if path[-1] == 'kernel' else 'bias'}"] = value.T if path[-1] == "kernel" else value
         elif per_layer is not None:
             for i, (*mods, leaf), v in per_layer:
                 if mods == ["mlp", "experts"]:  # one key per expert, as transformers saves them
@@ -970,7 +985,7 @@ def mlp_width(cfg: LlamaConfig) -> int:
 
 def head_weights(cfg: LlamaConfig) -> int:
     """The output head's matmul weights: the vocabulary projection, or the classifier's tiny one."""
-    return cfg.hidden_size * (cfg.num_labels if cfg.head == "classification" else cfg.vocab_size)
+    return cfg.hidden_size * (cfg.num_labels if cfg.head in ("classification", "token_classification") else cfg.vocab_size)
 
 
 def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
