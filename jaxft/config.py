@@ -85,7 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.hub_config = ""  # the dataset's config (subset) name, e.g. "sst2" of "hub:nyu-mll/glue"
     c.data.train_split = "train"
     c.data.eval_split = ""  # "" = data.eval_name if set, else "validation" where the dataset has it; "none" = no eval
-    # "", classification, causal_lm, sft, masked_lm, seq2seq, span_corruption (T5's pretraining), cloze, dpo, reward
+    # "", classification, token_classification (NER: tagged words), causal_lm, sft, masked_lm, seq2seq,
+    # span_corruption (T5's pretraining), cloze, dpo, reward
     # or grpo (reinforcement learning from rewards, jaxft.grpo; prompts from the records: jaxft.data.prompts)
     # ("" = what the data and the model say: see jaxft.data.tasks.choose_task; seq2seq for an encoder-decoder
     # such as T5 on source -> target pairs)
@@ -251,7 +252,8 @@ CHOICES = {
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),
-    "data.task": ("", "causal_lm", "classification", "sft", "masked_lm", "seq2seq", "span_corruption", "cloze", "dpo",
+    "data.task": ("", "causal_lm", "classification", "token_classification", "sft", "masked_lm", "seq2seq",
+                  "span_corruption", "cloze", "dpo",
                   "reward", "grpo", "ppo"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "train.dpo_loss": ("sigmoid", "ipo", "hinge"),

@@ -139,15 +139,19 @@ def head_of(config, fam) -> tuple[str, int | None, str]:
     labels = int(d.synthetic_labels) or None if d.name == "synthetic" else None
     if not task and d.name == "synthetic":
         task = "classification" if labels else "causal_lm"
-    if not task or task == "classification" and labels is None:
+    if not task or task in ("classification", "token_classification") and labels is None:
         first = str(d.name).split("+")[0]
-        if first not in sources.BUNDLED and not re.search(r"\.(jsonl|json|csv|tsv|parquet)$", first, re.I):
+        if first not in sources.BUNDLED and not re.search(r"\.(jsonl|json|csv|tsv|parquet|conll|bio|bmes)$", first, re.I):
             raise JaxftError(f"data.name={d.name!r}: set data.task (the plan reads no hub dataset)")
         train, _, text_field, label_field = sources.resolve(d, first)
         task = tasks.choose_task(task, train, first, text_field, label_field, bool(d.label_field),  # as train.py
                                  sft.Fields(*sources.pair_fields(d, first)), fam.encoder_decoder)
         if task == "classification":
             labels = len(tasks.declared_labels(d.get("labels", "")) or tasks.label_vocab(train, label_field))
+        if task == "token_classification":  # as train.py reads tagged words
+            fields = tasks.tagged_fields(train, text_field, label_field, bool(d.text_field), bool(d.label_field))
+            labels = len(tasks.tag_labels([train], *(fields or (text_field, label_field)),
+                                          tasks.declared_labels(d.get("labels", ""))))
     if task == "reward":  # one output: the score
         labels = 1
     from jaxft.objectives import head_for

@@ -179,9 +179,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         where = f"data.eval_name={d.eval_name!r}" if d.eval_name else f"data.name={d.name!r}"
         raise JaxftError(f"{where}: no eval examples (expected at least one record, or no eval split)")
     sft_fields = sft.Fields(*sources.pair_fields(d, first))
-    tagged = tasks.tagged_fields(train_rec, text_field, label_field, bool(d.text_field), bool(d.label_field))
-    task = tasks.choose_task(d.task or ("token_classification" if tagged else ""), train_rec, first, text_field,
-                             label_field, bool(d.label_field), sft_fields, family.of(cfg).encoder_decoder)
+    task = tasks.choose_task(d.task, train_rec, first, text_field, label_field, bool(d.label_field), sft_fields,
+                             family.of(cfg).encoder_decoder)
     check_task(task, cfg)  # before tokenizing: a task the model has no head for is one line
     if declared and task not in ("classification", "cloze", "token_classification"):  # else ignored
         raise JaxftError(f"data.labels={d.labels!r}: declares the labels of classification, cloze or "
@@ -189,7 +188,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     if task == "token_classification":
         if extra:
             raise JaxftError(f"data.name={d.name!r}: several sources are not supported for token_classification")
-        return tagged_data(train_rec, eval_rec, tok, seq_len, tagged or (text_field, label_field), declared)
+        fields = tasks.tagged_fields(train_rec, text_field, label_field, bool(d.text_field), bool(d.label_field))
+        return tagged_data(train_rec, eval_rec, tok, seq_len, fields or (text_field, label_field), declared)
 
     def every_source():  # (name, train records, eval records or None, text field); data.max_*_examples each
         return [(first, train_rec, eval_rec, text_field)] + [(name, *source_records(name)[:3]) for name in extra]

@@ -188,3 +188,18 @@ def test_ner_trains_scores_entities_and_exports(tiny_bert, tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     names = [back.config.id2label[i] for i in theirs[0].argmax(-1)[1:-1]]
     assert names == ["B-PER", "I-PER", "O", "O", "B-LOC"]
+
+
+@pytest.mark.parametrize("case", ["not tagged", "unseen tag"])
+def test_bad_ner_data_is_one_line_and_writes_nothing(tmp_path, case):
+    train = write(tmp_path / "train.jsonl", sentences(20, 1))
+    if case == "not tagged":  # SST-2's labels are one per sentence
+        args, message = ("--config.data.name=sst2", "--config.data.task=token_classification"), \
+            "sst2/train.tsv:2: field 'label' is str, expected a list of tags, one per word of 'sentence'"
+    else:
+        dev = write(tmp_path / "dev.jsonl", [{"tokens": ["john", "sang"], "ner_tags": ["B-PER", "B-SONG"]}])
+        args, message = (f"--config.data.name={train}", f"--config.data.eval_name={dev}"), \
+            f"{dev}: tag 'B-SONG' never occurs in the training set"
+    r = cli(tmp_path / "run", "--config.model.path=jaxft-tiny", "--config.method.name=lora", *args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

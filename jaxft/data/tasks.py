@@ -34,13 +34,15 @@ from jaxft.errors import JaxftError
 def choose_task(task: str, records: Records, source: str, text_field: str, label_field: str | None,
                 label_given: bool, sft_fields: Fields = Fields(), encoder_decoder: bool = False) -> str:
     """`data.task`, else what the data says when it says it unambiguously: classification when the label
-    column is there, dpo for preference pairs (`chosen` and `rejected`), sft for instruction, chat or source/target records (`jaxft.data.sft.detect`) -- or,
+    column is there (token_classification when it holds lists, `tagged_fields`), dpo for preference pairs (`chosen` and `rejected`), sft for instruction, chat or source/target records (`jaxft.data.sft.detect`) -- or,
     for an encoder-decoder model (`encoder_decoder`), seq2seq for Alpaca and source/target records
     (`jaxft.data.seq2seq.detect`) --, causal_lm when the text column is the only one. A label column
     under another name must not turn a classification run into a language model of the text, so
     anything else is an error."""
     columns = list(records.rows[0]) if records.rows else []
     found = f"columns found: {', '.join(map(str, columns)) or 'none'}"
+    if not task and tagged_fields(records, text_field, label_field, True, label_given):
+        return "token_classification"  # the tags' column holds lists: a tag per word
     if task in ("classification", "cloze") or (not task and label_given):
         kind = task or "classification"
         if not label_field:
