@@ -129,6 +129,20 @@ def test_conll_files_read_as_tagged_words(tmp_path):
         read_file(bad)
 
 
+def test_hub_tags_read_by_name():
+    """A hub NER set's class numbers with the names its features declare (conll2003's ner_tags), other
+    columns untouched."""
+    import datasets
+
+    from jaxft.data.sources import named_tags
+
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")), "id": datasets.Value("int32"),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER"]))})
+    ds = datasets.Dataset.from_dict({"tokens": [["Mary", "Smith", "sang"]], "id": [7], "ner_tags": [[1, 2, 0]]},
+                                    features=features)
+    assert named_tags(ds) == [{"tokens": ["Mary", "Smith", "sang"], "id": 7, "ner_tags": ["B-PER", "I-PER", "O"]}]
+
+
 @pytest.mark.parametrize("rows, declared, message", [
     ([{"tokens": ["a", "b"], "ner_tags": ["O"]}], [], "t.jsonl:1: 2 words in 'tokens' but 1 tags in 'ner_tags'"),
     ([{"tokens": ["a"], "ner_tags": ["O"]}, {"tokens": ["b"], "ner_tags": [3]}], [],

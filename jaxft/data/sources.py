@@ -232,7 +232,24 @@ def _hub(name: str, config: str | None, split: str, key: str) -> Records:
             raise JaxftError(f"{key}={split!r}: dataset {shown} has no such split ({reason})") from None
         raise JaxftError(f"data.name {name!r}: loading {shown} split {split!r} failed ({reason})") from None
     where = f"{name}{'/' + config if config else ''}[{split}]"
-    return Records(list(ds), [f"{where} row {i}" for i in range(len(ds))])
+    return Records(named_tags(ds), [f"{where} row {i}" for i in range(len(ds))])
+
+
+def named_tags(ds) -> list[dict]:
+    """A hub dataset's rows, each word's class number replaced by its name where the dataset names them
+    (conll2003's `ner_tags`: a list of ClassLabel), so that tagged words are scored as entities."""
+    import datasets
+
+    named = {}
+    for column, feature in ds.features.items():
+        inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
+        if isinstance(inner, datasets.ClassLabel):
+            named[column] = inner.names
+    rows = list(ds)
+    for row in rows:
+        for column, names in named.items():
+            row[column] = [names[i] for i in row[column]]
+    return rows
 
 
 def resolve(data_cfg, name: str | None = None) -> tuple[Records, Records | None, str, str | None]:
