@@ -1,11 +1,12 @@
 """Named entities in tagged words (NER's BIO tags), counted on the device as seqeval counts them.
 
-A token-classification run whose label names are tags (`O`, `B-PER`, `I-PER`; IOB2, or IOBES with
-`E-` and `S-`, or BMES, whose `M-` is IOBES's `I-`) also scores whole entities: an entity is a run of words of one type, opened by `B-`/`S-`
-(or by an `I-`/`E-` that does not continue the word before it, as seqeval's default mode reads it) and
-continued by `I-`/`E-` of its type after a `B-`/`I-`; a predicted entity is right when its type, first
-and last word equal a true one's. Only the labelled positions count (a word's first sub-word token);
-the words in between are skipped, so an entity spans the sub-words of its words.
+A token-classification run whose label names are tags (`O`, `B-PER`, `I-PER`; IOB2, or IOBES with `E-`
+and `S-`, or BMES, whose `M-` is IOBES's `I-`) also scores whole entities: an entity is a run of words
+of one type, opened by `B-`/`S-` (or by an `I-`/`E-` that does not continue the word before it, as
+seqeval's default mode reads it) and continued by `I-`/`E-` of its type after a `B-`/`I-`; a predicted
+entity is right when its type, first and last word equal a true one's. Only the labelled positions count
+(a word's first sub-word token); the words in between are skipped, so an entity spans the sub-words of
+its words.
 
 The eval step sums, per entity type, the true, predicted and correct entities (`entity_sums`), and
 `jaxft.metrics.summarize` turns them into precision, recall and F1, micro-averaged over types as

@@ -288,12 +288,13 @@ def tagged_data(train_rec, eval_rec, tok, seq_len: int, fields: tuple[str, str],
 
     splits = [train_rec] + ([eval_rec] if eval_rec else [])
     labels = tasks.tag_labels(splits, *fields, declared)
-    known = set(tasks.tag_labels([train_rec], *fields, declared))
     if eval_rec and not declared:  # a tag training never saw: a class the model cannot predict
-        unseen = next((t for t in labels if t not in known), None)
-        if unseen is not None:
-            raise JaxftError(f"{eval_rec.where[0].rsplit(':', 1)[0]}: tag {unseen!r} never occurs in the training set, "
-                             f"whose tags are {sorted(known, key=str)} (data.labels declares the tag set)")
+        known = set(tasks.tag_labels([train_rec], *fields, declared))
+        for i in range(len(eval_rec.rows)):
+            unseen = next((t for t in tasks.words_and_tags(eval_rec, i, *fields)[1] if t not in known), None)
+            if unseen is not None:
+                raise JaxftError(f"{eval_rec.where[i]}: tag {unseen!r} never occurs in the training set, whose tags "
+                                 f"are {sorted(known, key=str)} (data.labels declares the tag set)")
     train, cut, empty = tasks.token_classification(train_rec, tok, seq_len, *fields, labels)
     ev = tasks.token_classification(eval_rec, tok, seq_len, *fields, labels)[0] if eval_rec else None
     if cut:
@@ -790,7 +791,8 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    latest, restored, saved_meta = ckpt.restore_latest(abstract, lambda m: check_resume(config, meta, m, ckpt, model.cfg), log)
+    latest, restored, saved_meta = ckpt.restore_latest(
+        abstract, lambda m: check_resume(config, meta, m, ckpt, model.cfg), log)
     start, skipped = 0, 0
     if latest is not None:
         state, start, skipped = restored, int(saved_meta["data_position"]), int(saved_meta.get("skipped_steps", 0))

@@ -213,7 +213,7 @@ def test_bad_ner_data_is_one_line_and_writes_nothing(tmp_path, case):
     else:
         dev = write(tmp_path / "dev.jsonl", [{"tokens": ["john", "sang"], "ner_tags": ["B-PER", "B-SONG"]}])
         args, message = (f"--config.data.name={train}", f"--config.data.eval_name={dev}"), \
-            f"{dev}: tag 'B-SONG' never occurs in the training set"
+            f"{dev}:1: tag 'B-SONG' never occurs in the training set"
     r = cli(tmp_path / "run", "--config.model.path=jaxft-tiny", "--config.method.name=lora", *args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()

@@ -34,7 +34,8 @@ from jaxft.errors import JaxftError
 def choose_task(task: str, records: Records, source: str, text_field: str, label_field: str | None,
                 label_given: bool, sft_fields: Fields = Fields(), encoder_decoder: bool = False) -> str:
     """`data.task`, else what the data says when it says it unambiguously: classification when the label
-    column is there (token_classification when it holds lists, `tagged_fields`), dpo for preference pairs (`chosen` and `rejected`), sft for instruction, chat or source/target records (`jaxft.data.sft.detect`) -- or,
+    column is there (token_classification when it holds lists, `tagged_fields`), dpo for preference pairs
+    (`chosen` and `rejected`), sft for instruction, chat or source/target records (`jaxft.data.sft.detect`) -- or,
     for an encoder-decoder model (`encoder_decoder`), seq2seq for Alpaca and source/target records
     (`jaxft.data.seq2seq.detect`) --, causal_lm when the text column is the only one. A label column
     under another name must not turn a classification run into a language model of the text, so
@@ -623,8 +624,9 @@ def tag_labels(splits: list[Records], words_field: str, tags_field: str, declare
         if bad is not None:
             raise JaxftError(f"{seen[bad]}: tag {bad}: expected class numbers from 0")
         if declared and len(declared) <= top:
-            raise JaxftError(f"data.labels={','.join(map(str, declared))!r}: {len(declared)} names, but {seen[top]} has "
-                             f"class {top}: expected a name for each class 0..{top}")
+            given = ",".join(map(str, declared))
+            raise JaxftError(f"data.labels={given!r}: {len(declared)} names, but {seen[top]} has class {top}: expected "
+                             f"a name for each class 0..{top}")
         return list(declared) if declared else list(range(top + 1))
     if declared:
         missing = next((t for t in seen if t not in declared), None)
@@ -664,7 +666,8 @@ def token_classification(records: Records, tok, seq_len: int, words_field: str, 
             tagged += [tag if isinstance(tag, int) else index[tag]] + [-100] * (len(pieces) - 1)
         toks, tagged = toks + tok.eos, tagged + [-100] * len(tok.eos)
         ids[i, :len(toks)], mask[i, :len(toks)], y[i, :len(toks)] = toks, 1, tagged
-    return {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32)}, truncated, empty
+    arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32)}
+    return arrays, truncated, empty
 
 
 def causal_lm(records: Records, tok, seq_len: int, text_field: str, segments: bool = False):

@@ -926,7 +926,8 @@ def params_to_hf(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
         elif path[0] == "norm":
             out["model.norm.weight"] = value
         elif path[0] in ("lm_head", "score"):
-            out[f"{path[0]}.{'weight' if path[-1] == 'kernel' else 'bias'}"] = value.T if path[-1] == "kernel" else value
+            kernel = path[-1] == "kernel"  # a token classifier's score has a bias
+            out[f"{path[0]}.{'weight' if kernel else 'bias'}"] = value.T if kernel else value
         elif per_layer is not None:
             for i, (*mods, leaf), v in per_layer:
                 if mods == ["mlp", "experts"]:  # one key per expert, as transformers saves them
@@ -985,7 +986,8 @@ def mlp_width(cfg: LlamaConfig) -> int:
 
 def head_weights(cfg: LlamaConfig) -> int:
     """The output head's matmul weights: the vocabulary projection, or the classifier's tiny one."""
-    return cfg.hidden_size * (cfg.num_labels if cfg.head in ("classification", "token_classification") else cfg.vocab_size)
+    classifies = cfg.head in ("classification", "token_classification")
+    return cfg.hidden_size * (cfg.num_labels if classifies else cfg.vocab_size)
 
 
 def activation_blocks(cfg: LlamaConfig) -> tuple[Blocks, ...]:
