@@ -869,7 +869,8 @@ def test_data_labels_declare_the_class_order(pos_neg_run):
     (("--config.data.name=synthetic", "--config.data.synthetic_labels=2"),
      "data.labels='0,1': data.name='synthetic' has the labels 0..N-1 of data.synthetic_labels"),
     (("--config.data.name=c4_demo", "--config.model.path=jaxft-tiny"),
-     "data.labels='0,1': declares the labels of classification or cloze, but the task is causal_lm"),
+     "data.labels='0,1': declares the labels of classification, cloze or token_classification, but the task is "
+     "causal_lm"),
     (("--config.data.labels=0,1,0",), "data.labels='0,1,0': label 0 is named twice")])
 def test_data_labels_where_they_mean_nothing_are_an_error(tmp_path, overrides, fragment):
     wd = tmp_path / "run"
