@@ -178,7 +178,8 @@ def test_decoder_only_model_refuses_seq2seq_through_the_cli(tmp_path):
             "--config.data.task=seq2seq", config="configs/e2e_t5.py")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: data.task='seq2seq' trains a seq2seq_lm head, which this llama "
-                                             "model does not have (its heads: causal_lm, classification)"]
+                                             "model does not have (its heads: causal_lm, classification, "
+                                             "token_classification)"]
     assert not (tmp_path / "run").exists()
 
 
