@@ -438,17 +438,23 @@ def test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported(tmp_pa
     assert_eight_devices_match_one(tmp_path, go, one=straight)
 
 
-def test_cli_lora_critic_beside_a_qlora_policy_trains_and_resumes_exactly(tmp_path, run):  # noqa: F811
-    """train.ppo_critic_method=lora beside a QLoRA policy: only the critic's LoRA factors and score head
-    train (the model line counts them as the objective's), its value loss falls, resume is exact with its
-    frozen weights read again (and quantized as the policy's base), jaxft.evaluate rebuilds the run, and a
-    2 x 2 x 2 mesh with micro-batches gives the same figures."""
+def lora_critic_beside_qlora(tmp_path, run):
+    """(the critic's HF config, its directory, the CLI arguments): train.ppo_critic_method=lora beside a
+    QLoRA policy."""
     config = transformers.LlamaConfig(**{**BASE, "vocab_size": 300, "num_labels": 1, "pad_token_id": 0})
     critic_dir = build_hf(tmp_path, config, "LlamaForSequenceClassification", sub="critic")[1]
     go = (*ppo_run(run), "--config.method.name=lora", "--config.method.rank=4", "--config.model.quantization=nf4",
           f"--config.train.ppo_critic={critic_dir}", "--config.train.ppo_critic_method=lora",
           "--config.optimizer.learning_rate=1e-2", "--config.train.steps=12", "--config.checkpoint.every_steps=6",
           "--config.eval.every_steps=12", "--config.eval.batch_size=16", "--config.export.enabled=False")
+    return config, critic_dir, go
+
+
+def test_cli_lora_critic_beside_a_qlora_policy_trains_and_resumes_exactly(tmp_path, run):  # noqa: F811
+    """train.ppo_critic_method=lora beside a QLoRA policy: only the critic's LoRA factors and score head
+    train (the model line counts them as the objective's), its value loss falls, resume is exact with its
+    frozen weights read again (and quantized as the policy's base), and jaxft.evaluate rebuilds the run."""
+    config, critic_dir, go = lora_critic_beside_qlora(tmp_path, run)
     straight = tmp_path / "straight"
     r = cli(straight, *go)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -462,7 +468,15 @@ def test_cli_lora_critic_beside_a_qlora_policy_trains_and_resumes_exactly(tmp_pa
     assert_resumes_exactly(straight, tmp_path / "split", go, 6, 12)
     final = [row for row in metrics(straight) if "eval/reward" in row][-1]  # jaxft.evaluate rebuilds the run
     assert evaluated_reward(tmp_path, go, straight) == pytest.approx(final["eval/reward"], abs=1e-6)
-    assert_eight_devices_match_one(tmp_path, go, one=straight)
+
+
+# slow: a critic sharded over a 2 x 2 x 2 mesh with micro-batches is checked in
+# test_cli_separate_critic_trains_resumes_exactly_and_is_never_exported, an NF4 base on 8 devices in
+# test_quant.py::test_qlora_cli_one_vs_eight_devices; this is the two together.
+@pytest.mark.slow
+def test_lora_critic_beside_a_qlora_policy_on_eight_devices(tmp_path, run):  # noqa: F811
+    """The run above on a 2 x 2 x 2 mesh with micro-batches: the same figures as one device."""
+    assert_eight_devices_match_one(tmp_path, lora_critic_beside_qlora(tmp_path, run)[2])
 
 
 def test_a_lora_critics_frozen_projections_are_quantized_as_the_policys_base(hf_pair, tmp_path):  # noqa: F811
