@@ -116,6 +116,19 @@ def test_bundled_model_card_matches_weights():
 # slow: ptuning_v2_bert.py; the bundled BERT's run and export is checked in [bitfit.py], a prefix method on BERT
 # in test_family_methods.py::test_method_on_family[bert-ptuning_v2], a ptuning_v2 config's run and adapter
 # export in test_pair_and_chinese_configs_run_and_export[rte_ptuning_v2.py-rte-labels0].
+def test_chinese_ner_config_runs_and_exports_a_token_classifier(tmp_path):
+    """configs/ner_adgen_bert.py: tagged characters, entity scores in the eval, a BertForTokenClassification
+    export that transformers reads with the tag names."""
+    import transformers
+
+    r = cli(tmp_path, *QUICK, config="configs/ner_adgen_bert.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"eval/entity_f1", "eval/entity_f1/颜色", "eval/f1/B-颜色"} <= set(final)
+    back = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "export")
+    assert type(back).__name__ == "BertForTokenClassification" and back.config.id2label[0] == "B-图案"
+
+
 @pytest.mark.parametrize("name", [pytest.param("ptuning_v2_bert.py", marks=pytest.mark.slow), "bitfit.py"])
 def test_encoder_configs_run_on_the_bundled_bert_and_export(tmp_path, name):
     """The encoder configs run offline on jaxft-tiny-bert; the export, on that base, scores the first 40

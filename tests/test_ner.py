@@ -129,6 +129,24 @@ def test_conll_files_read_as_tagged_words(tmp_path):
         read_file(bad)
 
 
+def test_bundled_sets_tag_their_attribute_values():
+    """e2e_ner and adgen_ner: each reference's words (E2E) or characters (ADGEN) that spell one of its record's
+    values, tagged with the attribute, longest value first; the first record of each, by hand."""
+    from jaxft.data.sources import BUNDLED
+
+    e2e = BUNDLED["e2e_ner"].reader(BUNDLED["e2e_ner"].train)
+    # name : Alimentum | area : city centre | family friendly : no||There is a place in the city centre , ...
+    assert e2e.rows[0]["tokens"][6:10] == ["city", "centre", ",", "Alimentum"]
+    assert e2e.rows[0]["ner_tags"] == ["O"] * 6 + ["B-area", "I-area", "O", "B-name"] + ["O"] * 8
+    adgen = BUNDLED["adgen_ner"].reader(BUNDLED["adgen_ner"].train)
+    # 类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞 || 简约而不简单的牛仔外套，白色的...
+    row = adgen.rows[0]
+    spans = [("".join(row["tokens"][i:j]), row["ner_tags"][i][2:]) for i, j in ((0, 2), (9, 11), (12, 14), (29, 31))]
+    assert spans == [("简约", "风格"), ("外套", "衣样式"), ("白色", "颜色"), ("破洞", "衣款式")]
+    assert row["ner_tags"][1] == "I-风格" and row["ner_tags"][7:9] == ["O", "O"]  # 牛仔 is not 牛仔布
+    assert len(adgen.rows) == 1070 and adgen.where[0].endswith("dev.json:1")
+
+
 def test_hub_tags_read_by_name():
     """A hub NER set's class numbers with the names its features declare (conll2003's ner_tags), other
     columns untouched."""

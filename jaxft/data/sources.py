@@ -45,6 +45,11 @@ BUNDLED = {
                        reader=lambda p: read_e2e(p)),
     "adgen": Bundled(ASSETS / "adgen" / "dev.json", None, "content", None, source_field="content",
                      target_field="summary"),
+    # Tagged words derived from the same two (`tag_values`): each reference's words (E2E) or characters
+    # (ADGEN) that spell one of its record's attribute values, tagged with the attribute, for NER.
+    "e2e_ner": Bundled(ASSETS / "e2e_nlg" / "valid.txt", ASSETS / "e2e_nlg" / "test.txt", "tokens", "ner_tags",
+                       reader=lambda p: e2e_tagged(p)),
+    "adgen_ner": Bundled(ASSETS / "adgen" / "dev.json", None, "tokens", "ner_tags", reader=lambda p: adgen_tagged(p)),
 }
 E2E_SEPARATOR = "||"  # E2E NLG's files: one `meaning representation||reference` pair a line
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll", ".bio", ".bmes")
@@ -177,6 +182,46 @@ def read_e2e(path: str | Path) -> Records:
         rows.append({"meaning_representation": mr.strip(), "human_reference": ref.strip()})
         where.append(f"{p}:{n}")
     return Records(rows, where)
+
+
+def tag_values(words: list[str], values: list[tuple[str, list[str]]]) -> list[str]:
+    """IOB2 tags of `words`: every run that spells a value (type, its words), longest values first, where no
+    longer one was found; the rest O. Distant supervision: a mention that paraphrases the value is missed."""
+    tags = ["O"] * len(words)
+    for kind, value in sorted(values, key=lambda v: -len(v[1])):
+        n = len(value)
+        for i in range(len(words) - n + 1):
+            if words[i:i + n] == value and all(t == "O" for t in tags[i:i + n]):
+                tags[i:i + n] = [f"B-{kind}"] + [f"I-{kind}"] * (n - 1)
+    return tags
+
+
+def e2e_tagged(path) -> Records:
+    """E2E NLG as NER: a reference's words (the files' tokenization), its meaning representation's values
+    tagged with their slot (`name`, `food`, `area`, ..., spaces as `_`); `family friendly`'s yes / no is
+    seldom spelled out."""
+    pairs = read_e2e(path)
+    rows = []
+    for row in pairs.rows:
+        slots = [part.split(":", 1) for part in row["meaning_representation"].split("|") if ":" in part]
+        values = [(key.strip().replace(" ", "_"), value.split()) for key, value in slots if value.split()]
+        words = row["human_reference"].split()
+        rows.append({"tokens": words, "ner_tags": tag_values(words, values)})
+    return Records(rows, pairs.where)
+
+
+def adgen_tagged(path) -> Records:
+    """ADGEN as Chinese NER: a description's characters (spaces dropped), the attribute values of its
+    `content` (`类型#上衣*颜色#白色*...`) tagged with their attribute (`颜色`, ...) where the text spells them."""
+    records = read_file(path)
+    rows = []
+    for i, row in enumerate(records.rows):
+        content, summary = field(records, i, "content"), field(records, i, "summary")
+        values = [(key, list(value)) for key, _, value in (part.partition("#") for part in str(content).split("*"))
+                  if key and value]
+        chars = [c for c in str(summary) if not c.isspace()]
+        rows.append({"tokens": chars, "ner_tags": tag_values(chars, values)})
+    return Records(rows, records.where)
 
 
 HUB_PREFIX = "hub:"  # data.name="hub:owner/name" (or "hub:DIR", a dataset repository on disk): always the hub
