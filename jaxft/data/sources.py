@@ -28,6 +28,7 @@ class Bundled:
     source_field: str = ""  # source -> target pairs (sft, seq2seq): the default data.source_field
     target_field: str = ""  # ... and data.target_field
     reader: Callable | None = None  # what reads its files (None: `read_file`)
+    labels: tuple = ()  # its classes, where the eval split has some the training split lacks (data.labels' default)
 
 
 BUNDLED = {
@@ -48,7 +49,9 @@ BUNDLED = {
     # Tagged words derived from the same two (`tag_values`): each reference's words (E2E) or characters
     # (ADGEN) that spell one of its record's attribute values, tagged with the attribute, for NER.
     "e2e_ner": Bundled(ASSETS / "e2e_nlg" / "valid.txt", ASSETS / "e2e_nlg" / "test.txt", "tokens", "ner_tags",
-                       reader=lambda p: e2e_tagged(p)),
+                       reader=lambda p: e2e_tagged(p),  # test.txt has multi-word foods, valid.txt none
+                       labels=("O", *(f"{p}-{slot}" for slot in ("name", "Type", "food", "price", "customer_rating",
+                                                                  "area", "family_friendly", "near") for p in "BI"))),
     "adgen_ner": Bundled(ASSETS / "adgen" / "dev.json", None, "tokens", "ner_tags", reader=lambda p: adgen_tagged(p)),
 }
 E2E_SEPARATOR = "||"  # E2E NLG's files: one `meaning representation||reference` pair a line
