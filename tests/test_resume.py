@@ -216,8 +216,7 @@ def test_checkpoint_of_an_older_layout_is_an_error(tmp_path):
     before = checksums(tmp_path)
     message = "written by an older jaxft that kept transformer.h.0.attn.c_attn's outputs in HF's order (layout 1)"
     one_line_error(cli(tmp_path, *GPT2, "--config.train.steps=4"), message)
-    r = evaluate("--config=configs/tiny_test.py", *GPT2, f"--checkpoint={tmp_path}",
-                     f"--out={tmp_path / 'eval'}")
+    r = evaluate("--config=configs/tiny_test.py", *GPT2, f"--checkpoint={tmp_path}", f"--out={tmp_path / 'eval'}")
     assert r.returncode != 0 and message in r.stderr and "--checkpoint=" in r.stderr, r.stderr
     assert checksums(tmp_path) == before
 
