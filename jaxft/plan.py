@@ -149,10 +149,8 @@ def head_of(config, fam) -> tuple[str, int | None, str]:
         if task == "classification":
             labels = len(tasks.declared_labels(d.get("labels", "")) or tasks.label_vocab(train, label_field))
         if task == "token_classification":  # as train.py reads tagged words
-            fields = tasks.tagged_fields(train, text_field, label_field, bool(d.text_field), bool(d.label_field))
-            declared = tasks.declared_labels(d.get("labels", "")) or list(
-                sources.BUNDLED[first].labels if first in sources.BUNDLED else ())
-            labels = len(tasks.tag_labels([train], *(fields or (text_field, label_field)), declared))
+            fields, declared = tasks.tagged_setup(d, first, train, text_field, label_field)
+            labels = len(tasks.tag_labels([train], *fields, declared))
     if task == "reward":  # one output: the score
         labels = 1
     from jaxft.objectives import head_for

@@ -188,9 +188,8 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     if task == "token_classification":
         if extra:
             raise JaxftError(f"data.name={d.name!r}: several sources are not supported for token_classification")
-        declared = declared or list(sources.BUNDLED[first].labels if first in sources.BUNDLED else ())
-        fields = tasks.tagged_fields(train_rec, text_field, label_field, bool(d.text_field), bool(d.label_field))
-        return tagged_data(train_rec, eval_rec, tok, seq_len, fields or (text_field, label_field), declared)
+        fields, declared = tasks.tagged_setup(d, first, train_rec, text_field, label_field)
+        return tagged_data(train_rec, eval_rec, tok, seq_len, fields, declared)
 
     def every_source():  # (name, train records, eval records or None, text field); data.max_*_examples each
         return [(first, train_rec, eval_rec, text_field)] + [(name, *source_records(name)[:3]) for name in extra]

@@ -27,7 +27,7 @@ import numpy as np
 from jaxft.data import preference, seq2seq
 from jaxft.data.embeddings import nearest
 from jaxft.data.sft import Fields, detect as detect_sft
-from jaxft.data.sources import Records, field
+from jaxft.data.sources import BUNDLED, Records, field
 from jaxft.errors import JaxftError
 
 
@@ -573,6 +573,15 @@ def tagged_fields(records: Records, text_field: str, label_field: str | None, te
     words = text_field if text_given or text_field in row else next((f for f in WORD_FIELDS if f in row), text_field)
     tags = label_field if label_given else next((f for f in (label_field, *TAG_FIELDS) if f and f in row), label_field)
     return (words, tags) if tags and isinstance(row.get(tags), list) else None
+
+
+def tagged_setup(d, source: str, records: Records, text_field: str, label_field: str | None):
+    """A token-classification source's ((words field, tags field), declared classes), as training and
+    `jaxft.plan` read it: `tagged_fields` (else the configured fields, whose records then say what is wrong),
+    and data.labels, else the bundled set's own classes."""
+    fields = tagged_fields(records, text_field, label_field, bool(d.text_field), bool(d.label_field))
+    declared = declared_labels(d.get("labels", "")) or list(BUNDLED[source].labels if source in BUNDLED else ())
+    return fields or (text_field, label_field), declared
 
 
 def words_and_tags(records: Records, i: int, words_field: str, tags_field: str) -> tuple[list[str], list]:

@@ -154,8 +154,9 @@ class Family:
     cache_reset: Callable[[Any], int | None] = lambda cfg: None
     # (cfg, HF module name) -> the order we store its output units in (our unit j is HF's unit order[j]), or
     # None for HF's own: the weight mapping and every adapter tensor along a module's outputs (LoRA's B,
-    # DoRA's magnitudes, IA3's output scales) convert with it. Llama's fused projections: see its
-    # gate_up_order and qkv_order (held so that a tensor-parallel shard multiplies what it holds).
+    # DoRA's magnitudes, IA3's output scales) convert with it. Fused projections, held so that a tensor-parallel
+    # shard multiplies what it holds: Llama's gate_up_proj (`gate_up_order`), Phi-3's qkv_proj and GPT-2's c_attn
+    # (`qkv_order`).
     hf_rows: Callable[[Any, str], Any] = lambda cfg, name: None
     encoder_decoder: bool = False
     fan_in_fan_out: bool = False  # HF stores the LoRA targets as Conv1D [in, out] (GPT-2): PEFT's flag
