@@ -233,10 +233,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.enabled = True
     c.export.dir = ""  # "" = <workdir>/export
 
-    # Mesh section: sizes of the data, fsdp and tensor axes; -1 takes the remaining devices.
+    # Mesh section: sizes of the data, fsdp, expert and tensor axes; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
+    # Expert parallelism: a mixture's experts split over this many devices, which take the batch's tokens
+    # to them; for the rest of the model (and a model without experts) it is one more data axis.
+    c.mesh.expert = 1
     c.mesh.tensor = 1
     # Multi-slice TPU: the data / fsdp axes also span this many slices (DCN); the sizes above are per slice.
     c.mesh.dcn_data = 1

@@ -343,10 +343,10 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     kind, where, step = checkpoint_kind(storage.path(checkpoint, "--checkpoint"))  # absolute: Orbax needs it
     mesh = sharding.make_mesh(config.mesh)
     batch = config.eval.batch_size or config.train.batch_size
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     if batch % shards:
-        raise JaxftError(f"eval batch {batch} must be divisible by the {shards} data-parallel shards of mesh "
-                         f"{dict(mesh.shape)} (set eval.batch_size)")
+        raise JaxftError(f"eval batch {batch} must be divisible by the {shards} data-parallel shards of "
+                         f"{sharding.described(mesh.shape.values())} (set eval.batch_size)")
 
     cfg, base_root, tokenizer_path = load_model_config(config)
     data = load_data(config, cfg, tokenizer_path)

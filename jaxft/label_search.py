@@ -194,7 +194,7 @@ def zero_shot(config, tool: str, log=print) -> ZeroShot:
                          "mask: expected one-token words (any, e.g. a first guess such as 'bad,good')")
     mesh = sharding.make_mesh(config.mesh)
     _, model, trainable, frozen = build_model(config, cfg, base_root, data, mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     batch = -(-(config.eval.batch_size or config.train.batch_size) // shards) * shards
     return ZeroShot(config, data, model, merge(trainable, frozen), mesh, batch, tool)
 

@@ -102,6 +102,7 @@ import re
 import jax
 import numpy as np
 
+from jaxft import sharding
 from jaxft.errors import JaxftError, one_line_errors
 
 
@@ -162,7 +163,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     """config -> the model, method, mesh and parameter shapes/shardings a run would build."""
     from jax.sharding import AbstractMesh
 
-    from jaxft import objectives, sharding
+    from jaxft import objectives
     from jaxft.config import validate
     from jaxft.models import family
     from jaxft.peft import build
@@ -171,11 +172,11 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     validate(config)
     num_devices = num_devices or jax.device_count()
     mesh = AbstractMesh(sharding.mesh_shape(config.mesh, num_devices), sharding.MESH_AXES)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     batch, accum = config.train.batch_size, config.train.grad_accum
     if (batch // accum) % shards:  # as jaxft.train refuses it
         raise JaxftError(f"train.batch_size={batch} (per micro-batch {batch // accum}) must be divisible by "
-                         f"the {shards} data-parallel shards of mesh {dict(mesh.shape)}")
+                         f"the {shards} data-parallel shards of {sharding.described(mesh.shape.values())}")
     cfg, _, tokenizer = load_model_config(config)  # config.json only
     head, labels, task = head_of(config, family.of(cfg))
     if head not in family.of(cfg).heads:  # e.g. T5 on synthetic tokens: its own (first) head, seq2seq_lm
@@ -218,7 +219,6 @@ def shapes_of(model, mesh) -> tuple[dict, dict]:
     """A model's parameters as flat path -> ShapeDtypeStruct (as `init` makes them) and -> NamedSharding."""
     import flax.linen as nn
 
-    from jaxft import sharding
     from jaxft.peft.partition import flat
 
     dummy = jax.ShapeDtypeStruct((1, 2), np.int32)
@@ -318,7 +318,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
     if fam.activation_blocks is None:
         raise JaxftError(f"model family {fam.name!r} does not describe its activations (Family.activation_blocks): "
                          "jaxft.plan cannot plan it")
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     tp = mesh.shape["tensor"]
     b = max(batch // config.train.grad_accum // shards, 1) * s.sequences  # rows of one micro-batch on one device
     p = s.num_prefix
@@ -389,16 +389,23 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         if blocks.experts:  # a mixture: each token's k copies through the experts it was routed to
             module, e, top, f_e = blocks.experts
             tuned = any(t_ and inside[i].match(path) and f"/{module}/" in path for path, t_ in s.trainable.items())
+            # Expert parallelism: a device holds e / ep experts and room for the tokens of the ep devices whose
+            # batch it shares, each token's min(k, e / ep) copies (the worst case, `llama.Experts.dispatch`), and
+            # their summed outputs. Per own token: `copies` routed rows, `gathered` tokens.
+            ep = mesh.shape[sharding.EXPERT_AXIS] if e % mesh.shape[sharding.EXPERT_AXIS] == 0 else 1
+            gathered = ep if sharding.EXPERT_AXIS in sharding.batch_axes_dividing(mesh, b * shards) else 1
+            e, copies = e // ep, (gathered * min(top, e // ep) if ep > 1 else top)
             # the routed copies and the down projections' inputs (the experts' weight gradients), their outputs
             # (the routing weights' gradient), the router's fp32 probabilities
-            keep += c * top * (d_model + split(f_e)) * tuned + c * top * d_model + 4 * e
-            kept += c * top * d_model  # the down projections' outputs, named as projections
-            outputs += top * (2 * split(f_e) + d_model)
+            keep += c * copies * (d_model + split(f_e)) * tuned + c * copies * d_model + 4 * e * ep
+            keep += c * 2 * d_model * gathered * (ep > 1)  # the gathered tokens and their outputs
+            kept += c * copies * d_model  # the down projections' outputs, named as projections
+            outputs += copies * (2 * split(f_e) + d_model)
             # stacked weights cast to the compute dtype (or dequantized) whole, once per layer
             casts += e * 3 * d_model * split(f_e) * ((4 if tuned else frozen_bytes) > c or (quantized and not tuned))
             if s.platform != "tpu":  # `grouped_matmul`: the routed rows padded to whole tiles per expert, in and
                 # out of both grouped matmuls, forward and backward (`TILED`)
-                rows = b * t * top
+                rows = b * t * copies
                 tile = grouped_tile(rows, e)
                 padded = (-(-rows // tile) + e) * tile
                 tiles = TILED[cfg.remat] * c * padded * (2 * d_model + 3 * split(f_e))
@@ -491,7 +498,7 @@ def estimate(s: Setup, batch: int | None = None) -> dict:
 
 def max_batch_size(s: Setup, device_memory: int) -> int:
     """The largest global batch (a multiple of the data shards x micro-batches) whose total fits."""
-    step = s.mesh.shape["data"] * s.mesh.shape["fsdp"] * s.config.train.grad_accum
+    step = sharding.batch_shards(s.mesh) * s.config.train.grad_accum
     fits = lambda n: estimate(s, n * step)["total"] <= device_memory  # noqa: E731
     if not fits(1):
         return 0

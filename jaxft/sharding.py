@@ -21,8 +21,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.errors import JaxftError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# A mixture's experts are split over `expert`; elsewhere in the model it is one more batch axis.
+BATCH_AXES = ("data", "fsdp", "expert")
+EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 
 RULES = (
@@ -34,7 +36,7 @@ RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("expert", None),  # a mixture's experts: each device holds every expert's slice of embed and mlp
+    ("expert", "expert"),  # a mixture's stacked experts: each device of the expert axis holds its share of them
     ("layers", None),
     ("norm", None),
     # Activations: attention heads and the MLP's hidden units stay split over the tensor axis between
@@ -45,32 +47,36 @@ RULES = (
 )
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+    """The sizes of MESH_AXES from `mesh.*` (`expert` may be left out: 1)."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     if sum(s == -1 for s in sizes) > 1:
-        raise JaxftError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+        raise JaxftError(f"{described(sizes)}: at most one axis may be -1")
     for a, s in zip(MESH_AXES, sizes):
         if s == 0 or s < -1:
             raise JaxftError(f"mesh.{a}={s}: expected a positive size or -1 (the remaining devices)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise JaxftError(f"mesh {dict(zip(MESH_AXES, sizes))}: {known} does not divide the {num_devices} devices")
+            raise JaxftError(f"{described(sizes)}: {known} does not divide the {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise JaxftError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but {num_devices} are available"
-        )
+        raise JaxftError(f"{described(sizes)} has {math.prod(sizes)} devices but {num_devices} are available")
     return tuple(sizes)
+
+
+def described(sizes) -> str:
+    """'mesh {...}' with the axes' sizes; the expert axis only where it is used."""
+    return f"mesh {({a: s for a, s in zip(MESH_AXES, sizes) if a != EXPERT_AXIS or s != 1})}"
 
 
 def device_grid(mesh_cfg, devices) -> np.ndarray:
     """Devices laid out as the (data, fsdp, tensor) mesh; one-line JaxftError if that cannot be built.
 
     `mesh.data/fsdp/tensor` are sizes within a slice (ICI); `mesh.dcn_data` / `mesh.dcn_fsdp` > 1
-    make a multi-slice mesh whose data / fsdp axes also span that many slices (DCN); tensor never does.
+    make a multi-slice mesh whose data / fsdp axes also span that many slices (DCN); expert and tensor never do.
     """
-    dcn = (int(mesh_cfg.get("dcn_data", 1)), int(mesh_cfg.get("dcn_fsdp", 1)), 1)
+    dcn = (int(mesh_cfg.get("dcn_data", 1)), int(mesh_cfg.get("dcn_fsdp", 1)), 1, 1)
     if min(dcn) < 1:
         raise JaxftError(f"mesh.dcn_data={dcn[0]}, mesh.dcn_fsdp={dcn[1]}: expected positive numbers of slices")
     slices = math.prod(dcn)
@@ -81,7 +87,7 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
     if slices == 1 and devices[0].platform == "tpu" and len(found) > 1:  # a multi-slice mesh laid out as one
         raise JaxftError(f"the {len(devices)} devices span {len(found)} slices: set mesh.dcn_data and mesh.dcn_fsdp "
                          f"so that their product is {len(found)}")
-    what = f"mesh {dict(zip(MESH_AXES, shape))}" + (f" x dcn {dict(zip(MESH_AXES, dcn))}" if slices > 1 else "")
+    what = described(shape) + (f" x dcn {dict(zip(BATCH_AXES[:2], dcn))}" if slices > 1 else "")
     try:
         if slices == 1:
             return mesh_utils.create_device_mesh(shape, devices=devices)
@@ -150,7 +156,7 @@ def constrain(x, logical: tuple):
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def on_batch_shards(fn, batched, *args, tensor=None):
+def on_batch_shards(fn, batched, *args, tensor=None, expert=None):
     """fn(*args) once per batch shard: a `shard_map` over the batch axes of the mesh in use (as `constrain`
     reads it; the other axes stay XLA's), the args flagged in `batched` split on their leading axis and the
     rest whole on each shard; fn's output is batched.
@@ -160,27 +166,38 @@ def on_batch_shards(fn, batched, *args, tensor=None):
     divide the rows are left out; with none left (no mesh, one device, a batch of one), fn(*args).
 
     `tensor`, per arg, the dimension split over the tensor axis (or None): when the axis divides each, it is
-    manual too and fn is called with `tensor_axis=` its name, to sum its partial results; else with None."""
+    manual too and fn is called with `tensor_axis=` its name, to sum its partial results; else with None.
+    `expert` likewise for the expert axis (fn's `expert_axis=`), where it splits a mixture's stacked experts:
+    fn is also told whether the batched args are split over it (`expert_tokens=`: each shard then holds its
+    own tokens, which must meet every shard's experts) or whole on each shard."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = batch_axes_dividing(mesh, next(a for a, split in zip(args, batched) if split).shape[0])
-    dims = tensor or (None,) * len(args)
-    split_tensor = (tensor is not None and not mesh.empty and TENSOR_AXIS in mesh.axis_names
-                    and mesh.shape[TENSOR_AXIS] > 1
-                    and all(d is None or x.shape[d] % mesh.shape[TENSOR_AXIS] == 0 for x, d in zip(args, dims)))
+    dims = {TENSOR_AXIS: tensor or (None,) * len(args), EXPERT_AXIS: expert or (None,) * len(args)}
+    manual = [name for name, asked in ((TENSOR_AXIS, tensor), (EXPERT_AXIS, expert)) if asked is not None
+              and not mesh.empty and name in mesh.axis_names and mesh.shape[name] > 1
+              and all(d is None or x.shape[d] % mesh.shape[name] == 0 for x, d in zip(args, dims[name]))]
     if tensor is not None:
-        fn = functools.partial(fn, tensor_axis=TENSOR_AXIS if split_tensor else None)
-    if not axes and not split_tensor:
+        fn = functools.partial(fn, tensor_axis=TENSOR_AXIS if TENSOR_AXIS in manual else None)
+    if expert is not None:
+        fn = functools.partial(fn, expert_axis=EXPERT_AXIS if EXPERT_AXIS in manual else None,
+                               expert_tokens=EXPERT_AXIS in axes)
+    if not axes and not manual:
         return fn(*args)
 
-    def spec(x, split, dim):
+    def spec(x, split, i):
         out = [tuple(axes) if split and axes else None] + [None] * (x.ndim - 1)
-        if split_tensor and dim is not None:
-            out[dim] = TENSOR_AXIS
+        for name in manual:
+            if dims[name][i] is not None:
+                out[dims[name][i]] = name
         return P(*out)
 
-    specs = tuple(spec(x, split, d) for x, split, d in zip(args, batched, dims))
-    manual = set(axes) | ({TENSOR_AXIS} if split_tensor else set())
-    return shard_map_over(fn, mesh, args, specs, P(tuple(axes) or None), axis_names=manual)
+    specs = tuple(spec(x, split, i) for i, (x, split) in enumerate(zip(args, batched)))
+    return shard_map_over(fn, mesh, args, specs, P(tuple(axes) or None), axis_names=set(axes) | set(manual))
+
+
+def batch_shards(mesh) -> int:
+    """Into how many shards the mesh splits a batch: its batch axes' devices."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
 
 
 def batch_axes_dividing(mesh, rows: int) -> list[str]:

@@ -439,7 +439,11 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     if head != want:
         raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
     check_task(data.task, cfg, head)
-    if config.model.router_aux_loss_coef > 0 and not getattr(cfg, "num_experts", 0):
+    experts, ep = getattr(cfg, "num_experts", 0), dict(mesh.shape).get("expert", 1) if mesh is not None else 1
+    if experts and ep > 1 and experts % ep:
+        raise JaxftError(f"mesh.expert={ep} does not divide this {cfg.model_type} model's {experts} experts: expected "
+                         "a divisor of them (each device of the expert axis holds as many)")
+    if config.model.router_aux_loss_coef > 0 and not experts:
         raise JaxftError(f"model.router_aux_loss_coef={config.model.router_aux_loss_coef}: this {cfg.model_type} model "
                          "has no experts (the loss balances a mixture of experts' routers): leave it at -1")
     cfg = cfg.replace(
@@ -710,13 +714,13 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
     storage.check_writable_dir(export_dir, "export.dir" if config.export.dir else "workdir")
     xla_cache = cache_dir(config.train.compilation_cache, workdir / "xla_cache")
     mesh = sharding.make_mesh(config.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     batch, accum = config.train.batch_size, config.train.grad_accum
     eval_batch = config.eval.batch_size or batch
     if (batch // accum) % shards or eval_batch % shards:
         raise JaxftError(
             f"train.batch_size={batch} (per micro-batch {batch // accum}) and eval batch {eval_batch} must be "
-            f"divisible by the {shards} data-parallel shards of mesh {dict(mesh.shape)}"
+            f"divisible by the {shards} data-parallel shards of {sharding.described(mesh.shape.values())}"
         )
 
     cfg, base_root, tokenizer_path = load_model_config(config)
@@ -744,7 +748,7 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
         f"method: {method.name} | "
         f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%)"
         f"{f' + {n_own:,} of the {objective.name} objective' if n_own else ''} | "
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es) | "
+        f"{sharding.described(mesh.shape.values())} over {jax.device_count()} devices, {jax.process_count()} process(es) | "
         f"MFU against {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})"
     )
     if n_train == 0:

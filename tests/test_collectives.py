@@ -73,7 +73,8 @@ def is_activation(shape) -> bool:
 
 def compile_step(mesh_sizes, method="full", grad_accum=1, batch_size=B, cfg=CFG) -> Step:
     c = base_config()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_sizes
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_sizes[:3]
+    c.mesh.expert = mesh_sizes[3] if len(mesh_sizes) > 3 else 1
     c.method.name, c.method.rank = method, RANK
     mesh = sharding.make_mesh(c.mesh)
     m = build(c.method, cfg)
@@ -259,6 +260,9 @@ def test_experts_route_each_shards_own_tokens(mesh):
     step = compile_step(mesh, "full", cfg=MOE)
     experts = [c for c in step.collectives if "/experts/" in c.where]
     assert not [c for c in experts if c.op in ("all-to-all", "collective-permute")], describe(step)
+    # nothing inside the grouped matmuls' loop over tiles (the stacked weights' gradients were once summed
+    # over the batch shards there, tile by tile)
+    assert not [c for c in experts if "dispatch/while/" in c.where], describe(step)
     if mesh[2] == 1:
         assert not [s for c in step.collectives for s in c.shapes if is_activation(s)], describe(step)
         if mesh == DATA:  # each layer's gradients summed over the batch shards once (the experts' gate and up
@@ -275,6 +279,54 @@ def test_experts_route_each_shards_own_tokens(mesh):
     assert max(summed.values()) <= 2, describe(step)  # a forward pass recomputed in the backward may repeat one
     assert {c.op for c in experts} <= {"all-reduce", "all-gather"}, describe(step)
     assert_gathers_only_parameters(step)
+
+
+def test_experts_split_over_the_expert_axis():
+    """Expert parallelism (mesh.expert=4 beside data=2; 4 experts, one per device of the expert axis): only
+    tokens move. Each layer gathers its shards' tokens with their routing over the expert axis and scatters
+    the summed outputs back (and the backward pass the reverse); an expert's weights never move, and their
+    gradients are summed over the data axis alone, once per layer, at their local size."""
+    step = compile_step((2, 1, 1, 4), "full", cfg=MOE)
+    experts = [c for c in step.collectives if "/experts/" in c.where]
+    assert not [c for c in experts if c.op in ("all-to-all", "collective-permute")], describe(step)
+    rows, k = B // 8, MOE.experts_per_token
+    moved = {(c.op, s) for c in experts for s in c.shapes if is_activation(s)}
+    assert moved == {("all-gather", (4 * rows, T, HIDDEN)), ("all-gather", (4 * rows, T, k)),
+                     ("reduce-scatter", (rows, T, HIDDEN)), ("reduce-scatter", (rows, T, k))}, describe(step)
+    stacked = {s for p, s in step.trainable.items() if "/experts/" in p}
+    assert stacked and not [s for c in step.collectives for s in c.shapes if s[-3:] in stacked], describe(step)
+    local = collections.Counter(s for c in ops(step, "all-reduce", in_layer=True) for s in c.shapes
+                                if s in {(1,) + w[1:] for w in stacked} | {(1, HIDDEN, 2 * MOE.moe_intermediate_size)})
+    assert sorted(local) == [(1, MOE.moe_intermediate_size, HIDDEN), (1, HIDDEN, 2 * MOE.moe_intermediate_size)]
+    assert max(local.values()) == 1, describe(step)
+
+
+@pytest.mark.parametrize("mesh, rows", [((2, 1, 1, 4), 16), ((1, 2, 2, 2), 16), ((2, 1, 1, 4), 6)],
+                         ids=["data-expert", "fsdp-tensor-expert", "tokens-whole"])
+def test_expert_parallel_gradients_match_one_device(mesh, rows):
+    """Expert parallelism is exact: the loss and every gradient as on one device, with each shard's tokens
+    gathered over the expert axis, beside FSDP and tensor shards, or (6 rows: the expert axis does not split
+    them) with every token already on each shard of it."""
+    model = family.of(MOE).model(MOE)
+    ids = np.random.default_rng(0).integers(0, MOE.vocab_size, (rows, T)).astype(np.int32)
+
+    def loss(params, ids):
+        logits = model.apply({"params": params}, ids, jnp.ones_like(ids))[0]
+        return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+
+    one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    want = jax.jit(jax.value_and_grad(loss))(init_params(model, None, one, 0), ids)
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = mesh
+    mesh = sharding.make_mesh(c.mesh)
+    params = init_params(model, None, mesh, 0)
+    assert params["layers"]["mlp"]["experts"]["gate_proj"].sharding.spec[1] == "expert"
+    rows_on = sharding.batch_sharding(mesh) if rows % sharding.batch_shards(mesh) == 0 else sharding.replicated(mesh)
+    with sharding.axis_rules(mesh):
+        got = jax.jit(jax.value_and_grad(loss))(params, jax.device_put(ids, rows_on))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for path, g in flat(got[1]).items():
+        np.testing.assert_allclose(np.asarray(g), np.asarray(flat(want[1])[path]), atol=1e-6, err_msg=path)
 
 
 @pytest.mark.parametrize("rows", [16, 4, 3])

@@ -70,11 +70,14 @@ def tiny_moe(root):
     return root
 
 
-# slow: full repeats qlora's sharded experts' module and grouped matmuls, with their gradients as well.
-@pytest.mark.parametrize("method", [pytest.param("full", marks=pytest.mark.slow), "qlora"])
-def test_experts_sharded_match_one_device(tmp_path, method):
-    """A Qwen3-MoE (stacked experts, grouped matmuls over tokens sorted by expert) over FSDP x 4 tensor shards:
-    the same losses as one device, training every expert (full) or LoRA over NF4 experts (qlora)."""
+# slow: full repeats qlora's sharded experts' module and grouped matmuls, with their gradients as well
+# (test_collectives.test_expert_parallel_gradients_match_one_device checks those without the CLI).
+@pytest.mark.parametrize("method, mesh", [pytest.param("full", (1, 2, 1, 4), marks=pytest.mark.slow),
+                                          ("qlora", (1, 2, 2, 2))])
+def test_experts_sharded_match_one_device(tmp_path, method, mesh):
+    """A Qwen3-MoE (stacked experts, grouped matmuls over tokens sorted by expert) over FSDP x 4 tensor shards,
+    or FSDP x 2 expert x 2 tensor shards: the same losses as one device, training every expert (full) or LoRA
+    over NF4 experts (qlora)."""
     run = (*RUN, f"--config.model.path={tiny_moe(tmp_path / 'moe')}")
     if method == "qlora":
         run += ("--config.method.name=lora", "--config.model.quantization=nf4")
@@ -82,7 +85,8 @@ def test_experts_sharded_match_one_device(tmp_path, method):
     r = cli(one, *run, "--config.mesh.data=1")
     assert r.returncode == 0, r.stderr
     assert "model: qwen3_moe 2x32" in r.stdout
-    r = cli(eight, *run, "--config.mesh.fsdp=2", "--config.mesh.tensor=4", devices=8)
+    r = cli(eight, *run, *(f"--config.mesh.{a}={n}" for a, n in zip(("data", "fsdp", "expert", "tensor"), mesh)),
+            devices=8)
     assert r.returncode == 0, r.stderr
     ref, got = losses(one), losses(eight)
     assert got.keys() == ref.keys() == {1, 2, 3, 4}
@@ -91,13 +95,17 @@ def test_experts_sharded_match_one_device(tmp_path, method):
 
 def test_router_balance_loss_setting(tmp_path):
     """`model.router_aux_loss_coef` turns on a mixture's load-balancing loss without editing config.json: near
-    balance it is about experts-per-token (2) times the weight; asked of a dense model, it is one line."""
+    balance it is about experts-per-token (2) times the weight; asked of a dense model, it is one line, as is
+    an expert axis that does not divide the experts."""
     run = (*RUN, f"--config.model.path={tiny_moe(tmp_path / 'moe')}", "--config.train.steps=1")
     plain, balanced = tmp_path / "plain", tmp_path / "balanced"
     assert cli(plain, *run).returncode == 0
     r = cli(balanced, *run, "--config.model.router_aux_loss_coef=0.5")
     assert r.returncode == 0, r.stderr
     assert 0.5 * 1.5 < losses(balanced)[1] - losses(plain)[1] < 0.5 * 4
+    r = cli(tmp_path / "eight", *run, "--config.mesh.expert=8", devices=8)  # 4 experts
+    assert r.returncode != 0 and "mesh.expert=8 does not divide this qwen3_moe model's 4 experts" in r.stderr
+    assert not (tmp_path / "eight" / "checkpoints").exists()
     r = cli(tmp_path / "dense", *RUN, "--config.model.router_aux_loss_coef=0.5")
     assert r.returncode != 0 and "model.router_aux_loss_coef=0.5: this llama model has no experts" in r.stderr
     assert not (tmp_path / "dense" / "checkpoints").exists()
@@ -307,28 +315,28 @@ def test_dcn_data_spans_slices():
     from jaxft.sharding import device_grid
 
     grid = device_grid(mesh_cfg(data=1, fsdp=4, dcn_data=2), tpu_slices(2))
-    assert grid.shape == (2, 4, 1)
+    assert grid.shape == (2, 4, 1, 1)
     assert (slice_of(grid)[0] == 0).all() and (slice_of(grid)[1] == 1).all()  # the data axis crosses DCN
     assert sorted(d.id for d in grid.flat) == list(range(8))
     # -1 takes the remaining devices of one slice; the dcn factor multiplies it.
-    assert device_grid(mesh_cfg(data=-1, dcn_data=2), tpu_slices(2)).shape == (8, 1, 1)
+    assert device_grid(mesh_cfg(data=-1, dcn_data=2), tpu_slices(2)).shape == (8, 1, 1, 1)
 
 
 def test_dcn_fsdp_spans_slices():
     from jaxft.sharding import device_grid
 
     grid = device_grid(mesh_cfg(data=2, fsdp=2, dcn_fsdp=2), tpu_slices(2))
-    assert grid.shape == (2, 4, 1)
+    assert grid.shape == (2, 4, 1, 1)
     assert (slice_of(grid)[:, :2] == 0).all() and (slice_of(grid)[:, 2:] == 1).all()
     # Within a slice the ICI layout is mesh_utils' own (a 2x2 chip grid), not the devices' list order.
-    np.testing.assert_array_equal(grid[:, :2, 0], mesh_utils.create_device_mesh((2, 2), tpu_slices(1)))
+    np.testing.assert_array_equal(grid[:, :2, 0, 0], mesh_utils.create_device_mesh((2, 2), tpu_slices(1)))
 
 
 def test_make_mesh_on_cpu_devices():
     from jaxft.sharding import make_mesh
 
     mesh = make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 

@@ -92,9 +92,14 @@ def grouped_matmul(x, w, sizes):
     times its own weights, what `jax.lax.ragged_dot` computes. Each group is padded to whole tiles of rows
     and every tile is one [tile, K] x [K, N] product with its group's weights (a `lax.map`): the work is
     the rows' own plus at most a tile per group, where XLA's CPU and GPU lowering of `ragged_dot` multiplies
-    every row by every group's weights (64 groups on 2 CPU cores: 14x the time, 18x the memory; BENCHMARKS)."""
+    every row by every group's weights (64 groups on 2 CPU cores: 14x the time, 18x the memory; BENCHMARKS).
+    Rows past sum(sizes) belong to no group (an expert-parallel shard's room for the worst case): the tiles
+    past the last group's are skipped (a `lax.cond`), their rows' results are zero."""
     m, k = x.shape
     g, _, n = w.shape
+    # Under `shard_map`, weights whole on each shard meet its own rows here, once: inside the tiles' loop the
+    # weights' gradient would be summed over the shards tile by tile.
+    w = varying(w, varying_axes(x) - varying_axes(w))
     tile = grouped_tile(m, g)
     count = -(-m // tile) + g
     padded = (sizes + tile - 1) // tile * tile
@@ -107,10 +112,26 @@ def grouped_matmul(x, w, sizes):
     offset = at - padded_starts[group]
     real = (at < ends[-1]) & (offset < sizes[group])
     rows = jnp.where(real[:, None], x[jnp.where(real, starts[group] + offset, 0)], 0).reshape(count, tile, k)
-    products = jax.lax.map(lambda a: jnp.dot(a[0], jax.lax.dynamic_index_in_dim(w, a[1], keepdims=False)),
-                           (rows, tiles))
+    def product(a):
+        rows, group, live = a
+        kernel = jax.lax.dynamic_index_in_dim(w, group, keepdims=False)
+        skipped = varying(jnp.zeros((tile, n), jnp.result_type(x, w)), varying_axes(rows) | varying_axes(kernel))
+        return jax.lax.cond(live, lambda: jnp.dot(rows, kernel), lambda: skipped)
+
+    products = jax.lax.map(product, (rows, tiles, at[::tile] < ends[-1]))
     of_row = jnp.repeat(jnp.arange(g), sizes, total_repeat_length=m)
-    return products.reshape(-1, n)[padded_starts[of_row] + jnp.arange(m) - starts[of_row]]
+    out = products.reshape(-1, n)[padded_starts[of_row] + jnp.arange(m) - starts[of_row]]
+    return jnp.where((jnp.arange(m) < starts[-1] + sizes[-1])[:, None], out, 0)
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes over which x differs between shards inside a `shard_map` (none outside one)."""
+    return frozenset(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", ()))
+
+
+def varying(x, axes):
+    """x marked as differing over `axes` too (`jax.lax.pcast`): its gradient is summed over them there."""
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
 def recomputed(fn, static_argnums=()):

@@ -266,24 +266,40 @@ class Experts(nn.Module):
         Each batch shard sorts and multiplies its own tokens (`on_batch_shards`): over the global batch, XLA
         gathers every token onto every device and each repeats the whole mixture's work. Under tensor
         parallelism each shard holds its slice of every expert's units and the experts' output is summed over
-        the tensor axis once, after each token's k copies are combined."""
+        the tensor axis once, after each token's k copies are combined. Under expert parallelism each shard
+        of the expert axis holds E / that many experts (`dispatch`)."""
         cfg = self.cfg
         e, f, d = cfg.num_experts, cfg.moe_intermediate_size, x.shape[-1]
         gate = self.weights("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
         up = self.weights("up_proj", (e, d, f), ("expert", "embed", "mlp"))
         down = self.weights("down_proj", (e, f, d), ("expert", "mlp", "embed"))
         return on_batch_shards(self.dispatch, (True, True, True, False, False, False), x, weights, chosen, gate, up,
-                               down, tensor=(None, None, None, 2, 2, 1))
+                               down, tensor=(None, None, None, 2, 2, 1), expert=(None, None, None, 0, 0, 0))
 
-    def dispatch(self, x, weights, chosen, gate, up, down, tensor_axis=None):
+    def dispatch(self, x, weights, chosen, gate, up, down, tensor_axis=None, expert_axis=None, expert_tokens=False):
+        """One shard's tokens through its experts. Under expert parallelism (`expert_axis`: gate, up, down hold
+        this shard's E / n experts) the shards' tokens are gathered over the axis (`expert_tokens`: else each
+        shard holds them all already), each shard multiplies the copies routed to its own experts, and the
+        partial outputs are summed back onto each token's shard: Megatron's all-gather dispatcher, exact and
+        dropless. Its routed rows are sized for the worst case, each token's min(k, E / n) copies all routed
+        here; `grouped_matmul` skips the tiles past the routed rows."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         shape, k = x.shape, chosen.shape[-1]
-        if tensor_axis:  # varying over the tensor shards from here: their gradients are summed here, once
-            x, weights = jax.lax.pcast((x, weights), tensor_axis, to="varying")
-        x, flat = x.reshape(-1, shape[-1]), chosen.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
+        # varying over the tensor (and, whole on each, expert) shards from here: their gradients are summed here
+        spread = tuple(a for a in (tensor_axis, None if expert_tokens else expert_axis) if a)
+        if spread:
+            x, weights = jax.lax.pcast((x, weights), spread, to="varying")
+        local, rows = gate.shape[0], x.shape[0] * x.shape[1] * k
+        if expert_axis and expert_tokens:  # every shard's tokens (the backward pass sums their gradients back)
+            x, weights, chosen = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, weights, chosen))
+        if expert_axis:  # this shard's experts by their index here; the others' copies sort last, past `local`
+            chosen = chosen - jax.lax.axis_index(expert_axis) * local
+            chosen = jnp.where((chosen >= 0) & (chosen < local), chosen, local)
+            rows = x.shape[0] * x.shape[1] * min(k, local)
+        gathered, x, flat = x.shape, x.reshape(-1, shape[-1]), chosen.reshape(-1)
+        order = jnp.argsort(flat, stable=True)[:rows]
         token = order // k  # the token each sorted row copies
-        sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+        sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
         # named as `Linear` names its outputs: remat "none" and "save_dots" keep them (XLA's dots_saveable
         # knows dot_general, not ragged_dot)
         grouped = jax.lax.ragged_dot if jax.default_backend() == "tpu" else grouped_matmul
@@ -291,10 +307,15 @@ class Experts(nn.Module):
         gate_up = jnp.concatenate([gate.astype(dt), up.astype(dt)], axis=-1)  # one grouped product for both
         gate, up = jnp.split(product(x[token].astype(dt), gate_up), 2, axis=-1)
         y = product(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down)
-        y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+        routed = jnp.arange(rows) < jnp.sum(sizes)  # the rows past the routed ones go to other shards' experts
+        y = jnp.where(routed[:, None], y * weights.reshape(-1)[order][:, None].astype(y.dtype), 0)
         out = jnp.zeros(x.shape, y.dtype).at[token].add(y)
         if tensor_axis:  # each shard's units' share of every token's output
             out = jax.lax.psum(out, tensor_axis)
+        if expert_axis and expert_tokens:  # each shard's experts' share of its own tokens' outputs
+            return jax.lax.psum_scatter(out.reshape(gathered[:2] + shape[-1:]), expert_axis, tiled=True)
+        if expert_axis:
+            out = jax.lax.psum(out, expert_axis)
         return out.reshape(shape)
 
     def weights(self, name: str, shape, axes):
