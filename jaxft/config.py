@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Classification and cloze: the labels and their order (class 0 first), comma-separated, e.g. "neg,pos" or
     # "0,1"; a record whose label is not one of them is an error. "" = the training set's labels, sorted.
     c.data.labels = ""
+    # token_classification: a word's later sub-word tokens are trained on its tag too (B-X as I-X, or M-X in BMES),
+    # as HF run_ner's label_all_tokens; training split only: evaluation scores a tag per word either way.
+    c.data.label_all_tokens = False
     c.data.text_pair_field = ""  # classification of pairs: the second text (RTE's hypothesis; "" = the set's own or none)
     # token_type_ids in the batch (0 first text, 1 second): auto = for pairs on a model with token-type
     # embeddings (BERT's), as HF's tokenizers give them; True / False force them on or off.

@@ -339,6 +339,7 @@ def evaluate(config, checkpoint: str, *, split: str = "validation", max_examples
     with config.unlocked():
         config.eval.max_new_tokens = config.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
         config.eval.num_beams = config.eval.num_beams if num_beams is None else num_beams
+        config.data.label_all_tokens = False  # tags scored per word (--split=train too), as training's eval does
     validate(config)
     kind, where, step = checkpoint_kind(storage.path(checkpoint, "--checkpoint"))  # absolute: Orbax needs it
     mesh = sharding.make_mesh(config.mesh)

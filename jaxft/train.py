@@ -101,6 +101,9 @@ def load_data(config, cfg, tokenizer_path) -> Data:
     data = _load_data(config, cfg, tokenizer_path)
     if data.task in ("causal_lm", "sft") and config.data.seq_len < 2:
         raise JaxftError(f"data.seq_len={config.data.seq_len}: a causal LM needs at least 2 tokens per sequence")
+    if config.data.get("label_all_tokens", False) and data.task != "token_classification":
+        raise JaxftError(f"data.label_all_tokens=True: labels every token of tagged words, and the task is "
+                         f"{data.task}: expected data.task=token_classification (NER)")
     return data
 
 
@@ -189,7 +192,7 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
         if extra:
             raise JaxftError(f"data.name={d.name!r}: several sources are not supported for token_classification")
         fields, declared = tasks.tagged_setup(d, first, train_rec, text_field, label_field)
-        return tagged_data(train_rec, eval_rec, tok, seq_len, fields, declared)
+        return tagged_data(train_rec, eval_rec, tok, seq_len, fields, declared, bool(d.get("label_all_tokens")))
 
     def every_source():  # (name, train records, eval records or None, text field); data.max_*_examples each
         return [(first, train_rec, eval_rec, text_field)] + [(name, *source_records(name)[:3]) for name in extra]
@@ -280,9 +283,12 @@ def _load_data(config, cfg, tokenizer_path) -> Data:
     return Data(train, ev, task, labels, tok, m.groups, m.weights, m.names, records, transform)
 
 
-def tagged_data(train_rec, eval_rec, tok, seq_len: int, fields: tuple[str, str], declared: list) -> Data:
+def tagged_data(train_rec, eval_rec, tok, seq_len: int, fields: tuple[str, str], declared: list,
+                all_tokens: bool = False) -> Data:
     """Tagged words (NER, `jaxft.data.tasks.token_classification`): every tag of both splits checked before
-    anything is tokenized; the classes are the training tags (or `data.labels`)."""
+    anything is tokenized; the classes are the training tags (or `data.labels`). `all_tokens`
+    (`data.label_all_tokens`) labels the training split's every token; the eval split keeps a label per word,
+    so entity scores count words with or without it."""
     from jaxft.data import tasks
     from jaxft.errors import JaxftError
 
@@ -295,7 +301,7 @@ def tagged_data(train_rec, eval_rec, tok, seq_len: int, fields: tuple[str, str],
             if unseen is not None:
                 raise JaxftError(f"{eval_rec.where[i]}: tag {unseen!r} never occurs in the training set, whose tags "
                                  f"are {sorted(known, key=str)} (data.labels declares the tag set)")
-    train, cut, empty = tasks.token_classification(train_rec, tok, seq_len, *fields, labels)
+    train, cut, empty = tasks.token_classification(train_rec, tok, seq_len, *fields, labels, all_tokens)
     ev = tasks.token_classification(eval_rec, tok, seq_len, *fields, labels)[0] if eval_rec else None
     if cut:
         log(f"note: {cut} of {len(train_rec.rows)} training sentences were cut to data.seq_len={seq_len} tokens "

@@ -87,6 +87,59 @@ def test_tags_align_with_transformers(tiny_bert):
     assert several  # some words are several tokens
 
 
+def test_label_all_tokens_is_run_ners(tiny_bert):
+    """`data.label_all_tokens`: every token of a word labelled, as HF run_ner's `label_all_tokens` makes it from
+    `word_ids()` and its `b_to_i_label` (B-X's later tokens I-X); BMES's B-X goes to M-X, S-X and numbers stay."""
+    rows = sentences(60, 0) + [{"tokens": ["anna", "schwarzenegger"], "ner_tags": ["B-PER", "I-PER"]},
+                               {"tokens": ["schwarzenegger", "sang"], "ner_tags": ["O", "O"]}]
+    records = Records(rows, [f"x.jsonl:{i + 1}" for i in range(len(rows))])
+    labels = tasks.tag_labels([records], "tokens", "ner_tags", [])
+    arrays = tasks.token_classification(records, Tokenizer(tiny_bert), 24, "tokens", "ner_tags", labels, True)[0]
+    b_to_i = [labels.index(n.replace("B-", "I-")) if n.startswith("B-") and n.replace("B-", "I-") in labels else k
+              for k, n in enumerate(labels)]  # run_ner's b_to_i_label
+    ref = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    for i, row in enumerate(rows):
+        words = ref(row["tokens"], is_split_into_words=True, padding="max_length", max_length=24).word_ids()
+        tags = [None if w is None else labels.index(row["ner_tags"][w]) for w in words]
+        want = [-100 if w is None else t if not k or words[k - 1] != w else b_to_i[t]
+                for k, (w, t) in enumerate(zip(words, tags))]
+        assert arrays["labels"][i].tolist() == want, row
+    assert labels.index("I-PER") in arrays["labels"][:60][arrays["input_ids"][:60] == ref.vocab["##gger"]]
+    assert tasks.continuation_classes(["B-X", "M-X", "E-X", "S-X", "O"]) == [1, 1, 2, 3, 4]
+    assert tasks.continuation_classes(["B-X", "I-X", "M-X", "S-X"]) == [1, 1, 2, 3]
+    assert tasks.continuation_classes([0, 1, 2]) == [0, 1, 2]
+
+
+def ner_data(tiny_bert, **settings):
+    """jaxft.train's data for `settings` (data.* keys) on the tiny BERT."""
+    from jaxft.config import base_config
+    from jaxft.train import load_data, load_model_config
+
+    c = base_config()
+    c.model.path, c.data.seq_len = str(tiny_bert), 24
+    c.data.update(settings)
+    cfg, _, tokenizer = load_model_config(c)
+    return load_data(c, cfg, tokenizer)
+
+
+def test_label_all_tokens_labels_the_training_split_only(tiny_bert, tmp_path):
+    """The eval split keeps a label per word, so that entity scores count the same words with the option."""
+    train, dev = write(tmp_path / "train.jsonl", sentences(40, 1)), write(tmp_path / "dev.jsonl", sentences(20, 2))
+    first = ner_data(tiny_bert, name=str(train), eval_name=str(dev))
+    every = ner_data(tiny_bert, name=str(train), eval_name=str(dev), label_all_tokens=True)
+    np.testing.assert_array_equal(every.eval["labels"], first.eval["labels"])
+    words = first.train["labels"] >= 0
+    np.testing.assert_array_equal(every.train["labels"][words], first.train["labels"][words])
+    assert (every.train["labels"][~words] >= 0).any()  # the later tokens of schwarzenegger
+
+
+def test_label_all_tokens_needs_tagged_words(tiny_bert, tmp_path):
+    path = write(tmp_path / "c.jsonl", [{"text": f"john lives in paris {i}", "label": i % 2} for i in range(4)])
+    with pytest.raises(JaxftError, match=r"^data.label_all_tokens=True: labels every token of tagged words, and "
+                                         r"the task is classification: expected data.task=token_classification"):
+        ner_data(tiny_bert, name=str(path), label_all_tokens=True)
+
+
 def test_long_sentences_keep_their_first_words_whole(tiny_bert):
     rows = [{"tokens": ["schwarzenegger"] * 6, "ner_tags": ["B-PER"] * 6}, {"tokens": ["a", "b"], "ner_tags": ["O"] * 2}]
     tok = Tokenizer(tiny_bert)

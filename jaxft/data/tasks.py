@@ -645,18 +645,30 @@ def tag_labels(splits: list[Records], words_field: str, tags_field: str, declare
     return sorted(seen)
 
 
-def token_classification(records: Records, tok, seq_len: int, words_field: str, tags_field: str, labels: list):
+def continuation_classes(labels: list) -> list[int]:
+    """The class of a word's later tokens by the class of its first, for `data.label_all_tokens`: B-X -> I-X
+    (HF run_ner's `b_to_i_label`), or M-X in BMES (no I-X); other tags and unnamed class numbers as they are."""
+    index = {v: k for k, v in enumerate(labels)}
+    # S-X (IOBES / BMES: a one-token entity split into sub-words) stays S-X, as HF's b_to_i_label leaves it
+    inside = [[f"I-{v[2:]}", f"M-{v[2:]}"] if isinstance(v, str) and v.startswith("B-") else [] for v in labels]
+    return [next((index[t] for t in names if t in index), k) for k, names in enumerate(inside)]
+
+
+def token_classification(records: Records, tok, seq_len: int, words_field: str, tags_field: str, labels: list,
+                         all_tokens: bool = False):
     """Tagged words -> (arrays, examples truncated, words without a token). Each word is tokenized as it
     stands in the sentence (the first on its own, the others after a space: `follow`), BOS/[CLS] before
     and EOS/[SEP] after; its tag is the label of its first token, -100 (no loss, no score) on its other
-    tokens and the special ones, as HF's token-classification recipes align them. A sentence too long
-    for `seq_len` keeps its first words whole and loses the rest (their tags are not scored). A word that
-    tokenizes to nothing has no label."""
+    tokens and the special ones, as HF's token-classification recipes align them; `all_tokens`
+    (`data.label_all_tokens`, training only): its other tokens get `continuation_classes`' label. A sentence
+    too long for `seq_len` keeps its first words whole and loses the rest (their tags are not scored). A word
+    that tokenizes to nothing has no label."""
     n = len(records.rows)
     ids = np.full((n, seq_len), tok.pad_id, np.int32)
     mask = np.zeros((n, seq_len), np.int32)
     y = np.full((n, seq_len), -100, np.int32)
     index = {v: k for k, v in enumerate(labels)}
+    later = continuation_classes(labels) if all_tokens else [-100] * len(labels)
     marks = marks_words(tok)
     room = seq_len - len(tok.bos) - len(tok.eos)
     truncated = empty = 0
@@ -672,7 +684,8 @@ def token_classification(records: Records, tok, seq_len: int, words_field: str, 
                 truncated += 1
                 break
             toks += pieces
-            tagged += [tag if isinstance(tag, int) else index[tag]] + [-100] * (len(pieces) - 1)
+            first = tag if isinstance(tag, int) else index[tag]
+            tagged += [first] + [later[first]] * (len(pieces) - 1)
         toks, tagged = toks + tok.eos, tagged + [-100] * len(tok.eos)
         ids[i, :len(toks)], mask[i, :len(toks)], y[i, :len(toks)] = toks, 1, tagged
     arrays = {"input_ids": ids, "attention_mask": mask, "labels": y, "weight": np.ones((n,), np.float32)}
