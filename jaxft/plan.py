@@ -389,18 +389,20 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         if blocks.experts:  # a mixture: each token's k copies through the experts it was routed to
             module, e, top, f_e = blocks.experts
             tuned = any(t_ and inside[i].match(path) and f"/{module}/" in path for path, t_ in s.trainable.items())
-            # Expert parallelism: a device holds e / ep experts and room for the tokens of the ep devices whose
-            # batch it shares, each token's min(k, e / ep) copies (the worst case, `llama.Experts.dispatch`), and
-            # their summed outputs. Per own token: `copies` routed rows, `gathered` tokens.
+            # Expert parallelism: a device holds e / ep experts and room for each token's min(k, e / ep) copies
+            # (the worst case). When it gathers the tokens of the ep devices whose batch it shares, it keeps them
+            # and their outputs, and runs one device's tokens at a time (`llama.Experts.dispatch`): under remat
+            # none it keeps every device's copies, under the others none.
             ep = mesh.shape[sharding.EXPERT_AXIS] if e % mesh.shape[sharding.EXPERT_AXIS] == 0 else 1
-            gathered = ep if sharding.EXPERT_AXIS in sharding.batch_axes_dividing(mesh, b * shards) else 1
-            e, copies = e // ep, (gathered * min(top, e // ep) if ep > 1 else top)
+            gathered = ep > 1 and sharding.EXPERT_AXIS in sharding.batch_axes_dividing(mesh, b * shards)
+            e, copies = e // ep, min(top, e // ep)  # routed rows per token
+            kept_copies = copies * (ep if cfg.remat == "none" else 0) if gathered else copies
             # the routed copies and the down projections' inputs (the experts' weight gradients), their outputs
             # (the routing weights' gradient), the router's fp32 probabilities
-            keep += c * copies * (d_model + split(f_e)) * tuned + c * copies * d_model + 4 * e * ep
-            keep += c * 2 * d_model * gathered * (ep > 1)  # the gathered tokens and their outputs
-            kept += c * copies * d_model  # the down projections' outputs, named as projections
-            outputs += copies * (2 * split(f_e) + d_model)
+            keep += c * kept_copies * (d_model + split(f_e)) * tuned + c * kept_copies * d_model + 4 * e * ep
+            keep += c * 2 * d_model * ep * gathered  # the gathered tokens and their outputs
+            kept += c * kept_copies * d_model  # the down projections' outputs, named as projections
+            outputs += kept_copies * (2 * split(f_e) + d_model)
             # stacked weights cast to the compute dtype (or dequantized) whole, once per layer
             casts += e * 3 * d_model * split(f_e) * ((4 if tuned else frozen_bytes) > c or (quantized and not tuned))
             if s.platform != "tpu":  # `grouped_matmul`: the routed rows padded to whole tiles per expert, in and

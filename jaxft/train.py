@@ -754,7 +754,8 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
         f"method: {method.name} | "
         f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%)"
         f"{f' + {n_own:,} of the {objective.name} objective' if n_own else ''} | "
-        f"{sharding.described(mesh.shape.values())} over {jax.device_count()} devices, {jax.process_count()} process(es) | "
+        f"{sharding.described(mesh.shape.values())} over {jax.device_count()} devices, "
+        f"{jax.process_count()} process(es) | "
         f"MFU against {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})"
     )
     if n_train == 0:

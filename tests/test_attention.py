@@ -237,7 +237,7 @@ def test_splash_per_shard_under_a_mesh(axes):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
     mesh_cfg = {"data": 2, "fsdp": 2, "tensor": 2}
-    mesh = sharding.make_mesh(mesh_cfg) if axes == "auto" else jax.make_mesh((2, 2, 2), sharding.MESH_AXES)
+    mesh = sharding.make_mesh(mesh_cfg) if axes == "auto" else jax.make_mesh((2, 2, 1, 2), sharding.MESH_AXES)
     q, k, v, mask = inputs("float32", (4, 2), 3)
     q, k, v, mask = (jnp.concatenate([x, x[:1]]) for x in (q, k, v, mask))  # 4 rows: over data x fsdp
     put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES)))  # noqa: E731

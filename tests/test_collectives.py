@@ -290,9 +290,9 @@ def test_experts_split_over_the_expert_axis():
     experts = [c for c in step.collectives if "/experts/" in c.where]
     assert not [c for c in experts if c.op in ("all-to-all", "collective-permute")], describe(step)
     rows, k = B // 8, MOE.experts_per_token
-    moved = {(c.op, s) for c in experts for s in c.shapes if is_activation(s)}
-    assert moved == {("all-gather", (4 * rows, T, HIDDEN)), ("all-gather", (4 * rows, T, k)),
-                     ("reduce-scatter", (rows, T, HIDDEN)), ("reduce-scatter", (rows, T, k))}, describe(step)
+    moved = {(c.op, math.prod(s)) for c in experts for s in c.shapes if is_activation(s)}  # (op, elements)
+    assert moved == {("all-gather", 4 * rows * T * HIDDEN), ("all-gather", 4 * rows * T * k),
+                     ("reduce-scatter", rows * T * HIDDEN), ("reduce-scatter", rows * T * k)}, describe(step)
     stacked = {s for p, s in step.trainable.items() if "/experts/" in p}
     assert stacked and not [s for c in step.collectives for s in c.shapes if s[-3:] in stacked], describe(step)
     local = collections.Counter(s for c in ops(step, "all-reduce", in_layer=True) for s in c.shapes
@@ -301,8 +301,9 @@ def test_experts_split_over_the_expert_axis():
     assert max(local.values()) == 1, describe(step)
 
 
-@pytest.mark.parametrize("mesh, rows", [((2, 1, 1, 4), 16), ((1, 2, 2, 2), 16), ((2, 1, 1, 4), 6)],
-                         ids=["data-expert", "fsdp-tensor-expert", "tokens-whole"])
+# slow: the same dispatch beside FSDP and tensor shards (test_sharding's qlora run holds its losses to one device's)
+@pytest.mark.parametrize("mesh, rows", [((2, 1, 1, 4), 16), pytest.param((1, 2, 2, 2), 16, marks=pytest.mark.slow),
+                                        ((2, 1, 1, 4), 6)], ids=["data-expert", "fsdp-tensor-expert", "tokens-whole"])
 def test_expert_parallel_gradients_match_one_device(mesh, rows):
     """Expert parallelism is exact: the loss and every gradient as on one device, with each shard's tokens
     gathered over the expert axis, beside FSDP and tensor shards, or (6 rows: the expert axis does not split

@@ -384,13 +384,15 @@ def test_a_mixture_of_experts_within_20_percent(method, remat, experts, per_toke
     assert plan.estimate(few)["activations"] < got["activations"]
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 1, 1, 4)],
-                         ids=["data8", "data2-fsdp4", "data2-expert4"])
-def test_a_mixture_of_experts_on_eight_devices_within_20_percent(mesh):
+@pytest.mark.parametrize("mesh, remat", [((8, 1, 1, 1), "none"), ((2, 4, 1, 1), "none"), ((2, 1, 1, 4), "none"),
+                                         ((2, 1, 1, 4), "full")],
+                         ids=["data8", "data2-fsdp4", "data2-expert4", "data2-expert4-remat-full"])
+def test_a_mixture_of_experts_on_eight_devices_within_20_percent(mesh, remat):
     """Each batch shard routes and multiplies its own tokens (`sharding.on_batch_shards`), so a device's
     routed copies are its own rows' k copies, as the plan counts them; under expert parallelism its room for
-    the tokens of the expert axis routed to its 2 of the 8 experts."""
-    c = moe_config("full", "none", 8, 2, 96)
+    the tokens of the expert axis routed to its 2 of the 8 experts, one source device's at a time under
+    remat full."""
+    c = moe_config("full", remat, 8, 2, 96)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = mesh
     got = plan.estimate(plan.setup(c, 8))
     want = compiled_bytes(c, 8, extra=family_batch)

@@ -21,6 +21,7 @@ weights to and from Hugging Face, and declares the family (`FAMILY`, see `jaxft.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -40,7 +41,7 @@ from jaxft.models.family import (  # noqa: F401 (REMAT, POOLING: re-exported)
 )
 from jaxft.models.layers import (  # noqa: F401 (last_token: re-exported)
     PROJECTION, ROPE_TYPES, Linear, RMSNorm, block_output, gated, grouped_matmul, last_token, param_with_axes, pool,
-    remat, rope, rope_switch_length, segment_positions,
+    remat, rope, rope_switch_length, segment_positions, varying, varying_axes,
 )
 from jaxft.quant import Quantized, dequantize
 from jaxft.sharding import constrain, on_batch_shards
@@ -281,42 +282,60 @@ class Experts(nn.Module):
         this shard's E / n experts) the shards' tokens are gathered over the axis (`expert_tokens`: else each
         shard holds them all already), each shard multiplies the copies routed to its own experts, and the
         partial outputs are summed back onto each token's shard: Megatron's all-gather dispatcher, exact and
-        dropless. Its routed rows are sized for the worst case, each token's min(k, E / n) copies all routed
-        here; `grouped_matmul` skips the tiles past the routed rows."""
-        cfg, dt = self.cfg, self.cfg.compute_dtype
-        shape, k = x.shape, chosen.shape[-1]
+        dropless. The routed rows have room for the worst case, each token's min(k, E / n) copies routed here.
+        The gathered tokens go through one source shard's at a time (a `jax.checkpoint`ed loop): under remat
+        "full" a shard then holds one source shard's rows at a time, as without expert parallelism, not n
+        times that, and under "save_dots" too (each chunk's products recomputed); "none" keeps every chunk's
+        products, as it keeps a layer's."""
+        dt, (k, local) = self.cfg.compute_dtype, (chosen.shape[-1], gate.shape[0])
         # varying over the tensor (and, whole on each, expert) shards from here: their gradients are summed here
         spread = tuple(a for a in (tensor_axis, None if expert_tokens else expert_axis) if a)
         if spread:
             x, weights = jax.lax.pcast((x, weights), spread, to="varying")
-        local, rows = gate.shape[0], x.shape[0] * x.shape[1] * k
-        if expert_axis and expert_tokens:  # every shard's tokens (the backward pass sums their gradients back)
-            x, weights, chosen = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, weights, chosen))
+        rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        if expert_axis and expert_tokens:  # every shard's tokens [n, B, T, .] (the backward sums their gradients back)
+            x, weights, chosen = (jax.lax.all_gather(a, expert_axis) for a in (x, weights, chosen))
         if expert_axis:  # this shard's experts by their index here; the others' copies sort last, past `local`
             chosen = chosen - jax.lax.axis_index(expert_axis) * local
             chosen = jnp.where((chosen >= 0) & (chosen < local), chosen, local)
-            rows = x.shape[0] * x.shape[1] * min(k, local)
-        gathered, x, flat = x.shape, x.reshape(-1, shape[-1]), chosen.reshape(-1)
-        order = jnp.argsort(flat, stable=True)[:rows]
-        token = order // k  # the token each sorted row copies
-        sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
-        # named as `Linear` names its outputs: remat "none" and "save_dots" keep them (XLA's dots_saveable
-        # knows dot_general, not ragged_dot)
-        grouped = jax.lax.ragged_dot if jax.default_backend() == "tpu" else grouped_matmul
-        product = lambda a, w: checkpoint_name(grouped(a, w.astype(dt), sizes), PROJECTION)  # noqa: E731
         gate_up = jnp.concatenate([gate.astype(dt), up.astype(dt)], axis=-1)  # one grouped product for both
-        gate, up = jnp.split(product(x[token].astype(dt), gate_up), 2, axis=-1)
-        y = product(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down)
-        routed = jnp.arange(rows) < jnp.sum(sizes)  # the rows past the routed ones go to other shards' experts
-        y = jnp.where(routed[:, None], y * weights.reshape(-1)[order][:, None].astype(y.dtype), 0)
-        out = jnp.zeros(x.shape, y.dtype).at[token].add(y)
+        # whole on each batch shard: marked varying once here, not in every chunk (their gradients summed once)
+        gate_up, down = (varying(w, varying_axes(x) - varying_axes(w)) for w in (gate_up, down.astype(dt)))
+        multiply = functools.partial(self.multiply, gate_up=gate_up, down=down, per_token=min(k, local))
+        if expert_axis and expert_tokens:
+            chunks = (a.reshape(a.shape[0], -1, a.shape[-1]) for a in (x, weights, chosen))
+            # remat save_dots / offload would keep every chunk's named products: unnamed, they are recomputed
+            named = self.cfg.remat == "none"
+            out = jax.lax.map(jax.checkpoint(lambda a: multiply(*a, named=named)), tuple(chunks))  # [n, B * T, D]
+        else:
+            out = multiply(rows(x), rows(weights), rows(chosen))
         if tensor_axis:  # each shard's units' share of every token's output
             out = jax.lax.psum(out, tensor_axis)
         if expert_axis and expert_tokens:  # each shard's experts' share of its own tokens' outputs
-            return jax.lax.psum_scatter(out.reshape(gathered[:2] + shape[-1:]), expert_axis, tiled=True)
+            return jax.lax.psum_scatter(out, expert_axis).reshape(x.shape[1:])
         if expert_axis:
             out = jax.lax.psum(out, expert_axis)
-        return out.reshape(shape)
+        return out.reshape(x.shape)
+
+    def multiply(self, x, weights, chosen, gate_up, down, per_token: int, named: bool = True):
+        """Tokens x [N, D], their experts `chosen` [N, k] (this shard's; `len(gate_up)`: another's) and router
+        weights -> the weighted sum of their experts' outputs [N, D]. The copies are sorted by expert into the
+        grouped matmuls, with room for `per_token` copies of each token. `named`: the products are named as
+        `Linear` names its outputs, so that remat "none" and "save_dots" keep them (XLA's dots_saveable knows
+        dot_general, not ragged_dot)."""
+        cfg, dt, k = self.cfg, self.cfg.compute_dtype, chosen.shape[-1]
+        local, flat = gate_up.shape[0], chosen.reshape(-1)
+        order = jnp.argsort(flat, stable=True)[:x.shape[0] * per_token]
+        token = order // k  # the token each sorted row copies
+        sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
+        grouped = jax.lax.ragged_dot if jax.default_backend() == "tpu" else grouped_matmul
+        name = (lambda y: checkpoint_name(y, PROJECTION)) if named else (lambda y: y)  # noqa: E731
+        product = lambda a, w: name(grouped(a, w, sizes))  # noqa: E731
+        gate, up = jnp.split(product(x[token].astype(dt), gate_up), 2, axis=-1)
+        y = product(gated(ACTIVATIONS[cfg.hidden_act], gate, up), down)
+        routed = jnp.arange(len(order)) < jnp.sum(sizes)  # the rows past the routed ones go to other shards' experts
+        y = jnp.where(routed[:, None], y * weights.reshape(-1)[order][:, None].astype(y.dtype), 0)
+        return jnp.zeros(x.shape, y.dtype).at[token].add(y)
 
     def weights(self, name: str, shape, axes):
         """A stacked weight, or its int8 / NF4 form under `model.quantization` (QLoRA), dequantized here."""
