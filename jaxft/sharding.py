@@ -71,7 +71,7 @@ def described(sizes) -> str:
 
 
 def device_grid(mesh_cfg, devices) -> np.ndarray:
-    """Devices laid out as the (data, fsdp, tensor) mesh; one-line JaxftError if that cannot be built.
+    """Devices laid out as the (data, fsdp, expert, tensor) mesh; one-line JaxftError if that cannot be built.
 
     `mesh.data/fsdp/tensor` are sizes within a slice (ICI); `mesh.dcn_data` / `mesh.dcn_fsdp` > 1
     make a multi-slice mesh whose data / fsdp axes also span that many slices (DCN); expert and tensor never do.

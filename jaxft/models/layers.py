@@ -94,12 +94,10 @@ def grouped_matmul(x, w, sizes):
     the rows' own plus at most a tile per group, where XLA's CPU and GPU lowering of `ragged_dot` multiplies
     every row by every group's weights (64 groups on 2 CPU cores: 14x the time, 18x the memory; BENCHMARKS).
     Rows past sum(sizes) belong to no group (an expert-parallel shard's room for the worst case): the tiles
-    past the last group's are skipped (a `lax.cond`), their rows' results are zero."""
+    past the last group's are skipped (a `lax.cond`), their rows' results are zero. Under `shard_map`, w
+    must vary over the manual axes x does (`varying`): else its gradient is summed over them tile by tile."""
     m, k = x.shape
     g, _, n = w.shape
-    # Under `shard_map`, weights whole on each shard meet its own rows here, once: inside the tiles' loop the
-    # weights' gradient would be summed over the shards tile by tile.
-    w = varying(w, varying_axes(x) - varying_axes(w))
     tile = grouped_tile(m, g)
     count = -(-m // tile) + g
     padded = (sizes + tile - 1) // tile * tile
