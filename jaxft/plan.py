@@ -167,7 +167,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     from jaxft.config import validate
     from jaxft.models import family
     from jaxft.peft import build
-    from jaxft.train import load_model_config, model_settings
+    from jaxft.train import check_expert_axis, load_model_config, model_settings
 
     validate(config)
     num_devices = num_devices or jax.device_count()
@@ -178,6 +178,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
         raise JaxftError(f"train.batch_size={batch} (per micro-batch {batch // accum}) must be divisible by "
                          f"the {shards} data-parallel shards of {sharding.described(mesh.shape.values())}")
     cfg, _, tokenizer = load_model_config(config)  # config.json only
+    check_expert_axis(cfg, mesh)  # as jaxft.train refuses it
     head, labels, task = head_of(config, family.of(cfg))
     if head not in family.of(cfg).heads:  # e.g. T5 on synthetic tokens: its own (first) head, seq2seq_lm
         head = family.of(cfg).heads[0]
@@ -393,7 +394,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
             # (the worst case). When it gathers the tokens of the ep devices whose batch it shares, it keeps them
             # and their outputs, and runs one device's tokens at a time (`llama.Experts.dispatch`): under remat
             # none it keeps every device's copies, under the others none.
-            ep = mesh.shape[sharding.EXPERT_AXIS] if e % mesh.shape[sharding.EXPERT_AXIS] == 0 else 1
+            ep = mesh.shape[sharding.EXPERT_AXIS]  # dividing e (`train.check_expert_axis`)
             gathered = ep > 1 and sharding.EXPERT_AXIS in sharding.batch_axes_dividing(mesh, b * shards)
             e, copies = e // ep, min(top, e // ep)  # routed rows per token
             kept_copies = copies * (ep if cfg.remat == "none" else 0) if gathered else copies

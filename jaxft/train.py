@@ -430,6 +430,17 @@ def init_params(model, base_root, mesh, seed: int, trainable=(r".",), weights=No
     return unflat(params)
 
 
+def check_expert_axis(cfg, mesh):
+    """A mixture's experts split evenly over the mesh's expert axis (training and `jaxft.plan` alike)."""
+    from jaxft import sharding
+    from jaxft.errors import JaxftError
+
+    experts, ep = getattr(cfg, "num_experts", 0), mesh.shape[sharding.EXPERT_AXIS]
+    if experts and experts % ep:
+        raise JaxftError(f"mesh.expert={ep} does not divide this {cfg.model_type} model's {experts} experts: expected "
+                         "a divisor of them (each device of the expert axis holds as many)")
+
+
 def build_model(config, cfg, base_root, data: Data, mesh):
     """-> (method, model, trainable, frozen params): the run's model as training starts it, the base's
     weights and the method's fresh parameters; `jaxft.evaluate` rebuilds it so, then restores the
@@ -445,11 +456,8 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     if head != want:
         raise JaxftError(f"model.head={head!r} does not fit data.task={data.task!r}")
     check_task(data.task, cfg, head)
-    experts, ep = getattr(cfg, "num_experts", 0), dict(mesh.shape).get("expert", 1) if mesh is not None else 1
-    if experts and ep > 1 and experts % ep:
-        raise JaxftError(f"mesh.expert={ep} does not divide this {cfg.model_type} model's {experts} experts: expected "
-                         "a divisor of them (each device of the expert axis holds as many)")
-    if config.model.router_aux_loss_coef > 0 and not experts:
+    check_expert_axis(cfg, mesh)
+    if config.model.router_aux_loss_coef > 0 and not getattr(cfg, "num_experts", 0):
         raise JaxftError(f"model.router_aux_loss_coef={config.model.router_aux_loss_coef}: this {cfg.model_type} model "
                          "has no experts (the loss balances a mixture of experts' routers): leave it at -1")
     cfg = cfg.replace(

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 
 from jaxft import objectives, plan, sharding
 from jaxft.config import base_config
+from jaxft.errors import JaxftError
 from jaxft.peft.partition import unflat
 from jaxft.step import TrainState, make_optimizer, make_train_step
 from test_train import ROOT, TINY
@@ -399,3 +400,10 @@ def test_a_mixture_of_experts_on_eight_devices_within_20_percent(mesh, remat):
     got = plan.estimate(plan.setup(c, 8))
     want = compiled_bytes(c, 8, extra=family_batch)
     assert got["total"] == pytest.approx(want, rel=0.2), (got, want)
+
+
+def test_an_expert_axis_that_does_not_divide_the_experts_is_refused_as_training_refuses_it():
+    c = moe_config("full", "none", 8, 2, 96)
+    c.mesh.data, c.mesh.expert, c.train.batch_size = 1, 3, 3
+    with pytest.raises(JaxftError, match=r"^mesh.expert=3 does not divide this qwen3_moe model's 8 experts"):
+        plan.setup(c, 3)
