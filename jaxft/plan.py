@@ -190,7 +190,7 @@ def setup(config, num_devices: int | None = None, platform: str | None = None) -
     platform = platform or jax.default_backend()
     objective = objectives.for_task(task, config.train, cfg, config.method)  # DPO, reward models: 2 rows a pair
     seq_len, target = config.data.seq_len, 0
-    if family.of(cfg).encoder_decoder:  # the prompt is the encoder's, the completion the decoder's
+    if family.decodes(cfg):  # the prompt is the encoder's, the completion the decoder's
         target = objective.new_tokens or (int(config.data.target_len) if task == "seq2seq" else 0) or seq_len
     rows, answer = cloze_shape(config, tokenizer, head) if task == "cloze" else (1, 1)
     length = seq_len + (0 if target else objective.new_tokens)
@@ -435,7 +435,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         # stacks' (T5's decoder, when this is its encoder) are freed by then
         backward = max(backward, saved_total + layer)
         stacks.append({"prefix": blocks.prefix, "per_layer": per_layer, "saved": saved})
-    if fam.encoder_decoder and stacks:
+    if family.decodes(cfg) and stacks:
         encoded = c * b * lengths["input"] * cfg.hidden_size  # the encoder's output, read by every cross-attention
         saved_total, backward = saved_total + encoded, backward + encoded
     t = lengths["target"]  # the head reads the last stack's rows (an encoder-decoder's: the decoder's)
@@ -451,7 +451,7 @@ def activation_bytes(s: Setup, batch: int) -> dict:
         loss = LOSS_CHUNK_BUFFERS * 4 * b * length * cfg.vocab_size / vocab_split
     elif cfg.head == "masked_lm":  # fp32 logits at the targets only, and their gradient (not measured):
         loss = 2 * 4 * b * tasks.mlm_width(t) * cfg.vocab_size / vocab_split  # BERT's 15%
-    tokens = lengths["input"] + (lengths["target"] if fam.encoder_decoder else 0)
+    tokens = lengths["input"] + (lengths["target"] if family.decodes(cfg) else 0)
     inputs_bytes = b * config.train.grad_accum * (tokens * 8 + 12)  # ids, mask (per stream), labels, weight
     total = max(backward, saved_total + loss) + inputs_bytes
     first = stacks[0] if stacks else {"per_layer": 0, "saved": 0}

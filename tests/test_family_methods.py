@@ -86,6 +86,10 @@ FAMILIES = {
            dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                 relative_attention_max_distance=20, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
                 tie_word_embeddings=False)),
+    # T5's token head: the encoder alone and a linear classifier per token (T5ForTokenClassification)
+    "t5_token": ("T5Config", "T5ForTokenClassification",
+                 dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                      relative_attention_max_distance=20, feed_forward_proj="gated-gelu", num_labels=3)),
 }
 
 LORA = dict(name="lora", rank=4, alpha=8.0)
@@ -129,6 +133,8 @@ OWN_LEAVES = {
 REFUSED = {
     ("gpt2", "head"): "tied embeddings would train the embeddings too",
     ("t5", "bitfit"): "has no bias parameters",
+    **{("t5_token", m): "no attention of this t5 model with head='token_classification' takes a prefix" for m in ("ptuning_v2", "prefix_tuning",
+                                                                                  "lora+ptuning_v2")},
 }
 PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "adalora": "ADALORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING",
               "ptuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING", "ptuning_v2": "PREFIX_TUNING"}
@@ -181,6 +187,8 @@ class Base:
         self.batch = {"input_ids": ids.astype(np.int32), "attention_mask": mask, "weight": np.ones(B, np.float32)}
         if self.cfg.head == "classification":
             self.batch["labels"] = np.array([0, 2], np.int32)
+        elif self.cfg.head == "token_classification":
+            self.batch["labels"] = np.where(mask == 1, rng.randint(0, 3, (B, T)), -100).astype(np.int32)
             if name == "bert":
                 self.batch["token_type_ids"] = ((np.arange(T)[None] >= 4) * mask).astype(np.int32)
         elif self.cfg.head == "seq2seq_lm":
@@ -200,8 +208,9 @@ class Base:
         return self.forward(model, params)[0]
 
     def real(self, logits):
-        """The positions both sides define: real tokens (causal LM), real decoder tokens (seq2seq)."""
-        if self.cfg.head == "causal_lm":
+        """The positions both sides define: real tokens (causal LM, token classifier), real decoder tokens
+        (seq2seq)."""
+        if self.cfg.head in ("causal_lm", "token_classification"):
             return logits[self.batch["attention_mask"].astype(bool)]
         if self.cfg.head == "seq2seq_lm":
             return logits[self.batch["decoder_attention_mask"].astype(bool)]
@@ -225,7 +234,8 @@ class Base:
             else:
                 out = model(**kw)
         logits = out.logits.float().numpy()
-        return logits[:, -T:] if self.cfg.head == "causal_lm" else logits  # causal: no virtual positions
+        per_token = self.cfg.head in ("causal_lm", "token_classification")
+        return logits[:, -T:] if per_token else logits  # PEFT's virtual positions are not the text's
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +273,7 @@ def train(base, model, method, params, lr):
 def expected_trainable(base, name, params) -> set:
     paths = set(flat(params))
     top = lambda p, mods: p.split("/")[0] in mods  # noqa: E731
-    classifier = {p for p in paths if top(p, CLASSIFIER)} if base.cfg.head == "classification" else set()
+    classifier = {p for p in paths if top(p, CLASSIFIER)} if base.cfg.head.endswith("classification") else set()
     if name == "full":
         return paths
     if name == "head":
@@ -289,6 +299,7 @@ def hf_modules_with(tensors: dict, leaf: str) -> set:
 
 
 CELLS = [(f, m) for f in ("llama", "gpt2", "bert", "t5") for m in METHODS if m not in FUSED_MLP]
+CELLS += [("t5_token", m) for m in ("head", "lora", "ia3", "prompt_tuning", "ptuning_v2")]
 CELLS += [("roberta", m) for m in ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "houlsby")]
 CELLS += [("qwen3", m) for m in ("full", "lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "ptuning_v2")]
 CELLS += [("glm4", m) for m in ("full", "lora", *FUSED_MLP, "dora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")]
@@ -320,6 +331,7 @@ DEFAULT_CELLS = {("llama", m) for m in METHODS} | {
     ("bert", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "ptuning_v2")} | {
     ("roberta", m) for m in ("lora", "prompt_tuning")} | {
     ("t5", m) for m in ("head", "bitfit", "lora", "ia3", "houlsby", "prompt_tuning", "ptuning_v2")} | {
+    ("t5_token", m) for m in ("head", "lora", "prompt_tuning", "ptuning_v2")} | {
     ("qwen3", m) for m in ("full", "lora", "ia3", "ptuning_v2")} | {
     ("glm4", m) for m in ("full", *FUSED_MLP, "ptuning_v2")} | {("phi3", m) for m in ("lora", "ia3")} | {
     ("gemma2", m) for m in ("lora", "ptuning_v2")} | {("gemma3", m) for m in ("full", "ia3", "prompt_tuning", "ptuning_v2")} | {

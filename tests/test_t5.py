@@ -12,8 +12,8 @@ import optax
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration,
-                          T5ForSequenceClassification)
+from transformers import (MT5Config, MT5ForConditionalGeneration, MT5ForTokenClassification, T5Config,
+                          T5ForConditionalGeneration, T5ForSequenceClassification, T5ForTokenClassification)
 
 from jaxft import hf
 from jaxft.errors import JaxftError
@@ -135,6 +135,32 @@ def test_classifier_matches_transformers(tmp_path):
     with torch.no_grad():
         again = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["v1.0", "mt5"])
+def test_token_classifier_matches_transformers(tmp_path, variant):
+    """T5ForTokenClassification / MT5ForTokenClassification: the encoder alone and a linear `classifier` per
+    token, padded on either side; saved back under the same class."""
+    config_cls, model_cls, kw = VARIANTS[variant]
+    token_cls = MT5ForTokenClassification if variant == "mt5" else T5ForTokenClassification
+    torch.manual_seed(4)
+    m = token_cls(config_cls(**TINY, num_labels=5, feed_forward_proj=kw["feed_forward_proj"])).eval()
+    m.save_pretrained(tmp_path / "tok")
+    ids, mask, _, _ = batch(10)  # row 1 padded right, row 2 left
+    with torch.no_grad():
+        ref = m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    model, params = hf.load(tmp_path / "tok")
+    assert model.cfg.head == "token_classification" and set(params) == {"shared", "encoder", "classifier"}
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    assert ours.shape == (3, 11, 5)
+    close(ours, ref, mask.astype(bool))
+    hf.save(model, params, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == [token_cls.__name__]
+    back = token_cls.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        again = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    close(again, ref, mask.astype(bool))
 
 
 def test_quantized_base(tiny):

@@ -159,6 +159,7 @@ class Family:
     # (`qkv_order`).
     hf_rows: Callable[[Any, str], Any] = lambda cfg, name: None
     encoder_decoder: bool = False
+    encoder_only_heads: tuple[str, ...] = ()  # an encoder-decoder's heads that read the encoder alone (`decodes`)
     fan_in_fan_out: bool = False  # HF stores the LoRA targets as Conv1D [in, out] (GPT-2): PEFT's flag
     # config -> the "a/b/kernel" path of the classifier's output projection (its width is num_labels)
     classifier_kernel: Callable[[Any], str] = lambda cfg: "score/kernel"
@@ -189,6 +190,13 @@ class Family:
     # multiplies them by before its projection (T5 v1.0: d_model**-0.5). PPO's value head reads the states
     # themselves, as TRL's value-head models read the last hidden states.
     head_scale: Callable[[Any], float] = lambda cfg: 1.0
+
+
+def decodes(cfg) -> bool:
+    """Whether the model runs a decoder over rows of its own (an encoder-decoder's target rows): not a
+    decoder-only model, nor an encoder-decoder's head that reads the encoder alone (T5's token head)."""
+    fam = of(cfg)
+    return fam.encoder_decoder and cfg.head not in fam.encoder_only_heads
 
 
 def get(model_type: str, where: str = "config") -> Family:

@@ -45,7 +45,9 @@ from jaxft.models.family import Blocks, Family, Settings, stack_layers
 from jaxft.models.layers import Linear, RMSNorm, block_output, gated, param_with_axes, pool, recomputed, remat
 from jaxft.sharding import constrain
 
-HEADS = ("seq2seq_lm", "classification")
+HEADS = ("seq2seq_lm", "classification", "token_classification")
+TASK_HEADS = ("classification", "token_classification")  # under "transformer." in HF, beside their head module
+HEAD_MODULES = ("lm_head", "classification_head", "classifier")
 ACTIVATIONS = {
     "relu": nn.relu,
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -403,7 +405,8 @@ def shift_right(ids, start: int, pad: int):
 
 class T5Model(nn.Module):
     """`apply({"params": p}, input_ids, attention_mask, decoder_input_ids=, decoder_attention_mask=)` ->
-    logits [B, T_dec, V] (seq2seq_lm) or [B, num_labels] (classification); `method="encode"` /
+    logits [B, T_dec, V] (seq2seq_lm), [B, num_labels] (classification) or [B, T, num_labels]
+    (token_classification: the encoder alone, as T5ForTokenClassification); `method="encode"` /
     `method="decode"` for generation (see the module docstring). Without decoder_input_ids the decoder
     reads the input shifted right (what `model.init(rng, ids)` and T5ForSequenceClassification do)."""
 
@@ -453,6 +456,8 @@ class T5Model(nn.Module):
             encoder_states = Encoder(cfg, self.hooks, name="encoder")(h, encoder_mask)
             if mode == "encode":
                 return encoder_states, encoder_mask
+            if cfg.head == "token_classification":
+                return self.token_head(encoder_states[:, encoder_states.shape[1] - input_ids.shape[1]:])
             if decoder_input_ids is None:
                 decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
         if decoder_attention_mask is None:
@@ -491,6 +496,16 @@ class T5Model(nn.Module):
             else:
                 out = lm_head(h).astype(jnp.float32)
         return out if cache is None else (out, new_cache)
+
+
+    def token_head(self, h):
+        """T5ForTokenClassification's `classifier` on the encoder's states (virtual tokens left out). Its init
+        std is d_model**-0.5, not transformers' 1.0: the states are RMS-normalised, so 1.0 would start the
+        softmax saturated at logits of about sqrt(d_model)."""
+        cfg = self.cfg
+        return Linear(cfg.num_labels, ("embed", None), True, cfg.compute_dtype, self.hooks,
+                      init_std=cfg.d_model ** -0.5, preferred_element_type=jnp.float32,
+                      name="classifier")(h).astype(jnp.float32)
 
 
 class ClassificationHead(nn.Module):  # HF T5ClassificationHead: dense -> tanh -> out_proj, with biases
@@ -593,12 +608,13 @@ def config_to_hf(cfg: T5Config) -> dict:
 
 
 def architecture(cfg: T5Config) -> str:
-    return ARCH[cfg.model_type] + ("ForSequenceClassification" if cfg.head == "classification"
-                                   else "ForConditionalGeneration")
+    return ARCH[cfg.model_type] + {"classification": "ForSequenceClassification",
+                                   "token_classification": "ForTokenClassification"}.get(cfg.head,
+                                                                                         "ForConditionalGeneration")
 
 
 _BLOCK = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.(.+)\.(weight|bias)")
-_HEAD = re.compile(r"classification_head\.(dense|out_proj)\.(weight|bias)")
+_HEAD = re.compile(r"(classification_head\.dense|classification_head\.out_proj|classifier)\.(weight|bias)")
 
 
 def _from_hf_key(key: str):
@@ -610,7 +626,7 @@ def _from_hf_key(key: str):
         return ("lm_head", "kernel"), None, None, True
     m = _HEAD.fullmatch(key)
     if m:
-        return ("classification_head", m[1], "kernel" if m[2] == "weight" else "bias"), None, None, m[2] == "weight"
+        return (*m[1].split("."), "kernel" if m[2] == "weight" else "bias"), None, None, m[2] == "weight"
     if key in ("encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"):
         return (key.split(".")[0], "final_layer_norm", "weight"), None, None, False
     m = _BLOCK.fullmatch(key)
@@ -642,7 +658,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: T5Config, where: str = "
     for stack in sorted({s for s, _ in layers}):
         flat.update(stack_layers({path: per for (s, path), per in layers.items() if s == stack}, cfg, where,
                                  (stack, "block"), _num_layers(cfg, stack), f"{stack} block"))
-    heads_only = bool(flat) and {p[0] for p in flat} <= {"classification_head", "lm_head"}  # an adapter's head
+    heads_only = bool(flat) and {p[0] for p in flat} <= set(HEAD_MODULES)  # an adapter's head
     if "shared" not in {p[0] for p in flat} and not heads_only:
         raise JaxftError(f"{where}: no shared.weight (the T5 token embedding)")
     if cfg.tie_word_embeddings or cfg.head != "seq2seq_lm":
@@ -651,13 +667,13 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: T5Config, where: str = "
 
 
 def params_to_hf(params: dict, cfg: T5Config) -> dict[str, np.ndarray]:
-    base = "transformer." if cfg.head == "classification" else ""
+    base = "transformer." if cfg.head in TASK_HEADS else ""
     out = {}
     for path, value in traverse_util.flatten_dict(params).items():
         value = np.asarray(value, dtype=np.float32)
         if path == ("shared",):
             out[base + "shared.weight"] = value
-        elif path[0] in ("lm_head", "classification_head"):
+        elif path[0] in HEAD_MODULES:
             name = ".".join(path[:-1]) + (".bias" if path[-1] == "bias" else ".weight")
             out[name] = value.T if path[-1] == "kernel" else value
         elif path[1] == "relative_attention_bias":
@@ -679,14 +695,14 @@ def hf_module(path: str, cfg: T5Config | None = None) -> str:
     """'encoder.block.3.layer_0.SelfAttention.q' -> 'encoder.block.3.layer.0.SelfAttention.q'
     (under 'transformer.' in a classifier)."""
     name = re.sub(r"\blayer_(\d+)\b", r"layer.\1", path)
-    if cfg is not None and cfg.head == "classification" and not name.startswith("classification_head"):
+    if cfg is not None and cfg.head in TASK_HEADS and name.split(".")[0] not in HEAD_MODULES:
         name = "transformer." + name
     return name
 
 
 def our_module(name: str) -> str | None:
     name = name[len("transformer."):] if name.startswith("transformer.") else name
-    if name.split(".")[0] in ("lm_head", "classification_head"):
+    if name.split(".")[0] in HEAD_MODULES:
         return name
     if not re.match(r"(encoder|decoder)\.block\.\d+(\.|$)", name):  # a block (an adapter's) or inside one
         return None
@@ -699,13 +715,14 @@ def matmul_weights(cfg: T5Config) -> int:
     attn = 4 * cfg.d_model * cfg.num_heads * cfg.d_kv
     ff = (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff
     out = cfg.d_model * (cfg.vocab_size if cfg.head == "seq2seq_lm" else cfg.num_labels)
-    return cfg.num_layers * (attn + ff) + cfg.num_decoder_layers * (2 * attn + ff) + out
+    decoder = 0 if cfg.head == "token_classification" else cfg.num_decoder_layers * (2 * attn + ff)
+    return cfg.num_layers * (attn + ff) + decoder + out
 
 
 def activation_blocks(cfg: T5Config) -> tuple[Blocks, ...]:
     """What `jaxft.plan` counts: the encoder's blocks (self-attention, MLP) over the input rows and the
     decoder's (causal self-attention, cross-attention over the encoder's states, MLP) over the target
-    rows, RMS layer norms."""
+    rows, RMS layer norms. The token head runs the encoder alone."""
     d, hd, h, f = cfg.d_model, cfg.d_kv, cfg.num_heads, cfg.d_ff
     inner = h * hd
     mlp = (("wi_0", "mlp_in", d, f), ("wi_1", "mlp_in", d, f)) if cfg.gated else (("wi", "mlp_in", d, f),)
@@ -713,9 +730,11 @@ def activation_blocks(cfg: T5Config) -> tuple[Blocks, ...]:
     attn = lambda name, tag: ((f"{name}/q", f"{tag}_in", d, inner), (f"{name}/k", f"{tag}_kv", d, inner),  # noqa: E731
                               (f"{name}/v", f"{tag}_kv", d, inner), (f"{name}/o", f"{tag}_out", inner, d))
     tensors = MLP_TENSORS["gated" if cfg.gated else "plain"]
-    return (Blocks("encoder/block", cfg.num_layers, d, h, h, hd, f, mlp_tensors=tensors, takes_prefix=False, recompute=1.5,
-                   fused_attention=False,
-                   projections=attn("SelfAttention", "attn") + mlp),
+    encoder = Blocks("encoder/block", cfg.num_layers, d, h, h, hd, f, mlp_tensors=tensors, takes_prefix=False,
+                     recompute=1.5, fused_attention=False, projections=attn("SelfAttention", "attn") + mlp)
+    if cfg.head == "token_classification":
+        return (encoder,)
+    return (encoder,
             Blocks("decoder/block", cfg.num_decoder_layers, d, h, h, hd, f, attention=("self", "cross"), norms=3,
                    fused_attention=False, stream="target",
                    mlp_tensors=tensors, recompute=1.5, projections=attn("SelfAttention", "attn") + attn("EncDecAttention", "cross") + mlp))
@@ -738,19 +757,22 @@ FAMILY = Family(
     lora_targets="q,v",
     ia3_targets="k,v,wo",  # PEFT's IA3 defaults for t5 (mt5's name wi_1, with no feed-forward module)
     ia3_feedforward="wo",
-    head_params=r"^(lm_head|classification_head)/",
-    classifier_params=r"^classification_head/",
-    classifier_kernel=lambda cfg: "classification_head/out_proj/kernel",
+    head_params=r"^(lm_head|classification_head|classifier)/",
+    classifier_params=r"^(classification_head|classifier)/",
+    classifier_kernel=lambda cfg: "classifier/kernel" if cfg.head == "token_classification"
+    else "classification_head/out_proj/kernel",
     kv_layout=lambda cfg: (cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv),
     matmul_weights=matmul_weights,
     activation_blocks=activation_blocks,
     causal=False,
     encoder_decoder=True,
+    encoder_only_heads=("token_classification",),
     init_cache=init_cache,
     tied_embedding=("shared", None),
     config_from_weights=config_from_weights,
     head_scale=lambda cfg: cfg.d_model ** -0.5 if cfg.scale_decoder_outputs else 1.0,
-    layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, "decoder.block": cfg.num_decoder_layers},
+    layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, **({} if cfg.head == "token_classification"
+                                                                   else {"decoder.block": cfg.num_decoder_layers})},
     prefix_keys_values=prefix_keys_values,
     projections=r"/(SelfAttention|EncDecAttention)/(q|k|v|o)/kernel$|/DenseReluDense/(wi|wi_0|wi_1|wo)/kernel$",
 )

@@ -94,8 +94,19 @@ def _virtual_tokens(m) -> int:
     return int(m.num_virtual_tokens)
 
 
+def _prefix_layout(m, cfg) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) the prefix fills; a model none of whose stacks takes one (T5's token head
+    runs its encoder alone, and T5 reads a prefix in its decoder) is an error."""
+    fam = family.of(cfg)
+    if fam.activation_blocks is not None and not any(b.takes_prefix for b in fam.activation_blocks(cfg)):
+        raise JaxftError(f"method.name={m.name!r}: no attention of this {cfg.model_type} model with head={cfg.head!r} "
+                         "takes a prefix: expected a method without one (lora, prompt_tuning, ia3, ...)")
+    return fam.kv_layout(cfg)
+
+
 def _ptuning_v2(m, cfg) -> Method:
     n = _virtual_tokens(m)
+    _prefix_layout(m, cfg)
     if m.get("init_from_tokens", False) and m.get("projection", False):
         # The MLP's output is shared weights, not per-token values a real token's keys could seed.
         raise JaxftError("method.init_from_tokens=True needs method.projection=False")
@@ -117,7 +128,7 @@ def _prefix_tuning(m, cfg) -> Method:
     """Li & Liang (2021) as PEFT's PREFIX_TUNING with prefix_projection=True: P-Tuning v2's hook with
     the reparameterisation MLP, its embedding as wide as the keys/values (PEFT's token_dim)."""
     n = _virtual_tokens(m)
-    layers, kv_heads, head_dim = family.of(cfg).kv_layout(cfg)
+    layers, kv_heads, head_dim = _prefix_layout(m, cfg)
     hidden = int(m.get("projection_hidden", 512))
     if hidden <= 0:
         raise JaxftError(f"method.projection_hidden={hidden}: expected a positive integer")
