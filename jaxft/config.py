@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     # q_proj,v_proj for Llama, c_attn for GPT-2, query,value for BERT/RoBERTa, q,v for T5.
     c.method.targets = ""
     c.method.rslora = False
+    # LoRA's start (PEFT's init_lora_weights): "" PEFT's default (B = 0) | gaussian | pissa | pissa_niter_N | olora
+    # (PiSSA / OLoRA: the adapter starts as a part of each target weight, which keeps the rest)
+    c.method.init_lora_weights = ""
     c.method.num_virtual_tokens = 16
     c.method.projection = False  # P-Tuning v2 reparameterisation MLP
     c.method.projection_hidden = 512

@@ -677,17 +677,20 @@ def export(config, out, model, method, trainable, frozen, tokenizer_path):
     """Into `out` (an epath.Path): written locally, then copied when `out` is remote."""
     from jaxft import hf, sharding, storage
     from jaxft.objectives import without_own
-    from jaxft.peft import hf_peft
-    from jaxft.peft.partition import added_params, merge
+    from jaxft.peft import hf_peft, registry
+    from jaxft.peft.partition import added_params, flat, merge, unflat
 
     trainable = sharding.gather(without_own(trainable))
+    reads = registry.export_reads_regex()  # frozen leaves of the method that its export needs (PiSSA's start)
+    read = sharding.gather(unflat({k: v for k, v in flat(without_own(frozen)).items() if reads.search(k)}))
     if jax.process_index() != 0:
         return None
     params = merge(trainable, without_own(frozen))
     clear_export(out)
     with storage.local_dir(out) as local:
         if added_params(params):  # PEFT: adapter-only weights
-            hf_peft.save_adapter(model, method, trainable, Path(local), base=hf.base_reference(config.model.path))
+            hf_peft.save_adapter(model, method, merge(trainable, read), Path(local),
+                                 base=hf.base_reference(config.model.path))
         else:
             hf.save(model, jax.device_get(params), local, tokenizer_dir=tokenizer_path)
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,7 @@ from jaxft.errors import JaxftError
 from jaxft.models import family
 from jaxft.hf import label_entries, pooling_entry, read_labels, read_pooling
 from jaxft.peft import adalora, adapter, ia3, peft_keys, registry
-from jaxft.peft.lora import LoraHook
+from jaxft.peft.lora import LoraHook, split_base
 from jaxft.peft.partition import ADDED_PARAMS, flat, merge, unflat
 from jaxft.peft.prompt import MODULE, PromptHook, parse_template
 from jaxft.peft.ptuning_v2 import PrefixHook
@@ -65,12 +66,13 @@ def format_of(hook) -> Format | None:
 
 
 def _lora_modules(trainable) -> dict[str, dict[str, np.ndarray]]:
-    """our dotted module path (no layer index) -> {"a": [L?, in, r], "b": [L?, r, out]}."""
+    """our dotted module path (no layer index) -> {"a": [L?, in, r], "b": [L?, r, out]}, and PiSSA's / OLoRA's
+    starting factors "a0", "b0" where the tree holds them."""
     out = {}
     for path, value in flat(trainable).items():
         parts = path.split("/")
-        if parts[-1] in ("lora_a", "lora_b"):
-            out.setdefault(".".join(parts[:-1]), {})[parts[-1][-1]] = np.asarray(value, np.float32)
+        if parts[-1] in ("lora_a", "lora_b", "lora_a0", "lora_b0"):
+            out.setdefault(".".join(parts[:-1]), {})[parts[-1][5:]] = np.asarray(value, np.float32)
     return out
 
 
@@ -117,6 +119,13 @@ def _export_lora(model, hook: LoraHook, params: dict, base: str):
     cfg = model.cfg
     patterns, tensors = [], {}
     for path, ab in _lora_modules(unflat(params)).items():
+        if "a" not in ab:  # a layer `method.layers` left frozen: its split adds up to the base weight again
+            continue
+        if hook.splits_base:  # PEFT's conversion to a plain adapter on the original base: s(BA - B0A0), rank 2r
+            if "a0" not in ab:
+                raise JaxftError(f"{path}: a {hook.init} adapter's export needs its starting factors (lora_a0, "
+                                 "lora_b0) beside the trained ones")
+            ab = {"a": np.concatenate([ab["a"], ab["a0"]], -1), "b": np.concatenate([ab["b"], -ab["b0"]], -2)}
         where = peft_keys.stack_of(cfg, path)
         if where is None:
             per_layer = [(path, None, ab["a"], ab["b"])]
@@ -132,9 +141,13 @@ def _export_lora(model, hook: LoraHook, params: dict, base: str):
             name = peft_keys.hf_name(cfg, path, i)
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.T
             tensors[f"base_model.model.{name}.lora_B.weight"] = family.hf_order(cfg, name, b.T)
-    config = {"r": hook.rank, "lora_alpha": hook.alpha, "lora_dropout": hook.dropout, "use_rslora": hook.rslora,
+    # A converted PiSSA / OLoRA adapter: twice the rank at the same scale (alpha doubled; rsLoRA's times sqrt 2).
+    grow = 2 if hook.splits_base else 1
+    config = {"r": grow * hook.rank, "lora_alpha": hook.alpha * (math.sqrt(grow) if hook.rslora else grow),
+              "lora_dropout": hook.dropout, "use_rslora": hook.rslora,
               "target_modules": "|".join(sorted(set(patterns))), "bias": "none",
-              "fan_in_fan_out": family.of(cfg).fan_in_fan_out, "init_lora_weights": True, "use_dora": hook.dora}
+              "fan_in_fan_out": family.of(cfg).fan_in_fan_out,
+              "init_lora_weights": "gaussian" if hook.init == "gaussian" else True, "use_dora": hook.dora}
     for path, i, m in peft_keys.per_layer(unflat(params), "lora_magnitude", cfg):  # DoRA
         name = peft_keys.hf_name(cfg, path, i)
         tensors[f"base_model.model.{name}.lora_magnitude_vector"] = family.hf_order(cfg, name, m)
@@ -150,6 +163,7 @@ LORA_UNSUPPORTED = ((r"\.lora_embedding_[AB]$", "LoRA on an embedding layer"),
 def _load_lora(cfg, config: dict, tensors: dict, where: str):
     if config.get("bias", "none") != "none":
         raise JaxftError(f"{where}/adapter_config.json: LoRA biases are not supported yet")
+    init = _lora_init(config, where)
     for key in tensors:
         what = next((w for part, w in LORA_UNSUPPORTED if re.search(part, key)), None)
         if what:
@@ -185,7 +199,7 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
     rank = max([int(config["r"])] + [v.shape[1] for ab in per_module.values() for v in ab.get("A", {}).values()])
     grow = rank / int(config["r"])  # the default scale kept at the larger rank
     alpha = float(config["lora_alpha"]) * (np.sqrt(grow) if config.get("use_rslora") else grow)
-    hook = LoraHook(rank, float(alpha), 0.0, "", bool(config.get("use_rslora")), bool(config.get("use_dora")))
+    hook = LoraHook(rank, float(alpha), 0.0, "", bool(config.get("use_rslora")), bool(config.get("use_dora")), init)
     for path, ab in per_module.items():
         for which, per_layer in ab.items():
             for layer, v in per_layer.items():
@@ -222,6 +236,26 @@ def _load_lora(cfg, config: dict, tensors: dict, where: str):
                 for i, v in enumerate(full):
                     new[f"{stack.replace('.', '/')}_{i}/" + rest.replace(".", "/") + "/" + leaf] = v
     return dataclasses.replace(hook, targets="|".join(sorted(patterns))), new
+
+
+def _lora_init(config: dict, where: str) -> str:
+    """The adapter's `init_lora_weights` as a `LoraHook.init`. PEFT loads a PiSSA / OLoRA adapter saved
+    unconverted by splitting the base it is loaded on again (its factors then apply to the residual), and so
+    does jaxft: exactly for "pissa" and "olora"; a randomised SVD's residual cannot be rebuilt."""
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, str) or init == "gaussian":
+        return "gaussian" if init == "gaussian" else ""
+    if init in ("pissa", "olora"):
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise JaxftError(f"{where}/adapter_config.json: init_lora_weights={init!r} with a rank_pattern or "
+                             "alpha_pattern is not supported (expected one rank and alpha for every module)")
+        return init
+    if init.startswith("pissa_niter_") or init in ("corda", "loftq"):
+        raise JaxftError(f"{where}/adapter_config.json: init_lora_weights={init!r}: an adapter saved without "
+                         "converting it belongs to a base changed by a random or data-driven split, which cannot be "
+                         "rebuilt here (expected one saved with PEFT's path_initial_model_for_weight_conversion, "
+                         "or init_lora_weights 'pissa' / 'olora')")
+    return ""  # the other inits (eva, orthogonal, ...) only started the factors the file holds
 
 
 def _check_factors(params: dict, added: dict, where: str):
@@ -513,4 +547,7 @@ def _load_one(model, params: dict, root: Path):
     import jax.numpy as jnp
 
     added = unflat({k: jnp.asarray(v) for k, v in new.items()})
-    return family.build(cfg, tuple(model.hooks) + (hook,)), merge(params, added)
+    params = merge(params, added)
+    if getattr(hook, "splits_base", False):  # PEFT's own load of an unconverted PiSSA / OLoRA adapter
+        params = split_base(params, hook, keep_factors=True)
+    return family.build(cfg, tuple(model.hooks) + (hook,)), params

@@ -8,17 +8,27 @@ DoRA (Liu et al. 2024, `dora=True`, PEFT's `use_dora`) replaces the product inst
 / ||W + s BA||_col, with a learned magnitude m per output (`lora_magnitude`, starting at ||W||_col, so
 training starts from the base) and the column norm treated as a constant, as the paper (section 4.3)
 and PEFT do. `merge` / `unmerge` fold an adapter into the base kernels and take it out again.
+
+`init` is PEFT's `init_lora_weights`: "" (its default, above), "gaussian" (A normal with std 1/rank),
+or a split of each base kernel W into a residual and a product that starts the adapter: "pissa" (Meng et
+al. 2024: BA = W's top-rank singular part / s, by an exact SVD; "pissa_niter_N": a randomised SVD with N
+power iterations) and "olora" (Buyukakyuz 2024: B, A = the first rank columns / rows of W's QR). The
+frozen kernel becomes W - s BA, so training still starts from the base model exactly, and the starting
+factors stay beside the adapter (`lora_a0`, `lora_b0`, frozen) for the export, which writes PEFT's
+conversion of such an adapter to a plain one on the original base: rank 2r, [A; A0] and [B, -B0].
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxft.models.layers import param_with_axes
 from jaxft.peft.hook import Hook
@@ -71,19 +81,29 @@ class LoraHook(Hook):
     targets: str = "q_proj,v_proj"
     rslora: bool = False
     dora: bool = False
+    init: str = ""  # PEFT's init_lora_weights: "" (default) | gaussian | pissa | pissa_niter_N | olora
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def splits_base(self) -> bool:
+        """Whether the adapter starts as a part of the base kernel (PiSSA, OLoRA), not at zero."""
+        return self.init == "olora" or self.init.startswith("pissa")
 
     def acts_on(self, path: str) -> bool:
         return parse_targets(self.targets)(path)
 
     def _factors(self, module, kernel):
         d_in, d_out = kernel.shape[-2], kernel.shape[-1]
-        init_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        init_a = (nn.initializers.normal(1.0 / self.rank) if self.init == "gaussian"
+                  else nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
         a = param_with_axes(module, "lora_a", init_a, (d_in, self.rank), (module.axes[0], None))
         b = param_with_axes(module, "lora_b", nn.initializers.zeros, (self.rank, d_out), (None, module.axes[1]))
+        if self.splits_base:  # the starting factors, frozen: `initialize` sets them with a and b
+            param_with_axes(module, "lora_a0", nn.initializers.zeros, (d_in, self.rank), (module.axes[0], None))
+            param_with_axes(module, "lora_b0", nn.initializers.zeros, (self.rank, d_out), (None, module.axes[1]))
         return a, b
 
     def linear_product(self, module, x, y, kernel):
@@ -108,7 +128,10 @@ class LoraHook(Hook):
         return y + (h @ a.astype(y.dtype) @ b.astype(y.dtype)) * self.scale
 
     def initialize(self, model, params, sample):
-        """DoRA: each magnitude starts at the column norms of the loaded kernel plus the initial BA."""
+        """PiSSA / OLoRA: each target kernel split into its residual and the starting factors (`split_base`).
+        DoRA: each magnitude starts at the column norms of the loaded kernel plus the initial BA."""
+        if self.splits_base:
+            params = split_base(params, self)
         if not self.dora:
             return params
         from jaxft.peft.partition import flat, unflat
@@ -119,6 +142,75 @@ class LoraHook(Hook):
             norm = column_norm(f[mod + "kernel"], jnp.matmul(f[mod + "lora_a"], f[mod + "lora_b"]) * self.scale)
             f[path] = jax.device_put(norm.astype(f[path].dtype), f[path].sharding)
         return unflat(f)
+
+
+def split_base(params, hook: LoraHook, keep_factors: bool = False) -> dict:
+    """PiSSA / OLoRA: for every LoRA target, (kernel, a, b) -> (kernel - s ab, a, b), with a and b PEFT's
+    starting factors of that kernel, copied to `lora_a0` / `lora_b0`. `keep_factors`: a and b stay as given
+    (an adapter PEFT saved without converting it, whose base PEFT splits again as it loads it). One target at
+    a time, in fp32, each result laid out (sharded) as the leaf it replaces; the kernel keeps its dtype, as
+    PEFT casts it back."""
+    from tqdm import tqdm
+
+    from jaxft.errors import JaxftError
+    from jaxft.peft.partition import flat, unflat
+
+    f = flat(params)
+    mods = sorted(p[: -len("lora_a")] for p in f if p.endswith("/lora_a"))
+    weights = sum(int(np.prod(f[m + "kernel"].shape[:-2])) for m in mods)  # a scanned stack holds one per layer
+    bar = tqdm(total=weights, desc=f"{hook.init}: splitting the target weights", unit="weight", leave=False)
+    for i, mod in enumerate(mods):
+        kernel = f[mod + "kernel"]
+        if not hasattr(kernel, "dtype") or not jnp.issubdtype(kernel.dtype, jnp.floating):
+            raise JaxftError(f"method.init_lora_weights={hook.init!r}: {mod}kernel is not a float array (PiSSA and "
+                             "OLoRA split the base weights before they are quantized)")
+        leaves = (mod + "kernel", mod + "lora_a", mod + "lora_b")
+        like = leaves + leaves[1:]  # a0, b0 as a, b
+        shardings = tuple(getattr(f[k], "sharding", None) for k in like)  # host arrays (hf.load) have none
+        split = jax.jit(functools.partial(_decompose, hook.init, hook.rank, hook.scale, tuple(f[k].dtype for k in like)),
+                        **({} if None in shardings else {"out_shardings": shardings}))
+        residual, a, b, a0, b0 = split(kernel, jax.random.PRNGKey(i))
+        f.update({mod + "kernel": residual, mod + "lora_a0": a0, mod + "lora_b0": b0})
+        if not keep_factors:
+            f.update({mod + "lora_a": a, mod + "lora_b": b})
+        bar.update(int(np.prod(kernel.shape[:-2])))
+    bar.close()
+    return unflat(f)
+
+
+def _decompose(init: str, rank: int, scale: float, dtypes, kernel, key):
+    """A kernel [..., in, out] -> (residual kernel, a, b, a, b) for PEFT's `pissa_init` / `olora_init`, which
+    read HF's [out, in] weight W: PiSSA's B = U_r S_r^1/2, A = S_r^1/2 V_r^T with S_r divided by s (so s BA
+    is W's top-rank part); OLoRA's B, A = W's QR factors Q[:, :r], R[:r]. Ours are their transposes. A scanned
+    stack [L, in, out] goes one layer at a time: a decomposition's workspace is several kernels."""
+    if kernel.ndim > 2:
+        keys = jax.random.split(key, kernel.shape[0])
+        return jax.lax.map(lambda xs: _decompose(init, rank, scale, dtypes, *xs), (kernel, keys))
+    w = jnp.swapaxes(kernel.astype(jnp.float32), -1, -2)
+    if init == "olora":
+        q, r = jnp.linalg.qr(w)
+        b_hf, a_hf = q[..., :, :rank], r[..., :rank, :]
+    else:
+        niter = init.split("_niter_")
+        u, sv, vh = svd_lowrank(w, rank, int(niter[1]), key) if len(niter) == 2 else \
+            jnp.linalg.svd(w, full_matrices=False)
+        root = jnp.sqrt(sv[..., :rank] / scale)
+        b_hf, a_hf = u[..., :, :rank] * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
+    a, b = jnp.swapaxes(a_hf, -1, -2), jnp.swapaxes(b_hf, -1, -2)
+    residual = kernel.astype(jnp.float32) - scale * jnp.matmul(a, b)
+    return tuple(x.astype(dt) for x, dt in zip((residual, a, b, a, b), dtypes))
+
+
+def svd_lowrank(w, rank: int, niter: int, key):
+    """W [..., m, n] -> (U [..., m, rank], S [..., rank], V^T [..., rank, n]) of a randomised SVD (Halko et al.
+    2011, as torch.svd_lowrank: a Gaussian sketch of `rank` columns, `niter` power iterations re-orthonormalised
+    by QR). Its random draws are jax's, so its factors are near, not equal to, PEFT's."""
+    wt = jnp.swapaxes(w, -1, -2)
+    q = jnp.linalg.qr(w @ jax.random.normal(key, w.shape[:-2] + (w.shape[-1], rank), w.dtype))[0]
+    for _ in range(niter):
+        q = jnp.linalg.qr(w @ jnp.linalg.qr(wt @ q)[0])[0]
+    u, sv, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ w, full_matrices=False)
+    return q @ u, sv, vh
 
 
 def column_norm(kernel, delta=None):
@@ -198,6 +290,6 @@ def merge_lora(model, params):
     if len(hooks) > 1:
         raise JaxftError("merging needs a single LoRA hook, this model has several")
     merged = flat(merge(params, hooks[0]))
-    leaves = ("lora_a", "lora_b", "lora_magnitude", MERGED_NORM)
+    leaves = ("lora_a", "lora_b", "lora_a0", "lora_b0", "lora_magnitude", MERGED_NORM)
     kept = unflat({k: v for k, v in merged.items() if k.split("/")[-1] not in leaves})
     return family.build(model.cfg, tuple(h for h in model.hooks if not isinstance(h, LoraHook))), kept

@@ -83,8 +83,12 @@ def _lora(m, cfg) -> Method:
         parse_targets(targets)
     except Exception as e:
         raise JaxftError(f"method.targets={targets!r}: not a module-name list or a valid regex ({e})") from None
+    init = str(m.get("init_lora_weights", "") or "")
+    if not re.fullmatch(r"gaussian|pissa|pissa_niter_[1-9]\d*|olora", init) and init != "":
+        raise JaxftError(f"method.init_lora_weights={init!r}: expected '' (PEFT's default), 'gaussian', 'pissa', "
+                         "'pissa_niter_N' (N power iterations of a randomised SVD) or 'olora'")
     hook = LoraHook(m.rank, float(m.alpha), float(m.dropout), targets, bool(m.get("rslora", False)),
-                    bool(m.get("dora", False)))
+                    bool(m.get("dora", False)), init)
     return Method("lora", (r"/lora_[ab]$", r"/lora_magnitude$") if hook.dora else (r"/lora_[ab]$",), (hook,))
 
 
@@ -177,7 +181,7 @@ for _kind in (
     Kind("full", _full, description="every parameter trains"),
     Kind("head", _head, description="only the output head trains"),
     Kind("bitfit", _bitfit, description="only the biases train (Ben Zaken et al. 2022)"),
-    Kind("lora", _lora, added=r"(^|/)lora_(a|b|magnitude|merged_norm)$", no_decay=r"(^|/)lora_magnitude$",
+    Kind("lora", _lora, added=r"(^|/)lora_(a|b|a0|b0|magnitude|merged_norm)$", export_reads=r"(^|/)lora_[ab]0$", no_decay=r"(^|/)lora_magnitude$",
          peft_type="LORA", description="LoRA / rsLoRA / DoRA on named linears"),
     Kind("ptuning_v2", _ptuning_v2, added=PREFIX, no_decay=PREFIX, peft_type="PREFIX_TUNING",
          description="P-Tuning v2: learned key/value prefixes at every layer"),

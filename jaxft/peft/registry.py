@@ -23,6 +23,9 @@ class Kind:
     added: str = ""  # regex on "a/b/c" parameter paths: the leaves it adds to a base model ("" none)
     no_decay: str = ""  # regex: those of its added leaves that take no weight decay ("" all decay)
     peft_type: str = ""  # HF PEFT's name for it (LORA, PROMPT_TUNING, ...); "" where PEFT has none
+    # regex: those of its added leaves that stay frozen but its export reads (LoRA's starting factors under
+    # PiSSA / OLoRA); "" none
+    export_reads: str = ""
     description: str = ""  # one line for `--help`-like listings and error messages
 
 
@@ -61,6 +64,12 @@ def added_regex() -> re.Pattern:
     """One regex matching every leaf any registered method adds to a base model."""
     kinds()
     return _patterns("added")
+
+
+def export_reads_regex() -> re.Pattern:
+    """One regex matching the frozen method-added leaves that an adapter export reads."""
+    kinds()
+    return _patterns("export_reads")
 
 
 def no_decay_regex() -> re.Pattern:
