@@ -14,7 +14,7 @@ import torch
 import transformers
 from hooked_models import method_cfg
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_train import cli
+from test_train import assert_resumes_exactly, cli
 
 from jaxft import hf, quant
 from jaxft.errors import JaxftError
@@ -183,15 +183,17 @@ def test_randomised_svd_converges_to_the_exact_one():
     assert errors[1] < 0.05 < errors[0], errors
 
 
-def test_pissa_trains_on_a_mesh_and_exports_for_peft(bases, tmp_path):
+def test_pissa_trains_on_a_mesh_resumes_and_exports_for_peft(bases, tmp_path):
     """Through the CLI on 2 devices (FSDP): the split runs on the sharded kernels, training moves the
-    adapter, and the export, with the starting factors the run kept frozen, loads in PEFT on the original
+    adapter; a run stopped after step 2 resumes exactly (the frozen residual, never checkpointed, is split
+    again alike); the export, with the starting factors the run kept frozen, loads in PEFT on the original
     base with jaxft's logits."""
     m, d = bases["llama"]
     run = tmp_path / "run"
-    r = cli(run, f"--config.model.path={d}", "--config.method.init_lora_weights=pissa_niter_4",
+    args = (f"--config.model.path={d}", "--config.method.init_lora_weights=pissa_niter_4",
             "--config.method.targets=q_proj,v_proj,down_proj", "--config.mesh.fsdp=2", "--config.data.task=causal_lm",
-            "--config.train.steps=4", devices=2)
+            "--config.train.steps=4", "--config.checkpoint.every_steps=2", "--config.train.log_every_steps=1")
+    r = cli(run, *args, devices=2)
     assert r.returncode == 0, r.stderr
     config = json.loads((run / "export" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["task_type"] == "CAUSAL_LM"
@@ -200,6 +202,7 @@ def test_pissa_trains_on_a_mesh_and_exports_for_peft(bases, tmp_path):
     assert np.abs(ours - torch_logits(m)).max() > 1e-4  # trained
     np.testing.assert_allclose(torch_logits(PeftModel.from_pretrained(copy.deepcopy(m), run / "export").eval()), ours,
                                atol=1e-5)
+    assert_resumes_exactly(run, tmp_path / "split", args, 2, 4, devices=2)
 
 
 @pytest.mark.parametrize("value", ["pisa", "pissa_niter_0", "olora_niter_2"])

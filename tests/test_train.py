@@ -46,15 +46,15 @@ def losses(workdir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def assert_resumes_exactly(straight, split, args, resumed: int, last: int):
+def assert_resumes_exactly(straight, split, args, resumed: int, last: int, **kw):
     """`straight`, a finished run of `args` whose last checkpoint is step `last`, killed after its checkpoint
-    of step `resumed` (copied to `split` without the later one) and run again: it resumes there and takes
-    the same steps. -> the second run's process."""
+    of step `resumed` (copied to `split` without the later one) and run again (`kw`: `cli`'s, e.g. devices):
+    it resumes there and takes the same steps. -> the second run's process."""
     import shutil
 
     shutil.copytree(straight, split)
     shutil.rmtree(Path(split) / "checkpoints" / str(last))
-    r = cli(split, *args)
+    r = cli(split, *args, **kw)
     assert r.returncode == 0 and f"resuming from step {resumed}" in r.stdout, r.stderr[-3000:]
     steps = range(resumed + 1, last + 1)
     assert [losses(split)[s] for s in steps] == [losses(straight)[s] for s in steps]
