@@ -47,14 +47,15 @@ def test_config_is_valid_and_documented(name):
 # slow: full.py (a config's whole-model export rebuilt alone scores as its run did:
 # test_encoder_configs_run_on_the_bundled_bert_and_export[bitfit.py]; llama's whole-model export:
 # test_family_methods.py::test_method_on_family[llama-full]), prompt_tuning.py, ptuning.py, prefix_tuning.py,
-# adapter.py, ia3.py, dora.py (the run and export path: [lora.py]).
+# adapter.py, ia3.py, dora.py, pissa.py (the run and export path: [lora.py]; PiSSA's converted export:
+# test_lora_init.py::test_pissa_trains_on_a_mesh_resumes_and_exports_for_peft).
 SST2_DEFAULT = ("ptuning_v2.py", "lora.py")
 
 
 @pytest.mark.parametrize("name", [
     n if n in SST2_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
     for n in ["ptuning_v2.py", "lora.py", "full.py", "prompt_tuning.py", "ptuning.py", "prefix_tuning.py", "adapter.py",
-              "ia3.py", "dora.py"]])
+              "ia3.py", "dora.py", "pissa.py"]])
 def test_sst2_configs_run_and_export(tmp_path, name):
     # One batch width, so one train step compile per config: the RTE run below keeps its config's length
     # buckets (a compile per width) on.
