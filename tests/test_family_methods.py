@@ -441,3 +441,27 @@ def test_unscanned_blocks_export_as_scanned(bases, tmp_path, family_name):
     ia3 = peft.PeftModel.from_pretrained(copy.deepcopy(base.torch), tmp_path / "scanned" / "ia3").eval()
     alone = family.build(model2.cfg, [h for h in model2.hooks if h.kind == "ia3"])
     close(base.real(base.torch_logits(ia3)), base.real(base.logits(alone, params2)))
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2", "bert", "t5", "qwen3_moe"])
+def test_all_linear_targets_are_peft_s(bases, tmp_path, family_name):
+    """`method.targets=all-linear`, PEFT's shorthand: every linear layer but the output head, the modules PEFT
+    resolves it to (GPT-2's Conv1D, T5's, a mixture's attention and router), but for BERT's pooler, which a
+    classification run here trains whole as part of its new head, and a mixture's experts, stacked weights
+    that LoRA here does not reach (PEFT 0.21 wraps transformers 5's fused experts)."""
+    from safetensors.numpy import load_file
+
+    base = bases(family_name)
+    model, method, params = hooked(base, dict(LORA, targets="all-linear"))
+    out = hf.save_adapter(model, params, tmp_path / "adapter", base=str(base.dir))
+    ours = hf_modules_with(load_file(str(out / "adapter_model.safetensors")), ".lora_A.weight")
+    task = "SEQ_CLS" if base.cfg.head == "classification" else None
+    reference = peft.get_peft_model(copy.deepcopy(base.torch), peft.LoraConfig(task_type=task, r=4,
+                                                                               target_modules="all-linear"))
+    theirs = {re.sub(r"\.\d+\.", ".N.", n.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0])
+              for n, _ in reference.named_parameters() if ".lora_A." in n}
+    left_out = {"bert": {"bert.pooler.dense"},
+                "qwen3_moe": {"model.layers.N.mlp.experts", "model.layers.N.mlp.experts.base_layer"}}
+    assert ours == theirs - left_out.get(family_name, set())
+    assert left_out.get(family_name, set()) <= theirs
+    assert len(ours) >= 4

@@ -75,10 +75,26 @@ def default_lora_targets(cfg) -> str:
     return targets(cfg) if callable(targets) else targets
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand (QLoRA's choice): every linear layer but the output head
+
+
+def lora_targets(m, cfg) -> str:
+    """`method.targets` of LoRA / AdaLoRA: empty -> the family's default; 'all-linear' -> every Linear of the
+    model but its output heads (the LM head, a classifier, BERT's pooler: what `Family.head_params` names,
+    heads that train whole where the run adds them), as a regex of their paths."""
+    targets = str(m.targets or "").strip()
+    if not targets:
+        return default_lora_targets(cfg)
+    if targets.lower() != ALL_LINEAR:
+        return targets
+    heads = re.compile(family.of(cfg).head_params)
+    return "|".join(re.escape(p) for p in linear_paths(cfg) if not heads.search(p.replace(".", "/") + "/"))
+
+
 def _lora(m, cfg) -> Method:
     if m.rank <= 0:
         raise JaxftError(f"method.rank={m.rank}: expected a positive integer")
-    targets = m.targets or default_lora_targets(cfg)
+    targets = lora_targets(m, cfg)
     try:
         parse_targets(targets)
     except Exception as e:
@@ -227,7 +243,7 @@ def _adalora(m, cfg, steps: int = 0) -> Method:
     from jaxft.peft import adalora
 
     hook = adalora.AdaLoraHook(
-        int(m.get("init_r", 12)), int(m.get("target_r", 8)), float(m.alpha), float(m.dropout), m.targets or default_lora_targets(cfg),
+        int(m.get("init_r", 12)), int(m.get("target_r", 8)), float(m.alpha), float(m.dropout), lora_targets(m, cfg),
         int(m.get("tinit", 0)), int(m.get("tfinal", 0)), int(m.get("delta_t", 1)), float(m.get("beta1", 0.85)),
         float(m.get("beta2", 0.85)), float(m.get("orth_reg_weight", 0.5)), int(m.get("total_step", 0)))
     if not 0 < hook.target_r <= hook.init_r or hook.delta_t <= 0 or hook.orth_reg_weight < 0:
