@@ -238,6 +238,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.enabled = True
     c.export.dir = ""  # "" = <workdir>/export
+    # also the whole model with the method folded in (PEFT's merge_and_unload), in <export dir>/merged:
+    # LoRA, DoRA, PiSSA, IA3 or AdaLoRA; a quantized base is merged as trained, dequantized
+    c.export.merged = False
 
     # Mesh section: sizes of the data, fsdp, expert and tensor axes; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()

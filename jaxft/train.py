@@ -649,12 +649,17 @@ def check_export(config, model, method, trainable):
     trainable = without_own(trainable)  # an objective's own parameters (PPO's value head) are not exported
     if config.export.enabled and added_params(trainable):
         hf_peft.check_exportable(model, trainable, method.name)
+    if config.export.enabled and config.export.merged:
+        from jaxft.peft.methods import check_mergeable
+
+        check_mergeable(model.hooks)
 
 
 # The files of an export that loaders read to decide what it is (an adapter at the top, a composed
-# method's adapters one directory down, or a whole model).
+# method's adapters one directory down, or a whole model), and `export.merged`'s whole model.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EXPORT_FILES = ADAPTER_FILES + ("config.json", "model.safetensors", "model.safetensors.index.json")
+MERGED = "merged"
 
 
 def clear_export(out):
@@ -663,7 +668,11 @@ def clear_export(out):
     if not out.exists():
         return
     for p in out.iterdir():
-        if p.is_dir() and (p / "adapter_config.json").exists():  # a composed method's adapter
+        if p.is_dir() and p.name == MERGED:  # an earlier export.merged=True run's model
+            clear_export(p)
+            if not any(p.iterdir()):
+                p.rmdir()
+        elif p.is_dir() and (p / "adapter_config.json").exists():  # a composed method's adapter
             for name in ADAPTER_FILES:
                 if (p / name).exists():
                     (p / name).unlink()
@@ -683,11 +692,18 @@ def export(config, out, model, method, trainable, frozen, tokenizer_path):
     trainable = sharding.gather(without_own(trainable))
     reads = registry.export_reads_regex()  # frozen leaves of the method that its export needs (PiSSA's start)
     read = sharding.gather(unflat({k: v for k, v in flat(without_own(frozen)).items() if reads.search(k)}))
+    merged = config.export.merged and added_params(trainable)
+    whole = sharding.gather(without_own(frozen)) if merged else None  # every process takes part
     if jax.process_index() != 0:
         return None
     params = merge(trainable, without_own(frozen))
     clear_export(out)
     with storage.local_dir(out) as local:
+        if merged:  # the whole model with the method folded in, beside the adapter
+            from jaxft.peft.methods import merge_into_base
+
+            hf.save(*merge_into_base(model, jax.device_get(merge(trainable, whole))), Path(local) / MERGED,
+                    tokenizer_dir=tokenizer_path)
         if added_params(params):  # PEFT: adapter-only weights
             hf_peft.save_adapter(model, method, merge(trainable, read), Path(local),
                                  base=hf.base_reference(config.model.path))

@@ -84,6 +84,19 @@ class AdaLoraHook(Hook):
         h = dropout(module, x, self.dropout).astype(y.dtype)
         return y + (h @ (a * e).astype(y.dtype) @ b.astype(y.dtype)) * self.scale
 
+    merges = True
+
+    def merge(self, params):
+        """W + s Q^T diag(Λ) P^T in our [in, out] layout: (a * e) @ b, as PEFT's AdaLoRA merge."""
+        f = flat(params)
+        for path in [p for p in f if p.endswith("/adalora_a")]:
+            mod = path[: -len("adalora_a")]
+            delta = np.asarray(f[path] * f[mod + "adalora_e"][..., None, :], np.float32) @ np.asarray(
+                f[mod + "adalora_b"], np.float32)
+            f[mod + "kernel"] = (np.asarray(f[mod + "kernel"], np.float32) + self.scale * delta).astype(
+                f[mod + "kernel"].dtype)
+        return unflat(f)
+
 
 def orth_loss(params) -> jax.Array:
     """PEFT's orthogonal regularisation: the mean over every Q and P (each layer's its own) of

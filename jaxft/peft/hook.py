@@ -48,6 +48,15 @@ class Hook:
         """Per-layer (keys, values), each [layers, batch, tokens, kv_heads, head_dim], or None."""
         return None
 
+    # Folding a method into the base weights (PEFT's merge_and_unload; `jaxft.peft.methods.merge_into_base`).
+
+    merges: bool = False  # whether `merge` can fold this method in (not virtual tokens, a prefix, a bottleneck)
+
+    def merge(self, params: dict) -> dict:
+        """The parameters with this method folded into the base weights it changes, so that a model
+        without the hook computes what the hooked one does; its own leaves may stay (callers drop them)."""
+        raise NotImplementedError(f"method {self.kind!r} cannot be folded into the base weights")
+
     def initialize(self, model, params: dict, sample: dict) -> dict:
         """Once before training, with a few real examples: adjust this method's initial parameters."""
         return params

@@ -52,6 +52,25 @@ class IA3Hook(Hook):
         scale = param_with_axes(module, "ia3_l", nn.initializers.ones, (y.shape[-1],), (module.axes[1],))
         return y * scale.astype(y.dtype)
 
+    merges = True
+
+    def merge(self, params):
+        """A feed-forward module's kernel rows times its input scales; any other target's columns (and
+        bias, which it scales with the output) times its output scales, as PEFT's IA3 merge."""
+        from jaxft.peft.partition import flat, unflat
+
+        f = flat(params)
+        for path in [p for p in f if p.endswith("/ia3_l")]:
+            mod, scale = path[: -len("ia3_l")], np.asarray(f[path], np.float32)
+            kernel = np.asarray(f[mod + "kernel"], np.float32)
+            if self._feedforward(mod.rstrip("/").replace("/", ".")):
+                f[mod + "kernel"] = (kernel * scale[..., :, None]).astype(f[mod + "kernel"].dtype)
+                continue
+            f[mod + "kernel"] = (kernel * scale[..., None, :]).astype(f[mod + "kernel"].dtype)
+            if mod + "bias" in f:
+                f[mod + "bias"] = (np.asarray(f[mod + "bias"], np.float32) * scale).astype(f[mod + "bias"].dtype)
+        return unflat(f)
+
 
 def export_peft(cfg, hook: IA3Hook, trainable) -> tuple[dict, dict]:
     """-> (adapter_config entries, tensors) of PEFT's IA3: `ia3_l` [out, 1], or [1, in] for a

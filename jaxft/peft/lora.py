@@ -87,6 +87,11 @@ class LoraHook(Hook):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    merges = True
+
+    def merge(self, params):
+        return merge(params, self)
+
     @property
     def splits_base(self) -> bool:
         """Whether the adapter starts as a part of the base kernel (PiSSA, OLoRA), not at zero."""

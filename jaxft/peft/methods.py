@@ -391,6 +391,34 @@ def build(method_config, model_cfg, tokenizer=None, steps: int = 0) -> Method:
     return method
 
 
+def check_mergeable(hooks, what: str = "export.merged=True") -> None:
+    """A merged model folds one weight-changing method (LoRA, DoRA, PiSSA, IA3, AdaLoRA) into the base: two
+    on one module would have to be folded in the order they act, and virtual tokens, prefixes and
+    bottleneck adapters have no weights to fold into."""
+    hooks = [h for h in hooks if getattr(h, "kind", "")]
+    stuck = sorted({h.kind for h in hooks if not h.merges})
+    if stuck:
+        raise JaxftError(f"{what}: method {', '.join(map(repr, stuck))} cannot be folded into the base weights "
+                         "(expected LoRA, DoRA, PiSSA / OLoRA, IA3 or AdaLoRA)")
+    if len(hooks) > 1:
+        raise JaxftError(f"{what}: {'+'.join(h.kind for h in hooks)} composes several methods; a merged model "
+                         "folds in one (expected a single method, or the adapters alone)")
+
+
+def merge_into_base(model, params):
+    """(hooked model, params) -> (the model without hooks, its weights with the method folded in): PEFT's
+    `merge_and_unload`. A quantized base is dequantized first: the merged weights are the ones the adapter
+    was trained against."""
+    from jaxft.peft.partition import base_params
+    from jaxft.quant import dequantize_params
+
+    check_mergeable(model.hooks, "merging")
+    params = dequantize_params(params)
+    for hook in model.hooks:
+        params = hook.merge(params)
+    return family.build(model.cfg, ()), base_params(params)
+
+
 def of_hooks(hooks) -> Method:
     """The method a hooked model runs (e.g. one `jaxft.hf.load` built with an adapter): its hooks and
     what they add (+ a classifier head) as what trains."""
