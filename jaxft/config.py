@@ -169,7 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
     # "none" = off, or a directory / epath URL that several runs share (gs://bucket/xla_cache)
     c.train.compilation_cache = ""
     c.train.dpo_beta = 0.1  # data.task=dpo: how far from the reference the policy may move (DPO's beta; TRL's default)
-    c.train.dpo_loss = "sigmoid"  # DPO's loss; ipo | hinge (jaxft.dpo)
+    c.train.dpo_loss = "sigmoid"  # DPO's loss; ipo | hinge; simpo | orpo (no reference model; jaxft.dpo)
+    c.train.simpo_gamma = 0.5  # dpo_loss=simpo: the target reward margin gamma (TRL's simpo_gamma)
     c.train.dpo_label_smoothing = 0.0  # sigmoid only: the share of pairs assumed mislabelled (cDPO), < 0.5
     # data.task=grpo (jaxft.grpo): reinforcement learning from the rewards of the policy's own completions.
     # reward functions: sentiment, accuracy, format, module:function, file.py:function, model=PATH (a reward model)
@@ -268,7 +269,7 @@ CHOICES = {
                   "span_corruption", "cloze", "dpo",
                   "reward", "grpo", "ppo"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
-    "train.dpo_loss": ("sigmoid", "ipo", "hinge"),
+    "train.dpo_loss": ("sigmoid", "ipo", "hinge", "simpo", "orpo"),
     "optimizer.mu_dtype": ("", "bfloat16"),
 }
 POSITIVE = ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "train.log_every_steps",
@@ -307,8 +308,8 @@ def validate(config) -> None:
     smoothing = float(config.train.get("dpo_label_smoothing", 0.0))
     if not 0 <= smoothing < 0.5:
         raise JaxftError(f"train.dpo_label_smoothing={smoothing}: expected 0 <= e < 0.5")
-    if smoothing and config.train.dpo_loss != "sigmoid":
-        raise JaxftError(f"train.dpo_label_smoothing={smoothing}: applies to train.dpo_loss='sigmoid', "
+    if smoothing and config.train.dpo_loss not in ("sigmoid", "simpo"):
+        raise JaxftError(f"train.dpo_label_smoothing={smoothing}: applies to train.dpo_loss='sigmoid' or 'simpo', "
                          f"not {config.train.dpo_loss!r}")
     if int(config.data.get("demonstrations", 0)) and config.data.task != "cloze":
         raise JaxftError(f"data.demonstrations={config.data.demonstrations}: demonstrations fill a cloze template: "

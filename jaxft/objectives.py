@@ -367,7 +367,7 @@ def _dpo(train, cfg=None, method=None) -> Objective:
     from jaxft import dpo
 
     return dpo.objective(float(train.dpo_beta), str(train.get("dpo_loss", "sigmoid")),
-                         float(train.get("dpo_label_smoothing", 0.0)))
+                         float(train.get("dpo_label_smoothing", 0.0)), float(train.get("simpo_gamma", 0.5)))
 
 
 def _grpo(train, cfg=None, method=None) -> Objective:
