@@ -168,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA's persistent compilation cache: "" = <workdir>/xla_cache (or JAX_COMPILATION_CACHE_DIR where set),
     # "none" = off, or a directory / epath URL that several runs share (gs://bucket/xla_cache)
     c.train.compilation_cache = ""
+    # NEFTune: uniform noise of alpha / sqrt(length * width) on the input embeddings while training (transformers'
+    # neftune_noise_alpha; 5 in the paper's runs); 0: none
+    c.train.neftune_noise_alpha = 0.0
     c.train.dpo_beta = 0.1  # data.task=dpo: how far from the reference the policy may move (DPO's beta; TRL's default)
     c.train.dpo_loss = "sigmoid"  # DPO's loss; ipo | hinge; simpo | orpo (no reference model; jaxft.dpo)
     c.train.simpo_gamma = 0.5  # dpo_loss=simpo: the target reward margin gamma (TRL's simpo_gamma)
@@ -303,6 +306,8 @@ def validate(config) -> None:
         )
     if not config.model.path and not config.model.init:
         raise JaxftError("model.path is empty and model.init is not set: expected a model directory or HF config keys")
+    if not float(config.train.get("neftune_noise_alpha", 0.0)) >= 0:  # NaN fails too
+        raise JaxftError(f"train.neftune_noise_alpha={config.train.neftune_noise_alpha}: expected >= 0 (0: no noise)")
     if not float(config.train.get("dpo_beta", 0.1)) > 0:  # NaN fails too
         raise JaxftError(f"train.dpo_beta={config.train.dpo_beta}: expected > 0")
     smoothing = float(config.train.get("dpo_label_smoothing", 0.0))

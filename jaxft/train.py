@@ -449,6 +449,7 @@ def build_model(config, cfg, base_root, data: Data, mesh):
     from jaxft.errors import JaxftError
     from jaxft.models import family
     from jaxft.peft import build
+    from jaxft.peft.neftune import NoisyEmbeddings
     from jaxft.peft.partition import split
 
     want = objectives.head_for(data.task, family.of(cfg).heads)
@@ -468,7 +469,9 @@ def build_model(config, cfg, base_root, data: Data, mesh):
         pad_token_id=data.tokenizer.pad_id if data.tokenizer and cfg.pad_token_id is None else cfg.pad_token_id,
     )
     method = build(config.method, cfg, tokenizer=data.tokenizer, steps=config.train.steps)
-    model = family.build(cfg, method.hooks)
+    alpha = float(config.train.get("neftune_noise_alpha", 0.0))
+    noise = (NoisyEmbeddings(alpha),) if alpha > 0 else ()  # first: on the tokens' own embeddings
+    model = family.build(cfg, noise + method.hooks)
     params = init_params(model, base_root, mesh, config.train.seed, method.trainable)
     sample = {k: v[:64] for k, v in data.train.items()}
     sample = data.transform(sample, 0, 0, np.arange(len(sample["weight"]))) if data.transform else sample
@@ -778,7 +781,8 @@ def _train_and_evaluate(config, workdir: str, profile_steps, run: contextlib.Exi
         f"model: {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size} head={cfg.head}"
         f"{f' ({cfg.pooling} pooling)' if cfg.head == 'classification' else ''} | "
         f"{cfg.compute_dtype.name}, attention {impl}{' (auto)' if cfg.attention == 'auto' else ''}, remat {cfg.remat} | "
-        f"method: {method.name} | "
+        f"method: {method.name}"
+        f"{f' (NEFTune noise alpha {config.train.neftune_noise_alpha:g})' if config.train.neftune_noise_alpha else ''} | "
         f"trainable {n_train:,} / {n_total:,} parameters ({100 * n_train / n_total:.4f}%)"
         f"{f' + {n_own:,} of the {objective.name} objective' if n_own else ''} | "
         f"{sharding.described(mesh.shape.values())} over {jax.device_count()} devices, "

@@ -414,7 +414,7 @@ def merge_into_base(model, params):
 
     check_mergeable(model.hooks, "merging")
     params = dequantize_params(params)
-    for hook in model.hooks:
+    for hook in model.hooks:  # a hook with nothing to fold in (NEFTune's noise) merges as itself
         params = hook.merge(params)
     return family.build(model.cfg, ()), base_params(params)
 
