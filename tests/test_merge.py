@@ -121,3 +121,35 @@ def test_merged_export_of_a_qlora_run(llama, tmp_path):
             "--config.method.name=ptuning_v2", "--config.export.merged=True")
     assert r.returncode == 2 and "export.merged=True: method 'ptuning_v2' cannot be folded" in r.stderr, r.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_merge_cli_folds_a_peft_adapter(llama, tmp_path):
+    """`python -m jaxft.merge` on an adapter PEFT saved: transformers reads the merged directory with the
+    logits of PEFT's merge_and_unload; a prompt adapter, and the base's own directory as --out, are one error."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from test_train import python_m
+
+    m, d = llama
+    torch.manual_seed(4)
+    lora = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    lora.save_pretrained(tmp_path / "lora")
+    r = python_m("jaxft.merge", f"--model={d}", f"--adapter={tmp_path / 'lora'}", f"--out={tmp_path / 'out'}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(str(tmp_path / "out"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    want = torch_logits(PeftModel.from_pretrained(copy.deepcopy(m), tmp_path / "lora").merge_and_unload().eval())
+    np.testing.assert_allclose(torch_logits(merged), want, atol=2e-5)
+    assert np.abs(want - torch_logits(m)).max() > 1e-3
+
+    get_peft_model(copy.deepcopy(m), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).save_pretrained(
+        tmp_path / "prompt")
+    for args, message in [((f"--adapter={tmp_path / 'prompt'}", f"--out={tmp_path / 'p'}"),
+                           "method 'prompt_tuning' cannot be folded into the base weights"),
+                          ((f"--adapter={tmp_path / 'lora'}", f"--out={d}"), "is the base model's own directory")]:
+        r = python_m("jaxft.merge", f"--model={d}", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "p").exists()
