@@ -78,17 +78,22 @@ def default_lora_targets(cfg) -> str:
 ALL_LINEAR = "all-linear"  # PEFT's shorthand (QLoRA's choice): every linear layer but the output head
 
 
-def lora_targets(m, cfg) -> str:
-    """`method.targets` of LoRA / AdaLoRA: empty -> the family's default; 'all-linear' -> every Linear of the
-    model but its output heads (the LM head, a classifier, BERT's pooler: what `Family.head_params` names,
-    heads that train whole where the run adds them), as a regex of their paths."""
-    targets = str(m.targets or "").strip()
+def resolve_targets(targets, cfg, default: str) -> str:
+    """A targets setting: empty -> `default`; 'all-linear' -> every Linear of the model but its output heads
+    (the LM head, a classifier, BERT's pooler: what `Family.head_params` names, heads that train whole where
+    the run adds them), as a regex of their paths; else itself."""
+    targets = str(targets or "").strip()
     if not targets:
-        return default_lora_targets(cfg)
+        return default
     if targets.lower() != ALL_LINEAR:
         return targets
     heads = re.compile(family.of(cfg).head_params)
     return "|".join(re.escape(p) for p in linear_paths(cfg) if not heads.search(p.replace(".", "/") + "/"))
+
+
+def lora_targets(m, cfg) -> str:
+    """`method.targets` of LoRA / AdaLoRA (`resolve_targets`; empty: the family's default)."""
+    return resolve_targets(m.targets, cfg, default_lora_targets(cfg))
 
 
 def _lora(m, cfg) -> Method:
@@ -229,7 +234,8 @@ def _ia3(m, cfg) -> Method:
     from jaxft.peft import ia3
 
     fam = family.of(cfg)
-    targets = m.get("ia3_targets", "") or (fam.ia3_targets(cfg) if callable(fam.ia3_targets) else fam.ia3_targets)
+    targets = resolve_targets(m.get("ia3_targets", ""), cfg, fam.ia3_targets(cfg) if callable(fam.ia3_targets)
+                              else fam.ia3_targets)
     ff = m.get("feedforward_modules", "") or (fam.ia3_feedforward if not m.get("ia3_targets", "") else "")
     for key, value in (("method.ia3_targets", targets), ("method.feedforward_modules", ff)):
         try:
