@@ -696,6 +696,8 @@ def export(config, out, model, method, trainable, frozen, tokenizer_path):
     reads = registry.export_reads_regex()  # frozen leaves of the method that its export needs (PiSSA's start)
     read = sharding.gather(unflat({k: v for k, v in flat(without_own(frozen)).items() if reads.search(k)}))
     merged = config.export.merged and added_params(trainable)
+    if config.export.merged and not merged:
+        log("export.merged=True: this run's export is a whole model already (no adapter to fold in)")
     whole = sharding.gather(without_own(frozen)) if merged else None  # every process takes part
     if jax.process_index() != 0:
         return None

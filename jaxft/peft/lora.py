@@ -163,7 +163,8 @@ def split_base(params, hook: LoraHook, keep_factors: bool = False) -> dict:
     f = flat(params)
     mods = sorted(p[: -len("lora_a")] for p in f if p.endswith("/lora_a"))
     weights = sum(int(np.prod(f[m + "kernel"].shape[:-2])) for m in mods)  # a scanned stack holds one per layer
-    bar = tqdm(total=weights, desc=f"{hook.init}: splitting the target weights", unit="weight", leave=False)
+    bar = tqdm(total=weights, desc=f"{hook.init}: splitting the target weights", unit="weight", leave=False,
+               disable=weights < 8)  # a real model's; a toy's takes no time
     for i, mod in enumerate(mods):
         kernel = f[mod + "kernel"]
         if not hasattr(kernel, "dtype") or not jnp.issubdtype(kernel.dtype, jnp.floating):
