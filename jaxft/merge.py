@@ -18,7 +18,8 @@ from jaxft.errors import ArgumentParser, JaxftError, one_line_errors
 
 def parse_args(argv):
     ap = ArgumentParser(prog="python -m jaxft.merge", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="the base: HF model directory, jaxft-tiny, or a hub name when online")
+    ap.add_argument("--model", required=True,
+                    help="the base: HF model directory, jaxft-tiny, or a hub name when online")
     ap.add_argument("--adapter", required=True, help="HF PEFT adapter directory (or a jaxft run's export)")
     ap.add_argument("--out", required=True, help="where the merged model goes (a new or a model directory)")
     return ap.parse_args(argv)

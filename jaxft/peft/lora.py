@@ -173,8 +173,8 @@ def split_base(params, hook: LoraHook, keep_factors: bool = False) -> dict:
         leaves = (mod + "kernel", mod + "lora_a", mod + "lora_b")
         like = leaves + leaves[1:]  # a0, b0 as a, b
         shardings = tuple(getattr(f[k], "sharding", None) for k in like)  # host arrays (hf.load) have none
-        split = jax.jit(functools.partial(_decompose, hook.init, hook.rank, hook.scale, tuple(f[k].dtype for k in like)),
-                        **({} if None in shardings else {"out_shardings": shardings}))
+        decompose = functools.partial(_decompose, hook.init, hook.rank, hook.scale, tuple(f[k].dtype for k in like))
+        split = jax.jit(decompose, **({} if None in shardings else {"out_shardings": shardings}))
         residual, a, b, a0, b0 = split(kernel, jax.random.PRNGKey(i))
         f.update({mod + "kernel": residual, mod + "lora_a0": a0, mod + "lora_b0": b0})
         if not keep_factors:
