@@ -245,6 +245,7 @@ def base_config() -> ml_collections.ConfigDict:
     # also the whole model with the method folded in (PEFT's merge_and_unload), in <export dir>/merged:
     # LoRA, DoRA, PiSSA, IA3 or AdaLoRA; a quantized base is merged as trained, dequantized
     c.export.merged = False
+    c.export.dtype = "float32"  # a whole model's weights (every weight trained, or export.merged): | bfloat16 | float16
 
     # Mesh section: sizes of the data, fsdp, expert and tensor axes; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -265,6 +266,7 @@ CHOICES = {
     "model.attention": ("auto", "xla", "chunked", "cudnn", "splash", "flash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
+    "export.dtype": ("float32", "bfloat16", "float16"),
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),

@@ -228,10 +228,13 @@ def params_to_hf(params: dict, cfg) -> dict[str, np.ndarray]:
     return family.of(cfg).params_to_hf(params, cfg)
 
 
-def hf_config_dict(cfg) -> dict:
+SAVE_DTYPES = ("float32", "bfloat16", "float16")  # what `save` writes a model's weights in
+
+
+def hf_config_dict(cfg, dtype: str = "float32") -> dict:
     """The config.json of a model: the family's architecture keys, the class, labels and pooling."""
     c = {"architectures": [family.of(cfg).architecture(cfg)], **family.of(cfg).config_to_hf(cfg),
-         "torch_dtype": "float32"}
+         "torch_dtype": dtype}
     if cfg.head in ("classification", "token_classification"):
         c.update(label_entries(cfg))
     if cfg.head == "classification":
@@ -307,22 +310,30 @@ def complete(model, params: dict, root) -> dict:
     return unflat({p: v for p, v in got.items() if p in shapes})
 
 
-def save(model, params: dict, out_dir: str, tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write a directory that `transformers` loads (config.json + model.safetensors)."""
+def save(model, params: dict, out_dir: str, tokenizer_dir: str | os.PathLike | None = None,
+         dtype: str = "float32") -> Path:
+    """Write a directory that `transformers` loads (config.json + model.safetensors), its weights in `dtype`
+    (float32, or bfloat16 / float16: half the bytes, as checkpoints on the hub are mostly stored)."""
+    import ml_dtypes
     from safetensors.numpy import save_file
 
     from jaxft.peft.partition import base_params
     from jaxft.quant import dequantize_params
 
+    if dtype not in SAVE_DTYPES:
+        raise JaxftError(f"dtype={dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     tensors = params_to_hf(base_params(dequantize_params(params)), cfg)
+    if dtype != "float32":
+        to = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+        tensors = {k: v.astype(to) for k, v in tensors.items()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
     os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name

@@ -22,6 +22,8 @@ def parse_args(argv):
                     help="the base: HF model directory, jaxft-tiny, or a hub name when online")
     ap.add_argument("--adapter", required=True, help="HF PEFT adapter directory (or a jaxft run's export)")
     ap.add_argument("--out", required=True, help="where the merged model goes (a new or a model directory)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the saved weights' dtype (bfloat16 / float16: half the bytes)")
     return ap.parse_args(argv)
 
 
@@ -44,7 +46,7 @@ def _merge(args) -> Path:
         raise JaxftError(f"--adapter={args.adapter} is a whole model, not an adapter: nothing to merge")
     kinds = "+".join(h.kind for h in model.hooks)
     plain, merged = merge_into_base(model, params)
-    hf.save(plain, merged, out, tokenizer_dir=tok_dir if tokenizer_files(Path(tok_dir)) else None)
+    hf.save(plain, merged, out, tokenizer_dir=tok_dir if tokenizer_files(Path(tok_dir)) else None, dtype=args.dtype)
     print(f"merged {kinds} from {args.adapter} into {args.model}: {out}")
     return out
 

@@ -708,12 +708,12 @@ def export(config, out, model, method, trainable, frozen, tokenizer_path):
             from jaxft.peft.methods import merge_into_base
 
             hf.save(*merge_into_base(model, jax.device_get(merge(trainable, whole))), Path(local) / MERGED,
-                    tokenizer_dir=tokenizer_path)
+                    tokenizer_dir=tokenizer_path, dtype=config.export.dtype)
         if added_params(params):  # PEFT: adapter-only weights
             hf_peft.save_adapter(model, method, merge(trainable, read), Path(local),
                                  base=hf.base_reference(config.model.path))
         else:
-            hf.save(model, jax.device_get(params), local, tokenizer_dir=tokenizer_path)
+            hf.save(model, jax.device_get(params), local, tokenizer_dir=tokenizer_path, dtype=config.export.dtype)
     return out
 
 

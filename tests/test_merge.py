@@ -120,10 +120,12 @@ def test_merged_export_of_a_qlora_run(llama, tmp_path):
     assert not np.allclose(got["model.layers.0.self_attn.q_proj.weight"],
                            m.model.layers[0].self_attn.q_proj.weight.detach().numpy(), atol=1e-3)
 
-    r = cli(tmp_path / "refused", f"--config.model.path={d}", "--config.data.task=causal_lm",
-            "--config.method.name=ptuning_v2", "--config.export.merged=True")
-    assert r.returncode == 2 and "export.merged=True: method 'ptuning_v2' cannot be folded" in r.stderr, r.stderr
-    assert not (tmp_path / "refused").exists()
+    for bad, message in [("--config.method.name=ptuning_v2", "export.merged=True: method 'ptuning_v2' cannot be folded"),
+                         ("--config.export.dtype=int8", "export.dtype='int8': expected one of 'float32', 'bfloat16'")]:
+        r = cli(tmp_path / "refused", f"--config.model.path={d}", "--config.data.task=causal_lm", bad,
+                "--config.export.merged=True")
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert not (tmp_path / "refused").exists()
 
 
 def test_merge_cli_folds_a_peft_adapter(llama, tmp_path):
@@ -148,6 +150,16 @@ def test_merge_cli_folds_a_peft_adapter(llama, tmp_path):
     np.testing.assert_allclose(torch_logits(merged), want, atol=2e-5)
     assert np.abs(want - torch_logits(m)).max() > 1e-3
 
+    # --dtype=bfloat16: half the bytes, read by transformers as bf16, the same model up to the rounding
+    r = python_m("jaxft.merge", f"--model={d}", f"--adapter={tmp_path / 'lora'}", f"--out={tmp_path / 'bf16'}",
+                 "--dtype=bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    got = torch_logits(half.float())
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max() and not np.array_equal(got, want)
+
     get_peft_model(copy.deepcopy(m), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).save_pretrained(
         tmp_path / "prompt")
     for args, message in [((f"--adapter={tmp_path / 'prompt'}", f"--out={tmp_path / 'p'}"),
@@ -156,3 +168,19 @@ def test_merge_cli_folds_a_peft_adapter(llama, tmp_path):
         r = python_m("jaxft.merge", f"--model={d}", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_whole_model_export_in_half_precision(tmp_path):
+    """`export.dtype=float16` on a run that trains every weight: the export's weights and config in float16,
+    which jaxft reads back."""
+    from safetensors import safe_open
+
+    r = cli(tmp_path / "run", "--config.method.name=full", "--config.train.steps=2", "--config.export.dtype=float16")
+    assert r.returncode == 0, r.stderr
+    export = tmp_path / "run" / "export"
+    assert json.loads((export / "config.json").read_text())["torch_dtype"] == "float16"
+    with safe_open(str(export / "model.safetensors"), "np") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(np.float16)}
+    model, params = hf.load(export)
+    logits = np.asarray(model.apply({"params": params}, IDS % 128))
+    assert np.isfinite(logits).all() and logits.shape == (2, 8, 128)
