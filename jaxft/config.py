@@ -261,12 +261,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+SAVE_DTYPES = ("float32", "bfloat16", "float16")  # a whole model's weights as `jaxft.hf.save` writes them
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("auto", "xla", "chunked", "cudnn", "splash", "flash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "offload", True, False),
-    "export.dtype": ("float32", "bfloat16", "float16"),
+    "export.dtype": SAVE_DTYPES,
     "model.head": ("", "causal_lm", "classification", "masked_lm", "token_classification", "seq2seq_lm"),
     "model.quantization": ("none", "int8", "nf4"),
     "model.pooling": ("", "last", "mean", "first"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxft.config import SAVE_DTYPES
 from jaxft.errors import JaxftError, read_json
 from jaxft.models import family
 from jaxft.models.family import POOLING
@@ -226,9 +227,6 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg, where: str = "checkpoint
 
 def params_to_hf(params: dict, cfg) -> dict[str, np.ndarray]:
     return family.of(cfg).params_to_hf(params, cfg)
-
-
-SAVE_DTYPES = ("float32", "bfloat16", "float16")  # what `save` writes a model's weights in
 
 
 def hf_config_dict(cfg, dtype: str = "float32") -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jaxft.config import SAVE_DTYPES
 from jaxft.errors import ArgumentParser, JaxftError, one_line_errors
 
 
@@ -22,7 +23,7 @@ def parse_args(argv):
                     help="the base: HF model directory, jaxft-tiny, or a hub name when online")
     ap.add_argument("--adapter", required=True, help="HF PEFT adapter directory (or a jaxft run's export)")
     ap.add_argument("--out", required=True, help="where the merged model goes (a new or a model directory)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    ap.add_argument("--dtype", default="float32", choices=SAVE_DTYPES,
                     help="the saved weights' dtype (bfloat16 / float16: half the bytes)")
     return ap.parse_args(argv)
 

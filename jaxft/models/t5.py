@@ -47,6 +47,7 @@ from jaxft.sharding import constrain
 
 HEADS = ("seq2seq_lm", "classification", "token_classification")
 TASK_HEADS = ("classification", "token_classification")  # under "transformer." in HF, beside their head module
+ENCODER_ONLY = ("token_classification",)  # heads that read the encoder alone: no decoder (`family.decodes`)
 HEAD_MODULES = ("lm_head", "classification_head", "classifier")
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -456,7 +457,7 @@ class T5Model(nn.Module):
             encoder_states = Encoder(cfg, self.hooks, name="encoder")(h, encoder_mask)
             if mode == "encode":
                 return encoder_states, encoder_mask
-            if cfg.head == "token_classification":
+            if cfg.head in ENCODER_ONLY:
                 return self.token_head(encoder_states[:, encoder_states.shape[1] - input_ids.shape[1]:])
             if decoder_input_ids is None:
                 decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
@@ -496,7 +497,6 @@ class T5Model(nn.Module):
             else:
                 out = lm_head(h).astype(jnp.float32)
         return out if cache is None else (out, new_cache)
-
 
     def token_head(self, h):
         """T5ForTokenClassification's `classifier` on the encoder's states (virtual tokens left out). Its init
@@ -715,7 +715,7 @@ def matmul_weights(cfg: T5Config) -> int:
     attn = 4 * cfg.d_model * cfg.num_heads * cfg.d_kv
     ff = (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff
     out = cfg.d_model * (cfg.vocab_size if cfg.head == "seq2seq_lm" else cfg.num_labels)
-    decoder = 0 if cfg.head == "token_classification" else cfg.num_decoder_layers * (2 * attn + ff)
+    decoder = 0 if cfg.head in ENCODER_ONLY else cfg.num_decoder_layers * (2 * attn + ff)
     return cfg.num_layers * (attn + ff) + decoder + out
 
 
@@ -732,7 +732,7 @@ def activation_blocks(cfg: T5Config) -> tuple[Blocks, ...]:
     tensors = MLP_TENSORS["gated" if cfg.gated else "plain"]
     encoder = Blocks("encoder/block", cfg.num_layers, d, h, h, hd, f, mlp_tensors=tensors, takes_prefix=False,
                      recompute=1.5, fused_attention=False, projections=attn("SelfAttention", "attn") + mlp)
-    if cfg.head == "token_classification":
+    if cfg.head in ENCODER_ONLY:
         return (encoder,)
     return (encoder,
             Blocks("decoder/block", cfg.num_decoder_layers, d, h, h, hd, f, attention=("self", "cross"), norms=3,
@@ -757,8 +757,8 @@ FAMILY = Family(
     lora_targets="q,v",
     ia3_targets="k,v,wo",  # PEFT's IA3 defaults for t5 (mt5's name wi_1, with no feed-forward module)
     ia3_feedforward="wo",
-    head_params=r"^(lm_head|classification_head|classifier)/",
-    classifier_params=r"^(classification_head|classifier)/",
+    head_params=rf"^({'|'.join(HEAD_MODULES)})/",
+    classifier_params=rf"^({'|'.join(m for m in HEAD_MODULES if m != 'lm_head')})/",
     classifier_kernel=lambda cfg: "classifier/kernel" if cfg.head == "token_classification"
     else "classification_head/out_proj/kernel",
     kv_layout=lambda cfg: (cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv),
@@ -766,12 +766,12 @@ FAMILY = Family(
     activation_blocks=activation_blocks,
     causal=False,
     encoder_decoder=True,
-    encoder_only_heads=("token_classification",),
+    encoder_only_heads=ENCODER_ONLY,
     init_cache=init_cache,
     tied_embedding=("shared", None),
     config_from_weights=config_from_weights,
     head_scale=lambda cfg: cfg.d_model ** -0.5 if cfg.scale_decoder_outputs else 1.0,
-    layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, **({} if cfg.head == "token_classification"
+    layer_stacks=lambda cfg: {"encoder.block": cfg.num_layers, **({} if cfg.head in ENCODER_ONLY
                                                                    else {"decoder.block": cfg.num_decoder_layers})},
     prefix_keys_values=prefix_keys_values,
     projections=r"/(SelfAttention|EncDecAttention)/(q|k|v|o)/kernel$|/DenseReluDense/(wi|wi_0|wi_1|wo)/kernel$",

@@ -243,8 +243,10 @@ def _lora_init(config: dict, where: str) -> str:
     unconverted by splitting the base it is loaded on again (its factors then apply to the residual), and so
     does jaxft: exactly for "pissa" and "olora"; a randomised SVD's residual cannot be rebuilt."""
     init = config.get("init_lora_weights", True)
-    if not isinstance(init, str) or init == "gaussian":
-        return "gaussian" if init == "gaussian" else ""
+    if not isinstance(init, str):  # True / False: PEFT's default start, or random factors
+        return ""
+    if init == "gaussian":
+        return init
     if init in ("pissa", "olora"):
         if config.get("rank_pattern") or config.get("alpha_pattern"):
             raise JaxftError(f"{where}/adapter_config.json: init_lora_weights={init!r} with a rank_pattern or "

@@ -105,7 +105,7 @@ def _lora(m, cfg) -> Method:
     except Exception as e:
         raise JaxftError(f"method.targets={targets!r}: not a module-name list or a valid regex ({e})") from None
     init = str(m.get("init_lora_weights", "") or "")
-    if not re.fullmatch(r"gaussian|pissa|pissa_niter_[1-9]\d*|olora", init) and init != "":
+    if not re.fullmatch(r"|gaussian|pissa|pissa_niter_[1-9]\d*|olora", init):
         raise JaxftError(f"method.init_lora_weights={init!r}: expected '' (PEFT's default), 'gaussian', 'pissa', "
                          "'pissa_niter_N' (N power iterations of a randomised SVD) or 'olora'")
     hook = LoraHook(m.rank, float(m.alpha), float(m.dropout), targets, bool(m.get("rslora", False)),
